@@ -1,0 +1,3 @@
+from raymerge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Phase 4, commit: turn finished items into a checkpoint, manifest last."""

@@ -1,0 +1,139 @@
+"""The worker: produce plan items. A plain class; `dispatch` wraps it with `ray.remote`.
+
+Protocol:
+  1. Constructed once per actor with the plan, the output URL and the per-shard handles
+     (staged file paths, or S3 upload ids), storage options and the AWS variables of the driver.
+  2. `run(item_id)`, any number of times, from up to `max_concurrency` threads at once (so one
+     item is read while another is computed or written): read the item's input ranges (coalesced,
+     per file), compute in float32, cast once, write the bytes at the item's offset. Idempotent:
+     running an item twice writes the same bytes to the same place.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from raymerge.plan import HEADER, Item, Plan, Source
+from raymerge.safetensors.dtypes import ITEMSIZE
+from raymerge.storage.reader import Buffer, RangeReader
+from raymerge.storage.writers import open_output
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    item: int
+    crc32: int  # of the item's output bytes
+    etag: str | None  # S3 part ETag
+    read_bytes: int
+    seconds: float
+    worker: str
+    peak_rss: int  # bytes, of the worker process so far
+
+
+class _ThreadState:
+    """Per-thread reader, buffers and scratch: reused across items to avoid first-touch faults."""
+
+    def __init__(self, storage_options: dict[str, Any], device: str) -> None:
+        from raymerge.ops.kernel import Scratch
+
+        self.reader = RangeReader(storage_options)
+        self.inputs: list[Buffer] = []
+        self.out = Buffer()
+        self.scratch = Scratch(device=device)
+
+
+class MergeWorker:
+    def __init__(self, plan: Plan, out_url: str, handles: list[str], storage_options: dict[str, Any],
+                 env: dict[str, str], threads: int = 1, device: str = "cpu") -> None:
+        import torch
+
+        os.environ.update(env)  # the driver's AWS settings, so every node talks to the same store
+        torch.set_num_threads(max(1, threads))
+        self._plan = plan
+        self._handles = handles
+        self._options = storage_options
+        self._device = device
+        self._out = open_output(out_url, storage_options)
+        self._local = threading.local()
+        self._name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def ready(self) -> str:
+        return self._name
+
+    def _state(self) -> _ThreadState:
+        st = getattr(self._local, "state", None)
+        if st is None:
+            st = self._local.state = _ThreadState(self._options, self._device)
+        return st
+
+    def run(self, item_id: int) -> ItemResult:
+        t0 = time.perf_counter()
+        item = self._plan.items[item_id]
+        st = self._state()
+        inputs, read_bytes = self._read_inputs(item, st)
+        out = st.out.view(item.nbytes)
+        self._compute(item, inputs, out, st)
+        shard = self._plan.shards[item.shard]
+        etag = self._out.write(shard.name, self._handles[item.shard], item.part, item.start, out)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return ItemResult(item_id, zlib.crc32(out), etag, read_bytes, time.perf_counter() - t0, self._name, peak)
+
+    def _sources(self, item: Item):
+        """(piece index, source slot, Source, byte range) of every input slice the item needs."""
+        for p, piece in enumerate(item.pieces):
+            if piece.tensor == HEADER:
+                continue
+            t = self._plan.tensors[piece.tensor]
+            sources: list[Source | None] = [t.anchor]
+            for term in t.terms:
+                sources += [term.a, term.b]
+            for slot, src in enumerate(sources):
+                if src is not None:
+                    size = ITEMSIZE[src.dtype]
+                    yield p, slot, src, (src.start + piece.begin * size, src.start + piece.end * size)
+
+    def _read_inputs(self, item: Item, st: _ThreadState) -> tuple[dict[tuple[int, int], memoryview], int]:
+        """Each needed slice as a view, keyed by (piece index, source slot); one read per file run."""
+        by_file: dict[int, list] = {}
+        for p, slot, src, rng in self._sources(item):
+            by_file.setdefault(src.file, []).append(((p, slot), rng))
+        while len(st.inputs) < len(by_file):
+            st.inputs.append(Buffer())
+        views, total = {}, 0
+        for buf, (file, wanted) in zip(st.inputs, by_file.items()):
+            got = st.reader.read(self._plan.files[file].url, [rng for _, rng in wanted], buf)
+            for (key, (lo, hi)), mem in zip(wanted, got):
+                views[key] = mem
+                total += hi - lo
+        return views, total
+
+    def _compute(self, item: Item, inputs: dict[tuple[int, int], memoryview], out: memoryview,
+                 st: _ThreadState) -> None:
+        from raymerge.ops.kernel import view, weighted_sum
+
+        for p, piece in enumerate(item.pieces):
+            if piece.tensor == HEADER:
+                out[piece.begin - item.start:piece.end - item.start] = \
+                    self._plan.shards[item.shard].header[piece.begin:piece.end]
+                continue
+            t = self._plan.tensors[piece.tensor]
+            size = ITEMSIZE[t.dtype]
+            lo = t.start + piece.begin * size - item.start
+            dest = out[lo:lo + (piece.end - piece.begin) * size]
+            if t.is_copy:
+                dest[:] = inputs[(p, 0)]
+                continue
+            anchor = view(inputs[(p, 0)], t.anchor.dtype) if t.anchor is not None else None
+            terms = []
+            for k, term in enumerate(t.terms):
+                a = view(inputs[(p, 1 + 2 * k)], term.a.dtype)
+                b = view(inputs[(p, 2 + 2 * k)], term.b.dtype) if term.b is not None else None
+                terms.append((term.scale, a, b))
+            weighted_sum(view(dest, t.dtype), anchor, terms, st.scratch)

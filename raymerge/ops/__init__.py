@@ -1,0 +1,1 @@
+"""The arithmetic: torch lives here and in the workers, nowhere below."""

@@ -1,0 +1,125 @@
+"""The frozen plan: pure data made before any tensor byte moves. Imports nothing of raymerge.
+
+A Plan says, for every output tensor, where its bytes go (shard, offset) and where they come
+from (an anchor and weighted differences of input tensors), and cuts every output shard into
+Items: contiguous byte ranges that a worker produces independently (they are idempotent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HEADER = -1  # Piece.tensor value for the serialized safetensors header of a shard
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    """One input shard file."""
+
+    role: str  # "base", "chat", "cp", ...
+    url: str
+    size: int
+    fingerprint: str  # ETag or mtime, plus the header digest: what resume compares
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where one input tensor's bytes lie."""
+
+    file: int  # index into Plan.files
+    dtype: str  # safetensors dtype name
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    """`scale * (a - b)`, or `scale * a` when b is None (a stored vector)."""
+
+    scale: float
+    a: Source
+    b: Source | None
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPlan:
+    """One output tensor: `round(anchor + sum(terms))` in float32, in the terms' order."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    start: int  # absolute byte offset in the output shard file
+    nbytes: int
+    anchor: Source | None  # None: the accumulator starts at zero (extracting a vector)
+    terms: tuple[Term, ...]
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the output bytes are the anchor's bytes unchanged."""
+        return not self.terms and self.anchor is not None and self.anchor.dtype == self.dtype
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A slice of one tensor inside an item: elements [begin, end). For HEADER: bytes."""
+
+    tensor: int
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """Bytes [start, end) of one output shard: one unit of work, and one S3 multipart part."""
+
+    id: int
+    shard: int
+    part: int  # 1-based part number within the shard
+    start: int
+    end: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """One output shard file: its final name, its size, and its exact header bytes."""
+
+    name: str
+    size: int
+    header: bytes  # 8-byte length prefix + padded JSON
+    tensors: tuple[int, ...]
+    items: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    files: tuple[InputFile, ...]
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardPlan, ...]
+    items: tuple[Item, ...]
+    aux_files: tuple[str, ...]  # URLs of config/tokenizer files copied at commit
+    hash: str
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes of input tensor data the workers read, once each."""
+        total = 0
+        for t in self.tensors:
+            if t.anchor is not None:
+                total += t.anchor.nbytes
+            for term in t.terms:
+                total += term.a.nbytes + (term.b.nbytes if term.b is not None else 0)
+        return total

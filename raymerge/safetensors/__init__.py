@@ -1,0 +1,1 @@
+"""The safetensors file format and the Hugging Face index file: parse, validate, serialize."""

@@ -1,0 +1,122 @@
+"""Parse and serialize safetensors headers.
+
+Layout: 8-byte little-endian length N, N bytes of JSON
+`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}`, then the data.
+Offsets are relative to the data start (8 + N) and must tile the data exactly: no gaps, no
+overlaps, and the file ends where the last tensor ends. Writers pad the JSON with spaces to a
+multiple of 8 so that the data starts 8-byte aligned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+from raymerge.errors import ResolveError
+from raymerge.safetensors.dtypes import ITEMSIZE
+
+HEADER_CAP = 100_000_000  # bytes of JSON; the reference implementation refuses larger too
+FIRST_READ = 100_000  # one speculative read covers the header of nearly every real shard
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # relative to the data start
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    data_start: int  # 8 + N: absolute offset of the data
+    entries: tuple[Entry, ...]  # in data order
+    metadata: dict[str, str]
+
+
+def header_length(prefix: bytes, where: str, file_size: int) -> int:
+    """N from the first 8 bytes, refusing lengths no honest file has."""
+    if len(prefix) < 8:
+        raise ResolveError(f"{where}: file is {file_size} bytes, too short for a safetensors header; "
+                           "re-download or re-save the shard")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > HEADER_CAP:
+        raise ResolveError(f"{where}: header claims {n} bytes, over the {HEADER_CAP}-byte cap; "
+                           "the file is corrupt or not safetensors")
+    if 8 + n > file_size:
+        raise ResolveError(f"{where}: header claims {n} bytes but the file has only {file_size}; "
+                           "the file is truncated or not safetensors")
+    return n
+
+
+def parse_header(raw: bytes, where: str, file_size: int) -> Header:
+    """Parse `raw` (at least the first 8 + N bytes of a file of `file_size` bytes) and check it."""
+    n = header_length(raw, where, file_size)
+    try:
+        obj = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResolveError(f"{where}: header is not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(obj, dict):
+        raise ResolveError(f"{where}: header is not a JSON object; the file is corrupt")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ResolveError(f"{where}: __metadata__ must map strings to strings")
+    entries = sorted((_entry(name, spec, where) for name, spec in obj.items()),
+                     key=lambda e: (e.begin, e.end))
+    data_len = file_size - 8 - n
+    _check_tiling(entries, data_len, where)
+    return Header(8 + n, tuple(entries), dict(metadata))
+
+
+def _entry(name: str, spec: object, where: str) -> Entry:
+    at = f"{where}: tensor {name!r}"
+    if not isinstance(spec, dict):
+        raise ResolveError(f"{at}: entry is not an object; the file is corrupt")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in ITEMSIZE:
+        raise ResolveError(f"{at}: unknown dtype {dtype!r}; supported: {', '.join(ITEMSIZE)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ResolveError(f"{at}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise ResolveError(f"{at}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise ResolveError(f"{at}: data_offsets span {offsets[1] - offsets[0]} bytes but "
+                           f"{dtype}{shape} needs {expected}; the file is corrupt")
+    return Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_tiling(entries: list[Entry], data_len: int, where: str) -> None:
+    pos = 0
+    for e in entries:
+        if e.begin != pos:
+            what = "overlaps the previous tensor" if e.begin < pos else f"leaves a gap at {pos}"
+            raise ResolveError(f"{where}: tensor {e.name!r} at bytes [{e.begin}, {e.end}) {what}; "
+                               "the file is corrupt or hostile")
+        pos = e.end
+    if pos != data_len:
+        raise ResolveError(f"{where}: tensors end at data byte {pos} but the file holds {data_len} "
+                           "data bytes; the file is truncated or corrupt")
+
+
+def serialize_header(entries: list[tuple[str, str, tuple[int, ...], int, int]],
+                     metadata: dict[str, str] | None = None) -> bytes:
+    """Exact header bytes (length prefix + JSON padded with spaces to a multiple of 8).
+
+    `entries` are (name, dtype, shape, begin, end) in data order.
+    """
+    obj: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    for name, dtype, shape, begin, end in entries:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text

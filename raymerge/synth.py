@@ -1,0 +1,129 @@
+"""Synthetic Llama-shaped checkpoints for the demo, the tests and the benchmarks.
+
+Written with the `safetensors` package's own writer and Hugging Face's sharding rule, so that
+raymerge reads what the ecosystem writes. Chat and cp are the base plus independent noise, as
+after fine-tuning, so the chat vector is small against the weights, as in real models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+ROLES = ("base", "chat", "cp")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int = 64
+    layers: int = 2
+    vocab: int = 256
+    intermediate: int = 172
+    heads: int = 4
+    kv_heads: int = 2
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) in the order LlamaForCausalLM's state dict has them."""
+        h, kv = self.hidden, self.hidden // self.heads * self.kv_heads
+        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                    (p + "mlp.gate_proj.weight", (self.intermediate, h)),
+                    (p + "mlp.up_proj.weight", (self.intermediate, h)),
+                    (p + "mlp.down_proj.weight", (h, self.intermediate)),
+                    (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return out
+
+    def config(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                "vocab_size": self.vocab, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+                "hidden_act": "silu", "rope_theta": 10000.0, "tie_word_embeddings": False,
+                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+
+    @classmethod
+    def of_size(cls, params: float) -> LlamaShape:
+        """A Llama-like shape of roughly `params` parameters (hidden grows, 16 layers)."""
+        layers, vocab = 16, 32000
+        hidden = 256
+        while True:
+            nxt = hidden + 256
+            inter = int(nxt * 8 / 3) // 64 * 64
+            if 2 * vocab * nxt + layers * (4 * nxt * nxt + 3 * nxt * inter) > params:
+                break
+            hidden = nxt
+        return cls(hidden, layers, vocab, int(hidden * 8 / 3) // 64 * 64, hidden // 128 or 1, hidden // 128 or 1)
+
+
+def make_trio(root: str, shape: LlamaShape = LlamaShape(), shard_size: int = 5_000_000_000, seed: int = 0,
+              dtype: str = "bfloat16", noise: float = 0.1) -> dict[str, str]:
+    """Write base, chat and cp checkpoints under `root`; return role -> folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    folders = {role: os.path.join(root, role) for role in ROLES}
+    names = [n for n, _ in shape.tensors()]
+    itemsize = torch.empty(0, dtype=torch_dtype).element_size()
+    groups = _hf_shards([itemsize * _numel(s) for _, s in shape.tensors()], shard_size)
+    weight_map: dict[str, str] = {}
+    for k, group in enumerate(groups):
+        file = "model.safetensors" if len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        shards: dict[str, dict] = {role: {} for role in ROLES}
+        for i in group:
+            name, dims = shape.tensors()[i]
+            base = torch.randn(dims, generator=gen) * 0.02
+            if name.endswith("norm.weight"):
+                base += 1.0
+            shards["base"][name] = base.to(torch_dtype)
+            for role in ("chat", "cp"):
+                shards[role][name] = (base + torch.randn(dims, generator=gen) * (0.02 * noise)).to(torch_dtype)
+            weight_map[name] = file
+        for role in ROLES:
+            os.makedirs(folders[role], exist_ok=True)
+            save_file(shards[role], os.path.join(folders[role], file), metadata={"format": "pt"})
+    total = sum(itemsize * _numel(s) for _, s in shape.tensors())
+    for role in ROLES:
+        _write_aux(folders[role], shape, role)
+        if len(groups) > 1:
+            with open(os.path.join(folders[role], "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in names}}, f)
+    return folders
+
+
+def _write_aux(folder: str, shape: LlamaShape, role: str) -> None:
+    files = {
+        "config.json": shape.config(),
+        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "_from": role},
+        "tokenizer_config.json": {"bos_token": "<s>", "eos_token": "</s>", "model_max_length": 256,
+                                  "_from": role},
+        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>"},
+    }
+    for name, obj in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(obj, f, indent=1)
+
+
+def _numel(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _hf_shards(sizes: list[int], limit: int) -> list[list[int]]:
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and used + size > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    return groups

@@ -1,0 +1,87 @@
+"""Shared fixtures: one local Ray and one moto S3 server per test session, and tiny Llama trios
+built with transformers' own model code (independent of raymerge's synthetic maker)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+# Loopback only, no auth prompts: set before Ray is imported anywhere.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Fake credentials for moto: never real ones in tests.
+for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                   "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ[key] = value
+os.environ.pop("AWS_PROFILE", None)
+
+import pytest  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, with a short private temp dir."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rmt-", dir="/tmp")
+    ray.init(address="local", _temp_dir=temp_dir, include_dashboard=False, _node_ip_address="127.0.0.1",
+             num_cpus=2, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server over HTTP on 127.0.0.1 (moto's server mode); AWS_ENDPOINT_URL points at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    server.stop()
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+def make_llama_trio(root: str, *, hidden: int = 64, layers: int = 2, vocab: int = 512, intermediate: int = 128,
+                    max_shard_size: str = "100KB", seed: int = 0) -> dict[str, str]:
+    """base, chat and cp folders saved by transformers' save_pretrained (bf16, sharded).
+
+    chat and cp are the base plus independent noise, so the chat vector is not trivially zero.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    folders = {}
+    for role, noise in (("base", 0.0), ("chat", 0.01), ("cp", 0.01)):
+        with torch.no_grad():
+            for name, p in model.state_dict().items():
+                p.copy_((base_state[name].float() + noise * torch.randn(p.shape)).to(p.dtype))
+        folders[role] = os.path.join(root, role)
+        model.save_pretrained(folders[role], max_shard_size=max_shard_size)
+        with open(os.path.join(folders[role], "tokenizer_config.json"), "w") as f:
+            f.write('{"from": "%s"}' % role)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def llama_trio(tmp_path_factory) -> dict[str, str]:
+    return make_llama_trio(str(tmp_path_factory.mktemp("trio")))
