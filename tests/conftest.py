@@ -43,8 +43,11 @@ def ray_local():
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server over HTTP on 127.0.0.1 (moto's server mode); AWS_ENDPOINT_URL points at it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -161,8 +161,15 @@ class S3Output:
                               "check the bucket, credentials and endpoint") from e
 
     def prepare(self, shards: list[tuple[str, int]]) -> list[str]:
-        return [self._call("prepare: creating upload", "create_multipart_upload", Key=self._key(name))["UploadId"]
-                for name, _ in shards]
+        handles: list[str] = []
+        try:
+            for name, _ in shards:
+                resp = self._call("prepare: creating upload for", "create_multipart_upload", Key=self._key(name))
+                handles.append(resp["UploadId"])
+        except StorageError:
+            self.abort([name for name, _ in shards], handles)  # no upload left open by a half prepare
+            raise
+        return handles
 
     def write(self, name: str, handle: str, part: int, offset: int, data: memoryview) -> str | None:
         resp = self._call(f"execute: uploading part {part} of", "upload_part", Key=self._key(name),

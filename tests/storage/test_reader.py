@@ -1,0 +1,39 @@
+import os
+
+import pytest
+
+from raymerge.errors import StorageError
+from raymerge.storage.reader import Buffer, RangeReader, coalesce
+
+
+def test_coalesce_merges_touching_and_near_ranges_and_maps_back():
+    runs, where = coalesce([(100, 200), (0, 10), (10, 50), (205, 300), (1000, 1010)], gap=8)
+    assert runs == [(0, 50), (100, 300), (1000, 1010)]
+    assert where == [(1, 0), (0, 0), (0, 10), (1, 105), (2, 0)]
+
+
+def test_coalesce_handles_overlaps():
+    runs, where = coalesce([(0, 100), (20, 40), (90, 120)], gap=0)
+    assert runs == [(0, 120)] and where == [(0, 0), (0, 20), (0, 90)]
+
+
+def test_local_reads_return_exact_bytes_in_request_order(tmp_path):
+    data = os.urandom(100_000)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    reader, buf = RangeReader(), Buffer()
+    ranges = [(90_000, 99_999), (3, 70), (70, 5000), (50_000, 50_001)]
+    got = reader.read(str(path), ranges, buf)
+    assert [bytes(g) for g in got] == [data[s:e] for s, e in ranges]
+    # a range past the end is a storage error naming the file, not short data
+    with pytest.raises(StorageError, match="f.bin ended at byte 100000"):
+        reader.read(str(path), [(99_000, 100_100)], buf)
+
+
+def test_remote_reads_go_through_fsspec(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/rr/f.bin", bytes(range(256)) * 10)
+    got = RangeReader().read("memory://rr/f.bin", [(5, 9), (300, 301)], Buffer())
+    assert [bytes(g) for g in got] == [bytes([5, 6, 7, 8]), bytes([300 % 256])]

@@ -1,0 +1,93 @@
+"""The command line as a user runs it: a subprocess, exit statuses, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import raymerge
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "raymerge", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_version_and_help_with_example():
+    assert run("--version").stdout.strip() == f"raymerge {raymerge.__version__}"
+    for cmd in ("merge", "plan", "demo"):
+        r = run(cmd, "--help")
+        assert r.returncode == 0 and "example:" in r.stdout
+
+
+def test_plan_json_moves_no_data_and_writes_nothing(llama_trio, tmp_path):
+    before = {p: os.path.getmtime(os.path.join(llama_trio["cp"], p)) for p in os.listdir(llama_trio["cp"])}
+    r = run("plan", "--base", llama_trio["base"], "--chat", llama_trio["chat"], "--cp", llama_trio["cp"],
+            "--shard-size", "100KB", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["output_bytes"] == sum(s["size"] for s in info["shards"])
+    assert len(info["shards"]) > 1 and len(info["items"]) >= len(info["shards"])
+    from tests.helpers import load_folder
+
+    cp = load_folder(llama_trio["cp"])
+    assert {t["name"] for t in info["tensors"]} == set(cp)
+    assert sum(t["nbytes"] for t in info["tensors"]) == sum(v.numel() * v.element_size() for v in cp.values())
+    assert os.listdir(tmp_path) == []
+    assert before == {p: os.path.getmtime(os.path.join(llama_trio["cp"], p)) for p in os.listdir(llama_trio["cp"])}
+    r = run("plan", "--base", llama_trio["base"], "--chat", llama_trio["chat"], "--cp", llama_trio["cp"])
+    assert r.returncode == 0 and "shards" in r.stdout
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--scale", "abc"], "--scale 'abc': not a number"),
+    (["--scale", "nan"], "finite"),
+    (["--shard-size", "5XB"], "--shard-size '5XB': not a size"),
+    (["--dtype", "int8"], "not a float dtype"),
+    (["--storage-options", "{oops"], "--storage-options: not valid JSON"),
+    (["--workers", "0"], "--workers 0: must be an integer >= 1"),
+])
+def test_bad_options_exit_2_with_one_line(llama_trio, tmp_path, extra, match):
+    out = str(tmp_path / "out")
+    r = run("merge", "--base", llama_trio["base"], "--chat", llama_trio["chat"], "--cp", llama_trio["cp"],
+            "--out", out, *extra)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raymerge: error:") and match in lines[0], r.stderr
+    assert not os.path.exists(out)
+
+
+def test_missing_input_and_output_inside_input_exit_2(llama_trio, tmp_path):
+    r = run("merge", "--base", str(tmp_path / "nope"), "--chat", llama_trio["chat"], "--cp", llama_trio["cp"],
+            "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "--base" in r.stderr and "no such checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run("merge", "--base", llama_trio["base"], "--chat", llama_trio["chat"], "--cp", llama_trio["cp"],
+            "--out", llama_trio["cp"])
+    assert r.returncode == 2 and "inputs are never modified" in r.stderr
+    r = run("merge", "--base", llama_trio["base"], "--chat", llama_trio["chat"], "--cp", llama_trio["cp"],
+            "--out", "gs://bucket/x")
+    assert r.returncode == 2 and "not supported" in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run("plan", "--base", str(tmp_path / "a"), "--chat", str(tmp_path / "b"), "--cp", str(tmp_path / "c"),
+            "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_merge_command_end_to_end_on_embedded_ray(llama_trio, tmp_path):
+    """The CLI starts its own local Ray (no RAY_ADDRESS), merges, and exits 0."""
+    from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder
+
+    out = str(tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "raymerge", "merge", "--base", llama_trio["base"], "--chat",
+                        llama_trio["chat"], "--cp", llama_trio["cp"], "--out", out, "--scale", "0.5",
+                        "--workers", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "execute:" in r.stderr
+    inputs = {role: load_folder(p) for role, p in llama_trio.items()}
+    assert_bit_identical(load_folder(out), chat_vector_reference(inputs["base"], inputs["chat"], inputs["cp"], 0.5))
