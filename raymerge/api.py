@@ -150,7 +150,9 @@ def ray_session(address: str | None) -> Iterator[None]:
     else:
         # A short private temp dir (Ray's socket paths must stay short), loopback only.
         temp_dir = tempfile.mkdtemp(prefix="raymerge-", dir="/tmp")
+        # A private cluster on loopback serves this process alone: no token, no interface address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", _temp_dir=temp_dir, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
     try:
