@@ -2,6 +2,8 @@
 
     import raymerge
     result = raymerge.merge(base="s3://m/base", chat="s3://m/chat", cp="s3://m/cp", out="s3://m/out", scale=0.5)
+    raymerge.extract(base="s3://m/base", chat="s3://m/chat", out="s3://m/vec")
+    raymerge.apply(cp="s3://m/cp", vector=["s3://m/vec", "s3://m/vec2"], scale=[0.5, 0.5], out="s3://m/out2")
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from raymerge import __version__
 from raymerge.commit.committer import commit
 from raymerge.commit.manifest import MANIFEST_NAME, build_manifest
-from raymerge.config import RunOptions, parse_scale
-from raymerge.errors import OutputError
+from raymerge.commit.stats import tensor_stats
+from raymerge.config import Recipe, RunOptions, build_recipe
+from raymerge.errors import InputError, OutputError
 from raymerge.plan import Plan
-from raymerge.planning.inputs import Checkpoint, resolve
-from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, TermSpec, build_plan
+from raymerge.planning.inputs import resolve
+from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
 from raymerge.storage.writers import Output, open_output
@@ -33,75 +37,127 @@ log = logging.getLogger("raymerge")
 
 @dataclass(frozen=True)
 class MergeResult:
+    """What a run produced (merge, extract and apply alike)."""
+
     out: str
+    kind: str
     plan_hash: str
     shards: list[str]
     output_bytes: int
     read_bytes: int
-    seconds: float
+    seconds: float  # the whole run, Ray start-up included
+    execute_seconds: float  # the execute phase alone
     peak_rss: dict[str, int]  # worker -> bytes
 
     @property
     def gbps(self) -> float:
-        return self.output_bytes / self.seconds / 1e9 if self.seconds else 0.0
+        """Output GB/s over the execute phase."""
+        return self.output_bytes / self.execute_seconds / 1e9 if self.execute_seconds else 0.0
 
 
-def plan(base: str, chat: str, cp: str, *, scale: float = 1.0, out: str | None = None,
-         **options: Any) -> Plan:
-    """The plan of a chat-vector merge, made from the inputs' headers alone (no tensor data moves)."""
-    run = RunOptions.parse(**options)
-    recipe, _ = _chat_vector(base, chat, cp, scale, run)
-    return _plan(recipe, run, out)
+def merge(base: str, chat: str | list[str], cp: str, out: str, *, scale: float | list[float] | None = None,
+          vocab: str = "overlap", skip: list[str] | None = None, special_tokens: str | None = None,
+          chat_template: bool = True, dtype: str | None = None, **options: Any) -> MergeResult:
+    """`out = cp + sum_i scale_i * (chat_i - base)` in float32, rounded once to the output dtype.
+
+    `chat` and `scale` may be lists (one scale per chat model, in order); `options` are the run
+    options of the CLI (shard_size, item_size, workers, address, storage_options, overwrite, ...).
+    """
+    return run(*build_recipe("merge", dict(base=base, chat=chat, cp=cp, out=out, scale=scale, vocab=vocab,
+                                           skip=skip, special_tokens=special_tokens,
+                                           chat_template=chat_template, dtype=dtype, **options)))
 
 
-def merge(base: str, chat: str, cp: str, out: str, *, scale: float = 1.0, **options: Any) -> MergeResult:
-    """`out = cp + scale * (chat - base)` in float32, rounded once to the output dtype."""
-    run = RunOptions.parse(**options)
-    recipe, description = _chat_vector(base, chat, cp, scale, run)
-    return _run(recipe, description, run, out)
+def extract(base: str, chat: str, out: str, *, dtype: str = "float32", **options: Any) -> MergeResult:
+    """Store the chat vector `chat - base` as a checkpoint (float32 by default, so that applying
+    it gives exactly the bits of a direct merge)."""
+    return run(*build_recipe("extract", dict(base=base, chat=chat, out=out, dtype=dtype, **options)))
 
 
-def _chat_vector(base: str, chat: str, cp: str, scale: float, run: RunOptions):
-    scale = parse_scale(scale)
-    started = time.perf_counter()
-    anchor = resolve("cp", cp, run.storage_options)
-    terms = [TermSpec(scale, resolve("chat", chat, run.storage_options), resolve("base", base, run.storage_options))]
-    log.info("resolve: 3 inputs, %d tensors, in %.2fs", len(anchor.tensors), time.perf_counter() - started)
-    description = {"kind": "chat-vector merge", "formula": "out = cp + scale * (chat - base)",
-                   "cp": urls.redact(cp), "chat": urls.redact(chat), "base": urls.redact(base),
-                   "scale": scale, "dtype": run.dtype, "shard_size": run.shard_size}
-    return (anchor, terms), description
+def apply(cp: str, vector: str | list[str], out: str, *, scale: float | list[float] | None = None,
+          vocab: str = "overlap", skip: list[str] | None = None, chat_template: bool = True,
+          dtype: str | None = None, **options: Any) -> MergeResult:
+    """`out = cp + sum_i scale_i * vector_i` for stored vectors, one scale per vector, in order."""
+    return run(*build_recipe("apply", dict(cp=cp, vector=vector, out=out, scale=scale, vocab=vocab, skip=skip,
+                                           chat_template=chat_template, dtype=dtype, **options)))
 
 
-def _plan(recipe: tuple[Checkpoint | None, list[TermSpec]], run: RunOptions, out: str | None) -> Plan:
-    s3 = out is not None and urls.protocol(out) == "s3"
-    options = PlanOptions(shard_size=run.shard_size, item_size=run.item_size, dtype=run.dtype,
+def plan(base: str | None = None, chat: str | list[str] | None = None, cp: str | None = None, *,
+         kind: str = "merge", out: str | None = None, **values: Any) -> Plan:
+    """The plan of a run, made from the inputs' headers alone: no tensor data moves, nothing is written."""
+    recipe, run_options = build_recipe(kind, dict(base=base, chat=chat, cp=cp, out=out, **values))
+    return make_plan(recipe, run_options)
+
+
+def make_plan(recipe: Recipe, run_options: RunOptions) -> Plan:
+    spec = resolve_recipe(recipe, run_options.storage_options)
+    s3 = recipe.out is not None and urls.protocol(recipe.out) == "s3"
+    options = PlanOptions(shard_size=run_options.shard_size, item_size=run_options.item_size, dtype=recipe.dtype,
                           min_part=S3_MIN_PART if s3 else 0, max_parts=S3_MAX_PARTS if s3 else 0)
     started = time.perf_counter()
-    anchor, terms = recipe
-    result = build_plan(anchor, terms, options)
+    result = build_plan(spec, options)
     log.info("plan: %d tensors, %d shards, %d items, %.2f GB out, in %.2fs (hash %s)", len(result.tensors),
              len(result.shards), len(result.items), result.output_bytes / 1e9, time.perf_counter() - started,
              result.hash[:12])
     return result
 
 
-def _run(recipe, description: dict, run: RunOptions, out: str) -> MergeResult:
+def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpec:
+    """Phase 1: resolve every input of the recipe (concurrently; each URL once)."""
+    started = time.perf_counter()
+    roles: dict[str, str] = {}
+    if recipe.cp:
+        roles[recipe.cp] = "cp"
+    if recipe.base:
+        roles.setdefault(recipe.base, "base")
+    for i, (url, _) in enumerate(recipe.chats):
+        roles.setdefault(url, "chat" if i == 0 else f"chat[{i + 1}]")
+    for i, (url, _) in enumerate(recipe.vectors):
+        roles.setdefault(url, "vector" if i == 0 else f"vector[{i + 1}]")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = dict(zip(roles, pool.map(lambda u: resolve(roles[u], u, storage_options), roles)))
+    log.info("resolve: %d inputs, %d shards, in %.2fs", len(found), sum(len(c.files) for c in found.values()),
+             time.perf_counter() - started)
+    cp = found.get(recipe.cp) if recipe.cp else None
+    base = found.get(recipe.base) if recipe.base else None
+    first_chat = found[recipe.chats[0][0]] if recipe.chats else None
+    if recipe.kind == "apply":
+        terms = tuple(TermSpec(s, found[u], None) for u, s in recipe.vectors)
+        template = found[recipe.vectors[0][0]]
+    else:
+        terms = tuple(TermSpec(s, found[u], base) for u, s in recipe.chats)
+        template = first_chat
+    if recipe.special_tokens and first_chat is None:
+        raise InputError("--special-tokens takes rows from a chat model: use it with merge, not apply")
+    return RecipeSpec(anchor=cp, terms=terms, vocab=recipe.vocab, skip=recipe.skip,
+                      special_tokens=recipe.special_tokens, special_from=first_chat,
+                      template_from=template if recipe.chat_template and recipe.kind != "extract" else None,
+                      aux_from=first_chat if recipe.kind == "extract" else cp)
+
+
+def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
+    """Resolve -> plan -> execute -> commit."""
     from raymerge.execution.dispatch import PoolOptions, execute
     from raymerge.execution.progress import Progress
 
-    the_plan = _plan(recipe, run, out)
-    output = open_output(out, run.storage_options)
-    _check_output(output, the_plan, run.overwrite)
-    pool = PoolOptions(workers=run.workers, cpus_per_worker=run.cpus_per_worker, in_flight=run.in_flight)
+    if not recipe.out:
+        raise InputError(f"{recipe.kind} needs --out: where the checkpoint goes (a local path or s3://)")
     started = time.perf_counter()
-    with ray_session(run.address):
+    the_plan = make_plan(recipe, run_options)
+    output = open_output(recipe.out, run_options.storage_options)
+    _check_output(output, the_plan, run_options.overwrite)
+    pool = PoolOptions(workers=run_options.workers, cpus_per_worker=run_options.cpus_per_worker,
+                       in_flight=run_options.in_flight)
+    with ray_session(run_options.address):
         handles = output.prepare([(s.name, s.size) for s in the_plan.shards])
         try:
             progress = Progress(the_plan.output_bytes, len(the_plan.items))
-            results = execute(the_plan, output.url, handles, run.storage_options, pool, progress)
+            results = execute(the_plan, output.url, handles, run_options.storage_options, pool, progress)
+            execute_seconds = progress.elapsed
+            stats = tensor_stats(the_plan, results)
+            description = {"kind": KINDS[recipe.kind], **_redacted(recipe.to_mapping())}
             manifest = build_manifest(the_plan, description, results, __version__)
-            commit(the_plan, output, handles, results, manifest, run.storage_options)
+            commit(the_plan, output, handles, results, manifest, stats, run_options.storage_options)
         except BaseException:
             output.abort([s.name for s in the_plan.shards], handles)
             raise
@@ -109,10 +165,24 @@ def _run(recipe, description: dict, run: RunOptions, out: str) -> MergeResult:
     peaks: dict[str, int] = {}
     for r in results.values():
         peaks[r.worker] = max(peaks.get(r.worker, 0), r.peak_rss)
-    log.info("done: %.2f GB written in %.1fs (%.2f GB/s) to %s", the_plan.output_bytes / 1e9, seconds,
-             the_plan.output_bytes / seconds / 1e9, urls.redact(output.url))
-    return MergeResult(output.url, the_plan.hash, [s.name for s in the_plan.shards], the_plan.output_bytes,
-                       the_plan.read_bytes, seconds, peaks)
+    log.info("done: %.2f GB written to %s; execute %.1fs (%.2f GB/s), %.1fs in all", the_plan.output_bytes / 1e9,
+             urls.redact(output.url), execute_seconds, the_plan.output_bytes / max(execute_seconds, 1e-9) / 1e9,
+             seconds)
+    return MergeResult(output.url, recipe.kind, the_plan.hash, [s.name for s in the_plan.shards],
+                       the_plan.output_bytes, the_plan.read_bytes, seconds, execute_seconds, peaks)
+
+
+KINDS = {"merge": "chat vector merge", "extract": "chat vector", "apply": "chat vector apply"}
+
+
+def _redacted(mapping: dict[str, Any]) -> dict[str, Any]:
+    def one(v: Any) -> Any:
+        if isinstance(v, str):
+            return urls.redact(v)
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return v
+    return {k: one(v) for k, v in mapping.items()}
 
 
 def _check_output(output: Output, the_plan: Plan, overwrite: bool) -> None:
@@ -173,10 +243,10 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "inputs": [{"role": f.role, "url": urls.redact(f.url), "size": f.size} for f in the_plan.files],
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                      "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,
-                     "rule": "copy" if t.is_copy else "sum", "terms": len(t.terms)} for t in the_plan.tensors],
+                     "rule": t.rule, "terms": len(t.terms), "special_rows": len(t.overrides)} for t in the_plan.tensors],
         "shards": [{"name": s.name, "size": s.size, "header_bytes": len(s.header), "tensors": len(s.tensors),
                     "items": len(s.items)} for s in the_plan.shards],
         "items": [{"id": i.id, "shard": the_plan.shards[i.shard].name, "part": i.part, "start": i.start,
                    "end": i.end, "pieces": len(i.pieces)} for i in the_plan.items],
-        "aux_files": [urls.redact(u) for u in the_plan.aux_files],
+        "aux_files": [a.name for a in the_plan.aux_files],
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raymerge.errors import InputError
+from raymerge.ops.rules import VOCAB_MODES, parse_special_tokens
 from raymerge.safetensors.dtypes import ALIASES, FLOATS
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -78,7 +80,6 @@ class RunOptions:
 
     shard_size: int = 5_000_000_000
     item_size: int = 32 * 2**20
-    dtype: str | None = None
     workers: int | None = None
     cpus_per_worker: float = 1.0
     in_flight: int = 2
@@ -87,14 +88,192 @@ class RunOptions:
     overwrite: bool = False
 
     @classmethod
-    def parse(cls, *, shard_size: str | int = "5GB", item_size: str | int = "32MiB", dtype: str | None = None,
-              workers: int | None = None, cpus_per_worker: float = 1.0, in_flight: int = 2,
-              address: str | None = None, storage_options: str | dict | None = None,
-              overwrite: bool = False) -> RunOptions:
+    def parse(cls, *, shard_size: str | int = "5GB", item_size: str | int = "32MiB", workers: int | None = None,
+              cpus_per_worker: float = 1.0, in_flight: int = 2, address: str | None = None,
+              storage_options: str | dict | None = None, overwrite: bool = False) -> RunOptions:
         cpus = parse_scale(cpus_per_worker, "--cpus-per-worker")
         if cpus <= 0:
             raise InputError(f"--cpus-per-worker {cpus_per_worker!r}: must be positive")
         return cls(parse_size(shard_size, "--shard-size"), parse_size(item_size, "--item-size"),
-                   parse_dtype(dtype), parse_count(workers, "--workers"), cpus,
-                   parse_count(in_flight, "--in-flight"), address, parse_storage_options(storage_options),
-                   overwrite)
+                   parse_count(workers, "--workers"), cpus, parse_count(in_flight, "--in-flight"), address,
+                   parse_storage_options(storage_options), bool(overwrite))
+
+
+RUN_KEYS = ("shard_size", "item_size", "workers", "cpus_per_worker", "in_flight", "address",
+            "storage_options", "overwrite")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to compute. Every command is one: merge (cp + sum scale_i * (chat_i - base)),
+    extract (chat - base, a vector) and apply (cp + sum scale_i * vector_i)."""
+
+    kind: str
+    out: str | None
+    cp: str | None = None
+    base: str | None = None
+    chats: tuple[tuple[str, float], ...] = ()
+    vectors: tuple[tuple[str, float], ...] = ()
+    vocab: str = "overlap"
+    skip: tuple[str, ...] = ()
+    special_tokens: tuple[tuple[int, int], ...] = ()
+    chat_template: bool = True
+    dtype: str | None = None
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The recipe as `raymerge run` reads it (and as the manifest records it)."""
+        m: dict[str, Any] = {"kind": self.kind}
+        if self.base:
+            m["base"] = self.base
+        if self.chats:
+            m["chat"] = [u for u, _ in self.chats]
+        if self.cp:
+            m["cp"] = self.cp
+        if self.vectors:
+            m["vector"] = [u for u, _ in self.vectors]
+        if self.kind != "extract":
+            m["scale"] = [s for _, s in (self.chats or self.vectors)]
+            m.update(vocab=self.vocab, skip=list(self.skip), chat_template=self.chat_template,
+                     special_tokens=",".join(f"{a}:{b}" for a, b in self.special_tokens) or None)
+        m["dtype"] = self.dtype
+        m["out"] = self.out
+        return m
+
+
+_RECIPE_KEYS = {
+    "merge": ("base", "chat", "cp", "scale", "out", "vocab", "skip", "special_tokens", "chat_template", "dtype"),
+    "extract": ("base", "chat", "out", "dtype"),
+    "apply": ("cp", "vector", "scale", "out", "vocab", "skip", "chat_template", "dtype"),
+}
+_REQUIRED = {"merge": ("base", "chat", "cp"), "extract": ("base", "chat"), "apply": ("cp", "vector")}
+
+
+def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Recipe, RunOptions]:
+    """Validate a recipe given as a mapping (parsed YAML, or the CLI's flags) and split it into
+    what to compute and how to run. Keys may use '-' or '_'. Errors name the key and the fix."""
+    at = f"{where}: " if where else ""
+    if kind not in _RECIPE_KEYS:
+        raise InputError(f"{at}kind {kind!r}: must be one of {', '.join(_RECIPE_KEYS)}")
+    values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
+    allowed = _RECIPE_KEYS[kind] + RUN_KEYS
+    for key in values:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; {kind} takes: {', '.join(allowed)}"
+            raise InputError(f"{at}unknown key {key!r} for {kind}{hint}")
+    for key in _REQUIRED[kind]:
+        if not values.get(key):
+            raise InputError(f"{at}{kind} needs {_flag(key)}")
+    urls_ = {k: _url_list(values.get(k), k, at) for k in ("chat", "vector")}
+    inputs = urls_["chat"] if kind != "apply" else urls_["vector"]
+    if kind == "extract" and len(inputs) != 1:
+        raise InputError(f"{at}extract takes one --chat; extract one vector per chat model")
+    scales = _scales(values.get("scale"), len(inputs), "--vector" if kind == "apply" else "--chat", at)
+    pairs = tuple(zip(inputs, scales))
+    recipe = Recipe(
+        kind=kind, out=_opt_str(values.get("out"), "out", at),
+        cp=_opt_str(values.get("cp"), "cp", at), base=_opt_str(values.get("base"), "base", at),
+        chats=pairs if kind != "apply" else (), vectors=pairs if kind == "apply" else (),
+        vocab=_choice(values.get("vocab", "overlap"), "vocab", VOCAB_MODES, at),
+        skip=tuple(_str_list(values.get("skip"), "skip", at)),
+        special_tokens=_special(values.get("special_tokens"), at),
+        chat_template=_bool(values.get("chat_template", True), "chat_template", at),
+        dtype=_at(at, parse_dtype, values.get("dtype")))
+    for pattern in recipe.skip:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"{at}--skip {pattern!r}: not a valid regular expression ({e})") from e
+    run = _at(at, RunOptions.parse, **{k: values[k] for k in RUN_KEYS if k in values})
+    return recipe, run
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _at(at: str, fn, *args, **kwargs):
+    """Call a parser, prefixing its error with where the value came from."""
+    try:
+        return fn(*args, **kwargs)
+    except InputError as e:
+        if not at:
+            raise
+        raise InputError(f"{at}{e}") from e
+
+
+def _opt_str(value: Any, key: str, at: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InputError(f"{at}{_flag(key)}: expected a URL string, got {value!r}")
+
+
+def _url_list(value: Any, key: str, at: str) -> list[str]:
+    items = _str_list(value, key, at)
+    if not all(items):
+        raise InputError(f"{at}{_flag(key)}: empty URL")
+    return items
+
+
+def _str_list(value: Any, key: str, at: str) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise InputError(f"{at}{_flag(key)}: expected a string or a list of strings, got {value!r}")
+    return list(items)
+
+
+def _scales(value: Any, count: int, pairs_with: str, at: str) -> list[float]:
+    if value is None:
+        return [1.0] * count
+    items = value if isinstance(value, (list, tuple)) else [value]
+    scales = [_at(at, parse_scale, v) for v in items]
+    if len(scales) != count:
+        raise InputError(f"{at}{len(scales)} --scale values for {count} {pairs_with} inputs; give one --scale "
+                         f"per {pairs_with}, in the same order (or none for 1.0 each)")
+    return scales
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...], at: str) -> str:
+    if value not in choices:
+        raise InputError(f"{at}{_flag(key)} {value!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+def _bool(value: Any, key: str, at: str) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{at}{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _special(value: Any, at: str) -> tuple[tuple[int, int], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        value = ",".join(f"{k}:{v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    try:
+        return tuple(parse_special_tokens(str(value)))
+    except ValueError as e:
+        raise InputError(f"{at}{e}") from e
+
+
+def load_recipe_file(path: str) -> tuple[Recipe, RunOptions]:
+    """A YAML recipe: `kind` plus the same keys as the command's flags (`-` or `_`)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise InputError(f"recipe {path}: cannot read it ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise InputError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise InputError(f"recipe {path}: must be a mapping of keys like kind, base, chat, cp, out")
+    kind = data.pop("kind", None)
+    if kind is None:
+        raise InputError(f"recipe {path}: needs 'kind: merge', 'kind: extract' or 'kind: apply'")
+    return build_recipe(kind, data, where=f"recipe {path}")

@@ -29,16 +29,29 @@ class Source:
     file: int  # index into Plan.files
     dtype: str  # safetensors dtype name
     start: int  # absolute byte offset in the file
-    nbytes: int
+    nbytes: int  # the bytes used: the whole tensor, or the prefix a limited Term reads
 
 
 @dataclass(frozen=True, slots=True)
 class Term:
-    """`scale * (a - b)`, or `scale * a` when b is None (a stored vector)."""
+    """`scale * (a - b)`, or `scale * a` when b is None (a stored vector).
+
+    With `limit`, the term applies to the tensor's first `limit` elements only (the rows all
+    inputs share when cp's vocabulary was expanded); the other elements keep the anchor's value.
+    """
 
     scale: float
     a: Source
     b: Source | None
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowOverride:
+    """Output row `row` is set to `source` (one row of another input), cast to the output dtype."""
+
+    row: int
+    source: Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +66,21 @@ class TensorPlan:
     nbytes: int
     anchor: Source | None  # None: the accumulator starts at zero (extracting a vector)
     terms: tuple[Term, ...]
+    overrides: tuple[RowOverride, ...] = ()
+    rule: str = "sum"  # why it has these terms: sum, copy, skip, vocab-overlap, vocab-skip, ...
 
     @property
     def is_copy(self) -> bool:
         """True when the output bytes are the anchor's bytes unchanged."""
-        return not self.terms and self.anchor is not None and self.anchor.dtype == self.dtype
+        return (not self.terms and not self.overrides and self.anchor is not None
+                and self.anchor.dtype == self.dtype)
+
+    @property
+    def row_elements(self) -> int:
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +120,21 @@ class ShardPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class AuxFile:
+    """A small file written at commit: `source` copied, or merged with `patch_from` (see commit.aux)."""
+
+    name: str
+    source: str  # URL
+    patch_from: str | None = None  # URL of the chat model's file whose chat template / EOS are taken
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     files: tuple[InputFile, ...]
     tensors: tuple[TensorPlan, ...]
     shards: tuple[ShardPlan, ...]
     items: tuple[Item, ...]
-    aux_files: tuple[str, ...]  # URLs of config/tokenizer files copied at commit
+    aux_files: tuple[AuxFile, ...]
     hash: str
 
     @property
@@ -122,4 +154,5 @@ class Plan:
                 total += t.anchor.nbytes
             for term in t.terms:
                 total += term.a.nbytes + (term.b.nbytes if term.b is not None else 0)
+            total += sum(o.source.nbytes for o in t.overrides)
         return total

@@ -1,7 +1,8 @@
 """Commit, only when every item of the plan is accounted for:
 
   1. give every shard its final name (fsync + rename; complete the multipart uploads),
-  2. copy the auxiliary files (config, generation config, tokenizer),
+  2. copy the auxiliary files (config, generation config, tokenizer; chat template and EOS from
+     the chat model), and write the per-tensor statistics,
   3. write `model.safetensors.index.json` (sharded output only),
   4. write the manifest, last.
 
@@ -11,13 +12,17 @@ under a final name and no index.
 
 from __future__ import annotations
 
+import json
 import logging
-import posixpath
 from typing import Any
 
+import pyarrow as pa
+
+from raymerge.commit.aux import patched
 from raymerge.commit.manifest import MANIFEST_NAME
+from raymerge.commit.stats import STATS_NAME, parquet_bytes
 from raymerge.errors import CommitError, RaymergeError
-from raymerge.plan import Plan
+from raymerge.plan import AuxFile, Plan
 from raymerge.safetensors.index import INDEX_NAME, index_bytes
 from raymerge.storage import urls
 from raymerge.storage.writers import Output
@@ -25,7 +30,7 @@ from raymerge.storage.writers import Output
 log = logging.getLogger("raymerge")
 
 
-def commit(plan: Plan, output: Output, handles: list[str], results: dict, manifest: bytes,
+def commit(plan: Plan, output: Output, handles: list[str], results: dict, manifest: bytes, stats: pa.Table,
            storage_options: dict[str, Any]) -> None:
     missing = [i.id for i in plan.items if i.id not in results]
     if missing:
@@ -38,8 +43,9 @@ def commit(plan: Plan, output: Output, handles: list[str], results: dict, manife
             etags[item.shard][item.part] = etag
     try:
         output.finalize([s.name for s in plan.shards], handles, etags)
-        for url in plan.aux_files:
-            output.put(posixpath.basename(url), _read_small(url, storage_options))
+        for aux in plan.aux_files:
+            output.put(aux.name, _aux_bytes(plan, aux, storage_options))
+        output.put(STATS_NAME, parquet_bytes(stats))
         if len(plan.shards) > 1:
             weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
             output.put(INDEX_NAME, index_bytes(plan.tensor_bytes, weight_map))
@@ -49,6 +55,25 @@ def commit(plan: Plan, output: Output, handles: list[str], results: dict, manife
     except OSError as e:
         raise CommitError(f"commit: writing to {urls.redact(output.url)} failed: {e}") from e
     log.info("commit: %d shards, index and manifest written to %s", len(plan.shards), urls.redact(output.url))
+
+
+def _aux_bytes(plan: Plan, aux: AuxFile, storage_options: dict[str, Any]) -> bytes:
+    data = _read_small(aux.source, storage_options)
+    if aux.patch_from is None:
+        return data
+    try:
+        merged = patched(aux.name, data, _read_small(aux.patch_from, storage_options))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CommitError(f"commit: cannot take the chat template / EOS into {aux.name} ({e}); "
+                          "fix the file or pass --no-chat-template") from e
+    # A chat_template.jinja from the chat model wins: drop cp's inline template so none contradicts it.
+    folder = aux.patch_from.rsplit("/", 1)[0]
+    if aux.name == "tokenizer_config.json" and any(
+            a.name == "chat_template.jinja" and a.source.rsplit("/", 1)[0] == folder for a in plan.aux_files):
+        obj = json.loads(merged)
+        obj.pop("chat_template", None)
+        merged = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+    return merged
 
 
 def _read_small(url: str, storage_options: dict[str, Any]) -> bytes:

@@ -25,6 +25,7 @@ def build_manifest(plan: Plan, recipe: dict[str, Any], results: dict, version: s
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "recipe": recipe,
         "plan_hash": plan.hash,
+        "stats": "raymerge_stats.parquet",
         "inputs": [{"role": f.role, "url": f.url, "size": f.size, "fingerprint": f.fingerprint}
                    for f in plan.files],
         "output_bytes": plan.output_bytes,

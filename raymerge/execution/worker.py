@@ -35,6 +35,7 @@ class ItemResult:
     seconds: float
     worker: str
     peak_rss: int  # bytes, of the worker process so far
+    stats: tuple[tuple[int, float, float], ...] = ()  # (tensor, sum of squares of change, of anchor)
 
 
 class _ThreadState:
@@ -79,25 +80,35 @@ class MergeWorker:
         st = self._state()
         inputs, read_bytes = self._read_inputs(item, st)
         out = st.out.view(item.nbytes)
-        self._compute(item, inputs, out, st)
+        stats = self._compute(item, inputs, out, st)
         shard = self._plan.shards[item.shard]
         etag = self._out.write(shard.name, self._handles[item.shard], item.part, item.start, out)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return ItemResult(item_id, zlib.crc32(out), etag, read_bytes, time.perf_counter() - t0, self._name, peak)
+        return ItemResult(item_id, zlib.crc32(out), etag, read_bytes, time.perf_counter() - t0, self._name, peak,
+                          tuple(stats))
 
     def _sources(self, item: Item):
-        """(piece index, source slot, Source, byte range) of every input slice the item needs."""
+        """(piece index, source slot, Source, byte range) of every input slice the item needs.
+
+        Slots: 0 the anchor, 1 + 2k and 2 + 2k term k's a and b, then one per row override.
+        A term limited to the tensor's first elements is read only up to its limit.
+        """
         for p, piece in enumerate(item.pieces):
             if piece.tensor == HEADER:
                 continue
             t = self._plan.tensors[piece.tensor]
-            sources: list[Source | None] = [t.anchor]
+            wanted: list[tuple[Source | None, int, int]] = [(t.anchor, piece.begin, piece.end)]
             for term in t.terms:
-                sources += [term.a, term.b]
-            for slot, src in enumerate(sources):
-                if src is not None:
+                end = piece.end if term.limit is None else min(piece.end, term.limit)
+                wanted += [(term.a, piece.begin, end), (term.b, piece.begin, end)]
+            row = t.row_elements
+            for o in t.overrides:
+                lo, hi = max(piece.begin, o.row * row), min(piece.end, (o.row + 1) * row)
+                wanted.append((o.source, lo - o.row * row, hi - o.row * row))
+            for slot, (src, begin, end) in enumerate(wanted):
+                if src is not None and begin < end:
                     size = ITEMSIZE[src.dtype]
-                    yield p, slot, src, (src.start + piece.begin * size, src.start + piece.end * size)
+                    yield p, slot, src, (src.start + begin * size, src.start + end * size)
 
     def _read_inputs(self, item: Item, st: _ThreadState) -> tuple[dict[tuple[int, int], memoryview], int]:
         """Each needed slice as a view, keyed by (piece index, source slot); one read per file run."""
@@ -115,9 +126,10 @@ class MergeWorker:
         return views, total
 
     def _compute(self, item: Item, inputs: dict[tuple[int, int], memoryview], out: memoryview,
-                 st: _ThreadState) -> None:
+                 st: _ThreadState) -> list[tuple[int, float, float]]:
         from raymerge.ops.kernel import view, weighted_sum
 
+        stats = []
         for p, piece in enumerate(item.pieces):
             if piece.tensor == HEADER:
                 out[piece.begin - item.start:piece.end - item.start] = \
@@ -133,7 +145,24 @@ class MergeWorker:
             anchor = view(inputs[(p, 0)], t.anchor.dtype) if t.anchor is not None else None
             terms = []
             for k, term in enumerate(t.terms):
-                a = view(inputs[(p, 1 + 2 * k)], term.a.dtype)
-                b = view(inputs[(p, 2 + 2 * k)], term.b.dtype) if term.b is not None else None
-                terms.append((term.scale, a, b))
-            weighted_sum(view(dest, t.dtype), anchor, terms, st.scratch)
+                if (p, 1 + 2 * k) in inputs:  # absent: the piece lies past the term's limit
+                    a = view(inputs[(p, 1 + 2 * k)], term.a.dtype)
+                    b = view(inputs[(p, 2 + 2 * k)], term.b.dtype) if term.b is not None else None
+                    terms.append((term.scale, a, b))
+            out_view = view(dest, t.dtype)
+            ss_delta, ss_anchor = weighted_sum(out_view, anchor, terms, st.scratch)
+            stats.append((piece.tensor, ss_delta, ss_anchor))
+            self._override_rows(p, piece, t, inputs, out_view)
+        return stats
+
+    def _override_rows(self, p: int, piece, t, inputs, out_view) -> None:
+        """Special-token rows: the chat model's row, cast once to the output dtype."""
+        from raymerge.ops.kernel import view
+
+        row = t.row_elements
+        for j, o in enumerate(t.overrides):
+            got = inputs.get((p, 1 + 2 * len(t.terms) + j))
+            if got is not None:
+                lo = max(piece.begin, o.row * row) - piece.begin
+                src = view(got, o.source.dtype)
+                out_view[lo:lo + src.numel()].copy_(src)

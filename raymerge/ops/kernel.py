@@ -3,7 +3,8 @@
     acc = anchor (or 0);  for each (scale, a, b) in order: acc += scale * (a - b);  out = round(acc)
 
 Each step is a separate float32 operation (no fused multiply-add), so the bits match any
-reference that does the same arithmetic in float32, whatever the chunking or item size.
+reference that does the same arithmetic in float32, whatever the chunking or item size. A term
+shorter than `out` applies to out's first elements only (rows shared by all inputs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Scratch:
 
     def __init__(self, chunk: int = CHUNK, device: str = "cpu") -> None:
         self.chunk = chunk
+        self.device = device
         self.acc = torch.empty(chunk, dtype=torch.float32, device=device)
         self.x = torch.empty(chunk, dtype=torch.float32, device=device)
         self.y = torch.empty(chunk, dtype=torch.float32, device=device)
@@ -38,9 +40,15 @@ def view(buf: memoryview, dtype: str) -> torch.Tensor:
 
 
 def weighted_sum(out: torch.Tensor, anchor: torch.Tensor | None,
-                 terms: list[tuple[float, torch.Tensor, torch.Tensor | None]], scratch: Scratch) -> None:
-    """Write `round(anchor + sum(scale * (a - b)))` into `out`; all tensors 1-D of equal length."""
+                 terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
+                 scratch: Scratch) -> tuple[float, float]:
+    """Write `round(anchor + sum(scale * (a - b)))` into `out` (1-D tensors).
+
+    Returns the sums of squares of the change (`acc - anchor`, before rounding) and of the anchor,
+    the per-tensor statistics chat-vector users look at.
+    """
     n = out.numel()
+    ss_delta = ss_anchor = 0.0
     for lo in range(0, n, scratch.chunk):
         hi = min(n, lo + scratch.chunk)
         acc = scratch.acc[:hi - lo]
@@ -48,14 +56,27 @@ def weighted_sum(out: torch.Tensor, anchor: torch.Tensor | None,
             acc.zero_()
         else:
             acc.copy_(anchor[lo:hi])
+            ss_anchor += float(torch.dot(acc, acc))
         for scale, a, b in terms:
-            x = scratch.x[:hi - lo]
-            x.copy_(a[lo:hi])
+            m = min(hi, a.numel()) - lo  # a term may cover only a prefix of the tensor
+            if m <= 0:
+                continue
+            x = scratch.x[:m]
+            x.copy_(a[lo:lo + m])
             if b is not None:
-                y = scratch.y[:hi - lo]
-                y.copy_(b[lo:hi])
+                y = scratch.y[:m]
+                y.copy_(b[lo:lo + m])
                 x.sub_(y)
             if scale != 1.0:  # multiplying by one is exact: skipping it changes no bit
                 x.mul_(scale)
-            acc.add_(x)
+            acc[:m].add_(x)
+        if terms:
+            delta = scratch.y[:hi - lo]
+            if anchor is None:
+                delta.copy_(acc)
+            else:
+                delta.copy_(anchor[lo:hi])
+                delta.sub_(acc)
+            ss_delta += float(torch.dot(delta, delta))
         out[lo:hi].copy_(acc)
+    return ss_delta, ss_anchor

@@ -7,6 +7,7 @@ checkpoint at once), and a second only for the rare header longer than that.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ class Checkpoint:
     files: tuple[ShardFile, ...]
     tensors: dict[str, TensorRef]  # in file order, then data order
     aux_files: tuple[str, ...]
+    config: dict | None = None  # config.json, when the checkpoint has one
 
 
 def resolve(role: str, url: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
@@ -77,7 +79,19 @@ def resolve(role: str, url: str, storage_options: dict[str, Any] | None = None) 
     if not tensors:
         raise ResolveError(f"{shown}: the checkpoint holds no tensors")
     aux = () if single else tuple(urls.join(base_url, n) for n in AUX_FILES if n in listing)
-    return Checkpoint(role, base_url, tuple(files), tensors, aux)
+    config = None if single or "config.json" not in listing else _config(fs, folder, shown)
+    return Checkpoint(role, base_url, tuple(files), tensors, aux, config)
+
+
+def _config(fs, folder: str, shown: str) -> dict:
+    raw = _cat(fs, posixpath.join(folder, "config.json"), shown)
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResolveError(f"{shown}: config.json is not valid JSON ({e}); fix or remove it") from e
+    if not isinstance(config, dict):
+        raise ResolveError(f"{shown}: config.json is not a JSON object; fix or remove it")
+    return config
 
 
 def _listing(fs, root: str, shown: str) -> dict[str, dict]:

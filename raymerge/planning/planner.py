@@ -7,16 +7,20 @@ hash identifies the run (same inputs, recipe and options: same hash).
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from dataclasses import dataclass
 
 from raymerge.errors import PlanError
-from raymerge.plan import InputFile, Item, Plan, ShardPlan, Source, TensorPlan, Term
+from raymerge.ops.rules import compile_patterns, is_head_name, is_vocab_tensor, tied_embedding
+from raymerge.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
 from raymerge.planning.inputs import Checkpoint, TensorRef
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, shard_names, split_into_shards
 from raymerge.safetensors.dtypes import ITEMSIZE, is_float
 
 S3_MIN_PART = 5 * 1024 * 1024
 S3_MAX_PARTS = 10_000
+# Files whose chat template / EOS settings come from the chat model (see commit.aux).
+PATCHED = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,32 +34,76 @@ class PlanOptions:
 
 @dataclass(frozen=True, slots=True)
 class TermSpec:
-    """One recipe term: `scale * (a - b)`, or `scale * a` when b is None."""
+    """One recipe term: `scale * (a - b)`, or `scale * a` when b is None (a stored vector)."""
 
     scale: float
     a: Checkpoint
     b: Checkpoint | None
 
 
-def build_plan(anchor: Checkpoint | None, terms: list[TermSpec], options: PlanOptions) -> Plan:
-    if anchor is None and not terms:
+@dataclass(frozen=True)
+class RecipeSpec:
+    """What to compute, with the inputs resolved: the planner's whole input besides options."""
+
+    anchor: Checkpoint | None  # None: extract (the accumulator starts at zero)
+    terms: tuple[TermSpec, ...]
+    vocab: str = "overlap"  # rows of embedding/head tensors when vocabularies differ: see ops.rules
+    skip: tuple[str, ...] = ()  # regexes of tensors copied from the anchor unchanged
+    special_tokens: tuple[tuple[int, int], ...] = ()  # (anchor row, row of special_from)
+    special_from: Checkpoint | None = None
+    template_from: Checkpoint | None = None  # whose chat template and EOS the tokenizer takes
+    aux_from: Checkpoint | None = None  # whose config/tokenizer files are copied (default: anchor)
+
+
+def build_plan(spec: RecipeSpec, options: PlanOptions) -> Plan:
+    if spec.anchor is None and not spec.terms:
         raise PlanError("plan: the recipe has no anchor and no terms; nothing to compute")
-    files, file_ids = _files(anchor, terms)
-    reference = anchor if anchor is not None else terms[0].a
-    _check_match(reference, terms)
-    tensors = []
-    for name, ref in reference.tensors.items():
-        tensors.append(_tensor_rule(name, ref, anchor, terms, file_ids, options))
-    return _layout(files, tensors, anchor or reference, options)
+    files, file_ids = _files(spec)
+    reference = spec.anchor if spec.anchor is not None else spec.terms[0].a
+    try:
+        skip = compile_patterns(spec.skip)
+    except ValueError as e:
+        raise PlanError(f"plan: {e}") from e
+    problems = _Problems(reference.role)
+    rules = [_tensor_rule(name, ref, spec, reference, skip, file_ids, options, problems)
+             for name, ref in reference.tensors.items()]
+    _check_extras(spec, reference, skip, problems)
+    if spec.special_tokens and not any(r[5] for r in rules):
+        problems.other.append("--special-tokens: no embedding or output-head tensor found in "
+                              f"--{reference.role} to set rows of")
+    problems.raise_if_any()
+    return _layout(files, rules, _aux_plan(spec, reference), options)
 
 
-def _files(anchor: Checkpoint | None, terms: list[TermSpec]) -> tuple[list[InputFile], dict[tuple[str, int], int]]:
+class _Problems:
+    """Every mismatch found while planning, raised together as one error."""
+
+    def __init__(self, reference: str) -> None:
+        self.reference = reference
+        self.missing: dict[str, list[str]] = {}
+        self.extra: dict[str, list[str]] = {}
+        self.other: list[str] = []
+
+    def raise_if_any(self) -> None:
+        parts = [f"{len(v)} tensors of --{self.reference} missing from --{role}: " + ", ".join(v)
+                 for role, v in self.missing.items()]
+        parts += [f"{len(v)} tensors of --{role} not in --{self.reference}: " + ", ".join(v)
+                  for role, v in self.extra.items()]
+        parts += self.other
+        if parts:
+            raise PlanError(f"plan: the inputs do not line up ({len(parts)} problems): " + "; ".join(parts)
+                            + ". Check that every input is the same architecture and size")
+
+
+def _files(spec: RecipeSpec) -> tuple[list[InputFile], dict[tuple[str, int], int]]:
     """Every input shard once, and (checkpoint url, file index) -> plan file id."""
     files: list[InputFile] = []
     ids: dict[tuple[str, int], int] = {}
     by_url: dict[str, int] = {}
-    ckpts = ([anchor] if anchor else []) + [c for t in terms for c in (t.a, t.b) if c is not None]
+    ckpts = [spec.anchor] + [c for t in spec.terms for c in (t.a, t.b)] + [spec.special_from]
     for ckpt in ckpts:
+        if ckpt is None:
+            continue
         for i, f in enumerate(ckpt.files):
             if f.url not in by_url:
                 by_url[f.url] = len(files)
@@ -64,60 +112,126 @@ def _files(anchor: Checkpoint | None, terms: list[TermSpec]) -> tuple[list[Input
     return files, ids
 
 
-def _check_match(reference: Checkpoint, terms: list[TermSpec]) -> None:
-    """Every tensor of the reference in every input, same shape: all problems in one error."""
-    problems = []
-    for term in terms:
-        for other in (term.a, term.b):
-            if other is None or other is reference:
-                continue
-            missing = [n for n in reference.tensors if n not in other.tensors]
-            extra = [n for n in other.tensors if n not in reference.tensors]
-            if missing:
-                problems.append(f"{len(missing)} tensors of --{reference.role} missing from --{other.role}: "
-                                + ", ".join(missing))
-            if extra:
-                problems.append(f"{len(extra)} tensors of --{other.role} not in --{reference.role}: "
-                                + ", ".join(extra))
-            for name, ref in reference.tensors.items():
-                theirs = other.tensors.get(name)
-                if theirs is not None and theirs.shape != ref.shape:
-                    problems.append(f"{name}: shape {list(ref.shape)} in --{reference.role} but "
-                                    f"{list(theirs.shape)} in --{other.role}")
-    if problems:
-        raise PlanError(f"plan: the inputs do not line up ({len(problems)} problems): " + "; ".join(problems)
-                        + ". Check that every input is the same architecture and size")
+def _lookup(name: str, ckpt: Checkpoint) -> TensorRef | None:
+    """The tensor `name` of a checkpoint, or the embedding a tied head shares."""
+    alias = tied_embedding(name, ckpt.tensors, ckpt.config)
+    return ckpt.tensors.get(name) or (ckpt.tensors[alias] if alias else None)
 
 
-def _source(ckpt: Checkpoint, ref: TensorRef, file_ids: dict[tuple[str, int], int]) -> Source:
-    return Source(file_ids[(ckpt.url, ref.file)], ref.dtype, ref.start, ref.nbytes)
+def _source(ckpt: Checkpoint, ref: TensorRef, file_ids, offset: int = 0, nbytes: int | None = None) -> Source:
+    return Source(file_ids[(ckpt.url, ref.file)], ref.dtype, ref.start + offset,
+                  ref.nbytes if nbytes is None else nbytes)
 
 
-def _tensor_rule(name: str, ref: TensorRef, anchor: Checkpoint | None, terms: list[TermSpec],
-                 file_ids: dict[tuple[str, int], int], options: PlanOptions) -> tuple:
-    """(name, dtype, shape, anchor source, terms) of one output tensor."""
-    anchor_src = _source(anchor, anchor.tensors[name], file_ids) if anchor is not None else None
+def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpoint, skip, file_ids,
+                 options: PlanOptions, problems: _Problems) -> tuple:
+    """(name, dtype, shape, anchor source, terms, overrides, rule) of one output tensor."""
+    anchor = _source(spec.anchor, ref, file_ids) if spec.anchor is not None else None
     if not is_float(ref.dtype):
         # Integer and bool tensors (ids, masks) have no meaningful difference: keep them as they are.
-        if anchor_src is None:
-            raise PlanError(f"plan: tensor {name!r} is {ref.dtype}, which has no difference to extract; "
-                            "extract only from checkpoints whose tensors are all floating point")
-        return name, ref.dtype, ref.shape, anchor_src, ()
-    for term in terms:
-        for ckpt in (term.a, term.b):
-            if ckpt is not None and not is_float(ckpt.tensors[name].dtype):
-                raise PlanError(f"plan: tensor {name!r} is {ckpt.tensors[name].dtype} in --{ckpt.role} but "
-                                f"{ref.dtype} elsewhere; the checkpoints do not match")
-    plan_terms = tuple(
-        Term(t.scale, _source(t.a, t.a.tensors[name], file_ids),
-             _source(t.b, t.b.tensors[name], file_ids) if t.b is not None else None)
-        for t in terms)
+        if anchor is None:
+            problems.other.append(f"{name}: is {ref.dtype}, which has no difference to extract")
+        return name, ref.dtype, ref.shape, anchor, (), (), "copy"
     dtype = options.dtype or (ref.dtype if anchor is not None else "F32")
-    return name, dtype, ref.shape, anchor_src, plan_terms
+    if anchor is not None and any(p.search(name) for p in skip):
+        return name, dtype, ref.shape, anchor, (), (), "skip"
+    vocab = is_vocab_tensor(name, ref.shape, reference.config)
+    overrides = _overrides(name, ref, spec, file_ids, problems) if vocab else ()
+    if vocab and spec.vocab == "skip":
+        return name, dtype, ref.shape, anchor, (), overrides, "vocab-skip"
+    found: list[list[TensorRef | None]] = []
+    rows = ref.shape[0] if ref.shape else 0
+    for term in spec.terms:
+        pair: list[TensorRef | None] = []
+        for ckpt in (term.a, term.b):
+            other = _lookup(name, ckpt) if ckpt is not None else None
+            pair.append(other)
+            if ckpt is None or ckpt is reference:
+                continue
+            if other is None:
+                problems.missing.setdefault(ckpt.role, []).append(name)
+            elif not is_float(other.dtype):
+                problems.other.append(f"{name}: {other.dtype} in --{ckpt.role} but {ref.dtype} in --{reference.role}")
+            elif other.shape != ref.shape:
+                if vocab and other.shape[1:] == ref.shape[1:] and spec.vocab != "error":
+                    rows = min(rows, other.shape[0])
+                elif vocab and other.shape[1:] == ref.shape[1:]:
+                    problems.other.append(
+                        f"{name}: {ref.shape[0]} rows in --{reference.role} but {other.shape[0]} in --{ckpt.role} "
+                        "(an expanded vocabulary); pass --vocab overlap or --vocab skip")
+                else:
+                    problems.other.append(f"{name}: shape {list(ref.shape)} in --{reference.role} but "
+                                          f"{list(other.shape)} in --{ckpt.role}")
+        found.append(pair)
+    if any(r is None for pair, t in zip(found, spec.terms) for r, c in zip(pair, (t.a, t.b)) if c is not None):
+        return name, dtype, ref.shape, anchor, (), overrides, "sum"
+    limit = None if not ref.shape or rows >= ref.shape[0] else rows * _row_elements(ref.shape)
+    terms = []
+    for term, (ra, rb) in zip(spec.terms, found):
+        srcs = [_source(c, r, file_ids, nbytes=None if limit is None else limit * ITEMSIZE[r.dtype])
+                if r is not None else None for c, r in ((term.a, ra), (term.b, rb))]
+        terms.append(Term(term.scale, srcs[0], srcs[1], limit))
+    return name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum"
 
 
-def _layout(files: list[InputFile], rules: list[tuple], aux_from: Checkpoint, options: PlanOptions) -> Plan:
-    sizes = [_nbytes(dtype, shape) for _, dtype, shape, _, _ in rules]
+def _overrides(name: str, ref: TensorRef, spec: RecipeSpec, file_ids, problems: _Problems) -> tuple:
+    """Special-token rows of a vocabulary tensor, taken from the chat model's rows."""
+    if not spec.special_tokens:
+        return ()
+    chat = spec.special_from
+    other = _lookup(name, chat) if chat is not None else None
+    if chat is None or other is None:
+        problems.other.append(f"--special-tokens: {name} has no counterpart in a chat model to take rows from")
+        return ()
+    row_bytes = _row_elements(other.shape) * ITEMSIZE[other.dtype]
+    out = []
+    for cp_row, chat_row in spec.special_tokens:
+        if cp_row >= ref.shape[0] or chat_row >= other.shape[0]:
+            problems.other.append(f"--special-tokens {cp_row}:{chat_row}: {name} has {ref.shape[0]} rows in "
+                                  f"the output and {other.shape[0]} in --{chat.role}")
+            continue
+        out.append(RowOverride(cp_row, _source(chat, other, file_ids, chat_row * row_bytes, row_bytes)))
+    return tuple(out)
+
+
+def _check_extras(spec: RecipeSpec, reference: Checkpoint, skip, problems: _Problems) -> None:
+    """Tensors an input has that the output will not: an error, except a tied-away head or a skip."""
+    for ckpt in [c for t in spec.terms for c in (t.a, t.b)]:
+        if ckpt is None or ckpt is reference:
+            continue
+        for name, ref in ckpt.tensors.items():
+            if name in reference.tensors or any(p.search(name) for p in skip):
+                continue
+            if is_head_name(name) and tied_embedding(name, reference.tensors, reference.config):
+                continue  # reference ties its head to its embedding: the head is that tensor
+            problems.extra.setdefault(ckpt.role, []).append(name)
+
+
+def _row_elements(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+def _aux_plan(spec: RecipeSpec, reference: Checkpoint) -> tuple[AuxFile, ...]:
+    """Config and tokenizer files: the anchor's, with the chat model's chat template and EOS."""
+    source = spec.aux_from or spec.anchor or reference
+    ours = {posixpath.basename(u): u for u in source.aux_files}
+    theirs = {posixpath.basename(u): u for u in spec.template_from.aux_files} if spec.template_from else {}
+    aux = []
+    for name, url in ours.items():
+        if name == "chat_template.jinja" and theirs:
+            continue  # the chat model's template replaces it (or its tokenizer_config's does)
+        aux.append(AuxFile(name, url, theirs.get(name) if name in PATCHED else None))
+    for name in ("chat_template.jinja", *PATCHED):
+        if name in theirs and name not in ours:
+            aux.append(AuxFile(name, theirs[name]))
+    return tuple(aux)
+
+
+def _layout(files: list[InputFile], rules: list[tuple], aux: tuple[AuxFile, ...], options: PlanOptions) -> Plan:
+    sizes = [_nbytes(rule[1], rule[2]) for rule in rules]
     groups = split_into_shards(sizes, options.shard_size)
     names = shard_names(len(groups))
     tensors: list[TensorPlan] = []
@@ -127,8 +241,8 @@ def _layout(files: list[InputFile], rules: list[tuple], aux_from: Checkpoint, op
         header, starts = layout_shard([(rules[i][0], rules[i][1], rules[i][2], sizes[i]) for i in group])
         first = len(tensors)
         for i, start in zip(group, starts):
-            tname, dtype, shape, anchor, terms = rules[i]
-            tensors.append(TensorPlan(tname, dtype, shape, s, start, sizes[i], anchor, terms))
+            tname, dtype, shape, anchor, terms, overrides, rule = rules[i]
+            tensors.append(TensorPlan(tname, dtype, shape, s, start, sizes[i], anchor, terms, overrides, rule))
         size = len(header) + sum(sizes[i] for i in group)
         slots = [Slot(t.start, t.nbytes, ITEMSIZE[t.dtype]) for t in tensors[first:]]
         item_size = _item_size(size, options)
@@ -139,7 +253,7 @@ def _layout(files: list[InputFile], rules: list[tuple], aux_from: Checkpoint, op
             items.append(Item(len(items), s, part, lo, hi, pieces_of(lo, hi, len(header), slots, first)))
         shards.append(ShardPlan(name, size, header, tuple(range(first, len(tensors))), tuple(shard_items)))
     digest = _hash(files, tensors, shards, items)
-    return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux_from.aux_files, digest)
+    return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest)
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:

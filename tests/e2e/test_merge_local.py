@@ -35,7 +35,7 @@ def test_merge_is_bit_exact_and_loads(ray_local, llama_trio, tmp_path, scale):
     for aux in ("config.json", "generation_config.json", "tokenizer_config.json"):
         assert open(os.path.join(out, aux), "rb").read() == open(os.path.join(llama_trio["cp"], aux), "rb").read()
     manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
-    assert manifest["plan_hash"] == result.plan_hash and manifest["recipe"]["scale"] == scale
+    assert manifest["plan_hash"] == result.plan_hash and manifest["recipe"]["scale"] == [scale]
 
     from transformers import LlamaForCausalLM
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from raymerge.errors import PlanError
 from raymerge.plan import HEADER
 from raymerge.planning.inputs import resolve
-from raymerge.planning.planner import PlanOptions, TermSpec, build_plan
+from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
 
 TENSORS = {"emb": ((4, 3), torch.bfloat16), "norm": ((3,), torch.float32), "ids": ((2,), torch.int64),
            "proj": ((3, 3), torch.bfloat16)}
@@ -44,7 +44,7 @@ def trio(tmp_path):
 
 
 def test_plan_layout_offsets_headers_and_items_exactly(trio):
-    plan = build_plan(trio["cp"], [TermSpec(0.5, trio["chat"], trio["base"])],
+    plan = build_plan(RecipeSpec(trio["cp"], (TermSpec(0.5, trio["chat"], trio["base"]),)),
                       PlanOptions(shard_size=40, item_size=16))
     # cp's data order (safetensors stores norm before emb, ids before proj: larger dtypes first),
     # in shards of at most 40 bytes: [norm 12 + emb 24] [ids 16 + proj 18]
@@ -86,7 +86,7 @@ def test_plan_layout_offsets_headers_and_items_exactly(trio):
 
 def test_plan_hash_is_stable_and_sensitive(trio):
     def make(scale, item_size=16):
-        return build_plan(trio["cp"], [TermSpec(scale, trio["chat"], trio["base"])],
+        return build_plan(RecipeSpec(trio["cp"], (TermSpec(scale, trio["chat"], trio["base"]),)),
                           PlanOptions(shard_size=40, item_size=item_size))
     assert make(0.5).hash == make(0.5).hash
     assert make(0.5).hash != make(1.0).hash
@@ -103,7 +103,7 @@ def test_every_mismatch_is_listed_in_one_error(tmp_path):
     cp["emb"] = torch.zeros(5, 3, dtype=torch.bfloat16)  # shape differs from both
     ck = {r: resolve(r, _write(tmp_path / r, t)) for r, t in (("base", base), ("chat", chat), ("cp", cp))}
     with pytest.raises(PlanError) as e:
-        build_plan(ck["cp"], [TermSpec(1.0, ck["chat"], ck["base"])], PlanOptions())
+        build_plan(RecipeSpec(ck["cp"], (TermSpec(1.0, ck["chat"], ck["base"]),)), PlanOptions())
     msg = str(e.value)
     assert "\n" not in msg
     for part in ("missing from --chat: norm", "not in --cp: extra", "proj: shape [3, 3] in --cp but [3, 4] in --chat",
@@ -112,11 +112,11 @@ def test_every_mismatch_is_listed_in_one_error(tmp_path):
 
 
 def test_s3_options_keep_parts_within_limits(trio):
-    plan = build_plan(trio["cp"], [TermSpec(1.0, trio["chat"], trio["base"])],
+    plan = build_plan(RecipeSpec(trio["cp"], (TermSpec(1.0, trio["chat"], trio["base"]),)),
                       PlanOptions(shard_size=40, item_size=4, min_part=20, max_parts=10_000))
     for shard in plan.shards:
         items = [plan.items[i] for i in shard.items]
         assert all(i.nbytes >= 20 for i in items[:-1])
-    plan = build_plan(trio["cp"], [TermSpec(1.0, trio["chat"], trio["base"])],
+    plan = build_plan(RecipeSpec(trio["cp"], (TermSpec(1.0, trio["chat"], trio["base"]),)),
                       PlanOptions(shard_size=10**9, item_size=4, max_parts=3))
     assert all(len(s.items) <= 3 for s in plan.shards)

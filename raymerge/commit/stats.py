@@ -1,0 +1,50 @@
+"""Per-tensor statistics of the change a run made, as a Parquet table next to the manifest.
+
+`delta_norm` = ||out - anchor|| (float32, before rounding), `anchor_norm` = ||anchor|| (cp; empty
+when extracting), `relative` = their ratio: what chat-vector users look at to choose a scale.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymerge.plan import Plan
+
+STATS_NAME = "raymerge_stats.parquet"
+
+
+def tensor_stats(plan: Plan, results: dict) -> pa.Table:
+    """Sum the workers' per-piece sums of squares into one row per tensor."""
+    ss_delta = [0.0] * len(plan.tensors)
+    ss_anchor = [0.0] * len(plan.tensors)
+    for result in results.values():
+        for tensor, d, a in result.stats:
+            ss_delta[tensor] += d
+            ss_anchor[tensor] += a
+    rows = {"tensor": [], "rule": [], "dtype": [], "numel": [], "delta_norm": [], "anchor_norm": [],
+            "relative": []}
+    for i, t in enumerate(plan.tensors):
+        delta = math.sqrt(ss_delta[i])
+        anchor = math.sqrt(ss_anchor[i]) if t.anchor is not None else None
+        rows["tensor"].append(t.name)
+        rows["rule"].append(t.rule)
+        rows["dtype"].append(t.dtype)
+        rows["numel"].append(math.prod(t.shape))
+        rows["delta_norm"].append(delta)
+        rows["anchor_norm"].append(anchor)
+        rows["relative"].append(delta / anchor if anchor else None)
+    return pa.table(rows)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def read_stats(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
