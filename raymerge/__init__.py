@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from raymerge.api import MergeResult, merge, plan  # noqa: E402
+from raymerge.api import MergeResult, apply, extract, merge, plan  # noqa: E402
 
-__all__ = ["MergeResult", "__version__", "merge", "plan"]
+__all__ = ["MergeResult", "__version__", "apply", "extract", "merge", "plan"]

@@ -33,6 +33,7 @@ from raymerge.storage import urls
 from raymerge.storage.writers import Output, open_output
 
 log = logging.getLogger("raymerge")
+progress_log = logging.getLogger("raymerge.progress")
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,8 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
             results = execute(the_plan, output.url, handles, run_options.storage_options, pool, progress)
             execute_seconds = progress.elapsed
             stats = tensor_stats(the_plan, results)
-            description = {"kind": KINDS[recipe.kind], **_redacted(recipe.to_mapping())}
-            manifest = build_manifest(the_plan, description, results, __version__)
+            manifest = build_manifest(the_plan, KINDS[recipe.kind], _redacted(recipe.to_mapping()), results,
+                                      __version__)
             commit(the_plan, output, handles, results, manifest, stats, run_options.storage_options)
         except BaseException:
             output.abort([s.name for s in the_plan.shards], handles)
@@ -165,7 +166,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     peaks: dict[str, int] = {}
     for r in results.values():
         peaks[r.worker] = max(peaks.get(r.worker, 0), r.peak_rss)
-    log.info("done: %.2f GB written to %s; execute %.1fs (%.2f GB/s), %.1fs in all", the_plan.output_bytes / 1e9,
+    progress_log.info("done: %.2f GB written to %s; execute %.1fs (%.2f GB/s), %.1fs in all", the_plan.output_bytes / 1e9,
              urls.redact(output.url), execute_seconds, the_plan.output_bytes / max(execute_seconds, 1e-9) / 1e9,
              seconds)
     return MergeResult(output.url, recipe.kind, the_plan.hash, [s.name for s in the_plan.shards],

@@ -59,25 +59,34 @@ def s3_server():
 
 
 def make_llama_trio(root: str, *, hidden: int = 64, layers: int = 2, vocab: int = 512, intermediate: int = 128,
-                    max_shard_size: str = "100KB", seed: int = 0) -> dict[str, str]:
-    """base, chat and cp folders saved by transformers' save_pretrained (bf16, sharded).
-
-    chat and cp are the base plus independent noise, so the chat vector is not trivially zero.
-    """
+                    max_shard_size: str = "100KB", seed: int = 0, roles=("base", "chat", "cp"),
+                    cp_extra_rows: int = 0) -> dict[str, str]:
+    """Checkpoints saved by transformers' save_pretrained (bf16, sharded): a base, and every other
+    role the base plus its own noise, so that each vector is distinct and not zero. With
+    `cp_extra_rows`, cp's vocabulary is expanded (new embedding and head rows, as after continual
+    pre-training on a new language) and its config says so."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    def config(v: int) -> LlamaConfig:
+        return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=v,
+                           max_position_embeddings=128, tie_word_embeddings=False)
+
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                         max_position_embeddings=128, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config(vocab)).to(torch.bfloat16)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     folders = {}
-    for role, noise in (("base", 0.0), ("chat", 0.01), ("cp", 0.01)):
+    for role in roles:
+        if role == "cp" and cp_extra_rows:
+            model = LlamaForCausalLM(config(vocab + cp_extra_rows)).to(torch.bfloat16)
+        noise = 0.0 if role == "base" else 0.01
         with torch.no_grad():
             for name, p in model.state_dict().items():
-                p.copy_((base_state[name].float() + noise * torch.randn(p.shape)).to(p.dtype))
+                new = (base_state[name].float() + noise * torch.randn(base_state[name].shape)).to(p.dtype)
+                if p.shape != new.shape:  # expanded vocabulary: fresh rows after the shared ones
+                    new = torch.cat([new, (0.02 * torch.randn(p.shape[0] - new.shape[0], *p.shape[1:])).to(p.dtype)])
+                p.copy_(new)
         folders[role] = os.path.join(root, role)
         model.save_pretrained(folders[role], max_shard_size=max_shard_size)
         with open(os.path.join(folders[role], "tokenizer_config.json"), "w") as f:

@@ -34,3 +34,23 @@ def assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
         assert got[k].shape == want[k].shape, k
         assert torch.equal(got[k].contiguous().view(torch.uint8), want[k].contiguous().view(torch.uint8)), \
             f"{k}: not bit-identical"
+
+
+def weighted_reference(anchor: dict | None, terms: list[tuple[float, dict, dict | None]], dtype=None,
+                       skip=lambda name: False) -> dict[str, torch.Tensor]:
+    """The documented accumulation, written plainly: acc = float32(anchor) (or 0); for each term in
+    order, acc[:rows] += scale * (a[:rows] - b[:rows]) in float32 over the rows all inputs share;
+    one rounding at the end. `skip(name)` tensors keep the anchor's values."""
+    names = anchor.keys() if anchor is not None else terms[0][1].keys()
+    out = {}
+    for k in names:
+        acc = anchor[k].float().clone() if anchor is not None else torch.zeros(terms[0][1][k].shape)
+        if not skip(k):
+            for scale, a, b in terms:
+                rows = min(acc.shape[0], a[k].shape[0], b[k].shape[0] if b is not None else a[k].shape[0])
+                x = a[k][:rows].float()
+                if b is not None:
+                    x = x - b[k][:rows].float()
+                acc[:rows] = acc[:rows] + scale * x
+        out[k] = acc.to(dtype or (anchor[k].dtype if anchor is not None else torch.float32))
+    return out

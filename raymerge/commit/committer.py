@@ -27,7 +27,7 @@ from raymerge.safetensors.index import INDEX_NAME, index_bytes
 from raymerge.storage import urls
 from raymerge.storage.writers import Output
 
-log = logging.getLogger("raymerge")
+log = logging.getLogger("raymerge.progress")
 
 
 def commit(plan: Plan, output: Output, handles: list[str], results: dict, manifest: bytes, stats: pa.Table,

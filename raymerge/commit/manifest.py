@@ -16,13 +16,15 @@ MANIFEST_NAME = "raymerge_manifest.json"
 FORMAT_VERSION = 1
 
 
-def build_manifest(plan: Plan, recipe: dict[str, Any], results: dict, version: str) -> bytes:
-    """`results`: item id -> ItemResult."""
+def build_manifest(plan: Plan, kind: str, recipe: dict[str, Any], results: dict, version: str) -> bytes:
+    """`kind` says what the checkpoint is ("chat vector", ...); `recipe` is what `raymerge run`
+    reads to make it again; `results`: item id -> ItemResult."""
     obj = {
         "format": "raymerge-manifest",
         "format_version": FORMAT_VERSION,
         "raymerge_version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kind": kind,
         "recipe": recipe,
         "plan_hash": plan.hash,
         "stats": "raymerge_stats.parquet",

@@ -22,7 +22,7 @@ from raymerge.execution.worker import ItemResult, MergeWorker
 from raymerge.plan import Plan
 from raymerge.storage import urls
 
-log = logging.getLogger("raymerge")
+log = logging.getLogger("raymerge.progress")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-log = logging.getLogger("raymerge")
+log = logging.getLogger("raymerge.progress")  # shown by default, unlike the phase details
 
 
 class Progress:

@@ -83,3 +83,24 @@ def test_s3_output_abort_leaves_no_upload_and_no_object(s3_server):
     out.abort(["model.safetensors"], handles)
     assert not s3.list_multipart_uploads(Bucket="abort-test").get("Uploads")
     assert "Contents" not in s3.list_objects_v2(Bucket="abort-test")
+
+
+def test_extract_and_apply_on_s3(ray_local, s3_trio, tmp_path):
+    """The vector workflow through S3: extract s3 -> s3, then apply it s3 -> s3 with a skip rule."""
+    from tests.helpers import weighted_reference
+
+    raymerge.extract(f"s3://{BUCKET}/base", f"s3://{BUCKET}/chat", f"s3://{BUCKET}/vec", item_size="5MiB")
+    raymerge.apply(f"s3://{BUCKET}/cp", f"s3://{BUCKET}/vec", f"s3://{BUCKET}/applied", scale=0.5,
+                   skip=[r"norm\.weight$"], item_size="5MiB", shard_size="20MB")
+    local = {role: load_folder(path) for role, path in s3_trio.items()}
+    _download("vec", str(tmp_path / "vec"))
+    vec = load_folder(str(tmp_path / "vec"))
+    assert_bit_identical(vec, weighted_reference(None, [(1.0, local["chat"], local["base"])]))
+    names = _download("applied", str(tmp_path / "applied"))
+    assert "raymerge_stats.parquet" in names and "tokenizer_config.json" in names
+    want = weighted_reference(local["cp"], [(0.5, vec, None)], skip=lambda n: n.endswith("norm.weight"))
+    assert_bit_identical(load_folder(str(tmp_path / "applied")), want)
+    assert_bit_identical(load_folder(str(tmp_path / "applied")), chat_vector_reference(
+        {k: v for k, v in local["base"].items()}, local["chat"], local["cp"], 0.5) | {
+        k: local["cp"][k] for k in local["cp"] if k.endswith("norm.weight")})
+    assert not boto3.client("s3").list_multipart_uploads(Bucket=BUCKET).get("Uploads")

@@ -1,0 +1,222 @@
+"""Every option of the paper's recipe, end to end on a local Ray, bit for bit against the plain
+float32 reference in tests/helpers.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import raymerge
+from raymerge.errors import PlanError
+from tests.conftest import make_llama_trio
+from tests.helpers import assert_bit_identical, load_folder, weighted_reference
+
+VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """base, two chat models, a cp; and a cp with 16 extra vocabulary rows."""
+    root = str(tmp_path_factory.mktemp("recipes"))
+    folders = make_llama_trio(root, roles=("base", "chat", "chat2", "cp"), max_shard_size="120KB", seed=3)
+    folders["cpx"] = make_llama_trio(os.path.join(root, "x"), roles=("cp",), cp_extra_rows=16, seed=3)["cp"]
+    with open(os.path.join(folders["chat"], "tokenizer_config.json"), "w") as f:
+        json.dump({"from": "chat", "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+                   "eos_token": "<|end|>"}, f)
+    with open(os.path.join(folders["chat"], "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": 7, "bos_token_id": 1}, f)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def tensors(models):
+    return {role: load_folder(path) for role, path in models.items()}
+
+
+def test_extract_then_apply_two_vectors_equals_direct_merge(ray_local, models, tensors, tmp_path):
+    v1, v2 = str(tmp_path / "v1"), str(tmp_path / "v2")
+    raymerge.extract(models["base"], models["chat"], v1)
+    raymerge.extract(models["base"], models["chat2"], v2)
+    vec1 = load_folder(v1)
+    assert_bit_identical(vec1, weighted_reference(None, [(1.0, tensors["chat"], tensors["base"])]))
+    assert all(t.dtype == torch.float32 for t in vec1.values())
+    manifest = json.load(open(os.path.join(v1, "raymerge_manifest.json")))
+    assert manifest["kind"] == "chat vector" and manifest["recipe"]["kind"] == "extract"
+    assert {i["role"] for i in manifest["inputs"]} == {"base", "chat"}
+
+    applied = str(tmp_path / "applied")
+    raymerge.apply(models["cp"], [v1, v2], applied, scale=[0.5, 0.5])
+    want = weighted_reference(tensors["cp"], [(0.5, vec1, None), (0.5, load_folder(v2), None)])
+    assert_bit_identical(load_folder(applied), want)
+
+    direct = str(tmp_path / "direct")
+    raymerge.merge(models["base"], [models["chat"], models["chat2"]], models["cp"], direct, scale=[0.5, 0.5])
+    assert_bit_identical(load_folder(direct), want)
+    assert_bit_identical(load_folder(direct), weighted_reference(
+        tensors["cp"], [(0.5, tensors["chat"], tensors["base"]), (0.5, tensors["chat2"], tensors["base"])]))
+
+
+def test_scale_count_must_match_vector_count(models, tmp_path):
+    from raymerge.errors import InputError
+
+    with pytest.raises(InputError, match="2 --scale values for 1 --vector"):
+        raymerge.apply(models["cp"], [models["chat"]], str(tmp_path / "o"), scale=[0.5, 0.5])
+    with pytest.raises(InputError, match="1 --scale values for 2 --chat"):
+        raymerge.merge(models["base"], [models["chat"], models["chat2"]], models["cp"], str(tmp_path / "o"), scale=[0.5])
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_expanded_vocabulary_overlap(ray_local, models, tensors, tmp_path):
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], models["chat"], models["cpx"], out, scale=1.0)
+    got = load_folder(out)
+    want = weighted_reference(tensors["cpx"], [(1.0, tensors["chat"], tensors["base"])])
+    assert_bit_identical(got, want)
+    shared = tensors["base"][VOCAB[0]].shape[0]
+    for name in VOCAB:
+        assert got[name].shape[0] == shared + 16
+        assert torch.equal(got[name][shared:], tensors["cpx"][name][shared:])  # new rows kept as in cp
+        assert not torch.equal(got[name][:shared], tensors["cpx"][name][:shared])  # shared rows got the vector
+    from transformers import LlamaForCausalLM
+
+    _, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_expanded_vocabulary_skip(ray_local, models, tensors, tmp_path):
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], models["chat"], models["cpx"], out, scale=0.5, vocab="skip")
+    want = weighted_reference(tensors["cpx"], [(0.5, tensors["chat"], tensors["base"])], skip=lambda n: n in VOCAB)
+    assert_bit_identical(load_folder(out), want)
+
+
+def test_expanded_vocabulary_error_names_tensors_and_rows(models, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "raymerge", "merge", "--base", models["base"], "--chat", models["chat"],
+                        "--cp", models["cpx"], "--out", str(tmp_path / "out"), "--vocab", "error"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    for name in VOCAB:
+        assert f"{name}: 528 rows in --cp but 512 in --chat" in r.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_skip_regex_copies_from_cp(ray_local, models, tensors, tmp_path):
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], models["chat"], models["cp"], out, scale=1.0, skip=[r"norm\.weight$", r"\.v_proj\."])
+    skipped = lambda n: n.endswith("norm.weight") or ".v_proj." in n  # noqa: E731
+    assert_bit_identical(load_folder(out), weighted_reference(tensors["cp"], [(1.0, tensors["chat"], tensors["base"])],
+                                                              skip=skipped))
+    assert any(skipped(n) for n in tensors["cp"])
+    with pytest.raises(Exception, match="not a valid regular expression"):
+        raymerge.merge(models["base"], models["chat"], models["cp"], str(tmp_path / "o2"), skip=["(unclosed"])
+
+
+def test_special_token_rows_come_from_the_chat_model(ray_local, models, tensors, tmp_path):
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], models["chat"], models["cpx"], out, scale=0.5, special_tokens="520:2,515:1")
+    got = load_folder(out)
+    want = weighted_reference(tensors["cpx"], [(0.5, tensors["chat"], tensors["base"])])
+    for name in VOCAB:
+        for cp_row, chat_row in ((520, 2), (515, 1)):
+            want[name][cp_row] = tensors["chat"][name][chat_row]
+            # the paper's code takes the base model's row: this would catch it
+            assert not torch.equal(tensors["chat"][name][chat_row], tensors["base"][name][chat_row])
+    assert_bit_identical(got, want)
+    with pytest.raises(PlanError, match="rows"):
+        raymerge.merge(models["base"], models["chat"], models["cpx"], str(tmp_path / "o2"), special_tokens="999:1")
+
+
+def test_chat_template_and_eos_come_from_the_chat_model(ray_local, models, tmp_path):
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], models["chat"], models["cp"], out)
+    tok = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    chat_tok = json.load(open(os.path.join(models["chat"], "tokenizer_config.json")))
+    assert tok["from"] == "cp" and tok["chat_template"] == chat_tok["chat_template"] and tok["eos_token"] == "<|end|>"
+    assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == 7
+    assert open(os.path.join(out, "config.json"), "rb").read() == open(os.path.join(models["cp"], "config.json"), "rb").read()
+
+    kept = str(tmp_path / "kept")
+    raymerge.merge(models["base"], models["chat"], models["cp"], kept, chat_template=False)
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert open(os.path.join(kept, name), "rb").read() == open(os.path.join(models["cp"], name), "rb").read()
+
+
+def test_chat_template_jinja_file_is_carried(ray_local, models, tmp_path):
+    import shutil
+
+    chat = str(tmp_path / "chat")
+    shutil.copytree(models["chat"], chat)
+    with open(os.path.join(chat, "chat_template.jinja"), "w") as f:
+        f.write("{{ messages }}")
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], chat, models["cp"], out)
+    assert open(os.path.join(out, "chat_template.jinja")).read() == "{{ messages }}"
+    assert "chat_template" not in json.load(open(os.path.join(out, "tokenizer_config.json")))
+
+
+def test_recipe_file_equals_its_flags(ray_local, models, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""kind: merge
+base: {models['base']}
+chat: [{models['chat']}, {models['chat2']}]
+scale: [0.7, 0.3]
+cp: {models['cpx']}
+out: {tmp_path / 'from_file'}
+vocab: overlap
+skip: ['norm\\.weight$']
+special_tokens: "520:2"
+shard_size: 200KB
+""")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", str(recipe)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    raymerge.merge(models["base"], [models["chat"], models["chat2"]], models["cpx"], str(tmp_path / "from_api"),
+                   scale=[0.7, 0.3], skip=[r"norm\.weight$"], special_tokens="520:2", shard_size="200KB")
+    a = json.load(open(tmp_path / "from_file" / "raymerge_manifest.json"))
+    b = json.load(open(tmp_path / "from_api" / "raymerge_manifest.json"))
+    assert a["plan_hash"] == b["plan_hash"]
+    assert {**a["recipe"], "out": None} == {**b["recipe"], "out": None}
+    assert_bit_identical(load_folder(str(tmp_path / "from_file")), load_folder(str(tmp_path / "from_api")))
+
+
+@pytest.mark.parametrize("text,match", [
+    ("kind: merge\nbase: a\nchat: b\ncp: c\nscales: [1]\n", "unknown key 'scales' for merge; did you mean 'scale'"),
+    ("kind: mix\n", "kind 'mix': must be one of merge, extract, apply"),
+    ("base: a\n", "needs 'kind: merge'"),
+    ("kind: merge\nbase: a\ncp: c\n", "merge needs --chat"),
+    ("kind: merge\nbase: a\nchat: b\ncp: c\nvocab: maybe\n", "--vocab 'maybe': must be one of overlap, skip, error"),
+    ("kind: apply\ncp: a\nvector: [b]\nscale: x\n", "--scale 'x': not a number"),
+    ("kind: [oops\n", "not valid YAML"),
+])
+def test_bad_recipe_files_say_what_to_write(tmp_path, text, match):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", str(recipe)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_stats_and_inspect(ray_local, models, tensors, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], models["chat"], models["cp"], out, scale=0.5, item_size="8KiB")
+    rows = {r["tensor"]: r for r in pq.read_table(os.path.join(out, "raymerge_stats.parquet")).to_pylist()}
+    for name in ("model.layers.1.mlp.up_proj.weight", "lm_head.weight"):
+        cp = tensors["cp"][name].float()
+        delta = 0.5 * (tensors["chat"][name].float() - tensors["base"][name].float())
+        assert rows[name]["anchor_norm"] == pytest.approx(float(cp.norm()), rel=1e-4)
+        assert rows[name]["delta_norm"] == pytest.approx(float(delta.norm()), rel=1e-3)
+        assert rows[name]["relative"] == pytest.approx(float(delta.norm() / cp.norm()), rel=1e-3)
+    png = str(tmp_path / "change.png")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "inspect", out, "--plot", png], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "chat vector merge" in r.stdout and "mean rel" in r.stdout
+    assert len([line for line in r.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 2
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
