@@ -85,6 +85,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for kind, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=kind)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("||out - cp|| / ||cp||" if use_relative else "||vector||")
     ax.set_title(title)

@@ -82,8 +82,11 @@ def make_trio(root: str, shape: LlamaShape = LlamaShape(), shard_size: int = 5_0
             if name.endswith("norm.weight"):
                 base += 1.0
             shards["base"][name] = base.to(torch_dtype)
-            for role in ("chat", "cp"):
-                shards[role][name] = (base + torch.randn(dims, generator=gen) * (0.02 * noise)).to(torch_dtype)
+            # Tuning moves later layers more than early ones: the chat vector grows with depth.
+            layer = _layer(name)
+            depth = 0.5 + layer / max(1, shape.layers - 1) if layer is not None else 1.0
+            for role, factor in (("chat", depth), ("cp", 1.0)):
+                shards[role][name] = (base + torch.randn(dims, generator=gen) * (0.02 * noise * factor)).to(torch_dtype)
             weight_map[name] = file
         for role in ROLES:
             os.makedirs(folders[role], exist_ok=True)
@@ -108,6 +111,11 @@ def _write_aux(folder: str, shape: LlamaShape, role: str) -> None:
     for name, obj in files.items():
         with open(os.path.join(folder, name), "w") as f:
             json.dump(obj, f, indent=1)
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    return next((int(p) for p in parts if p.isdigit()), None)
 
 
 def _numel(dims: tuple[int, ...]) -> int:
