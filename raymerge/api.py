@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from raymerge.commit.committer import commit
 from raymerge.commit.manifest import MANIFEST_NAME, build_manifest
 from raymerge.commit.stats import tensor_stats
 from raymerge.config import Recipe, RunOptions, build_recipe
-from raymerge.errors import InputError, OutputError
+from raymerge.errors import InputError, OutputError, RaymergeError
+from raymerge.execution.journal import Journal, JournalState
+from raymerge.execution.worker import ItemResult
 from raymerge.plan import Plan
 from raymerge.planning.inputs import resolve
 from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
@@ -137,8 +140,8 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
 
 
 def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
-    """Resolve -> plan -> execute -> commit."""
-    from raymerge.execution.dispatch import PoolOptions, execute
+    """Resolve -> plan -> execute -> commit; with `resume`, continue the unfinished run at `out`."""
+    from raymerge.execution.dispatch import execute
     from raymerge.execution.progress import Progress
 
     if not recipe.out:
@@ -147,30 +150,117 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     the_plan = make_plan(recipe, run_options)
     output = open_output(recipe.out, run_options.storage_options)
     _check_output(output, the_plan, run_options.overwrite)
-    pool = PoolOptions(workers=run_options.workers, cpus_per_worker=run_options.cpus_per_worker,
-                       in_flight=run_options.in_flight)
+    previous = _previous_run(output, the_plan, run_options)
     with ray_session(run_options.address):
-        handles = output.prepare([(s.name, s.size) for s in the_plan.shards])
+        if previous is not None:
+            handles, results, next_batch = previous
+            journal = Journal(output, next_batch=next_batch)
+        else:
+            handles, results = output.prepare([(s.name, s.size) for s in the_plan.shards]), {}
+            journal = Journal.begin(output, the_plan, handles)
+        todo = [i.id for i in the_plan.items if i.id not in results]
+        progress = Progress(the_plan.output_bytes, len(the_plan.items),
+                            done_bytes=sum(the_plan.items[i].nbytes for i in results), done_items=len(results))
+
+        def finished(result: ItemResult) -> None:
+            results[result.item] = result
+            journal.record(result)
+            progress.add(the_plan.items[result.item].nbytes)
+
         try:
-            progress = Progress(the_plan.output_bytes, len(the_plan.items))
-            results = execute(the_plan, output.url, handles, run_options.storage_options, pool, progress)
-            execute_seconds = progress.elapsed
+            if todo:
+                execute(the_plan, output.url, handles, run_options.storage_options, _pool(run_options), todo,
+                        lambda n: progress.start(), finished)
+            journal.flush()
             stats = tensor_stats(the_plan, results)
             manifest = build_manifest(the_plan, KINDS[recipe.kind], _redacted(recipe.to_mapping()), results,
-                                      __version__)
+                                      __version__, _layout_options(run_options))
             commit(the_plan, output, handles, results, manifest, stats, run_options.storage_options)
-        except BaseException:
-            output.abort([s.name for s in the_plan.shards], handles)
-            raise
+        except BaseException as e:
+            journal.flush()
+            raise _resumable(e, len(results), len(the_plan.items)) from e
     seconds = time.perf_counter() - started
     peaks: dict[str, int] = {}
     for r in results.values():
         peaks[r.worker] = max(peaks.get(r.worker, 0), r.peak_rss)
-    progress_log.info("done: %.2f GB written to %s; execute %.1fs (%.2f GB/s), %.1fs in all", the_plan.output_bytes / 1e9,
-             urls.redact(output.url), execute_seconds, the_plan.output_bytes / max(execute_seconds, 1e-9) / 1e9,
-             seconds)
+    execute_seconds = progress.elapsed if todo else 0.0
+    progress_log.info("done: %.2f GB written to %s; execute %.1fs (%.2f GB/s), %.1fs in all",
+                      the_plan.output_bytes / 1e9, urls.redact(output.url), execute_seconds,
+                      progress.rate() / 1e9, seconds)
     return MergeResult(output.url, recipe.kind, the_plan.hash, [s.name for s in the_plan.shards],
                        the_plan.output_bytes, the_plan.read_bytes, seconds, execute_seconds, peaks)
+
+
+def _pool(run_options: RunOptions):
+    from raymerge.execution.dispatch import PoolOptions
+
+    return PoolOptions(workers=run_options.workers, cpus_per_worker=run_options.cpus_per_worker,
+                       in_flight=run_options.in_flight)
+
+
+def _layout_options(run_options: RunOptions) -> dict[str, int]:
+    """What verify needs, besides the recipe, to plan the same layout again."""
+    return {"shard_size": run_options.shard_size, "item_size": run_options.item_size}
+
+
+def _previous_run(output: Output, the_plan: Plan, run_options: RunOptions):
+    """(handles, results already done) of an unfinished run at the output, when resuming it."""
+    state = Journal.load(output)
+    if state is None:
+        if run_options.resume:
+            log.warning("resume: no unfinished run at %s; starting a fresh one", urls.redact(output.url))
+        return None
+    if not run_options.resume:
+        if run_options.overwrite:
+            output.abort(state.head.get("shards", []), state.head.get("handles", []))
+            return None
+        raise OutputError(f"--out {urls.redact(output.url)}: holds an unfinished run ({len(state.results)} items "
+                          "done); pass --resume to continue it, or --overwrite to start over")
+    return check_resumable(output, the_plan, state)
+
+
+def check_resumable(output: Output, the_plan: Plan, state: JournalState):
+    """Refuse a resume whose plan or inputs changed; keep only journaled items whose bytes are there."""
+    head = state.head
+    if head.get("plan_hash") != the_plan.hash:
+        then = {i["url"]: i["fingerprint"] for i in head.get("inputs", [])}
+        changed = [urls.redact(f.url) for f in the_plan.files if then.get(urls.redact(f.url)) not in (None, f.fingerprint)]
+        why = (f"input {changed[0]} changed since" if changed else "the recipe, inputs or options differ from")
+        raise OutputError(f"--resume {urls.redact(output.url)}: {why} the interrupted run (plan "
+                          f"{head.get('plan_hash', '?')[:12]} then, {the_plan.hash[:12]} now); rerun with "
+                          "--overwrite to start over, or with the original inputs and options")
+    handles = head["handles"]
+    done: dict[int, ItemResult] = {}
+    for s, shard in enumerate(the_plan.shards):
+        parts = output.staged_parts(shard.name, handles[s], shard.size)
+        if parts == {} and any(i in state.results for i in shard.items):
+            raise OutputError(f"--resume {urls.redact(output.url)}: the staged data of {shard.name} is gone; "
+                              "rerun with --overwrite to start over")
+        for i in shard.items:
+            r = state.results.get(i)
+            item = the_plan.items[i]
+            if r is None:
+                continue
+            if parts is None:  # local: read the bytes back, they may not have reached the disk
+                ok = zlib.crc32(output.read_staged(handles[s], item.start, item.end)) == r.crc32
+            else:
+                ok = parts.get(item.part) == r.etag
+            if ok:
+                done[i] = r
+    progress_log.info("resume: %d of %d items already done (%d journaled)", len(done), len(the_plan.items),
+                      len(state.results))
+    return handles, done, state.head["batches"]
+
+
+def _resumable(e: BaseException, done: int, total: int) -> BaseException:
+    """The error of a failed run, telling how to go on from where it stopped."""
+    hint = (f"{done} of {total} items are done and kept: run the same command with --resume to continue, "
+            "or with --overwrite to start over")
+    if isinstance(e, RaymergeError):
+        return type(e)(f"{e}; {hint}")
+    if isinstance(e, KeyboardInterrupt):
+        progress_log.warning("interrupted; %s", hint)
+    return e
 
 
 KINDS = {"merge": "chat vector merge", "extract": "chat vector", "apply": "chat vector apply"}

@@ -10,6 +10,7 @@ import sys
 
 from raymerge import __version__
 from raymerge.errors import RaymergeError
+from raymerge.storage.urls import redact
 
 EXAMPLES = {
     "merge": """example:
@@ -29,6 +30,9 @@ EXAMPLES = {
 """,
     "run": """example:
   raymerge run recipe.yaml        # kind: merge|extract|apply, plus the command's flags as keys
+""",
+    "verify": """example:
+  raymerge verify s3://models/llama2-7b-zh-chat --recompute 5    # exit 0: sound; 1: names shard and tensors
 """,
     "inspect": """example:
   raymerge inspect ./out --plot change.png
@@ -80,14 +84,24 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="worker actors (default: the cluster's CPUs / --cpus-per-worker)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
     p.add_argument("--in-flight", type=int, help="items per worker at once (default 2)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace a checkpoint already at --out")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a checkpoint (or an unfinished run) already at --out")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the unfinished run at --out: only items not yet done are done")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"raymerge: error: {message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raymerge", description="Chat-vector merges of LLM checkpoints, "
+    parser = _Parser(prog="raymerge", description="Chat-vector merges of LLM checkpoints, "
                                      "streamed by range from local disk or S3 and computed on Ray.")
     parser.add_argument("--version", action="version", version=f"raymerge {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
@@ -107,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", "run a YAML recipe (kind: merge, extract or apply, and the command's flags as keys)")
     p.add_argument("recipe", help="the recipe file")
     _add_common(p)
+    p = command("verify", "check a checkpoint against its manifest: shards, headers, index, checksums")
+    p.add_argument("checkpoint", help="a checkpoint written by raymerge (local path or URL)")
+    p.add_argument("--recompute", type=int, default=0, metavar="N",
+                   help="also compute N random items again from the inputs and compare the bytes")
+    p.add_argument("--storage-options", help="JSON of fsspec options")
+    _add_common(p)
     p = command("inspect", "summarize the per-tensor change a run recorded, per layer; optionally plot it")
     p.add_argument("checkpoint", help="a checkpoint written by raymerge (local path or URL)")
     p.add_argument("--plot", metavar="FILE.png", help="draw relative change per layer and tensor type")
@@ -121,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RECIPE_FLAGS = ("base", "chat", "cp", "vector", "out", "scale", "vocab", "skip", "special_tokens", "chat_template",
                 "dtype", "shard_size", "item_size", "storage_options", "address", "workers", "cpus_per_worker",
-                "in_flight", "overwrite")
+                "in_flight", "overwrite", "resume")
 
 
 def recipe_values(args: argparse.Namespace) -> dict:
@@ -176,6 +196,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from raymerge.commit.verify import verify
+    from raymerge.config import parse_count, parse_storage_options
+
+    parse_count(args.recompute, "--recompute", minimum=0)
+    problems = verify(args.checkpoint, parse_storage_options(args.storage_options), args.recompute)
+    for p in problems:
+        print(f"raymerge verify: FAIL: {p}")
+    if problems:
+        return 1
+    print(f"raymerge verify: OK: {args.checkpoint}" + (f" ({args.recompute} items recomputed)" if args.recompute else ""))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from raymerge.demo import run_demo
 
@@ -195,7 +229,7 @@ def configure_logging(verbose: int, quiet: bool) -> None:
 
 
 COMMANDS = {"merge": _run_kind, "extract": _run_kind, "apply": _run_kind, "plan": _plan, "run": _run_file,
-            "inspect": _inspect, "demo": _demo}
+            "inspect": _inspect, "verify": _verify, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except RaymergeError as e:
         if args.debug:
             raise
-        print(f"raymerge: error: {e}", file=sys.stderr)
+        print(f"raymerge: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("raymerge: interrupted; nothing was committed", file=sys.stderr)

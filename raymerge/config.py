@@ -86,21 +86,30 @@ class RunOptions:
     address: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    resume: bool = False
 
     @classmethod
     def parse(cls, *, shard_size: str | int = "5GB", item_size: str | int = "32MiB", workers: int | None = None,
               cpus_per_worker: float = 1.0, in_flight: int = 2, address: str | None = None,
-              storage_options: str | dict | None = None, overwrite: bool = False) -> RunOptions:
+              storage_options: str | dict | None = None, overwrite: bool = False,
+              resume: bool = False) -> RunOptions:
         cpus = parse_scale(cpus_per_worker, "--cpus-per-worker")
         if cpus <= 0:
             raise InputError(f"--cpus-per-worker {cpus_per_worker!r}: must be positive")
-        return cls(parse_size(shard_size, "--shard-size"), parse_size(item_size, "--item-size"),
+        item_size = parse_size(item_size, "--item-size")
+        if item_size < MIN_ITEM_SIZE:
+            raise InputError(f"--item-size {item_size}: must be at least {MIN_ITEM_SIZE} bytes (4KiB); "
+                             "the default 32MiB suits most runs")
+        if overwrite and resume:
+            raise InputError("--overwrite and --resume: choose one (start over, or continue the unfinished run)")
+        return cls(parse_size(shard_size, "--shard-size"), item_size,
                    parse_count(workers, "--workers"), cpus, parse_count(in_flight, "--in-flight"), address,
-                   parse_storage_options(storage_options), bool(overwrite))
+                   parse_storage_options(storage_options), bool(overwrite), bool(resume))
 
 
+MIN_ITEM_SIZE = 4096
 RUN_KEYS = ("shard_size", "item_size", "workers", "cpus_per_worker", "in_flight", "address",
-            "storage_options", "overwrite")
+            "storage_options", "overwrite", "resume")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
   2. copy the auxiliary files (config, generation config, tokenizer; chat template and EOS from
      the chat model), and write the per-tensor statistics,
   3. write `model.safetensors.index.json` (sharded output only),
-  4. write the manifest, last.
+  4. write the manifest, last; then drop the resume journal.
 
 A run that fails before step 4 leaves no manifest; one that fails before step 1 leaves no shard
 under a final name and no index.
@@ -50,6 +50,7 @@ def commit(plan: Plan, output: Output, handles: list[str], results: dict, manife
             weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
             output.put(INDEX_NAME, index_bytes(plan.tensor_bytes, weight_map))
         output.put(MANIFEST_NAME, manifest)
+        output.clear_staging()  # the journal: the manifest now says the checkpoint is complete
     except RaymergeError:
         raise
     except OSError as e:

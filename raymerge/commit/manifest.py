@@ -11,12 +11,14 @@ import time
 from typing import Any
 
 from raymerge.plan import Plan
+from raymerge.storage.urls import redact
 
 MANIFEST_NAME = "raymerge_manifest.json"
 FORMAT_VERSION = 1
 
 
-def build_manifest(plan: Plan, kind: str, recipe: dict[str, Any], results: dict, version: str) -> bytes:
+def build_manifest(plan: Plan, kind: str, recipe: dict[str, Any], results: dict, version: str,
+                   layout: dict[str, int]) -> bytes:
     """`kind` says what the checkpoint is ("chat vector", ...); `recipe` is what `raymerge run`
     reads to make it again; `results`: item id -> ItemResult."""
     obj = {
@@ -26,9 +28,10 @@ def build_manifest(plan: Plan, kind: str, recipe: dict[str, Any], results: dict,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kind": kind,
         "recipe": recipe,
+        "layout": layout,
         "plan_hash": plan.hash,
         "stats": "raymerge_stats.parquet",
-        "inputs": [{"role": f.role, "url": f.url, "size": f.size, "fingerprint": f.fingerprint}
+        "inputs": [{"role": f.role, "url": redact(f.url), "size": f.size, "fingerprint": f.fingerprint}
                    for f in plan.files],
         "output_bytes": plan.output_bytes,
         "shards": [{"name": s.name, "size": s.size, "tensors": len(s.tensors), "items": len(s.items)}

@@ -2,14 +2,16 @@
 
 The driver sends item ids, never tensor data: workers read their inputs from storage and write
 their bytes to the output themselves. Results arrive in completion order (`ray.wait`). Items are
-idempotent, so an item whose actor died is simply run again, by Ray's task retries on the
-replacement actor or by another one.
+idempotent, so the items of a worker that died (killed, out of memory, its node lost) simply go
+back to the queue; a replacement worker is started and joins once it is ready, so a run on a
+cluster that lost a node goes on with the workers it has.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,6 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from raymerge.errors import ExecutionError, RaymergeError
-from raymerge.execution.progress import Progress
 from raymerge.execution.worker import ItemResult, MergeWorker
 from raymerge.plan import Plan
 from raymerge.storage import urls
@@ -31,7 +32,7 @@ class PoolOptions:
     cpus_per_worker: float = 1.0
     in_flight: int = 2  # items per worker at once: one reading while another computes or writes
     start_timeout: float = 120.0
-    max_attempts: int = 3
+    max_attempts: int = 4  # times one item may lose its worker before the run gives up
 
 
 def worker_count(options: PoolOptions) -> int:
@@ -41,9 +42,9 @@ def worker_count(options: PoolOptions) -> int:
     return max(1, int(cpus // options.cpus_per_worker))
 
 
-def execute(plan: Plan, out_url: str, handles: list[str], storage_options: dict[str, Any],
-            options: PoolOptions, progress: Progress, todo: list[int] | None = None) -> dict[int, ItemResult]:
-    """Run items `todo` (default: all) and return their results by item id."""
+def execute(plan: Plan, out_url: str, handles: list[str], storage_options: dict[str, Any], options: PoolOptions,
+            todo: list[int], on_start: Callable[[int], None], on_result: Callable[[ItemResult], None]) -> None:
+    """Run items `todo`, calling `on_result` as each finishes (in the driver, in completion order)."""
     n = worker_count(options)
     actor_cls = ray.remote(num_cpus=options.cpus_per_worker, max_concurrency=options.in_flight)(MergeWorker)
     plan_ref = ray.put(plan)
@@ -53,72 +54,111 @@ def execute(plan: Plan, out_url: str, handles: list[str], storage_options: dict[
     def start_worker():
         return actor_cls.remote(plan_ref, out_url, handles, storage_options, env, threads)
 
-    actors = [start_worker() for _ in range(n)]
+    pool = _Pool(start_worker, n, options)
     try:
-        _await_ready(actors, options)
-        log.info("execute: %d workers, %d items, %.2f GB to write", n, len(plan.items), plan.output_bytes / 1e9)
-        progress.start()
-        todo = list(range(len(plan.items))) if todo is None else todo
-        return _drive(actors, start_worker, todo, plan, options, progress)
+        pool.await_ready()
+        log.info("execute: %d workers, %d items to do", n, len(todo))
+        on_start(n)
+        pool.drive(todo, on_result)
     finally:
-        for a in actors:
+        pool.kill()
+
+
+class _Pool:
+    """Slots of actors; a slot whose actor died gets a new one, used once it reports ready."""
+
+    def __init__(self, start_worker, n: int, options: PoolOptions) -> None:
+        self._start = start_worker
+        self._options = options
+        self.actors = [start_worker() for _ in range(n)]
+        self.ready = [False] * n
+        self.load = [0] * n
+        self.generation = [0] * n  # bumped when a slot gets a new actor
+        self.replacements = 2 * n
+        self.starting: dict[Any, tuple[int, int]] = {}  # ready ref -> (slot, generation)
+
+    def await_ready(self) -> None:
+        try:
+            ray.get([a.ready.remote() for a in self.actors], timeout=self._options.start_timeout)
+        except GetTimeoutError as e:
+            free = ray.available_resources().get("CPU", 0.0)
+            raise ExecutionError(
+                f"execute: {len(self.actors)} workers did not start within {self._options.start_timeout:.0f}s "
+                f"({free:g} CPUs free in the cluster, {self._options.cpus_per_worker:g} asked per worker); "
+                "lower --workers or --cpus-per-worker, or add nodes") from e
+        self.ready = [True] * len(self.actors)
+
+    def replace(self, i: int) -> None:
+        """Slot i's actor died: start another, which takes items once it is ready."""
+        ray.kill(self.actors[i])
+        self.ready[i] = False
+        self.load[i] = 0
+        self.generation[i] += 1
+        if self.replacements > 0:
+            self.replacements -= 1
+            self.actors[i] = self._start()
+            self.starting[self.actors[i].ready.remote()] = (i, self.generation[i])
+
+    def drive(self, todo: list[int], on_result: Callable[[ItemResult], None]) -> None:
+        queue = collections.deque(todo)
+        attempts: collections.Counter[int] = collections.Counter()
+        pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, item id)
+        while queue or pending:
+            for i, actor in enumerate(self.actors):
+                while self.ready[i] and self.load[i] < self._options.in_flight and queue:
+                    item_id = queue.popleft()
+                    pending[actor.run.remote(item_id)] = (i, self.generation[i], item_id)
+                    self.load[i] += 1
+            if not pending and not self.starting:
+                raise ExecutionError("execute: every worker died and none could be started; see the Ray logs "
+                                     "(out of memory is the usual cause: lower --item-size or --in-flight)")
+            done, _ = ray.wait(list(pending) + list(self.starting), num_returns=1,
+                               timeout=None if pending else self._options.start_timeout)
+            if not done:
+                raise ExecutionError(f"execute: no worker could be started in {self._options.start_timeout:.0f}s "
+                                     "after the others died; the cluster lacks the CPUs (a node was lost?)")
+            for ref in done:
+                if ref in self.starting:
+                    self._started(ref)
+                else:
+                    self._finished(ref, pending.pop(ref), queue, attempts, on_result)
+
+    def _started(self, ref) -> None:
+        i, gen = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:
+            if gen == self.generation[i]:
+                self.replace(i)
+            return
+        if gen == self.generation[i]:
+            self.ready[i] = True
+            log.info("execute: a replacement worker is ready")
+
+    def _finished(self, ref, where: tuple[int, int, int], queue, attempts, on_result) -> None:
+        i, gen, item_id = where
+        if gen == self.generation[i]:
+            self.load[i] -= 1
+        try:
+            result = ray.get(ref)
+        except RayTaskError as e:
+            if isinstance(e.cause, RaymergeError):
+                raise e.cause from None
+            raise ExecutionError(f"execute: item {item_id} failed on a worker: {e.cause!r}") from e
+        except RayActorError as e:
+            attempts[item_id] += 1
+            if attempts[item_id] >= self._options.max_attempts:
+                raise ExecutionError(f"execute: item {item_id} lost its worker {attempts[item_id]} times; see the "
+                                     "Ray logs for why workers died (out of memory is the usual cause: lower "
+                                     "--item-size or --in-flight)") from e
+            queue.appendleft(item_id)
+            if gen == self.generation[i]:
+                log.warning("execute: a worker died (%s); its items go to the others and a new one starts",
+                            type(e).__name__)
+                self.replace(i)
+            return
+        on_result(result)
+
+    def kill(self) -> None:
+        for a in self.actors:
             ray.kill(a)
-
-
-def _await_ready(actors: list, options: PoolOptions) -> None:
-    try:
-        ray.get([a.ready.remote() for a in actors], timeout=options.start_timeout)
-    except GetTimeoutError as e:
-        free = ray.available_resources().get("CPU", 0.0)
-        raise ExecutionError(
-            f"execute: {len(actors)} workers did not start within {options.start_timeout:.0f}s "
-            f"({free:g} CPUs free in the cluster, {options.cpus_per_worker:g} asked per worker); "
-            "lower --workers or --cpus-per-worker, or add nodes") from e
-
-
-def _drive(actors: list, start_worker, todo: list[int], plan: Plan, options: PoolOptions,
-           progress: Progress) -> dict[int, ItemResult]:
-    """Keep every worker `in_flight` items busy until all are done. A worker that dies is replaced
-    (its items go back to the queue), up to as many replacements as there were workers."""
-    queue = collections.deque(todo)
-    attempts: collections.Counter[int] = collections.Counter()
-    load = [0] * len(actors)
-    generation = [0] * len(actors)  # bumped when slot i gets a new actor
-    replacements = len(actors)
-    pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, item id)
-    results: dict[int, ItemResult] = {}
-    while queue or pending:
-        for i, actor in enumerate(actors):
-            while load[i] < options.in_flight and queue:
-                item_id = queue.popleft()
-                pending[actor.run.remote(item_id)] = (i, generation[i], item_id)
-                load[i] += 1
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            i, gen, item_id = pending.pop(ref)
-            if gen == generation[i]:
-                load[i] -= 1
-            try:
-                result = ray.get(ref)
-            except RayTaskError as e:
-                if isinstance(e.cause, RaymergeError):
-                    raise e.cause from None
-                raise ExecutionError(f"execute: item {item_id} failed on a worker: {e.cause!r}") from e
-            except RayActorError as e:
-                attempts[item_id] += 1
-                if attempts[item_id] >= options.max_attempts or (gen == generation[i] and replacements == 0):
-                    raise ExecutionError(f"execute: item {item_id} lost its worker {attempts[item_id]} times; "
-                                         "see the Ray logs for why workers died (out of memory is the usual "
-                                         "cause: lower --item-size or --in-flight)") from e
-                queue.appendleft(item_id)
-                if gen == generation[i]:
-                    log.warning("execute: a worker died; starting a new one and running its items again")
-                    ray.kill(actors[i])
-                    actors[i] = start_worker()
-                    generation[i] += 1
-                    load[i] = 0
-                    replacements -= 1
-                continue
-            results[item_id] = result
-            progress.add(plan.items[item_id].nbytes)
-    return results

@@ -9,11 +9,12 @@ log = logging.getLogger("raymerge.progress")  # shown by default, unlike the pha
 
 
 class Progress:
-    def __init__(self, total_bytes: int, total_items: int, interval: float = 5.0) -> None:
+    def __init__(self, total_bytes: int, total_items: int, interval: float = 5.0, done_bytes: int = 0,
+                 done_items: int = 0) -> None:
         self.total_bytes = total_bytes
         self.total_items = total_items
-        self.done_bytes = 0
-        self.done_items = 0
+        self.done_bytes = self._first_bytes = done_bytes  # a resumed run starts part done
+        self.done_items = done_items
         self.interval = interval
         self.start()
 
@@ -35,8 +36,8 @@ class Progress:
         return time.monotonic() - self.started
 
     def rate(self) -> float:
-        """Output bytes per second so far."""
-        return self.done_bytes / self.elapsed if self.elapsed > 0 else 0.0
+        """Output bytes per second written by this run so far."""
+        return (self.done_bytes - self._first_bytes) / self.elapsed if self.elapsed > 0 else 0.0
 
     def line(self) -> str:
         rate = self.rate()

@@ -26,6 +26,9 @@ from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.storage.writers import open_output
 
 
+_TEST_DELAY = float(os.environ.get("RAYMERGE_TEST_ITEM_DELAY", "0") or 0)
+
+
 @dataclass(frozen=True, slots=True)
 class ItemResult:
     item: int
@@ -51,7 +54,7 @@ class _ThreadState:
 
 
 class MergeWorker:
-    def __init__(self, plan: Plan, out_url: str, handles: list[str], storage_options: dict[str, Any],
+    def __init__(self, plan: Plan, out_url: str | None, handles: list[str], storage_options: dict[str, Any],
                  env: dict[str, str], threads: int = 1, device: str = "cpu") -> None:
         import torch
 
@@ -61,7 +64,7 @@ class MergeWorker:
         self._handles = handles
         self._options = storage_options
         self._device = device
-        self._out = open_output(out_url, storage_options)
+        self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
         self._local = threading.local()
         self._name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -74,13 +77,20 @@ class MergeWorker:
             st = self._local.state = _ThreadState(self._options, self._device)
         return st
 
-    def run(self, item_id: int) -> ItemResult:
-        t0 = time.perf_counter()
+    def produce(self, item_id: int) -> tuple[memoryview, int, list[tuple[int, float, float]]]:
+        """The item's output bytes (valid until this thread's next item), bytes read, statistics."""
         item = self._plan.items[item_id]
         st = self._state()
         inputs, read_bytes = self._read_inputs(item, st)
         out = st.out.view(item.nbytes)
-        stats = self._compute(item, inputs, out, st)
+        return out, read_bytes, self._compute(item, inputs, out, st)
+
+    def run(self, item_id: int) -> ItemResult:
+        t0 = time.perf_counter()
+        if _TEST_DELAY:  # fault-injection tests need runs slow enough to be interrupted
+            time.sleep(_TEST_DELAY)
+        item = self._plan.items[item_id]
+        out, read_bytes, stats = self.produce(item_id)
         shard = self._plan.shards[item.shard]
         etag = self._out.write(shard.name, self._handles[item.shard], item.part, item.start, out)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

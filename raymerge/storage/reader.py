@@ -13,6 +13,7 @@ from typing import Any
 
 from raymerge.errors import StorageError
 from raymerge.storage import urls
+from raymerge.storage.retry import with_retries
 
 ALIGN = 64
 LOCAL_GAP = 4096  # reading a small gap costs less than a second system call
@@ -92,8 +93,9 @@ class RangeReader:
     def _read_remote(self, url: str, runs, offsets, mem: memoryview) -> None:
         fs, path = urls.filesystem(url, self._options)
         try:
-            blobs = fs.cat_ranges([path] * len(runs), [s for s, _ in runs], [e for _, e in runs],
-                                  on_error="raise")
+            blobs = with_retries(lambda: fs.cat_ranges([path] * len(runs), [s for s, _ in runs],
+                                                       [e for _, e in runs], on_error="raise"),
+                                 f"execute: reading {urls.redact(url)}")
         except Exception as e:  # fsspec backends raise their own types; keep the URL and reason
             raise StorageError(f"execute: reading {urls.redact(url)} failed: {type(e).__name__}: {e}") from e
         for (start, end), at, blob in zip(runs, offsets, blobs):

@@ -66,4 +66,5 @@ def redact(text: str) -> str:
 
 
 def aws_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+    """The driver's AWS and RAYMERGE_ settings that workers on any node must share."""
+    return {k: v for k, v in os.environ.items() if k in AWS_ENV or k.startswith("RAYMERGE_")}

@@ -1,13 +1,14 @@
 """Output writers: bytes at known offsets of files that only get their final names at commit.
 
 Protocol (the driver does 1, 3 and 4; any worker does 2, in any order, any number of times):
-  1. `prepare(shards)` makes one target per shard and returns its handle: a staged, preallocated
-     file for local output, a multipart upload id for S3. Nothing has a final name yet.
+  1. `prepare(shards)` makes one target per shard and returns its handle: a staged file for local
+     output, a multipart upload id for S3. Nothing has a final name yet.
   2. `write(name, handle, part, offset, data)` puts bytes at `offset` of a shard (local: a
      positional write; S3: upload of part number `part`) and returns the part's ETag (S3) or None.
   3. `finalize(...)` gives every shard its final name (fsync + rename; complete the uploads), then
      `put(name, bytes)` writes small files (aux files, index, manifest) atomically.
-  4. `abort(...)` on failure: staged files and open uploads are removed.
+  4. `abort(...)` when a run is given up: staged files and open uploads are removed.
+Small staging files (the resume journal) live beside the staged shards, under `.raymerge-staging/`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from raymerge.errors import OutputError, StorageError
 from raymerge.storage import urls
+from raymerge.storage.retry import with_retries
 
 STAGING = ".raymerge-staging"
 
@@ -33,6 +35,11 @@ class Output(Protocol):
     def put(self, name: str, data: bytes) -> None: ...
     def delete(self, names: list[str]) -> None: ...
     def abort(self, shards: list[str], handles: list[str]) -> None: ...
+    def put_staging(self, name: str, data: bytes) -> None: ...
+    def staging_files(self) -> dict[str, bytes]: ...
+    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | None: ...
+    def read_staged(self, handle: str, start: int, end: int) -> bytes: ...
+    def clear_staging(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -51,6 +58,7 @@ class LocalOutput:
 
     def __init__(self, url: str) -> None:
         self.url = urls.local_path(url)
+        self._staging = os.path.join(self.url, STAGING)
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()  # worker threads share the open files
 
@@ -60,25 +68,28 @@ class LocalOutput:
         return sorted(os.listdir(self.url)) if os.path.isdir(self.url) else []
 
     def prepare(self, shards: list[tuple[str, int]]) -> list[str]:
-        staging = os.path.join(self.url, STAGING)
         try:
-            os.makedirs(staging, exist_ok=True)
+            os.makedirs(self._staging, exist_ok=True)
             handles = []
             for name, size in shards:
-                path = os.path.join(staging, name + ".partial")
+                path = os.path.join(self._staging, name + ".partial")
                 with open(path, "wb") as f:
-                    f.truncate(size)  # preallocate: workers write at offsets, in any order
+                    f.truncate(size)  # its final size: workers write at offsets, in any order
                 handles.append(path)
         except OSError as e:
             raise OutputError(f"--out {self.url}: cannot create output files ({e.strerror}); "
-                              "check the path and its permissions") from e
+                              "check the path, its permissions and free space") from e
         return handles
 
-    def write(self, name: str, handle: str, part: int, offset: int, data: memoryview) -> str | None:
+    def _fd(self, handle: str, flags: int) -> int:
         with self._lock:
             fd = self._fds.get(handle)
             if fd is None:
-                fd = self._fds[handle] = os.open(handle, os.O_WRONLY)
+                fd = self._fds[handle] = os.open(handle, flags)
+            return fd
+
+    def write(self, name: str, handle: str, part: int, offset: int, data: memoryview) -> str | None:
+        fd = self._fd(handle, os.O_RDWR)
         done = 0
         try:
             while done < len(data):
@@ -87,7 +98,15 @@ class LocalOutput:
             raise StorageError(f"execute: writing {name} at byte {offset + done} failed: {e.strerror}") from e
         return None
 
+    def read_staged(self, handle: str, start: int, end: int) -> bytes:
+        return os.pread(self._fd(handle, os.O_RDWR), end - start, start)
+
+    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | None:
+        """None: local parts are checked by reading them back (`read_staged`); {} if the file is gone."""
+        return None if os.path.isfile(handle) and os.path.getsize(handle) == size else {}
+
     def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]]) -> None:
+        self.close()
         for name, path in zip(shards, handles):
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -95,18 +114,33 @@ class LocalOutput:
             finally:
                 os.close(fd)
             os.replace(path, os.path.join(self.url, name))
-        self._fsync_dir()
-        shutil.rmtree(os.path.join(self.url, STAGING), ignore_errors=True)
+        self._fsync_dir(self.url)
 
     def put(self, name: str, data: bytes) -> None:
-        path = os.path.join(self.url, name)
-        tmp = os.path.join(self.url, f".{name}.tmp")
+        self._atomic_write(self.url, name, data)
+
+    def put_staging(self, name: str, data: bytes) -> None:
+        os.makedirs(self._staging, exist_ok=True)
+        self._atomic_write(self._staging, name, data)
+
+    def staging_files(self) -> dict[str, bytes]:
+        if not os.path.isdir(self._staging):
+            return {}
+        out = {}
+        for name in sorted(os.listdir(self._staging)):
+            if not name.endswith(".partial") and not name.startswith("."):
+                with open(os.path.join(self._staging, name), "rb") as f:
+                    out[name] = f.read()
+        return out
+
+    def _atomic_write(self, folder: str, name: str, data: bytes) -> None:
+        tmp = os.path.join(folder, f".{name}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self._fsync_dir()
+        os.replace(tmp, os.path.join(folder, name))
+        self._fsync_dir(folder)
 
     def delete(self, names: list[str]) -> None:
         for name in names:
@@ -116,19 +150,25 @@ class LocalOutput:
                 pass
 
     def abort(self, shards: list[str], handles: list[str]) -> None:
-        shutil.rmtree(os.path.join(self.url, STAGING), ignore_errors=True)
+        self.clear_staging()
 
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.url, os.O_RDONLY)
+    def clear_staging(self) -> None:
+        self.close()
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    @staticmethod
+    def _fsync_dir(folder: str) -> None:
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 class S3Output:
@@ -143,11 +183,11 @@ class S3Output:
         return f"{self._prefix}/{name}" if self._prefix else name
 
     def _call(self, what: str, method: str, **kwargs: Any) -> dict:
+        where = f"s3://{self._bucket}/{kwargs.get('Key', '')}"
         try:
-            return self._fs.call_s3(method, Bucket=self._bucket, **kwargs)
+            return with_retries(lambda: self._fs.call_s3(method, Bucket=self._bucket, **kwargs), f"{what} {where}")
         except Exception as e:  # botocore and s3fs raise many types; keep the reason and where
-            raise StorageError(f"{what} s3://{self._bucket}/{kwargs.get('Key', '')} failed: "
-                               f"{type(e).__name__}: {e}") from e
+            raise StorageError(f"{what} {where} failed: {type(e).__name__}: {e}") from e
 
     def listing(self) -> list[str]:
         path = f"{self._bucket}/{self._prefix}".rstrip("/")
@@ -176,6 +216,27 @@ class S3Output:
                           UploadId=handle, PartNumber=part, Body=bytes(data))
         return resp["ETag"]
 
+    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | None:
+        """The parts S3 holds for an open upload ({} when the upload is gone)."""
+        parts: dict[int, str] = {}
+        marker = 0
+        while True:
+            try:
+                resp = self._call("resume: listing parts of", "list_parts", Key=self._key(shard), UploadId=handle,
+                                  PartNumberMarker=marker)
+            except StorageError as e:
+                if "NoSuchUpload" in str(e):
+                    return {}
+                raise
+            for p in resp.get("Parts", []):
+                parts[p["PartNumber"]] = p["ETag"]
+            if not resp.get("IsTruncated"):
+                return parts
+            marker = resp["NextPartNumberMarker"]
+
+    def read_staged(self, handle: str, start: int, end: int) -> bytes:
+        raise NotImplementedError("S3 parts are checked by ETag (staged_parts)")
+
     def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]]) -> None:
         for name, upload_id, parts in zip(shards, handles, etags):
             body = {"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]}
@@ -184,6 +245,21 @@ class S3Output:
 
     def put(self, name: str, data: bytes) -> None:
         self._call("commit: writing", "put_object", Key=self._key(name), Body=data)
+
+    def put_staging(self, name: str, data: bytes) -> None:
+        self._call("journal: writing", "put_object", Key=self._key(f"{STAGING}/{name}"), Body=data)
+
+    def staging_files(self) -> dict[str, bytes]:
+        folder = f"{self._bucket}/{self._key(STAGING)}"
+        try:
+            self._fs.invalidate_cache(folder)
+            paths = with_retries(lambda: self._fs.ls(folder, detail=False), f"resume: listing s3://{folder}")
+            return {p.rsplit("/", 1)[-1]: with_retries(lambda p=p: self._fs.cat_file(p), f"resume: reading s3://{p}")
+                    for p in sorted(paths)}
+        except FileNotFoundError:
+            return {}
+        except Exception as e:
+            raise StorageError(f"resume: reading s3://{folder} failed: {type(e).__name__}: {e}") from e
 
     def delete(self, names: list[str]) -> None:
         for name in names:
@@ -194,7 +270,12 @@ class S3Output:
             try:
                 self._call("abort", "abort_multipart_upload", Key=self._key(name), UploadId=upload_id)
             except StorageError:
-                pass  # best effort: the run already failed with a better error
+                pass  # best effort: an upload already gone needs no abort
+        self.clear_staging()
+
+    def clear_staging(self) -> None:
+        for name in self.staging_files():
+            self._call("deleting", "delete_object", Key=self._key(f"{STAGING}/{name}"))
 
     def close(self) -> None:
         pass

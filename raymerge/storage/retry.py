@@ -1,0 +1,56 @@
+"""Retries with backoff for transient storage errors; permanent ones fail at once.
+
+Transient: connection trouble, timeouts, throttling, 5xx. Permanent: a missing object or bucket,
+denied access, bad credentials, an unknown upload: retrying cannot help, the user must act.
+`RAYMERGE_IO_RETRIES` sets the number of retries (default 4, waits of 0.5, 1, 2, 4 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+log = logging.getLogger("raymerge")
+T = TypeVar("T")
+
+PERMANENT_CODES = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                   "NoSuchUpload", "InvalidPart", "InvalidPartOrder", "EntityTooSmall", "InvalidRange",
+                   "InvalidBucketName", "403", "404", "416"}
+
+
+def is_transient(e: BaseException) -> bool:
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
+                      TypeError, KeyError)):
+        return False
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+        if code in PERMANENT_CODES or 400 <= status < 500 and status not in (408, 429):
+            return False
+    return True
+
+
+def retries() -> int:
+    try:
+        return max(0, int(os.environ.get("RAYMERGE_IO_RETRIES", "4")))
+    except ValueError:
+        return 4
+
+
+def with_retries(fn: Callable[[], T], what: str) -> T:
+    """Call `fn`, retrying transient failures with exponential backoff; re-raise the last one."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if attempt >= retries() or not is_transient(e):
+                raise
+            delay = min(0.5 * 2 ** attempt, 8.0)
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(e).__name__, e, delay)
+            time.sleep(delay)
+            attempt += 1
