@@ -33,7 +33,7 @@ from raymerge.planning.inputs import resolve
 from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
-from raymerge.storage.writers import Output, open_output
+from raymerge.storage.writers import FINAL, Output, open_output
 
 log = logging.getLogger("raymerge")
 progress_log = logging.getLogger("raymerge.progress")
@@ -149,7 +149,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     started = time.perf_counter()
     the_plan = make_plan(recipe, run_options)
     output = open_output(recipe.out, run_options.storage_options)
-    _check_output(output, the_plan, run_options.overwrite)
+    _check_output(output, the_plan, run_options)
     previous = _previous_run(output, the_plan, run_options)
     with ray_session(run_options.address):
         if previous is not None:
@@ -233,7 +233,8 @@ def check_resumable(output: Output, the_plan: Plan, state: JournalState):
     done: dict[int, ItemResult] = {}
     for s, shard in enumerate(the_plan.shards):
         parts = output.staged_parts(shard.name, handles[s], shard.size)
-        if parts == {} and any(i in state.results for i in shard.items):
+        gone = parts == {} and any(i in state.results for i in shard.items)
+        if gone or parts == FINAL and not all(i in state.results for i in shard.items):
             raise OutputError(f"--resume {urls.redact(output.url)}: the staged data of {shard.name} is gone; "
                               "rerun with --overwrite to start over")
         for i in shard.items:
@@ -241,7 +242,9 @@ def check_resumable(output: Output, the_plan: Plan, state: JournalState):
             item = the_plan.items[i]
             if r is None:
                 continue
-            if parts is None:  # local: read the bytes back, they may not have reached the disk
+            if parts == FINAL:  # an interrupted commit already put the whole shard in place
+                ok = True
+            elif parts is None:  # local: read the bytes back, they may not have reached the disk
                 ok = zlib.crc32(output.read_staged(handles[s], item.start, item.end)) == r.crc32
             else:
                 ok = parts.get(item.part) == r.etag
@@ -276,15 +279,20 @@ def _redacted(mapping: dict[str, Any]) -> dict[str, Any]:
     return {k: one(v) for k, v in mapping.items()}
 
 
-def _check_output(output: Output, the_plan: Plan, overwrite: bool) -> None:
-    """Refuse an output that is (or holds, or lies in) an input, or that holds a checkpoint."""
+def _check_output(output: Output, the_plan: Plan, run_options: RunOptions) -> None:
+    """Refuse an output that is (or holds, or lies in) an input, or that holds a checkpoint.
+
+    With --resume, shards without a manifest are those of a commit cut short: resume finishes it."""
     for f in the_plan.files:
         folder = f.url.rsplit("/", 1)[0]
         if urls.is_inside(folder, output.url) or urls.is_inside(output.url, folder):
             raise OutputError(f"--out {urls.redact(output.url)}: overlaps the input {urls.redact(f.url)}; "
                               "inputs are never modified: choose another output location")
-    existing = [n for n in output.listing() if _is_checkpoint_file(n)]
-    if existing and not overwrite:
+    listing = output.listing()
+    existing = [n for n in listing if _is_checkpoint_file(n)]
+    if run_options.resume and MANIFEST_NAME not in listing:
+        return
+    if existing and not run_options.overwrite:
         raise OutputError(f"--out {urls.redact(output.url)}: already holds a checkpoint "
                           f"({', '.join(existing[:3])}); choose another location or pass --overwrite")
     if existing:

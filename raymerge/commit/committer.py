@@ -1,13 +1,14 @@
 """Commit, only when every item of the plan is accounted for:
 
-  1. give every shard its final name (fsync + rename; complete the multipart uploads),
-  2. copy the auxiliary files (config, generation config, tokenizer; chat template and EOS from
+  1. copy the auxiliary files (config, generation config, tokenizer; chat template and EOS from
      the chat model), and write the per-tensor statistics,
+  2. give every shard its final name (fsync + rename; complete the multipart uploads),
   3. write `model.safetensors.index.json` (sharded output only),
   4. write the manifest, last; then drop the resume journal.
 
-A run that fails before step 4 leaves no manifest; one that fails before step 1 leaves no shard
-under a final name and no index.
+A run that fails before step 4 leaves no manifest; one that fails before step 2 leaves no shard
+under a final name and no index. Every step is idempotent, so `--resume` can finish a commit that
+was cut short.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ def commit(plan: Plan, output: Output, handles: list[str], results: dict, manife
         if etag is not None:
             etags[item.shard][item.part] = etag
     try:
-        output.finalize([s.name for s in plan.shards], handles, etags)
+        # Harmless files first, so that the window between the first final shard name and the
+        # manifest is as short as it can be; every step can be run again by --resume.
         for aux in plan.aux_files:
             output.put(aux.name, _aux_bytes(plan, aux, storage_options))
         output.put(STATS_NAME, parquet_bytes(stats))
+        output.finalize([s.name for s in plan.shards], handles, etags, [s.size for s in plan.shards])
         if len(plan.shards) > 1:
             weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
             output.put(INDEX_NAME, index_bytes(plan.tensor_bytes, weight_map))

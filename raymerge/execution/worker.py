@@ -26,9 +26,6 @@ from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.storage.writers import open_output
 
 
-_TEST_DELAY = float(os.environ.get("RAYMERGE_TEST_ITEM_DELAY", "0") or 0)
-
-
 @dataclass(frozen=True, slots=True)
 class ItemResult:
     item: int
@@ -67,6 +64,7 @@ class MergeWorker:
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
         self._local = threading.local()
         self._name = f"{socket.gethostname()}:{os.getpid()}"
+        self._test_delay = float(os.environ.get("RAYMERGE_TEST_ITEM_DELAY") or 0)
 
     def ready(self) -> str:
         return self._name
@@ -87,8 +85,8 @@ class MergeWorker:
 
     def run(self, item_id: int) -> ItemResult:
         t0 = time.perf_counter()
-        if _TEST_DELAY:  # fault-injection tests need runs slow enough to be interrupted
-            time.sleep(_TEST_DELAY)
+        if self._test_delay:  # fault-injection tests need runs slow enough to be interrupted
+            time.sleep(self._test_delay)
         item = self._plan.items[item_id]
         out, read_bytes, stats = self.produce(item_id)
         shard = self._plan.shards[item.shard]

@@ -106,7 +106,7 @@ def _listing(fs, root: str, shown: str) -> dict[str, dict]:
     except Exception as e:  # remote backends raise their own types
         raise ResolveError(f"{shown}: cannot list it ({type(e).__name__}: {e}); check the URL, "
                            "credentials and --storage-options") from e
-    if not entries:
+    if entries is None:
         raise ResolveError(f"{shown}: no such checkpoint (nothing found there); check the URL")
     return {e["name"].rstrip("/"): e for e in entries if e.get("type") != "directory"}
 

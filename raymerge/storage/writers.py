@@ -23,6 +23,7 @@ from raymerge.storage import urls
 from raymerge.storage.retry import with_retries
 
 STAGING = ".raymerge-staging"
+FINAL = "final"  # staged_parts: the shard already has its final name
 
 
 class Output(Protocol):
@@ -31,13 +32,14 @@ class Output(Protocol):
     def listing(self) -> list[str]: ...
     def prepare(self, shards: list[tuple[str, int]]) -> list[str]: ...
     def write(self, name: str, handle: str, part: int, offset: int, data: memoryview) -> str | None: ...
-    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]]) -> None: ...
+    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]],
+                 sizes: list[int]) -> None: ...
     def put(self, name: str, data: bytes) -> None: ...
     def delete(self, names: list[str]) -> None: ...
     def abort(self, shards: list[str], handles: list[str]) -> None: ...
     def put_staging(self, name: str, data: bytes) -> None: ...
     def staging_files(self) -> dict[str, bytes]: ...
-    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | None: ...
+    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None: ...
     def read_staged(self, handle: str, start: int, end: int) -> bytes: ...
     def clear_staging(self) -> None: ...
     def close(self) -> None: ...
@@ -101,13 +103,23 @@ class LocalOutput:
     def read_staged(self, handle: str, start: int, end: int) -> bytes:
         return os.pread(self._fd(handle, os.O_RDWR), end - start, start)
 
-    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | None:
-        """None: local parts are checked by reading them back (`read_staged`); {} if the file is gone."""
-        return None if os.path.isfile(handle) and os.path.getsize(handle) == size else {}
+    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None:
+        """None: local parts are checked by reading them back (`read_staged`); FINAL: the shard was
+        already given its final name by a commit cut short; {}: the staged file is gone."""
+        if os.path.isfile(handle) and os.path.getsize(handle) == size:
+            return None
+        return FINAL if self._is_final(shard, size) else {}
 
-    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]]) -> None:
+    def _is_final(self, shard: str, size: int) -> bool:
+        path = os.path.join(self.url, shard)
+        return os.path.isfile(path) and os.path.getsize(path) == size
+
+    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]],
+                 sizes: list[int]) -> None:
         self.close()
-        for name, path in zip(shards, handles):
+        for name, path, size in zip(shards, handles, sizes):
+            if not os.path.exists(path) and self._is_final(name, size):
+                continue  # renamed by an earlier commit that was cut short
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -216,8 +228,8 @@ class S3Output:
                           UploadId=handle, PartNumber=part, Body=bytes(data))
         return resp["ETag"]
 
-    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | None:
-        """The parts S3 holds for an open upload ({} when the upload is gone)."""
+    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None:
+        """The parts S3 holds for an open upload; FINAL when an earlier commit completed it; {} when gone."""
         parts: dict[int, str] = {}
         marker = 0
         while True:
@@ -226,7 +238,7 @@ class S3Output:
                                   PartNumberMarker=marker)
             except StorageError as e:
                 if "NoSuchUpload" in str(e):
-                    return {}
+                    return FINAL if self._is_final(shard, size) else {}
                 raise
             for p in resp.get("Parts", []):
                 parts[p["PartNumber"]] = p["ETag"]
@@ -237,11 +249,24 @@ class S3Output:
     def read_staged(self, handle: str, start: int, end: int) -> bytes:
         raise NotImplementedError("S3 parts are checked by ETag (staged_parts)")
 
-    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]]) -> None:
-        for name, upload_id, parts in zip(shards, handles, etags):
+    def _is_final(self, shard: str, size: int) -> bool:
+        try:
+            head = self._fs.call_s3("head_object", Bucket=self._bucket, Key=self._key(shard))
+        except Exception:
+            return False
+        return head.get("ContentLength") == size
+
+    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]],
+                 sizes: list[int]) -> None:
+        for name, upload_id, parts, size in zip(shards, handles, etags, sizes):
             body = {"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]}
-            self._call("commit: completing", "complete_multipart_upload", Key=self._key(name),
-                       UploadId=upload_id, MultipartUpload=body)
+            try:
+                self._call("commit: completing", "complete_multipart_upload", Key=self._key(name),
+                           UploadId=upload_id, MultipartUpload=body)
+            except StorageError as e:
+                if "NoSuchUpload" in str(e) and self._is_final(name, size):
+                    continue  # completed by an earlier commit that was cut short
+                raise
 
     def put(self, name: str, data: bytes) -> None:
         self._call("commit: writing", "put_object", Key=self._key(name), Body=data)
