@@ -184,6 +184,8 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     for r in results.values():
         peaks[r.worker] = max(peaks.get(r.worker, 0), r.peak_rss)
     execute_seconds = progress.elapsed if todo else 0.0
+    spent = [sum(r.timings[k] for r in results.values() if r.timings) for k in range(4)]
+    log.info("execute: worker seconds: read %.2f, compute %.2f, write %.2f, checksum %.2f", *spent)
     progress_log.info("done: %.2f GB written to %s; execute %.1fs (%.2f GB/s), %.1fs in all",
                       the_plan.output_bytes / 1e9, urls.redact(output.url), execute_seconds,
                       progress.rate() / 1e9, seconds)
@@ -314,13 +316,14 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
         return
     temp_dir = None
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level=logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS")
+    local = prefer_loopback(address)
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, **({"_node_ip_address": "127.0.0.1"} if local else {}))
     else:
-        # A short private temp dir (Ray's socket paths must stay short), loopback only.
+        # A short private temp dir (Ray's socket paths must stay short), loopback only, no token:
+        # this cluster serves this process alone.
         temp_dir = tempfile.mkdtemp(prefix="raymerge-", dir="/tmp")
-        # A private cluster on loopback serves this process alone: no token, no interface address.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", _temp_dir=temp_dir, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
@@ -330,6 +333,16 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def prefer_loopback(address: str | None) -> bool:
+    """For a private local Ray or a cluster on this machine, make Ray use loopback, not the
+    interface address. Ray reads this at import: the CLI calls this before importing Ray."""
+    host = address.split("://")[-1].rsplit(":", 1)[0] if address else None
+    local = host is None or host in ("127.0.0.1", "localhost", "::1", "[::1]")
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return local
 
 
 def describe(the_plan: Plan) -> dict[str, Any]:

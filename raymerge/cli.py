@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from raymerge import __version__
@@ -235,6 +236,10 @@ COMMANDS = {"merge": _run_kind, "extract": _run_kind, "apply": _run_kind, "plan"
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
+    if args.command in ("merge", "extract", "apply", "run", "demo"):
+        from raymerge.api import prefer_loopback
+
+        prefer_loopback(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))
     try:
         return COMMANDS[args.command](args)
     except RaymergeError as e:

@@ -1,7 +1,8 @@
 """Per-tensor statistics of the change a run made, as a Parquet table next to the manifest.
 
-`delta_norm` = ||out - anchor|| (float32, before rounding), `anchor_norm` = ||anchor|| (cp; empty
-when extracting), `relative` = their ratio: what chat-vector users look at to choose a scale.
+`delta_norm` = ||sum_i scale_i * (a_i - b_i)||, the change applied (float32, before it is added and
+rounded), `anchor_norm` = ||anchor|| (cp; empty when extracting), `relative` = their ratio: what
+chat-vector users look at to choose a scale.
 """
 
 from __future__ import annotations

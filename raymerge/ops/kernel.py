@@ -30,6 +30,7 @@ class Scratch:
         self.acc = torch.empty(chunk, dtype=torch.float32, device=device)
         self.x = torch.empty(chunk, dtype=torch.float32, device=device)
         self.y = torch.empty(chunk, dtype=torch.float32, device=device)
+        self.d = torch.empty(chunk, dtype=torch.float32, device=device)  # the change, with several terms
 
 
 def view(buf: memoryview, dtype: str) -> torch.Tensor:
@@ -44,39 +45,46 @@ def weighted_sum(out: torch.Tensor, anchor: torch.Tensor | None,
                  scratch: Scratch) -> tuple[float, float]:
     """Write `round(anchor + sum(scale * (a - b)))` into `out` (1-D tensors).
 
-    Returns the sums of squares of the change (`acc - anchor`, before rounding) and of the anchor,
-    the per-tensor statistics chat-vector users look at.
+    Returns the sums of squares of the applied change `sum(scale * (a - b))` and of the anchor (in
+    float32): the per-tensor statistics chat-vector users look at. They cost one pass each.
+    Per-chunk views come from `split` (made in C++ at once): per-op Python overhead, not memory,
+    is what bounds this loop.
     """
     n = out.numel()
+    c = scratch.chunk
+    chunks = [(lo, min(n, lo + c)) for lo in range(0, n, c)]
+    outs = out.split(c)
+    anchors = anchor.split(c) if anchor is not None else [None] * len(chunks)
+    split_terms = [(scale, a.split(c), b.split(c) if b is not None else None, a.numel()) for scale, a, b in terms]
     ss_delta = ss_anchor = 0.0
-    for lo in range(0, n, scratch.chunk):
-        hi = min(n, lo + scratch.chunk)
-        acc = scratch.acc[:hi - lo]
-        if anchor is None:
+    for k, (lo, hi) in enumerate(chunks):
+        m = hi - lo
+        acc, x, y, d = (t if m == c else t[:m] for t in (scratch.acc, scratch.x, scratch.y, scratch.d))
+        if anchors[k] is None:
             acc.zero_()
         else:
-            acc.copy_(anchor[lo:hi])
+            acc.copy_(anchors[k])
             ss_anchor += float(torch.dot(acc, acc))
-        for scale, a, b in terms:
-            m = min(hi, a.numel()) - lo  # a term may cover only a prefix of the tensor
-            if m <= 0:
-                continue
-            x = scratch.x[:m]
-            x.copy_(a[lo:lo + m])
+        live = [(scale, a[k], b[k] if b is not None else None, min(m, limit - lo))
+                for scale, a, b, limit in split_terms if limit > lo]  # a term may cover only a prefix
+        for j, (scale, a, b, p) in enumerate(live):
+            xp = x if p == m else x[:p]
+            xp.copy_(a)
             if b is not None:
-                y = scratch.y[:m]
-                y.copy_(b[lo:lo + m])
-                x.sub_(y)
+                yp = y if p == m else y[:p]
+                yp.copy_(b)
+                xp.sub_(yp)
             if scale != 1.0:  # multiplying by one is exact: skipping it changes no bit
-                x.mul_(scale)
-            acc[:m].add_(x)
-        if terms:
-            delta = scratch.y[:hi - lo]
-            if anchor is None:
-                delta.copy_(acc)
+                xp.mul_(scale)
+            (acc if p == m else acc[:p]).add_(xp)
+            if len(live) == 1:
+                ss_delta += float(torch.dot(xp, xp))
+            elif j == 0:
+                d.zero_()
+                d[:p].copy_(xp)
             else:
-                delta.copy_(anchor[lo:hi])
-                delta.sub_(acc)
-            ss_delta += float(torch.dot(delta, delta))
-        out[lo:hi].copy_(acc)
+                d[:p].add_(xp)
+        if len(live) > 1:
+            ss_delta += float(torch.dot(d, d))
+        outs[k].copy_(acc)
     return ss_delta, ss_anchor

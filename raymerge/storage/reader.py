@@ -8,6 +8,7 @@ other URLs go through fsspec's `cat_ranges`, which fetches ranges concurrently.
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any
 
@@ -21,14 +22,18 @@ REMOTE_GAP = 1 << 20  # a second request costs more than a megabyte of transfer
 
 
 class Buffer:
-    """A growable bytearray handed out as memoryviews; grows, never shrinks."""
+    """Reusable page-aligned memory handed out as memoryviews; grows, never shrinks.
+
+    Page-aligned (anonymous mmap) so that direct I/O can use it as it is.
+    """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf: mmap.mmap | None = None
 
     def view(self, n: int) -> memoryview:
-        if len(self._buf) < n:
-            self._buf = bytearray(n + (n >> 3))  # headroom: items differ a little in size
+        if self._buf is None or len(self._buf) < n:
+            size = -(-(n + (n >> 3)) // mmap.PAGESIZE) * mmap.PAGESIZE  # headroom: items differ in size
+            self._buf = mmap.mmap(-1, max(size, mmap.PAGESIZE))
         return memoryview(self._buf)[:n]
 
 
