@@ -56,4 +56,4 @@ if __name__ == "__main__":
     print(f"wall {result['wall_s']:.2f}s rc {result['rc']}")
     for row in result["peak_rss"][:12]:
         print(f"  {row['rss_mib']:8.0f} MiB  {row['process']}")
-    print(json.dumps(result), file=sys.stderr if False else open("/dev/null", "w"))
+

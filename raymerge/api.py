@@ -52,6 +52,18 @@ class MergeResult:
     seconds: float  # the whole run, Ray start-up included
     execute_seconds: float  # the execute phase alone
     peak_rss: dict[str, int]  # worker -> bytes
+    items: int = 0
+    items_done_before: int = 0  # by the interrupted run that --resume continued
+    items_retried: int = 0  # items run again because their worker died
+    worker_seconds: dict[str, float] | None = None  # read, compute, write, checksum (summed over workers)
+
+    def report(self) -> dict:
+        """The run report, as `--report FILE.json` saves it."""
+        return {"kind": self.kind, "out": urls.redact(self.out), "plan_hash": self.plan_hash, "shards": self.shards,
+                "bytes_written": self.output_bytes, "bytes_read": self.read_bytes, "wall_seconds": self.seconds,
+                "execute_seconds": self.execute_seconds, "gbps": self.gbps, "items": self.items,
+                "items_done_before": self.items_done_before, "items_retried": self.items_retried,
+                "peak_rss_per_worker": self.peak_rss, "worker_seconds": self.worker_seconds}
 
     @property
     def gbps(self) -> float:
@@ -162,6 +174,8 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
         progress = Progress(the_plan.output_bytes, len(the_plan.items),
                             done_bytes=sum(the_plan.items[i].nbytes for i in results), done_items=len(results))
 
+        retried = [0]
+
         def finished(result: ItemResult) -> None:
             results[result.item] = result
             journal.record(result)
@@ -169,8 +183,9 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
 
         try:
             if todo:
-                execute(the_plan, output.url, handles, run_options.storage_options, _pool(run_options), todo,
-                        lambda n: progress.start(), finished)
+                retried[0] = execute(the_plan, output.url, handles, run_options.storage_options,
+                                     _pool(run_options), todo, progress.start, finished)
+                progress.stop()
             journal.flush()
             stats = tensor_stats(the_plan, results)
             manifest = build_manifest(the_plan, KINDS[recipe.kind], _redacted(recipe.to_mapping()), results,
@@ -184,20 +199,23 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     for r in results.values():
         peaks[r.worker] = max(peaks.get(r.worker, 0), r.peak_rss)
     execute_seconds = progress.elapsed if todo else 0.0
-    spent = [sum(r.timings[k] for r in results.values() if r.timings) for k in range(4)]
-    log.info("execute: worker seconds: read %.2f, compute %.2f, write %.2f, checksum %.2f", *spent)
+    spent = dict(zip(("read", "compute", "write", "checksum"),
+                     (round(sum(r.timings[k] for r in results.values() if r.timings), 3) for k in range(4))))
+    log.info("execute: worker seconds: %s", spent)
     progress_log.info("done: %.2f GB written to %s; execute %.1fs (%.2f GB/s), %.1fs in all",
                       the_plan.output_bytes / 1e9, urls.redact(output.url), execute_seconds,
                       progress.rate() / 1e9, seconds)
     return MergeResult(output.url, recipe.kind, the_plan.hash, [s.name for s in the_plan.shards],
-                       the_plan.output_bytes, the_plan.read_bytes, seconds, execute_seconds, peaks)
+                       the_plan.output_bytes, the_plan.read_bytes, seconds, execute_seconds, peaks,
+                       len(the_plan.items), len(the_plan.items) - len(todo), retried[0], spent)
 
 
 def _pool(run_options: RunOptions):
     from raymerge.execution.dispatch import PoolOptions
 
     return PoolOptions(workers=run_options.workers, cpus_per_worker=run_options.cpus_per_worker,
-                       in_flight=run_options.in_flight)
+                       in_flight=run_options.in_flight, gpus_per_worker=run_options.gpus_per_worker,
+                       worker_resource=run_options.worker_resource)
 
 
 def _layout_options(run_options: RunOptions) -> dict[str, int]:

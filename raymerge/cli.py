@@ -85,8 +85,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="worker actors (default: the cluster's CPUs / --cpus-per-worker)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
     p.add_argument("--in-flight", type=int, help="items per worker at once (default 2)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker: the arithmetic runs there (default 0)")
+    p.add_argument("--worker-resource", metavar="NAME",
+                   help="run workers only on nodes that advertise this custom Ray resource (e.g. ray start "
+                        "--resources '{\"merge\": 16}')")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a checkpoint (or an unfinished run) already at --out")
+    p.add_argument("--report", metavar="FILE.json", help="save the run report (bytes, times, GB/s, retries, memory)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the unfinished run at --out: only items not yet done are done")
 
@@ -142,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RECIPE_FLAGS = ("base", "chat", "cp", "vector", "out", "scale", "vocab", "skip", "special_tokens", "chat_template",
                 "dtype", "shard_size", "item_size", "storage_options", "address", "workers", "cpus_per_worker",
-                "in_flight", "overwrite", "resume")
+                "in_flight", "overwrite", "resume", "gpus_per_worker", "worker_resource")
 
 
 def recipe_values(args: argparse.Namespace) -> dict:
@@ -150,17 +155,24 @@ def recipe_values(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k, None) is not None}
 
 
-def _report(result) -> None:
+def _report(result, path: str | None = None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result.report(), f, indent=1)
     print(f"raymerge: {result.kind}: wrote {result.output_bytes / 1e9:.2f} GB in {len(result.shards)} shards to "
           f"{result.out}; execute {result.execute_seconds:.1f}s ({result.gbps:.2f} GB/s), "
           f"{result.seconds:.1f}s in all")
+    print(f"  read {result.read_bytes / 1e9:.2f} GB; {result.items} items ({result.items_done_before} done before, "
+          f"{result.items_retried} retried)")
+    if result.peak_rss:
+        print("  peak memory per worker: " + ", ".join(f"{w} {b / 2**20:.0f} MiB" for w, b in sorted(result.peak_rss.items())))
 
 
 def _run_kind(args: argparse.Namespace) -> int:
     from raymerge.api import run
     from raymerge.config import build_recipe
 
-    _report(run(*build_recipe(args.command, recipe_values(args))))
+    _report(run(*build_recipe(args.command, recipe_values(args))), args.report)
     return 0
 
 

@@ -87,15 +87,22 @@ class RunOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
     resume: bool = False
+    gpus_per_worker: float = 0.0
+    worker_resource: str | None = None
 
     @classmethod
     def parse(cls, *, shard_size: str | int = "5GB", item_size: str | int = "32MiB", workers: int | None = None,
               cpus_per_worker: float = 1.0, in_flight: int = 2, address: str | None = None,
               storage_options: str | dict | None = None, overwrite: bool = False,
-              resume: bool = False) -> RunOptions:
+              resume: bool = False, gpus_per_worker: float = 0.0, worker_resource: str | None = None) -> RunOptions:
         cpus = parse_scale(cpus_per_worker, "--cpus-per-worker")
         if cpus <= 0:
             raise InputError(f"--cpus-per-worker {cpus_per_worker!r}: must be positive")
+        gpus = parse_scale(gpus_per_worker, "--gpus-per-worker")
+        if gpus < 0:
+            raise InputError(f"--gpus-per-worker {gpus_per_worker!r}: must be zero or positive")
+        if worker_resource is not None and not re.fullmatch(r"[A-Za-z0-9_.:/-]+", str(worker_resource)):
+            raise InputError(f"--worker-resource {worker_resource!r}: a Ray resource name, e.g. merge")
         item_size = parse_size(item_size, "--item-size")
         if item_size < MIN_ITEM_SIZE:
             raise InputError(f"--item-size {item_size}: must be at least {MIN_ITEM_SIZE} bytes (4KiB); "
@@ -104,12 +111,12 @@ class RunOptions:
             raise InputError("--overwrite and --resume: choose one (start over, or continue the unfinished run)")
         return cls(parse_size(shard_size, "--shard-size"), item_size,
                    parse_count(workers, "--workers"), cpus, parse_count(in_flight, "--in-flight"), address,
-                   parse_storage_options(storage_options), bool(overwrite), bool(resume))
+                   parse_storage_options(storage_options), bool(overwrite), bool(resume), gpus, worker_resource)
 
 
 MIN_ITEM_SIZE = 4096
 RUN_KEYS = ("shard_size", "item_size", "workers", "cpus_per_worker", "in_flight", "address",
-            "storage_options", "overwrite", "resume")
+            "storage_options", "overwrite", "resume", "gpus_per_worker", "worker_resource")
 
 
 @dataclass(frozen=True)

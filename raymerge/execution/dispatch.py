@@ -28,38 +28,59 @@ log = logging.getLogger("raymerge.progress")
 
 @dataclass(frozen=True, slots=True)
 class PoolOptions:
-    workers: int | None = None  # None: as many as the cluster's CPUs allow
+    workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0: the arithmetic runs on the worker's GPU
+    worker_resource: str | None = None  # a custom resource the chosen nodes advertise
     in_flight: int = 2  # items per worker at once: one reading while another computes or writes
     start_timeout: float = 120.0
     max_attempts: int = 4  # times one item may lose its worker before the run gives up
 
 
 def worker_count(options: PoolOptions) -> int:
-    if options.workers:
-        return options.workers
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, int(cpus // options.cpus_per_worker))
+    """Workers to start: --workers, or as many as the cluster's resources hold. A request the
+    cluster cannot hold at all fails now, not after the start-up timeout."""
+    have = ray.cluster_resources()
+    need = {"CPU": options.cpus_per_worker, "GPU": options.gpus_per_worker}
+    if options.worker_resource:
+        need[options.worker_resource] = WORKER_RESOURCE_UNIT
+    fits = min(int(have.get(k, 0) // v) for k, v in need.items() if v > 0)
+    if fits == 0:
+        missing = ", ".join(f"{v:g} {k}" for k, v in need.items() if v > 0 and have.get(k, 0) < v)
+        raise ExecutionError(f"execute: no node of the cluster can hold one worker ({missing} asked, "
+                             f"the cluster has {dict((k, have.get(k, 0)) for k in need)}); lower --cpus-per-worker "
+                             "or --gpus-per-worker, or check --worker-resource and the nodes' resources")
+    return options.workers or max(1, fits)
+
+
+WORKER_RESOURCE_UNIT = 0.001  # of --worker-resource per worker: marks the nodes, barely limits them
 
 
 def execute(plan: Plan, out_url: str, handles: list[str], storage_options: dict[str, Any], options: PoolOptions,
-            todo: list[int], on_start: Callable[[int], None], on_result: Callable[[ItemResult], None]) -> None:
-    """Run items `todo`, calling `on_result` as each finishes (in the driver, in completion order)."""
+            todo: list[int], on_start: Callable[[int, Callable[[], int]], None],
+            on_result: Callable[[ItemResult], None]) -> int:
+    """Run items `todo`, calling `on_result` as each finishes (in the driver, in completion order).
+    Returns how many items were run again because their worker died."""
     n = worker_count(options)
-    actor_cls = ray.remote(num_cpus=options.cpus_per_worker, max_concurrency=options.in_flight)(MergeWorker)
+    resources = {options.worker_resource: WORKER_RESOURCE_UNIT} if options.worker_resource else None
+    # SPREAD: workers go to as many nodes as possible, so reads and writes use every node's network.
+    actor_cls = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None,
+                           resources=resources, max_concurrency=options.in_flight,
+                           scheduling_strategy="SPREAD")(MergeWorker)
     plan_ref = ray.put(plan)
     env = urls.aws_env()
     threads = max(1, int(options.cpus_per_worker))
+    device = "cuda" if options.gpus_per_worker > 0 else "cpu"
 
     def start_worker():
-        return actor_cls.remote(plan_ref, out_url, handles, storage_options, env, threads)
+        return actor_cls.remote(plan_ref, out_url, handles, storage_options, env, threads, device)
 
     pool = _Pool(start_worker, n, options)
     try:
         pool.await_ready()
         log.info("execute: %d workers, %d items to do", n, len(todo))
-        on_start(n)
-        pool.drive(todo, on_result)
+        on_start(n, pool.busy)
+        return pool.drive(todo, on_result)
     finally:
         pool.kill()
 
@@ -88,6 +109,10 @@ class _Pool:
                 "lower --workers or --cpus-per-worker, or add nodes") from e
         self.ready = [True] * len(self.actors)
 
+    def busy(self) -> int:
+        """Workers with an item in hand."""
+        return sum(1 for load in self.load if load > 0)
+
     def replace(self, i: int) -> None:
         """Slot i's actor died: start another, which takes items once it is ready."""
         ray.kill(self.actors[i])
@@ -99,7 +124,7 @@ class _Pool:
             self.actors[i] = self._start()
             self.starting[self.actors[i].ready.remote()] = (i, self.generation[i])
 
-    def drive(self, todo: list[int], on_result: Callable[[ItemResult], None]) -> None:
+    def drive(self, todo: list[int], on_result: Callable[[ItemResult], None]) -> int:
         queue = collections.deque(todo)
         attempts: collections.Counter[int] = collections.Counter()
         pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, item id)
@@ -122,6 +147,7 @@ class _Pool:
                     self._started(ref)
                 else:
                     self._finished(ref, pending.pop(ref), queue, attempts, on_result)
+        return sum(attempts.values())
 
     def _started(self, ref) -> None:
         i, gen = self.starting.pop(ref)

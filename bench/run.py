@@ -1,0 +1,292 @@
+"""Side-by-side benchmark on one synthetic trio, in one invocation:
+
+  floor      plainly reading the three inputs and writing one output of the same size (2 threads,
+             direct I/O for the output where the file system allows), and the float32 kernel
+             alone over the same number of elements (2 threads): the machine's floor is the larger
+  raymerge   on a running Ray cluster (`ray start --head`, then `raymerge merge --address`)
+  embedded   `raymerge merge` starting its own local Ray
+  paper      the paper's own approach: load three whole models, cp += lam * (chat - base) in place
+             in bf16, save
+  mergekit   mergekit-yaml task_arithmetic (dtype float32, out_dtype bfloat16), when --mergekit
+             points at its executable (install it in a venv of its own)
+
+Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor), checks that
+raymerge and mergekit agree bit for bit, writes results JSON and a PNG chart.
+
+    python bench/make_synthetic.py /tmp/trio --params 750e6
+    python bench/run.py /tmp/trio --mergekit /tmp/mkvenv/bin/mergekit-yaml --results bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from memwatch import watch  # noqa: E402
+
+SCALE = 0.5
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trio", help="folder with base/, chat/, cp/ (bench/make_synthetic.py)")
+    p.add_argument("--mergekit", help="path to mergekit-yaml (mergekit 0.1.5)")
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    p.add_argument("--work", default="/tmp/raymerge-bench", help="scratch folder for outputs")
+    p.add_argument("--skip", action="append", default=[], help="skip a contender (paper, embedded, ...)")
+    args = p.parse_args()
+    os.makedirs(args.results, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    trio = {r: os.path.join(args.trio, r) for r in ("base", "chat", "cp")}
+    out_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(trio["cp"], "*.safetensors")))
+    rows = []
+
+    floor_io = io_floor(trio, os.path.join(args.work, "floor.bin"))
+    floor_kernel = kernel_floor(out_bytes // 2)
+    floor = max(floor_io, floor_kernel)
+    rows.append({"name": "floor: read 3 + write 1", "wall_s": floor_io})
+    rows.append({"name": "floor: float32 kernel", "wall_s": floor_kernel})
+
+    for name in ("raymerge", "embedded", "paper", "mergekit"):
+        if name in args.skip or (name == "mergekit" and not args.mergekit):
+            continue
+        _settle()
+        out = os.path.join(args.work, name)
+        rows.append({"name": name, **RUNNERS[name](trio, out, args)})
+    for row in rows:
+        row["gbps"] = out_bytes / row["wall_s"] / 1e9
+        row["x_floor"] = row["wall_s"] / floor
+    agree = compare(os.path.join(args.work, "raymerge"), os.path.join(args.work, "mergekit")) \
+        if args.mergekit and "mergekit" not in args.skip else None
+    result = {"trio": args.trio, "output_bytes": out_bytes, "floor_s": floor, "rows": rows,
+              "raymerge_equals_mergekit": agree}
+    print_table(result)
+    with open(os.path.join(args.results, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    chart(result, os.path.join(args.results, "bench.png"))
+    print(f"results: {args.results}/bench.json, {args.results}/bench.png")
+
+
+def _settle() -> None:
+    """Let the previous contender's dirty pages and discards drain: they slow the next one down."""
+    subprocess.run(["sync"])
+    time.sleep(3)
+
+
+def io_floor(trio: dict, out: str) -> float:
+    files = [f for r in ("base", "chat", "cp") for f in sorted(glob.glob(os.path.join(trio[r], "*.safetensors")))]
+    size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(trio["cp"], "*.safetensors")))
+    block = 32 << 20
+    flags = os.O_CREAT | os.O_WRONLY | getattr(os, "O_DIRECT", 0)
+    try:
+        fd_out = os.open(out, flags)
+    except OSError:
+        fd_out = os.open(out, os.O_CREAT | os.O_WRONLY)
+    os.ftruncate(fd_out, size)
+
+    def worker(k: int) -> None:
+        import mmap
+
+        buf = mmap.mmap(-1, block)
+        for f in files[k::2]:
+            fd = os.open(f, os.O_RDONLY)
+            pos = 0
+            while (got := os.preadv(fd, [buf], pos)) > 0:
+                pos += got
+            os.close(fd)
+        for off in range(k * block, size - size % 4096, 2 * block):
+            n = min(block, (size - off) // 4096 * 4096)
+            os.pwrite(fd_out, memoryview(buf)[:n], off)
+
+    _settle()
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    os.close(fd_out)
+    os.remove(out)
+    return wall
+
+
+def kernel_floor(elements: int) -> float:
+    """Seconds for `elements` of float32 cp + s * (chat - base), bf16 in and out, on 2 threads:
+    measured on 64M elements per thread and scaled."""
+    import torch
+
+    torch.set_num_threads(1)
+    per = 1 << 26
+    data = [[torch.randn(per).bfloat16() for _ in range(4)] for _ in range(2)]
+
+    def kernel(cp, chat, base, out):
+        c = 1 << 16
+        acc, x, y = torch.empty(c), torch.empty(c), torch.empty(c)
+        for a, b, d, o in zip(cp.split(c), chat.split(c), base.split(c), out.split(c)):
+            acc.copy_(a)
+            x.copy_(b)
+            y.copy_(d)
+            x.sub_(y)
+            x.mul_(SCALE)
+            acc.add_(x)
+            o.copy_(acc)
+
+    for d in data:
+        kernel(*d)  # warm up
+    started = time.perf_counter()
+    threads = [threading.Thread(target=kernel, args=tuple(d)) for d in data]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return (time.perf_counter() - started) * elements / (2 * per)
+
+
+def _cli(trio: dict, out: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "raymerge", "merge", "--base", trio["base"], "--chat", trio["chat"], "--cp",
+            trio["cp"], "--out", out, "--scale", str(SCALE), *extra]
+
+
+def run_raymerge_cluster(trio: dict, out: str, args) -> dict:
+    temp = tempfile.mkdtemp(prefix="rmb-", dir="/tmp")
+    port = "6399"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+                             "--port", port, "--num-cpus", str(os.cpu_count()), "--temp-dir", temp,
+                             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        time.sleep(8)
+        report = os.path.join(args.work, "report-cluster.json")
+        m = watch(_cli(trio, out, ["--address", f"127.0.0.1:{port}", "--report", report]))
+        r = json.load(open(report))
+        peaks = [v / 2**20 for v in r["peak_rss_per_worker"].values()] + [m["peak_rss"][0]["rss_mib"]]
+        return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "peak_rss_mib": max(peaks),
+                "worker_peak_rss_mib": r["peak_rss_per_worker"], "report": r}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_raymerge_embedded(trio: dict, out: str, args) -> dict:
+    report = os.path.join(args.work, "report-embedded.json")
+    env_free = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    os.environ.clear()
+    os.environ.update(env_free)
+    m = watch(_cli(trio, out, ["--report", report]))
+    r = json.load(open(report))
+    return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"],
+            "peak_rss_mib": m["peak_rss"][0]["rss_mib"], "top_processes": m["peak_rss"][:4]}
+
+
+PAPER = """
+import glob, os, sys, torch
+from safetensors.torch import load_file, save_file
+base, chat, cp, out, lam = sys.argv[1:6]
+def load(d):
+    t = {}
+    for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+        t.update(load_file(f))
+    return t
+b, c, m = load(base), load(chat), load(cp)
+for k in m:
+    m[k] += float(lam) * (c[k] - b[k])   # bf16, in place, as the paper's code does
+os.makedirs(out, exist_ok=True)
+save_file(m, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+"""
+
+
+def run_paper(trio: dict, out: str, args) -> dict:
+    m = watch([sys.executable, "-c", PAPER, trio["base"], trio["chat"], trio["cp"], out, str(SCALE)])
+    return {"wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss"][0]["rss_mib"]}
+
+
+def run_mergekit(trio: dict, out: str, args) -> dict:
+    cfg = os.path.join(args.work, "mergekit.yml")
+    with open(cfg, "w") as f:
+        f.write(f"""merge_method: task_arithmetic
+base_model: {trio['base']}
+models:
+  - model: {trio['cp']}
+    parameters: {{weight: 1.0}}
+  - model: {trio['chat']}
+    parameters: {{weight: {SCALE}}}
+parameters: {{normalize: false}}
+dtype: float32
+out_dtype: bfloat16
+""")
+    m = watch([args.mergekit, cfg, out])
+    return {"wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss"][0]["rss_mib"]}
+
+
+RUNNERS = {"raymerge": run_raymerge_cluster, "embedded": run_raymerge_embedded, "paper": run_paper,
+           "mergekit": run_mergekit}
+
+
+def compare(a: str, b: str) -> dict:
+    import torch
+    from safetensors import safe_open
+
+    def tensors(folder):
+        for f in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+            with safe_open(f, "pt") as h:
+                for k in h.keys():
+                    yield k, h.get_tensor(k)
+
+    theirs = dict(tensors(b))
+    differ = total = 0
+    for k, t in tensors(a):
+        differ += int((t.view(torch.int16) != theirs[k].view(torch.int16)).sum())
+        total += t.numel()
+    return {"elements": total, "differing": differ}
+
+
+def print_table(result: dict) -> None:
+    print(f"output {result['output_bytes'] / 1e9:.2f} GB; floor {result['floor_s']:.2f}s")
+    print(f"{'contender':28s} {'wall s':>8s} {'GB/s':>7s} {'peak RSS MiB':>13s} {'x floor':>8s}")
+    for r in result["rows"]:
+        rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "-"
+        print(f"{r['name']:28s} {r['wall_s']:8.2f} {r['gbps']:7.2f} {rss:>13s} {r['x_floor']:8.2f}")
+        if "execute_s" in r:
+            print(f"{'  (execute phase)':28s} {r['execute_s']:8.2f} {result['output_bytes'] / r['execute_s'] / 1e9:7.2f} "
+                  f"{'':>13s} {r['execute_s'] / result['floor_s']:8.2f}")
+    if result["raymerge_equals_mergekit"]:
+        c = result["raymerge_equals_mergekit"]
+        print(f"raymerge vs mergekit: {c['differing']} of {c['elements']} elements differ")
+
+
+def chart(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.barh([r["name"] for r in rows], [r["wall_s"] for r in rows], color="#4477aa")
+    for i, r in enumerate(rows):
+        ax.text(r["wall_s"], i, f" {r['wall_s']:.1f}s", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("wall seconds (lower is better)")
+    ax.set_title(f"chat-vector merge of a {result['output_bytes'] / 1e9:.2f} GB trio (bf16 out, float32 math)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
