@@ -23,13 +23,13 @@ from typing import Any
 from raymerge import __version__
 from raymerge.commit.committer import commit
 from raymerge.commit.manifest import MANIFEST_NAME, build_manifest
-from raymerge.commit.stats import tensor_stats
+from raymerge.commit.stats import STATS_NAME, tensor_stats
 from raymerge.config import Recipe, RunOptions, build_recipe
 from raymerge.errors import InputError, OutputError, RaymergeError
 from raymerge.execution.journal import Journal, JournalState
 from raymerge.execution.worker import ItemResult
 from raymerge.plan import Plan
-from raymerge.planning.inputs import resolve
+from raymerge.planning.inputs import AUX_FILES, resolve
 from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
@@ -161,8 +161,9 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     started = time.perf_counter()
     the_plan = make_plan(recipe, run_options)
     output = open_output(recipe.out, run_options.storage_options)
-    _check_output(output, the_plan, run_options)
-    previous = _previous_run(output, the_plan, run_options)
+    state = Journal.load(output)
+    _check_output(output, the_plan, run_options, unfinished=state is not None)
+    previous = _previous_run(output, the_plan, run_options, state)
     with ray_session(run_options.address):
         if previous is not None:
             handles, results, next_batch = previous
@@ -186,7 +187,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
                 retried[0] = execute(the_plan, output.url, handles, run_options.storage_options,
                                      _pool(run_options), todo, progress.start, finished)
                 progress.stop()
-            journal.flush()
+            journal.flush(strict=True)
             stats = tensor_stats(the_plan, results)
             manifest = build_manifest(the_plan, KINDS[recipe.kind], _redacted(recipe.to_mapping()), results,
                                       __version__, _layout_options(run_options))
@@ -223,9 +224,8 @@ def _layout_options(run_options: RunOptions) -> dict[str, int]:
     return {"shard_size": run_options.shard_size, "item_size": run_options.item_size}
 
 
-def _previous_run(output: Output, the_plan: Plan, run_options: RunOptions):
-    """(handles, results already done) of an unfinished run at the output, when resuming it."""
-    state = Journal.load(output)
+def _previous_run(output: Output, the_plan: Plan, run_options: RunOptions, state: JournalState | None):
+    """(handles, results already done, next journal batch) of an unfinished run, when resuming it."""
     if state is None:
         if run_options.resume:
             log.warning("resume: no unfinished run at %s; starting a fresh one", urls.redact(output.url))
@@ -253,8 +253,7 @@ def check_resumable(output: Output, the_plan: Plan, state: JournalState):
     done: dict[int, ItemResult] = {}
     for s, shard in enumerate(the_plan.shards):
         parts = output.staged_parts(shard.name, handles[s], shard.size)
-        gone = parts == {} and any(i in state.results for i in shard.items)
-        if gone or parts == FINAL and not all(i in state.results for i in shard.items):
+        if parts == {} or parts == FINAL and not all(i in state.results for i in shard.items):
             raise OutputError(f"--resume {urls.redact(output.url)}: the staged data of {shard.name} is gone; "
                               "rerun with --overwrite to start over")
         for i in shard.items:
@@ -299,10 +298,11 @@ def _redacted(mapping: dict[str, Any]) -> dict[str, Any]:
     return {k: one(v) for k, v in mapping.items()}
 
 
-def _check_output(output: Output, the_plan: Plan, run_options: RunOptions) -> None:
+def _check_output(output: Output, the_plan: Plan, run_options: RunOptions, unfinished: bool) -> None:
     """Refuse an output that is (or holds, or lies in) an input, or that holds a checkpoint.
 
-    With --resume, shards without a manifest are those of a commit cut short: resume finishes it."""
+    Resuming an unfinished run, shards without a manifest are those of a commit cut short:
+    resume finishes it."""
     for f in the_plan.files:
         folder = f.url.rsplit("/", 1)[0]
         if urls.is_inside(folder, output.url) or urls.is_inside(output.url, folder):
@@ -310,7 +310,7 @@ def _check_output(output: Output, the_plan: Plan, run_options: RunOptions) -> No
                               "inputs are never modified: choose another output location")
     listing = output.listing()
     existing = [n for n in listing if _is_checkpoint_file(n)]
-    if run_options.resume and MANIFEST_NAME not in listing:
+    if run_options.resume and unfinished and MANIFEST_NAME not in listing:
         return
     if existing and not run_options.overwrite:
         raise OutputError(f"--out {urls.redact(output.url)}: already holds a checkpoint "
@@ -321,7 +321,8 @@ def _check_output(output: Output, the_plan: Plan, run_options: RunOptions) -> No
 
 
 def _is_checkpoint_file(name: str) -> bool:
-    return name in (MANIFEST_NAME, INDEX_NAME) or name.endswith(".safetensors")
+    """What a run writes: removed by --overwrite, so nothing of an older checkpoint stays beside it."""
+    return name in (MANIFEST_NAME, INDEX_NAME, STATS_NAME, *AUX_FILES) or name.endswith(".safetensors")
 
 
 @contextlib.contextmanager

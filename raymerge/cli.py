@@ -177,10 +177,12 @@ def _run_kind(args: argparse.Namespace) -> int:
 
 
 def _run_file(args: argparse.Namespace) -> int:
-    from raymerge.api import run
+    from raymerge.api import prefer_loopback, run
     from raymerge.config import load_recipe_file
 
-    _report(run(*load_recipe_file(args.recipe)))
+    recipe, run_options = load_recipe_file(args.recipe)
+    prefer_loopback(run_options.address or os.environ.get("RAY_ADDRESS"))
+    _report(run(recipe, run_options))
     return 0
 
 
@@ -248,7 +250,7 @@ COMMANDS = {"merge": _run_kind, "extract": _run_kind, "apply": _run_kind, "plan"
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
-    if args.command in ("merge", "extract", "apply", "run", "demo"):
+    if args.command in ("merge", "extract", "apply", "demo"):  # `run` does it once its file is read
         from raymerge.api import prefer_loopback
 
         prefer_loopback(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))

@@ -104,9 +104,9 @@ class RunOptions:
         if worker_resource is not None and not re.fullmatch(r"[A-Za-z0-9_.:/-]+", str(worker_resource)):
             raise InputError(f"--worker-resource {worker_resource!r}: a Ray resource name, e.g. merge")
         item_size = parse_size(item_size, "--item-size")
-        if item_size < MIN_ITEM_SIZE:
-            raise InputError(f"--item-size {item_size}: must be at least {MIN_ITEM_SIZE} bytes (4KiB); "
-                             "the default 32MiB suits most runs")
+        if not MIN_ITEM_SIZE <= item_size <= MAX_ITEM_SIZE:
+            raise InputError(f"--item-size {item_size}: must be between 4KiB and 2GiB (a worker holds a few "
+                             "items' inputs in memory); the default 32MiB suits most runs")
         if overwrite and resume:
             raise InputError("--overwrite and --resume: choose one (start over, or continue the unfinished run)")
         return cls(parse_size(shard_size, "--shard-size"), item_size,
@@ -115,6 +115,7 @@ class RunOptions:
 
 
 MIN_ITEM_SIZE = 4096
+MAX_ITEM_SIZE = 2**31
 RUN_KEYS = ("shard_size", "item_size", "workers", "cpus_per_worker", "in_flight", "address",
             "storage_options", "overwrite", "resume", "gpus_per_worker", "worker_resource")
 

@@ -30,14 +30,15 @@ def tensor_stats(plan: Plan, results: dict) -> pa.Table:
             "relative": []}
     for i, t in enumerate(plan.tensors):
         delta = math.sqrt(ss_delta[i])
-        anchor = math.sqrt(ss_anchor[i]) if t.anchor is not None else None
+        # Tensors copied unchanged are not read as float32, so their norm is not measured.
+        anchor = math.sqrt(ss_anchor[i]) if t.anchor is not None and not t.is_copy else None
         rows["tensor"].append(t.name)
         rows["rule"].append(t.rule)
         rows["dtype"].append(t.dtype)
         rows["numel"].append(math.prod(t.shape))
         rows["delta_norm"].append(delta)
         rows["anchor_norm"].append(anchor)
-        rows["relative"].append(delta / anchor if anchor else None)
+        rows["relative"].append(delta / anchor if anchor else 0.0 if t.is_copy else None)
     return pa.table(rows)
 
 

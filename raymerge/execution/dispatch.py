@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from raymerge.errors import ExecutionError, RaymergeError
 from raymerge.execution.worker import ItemResult, MergeWorker
@@ -107,6 +107,15 @@ class _Pool:
                 f"execute: {len(self.actors)} workers did not start within {self._options.start_timeout:.0f}s "
                 f"({free:g} CPUs free in the cluster, {self._options.cpus_per_worker:g} asked per worker); "
                 "lower --workers or --cpus-per-worker, or add nodes") from e
+        except RayTaskError as e:
+            if isinstance(e.cause, RaymergeError):
+                raise e.cause from None
+            raise ExecutionError(f"execute: a worker failed to start: {e.cause!r}; is raymerge (and torch) "
+                                 "installed on every node? (ray job submit --runtime-env-json "
+                                 "'{\"pip\": [\"raymerge\"]}')") from e
+        except RayActorError as e:
+            raise ExecutionError(f"execute: a worker died while starting ({e}); see the Ray logs (out of memory? "
+                                 "raymerge or torch missing on a node?)") from e
         self.ready = [True] * len(self.actors)
 
     def busy(self) -> int:
@@ -183,6 +192,8 @@ class _Pool:
                             type(e).__name__)
                 self.replace(i)
             return
+        except RayError as e:  # object lost, and the like: Ray's own failures, with their reason
+            raise ExecutionError(f"execute: item {item_id} failed in Ray: {e}") from e
         on_result(result)
 
     def kill(self) -> None:

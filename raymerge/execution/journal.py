@@ -57,13 +57,17 @@ class Journal:
         if time.monotonic() - self._last >= self._interval:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, strict: bool = False) -> None:
+        """Write pending records; a failure is retried at the next flush, or raised when `strict`
+        (before commit: a commit cut short must find every item journaled)."""
         self._last = time.monotonic()
         if not self._pending:
             return
         try:
             self._output.put_staging(f"journal-{self._batch:06d}.json", json.dumps(self._pending).encode())
         except (RaymergeError, OSError) as e:
+            if strict:
+                raise
             log.warning("journal: could not record %d finished items (%s); will try again", len(self._pending), e)
             return
         self._batch += 1

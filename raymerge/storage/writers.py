@@ -14,6 +14,7 @@ Small staging files (the resume journal) live beside the staged shards, under `.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import threading
@@ -56,7 +57,9 @@ def open_output(url: str, storage_options: dict[str, Any] | None) -> Output:
                       "write to a local path or s3:// and copy from there")
 
 
-BLOCK = 4096  # direct I/O alignment of file offsets, lengths and memory
+# Direct I/O alignment of file offsets, lengths and memory; at least a page, so that a buffered
+# head or tail never shares a page-cache page with a direct write.
+BLOCK = max(4096, mmap.PAGESIZE)
 
 
 class LocalOutput:
@@ -114,9 +117,9 @@ class LocalOutput:
     def _write_direct(self, handle: str, offset: int, data: memoryview) -> bool:
         """Write with O_DIRECT; False (and buffered from now on) where the file system or the
         memory alignment does not allow it."""
+        done = 0
         try:
             fd = self._fd(handle, os.O_RDWR | os.O_DIRECT)
-            done = 0
             while done < len(data):
                 done += os.pwrite(fd, data[done:], offset + done)
             return True
@@ -136,7 +139,14 @@ class LocalOutput:
             raise StorageError(f"execute: writing {name} at byte {offset + done} failed: {e.strerror}") from e
 
     def read_staged(self, handle: str, start: int, end: int) -> bytes:
-        return os.pread(self._fd(handle, os.O_RDWR), end - start, start)
+        fd, parts = self._fd(handle, os.O_RDWR), []
+        while start < end:  # one pread returns at most ~2 GiB
+            got = os.pread(fd, end - start, start)
+            if not got:
+                break
+            parts.append(got)
+            start += len(got)
+        return b"".join(parts)
 
     def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None:
         """None: local parts are checked by reading them back (`read_staged`); FINAL: the shard was
