@@ -153,7 +153,7 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
 
 def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     """Resolve -> plan -> execute -> commit; with `resume`, continue the unfinished run at `out`."""
-    from raymerge.execution.dispatch import execute
+    from raymerge.execution.dispatch import execute, worker_count
     from raymerge.execution.progress import Progress
 
     if not recipe.out:
@@ -165,6 +165,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     _check_output(output, the_plan, run_options, unfinished=state is not None)
     previous = _previous_run(output, the_plan, run_options, state)
     with ray_session(run_options.address):
+        worker_count(_pool(run_options))  # a cluster that cannot hold one worker fails before anything is written
         if previous is not None:
             handles, results, next_batch = previous
             journal = Journal(output, next_batch=next_batch)
@@ -194,7 +195,10 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
             commit(the_plan, output, handles, results, manifest, stats, run_options.storage_options)
         except BaseException as e:
             journal.flush()
-            raise _resumable(e, len(results), len(the_plan.items)) from e
+            told = _resumable(e, len(results), len(the_plan.items))
+            if told is e:
+                raise
+            raise told from e
     seconds = time.perf_counter() - started
     peaks: dict[str, int] = {}
     for r in results.values():

@@ -59,8 +59,8 @@ WORKER_RESOURCE_UNIT = 0.001  # of --worker-resource per worker: marks the nodes
 def execute(plan: Plan, out_url: str, handles: list[str], storage_options: dict[str, Any], options: PoolOptions,
             todo: list[int], on_start: Callable[[int, Callable[[], int]], None],
             on_result: Callable[[ItemResult], None]) -> int:
-    """Run items `todo`, calling `on_result` as each finishes (in the driver, in completion order).
-    Returns how many items were run again because their worker died."""
+    """Run items `todo` on `worker_count(options)` workers, calling `on_result` as each finishes (in
+    the driver, in completion order). Returns how many items were run again because their worker died."""
     n = worker_count(options)
     resources = {options.worker_resource: WORKER_RESOURCE_UNIT} if options.worker_resource else None
     # SPREAD: workers go to as many nodes as possible, so reads and writes use every node's network.

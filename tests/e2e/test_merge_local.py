@@ -70,3 +70,21 @@ def test_existing_checkpoint_is_refused_then_overwritten(ray_local, llama_trio, 
     assert sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) == ["model.safetensors"]
     inputs = {role: load_folder(path) for role, path in llama_trio.items()}
     assert_bit_identical(load_folder(out), chat_vector_reference(inputs["base"], inputs["chat"], inputs["cp"], 0.5))
+
+
+@pytest.mark.parametrize("option,match", [
+    ({"worker_resource": "merge_nodes"}, "no node of the cluster can hold one worker"),
+    ({"gpus_per_worker": 1}, "1 GPU"),
+])
+def test_placement_the_cluster_cannot_satisfy_fails_fast(ray_local, llama_trio, tmp_path, option, match):
+    """A worker resource no node advertises, or GPUs on a CPU-only cluster: an error at once, not a hang."""
+    import time
+
+    from raymerge.errors import ExecutionError
+
+    out = str(tmp_path / "out")
+    started = time.monotonic()
+    with pytest.raises(ExecutionError, match=match):
+        raymerge.merge(llama_trio["base"], llama_trio["chat"], llama_trio["cp"], out, **option)
+    assert time.monotonic() - started < 60
+    assert not os.path.exists(out)  # nothing written
