@@ -33,7 +33,7 @@ from raymerge.planning.inputs import AUX_FILES, resolve
 from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
-from raymerge.storage.writers import FINAL, Output, open_output
+from raymerge.storage.writers import FINAL, GONE, Output, open_output
 
 log = logging.getLogger("raymerge")
 progress_log = logging.getLogger("raymerge.progress")
@@ -257,7 +257,7 @@ def check_resumable(output: Output, the_plan: Plan, state: JournalState):
     done: dict[int, ItemResult] = {}
     for s, shard in enumerate(the_plan.shards):
         parts = output.staged_parts(shard.name, handles[s], shard.size)
-        if parts == {} or parts == FINAL and not all(i in state.results for i in shard.items):
+        if parts == GONE or parts == FINAL and not all(i in state.results for i in shard.items):
             raise OutputError(f"--resume {urls.redact(output.url)}: the staged data of {shard.name} is gone; "
                               "rerun with --overwrite to start over")
         for i in shard.items:

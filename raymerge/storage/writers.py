@@ -26,6 +26,7 @@ from raymerge.storage.retry import with_retries
 
 STAGING = ".raymerge-staging"
 FINAL = "final"  # staged_parts: the shard already has its final name
+GONE = "gone"  # staged_parts: its staged file or upload no longer exists
 
 
 class Output(Protocol):
@@ -150,10 +151,11 @@ class LocalOutput:
 
     def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None:
         """None: local parts are checked by reading them back (`read_staged`); FINAL: the shard was
-        already given its final name by a commit cut short; {}: the staged file is gone."""
+        already given its final name by a commit cut short; GONE: the staged file is missing or
+        not its planned size."""
         if os.path.isfile(handle) and os.path.getsize(handle) == size:
             return None
-        return FINAL if self._is_final(shard, size) else {}
+        return FINAL if self._is_final(shard, size) else GONE
 
     def _is_final(self, shard: str, size: int) -> bool:
         path = os.path.join(self.url, shard)
@@ -274,7 +276,8 @@ class S3Output:
         return resp["ETag"]
 
     def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None:
-        """The parts S3 holds for an open upload; FINAL when an earlier commit completed it; {} when gone."""
+        """The parts S3 holds for an open upload (maybe none yet); FINAL when an earlier commit
+        completed it; GONE when the upload no longer exists."""
         parts: dict[int, str] = {}
         marker = 0
         while True:
@@ -283,7 +286,7 @@ class S3Output:
                                   PartNumberMarker=marker)
             except StorageError as e:
                 if "NoSuchUpload" in str(e):
-                    return FINAL if self._is_final(shard, size) else {}
+                    return FINAL if self._is_final(shard, size) else GONE
                 raise
             for p in resp.get("Parts", []):
                 parts[p["PartNumber"]] = p["ETag"]

@@ -104,3 +104,17 @@ def test_extract_and_apply_on_s3(ray_local, s3_trio, tmp_path):
         {k: v for k, v in local["base"].items()}, local["chat"], local["cp"], 0.5) | {
         k: local["cp"][k] for k in local["cp"] if k.endswith("norm.weight")})
     assert not boto3.client("s3").list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+
+
+def test_staged_parts_tells_an_empty_upload_from_a_gone_one(s3_server):
+    """Resume must keep an open upload that has no parts yet, and refuse one that is gone."""
+    from raymerge.storage.writers import GONE, S3Output
+
+    boto3.client("s3").create_bucket(Bucket="staged-parts")
+    out = S3Output("s3://staged-parts/x", {})
+    handles = out.prepare([("model.safetensors", 6 << 20)])
+    assert out.staged_parts("model.safetensors", handles[0], 6 << 20) == {}
+    etag = out.write("model.safetensors", handles[0], 1, 0, memoryview(b"\0" * (5 << 20)))
+    assert out.staged_parts("model.safetensors", handles[0], 6 << 20) == {1: etag}
+    out.abort(["model.safetensors"], handles)
+    assert out.staged_parts("model.safetensors", handles[0], 6 << 20) == GONE
