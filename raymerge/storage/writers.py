@@ -285,7 +285,7 @@ class S3Output:
                 resp = self._call("resume: listing parts of", "list_parts", Key=self._key(shard), UploadId=handle,
                                   PartNumberMarker=marker)
             except StorageError as e:
-                if "NoSuchUpload" in str(e):
+                if _no_such_upload(e):
                     return FINAL if self._is_final(shard, size) else GONE
                 raise
             for p in resp.get("Parts", []):
@@ -312,7 +312,7 @@ class S3Output:
                 self._call("commit: completing", "complete_multipart_upload", Key=self._key(name),
                            UploadId=upload_id, MultipartUpload=body)
             except StorageError as e:
-                if "NoSuchUpload" in str(e) and self._is_final(name, size):
+                if _no_such_upload(e) and self._is_final(name, size):
                     continue  # completed by an earlier commit that was cut short
                 raise
 
@@ -352,3 +352,8 @@ class S3Output:
 
     def close(self) -> None:
         pass
+
+
+def _no_such_upload(e: StorageError) -> bool:
+    """The upload was aborted or completed (s3fs turns S3's NoSuchUpload into FileNotFoundError)."""
+    return isinstance(e.__cause__, FileNotFoundError) or "NoSuchUpload" in str(e)
