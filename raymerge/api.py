@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from raymerge.planning.inputs import AUX_FILES, resolve
 from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
+from raymerge.storage.checksum import crc32
 from raymerge.storage.writers import FINAL, GONE, Output, open_output
 
 log = logging.getLogger("raymerge")
@@ -268,7 +268,7 @@ def check_resumable(output: Output, the_plan: Plan, state: JournalState):
             if parts == FINAL:  # an interrupted commit already put the whole shard in place
                 ok = True
             elif parts is None:  # local: read the bytes back, they may not have reached the disk
-                ok = zlib.crc32(output.read_staged(handles[s], item.start, item.end)) == r.crc32
+                ok = crc32(output.read_staged(handles[s], item.start, item.end)) == r.crc32
             else:
                 ok = parts.get(item.part) == r.etag
             if ok:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from raymerge.commit.aux import patched
 from raymerge.commit.manifest import MANIFEST_NAME
@@ -27,6 +25,9 @@ from raymerge.plan import AuxFile, Plan
 from raymerge.safetensors.index import INDEX_NAME, index_bytes
 from raymerge.storage import urls
 from raymerge.storage.writers import Output
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("raymerge.progress")
 

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import io
 import math
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from raymerge.plan import Plan
+
+if TYPE_CHECKING:  # pyarrow is imported where it is used: every worker imports this package, none needs it
+    import pyarrow as pa
 
 STATS_NAME = "raymerge_stats.parquet"
 
 
 def tensor_stats(plan: Plan, results: dict) -> pa.Table:
     """Sum the workers' per-piece sums of squares into one row per tensor."""
+    import pyarrow as pa
+
     ss_delta = [0.0] * len(plan.tensors)
     ss_anchor = [0.0] * len(plan.tensors)
     for result in results.values():
@@ -43,10 +46,14 @@ def tensor_stats(plan: Plan, results: dict) -> pa.Table:
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
 
 
 def read_stats(data: bytes) -> pa.Table:
+    import pyarrow.parquet as pq
+
     return pq.read_table(io.BytesIO(data))

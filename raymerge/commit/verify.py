@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import zlib
 from typing import Any
 
 from raymerge.commit.manifest import MANIFEST_NAME
@@ -18,6 +17,7 @@ from raymerge.errors import RaymergeError
 from raymerge.safetensors.header import FIRST_READ, Header, header_length, parse_header
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
+from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader
 
 
@@ -40,7 +40,7 @@ def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: 
         if shard["name"] not in headers:
             continue
         data = reader.read(urls.join(url, shard["name"]), [(item["start"], item["end"])], buf)[0]
-        if f"{zlib.crc32(data):08x}" != item["crc32"]:
+        if f"{crc32(data):08x}" != item["crc32"]:
             problems.append(_fault(shard["name"], headers[shard["name"]], item, "do not match their checksum"))
     if recompute and not problems:
         problems += _recompute(url, manifest, headers, storage_options, recompute, seed, reader, buf)

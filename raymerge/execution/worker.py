@@ -16,12 +16,13 @@ import resource
 import socket
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from raymerge.ops import kernel
 from raymerge.plan import HEADER, Item, Plan, Source
 from raymerge.safetensors.dtypes import ITEMSIZE
+from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.storage.writers import BLOCK, open_output
 
@@ -42,26 +43,24 @@ class ItemResult:
 class _ThreadState:
     """Per-thread reader, buffers and scratch: reused across items to avoid first-touch faults."""
 
-    def __init__(self, storage_options: dict[str, Any], device: str) -> None:
-        from raymerge.ops.kernel import Scratch
-
+    def __init__(self, storage_options: dict[str, Any]) -> None:
         self.reader = RangeReader(storage_options)
         self.inputs: list[Buffer] = []
         self.out = Buffer()
-        self.scratch = Scratch(device=device)
+        self.scratch: dict[Any, Any] = {}  # kernel module -> its scratch
 
 
 class MergeWorker:
     def __init__(self, plan: Plan, out_url: str | None, handles: list[str], storage_options: dict[str, Any],
                  env: dict[str, str], threads: int = 1, device: str = "cpu") -> None:
-        import torch
-
         os.environ.update(env)  # the driver's AWS settings, so every node talks to the same store
-        torch.set_num_threads(max(1, threads))
         self._plan = plan
         self._handles = handles
         self._options = storage_options
         self._device = device
+        self._threads = max(1, threads)
+        # numpy does the arithmetic on the CPU (no torch import: a faster start); torch on a GPU and for FP8
+        self._on_cpu = [device == "cpu" and all(kernel.supports(d) for d in _dtypes(t)) for t in plan.tensors]
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
         self._local = threading.local()
         self._name = f"{socket.gethostname()}:{os.getpid()}"
@@ -73,8 +72,24 @@ class MergeWorker:
     def _state(self) -> _ThreadState:
         st = getattr(self._local, "state", None)
         if st is None:
-            st = self._local.state = _ThreadState(self._options, self._device)
+            st = self._local.state = _ThreadState(self._options)
         return st
+
+    def _kernel(self, tensor: int, st: _ThreadState):
+        """The kernel module for a tensor, and this thread's scratch for it."""
+        if self._on_cpu[tensor]:
+            module = kernel
+            if module not in st.scratch:
+                st.scratch[module] = kernel.Scratch()
+        else:
+            import torch
+
+            from raymerge.ops import torch_kernel as module
+
+            if module not in st.scratch:
+                torch.set_num_threads(self._threads)
+                st.scratch[module] = module.Scratch(device=self._device)
+        return module, st.scratch[module]
 
     def produce(self, item_id: int, clock: list[float] | None = None) -> tuple[memoryview, int, list]:
         """The item's output bytes (valid until this thread's next item), bytes read, statistics.
@@ -103,7 +118,7 @@ class MergeWorker:
         shard = self._plan.shards[item.shard]
         etag = self._out.write(shard.name, self._handles[item.shard], item.part, item.start, out)
         t2 = time.perf_counter()
-        crc = zlib.crc32(out)
+        crc = crc32(out)
         t3 = time.perf_counter()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return ItemResult(item_id, crc, etag, read_bytes, t3 - t0, self._name, peak, tuple(stats),
@@ -149,8 +164,6 @@ class MergeWorker:
 
     def _compute(self, item: Item, inputs: dict[tuple[int, int], memoryview], out: memoryview,
                  st: _ThreadState) -> list[tuple[int, float, float]]:
-        from raymerge.ops.kernel import view, weighted_sum
-
         stats = []
         for p, piece in enumerate(item.pieces):
             if piece.tensor == HEADER:
@@ -164,27 +177,32 @@ class MergeWorker:
             if t.is_copy:
                 dest[:] = inputs[(p, 0)]
                 continue
-            anchor = view(inputs[(p, 0)], t.anchor.dtype) if t.anchor is not None else None
+            k, scratch = self._kernel(piece.tensor, st)
+            anchor = k.view(inputs[(p, 0)], t.anchor.dtype) if t.anchor is not None else None
             terms = []
-            for k, term in enumerate(t.terms):
-                if (p, 1 + 2 * k) in inputs:  # absent: the piece lies past the term's limit
-                    a = view(inputs[(p, 1 + 2 * k)], term.a.dtype)
-                    b = view(inputs[(p, 2 + 2 * k)], term.b.dtype) if term.b is not None else None
+            for j, term in enumerate(t.terms):
+                if (p, 1 + 2 * j) in inputs:  # absent: the piece lies past the term's limit
+                    a = k.view(inputs[(p, 1 + 2 * j)], term.a.dtype)
+                    b = k.view(inputs[(p, 2 + 2 * j)], term.b.dtype) if term.b is not None else None
                     terms.append((term.scale, a, b))
-            out_view = view(dest, t.dtype)
-            ss_delta, ss_anchor = weighted_sum(out_view, anchor, terms, st.scratch)
+            ss_delta, ss_anchor = k.weighted_sum(k.view(dest, t.dtype), anchor, terms, scratch)
             stats.append((piece.tensor, ss_delta, ss_anchor))
-            self._override_rows(p, piece, t, inputs, out_view)
+            self._override_rows(p, piece, t, inputs, dest, k, scratch)
         return stats
 
-    def _override_rows(self, p: int, piece, t, inputs, out_view) -> None:
+    def _override_rows(self, p: int, piece, t, inputs, dest: memoryview, k, scratch) -> None:
         """Special-token rows: the chat model's row, cast once to the output dtype."""
-        from raymerge.ops.kernel import view
-
         row = t.row_elements
+        size = ITEMSIZE[t.dtype]
         for j, o in enumerate(t.overrides):
             got = inputs.get((p, 1 + 2 * len(t.terms) + j))
             if got is not None:
-                lo = max(piece.begin, o.row * row) - piece.begin
-                src = view(got, o.source.dtype)
-                out_view[lo:lo + src.numel()].copy_(src)
+                lo = (max(piece.begin, o.row * row) - piece.begin) * size
+                src = k.view(got, o.source.dtype)
+                k.weighted_sum(k.view(dest[lo:lo + len(src) * size], t.dtype), src, [], scratch)
+
+
+def _dtypes(t) -> set[str]:
+    """Every dtype a tensor's arithmetic touches."""
+    sources = [t.anchor, *(s for term in t.terms for s in (term.a, term.b)), *(o.source for o in t.overrides)]
+    return {t.dtype, *(s.dtype for s in sources if s is not None)}
