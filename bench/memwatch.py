@@ -6,7 +6,6 @@ Ray's workers and daemons are children of the command (embedded mode), so all ar
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -15,9 +14,11 @@ import time
 import psutil
 
 
-def watch(cmd: list[str], interval: float = 0.1) -> dict:
+def watch(cmd: list[str], interval: float = 0.1, log: str | None = None) -> dict:
+    """Run cmd (its output to `log` when given) and sample its process tree's memory."""
     peaks: dict[int, tuple[str, int]] = {}
-    proc = subprocess.Popen(cmd)
+    out = open(log, "w") if log else None
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
     root = psutil.Process(proc.pid)
     done = threading.Event()
 
@@ -44,6 +45,8 @@ def watch(cmd: list[str], interval: float = 0.1) -> dict:
     wall = time.perf_counter() - started
     done.set()
     t.join()
+    if out:
+        out.close()
     top = sorted(peaks.values(), key=lambda x: -x[1])
     return {"rc": rc, "wall_s": wall, "peak_rss": [{"process": n, "rss_mib": r / 2**20} for n, r in top]}
 

@@ -20,6 +20,7 @@ raymerge and mergekit agree bit for bit, writes results JSON and a PNG chart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -160,26 +162,38 @@ def _cli(trio: dict, out: str, extra: list[str]) -> list[str]:
             trio["cp"], "--out", out, "--scale", str(SCALE), *extra]
 
 
-def run_raymerge_cluster(trio: dict, out: str, args) -> dict:
+@contextlib.contextmanager
+def ray_head(num_cpus: int, port: str = "6399") -> Iterator[str]:
+    """A running Ray cluster on this machine (`ray start --head`), as users run raymerge; its address."""
     temp = tempfile.mkdtemp(prefix="rmb-", dir="/tmp")
-    port = "6399"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-                             "--port", port, "--num-cpus", str(os.cpu_count()), "--temp-dir", temp,
+                             "--port", port, "--num-cpus", str(num_cpus), "--temp-dir", temp,
                              "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         time.sleep(8)
-        report = os.path.join(args.work, "report-cluster.json")
-        m = watch(_cli(trio, out, ["--address", f"127.0.0.1:{port}", "--report", report]))
-        r = json.load(open(report))
-        peaks = [v / 2**20 for v in r["peak_rss_per_worker"].values()] + [m["peak_rss"][0]["rss_mib"]]
-        return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "peak_rss_mib": max(peaks),
-                "worker_peak_rss_mib": r["peak_rss_per_worker"], "report": r}
+        yield f"127.0.0.1:{port}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(head.pid, signal.SIGTERM)  # the head's whole process group, never `ray stop`
         head.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def merge_on(address: str, trio: dict, out: str, work: str, extra: list[str] = ()) -> dict:
+    """One `raymerge merge --address` run: whole-command wall time, execute phase, peak memory."""
+    report = os.path.join(work, "report-cluster.json")
+    m = watch(_cli(trio, out, ["--address", address, "--report", report, *extra]))
+    r = json.load(open(report))
+    peaks = [v / 2**20 for v in r["peak_rss_per_worker"].values()] + [m["peak_rss"][0]["rss_mib"]]
+    return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "peak_rss_mib": max(peaks),
+            "worker_peak_rss_mib": r["peak_rss_per_worker"], "driver_peak_rss_mib": m["peak_rss"][0]["rss_mib"],
+            "report": r}
+
+
+def run_raymerge_cluster(trio: dict, out: str, args) -> dict:
+    with ray_head(os.cpu_count()) as address:
+        return merge_on(address, trio, out, args.work)
 
 
 def run_raymerge_embedded(trio: dict, out: str, args) -> dict:
@@ -229,7 +243,7 @@ parameters: {{normalize: false}}
 dtype: float32
 out_dtype: bfloat16
 """)
-    m = watch([args.mergekit, cfg, out])
+    m = watch([args.mergekit, cfg, out], log=os.path.join(args.work, "mergekit.log"))
     return {"wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss"][0]["rss_mib"]}
 
 
@@ -267,6 +281,10 @@ def print_table(result: dict) -> None:
     if result["raymerge_equals_mergekit"]:
         c = result["raymerge_equals_mergekit"]
         print(f"raymerge vs mergekit: {c['differing']} of {c['elements']} elements differ")
+    walls = {r["name"]: r["wall_s"] for r in result["rows"]}
+    for name in ("raymerge", "embedded"):
+        if name in walls and "mergekit" in walls:
+            print(f"{name}: {walls['mergekit'] / walls[name]:.1f}x faster than mergekit, end to end")
 
 
 def chart(result: dict, path: str) -> None:

@@ -88,3 +88,30 @@ def test_placement_the_cluster_cannot_satisfy_fails_fast(ray_local, llama_trio, 
         raymerge.merge(llama_trio["base"], llama_trio["chat"], llama_trio["cp"], out, **option)
     assert time.monotonic() - started < 60
     assert not os.path.exists(out)  # nothing written
+
+
+FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("out_dtype", [None, "float16"])
+def test_every_float_dtype_is_bit_exact(ray_local, tmp_path, out_dtype):
+    """numpy does the arithmetic for BF16/F16/F32/F64 and torch for FP8, in the same run; integer
+    tensors are copied from cp."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    trio = {}
+    for role in ("base", "chat", "cp"):
+        tensors = {f"w.{str(d).split('.')[-1]}": (torch.randn(33, 7, generator=g) * 2).to(d) for d in FLOAT_DTYPES}
+        tensors["steps"] = torch.arange(10, dtype=torch.int64) + (role == "cp")
+        os.makedirs(tmp_path / role)
+        save_file(tensors, str(tmp_path / role / "model.safetensors"))
+        trio[role] = tensors
+    out = str(tmp_path / "out")
+    raymerge.merge(str(tmp_path / "base"), str(tmp_path / "chat"), str(tmp_path / "cp"), out, scale=0.75,
+                   dtype=out_dtype, item_size="4KiB", workers=2)
+    want = {k: v if not v.is_floating_point() else
+            (v.float() + 0.75 * (trio["chat"][k].float() - trio["base"][k].float())).to(
+                torch.float16 if out_dtype else v.dtype)
+            for k, v in trio["cp"].items()}
+    assert_bit_identical(load_folder(out), want)
