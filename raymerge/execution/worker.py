@@ -76,20 +76,17 @@ class MergeWorker:
         return st
 
     def _kernel(self, tensor: int, st: _ThreadState):
-        """The kernel module for a tensor, and this thread's scratch for it."""
+        """The kernel module for a tensor, and this thread's scratch for it (made on first use)."""
         if self._on_cpu[tensor]:
-            module = kernel
-            if module not in st.scratch:
-                st.scratch[module] = kernel.Scratch()
-        else:
-            import torch
+            if kernel not in st.scratch:
+                st.scratch[kernel] = kernel.Scratch()
+            return kernel, st.scratch[kernel]
+        from raymerge.ops import torch_kernel
 
-            from raymerge.ops import torch_kernel as module
-
-            if module not in st.scratch:
-                torch.set_num_threads(self._threads)
-                st.scratch[module] = module.Scratch(device=self._device)
-        return module, st.scratch[module]
+        if torch_kernel not in st.scratch:
+            torch_kernel.torch.set_num_threads(self._threads)
+            st.scratch[torch_kernel] = torch_kernel.Scratch(device=self._device)
+        return torch_kernel, st.scratch[torch_kernel]
 
     def produce(self, item_id: int, clock: list[float] | None = None) -> tuple[memoryview, int, list]:
         """The item's output bytes (valid until this thread's next item), bytes read, statistics.

@@ -30,6 +30,19 @@ def test_local_reads_return_exact_bytes_in_request_order(tmp_path):
         reader.read(str(path), [(99_000, 100_100)], buf)
 
 
+def test_local_views_stay_valid_while_held(tmp_path):
+    """Local ranges are mapped from the file: a view outlives later reads and the reader itself."""
+    data = os.urandom(3 * 65536 + 123)
+    path = tmp_path / "g.bin"
+    path.write_bytes(data)
+    reader, buf = RangeReader(), Buffer()
+    first = reader.read(str(path), [(65536 + 7, 2 * 65536)], buf)[0]
+    second = reader.read(str(path), [(1, 9)], buf)[0]
+    reader.close()
+    assert bytes(first) == data[65536 + 7:2 * 65536] and bytes(second) == data[1:9]
+    assert first.readonly  # inputs are never written
+
+
 def test_remote_reads_go_through_fsspec(tmp_path):
     import fsspec
 
