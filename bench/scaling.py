@@ -2,13 +2,14 @@
 
     python bench/scaling.py /tmp/trio            # a trio from bench/make_synthetic.py
 
-The model: the execute phase takes O / (min(threads, cores) * k) when compute binds, where O is the
-output bytes, threads = workers * items in flight, and k the output bytes per second that one
-thread's item pipeline (read, float32 arithmetic, write, checksum) makes on one core. k is
-measured here by one run with one worker and one item in flight; the runs at 1, 2 and 4 workers
-(two items in flight each, on a head with 4 CPUs) are then predicted and measured. The same k
-gives the 70B prediction for a cluster whose nodes have --cores cores and --node-gbps of storage
-bandwidth each, printed last.
+The model: the execute phase takes O / (min(workers, cores) * k) when compute binds, where O is
+the output bytes and k the output bytes per second that one worker's item pipeline (read,
+float32 arithmetic, write, checksum) makes on one core: a worker is one CPU (--cpus-per-worker
+1); its second item in flight hides storage latency, it adds no core. k is measured here by one
+run with one worker and one item in flight; the runs at 1, 2 and 4 workers (two items in flight
+each, on a head with 4 CPUs, so 4 workers oversubscribe the 2 cores) are then predicted and
+measured. The same k gives the 70B prediction for a cluster whose nodes have --cores cores
+(workers) and --node-gbps of storage bandwidth each, printed last.
 """
 
 from __future__ import annotations
@@ -51,16 +52,15 @@ def main() -> None:
             runs.append({"workers": workers, "in_flight": in_flight, "execute_s": r["execute_s"], "wall_s": r["wall_s"]})
             shutil.rmtree(out, ignore_errors=True)
     k = out_bytes / runs[0]["execute_s"]
-    print(f"output {out_bytes / 1e9:.2f} GB on {cores} cores; one thread's pipeline: k = {k / 1e9:.3f} GB/s per core")
-    print(f"{'workers':>7s} {'in flight':>9s} {'threads':>7s} {'predicted s':>11s} {'measured s':>10s}")
+    print(f"output {out_bytes / 1e9:.2f} GB on {cores} cores; one worker's pipeline: k = {k / 1e9:.3f} GB/s per core")
+    print(f"{'workers':>7s} {'in flight':>9s} {'predicted s':>11s} {'measured s':>10s}")
     for r in runs:
-        threads = r["workers"] * r["in_flight"]
-        r["predicted_s"] = out_bytes / (min(threads, cores) * k)
-        print(f"{r['workers']:7d} {r['in_flight']:9d} {threads:7d} {r['predicted_s']:11.2f} {r['execute_s']:10.2f}")
+        r["predicted_s"] = out_bytes / (min(r["workers"], cores) * k)
+        print(f"{r['workers']:7d} {r['in_flight']:9d} {r['predicted_s']:11.2f} {r['execute_s']:10.2f}")
     print(f"70B ({LLAMA2_70B_BYTES / 1e9:.0f} GB out, {3 * LLAMA2_70B_BYTES / 1e9:.0f} GB read), nodes of "
           f"{args.cores} cores and {args.node_gbps} GB/s:")
     for n in (1, 4, 8, 16):
-        t = LLAMA2_70B_BYTES * max(3 / (n * args.node_gbps), 1 / (n * args.cores * k))
+        t = LLAMA2_70B_BYTES * max(3 / (n * args.node_gbps * 1e9), 1 / (n * args.cores * k))
         print(f"  {n:2d} nodes: {t:6.0f} s of execute")
     with open(os.path.join(args.results, "scaling.json"), "w") as f:
         json.dump({"trio": args.trio, "output_bytes": out_bytes, "cores": cores, "k_bytes_per_s": k, "runs": runs}, f,
