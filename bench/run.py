@@ -287,6 +287,10 @@ def print_table(result: dict) -> None:
             print(f"{name}: {walls['mergekit'] / walls[name]:.1f}x faster than mergekit, end to end")
 
 
+LABELS = {"raymerge": "raymerge --address (running cluster)", "embedded": "raymerge, embedded (own local Ray)",
+          "paper": "paper's approach (3 whole models)", "mergekit": "mergekit 0.1.5 task_arithmetic"}
+
+
 def chart(result: dict, path: str) -> None:
     import matplotlib
 
@@ -295,10 +299,11 @@ def chart(result: dict, path: str) -> None:
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.barh([r["name"] for r in rows], [r["wall_s"] for r in rows], color="#4477aa")
+    ax.barh([LABELS.get(r["name"], r["name"]) for r in rows], [r["wall_s"] for r in rows], color="#4477aa")
     for i, r in enumerate(rows):
         ax.text(r["wall_s"], i, f" {r['wall_s']:.1f}s", va="center")
     ax.invert_yaxis()
+    ax.set_xlim(0, 1.12 * max(r["wall_s"] for r in rows))  # room for the labels
     ax.set_xlabel("wall seconds (lower is better)")
     ax.set_title(f"chat-vector merge of a {result['output_bytes'] / 1e9:.2f} GB trio (bf16 out, float32 math)")
     fig.tight_layout()

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +186,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
             progress.add(the_plan.items[result.item].nbytes)
 
         try:
+            _import_in_background("pyarrow.parquet")  # the commit needs it; the driver idles meanwhile
             if todo:
                 retried[0] = execute(the_plan, output.url, handles, run_options.storage_options,
                                      _pool(run_options), todo, progress.start, finished)
@@ -213,6 +216,10 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     return MergeResult(output.url, recipe.kind, the_plan.hash, [s.name for s in the_plan.shards],
                        the_plan.output_bytes, the_plan.read_bytes, seconds, execute_seconds, peaks,
                        len(the_plan.items), len(the_plan.items) - len(todo), retried[0], spent)
+
+
+def _import_in_background(module: str) -> None:
+    threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
 
 
 def _pool(run_options: RunOptions):

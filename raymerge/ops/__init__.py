@@ -1,1 +1,1 @@
-"""The arithmetic: torch lives here and in the workers, nowhere below."""
+"""The arithmetic: numpy on the CPU (`kernel`), torch on a GPU and for FP8 (`torch_kernel`)."""
