@@ -14,7 +14,7 @@ Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor)
 raymerge and mergekit agree bit for bit, writes results JSON and a PNG chart.
 
     python bench/make_synthetic.py /tmp/trio --params 750e6
-    python bench/run.py /tmp/trio --mergekit /tmp/mkvenv/bin/mergekit-yaml --results bench/results
+    python bench/run.py /tmp/trio --mergekit /tmp/mkvenv/bin/mergekit-yaml --results bench/results [--repeat 3]
 """
 
 from __future__ import annotations
@@ -47,26 +47,28 @@ def main() -> None:
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     p.add_argument("--work", default="/tmp/raymerge-bench", help="scratch folder for outputs")
     p.add_argument("--skip", action="append", default=[], help="skip a contender (paper, embedded, ...)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of every contender; the table shows medians")
     args = p.parse_args()
     os.makedirs(args.results, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     trio = {r: os.path.join(args.trio, r) for r in ("base", "chat", "cp")}
     out_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(trio["cp"], "*.safetensors")))
-    rows = []
-
-    floor_io = io_floor(trio, os.path.join(args.work, "floor.bin"))
-    floor_kernel = kernel_floor(out_bytes // 2)
-    floor = max(floor_io, floor_kernel)
-    rows.append({"name": "floor: read 3 + write 1", "wall_s": floor_io})
-    rows.append({"name": "floor: float32 kernel", "wall_s": floor_kernel})
-
-    for name in ("raymerge", "embedded", "paper", "mergekit"):
-        if name in args.skip or (name == "mergekit" and not args.mergekit):
-            continue
-        _settle()
-        out = os.path.join(args.work, name)
-        rows.append({"name": name, **RUNNERS[name](trio, out, args)})
+    names = [n for n in ("raymerge", "embedded", "paper", "mergekit")
+             if n not in args.skip and (n != "mergekit" or args.mergekit)]
+    # Rounds interleave the contenders, so that a drift of the machine's speed reaches them all alike.
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeat):
+        floor_io = io_floor(trio, os.path.join(args.work, "floor.bin"))
+        runs.setdefault("floor: read 3 + write 1", []).append({"wall_s": floor_io})
+        runs.setdefault("floor: float32 kernel", []).append({"wall_s": kernel_floor(out_bytes // 2)})
+        for name in names:
+            _settle()
+            out = os.path.join(args.work, name)
+            shutil.rmtree(out, ignore_errors=True)
+            runs.setdefault(name, []).append(RUNNERS[name](trio, out, args))
+    rows = [{"name": name, **_median(done)} for name, done in runs.items()]
+    floor = max(rows[0]["wall_s"], rows[1]["wall_s"])
     for row in rows:
         row["gbps"] = out_bytes / row["wall_s"] / 1e9
         row["x_floor"] = row["wall_s"] / floor
@@ -79,6 +81,12 @@ def main() -> None:
         json.dump(result, f, indent=1)
     chart(result, os.path.join(args.results, "bench.png"))
     print(f"results: {args.results}/bench.json, {args.results}/bench.png")
+
+
+def _median(done: list[dict]) -> dict:
+    """The run of median wall time, with every run's wall time beside it."""
+    middle = sorted(done, key=lambda r: r["wall_s"])[len(done) // 2]
+    return {**middle, "runs_wall_s": [r["wall_s"] for r in done]}
 
 
 def _settle() -> None:
@@ -274,7 +282,8 @@ def print_table(result: dict) -> None:
     print(f"{'contender':28s} {'wall s':>8s} {'GB/s':>7s} {'peak RSS MiB':>13s} {'x floor':>8s}")
     for r in result["rows"]:
         rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "-"
-        print(f"{r['name']:28s} {r['wall_s']:8.2f} {r['gbps']:7.2f} {rss:>13s} {r['x_floor']:8.2f}")
+        spread = "  (runs: " + ", ".join(f"{w:.2f}" for w in r["runs_wall_s"]) + ")" if len(r["runs_wall_s"]) > 1 else ""
+        print(f"{r['name']:28s} {r['wall_s']:8.2f} {r['gbps']:7.2f} {rss:>13s} {r['x_floor']:8.2f}{spread}")
         if "execute_s" in r:
             print(f"{'  (execute phase)':28s} {r['execute_s']:8.2f} {result['output_bytes'] / r['execute_s'] / 1e9:7.2f} "
                   f"{'':>13s} {r['execute_s'] / result['floor_s']:8.2f}")
