@@ -194,7 +194,8 @@ def merge_on(address: str, trio: dict, out: str, work: str, extra: list[str] = (
     m = watch(_cli(trio, out, ["--address", address, "--report", report, *extra]))
     r = json.load(open(report))
     peaks = [v / 2**20 for v in r["peak_rss_per_worker"].values()] + [m["peak_rss"][0]["rss_mib"]]
-    return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "peak_rss_mib": max(peaks),
+    return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "steady_gbps": r["steady_gbps"],
+            "peak_rss_mib": max(peaks),
             "worker_peak_rss_mib": r["peak_rss_per_worker"], "driver_peak_rss_mib": m["peak_rss"][0]["rss_mib"],
             "report": r}
 
@@ -211,7 +212,7 @@ def run_raymerge_embedded(trio: dict, out: str, args) -> dict:
     os.environ.update(env_free)
     m = watch(_cli(trio, out, ["--report", report]))
     r = json.load(open(report))
-    return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"],
+    return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "steady_gbps": r["steady_gbps"],
             "peak_rss_mib": m["peak_rss"][0]["rss_mib"], "top_processes": m["peak_rss"][:4]}
 
 
@@ -287,6 +288,10 @@ def print_table(result: dict) -> None:
         if "execute_s" in r:
             print(f"{'  (execute phase)':28s} {r['execute_s']:8.2f} {result['output_bytes'] / r['execute_s'] / 1e9:7.2f} "
                   f"{'':>13s} {r['execute_s'] / result['floor_s']:8.2f}")
+            # The steady rate (10% to 90% of the bytes), as the seconds it would take for the whole output.
+            steady_s = result["output_bytes"] / (r["steady_gbps"] * 1e9)
+            print(f"{'  (steady state)':28s} {steady_s:8.2f} {r['steady_gbps']:7.2f} {'':>13s} "
+                  f"{steady_s / result['floor_s']:8.2f}")
     if result["raymerge_equals_mergekit"]:
         c = result["raymerge_equals_mergekit"]
         print(f"raymerge vs mergekit: {c['differing']} of {c['elements']} elements differ")

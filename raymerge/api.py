@@ -58,12 +58,14 @@ class MergeResult:
     items_done_before: int = 0  # by the interrupted run that --resume continued
     items_retried: int = 0  # items run again because their worker died
     worker_seconds: dict[str, float] | None = None  # read, compute, write, checksum (summed over workers)
+    steady_gbps: float = 0.0  # output GB/s between 10% and 90% of the execute phase's bytes
 
     def report(self) -> dict:
         """The run report, as `--report FILE.json` saves it."""
         return {"kind": self.kind, "out": urls.redact(self.out), "plan_hash": self.plan_hash, "shards": self.shards,
                 "bytes_written": self.output_bytes, "bytes_read": self.read_bytes, "wall_seconds": self.seconds,
-                "execute_seconds": self.execute_seconds, "gbps": self.gbps, "items": self.items,
+                "execute_seconds": self.execute_seconds, "gbps": self.gbps, "steady_gbps": self.steady_gbps,
+                "items": self.items,
                 "items_done_before": self.items_done_before, "items_retried": self.items_retried,
                 "peak_rss_per_worker": self.peak_rss, "worker_seconds": self.worker_seconds}
 
@@ -215,7 +217,8 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
                       progress.rate() / 1e9, seconds)
     return MergeResult(output.url, recipe.kind, the_plan.hash, [s.name for s in the_plan.shards],
                        the_plan.output_bytes, the_plan.read_bytes, seconds, execute_seconds, peaks,
-                       len(the_plan.items), len(the_plan.items) - len(todo), retried[0], spent)
+                       len(the_plan.items), len(the_plan.items) - len(todo), retried[0], spent,
+                       progress.steady_rate() / 1e9 if todo else 0.0)
 
 
 def _import_in_background(module: str) -> None:

@@ -160,7 +160,8 @@ def _report(result, path: str | None = None) -> None:
         with open(path, "w") as f:
             json.dump(result.report(), f, indent=1)
     print(f"raymerge: {result.kind}: wrote {result.output_bytes / 1e9:.2f} GB in {len(result.shards)} shards to "
-          f"{result.out}; execute {result.execute_seconds:.1f}s ({result.gbps:.2f} GB/s), "
+          f"{result.out}; execute {result.execute_seconds:.1f}s ({result.gbps:.2f} GB/s, "
+          f"{result.steady_gbps:.2f} GB/s steady), "
           f"{result.seconds:.1f}s in all")
     print(f"  read {result.read_bytes / 1e9:.2f} GB; {result.items} items ({result.items_done_before} done before, "
           f"{result.items_retried} retried)")

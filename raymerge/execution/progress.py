@@ -30,6 +30,7 @@ class Progress:
         self.started = time.monotonic()
         self.stopped: float | None = None
         self._last_log = self.started
+        self._marks: list[tuple[float, int]] = [(self.started, self.done_bytes)]  # (time, bytes done)
         self.workers = workers
         self._busy = busy
 
@@ -37,6 +38,7 @@ class Progress:
         self.done_bytes += nbytes
         self.done_items += 1
         now = time.monotonic()
+        self._marks.append((now, self.done_bytes))
         last = self.done_items == self.total_items
         if self.tty and log.isEnabledFor(logging.INFO):
             if now - self._last_log >= 0.2 or last:
@@ -62,6 +64,15 @@ class Progress:
     def rate(self) -> float:
         """Output bytes per second written by this run so far."""
         return (self.done_bytes - self._first_bytes) / self.elapsed if self.elapsed > 0 else 0.0
+
+    def steady_rate(self) -> float:
+        """Output bytes per second between the items that completed 10% and 90% of this run's
+        bytes: the rate once the workers are warm, without the first items and the last ones."""
+        first, total = self._marks[0][1], self.done_bytes - self._marks[0][1]
+        inside = [(t, b) for t, b in self._marks if 0.1 * total <= b - first <= 0.9 * total]
+        if len(inside) < 3 or inside[-1][0] <= inside[0][0]:
+            return self.rate()
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
     def line(self) -> str:
         rate = self.rate()
