@@ -119,7 +119,7 @@ def _narrow(out: np.ndarray, acc: np.ndarray, work: np.ndarray, finite: bool) ->
         np.add(tmp, bits, out=tmp)
         np.add(tmp, 0x7FFF, out=tmp)
         np.right_shift(tmp, 16, out=tmp)
-        np.copyto(out, tmp, casting="unsafe")  # 4x faster than a shift that casts as it writes to `out`
+        np.copyto(out, tmp, casting="unsafe")  # faster than a shift that casts as it writes to `out`
         if not finite:
             out[np.isnan(acc)] = 0xFFFF
         return
