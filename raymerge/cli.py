@@ -94,6 +94,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="FILE.json", help="save the run report (bytes, times, GB/s, retries, memory)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the unfinished run at --out: only items not yet done are done")
+    p.add_argument("--allow-nonfinite", action="store_true", default=None,
+                   help="commit even when finite inputs give inf/NaN output (F16 overflow); counts are in the "
+                        "stats and the report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RECIPE_FLAGS = ("base", "chat", "cp", "vector", "out", "scale", "vocab", "skip", "special_tokens", "chat_template",
                 "dtype", "shard_size", "item_size", "storage_options", "address", "workers", "cpus_per_worker",
-                "in_flight", "overwrite", "resume", "gpus_per_worker", "worker_resource")
+                "in_flight", "overwrite", "resume", "gpus_per_worker", "worker_resource", "allow_nonfinite")
 
 
 def recipe_values(args: argparse.Namespace) -> dict:
@@ -167,6 +170,9 @@ def _report(result, path: str | None = None) -> None:
           f"{result.items_retried} retried)")
     if result.peak_rss:
         print("  peak memory per worker: " + ", ".join(f"{w} {b / 2**20:.0f} MiB" for w, b in sorted(result.peak_rss.items())))
+    if result.nonfinite:
+        print(f"  inf/NaN output elements in {len(result.nonfinite)} tensors (committed with --allow-nonfinite, or "
+              "taken from inputs that hold them): " + ", ".join(f"{n} {c}" for n, (c, _) in list(result.nonfinite.items())[:5]))
 
 
 def _run_kind(args: argparse.Namespace) -> int:
@@ -178,8 +184,9 @@ def _run_kind(args: argparse.Namespace) -> int:
 
 
 def _run_file(args: argparse.Namespace) -> int:
-    from raymerge.api import prefer_loopback, run
+    from raymerge.api import run
     from raymerge.config import load_recipe_file
+    from raymerge.session import prefer_loopback
 
     recipe, run_options = load_recipe_file(args.recipe)
     prefer_loopback(run_options.address or os.environ.get("RAY_ADDRESS"))
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     if args.command in ("merge", "extract", "apply", "demo"):  # `run` does it once its file is read
-        from raymerge.api import prefer_loopback
+        from raymerge.session import prefer_loopback
 
         prefer_loopback(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))
     try:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from raymerge.errors import InputError
 from raymerge.ops.rules import VOCAB_MODES, parse_special_tokens
 from raymerge.safetensors.dtypes import ALIASES, FLOATS
+from raymerge.untrusted import UntrustedJSON, parse_json
 
+MAX_SIZE = 2**62  # bytes: far past any checkpoint, and safe in every int64 offset
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -25,26 +27,55 @@ def parse_size(value: str | int, option: str) -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not m or m.group(2).upper() not in _UNITS:
             raise InputError(f"{option} {value!r}: not a size; write e.g. 5GB, 500MB, 64MiB or a byte count")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        x = float(m.group(1)) * _UNITS[m.group(2).upper()]
+        n = int(x) if math.isfinite(x) else MAX_SIZE
     if n <= 0:
         raise InputError(f"{option} {value!r}: must be a positive size")
+    if n >= MAX_SIZE:
+        raise InputError(f"{option} {str(value)[:40]!r}: too large; sizes go up to a few TB")
     return n
 
 
-def parse_scale(value: float | str, option: str = "--scale") -> float:
+def parse_number(value: float | str, option: str) -> float:
+    """A finite float from a number or its text (bools are not numbers here)."""
+    if isinstance(value, bool):
+        raise InputError(f"{option} {value!r}: not a number; write e.g. 0.5 or 1.0")
     try:
         x = float(value)
+    except OverflowError:  # an int too large for a float
+        x = math.inf
     except (TypeError, ValueError) as e:
-        raise InputError(f"{option} {value!r}: not a number; write e.g. 0.5 or 1.0") from e
+        raise InputError(f"{option} {_shown(value)}: not a number; write e.g. 0.5 or 1.0") from e
     if not math.isfinite(x):
-        raise InputError(f"{option} {value!r}: must be a finite number")
+        raise InputError(f"{option} {_shown(value)}: must be a finite number")
     return x
+
+
+def parse_scale(value: float | str, option: str = "--scale") -> float:
+    """A scale the float32 arithmetic can use as given: finite in float32, and not a nonzero value
+    that float32 rounds to 0 (which would silently drop the vector)."""
+    x = parse_number(value, option)
+    try:
+        as_f32 = struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        as_f32 = math.inf
+    if math.isinf(as_f32) or (x != 0 and as_f32 == 0):
+        raise InputError(f"{option} {_shown(value)}: {'overflows' if math.isinf(as_f32) else 'rounds to 0 in'} "
+                         "float32, in which raymerge computes; use 0 or a magnitude between 1e-45 and 3.4e38")
+    return x
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_dtype(value: str | None) -> str | None:
     """A safetensors float dtype name from 'bfloat16', 'bf16', 'BF16', ...; None stays None."""
     if value is None:
         return None
+    if not isinstance(value, str):
+        raise InputError(f"--dtype {_shown(value)}: not a dtype name; use float32, bfloat16 or float16")
     name = ALIASES.get(value.lower(), value.upper())
     if name not in FLOATS:
         raise InputError(f"--dtype {value!r}: not a float dtype; use float32, bfloat16 or float16")
@@ -52,18 +83,20 @@ def parse_dtype(value: str | None) -> str | None:
 
 
 def parse_storage_options(value: str | dict | None) -> dict[str, Any]:
+    """fsspec options: a mapping with string keys, given as one (a recipe, the API) or as JSON text."""
     if value is None:
         return {}
-    if isinstance(value, dict):
-        return value
-    try:
-        obj = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise InputError(f"--storage-options: not valid JSON ({e.msg} at character {e.pos}); "
-                         'write e.g. \'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\'') from e
-    if not isinstance(obj, dict):
-        raise InputError("--storage-options: must be a JSON object of fsspec options")
-    return obj
+    obj = value
+    if isinstance(value, str):
+        try:
+            obj = parse_json(value)
+        except UntrustedJSON as e:
+            raise InputError(f"--storage-options: {e}; write e.g. "
+                             '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\'') from e
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise InputError(f"--storage-options {_shown(value)}: must be a JSON object (a mapping with string keys) "
+                         "of fsspec options")
+    return dict(obj)
 
 
 def parse_count(value: int | None, option: str, minimum: int = 1) -> int | None:
@@ -89,35 +122,44 @@ class RunOptions:
     resume: bool = False
     gpus_per_worker: float = 0.0
     worker_resource: str | None = None
+    allow_nonfinite: bool = False  # commit even when finite inputs give inf/NaN output
 
     @classmethod
     def parse(cls, *, shard_size: str | int = "5GB", item_size: str | int = "32MiB", workers: int | None = None,
               cpus_per_worker: float = 1.0, in_flight: int = 2, address: str | None = None,
               storage_options: str | dict | None = None, overwrite: bool = False,
-              resume: bool = False, gpus_per_worker: float = 0.0, worker_resource: str | None = None) -> RunOptions:
-        cpus = parse_scale(cpus_per_worker, "--cpus-per-worker")
+              resume: bool = False, gpus_per_worker: float = 0.0, worker_resource: str | None = None,
+              allow_nonfinite: bool = False) -> RunOptions:
+        cpus = parse_number(cpus_per_worker, "--cpus-per-worker")
         if cpus <= 0:
             raise InputError(f"--cpus-per-worker {cpus_per_worker!r}: must be positive")
-        gpus = parse_scale(gpus_per_worker, "--gpus-per-worker")
+        gpus = parse_number(gpus_per_worker, "--gpus-per-worker")
         if gpus < 0:
             raise InputError(f"--gpus-per-worker {gpus_per_worker!r}: must be zero or positive")
-        if worker_resource is not None and not re.fullmatch(r"[A-Za-z0-9_.:/-]+", str(worker_resource)):
-            raise InputError(f"--worker-resource {worker_resource!r}: a Ray resource name, e.g. merge")
+        if worker_resource is not None and not (isinstance(worker_resource, str)
+                                                and re.fullmatch(r"[A-Za-z0-9_.:/-]+", worker_resource)):
+            raise InputError(f"--worker-resource {_shown(worker_resource)}: a Ray resource name, e.g. merge")
+        if address is not None and not isinstance(address, str):
+            raise InputError(f"--address {_shown(address)}: a Ray address, e.g. auto or ray://head:10001")
+        overwrite, resume = _bool(overwrite, "overwrite", ""), _bool(resume, "resume", "")
         item_size = parse_size(item_size, "--item-size")
         if not MIN_ITEM_SIZE <= item_size <= MAX_ITEM_SIZE:
             raise InputError(f"--item-size {item_size}: must be between 4KiB and 2GiB (a worker holds a few "
                              "items' inputs in memory); the default 32MiB suits most runs")
         if overwrite and resume:
             raise InputError("--overwrite and --resume: choose one (start over, or continue the unfinished run)")
-        return cls(parse_size(shard_size, "--shard-size"), item_size,
-                   parse_count(workers, "--workers"), cpus, parse_count(in_flight, "--in-flight"), address,
-                   parse_storage_options(storage_options), bool(overwrite), bool(resume), gpus, worker_resource)
+        return cls(shard_size=parse_size(shard_size, "--shard-size"), item_size=item_size,
+                   workers=parse_count(workers, "--workers"), cpus_per_worker=cpus,
+                   in_flight=parse_count(in_flight, "--in-flight"), address=address,
+                   storage_options=parse_storage_options(storage_options), overwrite=overwrite, resume=resume,
+                   gpus_per_worker=gpus, worker_resource=worker_resource,
+                   allow_nonfinite=_bool(allow_nonfinite, "allow_nonfinite", ""))
 
 
 MIN_ITEM_SIZE = 4096
 MAX_ITEM_SIZE = 2**31
 RUN_KEYS = ("shard_size", "item_size", "workers", "cpus_per_worker", "in_flight", "address",
-            "storage_options", "overwrite", "resume", "gpus_per_worker", "worker_resource")
+            "storage_options", "overwrite", "resume", "gpus_per_worker", "worker_resource", "allow_nonfinite")
 
 
 @dataclass(frozen=True)
@@ -169,15 +211,18 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     """Validate a recipe given as a mapping (parsed YAML, or the CLI's flags) and split it into
     what to compute and how to run. Keys may use '-' or '_'. Errors name the key and the fix."""
     at = f"{where}: " if where else ""
-    if kind not in _RECIPE_KEYS:
-        raise InputError(f"{at}kind {kind!r}: must be one of {', '.join(_RECIPE_KEYS)}")
+    if not isinstance(kind, str) or kind not in _RECIPE_KEYS:
+        raise InputError(f"{at}kind {_shown(kind)}: must be one of {', '.join(_RECIPE_KEYS)}")
+    for key in values:
+        if not isinstance(key, str):
+            raise InputError(f"{at}key {_shown(key)}: keys are option names like base, chat, scale, out")
     values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
     allowed = _RECIPE_KEYS[kind] + RUN_KEYS
     for key in values:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; {kind} takes: {', '.join(allowed)}"
-            raise InputError(f"{at}unknown key {key!r} for {kind}{hint}")
+            raise InputError(f"{at}unknown key {_shown(key)} for {kind}{hint}")
     for key in _REQUIRED[kind]:
         if not values.get(key):
             raise InputError(f"{at}{kind} needs {_flag(key)}")
@@ -199,8 +244,8 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     for pattern in recipe.skip:
         try:
             re.compile(pattern)
-        except re.error as e:
-            raise InputError(f"{at}--skip {pattern!r}: not a valid regular expression ({e})") from e
+        except (re.error, RecursionError, OverflowError) as e:
+            raise InputError(f"{at}--skip {_shown(pattern)}: not a valid regular expression ({e})") from e
     run = _at(at, RunOptions.parse, **{k: values[k] for k in RUN_KEYS if k in values})
     return recipe, run
 
@@ -288,6 +333,8 @@ def load_recipe_file(path: str) -> tuple[Recipe, RunOptions]:
         raise InputError(f"recipe {path}: cannot read it ({e.strerror})") from e
     except yaml.YAMLError as e:
         raise InputError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    except RecursionError as e:
+        raise InputError(f"recipe {path}: nested too deeply; a recipe is a flat mapping of keys") from e
     if not isinstance(data, dict):
         raise InputError(f"recipe {path}: must be a mapping of keys like kind, base, chat, cp, out")
     kind = data.pop("kind", None)

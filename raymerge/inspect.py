@@ -6,17 +6,34 @@ type to choose a scale: a vector that rewrites a layer by tens of percent is too
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from typing import Any
 
-from raymerge.commit.manifest import MANIFEST_NAME
-from raymerge.commit.stats import read_stats
+from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, parse_manifest
 from raymerge.errors import InputError
 from raymerge.storage import urls
 
-_LAYER = re.compile(r"\.(\d+)\.")
+_LAYER = re.compile(r"\.(\d{1,9})\.")  # bounded: a name from the table is data, not trusted
+MAX_STATS_BYTES = 256 * 2**20
+MAX_STATS_ROWS = 10_000_000
+
+
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_float(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_floating(t)
+
+
+# column -> (type check, may hold nulls, what it should be)
+_STATS_COLUMNS = {"tensor": (_is_text, False, "text"), "delta_norm": (_is_float, False, "a float"),
+                  "relative": (_is_float, True, "a float")}
 
 
 def tensor_kind(name: str) -> tuple[int | None, str]:
@@ -29,18 +46,45 @@ def tensor_kind(name: str) -> tuple[int | None, str]:
 
 def load(url: str, storage_options: dict[str, Any]) -> tuple[dict, list[dict]]:
     fs, path = urls.filesystem(url, storage_options)
+    shown = f"inspect {urls.redact(url)}"
     try:
-        manifest = json.loads(fs.cat_file(f"{path.rstrip('/')}/{MANIFEST_NAME}"))
+        raw = fs.cat_file(f"{path.rstrip('/')}/{MANIFEST_NAME}", start=0, end=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError as e:
-        raise InputError(f"inspect {urls.redact(url)}: no {MANIFEST_NAME}; it is not a finished raymerge "
-                         "checkpoint") from e
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"inspect {urls.redact(url)}: {MANIFEST_NAME} is not valid JSON") from e
+        raise InputError(f"{shown}: no {MANIFEST_NAME}; it is not a finished raymerge checkpoint") from e
+    manifest = parse_manifest(raw, shown)
     try:
-        table = read_stats(fs.cat_file(f"{path.rstrip('/')}/{manifest.get('stats', '')}"))
+        data = fs.cat_file(f"{path.rstrip('/')}/{manifest['stats']}", start=0, end=MAX_STATS_BYTES + 1)
     except (FileNotFoundError, OSError) as e:
-        raise InputError(f"inspect {urls.redact(url)}: its statistics table is missing or unreadable ({e})") from e
-    return manifest, table.to_pylist()
+        raise InputError(f"{shown}: its statistics table is missing or unreadable ({e})") from e
+    return manifest, stats_rows(data, f"{shown}: {manifest['stats']}")
+
+
+def stats_rows(data: bytes, where: str) -> list[dict]:
+    """The columns inspect uses, read as plain data and type-checked: a damaged or foreign table
+    is one InputError, never a traceback (and never anything but numbers and strings)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if len(data) > MAX_STATS_BYTES:
+        raise InputError(f"{where}: larger than {MAX_STATS_BYTES // 2**20} MiB; it is not raymerge's table")
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        schema = parquet.schema_arrow
+        for name, (is_type, _, kind) in _STATS_COLUMNS.items():
+            at = schema.get_field_index(name)
+            if at < 0 or not is_type(schema.field(at).type):
+                found = str(schema.field(at).type)[:40] if at >= 0 else "missing"
+                raise InputError(f"{where}: column {name!r} should be {kind}, is {found}; the table is damaged")
+        if parquet.metadata.num_rows > MAX_STATS_ROWS:
+            raise InputError(f"{where}: {parquet.metadata.num_rows} rows, more than any checkpoint has tensors")
+        table = parquet.read(columns=list(_STATS_COLUMNS))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"{where}: not a readable Parquet table ({type(e).__name__}: {str(e)[:200]}); "
+                         "the statistics are damaged, run the merge again to remake them") from e
+    for name, (_, nullable, _) in _STATS_COLUMNS.items():
+        if not nullable and table.column(name).null_count:
+            raise InputError(f"{where}: column {name!r} has empty values; the table is damaged")
+    return table.to_pylist()
 
 
 def summarize(manifest: dict, rows: list[dict]) -> str:

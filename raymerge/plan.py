@@ -20,6 +20,7 @@ class InputFile:
     url: str
     size: int
     fingerprint: str  # ETag or mtime, plus the header digest: what resume compares
+    version: str = ""  # what reads are pinned to: the ETag (S3, sent as If-Match), the commit sha (Hub), "" (local)
 
 
 @dataclass(frozen=True, slots=True)

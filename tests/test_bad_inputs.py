@@ -28,8 +28,31 @@ def _ckpt(folder, seed, shapes=TENSORS, dtype=torch.bfloat16):
 
 
 def _raw(path, header: dict, data: bytes):
-    text = json.dumps(header).encode()
+    _raw_text(path, json.dumps(header).encode(), data)
+
+
+def _raw_text(path, text: bytes, data: bytes):
     open(path, "wb").write(struct.pack("<Q", len(text)) + text + data)
+
+
+def _deep(n=100_000) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+def _surrogate_name(trio):
+    """Every input with one more tensor, named by a lone surrogate escape: the inputs line up, so
+    without the check it is only found when the output header is serialized, after planning."""
+    for seed, folder in enumerate(trio.values()):
+        path = os.path.join(folder, "model.safetensors")
+        g = torch.Generator().manual_seed(seed)
+        save_file({**{n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in TENSORS.items()},
+                   "XXXXXX": torch.zeros(2)}, path)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data.replace(b'"XXXXXX"', b'"\\ud800"'))  # the same length: offsets hold
+
+
+def _write(path, text: bytes):
+    open(path, "wb").write(text)
 
 
 def _replace_cp(trio, writer):
@@ -107,6 +130,26 @@ CASES = {
     "vocab mode unknown": (None, ["--vocab", "sometimes"], "--vocab"),
     "unknown protocol": (None, ["--base", "nosuchproto://x/y"], "nosuchproto"),
     "output protocol unsupported": (None, ["--out", "gs://bucket/out"], "not supported"),
+    "dtype a list": (lambda t, tmp: _replace_cp(t, lambda p: _raw(
+        p, {"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)), [], "unknown dtype ['F32']"),
+    "header nested deep": (lambda t, tmp: _replace_cp(t, lambda p: _raw_text(p, b'{"w": ' + _deep() + b"}", b"")),
+                           [], "model.safetensors: header refused (nested deeper than 64 levels)"),
+    "integer of 5000 digits in a shape": (lambda t, tmp: _replace_cp(t, lambda p: _raw_text(
+        p, b'{"w": {"dtype": "F32", "shape": [' + b"7" * 5000 + b'], "data_offsets": [0, 4]}}', b"\0" * 4)),
+        [], "header refused (an integer of 5000 digits)"),
+    "tensor name a lone surrogate": (lambda t, tmp: _surrogate_name(t), [],
+                                     "header refused (a string with a lone surrogate"),
+    "config.json nested deep": (lambda t, tmp: _write(os.path.join(t["cp"], "config.json"), _deep()), [],
+                                "config.json refused (nested deeper than 64 levels); fix or remove it"),
+    "index nested deep": (lambda t, tmp: (os.remove(os.path.join(t["cp"], "model.safetensors")), _write(
+        os.path.join(t["cp"], "model.safetensors.index.json"), b'{"weight_map": {"w": ' + _deep() + b"}}")), [],
+        "model.safetensors.index.json: refused (nested deeper than 64 levels)"),
+    "tokenizer_config.json nested deep": (lambda t, tmp: (
+        _write(os.path.join(t["cp"], "tokenizer_config.json"), b'{"eos_token": "</s>"}'),
+        _write(os.path.join(t["chat"], "tokenizer_config.json"), b'{"chat_template": ' + _deep() + b"}")), [],
+        "tokenizer_config.json refused (nested deeper than 64 levels)"),
+    "scale overflows float32": (None, ["--scale", "1e39"], "--scale '1e39': overflows float32"),
+    "scale rounds to 0 in float32": (None, ["--scale", "1e-50"], "--scale '1e-50': rounds to 0 in float32"),
 }
 
 
@@ -141,12 +184,53 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
             extra.pop(i)
     cmd = [sys.executable, "-m", "raymerge", "merge", *[x for kv in args.items() for x in kv], *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    _assert_refused(r, expected, root, before)
+    out = args["--out"]
+    if os.path.isdir(out) and case != "output holds a checkpoint" and not out.startswith(trio["cp"]):
+        assert not [n for n in os.listdir(out) if n.endswith((".safetensors", ".json"))]
+
+
+def _assert_refused(r: subprocess.CompletedProcess, expected: str, root: str, before: str) -> None:
+    """Exit 2, one line naming what and where, no traceback, nothing executed, inputs untouched."""
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and lines[0].startswith("raymerge: error:"), r.stderr
     assert expected in lines[0], lines[0]
     assert "Traceback" not in r.stderr and "execute:" not in r.stderr
     assert _digest(root) == before  # inputs untouched
-    out = args["--out"]
-    if os.path.isdir(out) and case != "output holds a checkpoint" and not out.startswith(trio["cp"]):
-        assert not [n for n in os.listdir(out) if n.endswith((".safetensors", ".json"))]
+
+
+# `raymerge run FILE.yaml`: recipe values of the wrong type. name -> (recipe keys, expected text)
+RECIPE_CASES = {
+    "storage_options a list": ({"storage_options": [1]}, "--storage-options [1]: must be a JSON object"),
+    "overwrite the string false": ({"overwrite": "false"}, "overwrite: expected true or false, got 'false'"),
+    "resume the string true": ({"resume": "true"}, "resume: expected true or false, got 'true'"),
+    "allow_nonfinite a number": ({"allow_nonfinite": 1}, "allow_nonfinite: expected true or false, got 1"),
+    "workers a string": ({"workers": "4"}, "--workers '4': must be an integer >= 1"),
+    "item_size a list": ({"item_size": [1]}, "--item-size [1]: not a size"),
+    "address a number": ({"address": 5}, "--address 5: a Ray address"),
+    "worker_resource a number": ({"worker_resource": 1}, "--worker-resource 1: a Ray resource name"),
+    "scale a boolean": ({"scale": True}, "--scale True: not a number"),
+    "scale overflows float32": ({"scale": 1e39}, "overflows float32"),
+    "dtype a number": ({"dtype": 5}, "--dtype 5: not a dtype name"),
+    "kind a list": ({"kind": ["merge"]}, "kind ['merge']: must be one of merge, extract, apply"),
+    "a key that is a number": ({1: "x"}, "key 1: keys are option names"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_bad_recipe_file_exits_2_with_one_line(tmp_path, case):
+    import yaml
+
+    values, expected = RECIPE_CASES[case]
+    root = str(tmp_path / "in")
+    trio = {role: _ckpt(os.path.join(root, role), seed) for seed, role in enumerate(("base", "chat", "cp"))}
+    before = _digest(root)
+    recipe = {"kind": "merge", **trio, "out": str(tmp_path / "out"), **values}
+    path = str(tmp_path / "recipe.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f)
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path], capture_output=True, text=True, timeout=120)
+    _assert_refused(r, f"recipe {path}: ", root, before)
+    assert expected in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "out")

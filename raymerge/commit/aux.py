@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from raymerge.untrusted import parse_json
+
 TAKEN = {
     "tokenizer_config.json": ("chat_template", "eos_token"),
     "special_tokens_map.json": ("eos_token",),
@@ -19,9 +21,10 @@ TAKEN = {
 def patched(name: str, ours: bytes, theirs: bytes) -> bytes:
     """`ours` with the keys of TAKEN[name] replaced by `theirs`'s values, where theirs has them.
 
-    Raises ValueError when either file is not a JSON object.
+    Raises ValueError (`UntrustedJSON` for hostile bytes) when either file is not a JSON object.
+    Resolve already parsed both the same way; this is the check of last resort.
     """
-    mine, other = json.loads(ours), json.loads(theirs)
+    mine, other = parse_json(ours), parse_json(theirs)
     if not isinstance(mine, dict) or not isinstance(other, dict):
         raise ValueError(f"{name} is not a JSON object")
     changed = False

@@ -1,14 +1,17 @@
 """Commit, only when every item of the plan is accounted for:
 
-  1. copy the auxiliary files (config, generation config, tokenizer; chat template and EOS from
+  1. when replacing an older checkpoint (--overwrite), remove its manifest and index first, so that
+     the folder never looks complete while it is half replaced,
+  2. copy the auxiliary files (config, generation config, tokenizer; chat template and EOS from
      the chat model), and write the per-tensor statistics,
-  2. give every shard its final name (fsync + rename; complete the multipart uploads),
-  3. write `model.safetensors.index.json` (sharded output only),
-  4. write the manifest, last; then drop the resume journal.
+  3. give every shard its final name (fsync + rename; complete the multipart uploads), then remove
+     the older checkpoint's files the new one did not replace,
+  4. write `model.safetensors.index.json` (sharded output only),
+  5. write the manifest, last; then drop the resume journal.
 
-A run that fails before step 4 leaves no manifest; one that fails before step 2 leaves no shard
+A run that fails before step 5 leaves no manifest; one that fails before step 3 leaves no shard
 under a final name and no index. Every step is idempotent, so `--resume` can finish a commit that
-was cut short.
+was cut short. Only files the older checkpoint's manifest or index named are ever removed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from raymerge.commit.aux import patched
-from raymerge.commit.manifest import MANIFEST_NAME
+from raymerge.commit.manifest import MANIFEST_NAME, output_files
+from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import STATS_NAME, parquet_bytes
 from raymerge.errors import CommitError, RaymergeError
 from raymerge.plan import AuxFile, Plan
@@ -32,24 +36,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("raymerge.progress")
 
 
-def commit(plan: Plan, output: Output, handles: list[str], results: dict, manifest: bytes, stats: pa.Table,
-           storage_options: dict[str, Any]) -> None:
-    missing = [i.id for i in plan.items if i.id not in results]
+def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemRecord], manifest: bytes,
+           stats: pa.Table, storage_options: dict[str, Any], replaces: tuple[str, ...] = ()) -> None:
+    """`replaces`: the files of an older checkpoint at the output, to remove (see module doc)."""
+    missing = [i.id for i in plan.items if i.id not in done]
     if missing:
         raise CommitError(f"commit: {len(missing)} of {len(plan.items)} items are not done "
                           f"(first: {missing[:5]}); nothing was committed")
     etags: list[dict[int, str]] = [{} for _ in plan.shards]
     for item in plan.items:
-        etag = results[item.id].etag
+        etag = done[item.id].etag
         if etag is not None:
             etags[item.shard][item.part] = etag
     try:
         # Harmless files first, so that the window between the first final shard name and the
         # manifest is as short as it can be; every step can be run again by --resume.
+        output.delete([n for n in (MANIFEST_NAME, INDEX_NAME) if n in replaces])
         for aux in plan.aux_files:
             output.put(aux.name, _aux_bytes(plan, aux, storage_options))
         output.put(STATS_NAME, parquet_bytes(stats))
         output.finalize([s.name for s in plan.shards], handles, etags, [s.size for s in plan.shards])
+        output.delete([n for n in replaces if n not in output_files(plan)])
         if len(plan.shards) > 1:
             weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
             output.put(INDEX_NAME, index_bytes(plan.tensor_bytes, weight_map))

@@ -2,7 +2,8 @@
 
 `delta_norm` = ||sum_i scale_i * (a_i - b_i)||, the change applied (float32, before it is added and
 rounded), `anchor_norm` = ||anchor|| (cp; empty when extracting), `relative` = their ratio: what
-chat-vector users look at to choose a scale.
+chat-vector users look at to choose a scale. `nonfinite` counts the tensor's inf/NaN output
+elements, `nonfinite_new` those made from finite inputs (an overflowing dtype or scale).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import math
 from typing import TYPE_CHECKING
 
+from raymerge.commit.records import ItemRecord
 from raymerge.plan import Plan
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: every worker imports this package, none needs it
@@ -19,22 +21,28 @@ if TYPE_CHECKING:  # pyarrow is imported where it is used: every worker imports 
 STATS_NAME = "raymerge_stats.parquet"
 
 
-def tensor_stats(plan: Plan, results: dict) -> pa.Table:
-    """Sum the workers' per-piece sums of squares into one row per tensor."""
+def tensor_stats(plan: Plan, done: dict[int, ItemRecord]) -> pa.Table:
+    """Sum the workers' per-piece sums into one row per tensor."""
     import pyarrow as pa
 
     ss_delta = [0.0] * len(plan.tensors)
     ss_anchor = [0.0] * len(plan.tensors)
-    for result in results.values():
-        for tensor, d, a in result.stats:
-            ss_delta[tensor] += d
-            ss_anchor[tensor] += a
-    rows = {"tensor": [], "rule": [], "dtype": [], "numel": [], "delta_norm": [], "anchor_norm": [],
-            "relative": []}
+    nonfinite = [0] * len(plan.tensors)
+    new_nonfinite = [0] * len(plan.tensors)
+    for record in done.values():
+        for s in record.sums:
+            ss_delta[s.tensor] += s.ss_delta
+            ss_anchor[s.tensor] += s.ss_anchor
+            nonfinite[s.tensor] += s.nonfinite
+            new_nonfinite[s.tensor] += s.new_nonfinite
+    rows: dict[str, list] = {"tensor": [], "rule": [], "dtype": [], "numel": [], "delta_norm": [], "anchor_norm": [],
+                             "relative": [], "nonfinite": [], "nonfinite_new": []}
     for i, t in enumerate(plan.tensors):
         delta = math.sqrt(ss_delta[i])
-        # Tensors copied unchanged are not read as float32, so their norm is not measured.
-        anchor = math.sqrt(ss_anchor[i]) if t.anchor is not None and not t.is_copy else None
+        # Tensors copied unchanged are not read as float32, so their norm and their inf/NaN are
+        # not measured.
+        measured = not t.is_copy
+        anchor = math.sqrt(ss_anchor[i]) if t.anchor is not None and measured else None
         rows["tensor"].append(t.name)
         rows["rule"].append(t.rule)
         rows["dtype"].append(t.dtype)
@@ -42,7 +50,23 @@ def tensor_stats(plan: Plan, results: dict) -> pa.Table:
         rows["delta_norm"].append(delta)
         rows["anchor_norm"].append(anchor)
         rows["relative"].append(delta / anchor if anchor else 0.0 if t.is_copy else None)
-    return pa.table(rows)
+        rows["nonfinite"].append(nonfinite[i] if measured else None)
+        rows["nonfinite_new"].append(new_nonfinite[i] if measured else None)
+    return pa.table(rows, schema=pa.schema([("tensor", pa.string()), ("rule", pa.string()), ("dtype", pa.string()),
+                                            ("numel", pa.int64()), ("delta_norm", pa.float64()),
+                                            ("anchor_norm", pa.float64()), ("relative", pa.float64()),
+                                            ("nonfinite", pa.int64()), ("nonfinite_new", pa.int64())]))
+
+
+def nonfinite_totals(plan: Plan, done: dict[int, ItemRecord]) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (inf/NaN output elements, those made from finite inputs), where any."""
+    totals: dict[int, tuple[int, int]] = {}
+    for record in done.values():
+        for s in record.sums:
+            if s.nonfinite:
+                n, new = totals.get(s.tensor, (0, 0))
+                totals[s.tensor] = (n + s.nonfinite, new + s.new_nonfinite)
+    return {plan.tensors[t].name: totals[t] for t in sorted(totals)}
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

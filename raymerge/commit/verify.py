@@ -8,17 +8,19 @@ recipe in the manifest) and compared byte for byte. Problems name the shard and 
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Any
 
-from raymerge.commit.manifest import MANIFEST_NAME
+from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, parse_manifest
 from raymerge.errors import RaymergeError
 from raymerge.safetensors.header import FIRST_READ, Header, header_length, parse_header
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
 from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader
+from raymerge.untrusted import UntrustedJSON, parse_json
+
+MAX_INDEX_BYTES = 64 * 2**20
 
 
 def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None) -> list[str]:
@@ -26,11 +28,10 @@ def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: 
     url = urls.normalize(url)
     fs, root = urls.filesystem(url, storage_options)
     try:
-        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST_NAME}"))
+        raw = fs.cat_file(f"{root}/{MANIFEST_NAME}", start=0, end=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return [f"{MANIFEST_NAME}: missing; this is not a finished raymerge checkpoint"]
-    except (ValueError, UnicodeDecodeError) as e:
-        return [f"{MANIFEST_NAME}: not valid JSON ({e})"]
+    manifest = parse_manifest(raw, f"raymerge verify {urls.redact(url)}")
     reader, buf = RangeReader(storage_options), Buffer()
     problems: list[str] = []
     headers = _check_shards(fs, root, url, manifest, reader, buf, problems)
@@ -77,23 +78,27 @@ def _check_index(fs, root, manifest, headers, problems) -> None:
     if len(manifest["shards"]) < 2:
         return
     try:
-        index = json.loads(fs.cat_file(f"{root}/{INDEX_NAME}"))
+        index = parse_json(fs.cat_file(f"{root}/{INDEX_NAME}", start=0, end=MAX_INDEX_BYTES + 1),
+                           max_bytes=MAX_INDEX_BYTES)
     except FileNotFoundError:
         problems.append(f"{INDEX_NAME}: missing")
         return
-    except ValueError as e:
-        problems.append(f"{INDEX_NAME}: not valid JSON ({e})")
+    except UntrustedJSON as e:
+        problems.append(f"{INDEX_NAME}: refused ({e})")
+        return
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not isinstance(index.get("metadata"), dict):
+        problems.append(f"{INDEX_NAME}: has no 'weight_map' and 'metadata' objects")
         return
     in_headers = {e.name: shard for shard, h in headers.items() for e in h.entries}
-    weight_map = index.get("weight_map", {})
     wrong = [t for t, f in weight_map.items() if in_headers.get(t) not in (None, f)]
     missing = [t for t in in_headers if t not in weight_map]
     if wrong or missing:
         problems.append(f"{INDEX_NAME}: {len(wrong)} tensors mapped to the wrong shard, {len(missing)} not mapped "
                         f"(first: {(wrong + missing)[0]})")
     total = sum(e.end - e.begin for h in headers.values() for e in h.entries)
-    if len(headers) == len(manifest["shards"]) and index.get("metadata", {}).get("total_size") != total:
-        problems.append(f"{INDEX_NAME}: total_size {index.get('metadata', {}).get('total_size')} but the shards "
+    if len(headers) == len(manifest["shards"]) and index["metadata"].get("total_size") != total:
+        problems.append(f"{INDEX_NAME}: total_size {index['metadata'].get('total_size')!r:.40} but the shards "
                         f"hold {total} tensor bytes")
 
 
@@ -121,7 +126,7 @@ def _recompute(url, manifest, headers, storage_options, count, seed, reader, buf
     if plan.hash != manifest["plan_hash"]:
         return [f"recompute: the inputs or recipe changed since this checkpoint was made (plan {plan.hash[:12]}, "
                 f"manifest {manifest['plan_hash'][:12]}); cannot compare"]
-    worker = MergeWorker(plan, None, [], storage_options, {})
+    worker = MergeWorker(plan, None, storage_options, {})
     problems = []
     for item_id in random.Random(seed).sample(range(len(plan.items)), min(count, len(plan.items))):
         item = plan.items[item_id]

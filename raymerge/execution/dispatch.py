@@ -1,27 +1,35 @@
 """Run a plan's items on a pool of Ray actors, a bounded number in flight per actor.
 
-The driver sends item ids, never tensor data: workers read their inputs from storage and write
-their bytes to the output themselves. Results arrive in completion order (`ray.wait`). Items are
-idempotent, so the items of a worker that died (killed, out of memory, its node lost) simply go
-back to the queue; a replacement worker is started and joins once it is ready, so a run on a
-cluster that lost a node goes on with the workers it has.
+The driver sends item ids (and the staged target of the item's shard), never tensor data:
+workers read their inputs from storage and write their bytes to the output themselves. Results
+arrive in completion order (`ray.wait`). Items are idempotent, so the items of a worker that died
+(killed, out of memory, its node lost) simply go back to the queue.
+
+Protocol (driver side):
+  1. `WorkerPool(...)` starts the actors; `start()` waits until each has checked its node's view of
+     local paths and reported ready. A worker that dies while starting (node preempted, out of
+     memory while importing) is replaced, as a busy one is; the pool gives up only when no worker
+     can start at all, after a bounded number of attempts, with the workers' own error.
+  2. `drive(todo, handles, on_result)` runs the items; a replacement worker joins once ready.
+  3. `kill()` when done.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from raymerge.errors import ExecutionError, RaymergeError
+from raymerge.execution.nodes import NodeView
 from raymerge.execution.worker import ItemResult, MergeWorker
 from raymerge.plan import Plan
-from raymerge.storage import urls
 
 log = logging.getLogger("raymerge.progress")
 
@@ -56,67 +64,58 @@ def worker_count(options: PoolOptions) -> int:
 WORKER_RESOURCE_UNIT = 0.001  # of --worker-resource per worker: marks the nodes, barely limits them
 
 
-def execute(plan: Plan, out_url: str, handles: list[str], storage_options: dict[str, Any], options: PoolOptions,
-            todo: list[int], on_start: Callable[[int, Callable[[], int]], None],
-            on_result: Callable[[ItemResult], None]) -> int:
-    """Run items `todo` on `worker_count(options)` workers, calling `on_result` as each finishes (in
-    the driver, in completion order). Returns how many items were run again because their worker died."""
-    n = worker_count(options)
-    resources = {options.worker_resource: WORKER_RESOURCE_UNIT} if options.worker_resource else None
-    # SPREAD: workers go to as many nodes as possible, so reads and writes use every node's network.
-    actor_cls = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None,
-                           resources=resources, max_concurrency=options.in_flight,
-                           scheduling_strategy="SPREAD")(MergeWorker)
-    plan_ref = ray.put(plan)
-    env = urls.aws_env()
-    threads = max(1, int(options.cpus_per_worker))
-    device = "cuda" if options.gpus_per_worker > 0 else "cpu"
-
-    def start_worker():
-        return actor_cls.remote(plan_ref, out_url, handles, storage_options, env, threads, device)
-
-    pool = _Pool(start_worker, n, options)
-    try:
-        pool.await_ready()
-        log.info("execute: %d workers, %d items to do", n, len(todo))
-        on_start(n, pool.busy)
-        return pool.drive(todo, on_result)
-    finally:
-        pool.kill()
-
-
-class _Pool:
+class WorkerPool:
     """Slots of actors; a slot whose actor died gets a new one, used once it reports ready."""
 
-    def __init__(self, start_worker, n: int, options: PoolOptions) -> None:
-        self._start = start_worker
+    def __init__(self, plan: Plan, out_url: str, storage_options: dict[str, Any], env: dict[str, str],
+                 options: PoolOptions, view: NodeView | None = None) -> None:
+        n = worker_count(options)
+        resources = {options.worker_resource: WORKER_RESOURCE_UNIT} if options.worker_resource else None
+        # SPREAD: workers go to as many nodes as possible, so reads and writes use every node's network.
+        actor_cls = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None,
+                               resources=resources, max_concurrency=options.in_flight,
+                               scheduling_strategy="SPREAD")(MergeWorker)
+        plan_ref = ray.put(plan)
+        threads = max(1, int(options.cpus_per_worker))
+        device = "cuda" if options.gpus_per_worker > 0 else "cpu"
+        self._new_actor = lambda: actor_cls.remote(plan_ref, out_url, storage_options, env, threads, device, view)
         self._options = options
-        self.actors = [start_worker() for _ in range(n)]
+        self._shard_of = [item.shard for item in plan.items]
+        self.size = n
+        self.actors = [self._new_actor() for _ in range(n)]
         self.ready = [False] * n
         self.load = [0] * n
         self.generation = [0] * n  # bumped when a slot gets a new actor
-        self.replacements = 2 * n
-        self.starting: dict[Any, tuple[int, int]] = {}  # ready ref -> (slot, generation)
+        self.replacements = 2 * n + 2  # for workers lost while starting or while busy
+        self.start_errors: list[str] = []
+        self.starting: dict[Any, tuple[int, int]] = {a.ready.remote(): (i, 0) for i, a in enumerate(self.actors)}
 
-    def await_ready(self) -> None:
+    def start(self) -> None:
+        """Wait until every worker is ready or could not be replaced; at least one must be."""
         try:
-            ray.get([a.ready.remote() for a in self.actors], timeout=self._options.start_timeout)
-        except GetTimeoutError as e:
-            free = ray.available_resources().get("CPU", 0.0)
-            raise ExecutionError(
-                f"execute: {len(self.actors)} workers did not start within {self._options.start_timeout:.0f}s "
-                f"({free:g} CPUs free in the cluster, {self._options.cpus_per_worker:g} asked per worker); "
-                "lower --workers or --cpus-per-worker, or add nodes") from e
-        except RayTaskError as e:
-            if isinstance(e.cause, RaymergeError):
-                raise e.cause from None
-            raise ExecutionError(f"execute: a worker failed to start: {e.cause!r}; is raymerge (and torch) "
-                                 "installed on every node? (ray job submit --runtime-env-json "
-                                 "'{\"pip\": [\"raymerge\"]}')") from e
-        except RayActorError as e:
-            raise ExecutionError(f"execute: a worker died while starting ({e}); see the Ray logs (out of memory? "
-                                 "raymerge or torch missing on a node?)") from e
-        self.ready = [True] * len(self.actors)
+            while self.starting:
+                done, _ = ray.wait(list(self.starting), num_returns=1, timeout=self._options.start_timeout)
+                if not done:
+                    break
+                self._started(done[0])
+        except RaymergeError:
+            self.kill()
+            raise
+        if not any(self.ready):
+            self.kill()
+            raise self._none_started()
+        log.info("execute: %d of %d workers ready", sum(self.ready), len(self.actors))
+
+    def _none_started(self) -> ExecutionError:
+        if self.start_errors:
+            return ExecutionError(f"execute: no worker could start ({len(self.start_errors)} attempts); the last "
+                                  f"one: {self.start_errors[-1]}; is raymerge installed on every node, and do the "
+                                  "nodes have the memory? (see the Ray logs)")
+        free = ray.available_resources().get("CPU", 0.0)
+        return ExecutionError(
+            f"execute: {len(self.actors)} workers did not start within {self._options.start_timeout:.0f}s "
+            f"({free:g} CPUs free in the cluster, {self._options.cpus_per_worker:g} asked per worker); "
+            "lower --workers or --cpus-per-worker, or add nodes")
 
     def busy(self) -> int:
         """Workers with an item in hand."""
@@ -130,10 +129,12 @@ class _Pool:
         self.generation[i] += 1
         if self.replacements > 0:
             self.replacements -= 1
-            self.actors[i] = self._start()
+            self.actors[i] = self._new_actor()
             self.starting[self.actors[i].ready.remote()] = (i, self.generation[i])
 
-    def drive(self, todo: list[int], on_result: Callable[[ItemResult], None]) -> int:
+    def drive(self, todo: list[int], handles: list[str], on_result: Callable[[ItemResult], None]) -> int:
+        """Run items `todo`, calling `on_result` as each finishes (in the driver, in completion order).
+        Returns how many items were run again because their worker died."""
         queue = collections.deque(todo)
         attempts: collections.Counter[int] = collections.Counter()
         pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, item id)
@@ -141,7 +142,8 @@ class _Pool:
             for i, actor in enumerate(self.actors):
                 while self.ready[i] and self.load[i] < self._options.in_flight and queue:
                     item_id = queue.popleft()
-                    pending[actor.run.remote(item_id)] = (i, self.generation[i], item_id)
+                    ref = actor.run.remote(item_id, handles[self._shard_of[item_id]])
+                    pending[ref] = (i, self.generation[i], item_id)
                     self.load[i] += 1
             if not pending and not self.starting:
                 raise ExecutionError("execute: every worker died and none could be started; see the Ray logs "
@@ -162,13 +164,24 @@ class _Pool:
         i, gen = self.starting.pop(ref)
         try:
             ray.get(ref)
-        except RayActorError:
-            if gen == self.generation[i]:
-                self.replace(i)
+        except RayTaskError as e:  # ready() raised: the node's view of local paths is wrong
+            if isinstance(e.cause, RaymergeError):
+                raise e.cause from None
+            self._start_failed(i, gen, f"{type(e.cause).__name__}: {e.cause}")
+            return
+        except RayActorError as e:  # died while starting: killed, out of memory, its constructor raised
+            self._start_failed(i, gen, start_error(e))
             return
         if gen == self.generation[i]:
             self.ready[i] = True
-            log.info("execute: a replacement worker is ready")
+            if gen:
+                log.info("execute: a replacement worker is ready")
+
+    def _start_failed(self, i: int, gen: int, why: str) -> None:
+        self.start_errors.append(why)
+        if gen == self.generation[i]:
+            log.warning("execute: a worker died while starting (%s); starting another", why)
+            self.replace(i)
 
     def _finished(self, ref, where: tuple[int, int, int], queue, attempts, on_result) -> None:
         i, gen, item_id = where
@@ -199,3 +212,14 @@ class _Pool:
     def kill(self) -> None:
         for a in self.actors:
             ray.kill(a)
+
+
+def start_error(e: RayActorError) -> str:
+    """One line saying why an actor died while starting: its constructor's exception, or how its
+    process ended, from what Ray reports."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", getattr(e, "error_msg", "") or str(e))
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not set(line.strip()) <= set("^~")]
+    if getattr(e, "actor_init_failed", False) and lines:
+        return lines[-1][:300]  # the exception line of the constructor's traceback
+    detail = re.search(r"Worker exit detail: ([^.]*\.)", text)
+    return (detail.group(1) if detail else lines[0] if lines else type(e).__name__)[:300]

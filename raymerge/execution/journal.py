@@ -1,12 +1,15 @@
 """The resume journal, kept with the output under `.raymerge-staging/`.
 
 Protocol (driver side):
-  1. `Journal.begin(output, plan, handles)` writes the head: plan hash, inputs' fingerprints and
-     the shard handles (staged files or multipart upload ids).
-  2. `record(result)` for each finished item; `flush()` writes the records not yet written as one
+  1. `Journal.begin(output, head)` writes the head: plan hash, inputs' fingerprints, the shard
+     handles (staged file names relative to the staging folder, or multipart upload ids) and the
+     old checkpoint's files an --overwrite run removes at commit.
+  2. `record(item)` for each finished item; `flush()` writes the records not yet written as one
      small batch file (at most every `interval` seconds, and at the end). A flush that fails is
      retried at the next one: a lost batch only means those items are done again.
-  3. `Journal.load(output)` on resume: the head and every recorded item.
+  3. `Journal.load(output)` on resume: the head and every recorded item, read as untrusted data.
+     A damaged head makes the state unusable (only --overwrite can start over); a damaged batch
+     is skipped, and its items are done again.
 Credentials never enter it: only URLs (redacted), fingerprints, ids, checksums and statistics.
 """
 
@@ -14,25 +17,83 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass
 
-from raymerge.errors import RaymergeError
-from raymerge.execution.worker import ItemResult
+from raymerge.commit.records import ItemRecord, TensorSums
+from raymerge.errors import OutputError, RaymergeError, StorageError
 from raymerge.plan import Plan
 from raymerge.storage import urls
-from raymerge.storage.writers import Output
+from raymerge.storage.retry import reason_of
+from raymerge.storage.writers import Output, plain_name
+from raymerge.untrusted import UntrustedJSON, parse_json
 
 log = logging.getLogger("raymerge")
 
 HEAD = "journal-head.json"
-VERSION = 1
+BATCH = re.compile(r"journal-(\d{6,9})\.json")
+VERSION = 2
+
+
+class Damaged(ValueError):
+    """A journal document that does not have the shape raymerge writes."""
+
+
+@dataclass(frozen=True)
+class JournalHead:
+    plan_hash: str
+    shards: tuple[str, ...]
+    handles: tuple[str, ...]
+    inputs: tuple[tuple[str, str], ...]  # (redacted URL, fingerprint) of every input file
+    replaces: tuple[str, ...] = ()  # files of an older checkpoint at --out, removed at commit
+    run_id: str = ""
+
+    @classmethod
+    def of(cls, plan: Plan, handles: list[str], replaces: tuple[str, ...] = (), run_id: str = "") -> JournalHead:
+        return cls(plan.hash, tuple(s.name for s in plan.shards), tuple(handles),
+                   tuple((urls.redact(f.url), f.fingerprint) for f in plan.files), tuple(replaces), run_id)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"journal_version": VERSION, "plan_hash": self.plan_hash, "run_id": self.run_id,
+                           "shards": list(self.shards), "handles": list(self.handles),
+                           "inputs": [{"url": u, "fingerprint": f} for u, f in self.inputs],
+                           "replaces": list(self.replaces)}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> JournalHead:
+        obj = _object(parse_json(raw), "the head")
+        if obj.get("journal_version") != VERSION:
+            raise Damaged(f"journal_version {obj.get('journal_version')!r}: written by another raymerge version")
+        shards = _strings(obj, "shards")
+        handles = _strings(obj, "handles")
+        if len(shards) != len(handles) or not all(plain_name(s) for s in shards):
+            raise Damaged("shards and handles do not match")
+        inputs = obj.get("inputs")
+        if not isinstance(inputs, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("url"), str) and isinstance(i.get("fingerprint"), str)
+                for i in inputs):
+            raise Damaged("inputs: expected a list of {url, fingerprint}")
+        replaces = _strings(obj, "replaces")
+        if not all(plain_name(n) for n in replaces):
+            raise Damaged("replaces: names a file outside the output folder")
+        plan_hash, run_id = obj.get("plan_hash"), obj.get("run_id", "")
+        if not isinstance(plan_hash, str) or not isinstance(run_id, str):
+            raise Damaged("plan_hash and run_id must be strings")
+        return cls(plan_hash, tuple(shards), tuple(handles), tuple((i["url"], i["fingerprint"]) for i in inputs),
+                   tuple(replaces), run_id)
 
 
 @dataclass(frozen=True)
 class JournalState:
-    head: dict
-    results: dict[int, ItemResult]
+    """What a journal holds: its head (None when damaged, with `problem` saying why) and the
+    items recorded done."""
+
+    head: JournalHead | None
+    done: dict[int, ItemRecord]
+    next_batch: int = 0
+    problem: str | None = None
 
 
 class Journal:
@@ -44,16 +105,18 @@ class Journal:
         self._last = time.monotonic()
 
     @classmethod
-    def begin(cls, output: Output, plan: Plan, handles: list[str]) -> Journal:
-        head = {"journal_version": VERSION, "plan_hash": plan.hash, "handles": handles,
-                "shards": [s.name for s in plan.shards],
-                "inputs": [{"url": urls.redact(f.url), "fingerprint": f.fingerprint} for f in plan.files]}
-        output.put_staging(HEAD, json.dumps(head).encode())
+    def begin(cls, output: Output, head: JournalHead) -> Journal:
+        try:
+            output.put_staging(HEAD, head.to_json())
+        except OSError as e:
+            raise OutputError(f"--out {urls.redact(output.url)}: cannot write the resume journal ({e.strerror}); "
+                              "check the folder's permissions and free space") from e
         return cls(output)
 
-    def record(self, result: ItemResult) -> None:
-        self._pending.append({"id": result.item, "crc32": result.crc32, "etag": result.etag,
-                              "stats": [list(s) for s in result.stats]})
+    def record(self, item: ItemRecord) -> None:
+        self._pending.append({"id": item.item, "crc32": item.crc32, "etag": item.etag,
+                              "stats": [[s.tensor, _number(s.ss_delta), _number(s.ss_anchor), s.nonfinite,
+                                         s.new_nonfinite] for s in item.sums]})
         if time.monotonic() - self._last >= self._interval:
             self.flush()
 
@@ -67,7 +130,9 @@ class Journal:
             self._output.put_staging(f"journal-{self._batch:06d}.json", json.dumps(self._pending).encode())
         except (RaymergeError, OSError) as e:
             if strict:
-                raise
+                reason = e.reason if isinstance(e, StorageError) else reason_of(e)
+                raise StorageError(f"journal: could not record {len(self._pending)} finished items in "
+                                   f"{urls.redact(self._output.url)} ({e})", reason) from e
             log.warning("journal: could not record %d finished items (%s); will try again", len(self._pending), e)
             return
         self._batch += 1
@@ -75,15 +140,73 @@ class Journal:
 
     @staticmethod
     def load(output: Output) -> JournalState | None:
-        files = output.staging_files()
+        """The journal at `output`, or None when there is none."""
+        files = output.staging_files(prefix="journal-")
         if HEAD not in files:
             return None
-        head = json.loads(files.pop(HEAD))
-        results: dict[int, ItemResult] = {}
+        raw = files.pop(HEAD)
+        try:
+            head = JournalHead.from_json(raw)
+        except (UntrustedJSON, Damaged) as e:
+            return JournalState(None, {}, problem=f"its head is damaged ({e})")
+        done: dict[int, ItemRecord] = {}
+        batches = [int(m.group(1)) for m in map(BATCH.fullmatch, files) if m]
         for name in sorted(files):
-            if name.startswith("journal-"):
-                for r in json.loads(files[name]):
-                    results[r["id"]] = ItemResult(r["id"], r["crc32"], r["etag"], 0, 0.0, "journal", 0,
-                                                  tuple(tuple(s) for s in r["stats"]))
-        head["batches"] = sum(1 for n in files if n.startswith("journal-"))
-        return JournalState(head, results)
+            if not BATCH.fullmatch(name):
+                continue
+            try:
+                records = _records(files[name])
+            except (UntrustedJSON, Damaged) as e:
+                log.warning("journal: %s is damaged (%s); its items will be done again", name, e)
+                continue
+            done.update((r.item, r) for r in records)
+        return JournalState(head, done, max(batches, default=-1) + 1)
+
+
+def _records(raw: bytes) -> list[ItemRecord]:
+    rows = parse_json(raw)
+    if not isinstance(rows, list):
+        raise Damaged("expected a list of records")
+    return [_record(r) for r in rows]
+
+
+def _record(r: object) -> ItemRecord:
+    r = _object(r, "a record")
+    item, crc, etag, stats = r.get("id"), r.get("crc32"), r.get("etag"), r.get("stats")
+    if not _int(item) or not _int(crc) or crc >= 2**32 or not (etag is None or isinstance(etag, str)):
+        raise Damaged("a record's id, crc32 or etag has the wrong type")
+    if not isinstance(stats, list):
+        raise Damaged("a record's stats are not a list")
+    sums = []
+    for s in stats:
+        if (not isinstance(s, list) or len(s) != 5 or not all(_int(s[k]) for k in (0, 3, 4))
+                or not all(_is_number(s[k]) for k in (1, 2))):
+            raise Damaged("a record's stats row is not [tensor, ss_delta, ss_anchor, nonfinite, new_nonfinite]")
+        sums.append(TensorSums(s[0], float(s[1]), float(s[2]), s[3], s[4]))
+    return ItemRecord(item, crc, etag, tuple(sums))
+
+
+def _object(obj: object, what: str) -> dict:
+    if not isinstance(obj, dict):
+        raise Damaged(f"{what} is not a JSON object")
+    return obj
+
+
+def _strings(obj: dict, key: str) -> list[str]:
+    value = obj.get(key, [] if key == "replaces" else None)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Damaged(f"{key}: expected a list of strings")
+    return value
+
+
+def _number(x: float) -> float | str:
+    """A sum of squares as JSON: strict JSON has no inf or NaN, so those are written as strings."""
+    return x if math.isfinite(x) else str(x)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) or x in ("inf", "-inf", "nan")
+
+
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0

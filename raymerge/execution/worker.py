@@ -1,12 +1,15 @@
 """The worker: produce plan items. A plain class; `dispatch` wraps it with `ray.remote`.
 
 Protocol:
-  1. Constructed once per actor with the plan, the output URL and the per-shard handles
-     (staged file paths, or S3 upload ids), storage options and the AWS variables of the driver.
-  2. `run(item_id)`, any number of times, from up to `max_concurrency` threads at once (so one
-     item is read while another is computed or written): read the item's input ranges (coalesced,
-     per file), compute in float32, cast once, write the bytes at the item's offset. Idempotent:
-     running an item twice writes the same bytes to the same place.
+  1. Constructed once per actor with the plan, the output URL, storage options, the driver's
+     storage settings (credentials, endpoints) and the driver's view of local paths.
+  2. `ready()` checks that this node sees the local inputs and the output folder as the driver
+     does (execution.nodes), then says the worker is up.
+  3. `run(item_id, handle)`, any number of times, from up to `max_concurrency` threads at once (so
+     one item is read while another is computed or written): read the item's input ranges
+     (coalesced, per file), compute in float32, cast once, write the bytes at the item's offset of
+     its shard's staged target `handle`. Idempotent: running an item twice writes the same bytes
+     to the same place.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from raymerge.commit.records import ItemRecord, TensorSums
+from raymerge.execution.nodes import NodeView, check_view
 from raymerge.ops import kernel
 from raymerge.plan import HEADER, Item, Plan, Source
 from raymerge.safetensors.dtypes import ITEMSIZE
@@ -29,15 +34,16 @@ from raymerge.storage.writers import BLOCK, open_output
 
 @dataclass(frozen=True, slots=True)
 class ItemResult:
-    item: int
-    crc32: int  # of the item's output bytes
-    etag: str | None  # S3 part ETag
+    record: ItemRecord  # what the driver keeps: checksum, ETag, per-tensor sums
     read_bytes: int
     seconds: float
     worker: str
     peak_rss: int  # bytes, of the worker process so far
-    stats: tuple[tuple[int, float, float], ...] = ()  # (tensor, sum of squares of change, of anchor)
     timings: tuple[float, ...] = ()  # seconds reading, computing, writing, checksumming
+
+    @property
+    def item(self) -> int:
+        return self.record.item
 
 
 class _ThreadState:
@@ -51,14 +57,15 @@ class _ThreadState:
 
 
 class MergeWorker:
-    def __init__(self, plan: Plan, out_url: str | None, handles: list[str], storage_options: dict[str, Any],
-                 env: dict[str, str], threads: int = 1, device: str = "cpu") -> None:
-        os.environ.update(env)  # the driver's AWS settings, so every node talks to the same store
+    def __init__(self, plan: Plan, out_url: str | None, storage_options: dict[str, Any],
+                 env: dict[str, str], threads: int = 1, device: str = "cpu", view: NodeView | None = None) -> None:
+        os.environ.update(env)  # the driver's storage settings, so every node talks to the same stores
+        _test_fault("RAYMERGE_TEST_START")  # fault-injection tests: a worker that dies while starting
         self._plan = plan
-        self._handles = handles
         self._options = storage_options
         self._device = device
         self._threads = max(1, threads)
+        self._view = view
         # numpy does the arithmetic on the CPU (no torch import: a faster start); torch on a GPU and for FP8
         self._on_cpu = [device == "cpu" and all(kernel.supports(d) for d in _dtypes(t)) for t in plan.tensors]
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
@@ -67,6 +74,9 @@ class MergeWorker:
         self._test_delay = float(os.environ.get("RAYMERGE_TEST_ITEM_DELAY") or 0)
 
     def ready(self) -> str:
+        """Check this node's view of local paths (raises NodeViewError), then report in."""
+        if self._view is not None:
+            check_view(self._view)
         return self._name
 
     def _state(self) -> _ThreadState:
@@ -88,8 +98,8 @@ class MergeWorker:
             st.scratch[torch_kernel] = torch_kernel.Scratch(device=self._device)
         return torch_kernel, st.scratch[torch_kernel]
 
-    def produce(self, item_id: int, clock: list[float] | None = None) -> tuple[memoryview, int, list]:
-        """The item's output bytes (valid until this thread's next item), bytes read, statistics.
+    def produce(self, item_id: int, clock: list[float] | None = None) -> tuple[memoryview, int, list[TensorSums]]:
+        """The item's output bytes (valid until this thread's next item), bytes read, per-tensor sums.
         `clock` gets the seconds spent reading and computing appended."""
         item = self._plan.items[item_id]
         st = self._state()
@@ -99,26 +109,25 @@ class MergeWorker:
         # Place the bytes so that file blocks fall on memory pages: direct I/O can write them as they are.
         lead = item.start % BLOCK
         out = st.out.view(lead + item.nbytes)[lead:]
-        stats = self._compute(item, inputs, out, st)
+        sums = self._compute(item, inputs, out, st)
         if clock is not None:
             clock += [t1 - t0, time.perf_counter() - t1]
-        return out, read_bytes, stats
+        return out, read_bytes, sums
 
-    def run(self, item_id: int) -> ItemResult:
+    def run(self, item_id: int, handle: str) -> ItemResult:
         t0 = time.perf_counter()
         if self._test_delay:  # fault-injection tests need runs slow enough to be interrupted
             time.sleep(self._test_delay)
         item = self._plan.items[item_id]
         clock: list[float] = []
-        out, read_bytes, stats = self.produce(item_id, clock)
+        out, read_bytes, sums = self.produce(item_id, clock)
         t1 = time.perf_counter()
-        shard = self._plan.shards[item.shard]
-        etag = self._out.write(shard.name, self._handles[item.shard], item.part, item.start, out)
+        etag = self._out.write(self._plan.shards[item.shard].name, handle, item.part, item.start, out)
         t2 = time.perf_counter()
         crc = crc32(out)
         t3 = time.perf_counter()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return ItemResult(item_id, crc, etag, read_bytes, t3 - t0, self._name, peak, tuple(stats),
+        return ItemResult(ItemRecord(item_id, crc, etag, tuple(sums)), read_bytes, t3 - t0, self._name, peak,
                           (clock[0], clock[1], t2 - t1, t3 - t2))
 
     def _sources(self, item: Item):
@@ -153,15 +162,16 @@ class MergeWorker:
             st.inputs.append(Buffer())
         views, total = {}, 0
         for buf, (file, wanted) in zip(st.inputs, by_file.items()):
-            got = st.reader.read(self._plan.files[file].url, [rng for _, rng in wanted], buf)
+            got = st.reader.read(self._plan.files[file].url, [rng for _, rng in wanted], buf,
+                                 version=self._plan.files[file].version)
             for (key, (lo, hi)), mem in zip(wanted, got):
                 views[key] = mem
                 total += hi - lo
         return views, total
 
     def _compute(self, item: Item, inputs: dict[tuple[int, int], memoryview], out: memoryview,
-                 st: _ThreadState) -> list[tuple[int, float, float]]:
-        stats = []
+                 st: _ThreadState) -> list[TensorSums]:
+        sums = []
         for p, piece in enumerate(item.pieces):
             if piece.tensor == HEADER:
                 out[piece.begin - item.start:piece.end - item.start] = \
@@ -182,21 +192,35 @@ class MergeWorker:
                     a = k.view(inputs[(p, 1 + 2 * j)], term.a.dtype)
                     b = k.view(inputs[(p, 2 + 2 * j)], term.b.dtype) if term.b is not None else None
                     terms.append((term.scale, a, b))
-            ss_delta, ss_anchor = k.weighted_sum(k.view(dest, t.dtype), anchor, terms, scratch)
-            stats.append((piece.tensor, ss_delta, ss_anchor))
-            self._override_rows(p, piece, t, inputs, dest, k, scratch)
-        return stats
+            s = k.weighted_sum(k.view(dest, t.dtype), anchor, terms, scratch)
+            nonfinite, new = s.nonfinite, s.new_nonfinite
+            for rows in self._override_rows(p, piece, t, inputs, dest, k, scratch):
+                nonfinite, new = nonfinite + rows.nonfinite, new + rows.new_nonfinite
+            sums.append(TensorSums(piece.tensor, s.ss_delta, s.ss_anchor, nonfinite, new))
+        return sums
 
-    def _override_rows(self, p: int, piece, t, inputs, dest: memoryview, k, scratch) -> None:
-        """Special-token rows: the chat model's row, cast once to the output dtype."""
+    def _override_rows(self, p: int, piece, t, inputs, dest: memoryview, k, scratch) -> list:
+        """Special-token rows: the chat model's row, cast once to the output dtype (overwriting what the
+        sum wrote there). Returns each row's kernel sums, for its non-finite counts."""
         row = t.row_elements
         size = ITEMSIZE[t.dtype]
+        counts = []
         for j, o in enumerate(t.overrides):
             got = inputs.get((p, 1 + 2 * len(t.terms) + j))
             if got is not None:
                 lo = (max(piece.begin, o.row * row) - piece.begin) * size
                 src = k.view(got, o.source.dtype)
-                k.weighted_sum(k.view(dest[lo:lo + len(src) * size], t.dtype), src, [], scratch)
+                counts.append(k.weighted_sum(k.view(dest[lo:lo + len(src) * size], t.dtype), src, [], scratch))
+        return counts
+
+
+def _test_fault(var: str) -> None:
+    """RAYMERGE_TEST_START=delay:SECONDS or exit: slow or kill a worker while it starts (tests only)."""
+    how = os.environ.get(var, "")
+    if how.startswith("delay:"):
+        time.sleep(float(how[6:]))
+    elif how == "exit":
+        os._exit(3)
 
 
 def _dtypes(t) -> set[str]:

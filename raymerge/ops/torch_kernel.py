@@ -8,13 +8,20 @@ type; this one is imported only where it is needed, since importing torch is slo
 Each step is a separate float32 operation (no fused multiply-add), so the bits match any
 reference that does the same arithmetic in float32, whatever the chunking or item size. A term
 shorter than `out` applies to out's first elements only (rows shared by all inputs).
+
+Non-finite outputs are counted as `kernel` counts them, on the rounded output itself: FP8 E4M3
+has no infinity, and torch's conversion (2.13, on the CPU) saturates an out-of-range value, an
+infinity too, to 448: counting what was written stays right whatever a conversion does.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
+
+from raymerge.ops.kernel import Sums
 
 # Inputs are read-only mappings of the files; the kernel only reads them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -56,11 +63,12 @@ def view(buf: memoryview, dtype: str) -> torch.Tensor:
 
 def weighted_sum(out: torch.Tensor, anchor: torch.Tensor | None,
                  terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
-                 scratch: Scratch) -> tuple[float, float]:
+                 scratch: Scratch) -> Sums:
     """Write `round(anchor + sum(scale * (a - b)))` into `out` (1-D tensors).
 
     Returns the sums of squares of the applied change `sum(scale * (a - b))` and of the anchor (in
-    float32): the per-tensor statistics chat-vector users look at. They cost one pass each.
+    float32): the per-tensor statistics chat-vector users look at. They cost one pass each. And
+    the counts of non-finite outputs: all of them, and those no non-finite input explains.
     Per-chunk views come from `split` (made in C++ at once): per-op Python overhead, not memory,
     is what bounds this loop.
     """
@@ -70,7 +78,9 @@ def weighted_sum(out: torch.Tensor, anchor: torch.Tensor | None,
     outs = out.split(c)
     anchors = anchor.split(c) if anchor is not None else [None] * len(chunks)
     split_terms = [(scale, a.split(c), b.split(c) if b is not None else None, a.numel()) for scale, a, b in terms]
+    largest = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
     ss_delta = ss_anchor = 0.0
+    nonfinite = new = 0
     for k, (lo, hi) in enumerate(chunks):
         m = hi - lo
         acc, x, y, d = (t if m == c else t[:m] for t in (scratch.acc, scratch.x, scratch.y, scratch.d))
@@ -101,4 +111,36 @@ def weighted_sum(out: torch.Tensor, anchor: torch.Tensor | None,
         if len(live) > 1:
             ss_delta += float(torch.dot(d, d))
         outs[k].copy_(acc)
-    return ss_delta, ss_anchor
+        if not _provably_finite(acc, largest):
+            total, fresh = _count_nonfinite(outs[k], anchors[k], live)
+            nonfinite += total
+            new += fresh
+    return Sums(ss_delta, ss_anchor, nonfinite, new)
+
+
+def _provably_finite(acc: torch.Tensor, largest: float) -> bool:
+    """Whether every element of acc rounds to a finite output: rounding to nearest is monotone, so
+    no |acc| above the output type's largest finite value means none (a NaN fails the test)."""
+    low, high = torch.aminmax(acc)
+    return float(torch.maximum(-low, high)) <= largest
+
+
+def _count_nonfinite(out: torch.Tensor, anchor: torch.Tensor | None, live: list) -> tuple[int, int]:
+    """(non-finite outputs, those whose inputs covering them are all finite), element by element."""
+    bad = ~_finite(out)
+    total = int(bad.sum())
+    if total == 0:
+        return 0, 0
+    if anchor is not None:
+        bad &= _finite(anchor)
+    for _scale, a, b, p in live:  # a term covers out's first p elements only
+        bad[:p] &= _finite(a)
+        if b is not None:
+            bad[:p] &= _finite(b)
+    return total, int(bad.sum())
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """Which elements are neither an infinity nor a NaN, in t's own type (torch has no isfinite for FP8;
+    widening it to float32 is exact)."""
+    return torch.isfinite(t.float() if t.dtype.itemsize == 1 else t)

@@ -7,8 +7,8 @@ checkpoint at once), and a second only for the rare header longer than that.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +16,18 @@ from raymerge.errors import ResolveError
 from raymerge.safetensors.header import FIRST_READ, Header, header_length, parse_header
 from raymerge.safetensors.index import INDEX_NAME, SINGLE_NAME, parse_index
 from raymerge.storage import urls
+from raymerge.storage.hub import HubNotAuthorized, HubRevisionNotFound, pin
+from raymerge.storage.ranges import fetch, s3_version
+from raymerge.untrusted import UntrustedJSON, parse_json
 
 # Files copied from the anchor checkpoint at commit, when present.
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
              "merges.txt", "chat_template.jinja", "chat_template.json")
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The aux files the commit parses as JSON (planner.PATCHED): checked at resolve, fail early.
+PARSED_AUX = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+AUX_JSON_CAP = 64 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +41,16 @@ class TensorRef:
 
 @dataclass(frozen=True, slots=True)
 class ShardFile:
-    url: str
+    url: str  # pinned: hf://org/name@<commit sha>/file on the Hub
     size: int
     fingerprint: str
+    version: str = ""  # what reads are pinned to: the commit sha (Hub), the ETag (S3), "" (local)
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     role: str
-    url: str
+    url: str  # as given (shown in messages); the URLs of its files and aux files are pinned
     files: tuple[ShardFile, ...]
     tensors: dict[str, TensorRef]  # in file order, then data order
     aux_files: tuple[str, ...]
@@ -51,9 +58,13 @@ class Checkpoint:
 
 
 def resolve(role: str, url: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
-    """Index the tensors of the checkpoint at `url` (a folder, or one .safetensors file)."""
+    """Index the tensors of the checkpoint at `url` (a folder, or one .safetensors file).
+
+    Every file URL is pinned to the version read here (a Hub URL to its commit), so that workers,
+    the commit and a resumed run read these bytes or fail, never others."""
     shown = f"--{role} {urls.redact(url)}"
     fs, root = urls.filesystem(url, storage_options)
+    root, commit = _pin(fs, root, shown)
     listing = _listing(fs, root, shown)
     single = root in listing  # the URL names one .safetensors file, not a folder
     if single:
@@ -64,13 +75,16 @@ def resolve(role: str, url: str, storage_options: dict[str, Any] | None = None) 
     listing = {posixpath.basename(p): info for p, info in listing.items()}
     if not single:
         names = _shard_names(fs, folder, listing, shown)
-    base_url = urls.normalize(url)
+    base_url = urls.normalize(fs.unstrip_protocol(root)) if commit else urls.normalize(url)
     paths = [posixpath.join(folder, n) for n in names]
-    headers = _read_headers(fs, paths, [int(listing[n]["size"]) for n in names], shown)
+    versions = {p: commit or _version(url, listing[n]) for p, n in zip(paths, names)}
+    headers = _read_headers(fs, paths, [int(listing[n]["size"]) for n in names], shown, versions)
     files, tensors = [], {}
-    for i, (name, (header, digest)) in enumerate(zip(names, headers)):
+    for i, (name, path, (header, digest)) in enumerate(zip(names, paths, headers)):
         file_url = base_url if single else urls.join(base_url, name)
-        files.append(ShardFile(file_url, int(listing[name]["size"]), _fingerprint(listing[name], digest)))
+        version = versions[path]
+        files.append(ShardFile(file_url, int(listing[name]["size"]), _fingerprint(listing[name], digest, version),
+                               version))
         for e in header.entries:
             if e.name in tensors:
                 raise ResolveError(f"{shown}: tensor {e.name!r} is in two shards ({name} and "
@@ -80,18 +94,54 @@ def resolve(role: str, url: str, storage_options: dict[str, Any] | None = None) 
         raise ResolveError(f"{shown}: the checkpoint holds no tensors")
     aux = () if single else tuple(urls.join(base_url, n) for n in AUX_FILES if n in listing)
     config = None if single or "config.json" not in listing else _config(fs, folder, shown)
-    return Checkpoint(role, base_url, tuple(files), tensors, aux, config)
+    _check_aux_json(fs, folder, aux, shown)
+    # The URL as given (shown in messages); its files' URLs are the pinned ones.
+    return Checkpoint(role, urls.normalize(url), tuple(files), tensors, aux, config)
 
 
 def _config(fs, folder: str, shown: str) -> dict:
-    raw = _cat(fs, posixpath.join(folder, "config.json"), shown)
+    return _json_object(fs, folder, "config.json", shown)
+
+
+def _check_aux_json(fs, folder: str, aux: tuple[str, ...], shown: str) -> None:
+    """Parse the JSON files the commit will parse, so that a bad one fails now, not after all the work."""
+    names = [n for n in PARSED_AUX if any(posixpath.basename(u) == n for u in aux)]
+    if names:
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            list(pool.map(lambda n: _json_object(fs, folder, n, shown), names))
+
+
+def _json_object(fs, folder: str, name: str, shown: str) -> dict:
+    # Read one byte past the cap, not the whole file: parse_json refuses it as too large.
+    raw = _cat(fs, posixpath.join(folder, name), shown, 0, AUX_JSON_CAP + 1)
     try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResolveError(f"{shown}: config.json is not valid JSON ({e}); fix or remove it") from e
-    if not isinstance(config, dict):
-        raise ResolveError(f"{shown}: config.json is not a JSON object; fix or remove it")
-    return config
+        obj = parse_json(raw, max_bytes=AUX_JSON_CAP)
+    except UntrustedJSON as e:
+        raise ResolveError(f"{shown}: {name} refused ({e}); fix or remove it") from e
+    if not isinstance(obj, dict):
+        raise ResolveError(f"{shown}: {name} is not a JSON object; fix or remove it")
+    return obj
+
+
+def _pin(fs, root: str, shown: str) -> tuple[str, str]:
+    """(root, commit): a Hub path pinned to the commit its revision names now; others as they are."""
+    if "hf" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        return root, ""
+    try:
+        return pin(fs, root)
+    except HubNotAuthorized as e:
+        raise ResolveError(f"{shown}: repository not found or not authorized ({e}); if it is private or gated, "
+                           "set HF_TOKEN (or pass --storage-options '{\"token\": ...}')") from e
+    except HubRevisionNotFound as e:
+        raise ResolveError(f"{shown}: {e}; check the branch, tag or commit after '@'") from e
+    except Exception as e:  # HfUriError, connection errors: the Hub's own types
+        raise ResolveError(f"{shown}: cannot look it up on the Hub ({type(e).__name__}: {e}); check the URL, "
+                           "HF_ENDPOINT and your connection") from e
+
+
+def _version(url: str, info: dict) -> str:
+    """What reads of one listed file are pinned to: the S3 ETag (and VersionId); "" elsewhere."""
+    return s3_version(info) if urls.protocol(url) == "s3" else ""
 
 
 def _listing(fs, root: str, shown: str) -> dict[str, dict]:
@@ -145,31 +195,48 @@ def _shard_names(fs, folder: str, listing: dict[str, dict], shown: str) -> list[
 
 
 def _cat(fs, path: str, shown: str, start: int | None = None, end: int | None = None) -> bytes:
+    """Bytes [start, end) of a file, fewer where it ends first; read exactly (no read-ahead)."""
     try:
-        return fs.cat_file(path, start=start, end=end)
+        if start is None and end is None:
+            return fs.cat_file(path)
+        size = fs.size(path)  # from the listing just made, on remote backends
+        start, end = start or 0, size if end is None else min(end, size)
+        return fetch(fs, [(path, start, end)], sizes={path: size})[0] if start < end else b""
     except Exception as e:
         raise ResolveError(f"{shown}: reading {posixpath.basename(path)} failed "
                            f"({type(e).__name__}: {e})") from e
 
 
-def _read_headers(fs, paths: list[str], sizes: list[int], shown: str) -> list[tuple[Header, str]]:
-    ends = [min(size, FIRST_READ) for size in sizes]
-    try:
-        firsts = fs.cat_ranges(paths, [0] * len(paths), ends, on_error="raise")
-    except Exception as e:
-        raise ResolveError(f"{shown}: reading shard headers failed ({type(e).__name__}: {e})") from e
-    out = []
+def _read_headers(fs, paths: list[str], sizes: list[int], shown: str,
+                  versions: dict[str, str]) -> list[tuple[Header, str]]:
+    """Each shard's header and its digest: all first reads at once, then the rare second ones."""
+    size_of = dict(zip(paths, sizes))
+    firsts = _ranges(fs, [(p, 0, min(size, FIRST_READ)) for p, size in zip(paths, sizes)], size_of, versions, shown)
+    wanted = []
     for path, size, raw in zip(paths, sizes, firsts):
-        where = f"{shown}: {posixpath.basename(path)}"
-        n = header_length(raw, where, size)
-        if 8 + n > len(raw):
-            raw = raw + _cat(fs, path, shown, len(raw), 8 + n)
-        raw = raw[:8 + n]
-        out.append((parse_header(raw, where, size), hashlib.sha256(raw).hexdigest()))
+        n = header_length(raw, f"{shown}: {posixpath.basename(path)}", size)
+        wanted.append(8 + n)
+    longer = [(p, len(raw), n) for p, raw, n in zip(paths, firsts, wanted) if n > len(raw)]
+    rests = iter(_ranges(fs, longer, size_of, versions, shown))
+    out = []
+    for path, size, raw, n in zip(paths, sizes, firsts, wanted):
+        raw = (raw + next(rests) if n > len(raw) else raw)[:n]
+        out.append((parse_header(raw, f"{shown}: {posixpath.basename(path)}", size), hashlib.sha256(raw).hexdigest()))
     return out
 
 
-def _fingerprint(info: dict, header_digest: str) -> str:
-    """What identifies one version of a shard: its size, ETag or mtime, and its header."""
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+def _ranges(fs, requests: list[tuple[str, int, int]], sizes: dict[str, int], versions: dict[str, str],
+            shown: str) -> list[bytes]:
+    if not requests:
+        return []
+    try:
+        return fetch(fs, requests, versions=versions, sizes=sizes)
+    except Exception as e:
+        raise ResolveError(f"{shown}: reading shard headers failed ({type(e).__name__}: {e})") from e
+
+
+def _fingerprint(info: dict, header_digest: str, pinned: str = "") -> str:
+    """What identifies one version of a shard: its size, commit, ETag or mtime, and its header."""
+    version = (pinned or info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+               or "")
     return f"size={info.get('size')};version={str(version).strip(chr(34))};header={header_digest[:16]}"

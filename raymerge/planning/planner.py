@@ -107,7 +107,7 @@ def _files(spec: RecipeSpec) -> tuple[list[InputFile], dict[tuple[str, int], int
         for i, f in enumerate(ckpt.files):
             if f.url not in by_url:
                 by_url[f.url] = len(files)
-                files.append(InputFile(ckpt.role, f.url, f.size, f.fingerprint))
+                files.append(InputFile(ckpt.role, f.url, f.size, f.fingerprint, f.version))
             ids[(ckpt.url, i)] = by_url[f.url]
     return files, ids
 

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 from raymerge.errors import ResolveError
 from raymerge.safetensors.dtypes import ITEMSIZE
+from raymerge.untrusted import UntrustedJSON, parse_json
 
 HEADER_CAP = 100_000_000  # bytes of JSON; the reference implementation refuses larger too
 FIRST_READ = 100_000  # one speculative read covers the header of nearly every real shard
+MAX_DIMS = 64  # real tensors have a handful; the bound keeps math.prod of the shape cheap
+MAX_COUNT = 2**62  # dims and offsets: far past any real file, and safe in every int64 sum
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,43 +59,58 @@ def parse_header(raw: bytes, where: str, file_size: int) -> Header:
     """Parse `raw` (at least the first 8 + N bytes of a file of `file_size` bytes) and check it."""
     n = header_length(raw, where, file_size)
     try:
-        obj = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResolveError(f"{where}: header is not valid JSON ({e}); the file is corrupt") from e
+        obj = parse_json(raw[8:8 + n], max_bytes=HEADER_CAP)
+    except UntrustedJSON as e:
+        raise ResolveError(f"{where}: header refused ({e}); the file is corrupt or not safetensors") from e
     if not isinstance(obj, dict):
         raise ResolveError(f"{where}: header is not a JSON object; the file is corrupt")
-    metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ResolveError(f"{where}: __metadata__ must map strings to strings")
+    metadata = _metadata(obj.pop("__metadata__", None), where)
     entries = sorted((_entry(name, spec, where) for name, spec in obj.items()),
                      key=lambda e: (e.begin, e.end))
     data_len = file_size - 8 - n
     _check_tiling(entries, data_len, where)
-    return Header(8 + n, tuple(entries), dict(metadata))
+    return Header(8 + n, tuple(entries), metadata)
+
+
+def _metadata(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ResolveError(f"{where}: __metadata__ must map strings to strings; the file is corrupt")
+    return dict(value)
 
 
 def _entry(name: str, spec: object, where: str) -> Entry:
-    at = f"{where}: tensor {name!r}"
+    at = f"{where}: tensor {_short(name)}"
+    if not name:
+        raise ResolveError(f"{where}: a tensor has an empty name; the file is corrupt")
     if not isinstance(spec, dict):
         raise ResolveError(f"{at}: entry is not an object; the file is corrupt")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in ITEMSIZE:
-        raise ResolveError(f"{at}: unknown dtype {dtype!r}; supported: {', '.join(ITEMSIZE)}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise ResolveError(f"{at}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise ResolveError(f"{at}: unknown dtype {_short(dtype)}; supported: {', '.join(ITEMSIZE)}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
+        raise ResolveError(f"{at}: shape {_short(shape)} is not a list of at most {MAX_DIMS} integers "
+                           f"in [0, 2**62)")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
             or offsets[0] > offsets[1]):
-        raise ResolveError(f"{at}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+        raise ResolveError(f"{at}: data_offsets {_short(offsets)} are not [begin, end] with "
+                           "0 <= begin <= end < 2**62")
     expected = math.prod(shape) * ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != expected:
         raise ResolveError(f"{at}: data_offsets span {offsets[1] - offsets[0]} bytes but "
-                           f"{dtype}{shape} needs {expected}; the file is corrupt")
+                           f"{dtype}{_short(shape)} needs {expected}; the file is corrupt")
     return Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
 def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < MAX_COUNT
+
+
+def _short(value: object) -> str:
+    """A value from the file, cut short: an error line must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_tiling(entries: list[Entry], data_len: int, where: str) -> None:
@@ -100,7 +118,7 @@ def _check_tiling(entries: list[Entry], data_len: int, where: str) -> None:
     for e in entries:
         if e.begin != pos:
             what = "overlaps the previous tensor" if e.begin < pos else f"leaves a gap at {pos}"
-            raise ResolveError(f"{where}: tensor {e.name!r} at bytes [{e.begin}, {e.end}) {what}; "
+            raise ResolveError(f"{where}: tensor {_short(e.name)} at bytes [{e.begin}, {e.end}) {what}; "
                                "the file is corrupt or hostile")
         pos = e.end
     if pos != data_len:

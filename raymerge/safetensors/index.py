@@ -6,6 +6,7 @@ import json
 import posixpath
 
 from raymerge.errors import ResolveError
+from raymerge.untrusted import UntrustedJSON, parse_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -19,17 +20,26 @@ def shard_name(i: int, n: int) -> str:
 def parse_index(raw: bytes, where: str) -> dict[str, str]:
     """The weight map (tensor -> shard file name) of an index file, with its file names checked."""
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResolveError(f"{where}: not valid JSON ({e}); re-download the index file") from e
+        obj = parse_json(raw)
+    except UntrustedJSON as e:
+        raise ResolveError(f"{where}: refused ({e}); re-download the index file") from e
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ResolveError(f"{where}: has no 'weight_map' object; re-download the index file")
+    if not isinstance(obj.get("metadata", {}), dict):
+        raise ResolveError(f"{where}: 'metadata' is not an object; re-download the index file")
     for tensor, file in weight_map.items():
+        if not tensor:
+            raise ResolveError(f"{where}: maps a tensor with an empty name; re-download the index file")
         if not isinstance(file, str) or not is_safe_name(file):
-            raise ResolveError(f"{where}: tensor {tensor!r} maps to {file!r}, which is not a plain "
-                               "file name inside the checkpoint; refusing to follow it")
+            raise ResolveError(f"{where}: tensor {_short(tensor)} maps to {_short(file)}, which is not a "
+                               "plain file name inside the checkpoint; refusing to follow it")
     return weight_map
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def is_safe_name(name: str) -> bool:

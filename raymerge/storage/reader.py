@@ -3,8 +3,9 @@
 Ranges of one file are sorted and merged when they touch or nearly touch, so a worker issues one
 read per run of neighbouring tensors. Local runs are mapped from the page cache, populated in one
 system call (MAP_POPULATE): no copy at all, four times the throughput of positional reads into a
-buffer here. Other URLs go through fsspec's `cat_ranges`, which fetches ranges concurrently, into
-a preallocated buffer (first-touch page faults are costly, so buffers are reused across items).
+buffer here. Other URLs are read by `ranges.fetch`: exactly the runs (no read-ahead),
+concurrently, pinned to the version the plan recorded (S3 reads send If-Match), into a
+preallocated buffer (first-touch page faults are costly, so buffers are reused across items).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import mmap
 import os
 from typing import Any
 
-from raymerge.errors import StorageError
+from raymerge.errors import CHANGED, StorageError
 from raymerge.storage import urls
-from raymerge.storage.retry import with_retries
+from raymerge.storage.ranges import close_files, fetch
+from raymerge.storage.retry import reason_of, with_retries
 
 ALIGN = 64
 LOCAL_GAP = 4096  # mapping a small gap costs less than a second system call
@@ -61,16 +63,19 @@ class RangeReader:
     def __init__(self, storage_options: dict[str, Any] | None = None) -> None:
         self._options = storage_options or {}
         self._fds: dict[str, int] = {}
+        self._files: dict[str, object] = {}  # open remote file objects, for backends read through them
 
-    def read(self, url: str, ranges: list[tuple[int, int]], buf: Buffer) -> list[memoryview]:
+    def read(self, url: str, ranges: list[tuple[int, int]], buf: Buffer,
+             version: str | None = None) -> list[memoryview]:
         """The bytes of each range, in the order given. Views are valid until `buf` is reused
-        (local files: as long as a view of them is held)."""
+        (local files: as long as a view of them is held). `version` (the plan's InputFile.version)
+        pins remote reads: an S3 object whose ETag differs fails with InputChanged."""
         local = urls.protocol(url) == "file"
         runs, where = coalesce(ranges, LOCAL_GAP if local else REMOTE_GAP)
         if local:
             mems = self._map_local(url, runs)
         else:
-            mems = self._read_remote(url, runs, buf)
+            mems = self._read_remote(url, runs, buf, version or "")
         return [mems[r][off:off + (e - s)] for (r, off), (s, e) in zip(where, ranges)]
 
     def _map_local(self, url: str, runs: list[tuple[int, int]]) -> list[memoryview]:
@@ -79,20 +84,20 @@ class RangeReader:
             try:
                 fd = self._fds[url] = os.open(urls.local_path(url), os.O_RDONLY)
             except OSError as e:
-                raise StorageError(f"execute: cannot open input {url}: {e.strerror}") from e
+                raise StorageError(f"execute: cannot open input {url}: {e.strerror}", reason_of(e)) from e
         size = os.fstat(fd).st_size
         mems = []
         for start, end in runs:
             if end > size:  # checked, since touching a mapped page past the end would kill the worker
                 raise StorageError(f"execute: {url} ended at byte {size} while reading [{start}, {end}); "
-                                   "the input changed or was truncated during the run")
+                                   "the input changed or was truncated during the run", CHANGED)
             lo = start - start % mmap.ALLOCATIONGRANULARITY
             # Unmapped when the last view of it is dropped.
             mapped = mmap.mmap(fd, end - lo, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ, offset=lo)
             mems.append(memoryview(mapped)[start - lo:])
         return mems
 
-    def _read_remote(self, url: str, runs: list[tuple[int, int]], buf: Buffer) -> list[memoryview]:
+    def _read_remote(self, url: str, runs: list[tuple[int, int]], buf: Buffer, version: str) -> list[memoryview]:
         # Each run starts in the buffer at the same alignment (mod 64) it has in the file, so the
         # tensors in it keep their element alignment in memory.
         offsets, pos = [], 0
@@ -102,16 +107,16 @@ class RangeReader:
             pos += end - start
         mem = buf.view(pos)
         fs, path = urls.filesystem(url, self._options)
+        requests = [(path, start, end) for start, end in runs]
         try:
-            blobs = with_retries(lambda: fs.cat_ranges([path] * len(runs), [s for s, _ in runs],
-                                                       [e for _, e in runs], on_error="raise"),
+            blobs = with_retries(lambda: fetch(fs, requests, versions={path: version}, files=self._files),
                                  f"execute: reading {urls.redact(url)}")
+        except StorageError as e:  # fetch's own: it names the URL and says what to do
+            raise type(e)(f"execute: {e}", e.reason) from e
         except Exception as e:  # fsspec backends raise their own types; keep the URL and reason
-            raise StorageError(f"execute: reading {urls.redact(url)} failed: {type(e).__name__}: {e}") from e
+            raise StorageError(f"execute: reading {urls.redact(url)} failed: {type(e).__name__}: {e}",
+                               reason_of(e)) from e
         for (start, end), at, blob in zip(runs, offsets, blobs):
-            if len(blob) != end - start:
-                raise StorageError(f"execute: {urls.redact(url)} returned {len(blob)} bytes for range "
-                                   f"[{start}, {end}); the input changed or was truncated")
             mem[at:at + end - start] = blob
         return [mem[at:at + end - start] for (start, end), at in zip(runs, offsets)]
 
@@ -119,3 +124,4 @@ class RangeReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        close_files(self._files)

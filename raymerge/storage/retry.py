@@ -7,11 +7,14 @@ denied access, bad credentials, an unknown upload: retrying cannot help, the use
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from raymerge.errors import CHANGED, DENIED, FULL, MISSING, TRANSIENT
 
 log = logging.getLogger("raymerge")
 T = TypeVar("T")
@@ -22,16 +25,40 @@ PERMANENT_CODES = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKe
 
 
 def is_transient(e: BaseException) -> bool:
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
-                      TypeError, KeyError)):
+    if getattr(e, "reason", None) == CHANGED:  # an input replaced mid-run: trying again cannot help
         return False
-    response = getattr(e, "response", None)
+    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+                      ValueError, TypeError, KeyError)):
+        return False
+    # s3fs translates botocore's errors into OSErrors, keeping the original as the cause.
+    response = getattr(e, "response", None) or getattr(e.__cause__, "response", None)
     if isinstance(response, dict):
         code = str(response.get("Error", {}).get("Code", ""))
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
         if code in PERMANENT_CODES or 400 <= status < 500 and status not in (408, 429):
             return False
     return True
+
+
+def reason_of(e: BaseException) -> str:
+    """What kind of storage failure `e` is (errors.TRANSIENT, FULL, MISSING, DENIED or CHANGED):
+    it decides whether the driver may suggest --resume."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FULL
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return MISSING
+    if isinstance(e, PermissionError) or isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DENIED
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            return MISSING
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+            return DENIED
+        if code in ("PreconditionFailed", "412"):
+            return CHANGED
+    return TRANSIENT
 
 
 def retries() -> int:

@@ -19,6 +19,16 @@ from raymerge.errors import InputError
 # node talks to the same endpoint with the same identity as the driver that planned the run.
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
            "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+# The same, per backend: credentials and endpoint settings (names, or prefixes ending in "_").
+BACKEND_ENV = {
+    "s3": AWS_ENV,
+    "hf": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"),
+    "gs": ("GOOGLE_", "STORAGE_EMULATOR_HOST", "GCSFS_"),
+    "gcs": ("GOOGLE_", "STORAGE_EMULATOR_HOST", "GCSFS_"),
+    "az": ("AZURE_STORAGE_", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET"),
+    "abfs": ("AZURE_STORAGE_", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET"),
+    "abfss": ("AZURE_STORAGE_", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET"),
+}
 
 
 def protocol(url: str) -> str:
@@ -47,8 +57,13 @@ def join(url: str, name: str) -> str:
 
 def filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the in-filesystem path for `url`."""
+    options = dict(storage_options or {})
+    if protocol(url) == "hf" and "endpoint" not in options and os.environ.get("HF_ENDPOINT"):
+        # huggingface_hub reads HF_ENDPOINT once, at import: a worker that imported it before the
+        # driver's settings were applied would still talk to huggingface.co.
+        options["endpoint"] = os.environ["HF_ENDPOINT"].rstrip("/")
     try:
-        return url_to_fs(normalize(url), **(storage_options or {}))
+        return url_to_fs(normalize(url), **options)
     except (ImportError, ValueError) as e:
         raise InputError(f"{redact(url)}: cannot open this URL ({e}); install the fsspec package for "
                          "its protocol (s3fs, gcsfs, huggingface_hub) or check --storage-options") from e
@@ -65,6 +80,36 @@ def redact(text: str) -> str:
     return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
 
 
+def unpinned(url: str) -> str:
+    """`url` without the commit a Hub URL was pinned to (hf://org/name@<sha>/f -> hf://org/name/f):
+    what stays the same when a branch moves, to name the input that changed."""
+    m = re.match(r"^(hf://(?:(?:datasets|spaces)/)?[^/@]+/[^/@]+)@(?:refs/(?:pr|convert)/[^/]+|[^/]+)(/.*)?$", url)
+    return m.group(1) + (m.group(2) or "") if m else url
+
+
 def aws_env() -> dict[str, str]:
     """The driver's AWS and RAYMERGE_ settings that workers on any node must share."""
     return {k: v for k, v in os.environ.items() if k in AWS_ENV or k.startswith("RAYMERGE_")}
+
+
+def worker_env(input_urls: list[str], out_url: str | None) -> dict[str, str]:
+    """The driver's settings that workers on any node need for the backends in use: credentials
+    and endpoints (as the driver resolved them), and RAYMERGE_ settings. Secrets: pass them only
+    to workers (actor arguments), never to logs, the manifest or a command line."""
+    used = {protocol(u) for u in [*input_urls, *([out_url] if out_url else [])]}
+    names = tuple(n for p in sorted(used) for n in BACKEND_ENV.get(p, ()))
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("RAYMERGE_") or k in names or any(n.endswith("_") and k.startswith(n) for n in names)}
+    if "hf" in used and not (env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")):
+        token = _hub_token()
+        if token:
+            env["HF_TOKEN"] = token  # from the driver's token file, which other nodes do not have
+    return env
+
+
+def _hub_token() -> str | None:
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return None
+    return get_token()

@@ -62,9 +62,10 @@ def test_merge_s3_to_s3_multipart(ray_local, s3_trio, tmp_path):
 
 
 def test_missing_output_bucket_fails_with_its_name(ray_local, s3_trio):
-    from raymerge.errors import StorageError
+    from raymerge.errors import OutputError
 
-    with pytest.raises(StorageError, match="s3://no-such-bucket/out/model"):
+    # Refused before any work: the lease, the run's first write, cannot be written there.
+    with pytest.raises(OutputError, match="s3://no-such-bucket/out: cannot write there"):
         raymerge.merge(f"s3://{BUCKET}/base", f"s3://{BUCKET}/chat", f"s3://{BUCKET}/cp",
                        "s3://no-such-bucket/out", item_size="5MiB")
     assert not boto3.client("s3").list_multipart_uploads(Bucket=BUCKET).get("Uploads")
@@ -72,7 +73,7 @@ def test_missing_output_bucket_fails_with_its_name(ray_local, s3_trio):
 
 def test_s3_output_abort_leaves_no_upload_and_no_object(s3_server):
     """The writer protocol on its own: parts uploaded by any process, then abort (a failed run)."""
-    from raymerge.storage.writers import S3Output
+    from raymerge.storage.s3_output import S3Output
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="abort-test")
@@ -108,7 +109,8 @@ def test_extract_and_apply_on_s3(ray_local, s3_trio, tmp_path):
 
 def test_staged_parts_tells_an_empty_upload_from_a_gone_one(s3_server):
     """Resume must keep an open upload that has no parts yet, and refuse one that is gone."""
-    from raymerge.storage.writers import GONE, S3Output
+    from raymerge.storage.s3_output import S3Output
+    from raymerge.storage.writers import GONE
 
     boto3.client("s3").create_bucket(Bucket="staged-parts")
     out = S3Output("s3://staged-parts/x", {})

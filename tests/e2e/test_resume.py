@@ -121,14 +121,14 @@ def test_resume_refused_when_inputs_or_recipe_changed(ray_local, llama_trio, tmp
     out = str(tmp_path / "out")
     from raymerge.api import make_plan
     from raymerge.config import build_recipe
-    from raymerge.execution.journal import Journal
+    from raymerge.execution.journal import Journal, JournalHead
     from raymerge.storage.writers import open_output
 
     recipe, run_options = build_recipe("merge", dict(base=llama_trio["base"], chat=llama_trio["chat"], cp=cp,
                                                      out=out, scale=0.5))
     plan = make_plan(recipe, run_options)
     output = open_output(out, {})
-    Journal.begin(output, plan, output.prepare([(s.name, s.size) for s in plan.shards]))
+    Journal.begin(output, JournalHead.of(plan, output.prepare([(s.name, s.size) for s in plan.shards])))
 
     with pytest.raises(OutputError, match="recipe, inputs or options differ"):
         raymerge.merge(llama_trio["base"], llama_trio["chat"], cp, out, scale=1.0, resume=True)

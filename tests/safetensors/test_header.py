@@ -65,3 +65,39 @@ def test_rejects_absurd_lengths_and_garbage():
     raw = struct.pack("<Q", 4) + b"{{{{"
     with pytest.raises(ResolveError, match="not valid JSON"):
         parse_header(raw, "f", len(raw))
+
+
+def _raw_text(text: bytes, data_len: int) -> bytes:
+    return struct.pack("<Q", len(text)) + text + b"\0" * data_len
+
+
+@pytest.mark.parametrize("text,data_len,match", [
+    (b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', 4, r"unknown dtype \['F32'\]"),
+    (b'{"w": {"dtype": {"a": 1}, "shape": [1], "data_offsets": [0, 4]}}', 4, "unknown dtype"),
+    (b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 0, "nested deeper than 64 levels"),
+    (b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', 4,
+     "an integer of 5000 digits"),
+    (b'{"\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, "lone surrogate"),
+    (b'{"": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, "empty name"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": []}', 4, "__metadata__"),
+    (b'{"w": {"dtype": "F32", "shape": [' + b"1," * 64 + b'1], "data_offsets": [0, 4]}}', 4, "at most 64"),
+    (b'{"w": {"dtype": "F32", "shape": [4611686018427387904], "data_offsets": [0, 4]}}', 4, "shape"),
+    (b'{"w": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', 4, "shape"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4611686018427387904]}}', 4, "data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}', 4, "shape"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": NaN}}', 4, "NaN"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}\xff', 4, "not UTF-8"),
+])
+def test_hostile_headers_are_one_resolve_error(text, data_len, match):
+    raw = _raw_text(text, data_len)
+    with pytest.raises(ResolveError, match=match) as e:
+        parse_header(raw, "shard.safetensors", len(raw))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_long_hostile_values_are_cut_short_in_the_error():
+    obj = {"w" * 10_000: {"dtype": "Q" * 10_000, "shape": [1], "data_offsets": [0, 4]}}
+    raw = _raw(obj, 4)
+    with pytest.raises(ResolveError, match="unknown dtype") as e:
+        parse_header(raw, "shard.safetensors", len(raw))
+    assert len(str(e.value)) < 400

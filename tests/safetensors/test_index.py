@@ -21,3 +21,20 @@ def test_plain_names_are_accepted():
         {"w": "model-00001-of-00002.safetensors"}
     with pytest.raises(ResolveError, match="weight_map"):
         parse_index(b'{"metadata": {}}', "idx")
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b'{"weight_map": {"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}", "nested deeper than 64 levels"),
+    (b'{"weight_map": {"w": 5}}', "refusing"),
+    (b'{"weight_map": {"w": ["model.safetensors"]}}', "refusing"),
+    (b'{"weight_map": {"": "model.safetensors"}}', "empty name"),
+    (b'{"weight_map": {"w": "model.safetensors"}, "metadata": [1]}', "'metadata' is not an object"),
+    (b'{"weight_map": {"w": "model.safetensors"}, "metadata": {"total_size": ' + b"1" * 5000 + b"}}",
+     "an integer of 5000 digits"),
+    (b'{"weight_map": {"\\udc00": "model.safetensors"}}', "lone surrogate"),
+    (b"[]", "weight_map"),
+])
+def test_hostile_index_files_are_one_resolve_error(raw, match):
+    with pytest.raises(ResolveError, match=match) as e:
+        parse_index(raw, "model.safetensors.index.json")
+    assert "\n" not in str(e.value)

@@ -10,7 +10,7 @@ import time
 
 # A private, short temp dir: Cluster writes its address file under RAY_TMPDIR, not the machine's /tmp/ray.
 os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rmc-", dir="/tmp")
-os.environ["RAYMERGE_TEST_ITEM_DELAY"] = "0.1"
+os.environ["RAYMERGE_TEST_ITEM_DELAY"] = "0.3"
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402

@@ -1,0 +1,199 @@
+"""The lease on an output: one run owns `--out` at a time.
+
+Protocol (driver side):
+  1. `Lease.acquire(output, takeover)` creates the lease object in the staging area, only if absent
+     (local: O_CREAT|O_EXCL; S3: a conditional PutObject, If-None-Match: *). It holds the run id,
+     the host, the pid and a heartbeat. When another run's lease is there, the run is refused
+     (LeaseError, exit 2) naming the holder and its age, unless that holder is gone: its process
+     no longer exists on this machine, or its heartbeat is older than `stale` seconds. A gone
+     holder's lease is taken over, with --resume or --overwrite only, by a compare-and-swap
+     replace, so two runs taking over at once cannot both win.
+  2. A daemon thread refreshes the heartbeat every `interval` seconds, again by compare-and-swap:
+     a lease that someone else replaced means this run was taken over, and `check()` then stops
+     the run before it commits.
+  3. `release()` stops the thread and deletes the lease (if it is still ours).
+`RAYMERGE_LEASE_STALE` (seconds, default 300) sets when a silent holder counts as gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from raymerge.errors import LeaseError, RaymergeError
+from raymerge.storage import urls
+from raymerge.storage.writers import LeaseRecord, LeaseTaken, Output
+from raymerge.untrusted import UntrustedJSON, parse_json
+
+log = logging.getLogger("raymerge")
+
+DEFAULT_STALE = 300.0
+_HELD: set[str] = set()  # run ids of the leases this process holds now
+
+
+def stale_after() -> float:
+    try:
+        return max(1.0, float(os.environ.get("RAYMERGE_LEASE_STALE", DEFAULT_STALE)))
+    except ValueError:
+        return DEFAULT_STALE
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease. `machine` tells whether its pid can be checked from here."""
+
+    run_id: str
+    host: str
+    pid: int
+    machine: str  # host name, boot id and pid namespace: same value, same process table
+    started: float  # the process's start time (seconds since boot), to tell a reused pid
+    heartbeat: float  # wall clock time of the last refresh, for messages
+
+    def to_json(self) -> bytes:
+        return json.dumps({"raymerge_lease": 1, **asdict(self)}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Holder | None:
+        try:
+            obj = parse_json(raw, max_bytes=65536)
+            return cls(str(obj["run_id"]), str(obj["host"]), int(obj["pid"]), str(obj["machine"]),
+                       float(obj["started"]), float(obj["heartbeat"]))
+        except (UntrustedJSON, KeyError, TypeError, ValueError):
+            return None  # unreadable: a holder we cannot name, judged by its age alone
+
+    def is_gone(self) -> bool:
+        """True when this holder ran on this machine and its process no longer exists."""
+        if self.machine != this_machine():
+            return False
+        if self.pid == os.getpid():  # this very process: gone unless one of its runs holds it now
+            return self.run_id not in _HELD
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, someone else's
+        return _process_start(self.pid) not in (None, self.started)  # the pid was reused
+
+
+class Lease:
+    def __init__(self, output: Output, holder: Holder, token: str, interval: float) -> None:
+        self._output = output
+        self.holder = holder
+        self._token = token
+        self._interval = interval
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="raymerge-lease", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def acquire(cls, output: Output, takeover: bool, run_id: str | None = None,
+                advice: Callable[[], str] | None = None) -> Lease:
+        """`advice()` says how to go on from a gone holder's unfinished run (what --resume or
+        --overwrite would do there)."""
+        stale = stale_after()
+        holder = _me(run_id or uuid.uuid4().hex[:12])
+        _HELD.add(holder.run_id)  # before it exists: another thread must never judge it gone
+        try:
+            try:
+                token = output.lease_create(holder.to_json())
+            except LeaseTaken:
+                token = cls._take_over(output, holder, takeover, stale, advice)
+        except BaseException:
+            _HELD.discard(holder.run_id)
+            raise
+        return cls(output, holder, token, interval=min(30.0, stale / 5))
+
+    @staticmethod
+    def _take_over(output: Output, me: Holder, takeover: bool, stale: float,
+                   advice: Callable[[], str] | None) -> str:
+        shown = urls.redact(output.url)
+        record = output.lease_read()
+        if record is None:  # released between our create and our read: try once more
+            try:
+                return output.lease_create(me.to_json())
+            except LeaseTaken:
+                record = output.lease_read()
+        if record is None:
+            raise LeaseError(f"--out {shown}: another run took the lease just now; try again")
+        other = Holder.from_json(record.data)
+        who = _describe(other, record)
+        if not (other is not None and other.is_gone() or record.age > stale):
+            raise LeaseError(f"--out {shown}: another raymerge run is writing it ({who}); wait for it to finish "
+                             f"or stop it. A lease with no heartbeat for {stale:.0f}s, or whose process has "
+                             "ended on this machine, can be taken over with --resume or --overwrite")
+        if not takeover:
+            what = advice() if advice else "pass --resume to continue its work, or --overwrite to start over"
+            raise LeaseError(f"--out {shown}: an earlier run that is gone holds its lease ({who}); {what}")
+        try:
+            token = output.lease_replace(me.to_json(), record.token)
+        except LeaseTaken:
+            raise LeaseError(f"--out {shown}: another run took over the lease of {who} just now; "
+                             "wait for it to finish") from None
+        log.warning("lease: took over the lease of a run that is gone (%s)", who)
+        return token
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            holder = Holder(**{**asdict(self.holder), "heartbeat": time.time()})
+            try:
+                self._token = self._output.lease_refresh(holder.to_json(), self._token)
+            except LeaseTaken:
+                self._lost = "another run replaced this run's lease (it judged this run gone)"
+                log.error("lease: %s; this run will stop before it commits", self._lost)
+                return
+            except (RaymergeError, OSError) as e:
+                log.warning("lease: could not refresh the heartbeat (%s); will try again", e)
+
+    def check(self) -> None:
+        """Raise if this run no longer owns the output: it must not commit over another run."""
+        if self._lost:
+            raise LeaseError(f"--out {urls.redact(self._output.url)}: {self._lost}; nothing was committed. "
+                             "Let the other run finish")
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        _HELD.discard(self.holder.run_id)
+        if not self._lost:
+            self._output.lease_delete(self._token)
+
+
+def _describe(holder: Holder | None, record: LeaseRecord) -> str:
+    if holder is None:
+        return f"an unreadable lease, last written {record.age:.0f}s ago"
+    return f"run {holder.run_id} on {holder.host}, pid {holder.pid}, last heartbeat {record.age:.0f}s ago"
+
+
+def _me(run_id: str) -> Holder:
+    pid = os.getpid()
+    now = time.time()
+    return Holder(run_id, socket.gethostname(), pid, this_machine(), _process_start(pid) or 0.0, now)
+
+
+def this_machine() -> str:
+    """What makes two pids comparable: the same host, boot and pid namespace."""
+    def read(path: str, link: bool = False) -> str:
+        try:
+            return os.readlink(path) if link else open(path).read().strip()
+        except OSError:
+            return ""
+    return "|".join((socket.gethostname(), read("/proc/sys/kernel/random/boot_id"), read("/proc/self/ns/pid", True)))
+
+
+def _process_start(pid: int) -> float | None:
+    """A process's start time in clock ticks since boot (Linux), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return float(fields[19])  # field 22 of stat, counted after the command name
+    except (OSError, IndexError, ValueError):
+        return None

@@ -1,0 +1,75 @@
+"""--resume: is the unfinished run at --out this run, and which of its items are verifiably done?"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from raymerge.commit.records import ItemRecord
+from raymerge.errors import OutputError
+from raymerge.execution.journal import JournalState
+from raymerge.plan import Plan
+from raymerge.storage import urls
+from raymerge.storage.checksum import crc32
+from raymerge.storage.writers import FINAL, GONE, Output
+
+progress_log = logging.getLogger("raymerge.progress")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    handles: list[str]
+    done: dict[int, ItemRecord]  # journaled items whose bytes are there
+    next_batch: int
+    replaces: tuple[str, ...]  # the old checkpoint's files the interrupted run was to replace
+
+
+def check_resumable(output: Output, plan: Plan, state: JournalState) -> Resumed:
+    """Refuse a resume whose plan or inputs changed; keep only journaled items whose bytes are there."""
+    head = state.head
+    shown = urls.redact(output.url)
+    if head.plan_hash != plan.hash:
+        raise OutputError(f"--resume {shown}: {_what_changed(plan, head.inputs)} the interrupted run (plan "
+                          f"{head.plan_hash[:12]} then, {plan.hash[:12]} now); rerun with --overwrite to start "
+                          "over, or with the original inputs and options")
+    output.check_handles(list(head.shards), list(head.handles))
+    handles = list(head.handles)
+    done: dict[int, ItemRecord] = {}
+    for s, shard in enumerate(plan.shards):
+        parts = output.staged_parts(shard.name, handles[s], shard.size)
+        if parts == GONE or parts == FINAL and not all(i in state.done for i in shard.items):
+            raise OutputError(f"--resume {shown}: the staged data of {shard.name} is gone; "
+                              "rerun with --overwrite to start over")
+        for i in shard.items:
+            r = state.done.get(i)
+            if r is not None and _still_there(output, plan, handles[s], parts, r):
+                done[i] = r
+    progress_log.info("resume: %d of %d items already done (%d journaled)", len(done), len(plan.items),
+                      len(state.done))
+    return Resumed(handles, done, state.next_batch, head.replaces)
+
+
+def _still_there(output: Output, plan: Plan, handle: str, parts, r: ItemRecord) -> bool:
+    item = plan.items[r.item]
+    if parts == FINAL:  # an interrupted commit already put the whole shard in place
+        return True
+    if parts is None:  # local: read the bytes back, they may not have reached the disk
+        return crc32(output.read_staged(handle, item.start, item.end)) == r.crc32
+    return parts.get(item.part) == r.etag
+
+
+def _what_changed(plan: Plan, then: tuple[tuple[str, str], ...]) -> str:
+    """'input X changed since', naming a moved or rewritten input when there is one."""
+    before = {_unpinned(u): f for u, f in then}
+    for f in plan.files:
+        url = urls.redact(f.url)
+        old = before.get(_unpinned(url))
+        if old is not None and (old != f.fingerprint or (url, old) not in then):
+            return f"input {_unpinned(url)} changed since"
+    return "the recipe, inputs or options differ from"
+
+
+def _unpinned(url: str) -> str:
+    """A file URL without the commit it was pinned to (hf://org/name@<sha>/f -> hf://org/name/f)."""
+    return re.sub(r"@[0-9a-f]{40}(?=/|$)", "", url)

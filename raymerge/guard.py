@@ -1,0 +1,134 @@
+"""Output safety, checked before anything is written: the output is not an input however it is
+spelled, what an older checkpoint at --out consists of (and so what --overwrite may remove), and
+whether the disk has room.
+
+Locations are compared by what they are, not by their spelling: real paths with symbolic links
+resolved, and the identity (device, inode) of every folder on the way, which also catches bind
+mounts and case-insensitive file systems; `s3a://` and `s3n://` are `s3://`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from raymerge.commit.manifest import MANIFEST_NAME, parse_manifest
+from raymerge.commit.stats import STATS_NAME
+from raymerge.errors import InputError, OutputError
+from raymerge.planning.inputs import AUX_FILES
+from raymerge.safetensors.index import INDEX_NAME, SINGLE_NAME, parse_index
+from raymerge.storage import urls
+from raymerge.storage.writers import Output, plain_name
+
+log = logging.getLogger("raymerge")
+
+
+def check_not_input(out: str, inputs: list[str]) -> None:
+    """Refuse an output that is, contains or lies inside any input (exit 2)."""
+    for url in inputs:
+        if _overlaps(out, url):
+            raise OutputError(f"--out {urls.redact(out)}: is, holds or lies inside the input {urls.redact(url)}; "
+                              "inputs are never modified: choose another output location")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    if urls.protocol(a) != urls.protocol(b):
+        return False
+    if urls.protocol(a) != "file":
+        a, b = _one_scheme(a), _one_scheme(b)
+        return urls.is_inside(a, b) or urls.is_inside(b, a)
+    ra, rb = os.path.realpath(urls.local_path(a)), os.path.realpath(urls.local_path(b))
+    if urls.is_inside(ra, rb) or urls.is_inside(rb, ra):
+        return True
+    ida, idb = _identity(ra), _identity(rb)
+    return (idb is not None and idb in _chain(ra)) or (ida is not None and ida in _chain(rb))
+
+
+def _one_scheme(url: str) -> str:
+    """s3a:// and s3n:// (Hadoop's names) are s3://."""
+    return re.sub(r"^s3[an]://", "s3://", url, flags=re.IGNORECASE)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _chain(path: str) -> set[tuple[int, int]]:
+    """Identities of `path` and every folder above it that exists."""
+    ids = set()
+    while True:
+        ident = _identity(path)
+        if ident is not None:
+            ids.add(ident)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return ids
+        path = parent
+
+
+@dataclass(frozen=True)
+class OldCheckpoint:
+    """What an output location already holds."""
+
+    present: tuple[str, ...]  # files that make it look like a checkpoint: --overwrite is needed
+    removable: tuple[str, ...]  # what --overwrite removes at commit: named by a manifest or an index
+    strays: tuple[str, ...]  # checkpoint-like files nothing names: left where they are
+
+
+def old_checkpoint(output: Output, listing: list[str]) -> OldCheckpoint:
+    """The checkpoint at `output`, if any, and the files --overwrite would replace.
+
+    Removable: the raymerge manifest and every file it names, the Hugging Face index and every
+    shard it names, and `model.safetensors` (a single-file checkpoint is its own index). Nothing
+    else is ever removed: a user's other files stay, even ones that look like a checkpoint's."""
+    present = tuple(n for n in listing if _is_checkpoint_file(n))
+    named: set[str] = set()
+    if MANIFEST_NAME in listing:
+        named |= {MANIFEST_NAME, *_manifest_names(output)}
+    if INDEX_NAME in listing:
+        named |= {INDEX_NAME, *_index_names(output)}
+    if SINGLE_NAME in listing:
+        named.add(SINGLE_NAME)
+    removable = tuple(sorted(n for n in named if n in listing and plain_name(n)))
+    strays = tuple(n for n in present if n not in removable)
+    return OldCheckpoint(present, removable, strays)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name in (MANIFEST_NAME, INDEX_NAME, STATS_NAME, *AUX_FILES) or name.endswith(".safetensors")
+
+
+def _manifest_names(output: Output) -> list[str]:
+    raw = output.read_small(MANIFEST_NAME)
+    try:
+        manifest = parse_manifest(raw or b"", f"--out {urls.redact(output.url)}")
+    except InputError as e:
+        log.warning("--overwrite: the old %s is damaged (%s); only the files an index names are replaced",
+                    MANIFEST_NAME, e)
+        return []
+    names = [s["name"] for s in manifest["shards"]] + [manifest.get("stats", "")]
+    return names + list(manifest.get("files", []))
+
+
+def _index_names(output: Output) -> list[str]:
+    try:
+        return list(parse_index(output.read_small(INDEX_NAME) or b"", f"--out {urls.redact(output.url)}").values())
+    except InputError as e:
+        log.warning("--overwrite: the old %s is damaged (%s); the shards it names are left in place", INDEX_NAME, e)
+        return []
+
+
+def check_space(output: Output, needed: int, replacing: bool) -> None:
+    """Refuse a local output whose disk cannot hold the bytes still to be written (exit 2)."""
+    free = output.free_bytes()
+    if free is None or free >= needed:
+        return
+    later = "; the old checkpoint there is removed only once the new one is complete" if replacing else ""
+    raise OutputError(f"--out {urls.redact(output.url)}: needs {needed / 1e9:.2f} GB of free space for the staged "
+                      f"shards, the disk has {free / 1e9:.2f} GB{later}; free space or choose another location")

@@ -1,0 +1,330 @@
+"""A run, phase by phase: resolve -> plan -> execute -> commit, with the guards around them.
+
+The order is what keeps inputs and older outputs safe:
+  1. resolve and plan (headers only), and refuse an output that is, holds or lies in an input;
+  2. take the output's lease: from here on no other run writes there;
+  3. read what the output holds (a journal, an older checkpoint) and decide: start fresh, resume,
+     replace, or refuse; check the disk has room;
+  4. start the workers, each checking its node sees local paths as the driver does;
+  5. only now remove an unfinished run's staging (--overwrite) and stage the new shards;
+  6. execute, refuse to commit non-finite output made from finite inputs, commit (an older
+     checkpoint's files are replaced there, at the end), release the lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from raymerge import __version__
+from raymerge.commit.committer import commit
+from raymerge.commit.manifest import build_manifest
+from raymerge.commit.records import ItemRecord
+from raymerge.commit.stats import nonfinite_totals, tensor_stats
+from raymerge.config import Recipe, RunOptions
+from raymerge.errors import FULL, InputError, NonFiniteError, OutputError, RaymergeError, StorageError
+from raymerge.execution.journal import Journal, JournalHead, JournalState
+from raymerge.execution.lease import Lease
+from raymerge.execution.nodes import NodeView, driver_view
+from raymerge.execution.resume import Resumed, check_resumable
+from raymerge.guard import check_not_input, check_space, old_checkpoint
+from raymerge.plan import Plan
+from raymerge.planning.inputs import resolve
+from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
+from raymerge.session import ray_session
+from raymerge.storage import urls
+from raymerge.storage.writers import STAGING, Output, open_output
+
+log = logging.getLogger("raymerge")
+progress_log = logging.getLogger("raymerge.progress")
+
+KINDS = {"merge": "chat vector merge", "extract": "chat vector", "apply": "chat vector apply"}
+
+
+def make_plan(recipe: Recipe, run_options: RunOptions) -> Plan:
+    spec = resolve_recipe(recipe, run_options.storage_options)
+    s3 = recipe.out is not None and urls.protocol(recipe.out) == "s3"
+    options = PlanOptions(shard_size=run_options.shard_size, item_size=run_options.item_size, dtype=recipe.dtype,
+                          min_part=S3_MIN_PART if s3 else 0, max_parts=S3_MAX_PARTS if s3 else 0)
+    started = time.perf_counter()
+    result = build_plan(spec, options)
+    log.info("plan: %d tensors, %d shards, %d items, %.2f GB out, in %.2fs (hash %s)", len(result.tensors),
+             len(result.shards), len(result.items), result.output_bytes / 1e9, time.perf_counter() - started,
+             result.hash[:12])
+    return result
+
+
+def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpec:
+    """Phase 1: resolve every input of the recipe (concurrently; each URL once)."""
+    started = time.perf_counter()
+    roles = input_roles(recipe)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = dict(zip(roles, pool.map(lambda u: resolve(roles[u], u, storage_options), roles)))
+    log.info("resolve: %d inputs, %d shards, in %.2fs", len(found), sum(len(c.files) for c in found.values()),
+             time.perf_counter() - started)
+    cp = found.get(recipe.cp) if recipe.cp else None
+    base = found.get(recipe.base) if recipe.base else None
+    first_chat = found[recipe.chats[0][0]] if recipe.chats else None
+    if recipe.kind == "apply":
+        terms = tuple(TermSpec(s, found[u], None) for u, s in recipe.vectors)
+        template = found[recipe.vectors[0][0]]
+    else:
+        terms = tuple(TermSpec(s, found[u], base) for u, s in recipe.chats)
+        template = first_chat
+    if recipe.special_tokens and first_chat is None:
+        raise InputError("--special-tokens takes rows from a chat model: use it with merge, not apply")
+    return RecipeSpec(anchor=cp, terms=terms, vocab=recipe.vocab, skip=recipe.skip,
+                      special_tokens=recipe.special_tokens, special_from=first_chat,
+                      template_from=template if recipe.chat_template and recipe.kind != "extract" else None,
+                      aux_from=first_chat if recipe.kind == "extract" else cp)
+
+
+def input_roles(recipe: Recipe) -> dict[str, str]:
+    """Every input URL of the recipe once, with the role its messages name it by."""
+    roles: dict[str, str] = {}
+    if recipe.cp:
+        roles[recipe.cp] = "cp"
+    if recipe.base:
+        roles.setdefault(recipe.base, "base")
+    for i, (url, _) in enumerate(recipe.chats):
+        roles.setdefault(url, "chat" if i == 0 else f"chat[{i + 1}]")
+    for i, (url, _) in enumerate(recipe.vectors):
+        roles.setdefault(url, "vector" if i == 0 else f"vector[{i + 1}]")
+    return roles
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run did, for the faces to report."""
+
+    plan: Plan
+    out: str
+    done: dict[int, ItemRecord]
+    results: list  # this run's ItemResults (timings, memory)
+    done_before: int
+    retried: int
+    seconds: float
+    execute_seconds: float
+    steady_gbps: float
+    nonfinite: dict[str, tuple[int, int]]
+
+
+def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
+    """Resolve -> plan -> execute -> commit; with `resume`, continue the unfinished run at `out`."""
+    if not recipe.out:
+        raise InputError(f"{recipe.kind} needs --out: where the checkpoint goes (a local path or s3://)")
+    started = time.perf_counter()
+    the_plan = make_plan(recipe, run_options)
+    check_not_input(recipe.out, [*input_roles(recipe), *(f.url for f in the_plan.files),
+                                 *(a.source for a in the_plan.aux_files)])
+    output = open_output(recipe.out, run_options.storage_options)
+    lease = Lease.acquire(output, takeover=run_options.resume or run_options.overwrite,
+                          advice=lambda: _how_to_go_on(output))
+    try:
+        return _Run(recipe, run_options, the_plan, output, lease).go(started)
+    finally:
+        lease.release()
+        output.close()
+
+
+@dataclass
+class _Start:
+    """How this run begins: fresh (maybe clearing an unfinished run's staging first) or resumed."""
+
+    replaces: tuple[str, ...]
+    resumed: Resumed | None = None
+    clear: JournalState | None = None  # an unfinished run whose staging a fresh start removes
+
+
+class _Run:
+    def __init__(self, recipe: Recipe, options: RunOptions, plan: Plan, output: Output, lease: Lease) -> None:
+        self.recipe, self.options, self.plan, self.output, self.lease = recipe, options, plan, output, lease
+        self.done: dict[int, ItemRecord] = {}
+        self.results: list = []
+
+    def go(self, started: float) -> Outcome:
+        from raymerge.execution.dispatch import PoolOptions, WorkerPool
+        from raymerge.execution.progress import Progress
+
+        start = self._decide(Journal.load(self.output))
+        check_space(self.output, self._bytes_to_do(), bool(start.replaces))
+        o = self.options
+        pool_options = PoolOptions(workers=o.workers, cpus_per_worker=o.cpus_per_worker, in_flight=o.in_flight,
+                                   gpus_per_worker=o.gpus_per_worker, worker_resource=o.worker_resource)
+        env = urls.worker_env([f.url for f in self.plan.files], self.output.url)
+        with ray_session(o.address), self._probe() as view:
+            pool = WorkerPool(self.plan, self.output.url, o.storage_options, env, pool_options, view)
+            try:
+                pool.start()  # workers up, and every node sees what it must: only now is anything removed
+                handles, journal = self._stage(start)
+                done_before = len(self.done)
+                progress = Progress(self.plan.output_bytes, len(self.plan.items), done_bytes=self._bytes_done(),
+                                    done_items=done_before)
+                retried = self._execute(pool, handles, journal, progress, start.replaces)
+            finally:
+                pool.kill()
+        ran = done_before < len(self.plan.items)
+        return Outcome(self.plan, self.output.url, self.done, self.results, done_before, retried,
+                       time.perf_counter() - started, progress.elapsed if ran else 0.0,
+                       progress.steady_rate() / 1e9 if ran else 0.0, nonfinite_totals(self.plan, self.done))
+
+    def _bytes_done(self) -> int:
+        return sum(self.plan.items[i].nbytes for i in self.done)
+
+    def _bytes_to_do(self) -> int:
+        return self.plan.output_bytes - self._bytes_done()
+
+    def _decide(self, state: JournalState | None) -> _Start:
+        """Fresh, resumed, replacing or refused, from what the output holds and the options."""
+        o, shown = self.options, urls.redact(self.output.url)
+        old = old_checkpoint(self.output, self.output.listing())
+        if state is not None and state.head is None:
+            if o.overwrite:
+                return _Start(old.removable, clear=state)
+            raise OutputError(f"--out {shown}: holds an unfinished run whose resume journal is damaged "
+                              f"({state.problem}); rerun with --overwrite to start over")
+        if state is not None:
+            if o.resume:
+                resumed = check_resumable(self.output, self.plan, state)
+                self.done = dict(resumed.done)
+                return _Start(resumed.replaces, resumed=resumed)
+            if o.overwrite:
+                return _Start(old.removable, clear=state)
+            raise OutputError(f"--out {shown}: holds an unfinished run ({len(state.done)} items done); pass "
+                              "--resume to continue it, or --overwrite to start over")
+        if o.resume:
+            log.warning("resume: no unfinished run at %s; starting a fresh one", shown)
+        if old.present and not o.overwrite:
+            raise OutputError(f"--out {shown}: already holds a checkpoint ({', '.join(old.present[:3])}); "
+                              "choose another location or pass --overwrite")
+        if o.overwrite and old.strays:
+            log.warning("--overwrite: %s at %s: no manifest or index names these files, so they stay",
+                        ", ".join(old.strays[:5]), shown)
+        return _Start(old.removable if o.overwrite else ())
+
+    @contextlib.contextmanager
+    def _probe(self) -> Iterator[NodeView]:
+        """The driver's view of local paths, with a probe file in a local output's staging folder
+        that every worker must read back."""
+        if urls.protocol(self.output.url) != "file":
+            yield driver_view(self.plan, None, None, "")
+            return
+        token = uuid.uuid4().hex
+        name = f"probe-{token[:12]}"
+        self.output.put_staging(name, token.encode())
+        try:
+            yield driver_view(self.plan, self.output.url, posixpath.join(self.output.url, STAGING, name), token)
+        finally:
+            self.output.remove_staging(name)
+
+    def _stage(self, start: _Start) -> tuple[list[str], Journal]:
+        """The staged targets and the journal: the interrupted run's, or new ones."""
+        if start.resumed is not None:
+            return start.resumed.handles, Journal(self.output, next_batch=start.resumed.next_batch)
+        if start.clear is not None:  # --overwrite of an unfinished run: its staging goes, only now
+            head = start.clear.head
+            self.output.abort(list(head.shards) if head else [], list(head.handles) if head else None)
+        handles = self.output.prepare([(s.name, s.size) for s in self.plan.shards])
+        head = JournalHead.of(self.plan, handles, start.replaces, self.lease.holder.run_id)
+        return handles, Journal.begin(self.output, head)
+
+    def _execute(self, pool, handles: list[str], journal: Journal, progress, replaces: tuple[str, ...]) -> int:
+        todo = [i.id for i in self.plan.items if i.id not in self.done]
+
+        def finished(result) -> None:
+            self.done[result.item] = result.record
+            self.results.append(result)
+            journal.record(result.record)
+            progress.add(self.plan.items[result.item].nbytes)
+
+        retried = 0
+        try:
+            _import_in_background("pyarrow.parquet")  # the commit needs it; the driver idles meanwhile
+            if todo:
+                progress.start(pool.size, pool.busy)
+                progress_log.info("execute: %d workers, %d items to do", pool.size, len(todo))
+                retried = pool.drive(todo, handles, finished)
+                progress.stop()
+            journal.flush(strict=True)
+            self._check_finite()
+            self.lease.check()  # taken over meanwhile: never commit over another run
+            manifest = build_manifest(self.plan, KINDS[self.recipe.kind], _redacted(self.recipe.to_mapping()),
+                                      self.done, __version__, self._layout())
+            commit(self.plan, self.output, handles, self.done, manifest, tensor_stats(self.plan, self.done),
+                   self.options.storage_options, replaces)
+        except BaseException as e:
+            journal.flush()
+            raise self._failed(e)
+        return retried
+
+    def _layout(self) -> dict[str, int]:
+        """What verify needs, besides the recipe, to plan the same layout again."""
+        return {"shard_size": self.options.shard_size, "item_size": self.options.item_size}
+
+    def _check_finite(self) -> None:
+        """Refuse to commit inf/NaN that finite inputs produced (an overflowing dtype or scale)."""
+        totals = nonfinite_totals(self.plan, self.done)
+        inherited = {n: c for n, (c, new) in totals.items() if c > new}
+        if inherited:
+            log.warning("execute: %d tensors hold inf/NaN taken from inputs that hold them (%s)", len(inherited),
+                        ", ".join(f"{n}: {c}" for n, c in list(inherited.items())[:3]))
+        made = {n: new for n, (_, new) in totals.items() if new}
+        if made and not self.options.allow_nonfinite:
+            names = ", ".join(f"{n} ({c} elements)" for n, c in list(made.items())[:5])
+            more = f" and {len(made) - 5} more" if len(made) > 5 else ""
+            dtype = self.recipe.dtype or "the output dtype"
+            raise NonFiniteError(
+                f"execute: finite inputs gave inf or NaN outputs in {len(made)} tensors: {names}{more}; "
+                f"{dtype} cannot hold the results, or --scale is too large. Nothing was committed: run the same "
+                "command with --resume --allow-nonfinite to commit it as it is, or change --dtype or --scale "
+                "and use --overwrite")
+
+    def _failed(self, e: BaseException) -> BaseException:
+        """The error of a failed run, telling how to go on only where that can work."""
+        done, total = len(self.done), len(self.plan.items)
+        hint = (f"{done} of {total} items are done and kept: run the same command with --resume to continue, "
+                "or with --overwrite to start over")
+        if isinstance(e, KeyboardInterrupt):
+            progress_log.warning("interrupted; %s", hint)
+            return e
+        if not isinstance(e, RaymergeError) or not e.resumable:
+            return e
+        if isinstance(e, StorageError) and e.reason == FULL:
+            free, need = self.output.free_bytes(), self._bytes_to_do()
+            if free is not None and free < need:
+                hint = (f"{done} of {total} items are done and kept: free at least {(need - free) / 1e9:.2f} GB "
+                        f"more on the disk of {urls.redact(self.output.url)}, then run the same command with --resume")
+        e.args = (f"{e}; {hint}",)
+        return e
+
+
+def _how_to_go_on(output: Output) -> str:
+    """What to pass to take over an unfinished run whose driver is gone (read-only)."""
+    state = Journal.load(output)
+    if state is not None and state.head is None:
+        return f"its resume journal is damaged ({state.problem}): pass --overwrite to start over"
+    done = f" ({len(state.done)} items done)" if state is not None else ""
+    return f"pass --resume to continue its work{done}, or --overwrite to start over"
+
+
+def _import_in_background(module: str) -> None:
+    threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
+
+
+def _redacted(mapping: dict[str, Any]) -> dict[str, Any]:
+    def one(v: Any) -> Any:
+        if isinstance(v, str):
+            return urls.redact(v)
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return v
+    return {k: one(v) for k, v in mapping.items()}

@@ -1,0 +1,409 @@
+"""A local output folder: staged shard files written at offsets, renamed at commit.
+
+Everything raymerge writes goes through a name it chose, in the output folder or its own
+staging folder, opened without following symbolic links: a link planted under a staged or
+temporary name can never redirect a write, a truncation or a deletion to someone else's file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+import uuid
+
+from raymerge.errors import CommitError, OutputError, StorageError
+from raymerge.storage import urls
+from raymerge.storage.retry import reason_of
+from raymerge.storage.writers import BLOCK, FINAL, GONE, LEASE, STAGING, LeaseRecord, LeaseTaken, plain_name
+
+PARTIAL = ".partial"
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+SMALL_CAP = 64 * 2**20  # bytes: the largest manifest, index or journal file read back
+
+
+class LocalOutput:
+    """A local directory. Shards are staged under `.raymerge-staging/` and renamed at commit.
+
+    Workers write the block-aligned middle of each item with direct I/O (O_DIRECT): new page-cache
+    pages are the slowest memory a machine hands out, and a merge's output is not read again soon.
+    The unaligned head and tail of an item, and any write direct I/O refuses, go through the page
+    cache; the two never share a block, and commit's fsync makes both durable.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = urls.local_path(url)
+        self._staging = os.path.join(self.url, STAGING)
+        self._fds: dict[tuple[str, int], int] = {}
+        self._direct = hasattr(os, "O_DIRECT")
+        self._lock = threading.Lock()  # worker threads share the open files
+        self._made: list[str] = []  # folders this object created, deepest first
+
+    # -- the folder -------------------------------------------------------------------------
+
+    def listing(self) -> list[str]:
+        if os.path.isfile(self.url):
+            raise OutputError(f"--out {self.url}: is a file; give a directory for the checkpoint")
+        try:
+            return sorted(os.listdir(self.url)) if os.path.isdir(self.url) else []
+        except OSError as e:
+            raise OutputError(f"--out {self.url}: cannot list it ({e.strerror}); check its permissions") from e
+
+    def read_small(self, name: str) -> bytes | None:
+        """A small file of the output folder (an old manifest or index), or None if absent."""
+        try:
+            return _read(os.path.join(self.url, name), SMALL_CAP)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise OutputError(f"--out {self.url}: cannot read {name} ({e.strerror}); check its permissions") from e
+
+    def free_bytes(self) -> int | None:
+        folder = self.url
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def _ensure_staging(self) -> None:
+        if os.path.isfile(self.url):
+            raise OutputError(f"--out {self.url}: is a file; give a directory for the checkpoint")
+        if os.path.islink(self._staging):
+            raise OutputError(f"--out {self.url}: {STAGING} is a symbolic link; raymerge stages only in a folder "
+                              "of its own: remove the link")
+        if os.path.isdir(self._staging):
+            return
+        missing, folder = [], self._staging
+        while not os.path.exists(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(self._staging, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"--out {self.url}: cannot create {STAGING} in it ({e.strerror}); check the path "
+                              "and its permissions") from e
+        self._made = missing
+
+    def _staged(self, handle: str) -> str:
+        """The path of a staged file: only a plain name in the staging folder is accepted."""
+        if not plain_name(handle) or not handle.endswith(PARTIAL):
+            raise OutputError(f"--out {self.url}: staged file {handle!r} is not a name raymerge gives; "
+                              "the resume journal is damaged: rerun with --overwrite")
+        return os.path.join(self._staging, handle)
+
+    def check_handles(self, shards: list[str], handles: list[str]) -> None:
+        """Handles a journal gives must be exactly the staged names of its shards."""
+        if [h for h in handles] != [s + PARTIAL for s in shards]:
+            raise OutputError(f"--resume {self.url}: the resume journal names staged files that do not belong to "
+                              "its shards (a journal from another raymerge or another folder?); rerun with "
+                              "--overwrite to start over")
+
+    # -- staging the shards -----------------------------------------------------------------
+
+    def prepare(self, shards: list[tuple[str, int]]) -> list[str]:
+        self._ensure_staging()
+        handles = []
+        try:
+            for name, size in shards:
+                handle = name + PARTIAL
+                fd = _create(self._staged(handle))
+                try:
+                    os.ftruncate(fd, size)  # its final size: workers write at offsets, in any order
+                finally:
+                    os.close(fd)
+                handles.append(handle)
+        except OSError as e:
+            raise OutputError(f"--out {self.url}: cannot create output files ({e.strerror}); "
+                              "check the path, its permissions and free space") from e
+        return handles
+
+    def _fd(self, handle: str, flags: int) -> int:
+        with self._lock:
+            fd = self._fds.get((handle, flags))
+            if fd is None:
+                try:
+                    fd = self._fds[(handle, flags)] = os.open(self._staged(handle), flags | NOFOLLOW)
+                except OSError as e:
+                    raise StorageError(f"execute: cannot open the staged {handle} in {self._staging}: {e.strerror}",
+                                       reason_of(e)) from e
+            return fd
+
+    def write(self, name: str, handle: str, part: int, offset: int, data: memoryview) -> str | None:
+        lo = -(-offset // BLOCK) * BLOCK - offset  # the aligned middle: data[lo:hi]
+        hi = (offset + len(data)) // BLOCK * BLOCK - offset
+        if self._direct and hi > lo and self._write_direct(name, handle, offset + lo, data[lo:hi]):
+            self._pwrite(name, self._fd(handle, os.O_RDWR), offset, data[:lo])
+            self._pwrite(name, self._fd(handle, os.O_RDWR), offset + hi, data[hi:])
+        else:
+            self._pwrite(name, self._fd(handle, os.O_RDWR), offset, data)
+        return None
+
+    def _write_direct(self, name: str, handle: str, offset: int, data: memoryview) -> bool:
+        """Write with O_DIRECT; False (and buffered from now on) where the file system or the
+        memory alignment does not allow it."""
+        done = 0
+        try:
+            fd = self._fd(handle, os.O_RDWR | os.O_DIRECT)
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+            return True
+        except StorageError as e:
+            if not isinstance(e.__cause__, OSError) or e.__cause__.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP) or done:
+                raise _write_error(name, self.url, offset + done, e) from e
+        self._direct = False
+        return False
+
+    @staticmethod
+    def _pwrite(name: str, fd: int, offset: int, data: memoryview) -> None:
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+        except OSError as e:
+            raise _write_error(name, "", offset + done, e) from e
+
+    def read_staged(self, handle: str, start: int, end: int) -> bytes:
+        fd, parts = self._fd(handle, os.O_RDWR), []
+        while start < end:  # one pread returns at most ~2 GiB
+            got = os.pread(fd, end - start, start)
+            if not got:
+                break
+            parts.append(got)
+            start += len(got)
+        return b"".join(parts)
+
+    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None:
+        """None: local parts are checked by reading them back (`read_staged`); FINAL: the shard was
+        already given its final name by a commit cut short; GONE: the staged file is missing or
+        not its planned size."""
+        path = self._staged(handle)
+        if not os.path.islink(path) and os.path.isfile(path) and os.path.getsize(path) == size:
+            return None
+        return FINAL if self._is_final(shard, size) else GONE
+
+    def _is_final(self, shard: str, size: int) -> bool:
+        path = os.path.join(self.url, shard)
+        return not os.path.islink(path) and os.path.isfile(path) and os.path.getsize(path) == size
+
+    # -- commit -----------------------------------------------------------------------------
+
+    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]],
+                 sizes: list[int]) -> None:
+        self.close()
+        for name, handle, size in zip(shards, handles, sizes):
+            path = self._staged(handle)
+            if not os.path.exists(path) and self._is_final(name, size):
+                continue  # renamed by an earlier commit that was cut short
+            fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(path, os.path.join(self.url, name))  # replaces the entry, never writes through a link
+        _fsync_dir(self.url)
+
+    def put(self, name: str, data: bytes) -> None:
+        self._atomic_write(self.url, name, data)
+
+    def delete(self, names: list[str]) -> None:
+        """Remove files of the output folder by plain name (a symbolic link is removed, not followed)."""
+        for name in names:
+            if not plain_name(name):
+                raise CommitError(f"commit: refusing to remove {name!r} from {self.url}: not a plain file name")
+            try:
+                os.remove(os.path.join(self.url, name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise StorageError(f"commit: cannot remove the old {name} from {self.url} ({e.strerror}); "
+                                   "fix its permissions", reason_of(e)) from e
+
+    # -- staging files: journal, lease, probes ------------------------------------------------
+
+    def put_staging(self, name: str, data: bytes) -> None:
+        self._ensure_staging()
+        self._atomic_write(self._staging, name, data)
+
+    def remove_staging(self, name: str) -> None:
+        if plain_name(name) and name != LEASE:
+            _unlink_quietly(os.path.join(self._staging, name))
+
+    def staging_files(self, prefix: str = "") -> dict[str, bytes]:
+        """The small staging files whose names start with `prefix` (no shards, no lease)."""
+        try:
+            names = sorted(os.listdir(self._staging)) if os.path.isdir(self._staging) else []
+            return {n: _read(os.path.join(self._staging, n), SMALL_CAP) for n in names
+                    if n.startswith(prefix) and not n.endswith(PARTIAL) and not n.startswith(".") and n != LEASE}
+        except OSError as e:
+            raise OutputError(f"--out {self.url}: cannot read {STAGING} ({e.strerror}); check its permissions") from e
+
+    def abort(self, shards: list[str], handles: list[str] | None) -> None:
+        self.clear_staging()
+
+    def clear_staging(self) -> None:
+        """Remove every staging file but the lease: entries are unlinked, never followed."""
+        self.close()
+        if not os.path.isdir(self._staging) or os.path.islink(self._staging):
+            return
+        for name in os.listdir(self._staging):
+            if name != LEASE:
+                try:
+                    os.remove(os.path.join(self._staging, name))
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise StorageError(f"cannot remove {name} from {self._staging} ({e.strerror}); fix its "
+                                       "permissions", reason_of(e)) from e
+
+    def _atomic_write(self, folder: str, name: str, data: bytes) -> None:
+        if not plain_name(name):
+            raise CommitError(f"refusing to write {name!r} in {folder}: not a plain file name")
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        fd = _create(tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(folder, name))
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        _fsync_dir(folder)
+
+    # -- the lease (see execution.lease) ------------------------------------------------------
+
+    def lease_create(self, data: bytes) -> str:
+        self._ensure_staging()
+        path = os.path.join(self._staging, LEASE)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+        except FileExistsError as e:
+            raise LeaseTaken() from e
+        except OSError as e:
+            raise OutputError(f"--out {self.url}: cannot create the lease in {STAGING} ({e.strerror}); check "
+                              "the path and its permissions") from e
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self._staging)
+        return _token(path)
+
+    def lease_read(self) -> LeaseRecord | None:
+        path = os.path.join(self._staging, LEASE)
+        try:
+            st = os.lstat(path)
+            data = _read(path, SMALL_CAP)
+        except FileNotFoundError:
+            return None
+        except OSError:  # a link or something unreadable: held by no one we can name
+            return LeaseRecord(b"", _token(path), time.time() - st.st_mtime)
+        return LeaseRecord(data, _token(path), max(0.0, time.time() - st.st_mtime))
+
+    def lease_replace(self, data: bytes, token: str) -> str:
+        """Replace the lease only if it is still the one `token` names (compare and swap: the
+        rename is atomic, and a lease found changed is put back where it was)."""
+        path = os.path.join(self._staging, LEASE)
+        aside = f"{path}.{uuid.uuid4().hex[:8]}.old"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError as e:
+            raise LeaseTaken() from e
+        if _token(aside) != token:
+            try:
+                os.link(aside, path)
+            except OSError:
+                pass
+            _unlink_quietly(aside)
+            raise LeaseTaken()
+        _unlink_quietly(aside)
+        return self.lease_create(data)
+
+    def lease_refresh(self, data: bytes, token: str) -> str:
+        """The owner's heartbeat: replace the lease in one rename, so that it never disappears for
+        an instant; raise LeaseTaken if it is no longer the one `token` names."""
+        path = os.path.join(self._staging, LEASE)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.new"
+        fd = _create(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if _token(path) != token:
+            _unlink_quietly(tmp)
+            raise LeaseTaken()
+        os.replace(tmp, path)
+        return _token(path)
+
+    def lease_delete(self, token: str) -> None:
+        path = os.path.join(self._staging, LEASE)
+        try:
+            if _token(path) == token:
+                os.remove(path)
+        except OSError:
+            pass
+        for folder in [self._staging, *self._made]:  # what this run made and left empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _write_error(name: str, folder: str, offset: int, e: OSError) -> StorageError:
+    where = f"{name} in {folder}" if folder else name
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"execute: writing {where} at byte {offset} failed: the disk is full ({e.strerror})",
+                            reason_of(e))
+    return StorageError(f"execute: writing {where} at byte {offset} failed: {e.strerror}", reason_of(e))
+
+
+def _create(path: str) -> int:
+    """A new empty file at `path`, whatever was there (a planted link is removed, not followed)."""
+    _unlink_quietly(path)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+
+
+def _read(path: str, cap: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise OSError(errno.EFBIG, f"larger than {cap} bytes")
+    return data
+
+
+def _token(path: str) -> str:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return ""
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,125 @@
+"""parse_manifest: what build_manifest writes is accepted; every damaged field is one InputError
+line naming the field and what it should be."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from raymerge.commit.manifest import build_manifest, parse_manifest
+from raymerge.commit.records import ItemRecord
+from raymerge.errors import InputError
+
+WHERE = "raymerge verify /data/out"
+
+
+def good() -> dict:
+    return {
+        "format": "raymerge-manifest", "format_version": 1, "raymerge_version": "0.1",
+        "created": "2024-01-01T00:00:00Z",
+        "kind": "chat vector merge", "recipe": {"kind": "merge", "base": "/b"}, "layout": {"shard_size": 100},
+        "plan_hash": "ab" * 32, "stats": "raymerge_stats.parquet",
+        "inputs": [{"role": "cp", "url": "/cp/model.safetensors", "size": 10, "fingerprint": "x"}],
+        "output_bytes": 300,
+        "shards": [{"name": "model-00001-of-00002.safetensors", "size": 200, "tensors": 2, "items": 2},
+                   {"name": "model-00002-of-00002.safetensors", "size": 100, "tensors": 1, "items": 1}],
+        "items": [{"id": 0, "shard": 0, "part": 0, "start": 0, "end": 120, "crc32": "0badf00d", "etag": None},
+                  {"id": 1, "shard": 0, "part": 1, "start": 120, "end": 200, "crc32": "00000000", "etag": None},
+                  {"id": 2, "shard": 1, "part": 0, "start": 0, "end": 100, "crc32": "ffffffff", "etag": '"e1"'}],
+    }
+
+
+def _bytes(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_a_sound_manifest_is_returned_as_parsed():
+    assert parse_manifest(_bytes(good()), WHERE) == good()
+
+
+def test_what_build_manifest_writes_parses(tmp_path):
+    from raymerge.planning.inputs import resolve
+    from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
+
+    for i, role in enumerate(("base", "chat", "cp")):
+        (tmp_path / role).mkdir()
+        g = torch.Generator().manual_seed(i)
+        save_file({"a": torch.randn(8, 8, generator=g), "b": torch.randn(4, generator=g)},
+                  str(tmp_path / role / "model.safetensors"))
+    found = {role: resolve(role, str(tmp_path / role)) for role in ("base", "chat", "cp")}
+    plan = build_plan(RecipeSpec(found["cp"], (TermSpec(0.5, found["chat"], found["base"]),)),
+                      PlanOptions(shard_size=200, item_size=64))
+    done = {i.id: ItemRecord(i.id, i.id * 7919, None) for i in plan.items}
+    raw = build_manifest(plan, "chat vector merge", {"kind": "merge"}, done, "0.1", {"shard_size": 200})
+    parsed = parse_manifest(raw, WHERE)
+    assert len(parsed["items"]) == len(plan.items) > 1 and len(parsed["shards"]) == len(plan.shards) > 1
+
+
+def _set(path: str, value):
+    def change(m):
+        *parents, last = path.split(".")
+        target = m
+        for p in parents:
+            target = target[int(p)] if p.isdigit() else target[p]
+        if value is KeyError:
+            del target[int(last) if last.isdigit() else last]
+        else:
+            target[int(last) if last.isdigit() else last] = value
+        return m
+    return change
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda m: {}, "format: expected 'raymerge-manifest'"),
+    (lambda m: [m], "the document: expected a JSON object"),
+    (_set("format", "other"), "format: expected"),
+    (_set("format_version", "1"), "format_version: expected an integer >= 1"),
+    (_set("format_version", True), "format_version"),
+    (_set("plan_hash", None), "plan_hash: expected a string"),
+    (_set("stats", "../../etc/passwd"), "stats: expected a file name inside the checkpoint"),
+    (_set("stats", 5), "stats"),
+    (_set("recipe", []), "recipe: expected an object with a kind"),
+    (_set("recipe.kind", KeyError), "recipe: expected an object with a kind"),
+    (_set("layout", "x"), "layout: expected an object"),
+    (_set("inputs", {}), "inputs: expected a list"),
+    (_set("inputs.0", "x"), "inputs[0]: expected an object"),
+    (_set("shards", None), "shards: expected a list"),
+    (_set("shards.1", 7), "shards[1]: expected an object"),
+    (_set("shards.1.name", "/abs.safetensors"), "shards[1].name: expected a file name"),
+    (_set("shards.1.name", "model-00001-of-00002.safetensors"), "shards: a shard name appears twice"),
+    (_set("shards.0.size", -1), "shards[0].size: expected an integer >= 0"),
+    (_set("items", "x"), "items: expected a list"),
+    (_set("items.2", None), "items[2]: expected an object"),
+    (_set("items.1.start", "120"), "items[1].start: expected an integer >= 0"),
+    (_set("items.1.shard", 2), "items[1].shard: expected one of the 2 shards"),
+    (_set("items.1.end", 201), "items[1].end: expected start <= end <= the shard's size"),
+    (_set("items.1.start", 201), "items[1].end: expected start <= end"),
+    (_set("items.2.crc32", 123), "items[2].crc32: expected 8 hex digits"),
+    (_set("items.2.crc32", "0BADF00D"), "items[2].crc32: expected 8 hex digits"),
+    (_set("items.2.etag", 5), "items[2].etag: expected a string or null"),
+    (_set("items.0.id", KeyError), "items[0].id"),
+    (_set("kind", 5), "kind: expected a string"),
+    (_set("output_bytes", "300"), "output_bytes"),
+])
+def test_damaged_fields_are_named_in_one_line(change, field):
+    with pytest.raises(InputError) as e:
+        parse_manifest(_bytes(change(copy.deepcopy(good()))), WHERE)
+    message = str(e.value)
+    assert message.startswith(f"{WHERE}: raymerge_manifest.json is damaged ({field}")
+    assert message.endswith("this is not a checkpoint raymerge can verify or inspect") and "\n" not in message
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b"", "not valid JSON"), (b"\x00\xff garbage", "not UTF-8"), (b"[" * 100_000, "nested deeper"),
+    (b'{"format_version": ' + b"1" * 5000 + b"}", "an integer of 5000 digits"),
+])
+def test_documents_that_are_not_json_are_damaged_manifests(raw, reason):
+    with pytest.raises(InputError, match=f"raymerge_manifest.json is damaged \\({reason}"):
+        parse_manifest(raw, WHERE)
+
+
+def test_a_newer_format_asks_for_a_newer_raymerge():
+    with pytest.raises(InputError, match="format_version 9, newer than this raymerge reads .*upgrade raymerge"):
+        parse_manifest(_bytes({**good(), "format_version": 9}), WHERE)

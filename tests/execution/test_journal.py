@@ -1,0 +1,84 @@
+"""The resume journal read back as untrusted data: records round-trip (inf and NaN sums included),
+a damaged head makes the state unusable with a reason, a damaged batch is skipped, staged-file
+handles are names inside the staging folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from raymerge.commit.records import ItemRecord, TensorSums
+from raymerge.errors import OutputError
+from raymerge.execution.journal import HEAD, Journal, JournalHead
+from raymerge.storage.writers import STAGING, open_output
+
+
+def _head(**changes) -> JournalHead:
+    values = dict(plan_hash="abc", shards=("model.safetensors",), handles=("model.safetensors.partial",),
+                  inputs=(("/in/cp/model.safetensors", "size=1;version=2;header=3"),), replaces=("old.json",),
+                  run_id="r1")
+    values.update(changes)
+    return JournalHead(**values)
+
+
+def test_records_round_trip_with_non_finite_sums(tmp_path):
+    out = open_output(str(tmp_path / "out"), {})
+    journal = Journal.begin(out, _head())
+    records = [ItemRecord(0, 123, None, (TensorSums(0, 1.5, 2.5, 0, 0),)),
+               ItemRecord(1, 2**32 - 1, "etag-1", (TensorSums(1, math.inf, math.nan, 7, 3),))]
+    for r in records:
+        journal.record(r)
+    journal.flush(strict=True)
+    state = Journal.load(out)
+    assert state.head == _head() and state.problem is None and state.next_batch == 1
+    assert state.done[0] == records[0]
+    got = state.done[1].sums[0]
+    assert got.ss_delta == math.inf and math.isnan(got.ss_anchor) and (got.nonfinite, got.new_nonfinite) == (7, 3)
+
+
+@pytest.mark.parametrize("head", [
+    b'{"journal_version": 2, "plan_hash": "abc"',  # truncated
+    b'{"journal_version": 2}',  # missing fields
+    json.dumps({"journal_version": 2, "plan_hash": 5, "shards": [], "handles": [], "inputs": []}).encode(),
+    json.dumps({"journal_version": 2, "plan_hash": "a", "shards": ["x"], "handles": [], "inputs": []}).encode(),
+    json.dumps({"journal_version": 2, "plan_hash": "a", "shards": ["../x"], "handles": ["h"], "inputs": []}).encode(),
+    json.dumps({"journal_version": 1, "plan_hash": "a", "shards": [], "handles": [], "inputs": []}).encode(),
+    b"[" * 100000,
+])
+def test_a_damaged_head_is_a_state_with_a_problem(tmp_path, head):
+    out = open_output(str(tmp_path / "out"), {})
+    out.put_staging(HEAD, head)
+    state = Journal.load(out)
+    assert state.head is None and state.problem.startswith("its head is damaged (")
+
+
+def test_a_damaged_batch_is_skipped_and_the_others_kept(tmp_path, caplog):
+    out = open_output(str(tmp_path / "out"), {})
+    journal = Journal.begin(out, _head())
+    journal.record(ItemRecord(0, 1, None))
+    journal.flush(strict=True)
+    journal.record(ItemRecord(1, 2, None))
+    journal.flush(strict=True)
+    staging = tmp_path / "out" / STAGING
+    (staging / "journal-000001.json").write_bytes(b'[{"id": 1, "crc32": ')  # truncated
+    (staging / "journal-000002.json").write_text('[{"id": "2", "crc32": 5, "etag": null, "stats": []}]')
+    state = Journal.load(out)
+    assert sorted(state.done) == [0] and state.next_batch == 3
+    assert "journal-000001.json is damaged" in caplog.text and "journal-000002.json is damaged" in caplog.text
+
+
+def test_begin_and_strict_flush_failures_are_one_line_errors(tmp_path):
+    from raymerge.errors import StorageError
+
+    out = open_output(str(tmp_path / "out"), {})
+    (tmp_path / "out" / STAGING / HEAD).mkdir(parents=True)  # the head's name is taken by a folder
+    with pytest.raises(OutputError, match="cannot write the resume journal"):
+        Journal.begin(out, _head())
+    journal = Journal(out)
+    journal.record(ItemRecord(0, 1, None))
+    (tmp_path / "out" / STAGING / "journal-000000.json").mkdir()
+    journal.flush()  # not strict: a warning, retried at the next flush
+    with pytest.raises(StorageError, match="journal: could not record 1 finished items"):
+        journal.flush(strict=True)

@@ -1,0 +1,142 @@
+"""The output lease on a local folder and on a real S3 server (moto): one owner at a time, a gone
+owner taken over only when asked, a run that was taken over stops before it commits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import boto3
+import pytest
+
+from raymerge.errors import LeaseError
+from raymerge.execution.lease import Holder, Lease, this_machine
+from raymerge.storage.writers import LEASE, STAGING, open_output
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return open_output(str(tmp_path / "out"), {})
+    request.getfixturevalue("s3_server")
+    bucket = f"lease-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return open_output(f"s3://{bucket}/out", {})
+
+
+def _holder(output) -> dict:
+    return json.loads(output.lease_read().data)
+
+
+def test_second_run_is_refused_naming_the_holder(output):
+    first = Lease.acquire(output, takeover=False, run_id="first-run")
+    try:
+        for takeover in (False, True):  # a live holder is never taken over, even with --resume/--overwrite
+            with pytest.raises(LeaseError, match=r"another raymerge run is writing it \(run first-run on .*pid "
+                                                 rf"{os.getpid()}, last heartbeat \d+s ago\)"):
+                Lease.acquire(output, takeover=takeover)
+    finally:
+        first.release()
+    assert output.lease_read() is None
+    Lease.acquire(output, takeover=False).release()  # free again
+
+
+def _write_foreign_lease(output, **changes) -> None:
+    holder = Holder("old-run", "elsewhere", 4242, "another-machine", 1.0, time.time())
+    data = json.dumps({"raymerge_lease": 1, **{**holder.__dict__, **changes}}).encode()
+    output.lease_create(data)
+
+
+def test_stale_lease_taken_over_only_with_resume_or_overwrite(output, monkeypatch):
+    _write_foreign_lease(output)
+    monkeypatch.setenv("RAYMERGE_LEASE_STALE", "2")
+    with pytest.raises(LeaseError, match="another raymerge run is writing it"):  # still fresh
+        Lease.acquire(output, takeover=True)
+    time.sleep(3.2)
+    with pytest.raises(LeaseError, match="an earlier run that is gone holds its lease .*pass --resume .* or --overwrite"):
+        Lease.acquire(output, takeover=False)
+    assert _holder(output)["run_id"] == "old-run"
+    lease = Lease.acquire(output, takeover=True, run_id="new-run")
+    assert _holder(output)["run_id"] == "new-run"
+    lease.release()
+
+
+def test_lease_of_a_dead_process_on_this_machine_is_gone_at_once(output):
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)
+    _write_foreign_lease(output, pid=dead, machine=this_machine(), host="here")
+    with pytest.raises(LeaseError, match=f"gone holds its lease .*pid {dead}"):
+        Lease.acquire(output, takeover=False)
+    Lease.acquire(output, takeover=True).release()
+
+
+def test_heartbeat_refreshes_and_a_run_taken_over_stops(output, monkeypatch):
+    monkeypatch.setenv("RAYMERGE_LEASE_STALE", "1")  # heartbeat every 0.2 s
+    lease = Lease.acquire(output, takeover=False, run_id="mine")
+    first = _holder(output)["heartbeat"]
+    deadline = time.monotonic() + 10
+    while _holder(output)["heartbeat"] == first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _holder(output)["heartbeat"] > first
+    lease.check()  # still ours
+    # Another run judges this one gone and replaces the lease (compare and swap on what it read).
+    record = output.lease_read()
+    output.lease_replace(json.dumps({"run_id": "thief"}).encode(), record.token)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            lease.check()
+        except LeaseError as e:
+            assert "replaced this run's lease" in str(e) and "nothing was committed" in str(e)
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the run did not notice it was taken over")
+    lease.release()
+    assert json.loads(output.lease_read().data)["run_id"] == "thief"  # not ours to delete
+
+
+def test_compare_and_swap_refuses_a_changed_lease(output):
+    from raymerge.storage.writers import LeaseTaken
+
+    token = output.lease_create(b'{"run_id": "a"}')
+    with pytest.raises(LeaseTaken):
+        output.lease_create(b'{"run_id": "b"}')
+    newer = output.lease_replace(b'{"run_id": "a2"}', token)
+    with pytest.raises(LeaseTaken):
+        output.lease_replace(b'{"run_id": "c"}', token)  # the token read before the change
+    assert json.loads(output.lease_read().data)["run_id"] == "a2"
+    output.lease_delete(newer)
+    assert output.lease_read() is None
+
+
+def test_many_runs_at_once_exactly_one_wins(tmp_path):
+    # Local only: moto checks If-None-Match and then stores, not atomically; S3 and MinIO decide atomically.
+    output = open_output(str(tmp_path / "out"), {})
+    wins, refused = [], []
+
+    def go(i):
+        try:
+            wins.append(Lease.acquire(output, takeover=True, run_id=f"r{i}"))
+        except LeaseError:
+            refused.append(i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and len(refused) == 5
+    wins[0].release()
+
+
+def test_local_lease_lives_in_the_staging_folder_and_leaves_nothing(tmp_path):
+    out = tmp_path / "fresh" / "out"
+    lease = Lease.acquire(open_output(str(out), {}), takeover=False)
+    assert (out / STAGING / LEASE).is_file()
+    lease.release()
+    assert not (tmp_path / "fresh").exists()  # made for the lease alone, removed with it
