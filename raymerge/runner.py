@@ -31,12 +31,12 @@ from raymerge.commit.manifest import build_manifest
 from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import nonfinite_totals, tensor_stats
 from raymerge.config import Recipe, RunOptions
-from raymerge.errors import FULL, InputError, NonFiniteError, OutputError, RaymergeError, StorageError
+from raymerge.errors import CHANGED, DENIED, FULL, MISSING, InputError, NonFiniteError, OutputError, RaymergeError, StorageError
 from raymerge.execution.journal import Journal, JournalHead, JournalState
 from raymerge.execution.lease import Lease
 from raymerge.execution.nodes import NodeView, driver_view
 from raymerge.execution.resume import Resumed, check_resumable
-from raymerge.guard import check_not_input, check_space, old_checkpoint
+from raymerge.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
 from raymerge.plan import Plan
 from raymerge.planning.inputs import resolve
 from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
@@ -189,7 +189,7 @@ class _Run:
         old = old_checkpoint(self.output, self.output.listing())
         if state is not None and state.head is None:
             if o.overwrite:
-                return _Start(old.removable, clear=state)
+                return _Start(_replaced(old, state), clear=state)
             raise OutputError(f"--out {shown}: holds an unfinished run whose resume journal is damaged "
                               f"({state.problem}); rerun with --overwrite to start over")
         if state is not None:
@@ -198,7 +198,7 @@ class _Run:
                 self.done = dict(resumed.done)
                 return _Start(resumed.replaces, resumed=resumed)
             if o.overwrite:
-                return _Start(old.removable, clear=state)
+                return _Start(_replaced(old, state), clear=state)
             raise OutputError(f"--out {shown}: holds an unfinished run ({len(state.done)} items done); pass "
                               "--resume to continue it, or --overwrite to start over")
         if o.resume:
@@ -296,6 +296,8 @@ class _Run:
         if isinstance(e, KeyboardInterrupt):
             progress_log.warning("interrupted; %s", hint)
             return e
+        if isinstance(e, StorageError) and e.reason in CANNOT_RESUME and "--overwrite" not in str(e):
+            e.args = (f"{e}; --resume cannot get past this: {CANNOT_RESUME[e.reason]}",)
         if not isinstance(e, RaymergeError) or not e.resumable:
             return e
         if isinstance(e, StorageError) and e.reason == FULL:
@@ -305,6 +307,20 @@ class _Run:
                         f"more on the disk of {urls.redact(self.output.url)}, then run the same command with --resume")
         e.args = (f"{e}; {hint}",)
         return e
+
+
+def _replaced(old: OldCheckpoint, state: JournalState) -> tuple[str, ...]:
+    """What --overwrite removes at commit when it starts over from an unfinished run: the older
+    checkpoint's files, and what that run was to replace or had already named (a commit cut short)."""
+    names = set(old.removable)
+    if state.head is not None:
+        names |= set(state.head.replaces) | set(state.head.shards)
+    return tuple(sorted(names))
+
+
+CANNOT_RESUME = {MISSING: "fix the path or put the file back, then start over with --overwrite",
+                 DENIED: "fix the permissions or credentials, then start over with --overwrite",
+                 CHANGED: "an input changed during the run; start over with --overwrite"}
 
 
 def _how_to_go_on(output: Output) -> str:

@@ -104,7 +104,9 @@ class WorkerPool:
         if not any(self.ready):
             self.kill()
             raise self._none_started()
-        log.info("execute: %d of %d workers ready", sum(self.ready), len(self.actors))
+        if self.starting:
+            log.warning("execute: %d of %d workers are still starting after %.0fs; going on without them until "
+                        "they are ready", len(self.starting), len(self.actors), self._options.start_timeout)
 
     def _none_started(self) -> ExecutionError:
         if self.start_errors:

@@ -146,6 +146,9 @@ def _version(url: str, info: dict) -> str:
 
 def _listing(fs, root: str, shown: str) -> dict[str, dict]:
     try:
+        # fsspec keeps one filesystem per process with its listings cached: a long-lived process
+        # (the Python API) must see the versions there are now, not those of an earlier run.
+        fs.invalidate_cache(root)
         if fs.isfile(root):
             return {root: fs.info(root)}
         entries = fs.ls(root, detail=True)

@@ -217,13 +217,7 @@ class LocalOutput:
         for name in names:
             if not plain_name(name):
                 raise CommitError(f"commit: refusing to remove {name!r} from {self.url}: not a plain file name")
-            try:
-                os.remove(os.path.join(self.url, name))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise StorageError(f"commit: cannot remove the old {name} from {self.url} ({e.strerror}); "
-                                   "fix its permissions", reason_of(e)) from e
+            _remove(os.path.join(self.url, name), "commit: removing the old checkpoint's files")
 
     # -- staging files: journal, lease, probes ------------------------------------------------
 
@@ -254,13 +248,7 @@ class LocalOutput:
             return
         for name in os.listdir(self._staging):
             if name != LEASE:
-                try:
-                    os.remove(os.path.join(self._staging, name))
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise StorageError(f"cannot remove {name} from {self._staging} ({e.strerror}); fix its "
-                                       "permissions", reason_of(e)) from e
+                _remove(os.path.join(self._staging, name), "clearing the staging folder")
 
     def _atomic_write(self, folder: str, name: str, data: bytes) -> None:
         if not plain_name(name):
@@ -369,6 +357,16 @@ def _write_error(name: str, folder: str, offset: int, e: OSError) -> StorageErro
         return StorageError(f"execute: writing {where} at byte {offset} failed: the disk is full ({e.strerror})",
                             reason_of(e))
     return StorageError(f"execute: writing {where} at byte {offset} failed: {e.strerror}", reason_of(e))
+
+
+def _remove(path: str, what: str) -> None:
+    """Unlink `path` (a symbolic link itself, never its target); one already gone is fine."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StorageError(f"{what}: cannot remove {path} ({e.strerror}); fix its permissions", reason_of(e)) from e
 
 
 def _create(path: str) -> int:

@@ -39,9 +39,6 @@ _pool_lock = threading.Lock()
 class InputChanged(StorageError):
     """An input object is no longer the version the run was planned with: the run must start over."""
 
-    # retry.is_transient reads botocore's error shape: a 412 is permanent, so it is not retried.
-    response = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}
-
     def __init__(self, message: str, reason: str = CHANGED) -> None:
         super().__init__(message, reason)
 
@@ -74,7 +71,7 @@ def fetch(fs: fsspec.AbstractFileSystem, requests: list[tuple[str, int, int]], *
     for (path, start, end), blob in zip(requests, blobs):
         if len(blob) != end - start:
             raise StorageError(f"{_shown(fs, path)} returned {len(blob)} bytes for range [{start}, {end}); "
-                               "the input changed or was truncated")
+                               "the input changed or was truncated", CHANGED)
     return blobs
 
 

@@ -23,12 +23,14 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 @pytest.fixture(scope="module")
 def head():
     temp = tempfile.mkdtemp(prefix="rmj-", dir="/tmp")
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([RAY, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                              "--node-ip-address", "127.0.0.1", "--temp-dir", temp, "--include-dashboard", "true",
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)],
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             # Its own agent port: the session's local Ray may hold the default one.
+                             "--dashboard-agent-listen-port", str(agent)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 90

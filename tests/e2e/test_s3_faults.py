@@ -84,3 +84,47 @@ def _capture(errors, fn):
 def _journal_batches(s3) -> int:
     listing = s3.list_objects_v2(Bucket="faults", Prefix="out/.raymerge-staging/journal-0")
     return listing.get("KeyCount", 0)
+
+
+def test_input_replaced_mid_run_is_never_mixed_and_the_hint_is_overwrite(ray_local, s3_server, tmp_path, monkeypatch):
+    """Reads are pinned to the ETags resolved at plan time (If-Match): a cp shard replaced while the
+    run goes fails it with the URL and "start over with --overwrite" (never --resume, which
+    could not work); --overwrite then merges the new cp, bit for bit."""
+    from raymerge.errors import StorageError
+
+    local = make_llama_trio(str(tmp_path / "trio"), hidden=256, layers=2, vocab=1024, intermediate=512,
+                            max_shard_size="1MB", seed=7)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="pinned")
+    for role, folder in local.items():
+        for name in os.listdir(folder):
+            s3.upload_file(os.path.join(folder, name), "pinned", f"{role}/{name}")
+    args = ("s3://pinned/base", "s3://pinned/chat", "s3://pinned/cp", "s3://pinned/out")
+    kw = dict(scale=0.5, item_size="5MiB", shard_size="100MB", workers=1)
+    monkeypatch.setenv("RAYMERGE_TEST_ITEM_DELAY", "1.0")
+    errors = []
+    t = threading.Thread(target=lambda: _capture(errors, lambda: raymerge.merge(*args, **kw)))
+    t.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and t.is_alive() and not s3.list_multipart_uploads(Bucket="pinned").get("Uploads"):
+        time.sleep(0.1)
+    shards = sorted(n for n in os.listdir(local["cp"]) if n.endswith(".safetensors"))
+    newer = make_llama_trio(str(tmp_path / "newer"), hidden=256, layers=2, vocab=1024, intermediate=512,
+                            max_shard_size="1MB", seed=8, roles=("cp",))["cp"]
+    for name in shards:  # a new version of cp, published while the run reads the old one
+        s3.upload_file(os.path.join(newer, name), "pinned", f"cp/{name}")
+    t.join(timeout=300)
+    assert errors and isinstance(errors[0], StorageError), errors
+    message = str(errors[0])
+    assert "s3://pinned/cp/" in message and "changed since the run was planned" in message
+    assert "--overwrite" in message and "--resume" not in message
+
+    monkeypatch.setenv("RAYMERGE_TEST_ITEM_DELAY", "0")
+    raymerge.merge(*args, **kw, overwrite=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    for obj in s3.list_objects_v2(Bucket="pinned", Prefix="out/")["Contents"]:
+        s3.download_file("pinned", obj["Key"], str(out / obj["Key"].split("/", 1)[1]))
+    inputs = {role: load_folder(p) for role, p in local.items()}
+    inputs["cp"] = load_folder(newer)
+    assert_bit_identical(load_folder(str(out)), chat_vector_reference(inputs["base"], inputs["chat"], inputs["cp"], 0.5))
