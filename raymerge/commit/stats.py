@@ -75,9 +75,3 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
-
-
-def read_stats(data: bytes) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO(data))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 from raymerge.commit.records import ItemRecord
@@ -61,15 +60,10 @@ def _still_there(output: Output, plan: Plan, handle: str, parts, r: ItemRecord) 
 
 def _what_changed(plan: Plan, then: tuple[tuple[str, str], ...]) -> str:
     """'input X changed since', naming a moved or rewritten input when there is one."""
-    before = {_unpinned(u): f for u, f in then}
+    before = {urls.unpinned(u): f for u, f in then}
     for f in plan.files:
         url = urls.redact(f.url)
-        old = before.get(_unpinned(url))
+        old = before.get(urls.unpinned(url))
         if old is not None and (old != f.fingerprint or (url, old) not in then):
-            return f"input {_unpinned(url)} changed since"
+            return f"input {urls.unpinned(url)} changed since"
     return "the recipe, inputs or options differ from"
-
-
-def _unpinned(url: str) -> str:
-    """A file URL without the commit it was pinned to (hf://org/name@<sha>/f -> hf://org/name/f)."""
-    return re.sub(r"@[0-9a-f]{40}(?=/|$)", "", url)

@@ -194,24 +194,34 @@ class MergeWorker:
                     terms.append((term.scale, a, b))
             s = k.weighted_sum(k.view(dest, t.dtype), anchor, terms, scratch)
             nonfinite, new = s.nonfinite, s.new_nonfinite
-            for rows in self._override_rows(p, piece, t, inputs, dest, k, scratch):
-                nonfinite, new = nonfinite + rows.nonfinite, new + rows.new_nonfinite
+            if t.overrides:
+                more, more_new = self._override_rows(p, piece, t, inputs, dest, k, scratch, anchor, terms)
+                nonfinite, new = nonfinite + more, new + more_new
             sums.append(TensorSums(piece.tensor, s.ss_delta, s.ss_anchor, nonfinite, new))
         return sums
 
-    def _override_rows(self, p: int, piece, t, inputs, dest: memoryview, k, scratch) -> list:
-        """Special-token rows: the chat model's row, cast once to the output dtype (overwriting what the
-        sum wrote there). Returns each row's kernel sums, for its non-finite counts."""
+    def _override_rows(self, p: int, piece, t, inputs, dest: memoryview, k, scratch, anchor, terms) -> tuple[int, int]:
+        """Special-token rows: the chat model's row, cast once to the output dtype, over what the sum
+        wrote there. Returns the change to the piece's non-finite counts: the rows' own, less the
+        sum's over those rows (counted again, into a scratch row, since they are overwritten)."""
         row = t.row_elements
         size = ITEMSIZE[t.dtype]
-        counts = []
+        nonfinite = new = 0
         for j, o in enumerate(t.overrides):
             got = inputs.get((p, 1 + 2 * len(t.terms) + j))
-            if got is not None:
-                lo = (max(piece.begin, o.row * row) - piece.begin) * size
-                src = k.view(got, o.source.dtype)
-                counts.append(k.weighted_sum(k.view(dest[lo:lo + len(src) * size], t.dtype), src, [], scratch))
-        return counts
+            if got is None:
+                continue
+            lo = max(piece.begin, o.row * row) - piece.begin
+            src = k.view(got, o.source.dtype)
+            hi = lo + len(src)
+            replaced = k.weighted_sum(k.view(memoryview(bytearray((hi - lo) * size)), t.dtype),
+                                      anchor[lo:hi] if anchor is not None else None,
+                                      [(scale, a[lo:hi], b[lo:hi] if b is not None else None) for scale, a, b in terms],
+                                      scratch)
+            own = k.weighted_sum(k.view(dest[lo * size:hi * size], t.dtype), src, [], scratch)
+            nonfinite += own.nonfinite - replaced.nonfinite
+            new += own.new_nonfinite - replaced.new_nonfinite
+        return nonfinite, new
 
 
 def _test_fault(var: str) -> None:

@@ -87,11 +87,6 @@ def unpinned(url: str) -> str:
     return m.group(1) + (m.group(2) or "") if m else url
 
 
-def aws_env() -> dict[str, str]:
-    """The driver's AWS and RAYMERGE_ settings that workers on any node must share."""
-    return {k: v for k, v in os.environ.items() if k in AWS_ENV or k.startswith("RAYMERGE_")}
-
-
 def worker_env(input_urls: list[str], out_url: str | None) -> dict[str, str]:
     """The driver's settings that workers on any node need for the backends in use: credentials
     and endpoints (as the driver resolved them), and RAYMERGE_ settings. Secrets: pass them only

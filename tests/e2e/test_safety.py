@@ -38,6 +38,13 @@ def _args(trio, out, *extra, scale="0.5", shard_size="100KB") -> list[str]:
             "--scale", scale, "--item-size", "4KiB", "--shard-size", shard_size, "--workers", "2", *extra]
 
 
+def _merge(trio, out, **kw):
+    """The same merge as `_args`, through the Python API on the session's Ray (no Ray start-up)."""
+    options = dict(scale=0.5, item_size="4KiB", shard_size="100KB", workers=2)
+    options.update(kw)
+    return raymerge.merge(trio["base"], trio["chat"], trio["cp"], out, **options)
+
+
 def _run(args, **env):
     return subprocess.run([sys.executable, "-m", "raymerge", *args], capture_output=True, text=True,
                           env=_env(**env), timeout=300)
@@ -116,10 +123,9 @@ def test_overwrite_through_a_symlinked_alias_of_an_input_is_refused(llama_trio, 
     assert _digest(cp) == before and sorted(os.listdir(tmp_path)) == ["cp", "out_link"]
 
 
-def test_overwrite_replaces_the_old_checkpoint_only_at_commit(llama_trio, tmp_path):
+def test_overwrite_replaces_the_old_checkpoint_only_at_commit(ray_local, llama_trio, tmp_path):
     out = str(tmp_path / "out")
-    r = _run(_args(llama_trio, out, scale="1.0", shard_size="60KB"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    _merge(llama_trio, out, scale=1.0, shard_size="60KB")
     (tmp_path / "out" / "notes.txt").write_text("mine")
     (tmp_path / "out" / "adapter_model.safetensors").write_bytes(b"not raymerge's")
     old = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(out) if n != STAGING}
@@ -130,8 +136,7 @@ def test_overwrite_replaces_the_old_checkpoint_only_at_commit(llama_trio, tmp_pa
     assert {n: (tmp_path / "out" / n).read_bytes() for n in old} == old
     assert_bit_identical(load_folder(out), _reference(llama_trio, 1.0))
 
-    r = _run(_args(llama_trio, out, "--resume"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    _merge(llama_trio, out, resume=True)
     assert_bit_identical(load_folder(out), _reference(llama_trio))
     names = set(os.listdir(out))
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # the user's files stay
@@ -159,7 +164,7 @@ def _overflow_trio(root) -> dict[str, str]:
     return folders
 
 
-def test_overflow_fails_the_run_until_allowed(tmp_path):
+def test_overflow_fails_the_run_until_allowed(ray_local, tmp_path):
     trio = _overflow_trio(str(tmp_path / "in"))
     out = str(tmp_path / "out")
     args = ["merge", "--base", trio["base"], "--chat", trio["chat"], "--cp", trio["cp"], "--out", out,
@@ -170,9 +175,9 @@ def test_overflow_fails_the_run_until_allowed(tmp_path):
     assert "--resume --allow-nonfinite" in line and "small.weight" not in line
     assert not os.path.exists(os.path.join(out, "raymerge_manifest.json"))
 
-    r = _run([*args, "--resume", "--allow-nonfinite", "--report", str(tmp_path / "report.json")])
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.load(open(tmp_path / "report.json"))
+    report = raymerge.merge(trio["base"], trio["chat"], trio["cp"], out, scale=1.0, dtype="float16", workers=1,
+                            resume=True, allow_nonfinite=True).report()
+    assert report["items_done_before"] == report["items"]  # nothing computed again
     assert report["nonfinite"] == {"big.weight": {"elements": 4096, "from_finite_inputs": 4096},
                                    "small.weight": {"elements": 1, "from_finite_inputs": 0}}
     import pyarrow.parquet as pq
@@ -218,7 +223,7 @@ def test_a_second_driver_mid_run_is_refused_with_any_flag(llama_trio, tmp_path):
     assert_bit_identical(load_folder(out), _reference(llama_trio))
 
 
-def test_a_lease_gone_quiet_on_another_host_is_taken_over_only_when_asked(llama_trio, tmp_path):
+def test_a_lease_gone_quiet_on_another_host_is_taken_over_only_when_asked(ray_local, llama_trio, tmp_path):
     out = tmp_path / "out"
     (out / STAGING).mkdir(parents=True)
     lease = out / STAGING / "lease.json"
@@ -227,26 +232,24 @@ def test_a_lease_gone_quiet_on_another_host_is_taken_over_only_when_asked(llama_
     os.utime(lease, (time.time() - 900, time.time() - 900))  # silent for 15 minutes
     line = _one_error_line(_run(_args(llama_trio, str(out))), 2)
     assert "run r0 on node-7, pid 99, last heartbeat 9" in line and "--resume" in line and "--overwrite" in line
-    r = _run(_args(llama_trio, str(out), "--overwrite"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    _merge(llama_trio, str(out), overwrite=True)
     assert_bit_identical(load_folder(str(out)), _reference(llama_trio))
     assert not (out / STAGING).exists()
 
 
 # -- the journal: moved, damaged ------------------------------------------------------------------
 
-def test_a_moved_output_resumes_where_it_now_is(llama_trio, tmp_path):
+def test_a_moved_output_resumes_where_it_now_is(ray_local, llama_trio, tmp_path):
     out, moved = str(tmp_path / "out"), str(tmp_path / "moved")
     _kill_when_journaled(_start(_args(llama_trio, out), **SLOW), out)
     os.rename(out, moved)
-    r = _run(_args(llama_trio, moved, "--resume"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resume: " in r.stderr and " already done" in r.stderr
+    result = _merge(llama_trio, moved, resume=True)
+    assert 0 < result.items_done_before < result.items
     assert_bit_identical(load_folder(moved), _reference(llama_trio))
     assert not os.path.exists(out)  # nothing went back to where the folder was
 
 
-def test_a_damaged_journal_is_refused_for_resume_and_overwrite_starts_over(llama_trio, tmp_path):
+def test_a_damaged_journal_is_refused_for_resume_and_overwrite_starts_over(ray_local, llama_trio, tmp_path):
     out = str(tmp_path / "out")
     _kill_when_journaled(_start(_args(llama_trio, out), **SLOW), out)
     head = os.path.join(out, STAGING, "journal-head.json")
@@ -256,8 +259,7 @@ def test_a_damaged_journal_is_refused_for_resume_and_overwrite_starts_over(llama
         line = _one_error_line(_run(_args(llama_trio, out, *flags)), 2)
         assert "resume journal is damaged" in line and "--overwrite to start over" in line
         assert "pass --resume" not in line
-    r = _run(_args(llama_trio, out, "--overwrite"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    _merge(llama_trio, out, overwrite=True)
     assert_bit_identical(load_folder(out), _reference(llama_trio))
     assert not os.path.exists(os.path.join(out, STAGING))
 
@@ -298,3 +300,25 @@ def test_no_worker_can_start_is_one_line_with_the_workers_error(llama_trio, tmp_
     assert "execute: no worker could start (" in line and "attempts); the last one: " in line
     assert "--resume" not in line  # nothing to resume: nothing was staged
     assert not os.path.exists(out)
+
+
+def test_special_token_rows_replace_what_overflowed_there(ray_local, tmp_path):
+    """An embedding row that overflows F16 in the sum, then set to the chat model's (finite) row by
+    --special-tokens, leaves no inf in the output: the run commits, and counts nothing."""
+    from raymerge.errors import NonFiniteError
+
+    folders = {}
+    for role, bump in (("base", 0.0), ("chat", 20000.0), ("cp", 0.0)):
+        embed = torch.zeros(16, 8)
+        embed[3] = 60000.0 if role != "chat" else 60000.0 + bump
+        folders[role] = str(tmp_path / role)
+        os.makedirs(folders[role])
+        save_file({"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(8)},
+                  os.path.join(folders[role], "model.safetensors"))
+    with pytest.raises(NonFiniteError, match=r"model.embed_tokens.weight \(8 elements\)"):
+        raymerge.merge(folders["base"], folders["chat"], folders["cp"], str(tmp_path / "out1"), dtype="float16")
+    result = raymerge.merge(folders["base"], folders["chat"], folders["cp"], str(tmp_path / "out2"),
+                            dtype="float16", special_tokens="3:5")
+    assert result.nonfinite == {}
+    got = load_folder(str(tmp_path / "out2"))["model.embed_tokens.weight"]
+    assert torch.isfinite(got).all() and torch.equal(got[3], torch.zeros(8, dtype=torch.float16))

@@ -49,12 +49,6 @@ def test_worker_env_sends_the_token_of_the_drivers_token_file(clean_env, tmp_pat
     assert urls.worker_env(["/local"], None) == {}  # not for runs that do not read the Hub
 
 
-def test_aws_env_is_unchanged(clean_env):
-    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    clean_env.setenv("HF_TOKEN", "hf_x")
-    assert urls.aws_env() == {"AWS_SECRET_ACCESS_KEY": "s"}
-
-
 def test_hub_filesystem_gets_the_endpoint_explicitly(clean_env):
     clean_env.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
     fs, path = urls.filesystem("hf://org/name/file.json", None)
