@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 import raymerge
 from raymerge.errors import ExecutionError
+from tests.e2e.test_resume import _wait_for
 from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, weighted_reference
 
 STAGING = ".raymerge-staging"
@@ -67,15 +68,6 @@ def _journaled(out: str) -> int:
             except (OSError, ValueError):
                 pass
     return total
-
-
-def _wait_for(cond, timeout=120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _kill_when_journaled(proc, out, items=4) -> None:
