@@ -12,7 +12,7 @@ from typing import Any
 from raymerge.errors import InputError
 from raymerge.ops.rules import VOCAB_MODES, parse_special_tokens
 from raymerge.safetensors.dtypes import ALIASES, FLOATS
-from raymerge.untrusted import UntrustedJSON, parse_json
+from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
 MAX_SIZE = 2**62  # bytes: far past any checkpoint, and safe in every int64 offset
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -45,9 +45,9 @@ def parse_number(value: float | str, option: str) -> float:
     except OverflowError:  # an int too large for a float
         x = math.inf
     except (TypeError, ValueError) as e:
-        raise InputError(f"{option} {_shown(value)}: not a number; write e.g. 0.5 or 1.0") from e
+        raise InputError(f"{option} {shown(value, 40)}: not a number; write e.g. 0.5 or 1.0") from e
     if not math.isfinite(x):
-        raise InputError(f"{option} {_shown(value)}: must be a finite number")
+        raise InputError(f"{option} {shown(value, 40)}: must be a finite number")
     return x
 
 
@@ -60,14 +60,9 @@ def parse_scale(value: float | str, option: str = "--scale") -> float:
     except OverflowError:
         as_f32 = math.inf
     if math.isinf(as_f32) or (x != 0 and as_f32 == 0):
-        raise InputError(f"{option} {_shown(value)}: {'overflows' if math.isinf(as_f32) else 'rounds to 0 in'} "
+        raise InputError(f"{option} {shown(value, 40)}: {'overflows' if math.isinf(as_f32) else 'rounds to 0 in'} "
                          "float32, in which raymerge computes; use 0 or a magnitude between 1e-45 and 3.4e38")
     return x
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_dtype(value: str | None) -> str | None:
@@ -75,7 +70,7 @@ def parse_dtype(value: str | None) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise InputError(f"--dtype {_shown(value)}: not a dtype name; use float32, bfloat16 or float16")
+        raise InputError(f"--dtype {shown(value, 40)}: not a dtype name; use float32, bfloat16 or float16")
     name = ALIASES.get(value.lower(), value.upper())
     if name not in FLOATS:
         raise InputError(f"--dtype {value!r}: not a float dtype; use float32, bfloat16 or float16")
@@ -94,7 +89,7 @@ def parse_storage_options(value: str | dict | None) -> dict[str, Any]:
             raise InputError(f"--storage-options: {e}; write e.g. "
                              '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\'') from e
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise InputError(f"--storage-options {_shown(value)}: must be a JSON object (a mapping with string keys) "
+        raise InputError(f"--storage-options {shown(value, 40)}: must be a JSON object (a mapping with string keys) "
                          "of fsspec options")
     return dict(obj)
 
@@ -138,9 +133,9 @@ class RunOptions:
             raise InputError(f"--gpus-per-worker {gpus_per_worker!r}: must be zero or positive")
         if worker_resource is not None and not (isinstance(worker_resource, str)
                                                 and re.fullmatch(r"[A-Za-z0-9_.:/-]+", worker_resource)):
-            raise InputError(f"--worker-resource {_shown(worker_resource)}: a Ray resource name, e.g. merge")
+            raise InputError(f"--worker-resource {shown(worker_resource, 40)}: a Ray resource name, e.g. merge")
         if address is not None and not isinstance(address, str):
-            raise InputError(f"--address {_shown(address)}: a Ray address, e.g. auto or ray://head:10001")
+            raise InputError(f"--address {shown(address, 40)}: a Ray address, e.g. auto or ray://head:10001")
         overwrite, resume = _bool(overwrite, "overwrite", ""), _bool(resume, "resume", "")
         item_size = parse_size(item_size, "--item-size")
         if not MIN_ITEM_SIZE <= item_size <= MAX_ITEM_SIZE:
@@ -212,17 +207,17 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     what to compute and how to run. Keys may use '-' or '_'. Errors name the key and the fix."""
     at = f"{where}: " if where else ""
     if not isinstance(kind, str) or kind not in _RECIPE_KEYS:
-        raise InputError(f"{at}kind {_shown(kind)}: must be one of {', '.join(_RECIPE_KEYS)}")
+        raise InputError(f"{at}kind {shown(kind, 40)}: must be one of {', '.join(_RECIPE_KEYS)}")
     for key in values:
         if not isinstance(key, str):
-            raise InputError(f"{at}key {_shown(key)}: keys are option names like base, chat, scale, out")
+            raise InputError(f"{at}key {shown(key, 40)}: keys are option names like base, chat, scale, out")
     values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
     allowed = _RECIPE_KEYS[kind] + RUN_KEYS
     for key in values:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; {kind} takes: {', '.join(allowed)}"
-            raise InputError(f"{at}unknown key {_shown(key)} for {kind}{hint}")
+            raise InputError(f"{at}unknown key {shown(key, 40)} for {kind}{hint}")
     for key in _REQUIRED[kind]:
         if not values.get(key):
             raise InputError(f"{at}{kind} needs {_flag(key)}")
@@ -245,7 +240,7 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
         try:
             re.compile(pattern)
         except (re.error, RecursionError, OverflowError) as e:
-            raise InputError(f"{at}--skip {_shown(pattern)}: not a valid regular expression ({e})") from e
+            raise InputError(f"{at}--skip {shown(pattern, 40)}: not a valid regular expression ({e})") from e
     run = _at(at, RunOptions.parse, **{k: values[k] for k in RUN_KEYS if k in values})
     return recipe, run
 

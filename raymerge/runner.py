@@ -27,7 +27,7 @@ from typing import Any
 
 from raymerge import __version__
 from raymerge.commit.committer import commit
-from raymerge.commit.manifest import build_manifest
+from raymerge.commit.manifest import build_manifest, output_files
 from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import nonfinite_totals, tensor_stats
 from raymerge.config import Recipe, RunOptions
@@ -207,8 +207,15 @@ class _Run:
             raise OutputError(f"--out {shown}: already holds a checkpoint ({', '.join(old.present[:3])}); "
                               "choose another location or pass --overwrite")
         if o.overwrite and old.strays:
-            log.warning("--overwrite: %s at %s: no manifest or index names these files, so they stay",
-                        ", ".join(old.strays[:5]), shown)
+            written = set(output_files(self.plan))
+            kept = [n for n in old.strays if n not in written]
+            replaced = [n for n in old.strays if n in written]
+            if kept:
+                log.warning("--overwrite: %s at %s: no manifest or index names these files, so they stay",
+                            ", ".join(kept[:5]), shown)
+            if replaced:
+                log.warning("--overwrite: %s at %s: the new checkpoint writes files of these names, replacing "
+                            "them at commit", ", ".join(replaced[:5]), shown)
         return _Start(old.removable if o.overwrite else ())
 
     @contextlib.contextmanager

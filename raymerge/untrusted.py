@@ -109,5 +109,12 @@ def _check_strings(obj: Any) -> None:
             _check_strings(v)
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """A value read from untrusted data as an error message shows it: its repr, cut to `limit`
+    characters (a hostile name or number may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _shown(s: str) -> str:
     return ascii(s[:40] + ("..." if len(s) > 40 else ""))

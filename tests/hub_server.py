@@ -74,6 +74,13 @@ class HubStandIn:
     def total_served(self) -> int:
         return sum(self.served.values())
 
+    def point_driver_at_it(self, monkeypatch) -> None:
+        """This process (the driver) reaches the stand-in with the token; Ray's workers, started
+        earlier, have neither in their environment. Counts start from zero."""
+        monkeypatch.setenv("HF_TOKEN", self.token)
+        monkeypatch.setenv("HF_ENDPOINT", self.url)
+        self.reset_counts()
+
     def reset_counts(self) -> None:
         with self._lock:
             self.served.clear()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from raymerge.errors import ResolveError
 from raymerge.safetensors.dtypes import ITEMSIZE
-from raymerge.untrusted import UntrustedJSON, parse_json
+from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
 HEADER_CAP = 100_000_000  # bytes of JSON; the reference implementation refuses larger too
 FIRST_READ = 100_000  # one speculative read covers the header of nearly every real shard
@@ -81,25 +81,25 @@ def _metadata(value: object, where: str) -> dict[str, str]:
 
 
 def _entry(name: str, spec: object, where: str) -> Entry:
-    at = f"{where}: tensor {_short(name)}"
+    at = f"{where}: tensor {shown(name)}"
     if not name:
         raise ResolveError(f"{where}: a tensor has an empty name; the file is corrupt")
     if not isinstance(spec, dict):
         raise ResolveError(f"{at}: entry is not an object; the file is corrupt")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in ITEMSIZE:
-        raise ResolveError(f"{at}: unknown dtype {_short(dtype)}; supported: {', '.join(ITEMSIZE)}")
+        raise ResolveError(f"{at}: unknown dtype {shown(dtype)}; supported: {', '.join(ITEMSIZE)}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
-        raise ResolveError(f"{at}: shape {_short(shape)} is not a list of at most {MAX_DIMS} integers "
+        raise ResolveError(f"{at}: shape {shown(shape)} is not a list of at most {MAX_DIMS} integers "
                            f"in [0, 2**62)")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
             or offsets[0] > offsets[1]):
-        raise ResolveError(f"{at}: data_offsets {_short(offsets)} are not [begin, end] with "
+        raise ResolveError(f"{at}: data_offsets {shown(offsets)} are not [begin, end] with "
                            "0 <= begin <= end < 2**62")
     expected = math.prod(shape) * ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != expected:
         raise ResolveError(f"{at}: data_offsets span {offsets[1] - offsets[0]} bytes but "
-                           f"{dtype}{_short(shape)} needs {expected}; the file is corrupt")
+                           f"{dtype}{shown(shape)} needs {expected}; the file is corrupt")
     return Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -107,18 +107,12 @@ def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < MAX_COUNT
 
 
-def _short(value: object) -> str:
-    """A value from the file, cut short: an error line must stay one short line."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _check_tiling(entries: list[Entry], data_len: int, where: str) -> None:
     pos = 0
     for e in entries:
         if e.begin != pos:
             what = "overlaps the previous tensor" if e.begin < pos else f"leaves a gap at {pos}"
-            raise ResolveError(f"{where}: tensor {_short(e.name)} at bytes [{e.begin}, {e.end}) {what}; "
+            raise ResolveError(f"{where}: tensor {shown(e.name)} at bytes [{e.begin}, {e.end}) {what}; "
                                "the file is corrupt or hostile")
         pos = e.end
     if pos != data_len:

@@ -6,7 +6,7 @@ import json
 import posixpath
 
 from raymerge.errors import ResolveError
-from raymerge.untrusted import UntrustedJSON, parse_json
+from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,14 +32,9 @@ def parse_index(raw: bytes, where: str) -> dict[str, str]:
         if not tensor:
             raise ResolveError(f"{where}: maps a tensor with an empty name; re-download the index file")
         if not isinstance(file, str) or not is_safe_name(file):
-            raise ResolveError(f"{where}: tensor {_short(tensor)} maps to {_short(file)}, which is not a "
+            raise ResolveError(f"{where}: tensor {shown(tensor)} maps to {shown(file)}, which is not a "
                                "plain file name inside the checkpoint; refusing to follow it")
     return weight_map
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def is_safe_name(name: str) -> bool:

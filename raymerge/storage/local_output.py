@@ -97,7 +97,7 @@ class LocalOutput:
 
     def check_handles(self, shards: list[str], handles: list[str]) -> None:
         """Handles a journal gives must be exactly the staged names of its shards."""
-        if [h for h in handles] != [s + PARTIAL for s in shards]:
+        if list(handles) != [s + PARTIAL for s in shards]:
             raise OutputError(f"--resume {self.url}: the resume journal names staged files that do not belong to "
                               "its shards (a journal from another raymerge or another folder?); rerun with "
                               "--overwrite to start over")
@@ -121,16 +121,20 @@ class LocalOutput:
                               "check the path, its permissions and free space") from e
         return handles
 
-    def _fd(self, handle: str, flags: int) -> int:
+    def _open(self, handle: str, flags: int) -> int:
+        """A staged file's descriptor, opened once per flags and shared by the worker's threads."""
         with self._lock:
             fd = self._fds.get((handle, flags))
             if fd is None:
-                try:
-                    fd = self._fds[(handle, flags)] = os.open(self._staged(handle), flags | NOFOLLOW)
-                except OSError as e:
-                    raise StorageError(f"execute: cannot open the staged {handle} in {self._staging}: {e.strerror}",
-                                       reason_of(e)) from e
+                fd = self._fds[(handle, flags)] = os.open(self._staged(handle), flags | NOFOLLOW)
             return fd
+
+    def _fd(self, handle: str, flags: int) -> int:
+        try:
+            return self._open(handle, flags)
+        except OSError as e:
+            raise StorageError(f"execute: cannot open the staged {handle} in {self._staging}: {e.strerror}",
+                               reason_of(e)) from e
 
     def write(self, name: str, handle: str, part: int, offset: int, data: memoryview) -> str | None:
         lo = -(-offset // BLOCK) * BLOCK - offset  # the aligned middle: data[lo:hi]
@@ -147,13 +151,10 @@ class LocalOutput:
         memory alignment does not allow it."""
         done = 0
         try:
-            fd = self._fd(handle, os.O_RDWR | os.O_DIRECT)
+            fd = self._open(handle, os.O_RDWR | os.O_DIRECT)
             while done < len(data):
                 done += os.pwrite(fd, data[done:], offset + done)
             return True
-        except StorageError as e:
-            if not isinstance(e.__cause__, OSError) or e.__cause__.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP) or done:
                 raise _write_error(name, self.url, offset + done, e) from e

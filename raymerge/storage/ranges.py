@@ -30,6 +30,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from raymerge.errors import CHANGED, StorageError
+from raymerge.storage.retry import reason_of
 
 CONCURRENCY = 16  # ranges in flight per call: enough to fill a link, few enough for any server
 _pool: ThreadPoolExecutor | None = None
@@ -111,7 +112,7 @@ def _fetch_s3(fs, requests: list[tuple[str, int, int]], versions: dict[str, str]
             try:
                 resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
             except OSError as e:
-                if _precondition_failed(e):
+                if reason_of(e) == CHANGED:
                     raise InputChanged(f"{_shown(fs, path)} changed since the run was planned (ETag {etag} "
                                        "then); rerun with --overwrite to start over with the new version, "
                                        "or restore the original object") from e
@@ -126,13 +127,6 @@ def _fetch_s3(fs, requests: list[tuple[str, int, int]], versions: dict[str, str]
         return await asyncio.gather(*(one(p, s, e, gate) for p, s, e in requests))
 
     return sync(fs.loop, gather)
-
-
-def _precondition_failed(e: BaseException) -> bool:
-    cause = e.__cause__ if getattr(e, "response", None) is None else e
-    response = getattr(cause, "response", None) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412") or status == 412
 
 
 def _fetch_by_file(fs, requests: list[tuple[str, int, int]], sizes: dict[str, int],

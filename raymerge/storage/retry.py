@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from raymerge.errors import CHANGED, DENIED, FULL, MISSING, TRANSIENT
+from raymerge.errors import CHANGED, DENIED, FULL, MISSING, TRANSIENT, StorageError
 
 log = logging.getLogger("raymerge")
 T = TypeVar("T")
@@ -25,40 +25,45 @@ PERMANENT_CODES = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKe
 
 
 def is_transient(e: BaseException) -> bool:
-    if getattr(e, "reason", None) == CHANGED:  # an input replaced mid-run: trying again cannot help
+    if reason_of(e) in (MISSING, DENIED, CHANGED):
         return False
-    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
-                      ValueError, TypeError, KeyError)):
+    if isinstance(e, (FileExistsError, ValueError, TypeError, KeyError)):
         return False
-    # s3fs translates botocore's errors into OSErrors, keeping the original as the cause.
-    response = getattr(e, "response", None) or getattr(e.__cause__, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-        if code in PERMANENT_CODES or 400 <= status < 500 and status not in (408, 429):
-            return False
-    return True
+    code, status = _s3_error(e)
+    return not (code in PERMANENT_CODES or 400 <= status < 500 and status not in (408, 429))
 
 
 def reason_of(e: BaseException) -> str:
     """What kind of storage failure `e` is (errors.TRANSIENT, FULL, MISSING, DENIED or CHANGED):
-    it decides whether the driver may suggest --resume."""
+    it decides whether a retry can help and whether the driver may suggest --resume."""
+    if isinstance(e, StorageError):
+        return e.reason
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return FULL
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return MISSING
     if isinstance(e, PermissionError) or isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DENIED
-    response = getattr(e, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "NoSuchBucket", "404"):
-            return MISSING
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-            return DENIED
-        if code in ("PreconditionFailed", "412"):
-            return CHANGED
+    code, status = _s3_error(e)
+    if code in ("NoSuchKey", "NoSuchBucket", "404"):
+        return MISSING
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        return DENIED
+    # A conditional request refused: the object is no longer the version read (If-Match), exists
+    # already (If-None-Match), or another conditional write won the race.
+    if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status == 412:
+        return CHANGED
     return TRANSIENT
+
+
+def _s3_error(e: BaseException) -> tuple[str, int]:
+    """The S3 error code and HTTP status behind `e`, if any: s3fs translates botocore's errors into
+    OSErrors and keeps the original as the cause."""
+    response = getattr(e, "response", None) or getattr(e.__cause__, "response", None)
+    if not isinstance(response, dict):
+        return "", 0
+    return (str(response.get("Error", {}).get("Code", "")),
+            response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
 def retries() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import email.utils
 from typing import Any
 
-from raymerge.errors import OutputError, StorageError
+from raymerge.errors import CHANGED, OutputError, StorageError
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of, with_retries
 from raymerge.storage.writers import FINAL, GONE, LEASE, STAGING, LeaseRecord, LeaseTaken, plain_name
@@ -33,7 +33,7 @@ class S3Output:
         try:
             return with_retries(lambda: self._fs.call_s3(method, Bucket=self._bucket, **kwargs), f"{what} {where}")
         except Exception as e:  # botocore and s3fs raise many types; keep the reason and where
-            raise StorageError(f"{what} {where} failed: {type(e).__name__}: {e}", reason_of(_root(e))) from e
+            raise StorageError(f"{what} {where} failed: {type(e).__name__}: {e}", reason_of(e)) from e
 
     # -- the prefix -------------------------------------------------------------------------
 
@@ -49,17 +49,15 @@ class S3Output:
                               "check the bucket, credentials and endpoint") from e
 
     def read_small(self, name: str) -> bytes | None:
-        path = f"{self._bucket}/{self._key(name)}"
-        try:
-            if self._fs.info(path)["size"] > SMALL_CAP:
-                raise OutputError(f"--out {urls.redact(self.url)}: {name} is over {SMALL_CAP} bytes; not raymerge's")
-            return self._fs.cat_file(path)
+        try:  # one byte past the cap, never the whole of a hostile object
+            data = self._fs.cat_file(f"{self._bucket}/{self._key(name)}", start=0, end=SMALL_CAP + 1)
         except FileNotFoundError:
             return None
-        except OutputError:
-            raise
         except Exception as e:
             raise OutputError(f"--out {urls.redact(self.url)}: cannot read {name} ({type(e).__name__}: {e})") from e
+        if len(data) > SMALL_CAP:
+            raise OutputError(f"--out {urls.redact(self.url)}: {name} is over {SMALL_CAP} bytes; not raymerge's")
+        return data
 
     def free_bytes(self) -> int | None:
         return None  # no quota to ask S3 about
@@ -222,7 +220,7 @@ class S3Output:
             resp = self._call("lease: writing", "put_object", Key=self._key(f"{STAGING}/{LEASE}"), Body=data,
                               **condition)
         except StorageError as e:
-            if _precondition_failed(e):
+            if e.reason == CHANGED:  # the condition was refused: another run holds or replaced it
                 raise LeaseTaken() from e
             if "IfNoneMatch" in condition:  # the first write of a run: a bad bucket, endpoint or credentials
                 raise OutputError(f"--out {urls.redact(self.url)}: cannot write there ({e}); check the bucket, "
@@ -270,21 +268,6 @@ def _read_body(fs, resp: dict) -> bytes:
             body.close()
 
     return sync(fs.loop, read)
-
-
-def _root(e: BaseException) -> BaseException:
-    """The botocore error behind s3fs's translated one, when there is one."""
-    return e.__cause__ if getattr(e.__cause__, "response", None) is not None else e
-
-
-def _precondition_failed(e: StorageError) -> bool:
-    for cause in (e.__cause__, getattr(e.__cause__, "__cause__", None)):
-        if isinstance(cause, FileExistsError):
-            return True
-        code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-            return True
-    return False
 
 
 def _no_such_upload(e: StorageError) -> bool:

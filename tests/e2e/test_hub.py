@@ -41,10 +41,8 @@ def driver_env(hub, monkeypatch):
     """The token and the endpoint in this process only (never in a token file)."""
     import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    hub.point_driver_at_it(monkeypatch)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", "/nonexistent/token")
-    hub.reset_counts()
 
 
 def _urls() -> list[str]:

@@ -41,9 +41,7 @@ def hub(tmp_path_factory):
 
 @pytest.fixture
 def hub_env(hub, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    hub.reset_counts()
+    hub.point_driver_at_it(monkeypatch)
     hub.delay = 0.0
     yield hub
     hub.delay = 0.0
