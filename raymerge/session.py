@@ -26,7 +26,7 @@ def ray_session(address: str | None) -> Iterator[None]:
     temp_dir = None
     address = address or os.environ.get("RAY_ADDRESS")
     local = prefer_loopback(address)
-    saved = dict(os.environ)
+    unset = [k for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") if k not in os.environ]  # set for this run only
     if address:
         ray.init(address=address, logging_level=logging.WARNING, **({"_node_ip_address": "127.0.0.1"} if local else {}))
     else:
@@ -43,9 +43,8 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-            if key not in saved:
-                os.environ.pop(key, None)
+        for key in unset:
+            os.environ.pop(key, None)
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
