@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from raymerge import plan as _plan_data  # noqa: F401  (first, so that `raymerge.plan` below is the function)
-
 __version__ = "0.1.0"
 
 __all__ = ["MergeResult", "__version__", "apply", "extract", "merge", "plan"]

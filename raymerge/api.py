@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raymerge.config import Recipe, RunOptions, build_recipe
-from raymerge.plan import Plan
+from raymerge.planning.plan import Plan
 from raymerge.runner import make_plan, run as run_phases
 from raymerge.session import prefer_loopback, ray_session  # noqa: F401  (the faces' imports)
 from raymerge.storage import urls

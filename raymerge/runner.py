@@ -37,7 +37,7 @@ from raymerge.execution.lease import Lease
 from raymerge.execution.nodes import NodeView, driver_view
 from raymerge.execution.resume import Resumed, check_resumable
 from raymerge.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
-from raymerge.plan import Plan
+from raymerge.planning.plan import Plan
 from raymerge.planning.inputs import resolve
 from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.session import ray_session

@@ -25,7 +25,7 @@ from raymerge.commit.manifest import MANIFEST_NAME, output_files
 from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import STATS_NAME, parquet_bytes
 from raymerge.errors import CommitError, RaymergeError
-from raymerge.plan import AuxFile, Plan
+from raymerge.planning.plan import AuxFile, Plan
 from raymerge.safetensors.index import INDEX_NAME, index_bytes
 from raymerge.storage import urls
 from raymerge.storage.writers import Output

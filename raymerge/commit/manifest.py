@@ -14,7 +14,7 @@ from typing import Any
 from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import STATS_NAME, nonfinite_totals
 from raymerge.errors import InputError
-from raymerge.plan import Plan
+from raymerge.planning.plan import Plan
 from raymerge.safetensors.index import INDEX_NAME, is_safe_name
 from raymerge.storage.urls import redact
 from raymerge.untrusted import UntrustedJSON, parse_json

@@ -13,7 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 from raymerge.commit.records import ItemRecord
-from raymerge.plan import Plan
+from raymerge.planning.plan import Plan
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: every worker imports this package, none needs it
     import pyarrow as pa

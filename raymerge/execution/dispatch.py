@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from raymerge.errors import ExecutionError, RaymergeError
 from raymerge.execution.nodes import NodeView
 from raymerge.execution.worker import ItemResult, MergeWorker
-from raymerge.plan import Plan
+from raymerge.planning.plan import Plan
 
 log = logging.getLogger("raymerge.progress")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.errors import OutputError, RaymergeError, StorageError
-from raymerge.plan import Plan
+from raymerge.planning.plan import Plan
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
 from raymerge.storage.writers import Output, plain_name

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from raymerge.errors import NodeViewError
-from raymerge.plan import Plan
+from raymerge.planning.plan import Plan
 from raymerge.storage import urls
 
 FIX = "put it on a filesystem every node mounts at the same path, or use s3:// (or hf://) URLs"

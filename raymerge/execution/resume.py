@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from raymerge.commit.records import ItemRecord
 from raymerge.errors import OutputError
 from raymerge.execution.journal import JournalState
-from raymerge.plan import Plan
+from raymerge.planning.plan import Plan
 from raymerge.storage import urls
 from raymerge.storage.checksum import crc32
 from raymerge.storage.writers import FINAL, GONE, Output

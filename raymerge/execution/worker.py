@@ -25,7 +25,7 @@ from typing import Any
 from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.execution.nodes import NodeView, check_view
 from raymerge.ops import kernel
-from raymerge.plan import HEADER, Item, Plan, Source
+from raymerge.planning.plan import HEADER, Item, Plan, Source
 from raymerge.safetensors.dtypes import ITEMSIZE
 from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from raymerge.plan import HEADER, Piece
+from raymerge.planning.plan import HEADER, Piece
 from raymerge.safetensors.header import serialize_header
 from raymerge.safetensors.index import shard_name
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from raymerge.errors import PlanError
 from raymerge.ops.rules import compile_patterns, is_head_name, is_vocab_tensor, tied_embedding
-from raymerge.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
+from raymerge.planning.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
 from raymerge.planning.inputs import Checkpoint, TensorRef
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, shard_names, split_into_shards
 from raymerge.safetensors.dtypes import ITEMSIZE, is_float

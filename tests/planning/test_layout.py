@@ -1,4 +1,4 @@
-from raymerge.plan import HEADER, Piece
+from raymerge.planning.plan import HEADER, Piece
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, split_into_shards
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from raymerge.errors import PlanError
-from raymerge.plan import HEADER
+from raymerge.planning.plan import HEADER
 from raymerge.planning.inputs import resolve
 from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
 
