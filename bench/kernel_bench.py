@@ -1,6 +1,6 @@
 """Time the numpy kernel alone, in one thread, on synthetic inputs; optionally against another copy of it.
 
-    python bench/kernel_bench.py                              # this checkout's raymerge/ops/kernel.py
+    python bench/kernel_bench.py                              # this checkout's raymerge/ops/numpy_kernel.py
     python bench/kernel_bench.py --compare /tmp/kernel_old.py # interleaved rounds of both, medians
     python bench/kernel_bench.py --compare /tmp/kernel_old.py --n 1e6 --rounds 300  # a noisy machine
 
@@ -19,19 +19,24 @@ import os
 import statistics
 import sys
 import time
-from types import ModuleType
+from types import SimpleNamespace
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL = os.path.join(HERE, "..", "raymerge", "ops", "kernel.py")
+sys.path.insert(0, os.path.join(HERE, ".."))
+KERNEL = os.path.join(HERE, "..", "raymerge", "ops", "numpy_kernel.py")
+BITS = {"BF16": np.uint16, "F16": np.float16}  # output arrays, as the kernel's `view` gives them
 
 
-def load(path: str, name: str) -> ModuleType:
+def load(path: str, name: str):
+    """The kernel a file defines: a `numpy_kernel.py` (its NUMPY), or an older module-level kernel.py."""
     spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(module)
-    return module
+    if hasattr(module, "NUMPY"):
+        return module.NUMPY
+    return SimpleNamespace(scratch=module.Scratch, weighted_sum=module.weighted_sum)
 
 
 def inputs(n: int, dtype: str, count: int, seed: int) -> list[np.ndarray]:
@@ -56,7 +61,7 @@ def cases(n: int) -> dict[str, tuple[str, object, list]]:
     }
 
 
-def time_once(module: ModuleType, out: np.ndarray, anchor, terms, scratch) -> float:
+def time_once(module, out: np.ndarray, anchor, terms, scratch) -> float:
     t0 = time.perf_counter()
     module.weighted_sum(out, anchor, terms, scratch)
     return time.perf_counter() - t0
@@ -76,10 +81,10 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
         for case, (dtype, anchor, terms) in table.items():
-            out = np.zeros(n, kernels["new"].NUMPY_DTYPES[dtype])  # touched: no page faults in the timing
+            out = np.zeros(n, BITS[dtype])  # touched: no page faults in the timing
             order = list(kernels.items())
             for name, module in order if r % 2 == 0 else order[::-1]:  # neither kernel always runs first
-                scratch = module.Scratch()
+                scratch = module.scratch()
                 times.setdefault((case, name), []).append(time_once(module, out, anchor, terms, scratch))
     for case in table:
         row = {name: statistics.median(times[(case, name)]) for name in kernels}

@@ -1,4 +1,4 @@
-"""Make a synthetic Llama-layout base/chat/cp trio (random bf16, HF sharding) for benchmarks.
+"""Make a synthetic Llama-layout base/chat/cp trio (random bf16, raymerge's sharding) for benchmarks.
 
     python bench/make_synthetic.py /tmp/trio --params 750e6 --shard-size 400MB
 """
@@ -9,6 +9,7 @@ import argparse
 import time
 
 from raymerge.config import parse_size
+from raymerge.safetensors.dtypes import numel
 from raymerge.synth import LlamaShape, make_trio
 
 
@@ -22,16 +23,9 @@ def main() -> None:
     shape = LlamaShape.of_size(args.params)
     started = time.perf_counter()
     make_trio(args.root, shape, shard_size=parse_size(args.shard_size, "--shard-size"), seed=args.seed)
-    params = sum(_numel(s) for _, s in shape.tensors())
+    params = sum(numel(s) for _, s in shape.tensors())
     print(f"{shape} -> {params / 1e6:.0f}M params, {2 * params / 1e9:.2f} GB per checkpoint, "
           f"made in {time.perf_counter() - started:.0f}s under {args.root}")
-
-
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
 
 
 if __name__ == "__main__":

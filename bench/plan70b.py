@@ -13,6 +13,10 @@ import os
 import struct
 import time
 
+from raymerge.planning.layout import split_into_shards
+from raymerge.safetensors.dtypes import nbytes
+from raymerge.safetensors.index import shard_name
+
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = 8192, 80, 64, 8, 28672, 32000
 
 
@@ -32,19 +36,13 @@ def tensors() -> list[tuple[str, list[int]]]:
 def write_checkpoint(folder: str, shards: int = 15) -> int:
     os.makedirs(folder, exist_ok=True)
     ts = tensors()
-    sizes = [2 * _numel(s) for _, s in ts]
-    limit = sum(sizes) / shards
-    groups, current, used = [], [], 0
-    for i, size in enumerate(sizes):
-        if current and used + size > limit and len(groups) < shards - 1:
-            groups.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += size
-    groups.append(current)
+    sizes = [nbytes("BF16", s) for _, s in ts]
+    groups = split_into_shards(sizes, sum(sizes) / shards)
+    if len(groups) > shards:  # the remainder goes into the last shard: exactly `shards` files
+        groups[shards - 1:] = [[i for g in groups[shards - 1:] for i in g]]
     weight_map = {}
     for k, group in enumerate(groups):
-        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        name = shard_name(k, len(groups))
         header, pos = {"__metadata__": {"format": "pt"}}, 0
         for i in group:
             header[ts[i][0]] = {"dtype": "BF16", "shape": ts[i][1], "data_offsets": [pos, pos + sizes[i]]}
@@ -58,13 +56,6 @@ def write_checkpoint(folder: str, shards: int = 15) -> int:
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f)
     return len(groups)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from raymerge.config import Recipe, RunOptions, build_recipe
+from raymerge.config import OPTIONS, Recipe, RunOptions, build_recipe
 from raymerge.planning.plan import Plan
 from raymerge.runner import make_plan, run as run_phases
 from raymerge.session import prefer_loopback, ray_session  # noqa: F401  (the faces' imports)
@@ -22,7 +22,7 @@ log = logging.getLogger("raymerge")
 progress_log = logging.getLogger("raymerge.progress")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeResult:
     """What a run produced (merge, extract and apply alike)."""
 
@@ -59,17 +59,24 @@ class MergeResult:
         return self.output_bytes / self.execute_seconds / 1e9 if self.execute_seconds else 0.0
 
 
+# Every face takes the run options of the CLI as keywords (checked by config.OPTIONS, like flags).
+RUN_KEYWORDS = ", ".join(o.key for o in OPTIONS if o.run)
+
+
 def merge(base: str, chat: str | list[str], cp: str, out: str, *, scale: float | list[float] | None = None,
           vocab: str = "overlap", skip: list[str] | None = None, special_tokens: str | None = None,
           chat_template: bool = True, dtype: str | None = None, **options: Any) -> MergeResult:
     """`out = cp + sum_i scale_i * (chat_i - base)` in float32, rounded once to the output dtype.
 
     `chat` and `scale` may be lists (one scale per chat model, in order); `options` are the run
-    options of the CLI (shard_size, item_size, workers, address, storage_options, overwrite, ...).
+    options of the CLI: {run}.
     """
     return run(*build_recipe("merge", dict(base=base, chat=chat, cp=cp, out=out, scale=scale, vocab=vocab,
                                            skip=skip, special_tokens=special_tokens,
                                            chat_template=chat_template, dtype=dtype, **options)))
+
+
+merge.__doc__ = merge.__doc__.format(run=RUN_KEYWORDS)
 
 
 def extract(base: str, chat: str, out: str, *, dtype: str = "float32", **options: Any) -> MergeResult:
@@ -107,9 +114,11 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     progress_log.info("done: %.2f GB written to %s; execute %.1fs (%.2f GB/s), %.1fs in all",
                       o.plan.output_bytes / 1e9, urls.redact(o.out), o.execute_seconds,
                       written / o.execute_seconds / 1e9 if o.execute_seconds else 0.0, o.seconds)
-    return MergeResult(o.out, recipe.kind, o.plan.hash, [s.name for s in o.plan.shards], o.plan.output_bytes,
-                       o.plan.read_bytes, o.seconds, o.execute_seconds, peaks, len(o.plan.items), o.done_before,
-                       o.retried, spent, o.steady_gbps, o.nonfinite)
+    return MergeResult(out=o.out, kind=recipe.kind, plan_hash=o.plan.hash, shards=[s.name for s in o.plan.shards],
+                       output_bytes=o.plan.output_bytes, read_bytes=o.plan.read_bytes, seconds=o.seconds,
+                       execute_seconds=o.execute_seconds, peak_rss=peaks, items=len(o.plan.items),
+                       items_done_before=o.done_before, items_retried=o.retried, worker_seconds=spent,
+                       steady_gbps=o.steady_gbps, nonfinite=o.nonfinite)
 
 
 def describe(the_plan: Plan) -> dict[str, Any]:
@@ -122,7 +131,8 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "inputs": [{"role": f.role, "url": urls.redact(f.url), "size": f.size} for f in the_plan.files],
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                      "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,
-                     "rule": t.rule, "terms": len(t.terms), "special_rows": len(t.overrides)} for t in the_plan.tensors],
+                     "rule": t.rule, "method": t.method, "terms": len(t.terms), "special_rows": len(t.overrides)}
+                    for t in the_plan.tensors],
         "shards": [{"name": s.name, "size": s.size, "header_bytes": len(s.header), "tensors": len(s.tensors),
                     "items": len(s.items)} for s in the_plan.shards],
         "items": [{"id": i.id, "shard": the_plan.shards[i.shard].name, "part": i.part, "start": i.start,

@@ -6,11 +6,13 @@ import difflib
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from raymerge.errors import InputError
-from raymerge.ops.rules import VOCAB_MODES, parse_special_tokens
+from raymerge.methods import RECIPES, RecipeKind
+from raymerge.ops.rules import VOCAB_MODES, compile_patterns, parse_special_tokens
 from raymerge.safetensors.dtypes import ALIASES, FLOATS
 from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
@@ -103,8 +105,181 @@ def parse_count(value: int | None, option: str, minimum: int = 1) -> int | None:
 
 
 @dataclass(frozen=True)
+class Option:
+    """One option: a recipe file's key, a command-line flag and an API keyword alike."""
+
+    key: str
+    help: str
+    parse: Callable[[Any, Option], Any]  # (value, this option) -> the checked value; raises InputError
+    kinds: tuple[str, ...] = ()  # the recipe kinds that take it; (): every kind
+    required: bool = False  # in the kinds that take it
+    run: bool = False  # how to run (a RunOptions field) rather than what to compute
+    plans: bool = True  # a flag of `raymerge plan` too: it can change the plan
+    cli: dict[str, Any] = field(default_factory=dict)  # argparse's extras: action, type, metavar, choices
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    def takes(self, kind: str) -> bool:
+        return not self.kinds or kind in self.kinds
+
+
+def _url(value: Any, o: Option) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{o.flag}: expected a URL string, got {value!r}")
+    return value
+
+
+def _urls(value: Any, o: Option) -> list[str]:
+    items = _strings(value, o)
+    if not all(items):
+        raise InputError(f"{o.flag}: empty URL")
+    return items
+
+
+def _strings(value: Any, o: Option) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise InputError(f"{o.flag}: expected a string or a list of strings, got {value!r}")
+    return list(items)
+
+
+def _scale_list(value: Any, o: Option) -> list[float]:
+    """Each vector's scale, in order (how many there must be, `build_recipe` checks)."""
+    return [parse_scale(v, o.flag) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _patterns(value: Any, o: Option) -> tuple[str, ...]:
+    patterns = tuple(_strings(value, o))
+    try:
+        compile_patterns(patterns, o.flag)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    return patterns
+
+
+def _choice(*choices: str) -> Callable[[Any, Option], str]:
+    def parse(value: Any, o: Option) -> str:
+        if value not in choices:
+            raise InputError(f"{o.flag} {shown(value, 40)}: must be one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _bool(value: Any, o: Option) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{o.key}: expected true or false, got {value!r}")
+    return value
+
+
+def _special(value: Any, o: Option) -> tuple[tuple[int, int], ...]:
+    if isinstance(value, dict):
+        value = ",".join(f"{k}:{v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    try:
+        return tuple(parse_special_tokens(str(value)))
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+def _positive(value: Any, o: Option) -> float:
+    x = parse_number(value, o.flag)
+    if x <= 0:
+        raise InputError(f"{o.flag} {value!r}: must be positive")
+    return x
+
+
+def _gpus(value: Any, o: Option) -> float:
+    x = parse_number(value, o.flag)
+    if x < 0:
+        raise InputError(f"{o.flag} {value!r}: must be zero or positive")
+    if x > 1:  # a worker computes on one device; a second GPU would sit idle
+        raise InputError(f"{o.flag} {value!r}: a worker computes on one GPU; to use more GPUs run more workers "
+                         f"(--gpus-per-worker 1, or a fraction such as 0.5 to share a GPU between workers)")
+    return x
+
+
+def _item_size(value: Any, o: Option) -> int:
+    n = parse_size(value, o.flag)
+    if not MIN_ITEM_SIZE <= n <= MAX_ITEM_SIZE:
+        raise InputError(f"{o.flag} {n}: must be between 4KiB and 2GiB (a worker holds a few "
+                         "items' inputs in memory); the default 32MiB suits most runs")
+    return n
+
+
+def _resource(value: Any, o: Option) -> str:
+    if not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.:/-]+", value)):
+        raise InputError(f"{o.flag} {shown(value, 40)}: a Ray resource name, e.g. merge")
+    return value
+
+
+def _address(value: Any, o: Option) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{o.flag} {shown(value, 40)}: a Ray address, e.g. auto or ray://head:10001")
+    return value
+
+
+MIN_ITEM_SIZE = 4096
+MAX_ITEM_SIZE = 2**31
+_MERGE, _EXTRACT, _APPLY = "merge", "extract", "apply"
+
+# Every option, once: argparse (cli.py), recipe files and the API's keywords all come from here.
+OPTIONS: tuple[Option, ...] = (
+    Option("base", "the base model the chat model was tuned from (URL)", _url, (_MERGE, _EXTRACT), required=True),
+    Option("chat", "the chat model (URL); merge: repeat for several, one --scale each", _urls, (_MERGE, _EXTRACT),
+           required=True, cli={"action": "append"}),
+    Option("cp", "the model continually pre-trained on the new language (URL)", _url, (_MERGE, _APPLY),
+           required=True),
+    Option("vector", "a vector made by `raymerge extract` (URL); repeat for several, one --scale each", _urls,
+           (_APPLY,), required=True, cli={"action": "append"}),
+    Option("out", "where the checkpoint goes (local path or s3://)", _url),
+    Option("scale", "weight of each vector, in order (default 1.0 each)", _scale_list, (_MERGE, _APPLY),
+           cli={"action": "append"}),
+    Option("vocab", "embedding/head rows when cp's vocabulary is larger: overlap (default: shared rows get the "
+           "vector, cp's extra rows stay), skip (no vector), error", _choice(*VOCAB_MODES), (_MERGE, _APPLY),
+           cli={"choices": VOCAB_MODES}),
+    Option("skip", "tensors copied from cp unchanged (repeatable)", _patterns, (_MERGE, _APPLY),
+           cli={"action": "append", "metavar": "REGEX"}),
+    Option("special_tokens", "set these rows of the output embedding and head to the chat model's rows", _special,
+           (_MERGE,), cli={"metavar": "CP_ID:CHAT_ID,..."}),
+    Option("chat_template", "keep cp's chat template and EOS instead of the chat model's", _bool, (_MERGE, _APPLY),
+           cli={"flag": "--no-chat-template", "action": "store_false"}),
+    Option("dtype", "output dtype of float tensors (default: cp's; extract: float32)",
+           lambda v, o: parse_dtype(v)),
+    Option("shard_size", "max output shard size, decimal units like HF (default 5GB)",
+           lambda v, o: parse_size(v, o.flag), run=True),
+    Option("item_size", "bytes per work item (default 32MiB; S3 parts >= 5MiB)", _item_size, run=True),
+    Option("storage_options", "JSON of fsspec options for every URL, e.g. "
+           '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\'',
+           lambda v, o: parse_storage_options(v), run=True),
+    Option("address", "Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)", _address, run=True,
+           plans=False),
+    Option("workers", "worker actors (default: the cluster's CPUs / --cpus-per-worker)",
+           lambda v, o: parse_count(v, o.flag), run=True, plans=False, cli={"type": int}),
+    Option("cpus_per_worker", "CPUs per worker (default 1)", _positive, run=True, plans=False,
+           cli={"type": float}),
+    Option("in_flight", "items per worker at once (default 2)", lambda v, o: parse_count(v, o.flag), run=True,
+           plans=False, cli={"type": int}),
+    Option("gpus_per_worker", "GPUs per worker, at most 1: the arithmetic runs there (default 0)", _gpus,
+           run=True, plans=False, cli={"type": float}),
+    Option("worker_resource", "run workers only on nodes that advertise this custom Ray resource (e.g. ray start "
+           "--resources '{\"merge\": 16}')", _resource, run=True, plans=False, cli={"metavar": "NAME"}),
+    Option("overwrite", "replace a checkpoint (or an unfinished run) already at --out", _bool, run=True,
+           plans=False, cli={"action": "store_true"}),
+    Option("resume", "continue the unfinished run at --out: only items not yet done are done", _bool, run=True,
+           plans=False, cli={"action": "store_true"}),
+    Option("allow_nonfinite", "commit even when finite inputs give inf/NaN output (F16 overflow); counts are in "
+           "the stats and the report", _bool, run=True, plans=False, cli={"action": "store_true"}),
+)
+OPTION: dict[str, Option] = {o.key: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
 class RunOptions:
-    """How to run (not what to compute): layout, pool and storage settings."""
+    """How to run (not what to compute): layout, pool and storage settings. Its fields are the
+    `run` options of OPTIONS, which check them."""
 
     shard_size: int = 5_000_000_000
     item_size: int = 32 * 2**20
@@ -120,73 +295,47 @@ class RunOptions:
     allow_nonfinite: bool = False  # commit even when finite inputs give inf/NaN output
 
     @classmethod
-    def parse(cls, *, shard_size: str | int = "5GB", item_size: str | int = "32MiB", workers: int | None = None,
-              cpus_per_worker: float = 1.0, in_flight: int = 2, address: str | None = None,
-              storage_options: str | dict | None = None, overwrite: bool = False,
-              resume: bool = False, gpus_per_worker: float = 0.0, worker_resource: str | None = None,
-              allow_nonfinite: bool = False) -> RunOptions:
-        cpus = parse_number(cpus_per_worker, "--cpus-per-worker")
-        if cpus <= 0:
-            raise InputError(f"--cpus-per-worker {cpus_per_worker!r}: must be positive")
-        gpus = parse_number(gpus_per_worker, "--gpus-per-worker")
-        if gpus < 0:
-            raise InputError(f"--gpus-per-worker {gpus_per_worker!r}: must be zero or positive")
-        if worker_resource is not None and not (isinstance(worker_resource, str)
-                                                and re.fullmatch(r"[A-Za-z0-9_.:/-]+", worker_resource)):
-            raise InputError(f"--worker-resource {shown(worker_resource, 40)}: a Ray resource name, e.g. merge")
-        if address is not None and not isinstance(address, str):
-            raise InputError(f"--address {shown(address, 40)}: a Ray address, e.g. auto or ray://head:10001")
-        overwrite, resume = _bool(overwrite, "overwrite", ""), _bool(resume, "resume", "")
-        item_size = parse_size(item_size, "--item-size")
-        if not MIN_ITEM_SIZE <= item_size <= MAX_ITEM_SIZE:
-            raise InputError(f"--item-size {item_size}: must be between 4KiB and 2GiB (a worker holds a few "
-                             "items' inputs in memory); the default 32MiB suits most runs")
-        if overwrite and resume:
+    def parse(cls, **values: Any) -> RunOptions:
+        """Run options from raw values (a recipe's, the CLI's, the API's), each checked by its Option."""
+        options = cls(**{k: OPTION[k].parse(v, OPTION[k]) for k, v in values.items() if v is not None})
+        if options.overwrite and options.resume:
             raise InputError("--overwrite and --resume: choose one (start over, or continue the unfinished run)")
-        return cls(shard_size=parse_size(shard_size, "--shard-size"), item_size=item_size,
-                   workers=parse_count(workers, "--workers"), cpus_per_worker=cpus,
-                   in_flight=parse_count(in_flight, "--in-flight"), address=address,
-                   storage_options=parse_storage_options(storage_options), overwrite=overwrite, resume=resume,
-                   gpus_per_worker=gpus, worker_resource=worker_resource,
-                   allow_nonfinite=_bool(allow_nonfinite, "allow_nonfinite", ""))
-
-
-MIN_ITEM_SIZE = 4096
-MAX_ITEM_SIZE = 2**31
-RUN_KEYS = ("shard_size", "item_size", "workers", "cpus_per_worker", "in_flight", "address",
-            "storage_options", "overwrite", "resume", "gpus_per_worker", "worker_resource", "allow_nonfinite")
+        return options
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """What to compute. Every command is one: merge (cp + sum scale_i * (chat_i - base)),
-    extract (chat - base, a vector) and apply (cp + sum scale_i * vector_i)."""
+    """What to compute: a recipe kind (raymerge.methods.RECIPES) and its inputs. merge: cp + sum
+    scale_i * (chat_i - base); extract: chat - base, a vector; apply: cp + sum scale_i * vector_i."""
 
     kind: str
     out: str | None
     cp: str | None = None
     base: str | None = None
-    chats: tuple[tuple[str, float], ...] = ()
-    vectors: tuple[tuple[str, float], ...] = ()
+    vectors: tuple[tuple[str, float], ...] = ()  # (URL, scale): chat models, or stored vectors, as the kind says
     vocab: str = "overlap"
     skip: tuple[str, ...] = ()
     special_tokens: tuple[tuple[int, int], ...] = ()
     chat_template: bool = True
     dtype: str | None = None
 
+    @property
+    def how(self) -> RecipeKind:
+        return RECIPES[self.kind]
+
     def to_mapping(self) -> dict[str, Any]:
         """The recipe as `raymerge run` reads it (and as the manifest records it)."""
         m: dict[str, Any] = {"kind": self.kind}
         if self.base:
             m["base"] = self.base
-        if self.chats:
-            m["chat"] = [u for u, _ in self.chats]
+        if self.how.vectors == "chat":
+            m["chat"] = [u for u, _ in self.vectors]
         if self.cp:
             m["cp"] = self.cp
-        if self.vectors:
+        if self.how.vectors == "vector":
             m["vector"] = [u for u, _ in self.vectors]
-        if self.kind != "extract":
-            m["scale"] = [s for _, s in (self.chats or self.vectors)]
+        if OPTION["scale"].takes(self.kind):
+            m["scale"] = [s for _, s in self.vectors]
             m.update(vocab=self.vocab, skip=list(self.skip), chat_template=self.chat_template,
                      special_tokens=",".join(f"{a}:{b}" for a, b in self.special_tokens) or None)
         m["dtype"] = self.dtype
@@ -194,59 +343,41 @@ class Recipe:
         return m
 
 
-_RECIPE_KEYS = {
-    "merge": ("base", "chat", "cp", "scale", "out", "vocab", "skip", "special_tokens", "chat_template", "dtype"),
-    "extract": ("base", "chat", "out", "dtype"),
-    "apply": ("cp", "vector", "scale", "out", "vocab", "skip", "chat_template", "dtype"),
-}
-_REQUIRED = {"merge": ("base", "chat", "cp"), "extract": ("base", "chat"), "apply": ("cp", "vector")}
-
-
 def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Recipe, RunOptions]:
-    """Validate a recipe given as a mapping (parsed YAML, or the CLI's flags) and split it into
-    what to compute and how to run. Keys may use '-' or '_'. Errors name the key and the fix."""
+    """Validate a recipe given as a mapping (parsed YAML, the CLI's flags, the API's keywords) and
+    split it into what to compute and how to run. Keys may use '-' or '_'. Errors name the key and
+    the fix."""
     at = f"{where}: " if where else ""
-    if not isinstance(kind, str) or kind not in _RECIPE_KEYS:
-        raise InputError(f"{at}kind {shown(kind, 40)}: must be one of {', '.join(_RECIPE_KEYS)}")
+    if not isinstance(kind, str) or kind not in RECIPES:
+        raise InputError(f"{at}kind {shown(kind, 40)}: must be one of {', '.join(RECIPES)}")
     for key in values:
         if not isinstance(key, str):
             raise InputError(f"{at}key {shown(key, 40)}: keys are option names like base, chat, scale, out")
     values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
-    allowed = _RECIPE_KEYS[kind] + RUN_KEYS
+    allowed = [o.key for o in OPTIONS if o.takes(kind)]
     for key in values:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; {kind} takes: {', '.join(allowed)}"
             raise InputError(f"{at}unknown key {shown(key, 40)} for {kind}{hint}")
-    for key in _REQUIRED[kind]:
-        if not values.get(key):
-            raise InputError(f"{at}{kind} needs {_flag(key)}")
-    urls_ = {k: _url_list(values.get(k), k, at) for k in ("chat", "vector")}
-    inputs = urls_["chat"] if kind != "apply" else urls_["vector"]
-    if kind == "extract" and len(inputs) != 1:
-        raise InputError(f"{at}extract takes one --chat; extract one vector per chat model")
-    scales = _scales(values.get("scale"), len(inputs), "--vector" if kind == "apply" else "--chat", at)
-    pairs = tuple(zip(inputs, scales))
-    recipe = Recipe(
-        kind=kind, out=_opt_str(values.get("out"), "out", at),
-        cp=_opt_str(values.get("cp"), "cp", at), base=_opt_str(values.get("base"), "base", at),
-        chats=pairs if kind != "apply" else (), vectors=pairs if kind == "apply" else (),
-        vocab=_choice(values.get("vocab", "overlap"), "vocab", VOCAB_MODES, at),
-        skip=tuple(_str_list(values.get("skip"), "skip", at)),
-        special_tokens=_special(values.get("special_tokens"), at),
-        chat_template=_bool(values.get("chat_template", True), "chat_template", at),
-        dtype=_at(at, parse_dtype, values.get("dtype")))
-    for pattern in recipe.skip:
-        try:
-            re.compile(pattern)
-        except (re.error, RecursionError, OverflowError) as e:
-            raise InputError(f"{at}--skip {shown(pattern, 40)}: not a valid regular expression ({e})") from e
-    run = _at(at, RunOptions.parse, **{k: values[k] for k in RUN_KEYS if k in values})
+    for o in OPTIONS:
+        if o.required and o.takes(kind) and not values.get(o.key):
+            raise InputError(f"{at}{kind} needs {o.flag}")
+    got = {k: _at(at, OPTION[k].parse, v, OPTION[k]) for k, v in values.items() if not OPTION[k].run}
+    how = RECIPES[kind]
+    urls_ = got.get(how.vectors, [])
+    if how.single and len(urls_) != 1:
+        raise InputError(f"{at}{kind} takes one --{how.vectors}; {kind} one vector per {how.vectors} model")
+    scales = got.get("scale", [1.0] * len(urls_))
+    if len(scales) != len(urls_):
+        raise InputError(f"{at}{len(scales)} --scale values for {len(urls_)} --{how.vectors} inputs; give one --scale "
+                         f"per --{how.vectors}, in the same order (or none for 1.0 each)")
+    recipe = Recipe(kind=kind, out=got.get("out"), cp=got.get("cp"), base=got.get("base"),
+                    vectors=tuple(zip(urls_, scales)), vocab=got.get("vocab", "overlap"), skip=got.get("skip", ()),
+                    special_tokens=got.get("special_tokens", ()), chat_template=got.get("chat_template", True),
+                    dtype=got.get("dtype"))
+    run = _at(at, RunOptions.parse, **{k: v for k, v in values.items() if OPTION[k].run})
     return recipe, run
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
 
 
 def _at(at: str, fn, *args, **kwargs):
@@ -256,64 +387,6 @@ def _at(at: str, fn, *args, **kwargs):
     except InputError as e:
         if not at:
             raise
-        raise InputError(f"{at}{e}") from e
-
-
-def _opt_str(value: Any, key: str, at: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise InputError(f"{at}{_flag(key)}: expected a URL string, got {value!r}")
-
-
-def _url_list(value: Any, key: str, at: str) -> list[str]:
-    items = _str_list(value, key, at)
-    if not all(items):
-        raise InputError(f"{at}{_flag(key)}: empty URL")
-    return items
-
-
-def _str_list(value: Any, key: str, at: str) -> list[str]:
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-        raise InputError(f"{at}{_flag(key)}: expected a string or a list of strings, got {value!r}")
-    return list(items)
-
-
-def _scales(value: Any, count: int, pairs_with: str, at: str) -> list[float]:
-    if value is None:
-        return [1.0] * count
-    items = value if isinstance(value, (list, tuple)) else [value]
-    scales = [_at(at, parse_scale, v) for v in items]
-    if len(scales) != count:
-        raise InputError(f"{at}{len(scales)} --scale values for {count} {pairs_with} inputs; give one --scale "
-                         f"per {pairs_with}, in the same order (or none for 1.0 each)")
-    return scales
-
-
-def _choice(value: Any, key: str, choices: tuple[str, ...], at: str) -> str:
-    if value not in choices:
-        raise InputError(f"{at}{_flag(key)} {value!r}: must be one of {', '.join(choices)}")
-    return value
-
-
-def _bool(value: Any, key: str, at: str) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"{at}{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _special(value: Any, at: str) -> tuple[tuple[int, int], ...]:
-    if value is None:
-        return ()
-    if isinstance(value, dict):
-        value = ",".join(f"{k}:{v}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    try:
-        return tuple(parse_special_tokens(str(value)))
-    except ValueError as e:
         raise InputError(f"{at}{e}") from e
 
 
@@ -334,5 +407,6 @@ def load_recipe_file(path: str) -> tuple[Recipe, RunOptions]:
         raise InputError(f"recipe {path}: must be a mapping of keys like kind, base, chat, cp, out")
     kind = data.pop("kind", None)
     if kind is None:
-        raise InputError(f"recipe {path}: needs 'kind: merge', 'kind: extract' or 'kind: apply'")
+        kinds = [f"'kind: {k}'" for k in RECIPES]
+        raise InputError(f"recipe {path}: needs {', '.join(kinds[:-1])} or {kinds[-1]}")
     return build_recipe(kind, data, where=f"recipe {path}")

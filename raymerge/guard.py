@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from raymerge.commit.manifest import MANIFEST_NAME, parse_manifest
+from raymerge.commit.manifest import MANIFEST_NAME, Manifest
 from raymerge.commit.stats import STATS_NAME
 from raymerge.errors import InputError, OutputError
 from raymerge.planning.inputs import AUX_FILES
@@ -107,13 +107,11 @@ def _is_checkpoint_file(name: str) -> bool:
 def _manifest_names(output: Output) -> list[str]:
     raw = output.read_small(MANIFEST_NAME)
     try:
-        manifest = parse_manifest(raw or b"", f"--out {urls.redact(output.url)}")
+        return Manifest.from_json(raw or b"", f"--out {urls.redact(output.url)}").named
     except InputError as e:
         log.warning("--overwrite: the old %s is damaged (%s); only the files an index names are replaced",
                     MANIFEST_NAME, e)
         return []
-    names = [s["name"] for s in manifest["shards"]] + [manifest.get("stats", "")]
-    return names + list(manifest.get("files", []))
 
 
 def _index_names(output: Output) -> list[str]:

@@ -10,7 +10,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, parse_manifest
+from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from raymerge.errors import InputError
 from raymerge.storage import urls
 
@@ -44,19 +44,19 @@ def tensor_kind(name: str) -> tuple[int | None, str]:
     return int(m.group(1)), name[m.end():]
 
 
-def load(url: str, storage_options: dict[str, Any]) -> tuple[dict, list[dict]]:
+def load(url: str, storage_options: dict[str, Any]) -> tuple[Manifest, list[dict]]:
     fs, path = urls.filesystem(url, storage_options)
     shown = f"inspect {urls.redact(url)}"
     try:
         raw = fs.cat_file(f"{path.rstrip('/')}/{MANIFEST_NAME}", start=0, end=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError as e:
         raise InputError(f"{shown}: no {MANIFEST_NAME}; it is not a finished raymerge checkpoint") from e
-    manifest = parse_manifest(raw, shown)
+    manifest = Manifest.from_json(raw, shown)
     try:
-        data = fs.cat_file(f"{path.rstrip('/')}/{manifest['stats']}", start=0, end=MAX_STATS_BYTES + 1)
+        data = fs.cat_file(f"{path.rstrip('/')}/{manifest.stats}", start=0, end=MAX_STATS_BYTES + 1)
     except (FileNotFoundError, OSError) as e:
         raise InputError(f"{shown}: its statistics table is missing or unreadable ({e})") from e
-    return manifest, stats_rows(data, f"{shown}: {manifest['stats']}")
+    return manifest, stats_rows(data, f"{shown}: {manifest.stats}")
 
 
 def stats_rows(data: bytes, where: str) -> list[dict]:
@@ -87,12 +87,13 @@ def stats_rows(data: bytes, where: str) -> list[dict]:
     return table.to_pylist()
 
 
-def summarize(manifest: dict, rows: list[dict]) -> str:
+def summarize(manifest: Manifest, rows: list[dict]) -> str:
     by_layer: dict[Any, list[dict]] = defaultdict(list)
     for row in rows:
         layer, _ = tensor_kind(row["tensor"])
         by_layer[layer].append(row)
-    lines = [f"{manifest.get('kind', '?')}: {len(rows)} tensors, plan {manifest.get('plan_hash', '')[:12]}",
+    kind = "?" if manifest.kind is None else manifest.kind
+    lines = [f"{kind}: {len(rows)} tensors, plan {manifest.plan_hash[:12]}",
              f"{'layer':>6}  {'tensors':>7}  {'mean rel':>9}  {'max rel':>9}  largest change in"]
     for layer in sorted(by_layer, key=lambda x: (x is None, x if x is not None else 0)):
         group = by_layer[layer]
@@ -146,6 +147,7 @@ def inspect_checkpoint(url: str, storage_options: dict[str, Any], plot_path: str
     manifest, rows = load(url, storage_options)
     text = summarize(manifest, rows)
     if plot_path:
-        plot(rows, plot_path, f"{manifest.get('kind', 'raymerge')}: change per layer and tensor type")
+        kind = "raymerge" if manifest.kind is None else manifest.kind
+        plot(rows, plot_path, f"{kind}: change per layer and tensor type")
         text += f"\nplot written to {plot_path}"
     return text

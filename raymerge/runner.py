@@ -25,11 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from raymerge import __version__
 from raymerge.commit.committer import commit
-from raymerge.commit.manifest import build_manifest, output_files
+from raymerge.commit.manifest import output_files
 from raymerge.commit.records import ItemRecord
-from raymerge.commit.stats import nonfinite_totals, tensor_stats
+from raymerge.commit.stats import nonfinite_totals
 from raymerge.config import Recipe, RunOptions
 from raymerge.errors import CHANGED, DENIED, FULL, MISSING, InputError, NonFiniteError, OutputError, RaymergeError, StorageError
 from raymerge.execution.journal import Journal, JournalHead, JournalState
@@ -37,24 +36,21 @@ from raymerge.execution.lease import Lease
 from raymerge.execution.nodes import NodeView, driver_view
 from raymerge.execution.resume import Resumed, check_resumable
 from raymerge.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
-from raymerge.planning.plan import Plan
 from raymerge.planning.inputs import resolve
-from raymerge.planning.planner import S3_MAX_PARTS, S3_MIN_PART, PlanOptions, RecipeSpec, TermSpec, build_plan
+from raymerge.planning.plan import Plan
+from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.session import ray_session
 from raymerge.storage import urls
-from raymerge.storage.writers import STAGING, Output, open_output
+from raymerge.storage.writers import STAGING, Output, open_output, part_rules
 
 log = logging.getLogger("raymerge")
 progress_log = logging.getLogger("raymerge.progress")
 
-KINDS = {"merge": "chat vector merge", "extract": "chat vector", "apply": "chat vector apply"}
-
-
 def make_plan(recipe: Recipe, run_options: RunOptions) -> Plan:
     spec = resolve_recipe(recipe, run_options.storage_options)
-    s3 = recipe.out is not None and urls.protocol(recipe.out) == "s3"
+    rules = part_rules(recipe.out)  # items line up with the output writer's parts (none without --out)
     options = PlanOptions(shard_size=run_options.shard_size, item_size=run_options.item_size, dtype=recipe.dtype,
-                          min_part=S3_MIN_PART if s3 else 0, max_parts=S3_MAX_PARTS if s3 else 0)
+                          min_part=rules.min_part, max_parts=rules.max_parts)
     started = time.perf_counter()
     result = build_plan(spec, options)
     log.info("plan: %d tensors, %d shards, %d items, %.2f GB out, in %.2fs (hash %s)", len(result.tensors),
@@ -73,19 +69,14 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
              time.perf_counter() - started)
     cp = found.get(recipe.cp) if recipe.cp else None
     base = found.get(recipe.base) if recipe.base else None
-    first_chat = found[recipe.chats[0][0]] if recipe.chats else None
-    if recipe.kind == "apply":
-        terms = tuple(TermSpec(s, found[u], None) for u, s in recipe.vectors)
-        template = found[recipe.vectors[0][0]]
-    else:
-        terms = tuple(TermSpec(s, found[u], base) for u, s in recipe.chats)
-        template = first_chat
-    if recipe.special_tokens and first_chat is None:
-        raise InputError("--special-tokens takes rows from a chat model: use it with merge, not apply")
-    return RecipeSpec(anchor=cp, terms=terms, vocab=recipe.vocab, skip=recipe.skip,
-                      special_tokens=recipe.special_tokens, special_from=first_chat,
-                      template_from=template if recipe.chat_template and recipe.kind != "extract" else None,
-                      aux_from=first_chat if recipe.kind == "extract" else cp)
+    inputs = [(found[u], scale) for u, scale in recipe.vectors]
+    differences = recipe.how.vectors == "chat"  # chat models, each minus base; else stored vectors
+    terms = tuple(TermSpec(scale, ckpt, base if differences else None) for ckpt, scale in inputs)
+    first = inputs[0][0] if inputs else None
+    return RecipeSpec(anchor=cp if recipe.how.anchor else None, terms=terms, vocab=recipe.vocab, skip=recipe.skip,
+                      special_tokens=recipe.special_tokens, special_from=first if differences else None,
+                      template_from=first if recipe.chat_template and recipe.how.anchor else None,
+                      aux_from=cp if recipe.how.anchor else first, method=recipe.how.method)
 
 
 def input_roles(recipe: Recipe) -> dict[str, str]:
@@ -95,10 +86,9 @@ def input_roles(recipe: Recipe) -> dict[str, str]:
         roles[recipe.cp] = "cp"
     if recipe.base:
         roles.setdefault(recipe.base, "base")
-    for i, (url, _) in enumerate(recipe.chats):
-        roles.setdefault(url, "chat" if i == 0 else f"chat[{i + 1}]")
+    name = recipe.how.vectors
     for i, (url, _) in enumerate(recipe.vectors):
-        roles.setdefault(url, "vector" if i == 0 else f"vector[{i + 1}]")
+        roles.setdefault(url, name if i == 0 else f"{name}[{i + 1}]")
     return roles
 
 
@@ -119,7 +109,8 @@ class Outcome:
 
 
 def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
-    """Resolve -> plan -> execute -> commit; with `resume`, continue the unfinished run at `out`."""
+    """Resolve -> plan -> execute -> commit; with `resume`, continue the unfinished run at `out`.
+    The order of the steps is what keeps inputs and older outputs safe (see above)."""
     if not recipe.out:
         raise InputError(f"{recipe.kind} needs --out: where the checkpoint goes (a local path or s3://)")
     started = time.perf_counter()
@@ -130,7 +121,14 @@ def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
     lease = Lease.acquire(output, takeover=run_options.resume or run_options.overwrite,
                           advice=lambda: _how_to_go_on(output))
     try:
-        return _Run(recipe, run_options, the_plan, output, lease).go(started)
+        r = _Run(recipe, run_options, the_plan, output, lease)
+        start = r.decide()
+        with ray_session(run_options.address), r.probe() as view, r.workers(view) as pool:
+            handles, journal = r.stage(start)  # workers are up and see what they must: only now is anything removed
+            with r.keeping(journal):
+                r.execute(pool, handles, journal)
+                r.commit(handles, start.replaces)
+        return r.outcome(started)
     finally:
         lease.release()
         output.close()
@@ -149,33 +147,46 @@ class _Run:
     def __init__(self, recipe: Recipe, options: RunOptions, plan: Plan, output: Output, lease: Lease) -> None:
         self.recipe, self.options, self.plan, self.output, self.lease = recipe, options, plan, output, lease
         self.done: dict[int, ItemRecord] = {}
-        self.results: list = []
+        self.results: list = []  # this run's ItemResults
+        self.done_before = self.retried = 0
+        self.progress: Any = None
 
-    def go(self, started: float) -> Outcome:
-        from raymerge.execution.dispatch import PoolOptions, WorkerPool
-        from raymerge.execution.progress import Progress
-
+    def decide(self) -> _Start:
+        """Fresh, resumed, replacing or refused (`_decide`), and room for it on the output's disk."""
         start = self._decide(Journal.load(self.output))
         check_space(self.output, self._bytes_to_do(), bool(start.replaces))
+        return start
+
+    @contextlib.contextmanager
+    def workers(self, view: NodeView) -> Iterator[Any]:
+        """The worker pool, every worker up and checked; killed when the run ends."""
+        from raymerge.execution.dispatch import PoolOptions, WorkerPool
+
         o = self.options
         pool_options = PoolOptions(workers=o.workers, cpus_per_worker=o.cpus_per_worker, in_flight=o.in_flight,
                                    gpus_per_worker=o.gpus_per_worker, worker_resource=o.worker_resource)
         env = urls.worker_env([f.url for f in self.plan.files], self.output.url)
-        with ray_session(o.address), self._probe() as view:
-            pool = WorkerPool(self.plan, self.output.url, o.storage_options, env, pool_options, view)
-            try:
-                pool.start()  # workers up, and every node sees what it must: only now is anything removed
-                handles, journal = self._stage(start)
-                done_before = len(self.done)
-                progress = Progress(self.plan.output_bytes, len(self.plan.items), done_bytes=self._bytes_done(),
-                                    done_items=done_before)
-                retried = self._execute(pool, handles, journal, progress, start.replaces)
-            finally:
-                pool.kill()
-        ran = done_before < len(self.plan.items)
-        return Outcome(self.plan, self.output.url, self.done, self.results, done_before, retried,
-                       time.perf_counter() - started, progress.elapsed if ran else 0.0,
-                       progress.steady_rate() / 1e9 if ran else 0.0, nonfinite_totals(self.plan, self.done))
+        pool = WorkerPool(self.plan, self.output.url, o.storage_options, env, pool_options, view)
+        try:
+            pool.start()
+            yield pool
+        finally:
+            pool.kill()
+
+    @contextlib.contextmanager
+    def keeping(self, journal: Journal) -> Iterator[None]:
+        """A failure keeps what is done (the journal is flushed) and says how to go on."""
+        try:
+            yield
+        except BaseException as e:
+            journal.flush()
+            raise self._failed(e)
+
+    def outcome(self, started: float) -> Outcome:
+        ran = self.done_before < len(self.plan.items)
+        return Outcome(self.plan, self.output.url, self.done, self.results, self.done_before, self.retried,
+                       time.perf_counter() - started, self.progress.elapsed if ran else 0.0,
+                       self.progress.steady_rate() / 1e9 if ran else 0.0, nonfinite_totals(self.plan, self.done))
 
     def _bytes_done(self) -> int:
         return sum(self.plan.items[i].nbytes for i in self.done)
@@ -219,7 +230,7 @@ class _Run:
         return _Start(old.removable if o.overwrite else ())
 
     @contextlib.contextmanager
-    def _probe(self) -> Iterator[NodeView]:
+    def probe(self) -> Iterator[NodeView]:
         """The driver's view of local paths, with a probe file in a local output's staging folder
         that every worker must read back."""
         if urls.protocol(self.output.url) != "file":
@@ -233,7 +244,7 @@ class _Run:
         finally:
             self.output.remove_staging(name)
 
-    def _stage(self, start: _Start) -> tuple[list[str], Journal]:
+    def stage(self, start: _Start) -> tuple[list[str], Journal]:
         """The staged targets and the journal: the interrupted run's, or new ones."""
         if start.resumed is not None:
             return start.resumed.handles, Journal(self.output, next_batch=start.resumed.next_batch)
@@ -244,34 +255,36 @@ class _Run:
         head = JournalHead.of(self.plan, handles, start.replaces, self.lease.holder.run_id)
         return handles, Journal.begin(self.output, head)
 
-    def _execute(self, pool, handles: list[str], journal: Journal, progress, replaces: tuple[str, ...]) -> int:
+    def execute(self, pool, handles: list[str], journal: Journal) -> None:
+        """Every item not done yet, on the pool; each result journaled as it comes."""
+        from raymerge.execution.progress import Progress
+
+        self.done_before = len(self.done)
+        self.progress = Progress(self.plan.output_bytes, len(self.plan.items), done_bytes=self._bytes_done(),
+                                 done_items=self.done_before)
         todo = [i.id for i in self.plan.items if i.id not in self.done]
 
         def finished(result) -> None:
             self.done[result.item] = result.record
             self.results.append(result)
             journal.record(result.record)
-            progress.add(self.plan.items[result.item].nbytes)
+            self.progress.add(self.plan.items[result.item].nbytes)
 
-        retried = 0
-        try:
-            _import_in_background("pyarrow.parquet")  # the commit needs it; the driver idles meanwhile
-            if todo:
-                progress.start(pool.size, pool.busy)
-                progress_log.info("execute: %d workers, %d items to do", pool.size, len(todo))
-                retried = pool.drive(todo, handles, finished)
-                progress.stop()
-            journal.flush(strict=True)
-            self._check_finite()
-            self.lease.check()  # taken over meanwhile: never commit over another run
-            manifest = build_manifest(self.plan, KINDS[self.recipe.kind], _redacted(self.recipe.to_mapping()),
-                                      self.done, __version__, self._layout())
-            commit(self.plan, self.output, handles, self.done, manifest, tensor_stats(self.plan, self.done),
-                   self.options.storage_options, replaces)
-        except BaseException as e:
-            journal.flush()
-            raise self._failed(e)
-        return retried
+        _import_in_background("pyarrow.parquet")  # the commit needs it; the driver idles meanwhile
+        if todo:
+            self.progress.start(pool.size, pool.busy)
+            progress_log.info("execute: %d workers, %d items to do", pool.size, len(todo))
+            self.retried = pool.drive(todo, handles, finished)
+            self.progress.stop()
+        journal.flush(strict=True)
+
+    def commit(self, handles: list[str], replaces: tuple[str, ...]) -> None:
+        """Refuse non-finite output from finite inputs, and a lease taken over; else commit."""
+        self._check_finite()
+        self.lease.check()  # taken over meanwhile: never commit over another run
+        commit(self.plan, self.output, handles, self.done, kind=self.recipe.how.manifest_kind,
+               recipe=_redacted(self.recipe.to_mapping()), layout=self._layout(),
+               storage_options=self.options.storage_options, replaces=replaces)
 
     def _layout(self) -> dict[str, int]:
         """What verify needs, besides the recipe, to plan the same layout again."""

@@ -1,7 +1,8 @@
 """Synthetic Llama-shaped checkpoints for the demo, the tests and the benchmarks.
 
-Written with the `safetensors` package's own writer and Hugging Face's sharding rule, so that
-raymerge reads what the ecosystem writes. Chat and cp are the base plus independent noise, as
+Written with the `safetensors` package's own writer, so that raymerge reads what the ecosystem
+writes, and sharded by raymerge's own rule (planning/layout.py: consecutive tensors per shard,
+which is not quite Hugging Face's). Chat and cp are the base plus independent noise, as
 after fine-tuning, so the chat vector is small against the weights, as in real models.
 """
 
@@ -10,6 +11,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+
+from raymerge.planning.layout import split_into_shards
+from raymerge.safetensors.dtypes import numel
+from raymerge.safetensors.index import INDEX_NAME, shard_name
 
 ROLES = ("base", "chat", "cp")
 
@@ -71,10 +76,10 @@ def make_trio(root: str, shape: LlamaShape = LlamaShape(), shard_size: int = 5_0
     folders = {role: os.path.join(root, role) for role in ROLES}
     names = [n for n, _ in shape.tensors()]
     itemsize = torch.empty(0, dtype=torch_dtype).element_size()
-    groups = _hf_shards([itemsize * _numel(s) for _, s in shape.tensors()], shard_size)
+    groups = split_into_shards([itemsize * numel(s) for _, s in shape.tensors()], shard_size)
     weight_map: dict[str, str] = {}
     for k, group in enumerate(groups):
-        file = "model.safetensors" if len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        file = shard_name(k, len(groups))
         shards: dict[str, dict] = {role: {} for role in ROLES}
         for i in group:
             name, dims = shape.tensors()[i]
@@ -91,11 +96,11 @@ def make_trio(root: str, shape: LlamaShape = LlamaShape(), shard_size: int = 5_0
         for role in ROLES:
             os.makedirs(folders[role], exist_ok=True)
             save_file(shards[role], os.path.join(folders[role], file), metadata={"format": "pt"})
-    total = sum(itemsize * _numel(s) for _, s in shape.tensors())
+    total = sum(itemsize * numel(s) for _, s in shape.tensors())
     for role in ROLES:
         _write_aux(folders[role], shape, role)
         if len(groups) > 1:
-            with open(os.path.join(folders[role], "model.safetensors.index.json"), "w") as f:
+            with open(os.path.join(folders[role], INDEX_NAME), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in names}}, f)
     return folders
 
@@ -116,22 +121,3 @@ def _write_aux(folder: str, shape: LlamaShape, role: str) -> None:
 def _layer(name: str) -> int | None:
     parts = name.split(".")
     return next((int(p) for p in parts if p.isdigit()), None)
-
-
-def _numel(dims: tuple[int, ...]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
-
-
-def _hf_shards(sizes: list[int], limit: int) -> list[list[int]]:
-    groups: list[list[int]] = [[]]
-    used = 0
-    for i, size in enumerate(sizes):
-        if groups[-1] and used + size > limit:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += size
-    return groups

@@ -107,3 +107,23 @@ def test_recipe_values_of_the_wrong_type_are_one_input_error(values, match):
 def test_recipe_kind_must_be_a_name(kind):
     with pytest.raises(InputError, match="kind .*: must be one of merge, extract, apply"):
         build_recipe(kind, TRIO)
+
+
+def test_one_table_holds_every_option_of_runs_recipes_and_flags():
+    import dataclasses
+
+    from raymerge.cli import build_parser
+    from raymerge.config import OPTIONS
+
+    assert sorted(o.key for o in OPTIONS if o.run) == sorted(f.name for f in dataclasses.fields(RunOptions))
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]
+    dests = {a.dest for a in merge._actions} - {"help", "verbose", "quiet", "debug", "report"}
+    assert dests == {o.key for o in OPTIONS if o.takes("merge")}
+
+
+@pytest.mark.parametrize("value", [2, "1.5"])
+def test_more_than_one_gpu_per_worker_is_refused_with_what_works(value):
+    with pytest.raises(InputError, match=r"--gpus-per-worker .*: a worker computes on one GPU; to use more GPUs run "
+                                         r"more workers \(--gpus-per-worker 1"):
+        build_recipe("merge", {**TRIO, "gpus_per_worker": value})
+    assert build_recipe("merge", {**TRIO, "gpus_per_worker": 1})[1].gpus_per_worker == 1.0

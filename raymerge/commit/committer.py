@@ -18,36 +18,35 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from raymerge import __version__
 from raymerge.commit.aux import patched
-from raymerge.commit.manifest import MANIFEST_NAME, output_files
+from raymerge.commit.manifest import MANIFEST_NAME, Manifest, output_files
 from raymerge.commit.records import ItemRecord
-from raymerge.commit.stats import STATS_NAME, parquet_bytes
+from raymerge.commit.stats import STATS_NAME, parquet_bytes, tensor_stats
 from raymerge.errors import CommitError, RaymergeError
 from raymerge.planning.plan import AuxFile, Plan
 from raymerge.safetensors.index import INDEX_NAME, index_bytes
 from raymerge.storage import urls
-from raymerge.storage.writers import Output
-
-if TYPE_CHECKING:
-    import pyarrow as pa
+from raymerge.storage.writers import Output, Span, StagedItem, Target
 
 log = logging.getLogger("raymerge.progress")
 
 
-def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemRecord], manifest: bytes,
-           stats: pa.Table, storage_options: dict[str, Any], replaces: tuple[str, ...] = ()) -> None:
-    """`replaces`: the files of an older checkpoint at the output, to remove (see module doc)."""
+def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemRecord], *, kind: str,
+           recipe: dict[str, Any], layout: dict[str, Any], storage_options: dict[str, Any],
+           replaces: tuple[str, ...] = ()) -> None:
+    """Commit a run whose items are all `done`; its manifest records `kind`, `recipe` and `layout`
+    (what verify needs to plan it again). `replaces`: the files of an older checkpoint at the
+    output, to remove (see the module's docstring)."""
     missing = [i.id for i in plan.items if i.id not in done]
     if missing:
         raise CommitError(f"commit: {len(missing)} of {len(plan.items)} items are not done "
                           f"(first: {missing[:5]}); nothing was committed")
-    etags: list[dict[int, str]] = [{} for _ in plan.shards]
-    for item in plan.items:
-        etag = done[item.id].etag
-        if etag is not None:
-            etags[item.shard][item.part] = etag
+    manifest = Manifest.of(plan, kind, recipe, done, __version__, layout).to_json()
+    stats = tensor_stats(plan, done)
+    shards = [(Target(s.name, handles[k], s.size), staged_items(plan, k, done)) for k, s in enumerate(plan.shards)]
     try:
         # Harmless files first, so that the window between the first final shard name and the
         # manifest is as short as it can be; every step can be run again by --resume.
@@ -55,7 +54,7 @@ def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemR
         for aux in plan.aux_files:
             output.put(aux.name, _aux_bytes(plan, aux, storage_options))
         output.put(STATS_NAME, parquet_bytes(stats))
-        output.finalize([s.name for s in plan.shards], handles, etags, [s.size for s in plan.shards])
+        output.finalize(shards)
         output.delete([n for n in replaces if n not in output_files(plan)])
         if len(plan.shards) > 1:
             weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
@@ -67,6 +66,12 @@ def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemR
     except OSError as e:
         raise CommitError(f"commit: writing to {urls.redact(output.url)} failed: {e}") from e
     log.info("commit: %d shards, index and manifest written to %s", len(plan.shards), urls.redact(output.url))
+
+
+def staged_items(plan: Plan, shard: int, done: dict[int, ItemRecord]) -> list[StagedItem]:
+    """What the writer is told of a shard's finished items, in the shard's order (resume and commit)."""
+    items = (plan.items[i] for i in plan.shards[shard].items if i in done)
+    return [StagedItem(it.id, Span(it.part, it.start, it.end), done[it.id].crc32, done[it.id].etag) for it in items]
 
 
 def _aux_bytes(plan: Plan, aux: AuxFile, storage_options: dict[str, Any]) -> bytes:

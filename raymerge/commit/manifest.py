@@ -1,7 +1,8 @@
 """raymerge's manifest: written last, its presence means "this checkpoint is complete".
 
 It records the recipe, the inputs' fingerprints, the plan hash and a checksum per item, which is
-what verify and resume read back.
+what verify, inspect and --overwrite read back. `Manifest` is the document: `Manifest.of` makes it
+at commit, `to_json` writes it, `from_json` reads it back as untrusted data.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from raymerge.commit.records import ItemRecord
@@ -17,40 +19,151 @@ from raymerge.errors import InputError
 from raymerge.planning.plan import Plan
 from raymerge.safetensors.index import INDEX_NAME, is_safe_name
 from raymerge.storage.urls import redact
-from raymerge.untrusted import UntrustedJSON, parse_json
+from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
 MANIFEST_NAME = "raymerge_manifest.json"
+FORMAT = "raymerge-manifest"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 2**20  # ~500,000 items; readers fetch at most one byte more
 
+# Fields that are None were absent from the document read (written by an older raymerge, or by
+# hand); `to_json` leaves them out again. Every manifest `Manifest.of` makes has them all.
 
-def build_manifest(plan: Plan, kind: str, recipe: dict[str, Any], done: dict[int, ItemRecord], version: str,
-                   layout: dict[str, int]) -> bytes:
-    """`kind` says what the checkpoint is ("chat vector", ...); `recipe` is what `raymerge run`
-    reads to make it again; `done`: item id -> ItemRecord."""
-    obj = {
-        "format": "raymerge-manifest",
-        "format_version": FORMAT_VERSION,
-        "raymerge_version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "kind": kind,
-        "recipe": recipe,
-        "layout": layout,
-        "plan_hash": plan.hash,
-        "stats": STATS_NAME,
-        "files": output_files(plan),  # all this checkpoint is: what a later --overwrite may remove
-        "inputs": [{"role": f.role, "url": redact(f.url), "size": f.size, "version": f.version,
-                    "fingerprint": f.fingerprint} for f in plan.files],
-        "output_bytes": plan.output_bytes,
-        "nonfinite": {name: {"elements": n, "from_finite_inputs": new}
-                      for name, (n, new) in nonfinite_totals(plan, done).items()},
-        "shards": [{"name": s.name, "size": s.size, "tensors": len(s.tensors), "items": len(s.items)}
-                   for s in plan.shards],
-        "items": [{"id": i.id, "shard": i.shard, "part": i.part, "start": i.start, "end": i.end,
-                   "crc32": f"{done[i.id].crc32:08x}", "etag": done[i.id].etag}
-                  for i in plan.items],
-    }
-    return (json.dumps(obj, indent=1) + "\n").encode()
+
+@dataclass(frozen=True, slots=True)
+class InputEntry:
+    """One input file as the run read it (raymerge never reads these back; people and tests do)."""
+
+    role: str
+    url: str  # redacted
+    size: int
+    fingerprint: str
+    version: str | None = None  # what reads were pinned to ("" for local files)
+
+    def to_json(self) -> dict[str, Any]:
+        return _present({"role": self.role, "url": self.url, "size": self.size, "version": self.version,
+                         "fingerprint": self.fingerprint})
+
+
+@dataclass(frozen=True, slots=True)
+class NonFinite:
+    """A tensor's inf/NaN output elements, and those of them made from finite inputs."""
+
+    tensor: str
+    elements: int
+    from_finite_inputs: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEntry:
+    name: str
+    size: int
+    tensors: int | None = None
+    items: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _present({"name": self.name, "size": self.size, "tensors": self.tensors, "items": self.items})
+
+
+@dataclass(frozen=True, slots=True)
+class ItemEntry:
+    """One item's byte range [start, end) of shard number `shard`, and the CRC-32 of those bytes."""
+
+    id: int
+    shard: int
+    part: int
+    start: int
+    end: int
+    crc32: int
+    etag: str | None  # S3 part ETag; null in the document for local output
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "shard": self.shard, "part": self.part, "start": self.start, "end": self.end,
+                "crc32": f"{self.crc32:08x}", "etag": self.etag}
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """raymerge_manifest.json, field for field. `recipe` and `layout` are the JSON objects as they
+    are (the recipe is validated again where it is used: config.build_recipe)."""
+
+    format_version: int
+    recipe: dict[str, Any]  # what `raymerge run` reads to make it again; has a "kind"
+    layout: dict[str, Any]  # what verify needs, besides the recipe, to plan the same layout again
+    plan_hash: str
+    stats: str  # the statistics table's file name
+    inputs: tuple[InputEntry, ...]
+    shards: tuple[ShardEntry, ...]
+    items: tuple[ItemEntry, ...]  # in item id order
+    kind: str | None = None  # what the checkpoint is ("chat vector merge", ...)
+    raymerge_version: str | None = None
+    created: str | None = None
+    files: tuple[str, ...] | None = None  # all this checkpoint is, the manifest last
+    output_bytes: int | None = None
+    nonfinite: tuple[NonFinite, ...] | None = None
+
+    @classmethod
+    def of(cls, plan: Plan, kind: str, recipe: dict[str, Any], done: dict[int, ItemRecord], version: str,
+           layout: dict[str, Any]) -> Manifest:
+        """The manifest of a finished run; `done`: item id -> ItemRecord, every item of the plan."""
+        return cls(
+            format_version=FORMAT_VERSION, recipe=recipe, layout=layout, plan_hash=plan.hash, stats=STATS_NAME,
+            inputs=tuple(InputEntry(f.role, redact(f.url), f.size, f.fingerprint, f.version) for f in plan.files),
+            shards=tuple(ShardEntry(s.name, s.size, len(s.tensors), len(s.items)) for s in plan.shards),
+            items=tuple(ItemEntry(i.id, i.shard, i.part, i.start, i.end, done[i.id].crc32, done[i.id].etag)
+                        for i in plan.items),
+            kind=kind, raymerge_version=version, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            files=tuple(output_files(plan)), output_bytes=plan.output_bytes,
+            nonfinite=tuple(NonFinite(name, n, new) for name, (n, new) in nonfinite_totals(plan, done).items()))
+
+    @property
+    def named(self) -> list[str]:
+        """Every file the manifest names: its shards, its statistics table and its file list.
+        What a later --overwrite may remove (besides the manifest itself)."""
+        return [s.name for s in self.shards] + [self.stats] + list(self.files or ())
+
+    def to_json(self) -> bytes:
+        obj = _present({
+            "format": FORMAT, "format_version": self.format_version, "raymerge_version": self.raymerge_version,
+            "created": self.created, "kind": self.kind, "recipe": self.recipe, "layout": self.layout,
+            "plan_hash": self.plan_hash, "stats": self.stats,
+            "files": None if self.files is None else list(self.files),
+            "inputs": [i.to_json() for i in self.inputs], "output_bytes": self.output_bytes,
+            "nonfinite": None if self.nonfinite is None else {
+                n.tensor: {"elements": n.elements, "from_finite_inputs": n.from_finite_inputs}
+                for n in self.nonfinite},
+            "shards": [s.to_json() for s in self.shards], "items": [i.to_json() for i in self.items]})
+        return (json.dumps(obj, indent=1) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        """The manifest `raw`, checked as untrusted data before verify, inspect or --overwrite use it.
+
+        `where` names the command and checkpoint ("raymerge verify s3://b/out"). Raises one-line
+        InputErrors: damaged (the field and what it should be), or written by a newer raymerge.
+        """
+        try:
+            obj = parse_json(raw, max_bytes=MAX_MANIFEST_BYTES)
+            version = _check_top(obj)
+            if version > FORMAT_VERSION:
+                raise InputError(f"{where}: {MANIFEST_NAME} has format_version {version}, newer than this "
+                                 f"raymerge reads ({FORMAT_VERSION}); upgrade raymerge")
+            shards = tuple(_shard(s, f"shards[{i}]") for i, s in enumerate(obj["shards"]))
+            names = [s.name for s in shards]
+            if len(set(names)) != len(names):
+                raise _Damaged("shards: a shard name appears twice")
+            items = tuple(_item(item, f"items[{i}]", shards) for i, item in enumerate(obj["items"]))
+            inputs = tuple(_input(entry, f"inputs[{i}]") for i, entry in enumerate(obj["inputs"]))
+            nonfinite = _nonfinite(obj["nonfinite"]) if "nonfinite" in obj else None
+        except (UntrustedJSON, _Damaged) as e:
+            raise InputError(f"{where}: {MANIFEST_NAME} is damaged ({e}); this is not a checkpoint raymerge can "
+                             "verify or inspect") from e
+        files = obj.get("files")
+        return cls(format_version=version, recipe=obj["recipe"], layout=obj["layout"], plan_hash=obj["plan_hash"],
+                   stats=obj["stats"], inputs=inputs, shards=shards, items=items, kind=obj.get("kind"),
+                   raymerge_version=obj.get("raymerge_version"), created=obj.get("created"),
+                   files=None if files is None else tuple(files), output_bytes=obj.get("output_bytes"),
+                   nonfinite=nonfinite)
 
 
 def output_files(plan: Plan) -> list[str]:
@@ -63,35 +176,9 @@ class _Damaged(Exception):
     """One wrong field: its path in the manifest and what was expected there."""
 
 
-def parse_manifest(raw: bytes, where: str) -> dict:
-    """The manifest `raw`, checked as untrusted data before verify, inspect or resume use it.
-
-    `where` names the command and checkpoint ("raymerge verify s3://b/out"). Raises one-line
-    InputErrors: damaged (the field and what it should be), or written by a newer raymerge.
-    """
-    try:
-        obj = parse_json(raw, max_bytes=MAX_MANIFEST_BYTES)
-        version = _check_top(obj)
-        if version > FORMAT_VERSION:
-            raise InputError(f"{where}: {MANIFEST_NAME} has format_version {version}, newer than this raymerge "
-                             f"reads ({FORMAT_VERSION}); upgrade raymerge")
-        sizes = [_check_shard(s, f"shards[{i}]") for i, s in enumerate(obj["shards"])]
-        names = [s["name"] for s in obj["shards"]]
-        if len(set(names)) != len(names):
-            raise _Damaged("shards: a shard name appears twice")
-        for i, item in enumerate(obj["items"]):
-            _check_item(item, f"items[{i}]", sizes)
-        for i, entry in enumerate(obj["inputs"]):
-            _expect(isinstance(entry, dict), f"inputs[{i}]", "an object")
-    except (UntrustedJSON, _Damaged) as e:
-        raise InputError(f"{where}: {MANIFEST_NAME} is damaged ({e}); this is not a checkpoint raymerge can "
-                         "verify or inspect") from e
-    return obj
-
-
 def _check_top(obj: Any) -> int:
     _expect(isinstance(obj, dict), "the document", "a JSON object")
-    _expect(obj.get("format") == "raymerge-manifest", "format", "'raymerge-manifest'")
+    _expect(obj.get("format") == FORMAT, "format", f"{FORMAT!r}")
     version = obj.get("format_version")
     _expect(_is_count(version) and version >= 1, "format_version", "an integer >= 1")
     _expect(isinstance(obj.get("plan_hash"), str), "plan_hash", "a string")
@@ -111,25 +198,55 @@ def _check_top(obj: Any) -> int:
     return version
 
 
-def _check_shard(shard: Any, at: str) -> int:
+def _shard(shard: Any, at: str) -> ShardEntry:
     _expect(isinstance(shard, dict), at, "an object")
     _expect(isinstance(shard.get("name"), str) and is_safe_name(shard["name"]), f"{at}.name",
             "a file name inside the checkpoint")
     _expect(_is_count(shard.get("size")), f"{at}.size", "an integer >= 0")
-    return shard["size"]
+    for key in ("tensors", "items"):
+        _expect(_is_count(shard.get(key, 0)), f"{at}.{key}", "an integer >= 0")
+    return ShardEntry(shard["name"], shard["size"], shard.get("tensors"), shard.get("items"))
 
 
-def _check_item(item: Any, at: str, sizes: list[int]) -> None:
+def _item(item: Any, at: str, shards: tuple[ShardEntry, ...]) -> ItemEntry:
     _expect(isinstance(item, dict), at, "an object")
     for key in ("id", "shard", "part", "start", "end"):
         _expect(_is_count(item.get(key)), f"{at}.{key}", "an integer >= 0")
-    _expect(item["shard"] < len(sizes), f"{at}.shard", f"one of the {len(sizes)} shards")
-    _expect(item["start"] <= item["end"] <= sizes[item["shard"]], f"{at}.end",
+    _expect(item["shard"] < len(shards), f"{at}.shard", f"one of the {len(shards)} shards")
+    _expect(item["start"] <= item["end"] <= shards[item["shard"]].size, f"{at}.end",
             "start <= end <= the shard's size")
     crc = item.get("crc32")
     _expect(isinstance(crc, str) and re.fullmatch("[0-9a-f]{8}", crc) is not None, f"{at}.crc32",
             "8 hex digits")
-    _expect(item.get("etag") is None or isinstance(item["etag"], str), f"{at}.etag", "a string or null")
+    etag = item.get("etag")
+    _expect(etag is None or isinstance(etag, str), f"{at}.etag", "a string or null")
+    return ItemEntry(item["id"], item["shard"], item["part"], item["start"], item["end"], int(crc, 16), etag)
+
+
+def _input(entry: Any, at: str) -> InputEntry:
+    _expect(isinstance(entry, dict), at, "an object")
+    for key in ("role", "url", "fingerprint"):
+        _expect(isinstance(entry.get(key), str), f"{at}.{key}", "a string")
+    _expect(_is_count(entry.get("size")), f"{at}.size", "an integer >= 0")
+    _expect(isinstance(entry.get("version", ""), str), f"{at}.version", "a string")
+    return InputEntry(entry["role"], entry["url"], entry["size"], entry["fingerprint"], entry.get("version"))
+
+
+def _nonfinite(obj: Any) -> tuple[NonFinite, ...]:
+    _expect(isinstance(obj, dict), "nonfinite", "an object")
+    out = []
+    for name, counts in obj.items():
+        at = f"nonfinite[{shown(name)}]"
+        _expect(isinstance(counts, dict), at, "an object")
+        for key in ("elements", "from_finite_inputs"):
+            _expect(_is_count(counts.get(key)), f"{at}.{key}", "an integer >= 0")
+        out.append(NonFinite(name, counts["elements"], counts["from_finite_inputs"]))
+    return tuple(out)
+
+
+def _present(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without its None values: the fields a document read back did not have."""
+    return {k: v for k, v in obj.items() if v is not None}
 
 
 def _expect(ok: bool, at: str, expected: str) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from raymerge.commit.records import ItemRecord
 from raymerge.planning.plan import Plan
+from raymerge.safetensors.dtypes import numel
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: every worker imports this package, none needs it
     import pyarrow as pa
@@ -46,7 +47,7 @@ def tensor_stats(plan: Plan, done: dict[int, ItemRecord]) -> pa.Table:
         rows["tensor"].append(t.name)
         rows["rule"].append(t.rule)
         rows["dtype"].append(t.dtype)
-        rows["numel"].append(math.prod(t.shape))
+        rows["numel"].append(numel(t.shape))
         rows["delta_norm"].append(delta)
         rows["anchor_norm"].append(anchor)
         rows["relative"].append(delta / anchor if anchor else 0.0 if t.is_copy else None)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, parse_manifest
+from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ItemEntry, Manifest
 from raymerge.errors import RaymergeError
-from raymerge.safetensors.header import FIRST_READ, Header, header_length, parse_header
+from raymerge.safetensors.header import Header, parse_header, read_header_bytes
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
 from raymerge.storage.checksum import crc32
@@ -31,51 +31,61 @@ def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: 
         raw = fs.cat_file(f"{root}/{MANIFEST_NAME}", start=0, end=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return [f"{MANIFEST_NAME}: missing; this is not a finished raymerge checkpoint"]
-    manifest = parse_manifest(raw, f"raymerge verify {urls.redact(url)}")
+    manifest = Manifest.from_json(raw, f"raymerge verify {urls.redact(url)}")
     reader, buf = RangeReader(storage_options), Buffer()
+    try:
+        return _check(fs, root, url, manifest, storage_options, recompute, seed, reader, buf)
+    finally:
+        reader.close()
+
+
+def _check(fs, root, url, manifest: Manifest, storage_options, recompute, seed, reader, buf) -> list[str]:
     problems: list[str] = []
     headers = _check_shards(fs, root, url, manifest, reader, buf, problems)
     _check_index(fs, root, manifest, headers, problems)
-    for item in manifest["items"]:
-        shard = manifest["shards"][item["shard"]]
-        if shard["name"] not in headers:
+    for item in manifest.items:
+        shard = manifest.shards[item.shard]
+        if shard.name not in headers:
             continue
-        data = reader.read(urls.join(url, shard["name"]), [(item["start"], item["end"])], buf)[0]
-        if f"{crc32(data):08x}" != item["crc32"]:
-            problems.append(_fault(shard["name"], headers[shard["name"]], item, "do not match their checksum"))
+        data = reader.read(urls.join(url, shard.name), [(item.start, item.end)], buf)[0]
+        if crc32(data) != item.crc32:
+            problems.append(_fault(shard.name, headers[shard.name], item, "do not match their checksum"))
     if recompute and not problems:
         problems += _recompute(url, manifest, headers, storage_options, recompute, seed, reader, buf)
     return problems
 
 
-def _check_shards(fs, root, url, manifest, reader, buf, problems) -> dict[str, Header]:
+def _check_shards(fs, root, url, manifest: Manifest, reader, buf, problems) -> dict[str, Header]:
     try:
         sizes = {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in fs.ls(root, detail=True)}
     except FileNotFoundError:
         sizes = {}
     headers = {}
-    for shard in manifest["shards"]:
-        name, size = shard["name"], shard["size"]
+    for shard in manifest.shards:
+        name, size = shard.name, shard.size
         if name not in sizes:
             problems.append(f"{name}: missing")
             continue
         if sizes[name] != size:
             problems.append(f"{name}: {sizes[name]} bytes, the manifest says {size}")
             continue
-        file_url = urls.join(url, name)
         try:
-            raw = reader.read(file_url, [(0, min(size, FIRST_READ))], buf)[0].tobytes()
-            n = header_length(raw, name, size)
-            if 8 + n > len(raw):
-                raw = reader.read(file_url, [(0, 8 + n)], buf)[0].tobytes()
-            headers[name] = parse_header(raw, name, size)
+            headers[name] = _header(reader, buf, urls.join(url, name), name, size)
         except RaymergeError as e:
             problems.append(f"{name}: bad header ({e})")
     return headers
 
 
-def _check_index(fs, root, manifest, headers, problems) -> None:
-    if len(manifest["shards"]) < 2:
+def _header(reader: RangeReader, buf: Buffer, url: str, name: str, size: int) -> Header:
+    def read(requests: list[tuple[int, int, int]]) -> list[bytes]:
+        # copied out: the second read reuses `buf`
+        return [m.tobytes() for m in reader.read(url, [(start, end) for _, start, end in requests], buf)]
+
+    return parse_header(read_header_bytes(read, [size], [name])[0], name, size)
+
+
+def _check_index(fs, root, manifest: Manifest, headers, problems) -> None:
+    if len(manifest.shards) < 2:
         return
     try:
         index = parse_json(fs.cat_file(f"{root}/{INDEX_NAME}", start=0, end=MAX_INDEX_BYTES + 1),
@@ -97,43 +107,46 @@ def _check_index(fs, root, manifest, headers, problems) -> None:
         problems.append(f"{INDEX_NAME}: {len(wrong)} tensors mapped to the wrong shard, {len(missing)} not mapped "
                         f"(first: {(wrong + missing)[0]})")
     total = sum(e.end - e.begin for h in headers.values() for e in h.entries)
-    if len(headers) == len(manifest["shards"]) and index["metadata"].get("total_size") != total:
+    if len(headers) == len(manifest.shards) and index["metadata"].get("total_size") != total:
         problems.append(f"{INDEX_NAME}: total_size {index['metadata'].get('total_size')!r:.40} but the shards "
                         f"hold {total} tensor bytes")
 
 
-def _fault(shard: str, header: Header, item: dict, what: str) -> str:
+def _fault(shard: str, header: Header, item: ItemEntry, what: str) -> str:
     """'shard: bytes [a, b) (tensors x, y) <what>' with the tensors that overlap the range."""
-    lo, hi = item["start"] - header.data_start, item["end"] - header.data_start
+    lo, hi = item.start - header.data_start, item.end - header.data_start
     names = [e.name for e in header.entries if e.begin < hi and e.end > lo]
     where = f"tensors {', '.join(names[:4])}" + (f" and {len(names) - 4} more" if len(names) > 4 else "") \
         if names else "the header"
-    return f"{shard}: bytes [{item['start']}, {item['end']}) ({where}) {what}"
+    return f"{shard}: bytes [{item.start}, {item.end}) ({where}) {what}"
 
 
-def _recompute(url, manifest, headers, storage_options, count, seed, reader, buf) -> list[str]:
-    from raymerge.api import make_plan
+def _recompute(url, manifest: Manifest, headers, storage_options, count, seed, reader, buf) -> list[str]:
     from raymerge.config import build_recipe
     from raymerge.execution.worker import MergeWorker
+    from raymerge.runner import make_plan
 
-    recipe = dict(manifest["recipe"])
+    recipe = dict(manifest.recipe)
     kind = recipe.pop("kind")
-    recipe.update(manifest.get("layout", {}), out=url, storage_options=storage_options)
+    recipe.update(manifest.layout, out=url, storage_options=storage_options)
     try:
         plan = make_plan(*build_recipe(kind, recipe))
     except RaymergeError as e:
         return [f"recompute: the inputs cannot be planned again ({e})"]
-    if plan.hash != manifest["plan_hash"]:
+    if plan.hash != manifest.plan_hash:
         return [f"recompute: the inputs or recipe changed since this checkpoint was made (plan {plan.hash[:12]}, "
-                f"manifest {manifest['plan_hash'][:12]}); cannot compare"]
+                f"manifest {manifest.plan_hash[:12]}); cannot compare"]
     worker = MergeWorker(plan, None, storage_options, {})
     problems = []
-    for item_id in random.Random(seed).sample(range(len(plan.items)), min(count, len(plan.items))):
-        item = plan.items[item_id]
-        shard = plan.shards[item.shard]
-        want, _, _ = worker.produce(item_id)
-        got = reader.read(urls.join(url, shard.name), [(item.start, item.end)], buf)[0]
-        if want != got:
-            problems.append(_fault(shard.name, headers[shard.name], manifest["items"][item_id],
-                                   "differ from the bytes computed again from the inputs"))
+    try:
+        for item_id in random.Random(seed).sample(range(len(plan.items)), min(count, len(plan.items))):
+            item = plan.items[item_id]
+            shard = plan.shards[item.shard]
+            want, _, _ = worker.produce(item_id)
+            got = reader.read(urls.join(url, shard.name), [(item.start, item.end)], buf)[0]
+            if want != got:
+                problems.append(_fault(shard.name, headers[shard.name], manifest.items[item_id],
+                                       "differ from the bytes computed again from the inputs"))
+    finally:
+        worker.close()
     return problems

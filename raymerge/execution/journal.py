@@ -10,6 +10,8 @@ Protocol (driver side):
   3. `Journal.load(output)` on resume: the head and every recorded item, read as untrusted data.
      A damaged head makes the state unusable (only --overwrite can start over); a damaged batch
      is skipped, and its items are done again.
+The two documents are `JournalHead` (journal-head.json) and `JournalBatch` (journal-NNNNNN.json);
+their `from_json` refuse anything but what `to_json` writes with one error, `Damaged`.
 Credentials never enter it: only URLs (redacted), fingerprints, ids, checksums and statistics.
 """
 
@@ -38,10 +40,11 @@ VERSION = 2
 
 
 class Damaged(ValueError):
-    """A journal document that does not have the shape raymerge writes."""
+    """A journal document that is not JSON raymerge accepts, or not of the shape it writes; the
+    message is a short reason, without the file."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JournalHead:
     plan_hash: str
     shards: tuple[str, ...]
@@ -63,7 +66,7 @@ class JournalHead:
 
     @classmethod
     def from_json(cls, raw: bytes) -> JournalHead:
-        obj = _object(parse_json(raw), "the head")
+        obj = _object(_parse(raw), "the head")
         if obj.get("journal_version") != VERSION:
             raise Damaged(f"journal_version {obj.get('journal_version')!r}: written by another raymerge version")
         shards = _strings(obj, "shards")
@@ -85,6 +88,25 @@ class JournalHead:
                    tuple(replaces), run_id)
 
 
+@dataclass(frozen=True, slots=True)
+class JournalBatch:
+    """The items finished since the previous flush, as one batch file writes them."""
+
+    records: tuple[ItemRecord, ...]
+
+    def to_json(self) -> bytes:
+        return json.dumps([{"id": r.item, "crc32": r.crc32, "etag": r.etag,
+                            "stats": [[s.tensor, _number(s.ss_delta), _number(s.ss_anchor), s.nonfinite,
+                                       s.new_nonfinite] for s in r.sums]} for r in self.records]).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> JournalBatch:
+        rows = _parse(raw)
+        if not isinstance(rows, list):
+            raise Damaged("expected a list of records")
+        return cls(tuple(_record(r) for r in rows))
+
+
 @dataclass(frozen=True)
 class JournalState:
     """What a journal holds: its head (None when damaged, with `problem` saying why) and the
@@ -100,7 +122,7 @@ class Journal:
     def __init__(self, output: Output, interval: float = 2.0, next_batch: int = 0) -> None:
         self._output = output
         self._interval = interval
-        self._pending: list[dict] = []
+        self._pending: list[ItemRecord] = []
         self._batch = next_batch
         self._last = time.monotonic()
 
@@ -114,9 +136,7 @@ class Journal:
         return cls(output)
 
     def record(self, item: ItemRecord) -> None:
-        self._pending.append({"id": item.item, "crc32": item.crc32, "etag": item.etag,
-                              "stats": [[s.tensor, _number(s.ss_delta), _number(s.ss_anchor), s.nonfinite,
-                                         s.new_nonfinite] for s in item.sums]})
+        self._pending.append(item)
         if time.monotonic() - self._last >= self._interval:
             self.flush()
 
@@ -127,7 +147,7 @@ class Journal:
         if not self._pending:
             return
         try:
-            self._output.put_staging(f"journal-{self._batch:06d}.json", json.dumps(self._pending).encode())
+            self._output.put_staging(f"journal-{self._batch:06d}.json", JournalBatch(tuple(self._pending)).to_json())
         except (RaymergeError, OSError) as e:
             if strict:
                 reason = e.reason if isinstance(e, StorageError) else reason_of(e)
@@ -147,7 +167,7 @@ class Journal:
         raw = files.pop(HEAD)
         try:
             head = JournalHead.from_json(raw)
-        except (UntrustedJSON, Damaged) as e:
+        except Damaged as e:
             return JournalState(None, {}, problem=f"its head is damaged ({e})")
         done: dict[int, ItemRecord] = {}
         batches = [int(m.group(1)) for m in map(BATCH.fullmatch, files) if m]
@@ -155,19 +175,19 @@ class Journal:
             if not BATCH.fullmatch(name):
                 continue
             try:
-                records = _records(files[name])
-            except (UntrustedJSON, Damaged) as e:
+                batch = JournalBatch.from_json(files[name])
+            except Damaged as e:
                 log.warning("journal: %s is damaged (%s); its items will be done again", name, e)
                 continue
-            done.update((r.item, r) for r in records)
+            done.update((r.item, r) for r in batch.records)
         return JournalState(head, done, max(batches, default=-1) + 1)
 
 
-def _records(raw: bytes) -> list[ItemRecord]:
-    rows = parse_json(raw)
-    if not isinstance(rows, list):
-        raise Damaged("expected a list of records")
-    return [_record(r) for r in rows]
+def _parse(raw: bytes) -> object:
+    try:
+        return parse_json(raw)
+    except UntrustedJSON as e:
+        raise Damaged(str(e)) from e
 
 
 def _record(r: object) -> ItemRecord:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from raymerge.commit.committer import staged_items
 from raymerge.commit.records import ItemRecord
 from raymerge.errors import OutputError
 from raymerge.execution.journal import JournalState
 from raymerge.planning.plan import Plan
 from raymerge.storage import urls
-from raymerge.storage.checksum import crc32
-from raymerge.storage.writers import FINAL, GONE, Output
+from raymerge.storage.writers import Output, ShardState, Target
 
 progress_log = logging.getLogger("raymerge.progress")
 
@@ -36,26 +36,16 @@ def check_resumable(output: Output, plan: Plan, state: JournalState) -> Resumed:
     handles = list(head.handles)
     done: dict[int, ItemRecord] = {}
     for s, shard in enumerate(plan.shards):
-        parts = output.staged_parts(shard.name, handles[s], shard.size)
-        if parts == GONE or parts == FINAL and not all(i in state.done for i in shard.items):
+        found = output.verify_staged(Target(shard.name, handles[s], shard.size), staged_items(plan, s, state.done))
+        # A shard already final is whole only if the journal says every item of it was written.
+        if found.state is ShardState.GONE or (found.state is ShardState.FINAL
+                                              and not all(i in state.done for i in shard.items)):
             raise OutputError(f"--resume {shown}: the staged data of {shard.name} is gone; "
                               "rerun with --overwrite to start over")
-        for i in shard.items:
-            r = state.done.get(i)
-            if r is not None and _still_there(output, plan, handles[s], parts, r):
-                done[i] = r
+        done.update((i, state.done[i]) for i in shard.items if i in found.items)
     progress_log.info("resume: %d of %d items already done (%d journaled)", len(done), len(plan.items),
                       len(state.done))
     return Resumed(handles, done, state.next_batch, head.replaces)
-
-
-def _still_there(output: Output, plan: Plan, handle: str, parts, r: ItemRecord) -> bool:
-    item = plan.items[r.item]
-    if parts == FINAL:  # an interrupted commit already put the whole shard in place
-        return True
-    if parts is None:  # local: read the bytes back, they may not have reached the disk
-        return crc32(output.read_staged(handle, item.start, item.end)) == r.crc32
-    return parts.get(item.part) == r.etag
 
 
 def _what_changed(plan: Plan, then: tuple[tuple[str, str], ...]) -> str:

@@ -7,8 +7,8 @@ Protocol:
      does (execution.nodes), then says the worker is up.
   3. `run(item_id, handle)`, any number of times, from up to `max_concurrency` threads at once (so
      one item is read while another is computed or written): read the item's input ranges
-     (coalesced, per file), compute in float32, cast once, write the bytes at the item's offset of
-     its shard's staged target `handle`. Idempotent: running an item twice writes the same bytes
+     (coalesced, per file), let each tensor's method compute its piece in float32 (cast once),
+     write the bytes at the item's offset of its shard's staged target `handle`. Idempotent: running an item twice writes the same bytes
      to the same place.
 """
 
@@ -24,12 +24,17 @@ from typing import Any
 
 from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.execution.nodes import NodeView, check_view
-from raymerge.ops import kernel
-from raymerge.planning.plan import HEADER, Item, Plan, Source
+from raymerge.methods import METHODS, Operands, Vector
+from raymerge.ops.kernel import Kernel, check_device, kernel_for
+from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan
 from raymerge.safetensors.dtypes import ITEMSIZE
 from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader
-from raymerge.storage.writers import BLOCK, open_output
+from raymerge.storage.writers import BLOCK, Span, Target, open_output
+
+
+# The names of a piece's operands (with an index: which term or override row): see _sources.
+ANCHOR, A, B, ROW = "anchor", "a", "b", "row"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +58,12 @@ class _ThreadState:
         self.reader = RangeReader(storage_options)
         self.inputs: list[Buffer] = []
         self.out = Buffer()
-        self.scratch: dict[Any, Any] = {}  # kernel module -> its scratch
+        self.scratch: dict[Kernel, Any] = {}  # each kernel's scratch, made on first use
+
+    def scratch_for(self, k: Kernel) -> Any:
+        if k not in self.scratch:
+            self.scratch[k] = k.scratch()
+        return self.scratch[k]
 
 
 class MergeWorker:
@@ -63,13 +73,14 @@ class MergeWorker:
         _test_fault("RAYMERGE_TEST_START")  # fault-injection tests: a worker that dies while starting
         self._plan = plan
         self._options = storage_options
-        self._device = device
         self._threads = max(1, threads)
         self._view = view
+        check_device(device)  # a GPU worker without a GPU fails here, at start-up, not at its first item
         # numpy does the arithmetic on the CPU (no torch import: a faster start); torch on a GPU and for FP8
-        self._on_cpu = [device == "cpu" and all(kernel.supports(d) for d in _dtypes(t)) for t in plan.tensors]
+        self._kernels = [kernel_for(device, _dtypes(t), self._threads) for t in plan.tensors]
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
         self._local = threading.local()
+        self._states: list[_ThreadState] = []
         self._name = f"{socket.gethostname()}:{os.getpid()}"
         self._test_delay = float(os.environ.get("RAYMERGE_TEST_ITEM_DELAY") or 0)
 
@@ -83,20 +94,14 @@ class MergeWorker:
         st = getattr(self._local, "state", None)
         if st is None:
             st = self._local.state = _ThreadState(self._options)
+            self._states.append(st)
         return st
 
-    def _kernel(self, tensor: int, st: _ThreadState):
-        """The kernel module for a tensor, and this thread's scratch for it (made on first use)."""
-        if self._on_cpu[tensor]:
-            if kernel not in st.scratch:
-                st.scratch[kernel] = kernel.Scratch()
-            return kernel, st.scratch[kernel]
-        from raymerge.ops import torch_kernel
-
-        if torch_kernel not in st.scratch:
-            torch_kernel.torch.set_num_threads(self._threads)
-            st.scratch[torch_kernel] = torch_kernel.Scratch(device=self._device)
-        return torch_kernel, st.scratch[torch_kernel]
+    def close(self) -> None:
+        """Release every thread's open input files (a worker in a Ray actor ends with its process)."""
+        for st in self._states:
+            st.reader.close()
+        self._states.clear()
 
     def produce(self, item_id: int, clock: list[float] | None = None) -> tuple[memoryview, int, list[TensorSums]]:
         """The item's output bytes (valid until this thread's next item), bytes read, per-tensor sums.
@@ -122,7 +127,8 @@ class MergeWorker:
         clock: list[float] = []
         out, read_bytes, sums = self.produce(item_id, clock)
         t1 = time.perf_counter()
-        etag = self._out.write(self._plan.shards[item.shard].name, handle, item.part, item.start, out)
+        shard = self._plan.shards[item.shard]
+        etag = self._out.write(Target(shard.name, handle, shard.size), Span(item.part, item.start, item.end), out)
         t2 = time.perf_counter()
         crc = crc32(out)
         t3 = time.perf_counter()
@@ -131,33 +137,34 @@ class MergeWorker:
                           (clock[0], clock[1], t2 - t1, t3 - t2))
 
     def _sources(self, item: Item):
-        """(piece index, source slot, Source, byte range) of every input slice the item needs.
+        """(piece index, operand key, Source, byte range) of every input slice the item needs.
 
-        Slots: 0 the anchor, 1 + 2k and 2 + 2k term k's a and b, then one per row override.
-        A term limited to the tensor's first elements is read only up to its limit.
+        Operand keys name what a slice is: (ANCHOR, 0), (A, j) and (B, j) for term j's a and b,
+        (ROW, j) for override row j. A term limited to the tensor's first elements is read only
+        up to its limit.
         """
         for p, piece in enumerate(item.pieces):
             if piece.tensor == HEADER:
                 continue
             t = self._plan.tensors[piece.tensor]
-            wanted: list[tuple[Source | None, int, int]] = [(t.anchor, piece.begin, piece.end)]
-            for term in t.terms:
+            wanted: list[tuple[tuple[str, int], Source | None, int, int]] = [((ANCHOR, 0), t.anchor, piece.begin, piece.end)]
+            for j, term in enumerate(t.terms):
                 end = piece.end if term.limit is None else min(piece.end, term.limit)
-                wanted += [(term.a, piece.begin, end), (term.b, piece.begin, end)]
+                wanted += [((A, j), term.a, piece.begin, end), ((B, j), term.b, piece.begin, end)]
             row = t.row_elements
-            for o in t.overrides:
+            for j, o in enumerate(t.overrides):
                 lo, hi = max(piece.begin, o.row * row), min(piece.end, (o.row + 1) * row)
-                wanted.append((o.source, lo - o.row * row, hi - o.row * row))
-            for slot, (src, begin, end) in enumerate(wanted):
+                wanted.append(((ROW, j), o.source, lo - o.row * row, hi - o.row * row))
+            for key, src, begin, end in wanted:
                 if src is not None and begin < end:
                     size = ITEMSIZE[src.dtype]
-                    yield p, slot, src, (src.start + begin * size, src.start + end * size)
+                    yield p, key, src, (src.start + begin * size, src.start + end * size)
 
-    def _read_inputs(self, item: Item, st: _ThreadState) -> tuple[dict[tuple[int, int], memoryview], int]:
-        """Each needed slice as a view, keyed by (piece index, source slot); one read per file run."""
+    def _read_inputs(self, item: Item, st: _ThreadState) -> tuple[dict[tuple[int, str, int], memoryview], int]:
+        """Each needed slice as a view, keyed by (piece index, *operand key); one read per file run."""
         by_file: dict[int, list] = {}
-        for p, slot, src, rng in self._sources(item):
-            by_file.setdefault(src.file, []).append(((p, slot), rng))
+        for p, key, src, rng in self._sources(item):
+            by_file.setdefault(src.file, []).append(((p, *key), rng))
         while len(st.inputs) < len(by_file):
             st.inputs.append(Buffer())
         views, total = {}, 0
@@ -169,7 +176,7 @@ class MergeWorker:
                 total += hi - lo
         return views, total
 
-    def _compute(self, item: Item, inputs: dict[tuple[int, int], memoryview], out: memoryview,
+    def _compute(self, item: Item, inputs: dict[tuple[int, str, int], memoryview], out: memoryview,
                  st: _ThreadState) -> list[TensorSums]:
         sums = []
         for p, piece in enumerate(item.pieces):
@@ -182,46 +189,54 @@ class MergeWorker:
             lo = t.start + piece.begin * size - item.start
             dest = out[lo:lo + (piece.end - piece.begin) * size]
             if t.is_copy:
-                dest[:] = inputs[(p, 0)]
+                dest[:] = inputs[(p, ANCHOR, 0)]
                 continue
-            k, scratch = self._kernel(piece.tensor, st)
-            anchor = k.view(inputs[(p, 0)], t.anchor.dtype) if t.anchor is not None else None
-            terms = []
-            for j, term in enumerate(t.terms):
-                if (p, 1 + 2 * j) in inputs:  # absent: the piece lies past the term's limit
-                    a = k.view(inputs[(p, 1 + 2 * j)], term.a.dtype)
-                    b = k.view(inputs[(p, 2 + 2 * j)], term.b.dtype) if term.b is not None else None
-                    terms.append((term.scale, a, b))
-            s = k.weighted_sum(k.view(dest, t.dtype), anchor, terms, scratch)
+            k = self._kernels[piece.tensor]
+            scratch = st.scratch_for(k)
+            method = METHODS[t.method]
+            operands = _operands(p, t, inputs, k)
+            s = method.apply(k, k.view(dest, t.dtype), operands, scratch)
             nonfinite, new = s.nonfinite, s.new_nonfinite
             if t.overrides:
-                more, more_new = self._override_rows(p, piece, t, inputs, dest, k, scratch, anchor, terms)
+                more, more_new = self._override_rows(p, piece, t, inputs, dest, k, scratch, operands)
                 nonfinite, new = nonfinite + more, new + more_new
             sums.append(TensorSums(piece.tensor, s.ss_delta, s.ss_anchor, nonfinite, new))
         return sums
 
-    def _override_rows(self, p: int, piece, t, inputs, dest: memoryview, k, scratch, anchor, terms) -> tuple[int, int]:
-        """Special-token rows: the chat model's row, cast once to the output dtype, over what the sum
-        wrote there. Returns the change to the piece's non-finite counts: the rows' own, less the
-        sum's over those rows (counted again, into a scratch row, since they are overwritten)."""
+    def _override_rows(self, p: int, piece: Piece, t: TensorPlan, inputs, dest: memoryview, k, scratch,
+                       operands: Operands) -> tuple[int, int]:
+        """Special-token rows: the chat model's row, cast once to the output dtype, over what the
+        method wrote there. Returns the change to the piece's non-finite counts: the rows' own, less
+        the method's over those rows (computed again, into a scratch row, since they are overwritten)."""
         row = t.row_elements
         size = ITEMSIZE[t.dtype]
+        method = METHODS[t.method]
         nonfinite = new = 0
         for j, o in enumerate(t.overrides):
-            got = inputs.get((p, 1 + 2 * len(t.terms) + j))
+            got = inputs.get((p, ROW, j))
             if got is None:
                 continue
             lo = max(piece.begin, o.row * row) - piece.begin
             src = k.view(got, o.source.dtype)
             hi = lo + len(src)
-            replaced = k.weighted_sum(k.view(memoryview(bytearray((hi - lo) * size)), t.dtype),
-                                      anchor[lo:hi] if anchor is not None else None,
-                                      [(scale, a[lo:hi], b[lo:hi] if b is not None else None) for scale, a, b in terms],
-                                      scratch)
-            own = k.weighted_sum(k.view(dest[lo * size:hi * size], t.dtype), src, [], scratch)
+            replaced = method.apply(k, k.view(memoryview(bytearray((hi - lo) * size)), t.dtype),
+                                    operands.rows(lo, hi), scratch)
+            own = k.weighted_sum(k.view(dest[lo * size:hi * size], t.dtype), src, [], scratch)  # a cast
             nonfinite += own.nonfinite - replaced.nonfinite
             new += own.new_nonfinite - replaced.new_nonfinite
         return nonfinite, new
+
+
+def _operands(p: int, t: TensorPlan, inputs: dict[tuple[int, str, int], memoryview], k) -> Operands:
+    """Piece p's operands of tensor t, as arrays of kernel k. A term absent from `inputs` lies past
+    its limit in this piece: it has no operands here."""
+    anchor = k.view(inputs[(p, ANCHOR, 0)], t.anchor.dtype) if t.anchor is not None else None
+    vectors = []
+    for j, term in enumerate(t.terms):
+        if (p, A, j) in inputs:
+            b = k.view(inputs[(p, B, j)], term.b.dtype) if term.b is not None else None
+            vectors.append(Vector(term.scale, k.view(inputs[(p, A, j)], term.a.dtype), b))
+    return Operands(anchor, tuple(vectors))
 
 
 def _test_fault(var: str) -> None:

@@ -1,49 +1,51 @@
-"""The float32 weighted sum on the CPU, with numpy, in sub-chunks of reused scratch buffers.
+"""The kernel protocol: the float32 weighted sum every merge method computes, and which
+implementation computes it.
 
     acc = anchor (or 0);  for each (scale, a, b) in order: acc += scale * (a - b);  out = round(acc)
 
 Each step is a separate float32 operation (no fused multiply-add), so the bits match any
-reference that does the same arithmetic in float32 (torch's, mergekit's), whatever the chunking
-or item size. A term shorter than `out` applies to out's first elements only (rows shared by all
-inputs).
+reference that does the same arithmetic in float32 (torch's, mergekit's), whatever the chunking,
+the item size or the device. A term shorter than `out` applies to out's first elements only (rows
+shared by all inputs). With no terms, this is a cast of `anchor` (an override row).
 
-Why numpy and not torch: importing torch costs every worker about 1.8 s of start-up on a 2-core
-machine (a quarter of a whole 1.5 GB merge), while every Ray worker has numpy loaded already.
-torch stays for the GPU and for FP8, which numpy has no types for (`torch_kernel`).
+Two implementations, chosen by `kernel_for`:
+  - `numpy_kernel`: on the CPU for BF16, F16, F32 and F64. Importing torch costs every worker
+    about 1.8 s of start-up on a 2-core machine (a quarter of a whole 1.5 GB merge), while every
+    Ray worker has numpy loaded already; it is imported only by `kernel_for`, as needed.
+  - `torch_kernel`: on a GPU, and for FP8 (which numpy has no types for) on the CPU.
 
-BF16 has no numpy type either: its bits are held as uint16. Widening to float32 is a 16-bit
-shift (exact); narrowing rounds half to even on the bits, and makes every NaN 0xFFFF, exactly as
-torch's conversion does.
+The bits of the output are defined here, once, and both implementations give them:
+  - Widening to float32 is exact: BF16 by a 16-bit shift, F16 by `F16_TO_F32` (a NaN keeps its
+    sign and payload, a signalling one stays signalling), F64 rounded once.
+  - Rounding is to nearest, ties to even. BF16 rounds on the bits (add 0x7FFF, plus one when the
+    kept half is odd) and every BF16 NaN is written 0xFFFF. That is what torch's tensor conversion
+    on the CPU writes (`t.to(torch.bfloat16)` of a float32 tensor, its vector body and its tail
+    alike; torch 2.13, AVX2); torch's scalar conversion (c10::BFloat16 made from a float, as in
+    `torch.tensor(nan, dtype=torch.bfloat16)`) writes 0x7FC0 instead.
+  - The NaN an operation gives is not left to the hardware: CPUs choose between two NaN operands
+    differently in SIMD and scalar loops (numpy keeps the second in its vector body, the first in
+    its tail), ARM's default NaN is positive, and a GPU writes one canonical NaN. Every NaN of acc
+    is given the bits of `nan_rule` instead, the x86 rule made exact: an operation on a NaN gives
+    its first NaN operand, quieted; one that makes a NaN from numbers gives 0xFFC00000. Output
+    NaNs then narrow as `nan_bits` says (F16: sign, quiet bit, the payload's top bits).
 
 Non-finite outputs are counted, and told apart from those an input's NaN or infinity explains: a
-finite input that gives an infinity (F16's narrow range, a huge scale) is a broken merge. Proving
-that a chunk has none costs a comparison of sums of squares already made (one more pass with
-several terms; `_provably_finite`); only a chunk that fails the proof is scanned element by element.
+finite input that gives an infinity (F16's narrow range, a huge scale) is a broken merge.
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+import functools
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-NUMPY_DTYPES: dict[str, type] = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+from raymerge.errors import InputError
 
-CHUNK = 1 << 16  # elements: the float32 chunks stay in a core's L2 cache
+NUMPY_DTYPES: dict[str, type] = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 QUIET_BIT = 0x00400000  # of a float32 NaN
-F32_MAX = float(np.finfo(np.float32).max)
-# The largest finite value of each output type; a float32 no larger in magnitude rounds to a finite one.
-LARGEST: dict[np.dtype, float] = {
-    np.dtype(np.uint16): float(np.array(0x7F7F0000, np.uint32).view(np.float32)),  # BF16
-    np.dtype(np.float16): float(np.finfo(np.float16).max),
-    np.dtype(np.float32): F32_MAX,
-    np.dtype(np.float64): F32_MAX,  # acc itself is float32: it must not overflow
-}
-# The exponent bits of the 16-bit types (BF16 as its uint16 bits): all ones in an infinity or a NaN.
-# Testing them is several times faster than numpy's isfinite on float16.
-EXPONENT_BITS: dict[np.dtype, np.uint16] = {
-    np.dtype(np.uint16): np.uint16(0x7F80), np.dtype(np.float16): np.uint16(0x7C00)}
+DEFAULT_NAN = 0xFFC00000  # the NaN an x86 operation makes from numbers (inf - inf, 0 * inf)
 
 
 class Sums(NamedTuple):
@@ -55,200 +57,136 @@ class Sums(NamedTuple):
     new_nonfinite: int  # of those, the ones whose every input element is finite: made by the arithmetic
 
 
+@dataclass(slots=True)
+class Scratch:
+    """Float32 work buffers of an implementation's array type, allocated once per worker thread
+    and reused for every item: acc, the sum; x, y, a term's operands; d, the change, with several
+    terms; work, rounding. `staging`: what else the implementation keeps (host and device buffers)."""
+
+    chunk: int
+    acc: Any
+    x: Any
+    y: Any
+    d: Any
+    work: Any
+    staging: dict[Any, Any] = field(default_factory=dict)
+
+
+class Kernel(Protocol):
+    """One implementation of the weighted sum. Hashable: a worker keys its per-thread scratch by it.
+
+    1. `scratch()` once per worker thread;
+    2. `view(buf, dtype)` over each input and output buffer (no copy; the arrays slice and have a length);
+    3. `weighted_sum(out, anchor, terms, scratch)` for each tensor piece.
+    """
+
+    name: str
+
+    def scratch(self, chunk: int | None = None) -> Scratch: ...
+
+    def view(self, buf: memoryview, dtype: str) -> Any: ...
+
+    def weighted_sum(self, out: Any, anchor: Any | None, terms: list[tuple[float, Any, Any | None]],
+                     scratch: Scratch) -> Sums:
+        """Write `round(anchor + sum(scale * (a - b)))` into `out` (1-D arrays from `view`).
+
+        Returns the sums of squares of the applied change and of the anchor (in float32, up to the
+        order of summation): the per-tensor statistics chat-vector users look at. And the counts of
+        non-finite outputs: all of them, and those no non-finite input explains.
+        """
+        ...
+
+
 def supports(dtype: str) -> bool:
+    """Whether the numpy kernel handles a dtype."""
     return dtype in NUMPY_DTYPES
 
 
-class Scratch:
-    """Float32 work buffers, allocated once per worker thread and reused for every item."""
+def kernel_for(device: str, dtypes: set[str], threads: int = 1) -> Kernel:
+    """numpy on the CPU when it handles every dtype; torch otherwise (FP8, or a GPU: "cuda", "cuda:N").
+    `threads`: torch's intra-op threads on the CPU."""
+    if device == "cpu" and all(supports(d) for d in dtypes):
+        from raymerge.ops.numpy_kernel import NUMPY
 
-    def __init__(self, chunk: int = CHUNK) -> None:
-        self.chunk = chunk
-        # acc: the sum; x, y: a term's operands; d: the change, with several terms; work: rounding
-        self.acc, self.x, self.y, self.d, self.work = (np.empty(chunk, np.float32) for _ in range(5))
+        return NUMPY
+    from raymerge.ops.torch_kernel import TorchKernel
 
-
-def view(buf: memoryview, dtype: str) -> np.ndarray:
-    """A 1-D array over `buf` (no copy); BF16 as its uint16 bits."""
-    return np.frombuffer(buf, dtype=NUMPY_DTYPES[dtype])
+    return TorchKernel(device, threads)
 
 
-def weighted_sum(out: np.ndarray, anchor: np.ndarray | None, terms: list[tuple[float, np.ndarray, np.ndarray | None]],
-                 scratch: Scratch) -> Sums:
-    """Write `round(anchor + sum(scale * (a - b)))` into `out` (1-D arrays from `view`).
-
-    Returns the sums of squares of the applied change and of the anchor (in float32): the
-    per-tensor statistics chat-vector users look at. They also tell, for free, whether a chunk
-    holds a NaN or an infinity: only then does rounding need its slow NaN pass. And the counts of
-    non-finite outputs: all of them, and those no non-finite input explains. With no terms, this
-    is a cast of `anchor` (an override row), counted the same way.
-    """
-    c = scratch.chunk
-    terms32 = [(np.float32(scale), a, b) for scale, a, b in terms]  # torch, too, multiplies by float32(scale)
-    margin = _margin(c)
-    ss_delta = ss_anchor = 0.0
-    nonfinite = new = 0
-    with np.errstate(all="ignore"):  # overflows and NaNs are data here, rounded as torch rounds them
-        for lo in range(0, out.size, c):
-            sd, sa, bad, fresh = _chunk(out[lo:lo + c], anchor, terms32, scratch, lo, margin)
-            ss_delta += sd
-            ss_anchor += sa
-            nonfinite += bad
-            new += fresh
-    return Sums(ss_delta, ss_anchor, nonfinite, new)
-
-
-def _chunk(out: np.ndarray, anchor: np.ndarray | None, terms32: list, scratch: Scratch, lo: int,
-           margin: float) -> tuple[float, float, int, int]:
-    """Elements lo .. lo + len(out) of `weighted_sum`: their `Sums`, as a plain tuple (cheaper to make)."""
-    m = out.size
-    acc = scratch.acc[:m]
-    sa = 0.0
-    if anchor is None:
-        acc.fill(0)
-    else:
-        _widen(acc, anchor[lo:lo + m])
-        sa = float(np.dot(acc, acc))
-    live = [(scale, a, b, min(m, a.size - lo)) for scale, a, b in terms32 if a.size > lo]  # a term may cover a prefix
-    sd = _add_terms(acc, live, scratch, lo)
-    # One term or none: |anchor + x| <= sqrt(sa) + sqrt(sd) (up to `_margin`), for free. With several, the change's
-    # sum of squares bounds no partial sum: bound the result itself (one more pass).
-    root = math.sqrt(sa) + math.sqrt(sd) if len(live) <= 1 else math.sqrt(float(np.dot(acc, acc)))
-    proved = _provably_finite(root, margin, LARGEST[out.dtype])
-    # Finite sums of squares mean finite operands, so acc holds no NaN (an overflow is an infinity).
-    _narrow(out, acc, scratch.work[:m], finite=math.isfinite(sa + sd))
-    if proved:
-        return sd, sa, 0, 0
-    return (sd, sa, *_count_nonfinite(out, anchor, live, lo, scratch))
-
-
-def _add_terms(acc: np.ndarray, live: list, scratch: Scratch, lo: int) -> float:
-    """acc += scale * (a - b) for each live term, in order; returns the change's sum of squares.
-
-    With several terms the change is also summed in d: the first term is computed there directly,
-    which saves clearing and copying a buffer (and pays for the extra pass `_chunk` makes then).
-    """
-    if not live:  # a cast (an override row), or past every term's prefix
-        return 0.0
-    several = len(live) > 1
-    d = scratch.d[:acc.size]
-    for j, (scale, a, b, p) in enumerate(live):
-        xp = (d if several and j == 0 else scratch.x)[:p]
-        _widen(xp, a[lo:lo + p])
-        if b is not None:
-            _widen(scratch.y[:p], b[lo:lo + p])
-            np.subtract(xp, scratch.y[:p], out=xp)
-        if scale != 1.0:  # multiplying by one is exact: skipping it changes no bit
-            np.multiply(xp, scale, out=xp)
-        np.add(acc[:p], xp, out=acc[:p])
-        if several and j == 0:
-            d[p:] = 0  # past the first term's prefix
-        elif several:
-            np.add(d[:p], xp, out=d[:p])
-    changed = d if several else xp
-    return float(np.dot(changed, changed))
-
-
-def _margin(n: int) -> float:
-    """How far above sqrt(q) an element may lie, q being the float32 dot of n elements with themselves,
-    even after one more float32 addition of two such elements.
-
-    The float32 dot of n non-negative squares, in any order of summation, with or without fused
-    multiply-adds, is at least (1 - g) times the exact sum, g = n*u / (1 - n*u), u = 2**-24
-    (Higham, Accuracy and Stability of Numerical Algorithms, 3.1; n + 1 here, to be generous):
-    so |x_i| <= sqrt(q / (1 - g)). One float32 addition (anchor + the one term) adds a relative
-    u. The last factor covers the few float64 operations of the check. For the default chunk
-    (2**16) the margin is 1.002.
-    """
-    nu = (n + 1) * 2.0 ** -24
-    if nu >= 0.5:  # the bound grows useless; never claim a proof
-        return math.inf
-    return (1 + 2.0 ** -24) / math.sqrt(1 - nu / (1 - nu)) * (1 + 2.0 ** -40)
-
-
-def _provably_finite(root: float, margin: float, largest: float) -> bool:
-    """Whether every element of acc, at most `margin * root` in magnitude, rounds to a finite output.
-
-    `root` comes from float32 sums of squares (see `_chunk`): a NaN or an infinity in an operand
-    makes it non-finite, and so does, with several terms, one in any partial sum of acc (they
-    never become finite again); the comparison is then false. Rounding to nearest is monotone, so
-    a float32 no larger than the output type's largest finite value rounds to a finite one. The
-    `+ 1` covers squares lost to float32 underflow (under 2**-149 each: 2**-60 after the roots).
-    """
-    return margin * root + 1.0 < largest
-
-
-def _count_nonfinite(out: np.ndarray, anchor: np.ndarray | None, live: list, lo: int,
-                     scratch: Scratch) -> tuple[int, int]:
-    """(non-finite outputs, those whose inputs covering them are all finite), element by element.
-
-    Inputs are looked at only where the output is non-finite: a NaN spread over a few elements
-    (the usual case) costs little more than one pass over the output.
-    """
-    where = _where_nonfinite(out, scratch)
-    if where.size == 0:
-        return 0, 0
-    fresh = np.ones(where.size, dtype=bool)
-    if anchor is not None:
-        fresh &= ~_nonfinite(anchor[lo + where])
-    for _scale, a, b, p in live:  # a term covers out's first p elements only
-        k = int(np.searchsorted(where, p))  # `where` is sorted: its first k lie inside
-        fresh[:k] &= ~_nonfinite(a[lo + where[:k]])
-        if b is not None:
-            fresh[:k] &= ~_nonfinite(b[lo + where[:k]])
-    return where.size, int(np.count_nonzero(fresh))
-
-
-def _where_nonfinite(out: np.ndarray, scratch: Scratch) -> np.ndarray:
-    """The indices of out's infinities and NaNs, tested in scratch's buffers (free once out is written):
-    fresh arrays of this size cost more than the test itself."""
-    m = out.size
-    found = scratch.x.view(np.bool_)[:m]
-    mask = EXPONENT_BITS.get(out.dtype)
-    if mask is None:
-        np.isfinite(out, out=found)
-        np.logical_not(found, out=found)
-    else:
-        bits = scratch.work.view(np.uint16)[:m]
-        np.bitwise_and(out.view(np.uint16), mask, out=bits)
-        np.equal(bits, mask, out=found)
-    return np.flatnonzero(found)
-
-
-def _nonfinite(x: np.ndarray) -> np.ndarray:
-    """Which elements are an infinity or a NaN, in x's own type (an F64 value too large for float32
-    is finite: a finite input that the arithmetic cannot hold)."""
-    mask = EXPONENT_BITS.get(x.dtype)
-    if mask is None:
-        return ~np.isfinite(x)
-    return (x.view(np.uint16) & mask) == mask
-
-
-def _widen(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst (float32) = src, exactly (rounded once for F64)."""
-    if src.dtype == np.uint16:  # BF16: its bits are the high half of a float32's
-        bits = dst.view(np.uint32)
-        np.copyto(bits, src)
-        np.left_shift(bits, 16, out=bits)
-    else:
-        np.copyto(dst, src, casting="same_kind")
-
-
-def _narrow(out: np.ndarray, acc: np.ndarray, work: np.ndarray, finite: bool) -> None:
-    """out = acc rounded half to even to out's type, with torch's NaNs; `acc` may be changed."""
-    bits = acc.view(np.uint32)
-    if out.dtype == np.uint16:  # BF16: add 0x7FFF, plus one when the kept half is odd, then keep the high half
-        tmp = work.view(np.uint32)
-        np.right_shift(bits, 16, out=tmp)
-        np.bitwise_and(tmp, 1, out=tmp)
-        np.add(tmp, bits, out=tmp)
-        np.add(tmp, 0x7FFF, out=tmp)
-        np.right_shift(tmp, 16, out=tmp)
-        np.copyto(out, tmp, casting="unsafe")  # faster than a shift that casts as it writes to `out`
-        if not finite:
-            out[np.isnan(acc)] = 0xFFFF
+def check_device(device: str) -> None:
+    """Fail at a worker's start-up, not at its first item, when `device` cannot be used."""
+    if device == "cpu":
         return
-    if not finite and out.dtype == np.float16:  # torch quiets a signalling NaN as it narrows; numpy keeps it
-        nan = np.isnan(acc)
-        bits[nan] |= QUIET_BIT
-    np.copyto(out, acc, casting="same_kind")
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise InputError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    try:
+        import torch
+    except ImportError as e:
+        raise InputError(f"device {device!r} needs torch, which this worker cannot import ({e}): install torch "
+                         "with CUDA on the GPU nodes, or compute on CPUs (--gpus-per-worker 0)") from e
+    if not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: torch {torch.__version__} on this worker sees no CUDA GPU; run GPU "
+                         "workers on GPU nodes with a CUDA build of torch, or compute on CPUs (--gpus-per-worker 0)")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: this worker sees {torch.cuda.device_count()} CUDA device(s); "
+                         "use one of them, or set CUDA_VISIBLE_DEVICES to match")
+
+
+@functools.cache
+def f16_to_f32() -> np.ndarray:
+    """float32 of every F16 bit pattern, exactly; a NaN keeps its sign and payload and stays signalling
+    if it was (numpy's own conversion quiets it or not depending on how it was built)."""
+    h = np.arange(1 << 16, dtype=np.uint32)
+    bits = (h & 0x7FFF) << 13
+    value = bits.view(np.float32) * np.float32(2.0 ** 112)  # rebiases the exponent; exact, subnormals too
+    out = value.view(np.uint32)
+    special = (h & 0x7C00) == 0x7C00
+    out[special] = bits[special] | 0x7F800000  # infinities and NaNs: all exponent bits set
+    out |= (h & 0x8000) << 16
+    out.flags.writeable = False
+    return out.view(np.float32)
+
+
+def nan_rule(anchor: np.ndarray | None, terms: list[tuple[float, np.ndarray, np.ndarray | None, int]],
+             n: int) -> np.ndarray:
+    """The float32 acc of n elements where `weighted_sum`'s acc is NaN, with every NaN's bits fixed.
+
+    anchor, a, b: those elements of the inputs, widened (exactly) to float32; a term's arrays hold its
+    first p elements (it covers the prefix of the elements that lie inside it). Few elements: cost is
+    no concern here, only the bits.
+    """
+    acc = anchor.copy() if anchor is not None else np.zeros(n, np.float32)
+    with np.errstate(all="ignore"):
+        for scale, a, b, p in terms:
+            x = a if b is None else _op(np.subtract, a, b)
+            if np.float32(scale) != 1.0:  # the kernels skip multiplying by one, so a NaN of `a` stays as it is
+                x = _op(np.multiply, x, np.full(p, scale, np.float32))
+            acc[:p] = _op(np.add, acc[:p], x)
+    return acc
+
+
+def _op(op, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """op(p, q) in float32, with x86's NaN made exact: the first NaN operand, quieted, else 0xFFC00000."""
+    r = op(p, q).view(np.uint32)
+    nan = np.isnan(r.view(np.float32))
+    if nan.any():
+        pick = np.where(np.isnan(p), p.view(np.uint32), np.where(np.isnan(q), q.view(np.uint32), DEFAULT_NAN))
+        r = np.where(nan, pick | QUIET_BIT, r).astype(np.uint32)
+    return r.view(np.float32)
+
+
+def nan_bits(acc: np.ndarray, dtype: str) -> np.ndarray:
+    """The output bits of float32 NaNs `acc`, as unsigned integers of the output's width."""
+    bits = acc.view(np.uint32)
+    if dtype == "BF16":
+        return np.full(bits.size, 0xFFFF, np.uint16)
+    if dtype == "F16":  # quieted, as torch's conversion does (numpy's keeps a signalling NaN)
+        return ((bits >> 16) & 0x8000 | 0x7C00 | ((bits | QUIET_BIT) & 0x7FFFFF) >> 13).astype(np.uint16)
+    if dtype == "F32":
+        return bits.copy()
+    if dtype == "F64":  # quieted, as converting on x86 does
+        wide = bits.astype(np.uint64)
+        return (wide & 0x80000000) << 32 | 0x7FF8000000000000 | ((wide | QUIET_BIT) & 0x7FFFFF) << 29
+    raise ValueError(f"no NaN rule for {dtype}")  # FP8 keeps its conversion's NaN

@@ -60,13 +60,15 @@ def tied_embedding(name: str, tensors: dict[str, Any], config: dict[str, Any] | 
 
 
 def compile_patterns(patterns: list[str] | tuple[str, ...], option: str = "--skip") -> list[re.Pattern]:
-    """Compile user regexes, raising ValueError with the pattern and the reason."""
+    """Compile user regexes, raising ValueError with the pattern and the reason (a pathological
+    pattern can exhaust the compiler's recursion or its size limits: the same error)."""
     compiled = []
     for p in patterns:
         try:
             compiled.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"{option} {p!r}: not a valid regular expression ({e})") from e
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ValueError(f"{option} {p[:40]!r}{'...' if len(p) > 40 else ''}: not a valid regular "
+                             f"expression ({e})") from e
     return compiled
 
 

@@ -1,27 +1,36 @@
-"""The float32 weighted sum with torch: on a worker's GPU, and for FP8 tensors on the CPU.
+"""The kernel (`kernel`) with torch: on a worker's GPU, and for FP8 tensors on the CPU.
 
-The CPU kernel (`kernel`, numpy) does the same arithmetic on the same chunks for every other
-type; this one is imported only where it is needed, since importing torch is slow.
+Imported only where it is needed (`kernel.kernel_for`), since importing torch is slow.
 
-    acc = anchor (or 0);  for each (scale, a, b) in order: acc += scale * (a - b);  out = round(acc)
-
-Each step is a separate float32 operation (no fused multiply-add), so the bits match any
-reference that does the same arithmetic in float32, whatever the chunking or item size. A term
-shorter than `out` applies to out's first elements only (rows shared by all inputs).
-
-Non-finite outputs are counted as `kernel` counts them, on the rounded output itself: FP8 E4M3
-has no infinity, and torch's conversion (2.13, on the CPU) saturates an out-of-range value, an
-infinity too, to 448: counting what was written stays right whatever a conversion does.
+Each chunk of an item goes through the same steps on any device ("cpu" runs them too, which is how
+they are tested without a GPU):
+  1. the raw bits of each input's chunk are copied into a reused host buffer (pinned when CUDA is
+     there), then, without blocking, to a reused device buffer: 16-bit inputs cross as 16 bits;
+  2. on the device they widen to float32 with integer operations (BF16: a shift; F16: a table of
+     every bit pattern), the float32 arithmetic runs, and the sum rounds to the output's raw bits
+     (BF16: on the bits, as `numpy_kernel` does; other types with torch's conversion, whose NaNs
+     step 4 replaces);
+  3. the raw output goes back to a pinned host buffer, the sums of squares and the largest
+     magnitude with it (one synchronisation per chunk), and is copied into `out`;
+  4. only in a chunk that may hold a NaN or an infinity: NaNs get `kernel.nan_rule`'s bits and
+     non-finite outputs are counted, on the host, on the rounded output itself. FP8 E4M3 has no
+     infinity, and torch's conversion (2.13, on the CPU) saturates an out-of-range value, an
+     infinity too, to 448: counting what was written stays right whatever a conversion does.
+     FP8 outputs keep their conversion's NaNs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from raymerge.ops.kernel import Sums
+from raymerge.ops.kernel import NUMPY_DTYPES, Scratch, Sums, f16_to_f32, nan_bits, nan_rule
+from raymerge.ops.numpy_kernel import widened
 
 # Inputs are read-only mappings of the files; the kernel only reads them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -32,101 +41,197 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+NAMES: dict[torch.dtype, str] = {t: name for name, t in TORCH_DTYPES.items()}
+BITS: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # itemsize ->
 
 CHUNK = 1 << 16  # elements: three float32 chunks stay in a core's L2 cache
 GPU_CHUNK = 1 << 22  # on a GPU, few large copies and kernels beat many small ones
+WIDEST = 8  # bytes per element of any input or output type
 
 
-class Scratch:
-    """Float32 work buffers, allocated once per worker thread and reused for every item.
+@dataclass(frozen=True, slots=True)
+class TorchKernel:
+    device: str = "cpu"
+    threads: int = 1  # torch's intra-op threads, on the CPU
+    name: str = field(default="", compare=False)
 
-    On a GPU the same loop runs with the buffers on the device: each chunk of the inputs is
-    copied to it, computed there with the same float32 operations, and copied back once cast.
-    """
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"torch:{self.device}")
 
-    def __init__(self, chunk: int | None = None, device: str = "cpu") -> None:
-        chunk = chunk or (CHUNK if device == "cpu" else GPU_CHUNK)
-        self.chunk = chunk
-        self.device = device
-        self.acc = torch.empty(chunk, dtype=torch.float32, device=device)
-        self.x = torch.empty(chunk, dtype=torch.float32, device=device)
-        self.y = torch.empty(chunk, dtype=torch.float32, device=device)
-        self.d = torch.empty(chunk, dtype=torch.float32, device=device)  # the change, with several terms
+    def scratch(self, chunk: int | None = None) -> Scratch:
+        """Float32 buffers on the device, and `staging`: raw host and device buffers per input slot
+        (made on first use), the F16 table and, on a GPU, this thread's stream."""
+        device = torch.device(self.device)
+        if device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        chunk = chunk or (CHUNK if device.type == "cpu" else GPU_CHUNK)
+        acc, x, y, d = (torch.empty(chunk, dtype=torch.float32, device=device) for _ in range(4))
+        work = torch.empty(chunk, dtype=torch.int32, device=device)
+        staging = {"f16": torch.from_numpy(f16_to_f32().copy()).to(device)}
+        if device.type == "cuda":
+            staging["stream"] = torch.cuda.Stream(device)
+            torch.cuda.synchronize(device)  # the buffers exist before the stream uses them
+        return Scratch(chunk, acc, x, y, d, work, staging)
 
+    def view(self, buf: memoryview, dtype: str) -> torch.Tensor:
+        """A 1-D CPU tensor over `buf` (no copy)."""
+        if len(buf) == 0:
+            return torch.empty(0, dtype=TORCH_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype])
 
-def view(buf: memoryview, dtype: str) -> torch.Tensor:
-    """A 1-D tensor over `buf` (no copy)."""
-    if len(buf) == 0:
-        return torch.empty(0, dtype=TORCH_DTYPES[dtype])
-    return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype])
-
-
-def weighted_sum(out: torch.Tensor, anchor: torch.Tensor | None,
-                 terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
-                 scratch: Scratch) -> Sums:
-    """Write `round(anchor + sum(scale * (a - b)))` into `out` (1-D tensors).
-
-    Returns the sums of squares of the applied change `sum(scale * (a - b))` and of the anchor (in
-    float32): the per-tensor statistics chat-vector users look at. They cost one pass each. And
-    the counts of non-finite outputs: all of them, and those no non-finite input explains.
-    Per-chunk views come from `split` (made in C++ at once): per-op Python overhead, not memory,
-    is what bounds this loop.
-    """
-    n = out.numel()
-    c = scratch.chunk
-    chunks = [(lo, min(n, lo + c)) for lo in range(0, n, c)]
-    outs = out.split(c)
-    anchors = anchor.split(c) if anchor is not None else [None] * len(chunks)
-    split_terms = [(scale, a.split(c), b.split(c) if b is not None else None, a.numel()) for scale, a, b in terms]
-    largest = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
-    ss_delta = ss_anchor = 0.0
-    nonfinite = new = 0
-    for k, (lo, hi) in enumerate(chunks):
-        m = hi - lo
-        acc, x, y, d = (t if m == c else t[:m] for t in (scratch.acc, scratch.x, scratch.y, scratch.d))
-        if anchors[k] is None:
-            acc.zero_()
-        else:
-            acc.copy_(anchors[k])
-            ss_anchor += float(torch.dot(acc, acc))
-        live = [(scale, a[k], b[k] if b is not None else None, min(m, limit - lo))
-                for scale, a, b, limit in split_terms if limit > lo]  # a term may cover only a prefix
-        for j, (scale, a, b, p) in enumerate(live):
-            xp = x if p == m else x[:p]
-            xp.copy_(a)
-            if b is not None:
-                yp = y if p == m else y[:p]
-                yp.copy_(b)
-                xp.sub_(yp)
-            if scale != 1.0:  # multiplying by one is exact: skipping it changes no bit
-                xp.mul_(scale)
-            (acc if p == m else acc[:p]).add_(xp)
-            if len(live) == 1:
-                ss_delta += float(torch.dot(xp, xp))
-            elif j == 0:
-                d.zero_()
-                d[:p].copy_(xp)
-            else:
-                d[:p].add_(xp)
-        if len(live) > 1:
-            ss_delta += float(torch.dot(d, d))
-        outs[k].copy_(acc)
-        if not _provably_finite(acc, largest):
-            total, fresh = _count_nonfinite(outs[k], anchors[k], live)
-            nonfinite += total
+    def weighted_sum(self, out: torch.Tensor, anchor: torch.Tensor | None,
+                     terms: list[tuple[float, torch.Tensor, torch.Tensor | None]], scratch: Scratch) -> Sums:
+        n = out.numel()
+        c = scratch.chunk
+        terms32 = [(float(np.float32(scale)), a, b) for scale, a, b in terms]  # float32(scale), as numpy_kernel
+        largest = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
+        stream = scratch.staging.get("stream")
+        ss_delta = ss_anchor = 0.0
+        nonfinite = new = 0
+        for lo in range(0, n, c):
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                sd, sa, bad, fresh = _chunk(out, anchor, terms32, scratch, lo, min(n, lo + c), largest)
+            ss_delta += sd
+            ss_anchor += sa
+            nonfinite += bad
             new += fresh
-    return Sums(ss_delta, ss_anchor, nonfinite, new)
+        return Sums(ss_delta, ss_anchor, nonfinite, new)
 
 
-def _provably_finite(acc: torch.Tensor, largest: float) -> bool:
-    """Whether every element of acc rounds to a finite output: rounding to nearest is monotone, so
-    no |acc| above the output type's largest finite value means none (a NaN fails the test)."""
+def _chunk(out: torch.Tensor, anchor: torch.Tensor | None, terms32: list, scratch: Scratch, lo: int, hi: int,
+           largest: float) -> tuple[float, float, int, int]:
+    """Elements lo .. hi of `weighted_sum`: their `Sums`, as a plain tuple."""
+    m = hi - lo
+    acc, x, y, d = scratch.acc[:m], scratch.x, scratch.y, scratch.d
+    stats = []  # 0-d device tensors: read together, in one synchronisation
+    if anchor is None:
+        acc.zero_()
+    else:
+        _widen(acc, _to_device(anchor[lo:hi], "anchor", scratch), scratch)
+        stats.append(torch.dot(acc, acc))
+    live = [(scale, a, b, min(m, a.numel() - lo)) for scale, a, b in terms32 if a.numel() > lo]  # a prefix, maybe
+    for j, (scale, a, b, p) in enumerate(live):
+        xp = x[:p]
+        _widen(xp, _to_device(a[lo:lo + p], ("a", j), scratch), scratch)
+        if b is not None:
+            _widen(y[:p], _to_device(b[lo:lo + p], ("b", j), scratch), scratch)
+            xp.sub_(y[:p])
+        if scale != 1.0:  # multiplying by one is exact: skipping it changes no bit
+            xp.mul_(scale)
+        acc[:p].add_(xp)
+        if len(live) == 1:
+            stats.append(torch.dot(xp, xp))
+        elif j == 0:
+            d[:m].zero_()
+            d[:p].copy_(xp)
+        else:
+            d[:p].add_(xp)
+    if len(live) > 1:
+        stats.append(torch.dot(d[:m], d[:m]))
+    raw = _narrow(acc, out.dtype, scratch)
     low, high = torch.aminmax(acc)
-    return float(torch.maximum(-low, high)) <= largest
+    stats.append(torch.maximum(-low, high))
+    host = _host_buffer("out", raw.numel() * raw.element_size(), scratch)
+    host.copy_(raw.view(torch.uint8), non_blocking=True)
+    *sums, top = torch.stack(stats).tolist()  # waits for this chunk's work, the copy of `raw` too
+    sa = sums[0] if anchor is not None else 0.0
+    sd = sums[-1] if live else 0.0
+    span = out[lo:hi]
+    span.view(torch.uint8).copy_(host)
+    if top <= largest:  # a NaN fails the test too
+        return sd, sa, 0, 0
+    if math.isnan(top) and out.dtype != torch.float8_e4m3fn and out.dtype != torch.float8_e5m2:
+        _fix_nans(span, torch.isnan(acc).nonzero().flatten().cpu().numpy(), anchor, live, lo)
+    anchors = anchor[lo:hi] if anchor is not None else None
+    parts = [(scale, a[lo:lo + p], None if b is None else b[lo:lo + p], p) for scale, a, b, p in live]
+    return (sd, sa, *_count_nonfinite(span, anchors, parts))
+
+
+def _host_buffer(key, nbytes: int, scratch: Scratch) -> torch.Tensor:
+    """The first `nbytes` of a reused host buffer (pinned when CUDA is there)."""
+    buf = scratch.staging.get(("host", key))
+    if buf is None:
+        pin = scratch.acc.device.type == "cuda"
+        buf = scratch.staging[("host", key)] = torch.empty(scratch.chunk * WIDEST, dtype=torch.uint8, pin_memory=pin)
+    return buf[:nbytes]
+
+
+def _to_device(src: torch.Tensor, key, scratch: Scratch) -> torch.Tensor:
+    """src's raw bits in a reused device buffer, as a tensor of src's type: host buffer, then device."""
+    nbytes = src.numel() * src.element_size()
+    host = _host_buffer(key, nbytes, scratch)
+    host.copy_(src.view(torch.uint8))
+    if scratch.acc.device.type == "cpu":  # the host buffer is the device buffer
+        return host.view(src.dtype)
+    dev = scratch.staging.get(("device", key))
+    if dev is None:
+        dev = scratch.staging[("device", key)] = torch.empty(scratch.chunk * WIDEST, dtype=torch.uint8,
+                                                             device=scratch.acc.device)
+    dev = dev[:nbytes]
+    # Safe to refill the host buffer for the next chunk: `_chunk` waits for this one's work to end.
+    dev.copy_(host, non_blocking=True)
+    return dev.view(src.dtype)
+
+
+def _widen(dst: torch.Tensor, src: torch.Tensor, scratch: Scratch) -> None:
+    """dst (float32) = src, on the device, exactly (rounded once for F64)."""
+    if src.dtype == torch.bfloat16:  # its bits are the high half of a float32's
+        bits = dst.view(torch.int32)
+        bits.copy_(src.view(torch.int16))
+        bits.bitwise_left_shift_(16)
+    elif src.dtype == torch.float16:
+        index = scratch.work[:src.numel()]
+        index.copy_(src.view(torch.int16))
+        index.bitwise_and_(0xFFFF)
+        torch.index_select(scratch.staging["f16"], 0, index, out=dst)
+    else:
+        dst.copy_(src)
+
+
+def _narrow(acc: torch.Tensor, dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
+    """acc rounded half to even to `dtype`, in a device buffer. NaNs are `_fix_nans`'s."""
+    m = acc.numel()
+    raw = scratch.staging.get("out")
+    if raw is None:
+        raw = scratch.staging["out"] = torch.empty(scratch.chunk * WIDEST, dtype=torch.uint8, device=acc.device)
+    raw = raw[:m * dtype.itemsize].view(dtype)
+    if dtype == torch.bfloat16:  # add 0x7FFF, plus one when the kept half is odd, then keep the high half
+        bits, tmp = acc.view(torch.int32), scratch.work[:m]
+        torch.bitwise_right_shift(bits, 16, out=tmp)
+        tmp.bitwise_and_(1)
+        tmp.add_(bits)
+        tmp.add_(0x7FFF)
+        tmp.bitwise_right_shift_(16)  # arithmetic: the low 16 bits are the logical shift's
+        raw.view(torch.int16).copy_(tmp)  # keeps the low 16 bits
+    else:
+        raw.copy_(acc)
+    return raw
+
+
+def _fix_nans(out: torch.Tensor, nans: np.ndarray, anchor: torch.Tensor | None, live: list, lo: int) -> None:
+    """Give the NaNs of out (a host tensor), at the sorted indices `nans`, `kernel.nan_rule`'s bits."""
+    if nans.size == 0:
+        return
+    at = lo + nans
+    terms = []
+    for scale, a, b, p in live:
+        k = int(np.searchsorted(nans, p))  # the NaNs inside the term's prefix: the first k
+        terms.append((scale, _host_widened(a, at[:k]), None if b is None else _host_widened(b, at[:k]), k))
+    acc = nan_rule(None if anchor is None else _host_widened(anchor, at), terms, nans.size)
+    bits = out.view(BITS[out.element_size()]).numpy().view(f"u{out.element_size()}")
+    bits[nans] = nan_bits(acc, NAMES[out.dtype])
+
+
+def _host_widened(t: torch.Tensor, at: np.ndarray) -> np.ndarray:
+    """The float32 values of a host tensor's elements `at`, widened as the device widened them."""
+    name = NAMES[t.dtype]
+    if name in NUMPY_DTYPES:
+        return widened(t.view(BITS[t.element_size()]).numpy().view(NUMPY_DTYPES[name])[at])
+    return t[torch.from_numpy(at)].float().numpy()  # FP8: exact
 
 
 def _count_nonfinite(out: torch.Tensor, anchor: torch.Tensor | None, live: list) -> tuple[int, int]:
-    """(non-finite outputs, those whose inputs covering them are all finite), element by element."""
+    """(non-finite outputs, those whose inputs covering them are all finite), element by element, on the host."""
     bad = ~_finite(out)
     total = int(bad.sum())
     if total == 0:

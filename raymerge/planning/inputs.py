@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymerge.errors import ResolveError
-from raymerge.safetensors.header import FIRST_READ, Header, header_length, parse_header
+from raymerge.safetensors.header import Header, parse_header, read_header_bytes
 from raymerge.safetensors.index import INDEX_NAME, SINGLE_NAME, parse_index
 from raymerge.storage import urls
 from raymerge.storage.hub import HubNotAuthorized, HubRevisionNotFound, pin
@@ -214,18 +214,12 @@ def _read_headers(fs, paths: list[str], sizes: list[int], shown: str,
                   versions: dict[str, str]) -> list[tuple[Header, str]]:
     """Each shard's header and its digest: all first reads at once, then the rare second ones."""
     size_of = dict(zip(paths, sizes))
-    firsts = _ranges(fs, [(p, 0, min(size, FIRST_READ)) for p, size in zip(paths, sizes)], size_of, versions, shown)
-    wanted = []
-    for path, size, raw in zip(paths, sizes, firsts):
-        n = header_length(raw, f"{shown}: {posixpath.basename(path)}", size)
-        wanted.append(8 + n)
-    longer = [(p, len(raw), n) for p, raw, n in zip(paths, firsts, wanted) if n > len(raw)]
-    rests = iter(_ranges(fs, longer, size_of, versions, shown))
-    out = []
-    for path, size, raw, n in zip(paths, sizes, firsts, wanted):
-        raw = (raw + next(rests) if n > len(raw) else raw)[:n]
-        out.append((parse_header(raw, f"{shown}: {posixpath.basename(path)}", size), hashlib.sha256(raw).hexdigest()))
-    return out
+    wheres = [f"{shown}: {posixpath.basename(path)}" for path in paths]
+    raws = read_header_bytes(
+        lambda requests: _ranges(fs, [(paths[i], start, end) for i, start, end in requests], size_of, versions, shown),
+        sizes, wheres)
+    return [(parse_header(raw, where, size), hashlib.sha256(raw).hexdigest())
+            for raw, where, size in zip(raws, wheres, sizes)]
 
 
 def _ranges(fs, requests: list[tuple[str, int, int]], sizes: dict[str, int], versions: dict[str, str],

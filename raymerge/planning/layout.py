@@ -23,11 +23,15 @@ class Slot:
 
 
 def split_into_shards(sizes: list[int], max_shard_size: int) -> list[list[int]]:
-    """Group tensor indices, in order, into shards of at most `max_shard_size` bytes, as HF does.
+    """Group tensor indices into shards of at most `max_shard_size` bytes, keeping their order.
 
-    A tensor larger than the limit gets a shard of its own; otherwise a new shard starts when the
-    next tensor would not fit. With a 5 GB limit, tensors of 6, 6, 2, 6, 2, 2 GB give
-    [6], [6], [2], [6], [2, 2].
+    raymerge's rule: one pass in tensor order; a tensor larger than the limit gets a shard of its
+    own, and a new shard starts whenever the next tensor would not fit. With a 5 GB limit, tensors
+    of 6, 6, 2, 6, 2, 2 GB give [6], [6], [2], [6], [2, 2]: every shard holds consecutive tensors.
+    Hugging Face's `split_state_dict_into_shards_factory` differs: it gives an oversized tensor a
+    shard of its own without closing the shard being filled, which then takes tensors from both
+    sides of it: [6], [6], [6], [2, 2], [2] (tests/planning/test_layout.py checks both rules, the
+    other one on the installed huggingface_hub).
     """
     shards: list[list[int]] = []
     current: list[int] = []

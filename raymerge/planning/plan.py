@@ -1,12 +1,14 @@
 """The frozen plan: pure data made before any tensor byte moves. Imports nothing of raymerge.
 
-A Plan says, for every output tensor, where its bytes go (shard, offset) and where they come
-from (an anchor and weighted differences of input tensors), and cuts every output shard into
-Items: contiguous byte ranges that a worker produces independently (they are idempotent).
+A Plan says, for every output tensor, where its bytes go (shard, offset), which method makes
+them and from which operands (an anchor and weighted differences of input tensors), and cuts
+every output shard into Items: contiguous byte ranges that a worker produces independently
+(they are idempotent).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 HEADER = -1  # Piece.tensor value for the serialized safetensors header of a shard
@@ -57,7 +59,8 @@ class RowOverride:
 
 @dataclass(frozen=True, slots=True)
 class TensorPlan:
-    """One output tensor: `round(anchor + sum(terms))` in float32, in the terms' order."""
+    """One output tensor: its method (raymerge.methods) applied to the anchor and the terms, in
+    float32, rounded once; then the override rows."""
 
     name: str
     dtype: str
@@ -69,6 +72,7 @@ class TensorPlan:
     terms: tuple[Term, ...]
     overrides: tuple[RowOverride, ...] = ()
     rule: str = "sum"  # why it has these terms: sum, copy, skip, vocab-overlap, vocab-skip, ...
+    method: str = "sum"  # the name of its method in raymerge.methods.METHODS
 
     @property
     def is_copy(self) -> bool:
@@ -78,10 +82,7 @@ class TensorPlan:
 
     @property
     def row_elements(self) -> int:
-        n = 1
-        for d in self.shape[1:]:
-            n *= d
-        return n
+        return math.prod(self.shape[1:])
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,8 @@ from raymerge.ops.rules import compile_patterns, is_head_name, is_vocab_tensor, 
 from raymerge.planning.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
 from raymerge.planning.inputs import Checkpoint, TensorRef
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, shard_names, split_into_shards
-from raymerge.safetensors.dtypes import ITEMSIZE, is_float
+from raymerge.safetensors.dtypes import ITEMSIZE, is_float, nbytes, numel
 
-S3_MIN_PART = 5 * 1024 * 1024
-S3_MAX_PARTS = 10_000
 # Files whose chat template / EOS settings come from the chat model (see commit.aux).
 PATCHED = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
@@ -28,8 +26,9 @@ class PlanOptions:
     shard_size: int = 5_000_000_000
     item_size: int = 32 * 1024 * 1024
     dtype: str | None = None  # output dtype of float tensors; None: the anchor's (or F32 when extracting)
-    min_part: int = 0  # S3: 5 MiB
-    max_parts: int = 0  # S3: 10,000 parts a shard; 0: no limit
+    # The output writer's part rules (storage.writers.part_rules; S3: 5 MiB, 10,000); 0: no limit.
+    min_part: int = 0  # bytes: every item of a shard but its last at least this
+    max_parts: int = 0  # items a shard at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +52,20 @@ class RecipeSpec:
     special_from: Checkpoint | None = None
     template_from: Checkpoint | None = None  # whose chat template and EOS the tokenizer takes
     aux_from: Checkpoint | None = None  # whose config/tokenizer files are copied (default: anchor)
+    method: str = "sum"  # the name of the method (raymerge.methods) that combines the terms
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """What one output tensor is made from, before it has a place in a shard."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    anchor: Source | None
+    terms: tuple[Term, ...] = ()
+    overrides: tuple[RowOverride, ...] = ()
+    rule: str = "sum"
 
 
 def build_plan(spec: RecipeSpec, options: PlanOptions) -> Plan:
@@ -68,11 +81,11 @@ def build_plan(spec: RecipeSpec, options: PlanOptions) -> Plan:
     rules = [_tensor_rule(name, ref, spec, reference, skip, file_ids, options, problems)
              for name, ref in reference.tensors.items()]
     _check_extras(spec, reference, skip, problems)
-    if spec.special_tokens and not any(r[5] for r in rules):
+    if spec.special_tokens and not any(r.overrides for r in rules):
         problems.other.append("--special-tokens: no embedding or output-head tensor found in "
                               f"--{reference.role} to set rows of")
     problems.raise_if_any()
-    return _layout(files, rules, _aux_plan(spec, reference), options)
+    return _layout(files, rules, _aux_plan(spec, reference), options, spec.method)
 
 
 class _Problems:
@@ -124,21 +137,21 @@ def _source(ckpt: Checkpoint, ref: TensorRef, file_ids, offset: int = 0, nbytes:
 
 
 def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpoint, skip, file_ids,
-                 options: PlanOptions, problems: _Problems) -> tuple:
-    """(name, dtype, shape, anchor source, terms, overrides, rule) of one output tensor."""
+                 options: PlanOptions, problems: _Problems) -> _Rule:
+    """What one output tensor is made from, and the rule that says why."""
     anchor = _source(spec.anchor, ref, file_ids) if spec.anchor is not None else None
     if not is_float(ref.dtype):
         # Integer and bool tensors (ids, masks) have no meaningful difference: keep them as they are.
         if anchor is None:
             problems.other.append(f"{name}: is {ref.dtype}, which has no difference to extract")
-        return name, ref.dtype, ref.shape, anchor, (), (), "copy"
+        return _Rule(name, ref.dtype, ref.shape, anchor, rule="copy")
     dtype = options.dtype or (ref.dtype if anchor is not None else "F32")
     if anchor is not None and any(p.search(name) for p in skip):
-        return name, dtype, ref.shape, anchor, (), (), "skip"
+        return _Rule(name, dtype, ref.shape, anchor, rule="skip")
     vocab = is_vocab_tensor(name, ref.shape, reference.config)
     overrides = _overrides(name, ref, spec, file_ids, problems) if vocab else ()
     if vocab and spec.vocab == "skip":
-        return name, dtype, ref.shape, anchor, (), overrides, "vocab-skip"
+        return _Rule(name, dtype, ref.shape, anchor, overrides=overrides, rule="vocab-skip")
     found: list[list[TensorRef | None]] = []
     rows = ref.shape[0] if ref.shape else 0
     for term in spec.terms:
@@ -164,14 +177,14 @@ def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpo
                                           f"{list(other.shape)} in --{ckpt.role}")
         found.append(pair)
     if any(r is None for pair, t in zip(found, spec.terms) for r, c in zip(pair, (t.a, t.b)) if c is not None):
-        return name, dtype, ref.shape, anchor, (), overrides, "sum"
-    limit = None if not ref.shape or rows >= ref.shape[0] else rows * _row_elements(ref.shape)
+        return _Rule(name, dtype, ref.shape, anchor, overrides=overrides)  # a missing input: reported above
+    limit = None if not ref.shape or rows >= ref.shape[0] else rows * numel(ref.shape[1:])
     terms = []
     for term, (ra, rb) in zip(spec.terms, found):
         srcs = [_source(c, r, file_ids, nbytes=None if limit is None else limit * ITEMSIZE[r.dtype])
                 if r is not None else None for c, r in ((term.a, ra), (term.b, rb))]
         terms.append(Term(term.scale, srcs[0], srcs[1], limit))
-    return name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum"
+    return _Rule(name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum")
 
 
 def _overrides(name: str, ref: TensorRef, spec: RecipeSpec, file_ids, problems: _Problems) -> tuple:
@@ -183,7 +196,7 @@ def _overrides(name: str, ref: TensorRef, spec: RecipeSpec, file_ids, problems: 
     if chat is None or other is None:
         problems.other.append(f"--special-tokens: {name} has no counterpart in a chat model to take rows from")
         return ()
-    row_bytes = _row_elements(other.shape) * ITEMSIZE[other.dtype]
+    row_bytes = numel(other.shape[1:]) * ITEMSIZE[other.dtype]
     out = []
     for cp_row, chat_row in spec.special_tokens:
         if cp_row >= ref.shape[0] or chat_row >= other.shape[0]:
@@ -207,13 +220,6 @@ def _check_extras(spec: RecipeSpec, reference: Checkpoint, skip, problems: _Prob
             problems.extra.setdefault(ckpt.role, []).append(name)
 
 
-def _row_elements(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape[1:]:
-        n *= d
-    return n
-
-
 def _aux_plan(spec: RecipeSpec, reference: Checkpoint) -> tuple[AuxFile, ...]:
     """Config and tokenizer files: the anchor's, with the chat model's chat template and EOS."""
     source = spec.aux_from or spec.anchor or reference
@@ -230,19 +236,21 @@ def _aux_plan(spec: RecipeSpec, reference: Checkpoint) -> tuple[AuxFile, ...]:
     return tuple(aux)
 
 
-def _layout(files: list[InputFile], rules: list[tuple], aux: tuple[AuxFile, ...], options: PlanOptions) -> Plan:
-    sizes = [_nbytes(rule[1], rule[2]) for rule in rules]
+def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...], options: PlanOptions,
+            method: str) -> Plan:
+    sizes = [nbytes(r.dtype, r.shape) for r in rules]
     groups = split_into_shards(sizes, options.shard_size)
     names = shard_names(len(groups))
     tensors: list[TensorPlan] = []
     shards: list[ShardPlan] = []
     items: list[Item] = []
     for s, (name, group) in enumerate(zip(names, groups)):
-        header, starts = layout_shard([(rules[i][0], rules[i][1], rules[i][2], sizes[i]) for i in group])
+        header, starts = layout_shard([(rules[i].name, rules[i].dtype, rules[i].shape, sizes[i]) for i in group])
         first = len(tensors)
         for i, start in zip(group, starts):
-            tname, dtype, shape, anchor, terms, overrides, rule = rules[i]
-            tensors.append(TensorPlan(tname, dtype, shape, s, start, sizes[i], anchor, terms, overrides, rule))
+            r = rules[i]
+            tensors.append(TensorPlan(r.name, r.dtype, r.shape, s, start, sizes[i], r.anchor, r.terms, r.overrides,
+                                      r.rule, method))
         size = len(header) + sum(sizes[i] for i in group)
         slots = [Slot(t.start, t.nbytes, ITEMSIZE[t.dtype]) for t in tensors[first:]]
         item_size = _item_size(size, options)
@@ -254,13 +262,6 @@ def _layout(files: list[InputFile], rules: list[tuple], aux: tuple[AuxFile, ...]
         shards.append(ShardPlan(name, size, header, tuple(range(first, len(tensors))), tuple(shard_items)))
     digest = _hash(files, tensors, shards, items)
     return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest)
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    n = ITEMSIZE[dtype]
-    for d in shape:
-        n *= d
-    return n
 
 
 def _item_size(shard_size: int, options: PlanOptions) -> int:

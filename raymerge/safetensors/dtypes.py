@@ -1,4 +1,10 @@
-"""safetensors dtype names: element size, and whether the float32 arithmetic applies to them."""
+"""safetensors dtype names: element size, and whether the float32 arithmetic applies to them;
+element and byte counts of a shape."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 ITEMSIZE: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -18,3 +24,13 @@ ALIASES: dict[str, str] = {
 
 def is_float(dtype: str) -> bool:
     return dtype in FLOATS
+
+
+def numel(shape: Iterable[int]) -> int:
+    """Elements of a tensor of this shape (1 for a scalar's empty shape)."""
+    return math.prod(shape)
+
+
+def nbytes(dtype: str, shape: Iterable[int]) -> int:
+    """Bytes of a `dtype` tensor of this shape."""
+    return ITEMSIZE[dtype] * numel(shape)

@@ -10,17 +10,17 @@ multiple of 8 so that the data starts 8-byte aligned.
 from __future__ import annotations
 
 import json
-import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from raymerge.errors import ResolveError
-from raymerge.safetensors.dtypes import ITEMSIZE
+from raymerge.safetensors.dtypes import ITEMSIZE, nbytes
 from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
 HEADER_CAP = 100_000_000  # bytes of JSON; the reference implementation refuses larger too
 FIRST_READ = 100_000  # one speculative read covers the header of nearly every real shard
-MAX_DIMS = 64  # real tensors have a handful; the bound keeps math.prod of the shape cheap
+MAX_DIMS = 64  # real tensors have a handful; the bound keeps the product of the shape cheap
 MAX_COUNT = 2**62  # dims and offsets: far past any real file, and safe in every int64 sum
 
 
@@ -53,6 +53,21 @@ def header_length(prefix: bytes, where: str, file_size: int) -> int:
         raise ResolveError(f"{where}: header claims {n} bytes but the file has only {file_size}; "
                            "the file is truncated or not safetensors")
     return n
+
+
+def read_header_bytes(read: Callable[[list[tuple[int, int, int]]], list[bytes]], sizes: list[int],
+                      wheres: list[str]) -> list[bytes]:
+    """The first 8 + N bytes (length and header) of each of some files of `sizes` bytes.
+
+    One speculative read of FIRST_READ bytes per file, all of them in one call, then a second call
+    for the rest of the rare headers longer than that. `read` takes (file index, start, end)
+    requests and returns their bytes in order; `wheres` name the files in errors.
+    """
+    firsts = read([(i, 0, min(size, FIRST_READ)) for i, size in enumerate(sizes)])
+    ends = [8 + header_length(raw, where, size) for raw, where, size in zip(firsts, wheres, sizes)]
+    longer = [i for i, (raw, end) in enumerate(zip(firsts, ends)) if end > len(raw)]
+    rests = dict(zip(longer, read([(i, len(firsts[i]), ends[i]) for i in longer]))) if longer else {}
+    return [(raw + rests[i] if i in rests else raw)[:end] for i, (raw, end) in enumerate(zip(firsts, ends))]
 
 
 def parse_header(raw: bytes, where: str, file_size: int) -> Header:
@@ -96,7 +111,7 @@ def _entry(name: str, spec: object, where: str) -> Entry:
             or offsets[0] > offsets[1]):
         raise ResolveError(f"{at}: data_offsets {shown(offsets)} are not [begin, end] with "
                            "0 <= begin <= end < 2**62")
-    expected = math.prod(shape) * ITEMSIZE[dtype]
+    expected = nbytes(dtype, shape)
     if offsets[1] - offsets[0] != expected:
         raise ResolveError(f"{at}: data_offsets span {offsets[1] - offsets[0]} bytes but "
                            f"{dtype}{shown(shape)} needs {expected}; the file is corrupt")

@@ -12,11 +12,15 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from raymerge.errors import CommitError, OutputError, StorageError
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
-from raymerge.storage.writers import BLOCK, FINAL, GONE, LEASE, STAGING, LeaseRecord, LeaseTaken, plain_name
+from raymerge.storage.checksum import crc32
+from raymerge.storage.writers import (BLOCK, LEASE, STAGING, LeaseRecord, LeaseTaken, PartRules, ShardState, Span,
+                                      StagedItem, Target, Verified, plain_name)
 
 PARTIAL = ".partial"
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -32,7 +36,9 @@ class LocalOutput:
     cache; the two never share a block, and commit's fsync makes both durable.
     """
 
-    def __init__(self, url: str) -> None:
+    rules: ClassVar[PartRules] = PartRules()  # positional writes: any item size, any number of items
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = urls.local_path(url)
         self._staging = os.path.join(self.url, STAGING)
         self._fds: dict[tuple[str, int], int] = {}
@@ -136,7 +142,9 @@ class LocalOutput:
             raise StorageError(f"execute: cannot open the staged {handle} in {self._staging}: {e.strerror}",
                                reason_of(e)) from e
 
-    def write(self, name: str, handle: str, part: int, offset: int, data: memoryview) -> str | None:
+    def write(self, target: Target, span: Span, data: memoryview) -> str | None:
+        """Write at `span.start` of the staged file; nothing to return: resume re-reads the bytes."""
+        name, handle, offset = target.shard, target.handle, span.start
         lo = -(-offset // BLOCK) * BLOCK - offset  # the aligned middle: data[lo:hi]
         hi = (offset + len(data)) // BLOCK * BLOCK - offset
         if self._direct and hi > lo and self._write_direct(name, handle, offset + lo, data[lo:hi]):
@@ -170,24 +178,24 @@ class LocalOutput:
         except OSError as e:
             raise _write_error(name, "", offset + done, e) from e
 
-    def read_staged(self, handle: str, start: int, end: int) -> bytes:
-        fd, parts = self._fd(handle, os.O_RDWR), []
-        while start < end:  # one pread returns at most ~2 GiB
-            got = os.pread(fd, end - start, start)
-            if not got:
-                break
-            parts.append(got)
-            start += len(got)
-        return b"".join(parts)
-
-    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None:
-        """None: local parts are checked by reading them back (`read_staged`); FINAL: the shard was
-        already given its final name by a commit cut short; GONE: the staged file is missing or
-        not its planned size."""
-        path = self._staged(handle)
-        if not os.path.islink(path) and os.path.isfile(path) and os.path.getsize(path) == size:
-            return None
-        return FINAL if self._is_final(shard, size) else GONE
+    def verify_staged(self, target: Target, items: Sequence[StagedItem]) -> Verified:
+        """Read every journaled item back and keep those whose crc32 matches: a write the journal
+        recorded may not have reached the disk before a crash."""
+        path = self._staged(target.handle)
+        if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) != target.size:
+            if self._is_final(target.shard, target.size):
+                return Verified(ShardState.FINAL, frozenset(r.item for r in items))
+            return Verified(ShardState.GONE)
+        try:
+            fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+            try:
+                found = frozenset(r.item for r in items if crc32(_pread(fd, r.span.start, r.span.end)) == r.crc32)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StorageError(f"resume: cannot read the staged {target.handle} in {self._staging}: {e.strerror}",
+                               reason_of(e)) from e
+        return Verified(ShardState.STAGED, found)
 
     def _is_final(self, shard: str, size: int) -> bool:
         path = os.path.join(self.url, shard)
@@ -195,12 +203,11 @@ class LocalOutput:
 
     # -- commit -----------------------------------------------------------------------------
 
-    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]],
-                 sizes: list[int]) -> None:
+    def finalize(self, shards: Sequence[tuple[Target, Sequence[StagedItem]]]) -> None:
         self.close()
-        for name, handle, size in zip(shards, handles, sizes):
-            path = self._staged(handle)
-            if not os.path.exists(path) and self._is_final(name, size):
+        for target, _ in shards:  # the items are all written in place: nothing to assemble
+            name, path = target.shard, self._staged(target.handle)
+            if not os.path.exists(path) and self._is_final(name, target.size):
                 continue  # renamed by an earlier commit that was cut short
             fd = os.open(path, os.O_RDONLY | NOFOLLOW)
             try:
@@ -358,6 +365,17 @@ def _write_error(name: str, folder: str, offset: int, e: OSError) -> StorageErro
         return StorageError(f"execute: writing {where} at byte {offset} failed: the disk is full ({e.strerror})",
                             reason_of(e))
     return StorageError(f"execute: writing {where} at byte {offset} failed: {e.strerror}", reason_of(e))
+
+
+def _pread(fd: int, start: int, end: int) -> bytes:
+    parts = []
+    while start < end:  # one pread returns at most ~2 GiB
+        got = os.pread(fd, end - start, start)
+        if not got:
+            break
+        parts.append(got)
+        start += len(got)
+    return b"".join(parts)
 
 
 def _remove(path: str, what: str) -> None:

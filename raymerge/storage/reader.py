@@ -58,7 +58,11 @@ def coalesce(ranges: list[tuple[int, int]], gap: int) -> tuple[list[tuple[int, i
 
 
 class RangeReader:
-    """Reads byte ranges of files given by URL. One per worker thread (it caches open files)."""
+    """Reads byte ranges of files given by URL. One per worker thread (it caches open files).
+
+    `close()` when done with it: it holds a descriptor per local file read and the remote file
+    objects some backends are read through.
+    """
 
     def __init__(self, storage_options: dict[str, Any] | None = None) -> None:
         self._options = storage_options or {}
@@ -121,6 +125,7 @@ class RangeReader:
         return [mem[at:at + end - start] for (start, end), at in zip(runs, offsets)]
 
     def close(self) -> None:
+        """Close the files it holds open; it may be used again afterwards (they reopen)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -7,18 +7,23 @@ still the one read (`If-Match: <ETag>`): S3 and MinIO decide who owns the output
 from __future__ import annotations
 
 import email.utils
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from raymerge.errors import CHANGED, OutputError, StorageError
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of, with_retries
-from raymerge.storage.writers import FINAL, GONE, LEASE, STAGING, LeaseRecord, LeaseTaken, plain_name
+from raymerge.storage.writers import (LEASE, STAGING, LeaseRecord, LeaseTaken, PartRules, ShardState, Span,
+                                      StagedItem, Target, Verified, plain_name)
 
 SMALL_CAP = 64 * 2**20
 
 
 class S3Output:
     """An S3 prefix. One multipart upload per shard; uploads stay invisible until completed."""
+
+    # Multipart limits: parts of at least 5 MiB (all but the last), at most 10,000 an upload.
+    rules: ClassVar[PartRules] = PartRules(min_part=5 * 1024 * 1024, max_parts=10_000)
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None) -> None:
         self.url = urls.normalize(url)
@@ -80,32 +85,42 @@ class S3Output:
             raise OutputError(f"--resume {urls.redact(self.url)}: the resume journal's upload ids do not match its "
                               "shards; rerun with --overwrite to start over")
 
-    def write(self, name: str, handle: str, part: int, offset: int, data: memoryview) -> str | None:
-        resp = self._call(f"execute: uploading part {part} of", "upload_part", Key=self._key(name),
-                          UploadId=handle, PartNumber=part, Body=bytes(data))
+    def write(self, target: Target, span: Span, data: memoryview) -> str | None:
+        """Upload part `span.part` of the shard's upload; its ETag proves it at resume and commit."""
+        resp = self._call(f"execute: uploading part {span.part} of", "upload_part", Key=self._key(target.shard),
+                          UploadId=target.handle, PartNumber=span.part, Body=bytes(data))
         return resp["ETag"]
 
-    def staged_parts(self, shard: str, handle: str, size: int) -> dict[int, str] | str | None:
-        """The parts S3 holds for an open upload (maybe none yet); FINAL when an earlier commit
-        completed it; GONE when the upload no longer exists."""
-        parts: dict[int, str] = {}
+    def verify_staged(self, target: Target, items: Sequence[StagedItem]) -> Verified:
+        """The journaled items whose part S3 lists with the journaled ETag and the span's size (an
+        open upload may hold no part yet); FINAL when an earlier commit completed the upload; GONE
+        when it no longer exists."""
+        parts = self._listed_parts(target)
+        if parts is None:
+            if self._is_final(target.shard, target.size):
+                return Verified(ShardState.FINAL, frozenset(r.item for r in items))
+            return Verified(ShardState.GONE)
+        return Verified(ShardState.STAGED, frozenset(
+            r.item for r in items
+            if r.etag is not None and parts.get(r.span.part) == (r.etag, r.span.end - r.span.start)))
+
+    def _listed_parts(self, target: Target) -> dict[int, tuple[str, int]] | None:
+        """Part number -> (ETag, size) of every part the upload holds; None when it is gone."""
+        parts: dict[int, tuple[str, int]] = {}
         marker = 0
         while True:
             try:
-                resp = self._call("resume: listing parts of", "list_parts", Key=self._key(shard), UploadId=handle,
-                                  PartNumberMarker=marker)
+                resp = self._call("resume: listing parts of", "list_parts", Key=self._key(target.shard),
+                                  UploadId=target.handle, PartNumberMarker=marker)
             except StorageError as e:
                 if _no_such_upload(e):
-                    return FINAL if self._is_final(shard, size) else GONE
+                    return None
                 raise
             for p in resp.get("Parts", []):
-                parts[p["PartNumber"]] = p["ETag"]
+                parts[p["PartNumber"]] = (p["ETag"], p.get("Size"))
             if not resp.get("IsTruncated"):
                 return parts
             marker = resp["NextPartNumberMarker"]
-
-    def read_staged(self, handle: str, start: int, end: int) -> bytes:
-        raise NotImplementedError("S3 parts are checked by ETag (staged_parts)")
 
     def _is_final(self, shard: str, size: int) -> bool:
         try:
@@ -116,15 +131,15 @@ class S3Output:
 
     # -- commit -----------------------------------------------------------------------------
 
-    def finalize(self, shards: list[str], handles: list[str], etags: list[dict[int, str]],
-                 sizes: list[int]) -> None:
-        for name, upload_id, parts, size in zip(shards, handles, etags, sizes):
+    def finalize(self, shards: Sequence[tuple[Target, Sequence[StagedItem]]]) -> None:
+        for target, items in shards:
+            parts = {r.span.part: r.etag for r in items if r.etag is not None}
             body = {"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]}
             try:
-                self._call("commit: completing", "complete_multipart_upload", Key=self._key(name),
-                           UploadId=upload_id, MultipartUpload=body)
+                self._call("commit: completing", "complete_multipart_upload", Key=self._key(target.shard),
+                           UploadId=target.handle, MultipartUpload=body)
             except StorageError as e:
-                if _no_such_upload(e) and self._is_final(name, size):
+                if _no_such_upload(e) and self._is_final(target.shard, target.size):
                     continue  # completed by an earlier commit that was cut short
                 raise
 

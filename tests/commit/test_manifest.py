@@ -1,5 +1,5 @@
-"""parse_manifest: what build_manifest writes is accepted; every damaged field is one InputError
-line naming the field and what it should be."""
+"""Manifest.from_json: what Manifest.of writes is accepted and written back byte for byte; every
+damaged field is one InputError line naming the field and what it should be."""
 
 import copy
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from raymerge.commit.manifest import build_manifest, parse_manifest
+from raymerge.commit.manifest import Manifest
 from raymerge.commit.records import ItemRecord
 from raymerge.errors import InputError
 
@@ -36,10 +36,10 @@ def _bytes(obj) -> bytes:
 
 
 def test_a_sound_manifest_is_returned_as_parsed():
-    assert parse_manifest(_bytes(good()), WHERE) == good()
+    assert json.loads(Manifest.from_json(_bytes(good()), WHERE).to_json()) == good()
 
 
-def test_what_build_manifest_writes_parses(tmp_path):
+def test_what_manifest_of_writes_parses(tmp_path):
     from raymerge.planning.inputs import resolve
     from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
 
@@ -52,9 +52,11 @@ def test_what_build_manifest_writes_parses(tmp_path):
     plan = build_plan(RecipeSpec(found["cp"], (TermSpec(0.5, found["chat"], found["base"]),)),
                       PlanOptions(shard_size=200, item_size=64))
     done = {i.id: ItemRecord(i.id, i.id * 7919, None) for i in plan.items}
-    raw = build_manifest(plan, "chat vector merge", {"kind": "merge"}, done, "0.1", {"shard_size": 200})
-    parsed = parse_manifest(raw, WHERE)
-    assert len(parsed["items"]) == len(plan.items) > 1 and len(parsed["shards"]) == len(plan.shards) > 1
+    raw = Manifest.of(plan, "chat vector merge", {"kind": "merge"}, done, "0.1", {"shard_size": 200}).to_json()
+    parsed = Manifest.from_json(raw, WHERE)
+    assert len(parsed.items) == len(plan.items) > 1 and len(parsed.shards) == len(plan.shards) > 1
+    assert parsed.to_json() == raw  # read back and written again: the same bytes
+    assert [i.crc32 for i in parsed.items] == [i.id * 7919 for i in plan.items]
 
 
 def _set(path: str, value):
@@ -102,10 +104,16 @@ def _set(path: str, value):
     (_set("items.0.id", KeyError), "items[0].id"),
     (_set("kind", 5), "kind: expected a string"),
     (_set("output_bytes", "300"), "output_bytes"),
+    (_set("inputs.0.url", None), "inputs[0].url: expected a string"),
+    (_set("inputs.0.size", "10"), "inputs[0].size: expected an integer >= 0"),
+    (_set("shards.0.tensors", -2), "shards[0].tensors: expected an integer >= 0"),
+    (_set("files", ["../x"]), "files: expected a list of file names"),
+    (_set("nonfinite", []), "nonfinite: expected an object"),
+    (_set("nonfinite", {"a": {"elements": 1}}), "nonfinite['a'].from_finite_inputs: expected an integer >= 0"),
 ])
 def test_damaged_fields_are_named_in_one_line(change, field):
     with pytest.raises(InputError) as e:
-        parse_manifest(_bytes(change(copy.deepcopy(good()))), WHERE)
+        Manifest.from_json(_bytes(change(copy.deepcopy(good()))), WHERE)
     message = str(e.value)
     assert message.startswith(f"{WHERE}: raymerge_manifest.json is damaged ({field}")
     assert message.endswith("this is not a checkpoint raymerge can verify or inspect") and "\n" not in message
@@ -117,9 +125,17 @@ def test_damaged_fields_are_named_in_one_line(change, field):
 ])
 def test_documents_that_are_not_json_are_damaged_manifests(raw, reason):
     with pytest.raises(InputError, match=f"raymerge_manifest.json is damaged \\({reason}"):
-        parse_manifest(raw, WHERE)
+        Manifest.from_json(raw, WHERE)
 
 
 def test_a_newer_format_asks_for_a_newer_raymerge():
     with pytest.raises(InputError, match="format_version 9, newer than this raymerge reads .*upgrade raymerge"):
-        parse_manifest(_bytes({**good(), "format_version": 9}), WHERE)
+        Manifest.from_json(_bytes({**good(), "format_version": 9}), WHERE)
+
+
+def test_fields_an_older_manifest_lacks_stay_absent():
+    old = {k: v for k, v in good().items() if k not in ("kind", "created", "output_bytes")}
+    m = Manifest.from_json(_bytes(old), WHERE)
+    assert (m.kind, m.created, m.output_bytes, m.files, m.nonfinite) == (None,) * 5
+    assert json.loads(m.to_json()) == old
+    assert m.named == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "raymerge_stats.parquet"]

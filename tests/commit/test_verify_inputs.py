@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-MANIFEST = "raymerge_manifest.json"
-STATS = "raymerge_stats.parquet"
+from raymerge.commit.manifest import MANIFEST_NAME as MANIFEST
+from raymerge.commit.stats import STATS_NAME as STATS
 
 
 def _checkpoint(folder) -> str:

@@ -74,12 +74,14 @@ def test_missing_output_bucket_fails_with_its_name(ray_local, s3_trio):
 def test_s3_output_abort_leaves_no_upload_and_no_object(s3_server):
     """The writer protocol on its own: parts uploaded by any process, then abort (a failed run)."""
     from raymerge.storage.s3_output import S3Output
+    from raymerge.storage.writers import Span, Target
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="abort-test")
     out = S3Output("s3://abort-test/x", {})
     handles = out.prepare([("model.safetensors", 6 << 20)])
-    etag = out.write("model.safetensors", handles[0], 1, 0, memoryview(b"\0" * (5 << 20)))
+    etag = out.write(Target("model.safetensors", handles[0], 6 << 20), Span(1, 0, 5 << 20),
+                     memoryview(b"\0" * (5 << 20)))
     assert etag and s3.list_multipart_uploads(Bucket="abort-test").get("Uploads")
     out.abort(["model.safetensors"], handles)
     assert not s3.list_multipart_uploads(Bucket="abort-test").get("Uploads")
@@ -107,16 +109,21 @@ def test_extract_and_apply_on_s3(ray_local, s3_trio, tmp_path):
     assert not boto3.client("s3").list_multipart_uploads(Bucket=BUCKET).get("Uploads")
 
 
-def test_staged_parts_tells_an_empty_upload_from_a_gone_one(s3_server):
+def test_verify_staged_tells_an_empty_upload_from_a_gone_one(s3_server):
     """Resume must keep an open upload that has no parts yet, and refuse one that is gone."""
     from raymerge.storage.s3_output import S3Output
-    from raymerge.storage.writers import GONE
+    from raymerge.storage.writers import ShardState, Span, StagedItem, Target, Verified
 
     boto3.client("s3").create_bucket(Bucket="staged-parts")
     out = S3Output("s3://staged-parts/x", {})
     handles = out.prepare([("model.safetensors", 6 << 20)])
-    assert out.staged_parts("model.safetensors", handles[0], 6 << 20) == {}
-    etag = out.write("model.safetensors", handles[0], 1, 0, memoryview(b"\0" * (5 << 20)))
-    assert out.staged_parts("model.safetensors", handles[0], 6 << 20) == {1: etag}
+    target, span = Target("model.safetensors", handles[0], 6 << 20), Span(1, 0, 5 << 20)
+    assert out.verify_staged(target, []) == Verified(ShardState.STAGED, frozenset())
+    etag = out.write(target, span, memoryview(b"\0" * (5 << 20)))
+    assert out.verify_staged(target, [StagedItem(0, span, 0, etag)]) == Verified(ShardState.STAGED, frozenset({0}))
+    # A part is verified by its ETag and its size, never by the journal's word alone.
+    assert out.verify_staged(target, [StagedItem(0, span, 0, '"other"'), StagedItem(1, Span(1, 0, 4 << 20), 0, etag),
+                                      StagedItem(2, Span(2, 5 << 20, 6 << 20), 0, etag),
+                                      StagedItem(3, span, 0, None)]).items == frozenset()
     out.abort(["model.safetensors"], handles)
-    assert out.staged_parts("model.safetensors", handles[0], 6 << 20) == GONE
+    assert out.verify_staged(target, [StagedItem(0, span, 0, etag)]) == Verified(ShardState.GONE)

@@ -115,7 +115,8 @@ def test_busy_worker_killed_mid_run_completes_bit_exact(ray_local, llama_trio, t
 
 
 def test_resume_refused_when_inputs_or_recipe_changed(ray_local, llama_trio, tmp_path):
-    """An unfinished run (its journal written by a real run) resumed with other inputs or scale."""
+    """An unfinished run (its journal head written here by hand, as a run's staging step writes it;
+    no items done) resumed with other inputs or scale."""
     cp = str(tmp_path / "cp")
     shutil.copytree(llama_trio["cp"], cp)
     out = str(tmp_path / "out")

@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import save_file
 
 import raymerge
-from raymerge.errors import ExecutionError
 from tests.e2e.test_resume import _wait_for
 from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, weighted_reference
 

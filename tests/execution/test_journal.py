@@ -11,7 +11,7 @@ import pytest
 
 from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.errors import OutputError
-from raymerge.execution.journal import HEAD, Journal, JournalHead
+from raymerge.execution.journal import HEAD, Damaged, Journal, JournalBatch, JournalHead
 from raymerge.storage.writers import STAGING, open_output
 
 
@@ -82,3 +82,18 @@ def test_begin_and_strict_flush_failures_are_one_line_errors(tmp_path):
     journal.flush()  # not strict: a warning, retried at the next flush
     with pytest.raises(StorageError, match="journal: could not record 1 finished items"):
         journal.flush(strict=True)
+
+
+@pytest.mark.parametrize("raw", [b"\xff", b"[" * 100000, b"{}", b'[{"id": 1}]', b'[{"id": 0, "crc32": 1, "etag": null, '
+                                 b'"stats": [[0, "x", 0, 0, 0]]}]'])
+def test_a_damaged_document_is_one_error(raw):
+    # Not-JSON, hostile JSON and the wrong shape alike: callers catch Damaged and nothing else.
+    for document in (JournalHead, JournalBatch):
+        with pytest.raises(Damaged):
+            document.from_json(raw)
+
+
+def test_a_batch_and_a_head_read_back_as_written():
+    batch = JournalBatch((ItemRecord(3, 7, '"e"', (TensorSums(2, 0.25, math.inf, 1, 0),)), ItemRecord(4, 0, None)))
+    assert JournalBatch.from_json(batch.to_json()) == batch
+    assert JournalHead.from_json(_head().to_json()) == _head()

@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from raymerge.ops import kernel, torch_kernel
+from raymerge.ops import kernel, numpy_kernel, torch_kernel
+
+NUMPY, TORCH = numpy_kernel.NUMPY, torch_kernel.TorchKernel("cpu")  # torch: the GPU's steps, on the CPU
+MODULE = {NUMPY: numpy_kernel, TORCH: torch_kernel}  # where each kernel's helpers live
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-MODULES = pytest.mark.parametrize("module", [kernel, torch_kernel], ids=["numpy", "torch"])
+MODULES = pytest.mark.parametrize("module", [NUMPY, TORCH], ids=["numpy", "torch"])
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -17,7 +20,7 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 
 def _run(module, out_dtype: str, anchor, terms, chunk: int) -> torch.Tensor:
-    """module.weighted_sum over buffers of the given tensors; the output as a torch tensor."""
+    """The kernel `module`'s weighted_sum over buffers of the given tensors; the output as a torch tensor."""
     return _run_sums(module, out_dtype, anchor, terms, chunk)[0]
 
 
@@ -29,7 +32,7 @@ def _run_sums(module, out_dtype: str, anchor, terms, chunk: int) -> tuple[torch.
     def v(t):
         return None if t is None else module.view(_bytes(t), _name(t.dtype))
 
-    scratch = module.Scratch(chunk) if module is kernel else module.Scratch(chunk, device="cpu")
+    scratch = module.scratch(chunk)
     sums = module.weighted_sum(module.view(out, out_dtype), v(anchor), [(s, v(a), v(b)) for s, a, b in terms],
                                scratch)
     return torch.frombuffer(out, dtype=DTYPES[out_dtype]), sums
@@ -59,7 +62,7 @@ def _specials(n: int, g: torch.Generator) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("module", [kernel, torch_kernel], ids=["numpy", "torch"])
+@MODULES
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 16])
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 def test_weighted_sum_matches_float32_reference_bit_for_bit(module, chunk, dtype):
@@ -76,7 +79,7 @@ def test_numpy_kernel_rounds_every_kind_of_value_as_torch_does(out):
     n = 1 << 17
     anchor = _specials(n, g)
     for terms in ([], [(0.5, _specials(n, g).bfloat16(), torch.randn(n, generator=g).bfloat16())]):
-        got, sums = _run_sums(kernel, out, anchor, terms, 1 << 12)
+        got, sums = _run_sums(NUMPY, out, anchor, terms, 1 << 12)
         assert (sums.nonfinite, sums.new_nonfinite) == _reference_counts(out, anchor, terms, n), (out, len(terms))
         want = _reference(out, anchor, terms, n)
         if out != "BF16" and terms:
@@ -88,7 +91,7 @@ def test_numpy_kernel_rounds_every_kind_of_value_as_torch_does(out):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (out, len(terms))
 
 
-@pytest.mark.parametrize("module", [kernel, torch_kernel], ids=["numpy", "torch"])
+@MODULES
 def test_mixed_input_types_and_a_term_covering_a_prefix(module):
     g = torch.Generator().manual_seed(2)
     cp = torch.randn(300, generator=g, dtype=torch.float64)
@@ -98,19 +101,19 @@ def test_mixed_input_types_and_a_term_covering_a_prefix(module):
     assert torch.equal(got.view(torch.uint8), _reference("BF16", cp, terms, 300).view(torch.uint8))
 
 
-@pytest.mark.parametrize("module", [kernel, torch_kernel], ids=["numpy", "torch"])
+@MODULES
 def test_zero_anchor_extracts_the_difference(module):
     chat, base = torch.randn(50).bfloat16(), torch.randn(50).bfloat16()
     got = _run(module, "F32", None, [(1.0, chat, base)], 16)
     assert torch.equal(got, chat.float() - base.float())
 
 
-@pytest.mark.parametrize("module", [kernel, torch_kernel], ids=["numpy", "torch"])
+@MODULES
 def test_sums_of_squares_are_those_of_the_change_and_the_anchor(module):
     g = torch.Generator().manual_seed(3)
     cp, chat, base, v = (torch.randn(5000, generator=g).bfloat16() for _ in range(4))
     out = module.view(_bytes(torch.zeros(5000, dtype=torch.bfloat16)), "BF16")
-    scratch = module.Scratch(512) if module is kernel else module.Scratch(512, device="cpu")
+    scratch = module.scratch(512)
     ss_delta, ss_anchor, _, _ = module.weighted_sum(
         out, module.view(_bytes(cp), "BF16"),
         [(0.5, module.view(_bytes(chat), "BF16"), module.view(_bytes(base), "BF16")),
@@ -122,11 +125,11 @@ def test_sums_of_squares_are_those_of_the_change_and_the_anchor(module):
 
 def test_view_shares_memory_and_handles_empty():
     buf = bytearray(8)
-    a = kernel.view(memoryview(buf), "F32")
+    a = NUMPY.view(memoryview(buf), "F32")
     a[1] = 1.0
     assert buf[4:] == np.float32(1.0).tobytes()
-    assert kernel.view(memoryview(b""), "BF16").size == 0
-    assert torch_kernel.view(memoryview(b""), "BF16").numel() == 0
+    assert NUMPY.view(memoryview(b""), "BF16").size == 0
+    assert TORCH.view(memoryview(b""), "BF16").numel() == 0
 
 
 def test_fp8_is_left_to_torch():
@@ -278,7 +281,7 @@ def test_all_finite_inputs_return_zeros_without_a_scan(module, monkeypatch):
     def scan(*_args):
         raise AssertionError("an all-finite chunk was scanned element by element")
 
-    monkeypatch.setattr(module, "_count_nonfinite", scan)
+    monkeypatch.setattr(MODULE[module], "_count_nonfinite", scan)
     g = torch.Generator().manual_seed(5)
     cp, chat, base, v = (torch.randn(5000, generator=g).bfloat16() for _ in range(4))
     h = [x.half() * 100 for x in (cp, chat, base)]  # F16 values up to about 400: far from its limit
@@ -292,7 +295,7 @@ def test_all_finite_inputs_return_zeros_without_a_scan(module, monkeypatch):
 def test_torch_kernel_counts_fp8_on_the_rounded_output():
     x = torch.tensor([1.0, 1e5, float("inf"), float("nan")])
     # E5M2 has infinities: 1e5 overflows (new), inf stays inf and NaN NaN (inherited).
-    assert _counts(torch_kernel, "F8_E5M2", x, [], 2) == (3, 1)
+    assert _counts(TORCH, "F8_E5M2", x, [], 2) == (3, 1)
     # E4M3 has none: torch saturates 1e5 and inf to 448; only the NaN is left, inherited.
-    got, sums = _run_sums(torch_kernel, "F8_E4M3", x, [], 2)
+    got, sums = _run_sums(TORCH, "F8_E4M3", x, [], 2)
     assert (sums.nonfinite, sums.new_nonfinite) == (1, 0) and got.float()[1:3].tolist() == [448.0, 448.0]

@@ -1,13 +1,33 @@
+import pytest
+
 from raymerge.planning.plan import HEADER, Piece
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, split_into_shards
 
 
-def test_split_follows_hf_worked_example():
-    gb = 10**9
-    assert split_into_shards([6 * gb, 6 * gb, 2 * gb, 6 * gb, 2 * gb, 2 * gb], 5 * gb) == \
+GB = 10**9
+WORKED_EXAMPLE = [6 * GB, 6 * GB, 2 * GB, 6 * GB, 2 * GB, 2 * GB]  # the sizes of HF's docstring example, 5 GB shards
+
+
+def test_split_keeps_consecutive_tensors_per_shard():
+    # raymerge's rule (layout.split_into_shards): an oversized tensor closes the open shard.
+    assert split_into_shards(WORKED_EXAMPLE, 5 * GB) == \
         [[0], [1], [2], [3], [4, 5]]
     assert split_into_shards([3, 3, 3, 1], 6) == [[0, 1], [2, 3]]
     assert split_into_shards([], 6) == [[]]
+
+
+def test_hf_splits_the_same_sizes_otherwise():
+    # What layout.split_into_shards' docstring and the README say Hugging Face does, checked on
+    # the installed huggingface_hub so that the words cannot drift from it.
+    hub = pytest.importorskip("huggingface_hub")
+    state = {f"t{i}": size for i, size in enumerate(WORKED_EXAMPLE)}
+    split = hub.split_state_dict_into_shards_factory(state, get_storage_size=lambda size: size,
+                                                      filename_pattern="model{suffix}.safetensors",
+                                                      max_shard_size=5 * GB)
+    hf = [sorted(int(t[1:]) for t in tensors) for tensors in split.filename_to_tensors.values()]
+    assert [[WORKED_EXAMPLE[i] // GB for i in shard] for shard in hf] == [[6], [6], [6], [2, 2], [2]]
+    assert hf == [[0], [1], [3], [2, 4], [5]]  # shard 4 takes tensors from both sides of tensor 3
+    assert hf != split_into_shards(WORKED_EXAMPLE, 5 * GB)
 
 
 def test_layout_packs_tensors_after_header():

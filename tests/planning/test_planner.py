@@ -12,6 +12,7 @@ from raymerge.errors import PlanError
 from raymerge.planning.plan import HEADER
 from raymerge.planning.inputs import resolve
 from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
+from raymerge.safetensors.index import shard_name
 
 TENSORS = {"emb": ((4, 3), torch.bfloat16), "norm": ((3,), torch.float32), "ids": ((2,), torch.int64),
            "proj": ((3, 3), torch.bfloat16)}
@@ -24,7 +25,7 @@ def _write(folder, tensors, shard_split=None):
         return str(folder)
     weight_map = {}
     for i, names in enumerate(shard_split):
-        file = f"model-{i + 1:05d}-of-{len(shard_split):05d}.safetensors"
+        file = shard_name(i, len(shard_split))
         save_file({n: tensors[n] for n in names}, os.path.join(folder, file))
         weight_map.update({n: file for n in names})
     json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(folder, "model.safetensors.index.json"), "w"))

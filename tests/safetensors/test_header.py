@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save
 
 from raymerge.errors import ResolveError
-from raymerge.safetensors.header import HEADER_CAP, parse_header, serialize_header
+from raymerge.safetensors.dtypes import nbytes, numel
+from raymerge.safetensors.header import FIRST_READ, HEADER_CAP, parse_header, read_header_bytes, serialize_header
 
 
 def _raw(obj: dict, data_len: int, pad: int = 0) -> bytes:
@@ -101,3 +102,27 @@ def test_long_hostile_values_are_cut_short_in_the_error():
     with pytest.raises(ResolveError, match="unknown dtype") as e:
         parse_header(raw, "shard.safetensors", len(raw))
     assert len(str(e.value)) < 400
+
+
+def test_header_bytes_take_a_second_read_only_for_long_headers():
+    short = save({"a": torch.ones(3)})
+    long = save({f"t{i:06d}": torch.ones(1) for i in range(FIRST_READ // 40)})
+    files = [short, long]
+    calls = []
+
+    def read(requests):
+        calls.append(requests)
+        return [files[i][start:end] for i, start, end in requests]
+
+    raws = read_header_bytes(read, [len(f) for f in files], ["short", "long"])
+    n_long = struct.unpack("<Q", long[:8])[0]
+    assert n_long + 8 > FIRST_READ
+    assert calls == [[(0, 0, len(short)), (1, 0, FIRST_READ)], [(1, FIRST_READ, 8 + n_long)]]
+    assert raws[0] == short[:8 + struct.unpack("<Q", short[:8])[0]] and raws[1] == long[:8 + n_long]
+    with pytest.raises(ResolveError, match="bad: file is 4 bytes, too short"):
+        read_header_bytes(read, [4], ["bad"])
+
+
+def test_element_and_byte_counts():
+    assert (numel(()), numel((3, 4)), numel([2, 0, 5])) == (1, 12, 0)
+    assert nbytes("BF16", (3, 4)) == 24 and nbytes("F8_E4M3", ()) == 1

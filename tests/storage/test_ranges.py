@@ -5,7 +5,6 @@ fsspec's generic path (a zip archive: plain file objects)."""
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 import zipfile

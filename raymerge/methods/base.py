@@ -1,0 +1,65 @@
+"""What a merge method is: data, plus a small elementwise rule.
+
+A method names itself (the plan records the name in every TensorPlan), lists the passes its plan
+needs (statistics passes that reduce whole-tensor facts first, then the elementwise pass; see
+DESIGN.md) and the recipe kinds that ask for it, and computes one piece of a tensor's output from
+its named operands with a kernel (raymerge.ops.kernel). Nothing else in raymerge knows a formula:
+the planner lays out operands, the worker reads them and calls `apply`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+ELEMENTWISE = "elementwise"  # the pass that writes the output bytes; every method has it, last
+
+
+@dataclass(frozen=True, slots=True)
+class Vector:
+    """One vector among a piece's operands: `scale * (a - b)`, or `scale * a` when b is None (a
+    stored vector). Shorter than the piece when the vector covers the tensor's first rows only."""
+
+    scale: float
+    a: Any  # an array of the kernel's type
+    b: Any | None
+
+
+@dataclass(frozen=True, slots=True)
+class Operands:
+    """What one piece of a tensor is computed from, by name (arrays of the kernel's type)."""
+
+    anchor: Any | None  # None: the result starts at zero (extracting a vector)
+    vectors: tuple[Vector, ...]
+
+    def rows(self, lo: int, hi: int) -> Operands:
+        """The operands of elements [lo, hi) of the piece."""
+        return Operands(self.anchor[lo:hi] if self.anchor is not None else None,
+                        tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None)
+                              for v in self.vectors))
+
+
+@dataclass(frozen=True)
+class RecipeKind:
+    """One way to ask for a method: a command (`raymerge merge`) and a recipe file's `kind:`."""
+
+    name: str
+    method: str
+    summary: str  # what it computes, in one line: the command's help
+    vectors: str  # the key listing the vector inputs: "chat" (each minus base) or "vector" (stored ones)
+    anchor: bool  # cp is the anchor; False: the sum starts at zero (extract)
+    manifest_kind: str  # what the manifest calls the output
+    example: str  # the command's example, for --help
+    single: bool = False  # takes exactly one vector input
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    passes: ClassVar[tuple[str, ...]] = (ELEMENTWISE,)
+    recipes: ClassVar[tuple[RecipeKind, ...]] = ()
+
+    @abstractmethod
+    def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
+        """Write one piece of a tensor's output into `out` (an array of the kernel's type) and
+        return the kernel's `Sums` of it."""

@@ -1,0 +1,248 @@
+"""The kernel (`kernel`) with numpy, on the CPU, in sub-chunks of reused float32 scratch buffers.
+
+BF16 has no numpy type: its bits are held as uint16. F16 widens through a table (exact, and faster
+than numpy's own conversion, which is a scalar loop on most builds); it narrows with numpy's
+conversion, which rounds half to even as the hardware does.
+
+Proving that a chunk holds no NaN or infinity costs a comparison of sums of squares already made
+(one more pass with several terms; `_provably_finite`); only a chunk that fails the proof is
+scanned element by element, and only there are NaNs given their bits (`kernel.nan_rule`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from raymerge.ops.kernel import NUMPY_DTYPES, Scratch, Sums, f16_to_f32, nan_bits, nan_rule
+
+CHUNK = 1 << 16  # elements: the float32 chunks stay in a core's L2 cache
+F32_MAX = float(np.finfo(np.float32).max)
+# The largest finite value of each output type; a float32 no larger in magnitude rounds to a finite one.
+LARGEST: dict[np.dtype, float] = {
+    np.dtype(np.uint16): float(np.array(0x7F7F0000, np.uint32).view(np.float32)),  # BF16
+    np.dtype(np.float16): float(np.finfo(np.float16).max),
+    np.dtype(np.float32): F32_MAX,
+    np.dtype(np.float64): F32_MAX,  # acc itself is float32: it must not overflow
+}
+# The exponent bits of the 16-bit types (BF16 as its uint16 bits): all ones in an infinity or a NaN.
+# Testing them is several times faster than numpy's isfinite on float16.
+EXPONENT_BITS: dict[np.dtype, np.uint16] = {
+    np.dtype(np.uint16): np.uint16(0x7F80), np.dtype(np.float16): np.uint16(0x7C00)}
+NAMES: dict[np.dtype, str] = {np.dtype(t): name for name, t in NUMPY_DTYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class NumpyKernel:
+    name: str = "numpy"
+
+    def scratch(self, chunk: int | None = None) -> Scratch:
+        chunk = chunk or CHUNK
+        return Scratch(chunk, *(np.empty(chunk, np.float32) for _ in range(5)))
+
+    def view(self, buf: memoryview, dtype: str) -> np.ndarray:
+        """A 1-D array over `buf` (no copy); BF16 as its uint16 bits."""
+        return np.frombuffer(buf, dtype=NUMPY_DTYPES[dtype])
+
+    def weighted_sum(self, out: np.ndarray, anchor: np.ndarray | None,
+                     terms: list[tuple[float, np.ndarray, np.ndarray | None]], scratch: Scratch) -> Sums:
+        return weighted_sum(out, anchor, terms, scratch)
+
+
+NUMPY = NumpyKernel()
+
+
+def weighted_sum(out: np.ndarray, anchor: np.ndarray | None, terms: list[tuple[float, np.ndarray, np.ndarray | None]],
+                 scratch: Scratch) -> Sums:
+    """`Kernel.weighted_sum`, chunk by chunk."""
+    c = scratch.chunk
+    terms32 = [(np.float32(scale), a, b) for scale, a, b in terms]  # torch, too, multiplies by float32(scale)
+    margin = _margin(c)
+    ss_delta = ss_anchor = 0.0
+    nonfinite = new = 0
+    with np.errstate(all="ignore"):  # overflows and NaNs are data here
+        for lo in range(0, out.size, c):
+            sd, sa, bad, fresh = _chunk(out[lo:lo + c], anchor, terms32, scratch, lo, margin)
+            ss_delta += sd
+            ss_anchor += sa
+            nonfinite += bad
+            new += fresh
+    return Sums(ss_delta, ss_anchor, nonfinite, new)
+
+
+def _chunk(out: np.ndarray, anchor: np.ndarray | None, terms32: list, scratch: Scratch, lo: int,
+           margin: float) -> tuple[float, float, int, int]:
+    """Elements lo .. lo + len(out) of `weighted_sum`: their `Sums`, as a plain tuple (cheaper to make)."""
+    m = out.size
+    acc = scratch.acc[:m]
+    sa = 0.0
+    if anchor is None:
+        acc.fill(0)
+    else:
+        _widen(acc, anchor[lo:lo + m])
+        sa = float(np.dot(acc, acc))
+    live = [(scale, a, b, min(m, a.size - lo)) for scale, a, b in terms32 if a.size > lo]  # a term may cover a prefix
+    sd = _add_terms(acc, live, scratch, lo)
+    # One term or none: |anchor + x| <= sqrt(sa) + sqrt(sd) (up to `_margin`), for free. With several, the change's
+    # sum of squares bounds no partial sum: bound the result itself (one more pass).
+    root = math.sqrt(sa) + math.sqrt(sd) if len(live) <= 1 else math.sqrt(float(np.dot(acc, acc)))
+    proved = _provably_finite(root, margin, LARGEST[out.dtype])
+    # Finite sums of squares mean finite operands, so acc holds no NaN (an overflow is an infinity).
+    finite = math.isfinite(sa + sd)
+    nans = None if finite else np.flatnonzero(np.isnan(acc))
+    _narrow(out, acc, scratch.work[:m])
+    if nans is not None and nans.size:
+        _fix_nans(out, nans, anchor, live, lo)
+    if proved:
+        return sd, sa, 0, 0
+    return (sd, sa, *_count_nonfinite(out, anchor, live, lo, scratch))
+
+
+def _add_terms(acc: np.ndarray, live: list, scratch: Scratch, lo: int) -> float:
+    """acc += scale * (a - b) for each live term, in order; returns the change's sum of squares.
+
+    With several terms the change is also summed in d: the first term is computed there directly,
+    which saves clearing and copying a buffer (and pays for the extra pass `_chunk` makes then).
+    """
+    if not live:  # a cast (an override row), or past every term's prefix
+        return 0.0
+    several = len(live) > 1
+    d = scratch.d[:acc.size]
+    for j, (scale, a, b, p) in enumerate(live):
+        xp = (d if several and j == 0 else scratch.x)[:p]
+        _widen(xp, a[lo:lo + p])
+        if b is not None:
+            _widen(scratch.y[:p], b[lo:lo + p])
+            np.subtract(xp, scratch.y[:p], out=xp)
+        if scale != 1.0:  # multiplying by one is exact: skipping it changes no bit
+            np.multiply(xp, scale, out=xp)
+        np.add(acc[:p], xp, out=acc[:p])
+        if several and j == 0:
+            d[p:] = 0  # past the first term's prefix
+        elif several:
+            np.add(d[:p], xp, out=d[:p])
+    changed = d if several else xp
+    return float(np.dot(changed, changed))
+
+
+def _fix_nans(out: np.ndarray, nans: np.ndarray, anchor: np.ndarray | None, live: list, lo: int) -> None:
+    """Give the NaNs of out, at the sorted indices `nans`, the bits `kernel.nan_rule` defines."""
+    at = lo + nans
+    terms = []
+    for scale, a, b, p in live:
+        k = int(np.searchsorted(nans, p))  # the NaNs inside the term's prefix: the first k
+        terms.append((scale, widened(a[at[:k]]), None if b is None else widened(b[at[:k]]), k))
+    acc = nan_rule(None if anchor is None else widened(anchor[at]), terms, nans.size)
+    out.view(f"u{out.itemsize}")[nans] = nan_bits(acc, NAMES[out.dtype])
+
+
+def _margin(n: int) -> float:
+    """How far above sqrt(q) an element may lie, q being the float32 dot of n elements with themselves,
+    even after one more float32 addition of two such elements.
+
+    The float32 dot of n non-negative squares, in any order of summation, with or without fused
+    multiply-adds, is at least (1 - g) times the exact sum, g = n*u / (1 - n*u), u = 2**-24
+    (Higham, Accuracy and Stability of Numerical Algorithms, 3.1; n + 1 here, to be generous):
+    so |x_i| <= sqrt(q / (1 - g)). One float32 addition (anchor + the one term) adds a relative
+    u. The last factor covers the few float64 operations of the check. For the default chunk
+    (2**16) the margin is 1.002.
+    """
+    nu = (n + 1) * 2.0 ** -24
+    if nu >= 0.5:  # the bound grows useless; never claim a proof
+        return math.inf
+    return (1 + 2.0 ** -24) / math.sqrt(1 - nu / (1 - nu)) * (1 + 2.0 ** -40)
+
+
+def _provably_finite(root: float, margin: float, largest: float) -> bool:
+    """Whether every element of acc, at most `margin * root` in magnitude, rounds to a finite output.
+
+    `root` comes from float32 sums of squares (see `_chunk`): a NaN or an infinity in an operand
+    makes it non-finite, and so does, with several terms, one in any partial sum of acc (they
+    never become finite again); the comparison is then false. Rounding to nearest is monotone, so
+    a float32 no larger than the output type's largest finite value rounds to a finite one. The
+    `+ 1` covers squares lost to float32 underflow (under 2**-149 each: 2**-60 after the roots).
+    """
+    return margin * root + 1.0 < largest
+
+
+def _count_nonfinite(out: np.ndarray, anchor: np.ndarray | None, live: list, lo: int,
+                     scratch: Scratch) -> tuple[int, int]:
+    """(non-finite outputs, those whose inputs covering them are all finite), element by element.
+
+    Inputs are looked at only where the output is non-finite: a NaN spread over a few elements
+    (the usual case) costs little more than one pass over the output.
+    """
+    where = _where_nonfinite(out, scratch)
+    if where.size == 0:
+        return 0, 0
+    fresh = np.ones(where.size, dtype=bool)
+    if anchor is not None:
+        fresh &= ~_nonfinite(anchor[lo + where])
+    for _scale, a, b, p in live:  # a term covers out's first p elements only
+        k = int(np.searchsorted(where, p))  # `where` is sorted: its first k lie inside
+        fresh[:k] &= ~_nonfinite(a[lo + where[:k]])
+        if b is not None:
+            fresh[:k] &= ~_nonfinite(b[lo + where[:k]])
+    return where.size, int(np.count_nonzero(fresh))
+
+
+def _where_nonfinite(out: np.ndarray, scratch: Scratch) -> np.ndarray:
+    """The indices of out's infinities and NaNs, tested in scratch's buffers (free once out is written):
+    fresh arrays of this size cost more than the test itself."""
+    m = out.size
+    found = scratch.x.view(np.bool_)[:m]
+    mask = EXPONENT_BITS.get(out.dtype)
+    if mask is None:
+        np.isfinite(out, out=found)
+        np.logical_not(found, out=found)
+    else:
+        bits = scratch.work.view(np.uint16)[:m]
+        np.bitwise_and(out.view(np.uint16), mask, out=bits)
+        np.equal(bits, mask, out=found)
+    return np.flatnonzero(found)
+
+
+def _nonfinite(x: np.ndarray) -> np.ndarray:
+    """Which elements are an infinity or a NaN, in x's own type (an F64 value too large for float32
+    is finite: a finite input that the arithmetic cannot hold)."""
+    mask = EXPONENT_BITS.get(x.dtype)
+    if mask is None:
+        return ~np.isfinite(x)
+    return (x.view(np.uint16) & mask) == mask
+
+
+def _widen(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst (float32) = src, exactly (rounded once for F64)."""
+    if src.dtype == np.uint16:  # BF16: its bits are the high half of a float32's
+        bits = dst.view(np.uint32)
+        np.copyto(bits, src)
+        np.left_shift(bits, 16, out=bits)
+    elif src.dtype == np.float16:  # "wrap": no bounds check, every uint16 is an index of the table
+        np.take(f16_to_f32(), src.view(np.uint16), out=dst, mode="wrap")
+    else:
+        np.copyto(dst, src, casting="same_kind")
+
+
+def widened(src: np.ndarray) -> np.ndarray:
+    """A new float32 array of src, widened as `_widen` does."""
+    dst = np.empty(src.size, np.float32)
+    _widen(dst, src)
+    return dst
+
+
+def _narrow(out: np.ndarray, acc: np.ndarray, work: np.ndarray) -> None:
+    """out = acc rounded half to even to out's type; `acc` may be changed. NaNs are `_fix_nans`'s."""
+    bits = acc.view(np.uint32)
+    if out.dtype == np.uint16:  # BF16: add 0x7FFF, plus one when the kept half is odd, then keep the high half
+        tmp = work.view(np.uint32)
+        np.right_shift(bits, 16, out=tmp)
+        np.bitwise_and(tmp, 1, out=tmp)
+        np.add(tmp, bits, out=tmp)
+        np.add(tmp, 0x7FFF, out=tmp)
+        np.right_shift(tmp, 16, out=tmp)
+        np.copyto(out, tmp, casting="unsafe")  # faster than a shift that casts as it writes to `out`
+        return
+    np.copyto(out, acc, casting="same_kind")
+

@@ -1,0 +1,21 @@
+"""The worker's start-up: a worker that cannot compute where it was placed fails when it starts,
+not at its first item (the pool then says why no worker could start)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymerge.config import build_recipe
+from raymerge.errors import InputError
+from raymerge.execution.worker import MergeWorker
+from raymerge.runner import make_plan
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_worker_without_cuda_fails_when_it_starts(llama_trio):
+    plan = make_plan(*build_recipe("merge", dict(base=llama_trio["base"], chat=llama_trio["chat"],
+                                                 cp=llama_trio["cp"], scale=0.5)))
+    with pytest.raises(InputError, match="sees no CUDA GPU"):
+        MergeWorker(plan, None, {}, {}, device="cuda")
+    MergeWorker(plan, None, {}, {}, device="cpu").close()  # the same plan on the CPU starts
