@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raymerge.config import OPTIONS, Recipe, RunOptions, build_recipe
+from raymerge.methods import METHODS
 from raymerge.planning.plan import Plan
 from raymerge.runner import make_plan, run as run_phases
 from raymerge.session import prefer_loopback, ray_session  # noqa: F401  (the faces' imports)
@@ -138,4 +139,6 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "items": [{"id": i.id, "shard": the_plan.shards[i.shard].name, "part": i.part, "start": i.start,
                    "end": i.end, "pieces": len(i.pieces)} for i in the_plan.items],
         "aux_files": [a.name for a in the_plan.aux_files],
+        "methods": {m.name: {"passes": list(m.passes), "parameters": [p.name for p in m.parameters]}
+                    for m in (METHODS[name] for name in sorted({t.method for t in the_plan.tensors}))},
     }

@@ -171,7 +171,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from raymerge.commit.verify import verify
+    from raymerge.runner import verify
     from raymerge.config import parse_count, parse_storage_options
 
     parse_count(args.recompute, "--recompute", minimum=0)

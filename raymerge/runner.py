@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymerge.commit.committer import commit
-from raymerge.commit.manifest import output_files
+from raymerge.commit.manifest import Manifest, output_files
 from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import nonfinite_totals
-from raymerge.config import Recipe, RunOptions
+from raymerge.commit.verify import Redo, verify as check_checkpoint
+from raymerge.config import Recipe, RunOptions, build_recipe
 from raymerge.errors import CHANGED, DENIED, FULL, MISSING, InputError, NonFiniteError, OutputError, RaymergeError, StorageError
 from raymerge.execution.journal import Journal, JournalHead, JournalState
 from raymerge.execution.lease import Lease
@@ -77,6 +78,21 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
                       special_tokens=recipe.special_tokens, special_from=first if differences else None,
                       template_from=first if recipe.chat_template and recipe.how.anchor else None,
                       aux_from=cp if recipe.how.anchor else first, method=recipe.how.method)
+
+
+def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None) -> list[str]:
+    """`raymerge verify`: a checkpoint against its manifest (commit.verify) and, for `recompute`
+    random items, against its inputs: the manifest's recipe planned again, the items produced again."""
+    from raymerge.execution.worker import MergeWorker
+
+    def plan_again(manifest: Manifest) -> Plan:
+        recipe = dict(manifest.recipe)
+        kind = recipe.pop("kind")
+        recipe.update(manifest.layout, out=url, storage_options=storage_options)
+        return make_plan(*build_recipe(kind, recipe))
+
+    return check_checkpoint(url, storage_options, recompute, seed,
+                            Redo(plan_again, lambda plan: MergeWorker(plan, None, storage_options, {})))
 
 
 def input_roles(recipe: Recipe) -> dict[str, str]:

@@ -4,15 +4,21 @@ Checks, in order: the manifest; every shard's presence and size; every shard hea
 validated like an input's); the index against the headers; every item's CRC-32. With
 `recompute`, N random items are computed again from the inputs (the same plan, rebuilt from the
 recipe in the manifest) and compared byte for byte. Problems name the shard and the tensors.
+
+This module sits below the planner's faces and the workers: how items are computed again comes
+in as a `Redo` (raymerge.runner.verify gives it).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ItemEntry, Manifest
 from raymerge.errors import RaymergeError
+from raymerge.planning.plan import Plan
 from raymerge.safetensors.header import Header, parse_header, read_header_bytes
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
@@ -23,8 +29,17 @@ from raymerge.untrusted import UntrustedJSON, parse_json
 MAX_INDEX_BYTES = 64 * 2**20
 
 
-def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None) -> list[str]:
-    """Every problem found (empty: the checkpoint is sound)."""
+@dataclass(frozen=True)
+class Redo:
+    """How `verify` computes items again."""
+
+    plan: Callable[[Manifest], Plan]  # the manifest's recipe and layout planned again; RaymergeError if not
+    worker: Callable[[Plan], Any]  # a producer of the plan's items: produce(item_id) -> (bytes, ...), close()
+
+
+def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None,
+           redo: Redo | None = None) -> list[str]:
+    """Every problem found (empty: the checkpoint is sound). `recompute` items need a `redo`."""
     url = urls.normalize(url)
     fs, root = urls.filesystem(url, storage_options)
     try:
@@ -34,12 +49,12 @@ def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: 
     manifest = Manifest.from_json(raw, f"raymerge verify {urls.redact(url)}")
     reader, buf = RangeReader(storage_options), Buffer()
     try:
-        return _check(fs, root, url, manifest, storage_options, recompute, seed, reader, buf)
+        return _check(fs, root, url, manifest, redo if recompute else None, recompute, seed, reader, buf)
     finally:
         reader.close()
 
 
-def _check(fs, root, url, manifest: Manifest, storage_options, recompute, seed, reader, buf) -> list[str]:
+def _check(fs, root, url, manifest: Manifest, redo, recompute, seed, reader, buf) -> list[str]:
     problems: list[str] = []
     headers = _check_shards(fs, root, url, manifest, reader, buf, problems)
     _check_index(fs, root, manifest, headers, problems)
@@ -50,8 +65,8 @@ def _check(fs, root, url, manifest: Manifest, storage_options, recompute, seed, 
         data = reader.read(urls.join(url, shard.name), [(item.start, item.end)], buf)[0]
         if crc32(data) != item.crc32:
             problems.append(_fault(shard.name, headers[shard.name], item, "do not match their checksum"))
-    if recompute and not problems:
-        problems += _recompute(url, manifest, headers, storage_options, recompute, seed, reader, buf)
+    if redo is not None and not problems:
+        problems += _recompute(url, manifest, headers, redo, recompute, seed, reader, buf)
     return problems
 
 
@@ -121,22 +136,15 @@ def _fault(shard: str, header: Header, item: ItemEntry, what: str) -> str:
     return f"{shard}: bytes [{item.start}, {item.end}) ({where}) {what}"
 
 
-def _recompute(url, manifest: Manifest, headers, storage_options, count, seed, reader, buf) -> list[str]:
-    from raymerge.config import build_recipe
-    from raymerge.execution.worker import MergeWorker
-    from raymerge.runner import make_plan
-
-    recipe = dict(manifest.recipe)
-    kind = recipe.pop("kind")
-    recipe.update(manifest.layout, out=url, storage_options=storage_options)
+def _recompute(url, manifest: Manifest, headers, redo: Redo, count, seed, reader, buf) -> list[str]:
     try:
-        plan = make_plan(*build_recipe(kind, recipe))
+        plan = redo.plan(manifest)
     except RaymergeError as e:
         return [f"recompute: the inputs cannot be planned again ({e})"]
     if plan.hash != manifest.plan_hash:
         return [f"recompute: the inputs or recipe changed since this checkpoint was made (plan {plan.hash[:12]}, "
                 f"manifest {manifest.plan_hash[:12]}); cannot compare"]
-    worker = MergeWorker(plan, None, storage_options, {})
+    worker = redo.worker(plan)
     problems = []
     try:
         for item_id in random.Random(seed).sample(range(len(plan.items)), min(count, len(plan.items))):

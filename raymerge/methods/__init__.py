@@ -1,16 +1,16 @@
 """Merge methods, one module each, found by name.
 
 To add a method: a module here with a `Method` subclass (its name, passes, recipe kinds and
-elementwise rule), and one line in `METHODS` below.
+elementwise rule, its parameters), and one line in `METHODS` below.
 """
 
 from __future__ import annotations
 
-from raymerge.methods.base import ELEMENTWISE, Method, Operands, RecipeKind, Vector
+from raymerge.methods.base import ELEMENTWISE, Method, Operands, Parameter, RecipeKind, Vector
 from raymerge.methods.sum import Sum
 
 METHODS: dict[str, Method] = {m.name: m for m in (Sum(),)}
 # Every recipe kind (a command, a recipe file's `kind:`), by name.
 RECIPES: dict[str, RecipeKind] = {r.name: r for m in METHODS.values() for r in m.recipes}
 
-__all__ = ["ELEMENTWISE", "METHODS", "RECIPES", "Method", "Operands", "RecipeKind", "Vector"]
+__all__ = ["ELEMENTWISE", "METHODS", "RECIPES", "Method", "Operands", "Parameter", "RecipeKind", "Vector"]

@@ -1,6 +1,7 @@
 """What a merge method is: data, plus a small elementwise rule.
 
-A method names itself (the plan records the name in every TensorPlan), lists the passes its plan
+A method names itself (the plan records the name in every TensorPlan), declares its parameters,
+lists the passes its plan
 needs (statistics passes that reduce whole-tensor facts first, then the elementwise pass; see
 DESIGN.md) and the recipe kinds that ask for it, and computes one piece of a tensor's output from
 its named operands with a kernel (raymerge.ops.kernel). Nothing else in raymerge knows a formula:
@@ -41,6 +42,16 @@ class Operands:
 
 
 @dataclass(frozen=True)
+class Parameter:
+    """A parameter a method takes: one value per vector, in the vectors' order, or one in all."""
+
+    name: str
+    help: str
+    default: float
+    per_vector: bool = True
+
+
+@dataclass(frozen=True)
 class RecipeKind:
     """One way to ask for a method: a command (`raymerge merge`) and a recipe file's `kind:`."""
 
@@ -56,7 +67,8 @@ class RecipeKind:
 
 class Method(ABC):
     name: ClassVar[str]
-    passes: ClassVar[tuple[str, ...]] = (ELEMENTWISE,)
+    parameters: ClassVar[tuple[Parameter, ...]] = ()
+    passes: ClassVar[tuple[str, ...]] = (ELEMENTWISE,)  # statistics passes first, the elementwise one last
     recipes: ClassVar[tuple[RecipeKind, ...]] = ()
 
     @abstractmethod

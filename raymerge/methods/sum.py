@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from raymerge.methods.base import Method, Operands, RecipeKind
+from raymerge.methods.base import Method, Operands, Parameter, RecipeKind
 
 
 class Sum(Method):
     name = "sum"
+    parameters = (Parameter("scale", "the weight of each vector, in order", 1.0),)
     recipes = (
         RecipeKind("merge", "sum", "out = cp + sum_i scale_i * (chat_i - base)", vectors="chat", anchor=True,
                    manifest_kind="chat vector merge", example="""example:

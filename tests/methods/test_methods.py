@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from raymerge.api import describe
 from raymerge.config import build_recipe
 from raymerge.execution.worker import MergeWorker
 from raymerge.methods import METHODS, RECIPES, Method, Operands, Vector
@@ -57,6 +58,9 @@ def test_the_worker_computes_each_tensor_with_the_method_its_plan_names(llama_tr
                                                  cp=llama_trio["cp"], scale=0.5, item_size="64KiB"))
     plan = make_plan(recipe, options)
     assert {t.method for t in plan.tensors} == {"sum"}
+    shown = describe(plan)  # what `raymerge plan --json` prints
+    assert shown["methods"] == {"sum": {"passes": ["elementwise"], "parameters": ["scale"]}}
+    assert {t["method"] for t in shown["tensors"]} == {"sum"}
     monkeypatch.setitem(METHODS, "negate", _Negate())
     negated = dataclasses.replace(plan, tensors=tuple(dataclasses.replace(t, method="negate") if i % 2 else t
                                                       for i, t in enumerate(plan.tensors)))
