@@ -14,6 +14,7 @@ from typing import Any
 
 from raymerge.config import OPTIONS, Recipe, RunOptions, build_recipe
 from raymerge.methods import METHODS
+from raymerge.planning.schedule import layer_of
 from raymerge.planning.plan import Plan
 from raymerge.runner import make_plan, run as run_phases
 from raymerge.session import prefer_loopback, ray_session  # noqa: F401  (the faces' imports)
@@ -132,7 +133,8 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "inputs": [{"role": f.role, "url": urls.redact(f.url), "size": f.size} for f in the_plan.files],
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                      "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,
-                     "rule": t.rule, "method": t.method, "terms": len(t.terms), "special_rows": len(t.overrides)}
+                     "rule": t.rule, "method": t.method, "terms": len(t.terms), "scales": [x.scale for x in t.terms],
+                     "layer": layer_of(t.name), "special_rows": len(t.overrides)}
                     for t in the_plan.tensors],
         "shards": [{"name": s.name, "size": s.size, "header_bytes": len(s.header), "tensors": len(s.tensors),
                     "items": len(s.items)} for s in the_plan.shards],

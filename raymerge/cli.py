@@ -10,7 +10,7 @@ import os
 import sys
 
 from raymerge import __version__
-from raymerge.config import OPTIONS
+from raymerge.config import OPTIONS, recipe_from_flags
 from raymerge.errors import RaymergeError
 from raymerge.methods import RECIPES
 from raymerge.storage.urls import redact
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def recipe_values(args: argparse.Namespace) -> dict:
     """The flags given, as the keys of a recipe file (flags left out are not in it)."""
-    return {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
+    return recipe_from_flags({o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None})
 
 
 def _report(result, path: str | None = None) -> None:
@@ -159,7 +159,35 @@ def _plan(args: argparse.Namespace) -> int:
           f"from {len(info['inputs'])} input files")
     for s in info["shards"]:
         print(f"  {s['name']}: {s['size']:,} bytes, {s['tensors']} tensors, {s['items']} items")
+    for line in scale_summary(info["tensors"]):
+        print("  " + line)
     return 0
+
+
+def scale_summary(tensors: list[dict]) -> list[str]:
+    """The resolved scales, per layer: one column per vector, a range where a layer's tensors
+    differ; one line when every tensor has the same scales."""
+    by_layer: dict[int | None, list[set[float]]] = {}
+    for t in tensors:
+        if t["scales"]:  # tensors without terms (copied, skipped) have no scale
+            columns = by_layer.setdefault(t["layer"], [set() for _ in t["scales"]])
+            for column, scale in zip(columns, t["scales"]):
+                column.add(scale)
+
+    def shown(values: set[float]) -> str:
+        return f"{min(values):g}" if len(values) == 1 else f"{min(values):g}..{max(values):g}"
+
+    if not by_layer:
+        return []
+    overall = [set().union(*c) for c in zip(*by_layer.values())]
+    if all(len(c) == 1 for c in overall):
+        return ["scales: " + " | ".join(shown(c) for c in overall) + " (every tensor)"]
+    lines = ["scales per layer (one column per vector):"]
+    for layer in sorted(k for k in by_layer if k is not None):
+        lines.append(f"  layer {layer:>3}: " + " | ".join(shown(c) for c in by_layer[layer]))
+    if None in by_layer:
+        lines.append("  other    : " + " | ".join(shown(c) for c in by_layer[None]))
+    return lines
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import re
@@ -13,6 +14,7 @@ from typing import Any
 from raymerge.errors import InputError
 from raymerge.methods import RECIPES, RecipeKind
 from raymerge.ops.rules import VOCAB_MODES, compile_patterns, parse_special_tokens
+from raymerge.planning.schedule import Scale
 from raymerge.safetensors.dtypes import ALIASES, FLOATS
 from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
@@ -116,6 +118,7 @@ class Option:
     run: bool = False  # how to run (a RunOptions field) rather than what to compute
     plans: bool = True  # a flag of `raymerge plan` too: it can change the plan
     cli: dict[str, Any] = field(default_factory=dict)  # argparse's extras: action, type, metavar, choices
+    flag_only: bool = False  # a command-line spelling of another key (`recipe_from_flags` turns it into that key)
 
     @property
     def flag(self) -> str:
@@ -145,9 +148,40 @@ def _strings(value: Any, o: Option) -> list[str]:
     return list(items)
 
 
-def _scale_list(value: Any, o: Option) -> list[float]:
-    """Each vector's scale, in order (how many there must be, `build_recipe` checks)."""
-    return [parse_scale(v, o.flag) for v in (value if isinstance(value, (list, tuple)) else [value])]
+def _scale_list(value: Any, o: Option) -> list[Scale]:
+    """Each vector's scale schedule, in order (how many there must be, `build_recipe` checks)."""
+    return [_schedule(v, o) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _schedule(value: Any, o: Option) -> Scale:
+    """A number, a gradient (a list of numbers) or {rules: [{pattern, scale}], default} (see planning.schedule)."""
+    if not isinstance(value, dict):
+        return Scale(_scale_value(value, o))
+    for key in value:
+        if key not in ("rules", "default"):
+            raise InputError(f"{o.flag} {shown(value, 60)}: a schedule has the keys rules and default, "
+                             f"not {shown(key, 30)}")
+    rules = value.get("rules", [])
+    if not isinstance(rules, list):
+        raise InputError(f"{o.flag} rules {shown(rules, 40)}: a list of {{pattern: REGEX, scale: X}}")
+    parsed = []
+    for rule in rules:
+        if not (isinstance(rule, dict) and set(rule) == {"pattern", "scale"} and isinstance(rule["pattern"], str)):
+            raise InputError(f"{o.flag} rule {shown(rule, 60)}: write {{pattern: REGEX, scale: X}}")
+        try:
+            compile_patterns([rule["pattern"]], o.flag)
+        except ValueError as e:
+            raise InputError(str(e)) from e
+        parsed.append((rule["pattern"], _scale_value(rule["scale"], o)))
+    return Scale(_scale_value(value.get("default", 1.0), o), tuple(parsed))
+
+
+def _scale_value(value: Any, o: Option) -> float | tuple[float, ...]:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InputError(f"{o.flag} []: a gradient needs at least one number")
+        return tuple(parse_scale(v, o.flag) for v in value)
+    return parse_scale(value, o.flag)
 
 
 def _patterns(value: Any, o: Option) -> tuple[str, ...]:
@@ -157,6 +191,34 @@ def _patterns(value: Any, o: Option) -> tuple[str, ...]:
     except ValueError as e:
         raise InputError(str(e)) from e
     return patterns
+
+
+class ScaleRuleAction(argparse.Action):
+    """--scale-rule REGEX=VALUE: a rule of the vector whose --chat or --vector came last before it,
+    kept as (vector index, regex, value); `recipe_from_flags` makes them each vector's schedule."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        vectors = getattr(namespace, "chat", None) or getattr(namespace, "vector", None) or []
+        pattern, sep, scale = value.rpartition("=")
+        if not vectors:
+            parser.error(f"{option_string} {value!r}: give it after the --chat or --vector it scales")
+        if not sep or not pattern:
+            parser.error(f"{option_string} {value!r}: write REGEX=VALUE, e.g. 'mlp\\.=0.3'")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), (len(vectors) - 1, pattern, scale)])
+
+
+def recipe_from_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """Flags as recipe keys: each vector's --scale-rule flags become its schedule's rules, with its
+    --scale (or 1.0) as their default."""
+    values = dict(values)
+    rules = values.pop("scale_rule", None)
+    if rules:
+        count = len(values.get("chat") or values.get("vector") or [])
+        scales = values.get("scale") or [1.0] * count
+        if len(scales) == count:  # else build_recipe says how many --scale values there must be
+            values["scale"] = [{"rules": [{"pattern": p, "scale": s} for i, p, s in rules if i == k], "default": v}
+                               if any(i == k for i, _, _ in rules) else v for k, v in enumerate(scales)]
+    return values
 
 
 def _choice(*choices: str) -> Callable[[Any, Option], str]:
@@ -237,6 +299,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("out", "where the checkpoint goes (local path or s3://)", _url),
     Option("scale", "weight of each vector, in order (default 1.0 each)", _scale_list, (_MERGE, _APPLY),
            cli={"action": "append"}),
+    Option("scale_rule", "REGEX=VALUE: tensors whose name matches take this scale, for the --chat or --vector "
+           "given last before it (repeatable; the first match wins; the others take its --scale)", _scale_list,
+           (_MERGE, _APPLY), cli={"action": ScaleRuleAction, "metavar": "REGEX=VALUE"}, flag_only=True),
     Option("vocab", "embedding/head rows when cp's vocabulary is larger: overlap (default: shared rows get the "
            "vector, cp's extra rows stay), skip (no vector), error", _choice(*VOCAB_MODES), (_MERGE, _APPLY),
            cli={"choices": VOCAB_MODES}),
@@ -312,7 +377,7 @@ class Recipe:
     out: str | None
     cp: str | None = None
     base: str | None = None
-    vectors: tuple[tuple[str, float], ...] = ()  # (URL, scale): chat models, or stored vectors, as the kind says
+    vectors: tuple[tuple[str, Scale], ...] = ()  # (URL, scale): chat models, or stored vectors, as the kind says
     vocab: str = "overlap"
     skip: tuple[str, ...] = ()
     special_tokens: tuple[tuple[int, int], ...] = ()
@@ -335,7 +400,7 @@ class Recipe:
         if self.how.vectors == "vector":
             m["vector"] = [u for u, _ in self.vectors]
         if OPTION["scale"].takes(self.kind):
-            m["scale"] = [s for _, s in self.vectors]
+            m["scale"] = [s.to_json() for _, s in self.vectors]
             m.update(vocab=self.vocab, skip=list(self.skip), chat_template=self.chat_template,
                      special_tokens=",".join(f"{a}:{b}" for a, b in self.special_tokens) or None)
         m["dtype"] = self.dtype
@@ -354,7 +419,7 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
         if not isinstance(key, str):
             raise InputError(f"{at}key {shown(key, 40)}: keys are option names like base, chat, scale, out")
     values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
-    allowed = [o.key for o in OPTIONS if o.takes(kind)]
+    allowed = [o.key for o in OPTIONS if o.takes(kind) and not o.flag_only]
     for key in values:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
@@ -368,10 +433,11 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     urls_ = got.get(how.vectors, [])
     if how.single and len(urls_) != 1:
         raise InputError(f"{at}{kind} takes one --{how.vectors}; {kind} one vector per {how.vectors} model")
-    scales = got.get("scale", [1.0] * len(urls_))
+    scales = got.get("scale", [Scale()] * len(urls_))
     if len(scales) != len(urls_):
         raise InputError(f"{at}{len(scales)} --scale values for {len(urls_)} --{how.vectors} inputs; give one --scale "
-                         f"per --{how.vectors}, in the same order (or none for 1.0 each)")
+                         f"per --{how.vectors}, in the same order (or none for 1.0 each); in a recipe, a gradient "
+                         "over the layers is one list inside the list, e.g. scale: [[0.0, 0.5, 1.0]]")
     recipe = Recipe(kind=kind, out=got.get("out"), cp=got.get("cp"), base=got.get("base"),
                     vectors=tuple(zip(urls_, scales)), vocab=got.get("vocab", "overlap"), skip=got.get("skip", ()),
                     special_tokens=got.get("special_tokens", ()), chat_template=got.get("chat_template", True),

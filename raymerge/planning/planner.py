@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from raymerge.errors import PlanError
 from raymerge.ops.rules import compile_patterns, is_head_name, is_vocab_tensor, tied_embedding
-from raymerge.planning.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
 from raymerge.planning.inputs import Checkpoint, TensorRef
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, shard_names, split_into_shards
+from raymerge.planning.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
+from raymerge.planning.schedule import Scale, count_layers
 from raymerge.safetensors.dtypes import ITEMSIZE, is_float, nbytes, numel
 
 # Files whose chat template / EOS settings come from the chat model (see commit.aux).
@@ -33,9 +34,10 @@ class PlanOptions:
 
 @dataclass(frozen=True, slots=True)
 class TermSpec:
-    """One recipe term: `scale * (a - b)`, or `scale * a` when b is None (a stored vector)."""
+    """One recipe term: `scale * (a - b)`, or `scale * a` when b is None (a stored vector). The
+    scale is one number, or a schedule that gives each tensor its own (planning.schedule)."""
 
-    scale: float
+    scale: float | Scale
     a: Checkpoint
     b: Checkpoint | None
 
@@ -78,7 +80,8 @@ def build_plan(spec: RecipeSpec, options: PlanOptions) -> Plan:
     except ValueError as e:
         raise PlanError(f"plan: {e}") from e
     problems = _Problems(reference.role)
-    rules = [_tensor_rule(name, ref, spec, reference, skip, file_ids, options, problems)
+    layers = count_layers(list(reference.tensors), reference.config)
+    rules = [_tensor_rule(name, ref, spec, reference, skip, file_ids, options, problems, layers)
              for name, ref in reference.tensors.items()]
     _check_extras(spec, reference, skip, problems)
     if spec.special_tokens and not any(r.overrides for r in rules):
@@ -137,8 +140,9 @@ def _source(ckpt: Checkpoint, ref: TensorRef, file_ids, offset: int = 0, nbytes:
 
 
 def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpoint, skip, file_ids,
-                 options: PlanOptions, problems: _Problems) -> _Rule:
-    """What one output tensor is made from, and the rule that says why."""
+                 options: PlanOptions, problems: _Problems, layers: int) -> _Rule:
+    """What one output tensor is made from, and the rule that says why. `layers`: the model's, for
+    scale schedules."""
     anchor = _source(spec.anchor, ref, file_ids) if spec.anchor is not None else None
     if not is_float(ref.dtype):
         # Integer and bool tensors (ids, masks) have no meaningful difference: keep them as they are.
@@ -183,7 +187,8 @@ def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpo
     for term, (ra, rb) in zip(spec.terms, found):
         srcs = [_source(c, r, file_ids, nbytes=None if limit is None else limit * ITEMSIZE[r.dtype])
                 if r is not None else None for c, r in ((term.a, ra), (term.b, rb))]
-        terms.append(Term(term.scale, srcs[0], srcs[1], limit))
+        scale = term.scale.at(name, layers) if isinstance(term.scale, Scale) else term.scale
+        terms.append(Term(scale, srcs[0], srcs[1], limit))
     return _Rule(name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum")
 
 

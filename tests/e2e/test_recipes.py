@@ -220,3 +220,48 @@ def test_stats_and_inspect(ray_local, models, tensors, tmp_path):
     assert "chat vector merge" in r.stdout and "mean rel" in r.stdout
     assert len([line for line in r.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 2
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scale_schedules_give_each_tensor_its_own_scale(ray_local, models, tensors, tmp_path):
+    """Rules (first match wins) over a gradient default for one chat model, a gradient for the other:
+    each tensor against its own scales, written out here independently of raymerge's schedule code."""
+    import re
+
+    def scales(name: str) -> tuple[float, float]:
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        layer = int(m.group(1)) if m else None  # the trio has 2 layers: t = 0 and t = 1
+        first = 0.25 if "mlp" in name else (0.0 if layer is None else [0.0, 1.0][layer])
+        second = 1.0 if layer is None else [1.0, 0.5][layer]
+        return first, second
+
+    out = str(tmp_path / "scheduled")
+    raymerge.merge(models["base"], [models["chat"], models["chat2"]], models["cp"], out, scale=[
+        {"rules": [{"pattern": "mlp", "scale": 0.25}], "default": [0.0, 0.5, 1.0]}, [1.0, 0.5]])
+    base, chat, chat2, cp = (tensors[r] for r in ("base", "chat", "chat2", "cp"))
+    want = {}
+    for name in cp:
+        s1, s2 = scales(name)
+        acc = cp[name].float()
+        acc = acc + torch.tensor(s1, dtype=torch.float32) * (chat[name].float() - base[name].float())
+        acc = acc + torch.tensor(s2, dtype=torch.float32) * (chat2[name].float() - base[name].float())
+        want[name] = acc.to(cp[name].dtype)
+    assert_bit_identical(load_folder(out), want)
+    manifest = json.load(open(os.path.join(out, "raymerge_manifest.json")))
+    assert manifest["recipe"]["scale"][1] == [1.0, 0.5]  # recorded as given, so verify plans it again
+    r = subprocess.run([sys.executable, "-m", "raymerge", "verify", out, "--recompute", "2"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_plan_shows_each_tensors_resolved_scale(models):
+    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--base", models["base"], "--chat", models["chat"],
+                        "--scale", "0.5", "--scale-rule", r"layers\.1\.=0.125", "--cp", models["cp"], "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    tensors = json.loads(r.stdout)["tensors"]
+    assert {t["name"]: t["scales"] for t in tensors} == {
+        t["name"]: [0.125 if ".layers.1." in t["name"] else 0.5] for t in tensors}
+    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--base", models["base"], "--chat", models["chat"],
+                        "--scale", "0.5", "--scale-rule", r"layers\.1\.=0.125", "--cp", models["cp"]],
+                       capture_output=True, text=True)
+    assert "layer   0: 0.5\n" in r.stdout and "layer   1: 0.125\n" in r.stdout and "other    : 0.5\n" in r.stdout

@@ -1,0 +1,76 @@
+"""Scale schedules: a vector's scale for each tensor.
+
+A schedule is a number (every tensor), a gradient (numbers spread over the layers and linearly
+interpolated, as mergekit's gradients are: layer i of n sits at t = i / (n - 1)), or rules: an
+ordered list of (regex, number or gradient), the first whose regex `search`es the tensor's name
+winning, with a default (a number or a gradient) for the tensors no rule names. Tensors outside
+numbered layers (embeddings, head, final norm) take a gradient's first value, as mergekit gives
+them t = 0. Pure Python: the planner resolves a schedule into one float per tensor and term.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# The layer index in a tensor name: Llama's model.layers.N., GPT-2's h.N., blocks.N., layer.N.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+Value = float | tuple[float, ...]  # a number, or a gradient over the layers
+
+
+def layer_of(name: str) -> int | None:
+    """The layer a tensor belongs to, from its name; None outside numbered layers."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def count_layers(names: list[str], config: dict[str, Any] | None) -> int:
+    """Layers of a model: its config's count, else one more than the highest layer index named."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = (config or {}).get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return 1 + max((i for i in map(layer_of, names) if i is not None), default=0)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One vector's schedule (see the module's docstring)."""
+
+    default: Value = 1.0
+    rules: tuple[tuple[str, Value], ...] = ()
+
+    def at(self, name: str, layers: int) -> float:
+        """The scale of tensor `name` in a model of `layers` layers."""
+        for pattern, value in self.rules:
+            if re.search(pattern, name):
+                return _evaluate(value, name, layers)
+        return _evaluate(self.default, name, layers)
+
+    @property
+    def constant(self) -> bool:
+        return not self.rules and isinstance(self.default, float)
+
+    def to_json(self) -> Any:
+        """As a recipe writes it: a number, a list, or {rules: [{pattern, scale}], default}."""
+        if not self.rules:
+            return _json(self.default)
+        return {"rules": [{"pattern": p, "scale": _json(v)} for p, v in self.rules], "default": _json(self.default)}
+
+
+def _evaluate(value: Value, name: str, layers: int) -> float:
+    if isinstance(value, float):
+        return value
+    layer = layer_of(name)
+    t = 0.0 if layer is None else (layer / (layers - 1) if layers > 1 else 1.0)
+    scaled = min(t, 1.0) * (len(value) - 1)  # a layer index past the count stays at the end
+    i0 = int(scaled)
+    i1 = min(len(value) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * value[i0] + frac * value[i1]  # mergekit's interpolation, in the same order
+
+
+def _json(value: Value) -> Any:
+    return list(value) if isinstance(value, tuple) else value
