@@ -21,6 +21,7 @@ EXAMPLES = {  # the recipe kinds' examples are their own (raymerge.methods)
 """,
     "run": """example:
   raymerge run recipe.yaml        # kind: merge|extract|apply, plus the command's flags as keys
+  raymerge run recipe.yaml --out s3://models/try2 --workers 8 --resume    # flags win over the file's keys
 """,
     "verify": """example:
   raymerge verify s3://models/llama2-7b-zh-chat --recompute 5    # exit 0: sound; 1: names shard and tensors
@@ -80,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, "merge", planning=True)
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     _add_common(p)
-    p = command("run", "run a YAML recipe (kind: " + ", ".join(RECIPES) + ", and the command's flags as keys)",
-                EXAMPLES["run"])
+    p = command("run", "run a YAML recipe (kind: " + ", ".join(RECIPES) + ", and the command's flags as keys); "
+                "--out and run flags given here win over the file's keys", EXAMPLES["run"])
     p.add_argument("recipe", help="the recipe file")
+    for o in OPTIONS:
+        if o.run or o.key == "out":
+            p.add_argument(o.flag, dest=o.key, default=None, help=o.help, **o.cli)
+    p.add_argument("--report", metavar="FILE.json", help="save the run report (bytes, times, GB/s, retries, memory)")
     _add_common(p)
     p = command("verify", "check a checkpoint against its manifest: shards, headers, index, checksums",
                 EXAMPLES["verify"])
@@ -139,9 +144,9 @@ def _run_file(args: argparse.Namespace) -> int:
     from raymerge.config import load_recipe_file
     from raymerge.session import prefer_loopback
 
-    recipe, run_options = load_recipe_file(args.recipe)
+    recipe, run_options = load_recipe_file(args.recipe, recipe_values(args))
     prefer_loopback(run_options.address or os.environ.get("RAY_ADDRESS"))
-    _report(run(recipe, run_options))
+    _report(run(recipe, run_options), args.report)
     return 0
 
 

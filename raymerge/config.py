@@ -456,8 +456,9 @@ def _at(at: str, fn, *args, **kwargs):
         raise InputError(f"{at}{e}") from e
 
 
-def load_recipe_file(path: str) -> tuple[Recipe, RunOptions]:
-    """A YAML recipe: `kind` plus the same keys as the command's flags (`-` or `_`)."""
+def load_recipe_file(path: str, flags: dict[str, Any] | None = None) -> tuple[Recipe, RunOptions]:
+    """A YAML recipe: `kind` plus the same keys as the command's flags (`-` or `_`). `flags`: keys
+    given on the command line, which win over the file's."""
     import yaml
 
     try:
@@ -475,4 +476,6 @@ def load_recipe_file(path: str) -> tuple[Recipe, RunOptions]:
     if kind is None:
         kinds = [f"'kind: {k}'" for k in RECIPES]
         raise InputError(f"recipe {path}: needs {', '.join(kinds[:-1])} or {kinds[-1]}")
+    data = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()}
+    data.update(flags or {})
     return build_recipe(kind, data, where=f"recipe {path}")

@@ -127,3 +127,26 @@ def test_more_than_one_gpu_per_worker_is_refused_with_what_works(value):
                                          r"more workers \(--gpus-per-worker 1"):
         build_recipe("merge", {**TRIO, "gpus_per_worker": value})
     assert build_recipe("merge", {**TRIO, "gpus_per_worker": 1})[1].gpus_per_worker == 1.0
+
+
+def test_command_line_flags_win_over_a_recipe_files_keys(tmp_path):
+    from raymerge.config import load_recipe_file
+
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: merge\nbase: /m/base\nchat: /m/chat\ncp: /m/cp\nout: /m/out\nitem-size: 8MiB\nworkers: 2\n")
+    recipe, run = load_recipe_file(str(path), {"out": "/m/elsewhere", "workers": 6, "resume": True})
+    assert (recipe.out, run.workers, run.resume, run.item_size) == ("/m/elsewhere", 6, True, 8 * 2**20)
+    recipe, run = load_recipe_file(str(path))
+    assert (recipe.out, run.workers, run.resume) == ("/m/out", 2, False)
+
+
+def test_run_takes_out_and_run_flags_checked_like_the_commands(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: merge\nbase: /m/base\nchat: /m/chat\ncp: /m/cp\n")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", str(path), "--out", str(tmp_path / "o"),
+                        "--item-size", "10"], capture_output=True, text=True)
+    assert r.returncode == 2 and f"recipe {path}: --item-size 10: must be between 4KiB and 2GiB" in r.stderr
+    assert not (tmp_path / "o").exists()
