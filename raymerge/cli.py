@@ -50,7 +50,7 @@ def _add_options(p: argparse.ArgumentParser, kind: str, planning: bool = False) 
             continue
         extra = dict(o.cli)
         flag = extra.pop("flag", o.flag)
-        required = o.required or (o.key == "out" and not planning)  # a run needs --out; a plan goes without
+        required = o.needed(kind) or (o.key == "out" and not planning)  # a run needs --out; a plan goes without
         p.add_argument(flag, dest=o.key, required=required, default=None, help=o.help, **extra)
 
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=example,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    for how in RECIPES.values():
+    for how in (h for h in RECIPES.values() if h.command):
         p = command(how.name, how.summary, how.example)
         _add_options(p, how.name)
         p.add_argument("--report", metavar="FILE.json",
@@ -235,14 +235,14 @@ def configure_logging(verbose: int, quiet: bool) -> None:
                                                     else logging.INFO)
 
 
-COMMANDS = {**{kind: _run_kind for kind in RECIPES}, "plan": _plan, "run": _run_file, "inspect": _inspect,
+COMMANDS = {**{kind: _run_kind for kind, how in RECIPES.items() if how.command}, "plan": _plan, "run": _run_file, "inspect": _inspect,
             "verify": _verify, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
-    if args.command in (*RECIPES, "demo"):  # `run` does it once its file is read
+    if args.command in (*(k for k, h in RECIPES.items() if h.command), "demo"):  # `run`: once its file is read
         from raymerge.session import prefer_loopback
 
         prefer_loopback(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))

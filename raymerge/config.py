@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from raymerge import mergekit_recipe
 from raymerge.errors import InputError
 from raymerge.methods import RECIPES, RecipeKind
 from raymerge.ops.rules import VOCAB_MODES, compile_patterns, parse_special_tokens
@@ -114,11 +115,13 @@ class Option:
     help: str
     parse: Callable[[Any, Option], Any]  # (value, this option) -> the checked value; raises InputError
     kinds: tuple[str, ...] = ()  # the recipe kinds that take it; (): every kind
-    required: bool = False  # in the kinds that take it
+    required: bool = False  # in the kinds that take it, but those of `optional_in`
+    optional_in: tuple[str, ...] = ()
     run: bool = False  # how to run (a RunOptions field) rather than what to compute
     plans: bool = True  # a flag of `raymerge plan` too: it can change the plan
     cli: dict[str, Any] = field(default_factory=dict)  # argparse's extras: action, type, metavar, choices
     flag_only: bool = False  # a command-line spelling of another key (`recipe_from_flags` turns it into that key)
+    param: bool = False  # a parameter of the recipe's method (Recipe.params, TensorPlan.params)
 
     @property
     def flag(self) -> str:
@@ -126,6 +129,9 @@ class Option:
 
     def takes(self, kind: str) -> bool:
         return not self.kinds or kind in self.kinds
+
+    def needed(self, kind: str) -> bool:
+        return self.required and self.takes(kind) and kind not in self.optional_in
 
 
 def _url(value: Any, o: Option) -> str:
@@ -283,22 +289,34 @@ def _address(value: Any, o: Option) -> str:
     return value
 
 
+def _finite(value: Any, o: Option) -> float:
+    return parse_scale(value, o.flag)
+
+
 MIN_ITEM_SIZE = 4096
 MAX_ITEM_SIZE = 2**31
 _MERGE, _EXTRACT, _APPLY = "merge", "extract", "apply"
+_TA, _LINEAR = "task_arithmetic", "linear"  # mergekit's methods, in mergekit's order (recipe files only)
 
 # Every option, once: argparse (cli.py), recipe files and the API's keywords all come from here.
 OPTIONS: tuple[Option, ...] = (
-    Option("base", "the base model the chat model was tuned from (URL)", _url, (_MERGE, _EXTRACT), required=True),
+    Option("base", "the base model the chat model was tuned from (URL); linear: whose config and tokenizer the "
+           "output takes (default: the first model's)", _url, (_MERGE, _EXTRACT, _TA, _LINEAR), required=True,
+           optional_in=(_LINEAR,)),
     Option("chat", "the chat model (URL); merge: repeat for several, one --scale each", _urls, (_MERGE, _EXTRACT),
            required=True, cli={"action": "append"}),
     Option("cp", "the model continually pre-trained on the new language (URL)", _url, (_MERGE, _APPLY),
            required=True),
     Option("vector", "a vector made by `raymerge extract` (URL); repeat for several, one --scale each", _urls,
            (_APPLY,), required=True, cli={"action": "append"}),
+    Option("model", "a model to combine (URL), one --scale (mergekit's weight) each", _urls, (_TA, _LINEAR),
+           required=True, cli={"action": "append"}),
     Option("out", "where the checkpoint goes (local path or s3://)", _url),
-    Option("scale", "weight of each vector, in order (default 1.0 each)", _scale_list, (_MERGE, _APPLY),
+    Option("scale", "weight of each vector, in order (default 1.0 each)", _scale_list, (_MERGE, _APPLY, _TA, _LINEAR),
            cli={"action": "append"}),
+    Option("normalize", "divide the weighted sum by the sum of the weights (mergekit's normalize)", _bool,
+           (_TA, _LINEAR), param=True),
+    Option("lambda", "multiply the combined change by this (mergekit's lambda)", _finite, (_TA,), param=True),
     Option("scale_rule", "REGEX=VALUE: tensors whose name matches take this scale, for the --chat or --vector "
            "given last before it (repeatable; the first match wins; the others take its --scale)", _scale_list,
            (_MERGE, _APPLY), cli={"action": ScaleRuleAction, "metavar": "REGEX=VALUE"}, flag_only=True),
@@ -377,12 +395,13 @@ class Recipe:
     out: str | None
     cp: str | None = None
     base: str | None = None
-    vectors: tuple[tuple[str, Scale], ...] = ()  # (URL, scale): chat models, or stored vectors, as the kind says
+    vectors: tuple[tuple[str, Scale], ...] = ()  # (URL, scale): chat models, stored vectors, models, as the kind says
     vocab: str = "overlap"
     skip: tuple[str, ...] = ()
     special_tokens: tuple[tuple[int, int], ...] = ()
     chat_template: bool = True
     dtype: str | None = None
+    params: tuple[tuple[str, float | bool], ...] = ()  # the method's parameters given (normalize, lambda)
 
     @property
     def how(self) -> RecipeKind:
@@ -393,16 +412,16 @@ class Recipe:
         m: dict[str, Any] = {"kind": self.kind}
         if self.base:
             m["base"] = self.base
-        if self.how.vectors == "chat":
-            m["chat"] = [u for u, _ in self.vectors]
+        m[self.how.vectors] = [u for u, _ in self.vectors]
         if self.cp:
             m["cp"] = self.cp
-        if self.how.vectors == "vector":
-            m["vector"] = [u for u, _ in self.vectors]
         if OPTION["scale"].takes(self.kind):
             m["scale"] = [s.to_json() for _, s in self.vectors]
-            m.update(vocab=self.vocab, skip=list(self.skip), chat_template=self.chat_template,
-                     special_tokens=",".join(f"{a}:{b}" for a, b in self.special_tokens) or None)
+        if OPTION["vocab"].takes(self.kind):
+            m.update(vocab=self.vocab, skip=list(self.skip), chat_template=self.chat_template)
+        if OPTION["special_tokens"].takes(self.kind):
+            m["special_tokens"] = ",".join(f"{a}:{b}" for a, b in self.special_tokens) or None
+        m.update(self.params)
         m["dtype"] = self.dtype
         m["out"] = self.out
         return m
@@ -426,7 +445,7 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
             hint = f"; did you mean {close[0]!r}?" if close else f"; {kind} takes: {', '.join(allowed)}"
             raise InputError(f"{at}unknown key {shown(key, 40)} for {kind}{hint}")
     for o in OPTIONS:
-        if o.required and o.takes(kind) and not values.get(o.key):
+        if o.needed(kind) and not values.get(o.key):
             raise InputError(f"{at}{kind} needs {o.flag}")
     got = {k: _at(at, OPTION[k].parse, v, OPTION[k]) for k, v in values.items() if not OPTION[k].run}
     how = RECIPES[kind]
@@ -438,10 +457,12 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
         raise InputError(f"{at}{len(scales)} --scale values for {len(urls_)} --{how.vectors} inputs; give one --scale "
                          f"per --{how.vectors}, in the same order (or none for 1.0 each); in a recipe, a gradient "
                          "over the layers is one list inside the list, e.g. scale: [[0.0, 0.5, 1.0]]")
+    # A recipe without the vocab key (a mergekit recipe's) needs every input to have the same shapes.
+    vocab = got.get("vocab", "overlap" if OPTION["vocab"].takes(kind) else "error")
     recipe = Recipe(kind=kind, out=got.get("out"), cp=got.get("cp"), base=got.get("base"),
-                    vectors=tuple(zip(urls_, scales)), vocab=got.get("vocab", "overlap"), skip=got.get("skip", ()),
+                    vectors=tuple(zip(urls_, scales)), vocab=vocab, skip=got.get("skip", ()),
                     special_tokens=got.get("special_tokens", ()), chat_template=got.get("chat_template", True),
-                    dtype=got.get("dtype"))
+                    dtype=got.get("dtype"), params=tuple((o.key, got[o.key]) for o in OPTIONS if o.param and o.key in got))
     run = _at(at, RunOptions.parse, **{k: v for k, v in values.items() if OPTION[k].run})
     return recipe, run
 
@@ -472,6 +493,9 @@ def load_recipe_file(path: str, flags: dict[str, Any] | None = None) -> tuple[Re
         raise InputError(f"recipe {path}: nested too deeply; a recipe is a flat mapping of keys") from e
     if not isinstance(data, dict):
         raise InputError(f"recipe {path}: must be a mapping of keys like kind, base, chat, cp, out")
+    if mergekit_recipe.is_mergekit(data):
+        kind, values = mergekit_recipe.recipe_values(data, f"recipe {path}")
+        return build_recipe(kind, {**values, **(flags or {})}, where=f"recipe {path}")
     kind = data.pop("kind", None)
     if kind is None:
         kinds = [f"'kind: {k}'" for k in RECIPES]

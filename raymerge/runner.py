@@ -68,16 +68,17 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
         found = dict(zip(roles, pool.map(lambda u: resolve(roles[u], u, storage_options), roles)))
     log.info("resolve: %d inputs, %d shards, in %.2fs", len(found), sum(len(c.files) for c in found.values()),
              time.perf_counter() - started)
-    cp = found.get(recipe.cp) if recipe.cp else None
-    base = found.get(recipe.base) if recipe.base else None
-    inputs = [(found[u], scale) for u, scale in recipe.vectors]
-    differences = recipe.how.vectors == "chat"  # chat models, each minus base; else stored vectors
-    terms = tuple(TermSpec(scale, ckpt, base if differences else None) for ckpt, scale in inputs)
-    first = inputs[0][0] if inputs else None
-    return RecipeSpec(anchor=cp if recipe.how.anchor else None, terms=terms, vocab=recipe.vocab, skip=recipe.skip,
-                      special_tokens=recipe.special_tokens, special_from=first if differences else None,
-                      template_from=first if recipe.chat_template and recipe.how.anchor else None,
-                      aux_from=cp if recipe.how.anchor else first, method=recipe.how.method)
+    how = recipe.how
+    role = {"cp": recipe.cp, "base": recipe.base, how.vectors: recipe.vectors[0][0] if recipe.vectors else None}
+    checkpoint = {key: found[url] if url else None for key, url in role.items()}
+    minus = checkpoint[how.minus] if how.minus else None
+    terms = tuple(TermSpec(scale, found[url], minus) for url, scale in recipe.vectors)
+    first = checkpoint[how.vectors]
+    return RecipeSpec(anchor=checkpoint[how.anchor] if how.anchor else None, terms=terms, vocab=recipe.vocab,
+                      skip=recipe.skip, special_tokens=recipe.special_tokens,
+                      special_from=first if how.minus else None,
+                      template_from=first if recipe.chat_template and how.template else None,
+                      aux_from=checkpoint[how.aux] or first, method=how.method, params=recipe.params)
 
 
 def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None) -> list[str]:

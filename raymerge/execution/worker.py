@@ -236,7 +236,7 @@ def _operands(p: int, t: TensorPlan, inputs: dict[tuple[int, str, int], memoryvi
         if (p, A, j) in inputs:
             b = k.view(inputs[(p, B, j)], term.b.dtype) if term.b is not None else None
             vectors.append(Vector(term.scale, k.view(inputs[(p, A, j)], term.a.dtype), b))
-    return Operands(anchor, tuple(vectors))
+    return Operands(anchor, tuple(vectors), t.params)
 
 
 def _test_fault(var: str) -> None:

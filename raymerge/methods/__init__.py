@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from raymerge.methods.base import ELEMENTWISE, Method, Operands, Parameter, RecipeKind, Vector
 from raymerge.methods.sum import Sum
+from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 
-METHODS: dict[str, Method] = {m.name: m for m in (Sum(),)}
+METHODS: dict[str, Method] = {m.name: m for m in (Sum(), TaskArithmetic(), Linear())}
 # Every recipe kind (a command, a recipe file's `kind:`), by name.
 RECIPES: dict[str, RecipeKind] = {r.name: r for m in METHODS.values() for r in m.recipes}
 

@@ -29,16 +29,21 @@ class Vector:
 
 @dataclass(frozen=True, slots=True)
 class Operands:
-    """What one piece of a tensor is computed from, by name (arrays of the kernel's type)."""
+    """What one piece of a tensor is computed from, by name (arrays of the kernel's type), and the
+    tensor's method parameters (TensorPlan.params)."""
 
     anchor: Any | None  # None: the result starts at zero (extracting a vector)
     vectors: tuple[Vector, ...]
+    params: tuple[tuple[str, float], ...] = ()
+
+    def param(self, name: str, default: float) -> float:
+        return next((v for k, v in self.params if k == name), default)
 
     def rows(self, lo: int, hi: int) -> Operands:
         """The operands of elements [lo, hi) of the piece."""
         return Operands(self.anchor[lo:hi] if self.anchor is not None else None,
                         tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None)
-                              for v in self.vectors))
+                              for v in self.vectors), self.params)
 
 
 @dataclass(frozen=True)
@@ -53,16 +58,21 @@ class Parameter:
 
 @dataclass(frozen=True)
 class RecipeKind:
-    """One way to ask for a method: a command (`raymerge merge`) and a recipe file's `kind:`."""
+    """One way to ask for a method: a command (`raymerge merge`) and a recipe file's `kind:`. It
+    names its inputs by the recipe keys that hold them."""
 
     name: str
     method: str
     summary: str  # what it computes, in one line: the command's help
-    vectors: str  # the key listing the vector inputs: "chat" (each minus base) or "vector" (stored ones)
-    anchor: bool  # cp is the anchor; False: the sum starts at zero (extract)
+    vectors: str  # the key listing the vector inputs ("chat", "vector", "model"), one scale each
+    anchor: str | None  # the key of the anchor ("cp", "base"); None: the sum starts at zero
+    minus: str | None  # the key of the checkpoint each vector input is taken minus ("base"), if any
+    aux: str  # the key whose config and tokenizer files the output takes (a list key: its first)
     manifest_kind: str  # what the manifest calls the output
     example: str  # the command's example, for --help
     single: bool = False  # takes exactly one vector input
+    template: bool = False  # the output takes the first vector input's chat template and EOS
+    command: bool = True  # a command of its own; False: only a recipe file's kind (a mergekit recipe's)
 
 
 class Method(ABC):

@@ -14,19 +14,19 @@ class Sum(Method):
     name = "sum"
     parameters = (Parameter("scale", "the weight of each vector, in order", 1.0),)
     recipes = (
-        RecipeKind("merge", "sum", "out = cp + sum_i scale_i * (chat_i - base)", vectors="chat", anchor=True,
-                   manifest_kind="chat vector merge", example="""example:
+        RecipeKind("merge", "sum", "out = cp + sum_i scale_i * (chat_i - base)", vectors="chat", anchor="cp",
+                   minus="base", aux="cp", template=True, manifest_kind="chat vector merge", example="""example:
   raymerge merge --base s3://models/llama2-7b --chat s3://models/llama2-7b-chat \\
                  --cp s3://models/llama2-7b-zh-cp --out s3://models/llama2-7b-zh-chat --scale 0.5
   # two chat models against one base, one --scale each, in order:
   raymerge merge --base ./base --chat ./chat-a --scale 0.5 --chat ./chat-b --scale 0.5 --cp ./cp --out ./out
 """),
         RecipeKind("extract", "sum", "store the chat vector chat - base (float32 by default)", vectors="chat",
-                   anchor=False, manifest_kind="chat vector", example="""example:
+                   anchor=None, minus="base", aux="chat", manifest_kind="chat vector", example="""example:
   raymerge extract --base s3://models/llama2-7b --chat s3://models/llama2-7b-chat --out s3://vectors/llama2-chat
 """, single=True),
-        RecipeKind("apply", "sum", "out = cp + sum_i scale_i * vector_i", vectors="vector", anchor=True,
-                   manifest_kind="chat vector apply", example="""example:
+        RecipeKind("apply", "sum", "out = cp + sum_i scale_i * vector_i", vectors="vector", anchor="cp",
+                   minus=None, aux="cp", template=True, manifest_kind="chat vector apply", example="""example:
   raymerge apply --cp ./llama2-zh-cp --vector ./vec-chat --scale 0.5 --vector ./vec-math --scale 0.5 --out ./out
 """),
     )

@@ -96,6 +96,12 @@ class Kernel(Protocol):
         """
         ...
 
+    def fused_sum(self, out: Any, terms: list[tuple[float, Any]], scratch: Scratch) -> None:
+        """out (float32) = 0, then for each (scale, a) in order out = fma(a, scale, out): a product and
+        a sum rounded once, as torch's addcmul_ does (mergekit's linear). No statistics: `out`
+        is an intermediate that `weighted_sum` then rounds and counts."""
+        ...
+
 
 def supports(dtype: str) -> bool:
     """Whether the numpy kernel handles a dtype."""

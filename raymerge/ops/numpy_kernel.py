@@ -50,6 +50,17 @@ class NumpyKernel:
                      terms: list[tuple[float, np.ndarray, np.ndarray | None]], scratch: Scratch) -> Sums:
         return weighted_sum(out, anchor, terms, scratch)
 
+    def fused_sum(self, out: np.ndarray, terms: list[tuple[float, np.ndarray]], scratch: Scratch) -> None:
+        c = scratch.chunk
+        with np.errstate(all="ignore"):
+            for lo in range(0, out.size, c):
+                acc = out[lo:lo + c]
+                acc.fill(0)
+                for scale, a in terms:
+                    x = scratch.x[:acc.size]
+                    _widen(x, a[lo:lo + acc.size])
+                    _fma(x, np.float32(scale), acc)
+
 
 NUMPY = NumpyKernel()
 
@@ -125,6 +136,26 @@ def _add_terms(acc: np.ndarray, live: list, scratch: Scratch, lo: int) -> float:
             np.add(d[:p], xp, out=d[:p])
     changed = d if several else xp
     return float(np.dot(changed, changed))
+
+
+def _fma(x: np.ndarray, scale: np.float32, acc: np.ndarray) -> None:
+    """acc = x * scale + acc in float32, rounded once (numpy has no fused multiply-add).
+
+    The product of two float32 is exact in float64; the float64 sum s is off by e, which TwoSum
+    finds exactly. Rounding s to float32 is then right, except where s lies exactly halfway between
+    two float32 and e != 0: the exact value is on e's side of that tie, and is rounded there.
+    """
+    p = x.astype(np.float64) * np.float64(scale)
+    c = acc.astype(np.float64)
+    s = p + c
+    v = s - p
+    e = (p - (s - v)) + (c - v)
+    r = s.astype(np.float32)
+    r64 = r.astype(np.float64)
+    n = np.nextafter(r, np.where(s > r64, np.float32(np.inf), np.float32(-np.inf)))  # the float32 on s's side
+    n64 = n.astype(np.float64)
+    tie = (s == (r64 + n64) * 0.5) & (s != r64) & (e != 0)
+    acc[:] = np.where(tie & (np.sign(e) == np.sign(n64 - r64)), n, r)
 
 
 def _fix_nans(out: np.ndarray, nans: np.ndarray, anchor: np.ndarray | None, live: list, lo: int) -> None:

@@ -97,6 +97,18 @@ class TorchKernel:
             new += fresh
         return Sums(ss_delta, ss_anchor, nonfinite, new)
 
+    def fused_sum(self, out: torch.Tensor, terms: list[tuple[float, torch.Tensor]], scratch: Scratch) -> None:
+        _fused_sum(out, terms, scratch)
+
+
+def _fused_sum(out: torch.Tensor, terms: list[tuple[float, torch.Tensor]], scratch: Scratch) -> None:
+    """`Kernel.fused_sum` with torch's own addcmul_ (fused on the CPU), on the host tensors."""
+    out.zero_()
+    for scale, a in terms:
+        wide = a.float() if a.dtype != torch.float16 else \
+            scratch.staging["f16"].cpu()[a.view(torch.int16).long() & 0xFFFF]  # the exact widening of F16 NaNs
+        out.addcmul_(wide, torch.tensor(float(np.float32(scale)), dtype=torch.float32))
+
 
 def _chunk(out: torch.Tensor, anchor: torch.Tensor | None, terms32: list, scratch: Scratch, lo: int, hi: int,
            largest: float) -> tuple[float, float, int, int]:

@@ -73,6 +73,7 @@ class TensorPlan:
     overrides: tuple[RowOverride, ...] = ()
     rule: str = "sum"  # why it has these terms: sum, copy, skip, vocab-overlap, vocab-skip, ...
     method: str = "sum"  # the name of its method in raymerge.methods.METHODS
+    params: tuple[tuple[str, float | bool], ...] = ()  # the method's parameters, (name, value), for this tensor
 
     @property
     def is_copy(self) -> bool:

@@ -55,6 +55,7 @@ class RecipeSpec:
     template_from: Checkpoint | None = None  # whose chat template and EOS the tokenizer takes
     aux_from: Checkpoint | None = None  # whose config/tokenizer files are copied (default: anchor)
     method: str = "sum"  # the name of the method (raymerge.methods) that combines the terms
+    params: tuple[tuple[str, float | bool], ...] = ()  # the method's parameters, (name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ def build_plan(spec: RecipeSpec, options: PlanOptions) -> Plan:
         problems.other.append("--special-tokens: no embedding or output-head tensor found in "
                               f"--{reference.role} to set rows of")
     problems.raise_if_any()
-    return _layout(files, rules, _aux_plan(spec, reference), options, spec.method)
+    return _layout(files, rules, _aux_plan(spec, reference), options, spec.method, spec.params)
 
 
 class _Problems:
@@ -242,7 +243,7 @@ def _aux_plan(spec: RecipeSpec, reference: Checkpoint) -> tuple[AuxFile, ...]:
 
 
 def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...], options: PlanOptions,
-            method: str) -> Plan:
+            method: str, params: tuple[tuple[str, float | bool], ...]) -> Plan:
     sizes = [nbytes(r.dtype, r.shape) for r in rules]
     groups = split_into_shards(sizes, options.shard_size)
     names = shard_names(len(groups))
@@ -255,7 +256,7 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
         for i, start in zip(group, starts):
             r = rules[i]
             tensors.append(TensorPlan(r.name, r.dtype, r.shape, s, start, sizes[i], r.anchor, r.terms, r.overrides,
-                                      r.rule, method))
+                                      r.rule, method, params))
         size = len(header) + sum(sizes[i] for i in group)
         slots = [Slot(t.start, t.nbytes, ITEMSIZE[t.dtype]) for t in tensors[first:]]
         item_size = _item_size(size, options)

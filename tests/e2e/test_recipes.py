@@ -4,6 +4,7 @@ float32 reference in tests/helpers.py."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -265,3 +266,93 @@ def test_plan_shows_each_tensors_resolved_scale(models):
                         "--scale", "0.5", "--scale-rule", r"layers\.1\.=0.125", "--cp", models["cp"]],
                        capture_output=True, text=True)
     assert "layer   0: 0.5\n" in r.stdout and "layer   1: 0.125\n" in r.stdout and "other    : 0.5\n" in r.stdout
+
+
+def _mergekit_file(tmp_path, text: str) -> str:
+    path = tmp_path / "mergekit.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_mergekit_task_arithmetic_runs_in_mergekits_order(ray_local, models, tensors, tmp_path):
+    """A mergekit file: the weighted deltas summed first, divided by the weights' sum, times lambda,
+    then added to the base; the reference is mergekit's own sequence of torch operations."""
+    path = _mergekit_file(tmp_path, f"""merge_method: task_arithmetic
+base_model: {models['base']}
+models:
+  - model: {models['base']}
+  - model: {models['chat']}
+    parameters: {{weight: 0.7}}
+  - model: {models['chat2']}
+    parameters:
+      weight: [{{filter: mlp, value: 0.2}}, {{value: 0.3}}]
+parameters: {{normalize: true, lambda: 0.9}}
+dtype: float32
+out_dtype: bfloat16
+tokenizer_source: base
+""")
+    out = str(tmp_path / "ta")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    base, chat, chat2 = (tensors[k] for k in ("base", "chat", "chat2"))
+    want = {}
+    for name in base:
+        b = base[name].float()
+        deltas = torch.stack([chat[name].float() - b, chat2[name].float() - b])
+        weights = torch.tensor([0.7, 0.2 if "mlp" in name else 0.3], dtype=torch.float32)
+        while deltas.dim() > weights.dim():
+            weights.unsqueeze_(-1)
+        deltas.mul_(weights)
+        mixed = deltas.sum(dim=0)
+        mixed /= weights.sum(dim=0)
+        mixed *= 0.9
+        want[name] = (b + mixed).to(torch.bfloat16)
+    assert_bit_identical(load_folder(out), want)
+    manifest = json.load(open(os.path.join(out, "raymerge_manifest.json")))
+    assert manifest["kind"] == "mergekit task_arithmetic" and manifest["recipe"]["lambda"] == 0.9
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        assert json.load(f) == {"from": "base"}  # tokenizer_source: base
+
+
+def test_mergekit_linear_averages_the_models(ray_local, models, tensors, tmp_path):
+    path = _mergekit_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {models['chat']}
+    parameters: {{weight: 0.7}}
+  - model: {models['chat2']}
+    parameters: {{weight: 0.6}}
+dtype: float32
+""")
+    out = str(tmp_path / "linear")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    want = {}
+    for name, first in tensors["chat"].items():
+        weight = torch.tensor([[0.7, 0.6]], dtype=torch.float32)  # mergekit's: a batch of one
+        result = torch.zeros_like(first, dtype=torch.float32)
+        for t, c in zip((first.float(), tensors["chat2"][name].float()), weight.unbind(1)):
+            result.addcmul_(t, c.reshape(()))  # a fused multiply-add on the CPU
+        result.div_(weight.sum(dim=1).reshape(()))
+        want[name] = result.to(torch.float32)  # dtype float32 and no out_dtype: float32 out
+    assert_bit_identical(load_folder(out), want)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("merge_method: slerp\nmodels: [{model: a}]\n", "merge_method 'slerp': raymerge runs mergekit's task_arithmetic "
+                                                     "and linear recipes"),
+    ("merge_method: linear\nslices: []\nmodels: [{model: a}]\n", "slices.*list them under models"),
+    ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: a}]\n", "tokenizer_source 'union'"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {density: 0.5}}]\n", "density.*takes weight, normalize"),
+    ("merge_method: task_arithmetic\nmodels: [{model: a, parameters: {weight: 1}}]\n", "needs a base_model"),
+    ("merge_method: linear\nmodels: [{model: a}]\n", r"models\[0\].parameters.weight: missing"),
+    ("merge_method: linear\nparameters: {normalize: [{filter: mlp, value: true}]}\nmodels: [{model: a}]\n",
+     "one value for the whole merge"),
+])
+def test_mergekit_files_it_cannot_map_are_refused_in_one_line(tmp_path, text, match):
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", _mergekit_file(tmp_path, text), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.search(match, r.stderr), r.stderr
+    assert not (tmp_path / "o").exists()

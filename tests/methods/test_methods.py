@@ -18,7 +18,8 @@ from tests.helpers import chat_vector_reference, load_folder
 
 
 def test_every_recipe_kind_names_a_registered_method():
-    assert list(RECIPES) == ["merge", "extract", "apply"]
+    assert list(RECIPES) == ["merge", "extract", "apply", "task_arithmetic", "linear"]
+    assert [k for k, how in RECIPES.items() if how.command] == ["merge", "extract", "apply"]  # commands too
     for how in RECIPES.values():
         assert how.method in METHODS
         assert how in METHODS[how.method].recipes

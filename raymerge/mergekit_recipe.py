@@ -1,0 +1,129 @@
+"""mergekit configurations as raymerge recipes: which model is the anchor, which are the vectors.
+
+Read: `merge_method` (task_arithmetic, linear), `base_model`, `models[].model` and their
+`parameters`, top-level `parameters` (the default of every model's), `dtype`, `out_dtype`,
+`tokenizer_source: base`. A parameter may be a number, a gradient (a list of numbers) or a list of
+`{filter, value}` conditions (mergekit's filter is a substring of the tensor name: it becomes a
+rule of the escaped substring; a condition without a filter, or with "*", is the default).
+Anything else is refused with one line naming the key and what raymerge supports. Model
+references are local paths, URLs, or Hugging Face ids (`org/name` -> `hf://org/name`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from raymerge.errors import InputError
+from raymerge.untrusted import shown
+
+log = logging.getLogger("raymerge")
+
+METHODS = ("task_arithmetic", "linear")
+_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
+_PARAMETERS = {"task_arithmetic": ("weight", "normalize", "lambda"), "linear": ("weight", "normalize")}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def is_mergekit(data: dict[str, Any]) -> bool:
+    return "merge_method" in data
+
+
+def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """(raymerge recipe kind, its keys) for a mergekit configuration; InputError for what cannot map."""
+    method = data.get("merge_method")
+    if method not in METHODS:
+        raise InputError(f"{where}: merge_method {shown(method, 40)}: raymerge runs mergekit's "
+                         f"{' and '.join(METHODS)} recipes; for slerp, ties, dare_* and the rest use mergekit itself")
+    for key in data:
+        if key not in _KEYS:
+            hint = "raymerge merges whole models: list them under models" if key == "slices" else \
+                f"raymerge reads {', '.join(_KEYS)}"
+            raise InputError(f"{where}: {shown(key, 40)}: not a key raymerge can map; {hint}")
+    if data.get("tokenizer_source") not in (None, "base"):
+        raise InputError(f"{where}: tokenizer_source {shown(data['tokenizer_source'], 40)}: raymerge takes the base "
+                         "model's tokenizer (tokenizer_source: base) or none")
+    models = data.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
+        raise InputError(f"{where}: models: a list of {{model: REFERENCE, parameters: {{weight: X}}}}")
+    defaults = _parameters(data.get("parameters"), method, f"{where}: parameters")
+    base = _reference(data["base_model"], f"{where}: base_model") if data.get("base_model") is not None else None
+    if method == "task_arithmetic" and base is None:
+        raise InputError(f"{where}: task_arithmetic needs a base_model: the model each one's change is taken from")
+    urls, weights = [], []
+    for i, entry in enumerate(models):
+        at = f"{where}: models[{i}]"
+        for key in entry:
+            if key not in ("model", "parameters"):
+                raise InputError(f"{at}: {shown(key, 40)}: raymerge reads model and parameters")
+        url = _reference(entry.get("model"), f"{at}.model")
+        own = {**defaults, **_parameters(entry.get("parameters"), method, f"{at}.parameters")}
+        if method == "task_arithmetic" and url == base:
+            continue  # mergekit takes no change from the base itself
+        if "weight" not in own:
+            raise InputError(f"{at}.parameters.weight: missing; mergekit needs a weight for every model")
+        urls.append(url)
+        weights.append(own["weight"])
+    values: dict[str, Any] = {"model": urls, "scale": weights}
+    if base is not None:
+        values["base"] = base
+    for key in ("normalize", "lambda"):
+        if key in defaults:
+            values[key] = defaults[key]
+    dtype = data.get("dtype")
+    if dtype is not None and str(dtype).lower() not in ("float32", "fp32", "f32"):
+        log.warning("%s: dtype %s: raymerge computes in float32 (mergekit would in %s); the results can differ in "
+                    "the last bits", where, dtype, dtype)
+    if data.get("out_dtype", dtype) is not None:
+        values["dtype"] = data.get("out_dtype", dtype)
+    return method, values
+
+
+def _parameters(value: Any, method: str, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: a mapping of parameters like weight: 0.5")
+    out = {}
+    for key, setting in value.items():
+        if key not in _PARAMETERS[method]:
+            raise InputError(f"{where}.{shown(key, 40)}: not a {method} parameter raymerge can map; it takes "
+                             f"{', '.join(_PARAMETERS[method])}")
+        if key == "weight":
+            out[key] = _schedule(setting, f"{where}.weight")
+        elif isinstance(setting, (list, dict)):
+            raise InputError(f"{where}.{key}: one value for the whole merge; per-tensor filters and gradients "
+                             "apply to weight only")
+        else:
+            out[key] = setting
+    return out
+
+
+def _schedule(setting: Any, where: str) -> Any:
+    """A mergekit weight as a raymerge scale schedule (its values are checked by the recipe)."""
+    if not isinstance(setting, list) or not any(isinstance(c, dict) for c in setting):
+        return setting  # a number, or a gradient
+    rules, default = [], 1.0
+    for c in setting:
+        if not (isinstance(c, dict) and "value" in c and set(c) <= {"filter", "value"}):
+            raise InputError(f"{where}: {shown(c, 60)}: write {{filter: SUBSTRING, value: X}}")
+        if c.get("filter") in (None, "*"):
+            default = c["value"]
+            break  # mergekit's first matching condition wins: nothing after a catch-all is reached
+        if not isinstance(c["filter"], str):
+            raise InputError(f"{where}: filter {shown(c['filter'], 40)}: a substring of tensor names")
+        rules.append({"pattern": re.escape(c["filter"]), "scale": c["value"]})
+    return {"rules": rules, "default": default}
+
+
+def _reference(ref: Any, where: str) -> str:
+    """A model reference as a URL: a URL or a local path as it is, a Hugging Face id on the Hub."""
+    if not isinstance(ref, str) or not ref:
+        raise InputError(f"{where}: a model reference (a path, a URL or a Hugging Face id), got {shown(ref, 40)}")
+    if "+" in ref and "://" not in ref:
+        raise InputError(f"{where} {ref!r}: LoRA references (model+lora) are not supported; merge the LoRA first")
+    if "://" in ref or ref.startswith(("/", ".", "~")) or os.path.exists(ref) or not _HUB_ID.fullmatch(ref):
+        return ref
+    return f"hf://{ref}"

@@ -1,0 +1,73 @@
+"""mergekit's task arithmetic and linear merges, in mergekit's order of float32 operations.
+
+    task_arithmetic:  out = round(base + lambda * (sum_i w_i * (m_i - base) [/ sum_i w_i]))
+    linear:           out = round(sum_i w_i * m_i [/ sum_i w_i])
+
+mergekit (0.1.5, `dtype: float32`) sums the weighted deltas first, divides by the weights' sum
+when normalizing, multiplies by lambda, and only then adds the base. raymerge's own recipes
+(`sum`) add each weighted delta to the anchor in turn: on float32 inputs the two orders differ in
+the last bit of about one element in 60,000 (DESIGN.md), so a mergekit recipe runs in its own.
+
+Both are two kernel passes over a piece: the weighted sum into a float32 buffer kept per thread
+(linear's with fused multiply-adds, as mergekit's addcmul_ computes it), then the anchor plus
+lambda times that sum, rounded once to the output. Non-finite outputs are counted in the second pass: an overflow inside
+the float32 sum itself (beyond 3.4e38) would count as inherited from an input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raymerge.methods.base import Method, Operands, Parameter, RecipeKind
+
+_TEMP = "mergekit-sum"  # the key of the float32 buffer in a thread's scratch
+
+
+class TaskArithmetic(Method):
+    name = "task_arithmetic"
+    parameters = (Parameter("scale", "each model's weight (mergekit's weight)", 1.0),
+                  Parameter("normalize", "divide by the sum of the weights", 0.0, per_vector=False),
+                  Parameter("lambda", "multiply the combined change by this", 1.0, per_vector=False))
+    recipes = (RecipeKind("task_arithmetic", "task_arithmetic", "mergekit's task_arithmetic", vectors="model",
+                          anchor="base", minus="base", aux="base", manifest_kind="mergekit task_arithmetic",
+                          example="", command=False),)
+
+    def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
+        mixed = _weighted(kernel, operands, scratch, len(out), normalize=False)
+        return kernel.weighted_sum(out, operands.anchor, [(operands.param("lambda", 1.0), mixed, None)], scratch)
+
+
+class Linear(Method):
+    name = "linear"
+    parameters = (Parameter("scale", "each model's weight (mergekit's weight)", 1.0),
+                  Parameter("normalize", "divide by the sum of the weights", 1.0, per_vector=False))
+    recipes = (RecipeKind("linear", "linear", "mergekit's linear", vectors="model", anchor=None, minus=None,
+                          aux="base", manifest_kind="mergekit linear", example="", command=False),)
+
+    def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
+        return kernel.weighted_sum(out, _weighted(kernel, operands, scratch, len(out), normalize=True), [], scratch)
+
+
+def _weighted(kernel: Any, operands: Operands, scratch: Any, n: int, normalize: bool) -> Any:
+    """sum_i w_i * (a_i - b_i) in float32, in order: task arithmetic's weighted deltas, each product
+    and sum rounded (mergekit multiplies, then sums); linear's weighted models (no b), each product
+    and sum rounded once (mergekit's addcmul_, a fused multiply-add). Divided by sum_i w_i when
+    `normalize` (the recipe's, else the method's default) says so, as mergekit divides (a sum near
+    0 divides by 1)."""
+    buf = scratch.staging.get(_TEMP)
+    if buf is None or len(buf) < 4 * n:
+        buf = scratch.staging[_TEMP] = bytearray(4 * n)  # reused: fresh pages are slow to touch
+    mixed = kernel.view(memoryview(buf)[:4 * n], "F32")
+    if any(v.b is not None for v in operands.vectors):
+        kernel.weighted_sum(mixed, None, [(v.scale, v.a, v.b) for v in operands.vectors], scratch)
+    else:
+        kernel.fused_sum(mixed, [(v.scale, v.a) for v in operands.vectors], scratch)
+    if operands.param("normalize", normalize):
+        divisor = np.float32(0)
+        for v in operands.vectors:
+            divisor = np.float32(divisor + np.float32(v.scale))
+        if abs(divisor) >= 1e-8:
+            mixed /= float(divisor)  # a float32 division for numpy arrays and torch tensors alike
+    return mixed
