@@ -4,6 +4,8 @@
              direct I/O for the output where the file system allows), and the float32 kernel
              alone over the same number of elements (2 threads): the machine's floor is the larger
   raymerge   on a running Ray cluster (`ray start --head`, then `raymerge merge --address`)
+  recipe     the same head running mergekit's own file (`raymerge run mergekit.yml --address`), in
+             mergekit's order of operations
   embedded   `raymerge merge` starting its own local Ray
   paper      the paper's own approach: load three whole models, cp += lam * (chat - base) in place
              in bf16, save
@@ -11,7 +13,7 @@
              points at its executable (install it in a venv of its own)
 
 Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor), checks that
-raymerge and mergekit agree bit for bit, writes results JSON and a PNG chart.
+raymerge (and the mergekit file run by raymerge) and mergekit agree bit for bit, writes results JSON and a PNG chart.
 
     python bench/make_synthetic.py /tmp/trio --params 750e6
     python bench/run.py /tmp/trio --mergekit /tmp/mkvenv/bin/mergekit-yaml --results bench/results [--repeat 3]
@@ -54,7 +56,7 @@ def main() -> None:
     os.makedirs(args.work)
     trio = {r: os.path.join(args.trio, r) for r in ("base", "chat", "cp")}
     out_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(trio["cp"], "*.safetensors")))
-    names = [n for n in ("raymerge", "embedded", "paper", "mergekit")
+    names = [n for n in ("raymerge", "recipe", "embedded", "paper", "mergekit")
              if n not in args.skip and (n != "mergekit" or args.mergekit)]
     # Rounds interleave the contenders, so that a drift of the machine's speed reaches them all alike.
     runs: dict[str, list[dict]] = {}
@@ -72,10 +74,12 @@ def main() -> None:
     for row in rows:
         row["gbps"] = out_bytes / row["wall_s"] / 1e9
         row["x_floor"] = row["wall_s"] / floor
-    agree = compare(os.path.join(args.work, "raymerge"), os.path.join(args.work, "mergekit")) \
-        if args.mergekit and "mergekit" not in args.skip else None
+    theirs = os.path.join(args.work, "mergekit")
+    with_mergekit = args.mergekit and "mergekit" not in args.skip
+    agree = compare(os.path.join(args.work, "raymerge"), theirs) if with_mergekit and "raymerge" in names else None
+    recipe_agrees = compare(os.path.join(args.work, "recipe"), theirs) if with_mergekit and "recipe" in names else None
     result = {"trio": args.trio, "output_bytes": out_bytes, "floor_s": floor, "rows": rows,
-              "raymerge_equals_mergekit": agree}
+              "raymerge_equals_mergekit": agree, "recipe_equals_mergekit": recipe_agrees}
     print_table(result)
     with open(os.path.join(args.results, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -238,8 +242,9 @@ def run_paper(trio: dict, out: str, args) -> dict:
     return {"wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss"][0]["rss_mib"]}
 
 
-def run_mergekit(trio: dict, out: str, args) -> dict:
-    cfg = os.path.join(args.work, "mergekit.yml")
+def mergekit_config(trio: dict, work: str) -> str:
+    """The chat vector as a mergekit file: task_arithmetic over base, cp at weight 1, chat at SCALE."""
+    cfg = os.path.join(work, "mergekit.yml")
     with open(cfg, "w") as f:
         f.write(f"""merge_method: task_arithmetic
 base_model: {trio['base']}
@@ -252,12 +257,27 @@ parameters: {{normalize: false}}
 dtype: float32
 out_dtype: bfloat16
 """)
-    m = watch([args.mergekit, cfg, out], log=os.path.join(args.work, "mergekit.log"))
+    return cfg
+
+
+def run_mergekit(trio: dict, out: str, args) -> dict:
+    m = watch([args.mergekit, mergekit_config(trio, args.work), out], log=os.path.join(args.work, "mergekit.log"))
     return {"wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss"][0]["rss_mib"]}
 
 
-RUNNERS = {"raymerge": run_raymerge_cluster, "embedded": run_raymerge_embedded, "paper": run_paper,
-           "mergekit": run_mergekit}
+def run_raymerge_recipe(trio: dict, out: str, args) -> dict:
+    """`raymerge run mergekit.yml --address`: mergekit's own file, in mergekit's order, on a running head."""
+    report = os.path.join(args.work, "report-recipe.json")
+    with ray_head(os.cpu_count()) as address:
+        m = watch([sys.executable, "-m", "raymerge", "run", mergekit_config(trio, args.work), "--out", out,
+                   "--address", address, "--report", report])
+    r = json.load(open(report))
+    return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "steady_gbps": r["steady_gbps"],
+            "peak_rss_mib": max([v / 2**20 for v in r["peak_rss_per_worker"].values()] + [m["peak_rss"][0]["rss_mib"]])}
+
+
+RUNNERS = {"raymerge": run_raymerge_cluster, "recipe": run_raymerge_recipe, "embedded": run_raymerge_embedded,
+           "paper": run_paper, "mergekit": run_mergekit}
 
 
 def compare(a: str, b: str) -> dict:
@@ -292,9 +312,10 @@ def print_table(result: dict) -> None:
             steady_s = result["output_bytes"] / (r["steady_gbps"] * 1e9)
             print(f"{'  (steady state)':28s} {steady_s:8.2f} {r['steady_gbps']:7.2f} {'':>13s} "
                   f"{steady_s / result['floor_s']:8.2f}")
-    if result["raymerge_equals_mergekit"]:
-        c = result["raymerge_equals_mergekit"]
-        print(f"raymerge vs mergekit: {c['differing']} of {c['elements']} elements differ")
+    for key, what in (("raymerge_equals_mergekit", "raymerge merge"), ("recipe_equals_mergekit", "raymerge run mergekit.yml")):
+        if result.get(key):
+            c = result[key]
+            print(f"{what} vs mergekit: {c['differing']} of {c['elements']} elements differ")
     walls = {r["name"]: r["wall_s"] for r in result["rows"]}
     for name in ("raymerge", "embedded"):
         if name in walls and "mergekit" in walls:
