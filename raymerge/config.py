@@ -389,7 +389,8 @@ class RunOptions:
 @dataclass(frozen=True)
 class Recipe:
     """What to compute: a recipe kind (raymerge.methods.RECIPES) and its inputs. merge: cp + sum
-    scale_i * (chat_i - base); extract: chat - base, a vector; apply: cp + sum scale_i * vector_i."""
+    scale_i * (chat_i - base); extract: chat - base, a vector; apply: cp + sum scale_i * vector_i;
+    task_arithmetic and linear: mergekit's, in mergekit's order (raymerge.mergekit_recipe)."""
 
     kind: str
     out: str | None

@@ -161,18 +161,19 @@ class MergeWorker:
                     yield p, key, src, (src.start + begin * size, src.start + end * size)
 
     def _read_inputs(self, item: Item, st: _ThreadState) -> tuple[dict[tuple[int, str, int], memoryview], int]:
-        """Each needed slice as a view, keyed by (piece index, *operand key); one read per file run."""
-        by_file: dict[int, list] = {}
+        """Each needed slice as a view, keyed by (piece index, *operand key); one read per file run,
+        and each range once however many operands name it (a mergekit recipe's base is its anchor and
+        every vector's b)."""
+        by_file: dict[int, dict[tuple[int, int], list]] = {}
         for p, key, src, rng in self._sources(item):
-            by_file.setdefault(src.file, []).append(((p, *key), rng))
+            by_file.setdefault(src.file, {}).setdefault(rng, []).append((p, *key))
         while len(st.inputs) < len(by_file):
             st.inputs.append(Buffer())
         views, total = {}, 0
         for buf, (file, wanted) in zip(st.inputs, by_file.items()):
-            got = st.reader.read(self._plan.files[file].url, [rng for _, rng in wanted], buf,
-                                 version=self._plan.files[file].version)
-            for (key, (lo, hi)), mem in zip(wanted, got):
-                views[key] = mem
+            got = st.reader.read(self._plan.files[file].url, list(wanted), buf, version=self._plan.files[file].version)
+            for ((lo, hi), keys), mem in zip(wanted.items(), got):
+                views.update((key, mem) for key in keys)
                 total += hi - lo
         return views, total
 

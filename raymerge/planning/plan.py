@@ -150,12 +150,10 @@ class Plan:
 
     @property
     def read_bytes(self) -> int:
-        """Bytes of input tensor data the workers read, once each."""
+        """Bytes of input tensor data the workers read, once each (a source that several operands
+        of a tensor share, such as a mergekit recipe's base, is read once)."""
         total = 0
         for t in self.tensors:
-            if t.anchor is not None:
-                total += t.anchor.nbytes
-            for term in t.terms:
-                total += term.a.nbytes + (term.b.nbytes if term.b is not None else 0)
-            total += sum(o.source.nbytes for o in t.overrides)
+            sources = {t.anchor, *(s for term in t.terms for s in (term.a, term.b)), *(o.source for o in t.overrides)}
+            total += sum(s.nbytes for s in sources if s is not None)
         return total

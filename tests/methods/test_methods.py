@@ -79,3 +79,14 @@ def test_the_worker_computes_each_tensor_with_the_method_its_plan_names(llama_tr
         got = torch.frombuffer(bytearray(produced[lo:lo + t.nbytes]), dtype=torch.bfloat16).reshape(t.shape)
         expected = (0 + -1.0 * cp[t.name].float()).to(cp[t.name].dtype) if i % 2 else want[t.name]
         assert torch.equal(got.view(torch.int16), expected.contiguous().view(torch.int16)), t.name
+
+
+def test_a_source_that_several_operands_share_is_read_once(llama_trio):
+    """A mergekit recipe's base is its anchor and every vector's b: each item reads it once."""
+    recipe, options = build_recipe("task_arithmetic", dict(base=llama_trio["base"], model=[llama_trio["cp"], llama_trio["chat"]],
+                                                           scale=[1.0, 0.5], item_size="64KiB"))
+    plan = make_plan(recipe, options)
+    worker = MergeWorker(plan, None, {}, {})
+    read = sum(worker.produce(item.id)[1] for item in plan.items)
+    worker.close()
+    assert read == plan.read_bytes == 3 * plan.tensor_bytes  # base, cp and chat once each (all bf16, like the output)
