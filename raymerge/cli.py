@@ -22,6 +22,7 @@ EXAMPLES = {  # the recipe kinds' examples are their own (raymerge.methods)
     "run": """example:
   raymerge run recipe.yaml        # kind: merge|extract|apply, plus the command's flags as keys
   raymerge run recipe.yaml --out s3://models/try2 --workers 8 --resume    # flags win over the file's keys
+  raymerge run mergekit.yml --out ./merged      # a mergekit file, run in mergekit's order
 """,
     "verify": """example:
   raymerge verify s3://models/llama2-7b-zh-chat --recompute 5    # exit 0: sound; 1: names shard and tensors
@@ -81,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, "merge", planning=True)
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     _add_common(p)
-    p = command("run", "run a YAML recipe (kind: " + ", ".join(RECIPES) + ", and the command's flags as keys); "
-                "--out and run flags given here win over the file's keys", EXAMPLES["run"])
+    p = command("run", "run a YAML recipe (kind: " + ", ".join(RECIPES) + ", and the command's flags as keys) or a "
+                "mergekit configuration (merge_method: task_arithmetic or linear); --out and the run flags given "
+                "here win over the file's keys", EXAMPLES["run"])
     p.add_argument("recipe", help="the recipe file")
     for o in OPTIONS:
         if o.run or o.key == "out":
@@ -235,8 +237,8 @@ def configure_logging(verbose: int, quiet: bool) -> None:
                                                     else logging.INFO)
 
 
-COMMANDS = {**{kind: _run_kind for kind, how in RECIPES.items() if how.command}, "plan": _plan, "run": _run_file, "inspect": _inspect,
-            "verify": _verify, "demo": _demo}
+COMMANDS = {**{kind: _run_kind for kind, how in RECIPES.items() if how.command}, "plan": _plan,
+            "run": _run_file, "inspect": _inspect, "verify": _verify, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

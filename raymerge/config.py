@@ -463,7 +463,8 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     recipe = Recipe(kind=kind, out=got.get("out"), cp=got.get("cp"), base=got.get("base"),
                     vectors=tuple(zip(urls_, scales)), vocab=vocab, skip=got.get("skip", ()),
                     special_tokens=got.get("special_tokens", ()), chat_template=got.get("chat_template", True),
-                    dtype=got.get("dtype"), params=tuple((o.key, got[o.key]) for o in OPTIONS if o.param and o.key in got))
+                    dtype=got.get("dtype"),
+                    params=tuple((o.key, got[o.key]) for o in OPTIONS if o.param and o.key in got))
     run = _at(at, RunOptions.parse, **{k: v for k, v in values.items() if OPTION[k].run})
     return recipe, run
 

@@ -8,8 +8,8 @@ Protocol:
   3. `run(item_id, handle)`, any number of times, from up to `max_concurrency` threads at once (so
      one item is read while another is computed or written): read the item's input ranges
      (coalesced, per file), let each tensor's method compute its piece in float32 (cast once),
-     write the bytes at the item's offset of its shard's staged target `handle`. Idempotent: running an item twice writes the same bytes
-     to the same place.
+     write the bytes at the item's offset of its shard's staged target `handle`. Idempotent:
+     running an item twice writes the same bytes to the same place.
 """
 
 from __future__ import annotations
