@@ -18,6 +18,7 @@ from raymerge.storage.urls import redact
 EXAMPLES = {  # the recipe kinds' examples are their own (raymerge.methods)
     "plan": """example:
   raymerge plan --base ./base --chat ./chat --cp ./cp --json | jq .output_bytes
+  raymerge plan --recipe mergekit.yml      # each tensor's method and scales, per layer
 """,
     "run": """example:
   raymerge run recipe.yaml        # kind: merge|extract|apply, plus the command's flags as keys
@@ -51,7 +52,8 @@ def _add_options(p: argparse.ArgumentParser, kind: str, planning: bool = False) 
             continue
         extra = dict(o.cli)
         flag = extra.pop("flag", o.flag)
-        required = o.needed(kind) or (o.key == "out" and not planning)  # a run needs --out; a plan goes without
+        # A run needs --out; a plan goes without, and may come from --recipe (build_recipe checks the rest).
+        required = not planning and (o.needed(kind) or o.key == "out")
         p.add_argument(flag, dest=o.key, required=required, default=None, help=o.help, **extra)
 
 
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--report", metavar="FILE.json",
                        help="save the run report (bytes, times, GB/s, retries, memory)")
         _add_common(p)
-    p = command("plan", "print the plan of a merge; reads headers only, writes nothing", EXAMPLES["plan"])
+    p = command("plan", "print the plan of a merge or a recipe file; reads headers only, writes nothing",
+                EXAMPLES["plan"])
+    p.add_argument("--recipe", metavar="FILE", help="plan this recipe file (raymerge's or mergekit's) instead")
     _add_options(p, "merge", planning=True)
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     _add_common(p)
@@ -154,9 +158,12 @@ def _run_file(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from raymerge.api import describe, make_plan
-    from raymerge.config import build_recipe
+    from raymerge.config import build_recipe, load_recipe_file
 
-    info = describe(make_plan(*build_recipe("merge", recipe_values(args))))
+    if args.recipe:
+        info = describe(make_plan(*load_recipe_file(args.recipe, recipe_values(args))))
+    else:
+        info = describe(make_plan(*build_recipe("merge", recipe_values(args))))
     if args.json:
         print(json.dumps(info, indent=1))
         return 0

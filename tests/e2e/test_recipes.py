@@ -313,6 +313,16 @@ tokenizer_source: base
     assert manifest["kind"] == "mergekit task_arithmetic" and manifest["recipe"]["lambda"] == 0.9
     with open(os.path.join(out, "tokenizer_config.json")) as f:
         assert json.load(f) == {"from": "base"}  # tokenizer_source: base
+    r = subprocess.run([sys.executable, "-m", "raymerge", "verify", out, "--recompute", "3"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr  # the recorded recipe plans the same again, in mergekit's order
+    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--recipe", path, "--json"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["methods"] == {"task_arithmetic": {"passes": ["elementwise"],
+                                                    "parameters": ["scale", "normalize", "lambda"]}}
+    assert all(t["scales"] == [0.7, 0.2 if "mlp" in t["name"] else 0.3] for t in shown["tensors"])
 
 
 def test_mergekit_linear_averages_the_models(ray_local, models, tensors, tmp_path):
