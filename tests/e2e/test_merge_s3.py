@@ -127,3 +127,36 @@ def test_verify_staged_tells_an_empty_upload_from_a_gone_one(s3_server):
                                       StagedItem(3, span, 0, None)]).items == frozenset()
     out.abort(["model.safetensors"], handles)
     assert out.verify_staged(target, [StagedItem(0, span, 0, etag)]) == Verified(ShardState.GONE)
+
+
+def test_mergekit_task_arithmetic_file_s3_to_s3(ray_local, s3_trio, tmp_path):
+    """A mergekit file naming S3 models, run by `raymerge run` into S3, in mergekit's order."""
+    import subprocess
+    import sys
+
+    import torch
+
+    cfg = tmp_path / "mergekit.yml"
+    cfg.write_text(f"""merge_method: task_arithmetic
+base_model: s3://{BUCKET}/base
+models:
+  - model: s3://{BUCKET}/cp
+    parameters: {{weight: 1.0}}
+  - model: s3://{BUCKET}/chat
+    parameters: {{weight: [0.25, 0.75]}}
+dtype: float32
+out_dtype: bfloat16
+""")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", str(cfg), "--out", f"s3://{BUCKET}/mk",
+                        "--item-size", "5MiB", "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    _download("mk", str(tmp_path / "out"))
+    local = {role: load_folder(path) for role, path in s3_trio.items()}
+    want = {}
+    for name, base in local["base"].items():
+        layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
+        weight = 0.25 if layer in (None, "0") else 0.75  # two layers: t = 0 and t = 1; others take t = 0
+        b = base.float()
+        mixed = (local["cp"][name].float() - b) * 1.0 + (local["chat"][name].float() - b) * torch.tensor(weight)
+        want[name] = (b + mixed).to(torch.bfloat16)
+    assert_bit_identical(load_folder(str(tmp_path / "out")), want)
