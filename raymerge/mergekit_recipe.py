@@ -60,8 +60,8 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
                 raise InputError(f"{at}: {shown(key, 40)}: raymerge reads model and parameters")
         url = _reference(entry.get("model"), f"{at}.model")
         own = {**defaults, **_parameters(entry.get("parameters"), method, f"{at}.parameters")}
-        if method == "task_arithmetic" and url == base:
-            continue  # mergekit takes no change from the base itself
+        if method == "task_arithmetic" and url.rstrip("/") == base.rstrip("/"):
+            continue  # mergekit takes no change from the base itself (nor its weight into normalize's sum)
         if "weight" not in own:
             raise InputError(f"{at}.parameters.weight: missing; mergekit needs a weight for every model")
         urls.append(url)
