@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from raymerge.planning.layout import split_into_shards
+from raymerge.planning.schedule import layer_of
 from raymerge.safetensors.dtypes import numel
 from raymerge.safetensors.index import INDEX_NAME, shard_name
 
@@ -88,7 +89,7 @@ def make_trio(root: str, shape: LlamaShape = LlamaShape(), shard_size: int = 5_0
                 base += 1.0
             shards["base"][name] = base.to(torch_dtype)
             # Tuning moves later layers more than early ones: the chat vector grows with depth.
-            layer = _layer(name)
+            layer = layer_of(name)
             depth = 0.5 + layer / max(1, shape.layers - 1) if layer is not None else 1.0
             for role, factor in (("chat", depth), ("cp", 1.0)):
                 shards[role][name] = (base + torch.randn(dims, generator=gen) * (0.02 * noise * factor)).to(torch_dtype)
@@ -116,8 +117,3 @@ def _write_aux(folder: str, shape: LlamaShape, role: str) -> None:
     for name, obj in files.items():
         with open(os.path.join(folder, name), "w") as f:
             json.dump(obj, f, indent=1)
-
-
-def _layer(name: str) -> int | None:
-    parts = name.split(".")
-    return next((int(p) for p in parts if p.isdigit()), None)

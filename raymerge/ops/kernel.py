@@ -3,9 +3,9 @@ implementation computes it.
 
     acc = anchor (or 0);  for each (scale, a, b) in order: acc += scale * (a - b);  out = round(acc)
 
-Each step is a separate float32 operation (no fused multiply-add), so the bits match any
-reference that does the same arithmetic in float32 (torch's, mergekit's), whatever the chunking,
-the item size or the device. A term shorter than `out` applies to out's first elements only (rows
+Each step is a separate float32 operation (no fused multiply-add; `fused_sum`, for mergekit's
+linear, is the one fused operation), so the bits match any reference that does the same
+arithmetic in float32 (torch's, mergekit's), whatever the chunking, the item size or the device. A term shorter than `out` applies to out's first elements only (rows
 shared by all inputs). With no terms, this is a cast of `anchor` (an override row).
 
 Two implementations, chosen by `kernel_for`:
@@ -15,7 +15,7 @@ Two implementations, chosen by `kernel_for`:
   - `torch_kernel`: on a GPU, and for FP8 (which numpy has no types for) on the CPU.
 
 The bits of the output are defined here, once, and both implementations give them:
-  - Widening to float32 is exact: BF16 by a 16-bit shift, F16 by `F16_TO_F32` (a NaN keeps its
+  - Widening to float32 is exact: BF16 by a 16-bit shift, F16 by `f16_to_f32()` (a NaN keeps its
     sign and payload, a signalling one stays signalling), F64 rounded once.
   - Rounding is to nearest, ties to even. BF16 rounds on the bits (add 0x7FFF, plus one when the
     kept half is odd) and every BF16 NaN is written 0xFFFF. That is what torch's tensor conversion

@@ -98,16 +98,14 @@ class TorchKernel:
         return Sums(ss_delta, ss_anchor, nonfinite, new)
 
     def fused_sum(self, out: torch.Tensor, terms: list[tuple[float, torch.Tensor]], scratch: Scratch) -> None:
-        _fused_sum(out, terms, scratch)
+        _fused_sum(out, terms)
 
 
-def _fused_sum(out: torch.Tensor, terms: list[tuple[float, torch.Tensor]], scratch: Scratch) -> None:
+def _fused_sum(out: torch.Tensor, terms: list[tuple[float, torch.Tensor]]) -> None:
     """`Kernel.fused_sum` with torch's own addcmul_ (fused on the CPU), on the host tensors."""
     out.zero_()
     for scale, a in terms:
-        wide = a.float() if a.dtype != torch.float16 else \
-            scratch.staging["f16"].cpu()[a.view(torch.int16).long() & 0xFFFF]  # the exact widening of F16 NaNs
-        out.addcmul_(wide, torch.tensor(float(np.float32(scale)), dtype=torch.float32))
+        out.addcmul_(torch.from_numpy(_host_widened(a)), torch.tensor(float(np.float32(scale)), dtype=torch.float32))
 
 
 def _chunk(out: torch.Tensor, anchor: torch.Tensor | None, terms32: list, scratch: Scratch, lo: int, hi: int,
@@ -234,12 +232,14 @@ def _fix_nans(out: torch.Tensor, nans: np.ndarray, anchor: torch.Tensor | None, 
     bits[nans] = nan_bits(acc, NAMES[out.dtype])
 
 
-def _host_widened(t: torch.Tensor, at: np.ndarray) -> np.ndarray:
-    """The float32 values of a host tensor's elements `at`, widened as the device widened them."""
+def _host_widened(t: torch.Tensor, at: np.ndarray | None = None) -> np.ndarray:
+    """The float32 values of a host tensor's elements (all, or those `at`), widened exactly as the
+    device widens them (F16 NaNs keep their bits: torch's own conversion would not, at a tail)."""
     name = NAMES[t.dtype]
     if name in NUMPY_DTYPES:
-        return widened(t.view(BITS[t.element_size()]).numpy().view(NUMPY_DTYPES[name])[at])
-    return t[torch.from_numpy(at)].float().numpy()  # FP8: exact
+        bits = t.view(BITS[t.element_size()]).numpy().view(NUMPY_DTYPES[name])
+        return widened(bits if at is None else bits[at])
+    return (t if at is None else t[torch.from_numpy(at)]).float().numpy()  # FP8: exact
 
 
 def _count_nonfinite(out: torch.Tensor, anchor: torch.Tensor | None, live: list) -> tuple[int, int]:
