@@ -13,7 +13,7 @@ from typing import Any
 
 from raymerge import mergekit_recipe
 from raymerge.errors import InputError
-from raymerge.methods import RECIPES, RecipeKind
+from raymerge.methods import COMBINING, METHODS, RECIPES, RecipeKind
 from raymerge.ops.rules import VOCAB_MODES, compile_patterns, parse_special_tokens
 from raymerge.planning.schedule import Scale
 from raymerge.safetensors.dtypes import ALIASES, FLOATS
@@ -182,6 +182,25 @@ def _schedule(value: Any, o: Option) -> Scale:
     return Scale(_scale_value(value.get("default", 1.0), o), tuple(parsed))
 
 
+def _density_list(value: Any, o: Option) -> list[Scale]:
+    """Each vector's density: a schedule like a scale's, of fractions from 0 to 1."""
+    schedules = _scale_list(value, o)
+    for s in schedules:
+        for v in (s.default, *(v for _, v in s.rules)):
+            if not all(0 <= x <= 1 for x in (v if isinstance(v, tuple) else (v,))):
+                raise InputError(f"{o.flag} {shown(value, 40)}: a density is the fraction of a vector's elements "
+                                 "kept, from 0 to 1")
+    return schedules
+
+
+def _seed(value: Any, o: Option) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InputError(f"{o.flag} {shown(value, 40)}: a seed is an integer from 0 to 2**63 - 1")
+    return value
+
+
 def _scale_value(value: Any, o: Option) -> float | tuple[float, ...]:
     if isinstance(value, (list, tuple)):
         if not value:
@@ -297,11 +316,12 @@ MIN_ITEM_SIZE = 4096
 MAX_ITEM_SIZE = 2**31
 _MERGE, _EXTRACT, _APPLY = "merge", "extract", "apply"
 _TA, _LINEAR = "task_arithmetic", "linear"  # mergekit's methods, in mergekit's order (recipe files only)
+_SPARSE = ("ties", "dare_linear", "dare_ties")  # mergekit's too; and methods of merge and apply
 
 # Every option, once: argparse (cli.py), recipe files and the API's keywords all come from here.
 OPTIONS: tuple[Option, ...] = (
     Option("base", "the base model the chat model was tuned from (URL); linear: whose config and tokenizer the "
-           "output takes (default: the first model's)", _url, (_MERGE, _EXTRACT, _TA, _LINEAR), required=True,
+           "output takes (default: the first model's)", _url, (_MERGE, _EXTRACT, _TA, _LINEAR, *_SPARSE), required=True,
            optional_in=(_LINEAR,)),
     Option("chat", "the chat model (URL); merge: repeat for several, one --scale each", _urls, (_MERGE, _EXTRACT),
            required=True, cli={"action": "append"}),
@@ -309,14 +329,27 @@ OPTIONS: tuple[Option, ...] = (
            required=True),
     Option("vector", "a vector made by `raymerge extract` (URL); repeat for several, one --scale each", _urls,
            (_APPLY,), required=True, cli={"action": "append"}),
-    Option("model", "a model to combine (URL), one --scale (mergekit's weight) each", _urls, (_TA, _LINEAR),
+    Option("model", "a model to combine (URL), one --scale (mergekit's weight) each", _urls, (_TA, _LINEAR, *_SPARSE),
            required=True, cli={"action": "append"}),
     Option("out", "where the checkpoint goes (local path or s3://)", _url),
-    Option("scale", "weight of each vector, in order (default 1.0 each)", _scale_list, (_MERGE, _APPLY, _TA, _LINEAR),
+    Option("scale", "weight of each vector, in order (default 1.0 each)", _scale_list,
+           (_MERGE, _APPLY, _TA, _LINEAR, *_SPARSE),
            cli={"action": "append"}),
-    Option("normalize", "divide the weighted sum by the sum of the weights (mergekit's normalize)", _bool,
-           (_TA, _LINEAR), param=True),
-    Option("lambda", "multiply the combined change by this (mergekit's lambda)", _finite, (_TA,), param=True),
+    Option("method", "how the vectors combine: sum (default: cp + sum_i scale_i * vector_i), or TIES or DARE "
+           "(mergekit's ties, dare_linear, dare_ties: --density, --normalize, --rescale, --lambda, --seed)",
+           _choice(*COMBINING), (_MERGE, _APPLY), cli={"choices": COMBINING}),
+    Option("density", "ties, dare_*: the fraction of each vector's elements kept, in order (default 1.0 each)",
+           _density_list, (_MERGE, _APPLY, *_SPARSE), cli={"action": "append"}),
+    Option("normalize", "divide the weighted sum by the sum of the weights (mergekit's normalize; default: "
+           "on for linear and ties)", _bool, (_MERGE, _APPLY, _TA, _LINEAR, *_SPARSE), param=True,
+           cli={"action": argparse.BooleanOptionalAction}),
+    Option("rescale", "dare_*: rescale what each vector keeps to its L1 norm (mergekit's rescale; default: on "
+           "for dare_*)", _bool, (_MERGE, _APPLY, *_SPARSE), param=True,
+           cli={"action": argparse.BooleanOptionalAction}),
+    Option("lambda", "multiply the combined change by this (mergekit's lambda)", _finite,
+           (_MERGE, _APPLY, _TA, *_SPARSE), param=True),
+    Option("seed", "dare_*: the seed of the random masks (default 0); the same seed gives the same bits on "
+           "any cluster", _seed, (_MERGE, _APPLY, *_SPARSE), param=True, cli={"type": int}),
     Option("scale_rule", "REGEX=VALUE: tensors whose name matches take this scale, for the --chat or --vector "
            "given last before it (repeatable; the first match wins; the others take its --scale)", _scale_list,
            (_MERGE, _APPLY), cli={"action": ScaleRuleAction, "metavar": "REGEX=VALUE"}, flag_only=True),
@@ -402,11 +435,17 @@ class Recipe:
     special_tokens: tuple[tuple[int, int], ...] = ()
     chat_template: bool = True
     dtype: str | None = None
-    params: tuple[tuple[str, float | bool], ...] = ()  # the method's parameters given (normalize, lambda)
+    params: tuple[tuple[str, float | bool], ...] = ()  # the method's parameters given (normalize, lambda, ...)
+    method: str | None = None  # merge, apply: how the vectors combine (None: the kind's own, sum)
+    density: tuple[Scale, ...] = ()  # each vector's, in order (empty: 1.0 each)
 
     @property
     def how(self) -> RecipeKind:
         return RECIPES[self.kind]
+
+    @property
+    def method_name(self) -> str:
+        return self.method or self.how.method
 
     def to_mapping(self) -> dict[str, Any]:
         """The recipe as `raymerge run` reads it (and as the manifest records it)."""
@@ -422,6 +461,10 @@ class Recipe:
             m.update(vocab=self.vocab, skip=list(self.skip), chat_template=self.chat_template)
         if OPTION["special_tokens"].takes(self.kind):
             m["special_tokens"] = ",".join(f"{a}:{b}" for a, b in self.special_tokens) or None
+        if self.method:
+            m["method"] = self.method
+        if self.density:
+            m["density"] = [d.to_json() for d in self.density]
         m.update(self.params)
         m["dtype"] = self.dtype
         m["out"] = self.out
@@ -460,13 +503,33 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
                          "over the layers is one list inside the list, e.g. scale: [[0.0, 0.5, 1.0]]")
     # A recipe without the vocab key (a mergekit recipe's) needs every input to have the same shapes.
     vocab = got.get("vocab", "overlap" if OPTION["vocab"].takes(kind) else "error")
+    method = METHODS[got.get("method", how.method)]
+    _check_parameters(at, kind, method.name, got)
+    density = got.get("density", ())
+    if density and len(density) != len(urls_):
+        raise InputError(f"{at}{len(density)} --density values for {len(urls_)} --{how.vectors} inputs; give one "
+                         f"--density per --{how.vectors}, in the same order (or none for 1.0 each)")
+    if any(p.name == "seed" for p in method.parameters):
+        got.setdefault("seed", 0)  # recorded, so that the manifest says which masks were drawn
     recipe = Recipe(kind=kind, out=got.get("out"), cp=got.get("cp"), base=got.get("base"),
                     vectors=tuple(zip(urls_, scales)), vocab=vocab, skip=got.get("skip", ()),
                     special_tokens=got.get("special_tokens", ()), chat_template=got.get("chat_template", True),
                     dtype=got.get("dtype"),
-                    params=tuple((o.key, got[o.key]) for o in OPTIONS if o.param and o.key in got))
+                    params=tuple((o.key, got[o.key]) for o in OPTIONS if o.param and o.key in got),
+                    method=got.get("method"), density=tuple(density))
     run = _at(at, RunOptions.parse, **{k: v for k, v in values.items() if OPTION[k].run})
     return recipe, run
+
+
+def _check_parameters(at: str, kind: str, method: str, got: dict[str, Any]) -> None:
+    """Refuse a method parameter the chosen method does not take (it would be silently ignored)."""
+    takes = {p.name for p in METHODS[method].parameters}
+    for key in ("density", *(o.key for o in OPTIONS if o.param)):
+        if key in got and key not in takes:
+            others = [m for m in COMBINING if any(p.name == key for p in METHODS[m].parameters)]
+            hint = f"use --method {' or '.join(others)}" if OPTION["method"].takes(kind) and others else \
+                f"{method} takes {', '.join(sorted(takes - {'scale'})) or 'no parameters but --scale'}"
+            raise InputError(f"{at}{OPTION[key].flag}: {kind} with method {method} takes no {key}; {hint}")
 
 
 def _at(at: str, fn, *args, **kwargs):

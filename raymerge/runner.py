@@ -31,11 +31,15 @@ from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import nonfinite_totals
 from raymerge.commit.verify import Redo, verify as check_checkpoint
 from raymerge.config import Recipe, RunOptions, build_recipe
-from raymerge.errors import CHANGED, DENIED, FULL, MISSING, InputError, NonFiniteError, OutputError, RaymergeError, StorageError
-from raymerge.execution.journal import Journal, JournalHead, JournalState
+from raymerge.errors import (CHANGED, DENIED, FULL, MISSING, ExecutionError, InputError, NonFiniteError, OutputError,
+                             RaymergeError, StorageError)
+from raymerge.execution.journal import Journal, JournalHead, JournalState, StatsRecord
+from raymerge.execution.passes import Facts, facts_by_index, pass_items, statistics_passes
 from raymerge.execution.lease import Lease
 from raymerge.execution.nodes import NodeView, driver_view
 from raymerge.execution.resume import Resumed, check_resumable
+from raymerge.methods import METHODS
+from raymerge.ops.kernel import supports
 from raymerge.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
 from raymerge.planning.inputs import resolve
 from raymerge.planning.plan import Plan
@@ -72,13 +76,14 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
     role = {"cp": recipe.cp, "base": recipe.base, how.vectors: recipe.vectors[0][0] if recipe.vectors else None}
     checkpoint = {key: found[url] if url else None for key, url in role.items()}
     minus = checkpoint[how.minus] if how.minus else None
-    terms = tuple(TermSpec(scale, found[url], minus) for url, scale in recipe.vectors)
+    densities = recipe.density or (1.0,) * len(recipe.vectors)
+    terms = tuple(TermSpec(scale, found[url], minus, density) for (url, scale), density in zip(recipe.vectors, densities))
     first = checkpoint[how.vectors]
     return RecipeSpec(anchor=checkpoint[how.anchor] if how.anchor else None, terms=terms, vocab=recipe.vocab,
                       skip=recipe.skip, special_tokens=recipe.special_tokens,
                       special_from=first if how.minus else None,
                       template_from=first if recipe.chat_template and how.template else None,
-                      aux_from=checkpoint[how.aux] or first, method=how.method, params=recipe.params)
+                      aux_from=checkpoint[how.aux] or first, method=recipe.method_name, params=recipe.params)
 
 
 def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None) -> list[str]:
@@ -92,8 +97,8 @@ def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: 
         recipe.update(manifest.layout, out=url, storage_options=storage_options)
         return make_plan(*build_recipe(kind, recipe))
 
-    return check_checkpoint(url, storage_options, recompute, seed,
-                            Redo(plan_again, lambda plan: MergeWorker(plan, None, storage_options, {})))
+    return check_checkpoint(url, storage_options, recompute, seed, Redo(plan_again, lambda plan, manifest: MergeWorker(
+        plan, None, storage_options, {}, facts=facts_by_index(plan, manifest.facts))))
 
 
 def input_roles(recipe: Recipe) -> dict[str, str]:
@@ -132,6 +137,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
         raise InputError(f"{recipe.kind} needs --out: where the checkpoint goes (a local path or s3://)")
     started = time.perf_counter()
     the_plan = make_plan(recipe, run_options)
+    _check_kernels(the_plan, run_options)
     check_not_input(recipe.out, [*input_roles(recipe), *(f.url for f in the_plan.files),
                                  *(a.source for a in the_plan.aux_files)])
     output = open_output(recipe.out, run_options.storage_options)
@@ -164,6 +170,8 @@ class _Run:
     def __init__(self, recipe: Recipe, options: RunOptions, plan: Plan, output: Output, lease: Lease) -> None:
         self.recipe, self.options, self.plan, self.output, self.lease = recipe, options, plan, output, lease
         self.done: dict[int, ItemRecord] = {}
+        self.facts = Facts(plan)  # what the statistics passes found
+        self.stats_done: set[tuple[str, int]] = set()  # (pass, item) of the statistics passes
         self.results: list = []  # this run's ItemResults
         self.done_before = self.retried = 0
         self.progress: Any = None
@@ -224,6 +232,9 @@ class _Run:
             if o.resume:
                 resumed = check_resumable(self.output, self.plan, state)
                 self.done = dict(resumed.done)
+                for record in state.stats:  # finished statistics are not computed again
+                    self.facts.add(record.pass_name, list(record.rows))
+                    self.stats_done.add((record.pass_name, record.item))
                 return _Start(resumed.replaces, resumed=resumed)
             if o.overwrite:
                 return _Start(_replaced(old, state), clear=state)
@@ -273,9 +284,12 @@ class _Run:
         return handles, Journal.begin(self.output, head)
 
     def execute(self, pool, handles: list[str], journal: Journal) -> None:
-        """Every item not done yet, on the pool; each result journaled as it comes."""
+        """The statistics passes, then the elementwise one: every item not done yet, on the pool;
+        each result journaled as it comes."""
         from raymerge.execution.progress import Progress
 
+        for name in statistics_passes(self.plan):
+            self._statistics(pool, name, journal)
         self.done_before = len(self.done)
         self.progress = Progress(self.plan.output_bytes, len(self.plan.items), done_bytes=self._bytes_done(),
                                  done_items=self.done_before)
@@ -291,16 +305,36 @@ class _Run:
         if todo:
             self.progress.start(pool.size, pool.busy)
             progress_log.info("execute: %d workers, %d items to do", pool.size, len(todo))
-            self.retried = pool.drive(todo, handles, finished)
+            shard = [i.shard for i in self.plan.items]
+            self.retried += pool.drive(todo, lambda actor, i: actor.run.remote(i, handles[shard[i]],
+                                                                               self.facts.for_item(i)), finished)
             self.progress.stop()
         journal.flush(strict=True)
+
+    def _statistics(self, pool, name: str, journal: Journal) -> None:
+        """One statistics pass: its items not done yet; the facts reduced as tensors complete."""
+        todo = [i for i in pass_items(self.plan, name) if (name, i) not in self.stats_done]
+        if todo:
+            started = time.perf_counter()
+            progress_log.info("%s: %d workers, %d items to do", name, pool.size, len(todo))
+
+            def finished(result) -> None:  # a StatsResult
+                self.facts.add(name, result.rows)
+                self.stats_done.add((name, result.item))
+                journal.record_stats(StatsRecord(name, result.item, tuple(result.rows)))
+
+            self.retried += pool.drive(todo, lambda actor, i: actor.stats.remote(i, name, self.facts.for_item(i)),
+                                       finished)
+            progress_log.info("%s: done in %.1fs", name, time.perf_counter() - started)
+        if not self.facts.complete(name):
+            raise ExecutionError(f"{name}: some tensors' statistics are missing after the pass; rerun with --resume")
 
     def commit(self, handles: list[str], replaces: tuple[str, ...]) -> None:
         """Refuse non-finite output from finite inputs, and a lease taken over; else commit."""
         self._check_finite()
         self.lease.check()  # taken over meanwhile: never commit over another run
         commit(self.plan, self.output, handles, self.done, kind=self.recipe.how.manifest_kind,
-               recipe=_redacted(self.recipe.to_mapping()), layout=self._layout(),
+               recipe=_redacted(self.recipe.to_mapping()), layout=self._layout(), facts=self.facts.named(),
                storage_options=self.options.storage_options, replaces=replaces)
 
     def _layout(self) -> dict[str, int]:
@@ -344,6 +378,24 @@ class _Run:
                         f"more on the disk of {urls.redact(self.output.url)}, then run the same command with --resume")
         e.args = (f"{e}; {hint}",)
         return e
+
+
+def _check_kernels(plan: Plan, options: RunOptions) -> None:
+    """Methods written with numpy (TIES, DARE) run on CPU workers, on numpy's dtypes."""
+    for t in plan.tensors:
+        method = METHODS[t.method]
+        if not method.numpy_only or not t.terms:
+            continue
+        if options.gpus_per_worker > 0:
+            raise InputError(f"--gpus-per-worker {options.gpus_per_worker:g}: {method.name} computes on CPU workers; "
+                             "drop --gpus-per-worker")
+        dtypes = {t.dtype, *(s.dtype for term in t.terms for s in (term.a, term.b) if s is not None)}
+        if t.anchor is not None:
+            dtypes.add(t.anchor.dtype)
+        if not all(supports(d) for d in dtypes):
+            raise InputError(f"{t.name}: {method.name} computes BF16, F16, F32 and F64 tensors, not "
+                             f"{', '.join(sorted(d for d in dtypes if not supports(d)))}; convert the inputs or "
+                             "use method sum")
 
 
 def _replaced(old: OldCheckpoint, state: JournalState) -> tuple[str, ...]:

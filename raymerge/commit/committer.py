@@ -36,15 +36,16 @@ log = logging.getLogger("raymerge.progress")
 
 def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemRecord], *, kind: str,
            recipe: dict[str, Any], layout: dict[str, Any], storage_options: dict[str, Any],
-           replaces: tuple[str, ...] = ()) -> None:
+           replaces: tuple[str, ...] = (), facts: dict[str, Any] | None = None) -> None:
     """Commit a run whose items are all `done`; its manifest records `kind`, `recipe` and `layout`
-    (what verify needs to plan it again). `replaces`: the files of an older checkpoint at the
+    (what verify needs to plan it again) and the statistics passes' `facts` (what verify needs to
+    compute items again). `replaces`: the files of an older checkpoint at the
     output, to remove (see the module's docstring)."""
     missing = [i.id for i in plan.items if i.id not in done]
     if missing:
         raise CommitError(f"commit: {len(missing)} of {len(plan.items)} items are not done "
                           f"(first: {missing[:5]}); nothing was committed")
-    manifest = Manifest.of(plan, kind, recipe, done, __version__, layout).to_json()
+    manifest = Manifest.of(plan, kind, recipe, done, __version__, layout, facts).to_json()
     stats = tensor_stats(plan, done)
     shards = [(Target(s.name, handles[k], s.size), staged_items(plan, k, done)) for k, s in enumerate(plan.shards)]
     try:

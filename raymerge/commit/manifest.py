@@ -101,10 +101,11 @@ class Manifest:
     files: tuple[str, ...] | None = None  # all this checkpoint is, the manifest last
     output_bytes: int | None = None
     nonfinite: tuple[NonFinite, ...] | None = None
+    facts: dict[str, list] | None = None  # per tensor, what the statistics passes found (TIES thresholds, ...)
 
     @classmethod
     def of(cls, plan: Plan, kind: str, recipe: dict[str, Any], done: dict[int, ItemRecord], version: str,
-           layout: dict[str, Any]) -> Manifest:
+           layout: dict[str, Any], facts: dict[str, list] | None = None) -> Manifest:
         """The manifest of a finished run; `done`: item id -> ItemRecord, every item of the plan."""
         return cls(
             format_version=FORMAT_VERSION, recipe=recipe, layout=layout, plan_hash=plan.hash, stats=STATS_NAME,
@@ -114,7 +115,8 @@ class Manifest:
                         for i in plan.items),
             kind=kind, raymerge_version=version, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             files=tuple(output_files(plan)), output_bytes=plan.output_bytes,
-            nonfinite=tuple(NonFinite(name, n, new) for name, (n, new) in nonfinite_totals(plan, done).items()))
+            nonfinite=tuple(NonFinite(name, n, new) for name, (n, new) in nonfinite_totals(plan, done).items()),
+            facts=facts or None)
 
     @property
     def named(self) -> list[str]:
@@ -132,6 +134,7 @@ class Manifest:
             "nonfinite": None if self.nonfinite is None else {
                 n.tensor: {"elements": n.elements, "from_finite_inputs": n.from_finite_inputs}
                 for n in self.nonfinite},
+            "facts": self.facts,
             "shards": [s.to_json() for s in self.shards], "items": [i.to_json() for i in self.items]})
         return (json.dumps(obj, indent=1) + "\n").encode()
 
@@ -155,6 +158,7 @@ class Manifest:
             items = tuple(_item(item, f"items[{i}]", shards) for i, item in enumerate(obj["items"]))
             inputs = tuple(_input(entry, f"inputs[{i}]") for i, entry in enumerate(obj["inputs"]))
             nonfinite = _nonfinite(obj["nonfinite"]) if "nonfinite" in obj else None
+            facts = _facts(obj["facts"]) if "facts" in obj else None
         except (UntrustedJSON, _Damaged) as e:
             raise InputError(f"{where}: {MANIFEST_NAME} is damaged ({e}); this is not a checkpoint raymerge can "
                              "verify or inspect") from e
@@ -163,7 +167,7 @@ class Manifest:
                    stats=obj["stats"], inputs=inputs, shards=shards, items=items, kind=obj.get("kind"),
                    raymerge_version=obj.get("raymerge_version"), created=obj.get("created"),
                    files=None if files is None else tuple(files), output_bytes=obj.get("output_bytes"),
-                   nonfinite=nonfinite)
+                   nonfinite=nonfinite, facts=facts)
 
 
 def output_files(plan: Plan) -> list[str]:
@@ -242,6 +246,19 @@ def _nonfinite(obj: Any) -> tuple[NonFinite, ...]:
             _expect(_is_count(counts.get(key)), f"{at}.{key}", "an integer >= 0")
         out.append(NonFinite(name, counts["elements"], counts["from_finite_inputs"]))
     return tuple(out)
+
+
+def _facts(obj: Any) -> dict[str, list]:
+    """Per tensor, per vector: None or {name: integer}."""
+    _expect(isinstance(obj, dict), "facts", "an object")
+    for name, per_vector in obj.items():
+        at = f"facts[{shown(name)}]"
+        _expect(isinstance(per_vector, list), at, "a list")
+        for f in per_vector:
+            _expect(f is None or isinstance(f, dict) and all(isinstance(k, str) and isinstance(v, int)
+                                                             and not isinstance(v, bool) for k, v in f.items()),
+                    at, "a list of null or {name: integer}")
+    return obj
 
 
 def _present(obj: dict[str, Any]) -> dict[str, Any]:

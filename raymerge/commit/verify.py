@@ -34,7 +34,8 @@ class Redo:
     """How `verify` computes items again."""
 
     plan: Callable[[Manifest], Plan]  # the manifest's recipe and layout planned again; RaymergeError if not
-    worker: Callable[[Plan], Any]  # a producer of the plan's items: produce(item_id) -> (bytes, ...), close()
+    worker: Callable[[Plan, Manifest], Any]  # a producer of the plan's items, with the manifest's facts:
+    # produce(item_id) -> (bytes, ...), close()
 
 
 def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None,
@@ -144,7 +145,7 @@ def _recompute(url, manifest: Manifest, headers, redo: Redo, count, seed, reader
     if plan.hash != manifest.plan_hash:
         return [f"recompute: the inputs or recipe changed since this checkpoint was made (plan {plan.hash[:12]}, "
                 f"manifest {manifest.plan_hash[:12]}); cannot compare"]
-    worker = redo.worker(plan)
+    worker = redo.worker(plan, manifest)
     problems = []
     try:
         for item_id in random.Random(seed).sample(range(len(plan.items)), min(count, len(plan.items))):

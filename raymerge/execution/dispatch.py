@@ -10,7 +10,8 @@ Protocol (driver side):
      local paths and reported ready. A worker that dies while starting (node preempted, out of
      memory while importing) is replaced, as a busy one is; the pool gives up only when no worker
      can start at all, after a bounded number of attempts, with the workers' own error.
-  2. `drive(todo, handles, on_result)` runs the items; a replacement worker joins once ready.
+  2. `drive(todo, submit, on_result)` runs the items (`submit(actor, item_id)` calls the actor's
+     `run` or `stats` and returns the reference), once per pass; a replacement worker joins once ready.
   3. `kill()` when done.
 """
 
@@ -28,7 +29,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from raymerge.errors import ExecutionError, RaymergeError
 from raymerge.execution.nodes import NodeView
-from raymerge.execution.worker import ItemResult, MergeWorker
+from raymerge.execution.worker import MergeWorker
 from raymerge.planning.plan import Plan
 
 log = logging.getLogger("raymerge.progress")
@@ -80,7 +81,6 @@ class WorkerPool:
         device = "cuda" if options.gpus_per_worker > 0 else "cpu"
         self._new_actor = lambda: actor_cls.remote(plan_ref, out_url, storage_options, env, threads, device, view)
         self._options = options
-        self._shard_of = [item.shard for item in plan.items]
         self.size = n
         self.actors = [self._new_actor() for _ in range(n)]
         self.ready = [False] * n
@@ -134,7 +134,7 @@ class WorkerPool:
             self.actors[i] = self._new_actor()
             self.starting[self.actors[i].ready.remote()] = (i, self.generation[i])
 
-    def drive(self, todo: list[int], handles: list[str], on_result: Callable[[ItemResult], None]) -> int:
+    def drive(self, todo: list[int], submit: Callable[[Any, int], Any], on_result: Callable[[Any], None]) -> int:
         """Run items `todo`, calling `on_result` as each finishes (in the driver, in completion order).
         Returns how many items were run again because their worker died."""
         queue = collections.deque(todo)
@@ -144,7 +144,7 @@ class WorkerPool:
             for i, actor in enumerate(self.actors):
                 while self.ready[i] and self.load[i] < self._options.in_flight and queue:
                     item_id = queue.popleft()
-                    ref = actor.run.remote(item_id, handles[self._shard_of[item_id]])
+                    ref = submit(actor, item_id)
                     pending[ref] = (i, self.generation[i], item_id)
                     self.load[i] += 1
             if not pending and not self.starting:

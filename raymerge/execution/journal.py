@@ -4,9 +4,10 @@ Protocol (driver side):
   1. `Journal.begin(output, head)` writes the head: plan hash, inputs' fingerprints, the shard
      handles (staged file names relative to the staging folder, or multipart upload ids) and the
      old checkpoint's files an --overwrite run removes at commit.
-  2. `record(item)` for each finished item; `flush()` writes the records not yet written as one
-     small batch file (at most every `interval` seconds, and at the end). A flush that fails is
-     retried at the next one: a lost batch only means those items are done again.
+  2. `record(item)` for each finished item, `record_stats(pass, item, rows)` for each item of a
+     statistics pass; `flush()` writes the records not yet written as one small batch file (at most
+     every `interval` seconds, and at the end). A flush that fails is retried at the next one: a
+     lost batch only means those items are done again.
   3. `Journal.load(output)` on resume: the head and every recorded item, read as untrusted data.
      A damaged head makes the state unusable (only --overwrite can start over); a damaged batch
      is skipped, and its items are done again.
@@ -23,9 +24,11 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.errors import OutputError, RaymergeError, StorageError
+from raymerge.methods import ELEMENTWISE, PASS_ORDER
 from raymerge.planning.plan import Plan
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
@@ -36,7 +39,7 @@ log = logging.getLogger("raymerge")
 
 HEAD = "journal-head.json"
 BATCH = re.compile(r"journal-(\d{6,9})\.json")
-VERSION = 2
+VERSION = 3
 
 
 class Damaged(ValueError):
@@ -89,22 +92,36 @@ class JournalHead:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsRecord:
+    """One item's results in a statistics pass: (tensor, piece's first element, result) per piece."""
+
+    pass_name: str
+    item: int
+    rows: tuple[tuple[int, int, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class JournalBatch:
     """The items finished since the previous flush, as one batch file writes them."""
 
     records: tuple[ItemRecord, ...]
+    stats: tuple[StatsRecord, ...] = ()
 
     def to_json(self) -> bytes:
-        return json.dumps([{"id": r.item, "crc32": r.crc32, "etag": r.etag,
-                            "stats": [[s.tensor, _number(s.ss_delta), _number(s.ss_anchor), s.nonfinite,
-                                       s.new_nonfinite] for s in r.sums]} for r in self.records]).encode()
+        return json.dumps({
+            "items": [{"id": r.item, "crc32": r.crc32, "etag": r.etag,
+                       "stats": [[s.tensor, _number(s.ss_delta), _number(s.ss_anchor), s.nonfinite,
+                                  s.new_nonfinite] for s in r.sums]} for r in self.records],
+            "passes": [{"pass": r.pass_name, "id": r.item, "rows": [list(row) for row in r.rows]}
+                       for r in self.stats]}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> JournalBatch:
-        rows = _parse(raw)
-        if not isinstance(rows, list):
-            raise Damaged("expected a list of records")
-        return cls(tuple(_record(r) for r in rows))
+        obj = _object(_parse(raw), "a batch")
+        items, passes = obj.get("items"), obj.get("passes")
+        if not isinstance(items, list) or not isinstance(passes, list):
+            raise Damaged("expected lists of items and passes")
+        return cls(tuple(_record(r) for r in items), tuple(_stats_record(r) for r in passes))
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,7 @@ class JournalState:
     done: dict[int, ItemRecord]
     next_batch: int = 0
     problem: str | None = None
+    stats: tuple[StatsRecord, ...] = ()  # the statistics passes' items done, in the order recorded
 
 
 class Journal:
@@ -123,6 +141,7 @@ class Journal:
         self._output = output
         self._interval = interval
         self._pending: list[ItemRecord] = []
+        self._pending_stats: list[StatsRecord] = []
         self._batch = next_batch
         self._last = time.monotonic()
 
@@ -140,14 +159,20 @@ class Journal:
         if time.monotonic() - self._last >= self._interval:
             self.flush()
 
+    def record_stats(self, record: StatsRecord) -> None:
+        self._pending_stats.append(record)
+        if time.monotonic() - self._last >= self._interval:
+            self.flush()
+
     def flush(self, strict: bool = False) -> None:
         """Write pending records; a failure is retried at the next flush, or raised when `strict`
         (before commit: a commit cut short must find every item journaled)."""
         self._last = time.monotonic()
-        if not self._pending:
+        if not self._pending and not self._pending_stats:
             return
+        batch = JournalBatch(tuple(self._pending), tuple(self._pending_stats))
         try:
-            self._output.put_staging(f"journal-{self._batch:06d}.json", JournalBatch(tuple(self._pending)).to_json())
+            self._output.put_staging(f"journal-{self._batch:06d}.json", batch.to_json())
         except (RaymergeError, OSError) as e:
             if strict:
                 reason = e.reason if isinstance(e, StorageError) else reason_of(e)
@@ -157,6 +182,7 @@ class Journal:
             return
         self._batch += 1
         self._pending = []
+        self._pending_stats = []
 
     @staticmethod
     def load(output: Output) -> JournalState | None:
@@ -170,6 +196,7 @@ class Journal:
         except Damaged as e:
             return JournalState(None, {}, problem=f"its head is damaged ({e})")
         done: dict[int, ItemRecord] = {}
+        stats: list[StatsRecord] = []
         batches = [int(m.group(1)) for m in map(BATCH.fullmatch, files) if m]
         for name in sorted(files):
             if not BATCH.fullmatch(name):
@@ -180,7 +207,8 @@ class Journal:
                 log.warning("journal: %s is damaged (%s); its items will be done again", name, e)
                 continue
             done.update((r.item, r) for r in batch.records)
-        return JournalState(head, done, max(batches, default=-1) + 1)
+            stats += batch.stats
+        return JournalState(head, done, max(batches, default=-1) + 1, stats=tuple(stats))
 
 
 def _parse(raw: bytes) -> object:
@@ -204,6 +232,16 @@ def _record(r: object) -> ItemRecord:
             raise Damaged("a record's stats row is not [tensor, ss_delta, ss_anchor, nonfinite, new_nonfinite]")
         sums.append(TensorSums(s[0], float(s[1]), float(s[2]), s[3], s[4]))
     return ItemRecord(item, crc, etag, tuple(sums))
+
+
+def _stats_record(r: object) -> StatsRecord:
+    r = _object(r, "a pass record")
+    name, item, rows = r.get("pass"), r.get("id"), r.get("rows")
+    if name not in PASS_ORDER or name == ELEMENTWISE or not _int(item) or not isinstance(rows, list):
+        raise Damaged("a pass record's pass, id or rows has the wrong type")
+    if not all(isinstance(row, list) and len(row) == 3 and _int(row[0]) and _int(row[1]) for row in rows):
+        raise Damaged("a pass record's row is not [tensor, first element, result]")
+    return StatsRecord(name, item, tuple((row[0], row[1], row[2]) for row in rows))
 
 
 def _object(obj: object, what: str) -> dict:

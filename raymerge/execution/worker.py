@@ -5,11 +5,14 @@ Protocol:
      storage settings (credentials, endpoints) and the driver's view of local paths.
   2. `ready()` checks that this node sees the local inputs and the output folder as the driver
      does (execution.nodes), then says the worker is up.
-  3. `run(item_id, handle)`, any number of times, from up to `max_concurrency` threads at once (so
-     one item is read while another is computed or written): read the item's input ranges
+  3. `run(item_id, handle, facts)`, any number of times, from up to `max_concurrency` threads at
+     once (so one item is read while another is computed or written): read the item's input ranges
      (coalesced, per file), let each tensor's method compute its piece in float32 (cast once),
      write the bytes at the item's offset of its shard's staged target `handle`. Idempotent:
-     running an item twice writes the same bytes to the same place.
+     running an item twice writes the same bytes to the same place. `facts`: what the statistics
+     passes found of the item's tensors (execution.passes), by tensor.
+  3'. `stats(item_id, pass_name, facts)`: a statistics pass over the item's pieces that need it;
+     reads their vectors' ranges only and returns each piece's small result.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.execution.nodes import NodeView, check_view
-from raymerge.methods import METHODS, Operands, Vector
+from raymerge.execution.passes import Row, tensor_passes
+from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
 from raymerge.ops.kernel import Kernel, check_device, kernel_for
 from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan
 from raymerge.safetensors.dtypes import ITEMSIZE
@@ -51,6 +55,17 @@ class ItemResult:
         return self.record.item
 
 
+@dataclass(frozen=True, slots=True)
+class StatsResult:
+    item: int
+    pass_name: str
+    rows: list[Row]  # per piece: (tensor, first element, the method's result)
+    read_bytes: int
+    seconds: float
+    worker: str
+    peak_rss: int
+
+
 class _ThreadState:
     """Per-thread reader, buffers and scratch: reused across items to avoid first-touch faults."""
 
@@ -68,7 +83,8 @@ class _ThreadState:
 
 class MergeWorker:
     def __init__(self, plan: Plan, out_url: str | None, storage_options: dict[str, Any],
-                 env: dict[str, str], threads: int = 1, device: str = "cpu", view: NodeView | None = None) -> None:
+                 env: dict[str, str], threads: int = 1, device: str = "cpu", view: NodeView | None = None,
+                 facts: dict[int, Any] | None = None) -> None:
         os.environ.update(env)  # the driver's storage settings, so every node talks to the same stores
         _test_fault("RAYMERGE_TEST_START")  # fault-injection tests: a worker that dies while starting
         self._plan = plan
@@ -78,6 +94,8 @@ class MergeWorker:
         check_device(device)  # a GPU worker without a GPU fails here, at start-up, not at its first item
         # numpy does the arithmetic on the CPU (no torch import: a faster start); torch on a GPU and for FP8
         self._kernels = [kernel_for(device, _dtypes(t), self._threads) for t in plan.tensors]
+        self._passes = [tensor_passes(t) for t in plan.tensors]
+        self._facts = facts or {}  # verify's: the facts a manifest recorded
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
         self._local = threading.local()
         self._states: list[_ThreadState] = []
@@ -103,29 +121,30 @@ class MergeWorker:
             st.reader.close()
         self._states.clear()
 
-    def produce(self, item_id: int, clock: list[float] | None = None) -> tuple[memoryview, int, list[TensorSums]]:
+    def produce(self, item_id: int, clock: list[float] | None = None,
+                facts: dict[int, Any] | None = None) -> tuple[memoryview, int, list[TensorSums]]:
         """The item's output bytes (valid until this thread's next item), bytes read, per-tensor sums.
         `clock` gets the seconds spent reading and computing appended."""
         item = self._plan.items[item_id]
         st = self._state()
         t0 = time.perf_counter()
-        inputs, read_bytes = self._read_inputs(item, st)
+        inputs, read_bytes = self._read_inputs(item, st, ELEMENTWISE)
         t1 = time.perf_counter()
         # Place the bytes so that file blocks fall on memory pages: direct I/O can write them as they are.
         lead = item.start % BLOCK
         out = st.out.view(lead + item.nbytes)[lead:]
-        sums = self._compute(item, inputs, out, st)
+        sums = self._compute(item, inputs, out, st, self._facts if facts is None else facts)
         if clock is not None:
             clock += [t1 - t0, time.perf_counter() - t1]
         return out, read_bytes, sums
 
-    def run(self, item_id: int, handle: str) -> ItemResult:
+    def run(self, item_id: int, handle: str, facts: dict[int, Any] | None = None) -> ItemResult:
         t0 = time.perf_counter()
         if self._test_delay:  # fault-injection tests need runs slow enough to be interrupted
             time.sleep(self._test_delay)
         item = self._plan.items[item_id]
         clock: list[float] = []
-        out, read_bytes, sums = self.produce(item_id, clock)
+        out, read_bytes, sums = self.produce(item_id, clock, facts)
         t1 = time.perf_counter()
         shard = self._plan.shards[item.shard]
         etag = self._out.write(Target(shard.name, handle, shard.size), Span(item.part, item.start, item.end), out)
@@ -136,23 +155,44 @@ class MergeWorker:
         return ItemResult(ItemRecord(item_id, crc, etag, tuple(sums)), read_bytes, t3 - t0, self._name, peak,
                           (clock[0], clock[1], t2 - t1, t3 - t2))
 
-    def _sources(self, item: Item):
-        """(piece index, operand key, Source, byte range) of every input slice the item needs.
+    def stats(self, item_id: int, pass_name: str, facts: dict[int, Any]) -> StatsResult:
+        """Statistics pass `pass_name` over the item's pieces of tensors that need it."""
+        t0 = time.perf_counter()
+        if self._test_delay:
+            time.sleep(self._test_delay)
+        item = self._plan.items[item_id]
+        st = self._state()
+        inputs, read_bytes = self._read_inputs(item, st, pass_name)
+        rows: list[Row] = []
+        for p, piece in enumerate(item.pieces):
+            if piece.tensor == HEADER or pass_name not in self._passes[piece.tensor]:
+                continue
+            t = self._plan.tensors[piece.tensor]
+            k = self._kernels[piece.tensor]
+            operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor))
+            rows.append((piece.tensor, piece.begin, METHODS[t.method].statistic(pass_name, operands, st.scratch_for(k))))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak)
+
+    def _sources(self, item: Item, pass_name: str):
+        """(piece index, operand key, Source, byte range) of every input slice the item needs in a pass.
 
         Operand keys name what a slice is: (ANCHOR, 0), (A, j) and (B, j) for term j's a and b,
         (ROW, j) for override row j. A term limited to the tensor's first elements is read only
-        up to its limit.
+        up to its limit. A statistics pass reads the terms of the pieces that need it, nothing else.
         """
+        stats = pass_name != ELEMENTWISE
         for p, piece in enumerate(item.pieces):
-            if piece.tensor == HEADER:
+            if piece.tensor == HEADER or pass_name not in self._passes[piece.tensor]:
                 continue
             t = self._plan.tensors[piece.tensor]
-            wanted: list[tuple[tuple[str, int], Source | None, int, int]] = [((ANCHOR, 0), t.anchor, piece.begin, piece.end)]
+            wanted: list[tuple[tuple[str, int], Source | None, int, int]] = [
+                ((ANCHOR, 0), None if stats else t.anchor, piece.begin, piece.end)]
             for j, term in enumerate(t.terms):
                 end = piece.end if term.limit is None else min(piece.end, term.limit)
                 wanted += [((A, j), term.a, piece.begin, end), ((B, j), term.b, piece.begin, end)]
             row = t.row_elements
-            for j, o in enumerate(t.overrides):
+            for j, o in enumerate(() if stats else t.overrides):
                 lo, hi = max(piece.begin, o.row * row), min(piece.end, (o.row + 1) * row)
                 wanted.append(((ROW, j), o.source, lo - o.row * row, hi - o.row * row))
             for key, src, begin, end in wanted:
@@ -160,12 +200,12 @@ class MergeWorker:
                     size = ITEMSIZE[src.dtype]
                     yield p, key, src, (src.start + begin * size, src.start + end * size)
 
-    def _read_inputs(self, item: Item, st: _ThreadState) -> tuple[dict[tuple[int, str, int], memoryview], int]:
-        """Each needed slice as a view, keyed by (piece index, *operand key); one read per file run,
-        and each range once however many operands name it (a mergekit recipe's base is its anchor and
-        every vector's b)."""
+    def _read_inputs(self, item: Item, st: _ThreadState, pass_name: str) -> tuple[dict[tuple[int, str, int], memoryview], int]:
+        """Each slice a pass needs as a view, keyed by (piece index, *operand key); one read per file
+        run, and each range once however many operands name it (a mergekit recipe's base is its
+        anchor and every vector's b)."""
         by_file: dict[int, dict[tuple[int, int], list]] = {}
-        for p, key, src, rng in self._sources(item):
+        for p, key, src, rng in self._sources(item, pass_name):
             by_file.setdefault(src.file, {}).setdefault(rng, []).append((p, *key))
         while len(st.inputs) < len(by_file):
             st.inputs.append(Buffer())
@@ -178,7 +218,7 @@ class MergeWorker:
         return views, total
 
     def _compute(self, item: Item, inputs: dict[tuple[int, str, int], memoryview], out: memoryview,
-                 st: _ThreadState) -> list[TensorSums]:
+                 st: _ThreadState, facts: dict[int, Any]) -> list[TensorSums]:
         sums = []
         for p, piece in enumerate(item.pieces):
             if piece.tensor == HEADER:
@@ -195,7 +235,7 @@ class MergeWorker:
             k = self._kernels[piece.tensor]
             scratch = st.scratch_for(k)
             method = METHODS[t.method]
-            operands = _operands(p, t, inputs, k)
+            operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor))
             s = method.apply(k, k.view(dest, t.dtype), operands, scratch)
             nonfinite, new = s.nonfinite, s.new_nonfinite
             if t.overrides:
@@ -228,16 +268,19 @@ class MergeWorker:
         return nonfinite, new
 
 
-def _operands(p: int, t: TensorPlan, inputs: dict[tuple[int, str, int], memoryview], k) -> Operands:
-    """Piece p's operands of tensor t, as arrays of kernel k. A term absent from `inputs` lies past
-    its limit in this piece: it has no operands here."""
-    anchor = k.view(inputs[(p, ANCHOR, 0)], t.anchor.dtype) if t.anchor is not None else None
+def _operands(p: int, t: TensorPlan, inputs: dict[tuple[int, str, int], memoryview], k, begin: int,
+              facts: Any) -> Operands:
+    """Piece p's operands of tensor t (the piece starts at element `begin`), as arrays of kernel k.
+    A term absent from `inputs` lies past its limit in this piece: it has no operands here. An
+    anchor absent from `inputs` is not read in this pass."""
+    key = (p, ANCHOR, 0)
+    anchor = k.view(inputs[key], t.anchor.dtype) if t.anchor is not None and key in inputs else None
     vectors = []
     for j, term in enumerate(t.terms):
         if (p, A, j) in inputs:
             b = k.view(inputs[(p, B, j)], term.b.dtype) if term.b is not None else None
-            vectors.append(Vector(term.scale, k.view(inputs[(p, A, j)], term.a.dtype), b))
-    return Operands(anchor, tuple(vectors), t.params)
+            vectors.append(Vector(term.scale, k.view(inputs[(p, A, j)], term.a.dtype), b, term.density, j))
+    return Operands(anchor, tuple(vectors), t.params, t.name, begin, facts)
 
 
 def _test_fault(var: str) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 ELEMENTWISE = "elementwise"  # the pass that writes the output bytes; every method has it, last
+# Every pass any method has, in the order a plan runs them: statistics passes first.
+PASS_ORDER = ("magnitude-high", "magnitude-low", "l1-norm", ELEMENTWISE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,16 +27,22 @@ class Vector:
     scale: float
     a: Any  # an array of the kernel's type
     b: Any | None
+    density: float = 1.0  # the fraction of its elements a sparsifying method keeps (TIES, DARE)
+    term: int = 0  # which of the tensor's terms it is (a term past its limit has no Vector in a piece)
 
 
 @dataclass(frozen=True, slots=True)
 class Operands:
-    """What one piece of a tensor is computed from, by name (arrays of the kernel's type), and the
-    tensor's method parameters (TensorPlan.params)."""
+    """What one piece of a tensor is computed from, by name (arrays of the kernel's type), the
+    tensor's method parameters (TensorPlan.params), and where the piece lies: the tensor's name,
+    its first element, and the facts the statistics passes found of the whole tensor."""
 
     anchor: Any | None  # None: the result starts at zero (extracting a vector)
     vectors: tuple[Vector, ...]
     params: tuple[tuple[str, float], ...] = ()
+    name: str = ""
+    begin: int = 0
+    facts: Any = None  # what Method.reduce made of the tensor's statistics; None without
 
     def param(self, name: str, default: float) -> float:
         return next((v for k, v in self.params if k == name), default)
@@ -42,8 +50,10 @@ class Operands:
     def rows(self, lo: int, hi: int) -> Operands:
         """The operands of elements [lo, hi) of the piece."""
         return Operands(self.anchor[lo:hi] if self.anchor is not None else None,
-                        tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None)
-                              for v in self.vectors), self.params)
+                        tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None, v.density,
+                                     v.term)
+                              for v in self.vectors),
+                        self.params, self.name, self.begin + lo, self.facts)
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,22 @@ class Method(ABC):
     passes: ClassVar[tuple[str, ...]] = (ELEMENTWISE,)  # statistics passes first, the elementwise one last
     recipes: ClassVar[tuple[RecipeKind, ...]] = ()
 
+    numpy_only: ClassVar[bool] = False  # its rule is written with numpy: CPU workers, numpy's dtypes
+
+    def passes_for(self, tensor: Any) -> tuple[str, ...]:
+        """The passes one tensor (a TensorPlan with terms) needs, in PASS_ORDER."""
+        return self.passes
+
     @abstractmethod
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         """Write one piece of a tensor's output into `out` (an array of the kernel's type) and
         return the kernel's `Sums` of it."""
+
+    def statistic(self, pass_name: str, operands: Operands, scratch: Any) -> list:
+        """A statistics pass's result for one piece: one small JSON value per vector (or None)."""
+        raise NotImplementedError(f"{self.name} has no statistics pass {pass_name}")
+
+    def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
+        """The facts of a whole tensor after a statistics pass, from every piece's result as
+        (the piece's first element, its result) and the facts of the passes before."""
+        raise NotImplementedError(f"{self.name} has no statistics pass {pass_name}")

@@ -47,6 +47,7 @@ class Term:
     a: Source
     b: Source | None
     limit: int | None = None
+    density: float = 1.0  # the fraction a sparsifying method (TIES, DARE) keeps
 
 
 @dataclass(frozen=True, slots=True)

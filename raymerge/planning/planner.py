@@ -40,6 +40,7 @@ class TermSpec:
     scale: float | Scale
     a: Checkpoint
     b: Checkpoint | None
+    density: float | Scale = 1.0
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,8 @@ def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpo
     for term, (ra, rb) in zip(spec.terms, found):
         srcs = [_source(c, r, file_ids, nbytes=None if limit is None else limit * ITEMSIZE[r.dtype])
                 if r is not None else None for c, r in ((term.a, ra), (term.b, rb))]
-        scale = term.scale.at(name, layers) if isinstance(term.scale, Scale) else term.scale
-        terms.append(Term(scale, srcs[0], srcs[1], limit))
+        scale, density = (v.at(name, layers) if isinstance(v, Scale) else v for v in (term.scale, term.density))
+        terms.append(Term(scale, srcs[0], srcs[1], limit, density))
     return _Rule(name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum")
 
 

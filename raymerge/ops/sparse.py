@@ -1,0 +1,125 @@
+"""The float32 primitives of the sparsifying methods (TIES, DARE), with numpy, exact and
+independent of how a tensor is cut into pieces.
+
+- Magnitudes as bits: |x| of a float32 is monotone in its bit pattern with the sign bit cleared
+  (a NaN's lies above +inf, as torch's descending sort puts NaNs first). A radix selection finds
+  the k-th largest from a histogram of the high 16 bits (`high_histogram`), then of the low 16
+  bits inside the one high bin that holds it (`low_histogram`).
+- Random masks (`keep_mask`): element i of a tensor is kept when 32 bits of a Philox4x64-10 stream,
+  keyed by (seed, tensor name) and indexed by i, fall below density * 2**32; any piece draws its
+  part alone (numpy's Philox takes a counter) and gets the bits of any other cut.
+- Exact sums of magnitudes (`abs_sum`): as an integer count of 2**-149 (the smallest float32
+  subnormal), so partial sums from any pieces add up exactly; `to_float32` rounds once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+ABS = np.uint32(0x7FFFFFFF)
+HIGH_BINS = 1 << 15  # the high 16 bits of a magnitude (the sign bit is 0)
+EXP_MASK = np.uint32(0x7F800000)
+
+
+def magnitude_bits(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """|x| (float32) as uint32 bit patterns, in `out` (uint32, reused)."""
+    np.bitwise_and(x.view(np.uint32), ABS, out=out)
+    return out
+
+
+def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray) -> None:
+    """counts (int64, HIGH_BINS) += how many magnitudes fall in each high-16-bit bin."""
+    np.right_shift(bits, 16, out=work)
+    counts += np.bincount(work, minlength=HIGH_BINS)
+
+
+def low_histogram(bits: np.ndarray, high: int) -> tuple[np.ndarray, np.ndarray]:
+    """(low 16 bits, count) of the magnitudes whose high 16 bits are `high`, sorted."""
+    inside = bits[(bits >> 16) == high]
+    return np.unique((inside & 0xFFFF).astype(np.uint16), return_counts=True)
+
+
+def select(counts: dict[int, int], k: int) -> tuple[int, int]:
+    """(bin, elements in higher bins) of the bin holding the k-th largest (k >= 1), from a histogram
+    {bin: count} that holds at least k elements."""
+    above = 0
+    for b in sorted(counts, reverse=True):
+        if above + counts[b] >= k:
+            return b, above
+        above += counts[b]
+    raise ValueError(f"select: {k} asked of {above} elements")
+
+
+def philox_key(seed: int, name: str) -> np.ndarray:
+    """The Philox key of a tensor's mask: a digest of (seed, tensor name)."""
+    digest = hashlib.sha256(f"raymerge-dare\0{seed}\0{name}".encode()).digest()
+    return np.frombuffer(digest[:16], dtype=np.uint64).copy()
+
+
+def keep_threshold(density: float) -> int:
+    """Keep an element when its 32 random bits are below this: density * 2**32, rounded down."""
+    return min(1 << 32, max(0, int(density * (1 << 32))))
+
+
+def keep_mask(key: np.ndarray, begin: int, n: int, threshold: int) -> np.ndarray:
+    """Whether elements [begin, begin + n) of a tensor are kept (bool). Element i takes the low 32
+    bits of 64-bit output i // 2 of the stream when i is even, the high 32 bits when it is odd;
+    output j is word j % 4 of Philox block j // 4."""
+    first, last = begin // 2, (begin + n + 1) // 2  # the 64-bit outputs covering the elements
+    block = first // 4
+    raw = np.random.Philox(key=key, counter=block).random_raw(last - block * 4)[first - block * 4:]
+    halves = raw.view(np.uint32)  # little-endian: element 2j is the low half of output j
+    lo = begin - 2 * first
+    return halves[lo:lo + n] < threshold
+
+
+@dataclass(frozen=True)
+class AbsSum:
+    """sum |x| of some elements, exactly: the finite part as a count of 2**-149, and how many
+    infinities and NaNs (which make the sum infinite or NaN, as a float32 sum would)."""
+
+    units: int = 0
+    inf: int = 0
+    nan: int = 0
+
+    def __add__(self, other: AbsSum) -> AbsSum:
+        return AbsSum(self.units + other.units, self.inf + other.inf, self.nan + other.nan)
+
+    def to_float32(self) -> np.float32:
+        if self.nan:
+            return np.float32(np.nan)
+        if self.inf:
+            return np.float32(np.inf)
+        return to_float32(self.units)
+
+    def to_json(self) -> list:
+        return [str(self.units), self.inf, self.nan]
+
+
+def abs_sum(bits: np.ndarray) -> AbsSum:
+    """The exact sum of magnitudes given as bits (`magnitude_bits`). Sums the significands of each
+    exponent in float64 (exact: fewer than 2**29 of them, each below 2**24), then in Python integers."""
+    exponent = bits >> 23
+    significand = (bits & 0x7FFFFF) | np.where(exponent > 0, np.uint32(0x800000), np.uint32(0))
+    special = exponent == 255
+    units = 0
+    for lo in range(0, bits.size, 1 << 28):
+        e, s = exponent[lo:lo + (1 << 28)], significand[lo:lo + (1 << 28)]
+        sums = np.bincount(e, weights=s.astype(np.float64) * (e < 255), minlength=256)
+        units += sum(int(v) << max(int(i) - 1, 0) for i, v in enumerate(sums) if v)
+    nan = int(np.count_nonzero(special & (bits > EXP_MASK)))
+    return AbsSum(units, int(np.count_nonzero(special)) - nan, nan)
+
+
+def to_float32(units: int) -> np.float32:
+    """units * 2**-149, rounded once to float32 (to nearest, ties to even)."""
+    shift = max(units.bit_length() - 24, 0)
+    q, rem = divmod(units, 1 << shift) if shift else (units, 0)
+    half = 1 << (shift - 1) if shift else 0
+    if shift and (rem > half or (rem == half and q & 1)):
+        q += 1
+    with np.errstate(over="ignore"):
+        return np.float32(np.ldexp(float(q), shift - 149))
