@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raymerge.config import OPTIONS, Recipe, RunOptions, build_recipe
-from raymerge.methods import METHODS
+from raymerge.execution.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
+from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
 from raymerge.planning.schedule import layer_of
 from raymerge.planning.plan import Plan
 from raymerge.runner import make_plan, run as run_phases
@@ -134,6 +135,7 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                      "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,
                      "rule": t.rule, "method": t.method, "terms": len(t.terms), "scales": [x.scale for x in t.terms],
+                     "densities": [x.density for x in t.terms], "passes": list(tensor_passes(t)),
                      "layer": layer_of(t.name), "special_rows": len(t.overrides)}
                     for t in the_plan.tensors],
         "shards": [{"name": s.name, "size": s.size, "header_bytes": len(s.header), "tensors": len(s.tensors),
@@ -141,6 +143,12 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "items": [{"id": i.id, "shard": the_plan.shards[i.shard].name, "part": i.part, "start": i.start,
                    "end": i.end, "pieces": len(i.pieces)} for i in the_plan.items],
         "aux_files": [a.name for a in the_plan.aux_files],
-        "methods": {m.name: {"passes": list(m.passes), "parameters": [p.name for p in m.parameters]}
+        "passes": [{"name": name, "items": len(pass_items(the_plan, name)),
+                    "read_bytes": pass_read_bytes(the_plan, name)} for name in statistics_passes(the_plan)]
+        + [{"name": ELEMENTWISE, "items": len(the_plan.items), "read_bytes": the_plan.read_bytes}],
+        "methods": {m.name: {"passes": [p for p in PASS_ORDER if any(p in tensor_passes(t) for t in the_plan.tensors
+                                                                     if t.method == m.name and t.terms)] or [ELEMENTWISE],
+                             "parameters": [p.name for p in m.parameters],
+                             "given": dict(next(t.params for t in the_plan.tensors if t.method == m.name))}
                     for m in (METHODS[name] for name in sorted({t.method for t in the_plan.tensors}))},
     }

@@ -18,7 +18,7 @@ from raymerge.storage.urls import redact
 EXAMPLES = {  # the recipe kinds' examples are their own (raymerge.methods)
     "plan": """example:
   raymerge plan --base ./base --chat ./chat --cp ./cp --json | jq .output_bytes
-  raymerge plan --recipe mergekit.yml      # each tensor's method and scales, per layer
+  raymerge plan --recipe mergekit.yml      # each tensor's method and scales, per layer; TIES's passes
 """,
     "run": """example:
   raymerge run recipe.yaml        # kind: merge|extract|apply, plus the command's flags as keys
@@ -87,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     _add_common(p)
     p = command("run", "run a YAML recipe (kind: " + ", ".join(RECIPES) + ", and the command's flags as keys) or a "
-                "mergekit configuration (merge_method: task_arithmetic or linear); --out and the run flags given "
-                "here win over the file's keys", EXAMPLES["run"])
+                "mergekit configuration (merge_method: task_arithmetic, linear, ties, dare_linear or dare_ties); --out "
+                "and the run flags given here win over the file's keys", EXAMPLES["run"])
     p.add_argument("recipe", help="the recipe file")
     for o in OPTIONS:
-        if o.run or o.key == "out":
+        if o.run or o.key in ("out", "seed"):
             p.add_argument(o.flag, dest=o.key, default=None, help=o.help, **o.cli)
     p.add_argument("--report", metavar="FILE.json", help="save the run report (bytes, times, GB/s, retries, memory)")
     _add_common(p)
@@ -175,6 +175,11 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"  {s['name']}: {s['size']:,} bytes, {s['tensors']} tensors, {s['items']} items")
     for line in scale_summary(info["tensors"]):
         print("  " + line)
+    for p in info["passes"]:
+        print(f"  pass {p['name']}: {p['items']} items, reads {p['read_bytes']:,} bytes")
+    for name, m in info["methods"].items():
+        given = ", ".join(f"{k}={v}" for k, v in m["given"].items())
+        print(f"  method {name}: {', '.join(m['passes'])}" + (f" ({given})" if given else ""))
     return 0
 
 

@@ -1,6 +1,6 @@
 """mergekit configurations as raymerge recipes: which model is the anchor, which are the vectors.
 
-Read: `merge_method` (task_arithmetic, linear), `base_model`, `models[].model` and their
+Read: `merge_method` (task_arithmetic, linear, ties, dare_linear, dare_ties), `base_model`, `models[].model` and their
 `parameters`, top-level `parameters` (the default of every model's), `dtype`, `out_dtype`,
 `tokenizer_source: base`. A parameter may be a number, a gradient (a list of numbers) or a list of
 `{filter, value}` conditions (mergekit's filter is a substring of the tensor name: it becomes a
@@ -21,9 +21,12 @@ from raymerge.untrusted import shown
 
 log = logging.getLogger("raymerge")
 
-METHODS = ("task_arithmetic", "linear")
+METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties")
+_SPARSE = ("weight", "density", "normalize", "rescale", "lambda", "int8_mask")
 _KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
-_PARAMETERS = {"task_arithmetic": ("weight", "normalize", "lambda"), "linear": ("weight", "normalize")}
+_PARAMETERS = {"task_arithmetic": ("weight", "normalize", "lambda"), "linear": ("weight", "normalize"),
+               "ties": _SPARSE, "dare_linear": _SPARSE, "dare_ties": _SPARSE}
+_PER_MODEL = ("weight", "density")  # mergekit's per-model parameters: a number, a gradient or filters
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
@@ -36,7 +39,7 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
     method = data.get("merge_method")
     if method not in METHODS:
         raise InputError(f"{where}: merge_method {shown(method, 40)}: raymerge runs mergekit's "
-                         f"{' and '.join(METHODS)} recipes; for slerp, ties, dare_* and the rest use mergekit itself")
+                         f"{', '.join(METHODS)} recipes; for slerp, della, breadcrumbs and the rest use mergekit itself")
     for key in data:
         if key not in _KEYS:
             hint = "raymerge merges whole models: list them under models" if key == "slices" else \
@@ -50,9 +53,9 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
         raise InputError(f"{where}: models: a list of {{model: REFERENCE, parameters: {{weight: X}}}}")
     defaults = _parameters(data.get("parameters"), method, f"{where}: parameters")
     base = _reference(data["base_model"], f"{where}: base_model") if data.get("base_model") is not None else None
-    if method == "task_arithmetic" and base is None:
-        raise InputError(f"{where}: task_arithmetic needs a base_model: the model each one's change is taken from")
-    urls, weights = [], []
+    if method != "linear" and base is None:
+        raise InputError(f"{where}: {method} needs a base_model: the model each one's change is taken from")
+    urls, weights, densities = [], [], []
     for i, entry in enumerate(models):
         at = f"{where}: models[{i}]"
         for key in entry:
@@ -60,16 +63,19 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
                 raise InputError(f"{at}: {shown(key, 40)}: raymerge reads model and parameters")
         url = _reference(entry.get("model"), f"{at}.model")
         own = {**defaults, **_parameters(entry.get("parameters"), method, f"{at}.parameters")}
-        if method == "task_arithmetic" and url.rstrip("/") == base.rstrip("/"):
+        if method != "linear" and url.rstrip("/") == base.rstrip("/"):
             continue  # mergekit takes no change from the base itself (nor its weight into normalize's sum)
         if "weight" not in own:
             raise InputError(f"{at}.parameters.weight: missing; mergekit needs a weight for every model")
         urls.append(url)
         weights.append(own["weight"])
+        densities.append(own.get("density", 1.0))  # mergekit's default: keep everything
     values: dict[str, Any] = {"model": urls, "scale": weights}
+    if any(d != 1.0 for d in densities):
+        values["density"] = densities
     if base is not None:
         values["base"] = base
-    for key in ("normalize", "lambda"):
+    for key in ("normalize", "rescale", "lambda"):
         if key in defaults:
             values[key] = defaults[key]
     dtype = data.get("dtype")
@@ -91,11 +97,13 @@ def _parameters(value: Any, method: str, where: str) -> dict[str, Any]:
         if key not in _PARAMETERS[method]:
             raise InputError(f"{where}.{shown(key, 40)}: not a {method} parameter raymerge can map; it takes "
                              f"{', '.join(_PARAMETERS[method])}")
-        if key == "weight":
-            out[key] = _schedule(setting, f"{where}.weight")
+        if key in _PER_MODEL:
+            out[key] = _schedule(setting, f"{where}.{key}")
         elif isinstance(setting, (list, dict)):
             raise InputError(f"{where}.{key}: one value for the whole merge; per-tensor filters and gradients "
-                             "apply to weight only")
+                             "apply to weight and density only")
+        elif key == "int8_mask":
+            continue  # how mergekit stores its sign mask in memory: no change to the result
         else:
             out[key] = setting
     return out
