@@ -72,7 +72,8 @@ def merge(base: str, chat: str | list[str], cp: str, out: str, *, scale: float |
     """`out = cp + sum_i scale_i * (chat_i - base)` in float32, rounded once to the output dtype.
 
     `chat` and `scale` may be lists (one scale per chat model, in order); `options` are the run
-    options of the CLI: {run}.
+    options of the CLI: {run}; and the method's: method ("sum", "ties", "dare_linear",
+    "dare_ties"), density (one per chat model), normalize, rescale, lambda, seed.
     """
     return run(*build_recipe("merge", dict(base=base, chat=chat, cp=cp, out=out, scale=scale, vocab=vocab,
                                            skip=skip, special_tokens=special_tokens,
@@ -118,10 +119,15 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
                       o.plan.output_bytes / 1e9, urls.redact(o.out), o.execute_seconds,
                       written / o.execute_seconds / 1e9 if o.execute_seconds else 0.0, o.seconds)
     return MergeResult(out=o.out, kind=recipe.kind, plan_hash=o.plan.hash, shards=[s.name for s in o.plan.shards],
-                       output_bytes=o.plan.output_bytes, read_bytes=o.plan.read_bytes, seconds=o.seconds,
+                       output_bytes=o.plan.output_bytes, read_bytes=total_read_bytes(o.plan), seconds=o.seconds,
                        execute_seconds=o.execute_seconds, peak_rss=peaks, items=len(o.plan.items),
                        items_done_before=o.done_before, items_retried=o.retried, worker_seconds=spent,
                        steady_gbps=o.steady_gbps, nonfinite=o.nonfinite)
+
+
+def total_read_bytes(the_plan: Plan) -> int:
+    """Bytes of input data the workers read in every pass (statistics passes read the vectors again)."""
+    return the_plan.read_bytes + sum(pass_read_bytes(the_plan, name) for name in statistics_passes(the_plan))
 
 
 def describe(the_plan: Plan) -> dict[str, Any]:
@@ -130,7 +136,7 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "plan_hash": the_plan.hash,
         "output_bytes": the_plan.output_bytes,
         "tensor_bytes": the_plan.tensor_bytes,
-        "read_bytes": the_plan.read_bytes,
+        "read_bytes": total_read_bytes(the_plan),
         "inputs": [{"role": f.role, "url": urls.redact(f.url), "size": f.size} for f in the_plan.files],
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                      "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,

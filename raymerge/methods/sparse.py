@@ -65,6 +65,9 @@ class Sparse(Method):
     # --- statistics -------------------------------------------------------------------------
 
     def statistic(self, pass_name: str, operands: Operands, scratch: Any) -> list:
+        """One piece's result, per term: HIGH a sparse histogram of the high 16 bits of |delta|
+        ([bins], [counts]); LOW one of the low 16 bits inside the threshold's high bin; L1 the
+        exact sums of |delta| before and after the drop (AbsSum.to_json)."""
         vecs = operands.vectors
         facts = operands.facts or {}
         wanted = [0 < v.density < 1 and (pass_name != LOW or _fact(facts, v.term, "high") is not None)
@@ -85,21 +88,21 @@ class Sparse(Method):
                     low[i].append(b[(b >> 16) == facts[v.term]["high"]] & 0xFFFF)
                 else:  # L1: before and after the drop
                     sums[i][0] += sparse.abs_sum(b)
-                    self._drop(v, d, operands, lo, facts, state, bits)
+                    self._drop(v, d, operands, lo, facts, state, bits, scratch)
                     sums[i][1] += sparse.abs_sum(sparse.magnitude_bits(d, bits[:d.size]))
-        out: list = []
+        out: list = [None] * (1 + max((v.term for v in vecs), default=-1))  # by term: some may be absent here
         for i, v in enumerate(vecs):
             if not wanted[i]:
-                out.append(None)
-            elif pass_name == HIGH:
+                continue
+            if pass_name == HIGH:
                 nz = np.flatnonzero(high[i])
-                out.append([nz.tolist(), high[i][nz].tolist()])
+                out[v.term] = [nz.tolist(), high[i][nz].tolist()]
             elif pass_name == LOW:
                 values, counts = np.unique(np.concatenate(low[i]) if low[i] else np.empty(0, np.uint32),
                                            return_counts=True)
-                out.append([values.tolist(), counts.tolist()])
+                out[v.term] = [values.tolist(), counts.tolist()]
             else:
-                out.append([sums[i][0].to_json(), sums[i][1].to_json()])
+                out[v.term] = [sums[i][0].to_json(), sums[i][1].to_json()]
         return out
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
@@ -136,7 +139,7 @@ class Sparse(Method):
             q = max((d.size for _, _, d in live), default=0)
             ds, weights = [], []
             for _, v, d in live:
-                self._drop(v, d, operands, lo, facts, state, bits)
+                self._drop(v, d, operands, lo, facts, state, bits, scratch)
                 factor = _fact(facts, v.term, "factor")
                 if factor is not None:
                     np.multiply(d, np.array(factor, np.uint32).view(np.float32), out=d)
@@ -173,12 +176,15 @@ class Sparse(Method):
         np.copyto(majority, ds[0])
         for d in ds[1:]:
             np.add(majority, d, out=majority)
-        np.greater_equal(majority, 0, out=majority)
+        positive = _flags(scratch)[:q]
+        np.greater_equal(majority, 0, out=positive)
+        np.copyto(majority, positive)
         np.multiply(majority, 2, out=majority)
         np.subtract(majority, 1, out=majority)
         for i, (d, w) in enumerate(zip(ds, weights)):
-            np.sign(d, out=mask)
-            np.equal(mask, majority, out=mask)  # 1.0 where the signs agree (a NaN's never does)
+            # sign(wd) == majority exactly where wd * majority > 0 (never for a zero or a NaN): 1.0 or 0.0
+            np.multiply(d, majority, out=mask)
+            np.greater(mask, 0, out=mask)
             if i == 0:
                 np.multiply(d, mask, out=mixed)
                 np.multiply(mask, w, out=divisor)
@@ -188,12 +194,13 @@ class Sparse(Method):
                 np.multiply(mask, w, out=mask)
                 np.add(divisor, mask, out=divisor)
         if normalize:
-            divisor[divisor == 0] = 1
+            np.equal(divisor, 0, out=mask)
+            np.add(divisor, mask, out=divisor)  # mergekit: divisor[divisor == 0] = 1 (the others: + 0.0, exact)
             np.divide(mixed, divisor, out=mixed)
         return mixed
 
     def _drop(self, v: Any, d: np.ndarray, operands: Operands, lo: int, facts: Any, state: _TieState,
-              bits: np.ndarray) -> None:
+              bits: np.ndarray, scratch: Any) -> None:
         """d (vector v's delta at the piece's elements lo ..) *= its keep mask, in place."""
         if v.density >= 1:
             return
@@ -203,21 +210,21 @@ class Sparse(Method):
             else:
                 np.multiply(d, 0, out=d)
             return
+        keep = _row(scratch, _DELTAS, 0, d.size)  # 1.0 or 0.0: the product is mergekit's `delta * mask`
         if self.sparsify == "random":
             seed = int(_param(operands.params, "seed", 0))
-            keep = sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo, d.size,
-                                    sparse.keep_threshold(v.density))
+            np.copyto(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo, d.size,
+                                             sparse.keep_threshold(v.density)))
         else:
             f = facts[v.term]
             b = sparse.magnitude_bits(d, bits[:d.size])
-            keep = b > f["threshold"]
-            begin = operands.begin
-            if begin < f["cut"]:
-                keep |= b == f["threshold"]
-            elif begin == f["cut"]:
-                tied = np.flatnonzero(b == f["threshold"])
+            threshold, begin = np.uint32(f["threshold"]), operands.begin
+            # The ties at the threshold: all kept before the piece that holds the last kept one, none after.
+            (np.greater_equal if begin < f["cut"] else np.greater)(b, threshold, out=keep)
+            if begin == f["cut"]:
+                tied = np.flatnonzero(b == threshold)
                 left = f["keep"] - state.seen.get(v.term, 0)
-                keep[tied[:max(left, 0)]] = True
+                keep[tied[:max(left, 0)]] = 1
                 state.seen[v.term] = state.seen.get(v.term, 0) + tied.size
         np.multiply(d, keep, out=d)
 
@@ -267,6 +274,13 @@ def _uint_buffers(scratch: Any) -> tuple[np.ndarray, np.ndarray]:
     key = ("sparse-bits", scratch.chunk)
     if key not in scratch.staging:
         scratch.staging[key] = (np.empty(scratch.chunk, np.uint32), np.empty(scratch.chunk, np.uint32))
+    return scratch.staging[key]
+
+
+def _flags(scratch: Any) -> np.ndarray:
+    key = ("sparse-flags", scratch.chunk)
+    if key not in scratch.staging:
+        scratch.staging[key] = np.empty(scratch.chunk, np.bool_)
     return scratch.staging[key]
 
 
