@@ -150,3 +150,26 @@ def test_run_takes_out_and_run_flags_checked_like_the_commands(tmp_path):
                         "--item-size", "10"], capture_output=True, text=True)
     assert r.returncode == 2 and f"recipe {path}: --item-size 10: must be between 4KiB and 2GiB" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_method_takes_its_own_parameters_and_refuses_the_others():
+    import pytest
+
+    from raymerge.errors import InputError
+
+    values = {"base": "b", "chat": ["c1", "c2"], "cp": "cp", "out": "o"}
+    recipe, _ = build_recipe("merge", {**values, "method": "ties", "density": [0.3, [0.1, 0.9]], "normalize": False})
+    assert (recipe.method_name, dict(recipe.params)) == ("ties", {"normalize": False})
+    assert [d.to_json() for d in recipe.density] == [0.3, [0.1, 0.9]]
+    for bad, words in (({"density": [0.5, 0.5]}, "with method sum takes no density; use --method ties"),
+                       ({"method": "ties", "seed": 3}, "takes no seed"),
+                       ({"method": "ties", "density": [0.5]}, "1 --density values for 2 --chat"),
+                       ({"method": "dare_ties", "density": [0.5, -0.1]}, "from 0 to 1"),
+                       ({"method": "dare_ties", "seed": -1}, "integer from 0"),
+                       ({"method": "slerp"}, "must be one of sum, ties")):
+        with pytest.raises(InputError, match=words):
+            build_recipe("merge", {**values, **bad})
+    dare, _ = build_recipe("apply", {"cp": "cp", "vector": ["v"], "out": "o", "method": "dare_linear", "seed": 9})
+    assert dict(dare.params) == {"seed": 9}
+    with pytest.raises(InputError, match="unknown key 'method' for extract"):
+        build_recipe("extract", {"base": "b", "chat": "c", "out": "o", "method": "ties"})

@@ -21,3 +21,45 @@ def test_task_arithmetic_maps_base_to_the_anchor_and_the_others_to_vectors():
                                                                        (("lambda", 0.8),))
     assert recipe.vectors == (("hf://org/chat", Scale((0.0, 1.0), ((r"mlp\.up", 0.2),))), ("s3://b/math", Scale(0.5)))
     assert recipe.vocab == "error"  # mergekit needs the same shapes: no vocabulary overlap rules
+
+
+def test_ties_and_dare_map_weight_and_density_per_model_and_the_shared_parameters():
+    kind, values = recipe_values({
+        "merge_method": "dare_ties", "base_model": "/m/base",
+        "models": [{"model": "/m/chat", "parameters": {"weight": 0.7, "density": 0.3}},
+                   {"model": "/m/math", "parameters": {"weight": 0.5,
+                                                       "density": [{"filter": "mlp", "value": 0.2}, {"value": [0.4, 0.8]}]}},
+                   {"model": "/m/code", "parameters": {"weight": 0.2}}],  # no density: mergekit keeps everything
+        "parameters": {"rescale": False, "normalize": True, "lambda": 0.9, "int8_mask": True}}, "mk.yml")
+    recipe, _ = build_recipe(kind, {**values, "out": "/m/out", "seed": 5})
+    assert (recipe.kind, recipe.method_name, recipe.base) == ("dare_ties", "dare_ties", "/m/base")
+    assert recipe.density == (Scale(0.3), Scale((0.4, 0.8), (("mlp", 0.2),)), Scale(1.0))
+    assert dict(recipe.params) == {"normalize": True, "rescale": False, "lambda": 0.9, "seed": 5}
+    assert [u for u, _ in recipe.vectors] == ["/m/chat", "/m/math", "/m/code"]
+
+
+def test_a_dare_recipe_records_its_seed_even_when_none_is_given():
+    kind, values = recipe_values({"merge_method": "dare_linear", "base_model": "/m/base",
+                                  "models": [{"model": "/m/chat", "parameters": {"weight": 1.0, "density": 0.5}}]},
+                                 "mk.yml")
+    recipe, _ = build_recipe(kind, {**values, "out": "/m/out"})
+    assert dict(recipe.params)["seed"] == 0
+    assert recipe.to_mapping()["seed"] == 0
+
+
+def test_what_the_sparse_methods_cannot_map_is_refused_in_one_line():
+    import pytest
+
+    from raymerge.errors import InputError
+
+    base = {"base_model": "/m/base", "models": [{"model": "/m/chat", "parameters": {"weight": 1.0}}]}
+    for bad, words in (({"merge_method": "della"}, "della"),
+                       ({"merge_method": "ties", "parameters": {"normalize": [0.1]}}, "one value"),
+                       ({"merge_method": "ties", "parameters": {"gamma": 0.1}}, "gamma"),
+                       ({"merge_method": "ties", "parameters": {"density": 1.5}}, "from 0 to 1")):
+        with pytest.raises(InputError, match=words) as e:
+            kind, values = recipe_values({**base, **bad}, "mk.yml")
+            build_recipe(kind, {**values, "out": "/m/out"}, where="mk.yml")
+        assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="ties needs a base_model"):
+        recipe_values({"merge_method": "ties", "models": base["models"]}, "mk.yml")

@@ -18,7 +18,7 @@ from tests.helpers import chat_vector_reference, load_folder
 
 
 def test_every_recipe_kind_names_a_registered_method():
-    assert list(RECIPES) == ["merge", "extract", "apply", "task_arithmetic", "linear"]
+    assert list(RECIPES) == ["merge", "extract", "apply", "task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"]
     assert [k for k, how in RECIPES.items() if how.command] == ["merge", "extract", "apply"]  # commands too
     for how in RECIPES.values():
         assert how.method in METHODS
@@ -60,7 +60,7 @@ def test_the_worker_computes_each_tensor_with_the_method_its_plan_names(llama_tr
     plan = make_plan(recipe, options)
     assert {t.method for t in plan.tensors} == {"sum"}
     shown = describe(plan)  # what `raymerge plan --json` prints
-    assert shown["methods"] == {"sum": {"passes": ["elementwise"], "parameters": ["scale"]}}
+    assert shown["methods"] == {"sum": {"passes": ["elementwise"], "parameters": ["scale"], "given": {}}}
     assert {t["method"] for t in shown["tensors"]} == {"sum"}
     monkeypatch.setitem(METHODS, "negate", _Negate())
     negated = dataclasses.replace(plan, tensors=tuple(dataclasses.replace(t, method="negate") if i % 2 else t
