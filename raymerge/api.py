@@ -44,6 +44,7 @@ class MergeResult:
     worker_seconds: dict[str, float] | None = None  # read, compute, write, checksum (summed over workers)
     steady_gbps: float = 0.0  # output GB/s between 10% and 90% of the execute phase's bytes
     nonfinite: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor -> (inf/NaN, from finite inputs)
+    pass_seconds: dict[str, float] = field(default_factory=dict)  # statistics passes (TIES, DARE), before execute
 
     def report(self) -> dict:
         """The run report, as `--report FILE.json` saves it."""
@@ -54,7 +55,8 @@ class MergeResult:
                 "items_done_before": self.items_done_before, "items_retried": self.items_retried,
                 "peak_rss_per_worker": self.peak_rss, "worker_seconds": self.worker_seconds,
                 "nonfinite": {name: {"elements": n, "from_finite_inputs": new}
-                              for name, (n, new) in self.nonfinite.items()}}
+                              for name, (n, new) in self.nonfinite.items()},
+                "statistics_pass_seconds": self.pass_seconds}
 
     @property
     def gbps(self) -> float:
@@ -109,7 +111,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
     unfinished run at `out`."""
     o = run_phases(recipe, run_options)
     peaks: dict[str, int] = {}
-    for r in o.results:
+    for r in [*o.stats_results, *o.results]:
         peaks[r.worker] = max(peaks.get(r.worker, 0), r.peak_rss)
     spent = dict(zip(("read", "compute", "write", "checksum"),
                      (round(sum(r.timings[k] for r in o.results if r.timings), 3) for k in range(4))))
@@ -122,7 +124,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
                        output_bytes=o.plan.output_bytes, read_bytes=total_read_bytes(o.plan), seconds=o.seconds,
                        execute_seconds=o.execute_seconds, peak_rss=peaks, items=len(o.plan.items),
                        items_done_before=o.done_before, items_retried=o.retried, worker_seconds=spent,
-                       steady_gbps=o.steady_gbps, nonfinite=o.nonfinite)
+                       steady_gbps=o.steady_gbps, nonfinite=o.nonfinite, pass_seconds=o.pass_seconds)
 
 
 def total_read_bytes(the_plan: Plan) -> int:

@@ -130,6 +130,8 @@ def _report(result, path: str | None = None) -> None:
           f"{result.seconds:.1f}s in all")
     print(f"  read {result.read_bytes / 1e9:.2f} GB; {result.items} items ({result.items_done_before} done before, "
           f"{result.items_retried} retried)")
+    if result.pass_seconds:
+        print("  statistics passes: " + ", ".join(f"{n} {t:.1f}s" for n, t in result.pass_seconds.items()))
     if result.peak_rss:
         print("  peak memory per worker: " + ", ".join(f"{w} {b / 2**20:.0f} MiB" for w, b in sorted(result.peak_rss.items())))
     if result.nonfinite:

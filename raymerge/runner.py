@@ -128,6 +128,8 @@ class Outcome:
     execute_seconds: float
     steady_gbps: float
     nonfinite: dict[str, tuple[int, int]]
+    pass_seconds: dict[str, float]  # each statistics pass this run ran
+    stats_results: list  # their StatsResults (memory)
 
 
 def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
@@ -173,6 +175,8 @@ class _Run:
         self.facts = Facts(plan)  # what the statistics passes found
         self.stats_done: set[tuple[str, int]] = set()  # (pass, item) of the statistics passes
         self.results: list = []  # this run's ItemResults
+        self.stats_results: list = []  # this run's StatsResults
+        self.pass_seconds: dict[str, float] = {}
         self.done_before = self.retried = 0
         self.progress: Any = None
 
@@ -211,7 +215,8 @@ class _Run:
         ran = self.done_before < len(self.plan.items)
         return Outcome(self.plan, self.output.url, self.done, self.results, self.done_before, self.retried,
                        time.perf_counter() - started, self.progress.elapsed if ran else 0.0,
-                       self.progress.steady_rate() / 1e9 if ran else 0.0, nonfinite_totals(self.plan, self.done))
+                       self.progress.steady_rate() / 1e9 if ran else 0.0, nonfinite_totals(self.plan, self.done),
+                       self.pass_seconds, self.stats_results)
 
     def _bytes_done(self) -> int:
         return sum(self.plan.items[i].nbytes for i in self.done)
@@ -319,13 +324,15 @@ class _Run:
             progress_log.info("%s: %d workers, %d items to do", name, pool.size, len(todo))
 
             def finished(result) -> None:  # a StatsResult
+                self.stats_results.append(result)
                 self.facts.add(name, result.rows)
                 self.stats_done.add((name, result.item))
                 journal.record_stats(StatsRecord(name, result.item, tuple(result.rows)))
 
             self.retried += pool.drive(todo, lambda actor, i: actor.stats.remote(i, name, self.facts.for_item(i)),
                                        finished)
-            progress_log.info("%s: done in %.1fs", name, time.perf_counter() - started)
+            self.pass_seconds[name] = time.perf_counter() - started
+            progress_log.info("%s: done in %.1fs", name, self.pass_seconds[name])
         if not self.facts.complete(name):
             raise ExecutionError(f"{name}: some tensors' statistics are missing after the pass; rerun with --resume")
 

@@ -11,7 +11,7 @@ import pytest
 
 from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.errors import OutputError
-from raymerge.execution.journal import HEAD, Damaged, Journal, JournalBatch, JournalHead
+from raymerge.execution.journal import HEAD, Damaged, Journal, JournalBatch, JournalHead, StatsRecord
 from raymerge.storage.writers import STAGING, open_output
 
 
@@ -39,12 +39,12 @@ def test_records_round_trip_with_non_finite_sums(tmp_path):
 
 
 @pytest.mark.parametrize("head", [
-    b'{"journal_version": 2, "plan_hash": "abc"',  # truncated
-    b'{"journal_version": 2}',  # missing fields
-    json.dumps({"journal_version": 2, "plan_hash": 5, "shards": [], "handles": [], "inputs": []}).encode(),
-    json.dumps({"journal_version": 2, "plan_hash": "a", "shards": ["x"], "handles": [], "inputs": []}).encode(),
-    json.dumps({"journal_version": 2, "plan_hash": "a", "shards": ["../x"], "handles": ["h"], "inputs": []}).encode(),
-    json.dumps({"journal_version": 1, "plan_hash": "a", "shards": [], "handles": [], "inputs": []}).encode(),
+    b'{"journal_version": 3, "plan_hash": "abc"',  # truncated
+    b'{"journal_version": 3}',  # missing fields
+    json.dumps({"journal_version": 3, "plan_hash": 5, "shards": [], "handles": [], "inputs": []}).encode(),
+    json.dumps({"journal_version": 3, "plan_hash": "a", "shards": ["x"], "handles": [], "inputs": []}).encode(),
+    json.dumps({"journal_version": 3, "plan_hash": "a", "shards": ["../x"], "handles": ["h"], "inputs": []}).encode(),
+    json.dumps({"journal_version": 2, "plan_hash": "a", "shards": [], "handles": [], "inputs": []}).encode(),
     b"[" * 100000,
 ])
 def test_a_damaged_head_is_a_state_with_a_problem(tmp_path, head):
@@ -84,8 +84,12 @@ def test_begin_and_strict_flush_failures_are_one_line_errors(tmp_path):
         journal.flush(strict=True)
 
 
-@pytest.mark.parametrize("raw", [b"\xff", b"[" * 100000, b"{}", b'[{"id": 1}]', b'[{"id": 0, "crc32": 1, "etag": null, '
-                                 b'"stats": [[0, "x", 0, 0, 0]]}]'])
+@pytest.mark.parametrize("raw", [b"\xff", b"[" * 100000, b"{}", b'{"items": [{"id": 1}], "passes": []}',
+                                 b'{"items": [{"id": 0, "crc32": 1, "etag": null, "stats": [[0, "x", 0, 0, 0]]}], '
+                                 b'"passes": []}',
+                                 b'{"items": [], "passes": [{"pass": "magnitude-high", "id": 0, "rows": [[0, -1, 5]]}]}',
+                                 b'{"items": [], "passes": [{"pass": "elementwise", "id": 0, "rows": []}]}',
+                                 b'{"items": [], "passes": [{"pass": "rm -rf", "id": 0, "rows": []}]}'])
 def test_a_damaged_document_is_one_error(raw):
     # Not-JSON, hostile JSON and the wrong shape alike: callers catch Damaged and nothing else.
     for document in (JournalHead, JournalBatch):
@@ -94,6 +98,7 @@ def test_a_damaged_document_is_one_error(raw):
 
 
 def test_a_batch_and_a_head_read_back_as_written():
-    batch = JournalBatch((ItemRecord(3, 7, '"e"', (TensorSums(2, 0.25, math.inf, 1, 0),)), ItemRecord(4, 0, None)))
+    batch = JournalBatch((ItemRecord(3, 7, '"e"', (TensorSums(2, 0.25, math.inf, 1, 0),)), ItemRecord(4, 0, None)),
+                         (StatsRecord("magnitude-high", 5, ((2, 0, [[1, 7], [3, 4]]), (3, 4096, [None, [[2], [1]]]))),))
     assert JournalBatch.from_json(batch.to_json()) == batch
     assert JournalHead.from_json(_head().to_json()) == _head()

@@ -1,0 +1,63 @@
+"""A plan's statistics passes and the driver's facts: which items each pass runs, results taken in
+any order (a duplicate ignored), each tensor reduced once complete, damaged results refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from raymerge import api
+from raymerge.errors import OutputError
+from raymerge.execution.passes import Facts, pass_items, pass_read_bytes, statistics_passes, tensor_passes
+from raymerge.execution.worker import MergeWorker
+from raymerge.synth import LlamaShape, make_trio
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    return make_trio(str(tmp_path_factory.mktemp("passes")), LlamaShape(hidden=32, layers=1, vocab=64, intermediate=48))
+
+
+def _plan(trio, **values):
+    return api.plan(trio["base"], trio["chat"], trio["cp"], item_size="4KiB", **values)
+
+
+def test_each_method_names_the_passes_its_tensors_need(trio):
+    assert statistics_passes(_plan(trio)) == []
+    assert statistics_passes(_plan(trio, method="ties", density=[1.0])) == []  # keeps all: nothing to find
+    ties = _plan(trio, method="ties", density=[0.5])
+    assert statistics_passes(ties) == ["magnitude-high", "magnitude-low"]
+    assert statistics_passes(_plan(trio, method="ties", density=[0.5], rescale=True)) == [
+        "magnitude-high", "magnitude-low", "l1-norm"]
+    assert statistics_passes(_plan(trio, method="dare_ties", density=[0.5])) == ["l1-norm"]
+    assert statistics_passes(_plan(trio, method="dare_ties", density=[0.5], rescale=False)) == []
+    assert pass_items(ties, "magnitude-high") == [i.id for i in ties.items]  # every tensor is a float with terms
+    # A statistics pass reads the vector's inputs (chat and base), not the anchor (cp).
+    assert pass_read_bytes(ties, "magnitude-high") == 2 * sum(t.nbytes for t in ties.tensors)
+    assert all(tensor_passes(t)[-1] == "elementwise" for t in ties.tensors)
+
+
+def test_facts_reduce_each_tensor_once_whatever_the_order_of_results(trio):
+    plan = _plan(trio, method="ties", density=[0.3])
+    worker = MergeWorker(plan, None, {}, {})
+    facts = Facts(plan)
+    for name in statistics_passes(plan):
+        results = [worker.stats(i, name, facts.for_item(i)) for i in pass_items(plan, name)]
+        assert not facts.complete(name)
+        for r in reversed(results):
+            facts.add(name, r.rows)
+        facts.add(name, results[0].rows)  # an item run twice (its worker died after finishing it)
+        assert facts.complete(name)
+    worker.close()
+    named = facts.named()
+    assert sorted(named) == sorted(t.name for t in plan.tensors)
+    for t in plan.tensors:
+        f = named[t.name][0]
+        assert f["k"] == max(1, int(0.3 * t.nbytes // 2)) and f["above"] < f["k"] and 0 < f["keep"] <= f["k"]
+
+
+def test_results_that_do_not_add_up_are_a_damaged_journal(trio):
+    plan = _plan(trio, method="ties", density=[0.3])
+    facts = Facts(plan)
+    t = next(i for i, t in enumerate(plan.tensors) if len([p for it in plan.items for p in it.pieces if p.tensor == i]) == 1)
+    with pytest.raises(OutputError, match="do not add up.*--overwrite"):
+        facts.add("magnitude-high", [(t, 0, [["not", "a"], ["histogram"]])])
