@@ -11,12 +11,22 @@
              in bf16, save
   mergekit   mergekit-yaml task_arithmetic (dtype float32, out_dtype bfloat16), when --mergekit
              points at its executable (install it in a venv of its own)
+  merge2     a plain merge of two vectors on the same head, the baseline of `ties`:
+             `raymerge merge --base B --chat CHAT --chat CP --cp B` (out = base + 0.7 (chat - base)
+             + 0.5 (cp - base)): the same three reads and one write as `ties`
+  ties       the same head running a mergekit ties file (`raymerge run ties.yml --address`): two
+             vectors over base, chat (weight 0.7, density 0.3) and cp (weight 0.5, density 0.6)
+  mergekit-ties  mergekit-yaml on the same ties file (dtype float32, out_dtype bfloat16)
 
-Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor), checks that
-raymerge (and the mergekit file run by raymerge) and mergekit agree bit for bit, writes results JSON and a PNG chart.
+Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor), the peak RSS of
+every process of the raymerge rows (driver, each worker), the ratio ties / merge2, checks that
+raymerge (and the mergekit file run by raymerge) and mergekit agree bit for bit (ties: all but the
+magnitudes tied at a vector's threshold, where each tool keeps its own choice; bf16 inputs have
+many), writes results JSON and a PNG chart.
 
     python bench/make_synthetic.py /tmp/trio --params 750e6
     python bench/run.py /tmp/trio --mergekit /tmp/mkvenv/bin/mergekit-yaml --results bench/results [--repeat 3]
+        [--skip paper --skip embedded ...]
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ sys.path.insert(0, HERE)
 from memwatch import watch  # noqa: E402
 
 SCALE = 0.5
+# ties and merge2: two vectors over base, (model, weight, density)
+TIES = (("chat", 0.7, 0.3), ("cp", 0.5, 0.6))
 
 
 def main() -> None:
@@ -56,8 +68,10 @@ def main() -> None:
     os.makedirs(args.work)
     trio = {r: os.path.join(args.trio, r) for r in ("base", "chat", "cp")}
     out_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(trio["cp"], "*.safetensors")))
-    names = [n for n in ("raymerge", "recipe", "embedded", "paper", "mergekit")
-             if n not in args.skip and (n != "mergekit" or args.mergekit)]
+    unknown = set(args.skip) - set(RUNNERS)
+    if unknown:
+        p.error(f"--skip {', '.join(sorted(unknown))}: the contenders are {', '.join(RUNNERS)}")
+    names = [n for n in RUNNERS if n not in args.skip and (not n.startswith("mergekit") or args.mergekit)]
     # Rounds interleave the contenders, so that a drift of the machine's speed reaches them all alike.
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeat):
@@ -74,12 +88,15 @@ def main() -> None:
     for row in rows:
         row["gbps"] = out_bytes / row["wall_s"] / 1e9
         row["x_floor"] = row["wall_s"] / floor
-    theirs = os.path.join(args.work, "mergekit")
-    with_mergekit = args.mergekit and "mergekit" not in args.skip
-    agree = compare(os.path.join(args.work, "raymerge"), theirs) if with_mergekit and "raymerge" in names else None
-    recipe_agrees = compare(os.path.join(args.work, "recipe"), theirs) if with_mergekit and "recipe" in names else None
+    def agreement(ours: str, theirs: str) -> dict | None:
+        if ours in names and theirs in names:
+            return compare(os.path.join(args.work, ours), os.path.join(args.work, theirs))
+        return None
+
     result = {"trio": args.trio, "output_bytes": out_bytes, "floor_s": floor, "rows": rows,
-              "raymerge_equals_mergekit": agree, "recipe_equals_mergekit": recipe_agrees}
+              "raymerge_equals_mergekit": agreement("raymerge", "mergekit"),
+              "recipe_equals_mergekit": agreement("recipe", "mergekit"),
+              "ties_equals_mergekit_ties": agreement("ties", "mergekit-ties")}
     print_table(result)
     with open(os.path.join(args.results, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -196,12 +213,20 @@ def merge_on(address: str, trio: dict, out: str, work: str, extra: list[str] = (
     """One `raymerge merge --address` run: whole-command wall time, execute phase, peak memory."""
     report = os.path.join(work, "report-cluster.json")
     m = watch(_cli(trio, out, ["--address", address, "--report", report, *extra]))
+    return _head_row(m, report)
+
+
+def _head_row(m: dict, report: str) -> dict:
+    """A run on a running head: memwatch's figures for the driver (the command), the report's for
+    the workers (which are the head's children, not the command's)."""
+    if m["rc"] != 0:
+        raise SystemExit(f"a raymerge run failed (rc {m['rc']})")
     r = json.load(open(report))
-    peaks = [v / 2**20 for v in r["peak_rss_per_worker"].values()] + [m["peak_rss"][0]["rss_mib"]]
+    driver = m["peak_rss"][0]["rss_mib"]
+    workers = {w: v / 2**20 for w, v in r["peak_rss_per_worker"].items()}
     return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "steady_gbps": r["steady_gbps"],
-            "peak_rss_mib": max(peaks),
-            "worker_peak_rss_mib": r["peak_rss_per_worker"], "driver_peak_rss_mib": m["peak_rss"][0]["rss_mib"],
-            "report": r}
+            "peak_rss_mib": max([*workers.values(), driver]),
+            "worker_peak_rss_mib": workers, "driver_peak_rss_mib": driver, "report": r}
 
 
 def run_raymerge_cluster(trio: dict, out: str, args) -> dict:
@@ -260,24 +285,64 @@ out_dtype: bfloat16
     return cfg
 
 
+def ties_config(trio: dict, work: str) -> str:
+    """TIES of two vectors over base (TIES above), mergekit's defaults otherwise (normalize: true)."""
+    cfg = os.path.join(work, "ties.yml")
+    models = "".join(f"  - model: {trio[role]}\n    parameters: {{weight: {w}, density: {d}}}\n" for role, w, d in TIES)
+    with open(cfg, "w") as f:
+        f.write(f"merge_method: ties\nbase_model: {trio['base']}\nmodels:\n{models}dtype: float32\n"
+                "out_dtype: bfloat16\n")
+    return cfg
+
+
+def _mergekit(cfg: str, out: str, args, log: str) -> dict:
+    m = watch([args.mergekit, cfg, out], log=os.path.join(args.work, log))
+    if m["rc"] != 0:
+        raise SystemExit(f"mergekit failed (rc {m['rc']}): see {os.path.join(args.work, log)}")
+    return {"wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss"][0]["rss_mib"], "top_processes": m["peak_rss"][:4]}
+
+
 def run_mergekit(trio: dict, out: str, args) -> dict:
-    m = watch([args.mergekit, mergekit_config(trio, args.work), out], log=os.path.join(args.work, "mergekit.log"))
-    return {"wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss"][0]["rss_mib"]}
+    return _mergekit(mergekit_config(trio, args.work), out, args, "mergekit.log")
+
+
+def run_mergekit_ties(trio: dict, out: str, args) -> dict:
+    return _mergekit(ties_config(trio, args.work), out, args, "mergekit-ties.log")
+
+
+def _run_on_head(recipe: str, out: str, args, name: str) -> dict:
+    """`raymerge run FILE --address` on a running head."""
+    report = os.path.join(args.work, f"report-{name}.json")
+    with ray_head(os.cpu_count()) as address:
+        m = watch([sys.executable, "-m", "raymerge", "run", recipe, "--out", out, "--address", address,
+                   "--report", report])
+    return _head_row(m, report)
 
 
 def run_raymerge_recipe(trio: dict, out: str, args) -> dict:
     """`raymerge run mergekit.yml --address`: mergekit's own file, in mergekit's order, on a running head."""
-    report = os.path.join(args.work, "report-recipe.json")
+    return _run_on_head(mergekit_config(trio, args.work), out, args, "recipe")
+
+
+def run_raymerge_ties(trio: dict, out: str, args) -> dict:
+    """`raymerge run ties.yml --address`: mergekit's ties file on a running head."""
+    return _run_on_head(ties_config(trio, args.work), out, args, "ties")
+
+
+def run_raymerge_merge2(trio: dict, out: str, args) -> dict:
+    """The plain two-vector merge of the trio on a running head: base + 0.7 (chat - base) + 0.5 (cp - base)."""
+    report = os.path.join(args.work, "report-merge2.json")
+    cmd = [sys.executable, "-m", "raymerge", "merge", "--base", trio["base"], "--cp", trio["base"], "--out", out]
+    for role, w, _ in TIES:
+        cmd += ["--chat", trio[role], "--scale", str(w)]
     with ray_head(os.cpu_count()) as address:
-        m = watch([sys.executable, "-m", "raymerge", "run", mergekit_config(trio, args.work), "--out", out,
-                   "--address", address, "--report", report])
-    r = json.load(open(report))
-    return {"wall_s": m["wall_s"], "execute_s": r["execute_seconds"], "steady_gbps": r["steady_gbps"],
-            "peak_rss_mib": max([v / 2**20 for v in r["peak_rss_per_worker"].values()] + [m["peak_rss"][0]["rss_mib"]])}
+        m = watch(cmd + ["--address", address, "--report", report])
+    return _head_row(m, report)
 
 
-RUNNERS = {"raymerge": run_raymerge_cluster, "recipe": run_raymerge_recipe, "embedded": run_raymerge_embedded,
-           "paper": run_paper, "mergekit": run_mergekit}
+RUNNERS = {"raymerge": run_raymerge_cluster, "recipe": run_raymerge_recipe, "merge2": run_raymerge_merge2,
+           "ties": run_raymerge_ties, "embedded": run_raymerge_embedded, "paper": run_paper,
+           "mergekit": run_mergekit, "mergekit-ties": run_mergekit_ties}
 
 
 def compare(a: str, b: str) -> dict:
@@ -312,18 +377,38 @@ def print_table(result: dict) -> None:
             steady_s = result["output_bytes"] / (r["steady_gbps"] * 1e9)
             print(f"{'  (steady state)':28s} {steady_s:8.2f} {r['steady_gbps']:7.2f} {'':>13s} "
                   f"{steady_s / result['floor_s']:8.2f}")
-    for key, what in (("raymerge_equals_mergekit", "raymerge merge"), ("recipe_equals_mergekit", "raymerge run mergekit.yml")):
+    for r in result["rows"]:
+        if "worker_peak_rss_mib" in r:
+            workers = ", ".join(f"{v:.0f}" for v in r["worker_peak_rss_mib"].values())
+            print(f"{r['name']}: peak RSS MiB: driver {r['driver_peak_rss_mib']:.0f}, workers {workers}")
+        elif "top_processes" in r:
+            print(f"{r['name']}: peak RSS MiB: " + ", ".join(f"{p['rss_mib']:.0f} ({p['process'].strip()})"
+                                                             for p in r["top_processes"]))
+    for key, what in (("raymerge_equals_mergekit", "raymerge merge vs mergekit"),
+                      ("recipe_equals_mergekit", "raymerge run mergekit.yml vs mergekit"),
+                      ("ties_equals_mergekit_ties", "raymerge run ties.yml vs mergekit ties")):
         if result.get(key):
             c = result[key]
-            print(f"{what} vs mergekit: {c['differing']} of {c['elements']} elements differ")
+            print(f"{what}: {c['differing']} of {c['elements']} elements differ")
     walls = {r["name"]: r["wall_s"] for r in result["rows"]}
     for name in ("raymerge", "embedded"):
         if name in walls and "mergekit" in walls:
             print(f"{name}: {walls['mergekit'] / walls[name]:.1f}x faster than mergekit, end to end")
+    if "ties" in walls and "mergekit-ties" in walls:
+        print(f"ties: {walls['mergekit-ties'] / walls['ties']:.1f}x faster than mergekit ties, end to end")
+    rows = {r["name"]: r for r in result["rows"]}
+    if "ties" in rows and "merge2" in rows:
+        t, m = rows["ties"], rows["merge2"]
+        passes = sum(t["report"].get("statistics_pass_seconds", {}).values())
+        print(f"ties / merge2 (two vectors, same trio, same head): wall {t['wall_s'] / m['wall_s']:.2f}x, "
+              f"execute {t['execute_s'] / m['execute_s']:.2f}x, statistics passes and execute "
+              f"{(t['execute_s'] + passes) / m['execute_s']:.2f}x")
 
 
 LABELS = {"raymerge": "raymerge --address (running cluster)", "embedded": "raymerge, embedded (own local Ray)",
-          "paper": "paper's approach (3 whole models)", "mergekit": "mergekit 0.1.5 task_arithmetic"}
+          "paper": "paper's approach (3 whole models)", "mergekit": "mergekit 0.1.5 task_arithmetic",
+          "recipe": "raymerge run mergekit.yml (task_arithmetic)", "merge2": "raymerge merge, two vectors",
+          "ties": "raymerge run ties.yml (two vectors)", "mergekit-ties": "mergekit 0.1.5 ties (two vectors)"}
 
 
 def chart(result: dict, path: str) -> None:
@@ -340,7 +425,7 @@ def chart(result: dict, path: str) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, 1.12 * max(r["wall_s"] for r in rows))  # room for the labels
     ax.set_xlabel("wall seconds (lower is better)")
-    ax.set_title(f"chat-vector merge of a {result['output_bytes'] / 1e9:.2f} GB trio (bf16 out, float32 math)")
+    ax.set_title(f"merges of a {result['output_bytes'] / 1e9:.2f} GB trio (bf16 out, float32 math)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

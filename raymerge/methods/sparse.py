@@ -75,7 +75,7 @@ class Sparse(Method):
         high = [np.zeros(sparse.HIGH_BINS, np.int64) if w and pass_name == HIGH else None for w in wanted]
         low: list[list] = [[] for _ in vecs]
         sums = [[sparse.AbsSum(), sparse.AbsSum()] for _ in vecs]
-        bits, work = _uint_buffers(scratch)
+        bits, *work = _uint_buffers(scratch)
         state = _TieState()
         for lo, _, live in _chunks(operands, scratch):
             for i, v, d in live:
@@ -83,13 +83,13 @@ class Sparse(Method):
                     continue
                 b = sparse.magnitude_bits(d, bits[:d.size])
                 if pass_name == HIGH:
-                    sparse.high_histogram(b, high[i], work[:d.size])
+                    sparse.high_histogram(b, high[i], work[0][:d.size])
                 elif pass_name == LOW:
                     low[i].append(b[(b >> 16) == facts[v.term]["high"]] & 0xFFFF)
                 else:  # L1: before and after the drop
-                    sums[i][0] += sparse.abs_sum(b)
+                    sums[i][0] += sparse.abs_sum(b, work)
                     self._drop(v, d, operands, lo, facts, state, bits, scratch)
-                    sums[i][1] += sparse.abs_sum(sparse.magnitude_bits(d, bits[:d.size]))
+                    sums[i][1] += sparse.abs_sum(sparse.magnitude_bits(d, bits[:d.size]), work)
         out: list = [None] * (1 + max((v.term for v in vecs), default=-1))  # by term: some may be absent here
         for i, v in enumerate(vecs):
             if not wanted[i]:
@@ -132,7 +132,7 @@ class Sparse(Method):
         facts = operands.facts or {}
         normalize = _param(operands.params, "normalize", self.default_normalize)
         lam = np.float32(_param(operands.params, "lambda", 1.0))
-        bits, _ = _uint_buffers(scratch)
+        bits = _uint_buffers(scratch)[0]
         state = _TieState()
         total = [0.0, 0.0, 0, 0]
         for lo, m, live in _chunks(operands, scratch, len(out)):
@@ -270,10 +270,12 @@ def _abs_total(rows) -> sparse.AbsSum:
     return total
 
 
-def _uint_buffers(scratch: Any) -> tuple[np.ndarray, np.ndarray]:
+def _uint_buffers(scratch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-thread buffers of a chunk: magnitude bits (uint32), and int64 and float64 work buffers."""
     key = ("sparse-bits", scratch.chunk)
     if key not in scratch.staging:
-        scratch.staging[key] = (np.empty(scratch.chunk, np.uint32), np.empty(scratch.chunk, np.uint32))
+        c = scratch.chunk
+        scratch.staging[key] = (np.empty(c, np.uint32), np.empty(c, np.int64), np.empty(c, np.float64))
     return scratch.staging[key]
 
 

@@ -15,6 +15,7 @@ independent of how a tensor is cut into pieces.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,8 @@ def magnitude_bits(x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray) -> None:
-    """counts (int64, HIGH_BINS) += how many magnitudes fall in each high-16-bit bin."""
+    """counts (int64, HIGH_BINS) += how many magnitudes fall in each high-16-bit bin; `work`: an
+    int64 buffer as long as `bits` (bincount counts intp: a fresh one per call is slow to touch)."""
     np.right_shift(bits, 16, out=work)
     counts += np.bincount(work, minlength=HIGH_BINS)
 
@@ -99,19 +101,26 @@ class AbsSum:
         return [str(self.units), self.inf, self.nan]
 
 
-def abs_sum(bits: np.ndarray) -> AbsSum:
-    """The exact sum of magnitudes given as bits (`magnitude_bits`). Sums the significands of each
-    exponent in float64 (exact: fewer than 2**29 of them, each below 2**24), then in Python integers."""
-    exponent = bits >> 23
-    significand = (bits & 0x7FFFFF) | np.where(exponent > 0, np.uint32(0x800000), np.uint32(0))
-    special = exponent == 255
-    units = 0
-    for lo in range(0, bits.size, 1 << 28):
-        e, s = exponent[lo:lo + (1 << 28)], significand[lo:lo + (1 << 28)]
-        sums = np.bincount(e, weights=s.astype(np.float64) * (e < 255), minlength=256)
-        units += sum(int(v) << max(int(i) - 1, 0) for i, v in enumerate(sums) if v)
-    nan = int(np.count_nonzero(special & (bits > EXP_MASK)))
-    return AbsSum(units, int(np.count_nonzero(special)) - nan, nan)
+def abs_sum(bits: np.ndarray, work: tuple[np.ndarray, np.ndarray] | None = None) -> AbsSum:
+    """The exact sum of magnitudes given as bits (`magnitude_bits`), fewer than 2**29 of them. The
+    magnitudes of one float32 exponent are multiples of that binade's ulp below 2**24 ulps, so they
+    sum exactly in float64 (53 bits): one weighted count per exponent, then Python integers.
+    `work`: int64 and float64 buffers as long as `bits` (reused: fresh pages are slow to touch)."""
+    if bits.size >= 1 << 29:
+        raise ValueError("abs_sum: at most 2**29 elements at once")
+    exponent, weights = work or (np.empty(bits.size, np.int64), np.empty(bits.size, np.float64))
+    exponent, weights = exponent[:bits.size], weights[:bits.size]
+    np.right_shift(bits, 23, out=exponent)
+    with np.errstate(invalid="ignore"):
+        np.copyto(weights, bits.view(np.float32))
+    sums = np.bincount(exponent, weights=weights, minlength=256)
+    inf = nan = 0
+    if sums[255] != 0:  # an infinity or a NaN: count them (rare)
+        special = bits[exponent == 255]
+        nan = int(np.count_nonzero(special > EXP_MASK))
+        inf = special.size - nan
+    units = sum(int(math.ldexp(v, 149)) for v in sums[:255].tolist() if v)  # exact: a power-of-two scaling
+    return AbsSum(units, inf, nan)
 
 
 def to_float32(units: int) -> np.float32:

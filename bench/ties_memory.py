@@ -1,0 +1,153 @@
+"""TIES on a 128k-row embedding: the peak resident memory of every process, driver and workers.
+
+    python bench/ties_memory.py [--root /tmp/ties-mem] [--vocab 128256] [--hidden 2048] [--workers 2]
+        [--rescale] [--keep]
+
+Makes a trio (base, chat, cp; bf16) whose embedding and head have `--vocab` rows of `--hidden`
+(128256 x 2048: 262M elements each, 525 MB in bf16, 1.05 GB in float32) and one small layer,
+then runs a mergekit ties file of two vectors over the base (chat: weight 0.7, density 0.3; cp:
+weight 0.5, density 0.6; dtype float32, out_dtype bfloat16) with `raymerge run` on its own local
+Ray (`--workers`), while sampling every process of the command's tree (the driver, Ray's daemons
+and the workers): its RSS every `--interval` seconds and its kernel high-water mark (VmHWM in
+/proc/PID/status, which sees peaks between samples). Prints each process's peaks, largest first,
+and whether any is above `--limit` (the claim: none above 1 GiB; a whole float32 copy of one
+embedding is 1.05 GB). Deletes the trio and the output afterwards unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+from raymerge.safetensors.dtypes import numel
+from raymerge.synth import LlamaShape, make_trio
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="/tmp/ties-mem")
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rescale", action="store_true", help="ties with rescale: true (a third statistics pass)")
+    p.add_argument("--interval", type=float, default=0.05, help="seconds between samples")
+    p.add_argument("--limit", type=float, default=1.0, help="GiB no process may exceed")
+    p.add_argument("--keep", action="store_true", help="keep the trio and the output")
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args()
+    shape = LlamaShape(hidden=args.hidden, layers=1, vocab=args.vocab, intermediate=256, heads=16, kv_heads=8)
+    params = sum(numel(s) for _, s in shape.tensors())
+    need = 4 * 2 * params  # three bf16 checkpoints and one bf16 output
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(args.root)) or "/").free
+    if free < need * 1.2:
+        raise SystemExit(f"{args.root}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed")
+    trio_dir, out = os.path.join(args.root, "trio"), os.path.join(args.root, "out")
+    shutil.rmtree(args.root, ignore_errors=True)
+    started = time.perf_counter()
+    trio = make_trio(trio_dir, shape, shard_size=600_000_000)
+    print(f"{shape}: {params / 1e6:.0f}M params, {2 * params / 1e9:.2f} GB per checkpoint, "
+          f"embedding {args.vocab} x {args.hidden} = {args.vocab * args.hidden / 1e6:.0f}M elements "
+          f"({4 * args.vocab * args.hidden / 2**30:.2f} GiB in float32); made in {time.perf_counter() - started:.0f}s",
+          flush=True)
+    cfg = os.path.join(args.root, "ties.yml")
+    with open(cfg, "w") as f:
+        f.write(f"""merge_method: ties
+base_model: {trio['base']}
+models:
+  - model: {trio['chat']}
+    parameters: {{weight: 0.7, density: 0.3}}
+  - model: {trio['cp']}
+    parameters: {{weight: 0.5, density: 0.6}}
+parameters: {{rescale: {str(args.rescale).lower()}}}
+dtype: float32
+out_dtype: bfloat16
+""")
+    report = os.path.join(args.root, "report.json")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray: all processes its tree
+    cmd = [sys.executable, "-m", "raymerge", "run", cfg, "--out", out, "--workers", str(args.workers),
+           "--report", report]
+    try:
+        m = watch(cmd, env, args.interval)
+        r = json.load(open(report)) if os.path.exists(report) else {}
+        limit = args.limit * 2**30
+        print(f"raymerge run ties.yml --workers {args.workers}: rc {m['rc']}, wall {m['wall_s']:.1f}s"
+              + (f", execute {r['execute_seconds']:.1f}s" if "execute_seconds" in r else ""))
+        print(f"{'peak RSS MiB':>12s} {'VmHWM MiB':>10s} {'peak RSS-shared MiB':>19s}  process")
+        for row in m["processes"]:
+            print(f"{row['rss'] / 2**20:12.0f} {row['hwm'] / 2**20:10.0f} {row['anon'] / 2**20:19.0f}  {row['name']}")
+        if r.get("peak_rss_per_worker"):
+            print("the report's peak RSS per worker MiB: "
+                  + ", ".join(f"{w} {v / 2**20:.0f}" for w, v in r["peak_rss_per_worker"].items()))
+        top = max(max(row["rss"], row["hwm"]) for row in m["processes"])
+        verdict = "no process above" if top <= limit else "A PROCESS ABOVE"
+        print(f"largest process: {top / 2**20:.0f} MiB: {verdict} {args.limit:g} GiB")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"shape": str(shape), "command": cmd, **m, "report": r, "limit_bytes": limit}, f, indent=1)
+        sys.exit(0 if m["rc"] == 0 and top <= limit else 1)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.root, ignore_errors=True)
+
+
+def _hwm(pid: int) -> int:
+    """The kernel's high-water mark of a process's resident memory (VmHWM), in bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def watch(cmd: list[str], env: dict, interval: float) -> dict:
+    """Run cmd; every `interval` s, each process of its tree: RSS, RSS less shared pages, VmHWM."""
+    peaks: dict[int, dict] = {}
+    proc = subprocess.Popen(cmd, env=env)
+    root = psutil.Process(proc.pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                procs = [root] + root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for q in procs:
+                try:
+                    mem = q.memory_info()
+                    hwm = _hwm(q.pid)
+                    cmd = q.cmdline()  # read each time: a Ray worker renames itself
+                    name = " ".join(os.path.basename(c) if c.startswith("/") else c for c in cmd[:3])[:70] or q.name()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                row = peaks.setdefault(q.pid, {"pid": q.pid, "name": name, "rss": 0, "anon": 0, "hwm": 0})
+                row["name"] = name
+                row["rss"] = max(row["rss"], mem.rss)
+                row["anon"] = max(row["anon"], mem.rss - mem.shared)
+                row["hwm"] = max(row["hwm"], hwm)
+            time.sleep(interval)
+
+    t = threading.Thread(target=sample, daemon=True)
+    started = time.perf_counter()
+    t.start()
+    rc = proc.wait()
+    wall = time.perf_counter() - started
+    done.set()
+    t.join()
+    rows = sorted(peaks.values(), key=lambda x: -max(x["rss"], x["hwm"]))
+    return {"rc": rc, "wall_s": wall, "processes": rows}
+
+
+if __name__ == "__main__":
+    main()
