@@ -321,7 +321,8 @@ tokenizer_source: base
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
     assert shown["methods"] == {"task_arithmetic": {"passes": ["elementwise"],
-                                                    "parameters": ["scale", "normalize", "lambda"]}}
+                                                    "parameters": ["scale", "normalize", "lambda"],
+                                                    "given": {"normalize": True, "lambda": 0.9}}}
     assert all(t["scales"] == [0.7, 0.2 if "mlp" in t["name"] else 0.3] for t in shown["tensors"])
 
 
@@ -350,8 +351,8 @@ dtype: float32
 
 
 @pytest.mark.parametrize("text,match", [
-    ("merge_method: slerp\nmodels: [{model: a}]\n", "merge_method 'slerp': raymerge runs mergekit's task_arithmetic "
-                                                     "and linear recipes"),
+    ("merge_method: slerp\nmodels: [{model: a}]\n", "merge_method 'slerp': raymerge runs mergekit's task_arithmetic, "
+                                                     "linear, ties, dare_linear, dare_ties recipes"),
     ("merge_method: linear\nslices: []\nmodels: [{model: a}]\n", "slices.*list them under models"),
     ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: a}]\n", "tokenizer_source 'union'"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {density: 0.5}}]\n", "density.*takes weight, normalize"),

@@ -193,22 +193,23 @@ def test_plan_shows_the_passes_and_densities(models, cli_main, capsys):
                for t in shown["tensors"])
 
 
-def test_ties_merge_on_s3(ray_local, s3_server, models, tensors, tmp_path):
+def test_ties_and_dare_merges_on_s3(ray_local, s3_server, models, tensors, tmp_path):
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=BUCKET)
     for role in ("base", "chat", "chat2", "cp"):
         for name in os.listdir(models[role]):
             s3.upload_file(os.path.join(models[role], name), BUCKET, f"{role}/{name}")
     url = {role: f"s3://{BUCKET}/{role}" for role in ("base", "chat", "chat2", "cp")}
-    raymerge.merge(url["base"], [url["chat"], url["chat2"]], url["cp"], f"s3://{BUCKET}/merged", scale=SCALES,
-                   method="ties", density=[0.3, 0.6], workers=2, shard_size="100KB")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="merged/")["Contents"]]
-    dest = tmp_path / "merged"
-    dest.mkdir()
-    for key in keys:
-        s3.download_file(BUCKET, key, str(dest / key.rsplit("/", 1)[1]))
-    assert "raymerge_manifest.json" in os.listdir(dest)
-    assert_bit_identical(load_folder(str(dest)), reference(tensors, "ties", [0.3, 0.6]))
+    for method in ("ties", "dare_linear"):  # dare_linear: its l1-norm pass too (rescale is its default)
+        raymerge.merge(url["base"], [url["chat"], url["chat2"]], url["cp"], f"s3://{BUCKET}/{method}", scale=SCALES,
+                       method=method, density=[0.3, 0.6], workers=2, shard_size="100KB")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{method}/")["Contents"]]
+        dest = tmp_path / method
+        dest.mkdir()
+        for key in keys:
+            s3.download_file(BUCKET, key, str(dest / key.rsplit("/", 1)[1]))
+        assert "raymerge_manifest.json" in os.listdir(dest)
+        assert_bit_identical(load_folder(str(dest)), reference(tensors, method, [0.3, 0.6]))
     assert not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
 
 
