@@ -369,7 +369,8 @@ class _Run:
     def _failed(self, e: BaseException) -> BaseException:
         """The error of a failed run, telling how to go on only where that can work."""
         done, total = len(self.done), len(self.plan.items)
-        hint = (f"{done} of {total} items are done and kept: run the same command with --resume to continue, "
+        stats = f" (and {len(self.stats_done)} items of statistics passes)" if self.stats_done else ""
+        hint = (f"{done} of {total} items{stats} are done and kept: run the same command with --resume to continue, "
                 "or with --overwrite to start over")
         if isinstance(e, KeyboardInterrupt):
             progress_log.warning("interrupted; %s", hint)
