@@ -61,3 +61,38 @@ def test_results_that_do_not_add_up_are_a_damaged_journal(trio):
     t = next(i for i, t in enumerate(plan.tensors) if len([p for it in plan.items for p in it.pieces if p.tensor == i]) == 1)
     with pytest.raises(OutputError, match="do not add up.*--overwrite"):
         facts.add("magnitude-high", [(t, 0, [["not", "a"], ["histogram"]])])
+
+
+def test_apply_with_ties_over_stored_vectors_matches_the_whole_tensor_reference(trio, tmp_path):
+    # The worker's passes by hand (no Ray): statistics items in reverse order, then every item's bytes.
+    import torch
+    from safetensors.torch import load, save_file
+
+    from tests.helpers import assert_bit_identical, load_folder
+    from tests.methods.test_sparse_methods import sparse_reference
+
+    base, chat, cp = (load_folder(trio[r]) for r in ("base", "chat", "cp"))
+    vectors = []
+    for k, noise in ((0, 1.0), (1, -0.5)):  # two stored float32 vectors, the second of the opposite sign
+        folder = tmp_path / f"vec{k}"
+        folder.mkdir()
+        save_file({n: (chat[n].float() - base[n].float()) * noise + 1e-3 * torch.randn(base[n].shape)
+                   for n in base}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        vectors.append(str(folder))
+    plan = api.plan(kind="apply", cp=trio["cp"], vector=vectors, scale=[0.6, 0.8], method="ties",
+                    density=[0.25, 0.5], item_size="4KiB")
+    worker = MergeWorker(plan, None, {}, {})
+    facts = Facts(plan)
+    for name in statistics_passes(plan):
+        for i in reversed(pass_items(plan, name)):
+            facts.add(name, worker.stats(i, name, facts.for_item(i)).rows)
+    shard = bytearray(plan.shards[0].size)
+    for item in plan.items:
+        shard[item.start:item.end] = worker.produce(item.id, facts=facts.for_item(item.id))[0]
+    worker.close()
+    got = load(bytes(shard))
+    stored = [load_folder(v) for v in vectors]
+    want = {n: sparse_reference(n, cp[n], [(0.6, stored[0][n], None, 0.25), (0.8, stored[1][n], None, 0.5)], "ties")
+            for n in cp}
+    assert len(plan.shards) == 1  # the whole output is the shard assembled above
+    assert_bit_identical(got, want)
