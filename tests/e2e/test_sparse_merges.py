@@ -200,7 +200,7 @@ def test_ties_and_dare_merges_on_s3(ray_local, s3_server, models, tensors, tmp_p
         for name in os.listdir(models[role]):
             s3.upload_file(os.path.join(models[role], name), BUCKET, f"{role}/{name}")
     url = {role: f"s3://{BUCKET}/{role}" for role in ("base", "chat", "chat2", "cp")}
-    for method in ("ties", "dare_linear"):  # dare_linear: its l1-norm pass too (rescale is its default)
+    for method in ("ties", "dare_linear", "dare_ties"):  # dare_*: their l1-norm pass too (rescale is on)
         raymerge.merge(url["base"], [url["chat"], url["chat2"]], url["cp"], f"s3://{BUCKET}/{method}", scale=SCALES,
                        method=method, density=[0.3, 0.6], workers=2, shard_size="100KB")
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{method}/")["Contents"]]
