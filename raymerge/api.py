@@ -127,6 +127,12 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
                        steady_gbps=o.steady_gbps, nonfinite=o.nonfinite, pass_seconds=o.pass_seconds)
 
 
+def _method_passes(the_plan: Plan, method: str) -> list[str]:
+    """The passes a method's tensors need in this plan (the elementwise one alone when none computes)."""
+    used = {p for t in the_plan.tensors if t.method == method and t.terms for p in tensor_passes(t)}
+    return [p for p in PASS_ORDER if p in used] or [ELEMENTWISE]
+
+
 def total_read_bytes(the_plan: Plan) -> int:
     """Bytes of input data the workers read in every pass (statistics passes read the vectors again)."""
     return the_plan.read_bytes + sum(pass_read_bytes(the_plan, name) for name in statistics_passes(the_plan))
@@ -154,8 +160,7 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "passes": [{"name": name, "items": len(pass_items(the_plan, name)),
                     "read_bytes": pass_read_bytes(the_plan, name)} for name in statistics_passes(the_plan)]
         + [{"name": ELEMENTWISE, "items": len(the_plan.items), "read_bytes": the_plan.read_bytes}],
-        "methods": {m.name: {"passes": [p for p in PASS_ORDER if any(p in tensor_passes(t) for t in the_plan.tensors
-                                                                     if t.method == m.name and t.terms)] or [ELEMENTWISE],
+        "methods": {m.name: {"passes": _method_passes(the_plan, m.name),
                              "parameters": [p.name for p in m.parameters],
                              "given": dict(next(t.params for t in the_plan.tensors if t.method == m.name))}
                     for m in (METHODS[name] for name in sorted({t.method for t in the_plan.tensors}))},

@@ -170,7 +170,8 @@ class MergeWorker:
             t = self._plan.tensors[piece.tensor]
             k = self._kernels[piece.tensor]
             operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor))
-            rows.append((piece.tensor, piece.begin, METHODS[t.method].statistic(pass_name, operands, st.scratch_for(k))))
+            result = METHODS[t.method].statistic(pass_name, operands, st.scratch_for(k))
+            rows.append((piece.tensor, piece.begin, result))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak)
 
@@ -200,7 +201,8 @@ class MergeWorker:
                     size = ITEMSIZE[src.dtype]
                     yield p, key, src, (src.start + begin * size, src.start + end * size)
 
-    def _read_inputs(self, item: Item, st: _ThreadState, pass_name: str) -> tuple[dict[tuple[int, str, int], memoryview], int]:
+    def _read_inputs(self, item: Item, st: _ThreadState,
+                     pass_name: str) -> tuple[dict[tuple[int, str, int], memoryview], int]:
         """Each slice a pass needs as a view, keyed by (piece index, *operand key); one read per file
         run, and each range once however many operands name it (a mergekit recipe's base is its
         anchor and every vector's b)."""

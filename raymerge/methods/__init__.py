@@ -17,4 +17,5 @@ COMBINING = ("sum", "ties", "dare_linear", "dare_ties")
 # Every recipe kind (a command, a recipe file's `kind:`), by name.
 RECIPES: dict[str, RecipeKind] = {r.name: r for m in METHODS.values() for r in m.recipes}
 
-__all__ = ["COMBINING", "ELEMENTWISE", "METHODS", "PASS_ORDER", "RECIPES", "Method", "Operands", "Parameter", "RecipeKind", "Vector"]
+__all__ = ["COMBINING", "ELEMENTWISE", "METHODS", "PASS_ORDER", "RECIPES", "Method", "Operands", "Parameter",
+           "RecipeKind", "Vector"]

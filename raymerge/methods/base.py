@@ -103,7 +103,8 @@ class Method(ABC):
         return the kernel's `Sums` of it."""
 
     def statistic(self, pass_name: str, operands: Operands, scratch: Any) -> list:
-        """A statistics pass's result for one piece: one small JSON value per vector (or None)."""
+        """A statistics pass's result for one piece: a list of small JSON values indexed by term
+        (None for a term that needs nothing here)."""
         raise NotImplementedError(f"{self.name} has no statistics pass {pass_name}")
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:

@@ -58,7 +58,8 @@ def test_facts_reduce_each_tensor_once_whatever_the_order_of_results(trio):
 def test_results_that_do_not_add_up_are_a_damaged_journal(trio):
     plan = _plan(trio, method="ties", density=[0.3])
     facts = Facts(plan)
-    t = next(i for i, t in enumerate(plan.tensors) if len([p for it in plan.items for p in it.pieces if p.tensor == i]) == 1)
+    pieces = [sum(p.tensor == i for it in plan.items for p in it.pieces) for i in range(len(plan.tensors))]
+    t = pieces.index(1)  # a tensor of one piece: its one result completes it
     with pytest.raises(OutputError, match="do not add up.*--overwrite"):
         facts.add("magnitude-high", [(t, 0, [["not", "a"], ["histogram"]])])
 
