@@ -14,11 +14,13 @@ import time
 import psutil
 
 
-def watch(cmd: list[str], interval: float = 0.1, log: str | None = None) -> dict:
-    """Run cmd (its output to `log` when given) and sample its process tree's memory."""
-    peaks: dict[int, tuple[str, int]] = {}
+def watch(cmd: list[str], interval: float = 0.1, log: str | None = None, env: dict | None = None) -> dict:
+    """Run cmd (its output to `log` when given; in `env` when given) and sample its process tree's
+    memory: each process's peak RSS, peak RSS less shared pages, and the kernel's high-water mark
+    (VmHWM, which sees peaks between samples)."""
+    peaks: dict[int, dict] = {}
     out = open(log, "w") if log else None
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
     root = psutil.Process(proc.pid)
     done = threading.Event()
 
@@ -30,12 +32,15 @@ def watch(cmd: list[str], interval: float = 0.1, log: str | None = None) -> dict
                 break
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
-                    name = " ".join(p.cmdline()[:3])[-60:] or p.name()
+                    mem = p.memory_info()
+                    name = " ".join(p.cmdline()[:3])[-60:] or p.name()  # read each time: a Ray worker renames itself
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                if rss > peaks.get(p.pid, ("", 0))[1]:
-                    peaks[p.pid] = (name, rss)
+                row = peaks.setdefault(p.pid, {"process": name, "rss": 0, "unshared": 0, "hwm": 0})
+                if mem.rss > row["rss"]:
+                    row.update(process=name, rss=mem.rss)
+                row["unshared"] = max(row["unshared"], mem.rss - mem.shared)
+                row["hwm"] = max(row["hwm"], _hwm(p.pid))
             time.sleep(interval)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -47,8 +52,22 @@ def watch(cmd: list[str], interval: float = 0.1, log: str | None = None) -> dict
     t.join()
     if out:
         out.close()
-    top = sorted(peaks.values(), key=lambda x: -x[1])
-    return {"rc": rc, "wall_s": wall, "peak_rss": [{"process": n, "rss_mib": r / 2**20} for n, r in top]}
+    top = sorted(peaks.values(), key=lambda x: -x["rss"])
+    return {"rc": rc, "wall_s": wall, "peak_rss": [{"process": r["process"], "rss_mib": r["rss"] / 2**20,
+                                                    "unshared_mib": r["unshared"] / 2**20, "hwm_mib": r["hwm"] / 2**20}
+                                                   for r in top]}
+
+
+def _hwm(pid: int) -> int:
+    """The kernel's high-water mark of a process's resident memory (VmHWM), in bytes; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 if __name__ == "__main__":

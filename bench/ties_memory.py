@@ -20,15 +20,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
-
-import psutil
 
 from raymerge.safetensors.dtypes import numel
 from raymerge.synth import LlamaShape, make_trio
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memwatch import watch  # noqa: E402
 
 
 def main() -> None:
@@ -75,18 +74,18 @@ out_dtype: bfloat16
     cmd = [sys.executable, "-m", "raymerge", "run", cfg, "--out", out, "--workers", str(args.workers),
            "--report", report]
     try:
-        m = watch(cmd, env, args.interval)
+        m = watch(cmd, args.interval, env=env)
         r = json.load(open(report)) if os.path.exists(report) else {}
         limit = args.limit * 2**30
         print(f"raymerge run ties.yml --workers {args.workers}: rc {m['rc']}, wall {m['wall_s']:.1f}s"
               + (f", execute {r['execute_seconds']:.1f}s" if "execute_seconds" in r else ""))
         print(f"{'peak RSS MiB':>12s} {'VmHWM MiB':>10s} {'peak RSS-shared MiB':>19s}  process")
-        for row in m["processes"]:
-            print(f"{row['rss'] / 2**20:12.0f} {row['hwm'] / 2**20:10.0f} {row['anon'] / 2**20:19.0f}  {row['name']}")
+        for row in m["peak_rss"]:
+            print(f"{row['rss_mib']:12.0f} {row['hwm_mib']:10.0f} {row['unshared_mib']:19.0f}  {row['process']}")
         if r.get("peak_rss_per_worker"):
             print("the report's peak RSS per worker MiB: "
                   + ", ".join(f"{w} {v / 2**20:.0f}" for w, v in r["peak_rss_per_worker"].items()))
-        top = max(max(row["rss"], row["hwm"]) for row in m["processes"])
+        top = max(max(row["rss_mib"], row["hwm_mib"]) for row in m["peak_rss"]) * 2**20
         verdict = "no process above" if top <= limit else "A PROCESS ABOVE"
         print(f"largest process: {top / 2**20:.0f} MiB: {verdict} {args.limit:g} GiB")
         if args.json:
@@ -96,57 +95,6 @@ out_dtype: bfloat16
     finally:
         if not args.keep:
             shutil.rmtree(args.root, ignore_errors=True)
-
-
-def _hwm(pid: int) -> int:
-    """The kernel's high-water mark of a process's resident memory (VmHWM), in bytes."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def watch(cmd: list[str], env: dict, interval: float) -> dict:
-    """Run cmd; every `interval` s, each process of its tree: RSS, RSS less shared pages, VmHWM."""
-    peaks: dict[int, dict] = {}
-    proc = subprocess.Popen(cmd, env=env)
-    root = psutil.Process(proc.pid)
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            try:
-                procs = [root] + root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                break
-            for q in procs:
-                try:
-                    mem = q.memory_info()
-                    hwm = _hwm(q.pid)
-                    cmd = q.cmdline()  # read each time: a Ray worker renames itself
-                    name = " ".join(os.path.basename(c) if c.startswith("/") else c for c in cmd[:3])[:70] or q.name()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                row = peaks.setdefault(q.pid, {"pid": q.pid, "name": name, "rss": 0, "anon": 0, "hwm": 0})
-                row["name"] = name
-                row["rss"] = max(row["rss"], mem.rss)
-                row["anon"] = max(row["anon"], mem.rss - mem.shared)
-                row["hwm"] = max(row["hwm"], hwm)
-            time.sleep(interval)
-
-    t = threading.Thread(target=sample, daemon=True)
-    started = time.perf_counter()
-    t.start()
-    rc = proc.wait()
-    wall = time.perf_counter() - started
-    done.set()
-    t.join()
-    rows = sorted(peaks.values(), key=lambda x: -max(x["rss"], x["hwm"]))
-    return {"rc": rc, "wall_s": wall, "processes": rows}
 
 
 if __name__ == "__main__":
