@@ -398,12 +398,9 @@ def _check_kernels(plan: Plan, options: RunOptions) -> None:
         if options.gpus_per_worker > 0:
             raise InputError(f"--gpus-per-worker {options.gpus_per_worker:g}: {method.name} computes on CPU workers; "
                              "drop --gpus-per-worker")
-        dtypes = {t.dtype, *(s.dtype for term in t.terms for s in (term.a, term.b) if s is not None)}
-        if t.anchor is not None:
-            dtypes.add(t.anchor.dtype)
-        if not all(supports(d) for d in dtypes):
+        if not all(supports(d) for d in t.dtypes):  # the dtypes that would make the worker pick torch
             raise InputError(f"{t.name}: {method.name} computes BF16, F16, F32 and F64 tensors, not "
-                             f"{', '.join(sorted(d for d in dtypes if not supports(d)))}; convert the inputs or "
+                             f"{', '.join(sorted(d for d in t.dtypes if not supports(d)))}; convert the inputs or "
                              "use method sum")
 
 

@@ -93,7 +93,7 @@ class MergeWorker:
         self._view = view
         check_device(device)  # a GPU worker without a GPU fails here, at start-up, not at its first item
         # numpy does the arithmetic on the CPU (no torch import: a faster start); torch on a GPU and for FP8
-        self._kernels = [kernel_for(device, _dtypes(t), self._threads) for t in plan.tensors]
+        self._kernels = [kernel_for(device, t.dtypes, self._threads) for t in plan.tensors]
         self._passes = [tensor_passes(t) for t in plan.tensors]
         self._facts = facts or {}  # verify's: the facts a manifest recorded
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
@@ -292,9 +292,3 @@ def _test_fault(var: str) -> None:
         time.sleep(float(how[6:]))
     elif how == "exit":
         os._exit(3)
-
-
-def _dtypes(t) -> set[str]:
-    """Every dtype a tensor's arithmetic touches."""
-    sources = [t.anchor, *(s for term in t.terms for s in (term.a, term.b)), *(o.source for o in t.overrides)]
-    return {t.dtype, *(s.dtype for s in sources if s is not None)}

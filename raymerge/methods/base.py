@@ -19,6 +19,11 @@ ELEMENTWISE = "elementwise"  # the pass that writes the output bytes; every meth
 PASS_ORDER = ("magnitude-high", "magnitude-low", "l1-norm", ELEMENTWISE)
 
 
+def param(params: tuple[tuple[str, Any], ...], name: str, default: Any) -> Any:
+    """A parameter's value in (name, value) pairs (TensorPlan.params, Operands.params), or `default`."""
+    return next((v for k, v in params if k == name), default)
+
+
 @dataclass(frozen=True, slots=True)
 class Vector:
     """One vector among a piece's operands: `scale * (a - b)`, or `scale * a` when b is None (a
@@ -45,7 +50,7 @@ class Operands:
     facts: Any = None  # what Method.reduce made of the tensor's statistics; None without
 
     def param(self, name: str, default: float) -> float:
-        return next((v for k, v in self.params if k == name), default)
+        return param(self.params, name, default)
 
     def rows(self, lo: int, hi: int) -> Operands:
         """The operands of elements [lo, hi) of the piece."""

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from raymerge.methods.base import ELEMENTWISE, Method, Operands, Parameter, RecipeKind
+from raymerge.methods.base import ELEMENTWISE, Method, Operands, Parameter, RecipeKind, param
 from raymerge.ops import sparse
 from raymerge.ops.kernel import Sums
 from raymerge.ops.numpy_kernel import CHUNK, _widen
@@ -37,10 +37,6 @@ from raymerge.ops.numpy_kernel import CHUNK, _widen
 HIGH, LOW, L1 = "magnitude-high", "magnitude-low", "l1-norm"
 _EPS = np.float32(1e-7)  # mergekit's: below it, a norm is not rescaled
 _DELTAS, _WORK = "sparse-deltas", "sparse-work"  # float32 buffer tables kept in a thread's scratch
-
-
-def _param(params, name: str, default: Any) -> Any:
-    return next((v for k, v in params if k == name), default)
 
 
 class Sparse(Method):
@@ -60,7 +56,7 @@ class Sparse(Method):
         return (*passes, ELEMENTWISE)
 
     def _rescale(self, params) -> bool:
-        return bool(_param(params, "rescale", self.default_rescale))
+        return bool(param(params, "rescale", self.default_rescale))
 
     # --- statistics -------------------------------------------------------------------------
 
@@ -75,7 +71,7 @@ class Sparse(Method):
         high = [np.zeros(sparse.HIGH_BINS, np.int64) if w and pass_name == HIGH else None for w in wanted]
         low: list[list] = [[] for _ in vecs]
         sums = [[sparse.AbsSum(), sparse.AbsSum()] for _ in vecs]
-        bits, *work = _uint_buffers(scratch)
+        bits, *work = _chunk_buffers(scratch, *_BITS)
         state = _TieState()
         for lo, _, live in _chunks(operands, scratch):
             for i, v, d in live:
@@ -130,9 +126,9 @@ class Sparse(Method):
 
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         facts = operands.facts or {}
-        normalize = _param(operands.params, "normalize", self.default_normalize)
-        lam = np.float32(_param(operands.params, "lambda", 1.0))
-        bits = _uint_buffers(scratch)[0]
+        normalize = operands.param("normalize", self.default_normalize)
+        lam = np.float32(operands.param("lambda", 1.0))
+        bits = _chunk_buffers(scratch, *_BITS)[0]
         state = _TieState()
         total = [0.0, 0.0, 0, 0]
         for lo, m, live in _chunks(operands, scratch, len(out)):
@@ -176,7 +172,7 @@ class Sparse(Method):
         np.copyto(majority, ds[0])
         for d in ds[1:]:
             np.add(majority, d, out=majority)
-        positive = _flags(scratch)[:q]
+        positive = _chunk_buffers(scratch, np.bool_)[0][:q]
         np.greater_equal(majority, 0, out=positive)
         np.copyto(majority, positive)
         np.multiply(majority, 2, out=majority)
@@ -212,7 +208,7 @@ class Sparse(Method):
             return
         keep = _row(scratch, _DELTAS, 0, d.size)  # 1.0 or 0.0: the product is mergekit's `delta * mask`
         if self.sparsify == "random":
-            seed = int(_param(operands.params, "seed", 0))
+            seed = int(operands.param("seed", 0))
             np.copyto(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo, d.size,
                                              sparse.keep_threshold(v.density)))
         else:
@@ -270,20 +266,15 @@ def _abs_total(rows) -> sparse.AbsSum:
     return total
 
 
-def _uint_buffers(scratch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-thread buffers of a chunk: magnitude bits (uint32), and int64 and float64 work buffers."""
-    key = ("sparse-bits", scratch.chunk)
+def _chunk_buffers(scratch: Any, *dtypes: type) -> tuple[np.ndarray, ...]:
+    """One chunk-long buffer of each dtype, kept per thread (fresh pages are slow to touch)."""
+    key = ("sparse", scratch.chunk, dtypes)
     if key not in scratch.staging:
-        c = scratch.chunk
-        scratch.staging[key] = (np.empty(c, np.uint32), np.empty(c, np.int64), np.empty(c, np.float64))
+        scratch.staging[key] = tuple(np.empty(scratch.chunk, t) for t in dtypes)
     return scratch.staging[key]
 
 
-def _flags(scratch: Any) -> np.ndarray:
-    key = ("sparse-flags", scratch.chunk)
-    if key not in scratch.staging:
-        scratch.staging[key] = np.empty(scratch.chunk, np.bool_)
-    return scratch.staging[key]
+_BITS = (np.uint32, np.int64, np.float64)  # magnitude bits, and abs_sum's and the histograms' work buffers
 
 
 def _row(scratch: Any, table: str, i: int, n: int) -> np.ndarray:

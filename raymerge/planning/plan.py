@@ -86,6 +86,17 @@ class TensorPlan:
     def row_elements(self) -> int:
         return math.prod(self.shape[1:])
 
+    @property
+    def sources(self) -> set[Source]:
+        """Every input slice its arithmetic reads: the anchor, the terms' operands, the override rows."""
+        found = {self.anchor, *(s for term in self.terms for s in (term.a, term.b)), *(o.source for o in self.overrides)}
+        return {s for s in found if s is not None}
+
+    @property
+    def dtypes(self) -> set[str]:
+        """Every dtype its arithmetic touches."""
+        return {self.dtype, *(s.dtype for s in self.sources)}
+
 
 @dataclass(frozen=True, slots=True)
 class Piece:
@@ -155,6 +166,5 @@ class Plan:
         of a tensor share, such as a mergekit recipe's base, is read once)."""
         total = 0
         for t in self.tensors:
-            sources = {t.anchor, *(s for term in t.terms for s in (term.a, term.b)), *(o.source for o in t.overrides)}
-            total += sum(s.nbytes for s in sources if s is not None)
+            total += sum(s.nbytes for s in t.sources)
         return total
