@@ -8,12 +8,18 @@ driver adds that hint only where it is true, so that it never suggests something
 
 from __future__ import annotations
 
+from raymerge.text import one_line
+
 
 class RaymergeError(Exception):
-    """Base of every error raymerge raises on purpose."""
+    """Base of every error raymerge raises on purpose. Its text is one line of a few hundred
+    characters at most, control characters escaped (raymerge.text): messages quote untrusted names."""
 
     exit_code = 1
     resumable = True  # a failed run: what is done is kept, and --resume continues
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class InputError(RaymergeError):

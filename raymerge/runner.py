@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from raymerge.commit.aux import aux_contents
 from raymerge.commit.committer import commit
 from raymerge.commit.manifest import Manifest, output_files
 from raymerge.commit.records import ItemRecord
@@ -36,7 +37,7 @@ from raymerge.errors import (CHANGED, DENIED, FULL, MISSING, ExecutionError, Inp
 from raymerge.execution.journal import Journal, JournalHead, JournalState, StatsRecord
 from raymerge.execution.passes import Facts, facts_by_index, pass_items, statistics_passes
 from raymerge.execution.lease import Lease
-from raymerge.execution.nodes import NodeView, driver_view
+from raymerge.execution.nodes import NodeView, driver_view, local_inputs
 from raymerge.execution.resume import Resumed, check_resumable
 from raymerge.methods import METHODS
 from raymerge.ops.kernel import supports
@@ -143,11 +144,13 @@ def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
     _check_kernels(the_plan, run_options)
     check_not_input(recipe.out, [*input_roles(recipe), *(f.url for f in the_plan.files),
                                  *(a.source for a in the_plan.aux_files)])
+    aux = aux_contents(the_plan, run_options.storage_options)  # read and checked now: never after the work
     output = open_output(recipe.out, run_options.storage_options)
+    output.protect(local_inputs(the_plan))
     lease = Lease.acquire(output, takeover=run_options.resume or run_options.overwrite,
                           advice=lambda: _how_to_go_on(output))
     try:
-        r = _Run(recipe, run_options, the_plan, output, lease)
+        r = _Run(recipe, run_options, the_plan, output, lease, aux)
         start = r.decide()
         with ray_session(run_options.address), r.probe() as view, r.workers(view) as pool:
             handles, journal = r.stage(start)  # workers are up and see what they must: only now is anything removed
@@ -170,8 +173,10 @@ class _Start:
 
 
 class _Run:
-    def __init__(self, recipe: Recipe, options: RunOptions, plan: Plan, output: Output, lease: Lease) -> None:
+    def __init__(self, recipe: Recipe, options: RunOptions, plan: Plan, output: Output, lease: Lease,
+                 aux: dict[str, bytes]) -> None:
         self.recipe, self.options, self.plan, self.output, self.lease = recipe, options, plan, output, lease
+        self.aux = aux  # the auxiliary files' bytes, read at plan time
         self.done: dict[int, ItemRecord] = {}
         self.facts = Facts(plan)  # what the statistics passes found
         self.stats_done: set[tuple[str, int]] = set()  # (pass, item) of the statistics passes
@@ -286,7 +291,8 @@ class _Run:
             head = start.clear.head
             self.output.abort(list(head.shards) if head else [], list(head.handles) if head else None)
         handles = self.output.prepare([(s.name, s.size) for s in self.plan.shards])
-        head = JournalHead.of(self.plan, handles, start.replaces, self.lease.holder.run_id)
+        head = JournalHead.of(self.plan, handles, start.replaces, self.lease.holder.run_id,
+                              self.output.identities(handles))
         return handles, Journal.begin(self.output, head)
 
     def execute(self, pool, handles: list[str], journal: Journal) -> None:
@@ -343,7 +349,7 @@ class _Run:
         self.lease.check()  # taken over meanwhile: never commit over another run
         commit(self.plan, self.output, handles, self.done, kind=self.recipe.how.manifest_kind,
                recipe=_redacted(self.recipe.to_mapping()), layout=self._layout(), facts=self.facts.named(),
-               storage_options=self.options.storage_options, replaces=replaces)
+               aux=self.aux, replaces=replaces)
 
     def _layout(self) -> dict[str, int]:
         """What verify needs, besides the recipe, to plan the same layout again."""

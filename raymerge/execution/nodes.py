@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from raymerge.errors import NodeViewError
 from raymerge.planning.plan import Plan
 from raymerge.storage import urls
+from raymerge.storage.localfs import open_regular
 
 FIX = "put it on a filesystem every node mounts at the same path, or use s3:// (or hf://) URLs"
 
@@ -46,16 +47,19 @@ def driver_view(plan: Plan, out: str | None, probe: str | None, token: str) -> N
     return NodeView(files, out, probe, token)
 
 
+def local_inputs(plan: Plan) -> list[str]:
+    """The paths of every local file the plan reads: input shards and the aux files it copies."""
+    found = [f.url for f in plan.files] + [u for a in plan.aux_files for u in (a.source, a.patch_from) if u]
+    return [urls.local_path(u) for u in found if urls.protocol(u) == "file"]
+
+
 def _describe(path: str) -> LocalFile:
-    st = os.stat(path)
-    return LocalFile(path, st.st_size, int(st.st_mtime), _header_digest(path))
-
-
-def _header_digest(path: str) -> str:
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:  # what a node holds there may be a FIFO: never block
+        st = os.fstat(f.fileno())
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        return hashlib.sha256(head + f.read(min(n, 100_000_000))).hexdigest()
+        digest = hashlib.sha256(head + f.read(min(n, 100_000_000))).hexdigest()
+    return LocalFile(path, st.st_size, int(st.st_mtime), digest)
 
 
 def check_view(view: NodeView) -> None:
@@ -73,7 +77,8 @@ def check_view(view: NodeView) -> None:
                                 f"same local inputs: {FIX}")
     if view.probe:
         try:
-            with open(view.probe, "r+b") as f:  # opened for writing: workers write beside it
+            # opened for writing (workers write beside it), as a regular file that is no link
+            with os.fdopen(open_regular(view.probe, os.O_RDWR, follow=False), "r+b") as f:
                 seen = f.read(256).decode(errors="replace")
         except OSError as e:
             seen = f"({e.strerror})"

@@ -36,7 +36,8 @@ def check_resumable(output: Output, plan: Plan, state: JournalState) -> Resumed:
     handles = list(head.handles)
     done: dict[int, ItemRecord] = {}
     for s, shard in enumerate(plan.shards):
-        found = output.verify_staged(Target(shard.name, handles[s], shard.size), staged_items(plan, s, state.done))
+        target = Target(shard.name, handles[s], shard.size, head.identities[s])
+        found = output.verify_staged(target, staged_items(plan, s, state.done))
         # A shard already final is whole only if the journal says every item of it was written.
         if found.state is ShardState.GONE or (found.state is ShardState.FINAL
                                               and not all(i in state.done for i in shard.items)):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymerge.commit.records import ItemRecord, TensorSums
-from raymerge.execution.nodes import NodeView, check_view
+from raymerge.execution.nodes import NodeView, check_view, local_inputs
 from raymerge.execution.passes import Row, tensor_passes
 from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
 from raymerge.ops.kernel import Kernel, check_device, kernel_for
@@ -97,6 +97,8 @@ class MergeWorker:
         self._passes = [tensor_passes(t) for t in plan.tensors]
         self._facts = facts or {}  # verify's: the facts a manifest recorded
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
+        if self._out is not None:
+            self._out.protect(local_inputs(plan))  # as this node sees them: no write may reach an input
         self._local = threading.local()
         self._states: list[_ThreadState] = []
         self._name = f"{socket.gethostname()}:{os.getpid()}"

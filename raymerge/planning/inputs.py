@@ -17,6 +17,7 @@ from raymerge.safetensors.header import Header, parse_header, read_header_bytes
 from raymerge.safetensors.index import INDEX_NAME, SINGLE_NAME, parse_index
 from raymerge.storage import urls
 from raymerge.storage.hub import HubNotAuthorized, HubRevisionNotFound, pin
+from raymerge.storage.localfs import kind
 from raymerge.storage.ranges import fetch, s3_version
 from raymerge.untrusted import UntrustedJSON, parse_json
 
@@ -73,8 +74,10 @@ def resolve(role: str, url: str, storage_options: dict[str, Any] | None = None) 
     else:
         folder = root
     listing = {posixpath.basename(p): info for p, info in listing.items()}
+    _check_regular(listing, [*names, INDEX_NAME, *AUX_FILES] if single else [INDEX_NAME, *AUX_FILES], shown)
     if not single:
         names = _shard_names(fs, folder, listing, shown)
+        _check_regular(listing, names, shown)
     base_url = urls.normalize(fs.unstrip_protocol(root)) if commit else urls.normalize(url)
     paths = [posixpath.join(folder, n) for n in names]
     versions = {p: commit or _version(url, listing[n]) for p, n in zip(paths, names)}
@@ -162,6 +165,23 @@ def _listing(fs, root: str, shown: str) -> dict[str, dict]:
     if entries is None:
         raise ResolveError(f"{shown}: no such checkpoint (nothing found there); check the URL")
     return {e["name"].rstrip("/"): e for e in entries if e.get("type") != "directory"}
+
+
+def _check_regular(listing: dict[str, dict], names: list[str], shown: str) -> None:
+    """Refuse a FIFO, socket or device (links followed) where a file raymerge reads belongs: reading
+    it could block forever or never end. A local listing calls them type "other"."""
+    for name in names:
+        info = listing.get(name)
+        if info is not None and info.get("type") not in ("file", "directory"):
+            raise ResolveError(f"{shown}: {name} is {_kind(info)}, not a regular file; replace it with the file "
+                               "or remove it from the folder")
+
+
+def _kind(info: dict) -> str:
+    mode = info.get("mode")
+    if info.get("islink"):
+        return "a symbolic link to a special file"
+    return kind(mode) if isinstance(mode, int) else "a special file"
 
 
 def _check_is_safetensors(path: str, shown: str) -> None:

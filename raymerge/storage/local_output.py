@@ -3,12 +3,20 @@
 Everything raymerge writes goes through a name it chose, in the output folder or its own
 staging folder, opened without following symbolic links: a link planted under a staged or
 temporary name can never redirect a write, a truncation or a deletion to someone else's file.
+
+A file raymerge writes is its own, provably: created by this run (O_CREAT|O_EXCL), its identity
+(device, inode) recorded in the journal, and written through only while it is a regular file
+with one link whose inode is no input's (`protect`). A hard link to an input (`cp -al`,
+`rsync --link-dest`) or a file put in place of a staged one is refused, never written through;
+--overwrite unlinks it and creates a new file. Every file read here is opened so that a FIFO or a
+device cannot block (storage.localfs).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 import uuid
@@ -19,11 +27,11 @@ from raymerge.errors import CommitError, OutputError, StorageError
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
 from raymerge.storage.checksum import crc32
+from raymerge.storage.localfs import NOFOLLOW, Identity, NotRegular, identities, identity_of, open_regular, read_regular
 from raymerge.storage.writers import (BLOCK, LEASE, STAGING, LeaseRecord, LeaseTaken, PartRules, ShardState, Span,
                                       StagedItem, Target, Verified, plain_name)
 
 PARTIAL = ".partial"
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 SMALL_CAP = 64 * 2**20  # bytes: the largest manifest, index or journal file read back
 
 
@@ -45,6 +53,7 @@ class LocalOutput:
         self._direct = hasattr(os, "O_DIRECT")
         self._lock = threading.Lock()  # worker threads share the open files
         self._made: list[str] = []  # folders this object created, deepest first
+        self._protected: frozenset[Identity] = frozenset()  # the inputs' files: never written through
 
     # -- the folder -------------------------------------------------------------------------
 
@@ -62,6 +71,8 @@ class LocalOutput:
             return _read(os.path.join(self.url, name), SMALL_CAP)
         except FileNotFoundError:
             return None
+        except NotRegular:  # a FIFO or a link where a manifest or index belongs: read as damaged
+            return b""
         except OSError as e:
             raise OutputError(f"--out {self.url}: cannot read {name} ({e.strerror}); check its permissions") from e
 
@@ -110,6 +121,10 @@ class LocalOutput:
 
     # -- staging the shards -----------------------------------------------------------------
 
+    def protect(self, paths: Sequence[str]) -> None:
+        """The local input files (shards, aux files): no file this writer writes through may be one."""
+        self._protected = identities(paths)
+
     def prepare(self, shards: list[tuple[str, int]]) -> list[str]:
         self._ensure_staging()
         handles = []
@@ -127,17 +142,43 @@ class LocalOutput:
                               "check the path, its permissions and free space") from e
         return handles
 
+    def identities(self, handles: list[str]) -> list[str]:
+        """The identity of each staged file `prepare` made, for the journal: resume checks it."""
+        return [_identity_text(identity_of(os.lstat(self._staged(h)))) for h in handles]
+
     def _open(self, handle: str, flags: int) -> int:
-        """A staged file's descriptor, opened once per flags and shared by the worker's threads."""
+        """A staged file's descriptor, opened once per flags and shared by the worker's threads;
+        only a regular file with one link that is no input's (see the module's docstring)."""
         with self._lock:
             fd = self._fds.get((handle, flags))
             if fd is None:
-                fd = self._fds[(handle, flags)] = os.open(self._staged(handle), flags | NOFOLLOW)
+                fd = open_regular(self._staged(handle), flags, follow=False)
+                why = self._not_own(os.fstat(fd), None)
+                if why:
+                    os.close(fd)
+                    raise OutputError(f"execute: the staged {handle} in {self._staging} {why}; raymerge never "
+                                      "writes through it: rerun with --overwrite to start over")
+                self._fds[(handle, flags)] = fd
             return fd
+
+    def _not_own(self, st: os.stat_result, recorded: str | None) -> str:
+        """Why the staged file of `st` is not this run's own ("" when it is); `recorded`: its
+        identity in the journal (None: not known here, as in a worker)."""
+        if identity_of(st) in self._protected:
+            return "is an input file"
+        if st.st_nlink != 1:
+            return (f"has {st.st_nlink} links: another name shares its bytes (a hard link, as cp -al or "
+                    "rsync --link-dest make)")
+        if recorded is not None and _identity_text(identity_of(st)) != recorded:
+            return "is not the file this run created (replaced or copied since)"
+        return ""
 
     def _fd(self, handle: str, flags: int) -> int:
         try:
             return self._open(handle, flags)
+        except NotRegular as e:
+            raise OutputError(f"execute: the staged {handle} in {self._staging} {e.strerror}; rerun with "
+                              "--overwrite to start over") from e
         except OSError as e:
             raise StorageError(f"execute: cannot open the staged {handle} in {self._staging}: {e.strerror}",
                                reason_of(e)) from e
@@ -180,14 +221,19 @@ class LocalOutput:
 
     def verify_staged(self, target: Target, items: Sequence[StagedItem]) -> Verified:
         """Read every journaled item back and keep those whose crc32 matches: a write the journal
-        recorded may not have reached the disk before a crash."""
+        recorded may not have reached the disk before a crash. A staged file that is not this run's
+        own (see the module's docstring) is refused: the run goes on only with --overwrite."""
         path = self._staged(target.handle)
-        if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) != target.size:
-            if self._is_final(target.shard, target.size):
+        st = _lstat(path)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != target.size:
+            final = _lstat(os.path.join(self.url, target.shard))
+            if final is not None and stat.S_ISREG(final.st_mode) and final.st_size == target.size:
+                self._check_own(final, target, target.shard)
                 return Verified(ShardState.FINAL, frozenset(r.item for r in items))
             return Verified(ShardState.GONE)
+        self._check_own(st, target, target.handle)
         try:
-            fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+            fd = open_regular(path, follow=False)
             try:
                 found = frozenset(r.item for r in items if crc32(_pread(fd, r.span.start, r.span.end)) == r.crc32)
             finally:
@@ -197,9 +243,15 @@ class LocalOutput:
                                reason_of(e)) from e
         return Verified(ShardState.STAGED, found)
 
+    def _check_own(self, st: os.stat_result, target: Target, name: str) -> None:
+        why = self._not_own(st, target.identity)
+        if why:
+            raise OutputError(f"--resume {self.url}: {name} {why}; raymerge never writes through a file that is "
+                              "not its own: rerun with --overwrite to start over (it makes new files)")
+
     def _is_final(self, shard: str, size: int) -> bool:
-        path = os.path.join(self.url, shard)
-        return not os.path.islink(path) and os.path.isfile(path) and os.path.getsize(path) == size
+        st = _lstat(os.path.join(self.url, shard))
+        return st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size
 
     # -- commit -----------------------------------------------------------------------------
 
@@ -209,7 +261,7 @@ class LocalOutput:
             name, path = target.shard, self._staged(target.handle)
             if not os.path.exists(path) and self._is_final(name, target.size):
                 continue  # renamed by an earlier commit that was cut short
-            fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+            fd = open_regular(path, follow=False)
             try:
                 os.fsync(fd)
             finally:
@@ -241,7 +293,7 @@ class LocalOutput:
         """The small staging files whose names start with `prefix` (no shards, no lease)."""
         try:
             names = sorted(os.listdir(self._staging)) if os.path.isdir(self._staging) else []
-            return {n: _read(os.path.join(self._staging, n), SMALL_CAP) for n in names
+            return {n: _read_staging(os.path.join(self._staging, n)) for n in names
                     if n.startswith(prefix) and not n.endswith(PARTIAL) and not n.startswith(".") and n != LEASE}
         except OSError as e:
             raise OutputError(f"--out {self.url}: cannot read {STAGING} ({e.strerror}); check its permissions") from e
@@ -395,12 +447,26 @@ def _create(path: str) -> int:
 
 
 def _read(path: str, cap: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(cap + 1)
-    if len(data) > cap:
-        raise OSError(errno.EFBIG, f"larger than {cap} bytes")
-    return data
+    return read_regular(path, cap, follow=False)
+
+
+def _read_staging(path: str) -> bytes:
+    """A staging file; a special file or a link there (never raymerge's) reads as a damaged one."""
+    try:
+        return _read(path, SMALL_CAP)
+    except NotRegular:
+        return b""
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _identity_text(ident: Identity) -> str:
+    return f"{ident[0]}:{ident[1]}"
 
 
 def _token(path: str) -> str:
@@ -419,7 +485,7 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NONBLOCK)
     try:
         os.fsync(fd)
     finally:

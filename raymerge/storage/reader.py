@@ -17,6 +17,7 @@ from typing import Any
 from raymerge.errors import CHANGED, StorageError
 from raymerge.storage import urls
 from raymerge.storage.ranges import close_files, fetch
+from raymerge.storage.localfs import open_regular
 from raymerge.storage.retry import reason_of, with_retries
 
 ALIGN = 64
@@ -86,7 +87,7 @@ class RangeReader:
         fd = self._fds.get(url)
         if fd is None:
             try:
-                fd = self._fds[url] = os.open(urls.local_path(url), os.O_RDONLY)
+                fd = self._fds[url] = open_regular(urls.local_path(url))
             except OSError as e:
                 raise StorageError(f"execute: cannot open input {url}: {e.strerror}", reason_of(e)) from e
         size = os.fstat(fd).st_size

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from raymerge.errors import CHANGED, DENIED, FULL, MISSING, TRANSIENT, StorageError
+from raymerge.storage.localfs import NotRegular
 
 log = logging.getLogger("raymerge")
 T = TypeVar("T")
@@ -40,7 +41,7 @@ def reason_of(e: BaseException) -> str:
         return e.reason
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return FULL
-    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, NotRegular)):
         return MISSING
     if isinstance(e, PermissionError) or isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DENIED

@@ -80,6 +80,12 @@ class S3Output:
             raise
         return handles
 
+    def protect(self, paths: Sequence[str]) -> None:
+        """Nothing to do: a multipart upload can only ever become a new object."""
+
+    def identities(self, handles: list[str]) -> list[str]:
+        return ["" for _ in handles]  # an upload id is its own identity
+
     def check_handles(self, shards: list[str], handles: list[str]) -> None:
         if len(handles) != len(shards) or not all(isinstance(h, str) and h and len(h) < 1024 for h in handles):
             raise OutputError(f"--resume {urls.redact(self.url)}: the resume journal's upload ids do not match its "

@@ -58,6 +58,10 @@ def join(url: str, name: str) -> str:
 def filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the in-filesystem path for `url`."""
     options = dict(storage_options or {})
+    if protocol(url) == "file":  # reads open regular files only, never blocking (storage.localfs)
+        from raymerge.storage.localfs import SafeLocalFileSystem
+
+        return SafeLocalFileSystem(), local_path(url)
     if protocol(url) == "hf" and "endpoint" not in options and os.environ.get("HF_ENDPOINT"):
         # huggingface_hub reads HF_ENDPOINT once, at import: a worker that imported it before the
         # driver's settings were applied would still talk to huggingface.co.

@@ -8,8 +8,10 @@ items (`StagedItem`).
 Protocol (the driver does 1, 2, 4 and 5; any worker does 3, in any order, any number of times):
   1. `lease_create(...)` makes the lease object that says which run owns the output (see
      execution.lease); only its owner goes on.
-  2. `prepare(shards)` makes one staged target per shard and returns its handle: the name of a
-     staged file for local output, a multipart upload id for S3. Nothing has a final name yet.
+  2. `protect(paths)` names the local input files, which no write may reach. `prepare(shards)`
+     makes one staged target per shard and returns its handle: the name of a staged file for
+     local output, a multipart upload id for S3; `identities(handles)` says what each one is (a
+     local file's device and inode), for the journal. Nothing has a final name yet.
      On --resume instead, `check_handles(...)` vets the journal's handles, and `verify_staged(target,
      items)` says which journaled items are verifiably on storage and whether the shard is still
      staged, already final (a commit cut short) or gone.
@@ -58,11 +60,13 @@ class PartRules:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One shard's staged target: its final name, the handle `prepare` gave, its planned size."""
+    """One shard's staged target: its final name, the handle `prepare` gave, its planned size, and
+    the identity `identities` gave for it (what resume checks; "" where a storage has none)."""
 
     shard: str
     handle: str
     size: int
+    identity: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +132,16 @@ class Output(Protocol):
         """Room left for staged shards; None when the storage has no such limit to ask about."""
 
     # -- the shards: staged, written, verified, finalized ----------------------------------------
+    def protect(self, paths: Sequence[str]) -> None:
+        """Local input files: a write through any of them is refused (before and during the run)."""
+
     def prepare(self, shards: list[tuple[str, int]]) -> list[str]:
         """One staged target per (name, size), none under its final name; their handles, which
         the journal keeps."""
+
+    def identities(self, handles: list[str]) -> list[str]:
+        """What each staged target `prepare` made is, for `Target.identity` ("" where nothing can
+        stand in for it, as for an S3 upload id)."""
 
     def write(self, target: Target, span: Span, data: memoryview) -> str | None:
         """The bytes of one item; idempotent. Returns what `StagedItem.etag` keeps."""
@@ -140,7 +151,8 @@ class Output(Protocol):
 
     def verify_staged(self, target: Target, items: Sequence[StagedItem]) -> Verified:
         """Which journaled items of a shard are verifiably on storage, never trusting the journal
-        alone: bytes that never reached the storage must be written again."""
+        alone: bytes that never reached the storage must be written again. A staged target that
+        is not the one `target.identity` names is refused (OutputError)."""
 
     def finalize(self, shards: Sequence[tuple[Target, Sequence[StagedItem]]]) -> None:
         """Give every shard, with all its items, its final name; a shard already final (a commit

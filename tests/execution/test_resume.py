@@ -30,7 +30,7 @@ def _run(tmp_path, written: list[int], journaled: list[int]):
     """A staged shard with `written` items on disk and `journaled` items recorded done."""
     plan, out = _plan(), open_output(str(tmp_path / "out"), {})
     handles = out.prepare([(s.name, s.size) for s in plan.shards])
-    target = Target(plan.shards[0].name, handles[0], SIZE)
+    target = Target(plan.shards[0].name, handles[0], SIZE, out.identities(handles)[0])
     records = {}
     for i in range(len(SPANS)):
         a, b = SPANS[i]
@@ -39,7 +39,8 @@ def _run(tmp_path, written: list[int], journaled: list[int]):
             out.write(target, Span(i + 1, a, b), memoryview(data))
         records[i] = ItemRecord(i, zlib.crc32(data), None)
     out.close()
-    state = JournalState(JournalHead.of(plan, handles), {i: records[i] for i in journaled}, 4)
+    state = JournalState(JournalHead.of(plan, handles, identities=out.identities(handles)),
+                         {i: records[i] for i in journaled}, 4)
     return plan, out, target, state
 
 
@@ -64,3 +65,56 @@ def test_a_shard_a_cut_short_commit_made_final_counts_only_when_fully_journaled(
     partial = JournalState(state.head, {0: state.done[0]}, 4)
     with pytest.raises(OutputError, match="the staged data of model.safetensors is gone"):
         check_resumable(out, plan, partial)
+
+
+def _input_file(tmp_path, size: int = SIZE) -> tuple[str, bytes]:
+    """An 'input' of the staged file's size, whose bytes must never change."""
+    path = str(tmp_path / "input.safetensors")
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, data
+
+
+def test_a_staged_file_hard_linked_to_an_input_is_refused_and_the_input_kept(tmp_path):
+    """A hard link in the staging folder (cp -al, rsync --link-dest) is never written through."""
+    plan, out, target, state = _run(tmp_path, written=[0], journaled=[0])
+    staged = tmp_path / "out" / STAGING / target.handle
+    source, data = _input_file(tmp_path)
+    os.remove(staged)
+    os.link(source, staged)
+    with pytest.raises(OutputError, match="has 2 links.*--overwrite"):
+        check_resumable(out, plan, state)
+    with pytest.raises(OutputError, match="has 2 links"):  # and a worker refuses to write through it
+        out.write(target, Span(1, *SPANS[0]), memoryview(b"\0" * (SPANS[0][1] - SPANS[0][0])))
+    with open(source, "rb") as f:
+        assert f.read() == data
+
+
+def test_a_staged_file_replaced_by_another_or_naming_an_input_is_refused(tmp_path):
+    plan, out, target, state = _run(tmp_path, written=[0], journaled=[0])
+    staged = tmp_path / "out" / STAGING / target.handle
+    other = tmp_path / "other"
+    os.replace(staged, other)  # same bytes, one link, but not the inode the journal recorded
+    with open(other, "rb") as f, open(tmp_path / "copy", "wb") as g:
+        g.write(f.read())
+    os.replace(tmp_path / "copy", staged)
+    with pytest.raises(OutputError, match="not the file this run created"):
+        check_resumable(out, plan, state)
+    out.protect([str(staged)])  # as a bind mount of an input over it would look
+    with pytest.raises(OutputError, match="is an input file"):
+        out.write(target, Span(1, *SPANS[0]), memoryview(b"\0" * (SPANS[0][1] - SPANS[0][0])))
+
+
+def test_a_special_file_in_staging_never_blocks(tmp_path):
+    """A FIFO where a staged shard or a journal document belongs is read as damage, never waited on."""
+    plan, out, target, state = _run(tmp_path, written=[0], journaled=[0])
+    staged = tmp_path / "out" / STAGING / target.handle
+    os.remove(staged)
+    os.mkfifo(staged)
+    with pytest.raises(OutputError, match="gone"):
+        check_resumable(out, plan, state)
+    os.mkfifo(tmp_path / "out" / STAGING / "journal-000009.json")
+    assert out.staging_files("journal-")["journal-000009.json"] == b""
+    with pytest.raises(OutputError, match="FIFO"):
+        out.write(target, Span(1, *SPANS[0]), memoryview(b"\0" * (SPANS[0][1] - SPANS[0][0])))

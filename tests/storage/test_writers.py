@@ -31,7 +31,7 @@ def test_part_rules_come_from_the_writer_of_the_url_without_opening_it():
 def _staged(tmp_path, size: int = 3 * 4096 + 1000) -> tuple[LocalOutput, Target]:
     out = open_output(str(tmp_path / "out"), {})
     (handle,) = out.prepare([(SHARD, size)])
-    return out, Target(SHARD, handle, size)
+    return out, Target(SHARD, handle, size, out.identities([handle])[0])
 
 
 def _write(out: LocalOutput, target: Target, part: int, start: int, end: int, fill: int) -> StagedItem:

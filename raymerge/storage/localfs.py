@@ -1,0 +1,111 @@
+"""Local files, opened so that nothing a folder holds can make raymerge block or write into an input.
+
+Every local path raymerge reads or writes is a regular file, checked on the descriptor it uses:
+`open_regular` opens with O_NONBLOCK (a FIFO with no writer, a terminal or a device cannot block
+the open) and O_NOCTTY, then `fstat`s and refuses anything else with `NotRegular`, naming what it
+found ("a FIFO"). Checking the descriptor, not the name, leaves no window for a swap between the
+check and the use.
+
+Identities (device, inode) tell files apart however they are named: a hard link (`cp -al`,
+`rsync --link-dest`, snapshots) or a bind mount gives two names one inode. `identity_of` and
+`identities` serve the output writer's rule: a file raymerge writes has one link and the inode of
+no input (storage.local_output).
+
+`SafeLocalFileSystem` is fsspec's local filesystem with its reads opened by `open_regular`, so
+that resolve, verify, inspect and the commit get the same guarantee through fsspec.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable
+
+from fsspec.implementations.local import LocalFileSystem
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_QUIET = os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"))
+
+
+class NotRegular(OSError):
+    """The path is not a regular file (a FIFO, socket, device, directory, or a link where none may be)."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(errno.EINVAL, f"is {what}, not a regular file", path)
+
+
+def kind(mode: int) -> str:
+    """What a file of this st_mode is, as messages say it ("a FIFO"); "a regular file" for one."""
+    return next((name for test, name in _KINDS if test(mode)), "a regular file" if stat.S_ISREG(mode) else
+                "a special file")
+
+
+def open_regular(path: str, flags: int = os.O_RDONLY, *, follow: bool = True) -> int:
+    """A descriptor of the regular file at `path`, opened with `flags`; NotRegular for anything else.
+
+    Never blocks on what is there. `follow=False` refuses a symbolic link itself (raymerge's own
+    files); inputs may be links (the Hugging Face cache links to its blobs), their targets checked."""
+    try:
+        fd = os.open(path, flags | _QUIET | (0 if follow else NOFOLLOW))
+    except OSError as e:
+        # ENXIO: a socket, or a FIFO opened for writing with no reader; ELOOP: a link with O_NOFOLLOW
+        if e.errno in (errno.ENXIO, errno.ELOOP, errno.EISDIR):
+            raise NotRegular(path, _kind_at(path, follow)) from e
+        raise
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegular(path, kind(st.st_mode))
+    return fd
+
+
+def _kind_at(path: str, follow: bool) -> str:
+    try:
+        return kind((os.stat if follow else os.lstat)(path).st_mode)
+    except OSError:
+        return "a special file"
+
+
+def read_regular(path: str, cap: int, *, follow: bool = True) -> bytes:
+    """The whole regular file at `path`; OSError(EFBIG) past `cap` bytes (one byte more is read)."""
+    fd = open_regular(path, follow=follow)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise OSError(errno.EFBIG, f"larger than {cap} bytes", path)
+    return data
+
+
+Identity = tuple[int, int]
+
+
+def identity_of(st: os.stat_result) -> Identity:
+    return st.st_dev, st.st_ino
+
+
+def identities(paths: Iterable[str]) -> frozenset[Identity]:
+    """The identities of the files at `paths` that exist (links followed: what they name)."""
+    found = set()
+    for path in paths:
+        try:
+            found.add(identity_of(os.stat(path)))
+        except OSError:
+            pass
+    return frozenset(found)
+
+
+class SafeLocalFileSystem(LocalFileSystem):
+    """fsspec's local filesystem whose reads open regular files only, without blocking."""
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        if mode.strip("b") not in ("r", "rt"):
+            return super()._open(path, mode=mode, block_size=block_size, **kwargs)
+        fd = open_regular(self._strip_protocol(path))
+        return os.fdopen(fd, "rb")
