@@ -13,7 +13,9 @@ from raymerge import __version__
 from raymerge.config import OPTIONS, recipe_from_flags
 from raymerge.errors import RaymergeError
 from raymerge.methods import RECIPES
+from raymerge.storage.localfs import open_regular
 from raymerge.storage.urls import redact
+from raymerge.text import one_line
 
 EXAMPLES = {  # the recipe kinds' examples are their own (raymerge.methods)
     "plan": """example:
@@ -50,18 +52,25 @@ def _add_options(p: argparse.ArgumentParser, kind: str, planning: bool = False) 
     for o in OPTIONS:
         if not o.takes(kind) or (planning and not o.plans):
             continue
-        extra = dict(o.cli)
-        flag = extra.pop("flag", o.flag)
         # A run needs --out; a plan goes without, and may come from --recipe (build_recipe checks the rest).
-        required = not planning and (o.needed(kind) or o.key == "out")
-        p.add_argument(flag, dest=o.key, required=required, default=None, help=o.help, **extra)
+        _add_flag(p, o, required=not planning and (o.needed(kind) or o.key == "out"))
+
+
+def _add_flag(p: argparse.ArgumentParser, o, required: bool = False) -> None:
+    extra = dict(o.cli)
+    flag = extra.pop("flag", o.flag)
+    p.add_argument(flag, dest=o.key, required=required, default=None, help=o.help, **extra)
+
+
+# The inputs a recipe file names; `raymerge run` takes every other flag, which wins over the file's key.
+INPUT_KEYS = ("base", "chat", "cp", "vector", "model")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line like every other error (exit status 2)."""
 
     def error(self, message: str):
-        self.exit(2, f"raymerge: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"raymerge: error: {one_line(message)}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,17 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p = command("run", "run a YAML recipe (kind: " + ", ".join(RECIPES) + ", and the command's flags as keys) or a "
                 "mergekit configuration (merge_method: task_arithmetic, linear, ties, dare_linear or dare_ties); --out "
-                "and the run flags given here win over the file's keys", EXAMPLES["run"])
+                "and the other flags given here win over the file's keys", EXAMPLES["run"])
     p.add_argument("recipe", help="the recipe file")
-    for o in OPTIONS:
-        if o.run or o.key in ("out", "seed"):
-            p.add_argument(o.flag, dest=o.key, default=None, help=o.help, **o.cli)
+    for o in OPTIONS:  # every flag a hint may name, but the inputs: the file names them
+        if not o.flag_only and o.key not in INPUT_KEYS:
+            _add_flag(p, o)
     p.add_argument("--report", metavar="FILE.json", help="save the run report (bytes, times, GB/s, retries, memory)")
     _add_common(p)
     p = command("verify", "check a checkpoint against its manifest: shards, headers, index, checksums",
                 EXAMPLES["verify"])
     p.add_argument("checkpoint", help="a checkpoint written by raymerge (local path or URL)")
-    p.add_argument("--recompute", type=int, default=0, metavar="N",
+    p.add_argument("--recompute", default=0, metavar="N",
                    help="also compute N random items again from the inputs and compare the bytes")
     p.add_argument("--storage-options", help="JSON of fsspec options")
     _add_common(p)
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p = command("demo", "make a tiny Llama trio, merge it on a local Ray and check every bit", EXAMPLES["demo"])
     p.add_argument("--dir", help="folder for the trio and the output (default: a new temp folder)")
-    p.add_argument("--workers", type=int, help="worker actors (default: the machine's CPUs)")
+    p.add_argument("--workers", help="worker actors (default: the machine's CPUs)")  # text: merge's --workers checks it
     _add_common(p)
     return parser
 
@@ -122,8 +131,7 @@ def recipe_values(args: argparse.Namespace) -> dict:
 
 def _report(result, path: str | None = None) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(result.report(), f, indent=1)
+        _write_report(path, json.dumps(result.report(), indent=1).encode())
     print(f"raymerge: {result.kind}: wrote {result.output_bytes / 1e9:.2f} GB in {len(result.shards)} shards to "
           f"{result.out}; execute {result.execute_seconds:.1f}s ({result.gbps:.2f} GB/s, "
           f"{result.steady_gbps:.2f} GB/s steady), "
@@ -137,6 +145,16 @@ def _report(result, path: str | None = None) -> None:
     if result.nonfinite:
         print(f"  inf/NaN output elements in {len(result.nonfinite)} tensors (committed with --allow-nonfinite, or "
               "taken from inputs that hold them): " + ", ".join(f"{n} {c}" for n, (c, _) in list(result.nonfinite.items())[:5]))
+
+
+def _write_report(path: str, data: bytes) -> None:
+    """The report, into a regular file only: a FIFO given as the path must not block a finished run."""
+    try:
+        with os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise RaymergeError(f"--report {path}: the run is committed, but its report could not be written "
+                            f"({e.strerror or e}); give a regular file's path") from e
 
 
 def _run_kind(args: argparse.Namespace) -> int:
@@ -215,7 +233,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from raymerge.config import parse_storage_options
     from raymerge.inspect import inspect_checkpoint
 
-    print(inspect_checkpoint(args.checkpoint, parse_storage_options(args.storage_options), args.plot))
+    summary = inspect_checkpoint(args.checkpoint, parse_storage_options(args.storage_options), args.plot)
+    print("\n".join(one_line(line, limit=1000) for line in summary.splitlines()))  # names from the stats table
     return 0
 
 
@@ -223,10 +242,12 @@ def _verify(args: argparse.Namespace) -> int:
     from raymerge.runner import verify
     from raymerge.config import parse_count, parse_storage_options
 
-    parse_count(args.recompute, "--recompute", minimum=0)
+    args.recompute = parse_count(args.recompute, "--recompute", minimum=0)  # the flag's text, checked
     problems = verify(args.checkpoint, parse_storage_options(args.storage_options), args.recompute)
-    for p in problems:
-        print(f"raymerge verify: FAIL: {p}")
+    for p in problems[:20]:  # each names a shard and tensors from the checkpoint's own headers
+        print(f"raymerge verify: FAIL: {one_line(p)}")
+    if len(problems) > 20:
+        print(f"raymerge verify: FAIL: and {len(problems) - 20} more problems")
     if problems:
         return 1
     print(f"raymerge verify: OK: {args.checkpoint}" + (f" ({args.recompute} items recomputed)" if args.recompute else ""))
@@ -239,10 +260,18 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, args.workers)
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log messages quote names from checkpoints: one line each, control characters escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(verbose: int, quiet: bool) -> None:
     """Progress (execute, commit, done) by default; phase details with -v; debug with -vv; -q: warnings."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s raymerge %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(_OneLineFormatter("%(asctime)s raymerge %(levelname)s %(message)s", "%H:%M:%S"))
     logger = logging.getLogger("raymerge")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)

@@ -12,16 +12,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raymerge import mergekit_recipe
+from raymerge.bounds import MAX_YAML_BYTES, load_yaml, parse_int, read_regular_file
 from raymerge.errors import InputError
 from raymerge.methods import COMBINING, METHODS, RECIPES, RecipeKind
-from raymerge.ops.rules import VOCAB_MODES, compile_patterns, parse_special_tokens
-from raymerge.planning.schedule import Scale
+from raymerge.ops.rules import VOCAB_MODES, check_texts, compile_patterns, parse_special_tokens
+from raymerge.planning.schedule import PATTERN, RULE_KINDS, Scale
 from raymerge.safetensors.dtypes import ALIASES, FLOATS
 from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
 MAX_SIZE = 2**62  # bytes: far past any checkpoint, and safe in every int64 offset
+MAX_NUMBER_CHARS = 1000  # of a size's or a number's text: float() and the regexes stay trivial
+MAX_SEED = 2**63 - 1
+MAX_COUNT = 2**31 - 1
+MAX_WORKERS = 100_000  # far past any cluster's CPUs; asking more would only queue actors forever
+MAX_IN_FLIGHT = 1_000  # items a worker holds at once, each up to --item-size in memory
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# ASCII only: float() would also take '５' and '1_0', and \s matches Unicode spaces.
+_SIZE = re.compile(r"[ \t]*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)[ \t]*([a-zA-Z]*)[ \t]*")
+_FLOAT = re.compile(r"[ \t]*[-+]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|inf|infinity|nan)[ \t]*",
+                    re.IGNORECASE)
 
 
 def parse_size(value: str | int, option: str) -> int:
@@ -29,22 +39,23 @@ def parse_size(value: str | int, option: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        m = _SIZE.fullmatch(value) if isinstance(value, str) and len(value) <= MAX_NUMBER_CHARS else None
         if not m or m.group(2).upper() not in _UNITS:
-            raise InputError(f"{option} {value!r}: not a size; write e.g. 5GB, 500MB, 64MiB or a byte count")
+            raise InputError(f"{option} {shown(value, 40)}: not a size; write e.g. 5GB, 500MB, 64MiB or a byte count")
         x = float(m.group(1)) * _UNITS[m.group(2).upper()]
         n = int(x) if math.isfinite(x) else MAX_SIZE
     if n <= 0:
-        raise InputError(f"{option} {value!r}: must be a positive size")
+        raise InputError(f"{option} {shown(value, 40)}: must be a positive size")
     if n >= MAX_SIZE:
-        raise InputError(f"{option} {str(value)[:40]!r}: too large; sizes go up to a few TB")
+        raise InputError(f"{option} {shown(value, 40)}: too large; sizes go up to a few TB")
     return n
 
 
 def parse_number(value: float | str, option: str) -> float:
     """A finite float from a number or its text (bools are not numbers here)."""
-    if isinstance(value, bool):
-        raise InputError(f"{option} {value!r}: not a number; write e.g. 0.5 or 1.0")
+    if isinstance(value, bool) or (isinstance(value, str) and not (len(value) <= MAX_NUMBER_CHARS
+                                                                   and _FLOAT.fullmatch(value))):
+        raise InputError(f"{option} {shown(value, 40)}: not a number; write e.g. 0.5 or 1.0")
     try:
         x = float(value)
     except OverflowError:  # an int too large for a float
@@ -78,7 +89,7 @@ def parse_dtype(value: str | None) -> str | None:
         raise InputError(f"--dtype {shown(value, 40)}: not a dtype name; use float32, bfloat16 or float16")
     name = ALIASES.get(value.lower(), value.upper())
     if name not in FLOATS:
-        raise InputError(f"--dtype {value!r}: not a float dtype; use float32, bfloat16 or float16")
+        raise InputError(f"--dtype {shown(value, 40)}: not a float dtype; use float32, bfloat16 or float16")
     return name
 
 
@@ -99,12 +110,9 @@ def parse_storage_options(value: str | dict | None) -> dict[str, Any]:
     return dict(obj)
 
 
-def parse_count(value: int | None, option: str, minimum: int = 1) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{option} {value!r}: must be an integer >= {minimum}")
-    return value
+def parse_count(value: int | str | None, option: str, minimum: int = 1, maximum: int = MAX_COUNT) -> int | None:
+    """An int from `minimum` to `maximum`, or its text in ASCII digits (a flag's); None stays None."""
+    return None if value is None else parse_int(value, option, minimum, maximum)
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ class Option:
 
 def _url(value: Any, o: Option) -> str:
     if not isinstance(value, str):
-        raise InputError(f"{o.flag}: expected a URL string, got {value!r}")
+        raise InputError(f"{o.flag}: expected a URL string, got {shown(value, 40)}")
     return value
 
 
@@ -150,7 +158,7 @@ def _urls(value: Any, o: Option) -> list[str]:
 def _strings(value: Any, o: Option) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-        raise InputError(f"{o.flag}: expected a string or a list of strings, got {value!r}")
+        raise InputError(f"{o.flag}: expected a string or a list of strings, got {shown(value, 40)}")
     return list(items)
 
 
@@ -160,7 +168,8 @@ def _scale_list(value: Any, o: Option) -> list[Scale]:
 
 
 def _schedule(value: Any, o: Option) -> Scale:
-    """A number, a gradient (a list of numbers) or {rules: [{pattern, scale}], default} (see planning.schedule)."""
+    """A number, a gradient (a list of numbers) or {rules: [{pattern: REGEX or contains: SUBSTRING,
+    scale}], default} (see planning.schedule)."""
     if not isinstance(value, dict):
         return Scale(_scale_value(value, o))
     for key in value:
@@ -170,23 +179,34 @@ def _schedule(value: Any, o: Option) -> Scale:
     rules = value.get("rules", [])
     if not isinstance(rules, list):
         raise InputError(f"{o.flag} rules {shown(rules, 40)}: a list of {{pattern: REGEX, scale: X}}")
-    parsed = []
-    for rule in rules:
-        if not (isinstance(rule, dict) and set(rule) == {"pattern", "scale"} and isinstance(rule["pattern"], str)):
-            raise InputError(f"{o.flag} rule {shown(rule, 60)}: write {{pattern: REGEX, scale: X}}")
-        try:
-            compile_patterns([rule["pattern"]], o.flag)
-        except ValueError as e:
-            raise InputError(str(e)) from e
-        parsed.append((rule["pattern"], _scale_value(rule["scale"], o)))
-    return Scale(_scale_value(value.get("default", 1.0), o), tuple(parsed))
+    parsed = tuple(_rule(rule, o) for rule in rules)
+    _check_patterns(o, [t for kind, t, _ in parsed if kind == PATTERN], [t for kind, t, _ in parsed if kind != PATTERN])
+    return Scale(_scale_value(value.get("default", 1.0), o), parsed)
+
+
+def _rule(rule: Any, o: Option) -> tuple[str, str, Any]:
+    kind = next((k for k in RULE_KINDS if isinstance(rule, dict) and k in rule), None)
+    if kind is None or set(rule) != {kind, "scale"} or not isinstance(rule[kind], str):
+        raise InputError(f"{o.flag} rule {shown(rule, 60)}: write {{pattern: REGEX, scale: X}} or "
+                         "{contains: SUBSTRING, scale: X}")
+    return kind, rule[kind], _scale_value(rule["scale"], o)
+
+
+def _check_patterns(o: Option, patterns: list[str], substrings: list[str] = ()) -> None:
+    """Refuse too many or too long patterns and substrings, and regexes RE2 cannot run (ops.rules),
+    as one InputError."""
+    try:
+        check_texts([*patterns, *substrings], o.flag)
+        compile_patterns(patterns, o.flag)
+    except ValueError as e:
+        raise InputError(str(e)) from e
 
 
 def _density_list(value: Any, o: Option) -> list[Scale]:
     """Each vector's density: a schedule like a scale's, of fractions from 0 to 1."""
     schedules = _scale_list(value, o)
     for s in schedules:
-        for v in (s.default, *(v for _, v in s.rules)):
+        for v in (s.default, *(v for _, _, v in s.rules)):
             if not all(0 <= x <= 1 for x in (v if isinstance(v, tuple) else (v,))):
                 raise InputError(f"{o.flag} {shown(value, 40)}: a density is the fraction of a vector's elements "
                                  "kept, from 0 to 1")
@@ -194,11 +214,7 @@ def _density_list(value: Any, o: Option) -> list[Scale]:
 
 
 def _seed(value: Any, o: Option) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise InputError(f"{o.flag} {shown(value, 40)}: a seed is an integer from 0 to 2**63 - 1")
-    return value
+    return parse_int(value, o.flag, 0, MAX_SEED)
 
 
 def _scale_value(value: Any, o: Option) -> float | tuple[float, ...]:
@@ -211,10 +227,7 @@ def _scale_value(value: Any, o: Option) -> float | tuple[float, ...]:
 
 def _patterns(value: Any, o: Option) -> tuple[str, ...]:
     patterns = tuple(_strings(value, o))
-    try:
-        compile_patterns(patterns, o.flag)
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    _check_patterns(o, list(patterns))
     return patterns
 
 
@@ -226,9 +239,9 @@ class ScaleRuleAction(argparse.Action):
         vectors = getattr(namespace, "chat", None) or getattr(namespace, "vector", None) or []
         pattern, sep, scale = value.rpartition("=")
         if not vectors:
-            parser.error(f"{option_string} {value!r}: give it after the --chat or --vector it scales")
+            parser.error(f"{option_string} {shown(value, 40)}: give it after the --chat or --vector it scales")
         if not sep or not pattern:
-            parser.error(f"{option_string} {value!r}: write REGEX=VALUE, e.g. 'mlp\\.=0.3'")
+            parser.error(f"{option_string} {shown(value, 40)}: write REGEX=VALUE, e.g. 'mlp\\.=0.3'")
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), (len(vectors) - 1, pattern, scale)])
 
 
@@ -256,35 +269,35 @@ def _choice(*choices: str) -> Callable[[Any, Option], str]:
 
 def _bool(value: Any, o: Option) -> bool:
     if not isinstance(value, bool):
-        raise InputError(f"{o.key}: expected true or false, got {value!r}")
+        raise InputError(f"{o.key}: expected true or false, got {shown(value, 40)}")
     return value
 
 
 def _special(value: Any, o: Option) -> tuple[tuple[int, int], ...]:
+    """The pairs as text ('CP_ID:CHAT_ID,...'), from that text, a mapping or a list of pairs' texts."""
+    def text(v: Any) -> str:  # shown(): an API's integer of thousands of digits has no str()
+        return v if isinstance(v, str) else shown(v, 40)
     if isinstance(value, dict):
-        value = ",".join(f"{k}:{v}" for k, v in value.items())
+        value = ",".join(f"{text(k)}:{text(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    try:
-        return tuple(parse_special_tokens(str(value)))
-    except ValueError as e:
-        raise InputError(str(e)) from e
+        value = ",".join(text(v) for v in value)
+    return tuple(parse_special_tokens(text(value)))
 
 
 def _positive(value: Any, o: Option) -> float:
     x = parse_number(value, o.flag)
     if x <= 0:
-        raise InputError(f"{o.flag} {value!r}: must be positive")
+        raise InputError(f"{o.flag} {shown(value, 40)}: must be positive")
     return x
 
 
 def _gpus(value: Any, o: Option) -> float:
     x = parse_number(value, o.flag)
     if x < 0:
-        raise InputError(f"{o.flag} {value!r}: must be zero or positive")
+        raise InputError(f"{o.flag} {shown(value, 40)}: must be zero or positive")
     if x > 1:  # a worker computes on one device; a second GPU would sit idle
-        raise InputError(f"{o.flag} {value!r}: a worker computes on one GPU; to use more GPUs run more workers "
-                         f"(--gpus-per-worker 1, or a fraction such as 0.5 to share a GPU between workers)")
+        raise InputError(f"{o.flag} {shown(value, 40)}: a worker computes on one GPU; to use more GPUs run more "
+                         "workers (--gpus-per-worker 1, or a fraction such as 0.5 to share a GPU between workers)")
     return x
 
 
@@ -349,13 +362,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("lambda", "multiply the combined change by this (mergekit's lambda)", _finite,
            (_MERGE, _APPLY, _TA, *_SPARSE), param=True),
     Option("seed", "dare_*: the seed of the random masks (default 0); the same seed gives the same bits on "
-           "any cluster", _seed, (_MERGE, _APPLY, *_SPARSE), param=True, cli={"type": int}),
+           "any cluster", _seed, (_MERGE, _APPLY, *_SPARSE), param=True),  # a flag's text: _seed checks it
     Option("scale_rule", "REGEX=VALUE: tensors whose name matches take this scale, for the --chat or --vector "
            "given last before it (repeatable; the first match wins; the others take its --scale)", _scale_list,
            (_MERGE, _APPLY), cli={"action": ScaleRuleAction, "metavar": "REGEX=VALUE"}, flag_only=True),
     Option("vocab", "embedding/head rows when cp's vocabulary is larger: overlap (default: shared rows get the "
-           "vector, cp's extra rows stay), skip (no vector), error", _choice(*VOCAB_MODES), (_MERGE, _APPLY),
-           cli={"choices": VOCAB_MODES}),
+           "vector, cp's extra rows stay), skip (no vector), error (the default for mergekit files)",
+           _choice(*VOCAB_MODES), (_MERGE, _APPLY, _TA, _LINEAR, *_SPARSE), cli={"choices": VOCAB_MODES}),
     Option("skip", "tensors copied from cp unchanged (repeatable)", _patterns, (_MERGE, _APPLY),
            cli={"action": "append", "metavar": "REGEX"}),
     Option("special_tokens", "set these rows of the output embedding and head to the chat model's rows", _special,
@@ -373,11 +386,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("address", "Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)", _address, run=True,
            plans=False),
     Option("workers", "worker actors (default: the cluster's CPUs / --cpus-per-worker)",
-           lambda v, o: parse_count(v, o.flag), run=True, plans=False, cli={"type": int}),
+           lambda v, o: parse_count(v, o.flag, 1, MAX_WORKERS), run=True, plans=False),
     Option("cpus_per_worker", "CPUs per worker (default 1)", _positive, run=True, plans=False,
            cli={"type": float}),
-    Option("in_flight", "items per worker at once (default 2)", lambda v, o: parse_count(v, o.flag), run=True,
-           plans=False, cli={"type": int}),
+    Option("in_flight", "items per worker at once (default 2)", lambda v, o: parse_count(v, o.flag, 1, MAX_IN_FLIGHT),
+           run=True, plans=False),
     Option("gpus_per_worker", "GPUs per worker, at most 1: the arithmetic runs there (default 0)", _gpus,
            run=True, plans=False, cli={"type": float}),
     Option("worker_resource", "run workers only on nodes that advertise this custom Ray resource (e.g. ray start "
@@ -458,7 +471,9 @@ class Recipe:
         if OPTION["scale"].takes(self.kind):
             m["scale"] = [s.to_json() for _, s in self.vectors]
         if OPTION["vocab"].takes(self.kind):
-            m.update(vocab=self.vocab, skip=list(self.skip), chat_template=self.chat_template)
+            m["vocab"] = self.vocab
+        if OPTION["skip"].takes(self.kind):
+            m.update(skip=list(self.skip), chat_template=self.chat_template)
         if OPTION["special_tokens"].takes(self.kind):
             m["special_tokens"] = ",".join(f"{a}:{b}" for a, b in self.special_tokens) or None
         if self.method:
@@ -501,8 +516,8 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
         raise InputError(f"{at}{len(scales)} --scale values for {len(urls_)} --{how.vectors} inputs; give one --scale "
                          f"per --{how.vectors}, in the same order (or none for 1.0 each); in a recipe, a gradient "
                          "over the layers is one list inside the list, e.g. scale: [[0.0, 0.5, 1.0]]")
-    # A recipe without the vocab key (a mergekit recipe's) needs every input to have the same shapes.
-    vocab = got.get("vocab", "overlap" if OPTION["vocab"].takes(kind) else "error")
+    # Without a vocab key, a mergekit recipe refuses inputs whose vocabularies differ (its error names --vocab).
+    vocab = got.get("vocab", "overlap" if kind in (_MERGE, _APPLY) else "error")
     method = METHODS[got.get("method", how.method)]
     _check_parameters(at, kind, method.name, got)
     density = got.get("density", ())
@@ -544,18 +559,9 @@ def _at(at: str, fn, *args, **kwargs):
 
 def load_recipe_file(path: str, flags: dict[str, Any] | None = None) -> tuple[Recipe, RunOptions]:
     """A YAML recipe: `kind` plus the same keys as the command's flags (`-` or `_`). `flags`: keys
-    given on the command line, which win over the file's."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise InputError(f"recipe {path}: cannot read it ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise InputError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    except RecursionError as e:
-        raise InputError(f"recipe {path}: nested too deeply; a recipe is a flat mapping of keys") from e
+    given on the command line, which win over the file's. The file is read as untrusted: a regular
+    file only (a FIFO would block), bounded in size, nesting and alias expansion (raymerge.bounds)."""
+    data = load_yaml(read_regular_file(path, MAX_YAML_BYTES + 1, "recipe"), f"recipe {path}")
     if not isinstance(data, dict):
         raise InputError(f"recipe {path}: must be a mapping of keys like kind, base, chat, cp, out")
     if mergekit_recipe.is_mergekit(data):

@@ -16,7 +16,10 @@ from raymerge.storage import urls
 
 _LAYER = re.compile(r"\.(\d{1,9})\.")  # bounded: a name from the table is data, not trusted
 MAX_STATS_BYTES = 256 * 2**20
-MAX_STATS_ROWS = 10_000_000
+MAX_STATS_ROWS = 1_000_000  # ten times the tensors of the largest checkpoints (~100,000)
+MAX_STATS_NAMES = 256 * 2**20  # characters of all names: Parquet compresses a repeated long name away
+MAX_TENSOR_NAME = 8192  # characters, as the manifest allows (commit.manifest.MAX_TEXT)
+_BATCH_ROWS = 1024  # what is decoded at once, and checked, before it becomes Python objects
 
 
 def _is_text(t) -> bool:
@@ -51,6 +54,9 @@ def load(url: str, storage_options: dict[str, Any]) -> tuple[Manifest, list[dict
         raw = fs.cat_file(f"{path.rstrip('/')}/{MANIFEST_NAME}", start=0, end=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError as e:
         raise InputError(f"{shown}: no {MANIFEST_NAME}; it is not a finished raymerge checkpoint") from e
+    except OSError as e:  # a FIFO or a device there (storage.localfs) is not waited on
+        raise InputError(f"{shown}: cannot read {MANIFEST_NAME} ({e.strerror or e}); it is not a finished "
+                         "raymerge checkpoint") from e
     manifest = Manifest.from_json(raw, shown)
     try:
         data = fs.cat_file(f"{path.rstrip('/')}/{manifest.stats}", start=0, end=MAX_STATS_BYTES + 1)
@@ -77,14 +83,40 @@ def stats_rows(data: bytes, where: str) -> list[dict]:
                 raise InputError(f"{where}: column {name!r} should be {kind}, is {found}; the table is damaged")
         if parquet.metadata.num_rows > MAX_STATS_ROWS:
             raise InputError(f"{where}: {parquet.metadata.num_rows} rows, more than any checkpoint has tensors")
-        table = parquet.read(columns=list(_STATS_COLUMNS))
+        # Names read as a dictionary: one long name repeated in every row is decoded once, and
+        # measured before any row becomes Python strings.
+        parquet = pq.ParquetFile(pa.BufferReader(data), read_dictionary=["tensor"])
+        rows: list[dict] = []
+        names = 0
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=list(_STATS_COLUMNS)):
+            names += _check_batch(batch, where)
+            if names > MAX_STATS_NAMES or len(rows) + batch.num_rows > MAX_STATS_ROWS:
+                raise InputError(f"{where}: more than {MAX_STATS_ROWS} rows or {MAX_STATS_NAMES // 2**20} MiB of "
+                                 "tensor names, more than any checkpoint's statistics; the table is damaged")
+            rows += batch.to_pylist()
     except (pa.ArrowException, OSError, ValueError) as e:
         raise InputError(f"{where}: not a readable Parquet table ({type(e).__name__}: {str(e)[:200]}); "
                          "the statistics are damaged, run the merge again to remake them") from e
+    return rows
+
+
+def _check_batch(batch, where: str) -> int:
+    """Refuse a batch with empty values or too long a name; the characters of its names, as
+    Python strings will hold them (a dictionary's value once per row that refers to it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     for name, (_, nullable, _) in _STATS_COLUMNS.items():
-        if not nullable and table.column(name).null_count:
+        if not nullable and batch.column(name).null_count:
             raise InputError(f"{where}: column {name!r} has empty values; the table is damaged")
-    return table.to_pylist()
+    names = batch.column("tensor")
+    lengths = (pc.take(pc.utf8_length(names.dictionary), names.indices) if pa.types.is_dictionary(names.type)
+               else pc.utf8_length(names))
+    longest = pc.max(lengths).as_py() or 0
+    if longest > MAX_TENSOR_NAME:
+        raise InputError(f"{where}: a tensor name of {longest} characters, more than {MAX_TENSOR_NAME}; "
+                         "the table is damaged")
+    return pc.sum(lengths).as_py() or 0
 
 
 def summarize(manifest: Manifest, rows: list[dict]) -> str:

@@ -3,10 +3,11 @@
 Read: `merge_method` (task_arithmetic, linear, ties, dare_linear, dare_ties), `base_model`, `models[].model` and their
 `parameters`, top-level `parameters` (the default of every model's), `dtype`, `out_dtype`,
 `tokenizer_source: base`. A parameter may be a number, a gradient (a list of numbers) or a list of
-`{filter, value}` conditions (mergekit's filter is a substring of the tensor name: it becomes a
-rule of the escaped substring; a condition without a filter, or with "*", is the default).
-Anything else is refused with one line naming the key and what raymerge supports. Model
-references are local paths, URLs, or Hugging Face ids (`org/name` -> `hf://org/name`).
+`{filter, value}` conditions (mergekit's filter is a substring of the tensor name, never a regex:
+it becomes a `contains` rule of the schedule; a condition without a filter, or with "*", is the
+default). A file means what it means to mergekit: anything else, raymerge's own syntax included
+(a `{rules, default}` schedule), is refused with one line naming the key and what to write.
+Model references are local paths, URLs, or Hugging Face ids (`org/name` -> `hf://org/name`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from typing import Any
 
 from raymerge.errors import InputError
+from raymerge.planning.schedule import CONTAINS
 from raymerge.untrusted import shown
 
 log = logging.getLogger("raymerge")
@@ -110,20 +112,31 @@ def _parameters(value: Any, method: str, where: str) -> dict[str, Any]:
 
 
 def _schedule(setting: Any, where: str) -> Any:
-    """A mergekit weight as a raymerge scale schedule (its values are checked by the recipe)."""
+    """A mergekit weight or density as a raymerge schedule (its values are checked by the recipe)."""
+    _no_mapping(setting, where)
     if not isinstance(setting, list) or not any(isinstance(c, dict) for c in setting):
         return setting  # a number, or a gradient
     rules, default = [], 1.0
     for c in setting:
         if not (isinstance(c, dict) and "value" in c and set(c) <= {"filter", "value"}):
             raise InputError(f"{where}: {shown(c, 60)}: write {{filter: SUBSTRING, value: X}}")
+        _no_mapping(c["value"], f"{where}: value")
         if c.get("filter") in (None, "*"):
             default = c["value"]
             break  # mergekit's first matching condition wins: nothing after a catch-all is reached
         if not isinstance(c["filter"], str):
             raise InputError(f"{where}: filter {shown(c['filter'], 40)}: a substring of tensor names")
-        rules.append({"pattern": re.escape(c["filter"]), "scale": c["value"]})
+        rules.append({CONTAINS: c["filter"], "scale": c["value"]})
     return {"rules": rules, "default": default}
+
+
+def _no_mapping(value: Any, where: str) -> None:
+    """Refuse a mapping as a value: mergekit has none, and raymerge's own {rules, default} schedule
+    would otherwise pass through and mean something mergekit never would."""
+    if isinstance(value, dict):
+        raise InputError(f"{where}: a mapping (keys {shown(list(value), 40)}) is raymerge's own syntax; in a "
+                         "mergekit file write a number, a gradient (a list of numbers) or a list of "
+                         "{filter: SUBSTRING, value: X}")
 
 
 def _reference(ref: Any, where: str) -> str:
@@ -131,7 +144,7 @@ def _reference(ref: Any, where: str) -> str:
     if not isinstance(ref, str) or not ref:
         raise InputError(f"{where}: a model reference (a path, a URL or a Hugging Face id), got {shown(ref, 40)}")
     if "+" in ref and "://" not in ref:
-        raise InputError(f"{where} {ref!r}: LoRA references (model+lora) are not supported; merge the LoRA first")
+        raise InputError(f"{where} {shown(ref, 60)}: LoRA references (model+lora) are not supported; merge the LoRA first")
     if "://" in ref or ref.startswith(("/", ".", "~")) or os.path.exists(ref) or not _HUB_ID.fullmatch(ref):
         return ref
     return f"hf://{ref}"

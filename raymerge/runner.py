@@ -35,7 +35,7 @@ from raymerge.config import Recipe, RunOptions, build_recipe
 from raymerge.errors import (CHANGED, DENIED, FULL, MISSING, ExecutionError, InputError, NonFiniteError, OutputError,
                              RaymergeError, StorageError)
 from raymerge.execution.journal import Journal, JournalHead, JournalState, StatsRecord
-from raymerge.execution.passes import Facts, facts_by_index, pass_items, statistics_passes
+from raymerge.execution.passes import Facts, covers, facts_by_index, pass_items, statistics_passes
 from raymerge.execution.lease import Lease
 from raymerge.execution.nodes import NodeView, driver_view, local_inputs
 from raymerge.execution.resume import Resumed, check_resumable
@@ -245,7 +245,8 @@ class _Run:
                 self.done = dict(resumed.done)
                 for record in state.stats:  # finished statistics are not computed again
                     self.facts.add(record.pass_name, list(record.rows))
-                    self.stats_done.add((record.pass_name, record.item))
+                    if covers(self.plan, record.pass_name, record.item, record.rows):  # else done again
+                        self.stats_done.add((record.pass_name, record.item))
                 return _Start(resumed.replaces, resumed=resumed)
             if o.overwrite:
                 return _Start(_replaced(old, state), clear=state)

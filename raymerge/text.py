@@ -42,8 +42,8 @@ def one_line(text: str, limit: int = LIMIT) -> str:
     if len(text) <= limit:
         return text
     tail = limit // 4
-    cut = len(text) - (limit - tail) - tail
-    return f"{text[:limit - tail - 30]} [... {cut + 30} characters ...] {text[-tail:]}"
+    marker = f" [... {len(text)} characters, cut ...] "
+    return text[:limit - tail - len(marker)] + marker + text[-tail:]
 
 
 def name(value: object, limit: int = NAME_LIMIT) -> str:

@@ -111,9 +111,78 @@ def _check_strings(obj: Any) -> None:
 
 def shown(value: object, limit: int = 60) -> str:
     """A value read from untrusted data as an error message shows it: its repr, cut to `limit`
-    characters (a hostile name or number may be megabytes long)."""
-    text = repr(value)
+    characters (a hostile name or number may be megabytes long).
+
+    Only the first `limit` characters are ever made: YAML aliases can make a recipe value that
+    holds billions of elements in a few hundred bytes, and `repr` of an integer of more than 4300
+    digits raises ValueError. Such an integer is shown by its size."""
+    text = _repr_start(value, limit + 1)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _Enough(Exception):
+    pass
+
+
+_REPR_BITS = 14_000  # below Python's 4300-digit limit of int -> str conversion
+
+
+def _repr_start(value: object, n: int) -> str:
+    """`repr(value)` when it is at most `n` characters, else a text of more than `n` characters
+    that starts like it, made without visiting more of `value` than those characters need."""
+    parts: list[str] = []
+    size = 0
+
+    def put(text: str) -> None:
+        nonlocal size
+        parts.append(text)
+        size += len(text)
+        if size > n:
+            raise _Enough
+
+    def items(values, open_: str, close: str, one_comma: bool = False) -> None:
+        put(open_)
+        count = 0
+        for count, v in enumerate(values, 1):
+            if count > 1:
+                put(", ")
+            walk(v)
+        put("," + close if one_comma and count == 1 else close)
+
+    def walk(x: object) -> None:
+        # Exact types only: a subclass may repr itself otherwise. Every level writes at least
+        # one character, so the depth walked is bounded by `n` too.
+        t = type(x)
+        if t in (str, bytes, bytearray):
+            put(repr(x[:n]))
+        elif t is int:
+            put(repr(x) if x.bit_length() <= _REPR_BITS else f"<an integer of {x.bit_length()} bits>")
+        elif t is list:
+            items(x, "[", "]")
+        elif t is tuple:
+            items(x, "(", ")", one_comma=True)
+        elif t is dict:
+            put("{")
+            for i, (k, v) in enumerate(x.items()):
+                if i:
+                    put(", ")
+                walk(k)
+                put(": ")
+                walk(v)
+            put("}")
+        elif t in (set, frozenset):
+            if not x:
+                put(f"{t.__name__}()")
+            else:
+                items(x, "{" if t is set else "frozenset({", "}" if t is set else "})")
+        else:
+            put(repr(x))
+
+    try:
+        walk(value)
+    except _Enough:
+        pass
+    return "".join(parts)
 
 
 def _shown(s: str) -> str:

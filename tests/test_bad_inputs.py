@@ -213,7 +213,7 @@ RECIPE_CASES = {
     "overwrite the string false": ({"overwrite": "false"}, "overwrite: expected true or false, got 'false'"),
     "resume the string true": ({"resume": "true"}, "resume: expected true or false, got 'true'"),
     "allow_nonfinite a number": ({"allow_nonfinite": 1}, "allow_nonfinite: expected true or false, got 1"),
-    "workers a string": ({"workers": "4"}, "--workers '4': must be an integer >= 1"),
+    "workers in other digits": ({"workers": "٤"}, "--workers '٤': not an integer in ASCII digits 0-9"),
     "item_size a list": ({"item_size": [1]}, "--item-size [1]: not a size"),
     "address a number": ({"address": 5}, "--address 5: a Ray address"),
     "worker_resource a number": ({"worker_resource": 1}, "--worker-resource 1: a Ray resource name"),

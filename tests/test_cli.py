@@ -91,3 +91,16 @@ def test_merge_command_end_to_end_on_embedded_ray(llama_trio, tmp_path):
     assert "wrote" in r.stdout and "execute:" in r.stderr
     inputs = {role: load_folder(p) for role, p in llama_trio.items()}
     assert_bit_identical(load_folder(out), chat_vector_reference(inputs["base"], inputs["chat"], inputs["cp"], 0.5))
+
+
+def test_a_report_path_that_is_a_fifo_never_blocks(tmp_path):
+    """--report into a FIFO with no reader (or a device): one line, the run's commit untouched."""
+    from raymerge.cli import _write_report
+    from raymerge.errors import RaymergeError
+
+    fifo = tmp_path / "report.json"
+    os.mkfifo(fifo)
+    with pytest.raises(RaymergeError, match="is a FIFO, not a regular file"):
+        _write_report(str(fifo), b"{}")
+    _write_report(str(tmp_path / "ok.json"), b"{}")
+    assert (tmp_path / "ok.json").read_bytes() == b"{}" and (os.stat(tmp_path / "ok.json").st_mode & 0o777) == 0o644

@@ -77,8 +77,8 @@ def test_allow_nonfinite_is_a_key_of_every_recipe(kind):
 
 
 @pytest.mark.parametrize("values,match", [
-    ({"workers": "4"}, "--workers '4': must be an integer"),
-    ({"workers": 4.0}, "--workers 4.0: must be an integer"),
+    ({"workers": "\u0664"}, "--workers '\u0664': not an integer in ASCII digits 0-9"),  # '4' in Arabic-Indic digits
+    ({"workers": 4.0}, "--workers 4.0: not an integer"),
     ({"in_flight": [2]}, "--in-flight"),
     ({"item_size": [1]}, "--item-size"),
     ({"shard_size": {"a": 1}}, "--shard-size"),
@@ -165,7 +165,7 @@ def test_a_method_takes_its_own_parameters_and_refuses_the_others():
                        ({"method": "ties", "seed": 3}, "takes no seed"),
                        ({"method": "ties", "density": [0.5]}, "1 --density values for 2 --chat"),
                        ({"method": "dare_ties", "density": [0.5, -0.1]}, "from 0 to 1"),
-                       ({"method": "dare_ties", "seed": -1}, "integer from 0"),
+                       ({"method": "dare_ties", "seed": -1}, "must be an integer >= 0"),
                        ({"method": "slerp"}, "must be one of sum, ties")):
         with pytest.raises(InputError, match=words):
             build_recipe("merge", {**values, **bad})
@@ -173,3 +173,146 @@ def test_a_method_takes_its_own_parameters_and_refuses_the_others():
     assert dict(dare.params) == {"seed": 9}
     with pytest.raises(InputError, match="unknown key 'method' for extract"):
         build_recipe("extract", {"base": "b", "chat": "c", "out": "o", "method": "ties"})
+
+
+# Strict integers: int() and str.isdigit() take '١٢' (Arabic-Indic), '１２' (fullwidth) and '1_000'.
+@pytest.mark.parametrize("seed,words", [("\u0661\u0662", "'\u0661\u0662': not an integer in ASCII digits 0-9; write"),
+                                        ("\uff11\uff12", "'\uff11\uff12': not an integer in ASCII digits 0-9; write"),
+                                        ("1_000", "'1_000': not an integer in ASCII digits 0-9; write"),
+                                        ("9" * 5000, "'9999.*: 5000 digits, more than 20; write"),
+                                        (2**63, f"{2**63}: must be")])
+def test_a_seed_is_ascii_digits_in_range(seed, words):
+    with pytest.raises(InputError, match=f"^--seed {words} an integer >= 0 and <= {2**63 - 1}$"):
+        build_recipe("apply", {"cp": "cp", "vector": ["v"], "out": "o", "method": "dare_linear", "seed": seed})
+    recipe, _ = build_recipe("apply", {"cp": "cp", "vector": ["v"], "out": "o", "method": "dare_linear", "seed": "12"})
+    assert dict(recipe.params)["seed"] == 12
+
+
+def test_a_non_ascii_seed_on_the_command_line_exits_2_in_one_line(tmp_path, capsys):
+    from raymerge.cli import main
+
+    path = tmp_path / "r.yaml"  # inputs that do not exist: nothing could run even if the seed passed
+    path.write_text(f"kind: apply\ncp: {tmp_path / 'cp'}\nvector: [{tmp_path / 'v'}]\nmethod: dare_linear\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--seed", "\u0661\u0662"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"raymerge: error: recipe {path}: --seed '\u0661\u0662': not an integer in ASCII digits 0-9; " \
+                  f"write an integer >= 0 and <= {2**63 - 1}\n"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--workers", "1_0"], "--workers '1_0': not an integer in ASCII digits 0-9; write an integer >= 1 and <= 100000"),
+    (["--in-flight", "\u0662"], "--in-flight '\u0662': not an integer in ASCII digits 0-9; write an integer >= 1 and "
+                                "<= 1000"),
+    (["--workers", "0"], "--workers 0: must be an integer >= 1 and <= 100000"),
+    (["--method", "dare_ties", "--seed", "-1"], f"--seed -1: must be an integer >= 0 and <= {2**63 - 1}"),
+])
+def test_integer_flags_exit_2_in_one_line(tmp_path, flags, message, capsys):
+    from raymerge.cli import main
+
+    missing = [str(tmp_path / role) for role in ("base", "chat", "cp")]  # nothing could run even if the flag passed
+    argv = ["merge", "--base", missing[0], "--chat", missing[1], "--cp", missing[2], "--out", str(tmp_path / "o")]
+    assert main([*argv, *flags]) == 2
+    assert capsys.readouterr().err == f"raymerge: error: {message}\n"
+
+
+def test_the_demos_workers_flag_is_checked_as_merges(tmp_path):
+    from raymerge.cli import build_parser
+    from raymerge.demo import run_demo
+
+    assert build_parser().parse_args(["demo", "--workers", "\uff14"]).workers == "\uff14"  # text, for merge to check
+    with pytest.raises(InputError, match="^--workers '\uff14': not an integer in ASCII digits 0-9"):
+        run_demo(str(tmp_path), "\uff14")  # refused before any Ray starts
+
+
+def test_verify_recompute_is_a_strict_count(tmp_path, capsys):
+    from raymerge.cli import main
+
+    assert main(["verify", str(tmp_path / "nothing"), "--recompute", "\u0663"]) == 2
+    assert capsys.readouterr().err == "raymerge: error: --recompute '\u0663': not an integer in ASCII digits 0-9; " \
+                                      f"write an integer >= 0 and <= {2**31 - 1}\n"
+
+
+def test_counts_take_their_digits_and_stay_in_their_range():
+    assert RunOptions.parse(workers="3", in_flight=4) == RunOptions(workers=3, in_flight=4)
+    for values, words in (({"workers": 100_001}, "--workers 100001: must be an integer >= 1 and <= 100000"),
+                          ({"in_flight": 0}, "--in-flight 0: must be an integer >= 1 and <= 1000"),
+                          ({"in_flight": True}, "--in-flight True: not an integer")):
+        with pytest.raises(InputError, match=words):
+            RunOptions.parse(**values)
+
+
+@pytest.mark.parametrize("value,words", [("\uff15GB", "not a size"), ("5\u2003GB", "not a size"),
+                                         ("1" * 2000, "not a size"), (10**5000, "too large"),
+                                         (-(10**5000), "must be a positive size")],
+                         ids=["fullwidth digit", "em space", "2000 digits", "huge int", "huge negative int"])
+def test_sizes_are_ascii_and_bounded(value, words):
+    from raymerge.config import parse_size
+
+    with pytest.raises(InputError, match=f"^--shard-size .*: {words}"):
+        parse_size(value, "--shard-size")
+    assert parse_size(" 64MiB ", "--shard-size") == 64 * 2**20
+
+
+@pytest.mark.parametrize("value", ["\uff11.5", "1_0.5", "\u0661", "0x1p3"])
+def test_numbers_are_ascii(value):
+    with pytest.raises(InputError, match="not a number"):
+        parse_number(value, "--scale")
+    assert parse_number(" -1.5e3 ", "--scale") == -1500.0
+
+
+@pytest.mark.parametrize("value,words", [
+    ("\u0661:2", r"--special-tokens '\u0661:2': token id '\u0661': not an integer in ASCII digits"),
+    ("2147483648:1", r"--special-tokens '2147483648:1': token id 2147483648: must be an integer >= 0 and "
+                     r"<= 2147483647"),
+    ("9" * 5000 + ":1", "token id '9999.*: 5000 digits"),
+    ({10**5000: 1}, r"token id '<an integer of [0-9]+ [a-z]+>': not an integer"),
+], ids=["arabic-indic digit", "2**31", "5000 digits", "huge int key"])
+def test_special_token_ids_are_ascii_and_below_2_to_the_31(value, words):
+    with pytest.raises(InputError, match=words):
+        build_recipe("merge", {**TRIO, "special_tokens": value})
+    assert build_recipe("merge", {**TRIO, "special_tokens": {32000: 2}})[0].special_tokens == ((32000, 2),)
+
+
+def _recipe_file(tmp_path, text: bytes) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text)
+    return str(path)
+
+
+def test_a_recipe_whose_aliases_expand_past_the_bound_is_refused_quickly(tmp_path):
+    import time
+
+    from raymerge.config import load_recipe_file
+
+    # A million strings when expanded: small enough that a walk of it (old code's repr) ends.
+    lists = b"".join(f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n".encode() for p, c in zip("abcde", "bcdef"))
+    path = _recipe_file(tmp_path, b"kind: merge\na: &a [x,x,x,x,x,x,x,x,x,x]\n" + lists + b"skip: *f\n")
+    started = time.perf_counter()
+    with pytest.raises(InputError, match=f"^recipe {path}: more than 100000 nodes with its aliases expanded"):
+        load_recipe_file(path)
+    assert time.perf_counter() - started < 2
+
+
+@pytest.mark.parametrize("text,words", [
+    (b"kind: merge\nscale: " + b"[" * 100 + b"]" * 100 + b"\n", "nested deeper than 64 levels"),
+    (b"kind: merge\nseed: " + b"9" * 5000 + b"\n", "an integer of 5000 characters"),
+    (b"kind: merge\nbase: &b [*b]\n", r"alias \*'b' names no complete node"),
+])
+def test_recipe_files_are_bounded_yaml(tmp_path, text, words):
+    from raymerge.config import load_recipe_file
+
+    path = _recipe_file(tmp_path, text)
+    with pytest.raises(InputError, match=f"^recipe {path}: {words}"):
+        load_recipe_file(path)
+
+
+def test_a_fifo_as_the_recipe_is_refused_without_blocking(tmp_path):
+    import os
+
+    from raymerge.config import load_recipe_file
+    from tests.test_bounds import assert_refused_without_blocking
+
+    fifo = str(tmp_path / "r.yaml")
+    os.mkfifo(fifo)
+    assert_refused_without_blocking(lambda: load_recipe_file(fifo), fifo,
+                                    f"recipe {fifo}: is a FIFO, not a regular file; give the path of a recipe file")

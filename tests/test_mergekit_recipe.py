@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from raymerge.config import build_recipe
+from raymerge.errors import InputError
 from raymerge.mergekit_recipe import recipe_values
 from raymerge.planning.schedule import Scale
 
@@ -19,7 +22,8 @@ def test_task_arithmetic_maps_base_to_the_anchor_and_the_others_to_vectors():
     recipe, _ = build_recipe(kind, {**values, "out": "/m/out"})
     assert (recipe.kind, recipe.base, recipe.dtype, recipe.params) == ("task_arithmetic", "/m/base/", "BF16",
                                                                        (("lambda", 0.8),))
-    assert recipe.vectors == (("hf://org/chat", Scale((0.0, 1.0), ((r"mlp\.up", 0.2),))), ("s3://b/math", Scale(0.5)))
+    assert recipe.vectors == (("hf://org/chat", Scale((0.0, 1.0), (("contains", "mlp.up", 0.2),))),
+                              ("s3://b/math", Scale(0.5)))
     assert recipe.vocab == "error"  # mergekit needs the same shapes: no vocabulary overlap rules
 
 
@@ -33,7 +37,7 @@ def test_ties_and_dare_map_weight_and_density_per_model_and_the_shared_parameter
         "parameters": {"rescale": False, "normalize": True, "lambda": 0.9, "int8_mask": True}}, "mk.yml")
     recipe, _ = build_recipe(kind, {**values, "out": "/m/out", "seed": 5})
     assert (recipe.kind, recipe.method_name, recipe.base) == ("dare_ties", "dare_ties", "/m/base")
-    assert recipe.density == (Scale(0.3), Scale((0.4, 0.8), (("mlp", 0.2),)), Scale(1.0))
+    assert recipe.density == (Scale(0.3), Scale((0.4, 0.8), (("contains", "mlp", 0.2),)), Scale(1.0))
     assert dict(recipe.params) == {"normalize": True, "rescale": False, "lambda": 0.9, "seed": 5}
     assert [u for u, _ in recipe.vectors] == ["/m/chat", "/m/math", "/m/code"]
 
@@ -63,3 +67,38 @@ def test_what_the_sparse_methods_cannot_map_is_refused_in_one_line():
         assert "\n" not in str(e.value)
     with pytest.raises(InputError, match="ties needs a base_model"):
         recipe_values({"merge_method": "ties", "models": base["models"]}, "mk.yml")
+
+
+def _one_model(weight):
+    return {"merge_method": "task_arithmetic", "base_model": "/m/base",
+            "models": [{"model": "/m/chat", "parameters": {"weight": weight}}]}
+
+
+def test_mergekit_filters_are_substrings_never_regexes():
+    import string
+
+    punctuation = "a" + string.punctuation + " \u00e9\u4e2d\t"
+    kind, values = recipe_values(_one_model([{"filter": "mlp.(up", "value": 0.2}, {"filter": "layers.1.", "value": 0.3},
+                                             {"filter": "a.b", "value": 0.4}, {"filter": punctuation, "value": 0.6},
+                                             {"value": 0.5}]), "mk.yml")
+    recipe, _ = build_recipe(kind, {**values, "out": "/m/out"})
+    scale = recipe.vectors[0][1]
+    assert scale == Scale(0.5, (("contains", "mlp.(up", 0.2), ("contains", "layers.1.", 0.3), ("contains", "a.b", 0.4),
+                                ("contains", punctuation, 0.6)))
+    assert [scale.at(n, 1) for n in ("m.mlp.(up.w", "m.mlpx(up.w", "model.layers.1.attn", "model.layers.10.attn",
+                                     "axb", "x.a.b", f"x{punctuation}x")] == [0.2, 0.5, 0.3, 0.5, 0.5, 0.4, 0.6]
+    again, _ = build_recipe(kind, {k: v for k, v in recipe.to_mapping().items() if k != "kind"})
+    assert again == recipe  # what the manifest records plans the same again (raymerge verify --recompute)
+
+
+@pytest.mark.parametrize("config,key", [
+    (_one_model({"rules": [{"pattern": "mlp", "scale": 0.2}], "default": 1.0}), r"models\[0\]\.parameters\.weight"),
+    ({**_one_model(0.5), "parameters": {"weight": {"default": 0.3}}}, r"parameters\.weight"),
+    ({**_one_model(0.5), "merge_method": "ties", "parameters": {"density": {"rules": []}}}, r"parameters\.density"),
+    (_one_model([{"filter": "mlp", "value": {"rules": []}}]), r"models\[0\]\.parameters\.weight: value"),
+])
+def test_raymerge_schedules_in_a_mergekit_file_are_refused_naming_the_key(config, key):
+    with pytest.raises(InputError, match=rf"^mk.yml: {key}: a mapping \(keys \[.*\]\) is raymerge's own syntax; in a "
+                                         r"mergekit file write a number, a gradient \(a list of numbers\) or a list of "
+                                         r"\{filter: SUBSTRING, value: X\}$"):
+        recipe_values(config, "mk.yml")

@@ -3,10 +3,11 @@ ValueError can escape, and parses honest ones exactly like json.loads."""
 
 import json
 import sys
+import time
 
 import pytest
 
-from raymerge.untrusted import UntrustedJSON, parse_json
+from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
 HONEST = [
     b'{"weight_map": {"a.weight": "model-00001-of-00002.safetensors"}, "metadata": {"total_size": 12}}',
@@ -72,3 +73,30 @@ def test_refusal_is_an_error_callers_catch_as_value_error():
     assert issubclass(UntrustedJSON, ValueError)
     with pytest.raises(ValueError):
         parse_json(b"[" * (sys.getrecursionlimit() * 2))
+
+
+def test_shown_is_the_repr_cut_to_the_limit():
+    for value in ["a\nb", [1, "x", (2,), ()], {"a": [1, {}]}, set(), {3}, frozenset({2}), b"ab", None, 1.5,
+                  "x" * 100, [[[]]] * 30, 10**100, -(10**4000), {"k": ["v" * 70]}]:
+        text = repr(value)
+        assert shown(value) == (text if len(text) <= 60 else text[:57] + "..."), value
+    assert shown("abcdef", limit=5) == "'a..."
+
+
+def test_shown_of_an_integer_past_the_repr_limit_is_its_size():
+    # repr() raises ValueError past 4300 digits: a YAML hex integer gets there in a few KB.
+    assert shown(2**14300) == "<an integer of 14301 bits>"
+    assert shown({"scale": [-(2**20000)]}) == "{'scale': [<an integer of 20001 bits>]}"
+
+
+def test_shown_of_an_alias_bomb_visits_only_what_it_shows():
+    # 10 ** 12 elements, as YAML aliases make them from a few hundred bytes: repr would never end.
+    bomb: list = ["x"] * 10
+    for _ in range(11):
+        bomb = [bomb] * 10
+    looped: list = []
+    looped.append(looped)
+    start = time.monotonic()
+    assert shown(bomb, 30) == "[[[[[[[[[[[['x', 'x', 'x', ..."
+    assert shown(looped, 10) == "[[[[[[[..."
+    assert time.monotonic() - start < 0.5

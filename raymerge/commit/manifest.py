@@ -25,6 +25,10 @@ MANIFEST_NAME = "raymerge_manifest.json"
 FORMAT = "raymerge-manifest"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 2**20  # ~500,000 items; readers fetch at most one byte more
+MAX_NAME = 1024  # a file name, a fact's name, an ETag (S3 keys are at most 1024 bytes)
+MAX_TEXT = 8192  # a tensor name, URL, fingerprint, version, kind or plan hash
+LAYOUT_KEYS = ("shard_size", "item_size")  # what runner._layout records; verify plans with them again
+_STRING = f"a string of at most {MAX_TEXT} characters"
 
 # Fields that are None were absent from the document read (written by an older raymerge, or by
 # hand); `to_json` leaves them out again. Every manifest `Manifest.of` makes has them all.
@@ -155,7 +159,8 @@ class Manifest:
             names = [s.name for s in shards]
             if len(set(names)) != len(names):
                 raise _Damaged("shards: a shard name appears twice")
-            items = tuple(_item(item, f"items[{i}]", shards) for i, item in enumerate(obj["items"]))
+            # In id order, every id once: verify finds an item of the plan at manifest.items[id].
+            items = tuple(_item(item, f"items[{i}]", i, shards) for i, item in enumerate(obj["items"]))
             inputs = tuple(_input(entry, f"inputs[{i}]") for i, entry in enumerate(obj["inputs"]))
             nonfinite = _nonfinite(obj["nonfinite"]) if "nonfinite" in obj else None
             facts = _facts(obj["facts"]) if "facts" in obj else None
@@ -185,37 +190,45 @@ def _check_top(obj: Any) -> int:
     _expect(obj.get("format") == FORMAT, "format", f"{FORMAT!r}")
     version = obj.get("format_version")
     _expect(_is_count(version) and version >= 1, "format_version", "an integer >= 1")
-    _expect(isinstance(obj.get("plan_hash"), str), "plan_hash", "a string")
-    _expect(isinstance(obj.get("stats"), str) and is_safe_name(obj["stats"]), "stats",
-            "a file name inside the checkpoint")
+    _expect(_text(obj.get("plan_hash")), "plan_hash", _STRING)
+    _expect(_file_name(obj.get("stats")), "stats", "a file name inside the checkpoint")
     recipe = obj.get("recipe")
-    _expect(isinstance(recipe, dict) and isinstance(recipe.get("kind"), str), "recipe", "an object with a kind")
-    _expect(isinstance(obj.get("layout"), dict), "layout", "an object")
+    _expect(isinstance(recipe, dict) and _text(recipe.get("kind")), "recipe", "an object with a kind")
+    _layout(obj.get("layout"))
     for key in ("inputs", "shards", "items"):
         _expect(isinstance(obj.get(key), list), key, "a list")
     files = obj.get("files", [])
-    _expect(isinstance(files, list) and all(isinstance(n, str) and is_safe_name(n) and "/" not in n for n in files),
+    _expect(isinstance(files, list) and all(_file_name(n) and "/" not in n for n in files),
             "files", "a list of file names in the checkpoint's folder")
     for key in ("kind", "raymerge_version", "created"):
-        _expect(isinstance(obj.get(key, ""), str), key, "a string")
+        _expect(_text(obj.get(key, "")), key, _STRING)
     _expect(_is_count(obj.get("output_bytes", 0)), "output_bytes", "an integer >= 0")
     return version
 
 
+def _layout(layout: Any) -> None:
+    """The layout is merged into the recipe that verify plans again: only the keys raymerge
+    writes, each a size in bytes (build_recipe checks the range each option takes)."""
+    _expect(isinstance(layout, dict) and all(k in LAYOUT_KEYS for k in layout), "layout",
+            f"an object with at most {', '.join(LAYOUT_KEYS)}")
+    for key, value in layout.items():
+        _expect(_is_count(value) and value >= 1, f"layout.{key}", "an integer >= 1 (bytes)")
+
+
 def _shard(shard: Any, at: str) -> ShardEntry:
     _expect(isinstance(shard, dict), at, "an object")
-    _expect(isinstance(shard.get("name"), str) and is_safe_name(shard["name"]), f"{at}.name",
-            "a file name inside the checkpoint")
+    _expect(_file_name(shard.get("name")), f"{at}.name", "a file name inside the checkpoint")
     _expect(_is_count(shard.get("size")), f"{at}.size", "an integer >= 0")
     for key in ("tensors", "items"):
         _expect(_is_count(shard.get(key, 0)), f"{at}.{key}", "an integer >= 0")
     return ShardEntry(shard["name"], shard["size"], shard.get("tensors"), shard.get("items"))
 
 
-def _item(item: Any, at: str, shards: tuple[ShardEntry, ...]) -> ItemEntry:
+def _item(item: Any, at: str, index: int, shards: tuple[ShardEntry, ...]) -> ItemEntry:
     _expect(isinstance(item, dict), at, "an object")
     for key in ("id", "shard", "part", "start", "end"):
         _expect(_is_count(item.get(key)), f"{at}.{key}", "an integer >= 0")
+    _expect(item["id"] == index, f"{at}.id", f"{index}: items are listed in id order, from 0")
     _expect(item["shard"] < len(shards), f"{at}.shard", f"one of the {len(shards)} shards")
     _expect(item["start"] <= item["end"] <= shards[item["shard"]].size, f"{at}.end",
             "start <= end <= the shard's size")
@@ -223,16 +236,16 @@ def _item(item: Any, at: str, shards: tuple[ShardEntry, ...]) -> ItemEntry:
     _expect(isinstance(crc, str) and re.fullmatch("[0-9a-f]{8}", crc) is not None, f"{at}.crc32",
             "8 hex digits")
     etag = item.get("etag")
-    _expect(etag is None or isinstance(etag, str), f"{at}.etag", "a string or null")
+    _expect(etag is None or _text(etag, MAX_NAME), f"{at}.etag", f"a string or null (at most {MAX_NAME} characters)")
     return ItemEntry(item["id"], item["shard"], item["part"], item["start"], item["end"], int(crc, 16), etag)
 
 
 def _input(entry: Any, at: str) -> InputEntry:
     _expect(isinstance(entry, dict), at, "an object")
     for key in ("role", "url", "fingerprint"):
-        _expect(isinstance(entry.get(key), str), f"{at}.{key}", "a string")
+        _expect(_text(entry.get(key)), f"{at}.{key}", _STRING)
     _expect(_is_count(entry.get("size")), f"{at}.size", "an integer >= 0")
-    _expect(isinstance(entry.get("version", ""), str), f"{at}.version", "a string")
+    _expect(_text(entry.get("version", "")), f"{at}.version", _STRING)
     return InputEntry(entry["role"], entry["url"], entry["size"], entry["fingerprint"], entry.get("version"))
 
 
@@ -241,6 +254,7 @@ def _nonfinite(obj: Any) -> tuple[NonFinite, ...]:
     out = []
     for name, counts in obj.items():
         at = f"nonfinite[{shown(name)}]"
+        _expect(_text(name), at, f"a tensor name of at most {MAX_TEXT} characters")
         _expect(isinstance(counts, dict), at, "an object")
         for key in ("elements", "from_finite_inputs"):
             _expect(_is_count(counts.get(key)), f"{at}.{key}", "an integer >= 0")
@@ -249,15 +263,17 @@ def _nonfinite(obj: Any) -> tuple[NonFinite, ...]:
 
 
 def _facts(obj: Any) -> dict[str, list]:
-    """Per tensor, per vector: None or {name: integer}."""
+    """Per tensor, per vector: None or {name: integer >= 0}. Whether they are what the tensor's
+    method needs is checked against the plan, where it is known (passes.facts_by_index)."""
     _expect(isinstance(obj, dict), "facts", "an object")
     for name, per_vector in obj.items():
         at = f"facts[{shown(name)}]"
+        _expect(_text(name), at, f"a tensor name of at most {MAX_TEXT} characters")
         _expect(isinstance(per_vector, list), at, "a list")
         for f in per_vector:
-            _expect(f is None or isinstance(f, dict) and all(isinstance(k, str) and isinstance(v, int)
-                                                             and not isinstance(v, bool) for k, v in f.items()),
-                    at, "a list of null or {name: integer}")
+            _expect(f is None or isinstance(f, dict) and all(_text(k, MAX_NAME) and _is_count(v)
+                                                             for k, v in f.items()),
+                    at, "a list of null or {name: integer >= 0}")
     return obj
 
 
@@ -273,3 +289,11 @@ def _expect(ok: bool, at: str, expected: str) -> None:
 
 def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**62
+
+
+def _text(x: Any, limit: int = MAX_TEXT) -> bool:
+    return isinstance(x, str) and len(x) <= limit
+
+
+def _file_name(x: Any) -> bool:
+    return _text(x, MAX_NAME) and is_safe_name(x)

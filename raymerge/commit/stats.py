@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from raymerge.commit.records import ItemRecord
+from raymerge.commit.records import ItemRecord, TensorSums
+from raymerge.errors import OutputError
 from raymerge.planning.plan import Plan
 from raymerge.safetensors.dtypes import numel
+from raymerge.untrusted import shown
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: every worker imports this package, none needs it
     import pyarrow as pa
@@ -30,12 +33,11 @@ def tensor_stats(plan: Plan, done: dict[int, ItemRecord]) -> pa.Table:
     ss_anchor = [0.0] * len(plan.tensors)
     nonfinite = [0] * len(plan.tensors)
     new_nonfinite = [0] * len(plan.tensors)
-    for record in done.values():
-        for s in record.sums:
-            ss_delta[s.tensor] += s.ss_delta
-            ss_anchor[s.tensor] += s.ss_anchor
-            nonfinite[s.tensor] += s.nonfinite
-            new_nonfinite[s.tensor] += s.new_nonfinite
+    for s in _sums(plan, done):
+        ss_delta[s.tensor] += s.ss_delta
+        ss_anchor[s.tensor] += s.ss_anchor
+        nonfinite[s.tensor] += s.nonfinite
+        new_nonfinite[s.tensor] += s.new_nonfinite
     rows: dict[str, list] = {"tensor": [], "rule": [], "dtype": [], "numel": [], "delta_norm": [], "anchor_norm": [],
                              "relative": [], "nonfinite": [], "nonfinite_new": []}
     for i, t in enumerate(plan.tensors):
@@ -62,12 +64,23 @@ def tensor_stats(plan: Plan, done: dict[int, ItemRecord]) -> pa.Table:
 def nonfinite_totals(plan: Plan, done: dict[int, ItemRecord]) -> dict[str, tuple[int, int]]:
     """Tensor name -> (inf/NaN output elements, those made from finite inputs), where any."""
     totals: dict[int, tuple[int, int]] = {}
+    for s in _sums(plan, done):
+        if s.nonfinite:
+            n, new = totals.get(s.tensor, (0, 0))
+            totals[s.tensor] = (n + s.nonfinite, new + s.new_nonfinite)
+    return {plan.tensors[t].name: totals[t] for t in sorted(totals)}
+
+
+def _sums(plan: Plan, done: dict[int, ItemRecord]) -> Iterator[TensorSums]:
+    """Every item's per-tensor sums. Resumed items' come from the journal, read as data: a tensor
+    index the plan does not have is refused, never used as an index."""
     for record in done.values():
         for s in record.sums:
-            if s.nonfinite:
-                n, new = totals.get(s.tensor, (0, 0))
-                totals[s.tensor] = (n + s.nonfinite, new + s.new_nonfinite)
-    return {plan.tensors[t].name: totals[t] for t in sorted(totals)}
+            if not 0 <= s.tensor < len(plan.tensors):
+                raise OutputError(f"item {record.item}: its recorded statistics name tensor {shown(s.tensor)}, "
+                                  f"but the plan has {len(plan.tensors)} tensors; the resume journal is damaged: "
+                                  "rerun with --overwrite to start over")
+            yield s
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

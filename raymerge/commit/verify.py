@@ -23,6 +23,7 @@ from raymerge.safetensors.header import Header, parse_header, read_header_bytes
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
 from raymerge.storage.checksum import crc32
+from raymerge.storage.localfs import NotRegular
 from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.untrusted import UntrustedJSON, parse_json
 
@@ -47,6 +48,8 @@ def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: 
         raw = fs.cat_file(f"{root}/{MANIFEST_NAME}", start=0, end=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return [f"{MANIFEST_NAME}: missing; this is not a finished raymerge checkpoint"]
+    except NotRegular as e:  # a FIFO there must not block verify
+        return [f"{MANIFEST_NAME}: {e.strerror}; this is not a finished raymerge checkpoint"]
     manifest = Manifest.from_json(raw, f"raymerge verify {urls.redact(url)}")
     reader, buf = RangeReader(storage_options), Buffer()
     try:
@@ -109,6 +112,9 @@ def _check_index(fs, root, manifest: Manifest, headers, problems) -> None:
     except FileNotFoundError:
         problems.append(f"{INDEX_NAME}: missing")
         return
+    except NotRegular as e:
+        problems.append(f"{INDEX_NAME}: {e.strerror}")
+        return
     except UntrustedJSON as e:
         problems.append(f"{INDEX_NAME}: refused ({e})")
         return
@@ -145,7 +151,15 @@ def _recompute(url, manifest: Manifest, headers, redo: Redo, count, seed, reader
     if plan.hash != manifest.plan_hash:
         return [f"recompute: the inputs or recipe changed since this checkpoint was made (plan {plan.hash[:12]}, "
                 f"manifest {manifest.plan_hash[:12]}); cannot compare"]
-    worker = redo.worker(plan, manifest)
+    # The same plan hash, but the manifest is data: its shards and items must be the plan's
+    # before one is looked up by the plan's ids and names.
+    if _cut(plan.shards, plan.items) != _cut(manifest.shards, manifest.items):
+        return ["recompute: the manifest's shards and items are not those of the plan they claim to be "
+                f"(plan {plan.hash[:12]}); this manifest was damaged or written by hand"]
+    try:
+        worker = redo.worker(plan, manifest)  # refuses facts unlike what the plan's statistics passes record
+    except RaymergeError as e:
+        return [f"recompute: {e}"]
     problems = []
     try:
         for item_id in random.Random(seed).sample(range(len(plan.items)), min(count, len(plan.items))):
@@ -159,3 +173,9 @@ def _recompute(url, manifest: Manifest, headers, redo: Redo, count, seed, reader
     finally:
         worker.close()
     return problems
+
+
+def _cut(shards, items) -> tuple[list[tuple[str, int]], list[tuple[int, int, int, int]]]:
+    """What a plan and a manifest must agree on for items to be compared by id: (name, size) of
+    every shard, (id, shard, start, end) of every item."""
+    return [(s.name, s.size) for s in shards], [(i.id, i.shard, i.start, i.end) for i in items]

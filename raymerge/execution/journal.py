@@ -33,13 +33,16 @@ from raymerge.planning.plan import Plan
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
 from raymerge.storage.writers import Output, plain_name
-from raymerge.untrusted import UntrustedJSON, parse_json
+from raymerge.untrusted import UntrustedJSON, parse_json, shown
 
 log = logging.getLogger("raymerge")
 
 HEAD = "journal-head.json"
-BATCH = re.compile(r"journal-(\d{6,9})\.json")
-VERSION = 3
+BATCH = re.compile(r"journal-([0-9]{6,9})\.json")  # [0-9]: \d also matches other scripts' digits
+VERSION = 4  # 4: the staged files' identities
+MAX_COUNT = 2**62  # ids, tensor indexes, elements and counts: far past any real plan, safe in int64 sums
+MAX_NAME = 1024  # a shard or staged file name, an upload id, an ETag (S3 keys are at most 1024 bytes)
+MAX_TEXT = 8192  # a plan hash, run id, URL, fingerprint or staged file identity
 
 
 class Damaged(ValueError):
@@ -55,15 +58,19 @@ class JournalHead:
     inputs: tuple[tuple[str, str], ...]  # (redacted URL, fingerprint) of every input file
     replaces: tuple[str, ...] = ()  # files of an older checkpoint at --out, removed at commit
     run_id: str = ""
+    identities: tuple[str, ...] = ()  # per shard, what its staged target is (Output.identities)
 
     @classmethod
-    def of(cls, plan: Plan, handles: list[str], replaces: tuple[str, ...] = (), run_id: str = "") -> JournalHead:
+    def of(cls, plan: Plan, handles: list[str], replaces: tuple[str, ...] = (), run_id: str = "",
+           identities: list[str] | None = None) -> JournalHead:
         return cls(plan.hash, tuple(s.name for s in plan.shards), tuple(handles),
-                   tuple((urls.redact(f.url), f.fingerprint) for f in plan.files), tuple(replaces), run_id)
+                   tuple((urls.redact(f.url), f.fingerprint) for f in plan.files), tuple(replaces), run_id,
+                   tuple(identities if identities is not None else [""] * len(handles)))
 
     def to_json(self) -> bytes:
         return json.dumps({"journal_version": VERSION, "plan_hash": self.plan_hash, "run_id": self.run_id,
                            "shards": list(self.shards), "handles": list(self.handles),
+                           "identities": list(self.identities),
                            "inputs": [{"url": u, "fingerprint": f} for u, f in self.inputs],
                            "replaces": list(self.replaces)}).encode()
 
@@ -71,24 +78,25 @@ class JournalHead:
     def from_json(cls, raw: bytes) -> JournalHead:
         obj = _object(_parse(raw), "the head")
         if obj.get("journal_version") != VERSION:
-            raise Damaged(f"journal_version {obj.get('journal_version')!r}: written by another raymerge version")
-        shards = _strings(obj, "shards")
-        handles = _strings(obj, "handles")
-        if len(shards) != len(handles) or not all(plain_name(s) for s in shards):
-            raise Damaged("shards and handles do not match")
+            raise Damaged(f"journal_version {shown(obj.get('journal_version'))}: written by another raymerge version")
+        # Shards and replaced files are names a run writes or removes: plain names only, never a
+        # path out of the folder. Handles are staged names or S3 upload ids (which may hold a "/"
+        # and are never a path): short printable strings here, vetted by the writer's check_handles.
+        shards, replaces = _names(obj, "shards"), _names(obj, "replaces")
+        handles, identities = _strings(obj, "handles"), _strings(obj, "identities")
+        if not all(h and len(h) <= MAX_NAME and h.isprintable() for h in handles):
+            raise Damaged(f"handles: expected printable names of at most {MAX_NAME} characters")
+        if len(shards) != len(handles) or len(identities) != len(handles):
+            raise Damaged("shards, handles and identities do not match")
         inputs = obj.get("inputs")
         if not isinstance(inputs, list) or not all(
-                isinstance(i, dict) and isinstance(i.get("url"), str) and isinstance(i.get("fingerprint"), str)
-                for i in inputs):
-            raise Damaged("inputs: expected a list of {url, fingerprint}")
-        replaces = _strings(obj, "replaces")
-        if not all(plain_name(n) for n in replaces):
-            raise Damaged("replaces: names a file outside the output folder")
+                isinstance(i, dict) and _text(i.get("url")) and _text(i.get("fingerprint")) for i in inputs):
+            raise Damaged(f"inputs: expected a list of {{url, fingerprint}}, strings of at most {MAX_TEXT} characters")
         plan_hash, run_id = obj.get("plan_hash"), obj.get("run_id", "")
-        if not isinstance(plan_hash, str) or not isinstance(run_id, str):
-            raise Damaged("plan_hash and run_id must be strings")
+        if not _text(plan_hash) or not _text(run_id):
+            raise Damaged(f"plan_hash and run_id must be strings of at most {MAX_TEXT} characters")
         return cls(plan_hash, tuple(shards), tuple(handles), tuple((i["url"], i["fingerprint"]) for i in inputs),
-                   tuple(replaces), run_id)
+                   tuple(replaces), run_id, tuple(identities))
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,15 +229,16 @@ def _parse(raw: bytes) -> object:
 def _record(r: object) -> ItemRecord:
     r = _object(r, "a record")
     item, crc, etag, stats = r.get("id"), r.get("crc32"), r.get("etag"), r.get("stats")
-    if not _int(item) or not _int(crc) or crc >= 2**32 or not (etag is None or isinstance(etag, str)):
-        raise Damaged("a record's id, crc32 or etag has the wrong type")
+    if not _int(item) or not _int(crc, 2**32) or not (etag is None or _text(etag, MAX_NAME)):
+        raise Damaged("a record's id, crc32 or etag has the wrong type or is out of range")
     if not isinstance(stats, list):
         raise Damaged("a record's stats are not a list")
     sums = []
     for s in stats:
         if (not isinstance(s, list) or len(s) != 5 or not all(_int(s[k]) for k in (0, 3, 4))
                 or not all(_is_number(s[k]) for k in (1, 2))):
-            raise Damaged("a record's stats row is not [tensor, ss_delta, ss_anchor, nonfinite, new_nonfinite]")
+            raise Damaged("a record's stats row is not [tensor, ss_delta, ss_anchor, nonfinite, new_nonfinite] "
+                          "(integers below 2**62)")
         sums.append(TensorSums(s[0], float(s[1]), float(s[2]), s[3], s[4]))
     return ItemRecord(item, crc, etag, tuple(sums))
 
@@ -240,7 +249,7 @@ def _stats_record(r: object) -> StatsRecord:
     if name not in PASS_ORDER or name == ELEMENTWISE or not _int(item) or not isinstance(rows, list):
         raise Damaged("a pass record's pass, id or rows has the wrong type")
     if not all(isinstance(row, list) and len(row) == 3 and _int(row[0]) and _int(row[1]) for row in rows):
-        raise Damaged("a pass record's row is not [tensor, first element, result]")
+        raise Damaged("a pass record's row is not [tensor, first element, result] (integers below 2**62)")
     return StatsRecord(name, item, tuple((row[0], row[1], row[2]) for row in rows))
 
 
@@ -252,9 +261,20 @@ def _object(obj: object, what: str) -> dict:
 
 def _strings(obj: dict, key: str) -> list[str]:
     value = obj.get(key, [] if key == "replaces" else None)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise Damaged(f"{key}: expected a list of strings")
+    if not isinstance(value, list) or not all(_text(v) for v in value):
+        raise Damaged(f"{key}: expected a list of strings of at most {MAX_TEXT} characters")
     return value
+
+
+def _names(obj: dict, key: str) -> list[str]:
+    value = _strings(obj, key)
+    if not all(plain_name(v) and len(v) <= MAX_NAME for v in value):
+        raise Damaged(f"{key}: expected file names inside the output folder, of at most {MAX_NAME} characters")
+    return value
+
+
+def _text(x: object, limit: int = MAX_TEXT) -> bool:
+    return isinstance(x, str) and len(x) <= limit
 
 
 def _number(x: float) -> float | str:
@@ -266,5 +286,5 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) or x in ("inf", "-inf", "nan")
 
 
-def _int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+def _int(x: object, bound: int = MAX_COUNT) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < bound

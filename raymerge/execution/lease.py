@@ -35,6 +35,9 @@ from raymerge.untrusted import UntrustedJSON, parse_json
 log = logging.getLogger("raymerge")
 
 DEFAULT_STALE = 300.0
+PID_MAX = 4194304  # Linux's largest pid_max: a pid beyond it, or below 1, names no single process
+MAX_TEXT = 1024  # a run id, host or machine read from a lease: longer is not what raymerge writes
+MAX_TIME = 1e12  # seconds (wall clock, or clock ticks since boot): far past any real value
 _HELD: set[str] = set()  # run ids of the leases this process holds now
 
 
@@ -61,12 +64,18 @@ class Holder:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Holder | None:
+        """The holder a lease names, or None where any field is not what `to_json` writes: such a
+        holder cannot be judged (its pid may not be signalled, its names may not be shown), so it
+        is judged by the lease's age alone, like an unreadable lease."""
         try:
             obj = parse_json(raw, max_bytes=65536)
-            return cls(str(obj["run_id"]), str(obj["host"]), int(obj["pid"]), str(obj["machine"]),
-                       float(obj["started"]), float(obj["heartbeat"]))
-        except (UntrustedJSON, KeyError, TypeError, ValueError):
-            return None  # unreadable: a holder we cannot name, judged by its age alone
+        except UntrustedJSON:
+            return None
+        if not (isinstance(obj, dict) and all(_text(obj.get(k)) for k in ("run_id", "host", "machine"))
+                and _pid(obj.get("pid")) and all(_time(obj.get(k)) for k in ("started", "heartbeat"))):
+            return None
+        return cls(obj["run_id"], obj["host"], obj["pid"], obj["machine"], float(obj["started"]),
+                   float(obj["heartbeat"]))
 
     def is_gone(self) -> bool:
         """True when this holder ran on this machine and its process no longer exists."""
@@ -75,11 +84,11 @@ class Holder:
         if self.pid == os.getpid():  # this very process: gone unless one of its runs holds it now
             return self.run_id not in _HELD
         try:
-            os.kill(self.pid, 0)
+            os.kill(self.pid, 0)  # from_json let only 1 <= pid <= PID_MAX through: never a process group
         except ProcessLookupError:
             return True
-        except PermissionError:
-            return False  # alive, someone else's
+        except OSError:
+            return False  # alive and someone else's (PermissionError), or it cannot be told
         return _process_start(self.pid) not in (None, self.started)  # the pid was reused
 
 
@@ -183,7 +192,10 @@ def this_machine() -> str:
     """What makes two pids comparable: the same host, boot and pid namespace."""
     def read(path: str, link: bool = False) -> str:
         try:
-            return os.readlink(path) if link else open(path).read().strip()
+            if link:
+                return os.readlink(path)
+            with open(path, "rb") as f:
+                return f.read(256).decode("ascii", "replace").strip()
         except OSError:
             return ""
     return "|".join((socket.gethostname(), read("/proc/sys/kernel/random/boot_id"), read("/proc/self/ns/pid", True)))
@@ -192,8 +204,24 @@ def this_machine() -> str:
 def _process_start(pid: int) -> float | None:
     """A process's start time in clock ticks since boot (Linux), None where unknown."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return float(fields[19])  # field 22 of stat, counted after the command name
+        # Bytes: the command name in parentheses may be anything, ")" and non-UTF-8 included.
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read(4096).rsplit(b")", 1)[1].split()
+        return float(int(fields[19]))  # field 22 of stat, counted after the command name
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _text(x: object) -> bool:
+    # Printable: a holder's names go into one-line messages.
+    return isinstance(x, str) and len(x) <= MAX_TEXT and x.isprintable()
+
+
+def _pid(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= PID_MAX
+
+
+def _time(x: object) -> bool:
+    # JSON numbers only: parse_json has already refused NaN and infinities, and a string is refused
+    # here, so float("nan") or int("١٢") never turn one into a number.
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < MAX_TIME

@@ -14,13 +14,25 @@ tensors still open.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from raymerge.errors import OutputError
+from raymerge.errors import InputError, OutputError
 from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
+from raymerge.methods.sparse import HIGH, L1, LOW
 from raymerge.planning.plan import HEADER, Plan, TensorPlan
+from raymerge.untrusted import shown
 
 Row = tuple[int, int, Any]  # (tensor, the piece's first element, the method's result for the piece)
+
+# What each statistics pass's reduce records for each term it sparsifies (0 < density < 1; see
+# methods/sparse.py, Sparse.reduce), and the elementwise pass then reads: facts read back from a
+# journal or a manifest are checked against it before a worker gets them. l1-norm's "factor" is
+# left out where the norms are too small to rescale, so it is checked only where present. Every
+# statistics pass has an entry (tests/execution/test_passes.py checks it).
+RECORDED = {HIGH: ("k", "high", "above"), LOW: ("threshold", "cut", "keep"), L1: ()}
+_BITS = ("high", "threshold", "factor")  # float32 bits (or their high half): below 2**32, as uint32
+_COUNT = 2**62  # every other fact counts elements or names one: below the bound of every JSON count
 
 
 def tensor_passes(t: TensorPlan) -> tuple[str, ...]:
@@ -49,6 +61,16 @@ def pass_read_bytes(plan: Plan, name: str) -> int:
     return total
 
 
+def covers(plan: Plan, name: str, item_id: int, rows: list[Row] | tuple[Row, ...]) -> bool:
+    """Whether `rows` (an item's results read back from a journal) hold a result for every piece of
+    the item that pass `name` needs: only then is the item done for that pass."""
+    if not 0 <= item_id < len(plan.items):
+        return False
+    needed = {(p.tensor, p.begin) for p in plan.items[item_id].pieces
+              if p.tensor != HEADER and name in tensor_passes(plan.tensors[p.tensor])}
+    return needed <= {(row[0], row[1]) for row in rows}
+
+
 class Facts:
     """Per-tensor facts of the statistics passes, as their results come in."""
 
@@ -56,31 +78,42 @@ class Facts:
         self._plan = plan
         self.by_tensor: dict[int, Any] = {}
         self._open: dict[tuple[str, int], dict[int, Any]] = {}  # (pass, tensor) -> piece begin -> result
-        self._pieces: dict[tuple[str, int], int] = {}  # how many pieces a tensor has in a pass
+        self._pieces: dict[tuple[str, int], frozenset[int]] = {}  # the first elements of a tensor's pieces
         self._done: set[tuple[str, int]] = set()  # reduced
         for name in statistics_passes(plan):
-            for t, count in _piece_counts(plan, name).items():
-                self._pieces[(name, t)] = count
+            for t, begins in _piece_begins(plan, name).items():
+                self._pieces[(name, t)] = frozenset(begins)
 
     def add(self, name: str, rows: list[Row]) -> None:
-        """One item's results of pass `name`; a tensor whose pieces are all in is reduced now."""
+        """One item's results of pass `name`; a tensor whose pieces are all in is reduced now.
+        A row that is no piece of the plan's (read from a damaged journal) is an OutputError."""
         for tensor, begin, result in rows:
             key = (name, tensor)
-            if key not in self._pieces or key in self._done:
+            if key in self._done:
                 continue  # a piece recorded twice (an item run again after its worker died)
+            if begin not in self._pieces.get(key, ()):
+                raise OutputError(f"{name}: a result recorded for tensor {shown(tensor)} at element {shown(begin)} "
+                                  "is no piece of this plan's; the resume journal is damaged: rerun with "
+                                  "--overwrite to start over")
             got = self._open.setdefault(key, {})
             got[begin] = result
-            if len(got) == self._pieces[key]:
+            if len(got) == len(self._pieces[key]):
                 self._reduce(name, tensor)
 
     def _reduce(self, name: str, tensor: int) -> None:
         t = self._plan.tensors[tensor]
         results = sorted(self._open.pop((name, tensor)).items())
+        # What the journal kept is data: any failure to reduce it, or facts unlike those the
+        # method records, mean it was damaged.
         try:
-            self.by_tensor[tensor] = METHODS[t.method].reduce(name, t, results, self.by_tensor.get(tensor))
-        except (ValueError, TypeError, KeyError, IndexError) as e:
-            raise OutputError(f"{name}: the results recorded for {t.name} do not add up ({e}); the resume journal "
-                              "is damaged: rerun with --overwrite to start over") from e
+            facts = METHODS[t.method].reduce(name, t, results, self.by_tensor.get(tensor))
+            problem = facts_problem(t, facts, _passes_to(t, name))
+        except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as e:
+            problem = f"{type(e).__name__}: {shown(str(e), 200)}"
+        if problem:
+            raise OutputError(f"{name}: the results recorded for {t.name} do not add up ({problem}); the resume "
+                              "journal is damaged: rerun with --overwrite to start over")
+        self.by_tensor[tensor] = facts
         self._done.add((name, tensor))
 
     def complete(self, name: str) -> bool:
@@ -97,16 +130,57 @@ class Facts:
 
 
 def facts_by_index(plan: Plan, named: dict[str, Any] | None) -> dict[int, Any]:
-    """A manifest's facts (by tensor name) for the plan's tensors (by index)."""
-    index = {t.name: i for i, t in enumerate(plan.tensors)}
-    return {index[n]: f for n, f in (named or {}).items() if n in index}
+    """A manifest's facts (by tensor name) for the plan's tensors that have statistics passes (by
+    index). InputError where a tensor's facts are missing or unlike what its passes record: a
+    worker given them would fail, or compute other bytes."""
+    named = named if isinstance(named, dict) else {}
+    out = {}
+    for i, t in enumerate(plan.tensors):
+        passes = _passes_to(t)
+        if not passes or not math.prod(t.shape):  # no facts, or no piece to read them
+            continue
+        facts = named.get(t.name)
+        problem = "none recorded" if facts is None else facts_problem(t, facts, passes)
+        if problem:
+            raise InputError(f"the manifest lacks the statistics facts of {t.name} that recomputing {t.method} "
+                             f"needs ({problem}); this manifest was damaged or written by hand")
+        out[i] = facts
+    return out
 
 
-def _piece_counts(plan: Plan, name: str) -> dict[int, int]:
+def facts_problem(t: TensorPlan, facts: Any, passes: list[str]) -> str | None:
+    """Why `facts` are not what tensor t's statistics `passes` record (RECORDED), or None: one
+    entry per term, null or an object; a term the passes sparsify has every fact they record;
+    every fact in range."""
+    if not isinstance(facts, list):
+        return "expected a list, one entry per vector"
+    if len(facts) != len(t.terms):
+        return f"{len(facts)} entries for {len(t.terms)} vectors"
+    for j, (term, f) in enumerate(zip(t.terms, facts)):
+        if not (f is None or isinstance(f, dict)):
+            return f"vector {j + 1}: expected null or an object"
+        f = f or {}
+        sparsified = 0 < term.density < 1 and term.limit != 0  # a limit of 0: no piece reads the term
+        missing = [k for p in passes for k in RECORDED[p] if k not in f] if sparsified else []
+        if missing:
+            return f"vector {j + 1} has no {', '.join(missing)}"
+        for k, v in f.items():
+            if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (2**32 if k in _BITS else _COUNT)):
+                return f"vector {j + 1}'s {shown(k)} is {shown(v)}, out of range"
+    return None
+
+
+def _passes_to(t: TensorPlan, name: str | None = None) -> list[str]:
+    """Tensor t's statistics passes, in the order they run: all, or up to `name` (included)."""
+    passes = [p for p in tensor_passes(t) if p != ELEMENTWISE]
+    return passes[:passes.index(name) + 1] if name in passes else passes
+
+
+def _piece_begins(plan: Plan, name: str) -> dict[int, list[int]]:
     needs = [name in tensor_passes(t) for t in plan.tensors]
-    counts: dict[int, int] = {}
+    begins: dict[int, list[int]] = {}
     for item in plan.items:
         for p in item.pieces:
             if p.tensor != HEADER and needs[p.tensor]:
-                counts[p.tensor] = counts.get(p.tensor, 0) + 1
-    return counts
+                begins.setdefault(p.tensor, []).append(p.begin)
+    return begins

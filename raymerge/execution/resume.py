@@ -43,7 +43,9 @@ def check_resumable(output: Output, plan: Plan, state: JournalState) -> Resumed:
                                               and not all(i in state.done for i in shard.items)):
             raise OutputError(f"--resume {shown}: the staged data of {shard.name} is gone; "
                               "rerun with --overwrite to start over")
-        done.update((i, state.done[i]) for i in shard.items if i in found.items)
+        # A record whose sums name no tensor of the plan is damaged: its item is done again.
+        done.update((i, state.done[i]) for i in shard.items if i in found.items
+                    and all(0 <= s.tensor < len(plan.tensors) for s in state.done[i].sums))
     progress_log.info("resume: %d of %d items already done (%d journaled)", len(done), len(plan.items),
                       len(state.done))
     return Resumed(handles, done, state.next_batch, head.replaces)

@@ -1,4 +1,5 @@
-"""Which tensors are vocabulary tensors, and which rows of them a vector may touch. Pure Python.
+"""Which tensors are vocabulary tensors, which rows of them a vector may touch, and the user's
+patterns of tensor names (--skip, scale rules), compiled with RE2 so that matching is linear.
 
 Vocabulary tensors hold one row per token: the input embedding and the output head. They are
 found from the model config (`vocab_size`) and from tensor names used across architectures
@@ -11,7 +12,19 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import re2
+
+from raymerge.bounds import parse_int
+from raymerge.errors import InputError
+from raymerge.untrusted import shown
+
 VOCAB_MODES = ("overlap", "skip", "error")
+MAX_PATTERNS = 256  # per --skip list or schedule: each is tried on every tensor name
+MAX_PATTERN_CHARS = 1000
+MAX_TOKEN_ID = 2**31 - 1  # token ids index embedding rows: int32 in every tokenizer
+
+_RE2 = re2.Options()
+_RE2.log_errors = False  # RE2 would print every refused pattern to stderr; the ValueError says it
 
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared|embeddings?)\.weight$")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output|head)\.weight$")
@@ -59,30 +72,64 @@ def tied_embedding(name: str, tensors: dict[str, Any], config: dict[str, Any] | 
     return None
 
 
-def compile_patterns(patterns: list[str] | tuple[str, ...], option: str = "--skip") -> list[re.Pattern]:
-    """Compile user regexes, raising ValueError with the pattern and the reason (a pathological
-    pattern can exhaust the compiler's recursion or its size limits: the same error)."""
-    compiled = []
-    for p in patterns:
-        try:
-            compiled.append(re.compile(p))
-        except (re.error, RecursionError, OverflowError) as e:
-            raise ValueError(f"{option} {p[:40]!r}{'...' if len(p) > 40 else ''}: not a valid regular "
-                             f"expression ({e})") from e
-    return compiled
+def check_texts(texts: list[str] | tuple[str, ...], option: str) -> None:
+    """Refuse more than MAX_PATTERNS patterns (regexes or substrings) or one longer than
+    MAX_PATTERN_CHARS: each is tried on every tensor name of every input."""
+    if len(texts) > MAX_PATTERNS:
+        raise ValueError(f"{option}: {len(texts)} patterns; at most {MAX_PATTERNS}, as each is tried on every "
+                         "tensor name; join regexes (a|b) or write fewer")
+    for text in texts:
+        if len(text) > MAX_PATTERN_CHARS:
+            raise ValueError(f"{option} {shown(text, 40)}: {len(text)} characters; a pattern has at most "
+                             f"{MAX_PATTERN_CHARS}, write a shorter one")
+
+
+def compile_patterns(patterns: list[str] | tuple[str, ...], option: str = "--skip") -> list[re2._Regexp]:
+    """User regexes compiled with RE2, whose `search` takes time linear in the name whatever the
+    pattern (Python's `re` backtracks: `(a+)+$` on a long name runs for minutes). ValueError says
+    which pattern and why: too many or too long (check_texts), invalid, or a feature RE2 leaves out
+    (backreferences, lookarounds)."""
+    check_texts(patterns, option)
+    return [_compile(p, option) for p in patterns]
+
+
+def _compile(pattern: str, option: str) -> re2._Regexp:
+    try:
+        return re2.compile(pattern, _RE2)
+    except UnicodeEncodeError:  # RE2 reads UTF-8
+        raise ValueError(f"{option} {shown(pattern, 40)}: not a valid regular expression (a lone surrogate, "
+                         "which is not UTF-8)") from None
+    except re2.error as e:
+        # RE2's message is "what: where in the pattern"; the pattern itself is shown already.
+        reason = (e.args[0].decode(errors="replace") if isinstance(e.args[0], bytes) else str(e)).split(":")[0]
+        if not _python_compiles(pattern):
+            raise ValueError(f"{option} {shown(pattern, 40)}: not a valid regular expression ({reason})") from None
+        raise ValueError(f"{option} {shown(pattern, 40)}: not supported ({reason}); patterns run on RE2, in time "
+                         "linear in the name, so backreferences, lookarounds and huge repetitions are left out; "
+                         "rewrite it without them") from None
+
+
+def _python_compiles(pattern: str) -> bool:
+    """Whether Python's `re` takes the pattern: if so, RE2 refused a feature, not a typo."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError, ValueError):
+        return False
+    return True
 
 
 def parse_special_tokens(text: str) -> list[tuple[int, int]]:
-    """'CP_ID:CHAT_ID,...' -> [(cp_id, chat_id), ...]; ValueError says what to write instead."""
+    """'CP_ID:CHAT_ID,...' -> [(cp_id, chat_id), ...]; InputError says what to write instead."""
     pairs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        m = re.fullmatch(r"(\d+)\s*:\s*(\d+)", part)
-        if not m:
-            raise ValueError(f"--special-tokens {part!r}: write CP_ID:CHAT_ID pairs, e.g. 32000:2,32001:1")
-        pairs.append((int(m.group(1)), int(m.group(2))))
+        cp, sep, chat = part.partition(":")
+        if not sep:
+            raise InputError(f"--special-tokens {shown(part, 40)}: write CP_ID:CHAT_ID pairs, e.g. 32000:2,32001:1")
+        pairs.append(tuple(parse_int(x.strip(), f"--special-tokens {shown(part, 40)}: token id", 0, MAX_TOKEN_ID)
+                           for x in (cp, chat)))
     if not pairs:
-        raise ValueError("--special-tokens: no CP_ID:CHAT_ID pairs given")
+        raise InputError("--special-tokens: no CP_ID:CHAT_ID pairs given")
     cp_ids = [c for c, _ in pairs]
     if len(set(cp_ids)) != len(cp_ids):
-        raise ValueError("--special-tokens: a cp token id appears twice; map each cp row once")
+        raise InputError("--special-tokens: a cp token id appears twice; map each cp row once")
     return pairs

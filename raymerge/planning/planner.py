@@ -14,6 +14,7 @@ from raymerge.errors import PlanError
 from raymerge.ops.rules import compile_patterns, is_head_name, is_vocab_tensor, tied_embedding
 from raymerge.planning.inputs import Checkpoint, TensorRef
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, shard_names, split_into_shards
+from raymerge.text import listed
 from raymerge.planning.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
 from raymerge.planning.schedule import Scale, count_layers
 from raymerge.safetensors.dtypes import ITEMSIZE, is_float, nbytes, numel
@@ -103,14 +104,15 @@ class _Problems:
         self.other: list[str] = []
 
     def raise_if_any(self) -> None:
-        parts = [f"{len(v)} tensors of --{self.reference} missing from --{role}: " + ", ".join(v)
+        parts = [f"{len(v)} tensors of --{self.reference} missing from --{role}: " + listed(v)
                  for role, v in self.missing.items()]
-        parts += [f"{len(v)} tensors of --{role} not in --{self.reference}: " + ", ".join(v)
+        parts += [f"{len(v)} tensors of --{role} not in --{self.reference}: " + listed(v)
                   for role, v in self.extra.items()]
         parts += self.other
         if parts:
-            raise PlanError(f"plan: the inputs do not line up ({len(parts)} problems): " + "; ".join(parts)
-                            + ". Check that every input is the same architecture and size")
+            more = f"; and {len(parts) - 5} more problems" if len(parts) > 5 else ""
+            raise PlanError(f"plan: the inputs do not line up ({len(parts)} problems): " + "; ".join(parts[:5])
+                            + more + ". Check that every input is the same architecture and size")
 
 
 def _files(spec: RecipeSpec) -> tuple[list[InputFile], dict[tuple[str, int], int]]:

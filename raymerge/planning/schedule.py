@@ -2,22 +2,32 @@
 
 A schedule is a number (every tensor), a gradient (numbers spread over the layers and linearly
 interpolated, as mergekit's gradients are: layer i of n sits at t = i / (n - 1)), or rules: an
-ordered list of (regex, number or gradient), the first whose regex `search`es the tensor's name
-winning, with a default (a number or a gradient) for the tensors no rule names. Tensors outside
-numbered layers (embeddings, head, final norm) take a gradient's first value, as mergekit gives
-them t = 0. Pure Python: the planner resolves a schedule into one float per tensor and term.
+ordered list of (kind, text, number or gradient), the first that finds its text in the tensor's
+name winning, with a default (a number or a gradient) for the tensors no rule names. A rule's kind
+is how it finds its text: `pattern`, a regex that `search`es the name (raymerge's rules, run on
+RE2 in linear time), or `contains`, a plain substring (mergekit's filters, which are never
+regexes). Tensors outside numbered layers (embeddings, head, final norm) take a gradient's first
+value, as mergekit gives them t = 0. The planner resolves a schedule into one float per tensor and
+term.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+from raymerge.ops.rules import compile_patterns
+
 # The layer index in a tensor name: Llama's model.layers.N., GPT-2's h.N., blocks.N., layer.N.
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+# At most 9 ASCII digits: a longer run is no model's layer count (and int() of thousands of digits
+# raises), so such a name is outside the numbered layers rather than an error of the whole plan.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.([0-9]{1,9})\.")
 
 Value = float | tuple[float, ...]  # a number, or a gradient over the layers
+PATTERN, CONTAINS = "pattern", "contains"  # the kinds of rules, named as a recipe writes them
+RULE_KINDS = (PATTERN, CONTAINS)
 
 
 def layer_of(name: str) -> int | None:
@@ -40,24 +50,31 @@ class Scale:
     """One vector's schedule (see the module's docstring)."""
 
     default: Value = 1.0
-    rules: tuple[tuple[str, Value], ...] = ()
+    rules: tuple[tuple[str, str, Value], ...] = ()  # (PATTERN or CONTAINS, its text, value)
 
     def at(self, name: str, layers: int) -> float:
         """The scale of tensor `name` in a model of `layers` layers."""
-        for pattern, value in self.rules:
-            if re.search(pattern, name):
+        for (_, text, value), regex in zip(self.rules, self._regexes):
+            if regex.search(name) if regex is not None else text in name:
                 return _evaluate(value, name, layers)
         return _evaluate(self.default, name, layers)
+
+    @cached_property
+    def _regexes(self) -> tuple[Any, ...]:
+        """Each rule's compiled pattern (None for a substring), compiled once, not once per tensor."""
+        compiled = iter(compile_patterns([text for kind, text, _ in self.rules if kind == PATTERN], "--scale-rule"))
+        return tuple(next(compiled) if kind == PATTERN else None for kind, _, _ in self.rules)
 
     @property
     def constant(self) -> bool:
         return not self.rules and isinstance(self.default, float)
 
     def to_json(self) -> Any:
-        """As a recipe writes it: a number, a list, or {rules: [{pattern, scale}], default}."""
+        """As a recipe writes it: a number, a list, or {rules: [{pattern or contains, scale}], default}."""
         if not self.rules:
             return _json(self.default)
-        return {"rules": [{"pattern": p, "scale": _json(v)} for p, v in self.rules], "default": _json(self.default)}
+        return {"rules": [{kind: text, "scale": _json(v)} for kind, text, v in self.rules],
+                "default": _json(self.default)}
 
 
 def _evaluate(value: Value, name: str, layers: int) -> float:

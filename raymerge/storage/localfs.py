@@ -49,7 +49,7 @@ def open_regular(path: str, flags: int = os.O_RDONLY, *, follow: bool = True) ->
     Never blocks on what is there. `follow=False` refuses a symbolic link itself (raymerge's own
     files); inputs may be links (the Hugging Face cache links to its blobs), their targets checked."""
     try:
-        fd = os.open(path, flags | _QUIET | (0 if follow else NOFOLLOW))
+        fd = os.open(path, flags | _QUIET | (0 if follow else NOFOLLOW), 0o644)
     except OSError as e:
         # ENXIO: a socket, or a FIFO opened for writing with no reader; ELOOP: a link with O_NOFOLLOW
         if e.errno in (errno.ENXIO, errno.ELOOP, errno.EISDIR):

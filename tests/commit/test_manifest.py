@@ -112,6 +112,34 @@ def _set(path: str, value):
     (_set("nonfinite", {"a": {"elements": 1}}), "nonfinite['a'].from_finite_inputs: expected an integer >= 0"),
 ])
 def test_damaged_fields_are_named_in_one_line(change, field):
+    _assert_damaged(change, field)
+
+
+# Fields that were passed on unchecked: verify plans again with the layout and looks items up by
+# id, and every string is bounded.
+@pytest.mark.parametrize("change,field", [
+    (_set("layout.item_size", "4KiB"), "layout.item_size: expected an integer >= 1 (bytes)"),
+    (_set("layout.item_size", 10**30), "layout.item_size: expected an integer >= 1 (bytes)"),
+    (_set("layout.shard_size", 0), "layout.shard_size: expected an integer >= 1 (bytes)"),
+    (_set("layout.shard_size", True), "layout.shard_size: expected an integer >= 1 (bytes)"),
+    (_set("layout.cp", "/elsewhere"), "layout: expected an object with at most shard_size, item_size"),
+    (_set("items.1.id", 0), "items[1].id: expected 1: items are listed in id order, from 0"),
+    (_set("items.0.id", 7), "items[0].id: expected 0: items are listed in id order, from 0"),
+    (_set("plan_hash", "a" * 10_000), "plan_hash: expected a string of at most 8192 characters"),
+    (_set("inputs.0.url", "u" * 10_000), "inputs[0].url: expected a string of at most 8192 characters"),
+    (_set("shards.0.name", "x" * 2000), "shards[0].name: expected a file name"),
+    (_set("items.2.etag", "e" * 2000), "items[2].etag: expected a string or null (at most 1024 characters)"),
+    (_set("facts", {"t" * 10_000: []}), "facts['tttttt"),
+    (_set("facts", {"a": [{"k": 2**62}]}), "facts['a']: expected a list of null or {name: integer >= 0}"),
+    (_set("facts", {"a": [{"k": -1}]}), "facts['a']: expected a list of null or {name: integer >= 0}"),
+    (_set("facts", {"a": [{"k": True}]}), "facts['a']: expected a list of null or {name: integer >= 0}"),
+    (_set("nonfinite", {"t" * 10_000: {"elements": 1, "from_finite_inputs": 0}}), "nonfinite['tttttt"),
+])
+def test_layout_item_ids_and_strings_are_checked(change, field):
+    _assert_damaged(change, field)
+
+
+def _assert_damaged(change, field) -> None:
     with pytest.raises(InputError) as e:
         Manifest.from_json(_bytes(change(copy.deepcopy(good()))), WHERE)
     message = str(e.value)

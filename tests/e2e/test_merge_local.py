@@ -115,3 +115,18 @@ def test_every_float_dtype_is_bit_exact(ray_local, tmp_path, out_dtype):
                 torch.float16 if out_dtype else v.dtype)
             for k, v in trio["cp"].items()}
     assert_bit_identical(load_folder(out), want)
+
+
+def test_config_names_the_output_dtype(ray_local, llama_trio, tmp_path):
+    """cp's config.json says bfloat16; a float16 output's says float16 (loaders read it), the rest unchanged."""
+    out = str(tmp_path / "out")
+    raymerge.merge(llama_trio["base"], llama_trio["chat"], llama_trio["cp"], out, scale=0.5, dtype="float16")
+    theirs = json.load(open(os.path.join(llama_trio["cp"], "config.json")))
+    ours = json.load(open(os.path.join(out, "config.json")))
+    key = "dtype" if "dtype" in theirs else "torch_dtype"
+    assert theirs[key] == "bfloat16" and ours[key] == "float16"
+    assert {k: v for k, v in ours.items() if k != key} == {k: v for k, v in theirs.items() if k != key}
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(out, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}

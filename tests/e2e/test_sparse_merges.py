@@ -279,7 +279,7 @@ def test_ties_resumed_after_the_driver_is_killed_between_passes(ray_local, model
     (["--method", "ties", "--density", "1.5"], "a density is the fraction of a vector's elements kept, from 0 to 1"),
     (["--method", "ties", "--density", "-0.1"], "from 0 to 1"),
     (["--method", "ties", "--density", "0.5", "--density", "0.5"], "2 --density values for 1 --chat inputs"),
-    (["--method", "dare_ties", "--seed", "-1"], "--seed -1: a seed is an integer"),
+    (["--method", "dare_ties", "--seed", "-1"], "--seed -1: must be an integer >= 0"),
 ])
 def test_bad_sparse_options_exit_2_with_one_line(models, tmp_path, cli_main, capsys, extra, match):
     out = str(tmp_path / "out")

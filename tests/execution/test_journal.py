@@ -18,7 +18,7 @@ from raymerge.storage.writers import STAGING, open_output
 def _head(**changes) -> JournalHead:
     values = dict(plan_hash="abc", shards=("model.safetensors",), handles=("model.safetensors.partial",),
                   inputs=(("/in/cp/model.safetensors", "size=1;version=2;header=3"),), replaces=("old.json",),
-                  run_id="r1")
+                  run_id="r1", identities=("",))
     values.update(changes)
     return JournalHead(**values)
 
@@ -102,3 +102,64 @@ def test_a_batch_and_a_head_read_back_as_written():
                          (StatsRecord("magnitude-high", 5, ((2, 0, [[1, 7], [3, 4]]), (3, 4096, [None, [[2], [1]]]))),))
     assert JournalBatch.from_json(batch.to_json()) == batch
     assert JournalHead.from_json(_head().to_json()) == _head()
+
+
+def _head_json(**changes) -> bytes:
+    obj = json.loads(_head().to_json())
+    obj.update(changes)
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize("changes", [
+    {"shards": ["x" * 2000], "handles": ["h"]}, {"handles": [""]}, {"handles": ["a\nb"]},
+    {"handles": ["h" * 2000]}, {"replaces": ["x" * 2000]}, {"plan_hash": "a" * 10000}, {"run_id": "r" * 10000},
+    {"inputs": [{"url": "u" * 10000, "fingerprint": "f"}]}, {"identities": ["i" * 10000]},
+])
+def test_a_head_with_a_name_out_of_range_is_damaged(changes):
+    with pytest.raises(Damaged):
+        JournalHead.from_json(_head_json(**changes))
+
+
+def test_an_upload_id_with_a_slash_is_a_handle():
+    # An S3 upload id is a parameter, never a path: the writer's check_handles vets it.
+    assert JournalHead.from_json(_head_json(handles=["abc/def+=="])).handles == ("abc/def+==",)
+
+
+@pytest.mark.parametrize("batch", [
+    {"items": [{"id": 2**62, "crc32": 1, "etag": None, "stats": []}], "passes": []},
+    {"items": [{"id": 0, "crc32": 1, "etag": "e" * 2000, "stats": []}], "passes": []},
+    {"items": [{"id": 0, "crc32": 1, "etag": None, "stats": [[2**62, 0.0, 0.0, 0, 0]]}], "passes": []},
+    {"items": [{"id": 0, "crc32": 1, "etag": None, "stats": [[0, 0.0, 0.0, 2**62, 0]]}], "passes": []},
+    {"items": [], "passes": [{"pass": "magnitude-high", "id": 2**62, "rows": []}]},
+    {"items": [], "passes": [{"pass": "magnitude-high", "id": 0, "rows": [[2**62, 0, None]]}]},
+    {"items": [], "passes": [{"pass": "magnitude-high", "id": 0, "rows": [[0, 2**62, None]]}]},
+])
+def test_a_batch_with_an_index_out_of_range_is_damaged(batch):
+    with pytest.raises(Damaged):
+        JournalBatch.from_json(json.dumps(batch).encode())
+
+
+def test_batch_numbers_are_ascii_digits_only(tmp_path):
+    # "\d" matched other scripts' digits: a file journal-١٢٣٤٥٦.json was read as batch 123456.
+    out = open_output(str(tmp_path / "out"), {})
+    journal = Journal.begin(out, _head())
+    journal.record(ItemRecord(0, 1, None))
+    journal.flush(strict=True)
+    foreign = JournalBatch((ItemRecord(1, 2, None),)).to_json()
+    (tmp_path / "out" / STAGING / "journal-\u0661\u0662\u0663\u0664\u0665\u0666.json").write_bytes(foreign)
+    state = Journal.load(out)
+    assert sorted(state.done) == [0] and state.next_batch == 1
+
+
+def test_resumed_sums_naming_a_tensor_beyond_the_plan_are_a_damaged_journal(tmp_path):
+    from raymerge.commit.stats import nonfinite_totals, tensor_stats
+    from raymerge.synth import LlamaShape, make_trio
+    from raymerge import api
+
+    trio = make_trio(str(tmp_path), LlamaShape(hidden=32, layers=1, vocab=64, intermediate=48))
+    plan = api.plan(trio["base"], trio["chat"], trio["cp"])
+    done = {0: ItemRecord(0, 1, None, (TensorSums(len(plan.tensors), 1.0, 1.0, 1, 1),))}
+    for use in (tensor_stats, nonfinite_totals):
+        with pytest.raises(OutputError, match=rf"item 0: its recorded statistics name tensor {len(plan.tensors)}, "
+                                              r"but the plan has \d+ tensors; the resume journal is damaged"):
+            use(plan, done)

@@ -140,3 +140,49 @@ def test_local_lease_lives_in_the_staging_folder_and_leaves_nothing(tmp_path):
     assert (out / STAGING / LEASE).is_file()
     lease.release()
     assert not (tmp_path / "fresh").exists()  # made for the lease alone, removed with it
+
+
+def _lease_bytes(**changes) -> bytes:
+    fields = {"raymerge_lease": 1, "run_id": "old-run", "host": "here", "pid": 4242, "machine": this_machine(),
+              "started": 1.0, "heartbeat": 1.7e9}
+    fields.update(changes)
+    return json.dumps({k: v for k, v in fields.items() if v is not KeyError}).encode()
+
+
+def test_a_sound_lease_names_its_holder():
+    assert Holder.from_json(_lease_bytes()) == Holder("old-run", "here", 4242, this_machine(), 1.0, 1.7e9)
+
+
+@pytest.mark.parametrize("changes", [
+    {"pid": 10**30}, {"pid": 0}, {"pid": -1}, {"pid": 4194305}, {"pid": True}, {"pid": "12"}, {"pid": "١٢"},
+    {"pid": 12.0}, {"pid": KeyError}, {"started": "nan"}, {"started": "1e3"}, {"started": -1}, {"started": 1e300},
+    {"heartbeat": True}, {"heartbeat": None}, {"run_id": 5}, {"run_id": "x" * 5000}, {"host": "a\nb"},
+    {"machine": None}, {"machine": ["m"]},
+])
+def test_a_holder_with_any_field_out_of_range_cannot_be_judged(changes):
+    # Not a Holder: its pid is never signalled, its names never shown; the lease is judged by its age.
+    assert Holder.from_json(_lease_bytes(**changes)) is None
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'"lease"', b"\xff\xfe", b"{" * 100, b"1e999"])
+def test_a_lease_that_is_no_object_cannot_be_judged(raw):
+    assert Holder.from_json(raw) is None
+
+
+@pytest.mark.parametrize("pid", [10**30, 0, -1])
+def test_an_out_of_range_pid_from_this_machine_is_never_signalled(tmp_path, monkeypatch, pid):
+    # os.kill(10**30, 0) raised OverflowError on every later run; os.kill(0 or -1, 0) signals process groups.
+    signalled = []
+    real_kill = os.kill
+    monkeypatch.setattr(os, "kill", lambda p, sig: signalled.append(p) or real_kill(p, sig))
+    output = open_output(str(tmp_path / "out"), {})
+    output.lease_create(_lease_bytes(pid=pid, heartbeat=time.time()))
+    for takeover in (False, True):  # fresh: refused, with --resume / --overwrite too
+        with pytest.raises(LeaseError, match=r"another raymerge run is writing it \(an unreadable lease"):
+            Lease.acquire(output, takeover=takeover)
+    monkeypatch.setenv("RAYMERGE_LEASE_STALE", "1")
+    time.sleep(1.5)
+    with pytest.raises(LeaseError, match="an earlier run that is gone holds its lease"):
+        Lease.acquire(output, takeover=False)
+    Lease.acquire(output, takeover=True).release()  # stale: taken over by its age alone
+    assert all(p >= 1 for p in signalled)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from raymerge import api
-from raymerge.errors import OutputError
-from raymerge.execution.passes import Facts, pass_items, pass_read_bytes, statistics_passes, tensor_passes
+from raymerge.errors import InputError, OutputError
+from raymerge.execution.passes import (RECORDED, Facts, facts_by_index, pass_items, pass_read_bytes,
+                                       statistics_passes, tensor_passes)
+from raymerge.methods import ELEMENTWISE, PASS_ORDER
 from raymerge.execution.worker import MergeWorker
 from raymerge.synth import LlamaShape, make_trio
 
@@ -55,13 +57,55 @@ def test_facts_reduce_each_tensor_once_whatever_the_order_of_results(trio):
         assert f["k"] == max(1, int(0.3 * t.nbytes // 2)) and f["above"] < f["k"] and 0 < f["keep"] <= f["k"]
 
 
+def _one_piece_tensor(plan) -> int:
+    pieces = [sum(p.tensor == i for it in plan.items for p in it.pieces) for i in range(len(plan.tensors))]
+    return pieces.index(1)  # a tensor of one piece: its one result completes it
+
+
 def test_results_that_do_not_add_up_are_a_damaged_journal(trio):
     plan = _plan(trio, method="ties", density=[0.3])
     facts = Facts(plan)
-    pieces = [sum(p.tensor == i for it in plan.items for p in it.pieces) for i in range(len(plan.tensors))]
-    t = pieces.index(1)  # a tensor of one piece: its one result completes it
+    t = _one_piece_tensor(plan)
     with pytest.raises(OutputError, match="do not add up.*--overwrite"):
         facts.add("magnitude-high", [(t, 0, [["not", "a"], ["histogram"]])])
+
+
+@pytest.mark.parametrize("row", [(10**6, 0, None), (0, 2**61, None), (-1, 0, None)])
+def test_a_result_that_is_no_piece_of_the_plan_is_a_damaged_journal(trio, row):
+    # Replayed from a journal: an index the plan does not have is refused, never skipped or used.
+    facts = Facts(_plan(trio, method="ties", density=[0.3]))
+    with pytest.raises(OutputError, match=r"magnitude-high: a result recorded for tensor -?\d+ at element \d+ is "
+                                          r"no piece of this plan's; the resume journal is damaged: rerun with "
+                                          "--overwrite"):
+        facts.add("magnitude-high", [row])
+
+
+@pytest.mark.parametrize("result", [
+    [[[2**40], [10**9]]],  # a bin past 16 bits: the threshold would overflow the workers' uint32
+    [[[1], ["many"]]],  # a count that is no number
+    [[[1], [0]]],  # fewer elements than k
+])
+def test_results_that_reduce_to_no_facts_in_range_are_a_damaged_journal(trio, result):
+    plan = _plan(trio, method="ties", density=[0.3])
+    facts = Facts(plan)
+    t = _one_piece_tensor(plan)
+    with pytest.raises(OutputError, match=f"magnitude-high: the results recorded for {plan.tensors[t].name} do "
+                                          r"not add up \(.*\); the resume journal is damaged"):
+        facts.add("magnitude-high", [(t, 0, result)])
+
+
+def test_every_statistics_pass_says_what_it_records():
+    assert set(RECORDED) == set(PASS_ORDER) - {ELEMENTWISE}
+
+
+def test_facts_by_index_refuses_a_rescale_factor_past_32_bits(trio):
+    plan = _plan(trio, method="dare_ties", density=[0.5])
+    t = plan.tensors[0]
+    assert facts_by_index(plan, {x.name: [{"factor": 1065353216}] for x in plan.tensors})[0] == [{"factor": 1065353216}]
+    assert facts_by_index(plan, {x.name: [{}] for x in plan.tensors})[0] == [{}]  # tiny norms: no factor
+    with pytest.raises(InputError, match=f"lacks the statistics facts of {t.name} that recomputing dare_ties needs "
+                                         r"\(vector 1's 'factor' is 4294967296, out of range\)"):
+        facts_by_index(plan, {x.name: [{"factor": 2**32}] for x in plan.tensors})
 
 
 def test_apply_with_ties_over_stored_vectors_matches_the_whole_tensor_reference(trio, tmp_path):

@@ -112,6 +112,21 @@ def test_every_mismatch_is_listed_in_one_error(tmp_path):
         assert part in msg
 
 
+def test_thousands_of_hostile_names_make_one_short_line(tmp_path):
+    """Names with newlines, carriage returns and ANSI escapes, thousands of them: one line, escaped, cut."""
+    base = _tensors(0)
+    chat = {**_tensors(1), **{f"evil\n\r\x1b[31m{i}" + "x" * 300: torch.zeros(1) for i in range(3000)}}
+    cp = _tensors(2)
+    ck = {r: resolve(r, _write(tmp_path / r, t)) for r, t in (("base", base), ("chat", chat), ("cp", cp))}
+    with pytest.raises(PlanError) as e:
+        build_plan(RecipeSpec(ck["cp"], (TermSpec(1.0, ck["chat"], ck["base"]),)), PlanOptions())
+    msg = str(e.value)
+    assert msg.isprintable() and len(msg) <= 600
+    assert "3000 tensors of --chat not in --cp" in msg and "\x1b" not in msg and "\\x0a\\x0d\\x1b[31m" in msg
+    assert "and 2995 more" in msg
+    assert msg.endswith("Check that every input is the same architecture and size")
+
+
 def test_s3_options_keep_parts_within_limits(trio):
     plan = build_plan(RecipeSpec(trio["cp"], (TermSpec(1.0, trio["chat"], trio["base"]),)),
                       PlanOptions(shard_size=40, item_size=4, min_part=20, max_parts=10_000))

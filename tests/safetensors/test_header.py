@@ -54,6 +54,14 @@ def test_rejects_bad_headers(obj, data_len, match):
         parse_header(raw, "shard.safetensors", len(raw))
 
 
+def test_a_shape_past_any_file_is_refused_without_its_thousand_digit_size():
+    # 64 dims, each in range, multiply to a number of some 1200 digits: the message says so briefly.
+    raw = _raw({"a": {"dtype": "F32", "shape": [2**62 - 1] * 64, "data_offsets": [0, 4]}}, 4)
+    with pytest.raises(ResolveError, match=r"needs more than 2\*\*62 bytes; the file is corrupt") as e:
+        parse_header(raw, "shard.safetensors", len(raw))
+    assert len(str(e.value)) < 300 and "[..." not in str(e.value)
+
+
 def test_rejects_absurd_lengths_and_garbage():
     raw = struct.pack("<Q", HEADER_CAP + 1) + b"{}"
     with pytest.raises(ResolveError, match="cap"):
