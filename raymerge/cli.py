@@ -7,15 +7,16 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
 
 from raymerge import __version__
 from raymerge.config import OPTIONS, recipe_from_flags
-from raymerge.errors import RaymergeError
+from raymerge.errors import InputError, RaymergeError
 from raymerge.methods import RECIPES
-from raymerge.storage.localfs import open_regular
+from raymerge.storage.localfs import kind, write_regular
 from raymerge.storage.urls import redact
-from raymerge.text import one_line
+from raymerge.text import listed, one_line
 
 EXAMPLES = {  # the recipe kinds' examples are their own (raymerge.methods)
     "plan": """example:
@@ -144,23 +145,41 @@ def _report(result, path: str | None = None) -> None:
         print("  peak memory per worker: " + ", ".join(f"{w} {b / 2**20:.0f} MiB" for w, b in sorted(result.peak_rss.items())))
     if result.nonfinite:
         print(f"  inf/NaN output elements in {len(result.nonfinite)} tensors (committed with --allow-nonfinite, or "
-              "taken from inputs that hold them): " + ", ".join(f"{n} {c}" for n, (c, _) in list(result.nonfinite.items())[:5]))
+              "taken from inputs that hold them): " + listed(f"{n} {c}" for n, (c, _) in result.nonfinite.items()))
 
 
 def _write_report(path: str, data: bytes) -> None:
-    """The report, into a regular file only: a FIFO given as the path must not block a finished run."""
+    """The report, into a regular file only: a FIFO given as the path must not block a finished run
+    (`check_writable` refused one before the run; this is for a path changed since)."""
     try:
-        with os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
-            f.write(data)
+        write_regular(path, data)
     except OSError as e:
         raise RaymergeError(f"--report {path}: the run is committed, but its report could not be written "
                             f"({e.strerror or e}); give a regular file's path") from e
+
+
+def check_writable(path: str | None, flag: str) -> None:
+    """Refuse, before any work, a path for a report or a plot that is no regular file or whose folder
+    is missing (exit 2)."""
+    if path is None:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise InputError(f"{flag} {path}: its folder does not exist; create it or give another path") from None
+        return
+    except (OSError, ValueError) as e:
+        raise InputError(f"{flag} {path}: cannot use it ({getattr(e, 'strerror', None) or e}); give another path") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{flag} {path}: is {kind(st.st_mode)}, not a regular file; give a file's path")
 
 
 def _run_kind(args: argparse.Namespace) -> int:
     from raymerge.api import run
     from raymerge.config import build_recipe
 
+    check_writable(args.report, "--report")
     _report(run(*build_recipe(args.command, recipe_values(args))), args.report)
     return 0
 
@@ -170,6 +189,7 @@ def _run_file(args: argparse.Namespace) -> int:
     from raymerge.config import load_recipe_file
     from raymerge.session import prefer_loopback
 
+    check_writable(args.report, "--report")
     recipe, run_options = load_recipe_file(args.recipe, recipe_values(args))
     prefer_loopback(run_options.address or os.environ.get("RAY_ADDRESS"))
     _report(run(recipe, run_options), args.report)
@@ -233,8 +253,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from raymerge.config import parse_storage_options
     from raymerge.inspect import inspect_checkpoint
 
+    check_writable(args.plot, "--plot")
     summary = inspect_checkpoint(args.checkpoint, parse_storage_options(args.storage_options), args.plot)
-    print("\n".join(one_line(line, limit=1000) for line in summary.splitlines()))  # names from the stats table
+    print("\n".join(one_line(line) for line in summary.splitlines()))  # names from the stats table
     return 0
 
 

@@ -38,6 +38,8 @@ def parse_size(value: str | int, option: str) -> int:
     """Bytes from '5GB' (decimal, as Hugging Face counts), '64MiB' (binary) or a plain integer."""
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
+    elif isinstance(value, float) and value.is_integer():  # the API's 5e9, YAML's 5.0e+9
+        n = int(value)
     else:
         m = _SIZE.fullmatch(value) if isinstance(value, str) and len(value) <= MAX_NUMBER_CHARS else None
         if not m or m.group(2).upper() not in _UNITS:
@@ -145,6 +147,8 @@ class Option:
 def _url(value: Any, o: Option) -> str:
     if not isinstance(value, str):
         raise InputError(f"{o.flag}: expected a URL string, got {shown(value, 40)}")
+    if not value.isprintable():  # a NUL or a newline names no file; the OS would refuse it later, less clearly
+        raise InputError(f"{o.flag} {shown(value, 60)}: a URL or path holds no control characters")
     return value
 
 
@@ -152,7 +156,7 @@ def _urls(value: Any, o: Option) -> list[str]:
     items = _strings(value, o)
     if not all(items):
         raise InputError(f"{o.flag}: empty URL")
-    return items
+    return [_url(v, o) for v in items]
 
 
 def _strings(value: Any, o: Option) -> list[str]:
@@ -387,12 +391,11 @@ OPTIONS: tuple[Option, ...] = (
            plans=False),
     Option("workers", "worker actors (default: the cluster's CPUs / --cpus-per-worker)",
            lambda v, o: parse_count(v, o.flag, 1, MAX_WORKERS), run=True, plans=False),
-    Option("cpus_per_worker", "CPUs per worker (default 1)", _positive, run=True, plans=False,
-           cli={"type": float}),
+    Option("cpus_per_worker", "CPUs per worker (default 1)", _positive, run=True, plans=False),  # text: ASCII checked
     Option("in_flight", "items per worker at once (default 2)", lambda v, o: parse_count(v, o.flag, 1, MAX_IN_FLIGHT),
            run=True, plans=False),
     Option("gpus_per_worker", "GPUs per worker, at most 1: the arithmetic runs there (default 0)", _gpus,
-           run=True, plans=False, cli={"type": float}),
+           run=True, plans=False),
     Option("worker_resource", "run workers only on nodes that advertise this custom Ray resource (e.g. ray start "
            "--resources '{\"merge\": 16}')", _resource, run=True, plans=False, cli={"metavar": "NAME"}),
     Option("overwrite", "replace a checkpoint (or an unfinished run) already at --out", _bool, run=True,

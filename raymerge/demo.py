@@ -13,7 +13,7 @@ import tempfile
 SCALE = 0.5
 
 
-def run_demo(folder: str | None, workers: int | None) -> int:
+def run_demo(folder: str | None, workers: int | str | None) -> int:  # a flag's text: merge checks it
     import raymerge
     from raymerge.synth import LlamaShape, make_trio
 

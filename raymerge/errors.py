@@ -8,7 +8,7 @@ driver adds that hint only where it is true, so that it never suggests something
 
 from __future__ import annotations
 
-from raymerge.text import one_line
+from raymerge.text import one_line, redact
 
 
 class RaymergeError(Exception):
@@ -19,7 +19,7 @@ class RaymergeError(Exception):
     resumable = True  # a failed run: what is done is kept, and --resume continues
 
     def __str__(self) -> str:
-        return one_line(super().__str__())
+        return one_line(redact(super().__str__()))
 
 
 class InputError(RaymergeError):

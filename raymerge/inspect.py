@@ -6,6 +6,7 @@ type to choose a scale: a vector that rewrites a layer by tens of percent is too
 
 from __future__ import annotations
 
+import io
 import re
 from collections import defaultdict
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from raymerge.errors import InputError
 from raymerge.storage import urls
+from raymerge.storage.localfs import write_regular
 
-_LAYER = re.compile(r"\.(\d{1,9})\.")  # bounded: a name from the table is data, not trusted
+_LAYER = re.compile(r"\.([0-9]{1,9})\.")  # bounded, ASCII: a name from the table is data, not trusted
 MAX_STATS_BYTES = 256 * 2**20
 MAX_STATS_ROWS = 1_000_000  # ten times the tensors of the largest checkpoints (~100,000)
 MAX_STATS_NAMES = 256 * 2**20  # characters of all names: Parquet compresses a repeated long name away
@@ -171,8 +173,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    try:
+        write_regular(path, png.getvalue())  # a FIFO or a device at the path is refused, never waited on
+    except OSError as e:
+        raise InputError(f"--plot {path}: cannot write it ({e.strerror or e}); give a regular file's path") from e
 
 
 def inspect_checkpoint(url: str, storage_options: dict[str, Any], plot_path: str | None = None) -> str:

@@ -10,6 +10,7 @@ to their first few (`listed`).
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable
 
@@ -33,6 +34,11 @@ def escape(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(_escaped(ch) for ch in text)
+
+
+def redact(text: str) -> str:
+    """Hide user:password@ parts of URLs (before any cut, which could split one)."""
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
 
 
 def one_line(text: str, limit: int = LIMIT) -> str:

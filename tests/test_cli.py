@@ -93,8 +93,21 @@ def test_merge_command_end_to_end_on_embedded_ray(llama_trio, tmp_path):
     assert_bit_identical(load_folder(out), chat_vector_reference(inputs["base"], inputs["chat"], inputs["cp"], 0.5))
 
 
-def test_a_report_path_that_is_a_fifo_never_blocks(tmp_path):
-    """--report into a FIFO with no reader (or a device): one line, the run's commit untouched."""
+def test_report_and_plot_paths_that_are_special_files_are_refused_before_any_work(tmp_path):
+    """--report or --plot naming a FIFO or a device: exit 2, one line, before a run or a read starts
+    (a FIFO opened for writing waits for a reader forever)."""
+    fifo = tmp_path / "report.json"
+    os.mkfifo(fifo)
+    for args in (["merge", "--base", "b", "--chat", "c", "--cp", "p", "--out", str(tmp_path / "o"), "--report", str(fifo)],
+                 ["run", str(tmp_path / "missing.yml"), "--report", "/dev/null"],
+                 ["inspect", str(tmp_path), "--plot", str(fifo)],
+                 ["merge", "--base", "b", "--chat", "c", "--cp", "p", "--out", "o", "--report", "/no/such/dir/r.json"]):
+        r = run(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "not a regular file" in r.stderr or "folder does not exist" in r.stderr, r.stderr
+
+
+def test_a_report_written_after_the_run_is_a_regular_file_only(tmp_path):
     from raymerge.cli import _write_report
     from raymerge.errors import RaymergeError
 
@@ -102,5 +115,6 @@ def test_a_report_path_that_is_a_fifo_never_blocks(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(RaymergeError, match="is a FIFO, not a regular file"):
         _write_report(str(fifo), b"{}")
+    (tmp_path / "ok.json").write_bytes(b"an older, longer report")
     _write_report(str(tmp_path / "ok.json"), b"{}")
-    assert (tmp_path / "ok.json").read_bytes() == b"{}" and (os.stat(tmp_path / "ok.json").st_mode & 0o777) == 0o644
+    assert (tmp_path / "ok.json").read_bytes() == b"{}"

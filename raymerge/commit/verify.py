@@ -23,7 +23,6 @@ from raymerge.safetensors.header import Header, parse_header, read_header_bytes
 from raymerge.safetensors.index import INDEX_NAME
 from raymerge.storage import urls
 from raymerge.storage.checksum import crc32
-from raymerge.storage.localfs import NotRegular
 from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.untrusted import UntrustedJSON, parse_json
 
@@ -48,8 +47,8 @@ def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: 
         raw = fs.cat_file(f"{root}/{MANIFEST_NAME}", start=0, end=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return [f"{MANIFEST_NAME}: missing; this is not a finished raymerge checkpoint"]
-    except NotRegular as e:  # a FIFO there must not block verify
-        return [f"{MANIFEST_NAME}: {e.strerror}; this is not a finished raymerge checkpoint"]
+    except OSError as e:  # NotRegular (a FIFO there must not block verify), permissions, I/O
+        return [f"{MANIFEST_NAME}: cannot read it ({e.strerror or e}); this is not a finished raymerge checkpoint"]
     manifest = Manifest.from_json(raw, f"raymerge verify {urls.redact(url)}")
     reader, buf = RangeReader(storage_options), Buffer()
     try:
@@ -112,8 +111,8 @@ def _check_index(fs, root, manifest: Manifest, headers, problems) -> None:
     except FileNotFoundError:
         problems.append(f"{INDEX_NAME}: missing")
         return
-    except NotRegular as e:
-        problems.append(f"{INDEX_NAME}: {e.strerror}")
+    except OSError as e:
+        problems.append(f"{INDEX_NAME}: cannot read it ({e.strerror or e})")
         return
     except UntrustedJSON as e:
         problems.append(f"{INDEX_NAME}: refused ({e})")

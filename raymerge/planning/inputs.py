@@ -7,7 +7,9 @@ checkpoint at once), and a second only for the rare header longer than that.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +76,7 @@ def resolve(role: str, url: str, storage_options: dict[str, Any] | None = None) 
     else:
         folder = root
     listing = {posixpath.basename(p): info for p, info in listing.items()}
-    _check_regular(listing, [*names, INDEX_NAME, *AUX_FILES] if single else [INDEX_NAME, *AUX_FILES], shown)
+    _check_regular(listing, names if single else [INDEX_NAME, *AUX_FILES], shown)
     if not single:
         names = _shard_names(fs, folder, listing, shown)
         _check_regular(listing, names, shown)
@@ -168,20 +170,27 @@ def _listing(fs, root: str, shown: str) -> dict[str, dict]:
 
 
 def _check_regular(listing: dict[str, dict], names: list[str], shown: str) -> None:
-    """Refuse a FIFO, socket or device (links followed) where a file raymerge reads belongs: reading
-    it could block forever or never end. A local listing calls them type "other"."""
+    """Refuse a FIFO, socket or device where a file raymerge reads belongs: reading it could block
+    forever or never end. A local listing calls them, and every symbolic link, type "other"; a link
+    to a regular file (the Hugging Face cache's snapshots) is a file like any other."""
     for name in names:
         info = listing.get(name)
-        if info is not None and info.get("type") not in ("file", "directory"):
-            raise ResolveError(f"{shown}: {name} is {_kind(info)}, not a regular file; replace it with the file "
-                               "or remove it from the folder")
+        what = _special(info) if info is not None and info.get("type") not in ("file", "directory") else None
+        if what:
+            raise ResolveError(f"{shown}: {name} is {what}, not a regular file; replace it with the file or remove "
+                               "it from the folder")
 
 
-def _kind(info: dict) -> str:
-    mode = info.get("mode")
-    if info.get("islink"):
-        return "a symbolic link to a special file"
-    return kind(mode) if isinstance(mode, int) else "a special file"
+def _special(info: dict) -> str | None:
+    """What a listed local entry is, when it is not (a link to) a regular file; None when it is."""
+    if not info.get("islink"):
+        mode = info.get("mode")
+        return kind(mode) if isinstance(mode, int) else "a special file"
+    try:
+        mode = os.stat(info["name"]).st_mode
+    except (OSError, KeyError, TypeError):
+        return "a symbolic link to nothing readable"
+    return None if stat.S_ISREG(mode) else f"a symbolic link to {kind(mode)}"
 
 
 def _check_is_safetensors(path: str, shown: str) -> None:
@@ -197,7 +206,8 @@ def _shard_names(fs, folder: str, listing: dict[str, dict], shown: str) -> list[
     """Shard file names from the index file, a single model.safetensors, or all *.safetensors."""
     if INDEX_NAME in listing:
         where = f"{shown}: {INDEX_NAME}"
-        weight_map = parse_index(_cat(fs, posixpath.join(folder, INDEX_NAME), shown), where)
+        # one byte past the cap at most: parse_index refuses it as too large
+        weight_map = parse_index(_cat(fs, posixpath.join(folder, INDEX_NAME), shown, 0, AUX_JSON_CAP + 1), where)
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if n not in listing]
         if missing:

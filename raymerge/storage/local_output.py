@@ -4,9 +4,9 @@ Everything raymerge writes goes through a name it chose, in the output folder or
 staging folder, opened without following symbolic links: a link planted under a staged or
 temporary name can never redirect a write, a truncation or a deletion to someone else's file.
 
-A file raymerge writes is its own, provably: created by this run (O_CREAT|O_EXCL), its identity
-(device, inode) recorded in the journal, and written through only while it is a regular file
-with one link whose inode is no input's (`protect`). A hard link to an input (`cp -al`,
+A file raymerge writes is its own, provably: created by this run (O_CREAT|O_EXCL), its inode
+recorded in the journal, and written through only while it is a regular file with one link whose
+identity (device, inode) is no input's (`protect`). A hard link to an input (`cp -al`,
 `rsync --link-dest`) or a file put in place of a staged one is refused, never written through;
 --overwrite unlinks it and creates a new file. Every file read here is opened so that a FIFO or a
 device cannot block (storage.localfs).
@@ -54,6 +54,7 @@ class LocalOutput:
         self._lock = threading.Lock()  # worker threads share the open files
         self._made: list[str] = []  # folders this object created, deepest first
         self._protected: frozenset[Identity] = frozenset()  # the inputs' files: never written through
+        self._created: dict[str, str] = {}  # handle -> identity of the staged file `prepare` made
 
     # -- the folder -------------------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class LocalOutput:
                 fd = _create(self._staged(handle))
                 try:
                     os.ftruncate(fd, size)  # its final size: workers write at offsets, in any order
+                    self._created[handle] = _identity_text(os.fstat(fd))  # of the file made, not of a name
                 finally:
                     os.close(fd)
                 handles.append(handle)
@@ -144,7 +146,7 @@ class LocalOutput:
 
     def identities(self, handles: list[str]) -> list[str]:
         """The identity of each staged file `prepare` made, for the journal: resume checks it."""
-        return [_identity_text(identity_of(os.lstat(self._staged(h)))) for h in handles]
+        return [self._created[h] for h in handles]
 
     def _open(self, handle: str, flags: int) -> int:
         """A staged file's descriptor, opened once per flags and shared by the worker's threads;
@@ -152,7 +154,11 @@ class LocalOutput:
         with self._lock:
             fd = self._fds.get((handle, flags))
             if fd is None:
-                fd = open_regular(self._staged(handle), flags, follow=False)
+                try:
+                    fd = open_regular(self._staged(handle), flags, follow=False)
+                except NotRegular as e:  # an OSError, but never one to fall back from O_DIRECT for
+                    raise OutputError(f"execute: the staged {handle} in {self._staging} {e.strerror}; rerun with "
+                                      "--overwrite to start over") from e
                 why = self._not_own(os.fstat(fd), None)
                 if why:
                     os.close(fd)
@@ -161,24 +167,22 @@ class LocalOutput:
                 self._fds[(handle, flags)] = fd
             return fd
 
-    def _not_own(self, st: os.stat_result, recorded: str | None) -> str:
+    def _not_own(self, st: os.stat_result, recorded: str | None, links: bool = True) -> str:
         """Why the staged file of `st` is not this run's own ("" when it is); `recorded`: its
-        identity in the journal (None: not known here, as in a worker)."""
+        identity in the journal (None: not known here, as in a worker); `links`: whether a second
+        name is a reason (not for a final shard, which is never written again)."""
         if identity_of(st) in self._protected:
             return "is an input file"
-        if st.st_nlink != 1:
+        if links and st.st_nlink != 1:
             return (f"has {st.st_nlink} links: another name shares its bytes (a hard link, as cp -al or "
                     "rsync --link-dest make)")
-        if recorded is not None and _identity_text(identity_of(st)) != recorded:
-            return "is not the file this run created (replaced or copied since)"
+        if recorded is not None and _identity_text(st) != recorded:
+            return "is not the file this run created (replaced, or copied to another file system since)"
         return ""
 
     def _fd(self, handle: str, flags: int) -> int:
         try:
             return self._open(handle, flags)
-        except NotRegular as e:
-            raise OutputError(f"execute: the staged {handle} in {self._staging} {e.strerror}; rerun with "
-                              "--overwrite to start over") from e
         except OSError as e:
             raise StorageError(f"execute: cannot open the staged {handle} in {self._staging}: {e.strerror}",
                                reason_of(e)) from e
@@ -228,23 +232,25 @@ class LocalOutput:
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != target.size:
             final = _lstat(os.path.join(self.url, target.shard))
             if final is not None and stat.S_ISREG(final.st_mode) and final.st_size == target.size:
-                self._check_own(final, target, target.shard)
+                self._check_own(final, target, target.shard, links=False)
                 return Verified(ShardState.FINAL, frozenset(r.item for r in items))
             return Verified(ShardState.GONE)
-        self._check_own(st, target, target.handle)
         try:
             fd = open_regular(path, follow=False)
             try:
+                self._check_own(os.fstat(fd), target, target.handle)  # the file read, and later written
                 found = frozenset(r.item for r in items if crc32(_pread(fd, r.span.start, r.span.end)) == r.crc32)
             finally:
                 os.close(fd)
+        except NotRegular:  # replaced since the lstat
+            return Verified(ShardState.GONE)
         except OSError as e:
             raise StorageError(f"resume: cannot read the staged {target.handle} in {self._staging}: {e.strerror}",
                                reason_of(e)) from e
         return Verified(ShardState.STAGED, found)
 
-    def _check_own(self, st: os.stat_result, target: Target, name: str) -> None:
-        why = self._not_own(st, target.identity)
+    def _check_own(self, st: os.stat_result, target: Target, name: str, links: bool = True) -> None:
+        why = self._not_own(st, target.identity, links)
         if why:
             raise OutputError(f"--resume {self.url}: {name} {why}; raymerge never writes through a file that is "
                               "not its own: rerun with --overwrite to start over (it makes new files)")
@@ -465,8 +471,10 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
 
 
-def _identity_text(ident: Identity) -> str:
-    return f"{ident[0]}:{ident[1]}"
+def _identity_text(st: os.stat_result) -> str:
+    """What the journal records of a staged file: its inode. Not the device number, which a
+    network or FUSE file system, or a reboot, may change while the file stays the same."""
+    return str(st.st_ino)
 
 
 def _token(path: str) -> str:

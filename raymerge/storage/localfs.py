@@ -46,8 +46,19 @@ def kind(mode: int) -> str:
 def open_regular(path: str, flags: int = os.O_RDONLY, *, follow: bool = True) -> int:
     """A descriptor of the regular file at `path`, opened with `flags`; NotRegular for anything else.
 
-    Never blocks on what is there. `follow=False` refuses a symbolic link itself (raymerge's own
-    files); inputs may be links (the Hugging Face cache links to its blobs), their targets checked."""
+    Never blocks on what is there, and never opens anything but a regular file: the path is stat'ed
+    first (opening some devices acts on them), the descriptor fstat'ed after (the path may have
+    changed in between). `follow=False` refuses a symbolic link itself (raymerge's own files);
+    inputs may be links (the Hugging Face cache links to its blobs), their targets checked. With
+    O_CREAT a missing file is created (mode 0644 before the umask)."""
+    try:
+        st = (os.stat if follow else os.lstat)(path)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(path, kind(st.st_mode))
     try:
         fd = os.open(path, flags | _QUIET | (0 if follow else NOFOLLOW), 0o644)
     except OSError as e:
@@ -71,6 +82,15 @@ def _kind_at(path: str, follow: bool) -> str:
         return kind((os.stat if follow else os.lstat)(path).st_mode)
     except OSError:
         return "a special file"
+
+
+def write_regular(path: str, data: bytes) -> None:
+    """`data` as the whole content of the regular file at `path` (created if absent): a report or a
+    plot a user names. Truncated only once it is known to be a regular file."""
+    fd = open_regular(path, os.O_WRONLY | os.O_CREAT)
+    with os.fdopen(fd, "wb") as f:
+        f.truncate(0)
+        f.write(data)
 
 
 def read_regular(path: str, cap: int, *, follow: bool = True) -> bytes:
@@ -105,7 +125,7 @@ class SafeLocalFileSystem(LocalFileSystem):
     """fsspec's local filesystem whose reads open regular files only, without blocking."""
 
     def _open(self, path, mode="rb", block_size=None, **kwargs):
-        if mode.strip("b") not in ("r", "rt"):
+        if mode != "rb":
             return super()._open(path, mode=mode, block_size=block_size, **kwargs)
         fd = open_regular(self._strip_protocol(path))
         return os.fdopen(fd, "rb")

@@ -14,6 +14,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from raymerge.errors import InputError
+from raymerge.text import redact as text_redact
 
 # The standard AWS variables forwarded from the driver to workers, so that a worker on another
 # node talks to the same endpoint with the same identity as the driver that planned the run.
@@ -81,7 +82,7 @@ def is_inside(inner: str, outer: str) -> bool:
 
 def redact(text: str) -> str:
     """Hide user:password@ parts of URLs in anything shown or stored."""
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
+    return text_redact(text)
 
 
 def unpinned(url: str) -> str:

@@ -11,7 +11,7 @@ Protocol (the driver does 1, 2, 4 and 5; any worker does 3, in any order, any nu
   2. `protect(paths)` names the local input files, which no write may reach. `prepare(shards)`
      makes one staged target per shard and returns its handle: the name of a staged file for
      local output, a multipart upload id for S3; `identities(handles)` says what each one is (a
-     local file's device and inode), for the journal. Nothing has a final name yet.
+     local file's inode), for the journal. Nothing has a final name yet.
      On --resume instead, `check_handles(...)` vets the journal's handles, and `verify_staged(target,
      items)` says which journaled items are verifiably on storage and whether the shard is still
      staged, already final (a commit cut short) or gone.

@@ -41,8 +41,10 @@ def test_s3_server_lost_mid_run_then_resume(ray_local, own_server, tmp_path, mon
             s3.upload_file(os.path.join(folder, name), "faults", f"{role}/{name}")
     options = {"client_kwargs": {"endpoint_url": own_server["endpoint"]}, "key": "testing", "secret": SECRET}
     args = ("s3://faults/base", "s3://faults/chat", "s3://faults/cp", "s3://faults/out")
-    kw = dict(scale=0.5, item_size="5MiB", shard_size="12MB", workers=2, storage_options=options)
-    monkeypatch.setenv("RAYMERGE_TEST_ITEM_DELAY", "1.0")
+    kw = dict(scale=0.5, item_size="5MiB", shard_size="12MB", workers=2, in_flight=1, storage_options=options)
+    # Slow enough that the first journal batch (flushed after 2 s) comes while items are still to do:
+    # the server is lost mid-execute, never during the commit.
+    monkeypatch.setenv("RAYMERGE_TEST_ITEM_DELAY", "2.0")
     monkeypatch.setenv("RAYMERGE_IO_RETRIES", "1")
     errors = []
     t = threading.Thread(target=lambda: _capture(errors, lambda: raymerge.merge(*args, **kw)))

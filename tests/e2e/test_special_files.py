@@ -83,7 +83,7 @@ def test_special_files_in_an_input_are_refused_by_every_command(llama_trio, tmp_
     _special(target, kind)
     before = _digest(str(tmp_path / "in"))
     flags = ["--base", trio["base"], "--chat", trio["chat"], "--cp", trio["cp"]]
-    what = {"fifo": "a FIFO", "socket": "a socket", "device": "a symbolic link to a special file"}[kind]
+    what = {"fifo": "a FIFO", "socket": "a socket", "device": "a symbolic link to a character device"}[kind]
     _assert_one_line(_raymerge("merge", *flags, "--out", str(tmp_path / "out")), (2,), what)
     _assert_one_line(_raymerge("plan", *flags), (2,), what)
     recipe = tmp_path / "mergekit.yml"

@@ -221,7 +221,7 @@ aux_documents = st.one_of(
 def test_aux_patching_raises_only_what_commit_catches(name, ours, theirs):
     """Guards against patching cp's tokenizer / generation files with the chat model's template
     and EOS failing with anything but the ValueError (UntrustedJSON included) or
-    UnicodeDecodeError the committer turns into a CommitError, and against a patched file that
+    UnicodeDecodeError that aux_contents turns into a ResolveError, and against a patched file that
     the committer cannot read back as a JSON object."""
     merged = attempt((ValueError, UnicodeDecodeError), patched, name, ours, theirs)
     if merged is not REFUSED and merged is not ours:

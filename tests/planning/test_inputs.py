@@ -32,6 +32,25 @@ def test_finds_shards_from_index_and_lists_aux_files(tmp_path):
     assert raw[w.start:w.start + w.nbytes] == torch.zeros(4).numpy().tobytes()
 
 
+def test_a_hugging_face_cache_snapshot_of_links_resolves(tmp_path):
+    """The Hub's cache: every file of a snapshot is a symbolic link to a blob (fsspec lists links as
+    type "other", as it does FIFOs): links to regular files are files, links to devices are not."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    _save(str(blobs / "w"), w=torch.zeros(4))
+    (blobs / "c").write_text('{"vocab_size": 4}')
+    (blobs / "t").write_text('{"eos_token": "</s>"}')
+    os.makedirs(snap)
+    for name, blob in (("model.safetensors", "w"), ("config.json", "c"), ("tokenizer_config.json", "t")):
+        os.symlink(os.path.relpath(blobs / blob, snap), snap / name)
+    ck = resolve("cp", str(snap))
+    assert list(ck.tensors) == ["w"] and ck.config == {"vocab_size": 4}
+    assert sorted(os.path.basename(u) for u in ck.aux_files) == ["config.json", "tokenizer_config.json"]
+    assert list(resolve("cp", str(snap / "model.safetensors")).tensors) == ["w"]
+    os.symlink("/dev/null", snap / "tokenizer.json")
+    with pytest.raises(ResolveError, match="tokenizer.json is a symbolic link to a character device"):
+        resolve("cp", str(snap))
+
+
 def test_single_file_url_and_glob(tmp_path):
     _save(str(tmp_path / "g" / "x.safetensors"), a=torch.ones(2))
     _save(str(tmp_path / "g" / "y.safetensors"), b=torch.ones(3))
