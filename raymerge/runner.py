@@ -1,7 +1,8 @@
 """A run, phase by phase: resolve -> plan -> execute -> commit, with the guards around them.
 
 The order is what keeps inputs and older outputs safe:
-  1. resolve and plan (headers only), and refuse an output that is, holds or lies in an input;
+  1. resolve and plan (headers only), and refuse an output that is, holds or lies in an input; read
+     and check the aux files now, so that nothing a folder holds fails or blocks the run later;
   2. take the output's lease: from here on no other run writes there;
   3. read what the output holds (a journal, an older checkpoint) and decide: start fresh, resume,
      replace, or refuse; check the disk has room;
