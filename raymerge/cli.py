@@ -170,7 +170,8 @@ def check_writable(path: str | None, flag: str) -> None:
             raise InputError(f"{flag} {path}: its folder does not exist; create it or give another path") from None
         return
     except (OSError, ValueError) as e:
-        raise InputError(f"{flag} {path}: cannot use it ({getattr(e, 'strerror', None) or e}); give another path") from e
+        reason = getattr(e, "strerror", None) or e
+        raise InputError(f"{flag} {path}: cannot use it ({reason}); give another path") from e
     if not stat.S_ISREG(st.st_mode):
         raise InputError(f"{flag} {path}: is {kind(st.st_mode)}, not a regular file; give a file's path")
 

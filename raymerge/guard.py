@@ -4,14 +4,14 @@ whether the disk has room.
 
 Locations are compared by what they are, not by their spelling: real paths with symbolic links
 resolved, and the identity (device, inode) of every folder on the way, which also catches bind
-mounts and case-insensitive file systems; `s3a://` and `s3n://` are `s3://`.
+mounts and case-insensitive file systems; every scheme fsspec knows for one store is one scheme
+(`s3a://` and `s3n://` are `s3://`, `gs://` is `gcs://`, `abfs://` is `az://`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 from raymerge.commit.manifest import MANIFEST_NAME, Manifest
@@ -34,21 +34,16 @@ def check_not_input(out: str, inputs: list[str]) -> None:
 
 
 def _overlaps(a: str, b: str) -> bool:
+    a, b = urls.one_scheme(a), urls.one_scheme(b)
     if urls.protocol(a) != urls.protocol(b):
         return False
     if urls.protocol(a) != "file":
-        a, b = _one_scheme(a), _one_scheme(b)
         return urls.is_inside(a, b) or urls.is_inside(b, a)
     ra, rb = os.path.realpath(urls.local_path(a)), os.path.realpath(urls.local_path(b))
     if urls.is_inside(ra, rb) or urls.is_inside(rb, ra):
         return True
     ida, idb = _identity(ra), _identity(rb)
     return (idb is not None and idb in _chain(ra)) or (ida is not None and ida in _chain(rb))
-
-
-def _one_scheme(url: str) -> str:
-    """s3a:// and s3n:// (Hadoop's names) are s3://."""
-    return re.sub(r"^s3[an]://", "s3://", url, flags=re.IGNORECASE)
 
 
 def _identity(path: str) -> tuple[int, int] | None:

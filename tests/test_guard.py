@@ -62,6 +62,18 @@ def test_siblings_and_s3_spellings(tree):
     check_not_input("s3://other/models/cp", ["s3://bucket/models/cp"])
 
 
+def test_every_fsspec_alias_of_a_store_is_one_scheme(tree):
+    """gs:// and gcs:// name one Google Cloud Storage bucket, az:// and abfs:// one Azure container,
+    local:// the local disk: an output over an input spelled with the other alias is refused."""
+    t, cp = tree
+    for out, inp in (("gcs://bucket/models", "gs://bucket/models/cp"), ("gs://bucket/m/cp/out", "gcs://bucket/m/cp"),
+                     ("abfs://box/models/cp", "az://box/models/cp"), (f"local://{cp}/merged", str(cp))):
+        with pytest.raises(OutputError, match="inputs are never modified"):
+            check_not_input(out, [inp])
+    check_not_input("gcs://bucket/models/cp2", ["gs://bucket/models/cp"])
+    check_not_input("gcs://bucket/models/cp", ["s3://bucket/models/cp"])  # another store
+
+
 def _link(path, target) -> str:
     os.symlink(target, path)
     return str(path)

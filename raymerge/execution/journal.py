@@ -4,10 +4,10 @@ Protocol (driver side):
   1. `Journal.begin(output, head)` writes the head: plan hash, inputs' fingerprints, the shard
      handles (staged file names relative to the staging folder, or multipart upload ids) and the
      old checkpoint's files an --overwrite run removes at commit.
-  2. `record(item)` for each finished item, `record_stats(pass, item, rows)` for each item of a
-     statistics pass; `flush()` writes the records not yet written as one small batch file (at most
-     every `interval` seconds, and at the end). A flush that fails is retried at the next one: a
-     lost batch only means those items are done again.
+  2. `record(item)` for each finished item, `record_stats(StatsRecord(pass, item, rows))` for each
+     item of a statistics pass; `flush()` writes the records not yet written as one small batch
+     file (at most every `interval` seconds, and at the end). A flush that fails is retried at the
+     next one: a lost batch only means those items are done again.
   3. `Journal.load(output)` on resume: the head and every recorded item, read as untrusted data.
      A damaged head makes the state unusable (only --overwrite can start over); a damaged batch
      is skipped, and its items are done again.

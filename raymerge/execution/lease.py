@@ -6,9 +6,11 @@ Protocol (driver side):
      the host, the pid and a heartbeat. When another run's lease is there, the run is refused
      (LeaseError, exit 2) naming the holder and its age, unless that holder is gone: its process
      no longer exists on this machine, or its heartbeat is older than `stale` seconds. A gone
-     holder's lease is taken over, with --resume or --overwrite only, by a compare-and-swap
-     replace, so two runs taking over at once cannot both win.
-  2. A daemon thread refreshes the heartbeat every `interval` seconds, again by compare-and-swap:
+     holder's lease is taken over, with --resume or --overwrite only, by a conditional replace
+     (S3: If-Match on its ETag, a true compare-and-swap; local: the lease renamed aside, then
+     checked and put back if it changed, so of two runs taking over at once only the first rename
+     wins).
+  2. A daemon thread refreshes the heartbeat every `interval` seconds, again conditionally:
      a lease that someone else replaced means this run was taken over, and `check()` then stops
      the run before it commits.
   3. `release()` stops the thread and deletes the lease (if it is still ours).
@@ -56,7 +58,7 @@ class Holder:
     host: str
     pid: int
     machine: str  # host name, boot id and pid namespace: same value, same process table
-    started: float  # the process's start time (seconds since boot), to tell a reused pid
+    started: float  # the process's start time in clock ticks since boot (/proc/PID/stat), to tell a reused pid
     heartbeat: float  # wall clock time of the last refresh, for messages
 
     def to_json(self) -> bytes:

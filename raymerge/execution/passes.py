@@ -1,4 +1,4 @@
-"""A plan's passes, and the facts its statistics passes find (DESIGN.md: passes).
+"""A plan's passes, and the facts its statistics passes find (docs/ARCHITECTURE.md: passes).
 
 Every tensor with terms needs the passes its method names for it (`Method.passes_for`); a plain
 copy needs only the elementwise one. A statistics pass runs the plan's items that hold a piece of

@@ -3,7 +3,7 @@
 A method names itself (the plan records the name in every TensorPlan), declares its parameters,
 lists the passes its plan
 needs (statistics passes that reduce whole-tensor facts first, then the elementwise pass; see
-DESIGN.md) and the recipe kinds that ask for it, and computes one piece of a tensor's output from
+docs/ARCHITECTURE.md: passes) and the recipe kinds that ask for it, and computes one piece of a tensor's output from
 its named operands with a kernel (raymerge.ops.kernel). Nothing else in raymerge knows a formula:
 the planner lays out operands, the worker reads them and calls `apply`.
 """

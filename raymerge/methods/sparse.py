@@ -13,7 +13,7 @@ combine (dare_linear):  mixed = sum_i wd_i;  divisor = sum_i weight_i (|.| < 1e-
 Sums over i run in the vectors' order, each operation rounded to float32, as mergekit 0.1.5
 (`generalized_task_arithmetic.py`, `sparsify.py`) computes them.
 
-Whole-tensor facts come from statistics passes (DESIGN.md), exact whatever the cut into items:
+Whole-tensor facts come from statistics passes (docs/ARCHITECTURE.md: passes), exact whatever the cut into items:
   - magnitude-high, magnitude-low: a radix selection of the k-th largest |delta| bits, k =
     max(1, int(density * n)) (ops.sparse). Magnitudes equal to that threshold are kept lowest flat
     index first, up to k in all: per-piece tie counts from the second pass say how many ties each

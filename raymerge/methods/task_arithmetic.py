@@ -6,7 +6,7 @@
 mergekit (0.1.5, `dtype: float32`) sums the weighted deltas first, divides by the weights' sum
 when normalizing, multiplies by lambda, and only then adds the base. raymerge's own recipes
 (`sum`) add each weighted delta to the anchor in turn: on float32 inputs the two orders differ in
-the last bit of about one element in 60,000 (DESIGN.md), so a mergekit recipe runs in its own.
+the last bits of many elements (README: Order of operations), so a mergekit recipe runs in its own.
 
 Both are two kernel passes over a piece: the weighted sum into a float32 buffer kept per thread
 (linear's with fused multiply-adds, as mergekit's addcmul_ computes it), then the anchor plus

@@ -363,8 +363,8 @@ class LocalOutput:
         return LeaseRecord(data, _token(path), max(0.0, time.time() - st.st_mtime))
 
     def lease_replace(self, data: bytes, token: str) -> str:
-        """Replace the lease only if it is still the one `token` names (compare and swap: the
-        rename is atomic, and a lease found changed is put back where it was)."""
+        """Replace the lease only if it is still the one `token` names: renamed aside (atomic: of
+        two runs, only one can), then checked, and put back where it was if it changed."""
         path = os.path.join(self._staging, LEASE)
         aside = f"{path}.{uuid.uuid4().hex[:8]}.old"
         try:

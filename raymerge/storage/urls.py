@@ -39,6 +39,25 @@ def protocol(url: str) -> str:
     return "s3" if scheme in ("s3a", "s3n") else scheme
 
 
+def one_scheme(url: str) -> str:
+    """`url` spelled with one scheme per store: fsspec's aliases of one filesystem class (gs and
+    gcs, az and abfs, file and local) all become the first of them in sorted order, so that
+    locations are compared by what they are."""
+    scheme = protocol(url)
+    if scheme == "file":
+        return url
+    rest = url.split("://", 1)[1]
+    return f"{_family(scheme)}://{rest}"
+
+
+def _family(scheme: str) -> str:
+    from fsspec.registry import known_implementations
+
+    cls = known_implementations.get(scheme, {}).get("class")
+    return min((p for p, spec in known_implementations.items() if spec.get("class") == cls), default=scheme) \
+        if cls else scheme
+
+
 def local_path(url: str) -> str:
     """The absolute local path of a file URL or plain path."""
     path = url[len("file://"):] if url.startswith("file://") else url
