@@ -182,11 +182,13 @@ class Journal:
         try:
             self._output.put_staging(f"journal-{self._batch:06d}.json", batch.to_json())
         except (RaymergeError, OSError) as e:
+            what = f"{len(self._pending)} finished items" + (
+                f" and {len(self._pending_stats)} statistics results" if self._pending_stats else "")
             if strict:
                 reason = e.reason if isinstance(e, StorageError) else reason_of(e)
-                raise StorageError(f"journal: could not record {len(self._pending)} finished items in "
-                                   f"{urls.redact(self._output.url)} ({e})", reason) from e
-            log.warning("journal: could not record %d finished items (%s); will try again", len(self._pending), e)
+                raise StorageError(f"journal: could not record {what} in {urls.redact(self._output.url)} ({e})",
+                                   reason) from e
+            log.warning("journal: could not record %s (%s); will try again", what, e)
             return
         self._batch += 1
         self._pending = []

@@ -82,6 +82,10 @@ def test_begin_and_strict_flush_failures_are_one_line_errors(tmp_path):
     journal.flush()  # not strict: a warning, retried at the next flush
     with pytest.raises(StorageError, match="journal: could not record 1 finished items"):
         journal.flush(strict=True)
+    during_a_pass = Journal(out)  # statistics results only: the message counts them, not "0 items"
+    during_a_pass.record_stats(StatsRecord("magnitude-high", 0, ((0, 0, {}),)))
+    with pytest.raises(StorageError, match="could not record 0 finished items and 1 statistics results"):
+        during_a_pass.flush(strict=True)
 
 
 @pytest.mark.parametrize("raw", [b"\xff", b"[" * 100000, b"{}", b'{"items": [{"id": 1}], "passes": []}',
