@@ -176,12 +176,23 @@ def check_writable(path: str | None, flag: str) -> None:
         raise InputError(f"{flag} {path}: is {kind(st.st_mode)}, not a regular file; give a file's path")
 
 
+def _check_report_is_no_input(path: str | None, recipe) -> None:
+    """The report replaces whatever file has its name: never an input's (guard.check_not_input)."""
+    from raymerge.guard import check_not_input
+    from raymerge.runner import input_roles
+
+    if path is not None:
+        check_not_input(path, list(input_roles(recipe)), flag="--report")
+
+
 def _run_kind(args: argparse.Namespace) -> int:
     from raymerge.api import run
     from raymerge.config import build_recipe
 
     check_writable(args.report, "--report")
-    _report(run(*build_recipe(args.command, recipe_values(args))), args.report)
+    recipe, run_options = build_recipe(args.command, recipe_values(args))
+    _check_report_is_no_input(args.report, recipe)
+    _report(run(recipe, run_options), args.report)
     return 0
 
 
@@ -192,6 +203,7 @@ def _run_file(args: argparse.Namespace) -> int:
 
     check_writable(args.report, "--report")
     recipe, run_options = load_recipe_file(args.recipe, recipe_values(args))
+    _check_report_is_no_input(args.report, recipe)
     prefer_loopback(run_options.address or os.environ.get("RAY_ADDRESS"))
     _report(run(recipe, run_options), args.report)
     return 0

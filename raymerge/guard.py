@@ -25,12 +25,12 @@ from raymerge.storage.writers import Output, plain_name
 log = logging.getLogger("raymerge")
 
 
-def check_not_input(out: str, inputs: list[str]) -> None:
-    """Refuse an output that is, contains or lies inside any input (exit 2)."""
+def check_not_input(out: str, inputs: list[str], flag: str = "--out") -> None:
+    """Refuse an output (`flag`: --out, or --report) that is, contains or lies inside any input (exit 2)."""
     for url in inputs:
         if _overlaps(out, url):
-            raise OutputError(f"--out {urls.redact(out)}: is, holds or lies inside the input {urls.redact(url)}; "
-                              "inputs are never modified: choose another output location")
+            raise OutputError(f"{flag} {urls.redact(out)}: is, holds or lies inside the input {urls.redact(url)}; "
+                              f"inputs are never modified: choose another {'output location' if flag == '--out' else 'path'}")
 
 
 def _overlaps(a: str, b: str) -> bool:

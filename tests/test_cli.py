@@ -105,6 +105,13 @@ def test_report_and_plot_paths_that_are_special_files_are_refused_before_any_wor
         r = run(*args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "not a regular file" in r.stderr or "folder does not exist" in r.stderr, r.stderr
+    cp = tmp_path / "cp"
+    cp.mkdir()
+    (cp / "model.safetensors").write_bytes(b"the input's bytes")
+    r = run("merge", "--base", "b", "--chat", "c", "--cp", str(cp), "--out", str(tmp_path / "o"),
+            "--report", str(cp / "model.safetensors"))
+    assert r.returncode == 2 and "--report" in r.stderr and "inputs are never modified" in r.stderr, r.stderr
+    assert (cp / "model.safetensors").read_bytes() == b"the input's bytes"
 
 
 def test_a_report_written_after_the_run_is_a_regular_file_only(tmp_path):
@@ -116,5 +123,8 @@ def test_a_report_written_after_the_run_is_a_regular_file_only(tmp_path):
     with pytest.raises(RaymergeError, match="is a FIFO, not a regular file"):
         _write_report(str(fifo), b"{}")
     (tmp_path / "ok.json").write_bytes(b"an older, longer report")
+    os.link(tmp_path / "ok.json", tmp_path / "kept.json")  # a hard link: replaced by name, never written through
     _write_report(str(tmp_path / "ok.json"), b"{}")
     assert (tmp_path / "ok.json").read_bytes() == b"{}"
+    assert (tmp_path / "kept.json").read_bytes() == b"an older, longer report"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

@@ -27,7 +27,8 @@ from raymerge.errors import CommitError, OutputError, StorageError
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
 from raymerge.storage.checksum import crc32
-from raymerge.storage.localfs import NOFOLLOW, Identity, NotRegular, identities, identity_of, open_regular, read_regular
+from raymerge.storage.localfs import (NOFOLLOW, Identity, NotRegular, fsync_dir, identities, identity_of, open_regular,
+                                      read_regular, write_whole)
 from raymerge.storage.writers import (BLOCK, LEASE, STAGING, LeaseRecord, LeaseTaken, PartRules, ShardState, Span,
                                       StagedItem, Target, Verified, plain_name)
 
@@ -230,8 +231,8 @@ class LocalOutput:
         path = self._staged(target.handle)
         st = _lstat(path)
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != target.size:
-            final = _lstat(os.path.join(self.url, target.shard))
-            if final is not None and stat.S_ISREG(final.st_mode) and final.st_size == target.size:
+            final = self._final(target.shard, target.size)
+            if final is not None:
                 self._check_own(final, target, target.shard, links=False)
                 return Verified(ShardState.FINAL, frozenset(r.item for r in items))
             return Verified(ShardState.GONE)
@@ -255,9 +256,10 @@ class LocalOutput:
             raise OutputError(f"--resume {self.url}: {name} {why}; raymerge never writes through a file that is "
                               "not its own: rerun with --overwrite to start over (it makes new files)")
 
-    def _is_final(self, shard: str, size: int) -> bool:
+    def _final(self, shard: str, size: int) -> os.stat_result | None:
+        """The shard under its final name, if a regular file of its planned size is there."""
         st = _lstat(os.path.join(self.url, shard))
-        return st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size
+        return st if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size else None
 
     # -- commit -----------------------------------------------------------------------------
 
@@ -265,7 +267,7 @@ class LocalOutput:
         self.close()
         for target, _ in shards:  # the items are all written in place: nothing to assemble
             name, path = target.shard, self._staged(target.handle)
-            if not os.path.exists(path) and self._is_final(name, target.size):
+            if not os.path.exists(path) and self._final(name, target.size) is not None:
                 continue  # renamed by an earlier commit that was cut short
             fd = open_regular(path, follow=False)
             try:
@@ -273,7 +275,7 @@ class LocalOutput:
             finally:
                 os.close(fd)
             os.replace(path, os.path.join(self.url, name))  # replaces the entry, never writes through a link
-        _fsync_dir(self.url)
+        fsync_dir(self.url)
 
     def put(self, name: str, data: bytes) -> None:
         self._atomic_write(self.url, name, data)
@@ -319,18 +321,7 @@ class LocalOutput:
     def _atomic_write(self, folder: str, name: str, data: bytes) -> None:
         if not plain_name(name):
             raise CommitError(f"refusing to write {name!r} in {folder}: not a plain file name")
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        fd = _create(tmp)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(folder, name))
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        _fsync_dir(folder)
+        write_whole(os.path.join(folder, name), data)
 
     # -- the lease (see execution.lease) ------------------------------------------------------
 
@@ -348,7 +339,7 @@ class LocalOutput:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self._staging)
+        fsync_dir(self._staging)
         return _token(path)
 
     def lease_read(self) -> LeaseRecord | None:
@@ -490,11 +481,3 @@ def _unlink_quietly(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NONBLOCK)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

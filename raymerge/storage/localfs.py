@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import uuid
 from collections.abc import Iterable
 
 from fsspec.implementations.local import LocalFileSystem
@@ -84,13 +85,49 @@ def _kind_at(path: str, follow: bool) -> str:
         return "a special file"
 
 
+def write_whole(path: str, data: bytes) -> None:
+    """`data` as the file at `path`, whole or not at all: written to a new temporary file beside it
+    (O_CREAT|O_EXCL, no link followed), fsync'ed, then renamed over the name. Nothing is ever
+    written through or truncated: a hard link or symbolic link at `path` loses its name, never the
+    bytes it shares with another file."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
 def write_regular(path: str, data: bytes) -> None:
-    """`data` as the whole content of the regular file at `path` (created if absent): a report or a
-    plot a user names. Truncated only once it is known to be a regular file."""
-    fd = open_regular(path, os.O_WRONLY | os.O_CREAT)
-    with os.fdopen(fd, "wb") as f:
-        f.truncate(0)
-        f.write(data)
+    """`data` as the file a user names for a report or a plot (write_whole), refused where
+    something other than a regular file is (a FIFO, a device: NotRegular)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(path, kind(st.st_mode))
+    write_whole(path, data)
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a folder's new names durable (a rename, a new file); a FIFO there fails, never blocks."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NONBLOCK)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_regular(path: str, cap: int, *, follow: bool = True) -> bytes:

@@ -116,6 +116,12 @@ def test_verify_and_inspect_never_block_on_a_special_file_in_a_checkpoint(finish
         _assert_one_line(verify, (1,), "FIFO")
     if name == "model.safetensors.index.json":  # inspect does not read the index
         assert inspect.returncode == 0, inspect.stderr
+        # the plot replaces the file of its name: never one of the checkpoint's own
+        shard = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))[0]
+        before = _digest(out)
+        _assert_one_line(_raymerge("inspect", out, "--plot", os.path.join(out, shard)), (2,),
+                         "is a file of the checkpoint it plots")
+        assert _digest(out) == before
     else:
         _assert_one_line(inspect, (2,), "FIFO")
 
