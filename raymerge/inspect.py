@@ -7,6 +7,7 @@ type to choose a scale: a vector that rewrites a layer by tens of percent is too
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections import defaultdict
 from typing import Any
@@ -15,12 +16,13 @@ from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from raymerge.errors import InputError
 from raymerge.storage import urls
 from raymerge.storage.localfs import write_regular
+from raymerge.untrusted import MAX_TEXT
 
 _LAYER = re.compile(r"\.([0-9]{1,9})\.")  # bounded, ASCII: a name from the table is data, not trusted
 MAX_STATS_BYTES = 256 * 2**20
 MAX_STATS_ROWS = 1_000_000  # ten times the tensors of the largest checkpoints (~100,000)
 MAX_STATS_NAMES = 256 * 2**20  # characters of all names: Parquet compresses a repeated long name away
-MAX_TENSOR_NAME = 8192  # characters, as the manifest allows (commit.manifest.MAX_TEXT)
+MAX_TENSOR_NAME = MAX_TEXT  # characters, as the manifest allows
 _BATCH_ROWS = 1024  # what is decoded at once, and checked, before it becomes Python objects
 
 
@@ -182,10 +184,20 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         raise InputError(f"--plot {path}: cannot write it ({e.strerror or e}); give a regular file's path") from e
 
 
+def _check_plot_path(path: str, url: str, manifest: Manifest) -> None:
+    """The plot replaces whatever file has its name: never one of the checkpoint's own files."""
+    if urls.protocol(url) != "file":
+        return
+    folder, name = os.path.split(os.path.realpath(path))
+    if folder == os.path.realpath(urls.local_path(url)) and name in (MANIFEST_NAME, *manifest.named):
+        raise InputError(f"--plot {path}: is a file of the checkpoint it plots; give another path")
+
+
 def inspect_checkpoint(url: str, storage_options: dict[str, Any], plot_path: str | None = None) -> str:
     manifest, rows = load(url, storage_options)
     text = summarize(manifest, rows)
     if plot_path:
+        _check_plot_path(plot_path, url, manifest)
         kind = "raymerge" if manifest.kind is None else manifest.kind
         plot(rows, plot_path, f"{kind}: change per layer and tensor type")
         text += f"\nplot written to {plot_path}"

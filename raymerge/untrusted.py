@@ -109,6 +109,15 @@ def _check_strings(obj: Any) -> None:
             _check_strings(v)
 
 
+MAX_NAME = 1024  # a file name, an upload id, an ETag, a fact's name (S3 keys are at most 1024 bytes)
+MAX_TEXT = 8192  # a tensor name, URL, fingerprint, version, plan hash or run id read from a state file
+
+
+def is_text(x: object, limit: int = MAX_TEXT) -> bool:
+    """Whether a value read from a state file is a string of at most `limit` characters."""
+    return isinstance(x, str) and len(x) <= limit
+
+
 def shown(value: object, limit: int = 60) -> str:
     """A value read from untrusted data as an error message shows it: its repr, cut to `limit`
     characters (a hostile name or number may be megabytes long).

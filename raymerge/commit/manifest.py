@@ -19,14 +19,12 @@ from raymerge.errors import InputError
 from raymerge.planning.plan import Plan
 from raymerge.safetensors.index import INDEX_NAME, is_safe_name
 from raymerge.storage.urls import redact
-from raymerge.untrusted import UntrustedJSON, parse_json, shown
+from raymerge.untrusted import MAX_NAME, MAX_TEXT, UntrustedJSON, is_text, parse_json, shown
 
 MANIFEST_NAME = "raymerge_manifest.json"
 FORMAT = "raymerge-manifest"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 2**20  # ~500,000 items; readers fetch at most one byte more
-MAX_NAME = 1024  # a file name, a fact's name, an ETag (S3 keys are at most 1024 bytes)
-MAX_TEXT = 8192  # a tensor name, URL, fingerprint, version, kind or plan hash
 LAYOUT_KEYS = ("shard_size", "item_size")  # what runner._layout records; verify plans with them again
 _STRING = f"a string of at most {MAX_TEXT} characters"
 
@@ -190,10 +188,10 @@ def _check_top(obj: Any) -> int:
     _expect(obj.get("format") == FORMAT, "format", f"{FORMAT!r}")
     version = obj.get("format_version")
     _expect(_is_count(version) and version >= 1, "format_version", "an integer >= 1")
-    _expect(_text(obj.get("plan_hash")), "plan_hash", _STRING)
+    _expect(is_text(obj.get("plan_hash")), "plan_hash", _STRING)
     _expect(_file_name(obj.get("stats")), "stats", "a file name inside the checkpoint")
     recipe = obj.get("recipe")
-    _expect(isinstance(recipe, dict) and _text(recipe.get("kind")), "recipe", "an object with a kind")
+    _expect(isinstance(recipe, dict) and is_text(recipe.get("kind")), "recipe", "an object with a kind")
     _layout(obj.get("layout"))
     for key in ("inputs", "shards", "items"):
         _expect(isinstance(obj.get(key), list), key, "a list")
@@ -201,7 +199,7 @@ def _check_top(obj: Any) -> int:
     _expect(isinstance(files, list) and all(_file_name(n) and "/" not in n for n in files),
             "files", "a list of file names in the checkpoint's folder")
     for key in ("kind", "raymerge_version", "created"):
-        _expect(_text(obj.get(key, "")), key, _STRING)
+        _expect(is_text(obj.get(key, "")), key, _STRING)
     _expect(_is_count(obj.get("output_bytes", 0)), "output_bytes", "an integer >= 0")
     return version
 
@@ -236,16 +234,16 @@ def _item(item: Any, at: str, index: int, shards: tuple[ShardEntry, ...]) -> Ite
     _expect(isinstance(crc, str) and re.fullmatch("[0-9a-f]{8}", crc) is not None, f"{at}.crc32",
             "8 hex digits")
     etag = item.get("etag")
-    _expect(etag is None or _text(etag, MAX_NAME), f"{at}.etag", f"a string or null (at most {MAX_NAME} characters)")
+    _expect(etag is None or is_text(etag, MAX_NAME), f"{at}.etag", f"a string or null (at most {MAX_NAME} characters)")
     return ItemEntry(item["id"], item["shard"], item["part"], item["start"], item["end"], int(crc, 16), etag)
 
 
 def _input(entry: Any, at: str) -> InputEntry:
     _expect(isinstance(entry, dict), at, "an object")
     for key in ("role", "url", "fingerprint"):
-        _expect(_text(entry.get(key)), f"{at}.{key}", _STRING)
+        _expect(is_text(entry.get(key)), f"{at}.{key}", _STRING)
     _expect(_is_count(entry.get("size")), f"{at}.size", "an integer >= 0")
-    _expect(_text(entry.get("version", "")), f"{at}.version", _STRING)
+    _expect(is_text(entry.get("version", "")), f"{at}.version", _STRING)
     return InputEntry(entry["role"], entry["url"], entry["size"], entry["fingerprint"], entry.get("version"))
 
 
@@ -254,7 +252,7 @@ def _nonfinite(obj: Any) -> tuple[NonFinite, ...]:
     out = []
     for name, counts in obj.items():
         at = f"nonfinite[{shown(name)}]"
-        _expect(_text(name), at, f"a tensor name of at most {MAX_TEXT} characters")
+        _expect(is_text(name), at, f"a tensor name of at most {MAX_TEXT} characters")
         _expect(isinstance(counts, dict), at, "an object")
         for key in ("elements", "from_finite_inputs"):
             _expect(_is_count(counts.get(key)), f"{at}.{key}", "an integer >= 0")
@@ -268,10 +266,10 @@ def _facts(obj: Any) -> dict[str, list]:
     _expect(isinstance(obj, dict), "facts", "an object")
     for name, per_vector in obj.items():
         at = f"facts[{shown(name)}]"
-        _expect(_text(name), at, f"a tensor name of at most {MAX_TEXT} characters")
+        _expect(is_text(name), at, f"a tensor name of at most {MAX_TEXT} characters")
         _expect(isinstance(per_vector, list), at, "a list")
         for f in per_vector:
-            _expect(f is None or isinstance(f, dict) and all(_text(k, MAX_NAME) and _is_count(v)
+            _expect(f is None or isinstance(f, dict) and all(is_text(k, MAX_NAME) and _is_count(v)
                                                              for k, v in f.items()),
                     at, "a list of null or {name: integer >= 0}")
     return obj
@@ -291,9 +289,5 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**62
 
 
-def _text(x: Any, limit: int = MAX_TEXT) -> bool:
-    return isinstance(x, str) and len(x) <= limit
-
-
 def _file_name(x: Any) -> bool:
-    return _text(x, MAX_NAME) and is_safe_name(x)
+    return is_text(x, MAX_NAME) and is_safe_name(x)

@@ -33,7 +33,7 @@ from raymerge.planning.plan import Plan
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
 from raymerge.storage.writers import Output, plain_name
-from raymerge.untrusted import UntrustedJSON, parse_json, shown
+from raymerge.untrusted import MAX_NAME, MAX_TEXT, UntrustedJSON, is_text, parse_json, shown
 
 log = logging.getLogger("raymerge")
 
@@ -41,8 +41,6 @@ HEAD = "journal-head.json"
 BATCH = re.compile(r"journal-([0-9]{6,9})\.json")  # [0-9]: \d also matches other scripts' digits
 VERSION = 4  # 4: the staged files' identities
 MAX_COUNT = 2**62  # ids, tensor indexes, elements and counts: far past any real plan, safe in int64 sums
-MAX_NAME = 1024  # a shard or staged file name, an upload id, an ETag (S3 keys are at most 1024 bytes)
-MAX_TEXT = 8192  # a plan hash, run id, URL, fingerprint or staged file identity
 
 
 class Damaged(ValueError):
@@ -90,10 +88,10 @@ class JournalHead:
             raise Damaged("shards, handles and identities do not match")
         inputs = obj.get("inputs")
         if not isinstance(inputs, list) or not all(
-                isinstance(i, dict) and _text(i.get("url")) and _text(i.get("fingerprint")) for i in inputs):
+                isinstance(i, dict) and is_text(i.get("url")) and is_text(i.get("fingerprint")) for i in inputs):
             raise Damaged(f"inputs: expected a list of {{url, fingerprint}}, strings of at most {MAX_TEXT} characters")
         plan_hash, run_id = obj.get("plan_hash"), obj.get("run_id", "")
-        if not _text(plan_hash) or not _text(run_id):
+        if not is_text(plan_hash) or not is_text(run_id):
             raise Damaged(f"plan_hash and run_id must be strings of at most {MAX_TEXT} characters")
         return cls(plan_hash, tuple(shards), tuple(handles), tuple((i["url"], i["fingerprint"]) for i in inputs),
                    tuple(replaces), run_id, tuple(identities))
@@ -231,7 +229,7 @@ def _parse(raw: bytes) -> object:
 def _record(r: object) -> ItemRecord:
     r = _object(r, "a record")
     item, crc, etag, stats = r.get("id"), r.get("crc32"), r.get("etag"), r.get("stats")
-    if not _int(item) or not _int(crc, 2**32) or not (etag is None or _text(etag, MAX_NAME)):
+    if not _int(item) or not _int(crc, 2**32) or not (etag is None or is_text(etag, MAX_NAME)):
         raise Damaged("a record's id, crc32 or etag has the wrong type or is out of range")
     if not isinstance(stats, list):
         raise Damaged("a record's stats are not a list")
@@ -263,7 +261,7 @@ def _object(obj: object, what: str) -> dict:
 
 def _strings(obj: dict, key: str) -> list[str]:
     value = obj.get(key, [] if key == "replaces" else None)
-    if not isinstance(value, list) or not all(_text(v) for v in value):
+    if not isinstance(value, list) or not all(is_text(v) for v in value):
         raise Damaged(f"{key}: expected a list of strings of at most {MAX_TEXT} characters")
     return value
 
@@ -273,10 +271,6 @@ def _names(obj: dict, key: str) -> list[str]:
     if not all(plain_name(v) and len(v) <= MAX_NAME for v in value):
         raise Damaged(f"{key}: expected file names inside the output folder, of at most {MAX_NAME} characters")
     return value
-
-
-def _text(x: object, limit: int = MAX_TEXT) -> bool:
-    return isinstance(x, str) and len(x) <= limit
 
 
 def _number(x: float) -> float | str:

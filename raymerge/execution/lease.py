@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from raymerge.errors import LeaseError, RaymergeError
 from raymerge.storage import urls
 from raymerge.storage.writers import LeaseRecord, LeaseTaken, Output
-from raymerge.untrusted import UntrustedJSON, parse_json
+from raymerge.untrusted import UntrustedJSON, is_text, parse_json
 
 log = logging.getLogger("raymerge")
 
@@ -216,7 +216,7 @@ def _process_start(pid: int) -> float | None:
 
 def _text(x: object) -> bool:
     # Printable: a holder's names go into one-line messages.
-    return isinstance(x, str) and len(x) <= MAX_TEXT and x.isprintable()
+    return is_text(x, MAX_TEXT) and x.isprintable()
 
 
 def _pid(x: object) -> bool:
