@@ -149,7 +149,7 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                      "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,
                      "rule": t.rule, "method": t.method, "terms": len(t.terms), "scales": [x.scale for x in t.terms],
-                     "densities": [x.density for x in t.terms], "passes": list(tensor_passes(t)),
+                     "vector_parameters": [dict(x.values) for x in t.terms], "passes": list(tensor_passes(t)),
                      "layer": layer_of(t.name), "special_rows": len(t.overrides)}
                     for t in the_plan.tensors],
         "shards": [{"name": s.name, "size": s.size, "header_bytes": len(s.header), "tensors": len(s.tensors),

@@ -78,9 +78,8 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
     role = {"cp": recipe.cp, "base": recipe.base, how.vectors: recipe.vectors[0][0] if recipe.vectors else None}
     checkpoint = {key: found[url] if url else None for key, url in role.items()}
     minus = checkpoint[how.minus] if how.minus else None
-    densities = recipe.density or (1.0,) * len(recipe.vectors)
-    terms = tuple(TermSpec(scale, found[url], minus, density)
-                  for (url, scale), density in zip(recipe.vectors, densities))
+    terms = tuple(TermSpec(scale, found[url], minus, tuple((name, given[i]) for name, given in recipe.per_vector))
+                  for i, (url, scale) in enumerate(recipe.vectors))
     first = checkpoint[how.vectors]
     return RecipeSpec(anchor=checkpoint[how.anchor] if how.anchor else None, terms=terms, vocab=recipe.vocab,
                       skip=recipe.skip, special_tokens=recipe.special_tokens,

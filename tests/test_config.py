@@ -160,7 +160,7 @@ def test_a_method_takes_its_own_parameters_and_refuses_the_others():
     values = {"base": "b", "chat": ["c1", "c2"], "cp": "cp", "out": "o"}
     recipe, _ = build_recipe("merge", {**values, "method": "ties", "density": [0.3, [0.1, 0.9]], "normalize": False})
     assert (recipe.method_name, dict(recipe.params)) == ("ties", {"normalize": False})
-    assert [d.to_json() for d in recipe.density] == [0.3, [0.1, 0.9]]
+    assert [d.to_json() for d in dict(recipe.per_vector)["density"]] == [0.3, [0.1, 0.9]]
     for bad, words in (({"density": [0.5, 0.5]}, "with method sum takes no density; use --method ties"),
                        ({"method": "ties", "seed": 3}, "takes no seed"),
                        ({"method": "ties", "density": [0.5]}, "1 --density values for 2 --chat"),

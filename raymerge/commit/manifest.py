@@ -8,6 +8,7 @@ at commit, `to_json` writes it, `from_json` reads it back as untrusted data.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -261,17 +262,18 @@ def _nonfinite(obj: Any) -> tuple[NonFinite, ...]:
 
 
 def _facts(obj: Any) -> dict[str, list]:
-    """Per tensor, per vector: None or {name: integer >= 0}. Whether they are what the tensor's
-    method needs is checked against the plan, where it is known (passes.facts_by_index)."""
+    """Per tensor, per vector: None or {name: a finite number}. Whether they are what the tensor's
+    method records is checked against the plan, where it is known (passes.facts_by_index; each
+    method's `facts_problem`)."""
     _expect(isinstance(obj, dict), "facts", "an object")
     for name, per_vector in obj.items():
         at = f"facts[{shown(name)}]"
         _expect(is_text(name), at, f"a tensor name of at most {MAX_TEXT} characters")
         _expect(isinstance(per_vector, list), at, "a list")
         for f in per_vector:
-            _expect(f is None or isinstance(f, dict) and all(is_text(k, MAX_NAME) and _is_count(v)
+            _expect(f is None or isinstance(f, dict) and all(is_text(k, MAX_NAME) and _is_fact(v)
                                                              for k, v in f.items()),
-                    at, "a list of null or {name: integer >= 0}")
+                    at, "a list of null or {name: number}")
     return obj
 
 
@@ -283,6 +285,12 @@ def _present(obj: dict[str, Any]) -> dict[str, Any]:
 def _expect(ok: bool, at: str, expected: str) -> None:
     if not ok:
         raise _Damaged(f"{at}: expected {expected}")
+
+
+def _is_fact(x: Any) -> bool:
+    """A fact a method records: an integer of at most 64 bits, or a finite float."""
+    return (isinstance(x, int) and not isinstance(x, bool) and -2**63 <= x < 2**64) or \
+        (isinstance(x, float) and math.isfinite(x))
 
 
 def _is_count(x: Any) -> bool:

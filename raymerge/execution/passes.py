@@ -18,25 +18,21 @@ import math
 from typing import Any
 
 from raymerge.errors import InputError, OutputError
-from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
-from raymerge.methods.sparse import HIGH, L1, LOW
+from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER, pass_named
 from raymerge.planning.plan import HEADER, Plan, TensorPlan
 from raymerge.untrusted import shown
 
 Row = tuple[int, int, Any]  # (tensor, the piece's first element, the method's result for the piece)
 
-# What each statistics pass's reduce records for each term it sparsifies (0 < density < 1; see
-# methods/sparse.py, Sparse.reduce), and the elementwise pass then reads: facts read back from a
-# journal or a manifest are checked against it before a worker gets them. l1-norm's "factor" is
-# left out where the norms are too small to rescale, so it is checked only where present. Every
-# statistics pass has an entry (tests/execution/test_passes.py checks it).
-RECORDED = {HIGH: ("k", "high", "above"), LOW: ("threshold", "cut", "keep"), L1: ()}
-_BITS = ("high", "threshold", "factor")  # float32 bits (or their high half): below 2**32, as uint32
-_COUNT = 2**62  # every other fact counts elements or names one: below the bound of every JSON count
-
-
 def tensor_passes(t: TensorPlan) -> tuple[str, ...]:
-    return METHODS[t.method].passes_for(t) if t.terms else (ELEMENTWISE,)
+    """The passes tensor t needs, as its method says; a pass no method declares is a bug, refused."""
+    if not t.terms:
+        return (ELEMENTWISE,)
+    passes = METHODS[t.method].passes_for(t)
+    for name in passes:
+        if name != ELEMENTWISE:
+            pass_named(name)
+    return passes
 
 
 def statistics_passes(plan: Plan) -> list[str]:
@@ -149,25 +145,8 @@ def facts_by_index(plan: Plan, named: dict[str, Any] | None) -> dict[int, Any]:
 
 
 def facts_problem(t: TensorPlan, facts: Any, passes: list[str]) -> str | None:
-    """Why `facts` are not what tensor t's statistics `passes` record (RECORDED), or None: one
-    entry per term, null or an object; a term the passes sparsify has every fact they record;
-    every fact in range."""
-    if not isinstance(facts, list):
-        return "expected a list, one entry per vector"
-    if len(facts) != len(t.terms):
-        return f"{len(facts)} entries for {len(t.terms)} vectors"
-    for j, (term, f) in enumerate(zip(t.terms, facts)):
-        if not (f is None or isinstance(f, dict)):
-            return f"vector {j + 1}: expected null or an object"
-        f = f or {}
-        sparsified = 0 < term.density < 1 and term.limit != 0  # a limit of 0: no piece reads the term
-        missing = [k for p in passes for k in RECORDED[p] if k not in f] if sparsified else []
-        if missing:
-            return f"vector {j + 1} has no {', '.join(missing)}"
-        for k, v in f.items():
-            if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (2**32 if k in _BITS else _COUNT)):
-                return f"vector {j + 1}'s {shown(k)} is {shown(v)}, out of range"
-    return None
+    """Why `facts` are not what tensor t's statistics `passes` record, as its method says."""
+    return METHODS[t.method].facts_problem(t, facts, passes)
 
 
 def _passes_to(t: TensorPlan, name: str | None = None) -> list[str]:

@@ -283,7 +283,7 @@ def _operands(p: int, t: TensorPlan, inputs: dict[tuple[int, str, int], memoryvi
     for j, term in enumerate(t.terms):
         if (p, A, j) in inputs:
             b = k.view(inputs[(p, B, j)], term.b.dtype) if term.b is not None else None
-            vectors.append(Vector(term.scale, k.view(inputs[(p, A, j)], term.a.dtype), b, term.density, j))
+            vectors.append(Vector(term.scale, k.view(inputs[(p, A, j)], term.a.dtype), b, j, term.values))
     return Operands(anchor, tuple(vectors), t.params, t.name, begin, facts)
 
 

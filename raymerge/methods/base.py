@@ -10,13 +10,28 @@ the planner lays out operands, the worker reads them and calls `apply`.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from raymerge.untrusted import shown
+
 ELEMENTWISE = "elementwise"  # the pass that writes the output bytes; every method has it, last
-# Every pass any method has, in the order a plan runs them: statistics passes first.
-PASS_ORDER = ("magnitude-high", "magnitude-low", "l1-norm", ELEMENTWISE)
+_COUNT = 2**62  # a fact that counts elements or names one: below the bound of every JSON count
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A statistics pass (docs/ARCHITECTURE.md: passes), declared by the method that needs it.
+    `methods.PASS_ORDER` runs every method's passes by `order`, the elementwise pass last; a pass
+    no method declares is refused (`methods.pass_named`)."""
+
+    name: str
+    order: int  # where it runs among every method's statistics passes: lower first
+    records: tuple[str, ...] = ()  # the facts its `reduce` records per term it works on
+    optional: tuple[str, ...] = ()  # facts it may leave out (checked only where present)
+    bits: tuple[str, ...] = ()  # facts that are float32 bits (or their high half): below 2**32
 
 
 def param(params: tuple[tuple[str, Any], ...], name: str, default: Any) -> Any:
@@ -32,8 +47,16 @@ class Vector:
     scale: float
     a: Any  # an array of the kernel's type
     b: Any | None
-    density: float = 1.0  # the fraction of its elements a sparsifying method keeps (TIES, DARE)
     term: int = 0  # which of the tensor's terms it is (a term past its limit has no Vector in a piece)
+    values: tuple[tuple[str, float], ...] = ()  # its per-vector parameters but scale (density, ...)
+
+    def param(self, name: str, default: float) -> float:
+        return param(self.values, name, default)
+
+    @property
+    def density(self) -> float:
+        """The fraction of its elements a sparsifying method keeps (TIES, DARE): 1.0 unless given."""
+        return self.param("density", 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,20 +78,56 @@ class Operands:
     def rows(self, lo: int, hi: int) -> Operands:
         """The operands of elements [lo, hi) of the piece."""
         return Operands(self.anchor[lo:hi] if self.anchor is not None else None,
-                        tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None, v.density,
-                                     v.term)
+                        tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None, v.term, v.values)
                               for v in self.vectors),
                         self.params, self.name, self.begin + lo, self.facts)
 
 
+PARAMETER_TYPES = ("weight", "fraction", "flag", "number", "seed")  # how config checks a value
+
+
 @dataclass(frozen=True)
 class Parameter:
-    """A parameter a method takes: one value per vector, in the vectors' order, or one in all."""
+    """A parameter a method takes. It is a recipe key, a command's flag (--name) and an API keyword
+    alike: config.OPTIONS makes one option of every name the methods declare (the same name means
+    the same thing in every method that takes it, as `methods.check_registry` makes sure).
+
+    type: weight (a number float32 can use as given), fraction (0 to 1), flag (true or false),
+      number (finite), seed (an integer from 0 to 2**63 - 1).
+    per_vector: one value per vector, in the vectors' order (Vector.values; scale: Vector.scale);
+      else one value for the whole merge (Operands.params).
+    schedulable: a value may vary by tensor: a gradient over the layers, or rules by tensor name
+      (planning.schedule); per-vector parameters only.
+    default: the value the method computes with when the recipe gives none.
+    mergekit: mergekit's name for it in a configuration's `parameters`; None: mergekit has none.
+    recorded: without a value given, the recipe records the default (the manifest then says which
+      masks a seed drew)."""
 
     name: str
     help: str
-    default: float
-    per_vector: bool = True
+    type: str
+    default: Any
+    per_vector: bool = False
+    schedulable: bool = False
+    mergekit: str | None = None
+    recorded: bool = False
+
+    def default_to(self, value: Any) -> Parameter:
+        """The same parameter with another method's default."""
+        return dataclasses.replace(self, default=value)
+
+    def __post_init__(self) -> None:
+        if self.type not in PARAMETER_TYPES or (self.schedulable and not self.per_vector):
+            raise TypeError(f"parameter {self.name}: type {self.type!r}, per_vector {self.per_vector}, "
+                            f"schedulable {self.schedulable}: not a parameter config can check")
+
+
+# Parameters several methods share (each may give another default: `default_to`).
+SCALE = Parameter("scale", "the weight of each vector", "weight", 1.0, per_vector=True, schedulable=True,
+                  mergekit="weight")
+NORMALIZE = Parameter("normalize", "divide the weighted sum by the sum of the weights (with a sign consensus: per "
+                      "element, of the agreeing ones)", "flag", False, mergekit="normalize")
+LAMBDA = Parameter("lambda", "multiply the combined change by this", "number", 1.0, mergekit="lambda")
 
 
 @dataclass(frozen=True)
@@ -88,19 +147,68 @@ class RecipeKind:
     single: bool = False  # takes exactly one vector input
     template: bool = False  # the output takes the first vector input's chat template and EOS
     command: bool = True  # a command of its own; False: only a recipe file's kind (a mergekit recipe's)
+    mergekit: bool = False  # a mergekit configuration's `merge_method` of this name maps to it
+    tunable: bool = True  # takes its method's parameters and --vocab (extract: the vector as it is)
+    methods: bool = False  # --method chooses among the combining methods (merge, apply)
+
+
+def mergekit_kind(name: str, anchor: str | None = "base", minus: str | None = "base") -> RecipeKind:
+    """The recipe kind of mergekit's `merge_method: name`: its models are the vectors, the base
+    model (`base_model`) the anchor and what each is taken minus, as the method says; the output
+    takes the base model's config and tokenizer."""
+    return RecipeKind(name, name, f"mergekit's {name}", vectors="model", anchor=anchor, minus=minus, aux="base",
+                      manifest_kind=f"mergekit {name}", example="", command=False, mergekit=True)
 
 
 class Method(ABC):
+    """A merge method: what it is (name, parameters, statistics passes, recipe kinds) and how it
+    computes. One module in methods/ and one line in `methods.METHODS` add one."""
+
     name: ClassVar[str]
     parameters: ClassVar[tuple[Parameter, ...]] = ()
-    passes: ClassVar[tuple[str, ...]] = (ELEMENTWISE,)  # statistics passes first, the elementwise one last
+    statistics: ClassVar[tuple[Pass, ...]] = ()  # every statistics pass it may need, in the order they run
     recipes: ClassVar[tuple[RecipeKind, ...]] = ()
+    combining: ClassVar[bool] = False  # merge and apply may combine their vectors with it (--method)
+    mergekit_ignores: ClassVar[tuple[str, ...]] = ()  # mergekit parameters that change nothing in the result
 
     numpy_only: ClassVar[bool] = False  # its rule is written with numpy: CPU workers, numpy's dtypes
 
+    def value(self, operands: Operands, name: str) -> Any:
+        """A global parameter's value for a piece: the recipe's, else this method's default."""
+        return operands.param(name, next(p.default for p in self.parameters if p.name == name))
+
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
-        """The passes one tensor (a TensorPlan with terms) needs, in PASS_ORDER."""
-        return self.passes
+        """The passes one tensor (a TensorPlan with terms) needs, in PASS_ORDER: by default, all."""
+        return (*(p.name for p in self.statistics), ELEMENTWISE)
+
+    def works_on(self, term: Any) -> bool:
+        """Whether the statistics passes record facts for this term of a tensor (Term): by default
+        every term that any piece reads."""
+        return term.limit != 0
+
+    def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
+        """Why `facts` (read back from a journal or a manifest) are not what this method's `reduce`
+        records for tensor's statistics `passes`, or None: one entry per term, null or an object;
+        a term the passes work on has every fact they record; every fact in range (integer counts
+        and float32 bits; a method with other facts overrides this)."""
+        if not isinstance(facts, list):
+            return "expected a list, one entry per vector"
+        if len(facts) != len(tensor.terms):
+            return f"{len(facts)} entries for {len(tensor.terms)} vectors"
+        declared = {p.name: p for p in self.statistics}
+        for j, (term, f) in enumerate(zip(tensor.terms, facts)):
+            if not (f is None or isinstance(f, dict)):
+                return f"vector {j + 1}: expected null or an object"
+            f = f or {}
+            wanted = [declared[p] for p in passes] if self.works_on(term) else []
+            missing = [k for p in wanted for k in p.records if k not in f and k not in p.optional]
+            if missing:
+                return f"vector {j + 1} has no {', '.join(missing)}"
+            bits = {k for p in declared.values() for k in p.bits}
+            for k, v in f.items():
+                if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (2**32 if k in bits else _COUNT)):
+                    return f"vector {j + 1}'s {shown(k)} is {shown(v)}, out of range"
+        return None
 
     @abstractmethod
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:

@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from raymerge.methods.base import ELEMENTWISE, Method, Operands, Parameter, RecipeKind, param
+from raymerge.methods.base import (ELEMENTWISE, LAMBDA, NORMALIZE, SCALE, Method, Operands, Parameter, Pass,
+                                   mergekit_kind, param)
 from raymerge.ops import sparse
 from raymerge.ops.kernel import Sums
 from raymerge.ops.numpy_kernel import CHUNK, _widen
@@ -54,6 +55,10 @@ class Sparse(Method):
         if sparse_terms and self._rescale(tensor.params):
             passes.append(L1)
         return (*passes, ELEMENTWISE)
+
+    def works_on(self, term: Any) -> bool:
+        """Only a term that keeps a fraction of its elements has facts (a limit of 0: no piece reads it)."""
+        return 0 < term.density < 1 and term.limit != 0
 
     def _rescale(self, params) -> bool:
         return bool(param(params, "rescale", self.default_rescale))
@@ -311,42 +316,43 @@ def _chunks(operands: Operands, scratch: Any, n: int | None = None):
             yield lo, m, live
 
 
-def _kind(name: str, summary: str) -> RecipeKind:
-    """A mergekit file's merge_method: base_model is the anchor, each model a delta from it."""
-    return RecipeKind(name, name, summary, vectors="model", anchor="base", minus="base", aux="base",
-                      manifest_kind=f"mergekit {name}", example="", command=False)
+# The statistics passes (docs/ARCHITECTURE.md: passes) and the facts each records per sparsified term.
+_HIGH = Pass(HIGH, 10, records=("k", "high", "above"), bits=("high",))
+_LOW = Pass(LOW, 20, records=("threshold", "cut", "keep"), bits=("threshold",))
+_L1 = Pass(L1, 30, optional=("factor",), bits=("factor",))  # no factor where the norms are too small to rescale
 
-
-_PARAMETERS = (
-    Parameter("scale", "each vector's weight (mergekit's weight)", 1.0),
-    Parameter("density", "the fraction of each vector's elements kept", 1.0),
-    Parameter("normalize", "divide by the sum of the weights (per element, of the agreeing ones with a "
-              "sign consensus)", 0.0, per_vector=False),
-    Parameter("rescale", "rescale what is kept to the delta's L1 norm", 0.0, per_vector=False),
-    Parameter("lambda", "multiply the combined change by this", 1.0, per_vector=False),
-)
-_SEED = Parameter("seed", "the seed of the random masks", 0.0, per_vector=False)
+_DENSITY = Parameter("density", "the fraction of each vector's elements kept", "fraction", 1.0, per_vector=True,
+                     schedulable=True, mergekit="density")
+_RESCALE = Parameter("rescale", "rescale what each vector keeps to its L1 norm", "flag", False, mergekit="rescale")
+_SEED = Parameter("seed", "the seed of the random masks; the same seed gives the same bits on any cluster", "seed",
+                  0, recorded=True)
 
 
 class Ties(Sparse):
     name = "ties"
     sparsify, consensus, default_normalize, default_rescale = "magnitude", True, True, False
-    passes = (HIGH, LOW, L1, ELEMENTWISE)
-    parameters = _PARAMETERS
-    recipes = (_kind("ties", "mergekit's ties"),)
+    statistics = (_HIGH, _LOW, _L1)
+    parameters = (SCALE, _DENSITY, NORMALIZE.default_to(True), _RESCALE, LAMBDA)
+    recipes = (mergekit_kind("ties"),)
+    combining = True
+    mergekit_ignores = ("int8_mask",)  # how mergekit holds its sign mask in memory
 
 
 class DareTies(Sparse):
     name = "dare_ties"
     sparsify, consensus, default_normalize, default_rescale = "random", True, False, True
-    passes = (L1, ELEMENTWISE)
-    parameters = (*_PARAMETERS, _SEED)
-    recipes = (_kind("dare_ties", "mergekit's dare_ties"),)
+    statistics = (_L1,)
+    parameters = (SCALE, _DENSITY, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
+    recipes = (mergekit_kind("dare_ties"),)
+    combining = True
+    mergekit_ignores = ("int8_mask",)
 
 
 class DareLinear(Sparse):
     name = "dare_linear"
     sparsify, consensus, default_normalize, default_rescale = "random", False, False, True
-    passes = (L1, ELEMENTWISE)
-    parameters = (*_PARAMETERS, _SEED)
-    recipes = (_kind("dare_linear", "mergekit's dare_linear"),)
+    statistics = (_L1,)
+    parameters = (SCALE, _DENSITY, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
+    recipes = (mergekit_kind("dare_linear"),)
+    combining = True
+    mergekit_ignores = ("int8_mask",)

@@ -20,42 +20,36 @@ from typing import Any
 
 import numpy as np
 
-from raymerge.methods.base import Method, Operands, Parameter, RecipeKind
+from raymerge.methods.base import LAMBDA, NORMALIZE, SCALE, Method, Operands, mergekit_kind
 
 _TEMP = "mergekit-sum"  # the key of the float32 buffer in a thread's scratch
 
 
 class TaskArithmetic(Method):
     name = "task_arithmetic"
-    parameters = (Parameter("scale", "each model's weight (mergekit's weight)", 1.0),
-                  Parameter("normalize", "divide by the sum of the weights", 0.0, per_vector=False),
-                  Parameter("lambda", "multiply the combined change by this", 1.0, per_vector=False))
-    recipes = (RecipeKind("task_arithmetic", "task_arithmetic", "mergekit's task_arithmetic", vectors="model",
-                          anchor="base", minus="base", aux="base", manifest_kind="mergekit task_arithmetic",
-                          example="", command=False),)
+    parameters = (SCALE, NORMALIZE, LAMBDA)
+    recipes = (mergekit_kind("task_arithmetic"),)
 
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
-        mixed = _weighted(kernel, operands, scratch, len(out), normalize=False)
-        return kernel.weighted_sum(out, operands.anchor, [(operands.param("lambda", 1.0), mixed, None)], scratch)
+        mixed = _weighted(kernel, operands, scratch, len(out), self.value(operands, "normalize"))
+        return kernel.weighted_sum(out, operands.anchor, [(self.value(operands, "lambda"), mixed, None)], scratch)
 
 
 class Linear(Method):
     name = "linear"
-    parameters = (Parameter("scale", "each model's weight (mergekit's weight)", 1.0),
-                  Parameter("normalize", "divide by the sum of the weights", 1.0, per_vector=False))
-    recipes = (RecipeKind("linear", "linear", "mergekit's linear", vectors="model", anchor=None, minus=None,
-                          aux="base", manifest_kind="mergekit linear", example="", command=False),)
+    parameters = (SCALE, NORMALIZE.default_to(True))
+    recipes = (mergekit_kind("linear", anchor=None, minus=None),)
 
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
-        return kernel.weighted_sum(out, _weighted(kernel, operands, scratch, len(out), normalize=True), [], scratch)
+        mixed = _weighted(kernel, operands, scratch, len(out), self.value(operands, "normalize"))
+        return kernel.weighted_sum(out, mixed, [], scratch)
 
 
 def _weighted(kernel: Any, operands: Operands, scratch: Any, n: int, normalize: bool) -> Any:
     """sum_i w_i * (a_i - b_i) in float32, in order: task arithmetic's weighted deltas, each product
     and sum rounded (mergekit multiplies, then sums); linear's weighted models (no b), each product
     and sum rounded once (mergekit's addcmul_, a fused multiply-add). Divided by sum_i w_i when
-    `normalize` (the recipe's, else the method's default) says so, as mergekit divides (a sum near
-    0 divides by 1)."""
+    `normalize`, as mergekit divides (a sum near 0 divides by 1)."""
     buf = scratch.staging.get(_TEMP)
     if buf is None or len(buf) < 4 * n:
         buf = scratch.staging[_TEMP] = bytearray(4 * n)  # reused: fresh pages are slow to touch
@@ -64,7 +58,7 @@ def _weighted(kernel: Any, operands: Operands, scratch: Any, n: int, normalize: 
         kernel.weighted_sum(mixed, None, [(v.scale, v.a, v.b) for v in operands.vectors], scratch)
     else:
         kernel.fused_sum(mixed, [(v.scale, v.a) for v in operands.vectors], scratch)
-    if operands.param("normalize", normalize):
+    if normalize:
         divisor = np.float32(0)
         for v in operands.vectors:
             divisor = np.float32(divisor + np.float32(v.scale))

@@ -47,7 +47,15 @@ class Term:
     a: Source
     b: Source | None
     limit: int | None = None
-    density: float = 1.0  # the fraction a sparsifying method (TIES, DARE) keeps
+    values: tuple[tuple[str, float], ...] = ()  # the method's other per-vector parameters for this tensor
+
+    def param(self, name: str, default: float) -> float:
+        return next((v for k, v in self.values if k == name), default)
+
+    @property
+    def density(self) -> float:
+        """The fraction of its elements a sparsifying method (TIES, DARE) keeps: 1.0 unless given."""
+        return self.param("density", 1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ class TermSpec:
     scale: float | Scale
     a: Checkpoint
     b: Checkpoint | None
-    density: float | Scale = 1.0
+    values: tuple[tuple[str, float | Scale], ...] = ()  # the method's other per-vector parameters (density, ...)
 
 
 @dataclass(frozen=True)
@@ -191,9 +191,14 @@ def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpo
     for term, (ra, rb) in zip(spec.terms, found):
         srcs = [_source(c, r, file_ids, nbytes=None if limit is None else limit * ITEMSIZE[r.dtype])
                 if r is not None else None for c, r in ((term.a, ra), (term.b, rb))]
-        scale, density = (v.at(name, layers) if isinstance(v, Scale) else v for v in (term.scale, term.density))
-        terms.append(Term(scale, srcs[0], srcs[1], limit, density))
+        values = tuple((k, _at(v, name, layers)) for k, v in term.values)
+        terms.append(Term(_at(term.scale, name, layers), srcs[0], srcs[1], limit, values))
     return _Rule(name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum")
+
+
+def _at(value: float | Scale, name: str, layers: int) -> float:
+    """A per-vector value for one tensor: a schedule's, or the number."""
+    return value.at(name, layers) if isinstance(value, Scale) else value
 
 
 def _overrides(name: str, ref: TensorRef, spec: RecipeSpec, file_ids, problems: _Problems) -> tuple:

@@ -7,9 +7,8 @@ import pytest
 
 from raymerge import api
 from raymerge.errors import InputError, OutputError
-from raymerge.execution.passes import (RECORDED, Facts, facts_by_index, pass_items, pass_read_bytes,
-                                       statistics_passes, tensor_passes)
-from raymerge.methods import ELEMENTWISE, PASS_ORDER
+from raymerge.execution.passes import Facts, facts_by_index, pass_items, pass_read_bytes, statistics_passes, tensor_passes
+from raymerge.methods import METHODS
 from raymerge.execution.worker import MergeWorker
 from raymerge.synth import LlamaShape, make_trio
 
@@ -94,8 +93,11 @@ def test_results_that_reduce_to_no_facts_in_range_are_a_damaged_journal(trio, re
         facts.add("magnitude-high", [(t, 0, result)])
 
 
-def test_every_statistics_pass_says_what_it_records():
-    assert set(RECORDED) == set(PASS_ORDER) - {ELEMENTWISE}
+def test_a_pass_no_method_declares_is_refused_not_skipped(trio, monkeypatch):
+    plan = _plan(trio, method="ties", density=[0.5])
+    monkeypatch.setattr(type(METHODS["ties"]), "passes_for", lambda self, t: ("magnitude-hihg", "elementwise"))
+    with pytest.raises(KeyError, match="statistics pass 'magnitude-hihg' is declared by no method"):
+        tensor_passes(plan.tensors[0])
 
 
 def test_facts_by_index_refuses_a_rescale_factor_past_32_bits(trio):

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from raymerge import mergekit_recipe
+from raymerge.config import mergekit as mergekit_recipe
 from raymerge.config import OPTIONS, build_recipe, load_recipe_file
 from raymerge.errors import InputError
-from raymerge.methods import COMBINING, RECIPES
+from raymerge.methods import COMBINING, MERGEKIT, RECIPES
 from raymerge.ops.rules import VOCAB_MODES, is_tied, is_vocab_tensor, tied_embedding, vocab_size
 from raymerge.planning.schedule import Scale, count_layers, layer_of
 from tests.fuzz.strategies import (
@@ -208,7 +208,7 @@ MK_OPTIONAL = {"parameters": mk_parameters,
 def mergekit_configs(draw: st.DrawFn) -> dict:
     """A near-valid mergekit configuration: a supported method, a base model, models with weights
     and densities that are numbers, gradients or filters, each part now and then hostile."""
-    data = {"merge_method": draw(mostly(st.sampled_from(mergekit_recipe.METHODS), st.one_of(st.sampled_from(
+    data = {"merge_method": draw(mostly(st.sampled_from(MERGEKIT), st.one_of(st.sampled_from(
                 ["slerp", "della", "breadcrumbs", "TIES", "passthrough"]), hostile_values))),
             "models": draw(mostly(st.lists(mk_models, min_size=1, max_size=3), hostile_values))}
     if not rarely(draw, 6):

@@ -1,8 +1,8 @@
 """mergekit configurations as raymerge recipes: which model is the anchor, which are the vectors.
 
-Read: `merge_method` (task_arithmetic, linear, ties, dare_linear, dare_ties), `base_model`, `models[].model` and their
-`parameters`, top-level `parameters` (the default of every model's), `dtype`, `out_dtype`,
-`tokenizer_source: base`. A parameter may be a number, a gradient (a list of numbers) or a list of
+Read: `merge_method` (each method's mergekit recipe kind: methods.MERGEKIT), `base_model`,
+`models[].model` and their `parameters` (those the method declares with a mergekit name),
+top-level `parameters` (the default of every model's), `dtype`, `out_dtype`, `tokenizer_source: base`. A parameter may be a number, a gradient (a list of numbers) or a list of
 `{filter, value}` conditions (mergekit's filter is a substring of the tensor name, never a regex:
 it becomes a `contains` rule of the schedule; a condition without a filter, or with "*", is the
 default). A file means what it means to mergekit: anything else, raymerge's own syntax included
@@ -18,17 +18,13 @@ import re
 from typing import Any
 
 from raymerge.errors import InputError
+from raymerge.methods import MERGEKIT, METHODS, RECIPES, Parameter
 from raymerge.planning.schedule import CONTAINS
 from raymerge.untrusted import shown
 
 log = logging.getLogger("raymerge")
 
-METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties")
-_SPARSE = ("weight", "density", "normalize", "rescale", "lambda", "int8_mask")
 _KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
-_PARAMETERS = {"task_arithmetic": ("weight", "normalize", "lambda"), "linear": ("weight", "normalize"),
-               "ties": _SPARSE, "dare_linear": _SPARSE, "dare_ties": _SPARSE}
-_PER_MODEL = ("weight", "density")  # mergekit's per-model parameters: a number, a gradient or filters
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
@@ -39,9 +35,9 @@ def is_mergekit(data: dict[str, Any]) -> bool:
 def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     """(raymerge recipe kind, its keys) for a mergekit configuration; InputError for what cannot map."""
     method = data.get("merge_method")
-    if method not in METHODS:
+    if method not in MERGEKIT:
         raise InputError(f"{where}: merge_method {shown(method, 40)}: raymerge runs mergekit's "
-                         f"{', '.join(METHODS)} recipes; for slerp, della, breadcrumbs and the rest use mergekit itself")
+                         f"{', '.join(MERGEKIT)} recipes; for the others use mergekit itself")
     for key in data:
         if key not in _KEYS:
             hint = "raymerge merges whole models: list them under models" if key == "slices" else \
@@ -54,10 +50,12 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
     if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
         raise InputError(f"{where}: models: a list of {{model: REFERENCE, parameters: {{weight: X}}}}")
     defaults = _parameters(data.get("parameters"), method, f"{where}: parameters")
+    how = RECIPES[method]
     base = _reference(data["base_model"], f"{where}: base_model") if data.get("base_model") is not None else None
-    if method != "linear" and base is None:
+    if base is None and (how.anchor or how.minus):
         raise InputError(f"{where}: {method} needs a base_model: the model each one's change is taken from")
-    urls, weights, densities = [], [], []
+    per_model = {p.mergekit: [] for p in _declared(method) if p.per_vector}
+    urls = []
     for i, entry in enumerate(models):
         at = f"{where}: models[{i}]"
         for key in entry:
@@ -65,21 +63,22 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
                 raise InputError(f"{at}: {shown(key, 40)}: raymerge reads model and parameters")
         url = _reference(entry.get("model"), f"{at}.model")
         own = {**defaults, **_parameters(entry.get("parameters"), method, f"{at}.parameters")}
-        if method != "linear" and url.rstrip("/") == base.rstrip("/"):
+        if how.anchor and url.rstrip("/") == base.rstrip("/"):
             continue  # mergekit takes no change from the base itself (nor its weight into normalize's sum)
         if "weight" not in own:
             raise InputError(f"{at}.parameters.weight: missing; mergekit needs a weight for every model")
         urls.append(url)
-        weights.append(own["weight"])
-        densities.append(own.get("density", 1.0))  # mergekit's default: keep everything
-    values: dict[str, Any] = {"model": urls, "scale": weights}
-    if any(d != 1.0 for d in densities):
-        values["density"] = densities
+        for p in _declared(method):
+            if p.per_vector:
+                per_model[p.mergekit].append(own.get(p.mergekit, p.default))
+    values: dict[str, Any] = {"model": urls}
+    for p in _declared(method):
+        if p.per_vector and (p.name == "scale" or any(x != p.default for x in per_model[p.mergekit])):
+            values[p.name] = per_model[p.mergekit]  # a parameter left at its default everywhere stays unsaid
+        elif not p.per_vector and p.mergekit in defaults:
+            values[p.name] = defaults[p.mergekit]
     if base is not None:
         values["base"] = base
-    for key in ("normalize", "rescale", "lambda"):
-        if key in defaults:
-            values[key] = defaults[key]
     dtype = data.get("dtype")
     if dtype is not None and str(dtype).lower() not in ("float32", "fp32", "f32"):
         log.warning("%s: dtype %s: raymerge computes in float32 (mergekit would in %s); the results can differ in "
@@ -89,23 +88,30 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
     return method, values
 
 
+def _declared(method: str) -> list[Parameter]:
+    """The parameters of the method a mergekit kind computes with that mergekit names."""
+    return [p for p in METHODS[RECIPES[method].method].parameters if p.mergekit]
+
+
 def _parameters(value: Any, method: str, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InputError(f"{where}: a mapping of parameters like weight: 0.5")
+    declared = {p.mergekit: p for p in _declared(method)}
+    ignored = METHODS[RECIPES[method].method].mergekit_ignores
     out = {}
     for key, setting in value.items():
-        if key not in _PARAMETERS[method]:
+        if key not in declared and key not in ignored:
             raise InputError(f"{where}.{shown(key, 40)}: not a {method} parameter raymerge can map; it takes "
-                             f"{', '.join(_PARAMETERS[method])}")
-        if key in _PER_MODEL:
+                             f"{', '.join([*declared, *ignored])}")
+        if key in ignored:
+            continue  # changes nothing in the result (how mergekit holds its masks in memory)
+        if declared[key].schedulable:
             out[key] = _schedule(setting, f"{where}.{key}")
         elif isinstance(setting, (list, dict)):
             raise InputError(f"{where}.{key}: one value for the whole merge; per-tensor filters and gradients "
-                             "apply to weight and density only")
-        elif key == "int8_mask":
-            continue  # how mergekit stores its sign mask in memory: no change to the result
+                             f"apply to {' and '.join(k for k, p in declared.items() if p.schedulable)} only")
         else:
             out[key] = setting
     return out

@@ -6,7 +6,7 @@ import pytest
 
 from raymerge.config import build_recipe
 from raymerge.errors import InputError
-from raymerge.mergekit_recipe import recipe_values
+from raymerge.config.mergekit import recipe_values
 from raymerge.planning.schedule import Scale
 
 
@@ -37,7 +37,7 @@ def test_ties_and_dare_map_weight_and_density_per_model_and_the_shared_parameter
         "parameters": {"rescale": False, "normalize": True, "lambda": 0.9, "int8_mask": True}}, "mk.yml")
     recipe, _ = build_recipe(kind, {**values, "out": "/m/out", "seed": 5})
     assert (recipe.kind, recipe.method_name, recipe.base) == ("dare_ties", "dare_ties", "/m/base")
-    assert recipe.density == (Scale(0.3), Scale((0.4, 0.8), (("contains", "mlp", 0.2),)), Scale(1.0))
+    assert dict(recipe.per_vector)["density"] == (Scale(0.3), Scale((0.4, 0.8), (("contains", "mlp", 0.2),)), Scale(1.0))
     assert dict(recipe.params) == {"normalize": True, "rescale": False, "lambda": 0.9, "seed": 5}
     assert [u for u, _ in recipe.vectors] == ["/m/chat", "/m/math", "/m/code"]
 
