@@ -12,13 +12,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from raymerge.commit.manifest import Manifest
+from raymerge.commit.verify import Redo, verify as check_checkpoint
 from raymerge.config import OPTIONS, Recipe, RunOptions, build_recipe
-from raymerge.execution.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
-from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
-from raymerge.planning.schedule import layer_of
+from raymerge.execution.passes import facts_by_index
+from raymerge.execution.session import prefer_loopback, ray_session  # noqa: F401  (the faces' imports)
+from raymerge.planning.build import describe, input_roles, make_plan, total_read_bytes  # noqa: F401  (the faces')
 from raymerge.planning.plan import Plan
-from raymerge.runner import make_plan, run as run_phases
-from raymerge.session import prefer_loopback, ray_session  # noqa: F401  (the faces' imports)
+from raymerge.runner import run as run_phases
 from raymerge.storage import urls
 
 log = logging.getLogger("raymerge")
@@ -127,41 +128,16 @@ def run(recipe: Recipe, run_options: RunOptions) -> MergeResult:
                        steady_gbps=o.steady_gbps, nonfinite=o.nonfinite, pass_seconds=o.pass_seconds)
 
 
-def _method_passes(the_plan: Plan, method: str) -> list[str]:
-    """The passes a method's tensors need in this plan (the elementwise one alone when none computes)."""
-    used = {p for t in the_plan.tensors if t.method == method and t.terms for p in tensor_passes(t)}
-    return [p for p in PASS_ORDER if p in used] or [ELEMENTWISE]
+def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None) -> list[str]:
+    """`raymerge verify`: a checkpoint against its manifest (commit.verify) and, for `recompute`
+    random items, against its inputs: the manifest's recipe planned again, the items produced again."""
+    from raymerge.execution.worker import MergeWorker
 
+    def plan_again(manifest: Manifest) -> Plan:
+        recipe = dict(manifest.recipe)
+        kind = recipe.pop("kind")
+        recipe.update(manifest.layout, out=url, storage_options=storage_options)
+        return make_plan(*build_recipe(kind, recipe))
 
-def total_read_bytes(the_plan: Plan) -> int:
-    """Bytes of input data the workers read in every pass (statistics passes read the vectors again)."""
-    return the_plan.read_bytes + sum(pass_read_bytes(the_plan, name) for name in statistics_passes(the_plan))
-
-
-def describe(the_plan: Plan) -> dict[str, Any]:
-    """The plan as JSON-able data: what `raymerge plan --json` prints."""
-    return {
-        "plan_hash": the_plan.hash,
-        "output_bytes": the_plan.output_bytes,
-        "tensor_bytes": the_plan.tensor_bytes,
-        "read_bytes": total_read_bytes(the_plan),
-        "inputs": [{"role": f.role, "url": urls.redact(f.url), "size": f.size} for f in the_plan.files],
-        "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
-                     "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,
-                     "rule": t.rule, "method": t.method, "terms": len(t.terms), "scales": [x.scale for x in t.terms],
-                     "vector_parameters": [dict(x.values) for x in t.terms], "passes": list(tensor_passes(t)),
-                     "layer": layer_of(t.name), "special_rows": len(t.overrides)}
-                    for t in the_plan.tensors],
-        "shards": [{"name": s.name, "size": s.size, "header_bytes": len(s.header), "tensors": len(s.tensors),
-                    "items": len(s.items)} for s in the_plan.shards],
-        "items": [{"id": i.id, "shard": the_plan.shards[i.shard].name, "part": i.part, "start": i.start,
-                   "end": i.end, "pieces": len(i.pieces)} for i in the_plan.items],
-        "aux_files": [a.name for a in the_plan.aux_files],
-        "passes": [{"name": name, "items": len(pass_items(the_plan, name)),
-                    "read_bytes": pass_read_bytes(the_plan, name)} for name in statistics_passes(the_plan)]
-        + [{"name": ELEMENTWISE, "items": len(the_plan.items), "read_bytes": the_plan.read_bytes}],
-        "methods": {m.name: {"passes": _method_passes(the_plan, m.name),
-                             "parameters": [p.name for p in m.parameters],
-                             "given": dict(next(t.params for t in the_plan.tensors if t.method == m.name))}
-                    for m in (METHODS[name] for name in sorted({t.method for t in the_plan.tensors}))},
-    }
+    return check_checkpoint(url, storage_options, recompute, seed, Redo(plan_again, lambda plan, manifest: MergeWorker(
+        plan, None, storage_options, {}, facts=facts_by_index(plan, manifest.facts))))

@@ -179,7 +179,7 @@ def check_writable(path: str | None, flag: str) -> None:
 def _check_report_is_no_input(path: str | None, recipe) -> None:
     """The report replaces whatever file has its name: never an input's (guard.check_not_input)."""
     from raymerge.guard import check_not_input
-    from raymerge.runner import input_roles
+    from raymerge.api import input_roles
 
     if path is not None:
         check_not_input(path, list(input_roles(recipe)), flag="--report")
@@ -199,7 +199,7 @@ def _run_kind(args: argparse.Namespace) -> int:
 def _run_file(args: argparse.Namespace) -> int:
     from raymerge.api import run
     from raymerge.config import load_recipe_file
-    from raymerge.session import prefer_loopback
+    from raymerge.execution.session import prefer_loopback
 
     check_writable(args.report, "--report")
     recipe, run_options = load_recipe_file(args.recipe, recipe_values(args))
@@ -273,7 +273,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from raymerge.runner import verify
+    from raymerge.api import verify
     from raymerge.config import parse_count, parse_storage_options
 
     args.recompute = parse_count(args.recompute, "--recompute", minimum=0)  # the flag's text, checked
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     if args.command in (*(k for k, h in RECIPES.items() if h.command), "demo"):  # `run`: once its file is read
-        from raymerge.session import prefer_loopback
+        from raymerge.execution.session import prefer_loopback
 
         prefer_loopback(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))
     try:

@@ -22,98 +22,34 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from raymerge.commit.aux import aux_contents
 from raymerge.commit.committer import commit
-from raymerge.commit.manifest import Manifest, output_files
+from raymerge.commit.manifest import output_files
 from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import nonfinite_totals
-from raymerge.commit.verify import Redo, verify as check_checkpoint
-from raymerge.config import Recipe, RunOptions, build_recipe
+from raymerge.config import Recipe, RunOptions
 from raymerge.errors import (CHANGED, DENIED, FULL, MISSING, ExecutionError, InputError, NonFiniteError, OutputError,
                              RaymergeError, StorageError)
 from raymerge.execution.journal import Journal, JournalHead, JournalState, StatsRecord
-from raymerge.execution.passes import Facts, covers, facts_by_index, pass_items, statistics_passes
+from raymerge.execution.passes import Facts, covers
 from raymerge.execution.lease import Lease
 from raymerge.execution.nodes import NodeView, driver_view, local_inputs
 from raymerge.execution.resume import Resumed, check_resumable
 from raymerge.methods import METHODS
 from raymerge.ops.kernel import supports
 from raymerge.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
-from raymerge.planning.inputs import resolve
+from raymerge.planning.build import input_roles, make_plan
+from raymerge.planning.passes import pass_items, statistics_passes
 from raymerge.planning.plan import Plan
-from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
-from raymerge.session import ray_session
+from raymerge.execution.session import ray_session
 from raymerge.storage import urls
-from raymerge.storage.writers import STAGING, Output, open_output, part_rules
+from raymerge.storage.writers import STAGING, Output, open_output
 
 log = logging.getLogger("raymerge")
 progress_log = logging.getLogger("raymerge.progress")
-
-def make_plan(recipe: Recipe, run_options: RunOptions) -> Plan:
-    spec = resolve_recipe(recipe, run_options.storage_options)
-    rules = part_rules(recipe.out)  # items line up with the output writer's parts (none without --out)
-    options = PlanOptions(shard_size=run_options.shard_size, item_size=run_options.item_size, dtype=recipe.dtype,
-                          min_part=rules.min_part, max_parts=rules.max_parts)
-    started = time.perf_counter()
-    result = build_plan(spec, options)
-    log.info("plan: %d tensors, %d shards, %d items, %.2f GB out, in %.2fs (hash %s)", len(result.tensors),
-             len(result.shards), len(result.items), result.output_bytes / 1e9, time.perf_counter() - started,
-             result.hash[:12])
-    return result
-
-
-def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpec:
-    """Phase 1: resolve every input of the recipe (concurrently; each URL once)."""
-    started = time.perf_counter()
-    roles = input_roles(recipe)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        found = dict(zip(roles, pool.map(lambda u: resolve(roles[u], u, storage_options), roles)))
-    log.info("resolve: %d inputs, %d shards, in %.2fs", len(found), sum(len(c.files) for c in found.values()),
-             time.perf_counter() - started)
-    how = recipe.how
-    role = {"cp": recipe.cp, "base": recipe.base, how.vectors: recipe.vectors[0][0] if recipe.vectors else None}
-    checkpoint = {key: found[url] if url else None for key, url in role.items()}
-    minus = checkpoint[how.minus] if how.minus else None
-    terms = tuple(TermSpec(scale, found[url], minus, tuple((name, given[i]) for name, given in recipe.per_vector))
-                  for i, (url, scale) in enumerate(recipe.vectors))
-    first = checkpoint[how.vectors]
-    return RecipeSpec(anchor=checkpoint[how.anchor] if how.anchor else None, terms=terms, vocab=recipe.vocab,
-                      skip=recipe.skip, special_tokens=recipe.special_tokens,
-                      special_from=first if how.minus else None,
-                      template_from=first if recipe.chat_template and how.template else None,
-                      aux_from=checkpoint[how.aux] or first, method=recipe.method_name, params=recipe.params)
-
-
-def verify(url: str, storage_options: dict[str, Any], recompute: int = 0, seed: int | None = None) -> list[str]:
-    """`raymerge verify`: a checkpoint against its manifest (commit.verify) and, for `recompute`
-    random items, against its inputs: the manifest's recipe planned again, the items produced again."""
-    from raymerge.execution.worker import MergeWorker
-
-    def plan_again(manifest: Manifest) -> Plan:
-        recipe = dict(manifest.recipe)
-        kind = recipe.pop("kind")
-        recipe.update(manifest.layout, out=url, storage_options=storage_options)
-        return make_plan(*build_recipe(kind, recipe))
-
-    return check_checkpoint(url, storage_options, recompute, seed, Redo(plan_again, lambda plan, manifest: MergeWorker(
-        plan, None, storage_options, {}, facts=facts_by_index(plan, manifest.facts))))
-
-
-def input_roles(recipe: Recipe) -> dict[str, str]:
-    """Every input URL of the recipe once, with the role its messages name it by."""
-    roles: dict[str, str] = {}
-    if recipe.cp:
-        roles[recipe.cp] = "cp"
-    if recipe.base:
-        roles.setdefault(recipe.base, "base")
-    name = recipe.how.vectors
-    for i, (url, _) in enumerate(recipe.vectors):
-        roles.setdefault(url, name if i == 0 else f"{name}[{i + 1}]")
-    return roles
 
 
 @dataclass(frozen=True)

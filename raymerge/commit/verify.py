@@ -6,7 +6,7 @@ validated like an input's); the index against the headers; every item's CRC-32. 
 recipe in the manifest) and compared byte for byte. Problems name the shard and the tensors.
 
 This module sits below the planner's faces and the workers: how items are computed again comes
-in as a `Redo` (raymerge.runner.verify gives it).
+in as a `Redo` (raymerge.api.verify gives it).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from typing import Any
 
 from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.execution.nodes import NodeView, check_view, local_inputs
-from raymerge.execution.passes import Row, tensor_passes
+from raymerge.execution.passes import Row
+from raymerge.planning.passes import tensor_passes
 from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
 from raymerge.ops.kernel import Kernel, check_device, kernel_for
 from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan

@@ -106,7 +106,7 @@ def test_the_private_local_ray_refuses_other_users_without_its_token(tmp_path):
     process's environment holds: a client without it cannot join; one with it can."""
     owner = (
         "import os, sys, time\n"
-        "from raymerge.session import prefer_loopback, ray_session\n"
+        "from raymerge.execution.session import prefer_loopback, ray_session\n"
         "prefer_loopback(None)\n"
         "import ray\n"
         "with ray_session(None):\n"

@@ -21,7 +21,7 @@ import torch
 
 import raymerge
 from raymerge import cli
-from raymerge.execution.passes import pass_items
+from raymerge.planning.passes import pass_items
 from tests.conftest import make_llama_trio
 from tests.helpers import assert_bit_identical, load_folder
 from tests.methods.test_sparse_methods import sparse_reference

@@ -20,7 +20,7 @@ import pytest
 import raymerge
 from raymerge.config import build_recipe
 from raymerge.execution.journal import Journal, JournalHead
-from raymerge.runner import make_plan
+from raymerge.planning.build import make_plan
 from raymerge.storage.writers import STAGING, open_output
 
 TIMEOUT = 60  # seconds: every refusal here comes before any worker starts

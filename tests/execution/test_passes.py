@@ -7,7 +7,8 @@ import pytest
 
 from raymerge import api
 from raymerge.errors import InputError, OutputError
-from raymerge.execution.passes import Facts, facts_by_index, pass_items, pass_read_bytes, statistics_passes, tensor_passes
+from raymerge.execution.passes import Facts, facts_by_index
+from raymerge.planning.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
 from raymerge.methods import METHODS
 from raymerge.execution.worker import MergeWorker
 from raymerge.synth import LlamaShape, make_trio

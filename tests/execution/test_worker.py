@@ -9,7 +9,7 @@ import torch
 from raymerge.config import build_recipe
 from raymerge.errors import InputError
 from raymerge.execution.worker import MergeWorker
-from raymerge.runner import make_plan
+from raymerge.planning.build import make_plan
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

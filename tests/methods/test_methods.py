@@ -13,7 +13,7 @@ from raymerge.config import build_recipe
 from raymerge.execution.worker import MergeWorker
 from raymerge.methods import METHODS, RECIPES, Method, Operands, Vector
 from raymerge.ops.kernel import kernel_for
-from raymerge.runner import make_plan
+from raymerge.planning.build import make_plan
 from tests.helpers import chat_vector_reference, load_folder
 
 

@@ -1,0 +1,109 @@
+"""Building a plan from a recipe: resolve every input (phase 1), then plan (phase 2); and the plan
+described as data (`raymerge plan --json`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from raymerge.config import Recipe, RunOptions
+from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
+from raymerge.planning.inputs import resolve
+from raymerge.planning.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
+from raymerge.planning.plan import Plan
+from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
+from raymerge.planning.schedule import layer_of
+from raymerge.storage import urls
+from raymerge.storage.writers import part_rules
+
+log = logging.getLogger("raymerge")
+
+
+def make_plan(recipe: Recipe, run_options: RunOptions) -> Plan:
+    spec = resolve_recipe(recipe, run_options.storage_options)
+    rules = part_rules(recipe.out)  # items line up with the output writer's parts (none without --out)
+    options = PlanOptions(shard_size=run_options.shard_size, item_size=run_options.item_size, dtype=recipe.dtype,
+                          min_part=rules.min_part, max_parts=rules.max_parts)
+    started = time.perf_counter()
+    result = build_plan(spec, options)
+    log.info("plan: %d tensors, %d shards, %d items, %.2f GB out, in %.2fs (hash %s)", len(result.tensors),
+             len(result.shards), len(result.items), result.output_bytes / 1e9, time.perf_counter() - started,
+             result.hash[:12])
+    return result
+
+
+def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpec:
+    """Phase 1: resolve every input of the recipe (concurrently; each URL once)."""
+    started = time.perf_counter()
+    roles = input_roles(recipe)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = dict(zip(roles, pool.map(lambda u: resolve(roles[u], u, storage_options), roles)))
+    log.info("resolve: %d inputs, %d shards, in %.2fs", len(found), sum(len(c.files) for c in found.values()),
+             time.perf_counter() - started)
+    how = recipe.how
+    role = {"cp": recipe.cp, "base": recipe.base, how.vectors: recipe.vectors[0][0] if recipe.vectors else None}
+    checkpoint = {key: found[url] if url else None for key, url in role.items()}
+    minus = checkpoint[how.minus] if how.minus else None
+    terms = tuple(TermSpec(scale, found[url], minus, tuple((name, given[i]) for name, given in recipe.per_vector))
+                  for i, (url, scale) in enumerate(recipe.vectors))
+    first = checkpoint[how.vectors]
+    return RecipeSpec(anchor=checkpoint[how.anchor] if how.anchor else None, terms=terms, vocab=recipe.vocab,
+                      skip=recipe.skip, special_tokens=recipe.special_tokens,
+                      special_from=first if how.minus else None,
+                      template_from=first if recipe.chat_template and how.template else None,
+                      aux_from=checkpoint[how.aux] or first, method=recipe.method_name, params=recipe.params)
+
+
+def input_roles(recipe: Recipe) -> dict[str, str]:
+    """Every input URL of the recipe once, with the role its messages name it by."""
+    roles: dict[str, str] = {}
+    if recipe.cp:
+        roles[recipe.cp] = "cp"
+    if recipe.base:
+        roles.setdefault(recipe.base, "base")
+    name = recipe.how.vectors
+    for i, (url, _) in enumerate(recipe.vectors):
+        roles.setdefault(url, name if i == 0 else f"{name}[{i + 1}]")
+    return roles
+
+
+def _method_passes(the_plan: Plan, method: str) -> list[str]:
+    """The passes a method's tensors need in this plan (the elementwise one alone when none computes)."""
+    used = {p for t in the_plan.tensors if t.method == method and t.terms for p in tensor_passes(t)}
+    return [p for p in PASS_ORDER if p in used] or [ELEMENTWISE]
+
+
+def total_read_bytes(the_plan: Plan) -> int:
+    """Bytes of input data the workers read in every pass (statistics passes read the vectors again)."""
+    return the_plan.read_bytes + sum(pass_read_bytes(the_plan, name) for name in statistics_passes(the_plan))
+
+
+def describe(the_plan: Plan) -> dict[str, Any]:
+    """The plan as JSON-able data: what `raymerge plan --json` prints."""
+    return {
+        "plan_hash": the_plan.hash,
+        "output_bytes": the_plan.output_bytes,
+        "tensor_bytes": the_plan.tensor_bytes,
+        "read_bytes": total_read_bytes(the_plan),
+        "inputs": [{"role": f.role, "url": urls.redact(f.url), "size": f.size} for f in the_plan.files],
+        "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+                     "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,
+                     "rule": t.rule, "method": t.method, "terms": len(t.terms), "scales": [x.scale for x in t.terms],
+                     "vector_parameters": [dict(x.values) for x in t.terms], "passes": list(tensor_passes(t)),
+                     "layer": layer_of(t.name), "special_rows": len(t.overrides)}
+                    for t in the_plan.tensors],
+        "shards": [{"name": s.name, "size": s.size, "header_bytes": len(s.header), "tensors": len(s.tensors),
+                    "items": len(s.items)} for s in the_plan.shards],
+        "items": [{"id": i.id, "shard": the_plan.shards[i.shard].name, "part": i.part, "start": i.start,
+                   "end": i.end, "pieces": len(i.pieces)} for i in the_plan.items],
+        "aux_files": [a.name for a in the_plan.aux_files],
+        "passes": [{"name": name, "items": len(pass_items(the_plan, name)),
+                    "read_bytes": pass_read_bytes(the_plan, name)} for name in statistics_passes(the_plan)]
+        + [{"name": ELEMENTWISE, "items": len(the_plan.items), "read_bytes": the_plan.read_bytes}],
+        "methods": {m.name: {"passes": _method_passes(the_plan, m.name),
+                             "parameters": [p.name for p in m.parameters],
+                             "given": dict(next(t.params for t in the_plan.tensors if t.method == m.name))}
+                    for m in (METHODS[name] for name in sorted({t.method for t in the_plan.tensors}))},
+    }
