@@ -1,8 +1,10 @@
 """Per-tensor statistics of the change a run made, as a Parquet table next to the manifest.
 
-`delta_norm` = ||sum_i scale_i * (a_i - b_i)||, the change applied (float32, before it is added and
-rounded), `anchor_norm` = ||anchor|| (cp; empty when extracting), `relative` = their ratio: what
-chat-vector users look at to choose a scale. `nonfinite` counts the tensor's inf/NaN output
+`delta_norm` = the norm of what the output differs from its anchor by, in float32 before it is
+added and rounded (the chat vector's ||sum_i scale_i * (a_i - b_i)||; TIES' and DARE's combined,
+sparsified change); for a method without an anchor (extract, mergekit's linear) the change is from
+zero: the norm of the float32 output before rounding. `anchor_norm` = ||anchor|| (cp, the base;
+empty without one), `relative` = their ratio: what chat-vector users look at to choose a scale. `nonfinite` counts the tensor's inf/NaN output
 elements, `nonfinite_new` those made from finite inputs (an overflowing dtype or scale).
 """
 

@@ -42,7 +42,10 @@ class Linear(Method):
 
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         mixed = _weighted(kernel, operands, scratch, len(out), self.value(operands, "normalize"))
-        return kernel.weighted_sum(out, mixed, [], scratch)
+        # The weighted sum is rounded as an anchor would be (a cast: its bits, -0.0 included), but
+        # it is the change from zero that the output is: the stats count it as the change made.
+        sums = kernel.weighted_sum(out, mixed, [], scratch)
+        return sums._replace(ss_delta=sums.ss_anchor, ss_anchor=0.0)
 
 
 def _weighted(kernel: Any, operands: Operands, scratch: Any, n: int, normalize: bool) -> Any:

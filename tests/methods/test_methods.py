@@ -90,3 +90,15 @@ def test_a_source_that_several_operands_share_is_read_once(llama_trio):
     read = sum(worker.produce(item.id)[1] for item in plan.items)
     worker.close()
     assert read == plan.read_bytes == 3 * plan.tensor_bytes  # base, cp and chat once each (all bf16, like the output)
+
+
+def test_linear_counts_its_whole_weighted_sum_as_the_change_made():
+    """linear has no anchor: its output is its change from zero, and the stats say so (not 0)."""
+    k = kernel_for("cpu", {"F32"})
+    rng = np.random.default_rng(1)
+    m1, m2 = (rng.standard_normal(500).astype(np.float32) for _ in range(2))
+    out = np.empty(500, np.float32)
+    sums = METHODS["linear"].apply(k, out, Operands(None, (Vector(0.25, m1, None), Vector(0.75, m2, None))),
+                                   k.scratch())
+    assert sums.ss_anchor == 0.0
+    assert np.isclose(sums.ss_delta, float(np.sum(out.astype(np.float64) ** 2)), rtol=1e-5) and sums.ss_delta > 0
