@@ -134,10 +134,8 @@ class _Run:
         from raymerge.execution.dispatch import PoolOptions, WorkerPool
 
         o = self.options
-        pool_options = PoolOptions(workers=o.workers, cpus_per_worker=o.cpus_per_worker, in_flight=o.in_flight,
-                                   gpus_per_worker=o.gpus_per_worker, worker_resource=o.worker_resource)
         env = urls.worker_env([f.url for f in self.plan.files], self.output.url)
-        pool = WorkerPool(self.plan, self.output.url, o.storage_options, env, pool_options, view)
+        pool = WorkerPool(self.plan, self.output.url, o.storage_options, env, PoolOptions.of(o), view)
         try:
             pool.start()
             yield pool

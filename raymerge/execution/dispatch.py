@@ -18,6 +18,7 @@ Protocol (driver side):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -44,6 +45,13 @@ class PoolOptions:
     in_flight: int = 2  # items per worker at once: one reading while another computes or writes
     start_timeout: float = 120.0
     max_attempts: int = 4  # times one item may lose its worker before the run gives up
+
+    @classmethod
+    def of(cls, run_options: Any) -> PoolOptions:
+        """The pool's settings from a run's options (config.RunOptions), field by name: a new pool
+        option is a row of config.OPTIONS, a RunOptions field and a field here."""
+        return cls(**{f.name: getattr(run_options, f.name) for f in dataclasses.fields(cls)
+                      if hasattr(run_options, f.name)})
 
 
 def worker_count(options: PoolOptions) -> int:
