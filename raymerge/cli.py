@@ -13,7 +13,7 @@ import sys
 from raymerge import __version__
 from raymerge.config import OPTIONS, recipe_from_flags
 from raymerge.errors import InputError, RaymergeError
-from raymerge.methods import RECIPES
+from raymerge.methods import MERGEKIT, RECIPES
 from raymerge.storage.localfs import kind, write_regular
 from raymerge.storage.urls import redact
 from raymerge.text import listed, one_line
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     _add_common(p)
     p = command("run", "run a YAML recipe (kind: " + ", ".join(RECIPES) + ", and the command's flags as keys) or a "
-                "mergekit configuration (merge_method: task_arithmetic, linear, ties, dare_linear or dare_ties); --out "
+                f"mergekit configuration (merge_method: {', '.join(MERGEKIT[:-1])} or {MERGEKIT[-1]}); --out "
                 "and the other flags given here win over the file's keys", EXAMPLES["run"])
     p.add_argument("recipe", help="the recipe file")
     for o in OPTIONS:  # every flag a hint may name, but the inputs: the file names them
