@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 import raymerge
-from raymerge.config import OPTION, OPTIONS
+from raymerge.config import OPTION
 from raymerge.config.mergekit import recipe_values
 from raymerge.errors import InputError
 from raymerge.methods import (MERGEKIT, METHODS, PASS_ORDER, RECIPES, Method, Parameter, Pass, check_registry,
