@@ -38,15 +38,13 @@ from raymerge.execution.passes import Facts, covers
 from raymerge.execution.lease import Lease
 from raymerge.execution.nodes import NodeView, driver_view, local_inputs
 from raymerge.execution.resume import Resumed, check_resumable
-from raymerge.methods import METHODS
-from raymerge.ops.kernel import supports
 from raymerge.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
 from raymerge.planning.build import input_roles, make_plan
 from raymerge.planning.passes import pass_items, statistics_passes
 from raymerge.planning.plan import Plan
 from raymerge.execution.session import ray_session
 from raymerge.storage import urls
-from raymerge.storage.writers import STAGING, Output, open_output
+from raymerge.storage.writers import STAGING, Output, clear_staging, open_output
 
 log = logging.getLogger("raymerge")
 progress_log = logging.getLogger("raymerge.progress")
@@ -77,7 +75,6 @@ def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
         raise InputError(f"{recipe.kind} needs --out: where the checkpoint goes (a local path or s3://)")
     started = time.perf_counter()
     the_plan = make_plan(recipe, run_options)
-    _check_kernels(the_plan, run_options)
     check_not_input(recipe.out, [*input_roles(recipe), *(f.url for f in the_plan.files),
                                  *(a.source for a in the_plan.aux_files)])
     aux = aux_contents(the_plan, run_options.storage_options)  # read and checked now: never after the work
@@ -167,7 +164,7 @@ class _Run:
     def _decide(self, state: JournalState | None) -> _Start:
         """Fresh, resumed, replacing or refused, from what the output holds and the options."""
         o, shown = self.options, urls.redact(self.output.url)
-        old = old_checkpoint(self.output, self.output.listing())
+        old = old_checkpoint(self.output)
         if state is not None and state.head is None:
             if o.overwrite:
                 return _Start(_replaced(old, state), clear=state)
@@ -212,11 +209,11 @@ class _Run:
             return
         token = uuid.uuid4().hex
         name = f"probe-{token[:12]}"
-        self.output.put_staging(name, token.encode())
+        self.output.staging.put(name, token.encode())
         try:
             yield driver_view(self.plan, self.output.url, posixpath.join(self.output.url, STAGING, name), token)
         finally:
-            self.output.remove_staging(name)
+            self.output.staging.delete([name])
 
     def stage(self, start: _Start) -> tuple[list[str], Journal]:
         """The staged targets and the journal: the interrupted run's, or new ones."""
@@ -225,6 +222,7 @@ class _Run:
         if start.clear is not None:  # --overwrite of an unfinished run: its staging goes, only now
             head = start.clear.head
             self.output.abort(list(head.shards) if head else [], list(head.handles) if head else None)
+            clear_staging(self.output)
         handles = self.output.prepare([(s.name, s.size) for s in self.plan.shards])
         head = JournalHead.of(self.plan, handles, start.replaces, self.lease.holder.run_id,
                               self.output.identities(handles))
@@ -328,21 +326,6 @@ class _Run:
                         f"more on the disk of {urls.redact(self.output.url)}, then run the same command with --resume")
         e.args = (f"{e}; {hint}",)
         return e
-
-
-def _check_kernels(plan: Plan, options: RunOptions) -> None:
-    """Methods written with numpy (TIES, DARE) run on CPU workers, on numpy's dtypes."""
-    for t in plan.tensors:
-        method = METHODS[t.method]
-        if not method.numpy_only or not t.terms:
-            continue
-        if options.gpus_per_worker > 0:
-            raise InputError(f"--gpus-per-worker {options.gpus_per_worker:g}: {method.name} computes on CPU workers; "
-                             "drop --gpus-per-worker")
-        if not all(supports(d) for d in t.dtypes):  # the dtypes that would make the worker pick torch
-            raise InputError(f"{t.name}: {method.name} computes BF16, F16, F32 and F64 tensors, not "
-                             f"{', '.join(sorted(d for d in t.dtypes if not supports(d)))}; convert the inputs or "
-                             "use method sum")
 
 
 def _replaced(old: OldCheckpoint, state: JournalState) -> tuple[str, ...]:

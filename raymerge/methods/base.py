@@ -171,8 +171,6 @@ class Method(ABC):
     combining: ClassVar[bool] = False  # merge and apply may combine their vectors with it (--method)
     mergekit_ignores: ClassVar[tuple[str, ...]] = ()  # mergekit parameters that change nothing in the result
 
-    numpy_only: ClassVar[bool] = False  # its rule is written with numpy: CPU workers, numpy's dtypes
-
     def value(self, operands: Operands, name: str) -> Any:
         """A global parameter's value for a piece: the recipe's, else this method's default."""
         return operands.param(name, next(p.default for p in self.parameters if p.name == name))

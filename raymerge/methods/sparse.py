@@ -20,6 +20,13 @@ Whole-tensor facts come from statistics passes (docs/ARCHITECTURE.md: passes), e
     piece keeps (mergekit keeps the ties its unstable argsort happens to put first).
   - l1-norm: exact sums of |delta| before and after the drop, each rounded once to float32.
 DARE's mask: ops.sparse.keep_mask, keyed by (seed, tensor name) and indexed by element.
+
+Every step runs through a kernel's array primitives (ops/kernel.py), chunk by chunk, on per-thread
+tables of the kernel's device (drawn on the host, DARE's mask is copied there); the statistics'
+counts and sums are taken on the host. So any kernel gives the same bits, NaNs too: a NaN's bits
+decide nothing (TIES ranks every NaN's magnitude as one, ops.sparse), and where the combined change
+holds a NaN (its sum of squares is not finite), those elements are computed again with
+numpy_kernel.EXACT, whose arithmetic has the kernels' NaN rule, before the anchor is added.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ from raymerge.methods.base import (ELEMENTWISE, LAMBDA, NORMALIZE, SCALE, Method
                                    mergekit_kind, param)
 from raymerge.ops import sparse
 from raymerge.ops.kernel import Sums
-from raymerge.ops.numpy_kernel import CHUNK, _widen
+from raymerge.ops.numpy_kernel import EXACT
 
 HIGH, LOW, L1 = "magnitude-high", "magnitude-low", "l1-norm"
 _EPS = np.float32(1e-7)  # mergekit's: below it, a norm is not rescaled
-_DELTAS, _WORK = "sparse-deltas", "sparse-work"  # float32 buffer tables kept in a thread's scratch
+# The kernel tables a thread's scratch keeps: deltas (row 0: a b, then a row per vector), keep masks (a row
+# per vector), the combination's work rows, magnitude bits.
+_DELTAS, _KEEPS, _WORK, _BITS = "sparse-deltas", "sparse-keeps", "sparse-work", "sparse-bits"
 
 
 class Sparse(Method):
@@ -47,7 +56,6 @@ class Sparse(Method):
     consensus: ClassVar[bool]  # elect a sign per element, by the sum of the weighted deltas
     default_normalize: ClassVar[bool]
     default_rescale: ClassVar[bool]
-    numpy_only = True
 
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
         sparse_terms = any(0 < t.density < 1 for t in tensor.terms)
@@ -68,7 +76,9 @@ class Sparse(Method):
     def statistic(self, pass_name: str, operands: Operands, scratch: Any) -> list:
         """One piece's result, per term: HIGH a sparse histogram of the high 16 bits of |delta|
         ([bins], [counts]); LOW one of the low 16 bits inside the threshold's high bin; L1 the
-        exact sums of |delta| before and after the drop (AbsSum.to_json)."""
+        exact sums of |delta| before and after the drop (AbsSum.to_json). The kernel that made
+        the scratch computes the deltas and their magnitude bits; the counts and sums are the host's."""
+        kernel = scratch.kernel
         vecs = operands.vectors
         facts = operands.facts or {}
         wanted = [0 < v.density < 1 and (pass_name != LOW or _fact(facts, v.term, "high") is not None)
@@ -76,21 +86,27 @@ class Sparse(Method):
         high = [np.zeros(sparse.HIGH_BINS, np.int64) if w and pass_name == HIGH else None for w in wanted]
         low: list[list] = [[] for _ in vecs]
         sums = [[sparse.AbsSum(), sparse.AbsSum()] for _ in vecs]
-        bits, *work = _chunk_buffers(scratch, *_BITS)
+        bits = kernel.table(scratch, _BITS, 1, bits=True)[0]
+        keeps = kernel.table(scratch, _KEEPS, len(vecs))
+        work = _host_buffers(scratch)
         state = _TieState()
-        for lo, _, live in _chunks(operands, scratch):
+        for lo, _, live in _chunks(kernel, operands, scratch):
             for i, v, d in live:
                 if not wanted[i]:
                     continue
-                b = sparse.magnitude_bits(d, bits[:d.size])
+                # Only a selection inside NaN's bin tells NaNs apart (ops.sparse): make them equal there.
+                nans_equal = pass_name == LOW and facts[v.term]["high"] == sparse.NAN_BIN
+                b = kernel.to_host(kernel.magnitude_bits(d, bits[:len(d)], nans_equal), scratch)
                 if pass_name == HIGH:
-                    sparse.high_histogram(b, high[i], work[0][:d.size])
+                    sparse.high_histogram(b, high[i], work[0][:b.size])
                 elif pass_name == LOW:
                     low[i].append(b[(b >> 16) == facts[v.term]["high"]] & 0xFFFF)
                 else:  # L1: before and after the drop
                     sums[i][0] += sparse.abs_sum(b, work)
-                    self._drop(v, d, operands, lo, facts, state, bits, scratch)
-                    sums[i][1] += sparse.abs_sum(sparse.magnitude_bits(d, bits[:d.size]), work)
+                    self._drop(kernel, v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits,
+                                                        scratch))
+                    sums[i][1] += sparse.abs_sum(kernel.to_host(kernel.magnitude_bits(d, bits[:len(d)]), scratch),
+                                                 work)
         out: list = [None] * (1 + max((v.term for v in vecs), default=-1))  # by term: some may be absent here
         for i, v in enumerate(vecs):
             if not wanted[i]:
@@ -133,101 +149,143 @@ class Sparse(Method):
         facts = operands.facts or {}
         normalize = operands.param("normalize", self.default_normalize)
         lam = np.float32(operands.param("lambda", 1.0))
-        bits = _chunk_buffers(scratch, *_BITS)[0]
+        vecs = operands.vectors
+        bits = kernel.table(scratch, _BITS, 1, bits=True)[0]
+        keeps = kernel.table(scratch, _KEEPS, len(vecs))
+        rows = kernel.table(scratch, _WORK, len(vecs) + 4)
         state = _TieState()
-        total = [0.0, 0.0, 0, 0]
-        for lo, m, live in _chunks(operands, scratch, len(out)):
-            q = max((d.size for _, _, d in live), default=0)
-            ds, weights = [], []
-            for _, v, d in live:
-                self._drop(v, d, operands, lo, facts, state, bits, scratch)
-                factor = _fact(facts, v.term, "factor")
-                if factor is not None:
-                    np.multiply(d, np.array(factor, np.uint32).view(np.float32), out=d)
-                weights.append(np.float32(v.scale))
-                full = _row(scratch, _WORK, len(ds), q)
-                full[d.size:] = 0  # past this vector's rows (an expanded vocabulary): it is absent
-                np.multiply(d, weights[-1], out=full[:d.size])
-                ds.append(full)
-            mixed = self._combine(ds, weights, normalize, scratch, q)
-            if lam != 1:
-                np.multiply(mixed, lam, out=mixed)
-            anchor = operands.anchor[lo:lo + m]
-            s = kernel.weighted_sum(out[lo:lo + m], anchor, [(1.0, mixed, None)] if q else [], scratch)
-            total = [total[0] + s.ss_delta, total[1] + s.ss_anchor, total[2] + s.nonfinite, total[3] + s.new_nonfinite]
-        return Sums(*total)
+        total = Sums(0.0, 0.0, 0, 0)
+        for lo, m, live in _chunks(kernel, operands, scratch, len(out)):
+            q = max((len(d) for _, _, d in live), default=0)
+            parts = [(v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits, scratch))
+                     for i, v, d in live]
+            terms = [(1.0, self._mix(kernel, parts, facts, normalize, lam, rows, q), None)] if q else []
+            piece = (out[lo:lo + m], operands.anchor[lo:lo + m], terms, scratch)
+            s = kernel.weighted_sum(*piece)
+            # A change that holds a NaN has a sum of squares that is not finite: only then look for NaNs.
+            if terms and not math.isfinite(s.ss_delta) and \
+                    self._replay_nans(kernel, terms[0][1], parts, lo, facts, normalize, lam, scratch):
+                s = kernel.weighted_sum(*piece)  # again, with the change's NaN bits made exact
+            total = Sums(*(x + y for x, y in zip(total, s)))
+        return total
 
-    def _combine(self, ds: list[np.ndarray], weights: list[np.float32], normalize: bool, scratch: Any,
-                 q: int) -> np.ndarray:
-        mixed, divisor, sign, mask = (_row(scratch, _WORK, len(ds) + k, q) for k in range(4))
+    def _mix(self, kernel: Any, parts: list, facts: Any, normalize: bool, lam: np.float32, rows: Any,
+             q: int) -> Any:
+        """The combined change of the chunk's first q elements (the module's doc: drop, rescale, weigh,
+        combine, lambda) from each vector's (vector, delta, keep mask from `_keep`); the deltas are
+        changed. rows: a table of len(parts) + 4 rows of q elements or more."""
+        ds, weights = [], []
+        for j, (v, d, keep) in enumerate(parts):
+            self._drop(kernel, v, d, keep)
+            factor = _fact(facts, v.term, "factor")
+            if factor is not None:
+                kernel.multiply(d, np.uint32(factor).view(np.float32), d)
+            weights.append(np.float32(v.scale))
+            full = rows[j, :q]
+            kernel.fill(full[len(d):], 0)  # past this vector's rows (an expanded vocabulary): it is absent
+            kernel.multiply(d, weights[-1], full[:len(d)])
+            ds.append(full)
+        mixed = self._combine(kernel, ds, weights, normalize, rows, q)
+        if lam != 1:
+            kernel.multiply(mixed, lam, mixed)
+        return mixed
+
+    def _combine(self, kernel: Any, ds: list, weights: list[np.float32], normalize: bool, rows: Any, q: int) -> Any:
+        mixed, divisor, majority, mask = (rows[len(ds) + k, :q] for k in range(4))
         if not ds:
             return mixed
         if not self.consensus:
-            np.copyto(mixed, ds[0])
+            kernel.copy(mixed, ds[0])
             for d in ds[1:]:
-                np.add(mixed, d, out=mixed)
+                kernel.add(mixed, d, mixed)
             if normalize:
                 total = weights[0]
                 for w in weights[1:]:
                     total = np.float32(total + w)
                 if not abs(total) < 1e-8:
-                    np.divide(mixed, total, out=mixed)
+                    kernel.divide(mixed, total, mixed)
             return mixed
-        majority = sign  # +1 where the weighted deltas sum to >= 0 (not NaN), else -1
-        np.copyto(majority, ds[0])
+        kernel.copy(majority, ds[0])  # +1 where the weighted deltas sum to >= 0 (not NaN), else -1
         for d in ds[1:]:
-            np.add(majority, d, out=majority)
-        positive = _chunk_buffers(scratch, np.bool_)[0][:q]
-        np.greater_equal(majority, 0, out=positive)
-        np.copyto(majority, positive)
-        np.multiply(majority, 2, out=majority)
-        np.subtract(majority, 1, out=majority)
+            kernel.add(majority, d, majority)
+        kernel.greater_equal(majority, 0, majority)
+        kernel.multiply(majority, 2, majority)
+        kernel.subtract(majority, 1, majority)
         for i, (d, w) in enumerate(zip(ds, weights)):
             # sign(wd) == majority exactly where wd * majority > 0 (never for a zero or a NaN): 1.0 or 0.0
-            np.multiply(d, majority, out=mask)
-            np.greater(mask, 0, out=mask)
+            kernel.multiply(d, majority, mask)
+            kernel.greater(mask, 0, mask)
             if i == 0:
-                np.multiply(d, mask, out=mixed)
-                np.multiply(mask, w, out=divisor)
+                kernel.multiply(d, mask, mixed)
+                kernel.multiply(mask, w, divisor)
             else:
-                np.multiply(d, mask, out=d)
-                np.add(mixed, d, out=mixed)
-                np.multiply(mask, w, out=mask)
-                np.add(divisor, mask, out=divisor)
+                kernel.multiply(d, mask, d)
+                kernel.add(mixed, d, mixed)
+                kernel.multiply(mask, w, mask)
+                kernel.add(divisor, mask, divisor)
         if normalize:
-            np.equal(divisor, 0, out=mask)
-            np.add(divisor, mask, out=divisor)  # mergekit: divisor[divisor == 0] = 1 (the others: + 0.0, exact)
-            np.divide(mixed, divisor, out=mixed)
+            kernel.equal(divisor, 0, mask)
+            kernel.add(divisor, mask, divisor)  # mergekit: divisor[divisor == 0] = 1 (the others: + 0.0, exact)
+            kernel.divide(mixed, divisor, mixed)
         return mixed
 
-    def _drop(self, v: Any, d: np.ndarray, operands: Operands, lo: int, facts: Any, state: _TieState,
-              bits: np.ndarray, scratch: Any) -> None:
-        """d (vector v's delta at the piece's elements lo ..) *= its keep mask, in place."""
+    def _replay_nans(self, kernel: Any, mixed: Any, parts: list, lo: int, facts: Any, normalize: bool,
+                     lam: np.float32, scratch: Any) -> bool:
+        """Give the NaNs of the change `mixed` (the chunk at the piece's element lo) the bits of
+        kernel.nan_rule's rule: `_mix` again over those elements alone, on the host, with EXACT (numpy's
+        vector loops and a GPU pick NaN operands otherwise). Whether there were any."""
+        at = np.flatnonzero(np.isnan(kernel.to_host(mixed, scratch)))
+        if at.size == 0:
+            return False
+        again = []
+        for v, d, keep in parts:
+            inside = at[:np.searchsorted(at, len(d))]  # the vector covers the chunk's first len(d) elements
+            x = kernel.gather(v.a, lo + inside)
+            if v.b is not None:
+                EXACT.subtract(x, kernel.gather(v.b, lo + inside), x)
+            again.append((v, x, None if keep is None else kernel.gather(keep, inside)))
+        rows = EXACT.table(EXACT.scratch(at.size), _WORK, len(parts) + 4)
+        kernel.put(mixed, at, self._mix(EXACT, again, facts, normalize, lam, rows, at.size))
+        return True
+
+    def _keep(self, kernel: Any, v: Any, d: Any, keep: Any, operands: Operands, lo: int, facts: Any,
+              state: _TieState, bits: Any, scratch: Any) -> Any:
+        """Vector v's keep mask at the piece's elements lo .., 1.0 or 0.0 (the product is mergekit's
+        `delta * mask`), in `keep`, a row of its own (a NaN replay reads it again); None where the
+        density keeps everything or nothing (`_drop`)."""
+        if not 0 < v.density < 1:
+            return None
+        keep = keep[:len(d)]
+        if self.sparsify == "random":
+            seed = int(operands.param("seed", 0))
+            kernel.from_host(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo,
+                                                    len(d), sparse.keep_threshold(v.density)))
+            return keep
+        f = facts[v.term]
+        # No magnitude lies above a NaN's: a threshold past it (from damaged facts) compares as this one does.
+        threshold, begin = min(f["threshold"], sparse.NAN_MAGNITUDE + 1), operands.begin
+        # Below NaN's magnitude, a comparison with the threshold treats every NaN alike whatever its bits.
+        b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=threshold >= sparse.NAN_MAGNITUDE)
+        # The ties at the threshold: all kept before the piece that holds the last kept one, none after.
+        (kernel.greater_equal if begin < f["cut"] else kernel.greater)(b, threshold, keep)
+        if begin == f["cut"]:
+            tied = np.flatnonzero(kernel.to_host(b, scratch) == threshold)
+            left = f["keep"] - state.seen.get(v.term, 0)
+            kernel.put(keep, tied[:max(left, 0)], 1.0)
+            state.seen[v.term] = state.seen.get(v.term, 0) + tied.size
+        return keep
+
+    def _drop(self, kernel: Any, v: Any, d: Any, keep: Any) -> None:
+        """d (vector v's delta) *= its keep mask (`_keep`), in place."""
         if v.density >= 1:
             return
         if v.density <= 0:
             if self.sparsify == "magnitude":
-                d.fill(0)  # mergekit: zeros_like
+                kernel.fill(d, 0)  # mergekit: zeros_like
             else:
-                np.multiply(d, 0, out=d)
+                kernel.multiply(d, 0, d)
             return
-        keep = _row(scratch, _DELTAS, 0, d.size)  # 1.0 or 0.0: the product is mergekit's `delta * mask`
-        if self.sparsify == "random":
-            seed = int(operands.param("seed", 0))
-            np.copyto(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo, d.size,
-                                             sparse.keep_threshold(v.density)))
-        else:
-            f = facts[v.term]
-            b = sparse.magnitude_bits(d, bits[:d.size])
-            threshold, begin = np.uint32(f["threshold"]), operands.begin
-            # The ties at the threshold: all kept before the piece that holds the last kept one, none after.
-            (np.greater_equal if begin < f["cut"] else np.greater)(b, threshold, out=keep)
-            if begin == f["cut"]:
-                tied = np.flatnonzero(b == threshold)
-                left = f["keep"] - state.seen.get(v.term, 0)
-                keep[tied[:max(left, 0)]] = 1
-                state.seen[v.term] = state.seen.get(v.term, 0) + tied.size
-        np.multiply(d, keep, out=d)
+        kernel.multiply(d, keep, d)
 
 
 class _TieState:
@@ -271,34 +329,25 @@ def _abs_total(rows) -> sparse.AbsSum:
     return total
 
 
-def _chunk_buffers(scratch: Any, *dtypes: type) -> tuple[np.ndarray, ...]:
-    """One chunk-long buffer of each dtype, kept per thread (fresh pages are slow to touch)."""
-    key = ("sparse", scratch.chunk, dtypes)
+def _host_buffers(scratch: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The host's work buffers of the histograms and abs_sum, int64 and float64, a chunk long, kept
+    per thread (fresh pages are slow to touch)."""
+    key = ("sparse-host", scratch.chunk)
     if key not in scratch.staging:
-        scratch.staging[key] = tuple(np.empty(scratch.chunk, t) for t in dtypes)
+        scratch.staging[key] = (np.empty(scratch.chunk, np.int64), np.empty(scratch.chunk, np.float64))
     return scratch.staging[key]
 
 
-_BITS = (np.uint32, np.int64, np.float64)  # magnitude bits, and abs_sum's and the histograms' work buffers
-
-
-def _row(scratch: Any, table: str, i: int, n: int) -> np.ndarray:
-    """Row i, n elements, of a float32 table kept per thread (grown as needed: fresh pages are slow)."""
-    rows = scratch.staging.get(table)
-    if rows is None or rows.shape[0] <= i or rows.shape[1] < scratch.chunk:
-        scratch.staging[table] = rows = np.empty((max(i + 1, 4), scratch.chunk), np.float32)
-    return rows[i, :n]
-
-
-def _chunks(operands: Operands, scratch: Any, n: int | None = None):
+def _chunks(kernel: Any, operands: Operands, scratch: Any, n: int | None = None):
     """(lo, m, [(vector index, vector, its float32 delta at elements lo .. lo + m of the piece, as
-    far as it reaches)]) for each chunk of the piece: the deltas live in the table _DELTAS, valid
-    until the next chunk."""
+    far as it reaches)]) for each chunk of the piece: the deltas are rows of the kernel's table
+    _DELTAS, valid until the next chunk."""
     vecs = operands.vectors
     if n is None:
         n = len(operands.anchor) if operands.anchor is not None else max((len(v.a) for v in vecs), default=0)
     c = scratch.chunk
-    with np.errstate(all="ignore"):
+    rows = kernel.table(scratch, _DELTAS, len(vecs) + 1)
+    with np.errstate(all="ignore"):  # numpy's warnings: overflows and NaNs are data here
         for lo in range(0, n, c):
             m = min(c, n - lo)
             live = []
@@ -306,12 +355,12 @@ def _chunks(operands: Operands, scratch: Any, n: int | None = None):
                 p = min(m, len(v.a) - lo)
                 if p <= 0:
                     continue
-                d = _row(scratch, _DELTAS, i + 1, p)
-                _widen(d, v.a[lo:lo + p])
+                d = rows[i + 1, :p]
+                kernel.widen(d, v.a[lo:lo + p], scratch)
                 if v.b is not None:
-                    y = _row(scratch, _DELTAS, 0, p)
-                    _widen(y, v.b[lo:lo + p])
-                    np.subtract(d, y, out=d)
+                    y = rows[0, :p]
+                    kernel.widen(y, v.b[lo:lo + p], scratch)
+                    kernel.subtract(d, y, d)
                 live.append((i, v, d))
             yield lo, m, live
 

@@ -1,12 +1,21 @@
-"""The kernel protocol: the float32 weighted sum every merge method computes, and which
+"""The kernel protocol: the float32 arithmetic every merge method computes with, and which
 implementation computes it.
+
+Most methods are one weighted sum:
 
     acc = anchor (or 0);  for each (scale, a, b) in order: acc += scale * (a - b);  out = round(acc)
 
 Each step is a separate float32 operation (no fused multiply-add; `fused_sum`, for mergekit's
 linear, is the one fused operation), so the bits match any reference that does the same
-arithmetic in float32 (torch's, mergekit's), whatever the chunking, the item size or the device. A term shorter than `out` applies to out's first elements only (rows
-shared by all inputs). With no terms, this is a cast of `anchor` (an override row).
+arithmetic in float32 (torch's, mergekit's), whatever the chunking, the item size or the device. A
+term shorter than `out` applies to out's first elements only (rows shared by all inputs). With no
+terms, this is a cast of `anchor` (an override row).
+
+TIES and DARE (methods/sparse.py) compute a combined change first, chunk by chunk, with the
+kernel's array primitives (`Kernel`: widening, float32 arithmetic, masks as 1.0 and 0.0,
+magnitude bits), on float32 arrays on the kernel's device; then `weighted_sum` adds it to the
+anchor and rounds it, as above. Their statistics (histograms, exact sums) are computed on the
+host (ops/sparse.py) from the magnitude bits `to_host` brings there.
 
 Two implementations, chosen by `kernel_for`:
   - `numpy_kernel`: on the CPU for BF16, F16, F32 and F64. Importing torch costs every worker
@@ -28,6 +37,10 @@ The bits of the output are defined here, once, and both implementations give the
     is given the bits of `nan_rule` instead, the x86 rule made exact: an operation on a NaN gives
     its first NaN operand, quieted; one that makes a NaN from numbers gives 0xFFC00000. Output
     NaNs then narrow as `nan_bits` says (F16: sign, quiet bit, the payload's top bits).
+  - The array primitives leave a NaN's bits to the hardware. A method computing with them gives
+    the NaNs of its result the same rule: it replays those few elements, operation by operation,
+    with `numpy_kernel.EXACT` (numpy's arithmetic with this rule) before `weighted_sum`. No
+    decision depends on a NaN's bits: TIES ranks every NaN's magnitude as one (ops/sparse.py).
 
 Non-finite outputs are counted, and told apart from those an input's NaN or infinity explains: a
 finite input that gives an infinity (F16's narrow range, a huge scale) is a broken merge.
@@ -61,7 +74,8 @@ class Sums(NamedTuple):
 class Scratch:
     """Float32 work buffers of an implementation's array type, allocated once per worker thread
     and reused for every item: acc, the sum; x, y, a term's operands; d, the change, with several
-    terms; work, rounding. `staging`: what else the implementation keeps (host and device buffers)."""
+    terms; work, rounding. `staging`: what else the implementation keeps (host and device buffers,
+    `table`s). `kernel`: the kernel that made it (a statistics pass is given only the scratch)."""
 
     chunk: int
     acc: Any
@@ -70,14 +84,27 @@ class Scratch:
     d: Any
     work: Any
     staging: dict[Any, Any] = field(default_factory=dict)
+    kernel: Any = None
 
 
 class Kernel(Protocol):
-    """One implementation of the weighted sum. Hashable: a worker keys its per-thread scratch by it.
+    """One implementation of the kernel's arithmetic. Hashable: a worker keys its per-thread scratch by it.
 
     1. `scratch()` once per worker thread;
     2. `view(buf, dtype)` over each input and output buffer (no copy; the arrays slice and have a length);
-    3. `weighted_sum(out, anchor, terms, scratch)` for each tensor piece.
+    3. `weighted_sum(out, anchor, terms, scratch)` for each tensor piece, or a method's own steps
+       with the array primitives below, chunk by chunk, then `weighted_sum`.
+
+    The array primitives, which TIES and DARE compute with:
+      - buffers and transfers: table, widen, gather, from_host, put, to_host;
+      - float32 arithmetic: copy, fill, add, subtract, multiply, divide, greater, greater_equal,
+        equal, magnitude_bits.
+    They work on the kernel's arrays: 1-D slices of `table` rows, float32 (or magnitude bits), on
+    the kernel's device. Arithmetic is float32, each operation rounded once (never fused); `y` is
+    an array as long as `x`, or a scalar (a float32 value, or an integer for magnitude bits); `out`
+    may be `x` or `y` itself. Comparisons write 1.0 where true, else 0.0. The inputs (`view`) enter
+    only through `widen` and `gather`; host arrays (numpy's) go in with `from_host` and `put`, and
+    come out with `to_host`.
     """
 
     name: str
@@ -88,7 +115,8 @@ class Kernel(Protocol):
 
     def weighted_sum(self, out: Any, anchor: Any | None, terms: list[tuple[float, Any, Any | None]],
                      scratch: Scratch) -> Sums:
-        """Write `round(anchor + sum(scale * (a - b)))` into `out` (1-D arrays from `view`).
+        """Write `round(anchor + sum(scale * (a - b)))` into `out` (1-D arrays from `view`; a term's `a`
+        may also be a float32 array of the kernel's).
 
         Returns the sums of squares of the applied change and of the anchor (in float32, up to the
         order of summation): the per-tensor statistics chat-vector users look at. And the counts of
@@ -99,7 +127,64 @@ class Kernel(Protocol):
     def fused_sum(self, out: Any, terms: list[tuple[float, Any]], scratch: Scratch) -> None:
         """out (float32) = 0, then for each (scale, a) in order out = fma(a, scale, out): a product and
         a sum rounded once, as torch's addcmul_ does (mergekit's linear). No statistics: `out`
-        is an intermediate that `weighted_sum` then rounds and counts."""
+        is an intermediate that `weighted_sum` then rounds and counts. Its NaNs follow the NaN rule
+        above, the operands of a step taken in the order a, scale, out
+        (`numpy_kernel.fused_nan_rule`)."""
+        ...
+
+    # --- array primitives: buffers and transfers ---
+
+    def table(self, scratch: Scratch, key: str, rows: int, bits: bool = False) -> Any:
+        """A (rows, scratch.chunk) array on the device, float32 (or magnitude bits), kept in
+        scratch.staging under `key` and reused (fresh pages are slow to touch); its contents are
+        left from earlier use. Asking for more rows makes a new one."""
+        ...
+
+    def widen(self, dst: Any, src: Any, scratch: Scratch) -> None:
+        """dst (float32, as long as src) = an input's elements (`view`), widened exactly."""
+        ...
+
+    def gather(self, src: Any, at: np.ndarray) -> np.ndarray:
+        """The float32 values of elements `at` of an input (`view`) or a float32 array, on the host,
+        widened exactly (NaNs keep their bits): for the few elements a NaN rule replays."""
+        ...
+
+    def from_host(self, dst: Any, src: np.ndarray) -> None:
+        """dst (float32) = a host array (bool: 1.0 and 0.0)."""
+        ...
+
+    def put(self, dst: Any, at: np.ndarray, values: Any) -> None:
+        """dst[at] = values (float32: a host array as long as `at`, or a scalar)."""
+        ...
+
+    def to_host(self, x: Any, scratch: Scratch) -> np.ndarray:
+        """x's values as a host array (magnitude bits as uint32), valid until the next call: x
+        itself where the device is the host."""
+        ...
+
+    # --- array primitives: float32 arithmetic ---
+
+    def copy(self, out: Any, x: Any) -> None: ...
+
+    def fill(self, out: Any, value: float) -> None: ...
+
+    def add(self, x: Any, y: Any, out: Any) -> None: ...
+
+    def subtract(self, x: Any, y: Any, out: Any) -> None: ...
+
+    def multiply(self, x: Any, y: Any, out: Any) -> None: ...
+
+    def divide(self, x: Any, y: Any, out: Any) -> None: ...
+
+    def greater(self, x: Any, y: Any, out: Any) -> None: ...
+
+    def greater_equal(self, x: Any, y: Any, out: Any) -> None: ...
+
+    def equal(self, x: Any, y: Any, out: Any) -> None: ...
+
+    def magnitude_bits(self, x: Any, out: Any, nans_equal: bool = False) -> Any:
+        """out (magnitude bits) = the bits of |x|; with nans_equal (one more pass), every NaN's as
+        `sparse.NAN_MAGNITUDE` (NaNs rank equal, above +inf, whatever their payloads). Returns out."""
         ...
 
 
@@ -166,14 +251,14 @@ def nan_rule(anchor: np.ndarray | None, terms: list[tuple[float, np.ndarray, np.
     acc = anchor.copy() if anchor is not None else np.zeros(n, np.float32)
     with np.errstate(all="ignore"):
         for scale, a, b, p in terms:
-            x = a if b is None else _op(np.subtract, a, b)
+            x = a if b is None else exact_op(np.subtract, a, b)
             if np.float32(scale) != 1.0:  # the kernels skip multiplying by one, so a NaN of `a` stays as it is
-                x = _op(np.multiply, x, np.full(p, scale, np.float32))
-            acc[:p] = _op(np.add, acc[:p], x)
+                x = exact_op(np.multiply, x, np.full(p, scale, np.float32))
+            acc[:p] = exact_op(np.add, acc[:p], x)
     return acc
 
 
-def _op(op, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+def exact_op(op, p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """op(p, q) in float32, with x86's NaN made exact: the first NaN operand, quieted, else 0xFFC00000."""
     r = op(p, q).view(np.uint32)
     nan = np.isnan(r.view(np.float32))

@@ -7,6 +7,10 @@ conversion, which rounds half to even as the hardware does.
 Proving that a chunk holds no NaN or infinity costs a comparison of sums of squares already made
 (one more pass with several terms; `_provably_finite`); only a chunk that fails the proof is
 scanned element by element, and only there are NaNs given their bits (`kernel.nan_rule`).
+
+The array primitives are numpy's ufuncs with `out=` on the host's arrays (the device is the host:
+`to_host` copies nothing). `EXACT` is the same kernel with x86's NaN rule made exact in its
+arithmetic, for the few elements whose NaNs a method replays (`kernel`: NaN bits).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raymerge.ops.kernel import NUMPY_DTYPES, Scratch, Sums, f16_to_f32, nan_bits, nan_rule
+from raymerge.ops import sparse
+from raymerge.ops.kernel import (DEFAULT_NAN, NUMPY_DTYPES, QUIET_BIT, Scratch, Sums, exact_op, f16_to_f32, nan_bits,
+                                 nan_rule)
 
 CHUNK = 1 << 16  # elements: the float32 chunks stay in a core's L2 cache
 F32_MAX = float(np.finfo(np.float32).max)
@@ -40,7 +46,7 @@ class NumpyKernel:
 
     def scratch(self, chunk: int | None = None) -> Scratch:
         chunk = chunk or CHUNK
-        return Scratch(chunk, *(np.empty(chunk, np.float32) for _ in range(5)))
+        return Scratch(chunk, *(np.empty(chunk, np.float32) for _ in range(5)), kernel=self)
 
     def view(self, buf: memoryview, dtype: str) -> np.ndarray:
         """A 1-D array over `buf` (no copy); BF16 as its uint16 bits."""
@@ -60,9 +66,95 @@ class NumpyKernel:
                     x = scratch.x[:acc.size]
                     _widen(x, a[lo:lo + acc.size])
                     _fma(x, np.float32(scale), acc)
+                if not math.isfinite(float(np.dot(acc, acc))):  # maybe a NaN: only then look for them
+                    nans = np.flatnonzero(np.isnan(acc))
+                    rule = fused_nan_rule([(scale, widened(a[lo + nans])) for scale, a in terms], nans.size)
+                    acc.view(np.uint32)[nans] = rule.view(np.uint32)
+
+    # The array primitives (kernel.Kernel).
+
+    def table(self, scratch: Scratch, key: str, rows: int, bits: bool = False) -> np.ndarray:
+        t = scratch.staging.get(key)
+        if t is None or t.shape[0] < rows:
+            t = scratch.staging[key] = np.empty((rows, scratch.chunk), np.uint32 if bits else np.float32)
+        return t
+
+    def widen(self, dst: np.ndarray, src: np.ndarray, scratch: Scratch) -> None:
+        _widen(dst, src)
+
+    def gather(self, src: np.ndarray, at: np.ndarray) -> np.ndarray:
+        return widened(src[at])
+
+    def from_host(self, dst: np.ndarray, src: np.ndarray) -> None:
+        np.copyto(dst, src)
+
+    def put(self, dst: np.ndarray, at: np.ndarray, values) -> None:
+        dst[at] = values
+
+    def to_host(self, x: np.ndarray, scratch: Scratch) -> np.ndarray:
+        return x
+
+    def copy(self, out: np.ndarray, x: np.ndarray) -> None:
+        np.copyto(out, x)
+
+    def fill(self, out: np.ndarray, value: float) -> None:
+        out.fill(value)
+
+    def add(self, x, y, out: np.ndarray) -> None:
+        np.add(x, y, out=out)
+
+    def subtract(self, x, y, out: np.ndarray) -> None:
+        np.subtract(x, y, out=out)
+
+    def multiply(self, x, y, out: np.ndarray) -> None:
+        np.multiply(x, y, out=out)
+
+    def divide(self, x, y, out: np.ndarray) -> None:
+        np.divide(x, y, out=out)
+
+    def greater(self, x, y, out: np.ndarray) -> None:
+        np.greater(x, y, out=out)
+
+    def greater_equal(self, x, y, out: np.ndarray) -> None:
+        np.greater_equal(x, y, out=out)
+
+    def equal(self, x, y, out: np.ndarray) -> None:
+        np.equal(x, y, out=out)
+
+    def magnitude_bits(self, x: np.ndarray, out: np.ndarray, nans_equal: bool = False) -> np.ndarray:
+        return sparse.magnitude_bits(x, out, nans_equal)
 
 
 NUMPY = NumpyKernel()
+
+
+@dataclass(frozen=True, slots=True)
+class ExactKernel(NumpyKernel):
+    """The numpy kernel whose arithmetic gives every NaN x86's rule exactly (`kernel.exact_op`: the
+    first NaN operand, quieted; else 0xFFC00000), whatever loop numpy runs. Slow: for the few
+    elements whose NaNs a method replays on the host."""
+
+    name: str = "numpy-exact"
+
+    def add(self, x, y, out: np.ndarray) -> None:
+        out[:] = exact_op(np.add, x, _operand(y, x))
+
+    def subtract(self, x, y, out: np.ndarray) -> None:
+        out[:] = exact_op(np.subtract, x, _operand(y, x))
+
+    def multiply(self, x, y, out: np.ndarray) -> None:
+        out[:] = exact_op(np.multiply, x, _operand(y, x))
+
+    def divide(self, x, y, out: np.ndarray) -> None:
+        out[:] = exact_op(np.divide, x, _operand(y, x))
+
+
+EXACT = ExactKernel()
+
+
+def _operand(y, x: np.ndarray) -> np.ndarray:
+    """y as a float32 array as long as x: a scalar repeated (exact_op takes the NaNs of arrays)."""
+    return y if isinstance(y, np.ndarray) else np.full(x.size, y, np.float32)
 
 
 def weighted_sum(out: np.ndarray, anchor: np.ndarray | None, terms: list[tuple[float, np.ndarray, np.ndarray | None]],
@@ -156,6 +248,23 @@ def _fma(x: np.ndarray, scale: np.float32, acc: np.ndarray) -> None:
     n64 = n.astype(np.float64)
     tie = (s == (r64 + n64) * 0.5) & (s != r64) & (e != 0)
     acc[:] = np.where(tie & (np.sign(e) == np.sign(n64 - r64)), n, r)
+
+
+def fused_nan_rule(terms: list[tuple[float, np.ndarray]], n: int) -> np.ndarray:
+    """`fused_sum`'s out at n elements where it is NaN, with every NaN's bits fixed: a step
+    fma(a, scale, out) on a NaN gives its first NaN operand, in that order, quieted; one that makes a
+    NaN from numbers (inf * 0, inf - inf) gives 0xFFC00000. terms: (scale, a at those elements,
+    widened exactly). Few elements: cost is no concern here, only the bits."""
+    acc = np.zeros(n, np.float32)
+    with np.errstate(all="ignore"):
+        for scale, a in terms:
+            s = np.float32(scale)
+            first = np.where(np.isnan(a), a.view(np.uint32), np.where(
+                np.isnan(s), s.view(np.uint32), np.where(np.isnan(acc), acc.view(np.uint32), DEFAULT_NAN)))
+            _fma(a, s, acc)
+            nan = np.isnan(acc)
+            acc.view(np.uint32)[nan] = first[nan] | QUIET_BIT
+    return acc
 
 
 def _fix_nans(out: np.ndarray, nans: np.ndarray, anchor: np.ndarray | None, live: list, lo: int) -> None:

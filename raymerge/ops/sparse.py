@@ -1,10 +1,16 @@
 """The float32 primitives of the sparsifying methods (TIES, DARE), with numpy, exact and
 independent of how a tensor is cut into pieces.
 
-- Magnitudes as bits: |x| of a float32 is monotone in its bit pattern with the sign bit cleared
-  (a NaN's lies above +inf, as torch's descending sort puts NaNs first). A radix selection finds
-  the k-th largest from a histogram of the high 16 bits (`high_histogram`), then of the low 16
-  bits inside the one high bin that holds it (`low_histogram`).
+- Magnitudes as bits: |x| of a float32 is monotone in its bit pattern with the sign bit cleared.
+  The selection ranks every NaN's magnitude as NAN_MAGNITUDE, just above +inf's: NaNs rank above
+  every number and equal to each other, as in torch's descending sort, whatever payload the
+  hardware gave them. A radix selection finds the k-th largest from a histogram of the high 16 bits
+  (`high_histogram`, which counts every NaN in NAN_MAGNITUDE's bin), then of the low 16 bits inside
+  the one high bin that holds it (`low_histogram`). Only there, and where the threshold is
+  NAN_MAGNITUDE itself, do the payloads have to be made equal first (`magnitude_bits(..., nans_equal=True)`):
+  one more pass, which the common case does without.
+- The kernels compute the bits (`Kernel.magnitude_bits`, this module's numpy one); the
+  histograms and sums here run on the host, on bits `Kernel.to_host` brings there.
 - Random masks (`keep_mask`): element i of a tensor is kept when 32 bits of a Philox4x64-10 stream,
   keyed by (seed, tensor name) and indexed by i, fall below density * 2**32; any piece draws its
   part alone (numpy's Philox takes a counter) and gets the bits of any other cut.
@@ -23,19 +29,27 @@ import numpy as np
 ABS = np.uint32(0x7FFFFFFF)
 HIGH_BINS = 1 << 15  # the high 16 bits of a magnitude (the sign bit is 0)
 EXP_MASK = np.uint32(0x7F800000)
+NAN_MAGNITUDE = 0x7F800001  # every NaN's magnitude, as the selection ranks it
+NAN_BIN = NAN_MAGNITUDE >> 16  # its high bin, +inf's too
 
 
-def magnitude_bits(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """|x| (float32) as uint32 bit patterns, in `out` (uint32, reused)."""
+def magnitude_bits(x: np.ndarray, out: np.ndarray, nans_equal: bool = False) -> np.ndarray:
+    """|x| (float32) as uint32 bit patterns, in `out` (uint32, reused); with nans_equal, every NaN's
+    as NAN_MAGNITUDE."""
     np.bitwise_and(x.view(np.uint32), ABS, out=out)
+    if nans_equal:
+        np.minimum(out, NAN_MAGNITUDE, out=out)
     return out
 
 
 def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray) -> None:
-    """counts (int64, HIGH_BINS) += how many magnitudes fall in each high-16-bit bin; `work`: an
-    int64 buffer as long as `bits` (bincount counts intp: a fresh one per call is slow to touch)."""
+    """counts (int64, HIGH_BINS) += how many magnitudes fall in each high-16-bit bin, every NaN in
+    NAN_BIN; `work`: an int64 buffer as long as `bits` (bincount counts intp: a fresh one per call
+    is slow to touch)."""
     np.right_shift(bits, 16, out=work)
     counts += np.bincount(work, minlength=HIGH_BINS)
+    counts[NAN_BIN] += counts[NAN_BIN + 1:].sum()  # NaNs of other payloads
+    counts[NAN_BIN + 1:] = 0
 
 
 def low_histogram(bits: np.ndarray, high: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,13 @@ they are tested without a GPU):
      infinity, and torch's conversion (2.13, on the CPU) saturates an out-of-range value, an
      infinity too, to 448: counting what was written stays right whatever a conversion does.
      FP8 outputs keep their conversion's NaNs.
+
+The array primitives (TIES, DARE) run on the device too: `widen` takes an input's chunk through the
+same host and device buffers (step 1); the tables, and what the arithmetic writes, stay on the device
+until `weighted_sum` takes a method's float32 result as a term, as it is. Magnitude bits are int32:
+their sign bit is clear, so they compare as uint32 would (torch has few uint32 operations).
+Statistics come to the host with `to_host`. Division by a scalar divides by a device tensor:
+CUDA multiplies by the reciprocal of a host scalar instead, which is off by an ulp at times.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from raymerge.ops import sparse
 from raymerge.ops.kernel import NUMPY_DTYPES, Scratch, Sums, f16_to_f32, nan_bits, nan_rule
-from raymerge.ops.numpy_kernel import widened
+from raymerge.ops.numpy_kernel import fused_nan_rule, widened
 
 # Inputs are read-only mappings of the files; the kernel only reads them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -71,7 +79,7 @@ class TorchKernel:
         if device.type == "cuda":
             staging["stream"] = torch.cuda.Stream(device)
             torch.cuda.synchronize(device)  # the buffers exist before the stream uses them
-        return Scratch(chunk, acc, x, y, d, work, staging)
+        return Scratch(chunk, acc, x, y, d, work, staging, kernel=self)
 
     def view(self, buf: memoryview, dtype: str) -> torch.Tensor:
         """A 1-D CPU tensor over `buf` (no copy)."""
@@ -86,6 +94,8 @@ class TorchKernel:
         terms32 = [(float(np.float32(scale)), a, b) for scale, a, b in terms]  # float32(scale), as numpy_kernel
         largest = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
         stream = scratch.staging.get("stream")
+        if stream is not None:  # a term may be a float32 array the current stream is still writing
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
         ss_delta = ss_anchor = 0.0
         nonfinite = new = 0
         for lo in range(0, n, c):
@@ -100,12 +110,89 @@ class TorchKernel:
     def fused_sum(self, out: torch.Tensor, terms: list[tuple[float, torch.Tensor]], scratch: Scratch) -> None:
         _fused_sum(out, terms)
 
+    # The array primitives (kernel.Kernel), on the device.
+
+    def table(self, scratch: Scratch, key: str, rows: int, bits: bool = False) -> torch.Tensor:
+        t = scratch.staging.get(key)
+        if t is None or t.shape[0] < rows:
+            t = scratch.staging[key] = torch.empty((rows, scratch.chunk), dtype=torch.int32 if bits else torch.float32,
+                                                   device=scratch.acc.device)
+        return t
+
+    def widen(self, dst: torch.Tensor, src: torch.Tensor, scratch: Scratch) -> None:
+        _widen(dst, _to_device(src, "widen", scratch), scratch)
+
+    def gather(self, src: torch.Tensor, at: np.ndarray) -> np.ndarray:
+        return _host_widened(src, at)
+
+    def from_host(self, dst: torch.Tensor, src: np.ndarray) -> None:
+        dst.copy_(torch.from_numpy(src))
+
+    def put(self, dst: torch.Tensor, at: np.ndarray, values) -> None:
+        if isinstance(values, np.ndarray):
+            values = torch.from_numpy(values).to(dst.device)
+        dst[torch.from_numpy(at).to(dst.device)] = values
+
+    def to_host(self, x: torch.Tensor, scratch: Scratch) -> np.ndarray:
+        if x.device.type != "cpu":
+            host = _host_buffer("to_host", x.numel() * x.element_size(), scratch)
+            host.copy_(x.view(torch.uint8))  # waits for the copy
+            x = host.view(x.dtype)
+        a = x.numpy()
+        return a.view(np.uint32) if a.dtype == np.int32 else a
+
+    def copy(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        out.copy_(x)
+
+    def fill(self, out: torch.Tensor, value: float) -> None:
+        out.fill_(value)
+
+    def add(self, x, y, out: torch.Tensor) -> None:
+        torch.add(x, _scalar(y, x), out=out)
+
+    def subtract(self, x, y, out: torch.Tensor) -> None:
+        torch.sub(x, _scalar(y, x), out=out)
+
+    def multiply(self, x, y, out: torch.Tensor) -> None:
+        torch.mul(x, _scalar(y, x), out=out)
+
+    def divide(self, x, y, out: torch.Tensor) -> None:
+        if not isinstance(y, torch.Tensor):  # see the module's doc: never by a host scalar
+            y = torch.tensor(float(y), dtype=torch.float32, device=x.device)
+        torch.div(x, y, out=out)
+
+    def greater(self, x, y, out: torch.Tensor) -> None:
+        torch.gt(x, _scalar(y, x), out=out)
+
+    def greater_equal(self, x, y, out: torch.Tensor) -> None:
+        torch.ge(x, _scalar(y, x), out=out)
+
+    def equal(self, x, y, out: torch.Tensor) -> None:
+        torch.eq(x, _scalar(y, x), out=out)
+
+    def magnitude_bits(self, x: torch.Tensor, out: torch.Tensor, nans_equal: bool = False) -> torch.Tensor:
+        torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=out)
+        return out.clamp_max_(sparse.NAN_MAGNITUDE) if nans_equal else out
+
+
+def _scalar(y, x: torch.Tensor):
+    """y as torch takes it: a tensor as it is, a number as a Python number of x's kind (a float32
+    value stays exact as a float)."""
+    if isinstance(y, torch.Tensor):
+        return y
+    return float(y) if x.dtype.is_floating_point else int(y)
+
 
 def _fused_sum(out: torch.Tensor, terms: list[tuple[float, torch.Tensor]]) -> None:
-    """`Kernel.fused_sum` with torch's own addcmul_ (fused on the CPU), on the host tensors."""
+    """`Kernel.fused_sum` with torch's own addcmul_ (fused on the CPU), on the host tensors; then
+    its NaNs get `numpy_kernel.fused_nan_rule`'s bits."""
     out.zero_()
     for scale, a in terms:
         out.addcmul_(torch.from_numpy(_host_widened(a)), torch.tensor(float(np.float32(scale)), dtype=torch.float32))
+    nans = torch.isnan(out).nonzero().flatten().numpy()
+    if nans.size:
+        rule = fused_nan_rule([(scale, _host_widened(a, nans)) for scale, a in terms], nans.size)
+        out.view(torch.int32).numpy().view(np.uint32)[nans] = rule.view(np.uint32)
 
 
 def _chunk(out: torch.Tensor, anchor: torch.Tensor | None, terms32: list, scratch: Scratch, lo: int, hi: int,
@@ -167,9 +254,15 @@ def _host_buffer(key, nbytes: int, scratch: Scratch) -> torch.Tensor:
 
 
 def _to_device(src: torch.Tensor, key, scratch: Scratch) -> torch.Tensor:
-    """src's raw bits in a reused device buffer, as a tensor of src's type: host buffer, then device."""
+    """src's raw bits in a reused device buffer, as a tensor of src's type: host buffer, then device.
+    A tensor on a GPU already (a float32 array of the kernel's) is used as it is."""
+    if src.device.type != "cpu":
+        return src
     nbytes = src.numel() * src.element_size()
     host = _host_buffer(key, nbytes, scratch)
+    copied = scratch.staging.get(("copied", key))
+    if copied is not None:
+        copied.synchronize()  # the last copy out of this host buffer has ended: it may be refilled
     host.copy_(src.view(torch.uint8))
     if scratch.acc.device.type == "cpu":  # the host buffer is the device buffer
         return host.view(src.dtype)
@@ -178,8 +271,10 @@ def _to_device(src: torch.Tensor, key, scratch: Scratch) -> torch.Tensor:
         dev = scratch.staging[("device", key)] = torch.empty(scratch.chunk * WIDEST, dtype=torch.uint8,
                                                              device=scratch.acc.device)
     dev = dev[:nbytes]
-    # Safe to refill the host buffer for the next chunk: `_chunk` waits for this one's work to end.
     dev.copy_(host, non_blocking=True)
+    if copied is None:
+        copied = scratch.staging[("copied", key)] = torch.cuda.Event()
+    copied.record()
     return dev.view(src.dtype)
 
 
@@ -234,11 +329,16 @@ def _fix_nans(out: torch.Tensor, nans: np.ndarray, anchor: torch.Tensor | None, 
 
 def _host_widened(t: torch.Tensor, at: np.ndarray | None = None) -> np.ndarray:
     """The float32 values of a host tensor's elements (all, or those `at`), widened exactly as the
-    device widens them (F16 NaNs keep their bits: torch's own conversion would not, at a tail)."""
+    device widens them (F16 NaNs keep their bits: torch's own conversion would not, at a tail).
+    A tensor on a GPU (a float32 array of the kernel's) sends those elements over first."""
+    if t.device.type != "cpu":
+        t = (t if at is None else t[torch.from_numpy(at).to(t.device)]).cpu()
+        at = None
     name = NAMES[t.dtype]
     if name in NUMPY_DTYPES:
         bits = t.view(BITS[t.element_size()]).numpy().view(NUMPY_DTYPES[name])
-        return widened(bits if at is None else bits[at])
+        with np.errstate(all="ignore"):  # an F64 NaN, or a value past float32's range, narrows as it should
+            return widened(bits if at is None else bits[at])
     return (t if at is None else t[torch.from_numpy(at)]).float().numpy()  # FP8: exact
 
 
@@ -259,5 +359,6 @@ def _count_nonfinite(out: torch.Tensor, anchor: torch.Tensor | None, live: list)
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
     """Which elements are neither an infinity nor a NaN, in t's own type (torch has no isfinite for FP8;
-    widening it to float32 is exact)."""
+    widening it to float32 is exact). On the host: a float32 array of the kernel's comes over."""
+    t = t.cpu()
     return torch.isfinite(t.float() if t.dtype.itemsize == 1 else t)

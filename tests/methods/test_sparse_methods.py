@@ -131,7 +131,7 @@ def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts
     facts = None
 
     def operands(lo: int, hi: int, with_anchor: bool) -> Operands:
-        vecs = tuple(Vector(w, a[lo:hi], b[lo:hi] if b is not None else None, d, j)
+        vecs = tuple(Vector(w, a[lo:hi], b[lo:hi] if b is not None else None, term=j, values=(("density", d),))
                      for j, (w, a, b, d) in enumerate(arrays) if lo < len(a))
         return Operands(anchor_np[lo:hi] if with_anchor else None, vecs, tuple(params), name, lo, facts)
 

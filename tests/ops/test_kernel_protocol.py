@@ -153,3 +153,59 @@ def test_numpy_kernel_nans_against_torch_conversions():
     assert set(_run(NUMPY, None, "BF16", ("F32", nan32), [])[0]) == {0xFFFF}
     # torch's scalar BF16 conversion (c10::BFloat16 made from a float) writes another NaN: 0x7FC0.
     assert torch.tensor(float("nan"), dtype=torch.bfloat16).view(torch.int16).item() & 0xFFFF == 0x7FC0
+
+
+# The array primitives (TIES, DARE): both kernels alike, and EXACT's NaN rule.
+
+@pytest.mark.parametrize("k", [NUMPY, TORCH], ids=["numpy", "torch"])
+def test_array_primitives(k):
+    rng = np.random.default_rng(3)
+    n = 1001
+    scratch = k.scratch(n)
+    rows = k.table(scratch, "t", 3)
+    assert tuple(rows.shape) == (3, n) and k.table(scratch, "t", 2) is rows  # kept and reused
+    x, y, out = rows[0, :n], rows[1, :n], rows[2, :n]
+    want_x = _raw("F32", n, rng).view(np.float32)
+    want_y = _raw("F32", n, rng).view(np.float32)
+    for dtype in ("BF16", "F16", "F32"):  # widening an input: the weighted sum's own rule
+        raw = _raw(dtype, n, rng)
+        k.widen(x, k.view(memoryview(bytearray(raw.tobytes())), dtype), scratch)
+        want = _run(NUMPY, None, "F32", (dtype, raw), [])[0]
+        assert np.array_equal(k.to_host(x, scratch).view(np.uint32), want), dtype
+    k.from_host(x, want_x)
+    k.from_host(y, want_y)
+    assert np.array_equal(k.gather(x, np.array([5, 0, 7])).view(np.uint32), want_x[[5, 0, 7]].view(np.uint32))
+    with np.errstate(all="ignore"):
+        for op, ref in ((k.add, np.add), (k.subtract, np.subtract), (k.multiply, np.multiply), (k.divide, np.divide)):
+            for other in (y, np.float32(0.3)):
+                op(x, other, out)
+                got = k.to_host(out, scratch)
+                want = ref(want_x, want_y if other is y else other)
+                assert np.array_equal(np.isnan(got), np.isnan(want)), op
+                assert np.array_equal(got[~np.isnan(got)].view(np.uint32), want[~np.isnan(want)].view(np.uint32)), op
+    for op, ref in ((k.greater, np.greater), (k.greater_equal, np.greater_equal), (k.equal, np.equal)):
+        op(x, 0, out)
+        assert np.array_equal(k.to_host(out, scratch), ref(want_x, 0).astype(np.float32)), op
+    k.fill(out, 2)
+    k.put(out, np.array([1, 4]), np.float32([7, 8]))
+    k.put(out, np.array([0]), 1.0)
+    assert k.to_host(out, scratch)[:5].tolist() == [1, 7, 2, 2, 8]
+    bits = k.table(scratch, "bits", 1, bits=True)[0]
+    mags = k.to_host(k.magnitude_bits(x, bits), scratch)
+    assert mags.dtype == np.uint32 and np.array_equal(mags, want_x.view(np.uint32) & 0x7FFFFFFF)
+    mags = k.to_host(k.magnitude_bits(x, bits, nans_equal=True), scratch)
+    assert np.array_equal(mags, np.where(np.isnan(want_x), 0x7F800001, want_x.view(np.uint32) & 0x7FFFFFFF))
+
+
+def test_exact_arithmetic_gives_the_first_nan_operand_quieted():
+    from raymerge.ops.numpy_kernel import EXACT
+
+    x = np.array([0x7F800001, 0x3F800000, 0x7F800000, 0xFFC00005, 0x3F800000], np.uint32).view(np.float32)
+    y = np.array([0x7FC00002, 0xFF800003, 0xFF800000, 0x7FC00007, 0x3F800000], np.uint32).view(np.float32)
+    out = np.empty(5, np.float32)
+    with np.errstate(all="ignore"):
+        EXACT.add(x, y, out)
+        assert [hex(v) for v in out.view(np.uint32)] == ["0x7fc00001", "0xffc00003", "0xffc00000", "0xffc00005",
+                                                         "0x40000000"]
+        EXACT.multiply(y, 0, out)  # a scalar operand; inf * 0 makes the default NaN
+        assert [hex(v) for v in out.view(np.uint32)[:3]] == ["0x7fc00002", "0xffc00003", "0xffc00000"]

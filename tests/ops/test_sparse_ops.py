@@ -71,6 +71,19 @@ def test_histograms_locate_the_kth_largest_magnitude():
         assert above + above_low == np.count_nonzero(np.abs(x) > threshold), k
 
 
+def test_every_nan_ranks_as_one_magnitude_above_infinity():
+    """Whatever payload the hardware gave a NaN, the selection ranks it as NAN_MAGNITUDE."""
+    nans = np.array([0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FFFFFFF], np.uint32).view(np.float32)
+    x = np.concatenate([nans, np.float32([np.inf, -np.inf, 1.0])])
+    raw = sparse.magnitude_bits(x, np.empty(x.size, np.uint32))
+    assert raw[0] != raw[3]  # the payloads are kept by default: the common case needs no more
+    equal = sparse.magnitude_bits(x, np.empty(x.size, np.uint32), nans_equal=True)
+    assert equal.tolist() == [sparse.NAN_MAGNITUDE] * 4 + [0x7F800000, 0x7F800000, 0x3F800000]
+    counts = np.zeros(sparse.HIGH_BINS, np.int64)
+    sparse.high_histogram(raw, counts, np.empty(x.size, np.int64))
+    assert counts[sparse.NAN_BIN] == 6 and counts[0x3F80] == 1 and counts.sum() == 7  # NaNs and infinities
+
+
 # --- random masks ---------------------------------------------------------------------------------
 
 def test_philox_key_is_the_documented_digest():
