@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 from raymerge.commit.manifest import MANIFEST_NAME, Manifest
 from raymerge.commit.stats import STATS_NAME
-from raymerge.errors import InputError, OutputError
+from raymerge.errors import InputError, OutputError, StorageError
 from raymerge.planning.inputs import AUX_FILES
 from raymerge.safetensors.index import INDEX_NAME, SINGLE_NAME, parse_index
 from raymerge.storage import urls
-from raymerge.storage.writers import Output, plain_name
+from raymerge.storage.store import plain_name
+from raymerge.storage.writers import Output
 
 log = logging.getLogger("raymerge")
 
@@ -76,12 +77,13 @@ class OldCheckpoint:
     strays: tuple[str, ...]  # checkpoint-like files nothing names: left where they are
 
 
-def old_checkpoint(output: Output, listing: list[str]) -> OldCheckpoint:
+def old_checkpoint(output: Output) -> OldCheckpoint:
     """The checkpoint at `output`, if any, and the files --overwrite would replace.
 
     Removable: the raymerge manifest and every file it names, the Hugging Face index and every
     shard it names, and `model.safetensors` (a single-file checkpoint is its own index). Nothing
     else is ever removed: a user's other files stay, even ones that look like a checkpoint's."""
+    listing = _listing(output)
     present = tuple(n for n in listing if _is_checkpoint_file(n))
     named: set[str] = set()
     if MANIFEST_NAME in listing:
@@ -99,10 +101,29 @@ def _is_checkpoint_file(name: str) -> bool:
     return name in (MANIFEST_NAME, INDEX_NAME, STATS_NAME, *AUX_FILES) or name.endswith(".safetensors")
 
 
-def _manifest_names(output: Output) -> list[str]:
-    raw = output.read_small(MANIFEST_NAME)
+def _listing(output: Output) -> list[str]:
+    """The names directly at the output, sorted; [] when it does not exist yet."""
     try:
-        return Manifest.from_json(raw or b"", f"--out {urls.redact(output.url)}").named
+        return output.files.list()
+    except StorageError as e:
+        raise OutputError(f"--out {urls.redact(output.url)}: cannot list it ({e}); check the path or bucket, its "
+                          "permissions and the credentials") from e
+
+
+def _read(output: Output, name: str) -> bytes:
+    """A small file of the output (an old manifest or index); b"" (damaged) when absent."""
+    try:
+        found = output.files.get(name)
+    except StorageError as e:
+        raise OutputError(f"--out {urls.redact(output.url)}: cannot read {name} ({e}); check its permissions and "
+                          "the credentials") from e
+    return found.data if found is not None else b""
+
+
+def _manifest_names(output: Output) -> list[str]:
+    raw = _read(output, MANIFEST_NAME)
+    try:
+        return Manifest.from_json(raw, f"--out {urls.redact(output.url)}").named
     except InputError as e:
         log.warning("--overwrite: the old %s is damaged (%s); only the files an index names are replaced",
                     MANIFEST_NAME, e)
@@ -111,7 +132,7 @@ def _manifest_names(output: Output) -> list[str]:
 
 def _index_names(output: Output) -> list[str]:
     try:
-        return list(parse_index(output.read_small(INDEX_NAME) or b"", f"--out {urls.redact(output.url)}").values())
+        return list(parse_index(_read(output, INDEX_NAME), f"--out {urls.redact(output.url)}").values())
     except InputError as e:
         log.warning("--overwrite: the old %s is damaged (%s); the shards it names are left in place", INDEX_NAME, e)
         return []

@@ -28,7 +28,7 @@ from raymerge.errors import CommitError, RaymergeError
 from raymerge.planning.plan import Plan
 from raymerge.safetensors.index import INDEX_NAME, index_bytes
 from raymerge.storage import urls
-from raymerge.storage.writers import Output, Span, StagedItem, Target
+from raymerge.storage.writers import Output, Span, StagedItem, Target, clear_staging
 
 log = logging.getLogger("raymerge.progress")
 
@@ -50,17 +50,17 @@ def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemR
     try:
         # Nothing new appears at the output before the shards are final; every step can be run
         # again by --resume.
-        output.delete([n for n in (MANIFEST_NAME, INDEX_NAME) if n in replaces])
+        output.files.delete([n for n in (MANIFEST_NAME, INDEX_NAME) if n in replaces])
         output.finalize(shards)
         for aux_file in plan.aux_files:
-            output.put(aux_file.name, aux[aux_file.name])
-        output.put(STATS_NAME, parquet_bytes(stats))
-        output.delete([n for n in replaces if n not in output_files(plan)])
+            output.files.put(aux_file.name, aux[aux_file.name])
+        output.files.put(STATS_NAME, parquet_bytes(stats))
+        output.files.delete([n for n in replaces if n not in output_files(plan)])
         if len(plan.shards) > 1:
             weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
-            output.put(INDEX_NAME, index_bytes(plan.tensor_bytes, weight_map))
-        output.put(MANIFEST_NAME, manifest)
-        output.clear_staging()  # the journal: the manifest now says the checkpoint is complete
+            output.files.put(INDEX_NAME, index_bytes(plan.tensor_bytes, weight_map))
+        output.files.put(MANIFEST_NAME, manifest)
+        clear_staging(output)  # the journal: the manifest now says the checkpoint is complete
     except RaymergeError:
         raise
     except OSError as e:

@@ -1,4 +1,5 @@
-"""The resume journal, kept with the output under `.raymerge-staging/`.
+"""The resume journal, kept with the output under `.raymerge-staging/`: small documents in the
+output's staging store (storage.store), the same for every backend.
 
 Protocol (driver side):
   1. `Journal.begin(output, head)` writes the head: plan hash, inputs' fingerprints, the shard
@@ -32,7 +33,8 @@ from raymerge.methods import ELEMENTWISE, PASS_ORDER
 from raymerge.planning.plan import Plan
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
-from raymerge.storage.writers import Output, plain_name
+from raymerge.storage.store import plain_name
+from raymerge.storage.writers import Output
 from raymerge.untrusted import MAX_NAME, MAX_TEXT, UntrustedJSON, is_text, parse_json, shown
 
 log = logging.getLogger("raymerge")
@@ -154,9 +156,9 @@ class Journal:
     @classmethod
     def begin(cls, output: Output, head: JournalHead) -> Journal:
         try:
-            output.put_staging(HEAD, head.to_json())
-        except OSError as e:
-            raise OutputError(f"--out {urls.redact(output.url)}: cannot write the resume journal ({e.strerror}); "
+            output.staging.put(HEAD, head.to_json())
+        except StorageError as e:
+            raise OutputError(f"--out {urls.redact(output.url)}: cannot write the resume journal ({e}); "
                               "check the folder's permissions and free space") from e
         return cls(output)
 
@@ -178,14 +180,13 @@ class Journal:
             return
         batch = JournalBatch(tuple(self._pending), tuple(self._pending_stats))
         try:
-            self._output.put_staging(f"journal-{self._batch:06d}.json", batch.to_json())
-        except (RaymergeError, OSError) as e:
+            self._output.staging.put(f"journal-{self._batch:06d}.json", batch.to_json())
+        except RaymergeError as e:  # a StorageError, or the staging folder unusable (OutputError)
             what = f"{len(self._pending)} finished items" + (
                 f" and {len(self._pending_stats)} statistics results" if self._pending_stats else "")
             if strict:
-                reason = e.reason if isinstance(e, StorageError) else reason_of(e)
                 raise StorageError(f"journal: could not record {what} in {urls.redact(self._output.url)} ({e})",
-                                   reason) from e
+                                   reason_of(e)) from e
             log.warning("journal: could not record %s (%s); will try again", what, e)
             return
         self._batch += 1
@@ -195,7 +196,7 @@ class Journal:
     @staticmethod
     def load(output: Output) -> JournalState | None:
         """The journal at `output`, or None when there is none."""
-        files = output.staging_files(prefix="journal-")
+        files = _documents(output)
         if HEAD not in files:
             return None
         raw = files.pop(HEAD)
@@ -217,6 +218,16 @@ class Journal:
             done.update((r.item, r) for r in batch.records)
             stats += batch.stats
         return JournalState(head, done, max(batches, default=-1) + 1, stats=tuple(stats))
+
+
+def _documents(output: Output) -> dict[str, bytes]:
+    """The journal's documents in staging, by name; one deleted since the listing is not there."""
+    try:
+        found = {name: output.staging.get(name) for name in output.staging.list(prefix="journal-")}
+    except StorageError as e:
+        raise OutputError(f"--out {urls.redact(output.url)}: cannot read the resume journal ({e}); check its "
+                          "permissions") from e
+    return {name: got.data for name, got in found.items() if got is not None}
 
 
 def _parse(raw: bytes) -> object:

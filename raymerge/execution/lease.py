@@ -1,19 +1,19 @@
 """The lease on an output: one run owns `--out` at a time.
 
-Protocol (driver side):
-  1. `Lease.acquire(output, takeover)` creates the lease object in the staging area, only if absent
-     (local: O_CREAT|O_EXCL; S3: a conditional PutObject, If-None-Match: *). It holds the run id,
-     the host, the pid and a heartbeat. When another run's lease is there, the run is refused
-     (LeaseError, exit 2) naming the holder and its age, unless that holder is gone: its process
-     no longer exists on this machine, or its heartbeat is older than `stale` seconds. A gone
-     holder's lease is taken over, with --resume or --overwrite only, by a conditional replace
-     (S3: If-Match on its ETag, a true compare-and-swap; local: the lease renamed aside, then
-     checked and put back if it changed, so of two runs taking over at once only the first rename
-     wins).
-  2. A daemon thread refreshes the heartbeat every `interval` seconds, again conditionally:
+Built once on the output's staging store (storage.store), whatever the backend:
+  1. `Lease.acquire(output, takeover)` creates the lease object in staging only if absent
+     (`put_if_absent`; local: O_CREAT|O_EXCL; S3: a conditional PutObject, If-None-Match: *). It
+     holds the run id, the host, the pid and a heartbeat. When another run's lease is there, the
+     run is refused (LeaseError, exit 2) naming the holder and its age, unless that holder is gone:
+     its process no longer exists on this machine, or its heartbeat is older than `stale` seconds.
+     A gone holder's lease is taken over, with --resume or --overwrite only, by a compare-and-swap
+     on the version read (`put_if_match`; S3: If-Match on its ETag; local: checked and renamed
+     over under the staging folder's lock), so of two runs taking over at once only one wins, and
+     the lease never disappears meanwhile.
+  2. A daemon thread refreshes the heartbeat every `interval` seconds, again by `put_if_match`:
      a lease that someone else replaced means this run was taken over, and `check()` then stops
      the run before it commits.
-  3. `release()` stops the thread and deletes the lease (if it is still ours).
+  3. `release()` stops the thread and deletes the lease if it is still ours (`delete_if_match`).
 `RAYMERGE_LEASE_STALE` (seconds, default 300) sets when a silent holder counts as gone.
 """
 
@@ -29,9 +29,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from raymerge.errors import LeaseError, RaymergeError
+from raymerge.errors import LeaseError, OutputError, RaymergeError, StorageError
 from raymerge.storage import urls
-from raymerge.storage.writers import LeaseRecord, LeaseTaken, Output
+from raymerge.storage.store import Conflict, Stored
+from raymerge.storage.writers import LEASE, Output
 from raymerge.untrusted import UntrustedJSON, is_text, parse_json
 
 log = logging.getLogger("raymerge")
@@ -95,10 +96,10 @@ class Holder:
 
 
 class Lease:
-    def __init__(self, output: Output, holder: Holder, token: str, interval: float) -> None:
+    def __init__(self, output: Output, holder: Holder, version: str, interval: float) -> None:
         self._output = output
         self.holder = holder
-        self._token = token
+        self._version = version  # of the lease as this run last wrote it
         self._interval = interval
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -115,24 +116,24 @@ class Lease:
         _HELD.add(holder.run_id)  # before it exists: another thread must never judge it gone
         try:
             try:
-                token = output.lease_create(holder.to_json())
-            except LeaseTaken:
-                token = cls._take_over(output, holder, takeover, stale, advice)
+                version = _create(output, holder)
+            except Conflict:
+                version = cls._take_over(output, holder, takeover, stale, advice)
         except BaseException:
             _HELD.discard(holder.run_id)
             raise
-        return cls(output, holder, token, interval=min(30.0, stale / 5))
+        return cls(output, holder, version, interval=min(30.0, stale / 5))
 
     @staticmethod
     def _take_over(output: Output, me: Holder, takeover: bool, stale: float,
                    advice: Callable[[], str] | None) -> str:
         shown = urls.redact(output.url)
-        record = output.lease_read()
+        record = output.staging.get(LEASE)
         if record is None:  # released between our create and our read: try once more
             try:
-                return output.lease_create(me.to_json())
-            except LeaseTaken:
-                record = output.lease_read()
+                return _create(output, me)
+            except Conflict:
+                record = output.staging.get(LEASE)
         if record is None:
             raise LeaseError(f"--out {shown}: another run took the lease just now; try again")
         other = Holder.from_json(record.data)
@@ -145,19 +146,19 @@ class Lease:
             what = advice() if advice else "pass --resume to continue its work, or --overwrite to start over"
             raise LeaseError(f"--out {shown}: an earlier run that is gone holds its lease ({who}); {what}")
         try:
-            token = output.lease_replace(me.to_json(), record.token)
-        except LeaseTaken:
+            version = output.staging.put_if_match(LEASE, me.to_json(), record.version)
+        except Conflict:
             raise LeaseError(f"--out {shown}: another run took over the lease of {who} just now; "
                              "wait for it to finish") from None
         log.warning("lease: took over the lease of a run that is gone (%s)", who)
-        return token
+        return version
 
     def _beat(self) -> None:
         while not self._stop.wait(self._interval):
             holder = Holder(**{**asdict(self.holder), "heartbeat": time.time()})
             try:
-                self._token = self._output.lease_refresh(holder.to_json(), self._token)
-            except LeaseTaken:
+                self._version = self._output.staging.put_if_match(LEASE, holder.to_json(), self._version)
+            except Conflict:
                 self._lost = "another run replaced this run's lease (it judged this run gone)"
                 log.error("lease: %s; this run will stop before it commits", self._lost)
                 return
@@ -175,10 +176,23 @@ class Lease:
         self._thread.join()
         _HELD.discard(self.holder.run_id)
         if not self._lost:
-            self._output.lease_delete(self._token)
+            try:
+                self._output.staging.delete_if_match(LEASE, self._version)
+            except RaymergeError:
+                pass  # left behind, it goes stale: never a reason to fail a run that is over
 
 
-def _describe(holder: Holder | None, record: LeaseRecord) -> str:
+def _create(output: Output, holder: Holder) -> str:
+    """The lease, if there is none (else Conflict): the run's first write, so a failure here means
+    the location cannot be written (a bad path or bucket, permissions, credentials, endpoint)."""
+    try:
+        return output.staging.put_if_absent(LEASE, holder.to_json())
+    except StorageError as e:
+        raise OutputError(f"--out {urls.redact(output.url)}: cannot write there ({e}); check the path or bucket, "
+                          "its permissions and the credentials") from e
+
+
+def _describe(holder: Holder | None, record: Stored) -> str:
     if holder is None:
         return f"an unreadable lease, last written {record.age:.0f}s ago"
     return f"run {holder.run_id} on {holder.host}, pid {holder.pid}, last heartbeat {record.age:.0f}s ago"

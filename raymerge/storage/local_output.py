@@ -1,4 +1,5 @@
-"""A local output folder: staged shard files written at offsets, renamed at commit.
+"""A local output folder: staged shard files written at offsets, renamed at commit; small files
+(`LocalStore`) written whole under a temporary name and renamed.
 
 Everything raymerge writes goes through a name it chose, in the output folder or its own
 staging folder, opened without following symbolic links: a link planted under a staged or
@@ -14,26 +15,26 @@ device cannot block (storage.localfs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import stat
 import threading
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
-from raymerge.errors import CommitError, OutputError, StorageError
+from raymerge.errors import DENIED, FULL, MISSING, OutputError, StorageError
 from raymerge.storage import urls
-from raymerge.storage.retry import reason_of
 from raymerge.storage.checksum import crc32
-from raymerge.storage.localfs import (NOFOLLOW, Identity, NotRegular, fsync_dir, identities, identity_of, open_regular,
-                                      read_regular, write_whole)
-from raymerge.storage.writers import (BLOCK, LEASE, STAGING, LeaseRecord, LeaseTaken, PartRules, ShardState, Span,
-                                      StagedItem, Target, Verified, plain_name)
+from raymerge.storage.localfs import (NOFOLLOW, Identity, NotRegular, fsync_dir, identities, identity_of,
+                                      open_regular, temporary, temporary_of, write_whole)
+from raymerge.storage.retry import Failure, reason_of
+from raymerge.storage.store import SMALL_CAP, Conflict, Stored, plain, plain_name
+from raymerge.storage.writers import BLOCK, STAGING, PartRules, ShardState, Span, StagedItem, Target, Verified
 
 PARTIAL = ".partial"
-SMALL_CAP = 64 * 2**20  # bytes: the largest manifest, index or journal file read back
 
 
 class LocalOutput:
@@ -49,34 +50,14 @@ class LocalOutput:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = urls.local_path(url)
-        self._staging = os.path.join(self.url, STAGING)
+        self.files = LocalStore(self.url)
+        self.staging = LocalStore(self.url, STAGING)  # the staged shards live there too
+        self._staging = self.staging.url
         self._fds: dict[tuple[str, int], int] = {}
         self._direct = hasattr(os, "O_DIRECT")
         self._lock = threading.Lock()  # worker threads share the open files
-        self._made: list[str] = []  # folders this object created, deepest first
         self._protected: frozenset[Identity] = frozenset()  # the inputs' files: never written through
         self._created: dict[str, str] = {}  # handle -> identity of the staged file `prepare` made
-
-    # -- the folder -------------------------------------------------------------------------
-
-    def listing(self) -> list[str]:
-        if os.path.isfile(self.url):
-            raise OutputError(f"--out {self.url}: is a file; give a directory for the checkpoint")
-        try:
-            return sorted(os.listdir(self.url)) if os.path.isdir(self.url) else []
-        except OSError as e:
-            raise OutputError(f"--out {self.url}: cannot list it ({e.strerror}); check its permissions") from e
-
-    def read_small(self, name: str) -> bytes | None:
-        """A small file of the output folder (an old manifest or index), or None if absent."""
-        try:
-            return _read(os.path.join(self.url, name), SMALL_CAP)
-        except FileNotFoundError:
-            return None
-        except NotRegular:  # a FIFO or a link where a manifest or index belongs: read as damaged
-            return b""
-        except OSError as e:
-            raise OutputError(f"--out {self.url}: cannot read {name} ({e.strerror}); check its permissions") from e
 
     def free_bytes(self) -> int | None:
         folder = self.url
@@ -87,25 +68,6 @@ class LocalOutput:
         except OSError:
             return None
         return st.f_bavail * st.f_frsize
-
-    def _ensure_staging(self) -> None:
-        if os.path.isfile(self.url):
-            raise OutputError(f"--out {self.url}: is a file; give a directory for the checkpoint")
-        if os.path.islink(self._staging):
-            raise OutputError(f"--out {self.url}: {STAGING} is a symbolic link; raymerge stages only in a folder "
-                              "of its own: remove the link")
-        if os.path.isdir(self._staging):
-            return
-        missing, folder = [], self._staging
-        while not os.path.exists(folder):
-            missing.append(folder)
-            folder = os.path.dirname(folder)
-        try:
-            os.makedirs(self._staging, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"--out {self.url}: cannot create {STAGING} in it ({e.strerror}); check the path "
-                              "and its permissions") from e
-        self._made = missing
 
     def _staged(self, handle: str) -> str:
         """The path of a staged file: only a plain name in the staging folder is accepted."""
@@ -128,7 +90,7 @@ class LocalOutput:
         self._protected = identities(paths)
 
     def prepare(self, shards: list[tuple[str, int]]) -> list[str]:
-        self._ensure_staging()
+        self.staging.make()
         handles = []
         try:
             for name, size in shards:
@@ -277,135 +239,224 @@ class LocalOutput:
             os.replace(path, os.path.join(self.url, name))  # replaces the entry, never writes through a link
         fsync_dir(self.url)
 
-    def put(self, name: str, data: bytes) -> None:
-        self._atomic_write(self.url, name, data)
-
-    def delete(self, names: list[str]) -> None:
-        """Remove files of the output folder by plain name (a symbolic link is removed, not followed)."""
-        for name in names:
-            if not plain_name(name):
-                raise CommitError(f"commit: refusing to remove {name!r} from {self.url}: not a plain file name")
-            _remove(os.path.join(self.url, name), "commit: removing the old checkpoint's files")
-
-    # -- staging files: journal, lease, probes ------------------------------------------------
-
-    def put_staging(self, name: str, data: bytes) -> None:
-        self._ensure_staging()
-        self._atomic_write(self._staging, name, data)
-
-    def remove_staging(self, name: str) -> None:
-        if plain_name(name) and name != LEASE:
-            _unlink_quietly(os.path.join(self._staging, name))
-
-    def staging_files(self, prefix: str = "") -> dict[str, bytes]:
-        """The small staging files whose names start with `prefix` (no shards, no lease)."""
-        try:
-            names = sorted(os.listdir(self._staging)) if os.path.isdir(self._staging) else []
-            return {n: _read_staging(os.path.join(self._staging, n)) for n in names
-                    if n.startswith(prefix) and not n.endswith(PARTIAL) and not n.startswith(".") and n != LEASE}
-        except OSError as e:
-            raise OutputError(f"--out {self.url}: cannot read {STAGING} ({e.strerror}); check its permissions") from e
-
     def abort(self, shards: list[str], handles: list[str] | None) -> None:
-        self.clear_staging()
-
-    def clear_staging(self) -> None:
-        """Remove every staging file but the lease: entries are unlinked, never followed."""
+        """Remove every staged file: what the staging folder holds under a staged name is this
+        run's to remove, since its lease says it owns the output (found so without handles too)."""
         self.close()
-        if not os.path.isdir(self._staging) or os.path.islink(self._staging):
-            return
-        for name in os.listdir(self._staging):
-            if name != LEASE:
-                _remove(os.path.join(self._staging, name), "clearing the staging folder")
-
-    def _atomic_write(self, folder: str, name: str, data: bytes) -> None:
-        if not plain_name(name):
-            raise CommitError(f"refusing to write {name!r} in {folder}: not a plain file name")
-        write_whole(os.path.join(folder, name), data)
-
-    # -- the lease (see execution.lease) ------------------------------------------------------
-
-    def lease_create(self, data: bytes) -> str:
-        self._ensure_staging()
-        path = os.path.join(self._staging, LEASE)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
-        except FileExistsError as e:
-            raise LeaseTaken() from e
-        except OSError as e:
-            raise OutputError(f"--out {self.url}: cannot create the lease in {STAGING} ({e.strerror}); check "
-                              "the path and its permissions") from e
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(self._staging)
-        return _token(path)
-
-    def lease_read(self) -> LeaseRecord | None:
-        path = os.path.join(self._staging, LEASE)
-        try:
-            st = os.lstat(path)
-            data = _read(path, SMALL_CAP)
-        except FileNotFoundError:
-            return None
-        except OSError:  # a link or something unreadable: held by no one we can name
-            return LeaseRecord(b"", _token(path), time.time() - st.st_mtime)
-        return LeaseRecord(data, _token(path), max(0.0, time.time() - st.st_mtime))
-
-    def lease_replace(self, data: bytes, token: str) -> str:
-        """Replace the lease only if it is still the one `token` names: renamed aside (atomic: of
-        two runs, only one can), then checked, and put back where it was if it changed."""
-        path = os.path.join(self._staging, LEASE)
-        aside = f"{path}.{uuid.uuid4().hex[:8]}.old"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError as e:
-            raise LeaseTaken() from e
-        if _token(aside) != token:
-            try:
-                os.link(aside, path)
-            except OSError:
-                pass
-            _unlink_quietly(aside)
-            raise LeaseTaken()
-        _unlink_quietly(aside)
-        return self.lease_create(data)
-
-    def lease_refresh(self, data: bytes, token: str) -> str:
-        """The owner's heartbeat: replace the lease in one rename, so that it never disappears for
-        an instant; raise LeaseTaken if it is no longer the one `token` names."""
-        path = os.path.join(self._staging, LEASE)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.new"
-        fd = _create(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if _token(path) != token:
-            _unlink_quietly(tmp)
-            raise LeaseTaken()
-        os.replace(tmp, path)
-        return _token(path)
-
-    def lease_delete(self, token: str) -> None:
-        path = os.path.join(self._staging, LEASE)
-        try:
-            if _token(path) == token:
-                os.remove(path)
-        except OSError:
-            pass
-        for folder in [self._staging, *self._made]:  # what this run made and left empty
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
+        self.staging.delete([n for n in self.staging.list() if n.endswith(PARTIAL)])
 
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+class LocalStore:
+    """Small files directly in one local folder (storage.store): `root`, the output folder, or `sub`,
+    a folder of raymerge's own in it (the staging folder), which must never be a link.
+
+    Files are written whole: to a temporary name, fsync'ed, renamed (`write_whole`); a name is
+    taken only if free with O_CREAT|O_EXCL, never following a link. A file's version is its
+    identity and last write (inode, mtime, size), as lstat gives them. A conditional replace or
+    delete checks the version and changes the file under the folder's lock, so of two callers only
+    one changes a version; a replace renames the new file over the name, which is never free. Temporary names (storage.localfs.temporary) are
+    never listed: they stand for a file in the making, or one being replaced."""
+
+    def __init__(self, root: str, sub: str = "") -> None:
+        self.url = os.path.join(root, sub) if sub else root
+        self._root, self._sub = root, sub
+        self._made: list[str] = []  # folders this store created, deepest first
+
+    def make(self) -> None:
+        """The folder, created with the folders above it where missing."""
+        if os.path.isfile(self._root):
+            raise OutputError(f"--out {self._root}: is a file; give a directory for the checkpoint")
+        if os.path.isdir(self._folder()):
+            return
+        missing, folder = [], self.url
+        while not os.path.exists(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(self.url, exist_ok=True)
+        except OSError as e:
+            what = f"{self._sub} in it" if self._sub else "it"
+            raise OutputError(f"--out {self._root}: cannot create {what} ({e.strerror}); check the path "
+                              "and its permissions") from e
+        self._made = missing
+
+    def _folder(self) -> str:
+        """The folder, refused where `sub` is a link: planted there, it is never raymerge's own, and
+        nothing is read, written or deleted through it."""
+        if self._sub and os.path.islink(self.url):
+            raise OutputError(f"--out {self._root}: {self._sub} is a symbolic link; raymerge stages only in a folder "
+                              "of its own: remove the link")
+        return self.url
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self._folder(), plain(name, self.url))
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def put(self, name: str, data: bytes) -> str:
+        path = self._path(name)
+        self.make()
+        try:
+            return _version(write_whole(path, data))
+        except OSError as e:
+            raise _failed("writing", path, e) from e
+
+    def put_if_absent(self, name: str, data: bytes) -> str:
+        path = self._path(name)
+        self.make()
+        return _version(self._write_new(path, data, name))
+
+    def _write_new(self, path: str, data: bytes, name: str) -> os.stat_result:
+        """`data` as a new file at `path` (O_CREAT|O_EXCL, no link followed), fsync'ed; Conflict
+        (for `name`) where something is there."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+        except FileExistsError as e:  # a link or a special file there too: never written through
+            raise Conflict(name) from e
+        except OSError as e:
+            raise _failed("creating", path, e) from e
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                st = os.fstat(f.fileno())
+            fsync_dir(self.url)
+        except OSError as e:
+            _unlink_quietly(path)  # made an instant ago and not whole: no one else's yet
+            raise _failed("writing", path, e) from e
+        return st
+
+    def put_if_match(self, name: str, data: bytes, version: str) -> str:
+        """The new file, written whole beside the name, renamed over it if the file there is still
+        `version` (else Conflict): checked and renamed under the folder's lock (`_locked`), so of
+        two callers only one replaces a version, and the name is never free meanwhile (a
+        `put_if_absent` never slips in)."""
+        path = self._path(name)
+        new = temporary(path)
+        st = self._write_new(new, data, name)
+        try:
+            with self._locked():
+                if _token(path) != version:
+                    raise Conflict(name)
+                try:
+                    os.rename(new, path)
+                except IsADirectoryError:  # a folder where the file belongs (damage): set aside
+                    os.rename(path, temporary(path))
+                    os.rename(new, path)
+            fsync_dir(self.url)
+        except FileNotFoundError as e:
+            raise Conflict(name) from e  # the folder is gone, and the file with it
+        except OSError as e:
+            raise _failed("replacing", path, e) from e
+        finally:
+            _unlink_quietly(new)  # gone once renamed; what was not put otherwise
+        return _version(st)
+
+    def delete_if_match(self, name: str, version: str) -> None:
+        path = self._path(name)
+        try:
+            with self._locked():
+                if _token(path) != version:
+                    return  # no longer that version, or gone: not for this caller to delete
+                os.remove(path)
+        except FileNotFoundError:
+            return  # the folder is gone, and the file with it
+        except OSError as e:
+            raise _failed("removing", path, e) from e
+        self._drop_leftovers([name])
+
+    def delete(self, names: list[str]) -> None:
+        """Remove files by name (a symbolic link is removed, never followed), and what is left of
+        their temporary files."""
+        for path in [self._path(n) for n in names]:
+            _remove(path)
+        self._drop_leftovers(names)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The folder's exclusive lock (flock, on the folder itself), for a check and the change it
+        allows: every conditional write or delete of this store's files, by any process that can
+        see the folder, takes it. The kernel releases it when a holder dies."""
+        fd = os.open(self._folder(), os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _drop_leftovers(self, names: list[str]) -> None:
+        """Remove the temporary files of deleted names (a write cut short), then this store's own
+        folder and the folders it made, where empty: a run that made `--out` only to fail leaves
+        nothing."""
+        gone = set(names)
+        for entry in self._entries():
+            if temporary_of(entry) in gone:
+                _unlink_quietly(os.path.join(self.url, entry))
+        for folder in ([self._folder()] if self._sub else []) + self._made:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get(self, name: str) -> Stored | None:
+        """A file's bytes, read from the descriptor whose identity is its version; a special file,
+        a link or a file past SMALL_CAP reads as damaged (b"")."""
+        path = self._path(name)
+        try:
+            fd = open_regular(path, follow=False)
+        except FileNotFoundError:
+            return None
+        except NotRegular:
+            st = _lstat(path)
+            return None if st is None else Stored(b"", _version(st), _age(st))
+        except OSError as e:
+            raise _failed("reading", path, e) from e
+        try:
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read(SMALL_CAP + 1)
+        except OSError as e:
+            raise _failed("reading", path, e) from e
+        return Stored(data if len(data) <= SMALL_CAP else b"", _version(st), _age(st))
+
+    def list(self, prefix: str = "") -> list[str]:
+        if os.path.isfile(self._root):
+            raise OutputError(f"--out {self._root}: is a file; give a directory for the checkpoint")
+        return sorted(n for n in self._entries() if n.startswith(prefix) and temporary_of(n) is None)
+
+    def _entries(self) -> list[str]:
+        if not os.path.isdir(self._folder()):
+            return []
+        try:
+            return os.listdir(self.url)
+        except OSError as e:
+            raise _failed("listing", self.url, e) from e
+
+
+def classify(e: BaseException) -> Failure | None:
+    """Local file system errors, by their class and errno. Also the OSErrors that fsspec's other
+    file systems translate their errors into (s3fs: FileNotFoundError for NoSuchKey)."""
+    if not isinstance(e, OSError):
+        return None
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Failure(FULL, True)  # another writer may free space: a retry may get through
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, NotRegular)):
+        return Failure(MISSING, False)
+    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return Failure(DENIED, False)
+    return None
+
+
+OUTPUT = LocalOutput  # what storage.writers opens for file:// (WRITERS)
 
 
 def _write_error(name: str, folder: str, offset: int, e: OSError) -> StorageError:
@@ -427,32 +478,24 @@ def _pread(fd: int, start: int, end: int) -> bytes:
     return b"".join(parts)
 
 
-def _remove(path: str, what: str) -> None:
+def _remove(path: str) -> None:
     """Unlink `path` (a symbolic link itself, never its target); one already gone is fine."""
     try:
         os.remove(path)
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise StorageError(f"{what}: cannot remove {path} ({e.strerror}); fix its permissions", reason_of(e)) from e
+        raise StorageError(f"cannot remove {path} ({e.strerror}); fix its permissions", reason_of(e)) from e
+
+
+def _failed(doing: str, path: str, e: OSError) -> StorageError:
+    return StorageError(f"{doing} {path} failed: {e.strerror or e}", reason_of(e))
 
 
 def _create(path: str) -> int:
     """A new empty file at `path`, whatever was there (a planted link is removed, not followed)."""
     _unlink_quietly(path)
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
-
-
-def _read(path: str, cap: int) -> bytes:
-    return read_regular(path, cap, follow=False)
-
-
-def _read_staging(path: str) -> bytes:
-    """A staging file; a special file or a link there (never raymerge's) reads as a damaged one."""
-    try:
-        return _read(path, SMALL_CAP)
-    except NotRegular:
-        return b""
 
 
 def _lstat(path: str) -> os.stat_result | None:
@@ -470,10 +513,18 @@ def _identity_text(st: os.stat_result) -> str:
 
 def _token(path: str) -> str:
     try:
-        st = os.lstat(path)
+        return _version(os.lstat(path))
     except OSError:
         return ""
+
+
+def _version(st: os.stat_result) -> str:
+    """A local file's version (storage.store): which file, and its last write."""
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _age(st: os.stat_result) -> float:
+    return max(0.0, time.time() - st.st_mtime)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import uuid
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _QUIET = os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"))
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp", re.S)
 
 
 class NotRegular(OSError):
@@ -85,19 +87,20 @@ def _kind_at(path: str, follow: bool) -> str:
         return "a special file"
 
 
-def write_whole(path: str, data: bytes) -> None:
+def write_whole(path: str, data: bytes) -> os.stat_result:
     """`data` as the file at `path`, whole or not at all: written to a new temporary file beside it
     (O_CREAT|O_EXCL, no link followed), fsync'ed, then renamed over the name. Nothing is ever
     written through or truncated: a hard link or symbolic link at `path` loses its name, never the
-    bytes it shares with another file."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    bytes it shares with another file. Returns the new file's stat."""
+    path = os.path.abspath(path)
+    tmp = temporary(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            st = os.fstat(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -105,7 +108,21 @@ def write_whole(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(folder)
+    fsync_dir(os.path.dirname(path))
+    return st
+
+
+def temporary(path: str) -> str:
+    """A new name beside `path` for a temporary file standing for it: hidden, and never a name
+    raymerge gives to anything else (`temporary_of`)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def temporary_of(name: str) -> str | None:
+    """The name a temporary file (`temporary`) stands for; None for any other name."""
+    m = _TEMPORARY.fullmatch(name)
+    return m.group(1) if m else None
 
 
 def write_regular(path: str, data: bytes) -> None:

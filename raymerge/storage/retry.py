@@ -3,68 +3,70 @@
 Transient: connection trouble, timeouts, throttling, 5xx. Permanent: a missing object or bucket,
 denied access, bad credentials, an unknown upload: retrying cannot help, the user must act.
 `RAYMERGE_IO_RETRIES` sets the number of retries (default 4, waits of 0.5, 1, 2, 4 s).
+
+What an exception means is for the backend that raised it to say: each backend module (named in
+storage.writers.WRITERS) has a `classify(e)` that gives the reason of the exceptions it knows and
+whether they are transient, and None for the others.
 """
 
 from __future__ import annotations
 
-import errno
+import importlib
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from typing import TypeVar
 
-from raymerge.errors import CHANGED, DENIED, FULL, MISSING, TRANSIENT, StorageError
-from raymerge.storage.localfs import NotRegular
+from raymerge.errors import CHANGED, DENIED, MISSING, TRANSIENT, StorageError
 
 log = logging.getLogger("raymerge")
 T = TypeVar("T")
 
-PERMANENT_CODES = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                   "NoSuchUpload", "InvalidPart", "InvalidPartOrder", "EntityTooSmall", "InvalidRange",
-                   "InvalidBucketName", "403", "404", "416"}
+# Errors of the program or of a request, never of the storage: retrying gives the same answer.
+NEVER_TRANSIENT = (FileExistsError, ValueError, TypeError, KeyError)
 
 
-def is_transient(e: BaseException) -> bool:
-    if reason_of(e) in (MISSING, DENIED, CHANGED):
-        return False
-    if isinstance(e, (FileExistsError, ValueError, TypeError, KeyError)):
-        return False
-    code, status = _s3_error(e)
-    return not (code in PERMANENT_CODES or 400 <= status < 500 and status not in (408, 429))
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What a storage failure is: its reason (errors.TRANSIENT, FULL, MISSING, DENIED or CHANGED),
+    which decides whether the driver may suggest --resume, and whether a retry can help."""
+
+    reason: str
+    transient: bool
+
+
+Classifier = Callable[[BaseException], "Failure | None"]
+
+
+def classify(e: BaseException) -> Failure:
+    if isinstance(e, StorageError):  # classified where it was raised
+        return Failure(e.reason, e.reason not in (MISSING, DENIED, CHANGED))
+    for backend in _classifiers():
+        found = backend(e)
+        if found is not None:
+            return found
+    return Failure(TRANSIENT, True)
 
 
 def reason_of(e: BaseException) -> str:
-    """What kind of storage failure `e` is (errors.TRANSIENT, FULL, MISSING, DENIED or CHANGED):
-    it decides whether a retry can help and whether the driver may suggest --resume."""
-    if isinstance(e, StorageError):
-        return e.reason
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return FULL
-    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, NotRegular)):
-        return MISSING
-    if isinstance(e, PermissionError) or isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return DENIED
-    code, status = _s3_error(e)
-    if code in ("NoSuchKey", "NoSuchBucket", "404"):
-        return MISSING
-    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-        return DENIED
-    # A conditional request refused: the object is no longer the version read (If-Match), exists
-    # already (If-None-Match), or another conditional write won the race.
-    if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status == 412:
-        return CHANGED
-    return TRANSIENT
+    """What kind of storage failure `e` is (see `Failure`)."""
+    return classify(e).reason
 
 
-def _s3_error(e: BaseException) -> tuple[str, int]:
-    """The S3 error code and HTTP status behind `e`, if any: s3fs translates botocore's errors into
-    OSErrors and keeps the original as the cause."""
-    response = getattr(e, "response", None) or getattr(e.__cause__, "response", None)
-    if not isinstance(response, dict):
-        return "", 0
-    return (str(response.get("Error", {}).get("Code", "")),
-            response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+def is_transient(e: BaseException) -> bool:
+    return classify(e).transient and not isinstance(e, NEVER_TRANSIENT)
+
+
+@cache
+def _classifiers() -> tuple[Classifier, ...]:
+    """Every backend's `classify`, imported on first use: local first, whose errno classes also
+    cover the OSErrors that s3fs and others translate their errors into."""
+    from raymerge.storage.writers import WRITERS
+
+    return tuple(importlib.import_module(module).classify for module in WRITERS.values())
 
 
 def retries() -> int:

@@ -1,22 +1,41 @@
-"""An S3 output prefix: one multipart upload per shard, invisible until completed at commit.
+"""An S3 output prefix: one multipart upload per shard, invisible until completed at commit;
+small objects (`S3Store`) written by single PUTs.
 
-The lease is an object created only if absent (`If-None-Match: *`) and replaced only if it is
-still the one read (`If-Match: <ETag>`): S3 and MinIO decide who owns the output atomically.
+Conditional writes are S3's own: an object created only if absent (`If-None-Match: *`), replaced
+or deleted only if it is still the one read (`If-Match: <ETag>`). S3 and MinIO decide atomically
+which of two runs wins (execution.lease).
 """
 
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
 
-from raymerge.errors import CHANGED, OutputError, StorageError
+from raymerge.errors import CHANGED, DENIED, MISSING, TRANSIENT, OutputError, StorageError
 from raymerge.storage import urls
-from raymerge.storage.retry import reason_of, with_retries
-from raymerge.storage.writers import (LEASE, STAGING, LeaseRecord, LeaseTaken, PartRules, ShardState, Span,
-                                      StagedItem, Target, Verified, plain_name)
+from raymerge.storage.retry import Failure, reason_of, with_retries
+from raymerge.storage.store import SMALL_CAP, Conflict, Stored, plain, plain_name
+from raymerge.storage.writers import STAGING, PartRules, ShardState, Span, StagedItem, Target, Verified
 
-SMALL_CAP = 64 * 2**20
+T = TypeVar("T")
+
+# S3 error codes that no retry can change.
+PERMANENT_CODES = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                   "NoSuchUpload", "InvalidPart", "InvalidPartOrder", "EntityTooSmall", "InvalidRange",
+                   "InvalidBucketName", "403", "404", "416"}
+
+
+class _Bucket:
+    """One bucket through s3fs, with retries, and failures as StorageErrors naming the object."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None) -> None:
+        self.fs, path = urls.filesystem(url, storage_options)
+        self.name, _, self.prefix = path.partition("/")
+
+    def call(self, what: str, method: str, **kwargs: Any) -> dict:
+        where = f"s3://{self.name}/{kwargs.get('Key', '')}"
+        return _attempt(f"{what} {where}", lambda: self.fs.call_s3(method, Bucket=self.name, **kwargs))
 
 
 class S3Output:
@@ -27,42 +46,15 @@ class S3Output:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None) -> None:
         self.url = urls.normalize(url)
-        self._fs, path = urls.filesystem(self.url, storage_options)
-        self._bucket, _, self._prefix = path.partition("/")
+        self._s3 = _Bucket(self.url, storage_options)
+        self.files = S3Store(self._s3, self._s3.prefix)
+        self.staging = S3Store(self._s3, _join(self._s3.prefix, STAGING))
 
     def _key(self, name: str) -> str:
-        return f"{self._prefix}/{name}" if self._prefix else name
+        return _join(self._s3.prefix, name)
 
     def _call(self, what: str, method: str, **kwargs: Any) -> dict:
-        where = f"s3://{self._bucket}/{kwargs.get('Key', '')}"
-        try:
-            return with_retries(lambda: self._fs.call_s3(method, Bucket=self._bucket, **kwargs), f"{what} {where}")
-        except Exception as e:  # botocore and s3fs raise many types; keep the reason and where
-            raise StorageError(f"{what} {where} failed: {type(e).__name__}: {e}", reason_of(e)) from e
-
-    # -- the prefix -------------------------------------------------------------------------
-
-    def listing(self) -> list[str]:
-        path = f"{self._bucket}/{self._prefix}".rstrip("/")
-        try:
-            self._fs.invalidate_cache(path)
-            return sorted(p.rsplit("/", 1)[-1] for p in self._fs.ls(path, detail=False))
-        except FileNotFoundError:
-            return []
-        except Exception as e:
-            raise OutputError(f"--out {urls.redact(self.url)}: cannot list it ({type(e).__name__}: {e}); "
-                              "check the bucket, credentials and endpoint") from e
-
-    def read_small(self, name: str) -> bytes | None:
-        try:  # one byte past the cap, never the whole of a hostile object
-            data = self._fs.cat_file(f"{self._bucket}/{self._key(name)}", start=0, end=SMALL_CAP + 1)
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            raise OutputError(f"--out {urls.redact(self.url)}: cannot read {name} ({type(e).__name__}: {e})") from e
-        if len(data) > SMALL_CAP:
-            raise OutputError(f"--out {urls.redact(self.url)}: {name} is over {SMALL_CAP} bytes; not raymerge's")
-        return data
+        return self._s3.call(what, method, **kwargs)
 
     def free_bytes(self) -> int | None:
         return None  # no quota to ask S3 about
@@ -130,7 +122,7 @@ class S3Output:
 
     def _is_final(self, shard: str, size: int) -> bool:
         try:
-            head = self._fs.call_s3("head_object", Bucket=self._bucket, Key=self._key(shard))
+            head = self._s3.fs.call_s3("head_object", Bucket=self._s3.name, Key=self._key(shard))
         except Exception:
             return False
         return head.get("ContentLength") == size
@@ -149,56 +141,12 @@ class S3Output:
                     continue  # completed by an earlier commit that was cut short
                 raise
 
-    def put(self, name: str, data: bytes) -> None:
-        self._call("commit: writing", "put_object", Key=self._key(name), Body=data)
-
-    def delete(self, names: list[str]) -> None:
-        for name in names:
-            if plain_name(name):
-                self._call("commit: removing the old", "delete_object", Key=self._key(name))
-
-    # -- staging files: journal and lease -----------------------------------------------------
-
-    def put_staging(self, name: str, data: bytes) -> None:
-        self._call("journal: writing", "put_object", Key=self._key(f"{STAGING}/{name}"), Body=data)
-
-    def remove_staging(self, name: str) -> None:
-        if plain_name(name) and name != LEASE:
-            self._call("deleting", "delete_object", Key=self._key(f"{STAGING}/{name}"))
-
-    def _staging_names(self) -> list[str]:
-        folder = f"{self._bucket}/{self._key(STAGING)}"
-        try:
-            self._fs.invalidate_cache(folder)
-            paths = with_retries(lambda: self._fs.ls(folder, detail=False), f"resume: listing s3://{folder}")
-        except FileNotFoundError:
-            return []
-        except Exception as e:
-            raise StorageError(f"resume: listing s3://{folder} failed: {type(e).__name__}: {e}", reason_of(e)) from e
-        return sorted(p.rsplit("/", 1)[-1] for p in paths)
-
-    def staging_files(self, prefix: str = "") -> dict[str, bytes]:
-        out = {}
-        for name in self._staging_names():
-            if name.startswith(prefix) and name != LEASE:
-                path = f"{self._bucket}/{self._key(STAGING)}/{name}"
-                try:
-                    out[name] = with_retries(lambda p=path: self._fs.cat_file(p), f"resume: reading s3://{path}")
-                except FileNotFoundError:
-                    continue
-                except Exception as e:
-                    raise StorageError(f"resume: reading s3://{path} failed: {type(e).__name__}: {e}",
-                                       reason_of(e)) from e
-        return out
-
     def abort(self, shards: list[str], handles: list[str] | None) -> None:
-        """Abort the shards' uploads (found by listing when the journal lost their ids), then clear
-        the staging files."""
+        """Abort the shards' uploads (found by listing when the journal lost their ids)."""
         if handles is None:
             self._abort_listed(shards)
         else:
             self._abort_uploads(shards, handles)
-        self.clear_staging()
 
     def _abort_uploads(self, shards: list[str], handles: list[str]) -> None:
         for name, upload_id in zip(shards, handles):
@@ -220,71 +168,125 @@ class S3Output:
             if plain_name(name) and (name in shards or not shards and name.endswith(".safetensors")):
                 self._abort_uploads([name], [up["UploadId"]])
 
-    def clear_staging(self) -> None:
-        for name in self._staging_names():
-            if name != LEASE:
-                self._call("deleting", "delete_object", Key=self._key(f"{STAGING}/{name}"))
-
-    # -- the lease ----------------------------------------------------------------------------
-
-    def lease_create(self, data: bytes) -> str:
-        return self._put_lease(data, IfNoneMatch="*")
-
-    def lease_replace(self, data: bytes, token: str) -> str:
-        return self._put_lease(data, IfMatch=token)
-
-    def lease_refresh(self, data: bytes, token: str) -> str:
-        return self._put_lease(data, IfMatch=token)
-
-    def _put_lease(self, data: bytes, **condition: str) -> str:
-        try:
-            resp = self._call("lease: writing", "put_object", Key=self._key(f"{STAGING}/{LEASE}"), Body=data,
-                              **condition)
-        except StorageError as e:
-            if e.reason == CHANGED:  # the condition was refused: another run holds or replaced it
-                raise LeaseTaken() from e
-            if "IfNoneMatch" in condition:  # the first write of a run: a bad bucket, endpoint or credentials
-                raise OutputError(f"--out {urls.redact(self.url)}: cannot write there ({e}); check the bucket, "
-                                  "credentials and endpoint") from e
-            raise
-        return resp["ETag"]
-
-    def lease_read(self) -> LeaseRecord | None:
-        key = self._key(f"{STAGING}/{LEASE}")
-        try:
-            resp = with_retries(lambda: self._fs.call_s3("get_object", Bucket=self._bucket, Key=key),
-                                f"lease: reading s3://{self._bucket}/{key}")
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            raise StorageError(f"lease: reading s3://{self._bucket}/{key} failed: {type(e).__name__}: {e}",
-                               reason_of(e)) from e
-        data = _read_body(self._fs, resp)
-        # Age by the server's clock alone: its Date now, against the object's LastModified.
-        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        now = email.utils.parsedate_to_datetime(date).timestamp() if date else None
-        modified = resp["LastModified"].timestamp()
-        age = max(0.0, now - modified) if now is not None else 0.0
-        return LeaseRecord(data, resp["ETag"], age)
-
-    def lease_delete(self, token: str) -> None:
-        try:
-            self._call("lease: releasing", "delete_object", Key=self._key(f"{STAGING}/{LEASE}"), IfMatch=token)
-        except StorageError:
-            pass  # taken over, or already gone: either way it is not ours to delete
-
     def close(self) -> None:
         pass
 
 
-def _read_body(fs, resp: dict) -> bytes:
-    """The body of a get_object response made through s3fs's sync wrapper."""
+class S3Store:
+    """Small objects directly under one prefix (storage.store); an object's version is its ETag."""
+
+    def __init__(self, s3: _Bucket, prefix: str) -> None:
+        self._s3, self._prefix = s3, prefix
+        self.url = f"s3://{s3.name}/{prefix}".rstrip("/")
+
+    def _key(self, name: str) -> str:
+        return _join(self._prefix, plain(name, self.url))
+
+    def put(self, name: str, data: bytes) -> str:
+        return self._s3.call("writing", "put_object", Key=self._key(name), Body=data)["ETag"]
+
+    def put_if_absent(self, name: str, data: bytes) -> str:
+        return self._put(name, data, IfNoneMatch="*")
+
+    def put_if_match(self, name: str, data: bytes, version: str) -> str:
+        return self._put(name, data, IfMatch=version)
+
+    def _put(self, name: str, data: bytes, **condition: str) -> str:
+        try:
+            return self._s3.call("writing", "put_object", Key=self._key(name), Body=data, **condition)["ETag"]
+        except StorageError as e:
+            # The condition refused, another conditional write won the race, or (If-Match) the
+            # object is gone: in any case not the version given.
+            if e.reason == CHANGED or e.reason == MISSING and "IfMatch" in condition:
+                raise Conflict(name) from e
+            raise
+
+    def get(self, name: str) -> Stored | None:
+        try:
+            resp = self._s3.call("reading", "get_object", Key=self._key(name))
+        except StorageError as e:
+            if e.reason == MISSING:
+                return None
+            raise
+        data = _read_body(self._s3.fs, resp, SMALL_CAP + 1)  # never the whole of a hostile object
+        # Age by the server's clock alone: its Date now, against the object's LastModified.
+        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else None
+        age = max(0.0, now - resp["LastModified"].timestamp()) if now is not None else 0.0
+        return Stored(data if len(data) <= SMALL_CAP else b"", resp["ETag"], age)
+
+    def delete_if_match(self, name: str, version: str) -> None:
+        try:
+            self._s3.call("deleting", "delete_object", Key=self._key(name), IfMatch=version)
+        except StorageError as e:
+            if e.reason not in (CHANGED, MISSING):  # replaced, or already gone: not for this caller
+                raise
+
+    def delete(self, names: list[str]) -> None:
+        for name in names:
+            self._s3.call("deleting", "delete_object", Key=self._key(name))
+
+    def list(self, prefix: str = "") -> list[str]:
+        folder = f"{self._s3.name}/{self._prefix}".rstrip("/")
+        self._s3.fs.invalidate_cache(folder)  # s3fs caches listings: this one must be of now
+        try:
+            paths = _attempt(f"listing s3://{folder}", lambda: self._s3.fs.ls(folder, detail=False))
+        except StorageError as e:
+            if e.reason == MISSING:
+                return []
+            raise
+        return sorted(n for n in (p.rsplit("/", 1)[-1] for p in paths) if n.startswith(prefix))
+
+
+def classify(e: BaseException) -> Failure | None:
+    """S3's errors by their code and HTTP status; None for an exception without an S3 response."""
+    code, status = _s3_error(e)
+    if not code and not status:
+        return None
+    if code in ("NoSuchKey", "NoSuchBucket", "404"):
+        return Failure(MISSING, False)
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        return Failure(DENIED, False)
+    # A conditional request refused: the object is no longer the version read (If-Match), exists
+    # already (If-None-Match), or another conditional write won the race.
+    if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status == 412:
+        return Failure(CHANGED, False)
+    return Failure(TRANSIENT, not (code in PERMANENT_CODES or 400 <= status < 500 and status not in (408, 429)))
+
+
+def _s3_error(e: BaseException) -> tuple[str, int]:
+    """The S3 error code and HTTP status behind `e`, if any: s3fs translates botocore's errors into
+    OSErrors and keeps the original as the cause."""
+    response = getattr(e, "response", None) or getattr(e.__cause__, "response", None)
+    if not isinstance(response, dict):
+        return "", 0
+    return (str(response.get("Error", {}).get("Code", "")),
+            response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+OUTPUT = S3Output  # what storage.writers opens for s3:// (WRITERS)
+
+
+def _attempt(what: str, fn: Callable[[], T]) -> T:
+    """`fn()`, retried where transient; a failure as a StorageError saying what failed, where, why."""
+    try:
+        return with_retries(fn, what)
+    except Exception as e:  # botocore and s3fs raise many types; keep the reason and where
+        raise StorageError(f"{what} failed: {type(e).__name__}: {e}", reason_of(e)) from e
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _read_body(fs, resp: dict, limit: int) -> bytes:
+    """At most `limit` bytes of the body of a get_object response made through s3fs's sync wrapper."""
     from fsspec.asyn import sync
 
     async def read():
         body = resp["Body"]
         try:
-            return await body.read()
+            return await body.read(limit)
         finally:
             body.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 import fsspec
@@ -40,9 +41,9 @@ def protocol(url: str) -> str:
 
 
 def one_scheme(url: str) -> str:
-    """`url` spelled with one scheme per store: fsspec's aliases of one filesystem class (gs and
-    gcs, az and abfs, file and local) all become the first of them in sorted order, so that
-    locations are compared by what they are."""
+    """`url` spelled with one scheme per store: every protocol fsspec implements with the same
+    class (gs and gcs, az and abfs, file and local, s3 and s3a) becomes the first of them in sorted
+    order, so that locations are compared by what they are."""
     scheme = protocol(url)
     if scheme == "file":
         return url
@@ -51,11 +52,28 @@ def one_scheme(url: str) -> str:
 
 
 def _family(scheme: str) -> str:
-    from fsspec.registry import known_implementations
+    implementations = _implementations()
+    cls = implementations.get(scheme)
+    return min(p for p, c in implementations.items() if c == cls) if cls is not None else scheme
 
-    cls = known_implementations.get(scheme, {}).get("class")
-    return min((p for p, spec in known_implementations.items() if spec.get("class") == cls), default=scheme) \
-        if cls else scheme
+
+def _implementations() -> dict[str, object]:
+    """Protocol -> the class fsspec opens it with: the live registry (classes registered at run
+    time, or imported already) over the table of known implementations, whose class names are
+    resolved where their module is imported already (s3fs.S3FileSystem is s3fs.core.S3FileSystem)
+    and compared as names otherwise; nothing is imported here."""
+    from fsspec.registry import known_implementations, registry
+
+    found: dict[str, object] = {p: _class(spec.get("class", "")) for p, spec in known_implementations.items()}
+    return found | dict(registry)
+
+
+def _class(name: str) -> object:
+    module, _, attrs = name.rpartition(":") if ":" in name else name.rpartition(".")
+    obj = sys.modules.get(module)
+    for attr in attrs.split(".") if obj is not None else ():
+        obj = getattr(obj, attr, None)
+    return obj if isinstance(obj, type) else name
 
 
 def local_path(url: str) -> str:

@@ -1,30 +1,38 @@
 """Output writers: bytes at known places of files that only get their final names at commit.
 
-A writer is one class per storage scheme, named in `WRITERS`; a new backend (GCS, Azure) is one
-module implementing `Output` and one line there. Writers know nothing of plans: they see shard
-names, their handles and sizes (`Target`), byte ranges (`Span`) and the journal's records of
-items (`StagedItem`).
+A backend is one module per storage scheme, named in `WRITERS`. A new one (GCS, Azure) is a
+module in `storage/` that defines:
+  - its `Output` class, as `OUTPUT`: the shard staging below, the one part that is really
+    per-backend, since big shards are written in pieces, by many workers, at offsets or as parts;
+  - its `Store` class (storage.store): seven primitives on small objects, which its output
+    exposes twice: `files` over the output folder or prefix, `staging` over `.raymerge-staging/`;
+  - `classify(e)`: what its own exceptions mean, a reason (errors.TRANSIENT, FULL, MISSING,
+    DENIED, CHANGED) and whether a retry can help (storage.retry);
+and one line in `WRITERS`. The lease (execution.lease) and the journal (execution.journal) are
+built once on the `staging` store; the guard reads, and the commit writes, small files through
+`files`.
+Writers know nothing of plans: they see shard names, their handles and sizes (`Target`), byte
+ranges (`Span`) and the journal's records of items (`StagedItem`).
 
-Protocol (the driver does 1, 2, 4 and 5; any worker does 3, in any order, any number of times):
-  1. `lease_create(...)` makes the lease object that says which run owns the output (see
-     execution.lease); only its owner goes on.
-  2. `protect(paths)` names the local input files, which no write may reach. `prepare(shards)`
+Shard staging, once the run holds the output's lease (the driver does 1 and 3; any worker does
+2, in any order, any number of times):
+  1. `protect(paths)` names the local input files, which no write may reach. `prepare(shards)`
      makes one staged target per shard and returns its handle: the name of a staged file for
      local output, a multipart upload id for S3; `identities(handles)` says what each one is (a
      local file's inode), for the journal. Nothing has a final name yet.
      On --resume instead, `check_handles(...)` vets the journal's handles, and `verify_staged(target,
      items)` says which journaled items are verifiably on storage and whether the shard is still
      staged, already final (a commit cut short) or gone.
-  3. `write(target, span, data)` puts an item's bytes at its span of the shard (local: a
+  2. `write(target, span, data)` puts an item's bytes at its span of the shard (local: a
      positional write at `span.start`; S3: upload of part `span.part`) and returns what proves it
      later (S3: the part's ETag) or None; the journal keeps it in a `StagedItem`.
-  4. `finalize(shards)` gives every shard its final name (fsync + rename; complete the uploads
-     from the items' ETags), then `put(name, bytes)` writes small files (aux, index, manifest)
-     atomically.
-  5. `abort(...)` when a run is given up: staged files and open uploads are removed.
+  3. `finalize(shards)` gives every shard its final name (fsync + rename; complete the uploads
+     from the items' ETags); then the small files go to `files` (aux, index, the manifest last)
+     and `clear_staging` drops the journal.
+  `abort(...)` removes the staged targets when a run starts over (`clear_staging` the rest);
+  `free_bytes()` says what room is left for them; `close()` releases what the writer holds open.
 Items are cut to the writer's `PartRules` (`part_rules(url)`, read before anything is opened).
-Small staging files (the resume journal, the lease) live beside the staged shards, under
-`.raymerge-staging/`. Handles are relative to that folder, so a moved output resumes where it is.
+Handles are relative to the staging folder, so a moved output resumes where it is.
 """
 
 from __future__ import annotations
@@ -38,15 +46,16 @@ from typing import Any, ClassVar, Protocol
 
 from raymerge.errors import OutputError
 from raymerge.storage import urls
+from raymerge.storage.store import Store
 
 STAGING = ".raymerge-staging"
 LEASE = "lease.json"
 # Direct I/O alignment of file offsets, lengths and memory; at least a page, so that a buffered
 # head or tail never shares a page-cache page with a direct write.
 BLOCK = max(4096, mmap.PAGESIZE)
-# scheme -> "module:class" of its writer, imported only when asked for: planning reads a
-# writer's part rules without the writer's dependencies or any connection.
-WRITERS = {"file": "raymerge.storage.local_output:LocalOutput", "s3": "raymerge.storage.s3_output:S3Output"}
+# scheme -> the backend module: its `OUTPUT` class and its `classify`, imported only when asked for
+# (planning reads a writer's part rules without the writer's dependencies or any connection).
+WRITERS = {"file": "raymerge.storage.local_output", "s3": "raymerge.storage.s3_output"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,35 +112,18 @@ class Verified:
     items: frozenset[int] = frozenset()
 
 
-class LeaseTaken(Exception):
-    """The lease object exists already (create), or is no longer the one we hold (replace)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseRecord:
-    data: bytes
-    token: str  # what a conditional replace compares: an ETag, or a local file's identity
-    age: float  # seconds since it was last written, by the storage's own clock
-
-
 class Output(Protocol):
     """One output location (see the module doc for the order of calls). A writer is built as
-    `cls(url, storage_options)` and states its `rules`."""
+    `cls(url, storage_options)`, states its `rules` and opens nothing until used."""
 
     url: str
     rules: ClassVar[PartRules]
-
-    # -- the location: what it holds, before a run decides anything (guard) --------------------
-    def listing(self) -> list[str]:
-        """Names directly at the output, sorted; [] when it does not exist yet."""
-
-    def read_small(self, name: str) -> bytes | None:
-        """A small file of the output (an old manifest or index), capped; None when absent."""
+    files: Store  # the output's own small files: aux files, index, manifest (and what the guard reads)
+    staging: Store  # the staging files: the journal, probes, the lease
 
     def free_bytes(self) -> int | None:
         """Room left for staged shards; None when the storage has no such limit to ask about."""
 
-    # -- the shards: staged, written, verified, finalized ----------------------------------------
     def protect(self, paths: Sequence[str]) -> None:
         """Local input files: a write through any of them is refused (before and during the run)."""
 
@@ -159,53 +151,22 @@ class Output(Protocol):
         cut short) is left as it is."""
 
     def abort(self, shards: list[str], handles: list[str] | None) -> None:
-        """Remove staged targets (found without handles where the journal lost them) and the
-        staging files but the lease."""
+        """Remove the staged targets (found without handles where the journal lost them); the
+        staging files are `clear_staging`'s."""
 
-    # -- final small files: aux files, index, manifest ------------------------------------------
-    def put(self, name: str, data: bytes) -> None:
-        """Write a small file at the output atomically: whole or not at all."""
+    def close(self) -> None:
+        """Release what this writer holds open (staged files); it may be used again after."""
 
-    def delete(self, names: list[str]) -> None:
-        """Remove plain-named files of the output (an older checkpoint's)."""
 
-    # -- staging files: the journal, probes ------------------------------------------------------
-    def put_staging(self, name: str, data: bytes) -> None:
-        """Write a small staging file (a journal batch, a probe), whole or not at all."""
-
-    def remove_staging(self, name: str) -> None:
-        """Remove one staging file; never the lease."""
-
-    def staging_files(self, prefix: str = "") -> dict[str, bytes]:
-        """The small staging files whose names start with `prefix` (no shards, no lease)."""
-
-    def clear_staging(self) -> None:
-        """Remove every staging file but the lease."""
-
-    # -- the lease (execution.lease): conditional create, replace and delete ---------------------
-    def lease_create(self, data: bytes) -> str:
-        """Create the lease only if absent (else LeaseTaken); its token."""
-
-    def lease_read(self) -> LeaseRecord | None: ...
-
-    def lease_replace(self, data: bytes, token: str) -> str:
-        """Replace the lease only if it is still the one `token` names (else LeaseTaken)."""
-
-    def lease_refresh(self, data: bytes, token: str) -> str:
-        """The owner's heartbeat: as replace, and the lease never disappears meanwhile."""
-
-    def lease_delete(self, token: str) -> None:
-        """Delete the lease if it is still the one `token` names; quietly otherwise."""
-
-    def close(self) -> None: ...
+def clear_staging(output: Output) -> None:
+    """Remove every staging file but the lease: the journal and probes, once the manifest says the
+    checkpoint is complete, or when a run starts over."""
+    output.staging.delete([name for name in output.staging.list() if name != LEASE])
 
 
 def _writer_class(url: str) -> type[Output] | None:
-    spec = WRITERS.get(urls.protocol(url))
-    if spec is None:
-        return None
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
+    module = WRITERS.get(urls.protocol(url))
+    return importlib.import_module(module).OUTPUT if module else None
 
 
 def part_rules(url: str | None) -> PartRules:
@@ -221,9 +182,3 @@ def open_output(url: str, storage_options: dict[str, Any] | None) -> Output:
         raise OutputError(f"--out {urls.redact(url)}: writing to {urls.protocol(url)}:// is not supported; "
                           "write to a local path or s3:// and copy from there")
     return cls(url, storage_options)
-
-
-def plain_name(name: object) -> bool:
-    """A file name directly in a folder: what raymerge writes, and all it ever deletes."""
-    return (isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name
-            and "\\" not in name and "\x00" not in name)

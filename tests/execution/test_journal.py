@@ -49,7 +49,7 @@ def test_records_round_trip_with_non_finite_sums(tmp_path):
 ])
 def test_a_damaged_head_is_a_state_with_a_problem(tmp_path, head):
     out = open_output(str(tmp_path / "out"), {})
-    out.put_staging(HEAD, head)
+    out.staging.put(HEAD, head)
     state = Journal.load(out)
     assert state.head is None and state.problem.startswith("its head is damaged (")
 

@@ -15,6 +15,7 @@ import pytest
 
 from raymerge.errors import LeaseError
 from raymerge.execution.lease import Holder, Lease, this_machine
+from raymerge.storage.store import Conflict
 from raymerge.storage.writers import LEASE, STAGING, open_output
 
 
@@ -29,7 +30,7 @@ def output(request, tmp_path):
 
 
 def _holder(output) -> dict:
-    return json.loads(output.lease_read().data)
+    return json.loads(output.staging.get(LEASE).data)
 
 
 def test_second_run_is_refused_naming_the_holder(output):
@@ -41,14 +42,14 @@ def test_second_run_is_refused_naming_the_holder(output):
                 Lease.acquire(output, takeover=takeover)
     finally:
         first.release()
-    assert output.lease_read() is None
+    assert output.staging.get(LEASE) is None
     Lease.acquire(output, takeover=False).release()  # free again
 
 
 def _write_foreign_lease(output, **changes) -> None:
     holder = Holder("old-run", "elsewhere", 4242, "another-machine", 1.0, time.time())
     data = json.dumps({"raymerge_lease": 1, **{**holder.__dict__, **changes}}).encode()
-    output.lease_create(data)
+    output.staging.put_if_absent(LEASE, data)
 
 
 def test_stale_lease_taken_over_only_with_resume_or_overwrite(output, monkeypatch):
@@ -84,8 +85,8 @@ def test_heartbeat_refreshes_and_a_run_taken_over_stops(output, monkeypatch):
     assert _holder(output)["heartbeat"] > first
     lease.check()  # still ours
     # Another run judges this one gone and replaces the lease (compare and swap on what it read).
-    record = output.lease_read()
-    output.lease_replace(json.dumps({"run_id": "thief"}).encode(), record.token)
+    record = output.staging.get(LEASE)
+    output.staging.put_if_match(LEASE, json.dumps({"run_id": "thief"}).encode(), record.version)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -97,21 +98,21 @@ def test_heartbeat_refreshes_and_a_run_taken_over_stops(output, monkeypatch):
     else:
         pytest.fail("the run did not notice it was taken over")
     lease.release()
-    assert json.loads(output.lease_read().data)["run_id"] == "thief"  # not ours to delete
+    assert _holder(output)["run_id"] == "thief"  # not ours to delete
 
 
 def test_compare_and_swap_refuses_a_changed_lease(output):
-    from raymerge.storage.writers import LeaseTaken
-
-    token = output.lease_create(b'{"run_id": "a"}')
-    with pytest.raises(LeaseTaken):
-        output.lease_create(b'{"run_id": "b"}')
-    newer = output.lease_replace(b'{"run_id": "a2"}', token)
-    with pytest.raises(LeaseTaken):
-        output.lease_replace(b'{"run_id": "c"}', token)  # the token read before the change
-    assert json.loads(output.lease_read().data)["run_id"] == "a2"
-    output.lease_delete(newer)
-    assert output.lease_read() is None
+    token = output.staging.put_if_absent(LEASE, b'{"run_id": "a"}')
+    with pytest.raises(Conflict):
+        output.staging.put_if_absent(LEASE, b'{"run_id": "b"}')
+    newer = output.staging.put_if_match(LEASE, b'{"run_id": "a2"}', token)
+    with pytest.raises(Conflict):
+        output.staging.put_if_match(LEASE, b'{"run_id": "c"}', token)  # the version read before the change
+    assert _holder(output)["run_id"] == "a2"
+    output.staging.delete_if_match(LEASE, token)  # no longer that version: quietly kept
+    assert _holder(output)["run_id"] == "a2"
+    output.staging.delete_if_match(LEASE, newer)
+    assert output.staging.get(LEASE) is None
 
 
 def test_many_runs_at_once_exactly_one_wins(tmp_path):
@@ -176,7 +177,7 @@ def test_an_out_of_range_pid_from_this_machine_is_never_signalled(tmp_path, monk
     real_kill = os.kill
     monkeypatch.setattr(os, "kill", lambda p, sig: signalled.append(p) or real_kill(p, sig))
     output = open_output(str(tmp_path / "out"), {})
-    output.lease_create(_lease_bytes(pid=pid, heartbeat=time.time()))
+    output.staging.put_if_absent(LEASE, _lease_bytes(pid=pid, heartbeat=time.time()))
     for takeover in (False, True):  # fresh: refused, with --resume / --overwrite too
         with pytest.raises(LeaseError, match=r"another raymerge run is writing it \(an unreadable lease"):
             Lease.acquire(output, takeover=takeover)
@@ -186,3 +187,16 @@ def test_an_out_of_range_pid_from_this_machine_is_never_signalled(tmp_path, monk
         Lease.acquire(output, takeover=False)
     Lease.acquire(output, takeover=True).release()  # stale: taken over by its age alone
     assert all(p >= 1 for p in signalled)
+
+
+def test_a_fifo_where_the_lease_belongs_is_an_unreadable_lease_never_waited_on(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / STAGING).mkdir(parents=True)
+    os.mkfifo(out / STAGING / LEASE)
+    for takeover in (False, True):  # fresh: refused, with --resume / --overwrite too
+        with pytest.raises(LeaseError, match=r"another raymerge run is writing it \(an unreadable lease"):
+            Lease.acquire(open_output(str(out), {}), takeover=takeover)
+    monkeypatch.setenv("RAYMERGE_LEASE_STALE", "1")
+    os.utime(out / STAGING / LEASE, (time.time() - 60, time.time() - 60), follow_symlinks=False)
+    Lease.acquire(open_output(str(out), {}), takeover=True).release()  # stale: replaced, never opened
+    assert not (out / STAGING).exists()

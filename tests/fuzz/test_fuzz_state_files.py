@@ -17,6 +17,7 @@ from raymerge.errors import InputError, RaymergeError
 from raymerge.execution import lease
 from raymerge.execution.journal import HEAD, Damaged, Journal, JournalBatch, JournalHead, JournalState, StatsRecord
 from raymerge.execution.lease import Holder
+from raymerge.storage.store import Stored
 from tests.fuzz.strategies import (
     EDGE_INTS,
     ODD_DIGITS,
@@ -89,15 +90,19 @@ holder_values = st.one_of(
 
 
 class StagingFolder:
-    """The one Output method Journal.load calls, over generated files."""
+    """What Journal.load reads of an output, its staging store's list and get, over generated files."""
 
     url = "/data/out"
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self._files = files
+        self.staging = self
 
-    def staging_files(self, prefix: str = "") -> dict[str, bytes]:
-        return {k: v for k, v in self._files.items() if k.startswith(prefix)}
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self._files if k.startswith(prefix))
+
+    def get(self, name: str) -> Stored | None:
+        return Stored(self._files[name], "v", 0.0) if name in self._files else None
 
 
 def test_seed_documents_are_accepted():

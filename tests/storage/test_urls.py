@@ -68,3 +68,33 @@ def test_hub_filesystem_gets_the_endpoint_explicitly(clean_env):
 ])
 def test_unpinned(url, want):
     assert urls.unpinned(url) == want
+
+
+def test_every_alias_fsspec_knows_for_one_class_is_one_scheme():
+    from fsspec.registry import known_implementations
+
+    by_class: dict[str, list[str]] = {}
+    for protocol, spec in known_implementations.items():
+        by_class.setdefault(spec["class"], []).append(protocol)
+    families = [p for p in by_class.values() if len(p) > 1]
+    assert ["gcs", "gs"] in families and ["s3", "s3a"] in families and ["abfs", "az"] in families
+    for family in families:
+        assert len({urls.one_scheme(f"{p}://bucket/key") for p in family}) == 1, family
+    assert urls.one_scheme("gs://b/x") == urls.one_scheme("gcs://b/x") == "gcs://b/x"
+    assert urls.one_scheme("az://c/x") == urls.one_scheme("abfs://c/x")
+    assert urls.one_scheme("s3a://b/x") == urls.one_scheme("s3n://b/x") == urls.one_scheme("s3://b/x") == "s3://b/x"
+    assert urls.one_scheme("local:///tmp/x") == "file:///tmp/x"
+    assert urls.one_scheme("gcs://b/x") != urls.one_scheme("s3://b/x")  # another store
+
+
+def test_a_protocol_registered_at_run_time_joins_its_class_family(monkeypatch):
+    import importlib
+
+    from s3fs import S3FileSystem
+
+    # As a plugin registering its class under a new name (fsspec.register_implementation) would.
+    live = importlib.import_module("fsspec.registry")._registry  # the package's `registry` is its read-only view
+    monkeypatch.setitem(live, "zz-s3", S3FileSystem)
+    assert urls.one_scheme("zz-s3://b/x") == urls.one_scheme("s3a://b/x") == urls.one_scheme("s3://b/x")
+    monkeypatch.setitem(live, "zz-other", type("Other", (), {}))
+    assert urls.one_scheme("zz-other://b/x") == "zz-other://b/x"

@@ -12,8 +12,8 @@ import pytest
 from raymerge.errors import OutputError
 from raymerge.storage.local_output import LocalOutput
 from raymerge.storage.s3_output import S3Output
-from raymerge.storage.writers import (STAGING, PartRules, ShardState, Span, StagedItem, Target, Verified, open_output,
-                                      part_rules)
+from raymerge.storage.writers import (LEASE, STAGING, PartRules, ShardState, Span, StagedItem, Target, Verified,
+                                      clear_staging, open_output, part_rules)
 
 SHARD = "model.safetensors"
 
@@ -94,3 +94,14 @@ def test_a_handle_that_is_not_a_staged_name_is_refused(tmp_path):
     for bad in ("../" + target.handle, "model.safetensors"):
         with pytest.raises(OutputError, match="resume journal is damaged"):
             out.verify_staged(Target(SHARD, bad, target.size), [])
+
+
+def test_abort_removes_the_staged_files_and_clear_staging_all_but_the_lease(tmp_path):
+    out, target = _staged(tmp_path)
+    _write(out, target, 1, 0, 5000, 1)
+    out.staging.put_if_absent(LEASE, b"{}")
+    out.staging.put("journal-head.json", b"{}")
+    out.abort([SHARD], None)  # the journal lost: staged files are found by their names
+    assert out.staging.list() == ["journal-head.json", LEASE]
+    clear_staging(out)
+    assert os.listdir(tmp_path / "out" / STAGING) == [LEASE]
