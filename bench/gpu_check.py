@@ -164,7 +164,7 @@ def run_method(k, chunk: int | None, t: TensorPlan, arrays: dict, cuts: list[int
 
     facts = None
     for p in m.passes_for(t)[:-1]:
-        facts = m.reduce(p, t, [(lo, m.statistic(p, operands(lo, hi, facts), scratch)) for lo, hi in pieces], facts)
+        facts = m.reduce(p, t, [(lo, m.statistic(k, p, operands(lo, hi, facts), scratch)) for lo, hi in pieces], facts)
     out = bytearray(n * size)
     counts = [0, 0]
     for lo, hi in pieces:

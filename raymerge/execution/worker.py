@@ -173,7 +173,7 @@ class MergeWorker:
             t = self._plan.tensors[piece.tensor]
             k = self._kernels[piece.tensor]
             operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor))
-            result = METHODS[t.method].statistic(pass_name, operands, st.scratch_for(k))
+            result = METHODS[t.method].statistic(k, pass_name, operands, st.scratch_for(k))
             rows.append((piece.tensor, piece.begin, result))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak)

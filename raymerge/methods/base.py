@@ -171,9 +171,13 @@ class Method(ABC):
     combining: ClassVar[bool] = False  # merge and apply may combine their vectors with it (--method)
     mergekit_ignores: ClassVar[tuple[str, ...]] = ()  # mergekit parameters that change nothing in the result
 
+    def default(self, name: str) -> Any:
+        """The default this method declares for its parameter `name`."""
+        return next(p.default for p in self.parameters if p.name == name)
+
     def value(self, operands: Operands, name: str) -> Any:
         """A global parameter's value for a piece: the recipe's, else this method's default."""
-        return operands.param(name, next(p.default for p in self.parameters if p.name == name))
+        return operands.param(name, self.default(name))
 
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
         """The passes one tensor (a TensorPlan with terms) needs, in PASS_ORDER: by default, all."""
@@ -213,7 +217,7 @@ class Method(ABC):
         """Write one piece of a tensor's output into `out` (an array of the kernel's type) and
         return the kernel's `Sums` of it."""
 
-    def statistic(self, pass_name: str, operands: Operands, scratch: Any) -> list:
+    def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
         """A statistics pass's result for one piece: a list of small JSON values indexed by term
         (None for a term that needs nothing here)."""
         raise NotImplementedError(f"{self.name} has no statistics pass {pass_name}")

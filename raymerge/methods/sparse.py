@@ -54,8 +54,6 @@ class Sparse(Method):
 
     sparsify: ClassVar[str]  # "magnitude" (TIES) or "random" (DARE)
     consensus: ClassVar[bool]  # elect a sign per element, by the sum of the weighted deltas
-    default_normalize: ClassVar[bool]
-    default_rescale: ClassVar[bool]
 
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
         sparse_terms = any(0 < t.density < 1 for t in tensor.terms)
@@ -69,16 +67,15 @@ class Sparse(Method):
         return 0 < term.density < 1 and term.limit != 0
 
     def _rescale(self, params) -> bool:
-        return bool(param(params, "rescale", self.default_rescale))
+        return bool(param(params, "rescale", self.default("rescale")))
 
     # --- statistics -------------------------------------------------------------------------
 
-    def statistic(self, pass_name: str, operands: Operands, scratch: Any) -> list:
+    def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
         """One piece's result, per term: HIGH a sparse histogram of the high 16 bits of |delta|
         ([bins], [counts]); LOW one of the low 16 bits inside the threshold's high bin; L1 the
         exact sums of |delta| before and after the drop (AbsSum.to_json). The kernel that made
         the scratch computes the deltas and their magnitude bits; the counts and sums are the host's."""
-        kernel = scratch.kernel
         vecs = operands.vectors
         facts = operands.facts or {}
         wanted = [0 < v.density < 1 and (pass_name != LOW or _fact(facts, v.term, "high") is not None)
@@ -147,7 +144,7 @@ class Sparse(Method):
 
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         facts = operands.facts or {}
-        normalize = operands.param("normalize", self.default_normalize)
+        normalize = self.value(operands, "normalize")
         lam = np.float32(operands.param("lambda", 1.0))
         vecs = operands.vectors
         bits = kernel.table(scratch, _BITS, 1, bits=True)[0]
@@ -379,7 +376,7 @@ _SEED = Parameter("seed", "the seed of the random masks; the same seed gives the
 
 class Ties(Sparse):
     name = "ties"
-    sparsify, consensus, default_normalize, default_rescale = "magnitude", True, True, False
+    sparsify, consensus = "magnitude", True
     statistics = (_HIGH, _LOW, _L1)
     parameters = (SCALE, _DENSITY, NORMALIZE.default_to(True), _RESCALE, LAMBDA)
     recipes = (mergekit_kind("ties"),)
@@ -389,7 +386,7 @@ class Ties(Sparse):
 
 class DareTies(Sparse):
     name = "dare_ties"
-    sparsify, consensus, default_normalize, default_rescale = "random", True, False, True
+    sparsify, consensus = "random", True
     statistics = (_L1,)
     parameters = (SCALE, _DENSITY, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
     recipes = (mergekit_kind("dare_ties"),)
@@ -399,7 +396,7 @@ class DareTies(Sparse):
 
 class DareLinear(Sparse):
     name = "dare_linear"
-    sparsify, consensus, default_normalize, default_rescale = "random", False, False, True
+    sparsify, consensus = "random", False
     statistics = (_L1,)
     parameters = (SCALE, _DENSITY, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
     recipes = (mergekit_kind("dare_linear"),)

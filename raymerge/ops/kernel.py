@@ -84,7 +84,6 @@ class Scratch:
     d: Any
     work: Any
     staging: dict[Any, Any] = field(default_factory=dict)
-    kernel: Any = None
 
 
 class Kernel(Protocol):

@@ -46,7 +46,7 @@ class NumpyKernel:
 
     def scratch(self, chunk: int | None = None) -> Scratch:
         chunk = chunk or CHUNK
-        return Scratch(chunk, *(np.empty(chunk, np.float32) for _ in range(5)), kernel=self)
+        return Scratch(chunk, *(np.empty(chunk, np.float32) for _ in range(5)))
 
     def view(self, buf: memoryview, dtype: str) -> np.ndarray:
         """A 1-D array over `buf` (no copy); BF16 as its uint16 bits."""

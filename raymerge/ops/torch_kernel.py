@@ -79,7 +79,7 @@ class TorchKernel:
         if device.type == "cuda":
             staging["stream"] = torch.cuda.Stream(device)
             torch.cuda.synchronize(device)  # the buffers exist before the stream uses them
-        return Scratch(chunk, acc, x, y, d, work, staging, kernel=self)
+        return Scratch(chunk, acc, x, y, d, work, staging)
 
     def view(self, buf: memoryview, dtype: str) -> torch.Tensor:
         """A 1-D CPU tensor over `buf` (no copy)."""

@@ -81,7 +81,8 @@ def run(kernel, t: TensorPlan, raw: dict, cuts: list[int], chunk: int | None):
 
     facts, seen = None, []
     for p in m.passes_for(t)[:-1]:
-        results = [(lo, m.statistic(p, operands(lo, hi, facts), scratch)) for lo, hi in zip(bounds, bounds[1:])]
+        results = [(lo, m.statistic(kernel, p, operands(lo, hi, facts), scratch))
+                   for lo, hi in zip(bounds, bounds[1:])]
         facts = m.reduce(p, t, results[::-1], facts)  # in any order
         seen.append((p, results, facts))
     total = [0.0, 0.0, 0, 0]

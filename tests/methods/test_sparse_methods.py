@@ -138,7 +138,7 @@ def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts
     passes = m.passes_for(tensor)
     assert passes[-1] == ELEMENTWISE
     for p in passes[:-1]:
-        results = [(lo, m.statistic(p, operands(lo, hi, False), scratch)) for lo, hi in pieces]
+        results = [(lo, m.statistic(NUMPY, p, operands(lo, hi, False), scratch)) for lo, hi in pieces]
         random.Random(shuffle).shuffle(results)
         facts = m.reduce(p, tensor, results, facts)
     out = np.empty(n, anchor_np.dtype)
