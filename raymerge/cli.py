@@ -178,7 +178,7 @@ def check_writable(path: str | None, flag: str) -> None:
 
 def _check_report_is_no_input(path: str | None, recipe) -> None:
     """The report replaces whatever file has its name: never an input's (guard.check_not_input)."""
-    from raymerge.guard import check_not_input
+    from raymerge.commit.guard import check_not_input
     from raymerge.api import input_roles
 
     if path is not None:

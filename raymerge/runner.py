@@ -27,22 +27,22 @@ from typing import Any
 
 from raymerge.commit.aux import aux_contents
 from raymerge.commit.committer import commit
+from raymerge.commit.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
 from raymerge.commit.manifest import output_files
-from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import nonfinite_totals
 from raymerge.config import Recipe, RunOptions
 from raymerge.errors import (CHANGED, DENIED, FULL, MISSING, ExecutionError, InputError, NonFiniteError, OutputError,
                              RaymergeError, StorageError)
 from raymerge.execution.journal import Journal, JournalHead, JournalState, StatsRecord
-from raymerge.execution.passes import Facts, covers
 from raymerge.execution.lease import Lease
 from raymerge.execution.nodes import NodeView, driver_view, local_inputs
+from raymerge.execution.passes import Facts, covers
 from raymerge.execution.resume import Resumed, check_resumable
-from raymerge.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
+from raymerge.execution.session import ray_session
 from raymerge.planning.build import input_roles, make_plan
 from raymerge.planning.passes import pass_items, statistics_passes
 from raymerge.planning.plan import Plan
-from raymerge.execution.session import ray_session
+from raymerge.records import ItemRecord
 from raymerge.storage import urls
 from raymerge.storage.writers import STAGING, Output, clear_staging, open_output
 

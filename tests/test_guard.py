@@ -9,8 +9,8 @@ import os
 
 import pytest
 
+from raymerge.commit.guard import check_not_input, old_checkpoint
 from raymerge.errors import OutputError
-from raymerge.guard import check_not_input, old_checkpoint
 from raymerge.storage.writers import STAGING, open_output
 
 

@@ -22,13 +22,13 @@ from typing import Any
 
 from raymerge import __version__
 from raymerge.commit.manifest import MANIFEST_NAME, Manifest, output_files
-from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import STATS_NAME, parquet_bytes, tensor_stats
 from raymerge.errors import CommitError, RaymergeError
 from raymerge.planning.plan import Plan
+from raymerge.records import ItemRecord, staged_items
 from raymerge.safetensors.index import INDEX_NAME, index_bytes
 from raymerge.storage import urls
-from raymerge.storage.writers import Output, Span, StagedItem, Target, clear_staging
+from raymerge.storage.writers import Output, Target, clear_staging
 
 log = logging.getLogger("raymerge.progress")
 
@@ -66,9 +66,3 @@ def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemR
     except OSError as e:
         raise CommitError(f"commit: writing to {urls.redact(output.url)} failed: {e}") from e
     log.info("commit: %d shards, index and manifest written to %s", len(plan.shards), urls.redact(output.url))
-
-
-def staged_items(plan: Plan, shard: int, done: dict[int, ItemRecord]) -> list[StagedItem]:
-    """What the writer is told of a shard's finished items, in the shard's order (resume and commit)."""
-    items = (plan.items[i] for i in plan.shards[shard].items if i in done)
-    return [StagedItem(it.id, Span(it.part, it.start, it.end), done[it.id].crc32, done[it.id].etag) for it in items]

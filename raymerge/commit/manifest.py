@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raymerge.commit.records import ItemRecord
 from raymerge.commit.stats import STATS_NAME, nonfinite_totals
 from raymerge.errors import InputError
 from raymerge.planning.plan import Plan
+from raymerge.records import ItemRecord
 from raymerge.safetensors.index import INDEX_NAME, is_safe_name
 from raymerge.storage.urls import redact
 from raymerge.untrusted import MAX_NAME, MAX_TEXT, UntrustedJSON, is_text, parse_json, shown

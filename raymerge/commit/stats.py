@@ -15,9 +15,9 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.errors import OutputError
 from raymerge.planning.plan import Plan
+from raymerge.records import ItemRecord, TensorSums
 from raymerge.safetensors.dtypes import numel
 from raymerge.untrusted import shown
 

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.errors import OutputError, RaymergeError, StorageError
 from raymerge.methods import ELEMENTWISE, PASS_ORDER
 from raymerge.planning.plan import Plan
+from raymerge.records import ItemRecord, TensorSums
 from raymerge.storage import urls
 from raymerge.storage.retry import reason_of
 from raymerge.storage.store import plain_name

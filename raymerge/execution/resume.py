@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from raymerge.commit.committer import staged_items
-from raymerge.commit.records import ItemRecord
 from raymerge.errors import OutputError
 from raymerge.execution.journal import JournalState
 from raymerge.planning.plan import Plan
+from raymerge.records import ItemRecord, staged_items
 from raymerge.storage import urls
 from raymerge.storage.writers import Output, ShardState, Target
 

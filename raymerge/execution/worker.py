@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.execution.nodes import NodeView, check_view, local_inputs
 from raymerge.execution.passes import Row
-from raymerge.planning.passes import tensor_passes
 from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
 from raymerge.ops.kernel import Kernel, check_device, kernel_for
+from raymerge.planning.passes import tensor_passes
 from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan
+from raymerge.records import ItemRecord, TensorSums
 from raymerge.safetensors.dtypes import ITEMSIZE
 from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader

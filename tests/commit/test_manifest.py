@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from raymerge.commit.manifest import Manifest
-from raymerge.commit.records import ItemRecord
 from raymerge.errors import InputError
+from raymerge.records import ItemRecord
 
 WHERE = "raymerge verify /data/out"
 

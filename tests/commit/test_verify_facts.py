@@ -9,14 +9,14 @@ import zlib
 
 import pytest
 
+from raymerge.api import verify
 from raymerge.commit.manifest import MANIFEST_NAME, Manifest
-from raymerge.commit.records import ItemRecord
 from raymerge.config import build_recipe
 from raymerge.execution.passes import Facts
-from raymerge.planning.passes import pass_items, statistics_passes
 from raymerge.execution.worker import MergeWorker
-from raymerge.api import verify
 from raymerge.planning.build import make_plan
+from raymerge.planning.passes import pass_items, statistics_passes
+from raymerge.records import ItemRecord
 from raymerge.synth import LlamaShape, make_trio
 
 

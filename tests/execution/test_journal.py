@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.errors import OutputError
 from raymerge.execution.journal import HEAD, Damaged, Journal, JournalBatch, JournalHead, StatsRecord
+from raymerge.records import ItemRecord, TensorSums
 from raymerge.storage.writers import STAGING, open_output
 
 

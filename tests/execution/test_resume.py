@@ -9,11 +9,11 @@ import zlib
 
 import pytest
 
-from raymerge.commit.records import ItemRecord
 from raymerge.errors import OutputError
 from raymerge.execution.journal import JournalHead, JournalState
 from raymerge.execution.resume import check_resumable
 from raymerge.planning.plan import Item, Plan, ShardPlan
+from raymerge.records import ItemRecord
 from raymerge.storage.writers import STAGING, Span, Target, open_output
 
 SIZE = 9000

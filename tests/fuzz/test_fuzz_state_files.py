@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from raymerge.commit.manifest import Manifest
-from raymerge.commit.records import ItemRecord, TensorSums
 from raymerge.errors import InputError, RaymergeError
 from raymerge.execution import lease
 from raymerge.execution.journal import HEAD, Damaged, Journal, JournalBatch, JournalHead, JournalState, StatsRecord
 from raymerge.execution.lease import Holder
+from raymerge.records import ItemRecord, TensorSums
 from raymerge.storage.store import Stored
 from tests.fuzz.strategies import (
     EDGE_INTS,
