@@ -58,6 +58,24 @@ def s3_server():
     os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    """An output location (storage.writers.open_output) in a new folder, and in a new bucket on
+    the session's S3 server."""
+    import time
+
+    import boto3
+
+    from raymerge.storage.writers import open_output
+
+    if request.param == "local":
+        return open_output(str(tmp_path / "out"), {})
+    request.getfixturevalue("s3_server")
+    bucket = f"out-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return open_output(f"s3://{bucket}/out", {})
+
+
 def make_llama_trio(root: str, *, hidden: int = 64, layers: int = 2, vocab: int = 512, intermediate: int = 128,
                     max_shard_size: str = "100KB", seed: int = 0, roles=("base", "chat", "cp"),
                     cp_extra_rows: int = 0) -> dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
@@ -54,3 +56,22 @@ def weighted_reference(anchor: dict | None, terms: list[tuple[float, dict, dict 
                 acc[:rows] = acc[:rows] + scale * x
         out[k] = acc.to(dtype or (anchor[k].dtype if anchor is not None else torch.float32))
     return out
+
+
+def race(attempt: Callable[[int], object], n: int, lost: type[BaseException]) -> tuple[list, list[int]]:
+    """Run attempt(0) .. attempt(n - 1) in n threads at once: (what the winners returned, the
+    indices of those that raised `lost`)."""
+    wins, losses = [], []
+
+    def go(i: int) -> None:
+        try:
+            wins.append(attempt(i))
+        except lost:
+            losses.append(i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return wins, losses

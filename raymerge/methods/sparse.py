@@ -384,21 +384,23 @@ class Ties(Sparse):
     mergekit_ignores = ("int8_mask",)  # how mergekit holds its sign mask in memory
 
 
-class DareTies(Sparse):
+class _Dare(Sparse):
+    """DARE: a random draw keeps each vector's `density` fraction, rescaled by default."""
+
+    sparsify = "random"
+    statistics = (_L1,)
+    parameters = (SCALE, _DENSITY, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
+    combining = True
+    mergekit_ignores = ("int8_mask",)
+
+
+class DareTies(_Dare):
     name = "dare_ties"
-    sparsify, consensus = "random", True
-    statistics = (_L1,)
-    parameters = (SCALE, _DENSITY, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
+    consensus = True
     recipes = (mergekit_kind("dare_ties"),)
-    combining = True
-    mergekit_ignores = ("int8_mask",)
 
 
-class DareLinear(Sparse):
+class DareLinear(_Dare):
     name = "dare_linear"
-    sparsify, consensus = "random", False
-    statistics = (_L1,)
-    parameters = (SCALE, _DENSITY, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
+    consensus = False
     recipes = (mergekit_kind("dare_linear"),)
-    combining = True
-    mergekit_ignores = ("int8_mask",)

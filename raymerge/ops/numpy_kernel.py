@@ -40,6 +40,20 @@ EXPONENT_BITS: dict[np.dtype, np.uint16] = {
 NAMES: dict[np.dtype, str] = {np.dtype(t): name for name, t in NUMPY_DTYPES.items()}
 
 
+def _binary(ufunc):
+    """A kernel primitive `op(x, y, out)`: the ufunc, into out."""
+    def op(self, x, y, out: np.ndarray) -> None:
+        ufunc(x, y, out=out)
+    return op
+
+
+def _exact(ufunc):
+    """A kernel primitive `op(x, y, out)` with x86's NaN rule made exact (`kernel.exact_op`)."""
+    def op(self, x, y, out: np.ndarray) -> None:
+        out[:] = exact_op(ufunc, x, _operand(y, x))
+    return op
+
+
 @dataclass(frozen=True, slots=True)
 class NumpyKernel:
     name: str = "numpy"
@@ -100,26 +114,9 @@ class NumpyKernel:
     def fill(self, out: np.ndarray, value: float) -> None:
         out.fill(value)
 
-    def add(self, x, y, out: np.ndarray) -> None:
-        np.add(x, y, out=out)
-
-    def subtract(self, x, y, out: np.ndarray) -> None:
-        np.subtract(x, y, out=out)
-
-    def multiply(self, x, y, out: np.ndarray) -> None:
-        np.multiply(x, y, out=out)
-
-    def divide(self, x, y, out: np.ndarray) -> None:
-        np.divide(x, y, out=out)
-
-    def greater(self, x, y, out: np.ndarray) -> None:
-        np.greater(x, y, out=out)
-
-    def greater_equal(self, x, y, out: np.ndarray) -> None:
-        np.greater_equal(x, y, out=out)
-
-    def equal(self, x, y, out: np.ndarray) -> None:
-        np.equal(x, y, out=out)
+    # Elementwise float32 arithmetic and comparisons: numpy's ufuncs, each rounded once.
+    add, subtract, multiply, divide = (_binary(f) for f in (np.add, np.subtract, np.multiply, np.divide))
+    greater, greater_equal, equal = (_binary(f) for f in (np.greater, np.greater_equal, np.equal))
 
     def magnitude_bits(self, x: np.ndarray, out: np.ndarray, nans_equal: bool = False) -> np.ndarray:
         return sparse.magnitude_bits(x, out, nans_equal)
@@ -136,17 +133,7 @@ class ExactKernel(NumpyKernel):
 
     name: str = "numpy-exact"
 
-    def add(self, x, y, out: np.ndarray) -> None:
-        out[:] = exact_op(np.add, x, _operand(y, x))
-
-    def subtract(self, x, y, out: np.ndarray) -> None:
-        out[:] = exact_op(np.subtract, x, _operand(y, x))
-
-    def multiply(self, x, y, out: np.ndarray) -> None:
-        out[:] = exact_op(np.multiply, x, _operand(y, x))
-
-    def divide(self, x, y, out: np.ndarray) -> None:
-        out[:] = exact_op(np.divide, x, _operand(y, x))
+    add, subtract, multiply, divide = (_exact(f) for f in (np.add, np.subtract, np.multiply, np.divide))
 
 
 EXACT = ExactKernel()

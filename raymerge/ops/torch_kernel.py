@@ -57,6 +57,13 @@ GPU_CHUNK = 1 << 22  # on a GPU, few large copies and kernels beat many small on
 WIDEST = 8  # bytes per element of any input or output type
 
 
+def _binary(fn):
+    """A kernel primitive `op(x, y, out)`: the torch function, a number taken as torch takes it."""
+    def op(self, x, y, out: torch.Tensor) -> None:
+        fn(x, _scalar(y, x), out=out)
+    return op
+
+
 @dataclass(frozen=True, slots=True)
 class TorchKernel:
     device: str = "cpu"
@@ -147,28 +154,14 @@ class TorchKernel:
     def fill(self, out: torch.Tensor, value: float) -> None:
         out.fill_(value)
 
-    def add(self, x, y, out: torch.Tensor) -> None:
-        torch.add(x, _scalar(y, x), out=out)
-
-    def subtract(self, x, y, out: torch.Tensor) -> None:
-        torch.sub(x, _scalar(y, x), out=out)
-
-    def multiply(self, x, y, out: torch.Tensor) -> None:
-        torch.mul(x, _scalar(y, x), out=out)
+    # Elementwise float32 arithmetic and comparisons: torch's, each rounded once.
+    add, subtract, multiply = (_binary(f) for f in (torch.add, torch.sub, torch.mul))
+    greater, greater_equal, equal = (_binary(f) for f in (torch.gt, torch.ge, torch.eq))
 
     def divide(self, x, y, out: torch.Tensor) -> None:
         if not isinstance(y, torch.Tensor):  # see the module's doc: never by a host scalar
             y = torch.tensor(float(y), dtype=torch.float32, device=x.device)
         torch.div(x, y, out=out)
-
-    def greater(self, x, y, out: torch.Tensor) -> None:
-        torch.gt(x, _scalar(y, x), out=out)
-
-    def greater_equal(self, x, y, out: torch.Tensor) -> None:
-        torch.ge(x, _scalar(y, x), out=out)
-
-    def equal(self, x, y, out: torch.Tensor) -> None:
-        torch.eq(x, _scalar(y, x), out=out)
 
     def magnitude_bits(self, x: torch.Tensor, out: torch.Tensor, nans_equal: bool = False) -> torch.Tensor:
         torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=out)

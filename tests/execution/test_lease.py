@@ -7,26 +7,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
-import boto3
 import pytest
 
 from raymerge.errors import LeaseError
 from raymerge.execution.lease import Holder, Lease, this_machine
 from raymerge.storage.store import Conflict
 from raymerge.storage.writers import LEASE, STAGING, open_output
-
-
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return open_output(str(tmp_path / "out"), {})
-    request.getfixturevalue("s3_server")
-    bucket = f"lease-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return open_output(f"s3://{bucket}/out", {})
+from tests.helpers import race
 
 
 def _holder(output) -> dict:
@@ -118,19 +107,7 @@ def test_compare_and_swap_refuses_a_changed_lease(output):
 def test_many_runs_at_once_exactly_one_wins(tmp_path):
     # Local only: moto checks If-None-Match and then stores, not atomically; S3 and MinIO decide atomically.
     output = open_output(str(tmp_path / "out"), {})
-    wins, refused = [], []
-
-    def go(i):
-        try:
-            wins.append(Lease.acquire(output, takeover=True, run_id=f"r{i}"))
-        except LeaseError:
-            refused.append(i)
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    wins, refused = race(lambda i: Lease.acquire(output, takeover=True, run_id=f"r{i}"), 6, LeaseError)
     assert len(wins) == 1 and len(refused) == 5
     wins[0].release()
 

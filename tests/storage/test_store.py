@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
-import time
 
-import boto3
 import pytest
 
 from raymerge.errors import FULL, CommitError, OutputError, StorageError
@@ -18,16 +15,7 @@ from raymerge.storage import local_output, s3_output
 from raymerge.storage.localfs import temporary
 from raymerge.storage.store import Conflict
 from raymerge.storage.writers import LEASE, STAGING, clear_staging, open_output
-
-
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return open_output(str(tmp_path / "out"), {})
-    request.getfixturevalue("s3_server")
-    bucket = f"store-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return open_output(f"s3://{bucket}/out", {})
+from tests.helpers import race
 
 
 def test_put_and_get_whole_objects_with_versions(output):
@@ -145,19 +133,7 @@ def test_temporaries_are_never_listed_and_go_with_their_file(tmp_path):
 def test_of_many_compare_and_swaps_from_one_version_exactly_one_wins(tmp_path):
     store = open_output(str(tmp_path / "out"), {}).staging
     version = store.put_if_absent(LEASE, b"first")
-    wins, conflicts = [], []
-
-    def swap(i):
-        try:
-            wins.append((i, store.put_if_match(LEASE, f"run {i}".encode(), version)))
-        except Conflict:
-            conflicts.append(i)
-
-    threads = [threading.Thread(target=swap, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    wins, conflicts = race(lambda i: (i, store.put_if_match(LEASE, f"run {i}".encode(), version)), 8, Conflict)
     assert len(wins) == 1 and len(conflicts) == 7
     (i, won), = wins
     assert store.get(LEASE).data == f"run {i}".encode() and store.get(LEASE).version == won
