@@ -130,9 +130,7 @@ def method_cases(n: int):
     """(method, dtype, has an anchor, terms as (scale, has b, density, limit), params) for every
     method in the registry: each shape of its recipe kinds, its defaults and other values."""
     for name, m in METHODS.items():
-        names = {p.name for p in m.parameters if not p.per_vector}
-        other = tuple((k, v) for k, v in (("normalize", True), ("lambda", 0.75), ("rescale", True), ("seed", 3))
-                      if k in names)
+        other = tuple((p.name, p.other()) for p in m.parameters if not p.per_vector)
         for anchor, minus in sorted({(r.anchor is not None, r.minus is not None) for r in m.recipes}):
             for dtype in ("BF16", "F16", "F32", "F64"):
                 for params in ((), other):

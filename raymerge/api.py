@@ -17,6 +17,7 @@ from raymerge.commit.verify import Redo, verify as check_checkpoint
 from raymerge.config import OPTIONS, Recipe, RunOptions, build_recipe
 from raymerge.execution.passes import facts_by_index
 from raymerge.execution.session import prefer_loopback, ray_session  # noqa: F401  (the faces' imports)
+from raymerge.methods import COMBINING
 from raymerge.planning.build import describe, input_roles, make_plan, total_read_bytes  # noqa: F401  (the faces')
 from raymerge.planning.plan import Plan
 from raymerge.runner import run as run_phases
@@ -75,15 +76,18 @@ def merge(base: str, chat: str | list[str], cp: str, out: str, *, scale: float |
     """`out = cp + sum_i scale_i * (chat_i - base)` in float32, rounded once to the output dtype.
 
     `chat` and `scale` may be lists (one scale per chat model, in order); `options` are the run
-    options of the CLI: {run}; and the method's: method ("sum", "ties", "dare_linear",
-    "dare_ties"), density (one per chat model), normalize, rescale, lambda, seed.
+    options of the CLI: {run}; and how the vectors combine: method ({methods}) and the methods'
+    parameters: {parameters} (config.OPTIONS says which method takes which, and their defaults).
     """
     return run(*build_recipe("merge", dict(base=base, chat=chat, cp=cp, out=out, scale=scale, vocab=vocab,
                                            skip=skip, special_tokens=special_tokens,
                                            chat_template=chat_template, dtype=dtype, **options)))
 
 
-merge.__doc__ = merge.__doc__.format(run=RUN_KEYWORDS)
+merge.__doc__ = merge.__doc__.format(
+    run=RUN_KEYWORDS, methods=", ".join(COMBINING),
+    parameters=", ".join(o.key + (" (one per chat model)" if o.per_vector else "") for o in OPTIONS
+                         if (o.param or o.per_vector) and o.key != "scale" and o.takes("merge")))
 
 
 def extract(base: str, chat: str, out: str, *, dtype: str = "float32", **options: Any) -> MergeResult:

@@ -213,7 +213,8 @@ class _Run:
         try:
             yield driver_view(self.plan, self.output.url, posixpath.join(self.output.url, STAGING, name), token)
         finally:
-            self.output.staging.delete([name])
+            with contextlib.suppress(RaymergeError):  # a probe left behind never hides the run's own error
+                self.output.staging.delete([name])
 
     def stage(self, start: _Start) -> tuple[list[str], Journal]:
         """The staged targets and the journal: the interrupted run's, or new ones."""

@@ -23,7 +23,7 @@ from typing import Any
 from raymerge import __version__
 from raymerge.commit.manifest import MANIFEST_NAME, Manifest, output_files
 from raymerge.commit.stats import STATS_NAME, parquet_bytes, tensor_stats
-from raymerge.errors import CommitError, RaymergeError
+from raymerge.errors import FULL, CommitError, RaymergeError, StorageError
 from raymerge.planning.plan import Plan
 from raymerge.records import ItemRecord, staged_items
 from raymerge.safetensors.index import INDEX_NAME, index_bytes
@@ -50,19 +50,31 @@ def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemR
     try:
         # Nothing new appears at the output before the shards are final; every step can be run
         # again by --resume.
-        output.files.delete([n for n in (MANIFEST_NAME, INDEX_NAME) if n in replaces])
+        _small(output.files.delete, [n for n in (MANIFEST_NAME, INDEX_NAME) if n in replaces])
         output.finalize(shards)
         for aux_file in plan.aux_files:
-            output.files.put(aux_file.name, aux[aux_file.name])
-        output.files.put(STATS_NAME, parquet_bytes(stats))
-        output.files.delete([n for n in replaces if n not in output_files(plan)])
+            _small(output.files.put, aux_file.name, aux[aux_file.name])
+        _small(output.files.put, STATS_NAME, parquet_bytes(stats))
+        _small(output.files.delete, [n for n in replaces if n not in output_files(plan)])
         if len(plan.shards) > 1:
             weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
-            output.files.put(INDEX_NAME, index_bytes(plan.tensor_bytes, weight_map))
-        output.files.put(MANIFEST_NAME, manifest)
-        clear_staging(output)  # the journal: the manifest now says the checkpoint is complete
+            _small(output.files.put, INDEX_NAME, index_bytes(plan.tensor_bytes, weight_map))
+        _small(output.files.put, MANIFEST_NAME, manifest)
+        _small(clear_staging, output)  # the journal: the manifest now says the checkpoint is complete
     except RaymergeError:
         raise
     except OSError as e:
         raise CommitError(f"commit: writing to {urls.redact(output.url)} failed: {e}") from e
     log.info("commit: %d shards, index and manifest written to %s", len(plan.shards), urls.redact(output.url))
+
+
+def _small(step, *args) -> None:
+    """One write or delete of the output's small files at commit. Whatever failed, --resume can
+    run it again (the shards are final or still staged): a CommitError, but for a full disk, whose
+    StorageError tells the room to free."""
+    try:
+        step(*args)
+    except StorageError as e:
+        if e.reason == FULL:
+            raise
+        raise CommitError(f"commit: {e}") from e

@@ -5,7 +5,7 @@ whether the disk has room.
 Locations are compared by what they are, not by their spelling: real paths with symbolic links
 resolved, and the identity (device, inode) of every folder on the way, which also catches bind
 mounts and case-insensitive file systems; every scheme fsspec knows for one store is one scheme
-(`s3a://` and `s3n://` are `s3://`, `gs://` is `gcs://`, `abfs://` is `az://`).
+(`s3a://` and `s3n://` are `s3://`, `gs://` is `gcs://`, `az://` is `abfs://`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from raymerge import __version__
 from raymerge.commit.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ItemEntry, Manifest
 from raymerge.errors import RaymergeError
 from raymerge.planning.plan import Plan
@@ -148,8 +149,10 @@ def _recompute(url, manifest: Manifest, headers, redo: Redo, count, seed, reader
     except RaymergeError as e:
         return [f"recompute: the inputs cannot be planned again ({e})"]
     if plan.hash != manifest.plan_hash:
-        return [f"recompute: the inputs or recipe changed since this checkpoint was made (plan {plan.hash[:12]}, "
-                f"manifest {manifest.plan_hash[:12]}); cannot compare"]
+        return [f"recompute: the plan differs from the one this checkpoint was made with (plan {plan.hash[:12]}, "
+                f"manifest {manifest.plan_hash[:12]}): the inputs or the recipe changed since, or the checkpoint "
+                f"was made by another raymerge (this is {__version__}, it says {manifest.raymerge_version}), whose "
+                "plans can differ in form; cannot compare"]
     # The same plan hash, but the manifest is data: its shards and items must be the plan's
     # before one is looked up by the plan's ids and names.
     if _cut(plan.shards, plan.items) != _cut(manifest.shards, manifest.items):

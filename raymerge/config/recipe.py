@@ -100,7 +100,7 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
                          f"per --{how.vectors}, in the same order (or none for 1.0 each); in a recipe, a gradient "
                          "over the layers is one list inside the list, e.g. scale: [[0.0, 0.5, 1.0]]")
     # Without a vocab key, a mergekit recipe refuses inputs whose vocabularies differ (its error names --vocab).
-    vocab = got.get("vocab", "error" if how.mergekit else "overlap")
+    vocab = got.get("vocab", "overlap" if how.methods else "error")
     method = METHODS[got.get("method", how.method)]
     _check_parameters(at, kind, method.name, got)
     per_vector = tuple((o.key, tuple(_one_each(at, o, got[o.key], urls_, how.vectors)))

@@ -186,8 +186,7 @@ def fractions(value: Any, o: Option) -> list[Scale]:
     for s in schedules:
         for v in (s.default, *(v for _, _, v in s.rules)):
             if not all(0 <= x <= 1 for x in (v if isinstance(v, tuple) else (v,))):
-                raise InputError(f"{o.flag} {shown(value, 40)}: a density is the fraction of a vector's elements "
-                                 "kept, from 0 to 1")
+                raise InputError(f"{o.flag} {shown(value, 40)}: {o.key} is a fraction, from 0 to 1")
     return schedules
 
 

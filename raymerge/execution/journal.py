@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raymerge.errors import OutputError, RaymergeError, StorageError
+from raymerge.errors import TRANSIENT, OutputError, RaymergeError, StorageError
 from raymerge.methods import ELEMENTWISE, PASS_ORDER
 from raymerge.planning.plan import Plan
 from raymerge.records import ItemRecord, TensorSums
@@ -158,6 +158,8 @@ class Journal:
         try:
             output.staging.put(HEAD, head.to_json())
         except StorageError as e:
+            if e.reason == TRANSIENT:  # still failing after the retries: the run may be run again
+                raise
             raise OutputError(f"--out {urls.redact(output.url)}: cannot write the resume journal ({e}); "
                               "check the folder's permissions and free space") from e
         return cls(output)
@@ -225,6 +227,8 @@ def _documents(output: Output) -> dict[str, bytes]:
     try:
         found = {name: output.staging.get(name) for name in output.staging.list(prefix="journal-")}
     except StorageError as e:
+        if e.reason == TRANSIENT:
+            raise
         raise OutputError(f"--out {urls.redact(output.url)}: cannot read the resume journal ({e}); check its "
                           "permissions") from e
     return {name: got.data for name, got in found.items() if got is not None}

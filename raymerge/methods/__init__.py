@@ -15,33 +15,42 @@ from raymerge.methods.sparse import DareLinear, DareTies, Ties
 from raymerge.methods.sum import Sum
 from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 
-METHODS: dict[str, Method] = {m.name: m for m in (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies())}
+_ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies())
 
 
-def check_registry(methods: dict[str, Method]) -> None:
-    """Fail loudly, at import, on declarations that would otherwise be half-used: a name declared
-    twice, a parameter meaning two things, two passes in one place."""
+def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:
+    """The methods by name, failing loudly, at import, on declarations that would otherwise be
+    half-used: a name declared twice, a parameter meaning two things, two passes in one place, a
+    recipe kind of a method that is not registered."""
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise TypeError(f"methods registered twice: {sorted({n for n in names if names.count(n) > 1})}")
+    for m in methods:
+        for r in m.recipes:
+            if r.method not in names:
+                raise TypeError(f"method {m.name}: recipe kind {r.name} computes with {r.method}, which is not registered")
     seen: dict[str, Parameter] = {}
-    for m in methods.values():
+    for m in methods:
         for p in m.parameters:
             other = seen.setdefault(p.name, p)
             if (other.type, other.per_vector, other.schedulable, other.mergekit) != \
                     (p.type, p.per_vector, p.schedulable, p.mergekit):
                 raise TypeError(f"method {m.name}: parameter {p.name} is declared otherwise by another method")
     passes: dict[str, Pass] = {}
-    for m in methods.values():
+    for m in methods:
         for p in m.statistics:
             if passes.setdefault(p.name, p) != p:
                 raise TypeError(f"method {m.name}: pass {p.name} is declared otherwise by another method")
     orders = [p.order for p in passes.values()]
     if len(set(orders)) != len(orders) or ELEMENTWISE in passes:
         raise TypeError("two statistics passes share an order, or one is named elementwise")
-    kinds = [r.name for m in methods.values() for r in m.recipes]
+    kinds = [r.name for m in methods for r in m.recipes]
     if len(set(kinds)) != len(kinds):
-        raise TypeError(f"recipe kinds declared twice: {sorted(k for k in kinds if kinds.count(k) > 1)}")
+        raise TypeError(f"recipe kinds declared twice: {sorted({k for k in kinds if kinds.count(k) > 1})}")
+    return {m.name: m for m in methods}
 
 
-check_registry(METHODS)
+METHODS: dict[str, Method] = check_registry(_ALL)
 # Every pass any method has, in the order a plan runs them: statistics passes first.
 PASSES: dict[str, Pass] = {p.name: p for m in METHODS.values() for p in m.statistics}
 PASS_ORDER: tuple[str, ...] = (*sorted(PASSES, key=lambda name: PASSES[name].order), ELEMENTWISE)

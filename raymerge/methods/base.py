@@ -116,8 +116,19 @@ class Parameter:
         """The same parameter with another method's default."""
         return dataclasses.replace(self, default=value)
 
+    def other(self) -> Any:
+        """A valid value other than the default: the parity checks vary every parameter with it."""
+        if self.type == "flag":
+            return not self.default
+        if self.type == "seed":
+            return self.default + 3
+        return 0.75 if self.default != 0.75 else 0.5
+
     def __post_init__(self) -> None:
-        if self.type not in PARAMETER_TYPES or (self.schedulable and not self.per_vector):
+        # One value per vector is a list of numbers or schedules (weight, fraction); one in all, a
+        # flag, a number or a seed: config parses each shape so, and nothing else.
+        if self.type not in PARAMETER_TYPES or (self.schedulable and not self.per_vector) or \
+                self.per_vector != (self.type in ("weight", "fraction")):
             raise TypeError(f"parameter {self.name}: type {self.type!r}, per_vector {self.per_vector}, "
                             f"schedulable {self.schedulable}: not a parameter config can check")
 
@@ -197,16 +208,18 @@ class Method(ABC):
             return "expected a list, one entry per vector"
         if len(facts) != len(tensor.terms):
             return f"{len(facts)} entries for {len(tensor.terms)} vectors"
-        declared = {p.name: p for p in self.statistics}
+        from raymerge.methods import pass_named  # the registry imports this module
+
+        named = [pass_named(p) for p in passes]
+        bits = {k for p in named for k in p.bits}
         for j, (term, f) in enumerate(zip(tensor.terms, facts)):
             if not (f is None or isinstance(f, dict)):
                 return f"vector {j + 1}: expected null or an object"
             f = f or {}
-            wanted = [declared[p] for p in passes] if self.works_on(term) else []
+            wanted = named if self.works_on(term) else []
             missing = [k for p in wanted for k in p.records if k not in f and k not in p.optional]
             if missing:
                 return f"vector {j + 1} has no {', '.join(missing)}"
-            bits = {k for p in declared.values() for k in p.bits}
             for k, v in f.items():
                 if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (2**32 if k in bits else _COUNT)):
                     return f"vector {j + 1}'s {shown(k)} is {shown(v)}, out of range"

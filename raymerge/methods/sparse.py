@@ -145,7 +145,7 @@ class Sparse(Method):
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         facts = operands.facts or {}
         normalize = self.value(operands, "normalize")
-        lam = np.float32(operands.param("lambda", 1.0))
+        lam = np.float32(self.value(operands, "lambda"))
         vecs = operands.vectors
         bits = kernel.table(scratch, _BITS, 1, bits=True)[0]
         keeps = kernel.table(scratch, _KEEPS, len(vecs))
@@ -254,7 +254,7 @@ class Sparse(Method):
             return None
         keep = keep[:len(d)]
         if self.sparsify == "random":
-            seed = int(operands.param("seed", 0))
+            seed = int(self.value(operands, "seed"))
             kernel.from_host(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo,
                                                     len(d), sparse.keep_threshold(v.density)))
             return keep

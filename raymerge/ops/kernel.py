@@ -75,7 +75,7 @@ class Scratch:
     """Float32 work buffers of an implementation's array type, allocated once per worker thread
     and reused for every item: acc, the sum; x, y, a term's operands; d, the change, with several
     terms; work, rounding. `staging`: what else the implementation keeps (host and device buffers,
-    `table`s). `kernel`: the kernel that made it (a statistics pass is given only the scratch)."""
+    `table`s)."""
 
     chunk: int
     acc: Any

@@ -6,9 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raymerge.config import Recipe, RunOptions
 from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
 from raymerge.planning.inputs import resolve
 from raymerge.planning.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
@@ -17,6 +16,9 @@ from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_p
 from raymerge.planning.schedule import layer_of
 from raymerge.storage import urls
 from raymerge.storage.writers import part_rules
+
+if TYPE_CHECKING:  # planning reads a recipe's fields; config imports planning, never the other way
+    from raymerge.config import Recipe, RunOptions
 
 log = logging.getLogger("raymerge")
 

@@ -32,7 +32,7 @@ from raymerge.storage.localfs import (NOFOLLOW, Identity, NotRegular, fsync_dir,
                                       open_regular, temporary, temporary_of, write_whole)
 from raymerge.storage.retry import Failure, reason_of
 from raymerge.storage.store import SMALL_CAP, Conflict, Stored, plain, plain_name
-from raymerge.storage.writers import BLOCK, STAGING, PartRules, ShardState, Span, StagedItem, Target, Verified
+from raymerge.storage.writers import BLOCK, LEASE, STAGING, PartRules, ShardState, Span, StagedItem, Target, Verified
 
 PARTIAL = ".partial"
 
@@ -252,6 +252,10 @@ class LocalOutput:
             self._fds.clear()
 
 
+LOCK = ".raymerge.lock"  # the lock file of a store's folder (`LocalStore._locked`); never listed
+_THREADS = threading.Lock()  # one thread of this process at a time in `LocalStore._locked`
+
+
 class LocalStore:
     """Small files directly in one local folder (storage.store): `root`, the output folder, or `sub`,
     a folder of raymerge's own in it (the staging folder), which must never be a link.
@@ -337,8 +341,10 @@ class LocalStore:
         """The new file, written whole beside the name, renamed over it if the file there is still
         `version` (else Conflict): checked and renamed under the folder's lock (`_locked`), so of
         two callers only one replaces a version, and the name is never free meanwhile (a
-        `put_if_absent` never slips in)."""
+        `put_if_absent` never slips in). A name whose folder is gone is no version: Conflict."""
         path = self._path(name)
+        if not os.path.isdir(self._folder()):
+            raise Conflict(name)
         new = temporary(path)
         st = self._write_new(new, data, name)
         try:
@@ -381,24 +387,37 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """The folder's exclusive lock (flock, on the folder itself), for a check and the change it
-        allows: every conditional write or delete of this store's files, by any process that can
-        see the folder, takes it. The kernel releases it when a holder dies."""
-        fd = os.open(self._folder(), os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        """The folder's exclusive lock, for a check and the change it allows: every conditional
+        write or delete of this store's files, by any process on any host that sees the folder,
+        takes it. A POSIX record lock (lockf) on the folder's lock file, which NFS serves too; the
+        kernel releases it when a holder dies. Where the file system has no locks (some FUSE
+        mounts), the check and the change go unlocked: two runs taking over at once could then both
+        replace the lease, and the one replaced stops at its next heartbeat, before it commits."""
+        with _THREADS:  # a POSIX lock is the process's: its threads take turns here
+            fd = os.open(os.path.join(self._folder(), LOCK), os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX)
+                except OSError as e:
+                    if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                yield
+            finally:
+                os.close(fd)  # releases the lock
 
     def _drop_leftovers(self, names: list[str]) -> None:
-        """Remove the temporary files of deleted names (a write cut short), then this store's own
-        folder and the folders it made, where empty: a run that made `--out` only to fail leaves
-        nothing."""
+        """Remove the temporary files of deleted names (a write cut short) and, in raymerge's own
+        staging folder, those of names that no longer exist (a run killed mid-write) but the
+        lease's (a takeover may be writing it); then this store's own folder and the folders it
+        made, where empty: a run that made `--out` only to fail leaves nothing."""
         gone = set(names)
-        for entry in self._entries():
-            if temporary_of(entry) in gone:
+        entries = self._entries()
+        for entry in entries:
+            of = temporary_of(entry)
+            if of in gone or (self._sub and of is not None and of != LEASE and of not in entries):
                 _unlink_quietly(os.path.join(self.url, entry))
+        if set(self._entries()) == {LOCK}:  # nothing left to lock
+            _unlink_quietly(os.path.join(self.url, LOCK))
         for folder in ([self._folder()] if self._sub else []) + self._made:
             try:
                 os.rmdir(folder)
@@ -431,7 +450,8 @@ class LocalStore:
     def list(self, prefix: str = "") -> list[str]:
         if os.path.isfile(self._root):
             raise OutputError(f"--out {self._root}: is a file; give a directory for the checkpoint")
-        return sorted(n for n in self._entries() if n.startswith(prefix) and temporary_of(n) is None)
+        return sorted(n for n in self._entries()
+                      if n.startswith(prefix) and temporary_of(n) is None and n != LOCK)
 
     def _entries(self) -> list[str]:
         if not os.path.isdir(self._folder()):

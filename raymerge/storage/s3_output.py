@@ -202,13 +202,19 @@ class S3Store:
             raise
 
     def get(self, name: str) -> Stored | None:
+        key = self._key(name)
+        fs = self._s3.fs
+
+        def fetch() -> tuple[dict, bytes]:  # the request and its body, retried together
+            resp = fs.call_s3("get_object", Bucket=self._s3.name, Key=key)
+            return resp, _read_body(fs, resp, SMALL_CAP + 1)  # never the whole of a hostile object
+
         try:
-            resp = self._s3.call("reading", "get_object", Key=self._key(name))
+            resp, data = _attempt(f"reading s3://{self._s3.name}/{key}", fetch)
         except StorageError as e:
             if e.reason == MISSING:
                 return None
             raise
-        data = _read_body(self._s3.fs, resp, SMALL_CAP + 1)  # never the whole of a hostile object
         # Age by the server's clock alone: its Date now, against the object's LastModified.
         date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         now = email.utils.parsedate_to_datetime(date).timestamp() if date else None
@@ -280,13 +286,19 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _read_body(fs, resp: dict, limit: int) -> bytes:
-    """At most `limit` bytes of the body of a get_object response made through s3fs's sync wrapper."""
+    """The body of a get_object response made through s3fs's sync wrapper, up to `limit` bytes:
+    read until its end, since one read returns only what has arrived."""
     from fsspec.asyn import sync
 
     async def read():
-        body = resp["Body"]
+        body, got = resp["Body"], bytearray()
         try:
-            return await body.read(limit)
+            while len(got) < limit:
+                chunk = await body.read(limit - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            return bytes(got)
         finally:
             body.close()
 

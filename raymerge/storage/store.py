@@ -15,7 +15,8 @@ Protocol (names are plain file names, never paths: `plain`):
   - `delete(names)` deletes objects, missing ones included;
   - `list(prefix)` the names it holds that start with `prefix`, sorted.
 A version is an opaque token that changes whenever the object is written: an ETag, or a local
-file's identity. An age is measured by the storage's own clock, never against this machine's.
+file's identity. An age is measured by the storage's own clock where it has one (S3: its Date against the object's
+LastModified); a local file's, as now against its mtime (on NFS, the server's).
 What is there but cannot be an object (a FIFO, a link, a folder, an object past `SMALL_CAP`)
 reads as damaged: empty bytes, which every reader of raymerge's documents refuses. Failures
 raise StorageError, its reason given by the backend's classifier (storage.retry).

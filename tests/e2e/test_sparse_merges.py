@@ -277,7 +277,7 @@ def test_ties_resumed_after_the_driver_is_killed_between_passes(ray_local, model
 @pytest.mark.parametrize("extra,match", [
     (["--density", "0.5"], "--density: merge with method sum takes no density"),
     (["--rescale"], "--rescale: merge with method sum takes no rescale"),
-    (["--method", "ties", "--density", "1.5"], "a density is the fraction of a vector's elements kept, from 0 to 1"),
+    (["--method", "ties", "--density", "1.5"], "density is a fraction, from 0 to 1"),
     (["--method", "ties", "--density", "-0.1"], "from 0 to 1"),
     (["--method", "ties", "--density", "0.5", "--density", "0.5"], "2 --density values for 1 --chat inputs"),
     (["--method", "dare_ties", "--seed", "-1"], "--seed -1: must be an integer >= 0"),

@@ -98,9 +98,7 @@ def cases():
     in the registry, every dtype, each of its recipe kinds' shapes, its defaults and other values of
     its global parameters."""
     for name, m in METHODS.items():
-        global_params = {p.name for p in m.parameters if not p.per_vector}
-        other = tuple((k, v) for k, v in (("normalize", True), ("lambda", 0.75), ("rescale", True), ("seed", 3))
-                      if k in global_params)
+        other = tuple((p.name, p.other()) for p in m.parameters if not p.per_vector)
         shapes = {(r.anchor is not None, r.minus is not None) for r in m.recipes}
         for dtype in RAW:
             for anchor, minus in sorted(shapes):

@@ -16,7 +16,7 @@ from raymerge.config import OPTION
 from raymerge.config.mergekit import recipe_values
 from raymerge.errors import InputError
 from raymerge.methods import (MERGEKIT, METHODS, PASS_ORDER, RECIPES, Method, Parameter, Pass, check_registry,
-                              kind_methods)
+                              kind_methods, mergekit_kind)
 
 
 def test_every_parameter_is_one_option_taken_by_the_kinds_whose_methods_declare_it():
@@ -64,7 +64,7 @@ class _Stub(Method):
 
 
 def _registry_with(**declared):
-    return {**METHODS, "stub": type("Stub", (_Stub,), declared)()}
+    return (*METHODS.values(), type("Stub", (_Stub,), declared)())
 
 
 @pytest.mark.parametrize("declared, problem", [
@@ -72,6 +72,8 @@ def _registry_with(**declared):
     ({"statistics": (Pass("l1-norm", 99),)}, "pass l1-norm is declared otherwise"),
     ({"statistics": (Pass("other", 10),)}, "share an order"),
     ({"recipes": METHODS["ties"].recipes}, "recipe kinds declared twice"),
+    ({"name": "ties"}, r"methods registered twice: \['ties'\]"),
+    ({"recipes": (mergekit_kind("stubby"),)}, "recipe kind stubby computes with stubby, which is not registered"),
 ])
 def test_declarations_that_would_be_half_used_fail_at_import(declared, problem):
     with pytest.raises(TypeError, match=problem):
@@ -83,6 +85,10 @@ def test_a_parameter_config_could_not_check_is_refused_where_it_is_declared():
         Parameter("t", "", "text", 1.0)
     with pytest.raises(TypeError, match="not a parameter config can check"):
         Parameter("t", "", "number", 1.0, schedulable=True)  # a global value has no schedule
+    with pytest.raises(TypeError, match="not a parameter config can check"):
+        Parameter("t", "", "fraction", 1.0)  # a fraction (a list of schedules) is one per vector
+    with pytest.raises(TypeError, match="not a parameter config can check"):
+        Parameter("t", "", "flag", False, per_vector=True)  # a flag is one in all
 
 
 # A new elementwise method, as a newcomer would write it: one module...
@@ -152,7 +158,7 @@ def test_an_elementwise_method_is_one_new_file_and_one_registry_line(tmp_path):
     (package / "methods" / "lerp.py").write_text(textwrap.dedent(_LERP))
     registry = package / "methods" / "__init__.py"
     text = registry.read_text()
-    line = "METHODS: dict[str, Method] = {m.name: m for m in ("
+    line = "_ALL: tuple[Method, ...] = ("
     assert text.count(line) == 1
     registry.write_text(text.replace(line, "from raymerge.methods.lerp import Lerp  # noqa: E402\n" + line + "Lerp(), "))
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}

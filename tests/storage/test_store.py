@@ -12,6 +12,7 @@ import pytest
 
 from raymerge.errors import FULL, CommitError, OutputError, StorageError
 from raymerge.storage import local_output, s3_output
+from raymerge.storage.local_output import LOCK
 from raymerge.storage.localfs import temporary
 from raymerge.storage.store import Conflict
 from raymerge.storage.writers import LEASE, STAGING, clear_staging, open_output
@@ -123,9 +124,14 @@ def test_temporaries_are_never_listed_and_go_with_their_file(tmp_path):
     folder = tmp_path / "fresh" / "out" / STAGING
     leftover = temporary(str(folder / "journal-000001.json"))  # a write cut short by a crash
     open(leftover, "wb").close()
+    orphan = temporary(str(folder / "journal-000002.json"))  # the first write of a file, cut short
+    open(orphan, "wb").close()
+    in_flight = temporary(str(folder / LEASE))  # a takeover writing the lease anew
+    open(in_flight, "wb").close()
     assert out.staging.list() == ["journal-000001.json", LEASE]
     clear_staging(out)
-    assert os.listdir(folder) == [LEASE]
+    assert sorted(os.listdir(folder)) == sorted([LEASE, os.path.basename(in_flight)])
+    os.remove(in_flight)
     out.staging.delete_if_match(LEASE, out.staging.get(LEASE).version)
     assert not (tmp_path / "fresh").exists()  # the folders made for the staging files go with the last one
 
@@ -137,7 +143,7 @@ def test_of_many_compare_and_swaps_from_one_version_exactly_one_wins(tmp_path):
     assert len(wins) == 1 and len(conflicts) == 7
     (i, won), = wins
     assert store.get(LEASE).data == f"run {i}".encode() and store.get(LEASE).version == won
-    assert os.listdir(tmp_path / "out" / STAGING) == [LEASE]  # nothing set aside is left
+    assert sorted(os.listdir(tmp_path / "out" / STAGING)) == [LOCK, LEASE]  # nothing set aside is left
 
 
 def test_a_replace_that_cannot_be_written_keeps_the_old_file(tmp_path, monkeypatch):
@@ -154,3 +160,30 @@ def test_a_replace_that_cannot_be_written_keeps_the_old_file(tmp_path, monkeypat
     monkeypatch.undo()
     assert (store.get(LEASE).data, store.get(LEASE).version) == (b"old", version)  # the next try can still match
     assert os.listdir(tmp_path / "out" / STAGING) == [LEASE]
+
+
+def _swap_in_a_process(url: str, version: str, i: int, results) -> None:
+    try:
+        open_output(url, {}).staging.put_if_match(LEASE, f"process {i}".encode(), version)
+        results.put(("won", i))
+    except Conflict:
+        results.put(("lost", i))
+
+
+def test_of_compare_and_swaps_from_several_processes_exactly_one_wins(tmp_path):
+    """The local lock is a POSIX record lock: it keeps processes (on any host that shares the
+    folder) apart, not only threads."""
+    import multiprocessing
+
+    url = str(tmp_path / "out")
+    version = open_output(url, {}).staging.put_if_absent(LEASE, b"first")
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    processes = [ctx.Process(target=_swap_in_a_process, args=(url, version, i, results)) for i in range(6)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(30)
+    outcomes = [results.get(timeout=5) for _ in processes]
+    winners = [i for what, i in outcomes if what == "won"]
+    assert len(winners) == 1 and open_output(url, {}).staging.get(LEASE).data == f"process {winners[0]}".encode()
