@@ -1,11 +1,12 @@
-"""What a merge method is: data, plus a small elementwise rule.
+"""What a merge method is: its declarations, plus a small rule.
 
-A method names itself (the plan records the name in every TensorPlan), declares its parameters,
-lists the passes its plan
-needs (statistics passes that reduce whole-tensor facts first, then the elementwise pass; see
-docs/ARCHITECTURE.md: passes) and the recipe kinds that ask for it, and computes one piece of a tensor's output from
-its named operands with a kernel (raymerge.ops.kernel). Nothing else in raymerge knows a formula:
-the planner lays out operands, the worker reads them and calls `apply`.
+A method names itself (the plan records the name in every TensorPlan) and declares its whole
+surface: its parameters (`Parameter`), its statistics passes and the facts they record (`Pass`;
+docs/ARCHITECTURE.md: passes) and the recipe kinds that ask for it (`RecipeKind`). It computes one
+piece of a tensor's output from its named operands with a kernel (raymerge.ops.kernel). Nothing
+else in raymerge knows a formula: the planner lays out operands, the worker reads them and calls
+`statistic` and `apply`; the registry (raymerge.methods) makes options, kinds and the pass order
+from the declarations.
 """
 
 from __future__ import annotations
