@@ -187,3 +187,37 @@ def test_of_compare_and_swaps_from_several_processes_exactly_one_wins(tmp_path):
     outcomes = [results.get(timeout=5) for _ in processes]
     winners = [i for what, i in outcomes if what == "won"]
     assert len(winners) == 1 and open_output(url, {}).staging.get(LEASE).data == f"process {winners[0]}".encode()
+
+
+class _TrickleBody:
+    """An S3 response body that hands out at most 3 bytes a read, as a network stream may."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.closed = False
+
+    async def read(self, n: int = -1) -> bytes:
+        chunk, self._data = self._data[:min(n, 3)], self._data[min(n, 3):]
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_s3_body_is_read_to_its_end_not_one_read(s3_server):
+    output = open_output("s3://any-bucket/out", {})  # its event loop only: nothing is sent
+    body = _TrickleBody(b'{"journal": "a document longer than one read"}')
+    got = s3_output._read_body(output.staging._s3.fs, {"Body": body}, 1000)
+    assert got == b'{"journal": "a document longer than one read"}' and body.closed
+    capped = _TrickleBody(b"0123456789")
+    assert s3_output._read_body(output.staging._s3.fs, {"Body": capped}, 5) == b"01234"  # never past the cap
+
+
+def test_a_conditional_write_where_the_folder_is_gone_is_a_conflict(tmp_path):
+    store = open_output(str(tmp_path / "out"), {}).staging
+    version = store.put_if_absent(LEASE, b"mine")
+    store.delete_if_match(LEASE, version)  # the last staging file: the folder goes with it
+    assert not (tmp_path / "out" / STAGING).exists()
+    with pytest.raises(Conflict):
+        store.put_if_match(LEASE, b"again", version)
+    store.delete_if_match(LEASE, version)  # quietly: nothing of that version is left
