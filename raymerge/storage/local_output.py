@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 from raymerge.errors import DENIED, FULL, MISSING, OutputError, StorageError
 from raymerge.storage import urls
 from raymerge.storage.checksum import crc32
-from raymerge.storage.localfs import (NOFOLLOW, Identity, NotRegular, fsync_dir, identities, identity_of,
-                                      open_regular, temporary, temporary_of, write_whole)
+from raymerge.storage.localfs import (NOFOLLOW, Identity, NotRegular, create_new, fsync_dir, identities,
+                                      identity_of, open_regular, temporary, temporary_of, write_whole)
 from raymerge.storage.retry import Failure, reason_of
 from raymerge.storage.store import SMALL_CAP, Conflict, Stored, plain, plain_name
 from raymerge.storage.writers import BLOCK, LEASE, STAGING, PartRules, ShardState, Span, StagedItem, Target, Verified
@@ -314,28 +314,23 @@ class LocalStore:
     def put_if_absent(self, name: str, data: bytes) -> str:
         path = self._path(name)
         self.make()
-        return _version(self._write_new(path, data, name))
-
-    def _write_new(self, path: str, data: bytes, name: str) -> os.stat_result:
-        """`data` as a new file at `path` (O_CREAT|O_EXCL, no link followed), fsync'ed; Conflict
-        (for `name`) where something is there."""
+        st = self._write_new(path, data, name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
-        except FileExistsError as e:  # a link or a special file there too: never written through
-            raise Conflict(name) from e
-        except OSError as e:
-            raise _failed("creating", path, e) from e
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-                st = os.fstat(f.fileno())
             fsync_dir(self.url)
         except OSError as e:
-            _unlink_quietly(path)  # made an instant ago and not whole: no one else's yet
+            _unlink_quietly(path)  # made an instant ago and not surely kept: no one else's yet
             raise _failed("writing", path, e) from e
-        return st
+        return _version(st)
+
+    def _write_new(self, path: str, data: bytes, name: str) -> os.stat_result:
+        """`data` as a new file at `path` (localfs.create_new); Conflict (for `name`) where
+        something is there, a link or a special file too: never written through."""
+        try:
+            return create_new(path, data)
+        except FileExistsError as e:
+            raise Conflict(name) from e
+        except OSError as e:  # the open's error names the file; a write's or an fsync's does not
+            raise _failed("creating" if e.filename else "writing", path, e) from e
 
     def put_if_match(self, name: str, data: bytes, version: str) -> str:
         """The new file, written whole beside the name, renamed over it if the file there is still

@@ -94,22 +94,37 @@ def write_whole(path: str, data: bytes) -> os.stat_result:
     bytes it shares with another file. Returns the new file's stat."""
     path = os.path.abspath(path)
     tmp = temporary(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+    st = create_new(tmp, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
+    return st
+
+
+def create_new(path: str, data: bytes) -> os.stat_result:
+    """`data` as a new file at `path`, created by this call (O_CREAT|O_EXCL, no link followed:
+    FileExistsError where anything is there) and fsync'ed; its stat. A file this call made but
+    could not write whole is removed: no one else's yet. The folder is not fsync'ed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-            st = os.fstat(f.fileno())
-        os.replace(tmp, path)
+            return os.fstat(f.fileno())
     except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+        _remove_quietly(path)
         raise
-    fsync_dir(os.path.dirname(path))
-    return st
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def temporary(path: str) -> str:
