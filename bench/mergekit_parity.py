@@ -1,9 +1,10 @@
 """Bit for bit against mergekit: the same mergekit files run by mergekit and by `raymerge run`.
 
     python bench/mergekit_parity.py --mergekit /tmp/mkvenv/bin/mergekit-yaml [--params 30e6] [--dtype float32]
-        [--only ties] [--out-dtype bfloat16]
+        [--merge-dtype bfloat16] [--only ties] [--out-dtype bfloat16]
 
-Makes a synthetic Llama trio (base, chat, cp) in `--dtype`, runs every configuration below with
+Makes a synthetic Llama trio (base, chat, cp) in `--dtype`, runs every configuration below, with
+mergekit's `dtype: --merge-dtype` (the compute dtype: raymerge computes at it as mergekit does), with
 both tools (raymerge on its own local Ray), and prints, per configuration, how many elements of
 the output differ (the claim: 0). Install mergekit in a venv of its own:
 `python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit==0.1.5`.
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import yaml
 from safetensors import safe_open
@@ -126,6 +128,27 @@ models:
     parameters: {{weight: 1.0, density: 0.3}}
 parameters: {{rescale: false}}
 """,
+    # SLERP between the base and the chat model: its norms and dot product are whole-tensor sums.
+    "slerp t 0.35": """merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {chat}
+parameters: {{t: 0.35}}
+""",
+    "slerp t gradients by filter (the community's)": """merge_method: slerp
+base_model: {cp}
+models:
+  - model: {cp}
+  - model: {chat}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+""",
 }
 OUT_DTYPES = ("bfloat16", "float32")
 
@@ -134,7 +157,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mergekit", required=True, help="path to mergekit-yaml")
     p.add_argument("--params", type=float, default=30e6, help="parameters per checkpoint")
-    p.add_argument("--dtype", default="float32", help="the inputs' dtype (and mergekit's dtype: float32 always)")
+    p.add_argument("--dtype", default="float32", help="the inputs' dtype")
+    p.add_argument("--merge-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the files' `dtype:`, mergekit's compute dtype (default float32)")
     p.add_argument("--work", default="/tmp/raymerge-parity")
     p.add_argument("--only", action="append", default=[], help="run only configurations whose name contains this "
                    "(repeatable)")
@@ -144,15 +169,15 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     trio = make_trio(os.path.join(args.work, "trio"), LlamaShape.of_size(args.params), dtype=args.dtype)
     configs = {n: b for n, b in CONFIGS.items() if not args.only or any(o in n for o in args.only)}
-    print(f"inputs {args.dtype}, {args.params:.3g} params per checkpoint")
-    print(f"{'configuration':50s} {'out':9s} {'elements':>10s} {'differ':>7s} {'tied':>7s} {'@tie':>6s} "
+    print(f"inputs {args.dtype}, dtype {args.merge_dtype}, {args.params:.3g} params per checkpoint")
+    print(f"{'configuration':50s} {'out':9s} {'elements':>10s} {'differ':>7s} {'tied':>7s} {'@tie':>6s} {'@sum':>7s} "
           f"{'kept mk/rm':>13s} {'mergekit s':>10s} {'raymerge s':>10s}", flush=True)
     failed = False
     rows = []
     for name, body in configs.items():
         for out_dtype in args.out_dtype or OUT_DTYPES:
             cfg = os.path.join(args.work, "mergekit.yml")
-            text = body.format(**trio) + f"dtype: float32\nout_dtype: {out_dtype}\n"
+            text = body.format(**trio) + f"dtype: {args.merge_dtype}\nout_dtype: {out_dtype}\n"
             with open(cfg, "w") as f:
                 f.write(text)
             theirs, ours = os.path.join(args.work, "mergekit-out"), os.path.join(args.work, "raymerge-out")
@@ -168,14 +193,15 @@ def main() -> None:
                    **analyze(yaml.safe_load(text), trio, ours, theirs)}
             rows.append(row)
             dare = name.startswith("dare")
-            failed |= row["differ"] != 0 and not dare
+            failed |= row["differ"] != row.get("differ_at_tie", 0) + row.get("differ_at_sum", 0) and not dare
             kept = f"{row['kept'][1]:.4f}/{row['kept'][0]:.4f}" if dare else "-"
-            tied = (f"{row['tied']:7d} {row['differ_at_tie']:6d}" if "tied" in row else f"{'-':>7s} {'-':>6s}")
+            tied = " ".join(f"{row.get(key, '-'):>{w}}" for key, w in (("tied", 7), ("differ_at_tie", 6),
+                                                                          ("differ_at_sum", 7)))
             print(f"{name:50s} {out_dtype:9s} {row['elements']:10d} {row['differ']:7d} {tied} {kept:>13s} "
                   f"{t1 - t0:10.1f} {t2 - t1:10.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"dtype": args.dtype, "params": args.params, "rows": rows}, f, indent=1)
+            json.dump({"dtype": args.dtype, "merge_dtype": args.merge_dtype, "params": args.params, "rows": rows}, f, indent=1)
     sys.exit(1 if failed else 0)
 
 
@@ -205,14 +231,15 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     assert sorted(ours) == sorted(theirs), "the outputs hold different tensors"
     method = (cfg or {}).get("merge_method")
     inputs = {}
-    if method in ("ties", "dare_linear", "dare_ties"):
+    if method in ("ties", "dare_linear", "dare_ties", "slerp"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
         base = role_of[cfg["base_model"].rstrip("/")]
-        vectors = [(role_of[m["model"].rstrip("/")], m.get("parameters", {}).get("density", 1.0))
+        vectors = [(role_of[m["model"].rstrip("/")], (m.get("parameters") or cfg.get("parameters") or {}).get(
+            "t" if method == "slerp" else "density", 1.0))
                    for m in cfg["models"] if m["model"].rstrip("/") != cfg["base_model"].rstrip("/")]
         layers = LlamaShape.of_size(1).config()["num_hidden_layers"]  # of_size: 16 layers whatever the size
-    total = differ = tied = at_tie = 0
+    total = differ = tied = at_tie = at_sum = 0
     changed = [0, 0]
     for k, t in ours.items():
         assert t.dtype == theirs[k].dtype, k
@@ -221,13 +248,14 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
         total += t.numel()
         if method == "ties":
             ties = torch.zeros(t.numel(), dtype=torch.bool)
+            summed = False  # whether a rescale factor torch's own sum gives differs from the exact one's
             for role, density in vectors:
-                density = Scale(tuple(map(float, density)) if isinstance(density, list)
-                                else float(density)).at(k, layers)
+                density = _setting(density, k, layers)
                 n = t.numel()
                 if not 0 < density < 1:
                     continue
-                mag = (inputs[role][k].float() - inputs[base][k].float()).abs().reshape(-1)
+                at = getattr(torch, cfg.get("dtype", "float32"))  # mergekit's delta, in its compute dtype
+                mag = (inputs[role][k].to(at) - inputs[base][k].to(at)).abs().float().reshape(-1)
                 keep = max(1, int(density * n))
                 threshold = torch.topk(mag, keep, sorted=False).values.min()
                 above = int((mag > threshold).sum())
@@ -235,17 +263,76 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
                 if int(eq.sum()) > keep - above:  # the ties straddle the cut: a choice is made among them
                     tied += int(eq.sum())
                     ties |= eq
-            at_tie += int((d.reshape(-1) & ties).sum())
+                if (cfg.get("parameters") or {}).get("rescale"):
+                    summed |= _factors_differ((inputs[role][k].to(at) - inputs[base][k].to(at)).reshape(-1), keep)
+            if summed:
+                at_sum += int(d.sum())
+            else:
+                at_tie += int((d.reshape(-1) & ties).sum())
+        elif method == "slerp":
+            (role, setting), = vectors
+            at = getattr(torch, cfg.get("dtype", "float32"))
+            if _slerp_coefficients_differ(inputs[base][k].to(at), inputs[role][k].to(at), _setting(setting, k, layers)):
+                at_sum += int(d.sum())
         elif method in ("dare_linear", "dare_ties"):
             ref = inputs[base][k].to(t.dtype)
             for j, out in enumerate((t, theirs[k])):
                 changed[j] += int((_bits(out) != _bits(ref)).sum())
     r = {"elements": total, "differ": differ}
     if method == "ties":
-        r.update(tied=tied, differ_at_tie=at_tie)
+        r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
+    elif method == "slerp":
+        r.update(differ_at_sum=at_sum)
     elif method in ("dare_linear", "dare_ties"):
         r["kept"] = [c / total for c in changed]
     return r
+
+
+def _setting(setting, name: str, layers: int) -> float:
+    """A mergekit parameter's value for one tensor: a number, a gradient, or {filter, value} conditions."""
+    if isinstance(setting, list) and setting and isinstance(setting[0], dict):
+        setting = next(c["value"] for c in setting if c.get("filter") in (None, "*") or c["filter"] in name)
+    return Scale(tuple(map(float, setting)) if isinstance(setting, list) else float(setting)).at(name, layers)
+
+
+def _slerp_coefficients_differ(v0: torch.Tensor, v1: torch.Tensor, t: float) -> bool:
+    """Whether SLERP's coefficients from mergekit's float reductions (its chunked norms and dot
+    product, as mergekit 0.1.5 sums them) differ from those of the exact sums rounded once
+    (raymerge's: raymerge.methods.slerp)."""
+    from raymerge.methods.slerp import coefficients
+    from raymerge.ops.exact import dot_sum
+
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    chunk = 1024 * 1024
+    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, i:i + chunk].float(), dim=1, keepdim=True)
+                                               for i in range(0, a.shape[1], chunk)]), dim=0)
+    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, i:i + chunk].float(), dim=1, keepdim=True)
+                                               for i in range(0, b.shape[1], chunk)]), dim=0)
+    na, nb = (torch.where(n > 1e-8, n, 1) for n in (na, nb))
+    dot = torch.stack([((a[:, i:i + chunk].float() / na) * (b[:, i:i + chunk].float() / nb)).sum(dim=1, keepdim=True)
+                       for i in range(0, a.shape[1], chunk)]).sum(dim=0)
+    theirs = coefficients(np.float32(dot.item()), t)
+    x, y = a.float().reshape(-1).numpy(), b.float().reshape(-1).numpy()
+    ea, eb = (dot_sum(z, z).sqrt_float32() for z in (x, y))
+    ea, eb = (n if n > np.float32(1e-8) else np.float32(1) for n in (ea, eb))
+    ours = coefficients(dot_sum(x / ea * (y / eb), np.float32(1)).to_float32(), t)
+    return theirs != ours
+
+
+def _factors_differ(delta: torch.Tensor, k: int) -> bool:
+    """Whether TIES's L1 rescale factor, sum|delta| / sum|kept| in the compute dtype (delta's), is another
+    number when torch sums as mergekit does (its float reduction: its order and partial sums depend on
+    the tensor's size and the CPU) than when the sums are exact, each rounded once to float32 and then
+    to the dtype (raymerge's). The sums of what is kept are the same whichever ties are kept."""
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    mask[torch.argsort(delta.abs().float(), descending=True)[:k]] = 1
+    kept = delta * mask
+    theirs = delta.abs().sum() / kept.abs().sum()
+
+    def exact(x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(float(x.abs().double().sum()), dtype=torch.float32).to(x.dtype)
+
+    return bool(theirs != exact(delta) / exact(kept))
 
 
 if __name__ == "__main__":

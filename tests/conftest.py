@@ -78,11 +78,11 @@ def output(request, tmp_path):
 
 def make_llama_trio(root: str, *, hidden: int = 64, layers: int = 2, vocab: int = 512, intermediate: int = 128,
                     max_shard_size: str = "100KB", seed: int = 0, roles=("base", "chat", "cp"),
-                    cp_extra_rows: int = 0) -> dict[str, str]:
+                    cp_extra_rows: int = 0, dtype: str = "bfloat16") -> dict[str, str]:
     """Checkpoints saved by transformers' save_pretrained (bf16, sharded): a base, and every other
     role the base plus its own noise, so that each vector is distinct and not zero. With
     `cp_extra_rows`, cp's vocabulary is expanded (new embedding and head rows, as after continual
-    pre-training on a new language) and its config says so."""
+    pre-training on a new language) and its config says so. `dtype`: the tensors' (torch's name)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -92,12 +92,12 @@ def make_llama_trio(root: str, *, hidden: int = 64, layers: int = 2, vocab: int 
                            max_position_embeddings=128, tie_word_embeddings=False)
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config(vocab)).to(torch.bfloat16)
+    model = LlamaForCausalLM(config(vocab)).to(getattr(torch, dtype))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     folders = {}
     for role in roles:
         if role == "cp" and cp_extra_rows:
-            model = LlamaForCausalLM(config(vocab + cp_extra_rows)).to(torch.bfloat16)
+            model = LlamaForCausalLM(config(vocab + cp_extra_rows)).to(getattr(torch, dtype))
         noise = 0.0 if role == "base" else 0.01
         with torch.no_grad():
             for name, p in model.state_dict().items():
@@ -115,3 +115,17 @@ def make_llama_trio(root: str, *, hidden: int = 64, layers: int = 2, vocab: int 
 @pytest.fixture(scope="session")
 def llama_trio(tmp_path_factory) -> dict[str, str]:
     return make_llama_trio(str(tmp_path_factory.mktemp("trio")))
+
+
+@pytest.fixture
+def cli_main():
+    """raymerge.cli.main in this process (on the session's Ray), its logging settings put back after."""
+    import logging
+
+    from raymerge import cli
+
+    loggers = [logging.getLogger(n) for n in ("raymerge", "raymerge.progress")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield cli.main
+    for lg, (handlers, level, propagate) in zip(loggers, saved):
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate

@@ -2,7 +2,9 @@
 
 Read: `merge_method` (each method's mergekit recipe kind: methods.MERGEKIT), `base_model`,
 `models[].model` and their `parameters` (those the method declares with a mergekit name),
-top-level `parameters` (the default of every model's), `dtype`, `out_dtype`, `tokenizer_source: base`. A parameter may be a number, a gradient (a list of numbers) or a list of
+top-level `parameters` (the default of every model's), `dtype` (the compute dtype: every input is cast
+to it and each operation rounded as mergekit rounds it; without it, each tensor's inputs' dtype),
+`out_dtype`, `tokenizer_source: base`. A parameter may be a number, a gradient (a list of numbers) or a list of
 `{filter, value}` conditions (mergekit's filter is a substring of the tensor name, never a regex:
 it becomes a `contains` rule of the schedule; a condition without a filter, or with "*", is the
 default). A file means what it means to mergekit: anything else, raymerge's own syntax included
@@ -17,6 +19,7 @@ import os
 import re
 from typing import Any
 
+from raymerge.config.values import parse_compute_dtype
 from raymerge.errors import InputError
 from raymerge.methods import MERGEKIT, METHODS, RECIPES, Parameter
 from raymerge.planning.schedule import CONTAINS
@@ -65,8 +68,10 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
         own = {**defaults, **_parameters(entry.get("parameters"), method, f"{at}.parameters")}
         if how.anchor and url.rstrip("/") == base.rstrip("/"):
             continue  # mergekit takes no change from the base itself (nor its weight into normalize's sum)
-        if "weight" not in own:
-            raise InputError(f"{at}.parameters.weight: missing; mergekit needs a weight for every model")
+        for p in _declared(method):
+            if p.required and p.mergekit not in own:
+                raise InputError(f"{at}.parameters.{p.mergekit}: missing; mergekit's {method} needs a {p.mergekit} "
+                                 "for every model (under the model's parameters, or the file's)")
         urls.append(url)
         for p in _declared(method):
             if p.per_vector:
@@ -80,12 +85,26 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
     if base is not None:
         values["base"] = base
     dtype = data.get("dtype")
-    if dtype is not None and str(dtype).lower() not in ("float32", "fp32", "f32"):
-        log.warning("%s: dtype %s: raymerge computes in float32 (mergekit would in %s); the results can differ in "
-                    "the last bits", where, dtype, dtype)
+    values["compute_dtype"] = _compute_dtype(dtype, where)
     if data.get("out_dtype", dtype) is not None:
         values["dtype"] = data.get("out_dtype", dtype)
     return method, values
+
+
+def _compute_dtype(dtype: Any, where: str) -> str:
+    """The compute dtype of a mergekit file: its `dtype` (mergekit casts every input to it and computes
+    there), else each tensor at its inputs' dtype, as mergekit promotes them. float64 computes in float32."""
+    if dtype is None:
+        return "inputs"
+    if isinstance(dtype, str) and dtype.lower() in ("float64", "fp64", "f64"):
+        log.warning("%s: dtype %s: raymerge computes in float32 (mergekit would in float64); the results can "
+                    "differ in the last bits", where, dtype)
+        return "F32"
+    try:
+        return parse_compute_dtype(dtype)
+    except InputError:
+        raise InputError(f"{where}: dtype {shown(dtype, 40)}: mergekit's compute dtype; raymerge computes in "
+                         "float32, bfloat16 or float16") from None
 
 
 def _declared(method: str) -> list[Parameter]:

@@ -142,6 +142,11 @@ OPTIONS: tuple[Option, ...] = (
            cli={"flag": "--no-chat-template", "action": "store_false"}),
     Option("dtype", "output dtype of float tensors (default: cp's; extract: float32)",
            lambda x, o: v.parse_dtype(x)),
+    Option("compute_dtype", "mergekit's compute dtype: the inputs are cast to it and each operation is rounded to "
+           "it as mergekit 0.1.5 rounds it, so the output is mergekit's bits (a mergekit file: its dtype, else "
+           "inputs, each tensor at its inputs' dtype); float32 computes in float32 and rounds once (default for "
+           "a raymerge recipe)", lambda x, o: v.parse_compute_dtype(x), _kinds(lambda k: k.mergekit),
+           cli={"metavar": "|".join(v.COMPUTE_CHOICES)}),
     Option("shard_size", "max output shard size, decimal units like HF (default 5GB)",
            lambda x, o: v.parse_size(x, o.flag), run=True),
     Option("item_size", "bytes per work item (default 32MiB; S3 parts >= 5MiB)", v.item_size, run=True),

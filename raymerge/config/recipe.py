@@ -34,6 +34,7 @@ class Recipe:
     method: str | None = None  # merge, apply: how the vectors combine (None: the kind's own, sum)
     # The method's other per-vector parameters given (density, ...): (name, one value per vector, in order).
     per_vector: tuple[tuple[str, tuple[Scale, ...]], ...] = ()
+    compute_dtype: str = "F32"  # mergekit's compute dtype (the mergekit kinds): planning.RecipeSpec.compute
 
     @property
     def how(self) -> RecipeKind:
@@ -65,6 +66,8 @@ class Recipe:
             m[name] = [x.to_json() for x in given]
         m.update(self.params)
         m["dtype"] = self.dtype
+        if OPTION["compute_dtype"].takes(self.kind):
+            m["compute_dtype"] = self.compute_dtype
         m["out"] = self.out
         return m
 
@@ -113,7 +116,7 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
                     special_tokens=got.get("special_tokens", ()), chat_template=got.get("chat_template", True),
                     dtype=got.get("dtype"),
                     params=tuple((o.key, got[o.key]) for o in OPTIONS if o.param and o.key in got),
-                    method=got.get("method"), per_vector=per_vector)
+                    method=got.get("method"), per_vector=per_vector, compute_dtype=got.get("compute_dtype", "F32"))
     run = _at(at, RunOptions.parse, **{k: v for k, v in values.items() if OPTION[k].run})
     return recipe, run
 

@@ -96,6 +96,20 @@ def parse_dtype(value: str | None) -> str | None:
     return name
 
 
+COMPUTE_CHOICES = ("float32", "bfloat16", "float16", "inputs")
+
+
+def parse_compute_dtype(value: Any) -> str:
+    """--compute-dtype: "F32", "BF16", "F16", or "inputs" (each tensor at its inputs' shared dtype)."""
+    if isinstance(value, str) and value.lower() == "inputs":
+        return "inputs"
+    name = ALIASES.get(value.lower(), value.upper()) if isinstance(value, str) else None
+    if name not in ("F32", "BF16", "F16"):
+        raise InputError(f"--compute-dtype {shown(value, 40)}: use {', '.join(COMPUTE_CHOICES)} (float64 computes "
+                         "in float32)")
+    return name
+
+
 def parse_storage_options(value: str | dict | None) -> dict[str, Any]:
     """fsspec options: a mapping with string keys, given as one (a recipe, the API) or as JSON text."""
     if value is None:

@@ -28,7 +28,7 @@ from typing import Any
 from raymerge.execution.nodes import NodeView, check_view, local_inputs
 from raymerge.execution.passes import Row
 from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
-from raymerge.ops.kernel import Kernel, check_device, kernel_for
+from raymerge.ops.kernel import Kernel, Scratch, Sums, check_device, kernel_for
 from raymerge.planning.passes import tensor_passes
 from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan
 from raymerge.records import ItemRecord, TensorSums
@@ -172,8 +172,9 @@ class MergeWorker:
                 continue
             t = self._plan.tensors[piece.tensor]
             k = self._kernels[piece.tensor]
-            operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor))
-            result = METHODS[t.method].statistic(k, pass_name, operands, st.scratch_for(k))
+            scratch = st.scratch_for(k)
+            operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch)
+            result = METHODS[t.method].statistic(k, pass_name, operands, scratch)
             rows.append((piece.tensor, piece.begin, result))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak)
@@ -240,8 +241,8 @@ class MergeWorker:
             k = self._kernels[piece.tensor]
             scratch = st.scratch_for(k)
             method = METHODS[t.method]
-            operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor))
-            s = method.apply(k, k.view(dest, t.dtype), operands, scratch)
+            operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch)
+            s = _apply(method, k, dest, t, operands, scratch)
             nonfinite, new = s.nonfinite, s.new_nonfinite
             if t.overrides:
                 more, more_new = self._override_rows(p, piece, t, inputs, dest, k, scratch, operands)
@@ -265,8 +266,7 @@ class MergeWorker:
             lo = max(piece.begin, o.row * row) - piece.begin
             src = k.view(got, o.source.dtype)
             hi = lo + len(src)
-            replaced = method.apply(k, k.view(memoryview(bytearray((hi - lo) * size)), t.dtype),
-                                    operands.rows(lo, hi), scratch)
+            replaced = _apply(method, k, memoryview(bytearray((hi - lo) * size)), t, operands.rows(lo, hi), scratch)
             own = k.weighted_sum(k.view(dest[lo * size:hi * size], t.dtype), src, [], scratch)  # a cast
             nonfinite += own.nonfinite - replaced.nonfinite
             new += own.new_nonfinite - replaced.new_nonfinite
@@ -274,18 +274,43 @@ class MergeWorker:
 
 
 def _operands(p: int, t: TensorPlan, inputs: dict[tuple[int, str, int], memoryview], k, begin: int,
-              facts: Any) -> Operands:
-    """Piece p's operands of tensor t (the piece starts at element `begin`), as arrays of kernel k.
-    A term absent from `inputs` lies past its limit in this piece: it has no operands here. An
-    anchor absent from `inputs` is not read in this pass."""
+              facts: Any, scratch: Scratch) -> Operands:
+    """Piece p's operands of tensor t (the piece starts at element `begin`), as arrays of kernel k,
+    cast to its compute dtype if it has one. A term absent from `inputs` lies past its limit in this
+    piece: it has no operands here. An anchor absent from `inputs` is not read in this pass."""
+    def operand(key: tuple[int, str, int], dtype: str) -> Any:
+        return _at_compute(k, inputs[key], dtype, t.compute, scratch)
+
     key = (p, ANCHOR, 0)
-    anchor = k.view(inputs[key], t.anchor.dtype) if t.anchor is not None and key in inputs else None
+    anchor = operand(key, t.anchor.dtype) if t.anchor is not None and key in inputs else None
     vectors = []
     for j, term in enumerate(t.terms):
         if (p, A, j) in inputs:
-            b = k.view(inputs[(p, B, j)], term.b.dtype) if term.b is not None else None
-            vectors.append(Vector(term.scale, k.view(inputs[(p, A, j)], term.a.dtype), b, j, term.values))
-    return Operands(anchor, tuple(vectors), t.params, t.name, begin, facts)
+            b = operand((p, B, j), term.b.dtype) if term.b is not None else None
+            vectors.append(Vector(term.scale, operand((p, A, j), term.a.dtype), b, j, term.values))
+    return Operands(anchor, tuple(vectors), t.params, t.name, begin, facts, t.compute)
+
+
+def _at_compute(k, raw: memoryview, dtype: str, compute: str | None, scratch: Scratch) -> Any:
+    """An input's slice as kernel k's array; with a compute dtype (TensorPlan.compute) other than its
+    own, cast to it as mergekit casts every input first (torch's conversion: half to even)."""
+    if compute is None or dtype == compute:
+        return k.view(raw, dtype)
+    cast = k.view(memoryview(bytearray(len(raw) // ITEMSIZE[dtype] * ITEMSIZE[compute])), compute)
+    k.weighted_sum(cast, k.view(raw, dtype), [], scratch)
+    return cast
+
+
+def _apply(method, k, dest: memoryview, t: TensorPlan, operands: Operands, scratch: Scratch) -> Sums:
+    """method.apply into dest (bytes of t.dtype). With a compute dtype other than t.dtype, the method
+    writes a buffer of the compute dtype, cast to t.dtype after (mergekit's `.to(out_dtype)`); the
+    non-finite outputs are then the cast's, those the cast makes counted as made by the arithmetic."""
+    if t.compute is None or t.compute == t.dtype:
+        return method.apply(k, k.view(dest, t.dtype), operands, scratch)
+    mid = k.view(memoryview(bytearray(len(dest) // ITEMSIZE[t.dtype] * ITEMSIZE[t.compute])), t.compute)
+    s = method.apply(k, mid, operands, scratch)
+    cast = k.weighted_sum(k.view(dest, t.dtype), mid, [], scratch)
+    return s._replace(nonfinite=cast.nonfinite, new_nonfinite=s.new_nonfinite + cast.new_nonfinite)
 
 
 def _test_fault(var: str) -> None:

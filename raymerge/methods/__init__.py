@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from raymerge.methods.base import (ELEMENTWISE, SCALE, Method, Operands, Parameter, Pass, RecipeKind, Vector,
                                    mergekit_kind)
+from raymerge.methods.slerp import Slerp
 from raymerge.methods.sparse import DareLinear, DareTies, Ties
 from raymerge.methods.sum import Sum
 from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 
-_ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies())
+_ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies(), Slerp())
 
 
 def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:
@@ -33,8 +34,9 @@ def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:
     for m in methods:
         for p in m.parameters:
             other = seen.setdefault(p.name, p)
-            if (other.type, other.per_vector, other.schedulable, other.mergekit) != \
-                    (p.type, p.per_vector, p.schedulable, p.mergekit):
+            # One option per name: mergekit's name may differ by method (passthrough's `scale` is its
+            # factor, the others' `weight`), what a value is may not.
+            if (other.type, other.per_vector, other.schedulable) != (p.type, p.per_vector, p.schedulable):
                 raise TypeError(f"method {m.name}: parameter {p.name} is declared otherwise by another method")
     passes: dict[str, Pass] = {}
     for m in methods:

@@ -72,16 +72,25 @@ class Operands:
     name: str = ""
     begin: int = 0
     facts: Any = None  # what Method.reduce made of the tensor's statistics; None without
+    # mergekit's compute dtype (TensorPlan.compute): the arrays hold its values, and a method rounds
+    # each operation to it (kernel.round_to) where mergekit computes in it. None: float32.
+    compute: str | None = None
 
     def param(self, name: str, default: float) -> float:
         return param(self.params, name, default)
+
+    def rounded(self, kernel: Any, x: Any) -> Any:
+        """x (float32), rounded to the compute dtype in place, as mergekit's operation in it rounds; x."""
+        if self.compute is not None:
+            kernel.round_to(x, self.compute)
+        return x
 
     def rows(self, lo: int, hi: int) -> Operands:
         """The operands of elements [lo, hi) of the piece."""
         return Operands(self.anchor[lo:hi] if self.anchor is not None else None,
                         tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None, v.term, v.values)
                               for v in self.vectors),
-                        self.params, self.name, self.begin + lo, self.facts)
+                        self.params, self.name, self.begin + lo, self.facts, self.compute)
 
 
 PARAMETER_TYPES = ("weight", "fraction", "flag", "number", "seed")  # how config checks a value
@@ -102,7 +111,9 @@ class Parameter:
     default: the value the method computes with when the recipe gives none.
     mergekit: mergekit's name for it in a configuration's `parameters`; None: mergekit has none.
     recorded: without a value given, the recipe records the default (the manifest then says which
-      masks a seed drew)."""
+      masks a seed drew).
+    required: mergekit requires it in a configuration (a weight, slerp's t); raymerge's own recipes
+      compute with the default where none is given."""
 
     name: str
     help: str
@@ -112,6 +123,7 @@ class Parameter:
     schedulable: bool = False
     mergekit: str | None = None
     recorded: bool = False
+    required: bool = False
 
     def default_to(self, value: Any) -> Parameter:
         """The same parameter with another method's default."""
@@ -136,7 +148,7 @@ class Parameter:
 
 # Parameters several methods share (each may give another default: `default_to`).
 SCALE = Parameter("scale", "the weight of each vector", "weight", 1.0, per_vector=True, schedulable=True,
-                  mergekit="weight")
+                  mergekit="weight", required=True)
 NORMALIZE = Parameter("normalize", "divide the weighted sum by the sum of the weights (with a sign consensus: per "
                       "element, of the agreeing ones)", "flag", False, mergekit="normalize")
 LAMBDA = Parameter("lambda", "multiply the combined change by this", "number", 1.0, mergekit="lambda")
@@ -164,12 +176,13 @@ class RecipeKind:
     methods: bool = False  # --method chooses among the combining methods (merge, apply)
 
 
-def mergekit_kind(name: str, anchor: str | None = "base", minus: str | None = "base") -> RecipeKind:
+def mergekit_kind(name: str, anchor: str | None = "base", minus: str | None = "base", single: bool = False,
+                  aux: str = "base") -> RecipeKind:
     """The recipe kind of mergekit's `merge_method: name`: its models are the vectors, the base
     model (`base_model`) the anchor and what each is taken minus, as the method says; the output
-    takes the base model's config and tokenizer."""
-    return RecipeKind(name, name, f"mergekit's {name}", vectors="model", anchor=anchor, minus=minus, aux="base",
-                      manifest_kind=f"mergekit {name}", example="", command=False, mergekit=True)
+    takes the base model's config and tokenizer (`aux`). `single`: one model besides the base."""
+    return RecipeKind(name, name, f"mergekit's {name}", vectors="model", anchor=anchor, minus=minus, aux=aux,
+                      manifest_kind=f"mergekit {name}", example="", command=False, mergekit=True, single=single)
 
 
 class Method(ABC):

@@ -39,7 +39,7 @@ import numpy as np
 from raymerge.methods.base import (ELEMENTWISE, LAMBDA, NORMALIZE, SCALE, Method, Operands, Parameter, Pass,
                                    mergekit_kind, param)
 from raymerge.ops import sparse
-from raymerge.ops.kernel import Sums
+from raymerge.ops.kernel import Sums, round_scalar
 from raymerge.ops.numpy_kernel import EXACT
 
 HIGH, LOW, L1 = "magnitude-high", "magnitude-low", "l1-norm"
@@ -52,11 +52,11 @@ _DELTAS, _KEEPS, _WORK, _BITS = "sparse-deltas", "sparse-keeps", "sparse-work", 
 class Sparse(Method):
     """One of mergekit's sparsifying task arithmetics; the subclasses are data."""
 
-    sparsify: ClassVar[str]  # "magnitude" (TIES) or "random" (DARE)
+    sparsify: ClassVar[str | None]  # "magnitude" (TIES), "random" (DARE), None (task arithmetic)
     consensus: ClassVar[bool]  # elect a sign per element, by the sum of the weighted deltas
 
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
-        sparse_terms = any(0 < t.density < 1 for t in tensor.terms)
+        sparse_terms = self.sparsify is not None and any(0 < t.density < 1 for t in tensor.terms)
         passes = [HIGH, LOW] if sparse_terms and self.sparsify == "magnitude" else []
         if sparse_terms and self._rescale(tensor.params):
             passes.append(L1)
@@ -133,11 +133,13 @@ class Sparse(Method):
             elif pass_name == LOW:
                 facts[j].update(_threshold(facts[j], got))
             else:
-                before = _abs_total(r[0] for _, r in got).to_float32()
-                after = _abs_total(r[1] for _, r in got).to_float32()
+                # Each sum rounded once to float32, then to the compute dtype (mergekit's abs().sum()).
+                compute = getattr(tensor, "compute", None)
+                before = round_scalar(_abs_total(r[0] for _, r in got).to_float32(), compute)
+                after = round_scalar(_abs_total(r[1] for _, r in got).to_float32(), compute)
                 if not (before < _EPS or after < _EPS):
                     with np.errstate(all="ignore"):
-                        facts[j]["factor"] = int(np.float32(before / after).view(np.uint32))
+                        facts[j]["factor"] = int(round_scalar(before / after, compute).view(np.uint32))
         return facts
 
     # --- the elementwise rule ---------------------------------------------------------------
@@ -156,55 +158,71 @@ class Sparse(Method):
             q = max((len(d) for _, _, d in live), default=0)
             parts = [(v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits, scratch))
                      for i, v, d in live]
-            terms = [(1.0, self._mix(kernel, parts, facts, normalize, lam, rows, q), None)] if q else []
+            terms = [(1.0, self._mix(kernel, parts, facts, normalize, lam, rows, q, operands.compute), None)] \
+                if q else []
             piece = (out[lo:lo + m], operands.anchor[lo:lo + m], terms, scratch)
             s = kernel.weighted_sum(*piece)
             # A change that holds a NaN has a sum of squares that is not finite: only then look for NaNs.
             if terms and not math.isfinite(s.ss_delta) and \
-                    self._replay_nans(kernel, terms[0][1], parts, lo, facts, normalize, lam, scratch):
+                    self._replay_nans(kernel, terms[0][1], parts, lo, facts, normalize, lam, scratch, operands.compute):
                 s = kernel.weighted_sum(*piece)  # again, with the change's NaN bits made exact
             total = Sums(*(x + y for x, y in zip(total, s)))
         return total
 
     def _mix(self, kernel: Any, parts: list, facts: Any, normalize: bool, lam: np.float32, rows: Any,
-             q: int) -> Any:
+             q: int, compute: str | None) -> Any:
         """The combined change of the chunk's first q elements (the module's doc: drop, rescale, weigh,
         combine, lambda) from each vector's (vector, delta, keep mask from `_keep`); the deltas are
-        changed. rows: a table of len(parts) + 4 rows of q elements or more."""
+        changed. rows: a table of len(parts) + 4 rows of q elements or more. With a compute dtype,
+        each operation is rounded to it (`rnd`) where mergekit's is: its sums over the vectors are
+        float32, rounded once, as torch's `sum(dim=0)` of them is."""
+        def rnd(x: Any) -> Any:
+            if compute is not None:
+                kernel.round_to(x, compute)
+            return x
+
         ds, weights = [], []
         for j, (v, d, keep) in enumerate(parts):
             self._drop(kernel, v, d, keep)
             factor = _fact(facts, v.term, "factor")
             if factor is not None:
                 kernel.multiply(d, np.uint32(factor).view(np.float32), d)
-            weights.append(np.float32(v.scale))
+                rnd(d)
+            weights.append(round_scalar(v.scale, compute))  # mergekit's weights: a tensor of its dtype
             full = rows[j, :q]
             kernel.fill(full[len(d):], 0)  # past this vector's rows (an expanded vocabulary): it is absent
             kernel.multiply(d, weights[-1], full[:len(d)])
-            ds.append(full)
-        mixed = self._combine(kernel, ds, weights, normalize, rows, q)
+            ds.append(rnd(full))
+        mixed = self._combine(kernel, ds, weights, normalize, rows, q, rnd, compute)
         if lam != 1:
             kernel.multiply(mixed, lam, mixed)
+            rnd(mixed)
         return mixed
 
-    def _combine(self, kernel: Any, ds: list, weights: list[np.float32], normalize: bool, rows: Any, q: int) -> Any:
+    def _combine(self, kernel: Any, ds: list, weights: list[np.float32], normalize: bool, rows: Any, q: int,
+                 rnd, compute: str | None) -> Any:
         mixed, divisor, majority, mask = (rows[len(ds) + k, :q] for k in range(4))
         if not ds:
             return mixed
+        # torch's sum over the vectors starts at +0.0: of deltas that are all -0.0 it gives +0.0
+        kernel.fill(mixed, 0)
         if not self.consensus:
-            kernel.copy(mixed, ds[0])
-            for d in ds[1:]:
+            for d in ds:
                 kernel.add(mixed, d, mixed)
+            rnd(mixed)
             if normalize:
                 total = weights[0]
                 for w in weights[1:]:
                     total = np.float32(total + w)
+                total = round_scalar(total, compute)
                 if not abs(total) < 1e-8:
                     kernel.divide(mixed, total, mixed)
+                    rnd(mixed)
             return mixed
         kernel.copy(majority, ds[0])  # +1 where the weighted deltas sum to >= 0 (not NaN), else -1
         for d in ds[1:]:
             kernel.add(majority, d, majority)
+        rnd(majority)  # a sum too small for the compute dtype rounds to a zero: its sign then counts as +
         kernel.greater_equal(majority, 0, majority)
         kernel.multiply(majority, 2, majority)
         kernel.subtract(majority, 1, majority)
@@ -212,22 +230,24 @@ class Sparse(Method):
             # sign(wd) == majority exactly where wd * majority > 0 (never for a zero or a NaN): 1.0 or 0.0
             kernel.multiply(d, majority, mask)
             kernel.greater(mask, 0, mask)
+            kernel.multiply(d, mask, d)
+            kernel.add(mixed, d, mixed)
             if i == 0:
-                kernel.multiply(d, mask, mixed)
                 kernel.multiply(mask, w, divisor)
             else:
-                kernel.multiply(d, mask, d)
-                kernel.add(mixed, d, mixed)
                 kernel.multiply(mask, w, mask)
                 kernel.add(divisor, mask, divisor)
+        rnd(mixed)
         if normalize:
+            rnd(divisor)
             kernel.equal(divisor, 0, mask)
             kernel.add(divisor, mask, divisor)  # mergekit: divisor[divisor == 0] = 1 (the others: + 0.0, exact)
             kernel.divide(mixed, divisor, mixed)
+            rnd(mixed)
         return mixed
 
     def _replay_nans(self, kernel: Any, mixed: Any, parts: list, lo: int, facts: Any, normalize: bool,
-                     lam: np.float32, scratch: Any) -> bool:
+                     lam: np.float32, scratch: Any, compute: str | None) -> bool:
         """Give the NaNs of the change `mixed` (the chunk at the piece's element lo) the bits of
         kernel.nan_rule's rule: `_mix` again over those elements alone, on the host, with EXACT (numpy's
         vector loops and a GPU pick NaN operands otherwise). Whether there were any."""
@@ -240,17 +260,19 @@ class Sparse(Method):
             x = kernel.gather(v.a, lo + inside)
             if v.b is not None:
                 EXACT.subtract(x, kernel.gather(v.b, lo + inside), x)
+                if compute is not None:
+                    EXACT.round_to(x, compute)
             again.append((v, x, None if keep is None else kernel.gather(keep, inside)))
         rows = EXACT.table(EXACT.scratch(at.size), _WORK, len(parts) + 4)
-        kernel.put(mixed, at, self._mix(EXACT, again, facts, normalize, lam, rows, at.size))
+        kernel.put(mixed, at, self._mix(EXACT, again, facts, normalize, lam, rows, at.size, compute))
         return True
 
     def _keep(self, kernel: Any, v: Any, d: Any, keep: Any, operands: Operands, lo: int, facts: Any,
               state: _TieState, bits: Any, scratch: Any) -> Any:
         """Vector v's keep mask at the piece's elements lo .., 1.0 or 0.0 (the product is mergekit's
         `delta * mask`), in `keep`, a row of its own (a NaN replay reads it again); None where the
-        density keeps everything or nothing (`_drop`)."""
-        if not 0 < v.density < 1:
+        density keeps everything or nothing (`_drop`), or nothing is dropped (task arithmetic)."""
+        if self.sparsify is None or not 0 < v.density < 1:
             return None
         keep = keep[:len(d)]
         if self.sparsify == "random":
@@ -274,7 +296,7 @@ class Sparse(Method):
 
     def _drop(self, kernel: Any, v: Any, d: Any, keep: Any) -> None:
         """d (vector v's delta) *= its keep mask (`_keep`), in place."""
-        if v.density >= 1:
+        if self.sparsify is None or v.density >= 1:
             return
         if v.density <= 0:
             if self.sparsify == "magnitude":
@@ -358,6 +380,7 @@ def _chunks(kernel: Any, operands: Operands, scratch: Any, n: int | None = None)
                     y = rows[0, :p]
                     kernel.widen(y, v.b[lo:lo + p], scratch)
                     kernel.subtract(d, y, d)
+                    operands.rounded(kernel, d)  # mergekit's delta, in its compute dtype
                 live.append((i, v, d))
             yield lo, m, live
 

@@ -3,6 +3,10 @@
     task_arithmetic:  out = round(base + lambda * (sum_i w_i * (m_i - base) [/ sum_i w_i]))
     linear:           out = round(sum_i w_i * m_i [/ sum_i w_i])
 
+At a compute dtype (bfloat16, float16: `dtype:` of a mergekit file), task_arithmetic rounds each
+operation to it as mergekit does (methods/sparse.py); linear computes in float32 from inputs cast to
+it, as mergekit's does, and rounds once to it.
+
 mergekit (0.1.5, `dtype: float32`) sums the weighted deltas first, divides by the weights' sum
 when normalizing, multiplies by lambda, and only then adds the base. raymerge's own recipes
 (`sum`) add each weighted delta to the anchor in turn: on float32 inputs the two orders differ in
@@ -21,16 +25,25 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import LAMBDA, NORMALIZE, SCALE, Method, Operands, mergekit_kind
+from raymerge.methods.sparse import Sparse
 
 _TEMP = "mergekit-sum"  # the key of the float32 buffer in a thread's scratch
 
 
-class TaskArithmetic(Method):
+class TaskArithmetic(Sparse):
+    """mergekit's generalized task arithmetic without sparsification or consensus. In float32, one
+    weighted sum (below); at a compute dtype, the generalized steps of methods/sparse.py, each rounded
+    to it as mergekit's is."""
+
     name = "task_arithmetic"
+    sparsify, consensus = None, False
     parameters = (SCALE, NORMALIZE, LAMBDA)
     recipes = (mergekit_kind("task_arithmetic"),)
+    combining = False
 
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
+        if operands.compute is not None:
+            return super().apply(kernel, out, operands, scratch)
         mixed = _weighted(kernel, operands, scratch, len(out), self.value(operands, "normalize"))
         return kernel.weighted_sum(out, operands.anchor, [(self.value(operands, "lambda"), mixed, None)], scratch)
 

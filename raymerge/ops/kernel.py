@@ -97,7 +97,9 @@ class Kernel(Protocol):
     The array primitives, which TIES and DARE compute with:
       - buffers and transfers: table, widen, gather, from_host, put, to_host;
       - float32 arithmetic: copy, fill, add, subtract, multiply, divide, greater, greater_equal,
-        equal, magnitude_bits.
+        equal, magnitude_bits;
+      - rounding: round_to (a float32 array rounded to a narrower type's values, as torch rounds
+        each operation of a BF16 or F16 tensor on the CPU: mergekit's compute dtype).
     They work on the kernel's arrays: 1-D slices of `table` rows, float32 (or magnitude bits), on
     the kernel's device. Arithmetic is float32, each operation rounded once (never fused); `y` is
     an array as long as `x`, or a scalar (a float32 value, or an integer for magnitude bits); `out`
@@ -185,6 +187,26 @@ class Kernel(Protocol):
         """out (magnitude bits) = the bits of |x|; with nans_equal (one more pass), every NaN's as
         `sparse.NAN_MAGNITUDE` (NaNs rank equal, above +inf, whatever their payloads). Returns out."""
         ...
+
+    def round_to(self, x: Any, dtype: str) -> None:
+        """x (float32) = x rounded half to even to `dtype` ("BF16" or "F16"), kept as float32: the value
+        torch's CPU gives an operation on tensors of that type (it computes in float32 and rounds).
+        Overflow gives an infinity; a NaN stays a NaN (its bits are the output's rule)."""
+        ...
+
+
+COMPUTE_DTYPES = ("BF16", "F16")  # what `round_to` rounds to; float32 needs no rounding
+
+
+def round_scalar(value: float, dtype: str | None) -> np.float32:
+    """A number as float32, rounded to `dtype` (None: float32) as `round_to` rounds: a weight as mergekit
+    holds it in a tensor of its compute dtype."""
+    x = np.array([value], np.float32)
+    if dtype is not None:
+        from raymerge.ops.numpy_kernel import NUMPY
+
+        NUMPY.round_to(x, dtype)
+    return x[0]
 
 
 def supports(dtype: str) -> bool:

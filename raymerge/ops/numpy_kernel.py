@@ -121,6 +121,21 @@ class NumpyKernel:
     def magnitude_bits(self, x: np.ndarray, out: np.ndarray, nans_equal: bool = False) -> np.ndarray:
         return sparse.magnitude_bits(x, out, nans_equal)
 
+    def round_to(self, x: np.ndarray, dtype: str) -> None:
+        nan = np.isnan(x)
+        if dtype == "F16":  # numpy's conversion rounds half to even, subnormals and overflow included
+            with np.errstate(all="ignore"):
+                np.copyto(x, x.astype(np.float16), where=~nan)
+            return
+        if dtype != "BF16":
+            raise ValueError(f"round_to: no rounding to {dtype}")
+        bits = x.view(np.uint32)  # add 0x7FFF, plus one when the kept half is odd, then clear the low half
+        tmp = (bits >> 16) & 1
+        tmp += bits
+        tmp += 0x7FFF
+        tmp &= 0xFFFF0000
+        np.copyto(bits, tmp, where=~nan)
+
 
 NUMPY = NumpyKernel()
 

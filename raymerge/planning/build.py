@@ -55,7 +55,8 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
                       skip=recipe.skip, special_tokens=recipe.special_tokens,
                       special_from=first if how.minus else None,
                       template_from=first if recipe.chat_template and how.template else None,
-                      aux_from=checkpoint[how.aux] or first, method=recipe.method_name, params=recipe.params)
+                      aux_from=checkpoint[how.aux] or first, method=recipe.method_name, params=recipe.params,
+                      compute=recipe.compute_dtype)
 
 
 def input_roles(recipe: Recipe) -> dict[str, str]:
@@ -92,7 +93,7 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "inputs": [{"role": f.role, "url": urls.redact(f.url), "size": f.size} for f in the_plan.files],
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                      "shard": the_plan.shards[t.shard].name, "offset": t.start, "nbytes": t.nbytes,
-                     "rule": t.rule, "method": t.method, "terms": len(t.terms), "scales": [x.scale for x in t.terms],
+                     "rule": t.rule, "method": t.method, "compute_dtype": t.compute or "F32", "terms": len(t.terms), "scales": [x.scale for x in t.terms],
                      "vector_parameters": [dict(x.values) for x in t.terms], "passes": list(tensor_passes(t)),
                      "layer": layer_of(t.name), "special_rows": len(t.overrides)}
                     for t in the_plan.tensors],

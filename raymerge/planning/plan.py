@@ -69,7 +69,7 @@ class RowOverride:
 @dataclass(frozen=True, slots=True)
 class TensorPlan:
     """One output tensor: its method (raymerge.methods) applied to the anchor and the terms, in
-    float32, rounded once; then the override rows."""
+    float32, rounded once (or, with `compute`, at mergekit's compute dtype); then the override rows."""
 
     name: str
     dtype: str
@@ -83,12 +83,15 @@ class TensorPlan:
     rule: str = "sum"  # why it has these terms: sum, copy, skip, vocab-overlap, vocab-skip, ...
     method: str = "sum"  # the name of its method in raymerge.methods.METHODS
     params: tuple[tuple[str, float | bool], ...] = ()  # the method's parameters, (name, value), for this tensor
+    # mergekit's compute dtype ("BF16", "F16"): the inputs are cast to it, the method rounds to it as
+    # mergekit does, and the result is cast to `dtype`. None: float32, rounded once to `dtype`.
+    compute: str | None = None
 
     @property
     def is_copy(self) -> bool:
         """True when the output bytes are the anchor's bytes unchanged."""
         return (not self.terms and not self.overrides and self.anchor is not None
-                and self.anchor.dtype == self.dtype)
+                and self.anchor.dtype == self.dtype and self.compute in (None, self.dtype))
 
     @property
     def row_elements(self) -> int:
@@ -103,7 +106,7 @@ class TensorPlan:
     @property
     def dtypes(self) -> set[str]:
         """Every dtype its arithmetic touches."""
-        return {self.dtype, *(s.dtype for s in self.sources)}
+        return {self.dtype, *(s.dtype for s in self.sources), *([self.compute] if self.compute else [])}
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import posixpath
 from dataclasses import dataclass
 
 from raymerge.errors import PlanError
+from raymerge.ops.kernel import COMPUTE_DTYPES
 from raymerge.ops.rules import compile_patterns, is_head_name, is_vocab_tensor, tied_embedding
 from raymerge.planning.inputs import Checkpoint, TensorRef
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, shard_names, split_into_shards
@@ -58,6 +59,12 @@ class RecipeSpec:
     aux_from: Checkpoint | None = None  # whose config/tokenizer files are copied (default: anchor)
     method: str = "sum"  # the name of the method (raymerge.methods) that combines the terms
     params: tuple[tuple[str, float | bool], ...] = ()  # the method's parameters, (name, value)
+    # mergekit's compute dtype: "F32" (raymerge's own: float32, rounded once), "BF16" or "F16", or
+    # INPUTS (each tensor at its inputs' dtype when they share one: mergekit's without `dtype`).
+    compute: str = "F32"
+
+
+INPUTS = "inputs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +98,7 @@ def build_plan(spec: RecipeSpec, options: PlanOptions) -> Plan:
         problems.other.append("--special-tokens: no embedding or output-head tensor found in "
                               f"--{reference.role} to set rows of")
     problems.raise_if_any()
-    return _layout(files, rules, _aux_plan(spec, reference), options, spec.method, spec.params)
+    return _layout(files, rules, _aux_plan(spec, reference), options, spec)
 
 
 class _Problems:
@@ -251,7 +258,7 @@ def _aux_plan(spec: RecipeSpec, reference: Checkpoint) -> tuple[AuxFile, ...]:
 
 
 def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...], options: PlanOptions,
-            method: str, params: tuple[tuple[str, float | bool], ...]) -> Plan:
+            spec: RecipeSpec) -> Plan:
     sizes = [nbytes(r.dtype, r.shape) for r in rules]
     groups = split_into_shards(sizes, options.shard_size)
     names = shard_names(len(groups))
@@ -264,7 +271,7 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
         for i, start in zip(group, starts):
             r = rules[i]
             tensors.append(TensorPlan(r.name, r.dtype, r.shape, s, start, sizes[i], r.anchor, r.terms, r.overrides,
-                                      r.rule, method, params))
+                                      r.rule, spec.method, spec.params, _compute(spec.compute, r)))
         size = len(header) + sum(sizes[i] for i in group)
         slots = [Slot(t.start, t.nbytes, ITEMSIZE[t.dtype]) for t in tensors[first:]]
         item_size = _item_size(size, options)
@@ -276,6 +283,15 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
         shards.append(ShardPlan(name, size, header, tuple(range(first, len(tensors))), tuple(shard_items)))
     digest = _hash(files, tensors, shards, items)
     return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest)
+
+
+def _compute(compute: str, r: _Rule) -> str | None:
+    """A tensor's compute dtype (TensorPlan.compute): a narrower one than float32, or None. With
+    INPUTS, its inputs' dtype when they all share it (mergekit promotes: BF16 with F16 is float32)."""
+    if compute == INPUTS:
+        dtypes = {s.dtype for s in (r.anchor, *(x for t in r.terms for x in (t.a, t.b))) if s is not None}
+        compute = dtypes.pop() if len(dtypes) == 1 else "F32"
+    return compute if compute in COMPUTE_DTYPES else None
 
 
 def _item_size(shard_size: int, options: PlanOptions) -> int:

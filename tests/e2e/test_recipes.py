@@ -351,8 +351,8 @@ dtype: float32
 
 
 @pytest.mark.parametrize("text,match", [
-    ("merge_method: slerp\nmodels: [{model: a}]\n", "merge_method 'slerp': raymerge runs mergekit's task_arithmetic, "
-                                                     "linear, ties, dare_linear, dare_ties recipes"),
+    ("merge_method: della\nmodels: [{model: a}]\n", "merge_method 'della': raymerge runs mergekit's task_arithmetic, "
+                                                     "linear, ties, dare_linear, dare_ties, slerp"),
     ("merge_method: linear\nslices: []\nmodels: [{model: a}]\n", "slices.*list them under models"),
     ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: a}]\n", "tokenizer_source 'union'"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {density: 0.5}}]\n", "density.*takes weight, normalize"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
@@ -20,7 +19,6 @@ import pytest
 import torch
 
 import raymerge
-from raymerge import cli
 from raymerge.planning.passes import pass_items
 from tests.conftest import make_llama_trio
 from tests.helpers import assert_bit_identical, load_folder
@@ -41,16 +39,6 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tensors(models):
     return {role: load_folder(path) for role, path in models.items()}
-
-
-@pytest.fixture
-def cli_main():
-    """raymerge.cli.main in this process (on the session's Ray), its logging settings put back after."""
-    loggers = [logging.getLogger(n) for n in ("raymerge", "raymerge.progress")]
-    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-    yield cli.main
-    for lg, (handlers, level, propagate) in zip(loggers, saved):
-        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
 
 
 def reference(tensors, method, densities, scales=SCALES, anchor="cp", **kw):

@@ -49,11 +49,12 @@ def raw_values(dtype: str, n: int, rng: np.random.Generator, special: float) -> 
     return raw
 
 
-def tensor_plan(method: str, dtype: str, anchor: bool, terms: list, params: tuple, n: int = N) -> TensorPlan:
+def tensor_plan(method: str, dtype: str, anchor: bool, terms: list, params: tuple, n: int = N,
+                compute: str | None = None) -> TensorPlan:
     """The plan of one tensor of n elements: terms as (scale, has b, density, limit)."""
     return TensorPlan("model.layers.3.mlp.up_proj.weight", dtype, (n,), 0, 0, 0, None if not anchor else "cp",
                       tuple(Term(s, None, None, limit, (("density", d),)) for s, _, d, limit in terms),
-                      method=method, params=params)
+                      method=method, params=params, compute=compute)
 
 
 def run(kernel, t: TensorPlan, raw: dict, cuts: list[int], chunk: int | None):
@@ -77,7 +78,7 @@ def run(kernel, t: TensorPlan, raw: dict, cuts: list[int], chunk: int | None):
                 b = view(("b", j), lo, end) if ("b", j) in raw else None
                 vecs.append(Vector(term.scale, view(("a", j), lo, end), b, term=j, values=term.values))
         anchor = view("anchor", lo, hi) if "anchor" in raw else None
-        return Operands(anchor, tuple(vecs), t.params, t.name, lo, facts)
+        return Operands(anchor, tuple(vecs), t.params, t.name, lo, facts, t.compute)
 
     facts, seen = None, []
     for p in m.passes_for(t)[:-1]:
@@ -94,9 +95,9 @@ def run(kernel, t: TensorPlan, raw: dict, cuts: list[int], chunk: int | None):
 
 
 def cases():
-    """(method, dtype, has an anchor, terms as (scale, has b, density, limit), params) for every method
-    in the registry, every dtype, each of its recipe kinds' shapes, its defaults and other values of
-    its global parameters."""
+    """(method, dtype, has an anchor, terms as (scale, has b, density, limit), params, compute dtype) for
+    every method in the registry, every dtype, each of its recipe kinds' shapes, its defaults and other
+    values of its global parameters; for BF16 and F16, computing at that dtype too (mergekit's)."""
     for name, m in METHODS.items():
         other = tuple((p.name, p.other()) for p in m.parameters if not p.per_vector)
         shapes = {(r.anchor is not None, r.minus is not None) for r in m.recipes}
@@ -108,18 +109,20 @@ def cases():
                     limit = N - 600 if anchor and params else None
                     terms = [(0.7, minus, 0.3, limit), (-0.4, minus, 1.0, limit), (1.3, minus, 0.0, limit),
                              (0.5, minus, 0.3, limit)]
-                    yield name, dtype, anchor, terms, params
-                    yield name, dtype, anchor, terms[:2], params  # and fewer vectors
+                    counts = (1,) if any(r.single for r in m.recipes) else (4, 2)  # and fewer vectors
+                    for compute in (None, dtype) if dtype in ("BF16", "F16") else (None,):
+                        for count in counts:
+                            yield name, dtype, anchor, terms[:count], params, compute
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_the_torch_kernel_gives_the_numpy_kernels_bits(method):
     rng = np.random.default_rng(sum(map(ord, method)))
     count = 0
-    for name, dtype, anchor, terms, params in cases():
+    for name, dtype, anchor, terms, params, compute in cases():
         if name != method:
             continue
-        t = tensor_plan(name, dtype, anchor, terms, params)
+        t = tensor_plan(name, dtype, anchor, terms, params, compute=compute)
         for special in (0.0, 0.03, 0.4):  # no NaN; a few; so many that TIES thresholds are NaN magnitudes
             raw = {("a", j): raw_values(dtype, N, rng, special) for j in range(len(terms))}
             for j, (_, minus, _, _) in enumerate(terms):
@@ -132,7 +135,8 @@ def test_the_torch_kernel_gives_the_numpy_kernels_bits(method):
             for cuts, chunk in zip(CUTS, (None, 256, 333)):
                 want, ws, wstats = run(NUMPY, t, raw, cuts, chunk)
                 got, gs, gstats = run(TORCH, t, raw, cuts, chunk)
-                what = f"{name} {dtype} anchor={anchor} {len(terms)} terms {params} special={special} cuts={cuts}"
+                what = f"{name} {dtype} at {compute} anchor={anchor} {len(terms)} terms {params} special={special} " \
+                    f"cuts={cuts}"
                 assert want == whole, f"{what}: the cut into pieces and chunks changes the numpy kernel's bits"
                 if got != want:
                     g, w = np.frombuffer(got, RAW[dtype]), np.frombuffer(want, RAW[dtype])

@@ -93,19 +93,19 @@ def test_a_parameter_config_could_not_check_is_refused_where_it_is_declared():
 
 # A new elementwise method, as a newcomer would write it: one module...
 _LERP = '''
-"""lerp: out = round(base + t * sum_i gain_i * scale_i * (model_i - base)). A stand-in."""
+"""lerp: out = round(base + reach * sum_i gain_i * scale_i * (model_i - base)). A stand-in."""
 from raymerge.methods.base import SCALE, Method, Parameter, mergekit_kind
 
 
 class Lerp(Method):
     name = "lerp"
-    parameters = (SCALE, Parameter("t", "how far towards the models", "number", 0.5, mergekit="t"),
+    parameters = (SCALE, Parameter("reach", "how far towards the models", "number", 0.5, mergekit="reach"),
                   Parameter("gain", "each model's gain", "weight", 1.0, per_vector=True, schedulable=True,
                             mergekit="gain"))
     recipes = (mergekit_kind("lerp"),)
 
     def apply(self, kernel, out, operands, scratch):
-        t = self.value(operands, "t")
+        t = self.value(operands, "reach")
         terms = [(t * v.param("gain", 1.0) * v.scale, v.a, v.b) for v in operands.vectors]
         return kernel.weighted_sum(out, operands.anchor, terms, scratch)
 '''
@@ -122,13 +122,13 @@ from raymerge.synth import LlamaShape, make_trio
 from safetensors.torch import load_file
 
 trio = make_trio(sys.argv[1], LlamaShape(hidden=32, layers=1, vocab=64, intermediate=48))
-assert OPTION["t"].kinds == ("lerp",) and OPTION["gain"].per_vector
+assert OPTION["reach"].kinds == ("lerp",) and OPTION["gain"].per_vector
 with open(sys.argv[1] + "/lerp.yaml", "w") as f:
     f.write(f"merge_method: lerp\\nbase_model: {trio['base']}\\ndtype: float32\\nout_dtype: bfloat16\\n"
-            f"parameters: {{t: 0.25}}\\nmodels:\\n  - model: {trio['chat']}\\n"
+            f"parameters: {{reach: 0.25}}\\nmodels:\\n  - model: {trio['chat']}\\n"
             f"    parameters: {{weight: 2.0, gain: [{{filter: mlp, value: 0.5}}, {{value: 1.0}}]}}\\n")
 recipe, options = load_recipe_file(sys.argv[1] + "/lerp.yaml")
-assert recipe.kind == "lerp" and dict(recipe.params) == {"t": 0.25} and recipe.per_vector[0][0] == "gain"
+assert recipe.kind == "lerp" and dict(recipe.params) == {"reach": 0.25} and recipe.per_vector[0][0] == "gain"
 plan = make_plan(recipe, options)
 worker = MergeWorker(plan, None, {}, {})
 out = {item.id: worker.produce(item.id)[0] for item in plan.items}
@@ -145,7 +145,7 @@ for t in plan.tensors:
 help = io.StringIO()
 with contextlib.redirect_stdout(help), contextlib.suppress(SystemExit):
     main(["run", "--help"])
-assert "--gain" in help.getvalue() and "--t T" in help.getvalue() and "lerp" in help.getvalue(), help.getvalue()
+assert "--gain" in help.getvalue() and "--reach REACH" in help.getvalue() and "lerp" in help.getvalue(), help.getvalue()
 print("ok")
 '''
 

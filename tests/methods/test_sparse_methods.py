@@ -16,6 +16,7 @@ import torch
 
 from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
 from raymerge.ops.numpy_kernel import NUMPY
+from raymerge.planning.plan import Term
 
 F32_MAX = Fraction(float(np.finfo(np.float32).max))
 
@@ -111,19 +112,21 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts: list[int], params=(),
-               chunk: int | None = None, shuffle: int = 0):
+               chunk: int | None = None, shuffle: int = 0, compute: str | None = None):
     """The tensor computed piece by piece: `cuts` are the first elements of its pieces after the
-    first. Every statistics pass's results go to reduce (in a shuffled order, as they may arrive),
+    first; a vector's last item is its density, or its per-vector values as (name, value) pairs. Every
+    statistics pass's results go to reduce (in a shuffled order, as they may arrive),
     then apply writes each piece. Vectors shorter than the anchor cover its first elements (an
     expanded vocabulary's shared rows): a piece past them has no operands of them, as in the worker.
-    Returns (output as a torch tensor, the tensor's facts)."""
+    `compute`: mergekit's compute dtype (the inputs' own, as the worker casts them). Returns (output as a torch tensor, the tensor's facts)."""
     m = METHODS[method]
     n = anchor.numel()
     limits = [a.numel() if a.numel() < n else None for _, a, _, _ in vectors]
-    tensor = SimpleNamespace(name=name, shape=tuple(anchor.shape), params=tuple(params), method=method,
-                             terms=tuple(SimpleNamespace(scale=w, density=d, limit=limit)
-                                         for (w, _, _, d), limit in zip(vectors, limits)))
-    arrays = [(w, as_numpy(a), as_numpy(b) if b is not None else None, d) for w, a, b, d in vectors]
+    values = [d if isinstance(d, tuple) else (("density", d),) for _, _, _, d in vectors]
+    tensor = SimpleNamespace(name=name, shape=tuple(anchor.shape), params=tuple(params), method=method, compute=compute,
+                             terms=tuple(Term(w, None, None, limit, vals)
+                                         for (w, _, _, _), limit, vals in zip(vectors, limits, values)))
+    arrays = [(w, as_numpy(a), as_numpy(b) if b is not None else None, vals) for (w, a, b, _), vals in zip(vectors, values)]
     anchor_np = as_numpy(anchor)
     bounds = [0, *cuts, n]
     pieces = list(zip(bounds, bounds[1:]))
@@ -131,9 +134,9 @@ def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts
     facts = None
 
     def operands(lo: int, hi: int, with_anchor: bool) -> Operands:
-        vecs = tuple(Vector(w, a[lo:hi], b[lo:hi] if b is not None else None, term=j, values=(("density", d),))
-                     for j, (w, a, b, d) in enumerate(arrays) if lo < len(a))
-        return Operands(anchor_np[lo:hi] if with_anchor else None, vecs, tuple(params), name, lo, facts)
+        vecs = tuple(Vector(w, a[lo:hi], b[lo:hi] if b is not None else None, term=j, values=vals)
+                     for j, (w, a, b, vals) in enumerate(arrays) if lo < len(a))
+        return Operands(anchor_np[lo:hi] if with_anchor else None, vecs, tuple(params), name, lo, facts, compute)
 
     passes = m.passes_for(tensor)
     assert passes[-1] == ELEMENTWISE

@@ -1,0 +1,123 @@
+"""mergekit's SLERP: spherical interpolation between the base model (v0) and one other model (v1),
+over each tensor as one vector, in float32 (mergekit 0.1.5, `merge_methods/slerp.py`):
+
+    na = |v0|, nb = |v1|  (1 where not above 1e-8)
+    dot = clamp(sum (v0 / na) * (v1 / nb), -1, 1)
+    theta = acos(dot), unless |dot| > 0.9995: then linear (ca = 1 - t, cb = t)
+    ca = sin((1 - t) * theta) / sin(theta),  cb = sin(t * theta) / sin(theta)
+    out = round(ca * v0 + cb * v1)
+
+Two statistics passes (docs/ARCHITECTURE.md: passes): `slerp-norms` sums v0**2 and v1**2, exactly,
+and the driver takes the square roots, rounded once; `slerp-dot` sums the float32 products
+(v0 / na) * (v1 / nb), each rounded as mergekit's, exactly, and the driver rounds the sum once,
+then computes the coefficients with torch's float32 operations as mergekit does. mergekit's own
+norms and sums are float reductions whose order depends on the tensor's size and the CPU: where
+they round otherwise, the coefficients differ in their last bit (README: SLERP's exactness).
+
+The recipe's term: a = v1, b = v0 (the base: the anchor and what the term would be taken minus,
+which SLERP does not subtract). `t` is per tensor: a gradient over the layers, or filters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind
+from raymerge.methods.steps import bits, chunks, exact_sum, replay_nans, total, value, widen_rows
+from raymerge.ops.kernel import Sums
+
+NORMS, DOT = "slerp-norms", "slerp-dot"
+_ROWS = "slerp-rows"
+_EPS = np.float32(1e-8)  # mergekit's: a norm not above it divides by 1
+DOT_THRESHOLD = 0.9995  # mergekit's: above it (in magnitude), interpolate linearly
+
+T = Parameter("t", "where the result lies between the base model (0) and the other (1)", "weight", 0.5,
+              per_vector=True, schedulable=True, mergekit="t", required=True)
+
+
+class Slerp(Method):
+    name = "slerp"
+    parameters = (T,)
+    statistics = (Pass(NORMS, 40, records=("na", "nb"), bits=("na", "nb")),
+                  Pass(DOT, 41, records=("dot", "ca", "cb"), bits=("dot", "ca", "cb")))
+    recipes = (mergekit_kind("slerp", single=True),)
+
+    def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
+        if not operands.vectors:
+            return []
+        v = operands.vectors[0]
+        sums = []
+        f = operands.facts[v.term] if pass_name == DOT else None
+        for lo, m in chunks(len(v.a), scratch):
+            x, y = widen_rows(kernel, scratch, _ROWS, [v.b, v.a], lo, m)
+            if pass_name == NORMS:
+                parts = [exact_sum(kernel, x, scratch, square=True), exact_sum(kernel, y, scratch, square=True)]
+            else:
+                kernel.divide(x, value(f["na"]), x)
+                kernel.divide(y, value(f["nb"]), y)
+                kernel.multiply(x, y, x)
+                parts = [exact_sum(kernel, x, scratch)]
+            sums = [a + b for a, b in zip(sums, parts)] if sums else parts
+        out: list = [None] * (v.term + 1)
+        out[v.term] = [s.to_json() for s in sums] if sums else None
+        return out
+
+    def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
+        facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]
+        for j, term in enumerate(tensor.terms):
+            if not self.works_on(term):
+                continue
+            if pass_name == NORMS:
+                norms = (total(results, j, i).sqrt_float32() for i in (0, 1))
+                na, nb = (n if n > _EPS else np.float32(1) for n in norms)
+                facts[j].update(na=bits(na), nb=bits(nb))
+            else:
+                dot = total(results, j, 0).to_float32()
+                ca, cb = coefficients(dot, term.param("t", T.default))
+                facts[j].update(dot=bits(dot), ca=bits(ca), cb=bits(cb))
+        return facts
+
+    def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
+        total_sums = Sums(0.0, 0.0, 0, 0)
+        v = operands.vectors[0] if operands.vectors else None
+        f = operands.facts[v.term] if v is not None else None
+        for lo, m in chunks(len(out), scratch):
+            p = max(0, min(m, len(v.a) - lo)) if v is not None else 0
+            if p < m:  # past the other model's rows: the base's, as they are
+                s = kernel.weighted_sum(out[lo + p:lo + m], operands.anchor[lo + p:lo + m], [], scratch)
+                total_sums = Sums(*(a + b for a, b in zip(total_sums, s)))
+            if p == 0:
+                continue
+            x, y = widen_rows(kernel, scratch, _ROWS, [v.b, v.a], lo, p)
+            ca, cb = value(f["ca"]), value(f["cb"])
+            _combine(kernel, x, y, ca, cb)
+            replay_nans(kernel, x, scratch, [v.b, v.a], lo, lambda k, xs: _combine(k, *xs, ca, cb))
+            s = kernel.weighted_sum(out[lo:lo + p], x, [], scratch)  # rounded once to the output
+            total_sums = Sums(*(a + b for a, b in zip(total_sums, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+        return total_sums
+
+
+def _combine(kernel: Any, x: Any, y: Any, ca: np.float32, cb: np.float32) -> Any:
+    """x = ca * x + cb * y, each operation rounded to float32 (mergekit's `coef_a * x + coef_b * y`)."""
+    kernel.multiply(x, ca, x)
+    kernel.multiply(y, cb, y)
+    kernel.add(x, y, x)
+    return x
+
+
+def coefficients(dot: np.float32, t: float) -> tuple[np.float32, np.float32]:
+    """SLERP's coefficients of v0 and v1 from the clamped dot product, with torch's float32 operations
+    on one-element tensors, as mergekit computes them (torch's acos and sin, not numpy's, whose
+    last bits can differ)."""
+    import torch  # the driver's, once per tensor
+
+    t = torch.tensor([[t]], dtype=torch.float64).to(torch.float32)
+    d = torch.tensor([[float(dot)]], dtype=torch.float32).clamp(-1, 1)
+    linear = d.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, d))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return np.float32(ca.item()), np.float32(cb.item())

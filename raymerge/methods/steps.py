@@ -1,0 +1,82 @@
+"""Steps the methods that compute with the kernel's array primitives share: chunks of a piece
+widened into a thread's table rows, exact sums on the host (ops.exact), the facts of a tensor's
+statistics summed over its pieces, and NaNs given the kernels' one rule.
+
+The geometric methods (slerp, nuslerp, multislerp, karcher, model_stock) reduce a whole tensor
+(norms, dot products) in statistics passes: each piece sums its products exactly (`exact_sums`),
+the driver adds the pieces' sums (`total`) and rounds once. So the facts do not depend on how a
+tensor is cut, and a worker holds one chunk of each operand at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from raymerge.ops.exact import ExactSum, dot_sum
+from raymerge.ops.numpy_kernel import EXACT
+
+
+def chunks(n: int, scratch: Any) -> Iterator[tuple[int, int]]:
+    """(lo, m): the chunks of n elements a thread's scratch holds, in order."""
+    c = scratch.chunk
+    with np.errstate(all="ignore"):  # numpy's warnings: overflows and NaNs are data here
+        for lo in range(0, n, c):
+            yield lo, min(c, n - lo)
+
+
+def widen_rows(kernel: Any, scratch: Any, key: str, arrays: list, lo: int, m: int) -> list:
+    """Elements lo .. lo + m of each input array (`view`s), widened into the rows of a float32
+    table of the thread's (`key`): valid until the next call with the same key."""
+    rows = kernel.table(scratch, key, max(1, len(arrays)))
+    out = []
+    for i, a in enumerate(arrays):
+        kernel.widen(rows[i, :m], a[lo:lo + m], scratch)
+        out.append(rows[i, :m])
+    return out
+
+
+def exact_sum(kernel: Any, x: Any, scratch: Any, square: bool = False) -> ExactSum:
+    """sum x (or sum x * x), exactly, of a float32 array of the kernel's. A product of two arrays
+    is made on the device first (kernel.multiply: a float32 product, rounded, as the methods that
+    sum rounded products want); a square is exact here."""
+    hx = kernel.to_host(x, scratch)
+    return dot_sum(hx, hx if square else np.float32(1.0), _host_work(scratch))
+
+
+def total(results: list[tuple[int, list]], term: int, index: int) -> ExactSum:
+    """The sum over every piece's result of one term's `index`-th ExactSum (as `to_json` wrote it)."""
+    s = ExactSum()
+    for _, r in results:
+        if term < len(r) and r[term] is not None:
+            s += ExactSum.from_json(r[term][index])
+    return s
+
+
+def bits(x: Any) -> int:
+    """A float32 as the fact that records it: its bits."""
+    return int(np.float32(x).view(np.uint32))
+
+
+def value(fact: int) -> np.float32:
+    return np.uint32(fact).view(np.float32)
+
+
+def replay_nans(kernel: Any, result: Any, scratch: Any, inputs: list, lo: int,
+                rule: Callable[[Any, list], Any]) -> None:
+    """Give the NaNs of `result` (float32, the chunk at element lo of the inputs) the bits the
+    kernels' NaN rule gives (ops/kernel.py: NaN bits): `rule(kernel, widened inputs)` computed again
+    over those elements alone with numpy_kernel.EXACT. Hardware picks among NaN operands otherwise."""
+    at = np.flatnonzero(np.isnan(kernel.to_host(result, scratch)))
+    if at.size:
+        kernel.put(result, at, rule(EXACT, [kernel.gather(a, lo + at) for a in inputs]))
+
+
+def _host_work(scratch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dot_sum's host buffers, a chunk long, kept per thread (fresh pages are slow to touch)."""
+    key = ("exact-host", scratch.chunk)
+    if key not in scratch.staging:
+        c = scratch.chunk
+        scratch.staging[key] = (np.empty(c, np.float64), np.empty(c, np.float64), np.empty(c, np.int64))
+    return scratch.staging[key]

@@ -1,0 +1,113 @@
+"""Exact sums of products of float32 values, independent of how a tensor is cut into pieces: the
+reductions of the geometric methods (norms, dot products), taken on the host.
+
+A product of two float32 values is exact in float64 (24 + 24 significant bits), and no smaller
+than 2**-298 unless zero. Split into a high part (its first 24 bits) and a low part (the rest, at
+most 24 bits), each part is a multiple of its own binade's ulp below 2**24 ulps: fewer than 2**29
+of them in one binade sum exactly in float64. So `dot_sum` makes one weighted count per float64
+exponent and part (numpy's bincount), and adds those up as Python integers: a count of 2**-298.
+Sums of any pieces then add up exactly (`ExactSum.__add__`), and `to_float32` rounds once.
+
+Infinities and NaNs are counted instead (a NaN product, or +inf with -inf, makes the sum NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+UNIT = 298  # a sum is a count of 2**-UNIT: the smallest product of two float32 subnormals
+_LOW_BITS = np.uint64((1 << 29) - 1)  # the float64 mantissa bits below a product's first 24
+_EXPONENTS = 2048  # float64 exponent values; 2047: infinities and NaNs
+MAX_ELEMENTS = 1 << 29
+
+
+@dataclass(frozen=True, slots=True)
+class ExactSum:
+    """A sum of products, exactly: the finite part as a count of 2**-UNIT, and the infinities and
+    NaNs met (which make the sum infinite or NaN, as any float sum would)."""
+
+    units: int = 0
+    pinf: int = 0
+    ninf: int = 0
+    nan: int = 0
+
+    def __add__(self, other: ExactSum) -> ExactSum:
+        return ExactSum(self.units + other.units, self.pinf + other.pinf, self.ninf + other.ninf,
+                        self.nan + other.nan)
+
+    def special(self) -> float | None:
+        """The sum's value when an infinity or a NaN decides it, else None."""
+        if self.nan or (self.pinf and self.ninf):
+            return math.nan
+        if self.pinf or self.ninf:
+            return math.inf if self.pinf else -math.inf
+        return None
+
+    def to_float32(self) -> np.float32:
+        """The sum rounded once to float32 (to nearest, ties to even)."""
+        s = self.special()
+        return np.float32(s) if s is not None else round_float32(self.units, -UNIT)
+
+    def sqrt_float32(self) -> np.float32:
+        """The square root of the sum (a sum of squares: not negative), rounded once to float32."""
+        s = self.special()
+        if s is not None:
+            return np.float32(math.sqrt(s) if s >= 0 or math.isnan(s) else math.nan)
+        if self.units < 0:
+            return np.float32(math.nan)
+        shift = max(0, 2 * 64 - self.units.bit_length()) & ~1  # even: the root of a 2**shift scaling is exact
+        scaled = self.units << shift
+        root = math.isqrt(scaled)
+        sticky = root * root != scaled  # the root is not exact: below the kept bits, something is left
+        return round_float32(root * 2 + sticky, -(UNIT + shift) // 2 - 1)
+
+    def to_json(self) -> list:
+        return [str(self.units), self.pinf, self.ninf, self.nan]
+
+    @classmethod
+    def from_json(cls, x: list) -> ExactSum:
+        units, pinf, ninf, nan = x
+        return cls(int(units), int(pinf), int(ninf), int(nan))
+
+
+def round_float32(n: int, exponent: int) -> np.float32:
+    """n * 2**exponent rounded once to float32, to nearest, ties to even (n may be negative)."""
+    sign, n = (-1.0 if n < 0 else 1.0), abs(n)
+    if n == 0:
+        return np.float32(0.0)
+    drop = max(0, n.bit_length() - 53)
+    kept = n >> drop
+    if kept << drop != n:
+        kept |= 1  # round to odd at 53 bits: the one rounding to float32 below is then correct
+    with np.errstate(over="ignore"):
+        return np.float32(sign * math.ldexp(float(kept), exponent + drop))
+
+
+def dot_sum(x: np.ndarray, y: np.ndarray, work: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> ExactSum:
+    """The exact sum of x * y over float32 arrays of one length (x is y for a sum of squares),
+    fewer than MAX_ELEMENTS. `work`: two float64 buffers and an int64 one as long as x (reused)."""
+    n = x.size
+    if n >= MAX_ELEMENTS:
+        raise ValueError(f"dot_sum: at most {MAX_ELEMENTS} elements at once")
+    product, high, exponent = work or (np.empty(n, np.float64), np.empty(n, np.float64), np.empty(n, np.int64))
+    product, high, exponent = product[:n], high[:n], exponent[:n]
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.multiply(x, y, out=product, dtype=np.float64)  # exact
+        np.bitwise_and(product.view(np.uint64), ~_LOW_BITS, out=high.view(np.uint64))
+        np.subtract(product, high, out=product)  # the low part, exact (NaN where the product is not finite)
+    units, special = 0, False
+    for part in (high, product):
+        np.right_shift(part.view(np.uint64), 52, out=exponent.view(np.uint64))
+        np.bitwise_and(exponent, 0x7FF, out=exponent)
+        sums = np.bincount(exponent, weights=part, minlength=_EXPONENTS)
+        special |= sums[-1] != 0  # NaN too
+        units += sum(int(math.ldexp(v, UNIT)) for v in sums[:-1][np.flatnonzero(sums[:-1])].tolist())
+    if not special:
+        return ExactSum(units)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = x.astype(np.float64) * y
+    pinf, ninf = int(np.count_nonzero(p == np.inf)), int(np.count_nonzero(p == -np.inf))
+    return ExactSum(units, pinf, ninf, int(np.count_nonzero(np.isnan(p))))

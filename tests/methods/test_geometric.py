@@ -1,0 +1,102 @@
+"""The geometric methods driven as the worker and the driver drive them (statistics passes per
+piece, reduced, then every piece applied; tests.methods.test_sparse_methods.run_pieces), bit for
+bit against whole-tensor references written here: mergekit 0.1.5's float32 operations, with its
+float reductions (norms, dot products) made exact (Fractions) and rounded once."""
+
+from __future__ import annotations
+
+from decimal import Decimal, getcontext
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from tests.methods.test_sparse_methods import assert_same_bits, float32_of, run_pieces
+
+N = 6_000
+CUTS = {"whole": [], "ragged": [1, 2, 999, 1000, 4097, N - 1], "1000": list(range(1000, N, 1000))}
+
+
+# --- exact reductions, rounded once ----------------------------------------------------------------
+
+def exact_sum(x: torch.Tensor) -> Fraction:
+    return sum((Fraction(v) for v in x.double().reshape(-1).tolist()), Fraction(0))
+
+
+def rounded(value: Fraction) -> np.float32:
+    """An exact value rounded once to float32."""
+    return -float32_of(-value) if value < 0 else float32_of(value)
+
+
+def rounded_sqrt(value: Fraction) -> np.float32:
+    """The square root of an exact non-negative value, rounded once to float32."""
+    getcontext().prec = 90
+    root = (Decimal(value.numerator) / Decimal(value.denominator)).sqrt()
+    guess = np.float32(float(root))
+    near = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(near, key=lambda c: (abs(Decimal(float(c)) - root), int(c.view(np.uint32)) & 1))
+
+
+# --- references --------------------------------------------------------------------------------------
+
+def slerp_reference(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+    """mergekit's slerp of one tensor: float32, its norms and dot product exact, rounded once."""
+    x, y = v0.float().reshape(-1), v1.float().reshape(-1)
+    na, nb = (rounded_sqrt(exact_sum(z * z)) for z in (x, y))  # squares of float32 are exact in float64
+    na, nb = (n if n > np.float32(1e-8) else np.float32(1) for n in (na, nb))
+    dot = rounded(exact_sum((x / torch.tensor(na)) * (y / torch.tensor(nb))))
+    tt = torch.tensor([[t]], dtype=torch.float32)
+    d = torch.tensor([[float(dot)]], dtype=torch.float32).clamp(-1, 1)
+    linear = d.abs() > 0.9995
+    theta = torch.acos(torch.where(linear, 0, d))
+    ca = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / torch.sin(theta))
+    cb = torch.where(linear, tt, torch.sin(tt * theta) / torch.sin(theta))
+    return (ca.reshape(()) * x + cb.reshape(()) * y).to(v0.dtype).reshape(v0.shape)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    g = torch.Generator().manual_seed(31)
+    v0 = 0.02 * torch.randn(N, generator=g)
+    v1 = v0 + 0.015 * torch.randn(N, generator=g)
+    return v0, v1
+
+
+def slerp_pieces(v0: torch.Tensor, v1: torch.Tensor, t: float, cuts: list[int], chunk: int | None = None):
+    """SLERP's term as the planner makes it: a = the other model, b = the base (also the anchor)."""
+    return run_pieces("slerp", "model.layers.0.mlp.up_proj.weight", v0, [(1.0, v1, v0, (("t", t),))], cuts,
+                      chunk=chunk)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [0.0, 0.35, 1.0, 1.3])
+def test_slerp_gives_the_reference_bits_for_every_cut(pair, dtype, t):
+    v0, v1 = (v.to(dtype) for v in pair)
+    want = slerp_reference(v0, v1, t)
+    if 0 < t < 1:
+        linear = ((1 - t) * v0.float() + t * v1.float()).to(dtype)
+        assert not torch.equal(want, linear)  # the spherical branch: not a plain interpolation
+    for cut, starts in CUTS.items():
+        for chunk in (None, 777):
+            got, facts = slerp_pieces(v0, v1, t, starts, chunk)
+            assert_same_bits(got, want, f"slerp t={t} {dtype} cut {cut} chunk {chunk}")
+    assert set(facts[0]) == {"na", "nb", "dot", "ca", "cb"}
+
+
+def test_slerp_one_element_per_piece_and_special_branches(pair):
+    v0, v1 = (v[:300].to(torch.bfloat16) for v in pair)
+    want = slerp_reference(v0, v1, 0.6)
+    got, _ = slerp_pieces(v0, v1, 0.6, list(range(1, 300)))
+    assert_same_bits(got, want, "one element per piece")
+    # Collinear inputs take the linear branch; a zero base divides by 1.
+    for a, b in ((v0, (2 * v0.float()).to(torch.bfloat16)), (torch.zeros_like(v0), v1)):
+        want = slerp_reference(a, b, 0.25)
+        got, _ = slerp_pieces(a, b, 0.25, [7, 150])
+        assert_same_bits(got, want, "special branch")
+
+
+def test_slerp_facts_do_not_depend_on_the_cut(pair):
+    v0, v1 = (v.to(torch.bfloat16) for v in pair)
+    seen = [slerp_pieces(v0, v1, 0.4, starts)[1] for starts in CUTS.values()]
+    assert all(s == seen[0] for s in seen)
