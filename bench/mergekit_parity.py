@@ -149,6 +149,18 @@ parameters:
       value: [1, 0.5, 0.7, 0.3, 0]
     - value: 0.5
 """,
+    "nearswap t 0.004": """merge_method: nearswap
+base_model: {base}
+models:
+  - model: {base}
+  - model: {chat}
+parameters: {{t: 0.004}}
+""",
+    "passthrough scale 0.8": """merge_method: passthrough
+models:
+  - model: {chat}
+    parameters: {{scale: 0.8}}
+""",
 }
 OUT_DTYPES = ("bfloat16", "float32")
 

@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.steps import bits, chunks, exact_sum, replay_nans, total, value, widen_rows
-from raymerge.ops.kernel import Sums
+from raymerge.methods.steps import bits, chunks, each_chunk, exact_sum, total, value, widen_rows
 
 NORMS, DOT = "slerp-norms", "slerp-dot"
 _ROWS = "slerp-rows"
@@ -80,31 +79,16 @@ class Slerp(Method):
         return facts
 
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
-        total_sums = Sums(0.0, 0.0, 0, 0)
-        v = operands.vectors[0] if operands.vectors else None
-        f = operands.facts[v.term] if v is not None else None
-        for lo, m in chunks(len(out), scratch):
-            p = max(0, min(m, len(v.a) - lo)) if v is not None else 0
-            if p < m:  # past the other model's rows: the base's, as they are
-                s = kernel.weighted_sum(out[lo + p:lo + m], operands.anchor[lo + p:lo + m], [], scratch)
-                total_sums = Sums(*(a + b for a, b in zip(total_sums, s)))
-            if p == 0:
-                continue
-            x, y = widen_rows(kernel, scratch, _ROWS, [v.b, v.a], lo, p)
-            ca, cb = value(f["ca"]), value(f["cb"])
-            _combine(kernel, x, y, ca, cb)
-            replay_nans(kernel, x, scratch, [v.b, v.a], lo, lambda k, xs: _combine(k, *xs, ca, cb))
-            s = kernel.weighted_sum(out[lo:lo + p], x, [], scratch)  # rounded once to the output
-            total_sums = Sums(*(a + b for a, b in zip(total_sums, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
-        return total_sums
+        f = operands.facts[operands.vectors[0].term] if operands.vectors else None
 
+        def rule(k: Any, x: Any, y: Any, work: Any) -> Any:
+            """x = ca * x + cb * y, each operation rounded to float32 (mergekit's `coef_a * x + coef_b * y`)."""
+            k.multiply(x, value(f["ca"]), x)
+            k.multiply(y, value(f["cb"]), y)
+            k.add(x, y, x)
+            return x
 
-def _combine(kernel: Any, x: Any, y: Any, ca: np.float32, cb: np.float32) -> Any:
-    """x = ca * x + cb * y, each operation rounded to float32 (mergekit's `coef_a * x + coef_b * y`)."""
-    kernel.multiply(x, ca, x)
-    kernel.multiply(y, cb, y)
-    kernel.add(x, y, x)
-    return x
+        return each_chunk(kernel, out, operands, scratch, rule, 2)
 
 
 def coefficients(dot: np.float32, t: float) -> tuple[np.float32, np.float32]:

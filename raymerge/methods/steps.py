@@ -10,12 +10,18 @@ tensor is cut, and a worker holds one chunk of each operand at a time.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from raymerge.ops.exact import ExactSum, dot_sum
+from raymerge.ops.kernel import Sums
 from raymerge.ops.numpy_kernel import EXACT
+
+if TYPE_CHECKING:
+    from raymerge.methods.base import Operands
+
+_ROWS = "elementwise-rows"
 
 
 def chunks(n: int, scratch: Any) -> Iterator[tuple[int, int]]:
@@ -26,15 +32,14 @@ def chunks(n: int, scratch: Any) -> Iterator[tuple[int, int]]:
             yield lo, min(c, n - lo)
 
 
-def widen_rows(kernel: Any, scratch: Any, key: str, arrays: list, lo: int, m: int) -> list:
+def widen_rows(kernel: Any, scratch: Any, key: str, arrays: list, lo: int, m: int, spare: int = 0) -> list:
     """Elements lo .. lo + m of each input array (`view`s), widened into the rows of a float32
-    table of the thread's (`key`): valid until the next call with the same key."""
-    rows = kernel.table(scratch, key, max(1, len(arrays)))
-    out = []
+    table of the thread's (`key`), then `spare` rows more (their contents left from earlier use):
+    valid until the next call with the same key."""
+    rows = kernel.table(scratch, key, max(1, len(arrays) + spare))
     for i, a in enumerate(arrays):
         kernel.widen(rows[i, :m], a[lo:lo + m], scratch)
-        out.append(rows[i, :m])
-    return out
+    return [rows[i, :m] for i in range(len(arrays) + spare)]
 
 
 def exact_sum(kernel: Any, x: Any, scratch: Any, square: bool = False) -> ExactSum:
@@ -71,6 +76,29 @@ def replay_nans(kernel: Any, result: Any, scratch: Any, inputs: list, lo: int,
     at = np.flatnonzero(np.isnan(kernel.to_host(result, scratch)))
     if at.size:
         kernel.put(result, at, rule(EXACT, [kernel.gather(a, lo + at) for a in inputs]))
+
+
+def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Callable, inputs: int) -> Sums:
+    """out = rule(kernel, *operands, work), chunk by chunk: the vector's b and a (or its a alone:
+    `inputs`), widened, and a work row; rounded once to out. NaNs are replayed with the kernels' rule;
+    elements past the vector's rows are the anchor's. The change the stats count is the whole
+    result, as linear's is."""
+    total = Sums(0.0, 0.0, 0, 0)
+    v = operands.vectors[0] if operands.vectors else None
+    arrays = [v.b, v.a][-inputs:] if v is not None else []
+    for lo, m in chunks(len(out), scratch):
+        p = max(0, min(m, len(v.a) - lo)) if v is not None else 0
+        if p < m:  # past the model's rows: the anchor's, as they are
+            s = kernel.weighted_sum(out[lo + p:lo + m], operands.anchor[lo + p:lo + m], [], scratch)
+            total = Sums(*(a + b for a, b in zip(total, s)))
+        if p == 0:
+            continue
+        result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, arrays, lo, p, spare=1))
+        replay_nans(kernel, result, scratch, arrays, lo,
+                    lambda k, xs: rule(k, *xs, np.empty(len(xs[0]), np.float32)))
+        s = kernel.weighted_sum(out[lo:lo + p], result, [], scratch)  # rounded once to the output
+        total = Sums(*(a + b for a, b in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+    return total
 
 
 def _host_work(scratch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -96,8 +96,8 @@ class Kernel(Protocol):
 
     The array primitives, which TIES and DARE compute with:
       - buffers and transfers: table, widen, gather, from_host, put, to_host;
-      - float32 arithmetic: copy, fill, add, subtract, multiply, divide, greater, greater_equal,
-        equal, magnitude_bits;
+      - float32 arithmetic: copy, fill, add, subtract, multiply, divide, maximum, minimum, absolute,
+        reciprocal, greater, greater_equal, equal, magnitude_bits;
       - rounding: round_to (a float32 array rounded to a narrower type's values, as torch rounds
         each operation of a BF16 or F16 tensor on the CPU: mergekit's compute dtype).
     They work on the kernel's arrays: 1-D slices of `table` rows, float32 (or magnitude bits), on
@@ -182,6 +182,20 @@ class Kernel(Protocol):
     def greater_equal(self, x: Any, y: Any, out: Any) -> None: ...
 
     def equal(self, x: Any, y: Any, out: Any) -> None: ...
+
+    def maximum(self, x: Any, y: Any, out: Any) -> None:
+        """The larger of x and y, a NaN where either is one (torch's clamp and maximum)."""
+        ...
+
+    def minimum(self, x: Any, y: Any, out: Any) -> None:
+        """The smaller of x and y, a NaN where either is one."""
+        ...
+
+    def absolute(self, x: Any, out: Any) -> None: ...
+
+    def reciprocal(self, x: Any, out: Any) -> None:
+        """1 / x, rounded once (torch computes `t / x` as `x.reciprocal() * t`)."""
+        ...
 
     def magnitude_bits(self, x: Any, out: Any, nans_equal: bool = False) -> Any:
         """out (magnitude bits) = the bits of |x|; with nans_equal (one more pass), every NaN's as

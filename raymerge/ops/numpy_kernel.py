@@ -117,6 +117,13 @@ class NumpyKernel:
     # Elementwise float32 arithmetic and comparisons: numpy's ufuncs, each rounded once.
     add, subtract, multiply, divide = (_binary(f) for f in (np.add, np.subtract, np.multiply, np.divide))
     greater, greater_equal, equal = (_binary(f) for f in (np.greater, np.greater_equal, np.equal))
+    maximum, minimum = _binary(np.maximum), _binary(np.minimum)
+
+    def absolute(self, x: np.ndarray, out: np.ndarray) -> None:
+        np.absolute(x, out=out)
+
+    def reciprocal(self, x: np.ndarray, out: np.ndarray) -> None:
+        np.reciprocal(x, out=out)
 
     def magnitude_bits(self, x: np.ndarray, out: np.ndarray, nans_equal: bool = False) -> np.ndarray:
         return sparse.magnitude_bits(x, out, nans_equal)

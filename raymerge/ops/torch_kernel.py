@@ -159,6 +159,18 @@ class TorchKernel:
     add, subtract, multiply = (_binary(f) for f in (torch.add, torch.sub, torch.mul))
     greater, greater_equal, equal = (_binary(f) for f in (torch.gt, torch.ge, torch.eq))
 
+    def maximum(self, x: torch.Tensor, y, out: torch.Tensor) -> None:
+        (torch.maximum if isinstance(y, torch.Tensor) else torch.clamp_min)(x, _scalar(y, x), out=out)
+
+    def minimum(self, x: torch.Tensor, y, out: torch.Tensor) -> None:
+        (torch.minimum if isinstance(y, torch.Tensor) else torch.clamp_max)(x, _scalar(y, x), out=out)
+
+    def absolute(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        torch.abs(x, out=out)
+
+    def reciprocal(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        torch.reciprocal(x, out=out)
+
     def divide(self, x, y, out: torch.Tensor) -> None:
         if not isinstance(y, torch.Tensor):  # see the module's doc: never by a host scalar
             y = torch.tensor(float(y), dtype=torch.float32, device=x.device)

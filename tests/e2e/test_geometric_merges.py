@@ -85,3 +85,32 @@ def test_slerp_on_s3(ray_local, s3_server, models, tensors):
             got.update(load(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))
     want = {name: slerp_reference(v0, tensors["chat"][name], 0.6) for name, v0 in tensors["base"].items()}
     assert_bit_identical(got, want)
+
+
+def test_nearswap_and_passthrough_files(ray_local, models, tensors, tmp_path, cli_main):
+    from tests.methods.test_elementwise import nearswap_reference
+
+    path = _file(tmp_path, f"""merge_method: nearswap
+base_model: {models['base']}
+models:
+  - model: {models['base']}
+  - model: {models['chat']}
+parameters: {{t: 0.004}}
+dtype: bfloat16
+""")
+    out = str(tmp_path / "nearswap")
+    assert cli_main(["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2"]) == 0
+    want = {name: nearswap_reference(b, tensors["chat"][name], 0.004) for name, b in tensors["base"].items()}
+    assert_bit_identical(load_folder(out), want)
+
+    path = _file(tmp_path, f"""merge_method: passthrough
+models:
+  - model: {models['chat2']}
+    parameters: {{scale: 0.8}}
+dtype: float16
+out_dtype: bfloat16
+""")
+    out = str(tmp_path / "passthrough")
+    assert cli_main(["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2"]) == 0
+    want = {name: (m.half() * 0.8).to(m.dtype) for name, m in tensors["chat2"].items()}
+    assert_bit_identical(load_folder(out), want)
