@@ -149,6 +149,22 @@ parameters:
       value: [1, 0.5, 0.7, 0.3, 0]
     - value: 0.5
 """,
+    "nuslerp with a base (flattened)": """merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{weight: 0.7}}
+  - model: {cp}
+    parameters: {{weight: 0.3}}
+""",
+    "nuslerp without a base, row by row": """merge_method: nuslerp
+models:
+  - model: {chat}
+    parameters: {{weight: 0.6}}
+  - model: {cp}
+    parameters: {{weight: 0.4}}
+parameters: {{nuslerp_flatten: false}}
+""",
     "nearswap t 0.004": """merge_method: nearswap
 base_model: {base}
 models:
@@ -243,13 +259,13 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     assert sorted(ours) == sorted(theirs), "the outputs hold different tensors"
     method = (cfg or {}).get("merge_method")
     inputs = {}
-    if method in ("ties", "dare_linear", "dare_ties", "slerp"):
+    if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
-        base = role_of[cfg["base_model"].rstrip("/")]
+        base = role_of[cfg.get("base_model", "").rstrip("/")] if cfg.get("base_model") else None
         vectors = [(role_of[m["model"].rstrip("/")], (m.get("parameters") or cfg.get("parameters") or {}).get(
             "t" if method == "slerp" else "density", 1.0))
-                   for m in cfg["models"] if m["model"].rstrip("/") != cfg["base_model"].rstrip("/")]
+                   for m in cfg["models"] if m["model"].rstrip("/") != (cfg.get("base_model") or "").rstrip("/")]
         layers = LlamaShape.of_size(1).config()["num_hidden_layers"]  # of_size: 16 layers whatever the size
     total = differ = tied = at_tie = at_sum = 0
     changed = [0, 0]
@@ -286,6 +302,13 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
             at = getattr(torch, cfg.get("dtype", "float32"))
             if _slerp_coefficients_differ(inputs[base][k].to(at), inputs[role][k].to(at), _setting(setting, k, layers)):
                 at_sum += int(d.sum())
+        elif method == "nuslerp":
+            at = getattr(torch, cfg.get("dtype", "float32"))
+            flatten = (cfg.get("parameters") or {}).get("nuslerp_flatten", True)
+            models = [inputs[role][k].to(at) for role, _ in vectors]
+            b = inputs[base][k].to(at) if base else None
+            if _nuslerp_sums_differ(*[m - b if b is not None else m for m in models], flatten):
+                at_sum += int(d.sum())
         elif method in ("dare_linear", "dare_ties"):
             ref = inputs[base][k].to(t.dtype)
             for j, out in enumerate((t, theirs[k])):
@@ -293,7 +316,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     r = {"elements": total, "differ": differ}
     if method == "ties":
         r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
-    elif method == "slerp":
+    elif method in ("slerp", "nuslerp"):
         r.update(differ_at_sum=at_sum)
     elif method in ("dare_linear", "dare_ties"):
         r["kept"] = [c / total for c in changed]
@@ -329,6 +352,30 @@ def _slerp_coefficients_differ(v0: torch.Tensor, v1: torch.Tensor, t: float) -> 
     ea, eb = (n if n > np.float32(1e-8) else np.float32(1) for n in (ea, eb))
     ours = coefficients(dot_sum(x / ea * (y / eb), np.float32(1)).to_float32(), t)
     return theirs != ours
+
+
+def _nuslerp_sums_differ(v0: torch.Tensor, v1: torch.Tensor, flatten: bool) -> bool:
+    """Whether nuslerp's norms or sums of products, as torch reduces them in the compute dtype
+    (mergekit's torch.norm and sum), differ from the exact sums rounded once (raymerge's) for any
+    vector of the tensor."""
+    from raymerge.ops.exact import dot_sum
+
+    if flatten:
+        v0, v1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    v0, v1 = v0.reshape(-1, v0.shape[-1]), v1.reshape(-1, v1.shape[-1])
+
+    def exact(rows: torch.Tensor, square: bool) -> torch.Tensor:
+        sums = [dot_sum(r, r if square else np.float32(1)) for r in rows.float().numpy()]
+        return torch.tensor([float(s.sqrt_float32() if square else s.to_float32()) for s in sums]).to(rows.dtype)
+
+    units = []
+    for v in (v0, v1):
+        theirs, ours = torch.norm(v, dim=-1), exact(v, True)
+        if not torch.equal(theirs, ours):
+            return True
+        units.append(v / ours.reshape(-1, 1).clamp(min=1e-7))
+    product = units[0] * units[1]
+    return not torch.equal(product.sum(dim=-1), exact(product, False))
 
 
 def _factors_differ(delta: torch.Tensor, k: int) -> bool:

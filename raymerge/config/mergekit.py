@@ -55,7 +55,7 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
     defaults = _parameters(data.get("parameters"), method, f"{where}: parameters")
     how = RECIPES[method]
     base = _reference(data["base_model"], f"{where}: base_model") if data.get("base_model") is not None else None
-    if base is None and (how.anchor or how.minus):
+    if base is None and (how.anchor or how.minus) and not how.anchor_optional:
         raise InputError(f"{where}: {method} needs a base_model: the model each one's change is taken from")
     per_model = {p.mergekit: [] for p in _declared(method) if p.per_vector}
     urls = []
@@ -66,7 +66,7 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
                 raise InputError(f"{at}: {shown(key, 40)}: raymerge reads model and parameters")
         url = _reference(entry.get("model"), f"{at}.model")
         own = {**defaults, **_parameters(entry.get("parameters"), method, f"{at}.parameters")}
-        if how.anchor and url.rstrip("/") == base.rstrip("/"):
+        if how.anchor and base is not None and url.rstrip("/") == base.rstrip("/"):
             continue  # mergekit takes no change from the base itself (nor its weight into normalize's sum)
         for p in _declared(method):
             if p.required and p.mergekit not in own:

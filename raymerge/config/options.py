@@ -81,7 +81,8 @@ def _input(key: str, help: str, many: bool = False) -> Option:
     """The option of an input role (`base`, `chat`, ...): taken by every kind that names it, needed
     by those that compute from it (the aux role alone is optional: the first vector input's then)."""
     return Option(key, help, v.urls if many else v.url, _kinds(lambda k: key in (k.vectors, k.anchor, k.minus, k.aux)),
-                  required=True, optional_in=_kinds(lambda k: key not in (k.vectors, k.anchor, k.minus)),
+                  required=True, optional_in=_kinds(lambda k: key not in (k.vectors, k.anchor, k.minus)
+                                                    or (k.anchor_optional and key in (k.anchor, k.minus))),
                   cli={"action": "append"} if many else {})
 
 

@@ -97,6 +97,9 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     urls_ = got.get(how.vectors, [])
     if how.single and len(urls_) != 1:
         raise InputError(f"{at}{kind} takes one --{how.vectors}; {kind} one vector per {how.vectors} model")
+    if how.count and len(urls_) != how.count:
+        raise InputError(f"{at}{kind} takes exactly {how.count} --{how.vectors} inputs (mergekit's models besides the "
+                         f"base model), got {len(urls_)}")
     scales = got.get("scale", [Scale()] * len(urls_))
     if len(scales) != len(urls_):
         raise InputError(f"{at}{len(scales)} --scale values for {len(urls_)} --{how.vectors} inputs; give one --scale "
@@ -106,6 +109,9 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     vocab = got.get("vocab", "overlap" if how.methods else "error")
     method = METHODS[got.get("method", how.method)]
     _check_parameters(at, kind, method.name, got)
+    problem = method.refuses(got)
+    if problem:
+        raise InputError(f"{at}{problem}")
     per_vector = tuple((o.key, tuple(_one_each(at, o, got[o.key], urls_, how.vectors)))
                        for o in OPTIONS if o.per_vector and o.key != "scale" and o.key in got)
     for p in method.parameters:

@@ -288,7 +288,7 @@ def _operands(p: int, t: TensorPlan, inputs: dict[tuple[int, str, int], memoryvi
         if (p, A, j) in inputs:
             b = operand((p, B, j), term.b.dtype) if term.b is not None else None
             vectors.append(Vector(term.scale, operand((p, A, j), term.a.dtype), b, j, term.values))
-    return Operands(anchor, tuple(vectors), t.params, t.name, begin, facts, t.compute)
+    return Operands(anchor, tuple(vectors), t.params, t.name, begin, facts, t.compute, t.shape)
 
 
 def _at_compute(k, raw: memoryview, dtype: str, compute: str | None, scratch: Scratch) -> Any:

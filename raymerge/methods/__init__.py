@@ -12,13 +12,14 @@ from __future__ import annotations
 from raymerge.methods.base import (ELEMENTWISE, SCALE, Method, Operands, Parameter, Pass, RecipeKind, Vector,
                                    mergekit_kind)
 from raymerge.methods.elementwise import Nearswap, Passthrough
+from raymerge.methods.nuslerp import Nuslerp
 from raymerge.methods.slerp import Slerp
 from raymerge.methods.sparse import DareLinear, DareTies, Ties
 from raymerge.methods.sum import Sum
 from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 
-_ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies(), Slerp(), Nearswap(),
-                            Passthrough())
+_ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies(), Slerp(), Nuslerp(),
+                            Nearswap(), Passthrough())
 
 
 def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:

@@ -75,6 +75,7 @@ class Operands:
     # mergekit's compute dtype (TensorPlan.compute): the arrays hold its values, and a method rounds
     # each operation to it (kernel.round_to) where mergekit computes in it. None: float32.
     compute: str | None = None
+    shape: tuple[int, ...] = ()  # the whole tensor's (a method that works row by row needs its rows)
 
     def param(self, name: str, default: float) -> float:
         return param(self.params, name, default)
@@ -90,7 +91,7 @@ class Operands:
         return Operands(self.anchor[lo:hi] if self.anchor is not None else None,
                         tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None, v.term, v.values)
                               for v in self.vectors),
-                        self.params, self.name, self.begin + lo, self.facts, self.compute)
+                        self.params, self.name, self.begin + lo, self.facts, self.compute, self.shape)
 
 
 PARAMETER_TYPES = ("weight", "fraction", "flag", "number", "seed")  # how config checks a value
@@ -174,15 +175,20 @@ class RecipeKind:
     mergekit: bool = False  # a mergekit configuration's `merge_method` of this name maps to it
     tunable: bool = True  # takes its method's parameters and --vocab (extract: the vector as it is)
     methods: bool = False  # --method chooses among the combining methods (merge, apply)
+    anchor_optional: bool = False  # the anchor (and what the vectors are taken minus) may be left out
+    count: int = 0  # takes exactly this many vector inputs (0: any number; `single`: one)
 
 
 def mergekit_kind(name: str, anchor: str | None = "base", minus: str | None = "base", single: bool = False,
-                  aux: str = "base") -> RecipeKind:
+                  aux: str = "base", anchor_optional: bool = False, count: int = 0) -> RecipeKind:
     """The recipe kind of mergekit's `merge_method: name`: its models are the vectors, the base
     model (`base_model`) the anchor and what each is taken minus, as the method says; the output
-    takes the base model's config and tokenizer (`aux`). `single`: one model besides the base."""
+    takes the base model's config and tokenizer (`aux`). `single`: one model besides the base;
+    `anchor_optional`: without a base_model, the models alone (nuslerp, multislerp); `count`: exactly
+    this many models besides the base."""
     return RecipeKind(name, name, f"mergekit's {name}", vectors="model", anchor=anchor, minus=minus, aux=aux,
-                      manifest_kind=f"mergekit {name}", example="", command=False, mergekit=True, single=single)
+                      manifest_kind=f"mergekit {name}", example="", command=False, mergekit=True, single=single,
+                      anchor_optional=anchor_optional, count=count)
 
 
 class Method(ABC):
@@ -195,6 +201,10 @@ class Method(ABC):
     recipes: ClassVar[tuple[RecipeKind, ...]] = ()
     combining: ClassVar[bool] = False  # merge and apply may combine their vectors with it (--method)
     mergekit_ignores: ClassVar[tuple[str, ...]] = ()  # mergekit parameters that change nothing in the result
+
+    def refuses(self, params: dict[str, Any]) -> str | None:
+        """Why this method cannot run with these global parameters (a recipe's), or None."""
+        return None
 
     def default(self, name: str) -> Any:
         """The default this method declares for its parameter `name`."""

@@ -114,3 +114,24 @@ out_dtype: bfloat16
     assert cli_main(["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2"]) == 0
     want = {name: (m.half() * 0.8).to(m.dtype) for name, m in tensors["chat2"].items()}
     assert_bit_identical(load_folder(out), want)
+
+
+def test_nuslerp_with_and_without_a_base(ray_local, models, tensors, tmp_path, cli_main):
+    from tests.methods.test_geometric import nuslerp_reference
+
+    for base, flatten in ((True, True), (False, False)):
+        path = _file(tmp_path, f"""merge_method: nuslerp
+{f"base_model: {models['base']}" if base else ""}
+models:
+  - model: {models['chat']}
+    parameters: {{weight: 0.7}}
+  - model: {models['chat2']}
+    parameters: {{weight: 0.4}}
+parameters: {{nuslerp_flatten: {str(flatten).lower()}}}
+dtype: bfloat16
+""")
+        out = str(tmp_path / f"nuslerp-{base}")
+        assert cli_main(["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2"]) == 0
+        want = {name: nuslerp_reference(m0, tensors["chat2"][name], tensors["base"][name] if base else None, 0.7, 0.4,
+                                        flatten) for name, m0 in tensors["chat"].items()}
+        assert_bit_identical(load_folder(out), want)

@@ -100,3 +100,65 @@ def test_slerp_facts_do_not_depend_on_the_cut(pair):
     v0, v1 = (v.to(torch.bfloat16) for v in pair)
     seen = [slerp_pieces(v0, v1, 0.4, starts)[1] for starts in CUTS.values()]
     assert all(s == seen[0] for s in seen)
+
+
+def nuslerp_reference(m0: torch.Tensor, m1: torch.Tensor, base: torch.Tensor | None, w0: float, w1: float,
+                      flatten: bool = True) -> torch.Tensor:
+    """mergekit's nuslerp: every operation on tensors of the inputs' dtype; its norms and its sum
+    of products exact, rounded once to float32 and then to the dtype."""
+    dtype = m0.dtype
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    v0, v1 = (m0 - base, m1 - base) if base is not None else (m0, m1)
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+
+    def per_vector(x: torch.Tensor, reduce) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        return torch.tensor([float(reduce(r)) for r in rows], dtype=torch.float32).to(dtype).reshape(*x.shape[:-1], 1)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / per_vector(x, lambda r: rounded_sqrt(exact_sum(r * r))).clamp(min=1e-7)
+
+    cos = per_vector(unit(v0) * unit(v1), lambda r: rounded(exact_sum(r))).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-8 ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result).reshape(shape)
+    return base + result if base is not None else result
+
+
+COMPUTE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: None}
+
+
+@pytest.fixture(scope="module")
+def trio():
+    g = torch.Generator().manual_seed(37)
+    base = 0.02 * torch.randn(60, 100, generator=g)
+    return base, base + 0.01 * torch.randn(60, 100, generator=g), base + 0.01 * torch.randn(60, 100, generator=g)
+
+
+@pytest.mark.parametrize("dtype", list(COMPUTE))
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_gives_the_reference_bits_for_every_cut(trio, dtype, flatten, with_base):
+    base, m0, m1 = (x.to(dtype) for x in trio)
+    want = nuslerp_reference(m0, m1, base if with_base else None, 0.7, 0.4, flatten)
+    params = (("nuslerp_flatten", flatten),)
+    for starts in ([], [1, 99, 100, 101, 2500, 5999], list(range(250, 6000, 250))):
+        got, facts = run_pieces("nuslerp", "n", base if with_base else m0,
+                                [(0.7, m0, base if with_base else None, ()), (0.4, m1, base if with_base else None, ())],
+                                starts, params, chunk=64, compute=COMPUTE[dtype], anchored=with_base)
+        assert_same_bits(got, want, f"nuslerp {dtype} flatten={flatten} base={with_base} {len(starts)} cuts")
+    assert len(facts[0]["sa"]) == (1 if flatten else 60)
+
+
+def test_nuslerp_colinear_vectors_and_weights_summing_to_zero(trio):
+    base, m0, _ = (x.to(torch.bfloat16) for x in trio)
+    m1 = (base.float() + 2 * (m0.float() - base.float())).to(torch.bfloat16)  # a multiple: colinear (in bf16, nearly)
+    for w0, w1 in ((0.7, 0.4), (0.5, -0.5)):
+        want = nuslerp_reference(m0, m1, base, w0, w1, flatten=False)
+        got, facts = run_pieces("nuslerp", "n", base, [(w0, m0, base, ()), (w1, m1, base, ())], [1, 700, 3001],
+                                (("nuslerp_flatten", False),), compute="BF16")
+        assert_same_bits(got, want, f"colinear, weights {w0} {w1}")
+    assert any(facts[0]["colinear"])

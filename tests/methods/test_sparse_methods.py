@@ -112,13 +112,14 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts: list[int], params=(),
-               chunk: int | None = None, shuffle: int = 0, compute: str | None = None):
+               chunk: int | None = None, shuffle: int = 0, compute: str | None = None, anchored: bool = True):
     """The tensor computed piece by piece: `cuts` are the first elements of its pieces after the
     first; a vector's last item is its density, or its per-vector values as (name, value) pairs. Every
     statistics pass's results go to reduce (in a shuffled order, as they may arrive),
     then apply writes each piece. Vectors shorter than the anchor cover its first elements (an
     expanded vocabulary's shared rows): a piece past them has no operands of them, as in the worker.
-    `compute`: mergekit's compute dtype (the inputs' own, as the worker casts them). Returns (output as a torch tensor, the tensor's facts)."""
+    `compute`: mergekit's compute dtype (the inputs' own, as the worker casts them). Without
+    `anchored`, the anchor only gives the output's shape and dtype (a recipe without one). Returns (output as a torch tensor, the tensor's facts)."""
     m = METHODS[method]
     n = anchor.numel()
     limits = [a.numel() if a.numel() < n else None for _, a, _, _ in vectors]
@@ -136,7 +137,8 @@ def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts
     def operands(lo: int, hi: int, with_anchor: bool) -> Operands:
         vecs = tuple(Vector(w, a[lo:hi], b[lo:hi] if b is not None else None, term=j, values=vals)
                      for j, (w, a, b, vals) in enumerate(arrays) if lo < len(a))
-        return Operands(anchor_np[lo:hi] if with_anchor else None, vecs, tuple(params), name, lo, facts, compute)
+        return Operands(anchor_np[lo:hi] if with_anchor and anchored else None, vecs, tuple(params), name, lo, facts, compute,
+                        tuple(anchor.shape))
 
     passes = m.passes_for(tensor)
     assert passes[-1] == ELEMENTWISE

@@ -1,0 +1,255 @@
+"""mergekit's NuSLERP: spherical interpolation of two models (or of their changes from a base), at
+t = w1 / (w0 + w1) of their weights (0.5 where the sum is below 1e-6), over each tensor as one
+vector (`nuslerp_flatten`, the default) or each row of it (`nuslerp_flatten: false`), in the
+compute dtype: unlike slerp, mergekit 0.1.5 (`merge_methods/nuslerp.py`) makes every operation on
+tensors of that dtype, so each is rounded to it here (`Operands.rounded`):
+
+    v_i = m_i - base (rounded), or m_i without a base
+    n_i = max(|v_i|, 1e-7)               per vector (a norm: an exact sum, rounded once)
+    cos = clamp(sum (v0/n0) * (v1/n1), -1, 1)
+    colinear: 1 - cos**2 <= 1e-16 -> (1 - t) * v0 + t * v1
+    else (sin((1 - t) theta) * v0 + sin(t theta) * v1) / sin(theta), theta = acos(cos)
+    out = base + that (or that)
+
+Statistics passes: `nuslerp-norms` (sums of v_i**2) and `nuslerp-cos` (sums of the rounded
+products). A piece reduces the rows it holds whole itself (their sums are complete: it sends their
+rounded values); the driver adds the parts of the rows that cross pieces, rounds, and computes the
+coefficients with torch on tensors of the compute dtype shaped as mergekit's are, so its acos and
+sin take the same code path. `nuslerp_row_wise` (vectors along the first dimension: a column's
+elements lie in every piece) is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
+from raymerge.methods.steps import bits, exact_sum, value, widen_rows
+from raymerge.ops.exact import ExactSum
+from raymerge.ops.kernel import Sums
+
+NORMS, COS = "nuslerp-norms", "nuslerp-cos"
+_ROWS = "nuslerp-rows"
+_NORM_FLOOR = np.float32(1e-7)  # mergekit's _normalize: a norm is at least this
+
+_ROW_WISE = Parameter("nuslerp_row_wise", "interpolate each column's vector (the first dimension) instead", "flag",
+                      False, mergekit="nuslerp_row_wise")
+_FLATTEN = Parameter("nuslerp_flatten", "interpolate each tensor as one vector (off: each row of it)", "flag", True,
+                     mergekit="nuslerp_flatten")
+
+
+class Nuslerp(Method):
+    name = "nuslerp"
+    parameters = (SCALE, _ROW_WISE, _FLATTEN)
+    statistics = (Pass(NORMS, 50, records=("n0", "n1")), Pass(COS, 51, records=("sa", "sb", "st", "colinear",
+                                                                                  "ta", "tb")))
+    recipes = (mergekit_kind("nuslerp", anchor_optional=True, count=2),)
+
+    def refuses(self, params: dict[str, Any]) -> str | None:
+        # Flattened (the default), row_wise changes nothing: mergekit flattens first.
+        if params.get("nuslerp_row_wise") and not params.get("nuslerp_flatten", _FLATTEN.default):
+            return ("nuslerp_row_wise: true (vectors along the first dimension, with nuslerp_flatten: false) is not "
+                    "supported: raymerge runs nuslerp flattened (the default) or row by row (nuslerp_flatten: false)")
+        return None
+
+    def works_on(self, term: Any) -> bool:
+        return term.limit != 0
+
+    def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
+        if not (isinstance(facts, list) and len(facts) == len(tensor.terms)):
+            return "expected a list, one entry per vector"
+        f = facts[0] or {}
+        wanted = [k for p in passes for k in {NORMS: ("n0", "n1"), COS: ("sa", "sb", "st", "colinear")}[p]]
+        groups = _groups(tensor.shape, tensor.params)[0]
+        for k in wanted:
+            if not (isinstance(f.get(k), list) and len(f[k]) == groups and
+                    all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in f[k])):
+                return f"vector 1's {k}: expected {groups} float32 bit patterns"
+        return None
+
+    # --- statistics ------------------------------------------------------------------------------
+
+    def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
+        """Per vector (row) of the piece: the whole ones' sums, rounded (float32 bits: a norm's
+        square root), from the first whole one on; the partial ones at its ends as exact sums.
+        [[first whole row, [[values per sum] per whole row], [[row, [exact sums]] per partial row]]]
+        for term 0: a piece holds at most two partial rows."""
+        if len(operands.vectors) < 2:
+            return []
+        length = _groups(operands.shape, operands.params)[1]
+        facts = (operands.facts or [None])[0]
+        whole: list[list[int]] = []
+        partial: list = []
+        first = None
+        for g, lo, hi in _segments(operands.begin, _length(operands), length):
+            sums = self._segment_sums(kernel, pass_name, operands, scratch, lo, hi, facts, g)
+            if hi - lo == length:
+                first = g if first is None else first
+                whole.append([bits(s.sqrt_float32() if pass_name == NORMS else s.to_float32()) for s in sums])
+            else:
+                partial.append([g, [s.to_json() for s in sums]])
+        return [[first, whole, partial]]
+
+    def _segment_sums(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any, lo: int, hi: int,
+                      facts: Any, g: int) -> list[ExactSum]:
+        sums = [ExactSum(), ExactSum()] if pass_name == NORMS else [ExactSum()]
+        for at in range(lo, hi, scratch.chunk):
+            m = min(scratch.chunk, hi - at)
+            v0, v1 = _deltas(kernel, operands, scratch, at, m)
+            if pass_name == NORMS:
+                parts = [exact_sum(kernel, v0, scratch, square=True), exact_sum(kernel, v1, scratch, square=True)]
+            else:
+                kernel.divide(v0, value(facts["n0"][g]), v0)
+                operands.rounded(kernel, v0)
+                kernel.divide(v1, value(facts["n1"][g]), v1)
+                operands.rounded(kernel, v1)
+                kernel.multiply(v0, v1, v0)
+                parts = [exact_sum(kernel, operands.rounded(kernel, v0), scratch)]
+            sums = [a + b for a, b in zip(sums, parts)]
+        return sums
+
+    def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
+        count = _groups(tensor.shape, tensor.params)[0]
+        k = 2 if pass_name == NORMS else 1
+        values: list[list[np.float32 | None]] = [[None] * count for _ in range(k)]
+        partial: dict[int, list[ExactSum]] = {}
+        for _, r in results:
+            if not r or r[0] is None:
+                continue
+            first, whole, parts = r[0]
+            for row, got in enumerate(whole, start=first or 0):
+                for i in range(k):
+                    values[i][row] = value(got[i])
+            for g, sums in parts:
+                got = [ExactSum.from_json(s) for s in sums]
+                partial[g] = [a + b for a, b in zip(partial.get(g, [ExactSum()] * k), got)]
+        for g, sums in partial.items():
+            for i, s in enumerate(sums):
+                values[i][g] = s.sqrt_float32() if pass_name == NORMS else s.to_float32()
+        # A row can be whole in one piece and partial in none, or partial in several: never both.
+        facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]
+        compute = getattr(tensor, "compute", None)
+        if pass_name == NORMS:
+            for i, name in enumerate(("n0", "n1")):
+                facts[0][name] = [bits(_norm(x, compute)) for x in values[i]]
+        else:
+            facts[0].update(_coefficients(values[0], _t(tensor), compute, _shape(tensor, count)))
+        return facts
+
+    # --- the elementwise rule ------------------------------------------------------------------
+
+    def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
+        total = Sums(0.0, 0.0, 0, 0)
+        if len(operands.vectors) < 2:  # past the models' rows, or nothing to interpolate
+            return kernel.weighted_sum(out, operands.anchor, [], scratch) if operands.anchor is not None else total
+        f = operands.facts[0]
+        length = _groups(operands.shape, operands.params)[1]
+        ta, tb = value(f["ta"]), value(f["tb"])
+        for g, lo, hi in _segments(operands.begin, len(out), length):
+            sa, sb, st = (value(f[k][g]) for k in ("sa", "sb", "st"))
+            for at in range(lo, hi, scratch.chunk):
+                m = min(scratch.chunk, hi - at)
+                v0, v1 = _deltas(kernel, operands, scratch, at, m)
+                if f["colinear"][g]:
+                    _mix(kernel, operands, v0, v1, ta, tb)
+                else:
+                    _mix(kernel, operands, v0, v1, sa, sb)
+                    kernel.divide(v0, st, v0)
+                    operands.rounded(kernel, v0)
+                if operands.anchor is not None:
+                    base = widen_rows(kernel, scratch, _ROWS + "-base", [operands.anchor], at, m)[0]
+                    kernel.add(base, v0, v0)  # base + result: rounded once, to the output (the compute dtype)
+                s = kernel.weighted_sum(out[at:at + m], v0, [], scratch)
+                total = Sums(*(a + b for a, b in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+        return total
+
+
+def _mix(kernel: Any, operands: Operands, v0: Any, v1: Any, a: np.float32, b: np.float32) -> None:
+    """v0 = a * v0 + b * v1, each operation rounded to the compute dtype."""
+    kernel.multiply(v0, a, v0)
+    operands.rounded(kernel, v0)
+    kernel.multiply(v1, b, v1)
+    operands.rounded(kernel, v1)
+    kernel.add(v0, v1, v0)
+    operands.rounded(kernel, v0)
+
+
+def _deltas(kernel: Any, operands: Operands, scratch: Any, at: int, m: int) -> list:
+    """The two vectors at the piece's elements at .. at + m, widened: m_i - base (rounded), or m_i."""
+    a, b = operands.vectors[:2]
+    base = a.b
+    arrays = [a.a, b.a] + ([base] if base is not None else [])
+    rows = widen_rows(kernel, scratch, _ROWS, arrays, at, m)
+    if base is not None:
+        for v in rows[:2]:
+            kernel.subtract(v, rows[2], v)
+            operands.rounded(kernel, v)
+    return rows[:2]
+
+
+def _length(operands: Operands) -> int:
+    return min(len(v.a) for v in operands.vectors[:2])
+
+
+def _groups(shape: tuple[int, ...], params) -> tuple[int, int]:
+    """(how many vectors a tensor is, each one's length): one, or one per row (the last dimension)."""
+    n = int(np.prod(shape)) if shape else 0
+    flatten = bool(param(params, "nuslerp_flatten", _FLATTEN.default))
+    length = n if flatten or len(shape) < 2 else shape[-1]
+    return (n // length if length else 1), max(length, 1)
+
+
+def _segments(begin: int, n: int, length: int):
+    """(vector, lo, hi): the piece's elements [0, n) (the tensor's [begin, begin + n)) by vector."""
+    lo = 0
+    while lo < n:
+        g = (begin + lo) // length
+        hi = min(n, (g + 1) * length - begin)
+        yield g, lo, hi
+        lo = hi
+
+
+def _shape(tensor: Any, count: int) -> tuple[int, ...]:
+    """The shape of mergekit's per-vector statistics: (1,) flattened, else the tensor's but its last
+    dimension, then 1 (keepdim)."""
+    flatten = bool(param(tensor.params, "nuslerp_flatten", _FLATTEN.default))
+    return (1,) if flatten or len(tensor.shape) < 2 else (*tensor.shape[:-1], 1)
+
+
+def _t(tensor: Any) -> float:
+    """mergekit's t, in Python floats: w1 / (w0 + w1), 0.5 where the sum is below 1e-6."""
+    w0, w1 = (t.scale for t in tensor.terms[:2])
+    return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+
+
+def _torch_dtype(compute: str | None):
+    import torch
+
+    return {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
+
+
+def _norm(x: np.float32, compute: str | None) -> np.float32:
+    """A norm (rounded once to float32) in the compute dtype, then clamped to at least 1e-7 there."""
+    import torch
+
+    n = torch.tensor(float(x), dtype=torch.float32).to(_torch_dtype(compute))
+    return np.float32(n.clamp(min=float(_NORM_FLOOR)).float().item())
+
+
+def _coefficients(cos: list, t: float, compute: str | None, shape: tuple[int, ...]) -> dict:
+    """mergekit's coefficients from each vector's cos, with torch on tensors of the compute dtype and
+    of mergekit's shape (the same code path, so the same bits): sin((1-t) theta), sin(t theta),
+    sin(theta), colinear; and 1 - t and t as its scalar products take them (float32)."""
+    import torch
+
+    dtype = _torch_dtype(compute)
+    c = torch.tensor([float(x) for x in cos], dtype=torch.float32).to(dtype).reshape(shape).clamp(-1, 1)
+    colinear = (1 - c.square()) <= 1e-8 ** 2
+    theta = torch.acos(torch.where(colinear, 0, c))
+    out = {"sa": torch.sin((1 - t) * theta), "sb": torch.sin(t * theta), "st": torch.sin(theta)}
+    facts = {k: [bits(x) for x in v.float().reshape(-1).tolist()] for k, v in out.items()}
+    facts["colinear"] = [int(x) for x in colinear.reshape(-1).tolist()]
+    facts["ta"], facts["tb"] = bits(np.float32(1 - t)), bits(np.float32(t))
+    return facts
