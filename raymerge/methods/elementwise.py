@@ -14,13 +14,13 @@ NaNs get the kernels' one rule (`steps.replay_nans`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from raymerge.methods.base import SCALE, Method, Operands, mergekit_kind
 from raymerge.methods.slerp import T
-from raymerge.methods.steps import each_chunk
+from raymerge.methods.steps import each_chunk, step as _step
 
 _FLOOR = np.float32(1e-6)  # mergekit's nearswap: |base - other| is at least this
 
@@ -70,8 +70,3 @@ class Passthrough(Method):
             return model
 
         return each_chunk(kernel, out, operands, scratch, rule, 1)
-
-
-def _step(op: Callable, x: Any, y: Any, out: Any) -> Any:
-    op(x, y, out)
-    return out

@@ -21,12 +21,13 @@ elements lie in every piece) is refused.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import bits, exact_sum, value, widen_rows
+from raymerge.methods.steps import bits, exact_sum, quiet, replay_nans, step as _step, value, widen_rows
 from raymerge.ops.exact import ExactSum
 from raymerge.ops.kernel import Sums
 
@@ -71,6 +72,7 @@ class Nuslerp(Method):
 
     # --- statistics ------------------------------------------------------------------------------
 
+    @quiet
     def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
         """Per vector (row) of the piece: the whole ones' sums, rounded (float32 bits: a norm's
         square root), from the first whole one on; the partial ones at its ends as exact sums.
@@ -140,6 +142,7 @@ class Nuslerp(Method):
 
     # --- the elementwise rule ------------------------------------------------------------------
 
+    @quiet
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         total = Sums(0.0, 0.0, 0, 0)
         if len(operands.vectors) < 2:  # past the models' rows, or nothing to interpolate
@@ -147,33 +150,34 @@ class Nuslerp(Method):
         f = operands.facts[0]
         length = _groups(operands.shape, operands.params)[1]
         ta, tb = value(f["ta"]), value(f["tb"])
-        for g, lo, hi in _segments(operands.begin, len(out), length):
-            sa, sb, st = (value(f[k][g]) for k in ("sa", "sb", "st"))
+        n = _length(operands)
+        if n < len(out):  # past the models' rows (an expanded vocabulary): the base's, as they are
+            total = kernel.weighted_sum(out[n:], operands.anchor[n:] if operands.anchor is not None else None, [],
+                                        scratch)
+        a, b = operands.vectors[:2]
+        inputs = [a.a, b.a] + ([a.b] if a.b is not None else [])  # the models, and the base (also the anchor)
+        for g, lo, hi in _segments(operands.begin, n, length):
+            colinear = f["colinear"][g]
+            sa, sb, st = (ta, tb, None) if colinear else (value(f[k][g]) for k in ("sa", "sb", "st"))
+
+            def rule(k: Any, m0: Any, m1: Any, base: Any = None) -> Any:
+                """mergekit's result, each operation rounded to the compute dtype: into m0."""
+                for v in (m0, m1) if base is not None else ():
+                    operands.rounded(k, _step(k.subtract, v, base, v))
+                operands.rounded(k, _step(k.multiply, m0, sa, m0))
+                operands.rounded(k, _step(k.multiply, m1, sb, m1))
+                operands.rounded(k, _step(k.add, m0, m1, m0))
+                if st is not None:
+                    operands.rounded(k, _step(k.divide, m0, st, m0))
+                return m0 if base is None else _step(k.add, base, m0, m0)  # rounded once, to the output
+
             for at in range(lo, hi, scratch.chunk):
                 m = min(scratch.chunk, hi - at)
-                v0, v1 = _deltas(kernel, operands, scratch, at, m)
-                if f["colinear"][g]:
-                    _mix(kernel, operands, v0, v1, ta, tb)
-                else:
-                    _mix(kernel, operands, v0, v1, sa, sb)
-                    kernel.divide(v0, st, v0)
-                    operands.rounded(kernel, v0)
-                if operands.anchor is not None:
-                    base = widen_rows(kernel, scratch, _ROWS + "-base", [operands.anchor], at, m)[0]
-                    kernel.add(base, v0, v0)  # base + result: rounded once, to the output (the compute dtype)
-                s = kernel.weighted_sum(out[at:at + m], v0, [], scratch)
-                total = Sums(*(a + b for a, b in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+                result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, inputs, at, m))
+                replay_nans(kernel, result, scratch, inputs, at, lambda k, xs: rule(k, *xs))
+                s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
+                total = Sums(*(x + y for x, y in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
         return total
-
-
-def _mix(kernel: Any, operands: Operands, v0: Any, v1: Any, a: np.float32, b: np.float32) -> None:
-    """v0 = a * v0 + b * v1, each operation rounded to the compute dtype."""
-    kernel.multiply(v0, a, v0)
-    operands.rounded(kernel, v0)
-    kernel.multiply(v1, b, v1)
-    operands.rounded(kernel, v1)
-    kernel.add(v0, v1, v0)
-    operands.rounded(kernel, v0)
 
 
 def _deltas(kernel: Any, operands: Operands, scratch: Any, at: int, m: int) -> list:
@@ -195,7 +199,7 @@ def _length(operands: Operands) -> int:
 
 def _groups(shape: tuple[int, ...], params) -> tuple[int, int]:
     """(how many vectors a tensor is, each one's length): one, or one per row (the last dimension)."""
-    n = int(np.prod(shape)) if shape else 0
+    n = math.prod(shape)
     flatten = bool(param(params, "nuslerp_flatten", _FLATTEN.default))
     length = n if flatten or len(shape) < 2 else shape[-1]
     return (n // length if length else 1), max(length, 1)

@@ -10,6 +10,7 @@ tensor is cut, and a worker holds one chunk of each operand at a time.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -57,6 +58,21 @@ def total(results: list[tuple[int, list]], term: int, index: int) -> ExactSum:
         if term < len(r) and r[term] is not None:
             s += ExactSum.from_json(r[term][index])
     return s
+
+
+def quiet(fn: Callable) -> Callable:
+    """fn without numpy's warnings: overflows and NaNs are data here."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def step(op: Callable, x: Any, y: Any, out: Any) -> Any:
+    """op(x, y, out) (a kernel primitive), returning out: steps chain in one line."""
+    op(x, y, out)
+    return out
 
 
 def bits(x: Any) -> int:

@@ -78,7 +78,7 @@ def run(kernel, t: TensorPlan, raw: dict, cuts: list[int], chunk: int | None):
                 b = view(("b", j), lo, end) if ("b", j) in raw else None
                 vecs.append(Vector(term.scale, view(("a", j), lo, end), b, term=j, values=term.values))
         anchor = view("anchor", lo, hi) if "anchor" in raw else None
-        return Operands(anchor, tuple(vecs), t.params, t.name, lo, facts, t.compute)
+        return Operands(anchor, tuple(vecs), t.params, t.name, lo, facts, t.compute, t.shape)
 
     facts, seen = None, []
     for p in m.passes_for(t)[:-1]:
