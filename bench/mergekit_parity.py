@@ -165,6 +165,19 @@ models:
     parameters: {{weight: 0.4}}
 parameters: {{nuslerp_flatten: false}}
 """,
+    "model_stock": """merge_method: model_stock
+base_model: {base}
+models:
+  - model: {chat}
+  - model: {cp}
+""",
+    "model_stock filter_wise": """merge_method: model_stock
+base_model: {base}
+models:
+  - model: {chat}
+  - model: {cp}
+parameters: {{filter_wise: true}}
+""",
     "nearswap t 0.004": """merge_method: nearswap
 base_model: {base}
 models:
@@ -259,7 +272,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     assert sorted(ours) == sorted(theirs), "the outputs hold different tensors"
     method = (cfg or {}).get("merge_method")
     inputs = {}
-    if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp"):
+    if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
         base = role_of[cfg.get("base_model", "").rstrip("/")] if cfg.get("base_model") else None
@@ -309,6 +322,12 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
             b = inputs[base][k].to(at) if base else None
             if _nuslerp_sums_differ(*[m - b if b is not None else m for m in models], flatten):
                 at_sum += int(d.sum())
+        elif method == "model_stock":
+            at = getattr(torch, cfg.get("dtype", "float32"))
+            rows = (cfg.get("parameters") or {}).get("filter_wise", False)
+            offsets = [inputs[role][k].to(at) - inputs[base][k].to(at) for role, _ in vectors]
+            if _model_stock_sums_differ(offsets, rows):
+                at_sum += int(d.sum())
         elif method in ("dare_linear", "dare_ties"):
             ref = inputs[base][k].to(t.dtype)
             for j, out in enumerate((t, theirs[k])):
@@ -316,7 +335,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     r = {"elements": total, "differ": differ}
     if method == "ties":
         r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
-    elif method in ("slerp", "nuslerp"):
+    elif method in ("slerp", "nuslerp", "model_stock"):
         r.update(differ_at_sum=at_sum)
     elif method in ("dare_linear", "dare_ties"):
         r["kept"] = [c / total for c in changed]
@@ -376,6 +395,29 @@ def _nuslerp_sums_differ(v0: torch.Tensor, v1: torch.Tensor, flatten: bool) -> b
         units.append(v / ours.reshape(-1, 1).clamp(min=1e-7))
     product = units[0] * units[1]
     return not torch.equal(product.sum(dim=-1), exact(product, False))
+
+
+def _model_stock_sums_differ(offsets: list[torch.Tensor], rows: bool) -> bool:
+    """Whether model_stock's norms or sums of products, as torch reduces them (mergekit's), differ
+    from the exact sums rounded once (raymerge's), for any vector of the tensor."""
+    from raymerge.ops.exact import dot_sum
+
+    if not rows or offsets[0].dim() == 1:
+        offsets = [o.reshape(1, -1) for o in offsets]
+    flat = [o.reshape(-1, o.shape[-1]) for o in offsets]
+
+    def exact(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        sums = [dot_sum(a, a if y is None else np.float32(1)) for a in (x if y is None else x * y).float().numpy()]
+        return torch.tensor([float(s.sqrt_float32() if y is None else s.to_float32()) for s in sums]).to(x.dtype)
+
+    for o in flat:
+        if not torch.equal(torch.norm(o, dim=-1), exact(o, None)):
+            return True
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            if not torch.equal((flat[i] * flat[j]).sum(dim=-1), exact(flat[i], flat[j])):
+                return True
+    return False
 
 
 def _factors_differ(delta: torch.Tensor, k: int) -> bool:

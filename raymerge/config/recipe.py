@@ -97,6 +97,9 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     urls_ = got.get(how.vectors, [])
     if how.single and len(urls_) != 1:
         raise InputError(f"{at}{kind} takes one --{how.vectors}; {kind} one vector per {how.vectors} model")
+    if len(urls_) < how.at_least:
+        raise InputError(f"{at}{kind} takes at least {how.at_least} --{how.vectors} inputs (mergekit's models besides "
+                         f"the base model), got {len(urls_)}")
     if how.count and len(urls_) != how.count:
         raise InputError(f"{at}{kind} takes exactly {how.count} --{how.vectors} inputs (mergekit's models besides the "
                          f"base model), got {len(urls_)}")

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import bits, exact_sum, quiet, replay_nans, step as _step, value, widen_rows
+from raymerge.methods.steps import (bits, exact_sum, grouped_statistic, grouped_values, quiet, replay_nans, segments,
+                                    step as _step, value, widen_rows)
 from raymerge.ops.exact import ExactSum
 from raymerge.ops.kernel import Sums
 
@@ -80,19 +81,10 @@ class Nuslerp(Method):
         for term 0: a piece holds at most two partial rows."""
         if len(operands.vectors) < 2:
             return []
-        length = _groups(operands.shape, operands.params)[1]
         facts = (operands.facts or [None])[0]
-        whole: list[list[int]] = []
-        partial: list = []
-        first = None
-        for g, lo, hi in _segments(operands.begin, _length(operands), length):
-            sums = self._segment_sums(kernel, pass_name, operands, scratch, lo, hi, facts, g)
-            if hi - lo == length:
-                first = g if first is None else first
-                whole.append([bits(s.sqrt_float32() if pass_name == NORMS else s.to_float32()) for s in sums])
-            else:
-                partial.append([g, [s.to_json() for s in sums]])
-        return [[first, whole, partial]]
+        return grouped_statistic(operands.begin, _length(operands), _groups(operands.shape, operands.params)[1],
+                                 lambda g, lo, hi: self._segment_sums(kernel, pass_name, operands, scratch, lo, hi,
+                                                                      facts, g), _finish(pass_name))
 
     def _segment_sums(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any, lo: int, hi: int,
                       facts: Any, g: int) -> list[ExactSum]:
@@ -114,23 +106,7 @@ class Nuslerp(Method):
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         count = _groups(tensor.shape, tensor.params)[0]
-        k = 2 if pass_name == NORMS else 1
-        values: list[list[np.float32 | None]] = [[None] * count for _ in range(k)]
-        partial: dict[int, list[ExactSum]] = {}
-        for _, r in results:
-            if not r or r[0] is None:
-                continue
-            first, whole, parts = r[0]
-            for row, got in enumerate(whole, start=first or 0):
-                for i in range(k):
-                    values[i][row] = value(got[i])
-            for g, sums in parts:
-                got = [ExactSum.from_json(s) for s in sums]
-                partial[g] = [a + b for a, b in zip(partial.get(g, [ExactSum()] * k), got)]
-        for g, sums in partial.items():
-            for i, s in enumerate(sums):
-                values[i][g] = s.sqrt_float32() if pass_name == NORMS else s.to_float32()
-        # A row can be whole in one piece and partial in none, or partial in several: never both.
+        values = grouped_values(results, count, 2 if pass_name == NORMS else 1, _finish(pass_name))
         facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]
         compute = getattr(tensor, "compute", None)
         if pass_name == NORMS:
@@ -156,7 +132,7 @@ class Nuslerp(Method):
                                         scratch)
         a, b = operands.vectors[:2]
         inputs = [a.a, b.a] + ([a.b] if a.b is not None else [])  # the models, and the base (also the anchor)
-        for g, lo, hi in _segments(operands.begin, n, length):
+        for g, lo, hi in segments(operands.begin, n, length):
             colinear = f["colinear"][g]
             sa, sb, st = (ta, tb, None) if colinear else (value(f[k][g]) for k in ("sa", "sb", "st"))
 
@@ -205,14 +181,9 @@ def _groups(shape: tuple[int, ...], params) -> tuple[int, int]:
     return (n // length if length else 1), max(length, 1)
 
 
-def _segments(begin: int, n: int, length: int):
-    """(vector, lo, hi): the piece's elements [0, n) (the tensor's [begin, begin + n)) by vector."""
-    lo = 0
-    while lo < n:
-        g = (begin + lo) // length
-        hi = min(n, (g + 1) * length - begin)
-        yield g, lo, hi
-        lo = hi
+def _finish(pass_name: str):
+    """How a vector's exact sum is rounded: a norm's square root, or the sum itself."""
+    return (lambda i, s: s.sqrt_float32()) if pass_name == NORMS else (lambda i, s: s.to_float32())
 
 
 def _shape(tensor: Any, count: int) -> tuple[int, ...]:

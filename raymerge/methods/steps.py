@@ -117,6 +117,58 @@ def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Ca
     return total
 
 
+def segments(begin: int, n: int, length: int) -> Iterator[tuple[int, int, int]]:
+    """(vector, lo, hi): a piece's elements [0, n) (the tensor's [begin, begin + n)) by the vectors of
+    `length` elements the tensor is cut into (its rows, or the whole tensor)."""
+    lo = 0
+    while lo < n:
+        g = (begin + lo) // length
+        hi = min(n, (g + 1) * length - begin)
+        yield g, lo, hi
+        lo = hi
+
+
+def grouped_statistic(begin: int, n: int, length: int, sums_of: Callable[[int, int, int], list[ExactSum]],
+                      finish: Callable[[int, ExactSum], np.float32]) -> list:
+    """A statistics result of several exact sums per vector (row) of a tensor, for term 0: the
+    vectors the piece holds whole are complete, so they are rounded here (`finish(i, sum)`: a root,
+    or the sum rounded once) and sent as float32 bits; the partial ones at its ends as exact sums.
+    [[first whole vector, [[bits per sum] per whole vector], [[vector, [sums]] per partial one]]]:
+    small whatever the rows, and at most two exact sums per piece. `sums_of(vector, lo, hi)`."""
+    whole: list[list[int]] = []
+    partial: list = []
+    first = None
+    for g, lo, hi in segments(begin, n, length):
+        sums = sums_of(g, lo, hi)
+        if hi - lo == length:
+            first = g if first is None else first
+            whole.append([bits(finish(i, s)) for i, s in enumerate(sums)])
+        else:
+            partial.append([g, [s.to_json() for s in sums]])
+    return [[first, whole, partial]]
+
+
+def grouped_values(results: list[tuple[int, list]], count: int, k: int,
+                   finish: Callable[[int, ExactSum], np.float32]) -> list[list[np.float32]]:
+    """The k rounded sums of each of a tensor's `count` vectors, from every piece's
+    `grouped_statistic`: a vector is whole in one piece, or split among several (added here)."""
+    values: list[list] = [[None] * count for _ in range(k)]
+    partial: dict[int, list[ExactSum]] = {}
+    for _, r in results:
+        if not r or r[0] is None:
+            continue
+        first, whole, parts = r[0]
+        for g, got in enumerate(whole, start=first or 0):
+            for i in range(k):
+                values[i][g] = value(got[i])
+        for g, sums in parts:
+            partial[g] = [a + ExactSum.from_json(b) for a, b in zip(partial.get(g, [ExactSum()] * k), sums)]
+    for g, sums in partial.items():
+        for i, s in enumerate(sums):
+            values[i][g] = finish(i, s)
+    return values
+
+
 def _host_work(scratch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dot_sum's host buffers, a chunk long, kept per thread (fresh pages are slow to touch)."""
     key = ("exact-host", scratch.chunk)

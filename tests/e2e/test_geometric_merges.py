@@ -135,3 +135,22 @@ dtype: bfloat16
         want = {name: nuslerp_reference(m0, tensors["chat2"][name], tensors["base"][name] if base else None, 0.7, 0.4,
                                         flatten) for name, m0 in tensors["chat"].items()}
         assert_bit_identical(load_folder(out), want)
+
+
+def test_model_stock_file(ray_local, models, tensors, tmp_path, cli_main):
+    from tests.methods.test_geometric import model_stock_reference
+
+    path = _file(tmp_path, f"""merge_method: model_stock
+base_model: {models['base']}
+models:
+  - model: {models['chat']}
+  - model: {models['chat2']}
+  - model: {models['cp']}
+parameters: {{filter_wise: true}}
+dtype: bfloat16
+""")
+    out = str(tmp_path / "model_stock")
+    assert cli_main(["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2"]) == 0
+    want = {name: model_stock_reference(b, [tensors[r][name] for r in ("chat", "chat2", "cp")], True)
+            for name, b in tensors["base"].items()}
+    assert_bit_identical(load_folder(out), want)

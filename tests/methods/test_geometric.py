@@ -43,7 +43,7 @@ def rounded_sqrt(value: Fraction) -> np.float32:
 def slerp_reference(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     """mergekit's slerp of one tensor: float32, its norms and dot product exact, rounded once."""
     x, y = v0.float().reshape(-1), v1.float().reshape(-1)
-    na, nb = (rounded_sqrt(exact_sum(z * z)) for z in (x, y))  # squares of float32 are exact in float64
+    na, nb = (rounded_sqrt(exact_sum(z.double() * z.double())) for z in (x, y))  # exact squares (float64)
     na, nb = (n if n > np.float32(1e-8) else np.float32(1) for n in (na, nb))
     dot = rounded(exact_sum((x / torch.tensor(na)) * (y / torch.tensor(nb))))
     tt = torch.tensor([[t]], dtype=torch.float32)
@@ -118,7 +118,7 @@ def nuslerp_reference(m0: torch.Tensor, m1: torch.Tensor, base: torch.Tensor | N
         return torch.tensor([float(reduce(r)) for r in rows], dtype=torch.float32).to(dtype).reshape(*x.shape[:-1], 1)
 
     def unit(x: torch.Tensor) -> torch.Tensor:
-        return x / per_vector(x, lambda r: rounded_sqrt(exact_sum(r * r))).clamp(min=1e-7)
+        return x / per_vector(x, lambda r: rounded_sqrt(exact_sum(r.double() * r.double()))).clamp(min=1e-7)
 
     cos = per_vector(unit(v0) * unit(v1), lambda r: rounded(exact_sum(r))).clamp(-1, 1)
     colinear = (1 - cos.square()) <= 1e-8 ** 2
@@ -162,3 +162,50 @@ def test_nuslerp_colinear_vectors_and_weights_summing_to_zero(trio):
                                 (("nuslerp_flatten", False),), compute="BF16")
         assert_same_bits(got, want, f"colinear, weights {w0} {w1}")
     assert any(facts[0]["colinear"])
+
+
+def model_stock_reference(base: torch.Tensor, models: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+    """mergekit's model_stock, every operation on tensors of the inputs' dtype, its norms and sums
+    of products exact, rounded once to float32 and then to the dtype."""
+    dtype = base.dtype
+    w0, ws = base, list(models)
+    shape = w0.shape
+    if filter_wise:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+
+    def per_vector(x: torch.Tensor, reduce) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        return torch.tensor([float(reduce(r)) for r in rows], dtype=torch.float32).to(dtype).reshape(x.shape[:-1])
+
+    norms = [per_vector(o, lambda r: rounded_sqrt(exact_sum(r.double() * r.double()))) for o in offsets]
+    cos_thetas = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            dot = per_vector(offsets[i] * offsets[j], lambda r: rounded(exact_sum(r)))
+            cos_thetas.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos_theta),
+                    (count * cos_theta) / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = sum(ws) / count
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", list(COMPUTE))
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("k", [2, 3])
+def test_model_stock_gives_the_reference_bits_for_every_cut(trio, dtype, filter_wise, k):
+    base, m0, m1 = (x.to(dtype) for x in trio)
+    models = [m0, m1, (base.float() - 0.5 * (m0.float() - base.float())).to(dtype)][:k]
+    want = model_stock_reference(base, models, filter_wise)
+    for starts in ([], [1, 99, 100, 101, 2500, 5999], list(range(250, 6000, 250))):
+        got, facts = run_pieces("model_stock", "m", base, [(1.0, m, base, ()) for m in models], starts,
+                                (("filter_wise", filter_wise),), chunk=64, compute=COMPUTE[dtype])
+        assert_same_bits(got, want, f"model_stock {dtype} filter_wise={filter_wise} k={k} {len(starts)} cuts")
+    assert len(facts[0]["t"]) == (60 if filter_wise else 1)
