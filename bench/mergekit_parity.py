@@ -178,6 +178,23 @@ models:
   - model: {cp}
 parameters: {{filter_wise: true}}
 """,
+    "multislerp with a base": """merge_method: multislerp
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{weight: 0.6}}
+  - model: {cp}
+    parameters: {{weight: 0.4}}
+""",
+    "multislerp without a base, three models": """merge_method: multislerp
+models:
+  - model: {chat}
+    parameters: {{weight: 0.5}}
+  - model: {cp}
+    parameters: {{weight: 0.3}}
+  - model: {base}
+    parameters: {{weight: 0.2}}
+""",
     "nearswap t 0.004": """merge_method: nearswap
 base_model: {base}
 models:
@@ -272,7 +289,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     assert sorted(ours) == sorted(theirs), "the outputs hold different tensors"
     method = (cfg or {}).get("merge_method")
     inputs = {}
-    if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock"):
+    if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
         base = role_of[cfg.get("base_model", "").rstrip("/")] if cfg.get("base_model") else None
@@ -328,6 +345,13 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
             offsets = [inputs[role][k].to(at) - inputs[base][k].to(at) for role, _ in vectors]
             if _model_stock_sums_differ(offsets, rows):
                 at_sum += int(d.sum())
+        elif method == "multislerp":
+            at = getattr(torch, cfg.get("dtype", "float32"))
+            models = [inputs[role][k].to(at) for role, _ in vectors]
+            weights = [m["parameters"]["weight"] for m in cfg["models"]
+                       if m["model"].rstrip("/") != (cfg.get("base_model") or "").rstrip("/")]
+            if _multislerp_sums_differ(models, inputs[base][k].to(at) if base else None, weights):
+                at_sum += int(d.sum())
         elif method in ("dare_linear", "dare_ties"):
             ref = inputs[base][k].to(t.dtype)
             for j, out in enumerate((t, theirs[k])):
@@ -335,7 +359,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     r = {"elements": total, "differ": differ}
     if method == "ties":
         r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
-    elif method in ("slerp", "nuslerp", "model_stock"):
+    elif method in ("slerp", "nuslerp", "model_stock", "multislerp"):
         r.update(differ_at_sum=at_sum)
     elif method in ("dare_linear", "dare_ties"):
         r["kept"] = [c / total for c in changed]
@@ -418,6 +442,41 @@ def _model_stock_sums_differ(offsets: list[torch.Tensor], rows: bool) -> bool:
             if not torch.equal((flat[i] * flat[j]).sum(dim=-1), exact(flat[i], flat[j])):
                 return True
     return False
+
+
+def _multislerp_sums_differ(models: list[torch.Tensor], base: torch.Tensor | None, weights: list[float]) -> bool:
+    """Whether multislerp's norms or dot products, as torch reduces them (mergekit's), differ from the
+    exact sums rounded once (raymerge's): mergekit's computation, with each reduction compared."""
+    from raymerge.ops.exact import dot_sum
+
+    def both(x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if y is None:
+            theirs, s = torch.norm(x), dot_sum(x.float().numpy(), x.float().numpy()).sqrt_float32()
+        else:
+            theirs, s = (x * y).sum(), dot_sum((x * y).float().numpy(), np.float32(1)).to_float32()
+        return theirs, torch.tensor(float(s)).to(x.dtype)
+
+    tensors = torch.stack(models)
+    if base is not None:
+        tensors -= base
+    flat = tensors.view(len(models), -1)
+    w = torch.tensor(weights, dtype=flat.dtype)
+    w = w / w.sum()
+    pairs = [both(x) for x in flat]
+    if any(a != b for a, b in pairs):
+        return True
+    units = flat / (torch.stack([b for _, b in pairs]).unsqueeze(-1) + 1e-8)
+    mean = (units * w.view(-1, 1)).sum(0)
+    a, b = both(mean)
+    if a != b:
+        return True
+    mean = mean / b
+    dots = [both(u, mean) for u in units]
+    if any(a != b for a, b in dots):
+        return True
+    tangent = ((units - torch.stack([b for _, b in dots]).unsqueeze(-1) * mean) * w.view(-1, 1)).sum(0)
+    a, b = both(tangent)
+    return bool(a != b)
 
 
 def _factors_differ(delta: torch.Tensor, k: int) -> bool:

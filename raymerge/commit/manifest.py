@@ -262,7 +262,7 @@ def _nonfinite(obj: Any) -> tuple[NonFinite, ...]:
 
 
 def _facts(obj: Any) -> dict[str, list]:
-    """Per tensor, per vector: None or {name: a finite number}. Whether they are what the tensor's
+    """Per tensor, per vector: None or {name: a finite number, or a list of them (one per row)}. Whether they are what the tensor's
     method records is checked against the plan, where it is known (passes.facts_by_index; each
     method's `facts_problem`)."""
     _expect(isinstance(obj, dict), "facts", "an object")
@@ -271,9 +271,9 @@ def _facts(obj: Any) -> dict[str, list]:
         _expect(is_text(name), at, f"a tensor name of at most {MAX_TEXT} characters")
         _expect(isinstance(per_vector, list), at, "a list")
         for f in per_vector:
-            _expect(f is None or isinstance(f, dict) and all(is_text(k, MAX_NAME) and _is_fact(v)
+            _expect(f is None or isinstance(f, dict) and all(is_text(k, MAX_NAME) and _is_facts(v)
                                                              for k, v in f.items()),
-                    at, "a list of null or {name: number}")
+                    at, "a list of null or {name: a number or a list of numbers}")
     return obj
 
 
@@ -291,6 +291,11 @@ def _is_fact(x: Any) -> bool:
     """A fact a method records: an integer of at most 64 bits, or a finite float."""
     return (isinstance(x, int) and not isinstance(x, bool) and -2**63 <= x < 2**64) or \
         (isinstance(x, float) and math.isfinite(x))
+
+
+def _is_facts(x: Any) -> bool:
+    """A fact, or a list of facts (a geometric method's, one per vector of a tensor)."""
+    return _is_fact(x) or (isinstance(x, list) and all(_is_fact(y) for y in x))
 
 
 def _is_count(x: Any) -> bool:

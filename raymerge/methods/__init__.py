@@ -13,6 +13,7 @@ from raymerge.methods.base import (ELEMENTWISE, SCALE, Method, Operands, Paramet
                                    mergekit_kind)
 from raymerge.methods.elementwise import Nearswap, Passthrough
 from raymerge.methods.model_stock import ModelStock
+from raymerge.methods.multislerp import Multislerp
 from raymerge.methods.nuslerp import Nuslerp
 from raymerge.methods.slerp import Slerp
 from raymerge.methods.sparse import DareLinear, DareTies, Ties
@@ -20,7 +21,7 @@ from raymerge.methods.sum import Sum
 from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 
 _ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies(), Slerp(), Nuslerp(),
-                            ModelStock(), Nearswap(), Passthrough())
+                            Multislerp(), ModelStock(), Nearswap(), Passthrough())
 
 
 def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, exact_sum, grouped_statistic, grouped_values, quiet, replay_nans, segments,
+from raymerge.methods.steps import (bits, exact_sum, facts_problem, grouped_statistic, grouped_values, quiet, replay_nans, segments,
                                     step, value, widen_rows)
 from raymerge.ops.exact import ExactSum
 from raymerge.ops.kernel import Sums
@@ -45,17 +45,8 @@ class ModelStock(Method):
         return term.limit != 0
 
     def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
-        if not (isinstance(facts, list) and len(facts) == len(tensor.terms)):
-            return "expected a list, one entry per vector"
-        if not passes:
-            return None
         count = _groups(tensor.shape, tensor.params)[0]
-        f = facts[0] or {}
-        for k in ("t", "u"):
-            if not (isinstance(f.get(k), list) and len(f[k]) == count and
-                    all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in f[k])):
-                return f"vector 1's {k}: expected {count} float32 bit patterns"
-        return None
+        return facts_problem(facts, len(tensor.terms), {"t": count, "u": count} if passes else {})
 
     @quiet
     def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, exact_sum, grouped_statistic, grouped_values, quiet, replay_nans, segments,
+from raymerge.methods.steps import (bits, exact_sum, facts_problem, grouped_statistic, grouped_values, quiet, replay_nans, segments,
                                     step as _step, value, widen_rows)
 from raymerge.ops.exact import ExactSum
 from raymerge.ops.kernel import Sums
@@ -60,16 +60,10 @@ class Nuslerp(Method):
         return term.limit != 0
 
     def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
-        if not (isinstance(facts, list) and len(facts) == len(tensor.terms)):
-            return "expected a list, one entry per vector"
-        f = facts[0] or {}
-        wanted = [k for p in passes for k in {NORMS: ("n0", "n1"), COS: ("sa", "sb", "st", "colinear")}[p]]
         groups = _groups(tensor.shape, tensor.params)[0]
-        for k in wanted:
-            if not (isinstance(f.get(k), list) and len(f[k]) == groups and
-                    all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in f[k])):
-                return f"vector 1's {k}: expected {groups} float32 bit patterns"
-        return None
+        wanted = {NORMS: {"n0": groups, "n1": groups},
+                  COS: {"sa": groups, "sb": groups, "st": groups, "colinear": groups, "ta": 0, "tb": 0}}
+        return facts_problem(facts, len(tensor.terms), {k: n for p in passes for k, n in wanted[p].items()})
 
     # --- statistics ------------------------------------------------------------------------------
 

@@ -69,6 +69,23 @@ def quiet(fn: Callable) -> Callable:
     return wrapped
 
 
+def facts_problem(facts: Any, terms: int, wanted: dict[str, int]) -> str | None:
+    """Why a geometric method's facts (read back from a journal or a manifest) are not what its
+    `reduce` records, or None: one entry per term, the first an object holding each `wanted` fact as
+    a list of that many float32 bit patterns (0: one bit pattern, not a list)."""
+    if not (isinstance(facts, list) and len(facts) == terms and isinstance(facts[0], dict)):
+        return "expected a list, one entry per vector, the first an object"
+
+    def is_bits(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32
+
+    for k, n in wanted.items():
+        x = facts[0].get(k)
+        if not (is_bits(x) if n == 0 else isinstance(x, list) and len(x) == n and all(map(is_bits, x))):
+            return f"vector 1's {k}: expected {'a float32 bit pattern' if n == 0 else f'{n} float32 bit patterns'}"
+    return None
+
+
 def step(op: Callable, x: Any, y: Any, out: Any) -> Any:
     """op(x, y, out) (a kernel primitive), returning out: steps chain in one line."""
     op(x, y, out)

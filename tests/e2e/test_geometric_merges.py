@@ -154,3 +154,25 @@ dtype: bfloat16
     want = {name: model_stock_reference(b, [tensors[r][name] for r in ("chat", "chat2", "cp")], True)
             for name, b in tensors["base"].items()}
     assert_bit_identical(load_folder(out), want)
+
+
+def test_multislerp_file_verifies_with_recomputation(ray_local, models, tensors, tmp_path, cli_main):
+    from tests.methods.test_geometric import multislerp_reference
+
+    path = _file(tmp_path, f"""merge_method: multislerp
+base_model: {models['base']}
+models:
+  - model: {models['chat']}
+    parameters: {{weight: 0.5}}
+  - model: {models['chat2']}
+    parameters: {{weight: 0.3}}
+  - model: {models['cp']}
+    parameters: {{weight: 0.4}}
+dtype: bfloat16
+""")
+    out = str(tmp_path / "multislerp")
+    assert cli_main(["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2"]) == 0
+    want = {name: multislerp_reference([tensors[r][name] for r in ("chat", "chat2", "cp")], b, [0.5, 0.3, 0.4])
+            for name, b in tensors["base"].items()}
+    assert_bit_identical(load_folder(out), want)
+    assert cli_main(["verify", out, "--recompute", "4"]) == 0  # the recorded facts read back and recompute

@@ -209,3 +209,49 @@ def test_model_stock_gives_the_reference_bits_for_every_cut(trio, dtype, filter_
                                 (("filter_wise", filter_wise),), chunk=64, compute=COMPUTE[dtype])
         assert_same_bits(got, want, f"model_stock {dtype} filter_wise={filter_wise} k={k} {len(starts)} cuts")
     assert len(facts[0]["t"]) == (60 if filter_wise else 1)
+
+
+def multislerp_reference(models: list[torch.Tensor], base: torch.Tensor | None, weights: list[float],
+                         normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's multislerp, every operation on tensors of the inputs' dtype, its norms and dot
+    products exact, rounded once to float32 and then to the dtype."""
+    if len(models) == 1:
+        return models[0]
+    dtype = models[0].dtype
+
+    def exact_norm(x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(float(rounded_sqrt(exact_sum(x.double().reshape(-1) ** 2)))).to(dtype)
+
+    tensors = torch.stack(models, dim=0)
+    if base is not None:
+        tensors -= base
+    flat = tensors.view(tensors.shape[0], -1)
+    w = torch.tensor(weights, dtype=dtype)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.stack([exact_norm(x) for x in flat]).unsqueeze(-1)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean = mean / exact_norm(mean)
+    dots = torch.stack([torch.tensor(float(rounded(exact_sum(u * mean)))).to(dtype) for u in units]).unsqueeze(-1)
+    tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    tn = exact_norm(tangent) + eps
+    result = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(tensors.shape[1:])
+    return result + base if base is not None else result
+
+
+@pytest.mark.parametrize("dtype", list(COMPUTE))
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_multislerp_gives_the_reference_bits_for_every_cut(trio, dtype, with_base, k):
+    base, m0, m1 = (x.to(dtype) for x in trio)
+    models = [m0, m1, (base.float() - 0.5 * (m0.float() - base.float())).to(dtype)][:k]
+    weights = [0.5, 0.3, 0.4][:k]
+    b = base if with_base else None
+    want = multislerp_reference(models, b, weights)
+    for starts in ([], [1, 99, 100, 101, 2500, 5999], list(range(250, 6000, 250))):
+        got, _ = run_pieces("multislerp", "m", base if with_base else m0,
+                            [(w, m, b, ()) for w, m in zip(weights, models)], starts, chunk=64,
+                            compute=COMPUTE[dtype], anchored=with_base)
+        assert_same_bits(got, want, f"multislerp {dtype} base={with_base} k={k} {len(starts)} cuts")

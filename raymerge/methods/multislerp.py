@@ -1,0 +1,233 @@
+"""mergekit's Multi-SLERP: barycentric interpolation of several models (or their changes from a
+base) on the hypersphere, over each tensor as one vector, every operation in the compute dtype as
+mergekit 0.1.5 (`merge_methods/multislerp.py`) computes on tensors of that dtype:
+
+    d_i = m_i - base (rounded), or m_i;  w = weights (over their sum with normalize_weights)
+    n_i = |d_i|;  u_i = d_i / (n_i + eps)
+    mean = sum_i u_i w_i;  m = mean / |mean|
+    tangent = sum_i (u_i - (u_i . m) m) w_i;  tn = |tangent| + eps
+    out = (m cos(tn) + tangent (sin(tn) / tn)) * sum_i n_i w_i  (+ base)
+
+Each whole-tensor reduction is a statistics pass, exact and rounded once (to float32, then the
+compute dtype): `multislerp-norms` (|d_i|), `multislerp-mean` (|mean|), `multislerp-dots` (u_i . m)
+and `multislerp-tangent` (|tangent|). A pass computes every element's u_i, mean and tangent again
+from the inputs (a worker keeps no tensor); the driver makes the scalars with torch on tensors of
+the compute dtype, as mergekit's are. Sums over the models are float32, rounded once (torch's
+`sum(0)`). One model: that model, as mergekit returns it. A mean of norm below eps: with two
+models their weighted sum (mergekit's fallback); with more, refused as mergekit refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raymerge.errors import PlanError
+from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind
+from raymerge.methods.steps import (bits, exact_sum, facts_problem, quiet, replay_nans, step, total, value,
+                                    widen_rows)
+from raymerge.ops.kernel import Sums
+
+NORMS, MEAN, DOTS, TANGENT = "multislerp-norms", "multislerp-mean", "multislerp-dots", "multislerp-tangent"
+_ROWS = "multislerp-rows"
+
+_NORMALIZE_WEIGHTS = Parameter("normalize_weights", "divide the weights by their sum", "flag", True,
+                               mergekit="normalize_weights")
+_EPS = Parameter("eps", "added to norms before dividing by them", "number", 1e-8, mergekit="eps")
+
+
+class Multislerp(Method):
+    name = "multislerp"
+    parameters = (SCALE, _NORMALIZE_WEIGHTS, _EPS)
+    statistics = (Pass(NORMS, 70, records=("n", "w", "s")), Pass(MEAN, 71, records=("mn", "fallback")),
+                  Pass(DOTS, 72, records=("dots",)), Pass(TANGENT, 73, records=("c", "sn", "avg")))
+    recipes = (mergekit_kind("multislerp", anchor_optional=True, at_least=1),)
+
+    def passes_for(self, tensor: Any) -> tuple[str, ...]:
+        return super().passes_for(tensor) if len(tensor.terms) > 1 else ("elementwise",)
+
+    def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
+        k = len(tensor.terms)
+        wanted = {NORMS: {"n": k, "w": k, "s": k}, MEAN: {"mn": 0, "fallback": 0}, DOTS: {"dots": k},
+                  TANGENT: {"c": 0, "sn": 0, "avg": 0}}
+        return facts_problem(facts, k, {name: n for p in passes for name, n in wanted[p].items()}) if passes \
+            else None
+
+    # --- statistics ------------------------------------------------------------------------------
+
+    @quiet
+    def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
+        f = (operands.facts or [None])[0] or {}
+        k = len(operands.vectors)
+        if k < 2:  # past the models' rows, or one model: nothing to sum
+            return []
+        sums = None
+        for at in range(0, _length(operands), scratch.chunk):
+            m = min(scratch.chunk, _length(operands) - at)
+            s = _State(kernel, operands, scratch, f, at, m)
+            if pass_name == NORMS:
+                parts = [exact_sum(kernel, d, scratch, square=True) for d in s.deltas]
+            elif pass_name == MEAN:
+                parts = [exact_sum(kernel, s.mean(), scratch, square=True)]
+            elif pass_name == DOTS:
+                mean = s.mean()
+                parts = [exact_sum(kernel, operands.rounded(kernel, step(kernel.multiply, u, mean, s.work)), scratch)
+                         for u in s.units()]
+            else:
+                parts = [exact_sum(kernel, s.tangent(), scratch, square=True)]
+            sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
+        return [[x.to_json() for x in sums]] if sums is not None else []
+
+    def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
+        import torch
+
+        k = len(tensor.terms)
+        compute = getattr(tensor, "compute", None)
+        dtype = {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
+        facts = [dict(f) if f else {} for f in (facts or [{}] * k)]
+        f = facts[0]
+        eps = float(dict(tensor.params).get("eps", _EPS.default))
+
+        def sums(count: int, root: bool) -> torch.Tensor:
+            got = [total(results, 0, i) for i in range(count)]
+            return torch.tensor([float(s.sqrt_float32() if root else s.to_float32()) for s in got]).to(dtype)
+
+        if pass_name == NORMS:
+            norms = sums(k, True)
+            w = torch.tensor([t.scale for t in tensor.terms], dtype=dtype)
+            if dict(tensor.params).get("normalize_weights", True):
+                w = w / w.sum()
+            f.update(n=_bits(norms), w=_bits(w), s=_bits(norms + eps))
+        elif pass_name == MEAN:
+            mean_norm = sums(1, True)[0]
+            fallback = bool(mean_norm < eps)
+            if fallback and k != 2:
+                raise PlanError(f"multislerp: {tensor.name}: the weighted sum of the models is zero (antipodal models "
+                                "whose weights balance out, as mergekit says); use other weights")
+            f.update(mn=bits(mean_norm.float().item()), fallback=int(fallback))
+        elif pass_name == DOTS:
+            f["dots"] = _bits(sums(k, False))
+        else:
+            tn = sums(1, True)[0] + eps
+            norms = torch.tensor([float(value(x)) for x in f["n"]]).to(dtype)
+            w = torch.tensor([float(value(x)) for x in f["w"]]).to(dtype)
+            f.update(c=bits(torch.cos(tn).float().item()), sn=bits((torch.sin(tn) / tn).float().item()),
+                     avg=bits((norms * w).sum().float().item()))
+        return facts
+
+    # --- the elementwise rule ------------------------------------------------------------------
+
+    @quiet
+    def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
+        total_sums = Sums(0.0, 0.0, 0, 0)
+        f = (operands.facts or [None])[0] or {}
+        n = _length(operands) if operands.vectors else 0
+        if n < len(out):  # past the models' rows (an expanded vocabulary): the base's, as they are
+            total_sums = kernel.weighted_sum(out[n:], operands.anchor[n:], [], scratch)
+        inputs = _inputs(operands)
+        for at in range(0, n, scratch.chunk):
+            m = min(scratch.chunk, n - at)
+
+            def rule(kern: Any, *xs: Any) -> Any:
+                return _State(kern, operands, scratch, f, at, m, xs).result()
+
+            result = rule(kernel)
+            replay_nans(kernel, result, scratch, inputs, at, lambda kern, xs: rule(kern, *xs))
+            s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
+            total_sums = Sums(*(x + y for x, y in zip(total_sums, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+        return total_sums
+
+
+class _State:
+    """One chunk's elements of the quantities the passes reduce, each step rounded to the compute
+    dtype as mergekit's: the deltas, the units, the mean, the tangent, the result. `given`: the
+    inputs already widened (a NaN replay's, on the host), else read from the operands."""
+
+    def __init__(self, kernel: Any, operands: Operands, scratch: Any, facts: dict, at: int, m: int,
+                 given: tuple = ()) -> None:
+        self.k, self.o, self.f = kernel, operands, facts
+        count = len(operands.vectors)
+        if given:
+            rows = list(given) + [np.empty(len(given[0]), np.float32) for _ in range(count + 2)]
+        else:
+            rows = widen_rows(kernel, scratch, _ROWS, _inputs(operands), at, m, spare=count + 2)
+        self.deltas = rows[:count]
+        base = rows[count] if operands.vectors[0].b is not None else None
+        extra = rows[count + (base is not None):]
+        self.units_rows, self.acc, self.work = extra[:count], extra[count], extra[count + 1]
+        if base is not None and count > 1:
+            for d in self.deltas:
+                operands.rounded(kernel, step(kernel.subtract, d, base, d))
+        self.base = base
+        self._units = None
+        if base is not None and count == 1:  # mergekit returns the one model as it is: no delta
+            self.base = None
+
+    def rnd(self, x: Any) -> Any:
+        return self.o.rounded(self.k, x)
+
+    def units(self) -> list:
+        """u_i = d_i / s_i (s_i = n_i + eps, rounded)."""
+        if self._units is None:
+            for d, s, u in zip(self.deltas, self.f["s"], self.units_rows):
+                self.rnd(step(self.k.divide, d, value(s), u))
+            self._units = self.units_rows
+        return self._units
+
+    def weighted_sum(self, rows: list) -> Any:
+        """sum_i rows_i * w_i: each product rounded, their float32 sum rounded once (torch's sum(0))."""
+        self.k.fill(self.acc, 0)
+        for x, w in zip(rows, self.f["w"]):
+            self.k.add(self.acc, self.rnd(step(self.k.multiply, x, value(w), self.work)), self.acc)
+        return self.rnd(self.acc)
+
+    def mean(self) -> Any:
+        """The weighted mean of the units; divided by its norm once that is known (m)."""
+        mean = self.weighted_sum(self.units())
+        if "mn" in self.f:
+            self.rnd(step(self.k.divide, mean, value(self.f["mn"]), mean))
+        return mean
+
+    def tangent(self) -> Any:
+        """sum_i (u_i - dots_i * m) w_i, into the units' rows and acc."""
+        units, mean = self.units(), self.mean()
+        for u, dot in zip(units, self.f["dots"]):
+            self.rnd(step(self.k.multiply, mean, value(dot), self.work))
+            self.rnd(step(self.k.subtract, u, self.work, u))
+        mean_copy = self.deltas[0]  # the deltas are no longer needed: keep m there
+        self.k.copy(mean_copy, mean)
+        return self.weighted_sum(units)
+
+    def result(self) -> Any:
+        """The output before its last rounding (the base added where there is one)."""
+        k, f = self.k, self.f
+        if len(self.deltas) == 1:  # mergekit returns the one model as it is
+            return self.deltas[0]
+        if f.get("fallback"):  # two models whose mean is zero: their weighted sum
+            d0, d1 = self.deltas
+            self.rnd(step(k.multiply, d0, value(f["w"][0]), d0))
+            self.rnd(step(k.multiply, d1, value(f["w"][1]), d1))
+            out = step(k.add, d0, d1, d0)
+        else:
+            tangent = self.tangent()
+            mean = self.deltas[0]
+            self.rnd(step(k.multiply, mean, value(f["c"]), mean))
+            self.rnd(step(k.multiply, tangent, value(f["sn"]), tangent))
+            out = self.rnd(step(k.add, mean, tangent, mean))
+            self.rnd(step(k.multiply, out, value(f["avg"]), out))
+        return out if self.base is None else step(k.add, out, self.base, out)
+
+
+def _inputs(operands: Operands) -> list:
+    """The models, then the base (what each is taken minus) where there is one."""
+    vecs = operands.vectors
+    return [v.a for v in vecs] + ([vecs[0].b] if vecs and vecs[0].b is not None else [])
+
+
+def _length(operands: Operands) -> int:
+    return min(len(v.a) for v in operands.vectors)
+
+
+def _bits(t: Any) -> list[int]:
+    return [bits(x) for x in t.float().reshape(-1).tolist()]
