@@ -17,6 +17,10 @@
   ties       the same head running a mergekit ties file (`raymerge run ties.yml --address`): two
              vectors over base, chat (weight 0.7, density 0.3) and cp (weight 0.5, density 0.6)
   mergekit-ties  mergekit-yaml on the same ties file (dtype float32, out_dtype bfloat16)
+  METHOD     with --method METHOD (repeatable: slerp, nuslerp, nuslerp-rows, multislerp, model_stock,
+             model_stock-rows, nearswap, passthrough): `raymerge run` of that mergekit file (dtype
+             bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml on it; the table gives
+             each one's wall time over merge2's
 
 Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor), the peak RSS of
 every process of the raymerge rows (driver, each worker), the ratio ties / merge2, checks that
@@ -62,7 +66,12 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/raymerge-bench", help="scratch folder for outputs")
     p.add_argument("--skip", action="append", default=[], help="skip a contender (paper, embedded, ...)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every contender; the table shows medians")
+    p.add_argument("--method", action="append", default=[], choices=list(METHOD_FILES),
+                   help="add a mergekit method's file, run by raymerge and by mergekit (repeatable)")
     args = p.parse_args()
+    for method in args.method:
+        RUNNERS[method] = _method_runner(method, raymerge=True)
+        RUNNERS[f"mergekit-{method}"] = _method_runner(method, raymerge=False)
     os.makedirs(args.results, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
@@ -94,6 +103,7 @@ def main() -> None:
         return None
 
     result = {"trio": args.trio, "output_bytes": out_bytes, "floor_s": floor, "rows": rows,
+              "methods": {m: agreement(m, f"mergekit-{m}") for m in args.method},
               "raymerge_equals_mergekit": agreement("raymerge", "mergekit"),
               "recipe_equals_mergekit": agreement("recipe", "mergekit"),
               "ties_equals_mergekit_ties": agreement("ties", "mergekit-ties")}
@@ -340,6 +350,37 @@ def run_raymerge_merge2(trio: dict, out: str, args) -> dict:
     return _head_row(m, report)
 
 
+# The mergekit files of --method: the trio's roles in {braces}; every one computes in bfloat16.
+METHOD_FILES = {
+    "slerp": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {chat}\nparameters: {{t: 0.35}}\n",
+    "nuslerp": "base_model: {base}\nmodels:\n  - model: {chat}\n    parameters: {{weight: 0.7}}\n"
+               "  - model: {cp}\n    parameters: {{weight: 0.3}}\n",
+    "multislerp": "base_model: {base}\nmodels:\n  - model: {chat}\n    parameters: {{weight: 0.6}}\n"
+                  "  - model: {cp}\n    parameters: {{weight: 0.4}}\n",
+    "model_stock": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\n",
+    "nearswap": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {chat}\nparameters: {{t: 0.004}}\n",
+    "passthrough": "models:\n  - model: {chat}\n    parameters: {{scale: 0.8}}\n",
+}
+METHOD_FILES["nuslerp-rows"] = METHOD_FILES["nuslerp"] + "parameters: {{nuslerp_flatten: false}}\n"
+METHOD_FILES["model_stock-rows"] = METHOD_FILES["model_stock"] + "parameters: {{filter_wise: true}}\n"
+
+
+def method_config(method: str, trio: dict, work: str) -> str:
+    cfg = os.path.join(work, f"{method}.yml")
+    with open(cfg, "w") as f:
+        f.write(f"merge_method: {method.split('-')[0]}\n" + METHOD_FILES[method].format(**trio) + "dtype: bfloat16\n")
+    return cfg
+
+
+def _method_runner(method: str, raymerge: bool):
+    def run(trio: dict, out: str, args) -> dict:
+        cfg = method_config(method, trio, args.work)
+        if raymerge:
+            return _run_on_head(cfg, out, args, method)
+        return _mergekit(cfg, out, args, f"mergekit-{method}.log")
+    return run
+
+
 RUNNERS = {"raymerge": run_raymerge_cluster, "recipe": run_raymerge_recipe, "merge2": run_raymerge_merge2,
            "ties": run_raymerge_ties, "embedded": run_raymerge_embedded, "paper": run_paper,
            "mergekit": run_mergekit, "mergekit-ties": run_mergekit_ties}
@@ -396,6 +437,12 @@ def print_table(result: dict) -> None:
             print(f"{name}: {walls['mergekit'] / walls[name]:.1f}x faster than mergekit, end to end")
     if "ties" in walls and "mergekit-ties" in walls:
         print(f"ties: {walls['mergekit-ties'] / walls['ties']:.1f}x faster than mergekit ties, end to end")
+    for method, c in (result.get("methods") or {}).items():
+        ratio = f"{walls[method] / walls['merge2']:.2f}x merge2" if "merge2" in walls else ""
+        mk = f", {walls[f'mergekit-{method}'] / walls[method]:.1f}x faster than mergekit" \
+            if f"mergekit-{method}" in walls else ""
+        agree = f"; {c['differing']} of {c['elements']} elements differ from mergekit's" if c else ""
+        print(f"{method}: {ratio}{mk}{agree}")
     rows = {r["name"]: r for r in result["rows"]}
     if "ties" in rows and "merge2" in rows:
         t, m = rows["ties"], rows["merge2"]

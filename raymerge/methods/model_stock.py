@@ -37,6 +37,7 @@ _FILTER_WISE = Parameter("filter_wise", "one t per row of each tensor (off: per 
 
 class ModelStock(Method):
     name = "model_stock"
+    driver_imports = ("torch",)  # reduce computes with torch, as mergekit does
     parameters = (_FILTER_WISE,)
     statistics = (Pass(SUMS, 60, records=("t", "u")),)
     recipes = (mergekit_kind("model_stock", at_least=2),)
@@ -64,10 +65,11 @@ class ModelStock(Method):
             m = min(scratch.chunk, hi - at)
             off = _offsets(kernel, operands, scratch, at, m)
             work = off[-1]
-            parts = [exact_sum(kernel, x, scratch, square=True) for x in off[:k]]
+            narrow = operands.compute is not None  # every value rounded to it
+            parts = [exact_sum(kernel, x, scratch, square=True, narrow=narrow) for x in off[:k]]
             for i, j in itertools.combinations(range(k), 2):
                 parts.append(exact_sum(kernel, operands.rounded(kernel, step(kernel.multiply, off[i], off[j], work)),
-                                       scratch))
+                                       scratch, narrow=narrow))
             sums = [a + b for a, b in zip(sums, parts)]
         return sums
 

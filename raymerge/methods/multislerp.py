@@ -39,6 +39,7 @@ _EPS = Parameter("eps", "added to norms before dividing by them", "number", 1e-8
 
 class Multislerp(Method):
     name = "multislerp"
+    driver_imports = ("torch",)  # reduce computes with torch, as mergekit does
     parameters = (SCALE, _NORMALIZE_WEIGHTS, _EPS)
     statistics = (Pass(NORMS, 70, records=("n", "w", "s")), Pass(MEAN, 71, records=("mn", "fallback")),
                   Pass(DOTS, 72, records=("dots",)), Pass(TANGENT, 73, records=("c", "sn", "avg")))
@@ -63,19 +64,20 @@ class Multislerp(Method):
         if k < 2:  # past the models' rows, or one model: nothing to sum
             return []
         sums = None
+        narrow = operands.compute is not None  # every value summed is rounded to it
         for at in range(0, _length(operands), scratch.chunk):
             m = min(scratch.chunk, _length(operands) - at)
             s = _State(kernel, operands, scratch, f, at, m)
             if pass_name == NORMS:
-                parts = [exact_sum(kernel, d, scratch, square=True) for d in s.deltas]
+                parts = [exact_sum(kernel, d, scratch, square=True, narrow=narrow) for d in s.deltas]
             elif pass_name == MEAN:
-                parts = [exact_sum(kernel, s.mean(), scratch, square=True)]
+                parts = [exact_sum(kernel, s.mean(), scratch, square=True, narrow=narrow)]
             elif pass_name == DOTS:
                 mean = s.mean()
-                parts = [exact_sum(kernel, operands.rounded(kernel, step(kernel.multiply, u, mean, s.work)), scratch)
-                         for u in s.units()]
+                parts = [exact_sum(kernel, operands.rounded(kernel, step(kernel.multiply, u, mean, s.work)), scratch,
+                                   narrow=narrow) for u in s.units()]
             else:
-                parts = [exact_sum(kernel, s.tangent(), scratch, square=True)]
+                parts = [exact_sum(kernel, s.tangent(), scratch, square=True, narrow=narrow)]
             sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
         return [[x.to_json() for x in sums]] if sums is not None else []
 

@@ -44,6 +44,7 @@ _FLATTEN = Parameter("nuslerp_flatten", "interpolate each tensor as one vector (
 
 class Nuslerp(Method):
     name = "nuslerp"
+    driver_imports = ("torch",)  # reduce computes with torch, as mergekit does
     parameters = (SCALE, _ROW_WISE, _FLATTEN)
     statistics = (Pass(NORMS, 50, records=("n0", "n1")), Pass(COS, 51, records=("sa", "sb", "st", "colinear",
                                                                                   "ta", "tb")))
@@ -87,14 +88,15 @@ class Nuslerp(Method):
             m = min(scratch.chunk, hi - at)
             v0, v1 = _deltas(kernel, operands, scratch, at, m)
             if pass_name == NORMS:
-                parts = [exact_sum(kernel, v0, scratch, square=True), exact_sum(kernel, v1, scratch, square=True)]
+                narrow = operands.compute is not None  # the vectors are rounded to it
+                parts = [exact_sum(kernel, v, scratch, square=True, narrow=narrow) for v in (v0, v1)]
             else:
                 kernel.divide(v0, value(facts["n0"][g]), v0)
                 operands.rounded(kernel, v0)
                 kernel.divide(v1, value(facts["n1"][g]), v1)
                 operands.rounded(kernel, v1)
                 kernel.multiply(v0, v1, v0)
-                parts = [exact_sum(kernel, operands.rounded(kernel, v0), scratch)]
+                parts = [exact_sum(kernel, operands.rounded(kernel, v0), scratch, narrow=operands.compute is not None)]
             sums = [a + b for a, b in zip(sums, parts)]
         return sums
 

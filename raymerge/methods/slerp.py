@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.steps import bits, chunks, each_chunk, exact_sum, total, value, widen_rows
+from raymerge.methods.steps import bits, chunks, each_chunk, exact_sum, is_narrow, total, value, widen_rows
 
 NORMS, DOT = "slerp-norms", "slerp-dot"
 _ROWS = "slerp-rows"
@@ -38,6 +38,7 @@ T = Parameter("t", "where the result lies between the base model (0) and the oth
 
 class Slerp(Method):
     name = "slerp"
+    driver_imports = ("torch",)  # reduce computes with torch, as mergekit does
     parameters = (T,)
     statistics = (Pass(NORMS, 40, records=("na", "nb"), bits=("na", "nb")),
                   Pass(DOT, 41, records=("dot", "ca", "cb"), bits=("dot", "ca", "cb")))
@@ -51,8 +52,9 @@ class Slerp(Method):
         f = operands.facts[v.term] if pass_name == DOT else None
         for lo, m in chunks(len(v.a), scratch):
             x, y = widen_rows(kernel, scratch, _ROWS, [v.b, v.a], lo, m)
-            if pass_name == NORMS:
-                parts = [exact_sum(kernel, x, scratch, square=True), exact_sum(kernel, y, scratch, square=True)]
+            if pass_name == NORMS:  # the inputs' values, widened: narrow where they are BF16, F16 or FP8
+                parts = [exact_sum(kernel, x, scratch, square=True, narrow=is_narrow(v.b)),
+                         exact_sum(kernel, y, scratch, square=True, narrow=is_narrow(v.a))]
             else:
                 kernel.divide(x, value(f["na"]), x)
                 kernel.divide(y, value(f["nb"]), y)

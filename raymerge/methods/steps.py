@@ -43,12 +43,20 @@ def widen_rows(kernel: Any, scratch: Any, key: str, arrays: list, lo: int, m: in
     return [rows[i, :m] for i in range(len(arrays) + spare)]
 
 
-def exact_sum(kernel: Any, x: Any, scratch: Any, square: bool = False) -> ExactSum:
+def exact_sum(kernel: Any, x: Any, scratch: Any, square: bool = False, narrow: bool = False) -> ExactSum:
     """sum x (or sum x * x), exactly, of a float32 array of the kernel's. A product of two arrays
     is made on the device first (kernel.multiply: a float32 product, rounded, as the methods that
-    sum rounded products want); a square is exact here."""
+    sum rounded products want); a square is exact here. `narrow`: x holds BF16 or F16 values (an
+    input of those types, or a value rounded to the compute dtype): summed faster (ops.exact)."""
     hx = kernel.to_host(x, scratch)
-    return dot_sum(hx, hx if square else np.float32(1.0), _host_work(scratch))
+    return dot_sum(hx, hx if square else np.float32(1.0), _host_work(scratch), narrow)
+
+
+def is_narrow(array: Any) -> bool:
+    """Whether an input array (a kernel's `view`) holds values of at most 12 significant bits:
+    BF16, F16 or FP8."""
+    size = getattr(array, "itemsize", None)
+    return (size if size is not None else array.element_size()) <= 2
 
 
 def total(results: list[tuple[int, list]], term: int, index: int) -> ExactSum:

@@ -1,0 +1,68 @@
+"""ops/exact.py: exact sums of products of float32 values, against Python's Fractions."""
+
+from __future__ import annotations
+
+from decimal import Decimal, getcontext
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from raymerge.ops.exact import UNIT, ExactSum, dot_sum, round_float32
+
+
+def fraction_sum(x: np.ndarray, y: np.ndarray) -> Fraction:
+    return sum((Fraction(float(a)) * Fraction(float(b)) for a, b in zip(x, y)), Fraction(0))
+
+
+def nearest_float32(value, exact) -> np.float32:
+    """The float32 nearest to `exact` (ties to even) among the neighbours of `value`."""
+    value = np.float32(value)
+    near = [np.nextafter(value, np.float32(-np.inf)), value, np.nextafter(value, np.float32(np.inf))]
+    return min(near, key=lambda c: (abs(Fraction(float(c)) - Fraction(exact)), int(c.view(np.uint32)) & 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sums_are_exact_whatever_the_cut_and_round_once(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 4000))
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-40, 40, n))).astype(np.float32)  # sums finite in float32
+    y = (rng.standard_normal(n) * np.exp(rng.uniform(-40, 40, n))).astype(np.float32)
+    x[: min(n, 4)] = np.float32([1e-45, -1e-45, 0.0, -0.0])[: min(n, 4)]  # subnormal products, zeros
+    exact = fraction_sum(x, y)
+    s = dot_sum(x, y)
+    assert Fraction(s.units, 2**UNIT) == exact
+    cut = int(rng.integers(0, n + 1))
+    assert (dot_sum(x[:cut], y[:cut]) + dot_sum(x[cut:], y[cut:])).units == s.units
+    assert s.to_float32() == nearest_float32(float(exact), exact)
+    squares = dot_sum(x, x)
+    getcontext().prec = 90
+    root = Decimal(squares.units).sqrt() / Decimal(2) ** (UNIT // 2)
+    got = squares.sqrt_float32()
+    near = [np.nextafter(got, np.float32(-np.inf)), got, np.nextafter(got, np.float32(np.inf))]
+    assert got == min(near, key=lambda c: abs(Decimal(float(c)) - root))
+    assert ExactSum.from_json(s.to_json()) == s
+
+
+def test_narrow_values_sum_exactly_without_the_split():
+    rng = np.random.default_rng(9)
+    bf16 = ((rng.standard_normal(5000) * 0.02).astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+    assert dot_sum(bf16, bf16, narrow=True).units == dot_sum(bf16, bf16).units == fraction_sum(bf16, bf16) * 2**UNIT
+    assert dot_sum(bf16, np.float32(1), narrow=True) == dot_sum(bf16, np.float32(1))
+
+
+def test_infinities_and_nans_decide_the_sum():
+    inf, nan = np.float32(np.inf), np.float32(np.nan)
+    assert dot_sum(np.float32([inf, 1]), np.float32([2, 3])).to_float32() == np.inf
+    assert dot_sum(np.float32([inf, -inf]), np.float32([1, 1])).to_float32() != dot_sum(
+        np.float32([inf, -inf]), np.float32([1, 1])).to_float32()  # NaN
+    assert np.isnan(dot_sum(np.float32([nan, 1]), np.float32([1, 1])).to_float32())
+    assert np.isnan(dot_sum(np.float32([inf]), np.float32([-1])).sqrt_float32())
+
+
+def test_round_float32_rounds_half_to_even_and_overflows():
+    assert round_float32(2**24 + 1, 0) == np.float32(2**24)  # a tie: to even
+    assert round_float32(2**24 + 3, 0) == np.float32(2**24 + 4)
+    assert round_float32(-(2**24 + 3), 0) == np.float32(-(2**24 + 4))
+    assert round_float32(1, 200) == np.inf
+    assert round_float32(1, -149) == np.float32(1e-45)
