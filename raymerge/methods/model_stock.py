@@ -9,7 +9,7 @@ much their changes from the base agree, over each tensor as one vector or each r
     out = t * (sum_i w_i / k) + (1 - t) * base
 
 One statistics pass, `model-stock-sums`, sums exactly each |off_i|**2 and each pair's products
-(rounded as mergekit's are), per vector (grouped_statistic: a piece rounds the rows it holds whole);
+(rounded as mergekit's are), per vector (steps.row_sums: a piece rounds the rows it holds whole);
 the driver rounds each sum once and computes t and 1 - t with torch on tensors of the compute dtype
 shaped as mergekit's. mergekit reduces in float, in an order of its own: where that rounds
 otherwise, a vector's t differs (README: exactness).
@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, exact_sum, facts_problem, grouped_statistic, grouped_values, quiet, replay_nans, segments,
-                                    step, value, widen_rows)
-from raymerge.ops.exact import ExactSum
+from raymerge.methods.steps import (bits, chunks, facts_problem, grouped_values, host_rows, per_row, quiet,
+                                    replay_nans, row_sums, step, widen_rows)
 from raymerge.ops.kernel import Sums
 
 SUMS = "model-stock-sums"
@@ -51,27 +50,21 @@ class ModelStock(Method):
 
     @quiet
     def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
-        """Per vector (row): |off_i|**2 for each model, then sum(off_i * off_j) for each pair i < j."""
+        """Per vector (row, steps.row_sums): |off_i|**2 for each model, then sum(off_i * off_j) for
+        each pair i < j, the products rounded as mergekit's."""
         k = len(operands.vectors)
         if k < 2:
             return []
-        return grouped_statistic(operands.begin, _length(operands), _groups(operands.shape, operands.params)[1],
-                                 lambda g, lo, hi: self._sums(kernel, operands, scratch, lo, hi), _finish(k))
+        pairs = list(itertools.combinations(range(k), 2))
 
-    def _sums(self, kernel: Any, operands: Operands, scratch: Any, lo: int, hi: int) -> list[ExactSum]:
-        k = len(operands.vectors)
-        sums = [ExactSum()] * (k + k * (k - 1) // 2)
-        for at in range(lo, hi, scratch.chunk):
-            m = min(scratch.chunk, hi - at)
-            off = _offsets(kernel, operands, scratch, at, m)
-            work = off[-1]
-            narrow = operands.compute is not None  # every value rounded to it
-            parts = [exact_sum(kernel, x, scratch, square=True, narrow=narrow) for x in off[:k]]
-            for i, j in itertools.combinations(range(k), 2):
-                parts.append(exact_sum(kernel, operands.rounded(kernel, step(kernel.multiply, off[i], off[j], work)),
-                                       scratch, narrow=narrow))
-            sums = [a + b for a, b in zip(sums, parts)]
-        return sums
+        def quantities(at: int, m: int) -> list:
+            off = _offsets(kernel, operands, scratch, at, m, len(pairs))
+            products = [operands.rounded(kernel, step(kernel.multiply, off[i], off[j], work))
+                        for (i, j), work in zip(pairs, off[k:])]
+            return off[:k] + products
+
+        return row_sums(kernel, scratch, operands.begin, _length(operands), _groups(operands.shape, operands.params)[1],
+                        (True,) * k + (False,) * len(pairs), quantities, operands.compute is not None)
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         k = len(tensor.terms)
@@ -92,34 +85,37 @@ class ModelStock(Method):
         if n < len(out):  # past the models' rows (an expanded vocabulary): the base's, as they are
             total = kernel.weighted_sum(out[n:], operands.anchor[n:], [], scratch)
         inputs = [operands.anchor, *(v.a for v in operands.vectors)]
-        for g, lo, hi in segments(operands.begin, n, _groups(operands.shape, operands.params)[1]):
-            t, u = value(f["t"][g]), value(f["u"][g])
+        length = _groups(operands.shape, operands.params)[1]
+        rows = (host_rows(f["t"]), host_rows(f["u"]))
 
-            def rule(kern: Any, base: Any, *models: Any) -> Any:
-                """t * (sum(models) / k) + (1 - t) * base, each operation rounded as mergekit's."""
-                avg = models[0]
-                kern.add(avg, np.float32(0), avg)  # Python's sum starts at 0: -0.0 becomes +0.0
-                for w in models[1:]:
-                    operands.rounded(kern, step(kern.add, avg, w, avg))
-                operands.rounded(kern, step(kern.divide, avg, np.float32(k), avg))
-                operands.rounded(kern, step(kern.multiply, avg, t, avg))
-                operands.rounded(kern, step(kern.multiply, base, u, base))
-                return step(kern.add, avg, base, avg)  # rounded once, to the output
+        def rule(kern: Any, base: Any, *models: Any, coef: tuple) -> Any:
+            """t * (sum(models) / k) + (1 - t) * base, each operation rounded as mergekit's."""
+            avg = models[0]
+            kern.add(avg, np.float32(0), avg)  # Python's sum starts at 0: -0.0 becomes +0.0
+            for w in models[1:]:
+                operands.rounded(kern, step(kern.add, avg, w, avg))
+            operands.rounded(kern, step(kern.divide, avg, np.float32(k), avg))
+            operands.rounded(kern, step(kern.multiply, avg, coef[0], avg))
+            operands.rounded(kern, step(kern.multiply, base, coef[1], base))
+            return step(kern.add, avg, base, avg)  # rounded once, to the output
 
-            for at in range(lo, hi, scratch.chunk):
-                m = min(scratch.chunk, hi - at)
-                result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, inputs, at, m))
-                replay_nans(kernel, result, scratch, inputs, at, lambda kern, xs: rule(kern, *xs))
-                s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
-                total = Sums(*(x + y for x, y in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+        for at, m in chunks(n, scratch):
+            begin = operands.begin + at
+            coef = tuple(per_row(kernel, scratch, f"model-stock-{i}", begin, m, length, r) for i, r in enumerate(rows))
+            result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, inputs, at, m), coef=coef)
+            replay_nans(kernel, result, scratch, inputs, at, lambda kern, xs, idx: rule(
+                kern, *xs, coef=tuple(r[(begin + idx) // length] for r in rows)), indexed=True)
+            s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
+            total = Sums(*(x + y for x, y in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
         return total
 
 
-def _offsets(kernel: Any, operands: Operands, scratch: Any, at: int, m: int) -> list:
-    """Each model's offset from the base at the piece's elements at .. at + m (rounded), and a work row."""
+def _offsets(kernel: Any, operands: Operands, scratch: Any, at: int, m: int, spare: int) -> list:
+    """Each model's offset from the base at the piece's elements at .. at + m (rounded), then `spare`
+    work rows."""
     vecs = operands.vectors
-    rows = widen_rows(kernel, scratch, _ROWS, [vecs[0].b, *(v.a for v in vecs)], at, m, spare=1)
-    for x in rows[1:-1]:
+    rows = widen_rows(kernel, scratch, _ROWS, [vecs[0].b, *(v.a for v in vecs)], at, m, spare=spare)
+    for x in rows[1:1 + len(vecs)]:
         operands.rounded(kernel, step(kernel.subtract, x, rows[0], x))
     return rows[1:]
 

@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, exact_sum, facts_problem, grouped_statistic, grouped_values, quiet, replay_nans, segments,
-                                    step as _step, value, widen_rows)
-from raymerge.ops.exact import ExactSum
+from raymerge.methods.steps import (bits, chunks, facts_problem, grouped_values, host_rows, per_row, quiet,
+                                    replay_nans, row_sums, step, value, widen_rows)
 from raymerge.ops.kernel import Sums
 
 NORMS, COS = "nuslerp-norms", "nuslerp-cos"
@@ -70,35 +69,26 @@ class Nuslerp(Method):
 
     @quiet
     def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
-        """Per vector (row) of the piece: the whole ones' sums, rounded (float32 bits: a norm's
-        square root), from the first whole one on; the partial ones at its ends as exact sums.
-        [[first whole row, [[values per sum] per whole row], [[row, [exact sums]] per partial row]]]
-        for term 0: a piece holds at most two partial rows."""
+        """Per vector (row) of the piece, its sums (steps.row_sums): `nuslerp-norms` the squares of
+        both vectors, `nuslerp-cos` the rounded products of their units."""
         if len(operands.vectors) < 2:
             return []
-        facts = (operands.facts or [None])[0]
-        return grouped_statistic(operands.begin, _length(operands), _groups(operands.shape, operands.params)[1],
-                                 lambda g, lo, hi: self._segment_sums(kernel, pass_name, operands, scratch, lo, hi,
-                                                                      facts, g), _finish(pass_name))
+        length = _groups(operands.shape, operands.params)[1]
+        if pass_name == NORMS:
+            def quantities(at: int, m: int) -> list:
+                return _deltas(kernel, operands, scratch, at, m)
+        else:
+            f = operands.facts[0]
+            norms = [host_rows(f["n0"]), host_rows(f["n1"])]
 
-    def _segment_sums(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any, lo: int, hi: int,
-                      facts: Any, g: int) -> list[ExactSum]:
-        sums = [ExactSum(), ExactSum()] if pass_name == NORMS else [ExactSum()]
-        for at in range(lo, hi, scratch.chunk):
-            m = min(scratch.chunk, hi - at)
-            v0, v1 = _deltas(kernel, operands, scratch, at, m)
-            if pass_name == NORMS:
-                narrow = operands.compute is not None  # the vectors are rounded to it
-                parts = [exact_sum(kernel, v, scratch, square=True, narrow=narrow) for v in (v0, v1)]
-            else:
-                kernel.divide(v0, value(facts["n0"][g]), v0)
-                operands.rounded(kernel, v0)
-                kernel.divide(v1, value(facts["n1"][g]), v1)
-                operands.rounded(kernel, v1)
-                kernel.multiply(v0, v1, v0)
-                parts = [exact_sum(kernel, operands.rounded(kernel, v0), scratch, narrow=operands.compute is not None)]
-            sums = [a + b for a, b in zip(sums, parts)]
-        return sums
+            def quantities(at: int, m: int) -> list:
+                units = _deltas(kernel, operands, scratch, at, m)
+                for i, v in enumerate(units):  # v / n: the row's norm
+                    n = per_row(kernel, scratch, f"nuslerp-n{i}", operands.begin + at, m, length, norms[i])
+                    operands.rounded(kernel, step(kernel.divide, v, n, v))
+                return [operands.rounded(kernel, step(kernel.multiply, units[0], units[1], units[0]))]
+        return row_sums(kernel, scratch, operands.begin, _length(operands), length,
+                        (True, True) if pass_name == NORMS else (False,), quantities, operands.compute is not None)
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         count = _groups(tensor.shape, tensor.params)[0]
@@ -128,27 +118,30 @@ class Nuslerp(Method):
                                         scratch)
         a, b = operands.vectors[:2]
         inputs = [a.a, b.a] + ([a.b] if a.b is not None else [])  # the models, and the base (also the anchor)
-        for g, lo, hi in segments(operands.begin, n, length):
-            colinear = f["colinear"][g]
-            sa, sb, st = (ta, tb, None) if colinear else (value(f[k][g]) for k in ("sa", "sb", "st"))
+        # Per row: the coefficients of v0 and v1 and the divisor (1 where colinear: x / 1 is x).
+        colinear = np.asarray(f["colinear"], bool)
+        rows = (np.where(colinear, ta, host_rows(f["sa"])).astype(np.float32),
+                np.where(colinear, tb, host_rows(f["sb"])).astype(np.float32),
+                np.where(colinear, np.float32(1), host_rows(f["st"])).astype(np.float32))
 
-            def rule(k: Any, m0: Any, m1: Any, base: Any = None) -> Any:
-                """mergekit's result, each operation rounded to the compute dtype: into m0."""
-                for v in (m0, m1) if base is not None else ():
-                    operands.rounded(k, _step(k.subtract, v, base, v))
-                operands.rounded(k, _step(k.multiply, m0, sa, m0))
-                operands.rounded(k, _step(k.multiply, m1, sb, m1))
-                operands.rounded(k, _step(k.add, m0, m1, m0))
-                if st is not None:
-                    operands.rounded(k, _step(k.divide, m0, st, m0))
-                return m0 if base is None else _step(k.add, base, m0, m0)  # rounded once, to the output
+        def rule(k: Any, m0: Any, m1: Any, base: Any = None, *, coef: tuple) -> Any:
+            """mergekit's result, each operation rounded to the compute dtype: into m0."""
+            for v in (m0, m1) if base is not None else ():
+                operands.rounded(k, step(k.subtract, v, base, v))
+            operands.rounded(k, step(k.multiply, m0, coef[0], m0))
+            operands.rounded(k, step(k.multiply, m1, coef[1], m1))
+            operands.rounded(k, step(k.add, m0, m1, m0))
+            operands.rounded(k, step(k.divide, m0, coef[2], m0))
+            return m0 if base is None else step(k.add, base, m0, m0)  # rounded once, to the output
 
-            for at in range(lo, hi, scratch.chunk):
-                m = min(scratch.chunk, hi - at)
-                result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, inputs, at, m))
-                replay_nans(kernel, result, scratch, inputs, at, lambda k, xs: rule(k, *xs))
-                s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
-                total = Sums(*(x + y for x, y in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+        for at, m in chunks(n, scratch):
+            begin = operands.begin + at
+            coef = tuple(per_row(kernel, scratch, f"nuslerp-c{i}", begin, m, length, r) for i, r in enumerate(rows))
+            result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, inputs, at, m), coef=coef)
+            replay_nans(kernel, result, scratch, inputs, at, lambda k, xs, idx: rule(
+                k, *xs, coef=tuple(r[(begin + idx) // length] for r in rows)), indexed=True)
+            s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
+            total = Sums(*(x + y for x, y in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
         return total
 
 

@@ -110,13 +110,15 @@ def value(fact: int) -> np.float32:
 
 
 def replay_nans(kernel: Any, result: Any, scratch: Any, inputs: list, lo: int,
-                rule: Callable[[Any, list], Any]) -> None:
+                rule: Callable[..., Any], indexed: bool = False) -> None:
     """Give the NaNs of `result` (float32, the chunk at element lo of the inputs) the bits the
     kernels' NaN rule gives (ops/kernel.py: NaN bits): `rule(kernel, widened inputs)` computed again
-    over those elements alone with numpy_kernel.EXACT. Hardware picks among NaN operands otherwise."""
+    over those elements alone with numpy_kernel.EXACT (`indexed`: `rule(kernel, inputs, at)`, with
+    their indices in the chunk). Hardware picks among NaN operands otherwise."""
     at = np.flatnonzero(np.isnan(kernel.to_host(result, scratch)))
     if at.size:
-        kernel.put(result, at, rule(EXACT, [kernel.gather(a, lo + at) for a in inputs]))
+        inputs = [kernel.gather(a, lo + at) for a in inputs]
+        kernel.put(result, at, rule(EXACT, inputs, at) if indexed else rule(EXACT, inputs))
 
 
 def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Callable, inputs: int) -> Sums:
@@ -142,41 +144,94 @@ def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Ca
     return total
 
 
-def segments(begin: int, n: int, length: int) -> Iterator[tuple[int, int, int]]:
-    """(vector, lo, hi): a piece's elements [0, n) (the tensor's [begin, begin + n)) by the vectors of
-    `length` elements the tensor is cut into (its rows, or the whole tensor)."""
-    lo = 0
-    while lo < n:
-        g = (begin + lo) // length
-        hi = min(n, (g + 1) * length - begin)
-        yield g, lo, hi
-        lo = hi
+def per_row(kernel: Any, scratch: Any, key: str, begin: int, m: int, length: int, values: np.ndarray) -> Any:
+    """A per-vector (row) value over the m elements from the tensor's element `begin` on: a float32
+    scalar where they lie in one row, else an array of the kernel's (a row of its table `key`)."""
+    first, last = begin // length, (begin + m - 1) // length
+    if first == last:
+        return values[first]
+    counts = np.minimum(np.arange(first, last + 1) * length + length, begin + m) - \
+        np.maximum(np.arange(first, last + 1) * length, begin)
+    row = kernel.table(scratch, key, 1)[0, :m]
+    kernel.from_host(row, np.repeat(values[first:last + 1], counts))
+    return row
 
 
-def grouped_statistic(begin: int, n: int, length: int, sums_of: Callable[[int, int, int], list[ExactSum]],
-                      finish: Callable[[int, ExactSum], np.float32]) -> list:
-    """A statistics result of several exact sums per vector (row) of a tensor, for term 0: the
-    vectors the piece holds whole are complete, so they are rounded here (`finish(i, sum)`: a root,
-    or the sum rounded once) and sent as float32 bits; the partial ones at its ends as exact sums.
-    [[first whole vector, [[bits per sum] per whole vector], [[vector, [sums]] per partial one]]]:
-    small whatever the rows, and at most two exact sums per piece. `sums_of(vector, lo, hi)`."""
-    whole: list[list[int]] = []
-    partial: list = []
-    first = None
-    for g, lo, hi in segments(begin, n, length):
-        sums = sums_of(g, lo, hi)
-        if hi - lo == length:
-            first = g if first is None else first
-            whole.append([bits(finish(i, s)) for i, s in enumerate(sums)])
-        else:
-            partial.append([g, [s.to_json() for s in sums]])
-    return [[first, whole, partial]]
+def host_rows(values: list[int]) -> np.ndarray:
+    """Per-row facts (float32 bits) as a float32 array."""
+    return np.asarray(values, np.uint32).view(np.float32)
+
+
+def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: tuple[bool, ...],
+             quantities: Callable[[int, int], list], narrow: bool) -> list:
+    """A statistics result of several sums per vector (row) of a tensor, for term 0, computed chunk
+    by chunk: `quantities(at, m)` gives the float32 arrays to sum (or square and sum: `roots[i]`, a
+    norm) over the piece's elements at .. at + m. The rows the piece holds whole are complete, so
+    they are rounded here and sent as float32 bits; the partial ones at its ends as exact sums:
+    [[first whole row, [[bits per sum] per whole row], [[row, [exact sums]] per partial row]]], small
+    whatever the rows, with at most two exact sums per piece (`grouped_values` adds them up).
+
+    A row the piece holds whole is summed in float64, with the sum of magnitudes: the float64 sum
+    is within 2 * count * 2**-53 of that of the exact one, so where both ends of that interval
+    round to one float32 (through a square root, if a norm), that is the exact sum's rounding;
+    only where they do not (rarely) is the row summed again exactly. A row split at the piece's
+    ends is summed exactly (ops.exact). So a piece of many rows costs a few passes of numpy."""
+    k = len(roots)
+    whole0 = -(-begin // length)  # the first row that starts inside the piece
+    whole1 = (begin + n) // length  # one past the last row that ends inside it
+    count = max(whole1 - whole0, 0)
+    sums, mags = np.zeros((k, count)), np.zeros((k, count))
+    partial: dict[int, list[ExactSum]] = {}
+    for at, m in chunks(n, scratch):
+        lo = begin + at
+        starts = np.unique(np.concatenate([[0], np.arange(-(-lo // length) * length, lo + m, length) - lo]))
+        rows = (lo + starts) // length
+        ends = np.append(starts[1:], m)
+        for i, (x, square) in enumerate(zip(quantities(at, m), roots)):
+            h = kernel.to_host(x, scratch)
+            p = np.multiply(h, h, dtype=np.float64) if square else h.astype(np.float64)
+            inside = (rows >= whole0) & (rows < whole1)
+            if inside.any():
+                np.add.at(sums[i], rows[inside] - whole0, np.add.reduceat(p, starts)[inside])
+                np.add.at(mags[i], rows[inside] - whole0, np.add.reduceat(np.abs(p), starts)[inside])
+            for r, s, e in zip(rows[~inside], starts[~inside], ends[~inside]):
+                got = dot_sum(h[s:e], h[s:e] if square else np.float32(1), _host_work(scratch), narrow)
+                partial.setdefault(int(r), [ExactSum()] * k)[i] += got
+    whole = _certain(sums, mags, length, roots)
+    for j in np.flatnonzero(np.isnan(whole).any(axis=0)):
+        g = whole0 + int(j)  # uncertain: the row again, exactly
+        exact = [ExactSum()] * k
+        for at in range(g * length - begin, (g + 1) * length - begin, scratch.chunk):
+            m = min(scratch.chunk, (g + 1) * length - begin - at)
+            for i, (x, square) in enumerate(zip(quantities(at, m), roots)):
+                h = kernel.to_host(x, scratch)
+                exact[i] += dot_sum(h, h if square else np.float32(1), _host_work(scratch), narrow)
+        whole[:, j] = [float(s.sqrt_float32() if root else s.to_float32()) for s, root in zip(exact, roots)]
+    values = [[bits(whole[i, j]) for i in range(k)] for j in range(count)]
+    return [[whole0 if count else None, values, [[g, [s.to_json() for s in v]] for g, v in sorted(partial.items())]]]
+
+
+def _certain(sums: np.ndarray, mags: np.ndarray, length: int, roots: tuple[bool, ...]) -> np.ndarray:
+    """Each row's sum rounded to float32 (a root, where `roots`), where the float64 sum's error bound
+    proves the rounding; NaN where it does not (or where the sum is NaN: the exact path says which)."""
+    bound = mags * (2.0 * length * 2.0**-53)
+    lo, hi, center = sums - bound, sums + bound, sums.copy()
+    with np.errstate(all="ignore"):
+        for i, root in enumerate(roots):
+            if root:  # a sum of squares: its root, each end widened by the root's own rounding
+                lo[i] = np.sqrt(np.maximum(lo[i], 0)) * (1 - 2.0**-52)
+                hi[i] = np.sqrt(hi[i]) * (1 + 2.0**-52)
+                center[i] = np.sqrt(center[i])
+        same = lo.astype(np.float32) == hi.astype(np.float32)  # -0.0 and +0.0 alike: the center says which
+        out = center.astype(np.float32).astype(np.float64)
+    out[~same] = np.nan
+    return out
 
 
 def grouped_values(results: list[tuple[int, list]], count: int, k: int,
                    finish: Callable[[int, ExactSum], np.float32]) -> list[list[np.float32]]:
     """The k rounded sums of each of a tensor's `count` vectors, from every piece's
-    `grouped_statistic`: a vector is whole in one piece, or split among several (added here)."""
+    `row_sums`: a vector is whole in one piece, or split among several (added here)."""
     values: list[list] = [[None] * count for _ in range(k)]
     partial: dict[int, list[ExactSum]] = {}
     for _, r in results:

@@ -1,0 +1,44 @@
+"""methods/steps.py's per-row sums: rows a piece holds whole are rounded from float64 sums only where
+their error bound proves the rounding, else summed again exactly; the result equals exact sums
+rounded once, for every cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raymerge.methods.steps import grouped_values, row_sums
+from raymerge.ops.exact import dot_sum
+from raymerge.ops.numpy_kernel import NUMPY
+
+
+def exact_rows(x: np.ndarray, length: int, square: bool) -> list[np.float32]:
+    rows = x.reshape(-1, length)
+    return [dot_sum(r, r).sqrt_float32() if square else dot_sum(r, np.float32(1)).to_float32() for r in rows]
+
+
+def pieces(x: np.ndarray, length: int, cuts: list[int], chunk: int, roots: tuple[bool, ...]) -> list:
+    bounds = [0, *cuts, x.size]
+    results = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        scratch = NUMPY.scratch(chunk)
+        results.append((lo, row_sums(NUMPY, scratch, lo, hi - lo, length, roots,
+                                     lambda at, m, lo=lo: [x[lo + at:lo + at + m]] * len(roots), False)))
+    return grouped_values(results, x.size // length, len(roots),
+                          lambda i, s: s.sqrt_float32() if roots[i] else s.to_float32())
+
+
+@pytest.mark.parametrize("cuts,chunk", [([], 64), ([5, 300, 301], 7), (list(range(50, 1200, 50)), 1000)])
+def test_row_sums_are_exact_sums_rounded_once(cuts, chunk):
+    rng = np.random.default_rng(3)
+    length = 40
+    x = (rng.standard_normal(1200) * np.exp(rng.uniform(-20, 20, 1200))).astype(np.float32)
+    # Rows whose float64 sum lands on a float32 midpoint while the exact sum lies just above it.
+    x[:3] = np.float32([1.0, 2.0**-24, 2.0**-60])
+    x[3:40] = 0
+    x[40:43] = np.float32([3.0, 2.0**-23, -(2.0**-70)])
+    x[43:80] = 0
+    got = pieces(x, length, cuts, chunk, (False, True))
+    assert [float(v) for v in got[0]] == [float(v) for v in exact_rows(x, length, False)]
+    assert [float(v) for v in got[1]] == [float(v) for v in exact_rows(x, length, True)]
+    assert got[0][0] == np.float32(1 + 2.0**-23)  # not the midpoint's even neighbour: the exact sum's rounding
