@@ -102,3 +102,31 @@ def test_raymerge_schedules_in_a_mergekit_file_are_refused_naming_the_key(config
                                          r"mergekit file write a number, a gradient \(a list of numbers\) or a list of "
                                          r"\{filter: SUBSTRING, value: X\}$"):
         recipe_values(config, "mk.yml")
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"merge_method": "slerp", "base_model": "/a", "models": [{"model": "/a"}, {"model": "/b"}]},
+     r"models\[1\].parameters.t: missing; mergekit's slerp needs a t"),
+    ({"merge_method": "slerp", "base_model": "/a", "parameters": {"t": 0.5},
+      "models": [{"model": "/b"}, {"model": "/c"}]}, "slerp takes exactly 1 --model input .*got 2"),
+    ({"merge_method": "nuslerp", "models": [{"model": "/b", "parameters": {"weight": 1}}]},
+     "nuslerp takes exactly 2 --model inputs .*got 1"),
+    ({"merge_method": "model_stock", "base_model": "/a", "models": [{"model": "/b"}]},
+     "model_stock takes at least 2 --model inputs"),
+    ({"merge_method": "nuslerp", "parameters": {"nuslerp_row_wise": True, "nuslerp_flatten": False},
+      "models": [{"model": "/b", "parameters": {"weight": 1}}, {"model": "/c", "parameters": {"weight": 1}}]},
+     "nuslerp_row_wise: true .* is not supported"),
+    ({"merge_method": "slerp", "base_model": "/a", "dtype": "int8", "parameters": {"t": 0.5},
+      "models": [{"model": "/b"}]}, "dtype 'int8': mergekit's compute dtype"),
+])
+def test_the_geometric_methods_refuse_what_mergekit_refuses_in_one_line(config, match):
+    with pytest.raises(InputError, match=match):
+        kind, values = recipe_values(config, "recipe f.yml")
+        build_recipe(kind, {**values, "out": "/o"}, where="recipe f.yml")
+
+
+def test_a_file_without_dtype_computes_at_its_inputs_dtype_and_float64_in_float32():
+    base = {"merge_method": "slerp", "base_model": "/a", "parameters": {"t": 0.5}, "models": [{"model": "/b"}]}
+    assert recipe_values(base, "f")[1]["compute_dtype"] == "inputs"
+    assert recipe_values({**base, "dtype": "bfloat16"}, "f")[1]["compute_dtype"] == "BF16"
+    assert recipe_values({**base, "dtype": "float64"}, "f")[1]["compute_dtype"] == "F32"

@@ -95,14 +95,15 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     got = {k: _at(at, OPTION[k].parse, v, OPTION[k]) for k, v in values.items() if not OPTION[k].run}
     how = RECIPES[kind]
     urls_ = got.get(how.vectors, [])
-    if how.single and len(urls_) != 1:
+    if how.single and how.command and len(urls_) != 1:
         raise InputError(f"{at}{kind} takes one --{how.vectors}; {kind} one vector per {how.vectors} model")
+    count = 1 if how.single else how.count
     if len(urls_) < how.at_least:
         raise InputError(f"{at}{kind} takes at least {how.at_least} --{how.vectors} inputs (mergekit's models besides "
                          f"the base model), got {len(urls_)}")
-    if how.count and len(urls_) != how.count:
-        raise InputError(f"{at}{kind} takes exactly {how.count} --{how.vectors} inputs (mergekit's models besides the "
-                         f"base model), got {len(urls_)}")
+    if count and len(urls_) != count:
+        raise InputError(f"{at}{kind} takes exactly {count} --{how.vectors} input{'s' if count > 1 else ''} (mergekit's "
+                         f"models besides the base model), got {len(urls_)}")
     scales = got.get("scale", [Scale()] * len(urls_))
     if len(scales) != len(urls_):
         raise InputError(f"{at}{len(scales)} --scale values for {len(urls_)} --{how.vectors} inputs; give one --scale "

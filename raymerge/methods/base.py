@@ -181,13 +181,13 @@ class RecipeKind:
 
 
 def mergekit_kind(name: str, anchor: str | None = "base", minus: str | None = "base", single: bool = False,
-                  aux: str = "base", anchor_optional: bool = False, count: int = 0, at_least: int = 0) -> RecipeKind:
+                  anchor_optional: bool = False, count: int = 0, at_least: int = 0) -> RecipeKind:
     """The recipe kind of mergekit's `merge_method: name`: its models are the vectors, the base
     model (`base_model`) the anchor and what each is taken minus, as the method says; the output
-    takes the base model's config and tokenizer (`aux`). `single`: one model besides the base;
+    takes the base model's config and tokenizer. `single`: one model besides the base;
     `anchor_optional`: without a base_model, the models alone (nuslerp, multislerp); `count`: exactly
     this many models besides the base; `at_least`: at least this many."""
-    return RecipeKind(name, name, f"mergekit's {name}", vectors="model", anchor=anchor, minus=minus, aux=aux,
+    return RecipeKind(name, name, f"mergekit's {name}", vectors="model", anchor=anchor, minus=minus, aux="base",
                       manifest_kind=f"mergekit {name}", example="", command=False, mergekit=True, single=single,
                       anchor_optional=anchor_optional, count=count, at_least=at_least)
 

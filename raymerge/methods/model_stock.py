@@ -41,9 +41,6 @@ class ModelStock(Method):
     statistics = (Pass(SUMS, 60, records=("t", "u")),)
     recipes = (mergekit_kind("model_stock", at_least=2),)
 
-    def works_on(self, term: Any) -> bool:
-        return term.limit != 0
-
     def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
         count = _groups(tensor.shape, tensor.params)[0]
         return facts_problem(facts, len(tensor.terms), {"t": count, "u": count} if passes else {})

@@ -125,8 +125,9 @@ class Multislerp(Method):
         total_sums = Sums(0.0, 0.0, 0, 0)
         f = (operands.facts or [None])[0] or {}
         n = _length(operands) if operands.vectors else 0
-        if n < len(out):  # past the models' rows (an expanded vocabulary): the base's, as they are
-            total_sums = kernel.weighted_sum(out[n:], operands.anchor[n:], [], scratch)
+        if n < len(out):  # past the models' rows (an expanded vocabulary): the base's (zeros without one)
+            anchor = operands.anchor[n:] if operands.anchor is not None else None
+            total_sums = kernel.weighted_sum(out[n:], anchor, [], scratch)
         inputs = _inputs(operands)
         for at in range(0, n, scratch.chunk):
             m = min(scratch.chunk, n - at)
@@ -210,7 +211,7 @@ class _State:
             d0, d1 = self.deltas
             self.rnd(step(k.multiply, d0, value(f["w"][0]), d0))
             self.rnd(step(k.multiply, d1, value(f["w"][1]), d1))
-            out = step(k.add, d0, d1, d0)
+            out = self.rnd(step(k.add, d0, d1, d0))
         else:
             tangent = self.tangent()
             mean = self.deltas[0]

@@ -56,9 +56,6 @@ class Nuslerp(Method):
                     "supported: raymerge runs nuslerp flattened (the default) or row by row (nuslerp_flatten: false)")
         return None
 
-    def works_on(self, term: Any) -> bool:
-        return term.limit != 0
-
     def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
         groups = _groups(tensor.shape, tensor.params)[0]
         wanted = {NORMS: {"n0": groups, "n1": groups},
@@ -107,8 +104,8 @@ class Nuslerp(Method):
     @quiet
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         total = Sums(0.0, 0.0, 0, 0)
-        if len(operands.vectors) < 2:  # past the models' rows, or nothing to interpolate
-            return kernel.weighted_sum(out, operands.anchor, [], scratch) if operands.anchor is not None else total
+        if len(operands.vectors) < 2:  # past the models' rows: the base's (zeros without one)
+            return kernel.weighted_sum(out, operands.anchor, [], scratch)
         f = operands.facts[0]
         length = _groups(operands.shape, operands.params)[1]
         ta, tb = value(f["ta"]), value(f["tb"])

@@ -2,7 +2,7 @@
 widened into a thread's table rows, exact sums on the host (ops.exact), the facts of a tensor's
 statistics summed over its pieces, and NaNs given the kernels' one rule.
 
-The geometric methods (slerp, nuslerp, multislerp, karcher, model_stock) reduce a whole tensor
+The geometric methods (slerp, nuslerp, multislerp, model_stock) reduce a whole tensor
 (norms, dot products) in statistics passes: each piece sums its products exactly (`exact_sums`),
 the driver adds the pieces' sums (`total`) and rounds once. So the facts do not depend on how a
 tensor is cut, and a worker holds one chunk of each operand at a time.
@@ -126,22 +126,22 @@ def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Ca
     `inputs`), widened, and a work row; rounded once to out. NaNs are replayed with the kernels' rule;
     elements past the vector's rows are the anchor's. The change the stats count is the whole
     result, as linear's is."""
-    total = Sums(0.0, 0.0, 0, 0)
+    sums = Sums(0.0, 0.0, 0, 0)
     v = operands.vectors[0] if operands.vectors else None
     arrays = [v.b, v.a][-inputs:] if v is not None else []
     for lo, m in chunks(len(out), scratch):
         p = max(0, min(m, len(v.a) - lo)) if v is not None else 0
         if p < m:  # past the model's rows: the anchor's, as they are
             s = kernel.weighted_sum(out[lo + p:lo + m], operands.anchor[lo + p:lo + m], [], scratch)
-            total = Sums(*(a + b for a, b in zip(total, s)))
+            sums = Sums(*(a + b for a, b in zip(sums, s)))
         if p == 0:
             continue
         result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, arrays, lo, p, spare=1))
         replay_nans(kernel, result, scratch, arrays, lo,
                     lambda k, xs: rule(k, *xs, np.empty(len(xs[0]), np.float32)))
         s = kernel.weighted_sum(out[lo:lo + p], result, [], scratch)  # rounded once to the output
-        total = Sums(*(a + b for a, b in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
-    return total
+        sums = Sums(*(a + b for a, b in zip(sums, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+    return sums
 
 
 def per_row(kernel: Any, scratch: Any, key: str, begin: int, m: int, length: int, values: np.ndarray) -> Any:
@@ -232,7 +232,9 @@ def grouped_values(results: list[tuple[int, list]], count: int, k: int,
                    finish: Callable[[int, ExactSum], np.float32]) -> list[list[np.float32]]:
     """The k rounded sums of each of a tensor's `count` vectors, from every piece's
     `row_sums`: a vector is whole in one piece, or split among several (added here)."""
-    values: list[list] = [[None] * count for _ in range(k)]
+    # A row no piece reports lies past the vectors' limit (an expanded vocabulary): no piece applies
+    # it (the anchor's rows are kept there), so any value serves: 0.
+    values: list[list] = [[np.float32(0)] * count for _ in range(k)]
     partial: dict[int, list[ExactSum]] = {}
     for _, r in results:
         if not r or r[0] is None:

@@ -287,7 +287,10 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
 
 def _compute(compute: str, r: _Rule) -> str | None:
     """A tensor's compute dtype (TensorPlan.compute): a narrower one than float32, or None. With
-    INPUTS, its inputs' dtype when they all share it (mergekit promotes: BF16 with F16 is float32)."""
+    INPUTS, its inputs' dtype when they all share it (mergekit promotes: BF16 with F16 is float32).
+    An integer or bool tensor (a buffer) is copied as it is, whatever the compute dtype."""
+    if not is_float(r.dtype):
+        return None
     if compute == INPUTS:
         dtypes = {s.dtype for s in (r.anchor, *(x for t in r.terms for x in (t.a, t.b))) if s is not None}
         compute = dtypes.pop() if len(dtypes) == 1 else "F32"

@@ -232,6 +232,9 @@ def multislerp_reference(models: list[torch.Tensor], base: torch.Tensor | None, 
     norms = torch.stack([exact_norm(x) for x in flat]).unsqueeze(-1)
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
+    if exact_norm(mean) < eps:  # mergekit's fallback, for two models: their weighted sum
+        result = (tensors[0] * w[0] + tensors[1] * w[1]).view(tensors.shape[1:])
+        return result + base if base is not None else result
     mean = mean / exact_norm(mean)
     dots = torch.stack([torch.tensor(float(rounded(exact_sum(u * mean)))).to(dtype) for u in units]).unsqueeze(-1)
     tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
@@ -255,3 +258,35 @@ def test_multislerp_gives_the_reference_bits_for_every_cut(trio, dtype, with_bas
                             [(w, m, b, ()) for w, m in zip(weights, models)], starts, chunk=64,
                             compute=COMPUTE[dtype], anchored=with_base)
         assert_same_bits(got, want, f"multislerp {dtype} base={with_base} k={k} {len(starts)} cuts")
+
+
+def test_multislerp_antipodal_models_fall_back_to_their_weighted_sum(trio):
+    g = torch.Generator().manual_seed(5)
+    d = torch.randint(-20, 21, (6000,), generator=g).float() * 2.0**-7  # multiples of bf16's ulp at 1.0
+    base = torch.ones(6000, dtype=torch.bfloat16)
+    m0, m1 = (1 + d).to(torch.bfloat16), (1 - d).to(torch.bfloat16)
+    assert torch.equal(m1 - base, -(m0 - base))  # exactly antipodal changes: the mean is zero
+    want = multislerp_reference([m0, m1], base, [1.0, 1.0])
+    got, facts = run_pieces("multislerp", "m", base, [(1.0, m0, base, ()), (1.0, m1, base, ())], [1, 3000],
+                            compute="BF16")
+    assert facts[0]["fallback"] == 1
+    assert_same_bits(got, want, "fallback")
+
+
+@pytest.mark.parametrize("method,params", [("nuslerp", (("nuslerp_flatten", False),)),
+                                           ("model_stock", (("filter_wise", True),))])
+def test_rows_past_the_models_limit_keep_the_base(trio, method, params):
+    """An expanded vocabulary: the models cover the first 50 of the base's 60 rows."""
+    base, m0, m1 = (x.to(torch.bfloat16) for x in trio)
+    short = [m[:50] for m in (m0, m1)]
+    if method == "nuslerp":
+        head = nuslerp_reference(*short, base[:50], 0.7, 0.4, flatten=False)
+        vectors = [(0.7, short[0].reshape(-1), base[:50].reshape(-1), ()), (0.4, short[1].reshape(-1),
+                                                                         base[:50].reshape(-1), ())]
+    else:
+        head = model_stock_reference(base[:50], short, True)
+        vectors = [(1.0, m.reshape(-1), base[:50].reshape(-1), ()) for m in short]
+    want = torch.cat([head, base[50:]])
+    for starts in ([], [100, 4999, 5000, 5001], list(range(700, 6000, 700))):
+        got, _ = run_pieces(method, "r", base, vectors, starts, params, compute="BF16")
+        assert_same_bits(got, want, f"{method} past the limit, {len(starts)} cuts")
