@@ -1,7 +1,8 @@
-"""TIES on a 128k-row embedding: the peak resident memory of every process, driver and workers.
+"""TIES (or another method) on a 128k-row embedding: the peak resident memory of every process,
+driver and workers.
 
     python bench/ties_memory.py [--root /tmp/ties-mem] [--vocab 128256] [--hidden 2048] [--workers 2]
-        [--rescale] [--keep]
+        [--rescale] [--method ties|slerp|nuslerp-rows|multislerp|model_stock-rows] [--keep]
 
 Makes a trio (base, chat, cp; bf16) whose embedding and head have `--vocab` rows of `--hidden`
 (128256 x 2048: 262M elements each, 525 MB in bf16, 1.05 GB in float32) and one small layer,
@@ -11,7 +12,9 @@ Ray (`--workers`), while sampling every process of the command's tree (the drive
 and the workers): its RSS every `--interval` seconds and its kernel high-water mark (VmHWM in
 /proc/PID/status, which sees peaks between samples). Prints each process's peaks, largest first,
 and whether any is above `--limit` (the claim: none above 1 GiB; a whole float32 copy of one
-embedding is 1.05 GB). Deletes the trio and the output afterwards unless --keep.
+embedding is 1.05 GB). Deletes the trio and the output afterwards unless --keep. `--method`: one
+of bench/run.py's method files instead (dtype bfloat16; `-rows`: per-row statistics, 128k rows of
+facts for the embedding).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main() -> None:
     p.add_argument("--limit", type=float, default=1.0, help="GiB no process may exceed")
     p.add_argument("--keep", action="store_true", help="keep the trio and the output")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--method", default="ties", help="ties, or a method file of bench/run.py (--method there)")
     args = p.parse_args()
     shape = LlamaShape(hidden=args.hidden, layers=1, vocab=args.vocab, intermediate=256, heads=16, kv_heads=8)
     params = sum(numel(s) for _, s in shape.tensors())
@@ -57,8 +61,13 @@ def main() -> None:
           f"({4 * args.vocab * args.hidden / 2**30:.2f} GiB in float32); made in {time.perf_counter() - started:.0f}s",
           flush=True)
     cfg = os.path.join(args.root, "ties.yml")
-    with open(cfg, "w") as f:
-        f.write(f"""merge_method: ties
+    if args.method != "ties":
+        from run import method_config
+
+        cfg = method_config(args.method, trio, args.root)
+    else:
+        with open(cfg, "w") as f:
+            f.write(f"""merge_method: ties
 base_model: {trio['base']}
 models:
   - model: {trio['chat']}
@@ -77,7 +86,7 @@ out_dtype: bfloat16
         m = watch(cmd, args.interval, env=env)
         r = json.load(open(report)) if os.path.exists(report) else {}
         limit = args.limit * 2**30
-        print(f"raymerge run ties.yml --workers {args.workers}: rc {m['rc']}, wall {m['wall_s']:.1f}s"
+        print(f"raymerge run {os.path.basename(cfg)} --workers {args.workers}: rc {m['rc']}, wall {m['wall_s']:.1f}s"
               + (f", execute {r['execute_seconds']:.1f}s" if "execute_seconds" in r else ""))
         print(f"{'peak RSS MiB':>12s} {'VmHWM MiB':>10s} {'peak RSS-shared MiB':>19s}  process")
         for row in m["peak_rss"]:
