@@ -40,6 +40,7 @@ from raymerge.execution.passes import Facts, covers
 from raymerge.execution.resume import Resumed, check_resumable
 from raymerge.execution.session import ray_session
 from raymerge.methods import METHODS
+from raymerge.methods.steps import warm_torch
 from raymerge.planning.build import input_roles, make_plan
 from raymerge.planning.passes import pass_items, statistics_passes
 from raymerge.planning.plan import Plan
@@ -235,8 +236,8 @@ class _Run:
         each result journaled as it comes."""
         from raymerge.execution.progress import Progress
 
-        for module in {m for t in self.plan.tensors for m in METHODS[t.method].driver_imports}:
-            _import_in_background(module)  # what the methods' reduce needs, while the first pass runs
+        if any(METHODS[t.method].torch_scalars for t in self.plan.tensors):
+            warm_torch()  # the process the methods' reduce computes in, torch imported while the first pass runs
         for name in statistics_passes(self.plan):
             self._statistics(pool, name, journal)
         self.done_before = len(self.done)

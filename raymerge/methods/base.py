@@ -202,7 +202,7 @@ class Method(ABC):
     recipes: ClassVar[tuple[RecipeKind, ...]] = ()
     combining: ClassVar[bool] = False  # merge and apply may combine their vectors with it (--method)
     mergekit_ignores: ClassVar[tuple[str, ...]] = ()  # mergekit parameters that change nothing in the result
-    driver_imports: ClassVar[tuple[str, ...]] = ()  # modules its `reduce` imports in the driver (torch)
+    torch_scalars: ClassVar[bool] = False  # its `reduce` computes with torch, out of the driver (steps.in_torch)
 
     def refuses(self, params: dict[str, Any]) -> str | None:
         """Why this method cannot run with these global parameters (a recipe's), or None."""

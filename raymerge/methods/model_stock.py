@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, chunks, facts_problem, grouped_values, host_rows, per_row, quiet,
+from raymerge.methods.steps import (bits, chunks, facts_problem, grouped_values, host_rows, in_torch, per_row, quiet,
                                     replay_nans, row_sums, step, widen_rows)
 from raymerge.ops.kernel import Sums
 
@@ -36,7 +36,7 @@ _FILTER_WISE = Parameter("filter_wise", "one t per row of each tensor (off: per 
 
 class ModelStock(Method):
     name = "model_stock"
-    driver_imports = ("torch",)  # reduce computes with torch, as mergekit does
+    torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
     parameters = (_FILTER_WISE,)
     statistics = (Pass(SUMS, 60, records=("t", "u")),)
     recipes = (mergekit_kind("model_stock", at_least=2),)
@@ -68,7 +68,8 @@ class ModelStock(Method):
         count = _groups(tensor.shape, tensor.params)[0]
         values = grouped_values(results, count, k + k * (k - 1) // 2, _finish(k))
         facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]
-        facts[0].update(_coefficients(values, k, getattr(tensor, "compute", None), _shape(tensor)))
+        facts[0].update(in_torch(_coefficients, [[float(x) for x in v] for v in values], k,
+                                 getattr(tensor, "compute", None), _shape(tensor)))
         return facts
 
     @quiet
@@ -147,7 +148,7 @@ def _coefficients(values: list, k: int, compute: str | None, shape: tuple[int, .
     dtype = {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
 
     def tensor(x: list) -> torch.Tensor:
-        return torch.tensor([float(v) for v in x], dtype=torch.float32).to(dtype).reshape(shape)
+        return torch.tensor(x, dtype=torch.float32).to(dtype).reshape(shape)
 
     norms = [tensor(values[i]) for i in range(k)]
     cos = []

@@ -25,7 +25,7 @@ import numpy as np
 
 from raymerge.errors import PlanError
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.steps import (bits, exact_sum, facts_problem, quiet, replay_nans, step, total, value,
+from raymerge.methods.steps import (bits, exact_sum, facts_problem, in_torch, quiet, replay_nans, step, total, value,
                                     widen_rows)
 from raymerge.ops.kernel import Sums
 
@@ -39,7 +39,7 @@ _EPS = Parameter("eps", "added to norms before dividing by them", "number", 1e-8
 
 class Multislerp(Method):
     name = "multislerp"
-    driver_imports = ("torch",)  # reduce computes with torch, as mergekit does
+    torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
     parameters = (SCALE, _NORMALIZE_WEIGHTS, _EPS)
     statistics = (Pass(NORMS, 70, records=("n", "w", "s")), Pass(MEAN, 71, records=("mn", "fallback")),
                   Pass(DOTS, 72, records=("dots",)), Pass(TANGENT, 73, records=("c", "sn", "avg")))
@@ -82,40 +82,19 @@ class Multislerp(Method):
         return [[x.to_json() for x in sums]] if sums is not None else []
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
-        import torch
-
         k = len(tensor.terms)
-        compute = getattr(tensor, "compute", None)
-        dtype = {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
         facts = [dict(f) if f else {} for f in (facts or [{}] * k)]
-        f = facts[0]
-        eps = float(dict(tensor.params).get("eps", _EPS.default))
-
-        def sums(count: int, root: bool) -> torch.Tensor:
-            got = [total(results, 0, i) for i in range(count)]
-            return torch.tensor([float(s.sqrt_float32() if root else s.to_float32()) for s in got]).to(dtype)
-
-        if pass_name == NORMS:
-            norms = sums(k, True)
-            w = torch.tensor([t.scale for t in tensor.terms], dtype=dtype)
-            if dict(tensor.params).get("normalize_weights", True):
-                w = w / w.sum()
-            f.update(n=_bits(norms), w=_bits(w), s=_bits(norms + eps))
-        elif pass_name == MEAN:
-            mean_norm = sums(1, True)[0]
-            fallback = bool(mean_norm < eps)
-            if fallback and k != 2:
-                raise PlanError(f"multislerp: {tensor.name}: the weighted sum of the models is zero (antipodal models "
-                                "whose weights balance out, as mergekit says); use other weights")
-            f.update(mn=bits(mean_norm.float().item()), fallback=int(fallback))
-        elif pass_name == DOTS:
-            f["dots"] = _bits(sums(k, False))
-        else:
-            tn = sums(1, True)[0] + eps
-            norms = torch.tensor([float(value(x)) for x in f["n"]]).to(dtype)
-            w = torch.tensor([float(value(x)) for x in f["w"]]).to(dtype)
-            f.update(c=bits(torch.cos(tn).float().item()), sn=bits((torch.sin(tn) / tn).float().item()),
-                     avg=bits((norms * w).sum().float().item()))
+        params = dict(tensor.params)
+        count, root = {NORMS: (k, True), MEAN: (1, True), DOTS: (k, False), TANGENT: (1, True)}[pass_name]
+        sums = [float(s.sqrt_float32() if root else s.to_float32()) for s in (total(results, 0, i)
+                                                                            for i in range(count))]
+        got = in_torch(_scalars, pass_name, sums, facts[0], [t.scale for t in tensor.terms],
+                       bool(params.get("normalize_weights", _NORMALIZE_WEIGHTS.default)),
+                       float(params.get("eps", _EPS.default)), getattr(tensor, "compute", None))
+        if got.get("fallback") and k != 2:
+            raise PlanError(f"multislerp: {tensor.name}: the weighted sum of the models is zero (antipodal models "
+                            "whose weights balance out, as mergekit says); use other weights")
+        facts[0].update(got)
         return facts
 
     # --- the elementwise rule ------------------------------------------------------------------
@@ -230,6 +209,29 @@ def _inputs(operands: Operands) -> list:
 
 def _length(operands: Operands) -> int:
     return min(len(v.a) for v in operands.vectors)
+
+
+def _scalars(pass_name: str, sums: list[float], f: dict, weights: list[float], normalize: bool, eps: float,
+             compute: str | None) -> dict:
+    """The facts a pass records from its sums (each rounded once to float32), with torch on tensors of
+    the compute dtype, as mergekit's: norms, weights and norms + eps; the mean's norm and whether it
+    is below eps; the dots; cos and sin of the tangent's norm, and the norms' weighted sum."""
+    import torch
+
+    dtype = {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
+    got = torch.tensor(sums, dtype=torch.float32).to(dtype)
+    if pass_name == NORMS:
+        w = torch.tensor(weights, dtype=dtype)
+        if normalize:
+            w = w / w.sum()
+        return {"n": _bits(got), "w": _bits(w), "s": _bits(got + eps)}
+    if pass_name == MEAN:
+        return {"mn": _bits(got)[0], "fallback": int(bool(got[0] < eps))}
+    if pass_name == DOTS:
+        return {"dots": _bits(got)}
+    tn = got[0] + eps
+    norms, w = (torch.tensor([float(value(x)) for x in f[k]]).to(dtype) for k in ("n", "w"))
+    return {"c": _bits(torch.cos(tn))[0], "sn": _bits(torch.sin(tn) / tn)[0], "avg": _bits((norms * w).sum())[0]}
 
 
 def _bits(t: Any) -> list[int]:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, chunks, facts_problem, grouped_values, host_rows, per_row, quiet,
+from raymerge.methods.steps import (bits, chunks, facts_problem, grouped_values, host_rows, in_torch, per_row, quiet,
                                     replay_nans, row_sums, step, value, widen_rows)
 from raymerge.ops.kernel import Sums
 
@@ -43,7 +43,7 @@ _FLATTEN = Parameter("nuslerp_flatten", "interpolate each tensor as one vector (
 
 class Nuslerp(Method):
     name = "nuslerp"
-    driver_imports = ("torch",)  # reduce computes with torch, as mergekit does
+    torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
     parameters = (SCALE, _ROW_WISE, _FLATTEN)
     statistics = (Pass(NORMS, 50, records=("n0", "n1")), Pass(COS, 51, records=("sa", "sb", "st", "colinear",
                                                                                   "ta", "tb")))
@@ -94,9 +94,10 @@ class Nuslerp(Method):
         compute = getattr(tensor, "compute", None)
         if pass_name == NORMS:
             for i, name in enumerate(("n0", "n1")):
-                facts[0][name] = [bits(_norm(x, compute)) for x in values[i]]
+                facts[0][name] = in_torch(_norms, [float(x) for x in values[i]], compute)
         else:
-            facts[0].update(_coefficients(values[0], _t(tensor), compute, _shape(tensor, count)))
+            facts[0].update(in_torch(_coefficients, [float(x) for x in values[0]], _t(tensor), compute,
+                                     _shape(tensor, count)))
         return facts
 
     # --- the elementwise rule ------------------------------------------------------------------
@@ -191,12 +192,12 @@ def _torch_dtype(compute: str | None):
     return {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
 
 
-def _norm(x: np.float32, compute: str | None) -> np.float32:
-    """A norm (rounded once to float32) in the compute dtype, then clamped to at least 1e-7 there."""
+def _norms(values: list[float], compute: str | None) -> list[int]:
+    """Norms (rounded once to float32) in the compute dtype, then clamped to at least 1e-7 there: bits."""
     import torch
 
-    n = torch.tensor(float(x), dtype=torch.float32).to(_torch_dtype(compute))
-    return np.float32(n.clamp(min=float(_NORM_FLOOR)).float().item())
+    n = torch.tensor(values, dtype=torch.float32).to(_torch_dtype(compute))
+    return [bits(x) for x in n.clamp(min=float(_NORM_FLOOR)).float().tolist()]
 
 
 def _coefficients(cos: list, t: float, compute: str | None, shape: tuple[int, ...]) -> dict:
@@ -206,7 +207,7 @@ def _coefficients(cos: list, t: float, compute: str | None, shape: tuple[int, ..
     import torch
 
     dtype = _torch_dtype(compute)
-    c = torch.tensor([float(x) for x in cos], dtype=torch.float32).to(dtype).reshape(shape).clamp(-1, 1)
+    c = torch.tensor(cos, dtype=torch.float32).to(dtype).reshape(shape).clamp(-1, 1)
     colinear = (1 - c.square()) <= 1e-8 ** 2
     theta = torch.acos(torch.where(colinear, 0, c))
     out = {"sa": torch.sin((1 - t) * theta), "sb": torch.sin(t * theta), "st": torch.sin(theta)}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.steps import bits, chunks, each_chunk, exact_sum, is_narrow, total, value, widen_rows
+from raymerge.methods.steps import bits, chunks, each_chunk, exact_sum, in_torch, is_narrow, total, value, widen_rows
 
 NORMS, DOT = "slerp-norms", "slerp-dot"
 _ROWS = "slerp-rows"
@@ -38,7 +38,7 @@ T = Parameter("t", "where the result lies between the base model (0) and the oth
 
 class Slerp(Method):
     name = "slerp"
-    driver_imports = ("torch",)  # reduce computes with torch, as mergekit does
+    torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
     parameters = (T,)
     statistics = (Pass(NORMS, 40, records=("na", "nb"), bits=("na", "nb")),
                   Pass(DOT, 41, records=("dot", "ca", "cb"), bits=("dot", "ca", "cb")))
@@ -76,7 +76,7 @@ class Slerp(Method):
                 facts[j].update(na=bits(na), nb=bits(nb))
             else:
                 dot = total(results, j, 0).to_float32()
-                ca, cb = coefficients(dot, term.param("t", T.default))
+                ca, cb = in_torch(coefficients, dot, term.param("t", T.default))
                 facts[j].update(dot=bits(dot), ca=bits(ca), cb=bits(cb))
         return facts
 
@@ -97,7 +97,7 @@ def coefficients(dot: np.float32, t: float) -> tuple[np.float32, np.float32]:
     """SLERP's coefficients of v0 and v1 from the clamped dot product, with torch's float32 operations
     on one-element tensors, as mergekit computes them (torch's acos and sin, not numpy's, whose
     last bits can differ)."""
-    import torch  # the driver's, once per tensor
+    import torch  # in_torch's process
 
     t = torch.tensor([[t]], dtype=torch.float64).to(torch.float32)
     d = torch.tensor([[float(dot)]], dtype=torch.float32).clamp(-1, 1)
