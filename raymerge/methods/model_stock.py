@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, chunks, facts_problem, grouped_values, host_rows, in_torch, per_row, quiet,
-                                    replay_nans, row_sums, step, widen_rows)
-from raymerge.ops.kernel import Sums
+from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, quiet,
+                                    row_sums, step, torch_dtype, widen_rows)
 
 SUMS = "model-stock-sums"
 _ROWS = "model-stock-rows"
@@ -74,14 +73,11 @@ class ModelStock(Method):
 
     @quiet
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
-        total = Sums(0.0, 0.0, 0, 0)
         k = len(operands.vectors)
         if k < 2:  # fewer than mergekit's three inputs: the base, as it is
             return kernel.weighted_sum(out, operands.anchor, [], scratch)
         f = operands.facts[0]
         n = _length(operands)
-        if n < len(out):  # past the models' rows (an expanded vocabulary): the base's, as they are
-            total = kernel.weighted_sum(out[n:], operands.anchor[n:], [], scratch)
         inputs = [operands.anchor, *(v.a for v in operands.vectors)]
         length = _groups(operands.shape, operands.params)[1]
         rows = (host_rows(f["t"]), host_rows(f["u"]))
@@ -97,15 +93,7 @@ class ModelStock(Method):
             operands.rounded(kern, step(kern.multiply, base, coef[1], base))
             return step(kern.add, avg, base, avg)  # rounded once, to the output
 
-        for at, m in chunks(n, scratch):
-            begin = operands.begin + at
-            coef = tuple(per_row(kernel, scratch, f"model-stock-{i}", begin, m, length, r) for i, r in enumerate(rows))
-            result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, inputs, at, m), coef=coef)
-            replay_nans(kernel, result, scratch, inputs, at, lambda kern, xs, idx: rule(
-                kern, *xs, coef=tuple(r[(begin + idx) // length] for r in rows)), indexed=True)
-            s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
-            total = Sums(*(x + y for x, y in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
-        return total
+        return apply_rows(kernel, out, operands, scratch, inputs, n, length, rows, _ROWS, rule)
 
 
 def _offsets(kernel: Any, operands: Operands, scratch: Any, at: int, m: int, spare: int) -> list:
@@ -145,7 +133,7 @@ def _coefficients(values: list, k: int, compute: str | None, shape: tuple[int, .
     """t and 1 - t of each vector, with torch on tensors of the compute dtype and mergekit's shape."""
     import torch
 
-    dtype = {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
+    dtype = torch_dtype(compute)
 
     def tensor(x: list) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.float32).to(dtype).reshape(shape)

@@ -25,9 +25,8 @@ import numpy as np
 
 from raymerge.errors import PlanError
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.steps import (bits, exact_sum, facts_problem, in_torch, quiet, replay_nans, step, total, value,
-                                    widen_rows)
-from raymerge.ops.kernel import Sums
+from raymerge.methods.steps import (bits, counted, exact_sum, facts_problem, in_torch, past_rows, quiet, replay_nans,
+                                    step, torch_dtype, total, value, widen_rows)
 
 NORMS, MEAN, DOTS, TANGENT = "multislerp-norms", "multislerp-mean", "multislerp-dots", "multislerp-tangent"
 _ROWS = "multislerp-rows"
@@ -101,12 +100,9 @@ class Multislerp(Method):
 
     @quiet
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
-        total_sums = Sums(0.0, 0.0, 0, 0)
         f = (operands.facts or [None])[0] or {}
         n = _length(operands) if operands.vectors else 0
-        if n < len(out):  # past the models' rows (an expanded vocabulary): the base's (zeros without one)
-            anchor = operands.anchor[n:] if operands.anchor is not None else None
-            total_sums = kernel.weighted_sum(out[n:], anchor, [], scratch)
+        sums = past_rows(kernel, out, operands, scratch, n)
         inputs = _inputs(operands)
         for at in range(0, n, scratch.chunk):
             m = min(scratch.chunk, n - at)
@@ -116,9 +112,8 @@ class Multislerp(Method):
 
             result = rule(kernel)
             replay_nans(kernel, result, scratch, inputs, at, lambda kern, xs: rule(kern, *xs))
-            s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
-            total_sums = Sums(*(x + y for x, y in zip(total_sums, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
-        return total_sums
+            sums = counted(sums, kernel.weighted_sum(out[at:at + m], result, [], scratch))
+        return sums
 
 
 class _State:
@@ -218,7 +213,7 @@ def _scalars(pass_name: str, sums: list[float], f: dict, weights: list[float], n
     is below eps; the dots; cos and sin of the tangent's norm, and the norms' weighted sum."""
     import torch
 
-    dtype = {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
+    dtype = torch_dtype(compute)
     got = torch.tensor(sums, dtype=torch.float32).to(dtype)
     if pass_name == NORMS:
         w = torch.tensor(weights, dtype=dtype)

@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, chunks, facts_problem, grouped_values, host_rows, in_torch, per_row, quiet,
-                                    replay_nans, row_sums, step, value, widen_rows)
-from raymerge.ops.kernel import Sums
+from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, per_row,
+                                    quiet, row_sums, step, torch_dtype, value, widen_rows)
 
 NORMS, COS = "nuslerp-norms", "nuslerp-cos"
 _ROWS = "nuslerp-rows"
@@ -104,16 +103,12 @@ class Nuslerp(Method):
 
     @quiet
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
-        total = Sums(0.0, 0.0, 0, 0)
         if len(operands.vectors) < 2:  # past the models' rows: the base's (zeros without one)
             return kernel.weighted_sum(out, operands.anchor, [], scratch)
         f = operands.facts[0]
         length = _groups(operands.shape, operands.params)[1]
         ta, tb = value(f["ta"]), value(f["tb"])
         n = _length(operands)
-        if n < len(out):  # past the models' rows (an expanded vocabulary): the base's, as they are
-            total = kernel.weighted_sum(out[n:], operands.anchor[n:] if operands.anchor is not None else None, [],
-                                        scratch)
         a, b = operands.vectors[:2]
         inputs = [a.a, b.a] + ([a.b] if a.b is not None else [])  # the models, and the base (also the anchor)
         # Per row: the coefficients of v0 and v1 and the divisor (1 where colinear: x / 1 is x).
@@ -132,15 +127,7 @@ class Nuslerp(Method):
             operands.rounded(k, step(k.divide, m0, coef[2], m0))
             return m0 if base is None else step(k.add, base, m0, m0)  # rounded once, to the output
 
-        for at, m in chunks(n, scratch):
-            begin = operands.begin + at
-            coef = tuple(per_row(kernel, scratch, f"nuslerp-c{i}", begin, m, length, r) for i, r in enumerate(rows))
-            result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, inputs, at, m), coef=coef)
-            replay_nans(kernel, result, scratch, inputs, at, lambda k, xs, idx: rule(
-                k, *xs, coef=tuple(r[(begin + idx) // length] for r in rows)), indexed=True)
-            s = kernel.weighted_sum(out[at:at + m], result, [], scratch)
-            total = Sums(*(x + y for x, y in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
-        return total
+        return apply_rows(kernel, out, operands, scratch, inputs, n, length, rows, _ROWS, rule)
 
 
 def _deltas(kernel: Any, operands: Operands, scratch: Any, at: int, m: int) -> list:
@@ -186,17 +173,11 @@ def _t(tensor: Any) -> float:
     return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
 
 
-def _torch_dtype(compute: str | None):
-    import torch
-
-    return {None: torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[compute]
-
-
 def _norms(values: list[float], compute: str | None) -> list[int]:
     """Norms (rounded once to float32) in the compute dtype, then clamped to at least 1e-7 there: bits."""
     import torch
 
-    n = torch.tensor(values, dtype=torch.float32).to(_torch_dtype(compute))
+    n = torch.tensor(values, dtype=torch.float32).to(torch_dtype(compute))
     return [bits(x) for x in n.clamp(min=float(_NORM_FLOOR)).float().tolist()]
 
 
@@ -206,7 +187,7 @@ def _coefficients(cos: list, t: float, compute: str | None, shape: tuple[int, ..
     sin(theta), colinear; and 1 - t and t as its scalar products take them (float32)."""
     import torch
 
-    dtype = _torch_dtype(compute)
+    dtype = torch_dtype(compute)
     c = torch.tensor(cos, dtype=torch.float32).to(dtype).reshape(shape).clamp(-1, 1)
     colinear = (1 - c.square()) <= 1e-8 ** 2
     theta = torch.acos(torch.where(colinear, 0, c))

@@ -163,24 +163,56 @@ def replay_nans(kernel: Any, result: Any, scratch: Any, inputs: list, lo: int,
 def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Callable, inputs: int) -> Sums:
     """out = rule(kernel, *operands, work), chunk by chunk: the vector's b and a (or its a alone:
     `inputs`), widened, and a work row; rounded once to out. NaNs are replayed with the kernels' rule;
-    elements past the vector's rows are the anchor's. The change the stats count is the whole
+    elements past the vector's rows are the anchor's (`past_rows`). The change the stats count is the whole
     result, as linear's is."""
-    sums = Sums(0.0, 0.0, 0, 0)
     v = operands.vectors[0] if operands.vectors else None
     arrays = [v.b, v.a][-inputs:] if v is not None else []
-    for lo, m in chunks(len(out), scratch):
-        p = max(0, min(m, len(v.a) - lo)) if v is not None else 0
-        if p < m:  # past the model's rows: the anchor's, as they are
-            s = kernel.weighted_sum(out[lo + p:lo + m], operands.anchor[lo + p:lo + m], [], scratch)
-            sums = Sums(*(a + b for a, b in zip(sums, s)))
-        if p == 0:
-            continue
-        result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, arrays, lo, p, spare=1))
+    n = min(len(v.a), len(out)) if v is not None else 0
+    sums = past_rows(kernel, out, operands, scratch, n)
+    for lo, m in chunks(n, scratch):
+        result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, arrays, lo, m, spare=1))
         replay_nans(kernel, result, scratch, arrays, lo,
                     lambda k, xs: rule(k, *xs, np.empty(len(xs[0]), np.float32)))
-        s = kernel.weighted_sum(out[lo:lo + p], result, [], scratch)  # rounded once to the output
-        sums = Sums(*(a + b for a, b in zip(sums, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+        sums = counted(sums, kernel.weighted_sum(out[lo:lo + m], result, [], scratch))  # rounded once to out
     return sums
+
+
+def counted(total: Sums, s: Sums) -> Sums:
+    """total plus the Sums of a chunk whose whole result is the change the stats count (as linear's:
+    `weighted_sum` of the result as an anchor counts it as the anchor's)."""
+    return Sums(*(x + y for x, y in zip(total, s._replace(ss_delta=s.ss_anchor, ss_anchor=0.0))))
+
+
+def past_rows(kernel: Any, out: Any, operands: Operands, scratch: Any, n: int) -> Sums:
+    """out[n:], past the vectors' rows (an expanded vocabulary): the anchor's, as they are (zeros
+    without one); no Sums where there is nothing past them."""
+    if n >= len(out):
+        return Sums(0.0, 0.0, 0, 0)
+    return kernel.weighted_sum(out[n:], operands.anchor[n:] if operands.anchor is not None else None, [], scratch)
+
+
+def apply_rows(kernel: Any, out: Any, operands: Operands, scratch: Any, inputs: list, n: int, length: int,
+               rows: tuple[np.ndarray, ...], key: str, rule: Callable) -> Sums:
+    """out[:n] = rule(kernel, *inputs widened, coef=...), chunk by chunk, where `coef` holds each of
+    `rows` (per-vector values, one per row of `length` elements) at the chunk's elements (`per_row`);
+    NaNs replayed with the kernels' rule and their rows' values; rounded once to out; past n, the
+    anchor's rows (`past_rows`). The stats count the whole result as the change."""
+    total = past_rows(kernel, out, operands, scratch, n)
+    for at, m in chunks(n, scratch):
+        begin = operands.begin + at
+        coef = tuple(per_row(kernel, scratch, f"{key}-{i}", begin, m, length, r) for i, r in enumerate(rows))
+        result = rule(kernel, *widen_rows(kernel, scratch, key, inputs, at, m), coef=coef)
+        replay_nans(kernel, result, scratch, inputs, at, lambda k, xs, idx: rule(
+            k, *xs, coef=tuple(r[(begin + idx) // length] for r in rows)), indexed=True)
+        total = counted(total, kernel.weighted_sum(out[at:at + m], result, [], scratch))
+    return total
+
+
+def torch_dtype(compute: str | None) -> Any:
+    """The torch dtype mergekit computes in: float32, or the compute dtype (in `in_torch`'s functions)."""
+    from raymerge.ops.torch_kernel import TORCH_DTYPES
+
+    return TORCH_DTYPES[compute or "F32"]
 
 
 def per_row(kernel: Any, scratch: Any, key: str, begin: int, m: int, length: int, values: np.ndarray) -> Any:

@@ -52,7 +52,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 NAMES: dict[torch.dtype, str] = {t: name for name, t in TORCH_DTYPES.items()}
 BITS: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # itemsize ->
 
-ROUNDED: dict[str, torch.dtype] = {"BF16": torch.bfloat16, "F16": torch.float16}  # round_to's types
 CHUNK = 1 << 16  # elements: three float32 chunks stay in a core's L2 cache
 GPU_CHUNK = 1 << 22  # on a GPU, few large copies and kernels beat many small ones
 WIDEST = 8  # bytes per element of any input or output type
@@ -181,7 +180,7 @@ class TorchKernel:
         return out.clamp_max_(sparse.NAN_MAGNITUDE) if nans_equal else out
 
     def round_to(self, x: torch.Tensor, dtype: str) -> None:
-        x.copy_(x.to(ROUNDED[dtype]))  # torch's own conversion: half to even (a NaN stays a NaN)
+        x.copy_(x.to(TORCH_DTYPES[dtype]))  # torch's own conversion: half to even (a NaN stays a NaN)
 
 
 def _scalar(y, x: torch.Tensor):
