@@ -1,7 +1,7 @@
 """mergekit's compute dtype end to end on the session's local Ray: mergekit files whose `dtype` is
 bfloat16 or float16 run on float32 checkpoints (the worker casts every input to the dtype, the
 method rounds each operation to it, the result is cast to out_dtype), bit for bit against mergekit's
-sequence of torch operations (tests.methods.test_compute_dtype.mergekit_reference); `--compute-dtype
+sequence of torch operations (tests.methods.test_sparse_methods.gta_reference); `--compute-dtype
 float32` runs the same file in float32 with one rounding; the manifest and the plan say which."""
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from raymerge.api import describe, make_plan
 from raymerge.config import load_recipe_file
 from tests.conftest import make_llama_trio
 from tests.helpers import assert_bit_identical, load_folder
-from tests.methods.test_compute_dtype import mergekit_reference
-from tests.methods.test_sparse_methods import sparse_reference
+from tests.methods.test_sparse_methods import gta_reference, sparse_reference
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def test_a_bfloat16_file_on_float32_inputs_gives_mergekits_bits(ray_local, model
     for name, b in tensors["base"].items():
         vectors = [(w, tensors[c][name].to(torch.bfloat16), b.to(torch.bfloat16), 1.0)
                    for w, c in ((0.7, "chat"), (0.45, "chat2"))]
-        want[name] = mergekit_reference(name, b.to(torch.bfloat16), vectors, "task_arithmetic", normalize=True,
+        want[name] = gta_reference(name, b.to(torch.bfloat16), vectors, "task_arithmetic", normalize=True,
                                         lam=0.9).to(torch.float32)
     assert_bit_identical(load_folder(out), want)
     assert cli_main(["verify", out, "--recompute", "3"]) == 0  # the recorded recipe computes at bfloat16 again
@@ -87,7 +86,7 @@ def test_ties_at_float16_with_rescale(ray_local, models, tensors, tmp_path, cli_
     want = {}
     for name, b in tensors["base"].items():
         vectors = [(w, tensors[c][name].half(), b.half(), 0.4) for w, c in ((0.7, "chat"), (0.45, "chat2"))]
-        want[name] = mergekit_reference(name, b.half(), vectors, "ties", normalize=True, rescale=True,
+        want[name] = gta_reference(name, b.half(), vectors, "ties", normalize=True, rescale=True,
                                         lam=0.9).to(torch.bfloat16)
     assert_bit_identical(load_folder(out), want)
 

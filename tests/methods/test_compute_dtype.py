@@ -14,53 +14,11 @@ import torch
 from raymerge.ops.kernel import round_scalar
 from raymerge.ops.numpy_kernel import NUMPY
 from raymerge.ops.torch_kernel import TorchKernel
-from tests.methods.test_sparse_methods import (assert_same_bits, dare_keep, l1, run_pieces, sparse_reference,
-                                               ties_keep)
+from tests.methods.test_sparse_methods import assert_same_bits, gta_reference, run_pieces, sparse_reference
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 N = 6_000
 CUTS = {"whole": [], "ragged": [1, 2, 999, 1000, 4097, N - 1], "1000": list(range(1000, N, 1000))}
-
-
-def mergekit_reference(name: str, anchor: torch.Tensor, vectors: list, method: str, *, normalize: bool,
-                       rescale: bool = False, lam: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """mergekit 0.1.5's generalized task arithmetic with every tensor in anchor's dtype (its compute
-    dtype): each operation a torch operation on tensors of that dtype. vectors: (weight, a, b, density)."""
-    dtype = anchor.dtype
-    consensus = method in ("ties", "dare_ties")
-    deltas = []
-    for weight, a, b, density in vectors:
-        delta = (a - b).reshape(-1)
-        if method != "task_arithmetic" and 0 < density < 1:
-            keep = ties_keep(delta.float(), density) if method == "ties" else \
-                dare_keep(seed, name, delta.numel(), density)
-            masked = delta * keep.to(dtype)
-            if rescale:  # exact sums, rounded once to float32 and then to the dtype (README: exactness)
-                before, after = (torch.tensor(l1(x.float())).to(dtype) for x in (delta, masked))
-                if not (float(before) < np.float32(1e-7) or float(after) < np.float32(1e-7)):
-                    masked = masked * (before / after)
-            delta = masked
-        elif method != "task_arithmetic" and density <= 0:
-            delta = torch.zeros_like(delta) if method == "ties" else delta * 0
-        deltas.append(delta)
-    deltas = torch.stack(deltas)
-    weights = torch.tensor([v[0] for v in vectors], dtype=dtype).unsqueeze(-1)
-    deltas = deltas * weights
-    if consensus:
-        majority = (deltas.sum(dim=0) >= 0).to(dtype) * 2 - 1
-        mask = deltas.sign() == majority
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed = mixed / divisor
-    if lam != 1:
-        mixed = mixed * lam
-    return (anchor.reshape(-1) + mixed).reshape(anchor.shape)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +56,7 @@ def test_each_operation_is_rounded_to_the_compute_dtype(trio, compute, method, t
     kw = dict(normalize=p.get("normalize", m.default("normalize")), lam=p.get("lambda", 1.0))
     if method != "task_arithmetic":
         kw.update(rescale=p.get("rescale", m.default("rescale")), seed=int(p.get("seed", 0)))
-    want = mergekit_reference("t", anchor, vectors, method, **kw)
+    want = gta_reference("t", anchor, vectors, method, **kw)
     once = sparse_reference("t", anchor, vectors, "dare_linear" if method == "task_arithmetic" else method,
                             **{**kw, "rescale": kw.get("rescale", False)})
     assert not torch.equal(want, once)  # rounding each operation changes the result: the test can fail
@@ -112,7 +70,7 @@ def test_one_element_per_piece(trio):
     base, models, anchor = (x[:300].to(torch.bfloat16) if isinstance(x, torch.Tensor)
                             else [m[:300].to(torch.bfloat16) for m in x] for x in trio)
     vectors = [(0.7, models[0], base, 0.3), (0.5, models[1], base, 0.6)]
-    want = mergekit_reference("t", anchor, vectors, "ties", normalize=True, rescale=True)
+    want = gta_reference("t", anchor, vectors, "ties", normalize=True, rescale=True)
     got, _ = run_pieces("ties", "t", anchor, vectors, list(range(1, 300)), (("rescale", True),), compute="BF16")
     assert_same_bits(got, want, "one element per piece")
 

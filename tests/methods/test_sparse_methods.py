@@ -59,45 +59,58 @@ def ties_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def sparse_reference(name: str, anchor: torch.Tensor, vectors: list, method: str, *, normalize: bool | None = None,
                      rescale: bool | None = None, lam: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """mergekit 0.1.5's generalized task arithmetic on whole tensors, as torch operations in its
-    order, with raymerge's documented masks. vectors: (weight, a, b or None, density)."""
-    consensus = method in ("ties", "dare_ties")
-    random_drop = method.startswith("dare")
+    """mergekit 0.1.5's generalized task arithmetic on whole tensors in float32, rounded once to the
+    anchor's dtype, with raymerge's documented masks. vectors: (weight, a, b or None, density)."""
     normalize = (method == "ties") if normalize is None else normalize
-    rescale = random_drop if rescale is None else rescale
+    rescale = method.startswith("dare") if rescale is None else rescale
+    f32 = [(w, a.float(), b.float() if b is not None else None, d) for w, a, b, d in vectors]
+    return gta_reference(name, anchor.float(), f32, method, normalize=normalize, rescale=rescale, lam=lam,
+                         seed=seed).to(anchor.dtype)
+
+
+def gta_reference(name: str, anchor: torch.Tensor, vectors: list, method: str, *, normalize: bool,
+                  rescale: bool = False, lam: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """mergekit 0.1.5's generalized task arithmetic (task_arithmetic, ties, dare_*) with every tensor
+    in the anchor's dtype, each operation a torch operation on tensors of that dtype (its compute
+    dtype), in its order, with raymerge's documented masks (TIES: ties kept lowest index first; DARE:
+    its Philox draw) and exact L1 sums rounded to float32, then to the dtype. vectors: (weight, a, b
+    or None, density)."""
+    dtype = anchor.dtype
+    consensus = method in ("ties", "dare_ties")
     deltas = []
     for weight, a, b, density in vectors:
-        delta = (a.float() - b.float() if b is not None else a.float()).reshape(-1)
-        if density < 1:
+        delta = (a - b if b is not None else a).reshape(-1)
+        if method != "task_arithmetic" and density < 1:
             if density <= 0:
-                delta = torch.zeros_like(delta) if not random_drop else delta * 0
+                delta = torch.zeros_like(delta) if method == "ties" else delta * 0
             else:
-                keep = dare_keep(seed, name, delta.numel(), density) if random_drop else ties_keep(delta, density)
-                masked = delta * keep.float()
+                keep = ties_keep(delta.float(), density) if method == "ties" else \
+                    dare_keep(seed, name, delta.numel(), density)
+                masked = delta * keep.to(dtype)
                 if rescale:
-                    before, after = l1(delta), l1(masked)
-                    if not (before < np.float32(1e-7) or after < np.float32(1e-7)):
-                        masked = masked * torch.tensor(np.float32(before / after))
+                    before, after = (torch.tensor(l1(x.float())).to(dtype) for x in (delta, masked))
+                    if not (float(before) < np.float32(1e-7) or float(after) < np.float32(1e-7)):
+                        masked = masked * (before / after)
                 delta = masked
         deltas.append(delta)
     deltas = torch.stack(deltas)
-    weights = torch.tensor([v[0] for v in vectors], dtype=torch.float32).unsqueeze(-1)
-    weighted = deltas * weights
+    weights = torch.tensor([v[0] for v in vectors], dtype=dtype).unsqueeze(-1)
+    deltas = deltas * weights
     if consensus:
-        majority = (weighted.sum(dim=0) >= 0).float() * 2 - 1
-        mask = weighted.sign() == majority
-        mixed = (weighted * mask).sum(dim=0)
+        majority = (deltas.sum(dim=0) >= 0).to(dtype) * 2 - 1
+        mask = deltas.sign() == majority
+        mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
-        mixed = weighted.sum(dim=0)
+        mixed = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
-        mixed /= divisor
+        mixed = mixed / divisor
     if lam != 1:
-        mixed *= lam
-    return (anchor.float().reshape(-1) + mixed).to(anchor.dtype).reshape(anchor.shape)
+        mixed = mixed * lam
+    return (anchor.reshape(-1) + mixed).reshape(anchor.shape)
 
 
 # --- driving the method as raymerge does ----------------------------------------------------------
