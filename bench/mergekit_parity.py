@@ -195,6 +195,21 @@ models:
   - model: {base}
     parameters: {{weight: 0.2}}
 """,
+    "karcher (mergekit's test: max_iter 5)": """merge_method: karcher
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{weight: 0.6}}
+  - model: {cp}
+    parameters: {{weight: 0.4}}
+parameters: {{max_iter: 5, tol: 1.0e-5}}
+""",
+    "karcher without a base, defaults": """merge_method: karcher
+models:
+  - model: {chat}
+  - model: {cp}
+  - model: {base}
+""",
     "nearswap t 0.004": """merge_method: nearswap
 base_model: {base}
 models:
@@ -289,7 +304,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     assert sorted(ours) == sorted(theirs), "the outputs hold different tensors"
     method = (cfg or {}).get("merge_method")
     inputs = {}
-    if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp"):
+    if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
         base = role_of[cfg.get("base_model", "").rstrip("/")] if cfg.get("base_model") else None
@@ -352,6 +367,14 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
                        if m["model"].rstrip("/") != (cfg.get("base_model") or "").rstrip("/")]
             if _multislerp_sums_differ(models, inputs[base][k].to(at) if base else None, weights):
                 at_sum += int(d.sum())
+        elif method == "karcher":
+            at = getattr(torch, cfg.get("dtype", "float32"))
+            group = [role_of[m["model"].rstrip("/")] for m in cfg["models"]]
+            group += [base] if base and base not in group else []
+            params = cfg.get("parameters") or {}
+            if _karcher_sums_differ([inputs[role][k].to(at) for role in group], params.get("max_iter", 10),
+                                    params.get("tol", 1e-5)):
+                at_sum += int(d.sum())
         elif method in ("dare_linear", "dare_ties"):
             ref = inputs[base][k].to(t.dtype)
             for j, out in enumerate((t, theirs[k])):
@@ -359,7 +382,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     r = {"elements": total, "differ": differ}
     if method == "ties":
         r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
-    elif method in ("slerp", "nuslerp", "model_stock", "multislerp"):
+    elif method in ("slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
         r.update(differ_at_sum=at_sum)
     elif method in ("dare_linear", "dare_ties"):
         r["kept"] = [c / total for c in changed]
@@ -477,6 +500,63 @@ def _multislerp_sums_differ(models: list[torch.Tensor], base: torch.Tensor | Non
     tangent = ((units - torch.stack([b for _, b in dots]).unsqueeze(-1) * mean) * w.view(-1, 1)).sum(0)
     a, b = both(tangent)
     return bool(a != b)
+
+
+def _karcher_sums_differ(tensors: list[torch.Tensor], max_iter: int, tol: float) -> bool:
+    """Whether any of karcher's norms or dot products, as torch reduces them (mergekit's
+    vector_norm and dot), differs from the exact sum rounded once (raymerge's): mergekit's iteration,
+    with each reduction compared."""
+    from raymerge.ops.exact import dot_sum
+
+    def norm(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        h = x.float().reshape(-1).numpy()
+        theirs = torch.linalg.vector_norm(x.float())
+        return theirs, float(theirs) != float(dot_sum(h, h).sqrt_float32())
+
+    def dot(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        theirs = torch.dot(x.reshape(-1), y.reshape(-1))
+        ours = torch.tensor(float(dot_sum(x.float().reshape(-1).numpy(), y.float().reshape(-1).numpy()).to_float32()))
+        return theirs, float(theirs) != float(ours.to(x.dtype))
+
+    if len(tensors) == 1:
+        return False
+    got = [norm(t) for t in tensors]
+    if any(differ for _, differ in got):
+        return True
+    valid = [i for i, (n, _) in enumerate(got) if n.item() > tol]
+    if not valid:
+        return False
+    weights = [1 / len(tensors) / sum(1 / len(tensors) for _ in valid)] * len(valid)
+    units = [(tensors[i] / got[i][0]).to(tensors[i].dtype) for i in valid]
+    mean = torch.zeros_like(units[0])
+    for w, u in zip(weights, units):
+        mean += w * u
+    mn, differ = norm(mean)
+    if differ:
+        return True
+    mean = units[0].clone() if mn.item() < tol else (mean / mn).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, units):
+            d, differ = dot(mean, u)
+            if differ:
+                return True
+            d = torch.clamp(d, -1.0, 1.0)
+            theta = torch.arccos(d)
+            if theta.item() >= tol:
+                tangent += w * (theta / torch.sin(theta)) * (u - d * mean)
+        tn, differ = norm(tangent)
+        if differ:
+            return True
+        if tn.item() < tol:
+            return False
+        mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(mean.dtype)
+        un, differ = norm(mean)
+        if differ:
+            return True
+        if un.item() > tol:
+            mean = (mean / un).to(mean.dtype)
+    return False
 
 
 def _factors_differ(delta: torch.Tensor, k: int) -> bool:

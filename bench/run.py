@@ -18,7 +18,7 @@
              vectors over base, chat (weight 0.7, density 0.3) and cp (weight 0.5, density 0.6)
   mergekit-ties  mergekit-yaml on the same ties file (dtype float32, out_dtype bfloat16)
   METHOD     with --method METHOD (repeatable: slerp, nuslerp, nuslerp-rows, multislerp, model_stock,
-             model_stock-rows, nearswap, passthrough): `raymerge run` of that mergekit file (dtype
+             model_stock-rows, karcher, nearswap, passthrough): `raymerge run` of that mergekit file (dtype
              bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml on it; the table gives
              each one's wall time over merge2's
 
@@ -358,6 +358,8 @@ METHOD_FILES = {
     "multislerp": "base_model: {base}\nmodels:\n  - model: {chat}\n    parameters: {{weight: 0.6}}\n"
                   "  - model: {cp}\n    parameters: {{weight: 0.4}}\n",
     "model_stock": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\n",
+    # mergekit's test's karcher: the base joins the two models; 5 iterations, 17 statistics passes
+    "karcher": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\nparameters: {{max_iter: 5}}\n",
     "nearswap": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {chat}\nparameters: {{t: 0.004}}\n",
     "passthrough": "models:\n  - model: {chat}\n    parameters: {{scale: 0.8}}\n",
 }

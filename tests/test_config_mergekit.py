@@ -116,6 +116,10 @@ def test_raymerge_schedules_in_a_mergekit_file_are_refused_naming_the_key(config
     ({"merge_method": "nuslerp", "parameters": {"nuslerp_row_wise": True, "nuslerp_flatten": False},
       "models": [{"model": "/b", "parameters": {"weight": 1}}, {"model": "/c", "parameters": {"weight": 1}}]},
      "nuslerp_row_wise: true .* is not supported"),
+    ({"merge_method": "karcher", "parameters": {"max_iter": 101}, "models": [{"model": "/b"}, {"model": "/c"}]},
+     "max_iter 101: karcher runs a whole number of iterations, from 0 to 100"),
+    ({"merge_method": "karcher", "parameters": {"max_iter": 2.5}, "models": [{"model": "/b"}, {"model": "/c"}]},
+     "max_iter 2.5: karcher runs a whole number"),
     ({"merge_method": "slerp", "base_model": "/a", "dtype": "int8", "parameters": {"t": 0.5},
       "models": [{"model": "/b"}]}, "dtype 'int8': mergekit's compute dtype"),
 ])
@@ -130,3 +134,16 @@ def test_a_file_without_dtype_computes_at_its_inputs_dtype_and_float64_in_float3
     assert recipe_values(base, "f")[1]["compute_dtype"] == "inputs"
     assert recipe_values({**base, "dtype": "bfloat16"}, "f")[1]["compute_dtype"] == "BF16"
     assert recipe_values({**base, "dtype": "float64"}, "f")[1]["compute_dtype"] == "F32"
+
+
+def test_karchers_base_model_is_one_of_its_models_and_weights_change_nothing():
+    """mergekit's karcher weighs every model of its group 1/N, the base model one of them: appended
+    after the models where they do not list it (its config and tokenizer are the output's)."""
+    config = {"merge_method": "karcher", "base_model": "/m/c", "parameters": {"max_iter": 5, "tol": 1e-5},
+              "models": [{"model": "/m/a", "parameters": {"weight": 0.6}}, {"model": "/m/b", "parameters": {"weight": 0.4}}]}
+    kind, values = recipe_values(config, "f")
+    recipe, _ = build_recipe(kind, {**values, "out": "/o"})
+    assert [url for url, _ in recipe.vectors] == ["/m/a", "/m/b", "/m/c"] and recipe.base == "/m/c"
+    assert dict(recipe.params) == {"max_iter": 5, "tol": 1e-5}
+    listed = {**config, "models": [{"model": "/m/c"}, {"model": "/m/a"}]}
+    assert recipe_values(listed, "f")[1]["model"] == ["/m/c", "/m/a"]  # listed: where the file puts it

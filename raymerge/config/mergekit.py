@@ -76,6 +76,11 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
         for p in _declared(method):
             if p.per_vector:
                 per_model[p.mergekit].append(own.get(p.mergekit, p.default))
+    if how.base_joins and base is not None and base.rstrip("/") not in [u.rstrip("/") for u in urls]:
+        urls.append(base)  # mergekit adds the base model after the models that do not list it
+        for p in _declared(method):
+            if p.per_vector:
+                per_model[p.mergekit].append(defaults.get(p.mergekit, p.default))
     values: dict[str, Any] = {"model": urls}
     for p in _declared(method):
         if p.per_vector and (p.name == "scale" or any(x != p.default for x in per_model[p.mergekit])):

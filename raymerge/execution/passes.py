@@ -80,6 +80,20 @@ class Facts:
         self.by_tensor[tensor] = facts
         self._done.add((name, tensor))
 
+    def settle(self, name: str) -> None:
+        """Before pass `name` runs: a tensor whose facts say it needs the pass no more (an iterative
+        method's, converged: Method.needs) is done with it, and its pieces are skipped."""
+        for key in [k for k in self._pieces if k[0] == name and k not in self._done]:
+            t = self._plan.tensors[key[1]]
+            if not METHODS[t.method].needs(name, self.by_tensor.get(key[1])):
+                self._done.add(key)
+                self._open.pop(key, None)
+
+    def wanted(self, name: str, item_id: int) -> bool:
+        """Whether the item holds a piece of a tensor still open in pass `name`."""
+        return any((name, p.tensor) in self._pieces and (name, p.tensor) not in self._done
+                   for p in self._plan.items[item_id].pieces)
+
     def complete(self, name: str) -> bool:
         return all((name, t) in self._done for (n, t) in self._pieces if n == name)
 

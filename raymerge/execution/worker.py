@@ -165,10 +165,10 @@ class MergeWorker:
             time.sleep(self._test_delay)
         item = self._plan.items[item_id]
         st = self._state()
-        inputs, read_bytes = self._read_inputs(item, st, pass_name)
+        inputs, read_bytes = self._read_inputs(item, st, pass_name, facts)
         rows: list[Row] = []
         for p, piece in enumerate(item.pieces):
-            if piece.tensor == HEADER or pass_name not in self._passes[piece.tensor]:
+            if not self._needs(piece, pass_name, facts):
                 continue
             t = self._plan.tensors[piece.tensor]
             k = self._kernels[piece.tensor]
@@ -179,7 +179,15 @@ class MergeWorker:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak)
 
-    def _sources(self, item: Item, pass_name: str):
+    def _needs(self, piece: Piece, pass_name: str, facts: dict[int, Any] | None) -> bool:
+        """Whether the piece's tensor needs the pass, given its facts so far (`facts`: a statistics
+        pass's; None: the elementwise pass's, which every tensor needs)."""
+        if piece.tensor == HEADER or pass_name not in self._passes[piece.tensor]:
+            return False
+        return facts is None or METHODS[self._plan.tensors[piece.tensor].method].needs(pass_name,
+                                                                                       facts.get(piece.tensor))
+
+    def _sources(self, item: Item, pass_name: str, facts: dict[int, Any] | None = None):
         """(piece index, operand key, Source, byte range) of every input slice the item needs in a pass.
 
         Operand keys name what a slice is: (ANCHOR, 0), (A, j) and (B, j) for term j's a and b,
@@ -188,7 +196,7 @@ class MergeWorker:
         """
         stats = pass_name != ELEMENTWISE
         for p, piece in enumerate(item.pieces):
-            if piece.tensor == HEADER or pass_name not in self._passes[piece.tensor]:
+            if not self._needs(piece, pass_name, facts):
                 continue
             t = self._plan.tensors[piece.tensor]
             wanted: list[tuple[tuple[str, int], Source | None, int, int]] = [
@@ -205,13 +213,13 @@ class MergeWorker:
                     size = ITEMSIZE[src.dtype]
                     yield p, key, src, (src.start + begin * size, src.start + end * size)
 
-    def _read_inputs(self, item: Item, st: _ThreadState,
-                     pass_name: str) -> tuple[dict[tuple[int, str, int], memoryview], int]:
+    def _read_inputs(self, item: Item, st: _ThreadState, pass_name: str,
+                     facts: dict[int, Any] | None = None) -> tuple[dict[tuple[int, str, int], memoryview], int]:
         """Each slice a pass needs as a view, keyed by (piece index, *operand key); one read per file
         run, and each range once however many operands name it (a mergekit recipe's base is its
         anchor and every vector's b)."""
         by_file: dict[int, dict[tuple[int, int], list]] = {}
-        for p, key, src, rng in self._sources(item, pass_name):
+        for p, key, src, rng in self._sources(item, pass_name, facts):
             by_file.setdefault(src.file, {}).setdefault(rng, []).append((p, *key))
         while len(st.inputs) < len(by_file):
             st.inputs.append(Buffer())

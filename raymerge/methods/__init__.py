@@ -12,6 +12,7 @@ from __future__ import annotations
 from raymerge.methods.base import (ELEMENTWISE, SCALE, Method, Operands, Parameter, Pass, RecipeKind, Vector,
                                    mergekit_kind)
 from raymerge.methods.elementwise import Nearswap, Passthrough
+from raymerge.methods.karcher import Karcher
 from raymerge.methods.model_stock import ModelStock
 from raymerge.methods.multislerp import Multislerp
 from raymerge.methods.nuslerp import Nuslerp
@@ -21,7 +22,7 @@ from raymerge.methods.sum import Sum
 from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 
 _ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies(), Slerp(), Nuslerp(),
-                            Multislerp(), ModelStock(), Nearswap(), Passthrough())
+                            Multislerp(), Karcher(), ModelStock(), Nearswap(), Passthrough())
 
 
 def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:

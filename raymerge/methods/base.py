@@ -178,18 +178,21 @@ class RecipeKind:
     anchor_optional: bool = False  # the anchor (and what the vectors are taken minus) may be left out
     count: int = 0  # takes exactly this many vector inputs (0: any number; `single`: one)
     at_least: int = 0  # takes at least this many vector inputs
+    base_joins: bool = False  # mergekit's base_model is one of the models (appended where `models` omits it)
 
 
 def mergekit_kind(name: str, anchor: str | None = "base", minus: str | None = "base", single: bool = False,
-                  anchor_optional: bool = False, count: int = 0, at_least: int = 0) -> RecipeKind:
+                  anchor_optional: bool = False, count: int = 0, at_least: int = 0,
+                  base_joins: bool = False) -> RecipeKind:
     """The recipe kind of mergekit's `merge_method: name`: its models are the vectors, the base
     model (`base_model`) the anchor and what each is taken minus, as the method says; the output
     takes the base model's config and tokenizer. `single`: one model besides the base;
     `anchor_optional`: without a base_model, the models alone (nuslerp, multislerp); `count`: exactly
-    this many models besides the base; `at_least`: at least this many."""
+    this many models besides the base; `at_least`: at least this many; `base_joins`: the base model
+    is one more model (karcher's group), its config and tokenizer the output's."""
     return RecipeKind(name, name, f"mergekit's {name}", vectors="model", anchor=anchor, minus=minus, aux="base",
                       manifest_kind=f"mergekit {name}", example="", command=False, mergekit=True, single=single,
-                      anchor_optional=anchor_optional, count=count, at_least=at_least)
+                      anchor_optional=anchor_optional, count=count, at_least=at_least, base_joins=base_joins)
 
 
 class Method(ABC):
@@ -219,6 +222,12 @@ class Method(ABC):
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
         """The passes one tensor (a TensorPlan with terms) needs, in PASS_ORDER: by default, all."""
         return (*(p.name for p in self.statistics), ELEMENTWISE)
+
+    def needs(self, pass_name: str, facts: Any) -> bool:
+        """Whether a tensor whose passes so far found `facts` still needs statistics pass `pass_name`
+        (one of `passes_for`'s): by default, yes. An iterative method says no past convergence, and
+        the driver skips the tensor's pieces in that pass."""
+        return True
 
     def works_on(self, term: Any) -> bool:
         """Whether the statistics passes record facts for this term of a tensor (Term): by default

@@ -44,13 +44,19 @@ def widen_rows(kernel: Any, scratch: Any, key: str, arrays: list, lo: int, m: in
     return [rows[i, :m] for i in range(len(arrays) + spare)]
 
 
-def exact_sum(kernel: Any, x: Any, scratch: Any, square: bool = False, narrow: bool = False) -> ExactSum:
-    """sum x (or sum x * x), exactly, of a float32 array of the kernel's. A product of two arrays
-    is made on the device first (kernel.multiply: a float32 product, rounded, as the methods that
-    sum rounded products want); a square is exact here. `narrow`: x holds BF16 or F16 values (an
-    input of those types, or a value rounded to the compute dtype): summed faster (ops.exact)."""
+def exact_sum(kernel: Any, x: Any, scratch: Any, square: bool = False, narrow: bool = False,
+              times: Any = None) -> ExactSum:
+    """sum x (or sum x * x, or sum x * times), exactly, of float32 arrays of the kernel's: the
+    products are exact here (a method that sums rounded products makes them with kernel.multiply
+    first). `narrow`: x (and times) hold BF16 or F16 values (an input of those types, or a value
+    rounded to the compute dtype): summed faster (ops.exact)."""
+    other = np.float32(1.0)
+    if times is not None:
+        other = kernel.to_host(times, scratch)
+        if not isinstance(times, np.ndarray):
+            other = other.copy()  # a device's host buffer: the next to_host reuses it
     hx = kernel.to_host(x, scratch)
-    return dot_sum(hx, hx if square else np.float32(1.0), _host_work(scratch), narrow)
+    return dot_sum(hx, hx if square else other, _host_work(scratch), narrow)
 
 
 def is_narrow(array: Any) -> bool:

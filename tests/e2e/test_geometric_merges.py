@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import boto3
 import pytest
@@ -14,6 +18,7 @@ from raymerge.api import run
 from raymerge.config import build_recipe
 from raymerge.planning.schedule import Scale
 from tests.conftest import make_llama_trio
+from tests.e2e.test_sparse_merges import _journal
 from tests.helpers import assert_bit_identical, load_folder
 from tests.methods.test_geometric import slerp_reference
 
@@ -176,3 +181,68 @@ dtype: bfloat16
             for name, b in tensors["base"].items()}
     assert_bit_identical(load_folder(out), want)
     assert cli_main(["verify", out, "--recompute", "4"]) == 0  # the recorded facts read back and recompute
+
+
+def _karcher_file(tmp_path, models, max_iter: int) -> str:
+    """mergekit's test's karcher: the base model joins the two models (every one weighs 1/3, the
+    weights the file gives change nothing, as in mergekit)."""
+    return _file(tmp_path, f"""merge_method: karcher
+base_model: {models['base']}
+models:
+  - model: {models['chat']}
+    parameters: {{weight: 0.6}}
+  - model: {models['chat2']}
+    parameters: {{weight: 0.4}}
+parameters: {{max_iter: {max_iter}, tol: 1.0e-5}}
+dtype: bfloat16
+""")
+
+
+def _karcher_want(tensors, max_iter: int) -> dict:
+    from tests.methods.test_karcher import karcher_reference
+
+    return {name: karcher_reference([tensors[r][name] for r in ("chat", "chat2", "base")], max_iter)
+            for name in tensors["base"]}
+
+
+def test_karcher_file_verifies_with_recomputation(ray_local, models, tensors, tmp_path, cli_main):
+    out = str(tmp_path / "karcher")
+    assert cli_main(["run", _karcher_file(tmp_path, models, 3), "--out", out, "--item-size", "4KiB",
+                     "--workers", "2"]) == 0
+    assert_bit_identical(load_folder(out), _karcher_want(tensors, 3))
+    manifest = json.load(open(os.path.join(out, "raymerge_manifest.json")))
+    assert manifest["recipe"]["model"][-1] == models["base"] and manifest["recipe"]["max_iter"] == 3
+    assert cli_main(["verify", out, "--recompute", "4"]) == 0
+
+
+def test_karcher_resumed_after_the_driver_is_killed_between_iterations(ray_local, models, tensors, tmp_path,
+                                                                       cli_main, capsys):
+    """Killed once the first iteration's dots are journaled: the resumed run does not run the
+    passes journaled whole again, and gives the same bits."""
+    path = _karcher_file(tmp_path, models, 2)
+    out = str(tmp_path / "out")
+    args = ["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2", "-v"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "RAYMERGE_TEST_ITEM_DELAY": "0.05"}
+    proc = subprocess.Popen([sys.executable, "-m", "raymerge", *args], stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "killed.log", "w"), env=env)
+    first = "karcher-dots-1"
+    try:
+        deadline = time.monotonic() + 180
+        while first not in _journal(out) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the first iteration was not journaled in time"
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few items of the next passes, maybe
+        assert proc.poll() is None, open(tmp_path / "killed.log").read()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    journaled = _journal(out)
+    assert "karcher-unit-2" not in journaled and not [n for n in os.listdir(out) if n.endswith(".safetensors")]
+    capsys.readouterr()
+    assert cli_main([*args, "--resume"]) == 0
+    log = capsys.readouterr().err
+    for name in ("karcher-norms", "karcher-mean"):
+        assert f"{name}:" not in log, log  # journaled whole before the kill: not run again
+    assert "karcher-unit-2: 2 workers" in log, log
+    assert_bit_identical(load_folder(out), _karcher_want(tensors, 2))

@@ -82,6 +82,8 @@ def run(kernel, t: TensorPlan, raw: dict, cuts: list[int], chunk: int | None):
 
     facts, seen = None, []
     for p in m.passes_for(t)[:-1]:
+        if not m.needs(p, facts):
+            continue  # as the driver skips it (an iterative method's, converged)
         results = [(lo, m.statistic(kernel, p, operands(lo, hi, facts), scratch))
                    for lo, hi in zip(bounds, bounds[1:])]
         facts = m.reduce(p, t, results[::-1], facts)  # in any order

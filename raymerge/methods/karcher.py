@@ -1,0 +1,321 @@
+"""mergekit's Karcher mean: the weighted Riemannian mean of the models on the unit hypersphere,
+found by iteration, over each tensor as one vector, as mergekit 0.1.5 (`merge_methods/karcher.py`)
+computes on tensors of the compute dtype (every model weighs 1/N, the base model one of them):
+
+    n_i = |x_i| (float32);  u_i = x_i / n_i;  the valid models: n_i > tol, weights w_i = 1/V each
+    m = sum_i w_i u_i;  m = m / |m|  (or the first valid unit where |m| < tol)
+    up to max_iter times:
+        d_i = clamp(m . u_i, -1, 1);  theta_i = acos(d_i)  (a model with theta_i < tol is skipped)
+        tangent = sum_i w_i (theta_i / sin theta_i) (u_i - d_i m)
+        tn = |tangent|;  stop where tn < tol
+        m = cos(tn) m + sin(tn) (tangent / tn);  m = m / |m|  (where |m| > tol)
+    out = (sum_i n_i / N) m
+
+Every whole-tensor reduction is a statistics pass, exact and rounded once (to float32, then the
+compute dtype where mergekit's is in it): `karcher-norms`, `karcher-mean`, then per iteration k
+`karcher-dots-k`, `karcher-tangent-k` and `karcher-unit-k`. A pass computes the mean of the
+iterations before it again from the inputs and the facts (a worker keeps no tensor), so a resumed
+run goes on from the last finished pass. A tensor that has converged (tn < tol), or has no valid
+model, needs none of the passes after (`Method.needs`): the driver skips its pieces. The driver
+makes the scalars with torch on 0-dim tensors of mergekit's dtypes (steps.in_torch), and rounds a
+float32 scalar to the compute dtype where torch does: as the first operand of a product.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
+from raymerge.methods.steps import (bits, counted, exact_sum, facts_problem, in_torch, past_rows, quiet, replay_nans,
+                                    step, torch_dtype, total, value, widen_rows)
+
+NORMS, MEAN = "karcher-norms", "karcher-mean"
+DOTS, TANGENT, UNIT = "dots", "tangent", "unit"  # an iteration's passes: karcher-dots-1, ...
+_STEPS = (DOTS, TANGENT, UNIT)
+MAX_ITER = 100  # the iterations raymerge declares passes for
+_ROWS = "karcher-rows"
+
+_MAX_ITER = Parameter("max_iter", "the most iterations of the Karcher mean", "number", 10, mergekit="max_iter")
+_TOL = Parameter("tol", "the tolerance: a norm, angle or step below it counts as zero", "number", 1e-5,
+                 mergekit="tol")
+
+
+def iteration_pass(k: int, what: str) -> str:
+    return f"karcher-{what}-{k}"
+
+
+def _parse(pass_name: str) -> tuple[str, int]:
+    """(what, iteration) of an iteration's pass; (pass_name, 0) of the first two."""
+    if pass_name in (NORMS, MEAN):
+        return pass_name, 0
+    _, what, k = pass_name.split("-")
+    return what, int(k)
+
+
+class Karcher(Method):
+    name = "karcher"
+    torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
+    parameters = (_MAX_ITER, _TOL)
+    statistics = (Pass(NORMS, 100), Pass(MEAN, 101),
+                  *(Pass(iteration_pass(k, what), 100 + 3 * k + j)
+                    for k in range(1, MAX_ITER + 1) for j, what in enumerate(_STEPS)))
+    recipes = (mergekit_kind("karcher", anchor=None, minus=None, base_joins=True, at_least=1),)
+    mergekit_ignores = ("weight",)  # mergekit weighs every model 1/N, whatever weights the file gives
+
+    def refuses(self, params: dict[str, Any]) -> str | None:
+        n = params.get("max_iter", _MAX_ITER.default)
+        if n != int(n) or not 0 <= n <= MAX_ITER:
+            return f"max_iter {n:g}: karcher runs a whole number of iterations, from 0 to {MAX_ITER}"
+        return None
+
+    def passes_for(self, tensor: Any) -> tuple[str, ...]:
+        if len(tensor.terms) < 2:  # one model: mergekit returns it as it is
+            return ("elementwise",)
+        iters = int(param(tensor.params, "max_iter", _MAX_ITER.default))
+        return (NORMS, MEAN, *(iteration_pass(k, what) for k in range(1, iters + 1) for what in _STEPS),
+                "elementwise")
+
+    def needs(self, pass_name: str, facts: Any) -> bool:
+        """Past the norms, nothing where no model is valid; past convergence, no iteration's pass."""
+        f = (facts or [None])[0] or {}
+        what, k = _parse(pass_name)
+        if what == NORMS or "n" not in f:
+            return True
+        if not f.get("valid"):
+            return False
+        done = f.get("done")
+        return done is None or k < done or (k == done and what != UNIT)
+
+    def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
+        k = len(tensor.terms)
+        f = facts[0] if isinstance(facts, list) and facts and isinstance(facts[0], dict) else {}
+        wanted: dict[str, int] = {}
+        for p in passes:
+            if not self.needs(p, [f]):
+                break
+            what, it = _parse(p)
+            wanted.update({NORMS: {"n": k, "w": k, "valid": 0, "scale": 0}, MEAN: {"mn": 0},
+                           DOTS: {f"d{it}": k, f"c{it}": k, f"skip{it}": k},
+                           TANGENT: {f"tn{it}": 0, f"cos{it}": 0, f"sin{it}": 0}, UNIT: {f"un{it}": 0}}[what])
+            if what == NORMS and f and not f.get("valid"):
+                break
+        problem = facts_problem(facts, k, wanted)
+        if problem is None and "done" in f and not (isinstance(f["done"], int) and 1 <= f["done"] <= MAX_ITER):
+            problem = "vector 1's done: expected an iteration"
+        return problem
+
+    # --- statistics ------------------------------------------------------------------------------
+
+    @quiet
+    def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
+        f = (operands.facts or [None])[0] or {}
+        if len(operands.vectors) < 2:
+            return []
+        what, it = _parse(pass_name)
+        narrow = operands.compute is not None  # every value summed is rounded to it
+        n = _length(operands)
+        sums = None
+        for at in range(0, n, scratch.chunk):
+            s = _State(kernel, operands, scratch, f, at, min(scratch.chunk, n - at))
+            if what == NORMS:
+                parts = [exact_sum(kernel, x, scratch, square=True, narrow=narrow) for x in s.x]
+            elif what == MEAN:
+                parts = [exact_sum(kernel, s.first_mean(), scratch, square=True, narrow=narrow)]
+            else:
+                mean = s.mean_after(it - 1)
+                if what == DOTS:
+                    parts = [exact_sum(kernel, s.x[i], scratch, narrow=narrow, times=mean) for i in s.valid]
+                elif what == TANGENT:
+                    parts = [exact_sum(kernel, s.tangent(it), scratch, square=True, narrow=narrow)]
+                else:
+                    s.tangent(it)
+                    parts = [exact_sum(kernel, s.step_along(it), scratch, square=True, narrow=narrow)]
+            sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
+        return [[x.to_json() for x in sums]] if sums is not None else []
+
+    def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
+        k = len(tensor.terms)
+        facts = [dict(f) if f else {} for f in (facts or [{}] * k)]
+        params = dict(tensor.params)
+        tol = float(params.get("tol", _TOL.default))
+        what, it = _parse(pass_name)
+        count = k if what == NORMS else len(_valid(facts[0], tol)) if what == DOTS else 1
+        root = what != DOTS
+        sums = [float(s.sqrt_float32() if root else s.to_float32()) for s in (total(results, 0, i)
+                                                                            for i in range(count))]
+        facts[0].update(in_torch(_scalars, what, it, sums, facts[0], k, tol, getattr(tensor, "compute", None)))
+        return facts
+
+    # --- the elementwise rule ------------------------------------------------------------------
+
+    @quiet
+    def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
+        f = (operands.facts or [None])[0] or {}
+        n = _length(operands) if operands.vectors else 0
+        sums = past_rows(kernel, out, operands, scratch, n)
+        inputs = [v.a for v in operands.vectors]
+        iters = int(self.value(operands, "max_iter"))
+        for at in range(0, n, scratch.chunk):
+            m = min(scratch.chunk, n - at)
+
+            def rule(kern: Any, *xs: Any) -> Any:
+                return _State(kern, operands, scratch, f, at, m, xs).result(iters)
+
+            result = rule(kernel)
+            replay_nans(kernel, result, scratch, inputs, at, lambda kern, xs: rule(kern, *xs))
+            sums = counted(sums, kernel.weighted_sum(out[at:at + m], result, [], scratch))
+        return sums
+
+
+class _State:
+    """One chunk's elements of the quantities the passes reduce, each operation rounded to the
+    compute dtype as mergekit's: the inputs, turned into units in place, the mean, the tangent.
+    `given`: the inputs already widened (a NaN replay's, on the host), else read from the operands."""
+
+    def __init__(self, kernel: Any, operands: Operands, scratch: Any, facts: dict, at: int, m: int,
+                 given: tuple = ()) -> None:
+        self.k, self.o, self.f = kernel, operands, facts
+        count = len(operands.vectors)
+        if given:
+            rows = list(given) + [np.empty(len(given[0]), np.float32) for _ in range(3)]
+        else:
+            rows = widen_rows(kernel, scratch, _ROWS, [v.a for v in operands.vectors], at, m, spare=3)
+        self.x, (self.mean, self.tan, self.work) = rows[:count], rows[count:]
+        self.tol = float(operands.param("tol", _TOL.default))
+        self.valid = _valid(facts, self.tol) if "n" in facts else []
+        self._units = False
+
+    def rnd(self, x: Any) -> Any:
+        return self.o.rounded(self.k, x)
+
+    def units(self) -> None:
+        """u_i = x_i / n_i, in place, for the valid models (mergekit's division by a float32 norm)."""
+        if not self._units:
+            for i in self.valid:
+                self.rnd(step(self.k.divide, self.x[i], value(self.f["n"][i]), self.x[i]))
+            self._units = True
+
+    def first_mean(self) -> Any:
+        """sum_i w_i u_i: each product rounded, added in turn (mergekit's `mean += alpha * unit`)."""
+        self.units()
+        k = self.k
+        k.fill(self.mean, 0)
+        for i in self.valid:
+            self.rnd(step(k.add, self.mean, self.rnd(step(k.multiply, self.x[i], value(self.f["w"][i]), self.work)),
+                          self.mean))
+        return self.mean
+
+    def mean_after(self, iterations: int) -> Any:
+        """The mean once `iterations` iterations are done (0: the normalized first mean)."""
+        self.first_mean()
+        mn = value(self.f["mn"])
+        if float(mn) < self.tol:
+            self.k.copy(self.mean, self.x[self.valid[0]])
+        else:
+            self.rnd(step(self.k.divide, self.mean, mn, self.mean))
+        for it in range(1, iterations + 1):
+            if self.f.get("done") == it:
+                break
+            self.tangent(it)
+            self.step_along(it)
+            un = value(self.f[f"un{it}"])
+            if float(un) > self.tol:
+                self.rnd(step(self.k.divide, self.mean, un, self.mean))
+        return self.mean
+
+    def tangent(self, it: int) -> Any:
+        """sum_i c_i (u_i - d_i m) over the models iteration `it` does not skip, added in turn."""
+        k, f = self.k, self.f
+        k.fill(self.tan, 0)
+        for i in self.valid:
+            if f[f"skip{it}"][i]:
+                continue
+            self.rnd(step(k.multiply, self.mean, value(f[f"d{it}"][i]), self.work))
+            self.rnd(step(k.subtract, self.x[i], self.work, self.work))
+            self.rnd(step(k.multiply, self.work, value(f[f"c{it}"][i]), self.work))
+            self.rnd(step(k.add, self.tan, self.work, self.tan))
+        return self.tan
+
+    def step_along(self, it: int) -> Any:
+        """m = cos(tn) m + sin(tn) (tangent / tn), before it is normalized (the tangent is consumed)."""
+        k, f = self.k, self.f
+        self.rnd(step(k.multiply, self.mean, value(f[f"cos{it}"]), self.mean))
+        self.rnd(step(k.divide, self.tan, value(f[f"tn{it}"]), self.tan))
+        self.rnd(step(k.multiply, self.tan, value(f[f"sin{it}"]), self.tan))
+        return self.rnd(step(k.add, self.mean, self.tan, self.mean))
+
+    def result(self, iterations: int) -> Any:
+        """The output before its last rounding."""
+        k = self.k
+        if len(self.x) == 1:  # mergekit returns the one model as it is
+            return self.x[0]
+        if not self.valid:  # no model's norm above tol: mergekit's sum of each model times 0
+            k.fill(self.mean, 0)
+            for x in self.x:
+                self.rnd(step(k.add, self.mean, self.rnd(step(k.multiply, x, np.float32(0), self.work)), self.mean))
+            return self.mean
+        mean = self.mean_after(iterations)
+        return self.rnd(step(k.multiply, mean, value(self.f["scale"]), mean))
+
+
+def _valid(facts: dict, tol: float) -> list[int]:
+    """The models whose norm is above tol (a NaN norm is not)."""
+    return [i for i, n in enumerate(facts["n"]) if float(value(n)) > tol]  # compared as doubles, as mergekit
+
+
+def _length(operands: Operands) -> int:
+    return min(len(v.a) for v in operands.vectors)
+
+
+def _scalars(what: str, it: int, sums: list[float], f: dict, count: int, tol: float, compute: str | None) -> dict:
+    """The facts a pass records from its sums (float32: norms, dots), with torch on 0-dim tensors
+    of mergekit's dtypes: the norms, weights, valid models and the output's scale; the mean's norm;
+    an iteration's clamped dots, the coefficients theta / sin(theta) w and which models it skips;
+    the tangent's norm with its cos and sin (as the first operand of a product: in the compute dtype);
+    the new mean's norm."""
+    import torch
+
+    dtype = torch_dtype(compute)
+    got = torch.tensor(sums, dtype=torch.float32)
+    if what == NORMS:
+        valid = [i for i, n in enumerate(got.tolist()) if n > tol]
+        weights = _weights(count, valid)
+        scale = sum(1.0 / count * n for n in got)  # a python sum of float32 0-dim tensors, from int 0
+        return {"n": _bits(got), "w": [bits(np.float32(w)) for w in weights], "valid": int(bool(valid)),
+                "scale": _bits(scale.to(dtype))[0]}
+    if what == MEAN:
+        return {"mn": _bits(got)[0]}
+    if what == DOTS:
+        valid = _valid(f, tol)
+        weights = _weights(count, valid)
+        dots, coefs, skips = [0] * count, [0] * count, [1] * count
+        for i, s in zip(valid, got):
+            dot = torch.clamp(s.to(dtype), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            dots[i] = _bits(dot)[0]
+            if theta.item() < tol:
+                continue
+            coefs[i] = _bits(weights[i] * (theta / torch.sin(theta)))[0]
+            skips[i] = 0
+        return {f"d{it}": dots, f"c{it}": coefs, f"skip{it}": skips}
+    if what == TANGENT:
+        tn = got[0]
+        out = {f"tn{it}": _bits(tn)[0], f"cos{it}": _bits(torch.cos(tn).to(dtype))[0],
+               f"sin{it}": _bits(torch.sin(tn).to(dtype))[0]}
+        if tn.item() < tol:
+            out["done"] = it
+        return out
+    return {f"un{it}": _bits(got)[0]}
+
+
+def _weights(count: int, valid: list[int]) -> list[float]:
+    """mergekit's normalized alphas (python floats): 1/count each, over their sum among the valid models."""
+    alpha = 1.0 / count
+    total_ = sum([alpha] * len(valid))
+    return [alpha / total_ if i in valid else 0.0 for i in range(count)]
+
+
+def _bits(t: Any) -> list[int]:
+    return [bits(x) for x in t.float().reshape(-1).tolist()]

@@ -1,0 +1,117 @@
+"""karcher driven as the worker and the driver drive it (every statistics pass per piece, reduced,
+then every piece applied; tests.methods.test_sparse_methods.run_pieces), bit for bit against a
+whole-tensor reference written here: mergekit 0.1.5's iteration, on tensors of the compute dtype,
+with its float reductions (norms, dot products) made exact and rounded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymerge.methods import METHODS
+from tests.methods.test_geometric import COMPUTE, exact_sum, rounded, rounded_sqrt
+from tests.methods.test_sparse_methods import assert_same_bits, run_pieces
+
+
+def karcher_reference(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0]
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # float32, as torch.linalg.vector_norm(x.float())
+        return torch.tensor(float(rounded_sqrt(exact_sum(x.double().reshape(-1) ** 2))))
+
+    def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # in x's dtype, as torch.dot
+        return torch.tensor(float(rounded(exact_sum(x.double().reshape(-1) * y.double().reshape(-1))))).to(x.dtype)
+
+    norms = [norm(t) for t in tensors]
+    units = [torch.zeros_like(t) if n.item() == 0 else (t / n).to(t.dtype) for t, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return sum(t * 0 for t in tensors)
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    weights = [alphas[i] / sum(alphas[i] for i in valid) for i in valid]
+    chosen = [units[i] for i in valid]
+    mean = torch.zeros_like(chosen[0])
+    for w, u in zip(weights, chosen):
+        mean += w * u
+    mn = norm(mean)
+    mean = chosen[0].clone() if mn.item() < tol else (mean / mn).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, chosen):
+            d = torch.clamp(dot(mean, u), -1.0, 1.0)
+            theta = torch.arccos(d)
+            if theta.item() < tol:
+                continue
+            tangent += w * (theta / torch.sin(theta)) * (u - d * mean)
+        tn = norm(tangent)
+        if tn.item() < tol:
+            break
+        mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(mean.dtype)
+        un = norm(mean)
+        if un.item() > tol:
+            mean = (mean / un).to(mean.dtype)
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
+@pytest.fixture(scope="module")
+def models():
+    g = torch.Generator().manual_seed(43)
+    base = 0.02 * torch.randn(60, 100, generator=g)
+    return [base + s * torch.randn(60, 100, generator=g) for s in (0.01, 0.012, 0.008, 0.02)]
+
+
+def karcher_pieces(tensors: list[torch.Tensor], cuts: list[int], max_iter: int = 10, tol: float = 1e-5,
+                   compute: str | None = None):
+    return run_pieces("karcher", "m", tensors[0], [(1.0, t, None, ()) for t in tensors], cuts,
+                      (("max_iter", max_iter), ("tol", tol)), chunk=64, compute=compute, anchored=False)
+
+
+CUTS = ([], [1, 99, 100, 101, 2500, 5999], list(range(250, 6000, 250)))
+
+
+@pytest.mark.parametrize("dtype", list(COMPUTE))
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_karcher_gives_the_reference_bits_for_every_cut(models, dtype, k):
+    tensors = [m.to(dtype) for m in models[:k]]
+    want = karcher_reference(tensors, 5)
+    assert not torch.equal(want, (sum(t.float() for t in tensors) / k).to(dtype))  # not a plain average
+    for starts in CUTS:
+        got, facts = karcher_pieces(tensors, starts, 5, compute=COMPUTE[dtype])
+        assert_same_bits(got, want, f"karcher {dtype} k={k} {len(starts)} cuts")
+    iterations = facts[0].get("done", 5)
+    assert all(f"un{i}" in facts[0] for i in range(1, iterations)) and "d6" not in facts[0]
+
+
+def test_a_converged_tensor_needs_no_more_passes(models):
+    """Float32 models near one another converge in a few iterations: the passes after are skipped
+    (Method.needs), and the result is the reference's at max_iter 50."""
+    tensors = [models[0], models[0] + 1e-4 * models[1], models[0] - 1e-4 * models[2]]
+    want = karcher_reference(tensors, 50)
+    got, facts = karcher_pieces(tensors, [1000, 3001], 50)
+    assert_same_bits(got, want, "converged")
+    done = facts[0]["done"]
+    assert 1 <= done < 10 and f"d{done}" in facts[0] and f"un{done}" not in facts[0] and f"d{done + 1}" not in facts[0]
+    karcher = METHODS["karcher"]
+    assert karcher.needs(f"karcher-tangent-{done}", facts) and not karcher.needs(f"karcher-unit-{done}", facts)
+    assert not karcher.needs(f"karcher-dots-{done + 1}", facts)
+
+
+def test_models_of_norm_below_tol_are_left_out_and_all_of_them_give_zeros(models):
+    tiny = (1e-9 * models[2]).to(torch.bfloat16)
+    tensors = [models[0].to(torch.bfloat16), tiny, models[1].to(torch.bfloat16)]
+    want = karcher_reference(tensors, 3)
+    got, _ = karcher_pieces(tensors, [77, 3000], 3, compute="BF16")
+    assert_same_bits(got, want, "one model left out")
+    tensors = [tiny, (-1e-9 * models[3]).to(torch.bfloat16)]
+    want = karcher_reference(tensors, 3)
+    got, facts = karcher_pieces(tensors, [77], 3, compute="BF16")
+    assert_same_bits(got, want, "none valid")
+    assert facts[0]["valid"] == 0 and "mn" not in facts[0] and not got.float().any()
+
+
+def test_one_model_is_that_model(models):
+    one = models[0].to(torch.bfloat16)
+    got, facts = karcher_pieces([one], [10], 3, compute="BF16")
+    assert_same_bits(got, one, "one model")
+    assert facts is None
