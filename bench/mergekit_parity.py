@@ -26,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from raymerge.planning.schedule import Scale
+from raymerge.planning.schedule import NAMED, Scale, layer_of
 from raymerge.synth import LlamaShape, make_trio
 
 # name -> the body of a mergekit file (models and parameters), with {base}, {chat}, {cp}
@@ -210,6 +211,40 @@ models:
   - model: {cp}
   - model: {base}
 """,
+    "passthrough frankenmerge (slices)": """merge_method: passthrough
+slices:
+  - sources:
+      - model: {chat}
+        layer_range: [0, 10]
+  - sources:
+      - model: {cp}
+        layer_range: [6, 16]
+  - sources:
+      - model: {chat}
+        layer_range: [15, 16]
+        parameters: {{scale: 0.5}}
+""",
+    "slerp slices, t gradients per slice": """merge_method: slerp
+base_model: {base}
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 8]
+      - model: {chat}
+        layer_range: [0, 8]
+  - sources:
+      - model: {base}
+        layer_range: [8, 16]
+      - model: {chat}
+        layer_range: [4, 12]
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+""",
     "nearswap t 0.004": """merge_method: nearswap
 base_model: {base}
 models:
@@ -304,13 +339,16 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     assert sorted(ours) == sorted(theirs), "the outputs hold different tensors"
     method = (cfg or {}).get("merge_method")
     inputs = {}
+    sliced = bool(cfg and "slices" in cfg)
+    if sliced and method != "slerp":
+        method = None  # a frankenmerge of another method: its elements are compared, their causes not sought
     if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
         base = role_of[cfg.get("base_model", "").rstrip("/")] if cfg.get("base_model") else None
         vectors = [(role_of[m["model"].rstrip("/")], (m.get("parameters") or cfg.get("parameters") or {}).get(
             "t" if method == "slerp" else "density", 1.0))
-                   for m in cfg["models"] if m["model"].rstrip("/") != (cfg.get("base_model") or "").rstrip("/")]
+                   for m in cfg.get("models", []) if m["model"].rstrip("/") != (cfg.get("base_model") or "").rstrip("/")]
         layers = LlamaShape.of_size(1).config()["num_hidden_layers"]  # of_size: 16 layers whatever the size
     total = differ = tied = at_tie = at_sum = 0
     changed = [0, 0]
@@ -342,6 +380,13 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
                 at_sum += int(d.sum())
             else:
                 at_tie += int((d.reshape(-1) & ties).sum())
+        elif method == "slerp" and sliced:
+            at = getattr(torch, cfg.get("dtype", "float32"))
+            sources, i, count = _slice_sources(cfg, k)
+            (b, v0), (role, v1) = sorted(((role_of[m.rstrip("/")], n) for m, n in sources), key=lambda x: x[0] != base)
+            t = _setting(cfg["parameters"]["t"], k, count, i)
+            if _slerp_coefficients_differ(inputs[b][v0].to(at), inputs[role][v1].to(at), t):
+                at_sum += int(d.sum())
         elif method == "slerp":
             (role, setting), = vectors
             at = getattr(torch, cfg.get("dtype", "float32"))
@@ -389,11 +434,31 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     return r
 
 
-def _setting(setting, name: str, layers: int) -> float:
-    """A mergekit parameter's value for one tensor: a number, a gradient, or {filter, value} conditions."""
+def _setting(setting, name: str, layers: int, layer: int | None = NAMED) -> float:
+    """A mergekit parameter's value for one tensor: a number, a gradient, or {filter, value} conditions
+    (at `layer` of `layers`, where given: a slice's)."""
     if isinstance(setting, list) and setting and isinstance(setting[0], dict):
         setting = next(c["value"] for c in setting if c.get("filter") in (None, "*") or c["filter"] in name)
-    return Scale(tuple(map(float, setting)) if isinstance(setting, list) else float(setting)).at(name, layers)
+    return Scale(tuple(map(float, setting)) if isinstance(setting, list) else float(setting)).at(name, layers, layer)
+
+
+def _slice_sources(cfg: dict, name: str) -> tuple[list[tuple[str, str]], int | None, int]:
+    """A frankenmerge's output tensor: its sources (model, input tensor name), its layer in its slice
+    (None outside the layers) and the slice's layer count, as mergekit stacks slices."""
+    slices = cfg["slices"]
+    layer = layer_of(name)
+    if layer is None:
+        s = slices[0] if "embed" in name else slices[-1]
+        return [(src["model"], name) for src in s["sources"]], None, 1
+    first = 0
+    for s in slices:
+        count = s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0]
+        if layer < first + count:
+            i = layer - first
+            rename = lambda at: re.sub(r"\.layers\.\d+\.", f".layers.{at}.", name)  # noqa: E731
+            return [(src["model"], rename(src["layer_range"][0] + i)) for src in s["sources"]], i, count
+        first += count
+    raise ValueError(f"{name}: past the slices' layers")
 
 
 def _slerp_coefficients_differ(v0: torch.Tensor, v1: torch.Tensor, t: float) -> bool:

@@ -226,6 +226,8 @@ def _plan(args: argparse.Namespace) -> int:
           f"from {len(info['inputs'])} input files")
     for s in info["shards"]:
         print(f"  {s['name']}: {s['size']:,} bytes, {s['tensors']} tensors, {s['items']} items")
+    for line in layer_summary(info["layers"]):
+        print("  " + line)
     for line in scale_summary(info["tensors"]):
         print("  " + line)
     for p in info["passes"]:
@@ -234,6 +236,27 @@ def _plan(args: argparse.Namespace) -> int:
         given = ", ".join(f"{k}={v}" for k, v in m["given"].items())
         print(f"  method {name}: {', '.join(m['passes'])}" + (f" ({given})" if given else ""))
     return 0
+
+
+def layer_summary(layers: list[dict]) -> list[str]:
+    """A frankenmerge's layers: a line per run of output layers taken from consecutive layers of the
+    same inputs, e.g. `layers 8-15 <- chat 4-11, cp 4-11`."""
+    runs: list[list] = []  # [first output layer, last, sources of the first]
+    for entry in layers:
+        now = [(s["role"], s["layer"]) for s in entry["from"]]
+        if runs:
+            first, last, start = runs[-1]
+            if [r for r, _ in start] == [r for r, _ in now] and all(
+                    i == i0 + entry["layer"] - first for (_, i0), (_, i) in zip(start, now)):
+                runs[-1][1] = entry["layer"]
+                continue
+        runs.append([entry["layer"], entry["layer"], now])
+
+    def span(a: int, b: int) -> str:
+        return f"{a}" if a == b else f"{a}-{b}"
+
+    return [f"layers {span(first, last)} <- " + ", ".join(f"{role} {span(i, i + last - first)}" for role, i in start)
+            for first, last, start in runs]
 
 
 def scale_summary(tensors: list[dict]) -> list[str]:

@@ -50,7 +50,33 @@ def aux_contents(plan: Plan, storage_options: dict[str, Any]) -> dict[str, bytes
         out[aux.name] = _contents(plan, aux, read)
         if aux.name == "config.json":
             out[aux.name] = with_dtype(out[aux.name], output_dtype(plan), aux.source)
+            if plan.layers:
+                out[aux.name] = with_layers(out[aux.name], [sources[0][1] for sources in plan.layers], aux.source)
     return out
+
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # what configs call their layer count
+
+
+def with_layers(config: bytes, sources: list[int], where: str) -> bytes:
+    """config.json of a frankenmerge: its layer count the output's (at the top and in sub-configs
+    such as text_config, as mergekit sets it), and a per-layer list (`layer_types`: which attention
+    each layer has) taken from the layers each output layer comes from (`sources`)."""
+    try:
+        obj = parse_json(config, max_bytes=AUX_CAP)
+    except UntrustedJSON as e:
+        raise ResolveError(f"resolve: {urls.redact(where)}: config.json refused ({e}); fix or remove it") from e
+    if not isinstance(obj, dict):
+        return config
+    for d in (obj, *(v for v in obj.values() if isinstance(v, dict))):
+        key = next((k for k in LAYER_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)), None)
+        if key is None:
+            continue
+        types = d.get("layer_types")
+        if isinstance(types, list) and len(types) == d[key] and all(0 <= i < len(types) for i in sources):
+            d["layer_types"] = [types[i] for i in sources]
+        d[key] = len(sources)
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 def _contents(plan: Plan, aux: AuxFile, read) -> bytes:

@@ -1,7 +1,9 @@
 """mergekit configurations as raymerge recipes: which model is the anchor, which are the vectors.
 
 Read: `merge_method` (each method's mergekit recipe kind: methods.MERGEKIT), `base_model`,
-`models[].model` and their `parameters` (those the method declares with a mergekit name),
+`models[].model` and their `parameters` (those the method declares with a mergekit name), or
+`slices[].sources[]` (model, layer_range, parameters) with each slice's `parameters` (a frankenmerge:
+planning.slices),
 top-level `parameters` (the default of every model's), `dtype` (the compute dtype: every input is cast
 to it and each operation rounded as mergekit rounds it; without it, each tensor's inputs' dtype),
 `out_dtype`, `tokenizer_source: base`. A parameter may be a number, a gradient (a list of numbers) or a list of
@@ -27,7 +29,8 @@ from raymerge.untrusted import shown
 
 log = logging.getLogger("raymerge")
 
-_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
+_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+         "name")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
@@ -43,49 +46,33 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
                          f"{', '.join(MERGEKIT)} recipes; for the others use mergekit itself")
     for key in data:
         if key not in _KEYS:
-            hint = "raymerge merges whole models: list them under models" if key == "slices" else \
-                f"raymerge reads {', '.join(_KEYS)}"
-            raise InputError(f"{where}: {shown(key, 40)}: not a key raymerge can map; {hint}")
+            raise InputError(f"{where}: {shown(key, 40)}: not a key raymerge can map; raymerge reads {', '.join(_KEYS)}")
     if data.get("tokenizer_source") not in (None, "base"):
         raise InputError(f"{where}: tokenizer_source {shown(data['tokenizer_source'], 40)}: raymerge takes the base "
                          "model's tokenizer (tokenizer_source: base) or none")
-    models = data.get("models")
-    if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
-        raise InputError(f"{where}: models: a list of {{model: REFERENCE, parameters: {{weight: X}}}}")
+    if ("models" in data) == ("slices" in data):
+        raise InputError(f"{where}: give models (whole models) or slices (layer ranges), one of them")
     defaults = _parameters(data.get("parameters"), method, f"{where}: parameters")
     how = RECIPES[method]
     base = _reference(data["base_model"], f"{where}: base_model") if data.get("base_model") is not None else None
     if base is None and (how.anchor or how.minus) and not how.anchor_optional:
         raise InputError(f"{where}: {method} needs a base_model: the model each one's change is taken from")
-    per_model = {p.mergekit: [] for p in _declared(method) if p.per_vector}
-    urls = []
-    for i, entry in enumerate(models):
-        at = f"{where}: models[{i}]"
-        for key in entry:
-            if key not in ("model", "parameters"):
-                raise InputError(f"{at}: {shown(key, 40)}: raymerge reads model and parameters")
-        url = _reference(entry.get("model"), f"{at}.model")
-        own = {**defaults, **_parameters(entry.get("parameters"), method, f"{at}.parameters")}
-        if how.anchor and base is not None and url.rstrip("/") == base.rstrip("/"):
-            continue  # mergekit takes no change from the base itself (nor its weight into normalize's sum)
-        for p in _declared(method):
-            if p.required and p.mergekit not in own:
-                raise InputError(f"{at}.parameters.{p.mergekit}: missing; mergekit's {method} needs a {p.mergekit} "
-                                 "for every model (under the model's parameters, or the file's)")
-        urls.append(url)
-        for p in _declared(method):
-            if p.per_vector:
-                per_model[p.mergekit].append(own.get(p.mergekit, p.default))
-    if how.base_joins and base is not None and base.rstrip("/") not in [u.rstrip("/") for u in urls]:
-        urls.append(base)  # mergekit adds the base model after the models that do not list it
-        for p in _declared(method):
-            if p.per_vector:
-                per_model[p.mergekit].append(defaults.get(p.mergekit, p.default))
-    values: dict[str, Any] = {"model": urls}
+    models = _Models(method, base)
+    if "models" in data:
+        entries = data["models"]
+        if not isinstance(entries, list) or not entries or not all(isinstance(m, dict) for m in entries):
+            raise InputError(f"{where}: models: a list of {{model: REFERENCE, parameters: {{weight: X}}}}")
+        for i, entry in enumerate(entries):
+            _keys(entry, ("model", "parameters"), f"{where}: models[{i}]")
+            models.add(entry, defaults, f"{where}: models[{i}]")
+        if how.base_joins and base is not None and not models.has(base):
+            models.add({"model": base}, defaults, f"{where}: base_model")  # mergekit adds it after the models
+        values: dict[str, Any] = {}
+    else:
+        values = {"slices": _slices(data["slices"], models, defaults, where)}
+    values.update(models.values())
     for p in _declared(method):
-        if p.per_vector and (p.name == "scale" or any(x != p.default for x in per_model[p.mergekit])):
-            values[p.name] = per_model[p.mergekit]  # a parameter left at its default everywhere stays unsaid
-        elif not p.per_vector and p.mergekit in defaults:
+        if not p.per_vector and p.mergekit in defaults:
             values[p.name] = defaults[p.mergekit]
     if base is not None:
         values["base"] = base
@@ -94,6 +81,88 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
     if data.get("out_dtype", dtype) is not None:
         values["dtype"] = data.get("out_dtype", dtype)
     return method, values
+
+
+class _Models:
+    """The models of a configuration as the recipe's vector inputs, with their per-model parameters
+    (a model's own over its slice's over the file's). The base model itself is the anchor, not a
+    vector, where the method takes one."""
+
+    def __init__(self, method: str, base: str | None) -> None:
+        self.method, self.base = method, base
+        self.urls: list[str] = []
+        self.per_model: dict[str, list] = {p.mergekit: [] for p in _declared(method) if p.per_vector}
+
+    def has(self, url: str) -> bool:
+        return url.rstrip("/") in [u.rstrip("/") for u in self.urls]
+
+    def is_base(self, url: str) -> bool:
+        return bool(RECIPES[self.method].anchor) and self.base is not None and url.rstrip("/") == self.base.rstrip("/")
+
+    def add(self, entry: dict, defaults: dict[str, Any], at: str) -> bool:
+        """Add one model (a models entry or a slice's source); False for the base model itself
+        (mergekit takes no change from it, nor its weight into normalize's sum)."""
+        url = _reference(entry.get("model"), f"{at}.model")
+        own = {**defaults, **_parameters(entry.get("parameters"), self.method, f"{at}.parameters")}
+        if self.is_base(url):
+            return False
+        for p in _declared(self.method):
+            if p.required and p.mergekit not in own:
+                raise InputError(f"{at}.parameters.{p.mergekit}: missing; mergekit's {self.method} needs a "
+                                 f"{p.mergekit} for every model (under the model's parameters, or the file's)")
+        self.urls.append(url)
+        for p in _declared(self.method):
+            if p.per_vector:
+                self.per_model[p.mergekit].append(own.get(p.mergekit, p.default))
+        return True
+
+    def values(self) -> dict[str, Any]:
+        values: dict[str, Any] = {"model": self.urls}
+        for p in _declared(self.method):
+            if p.per_vector and (p.name == "scale" or any(x != p.default for x in self.per_model[p.mergekit])):
+                values[p.name] = self.per_model[p.mergekit]  # a parameter left at its default everywhere stays unsaid
+        return values
+
+
+def _slices(value: Any, models: _Models, defaults: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """mergekit's slices as the recipe's: each source a model (the base model's range apart), its
+    layer_range kept; the slice's parameters between the file's and each source's own."""
+    if not isinstance(value, list) or not value or not all(isinstance(s, dict) for s in value):
+        raise InputError(f"{where}: slices: a list of {{sources: [{{model: REFERENCE, layer_range: [FIRST, END]}}]}}")
+    out = []
+    for i, s in enumerate(value):
+        at = f"{where}: slices[{i}]"
+        _keys(s, ("sources", "parameters", "base_model"), at)
+        if s.get("base_model") is not None and (models.base is None or _reference(s["base_model"], at).rstrip("/")
+                                                != models.base.rstrip("/")):
+            raise InputError(f"{at}.base_model: a base model of its own; raymerge takes the file's base_model for "
+                             "every slice (give it at the top, and drop it here)")
+        given = _parameters(s.get("parameters"), models.method, f"{at}.parameters")
+        for p in _declared(models.method):
+            if not p.per_vector and p.mergekit in given:
+                raise InputError(f"{at}.parameters.{p.mergekit}: one value for the whole merge; give it in the "
+                                 "file's parameters")
+        own = {**defaults, **given}
+        sources = s.get("sources")
+        if not isinstance(sources, list) or not sources or not all(isinstance(x, dict) for x in sources):
+            raise InputError(f"{at}.sources: a list of {{model: REFERENCE, layer_range: [FIRST, END]}}")
+        layers, base = [], None
+        for k, src in enumerate(sources):
+            _keys(src, ("model", "layer_range", "parameters"), f"{at}.sources[{k}]")
+            if "layer_range" not in src:
+                raise InputError(f"{at}.sources[{k}].layer_range: missing; write layer_range: [FIRST, END]")
+            if models.add(src, own, f"{at}.sources[{k}]"):
+                layers.append(src["layer_range"])
+            else:
+                base = src["layer_range"]
+        out.append({"layers": layers, "base": base})
+    return out
+
+
+def _keys(entry: dict, allowed: tuple[str, ...], at: str) -> None:
+    for key in entry:
+        if key not in allowed:
+            raise InputError(f"{at}: {shown(key, 40)}: raymerge reads {', '.join(allowed)}")
 
 
 def _compute_dtype(dtype: Any, where: str) -> str:

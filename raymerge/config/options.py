@@ -148,6 +148,9 @@ OPTIONS: tuple[Option, ...] = (
            "inputs, each tensor at its inputs' dtype); float32 computes in float32 and rounds once (default for "
            "a raymerge recipe)", lambda x, o: v.parse_compute_dtype(x), _kinds(lambda k: k.mergekit),
            cli={"metavar": "|".join(v.COMPUTE_CHOICES)}),
+    Option("slices", "a frankenmerge (mergekit's slices): per slice, the layer range of each of its models (the "
+           "models in order, slice after slice) and of the base model; the output stacks the slices' layers",
+           v.slices, _kinds(lambda k: k.mergekit)),
     Option("shard_size", "max output shard size, decimal units like HF (default 5GB)",
            lambda x, o: v.parse_size(x, o.flag), run=True),
     Option("item_size", "bytes per work item (default 32MiB; S3 parts >= 5MiB)", v.item_size, run=True),

@@ -35,6 +35,9 @@ class Recipe:
     # The method's other per-vector parameters given (density, ...): (name, one value per vector, in order).
     per_vector: tuple[tuple[str, tuple[Scale, ...]], ...] = ()
     compute_dtype: str = "F32"  # mergekit's compute dtype (the mergekit kinds): planning.RecipeSpec.compute
+    # A frankenmerge's slices (mergekit's `slices`): per slice, (the layer range of each of its vectors,
+    # the vectors in order slice after slice; the base model's range or None). (): whole models.
+    slices: tuple[tuple[tuple[tuple[int, int], ...], tuple[int, int] | None], ...] = ()
 
     @property
     def how(self) -> RecipeKind:
@@ -68,6 +71,9 @@ class Recipe:
         m["dtype"] = self.dtype
         if OPTION["compute_dtype"].takes(self.kind):
             m["compute_dtype"] = self.compute_dtype
+        if self.slices:
+            m["slices"] = [{"layers": [list(r) for r in layers], "base": list(base) if base else None}
+                           for layers, base in self.slices]
         m["out"] = self.out
         return m
 
@@ -97,13 +103,8 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
     urls_ = got.get(how.vectors, [])
     if how.single and how.command and len(urls_) != 1:
         raise InputError(f"{at}{kind} takes one --{how.vectors}; {kind} one vector per {how.vectors} model")
-    count = 1 if how.single else how.count
-    if len(urls_) < how.at_least:
-        raise InputError(f"{at}{kind} takes at least {how.at_least} --{how.vectors} inputs (mergekit's models besides "
-                         f"the base model), got {len(urls_)}")
-    if count and len(urls_) != count:
-        raise InputError(f"{at}{kind} takes exactly {count} --{how.vectors} input{'s' if count > 1 else ''} (mergekit's "
-                         f"models besides the base model), got {len(urls_)}")
+    for where, n in _model_groups(at, how, got, len(urls_)):
+        _check_count(where, kind, how, n)
     scales = got.get("scale", [Scale()] * len(urls_))
     if len(scales) != len(urls_):
         raise InputError(f"{at}{len(scales)} --scale values for {len(urls_)} --{how.vectors} inputs; give one --scale "
@@ -126,9 +127,39 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
                     special_tokens=got.get("special_tokens", ()), chat_template=got.get("chat_template", True),
                     dtype=got.get("dtype"),
                     params=tuple((o.key, got[o.key]) for o in OPTIONS if o.param and o.key in got),
-                    method=got.get("method"), per_vector=per_vector, compute_dtype=got.get("compute_dtype", "F32"))
+                    method=got.get("method"), per_vector=per_vector, compute_dtype=got.get("compute_dtype", "F32"),
+                    slices=got.get("slices", ()))
     run = _at(at, RunOptions.parse, **{k: v for k, v in values.items() if OPTION[k].run})
     return recipe, run
+
+
+def _model_groups(at: str, how: RecipeKind, got: dict[str, Any], count: int) -> list[tuple[str, int]]:
+    """(where, how many vector inputs) of each group the method combines at once: every slice of a
+    frankenmerge, else all of them. The slices must name every vector input once, and a base range
+    where the recipe has a base model (what the method takes as its anchor), else none."""
+    if "slices" not in got:
+        return [(at, count)]
+    given = sum(len(layers) for layers, _ in got["slices"])
+    if given != count:
+        raise InputError(f"{at}slices: {given} layer ranges for {count} --{how.vectors} inputs; give one per "
+                         f"{how.vectors}, in order, slice after slice")
+    anchored = bool(got.get("base")) and how.anchor is not None
+    for i, (_, base) in enumerate(got["slices"]):
+        if (base is not None) != anchored:
+            raise InputError(f"{at}slices[{i}]: " + ("the base model is not among its sources; mergekit's "
+                             f"{how.name} takes the base model's layers from each slice, so list it there" if anchored
+                             else f"a base range, but {how.name} has no base model here; leave base out"))
+    return [(f"{at}slices[{i}]: ", len(layers)) for i, (layers, _) in enumerate(got["slices"])]
+
+
+def _check_count(at: str, kind: str, how: RecipeKind, n: int) -> None:
+    count = 1 if how.single else how.count
+    if n < how.at_least:
+        raise InputError(f"{at}{kind} takes at least {how.at_least} --{how.vectors} inputs (mergekit's models besides "
+                         f"the base model), got {n}")
+    if count and n != count:
+        raise InputError(f"{at}{kind} takes exactly {count} --{how.vectors} input{'s' if count > 1 else ''} (mergekit's "
+                         f"models besides the base model), got {n}")
 
 
 def _one_each(at: str, o: Option, given: list, urls: list[str], key: str) -> list:

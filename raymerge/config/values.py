@@ -286,3 +286,35 @@ def address(value: Any, o: Option) -> str:
 
 def number(value: Any, o: Option) -> float:
     return parse_scale(value, o.flag)
+
+
+MAX_LAYER = 10**6  # far past any model's layer count
+
+
+def slices(value: Any, o: Option) -> tuple[tuple[tuple[tuple[int, int], ...], tuple[int, int] | None], ...]:
+    """A frankenmerge's slices (mergekit's `slices`, as a recipe records them): a list of
+    {layers: [[FIRST, END] per model of the slice], base: [FIRST, END] or null}, each range as many
+    layers as the others of its slice. The models are the recipe's, the slices' in order."""
+    def layer_range(r: Any, where: str) -> tuple[int, int]:
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_LAYER for x in r) and r[0] < r[1]):
+            raise InputError(f"{where}: {shown(r, 40)}: a layer range is [FIRST, END], whole numbers, FIRST < END")
+        return r[0], r[1]
+
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InputError(f"{o.key}: a list of slices like {{layers: [[0, 16]], base: null}}")
+    out = []
+    for i, s in enumerate(value):
+        where = f"{o.key}[{i}]"
+        if not (isinstance(s, dict) and set(s) <= {"layers", "base"} and isinstance(s.get("layers"), (list, tuple))
+                and s["layers"]):
+            raise InputError(f"{where}: {shown(s, 60)}: write {{layers: [[FIRST, END] per model], base: [FIRST, END] "
+                             "or null}}")
+        layers = tuple(layer_range(r, f"{where}.layers") for r in s["layers"])
+        base = layer_range(s["base"], f"{where}.base") if s.get("base") is not None else None
+        counts = {b - a for a, b in (*layers, *([base] if base else []))}
+        if len(counts) != 1:
+            raise InputError(f"{where}: its layer ranges span {sorted(counts)} layers; every source of a slice "
+                             "gives the same number of layers")
+        out.append((layers, base))
+    return tuple(out)

@@ -14,6 +14,7 @@ from raymerge.planning.passes import pass_items, pass_read_bytes, statistics_pas
 from raymerge.planning.plan import Plan
 from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.planning.schedule import layer_of
+from raymerge.planning.slices import LayerSlice
 from raymerge.storage import urls
 from raymerge.storage.writers import part_rules
 
@@ -56,7 +57,17 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
                       special_from=first if how.minus else None,
                       template_from=first if recipe.chat_template and how.template else None,
                       aux_from=checkpoint[how.aux] or first, method=recipe.method_name, params=recipe.params,
-                      compute=recipe.compute_dtype)
+                      compute=recipe.compute_dtype, slices=_slices(recipe))
+
+
+def _slices(recipe: Recipe) -> tuple[LayerSlice, ...]:
+    """A frankenmerge's slices over the recipe's terms: each slice the next vectors, in order."""
+    out, j = [], 0
+    for layers, base in recipe.slices:
+        out.append(LayerSlice(tuple(range(j, j + len(layers))), tuple(a for a, _ in layers), layers[0][1] - layers[0][0],
+                              base[0] if base else None))
+        j += len(layers)
+    return tuple(out)
 
 
 def input_roles(recipe: Recipe) -> dict[str, str]:
@@ -102,6 +113,8 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "items": [{"id": i.id, "shard": the_plan.shards[i.shard].name, "part": i.part, "start": i.start,
                    "end": i.end, "pieces": len(i.pieces)} for i in the_plan.items],
         "aux_files": [a.name for a in the_plan.aux_files],
+        "layers": [{"layer": o, "from": [{"role": role, "layer": i} for role, i in sources]}
+                   for o, sources in enumerate(the_plan.layers)],
         "passes": [{"name": name, "items": len(pass_items(the_plan, name)),
                     "read_bytes": pass_read_bytes(the_plan, name)} for name in statistics_passes(the_plan)]
         + [{"name": ELEMENTWISE, "items": len(the_plan.items), "read_bytes": the_plan.read_bytes}],

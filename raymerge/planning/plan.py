@@ -162,6 +162,9 @@ class Plan:
     items: tuple[Item, ...]
     aux_files: tuple[AuxFile, ...]
     hash: str
+    # A frankenmerge's layers (planning.slices): per output layer, (role, input layer) of each input
+    # it is made from; (): a whole-model merge, every layer from the same layer of every input.
+    layers: tuple[tuple[tuple[str, int], ...], ...] = ()
 
     @property
     def output_bytes(self) -> int:

@@ -17,7 +17,8 @@ from raymerge.planning.inputs import Checkpoint, TensorRef
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, shard_names, split_into_shards
 from raymerge.text import listed
 from raymerge.planning.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
-from raymerge.planning.schedule import Scale, count_layers
+from raymerge.planning.schedule import NAMED, Scale, count_layers
+from raymerge.planning.slices import LayerSlice, Origin, stacked, whole_model
 from raymerge.safetensors.dtypes import ITEMSIZE, is_float, nbytes, numel
 
 # Files whose chat template / EOS settings come from the chat model (see commit.aux).
@@ -62,6 +63,7 @@ class RecipeSpec:
     # mergekit's compute dtype: "F32" (raymerge's own: float32, rounded once), "BF16" or "F16", or
     # INPUTS (each tensor at its inputs' dtype when they share one: mergekit's without `dtype`).
     compute: str = "F32"
+    slices: tuple[LayerSlice, ...] = ()  # a frankenmerge's (planning.slices); (): every tensor of every input
 
 
 INPUTS = "inputs"
@@ -91,14 +93,18 @@ def build_plan(spec: RecipeSpec, options: PlanOptions) -> Plan:
         raise PlanError(f"plan: {e}") from e
     problems = _Problems(reference.role)
     layers = count_layers(list(reference.tensors), reference.config)
-    rules = [_tensor_rule(name, ref, spec, reference, skip, file_ids, options, problems, layers)
-             for name, ref in reference.tensors.items()]
-    _check_extras(spec, reference, skip, problems)
+    if spec.slices:
+        origins, layer_map = stacked(spec.slices, spec.anchor, [t.a for t in spec.terms])
+    else:
+        origins, layer_map = whole_model(list(reference.tensors), len(spec.terms)), ()
+    rules = [_tensor_rule(name, origin, spec, skip, file_ids, options, problems, layers) for name, origin in origins]
+    if not spec.slices:  # a frankenmerge leaves layers out
+        _check_extras(spec, reference, skip, problems)
     if spec.special_tokens and not any(r.overrides for r in rules):
         problems.other.append("--special-tokens: no embedding or output-head tensor found in "
                               f"--{reference.role} to set rows of")
     problems.raise_if_any()
-    return _layout(files, rules, _aux_plan(spec, reference), options, spec)
+    return _layout(files, rules, _aux_plan(spec, reference), options, spec, layer_map)
 
 
 class _Problems:
@@ -150,10 +156,18 @@ def _source(ckpt: Checkpoint, ref: TensorRef, file_ids, offset: int = 0, nbytes:
                   ref.nbytes if nbytes is None else nbytes)
 
 
-def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpoint, skip, file_ids,
-                 options: PlanOptions, problems: _Problems, layers: int) -> _Rule:
-    """What one output tensor is made from, and the rule that says why. `layers`: the model's, for
-    scale schedules."""
+def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, options: PlanOptions,
+                 problems: _Problems, layers: int) -> _Rule:
+    """What output tensor `name` is made from (`origin`: which tensor of each input), and the rule
+    that says why. `layers`: the model's, for scale schedules."""
+    if spec.anchor is not None:
+        reference, ref_name = spec.anchor, origin.anchor
+    else:
+        reference, ref_name = spec.terms[origin.terms[0][0]].a, origin.terms[0][1]
+    ref = _lookup(ref_name, reference)
+    if ref is None:  # a frankenmerge's layer missing from the model it names
+        problems.missing.setdefault(reference.role, []).append(ref_name)
+        return _Rule(name, "F32", (), None)
     anchor = _source(spec.anchor, ref, file_ids) if spec.anchor is not None else None
     if not is_float(ref.dtype):
         # Integer and bool tensors (ids, masks) have no meaningful difference: keep them as they are.
@@ -169,15 +183,16 @@ def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpo
         return _Rule(name, dtype, ref.shape, anchor, overrides=overrides, rule="vocab-skip")
     found: list[list[TensorRef | None]] = []
     rows = ref.shape[0] if ref.shape else 0
-    for term in spec.terms:
+    terms_in = [spec.terms[j] for j, _ in origin.terms]
+    for term, (_, a_name) in zip(terms_in, origin.terms):
         pair: list[TensorRef | None] = []
-        for ckpt in (term.a, term.b):
-            other = _lookup(name, ckpt) if ckpt is not None else None
+        for ckpt, wanted in ((term.a, a_name), (term.b, origin.anchor)):
+            other = _lookup(wanted, ckpt) if ckpt is not None else None
             pair.append(other)
-            if ckpt is None or ckpt is reference:
+            if ckpt is None or (ckpt is reference and wanted == ref_name):
                 continue
             if other is None:
-                problems.missing.setdefault(ckpt.role, []).append(name)
+                problems.missing.setdefault(ckpt.role, []).append(wanted)
             elif not is_float(other.dtype):
                 problems.other.append(f"{name}: {other.dtype} in --{ckpt.role} but {ref.dtype} in --{reference.role}")
             elif other.shape != ref.shape:
@@ -191,21 +206,24 @@ def _tensor_rule(name: str, ref: TensorRef, spec: RecipeSpec, reference: Checkpo
                     problems.other.append(f"{name}: shape {list(ref.shape)} in --{reference.role} but "
                                           f"{list(other.shape)} in --{ckpt.role}")
         found.append(pair)
-    if any(r is None for pair, t in zip(found, spec.terms) for r, c in zip(pair, (t.a, t.b)) if c is not None):
+    if any(r is None for pair, t in zip(found, terms_in) for r, c in zip(pair, (t.a, t.b)) if c is not None):
         return _Rule(name, dtype, ref.shape, anchor, overrides=overrides)  # a missing input: reported above
     limit = None if not ref.shape or rows >= ref.shape[0] else rows * numel(ref.shape[1:])
     terms = []
-    for term, (ra, rb) in zip(spec.terms, found):
+    for term, (ra, rb) in zip(terms_in, found):
         srcs = [_source(c, r, file_ids, nbytes=None if limit is None else limit * ITEMSIZE[r.dtype])
                 if r is not None else None for c, r in ((term.a, ra), (term.b, rb))]
-        values = tuple((k, _at(v, name, layers)) for k, v in term.values)
-        terms.append(Term(_at(term.scale, name, layers), srcs[0], srcs[1], limit, values))
+        values = tuple((k, _at(v, name, layers, origin)) for k, v in term.values)
+        terms.append(Term(_at(term.scale, name, layers, origin), srcs[0], srcs[1], limit, values))
     return _Rule(name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum")
 
 
-def _at(value: float | Scale, name: str, layers: int) -> float:
-    """A per-vector value for one tensor: a schedule's, or the number."""
-    return value.at(name, layers) if isinstance(value, Scale) else value
+def _at(value: float | Scale, name: str, layers: int, origin: Origin) -> float:
+    """A per-vector value for one tensor: a schedule's (at the layer of the slice it lies in, where
+    it comes from a frankenmerge's slice), or the number."""
+    if not isinstance(value, Scale):
+        return value
+    return value.at(name, layers) if origin.layer == NAMED else value.at(name, origin.layers, origin.layer)
 
 
 def _overrides(name: str, ref: TensorRef, spec: RecipeSpec, file_ids, problems: _Problems) -> tuple:
@@ -258,7 +276,7 @@ def _aux_plan(spec: RecipeSpec, reference: Checkpoint) -> tuple[AuxFile, ...]:
 
 
 def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...], options: PlanOptions,
-            spec: RecipeSpec) -> Plan:
+            spec: RecipeSpec, layer_map: tuple = ()) -> Plan:
     sizes = [nbytes(r.dtype, r.shape) for r in rules]
     groups = split_into_shards(sizes, options.shard_size)
     names = shard_names(len(groups))
@@ -282,7 +300,7 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
             items.append(Item(len(items), s, part, lo, hi, pieces_of(lo, hi, len(header), slots, first)))
         shards.append(ShardPlan(name, size, header, tuple(range(first, len(tensors))), tuple(shard_items)))
     digest = _hash(files, tensors, shards, items)
-    return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest)
+    return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest, layer_map)
 
 
 def _compute(compute: str, r: _Rule) -> str | None:

@@ -28,6 +28,7 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.([0-9]{1,9})\.")
 Value = float | tuple[float, ...]  # a number, or a gradient over the layers
 PATTERN, CONTAINS = "pattern", "contains"  # the kinds of rules, named as a recipe writes them
 RULE_KINDS = (PATTERN, CONTAINS)
+NAMED = -1  # Scale.at's layer: the one the tensor's name gives
 
 
 def layer_of(name: str) -> int | None:
@@ -52,12 +53,15 @@ class Scale:
     default: Value = 1.0
     rules: tuple[tuple[str, str, Value], ...] = ()  # (PATTERN or CONTAINS, its text, value)
 
-    def at(self, name: str, layers: int) -> float:
-        """The scale of tensor `name` in a model of `layers` layers."""
+    def at(self, name: str, layers: int, layer: int | None = NAMED) -> float:
+        """The scale of tensor `name` in a model of `layers` layers, at the layer its name gives, or
+        at `layer` where one is given (None: outside the numbered layers). A slice of a frankenmerge
+        gives its own: mergekit spreads a gradient over each slice's layers."""
+        at = layer_of(name) if layer == NAMED else layer
         for (_, text, value), regex in zip(self.rules, self._regexes):
             if regex.search(name) if regex is not None else text in name:
-                return _evaluate(value, name, layers)
-        return _evaluate(self.default, name, layers)
+                return _evaluate(value, at, layers)
+        return _evaluate(self.default, at, layers)
 
     @cached_property
     def _regexes(self) -> tuple[Any, ...]:
@@ -77,10 +81,9 @@ class Scale:
                 "default": _json(self.default)}
 
 
-def _evaluate(value: Value, name: str, layers: int) -> float:
+def _evaluate(value: Value, layer: int | None, layers: int) -> float:
     if isinstance(value, float):
         return value
-    layer = layer_of(name)
     t = 0.0 if layer is None else (layer / (layers - 1) if layers > 1 else 1.0)
     scaled = min(t, 1.0) * (len(value) - 1)  # a layer index past the count stays at the end
     i0 = int(scaled)
