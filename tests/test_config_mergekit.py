@@ -147,3 +147,42 @@ def test_karchers_base_model_is_one_of_its_models_and_weights_change_nothing():
     assert dict(recipe.params) == {"max_iter": 5, "tol": 1e-5}
     listed = {**config, "models": [{"model": "/m/c"}, {"model": "/m/a"}]}
     assert recipe_values(listed, "f")[1]["model"] == ["/m/c", "/m/a"]  # listed: where the file puts it
+
+
+def test_slices_map_each_source_to_a_model_with_its_layer_range_and_parameters():
+    """A source's parameters over its slice's over the file's (mergekit's precedence); the base
+    model's range is the slice's base, not a model."""
+    config = {"merge_method": "task_arithmetic", "base_model": "/m/base", "parameters": {"weight": 0.1},
+              "slices": [{"sources": [{"model": "/m/base", "layer_range": [0, 4]},
+                                      {"model": "/m/a", "layer_range": [4, 8], "parameters": {"weight": 0.9}},
+                                      {"model": "/m/b", "layer_range": [0, 4]}],
+                          "parameters": {"weight": 0.5}},
+                         {"sources": [{"model": "/m/b", "layer_range": [4, 6]}, {"model": "/m/base", "layer_range": [2, 4]}]}]}
+    kind, values = recipe_values(config, "f")
+    recipe, _ = build_recipe(kind, {**values, "out": "/o"})
+    assert [u for u, _ in recipe.vectors] == ["/m/a", "/m/b", "/m/b"]
+    assert [s.default for _, s in recipe.vectors] == [0.9, 0.5, 0.1]
+    assert recipe.slices == ((((4, 8), (0, 4)), (0, 4)), (((4, 6),), (2, 4)))
+    assert recipe.to_mapping()["slices"][1] == {"layers": [[4, 6]], "base": [2, 4]}
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"merge_method": "task_arithmetic", "base_model": "/m/base",
+      "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2], "parameters": {"weight": 1}}]}]},
+     r"slices\[0\]: the base model is not among its sources"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2]},
+                                                             {"model": "/m/b", "layer_range": [0, 2]}]}]},
+     r"slices\[0\]: passthrough takes exactly 1 --model input"),
+    ({"merge_method": "passthrough", "models": [{"model": "/m/a"}],
+      "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2]}]}]}, "give models .* or slices"),
+    ({"merge_method": "ties", "base_model": "/m/base", "slices": [{"parameters": {"normalize": True}, "sources": [
+        {"model": "/m/base", "layer_range": [0, 2]}, {"model": "/m/a", "layer_range": [0, 2],
+                                                       "parameters": {"weight": 1}}]}]},
+     r"slices\[0\].parameters.normalize: one value for the whole merge"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "/m/a", "layer_range": [2, 2]}]}]},
+     r"a layer range is \[FIRST, END\]"),
+])
+def test_slices_refuse_what_cannot_map_in_one_line(config, match):
+    with pytest.raises(InputError, match=match):
+        kind, values = recipe_values(config, "f")
+        build_recipe(kind, {**values, "out": "/o"}, where="f")
