@@ -18,9 +18,9 @@
              vectors over base, chat (weight 0.7, density 0.3) and cp (weight 0.5, density 0.6)
   mergekit-ties  mergekit-yaml on the same ties file (dtype float32, out_dtype bfloat16)
   METHOD     with --method METHOD (repeatable: slerp, nuslerp, nuslerp-rows, multislerp, model_stock,
-             model_stock-rows, karcher, nearswap, passthrough): `raymerge run` of that mergekit file (dtype
-             bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml on it; the table gives
-             each one's wall time over merge2's
+             model_stock-rows, karcher, nearswap, passthrough, passthrough-slices): `raymerge run` of
+             that mergekit file (dtype bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml
+             on it; the table gives each one's wall time over merge2's
 
 Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor), the peak RSS of
 every process of the raymerge rows (driver, each worker), the ratio ties / merge2, checks that
@@ -363,6 +363,9 @@ METHOD_FILES = {
     "nearswap": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {chat}\nparameters: {{t: 0.004}}\n",
     "passthrough": "models:\n  - model: {chat}\n    parameters: {{scale: 0.8}}\n",
 }
+# a frankenmerge: 20 layers stacked from chat's first 10 and cp's last 10 (of 16)
+METHOD_FILES["passthrough-slices"] = ("slices:\n  - sources: [{{model: {chat}, layer_range: [0, 10]}}]\n"
+                                      "  - sources: [{{model: {cp}, layer_range: [6, 16]}}]\n")
 METHOD_FILES["nuslerp-rows"] = METHOD_FILES["nuslerp"] + "parameters: {{nuslerp_flatten: false}}\n"
 METHOD_FILES["model_stock-rows"] = METHOD_FILES["model_stock"] + "parameters: {{filter_wise: true}}\n"
 

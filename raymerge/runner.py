@@ -264,7 +264,8 @@ class _Run:
     def _statistics(self, pool, name: str, journal: Journal) -> None:
         """One statistics pass: its items not done yet; the facts reduced as tensors complete."""
         self.facts.settle(name)
-        todo = [i for i in pass_items(self.plan, name) if (name, i) not in self.stats_done and self.facts.wanted(name, i)]
+        todo = [i for i in pass_items(self.plan, name)
+                if (name, i) not in self.stats_done and self.facts.wanted(name, i)]
         if todo:
             started = time.perf_counter()
             progress_log.info("%s: %d workers, %d items to do", name, pool.size, len(todo))

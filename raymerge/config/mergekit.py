@@ -46,7 +46,8 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
                          f"{', '.join(MERGEKIT)} recipes; for the others use mergekit itself")
     for key in data:
         if key not in _KEYS:
-            raise InputError(f"{where}: {shown(key, 40)}: not a key raymerge can map; raymerge reads {', '.join(_KEYS)}")
+            raise InputError(f"{where}: {shown(key, 40)}: not a key raymerge can map; raymerge reads "
+                             f"{', '.join(_KEYS)}")
     if data.get("tokenizer_source") not in (None, "base"):
         raise InputError(f"{where}: tokenizer_source {shown(data['tokenizer_source'], 40)}: raymerge takes the base "
                          "model's tokenizer (tokenizer_source: base) or none")

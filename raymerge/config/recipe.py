@@ -158,8 +158,8 @@ def _check_count(at: str, kind: str, how: RecipeKind, n: int) -> None:
         raise InputError(f"{at}{kind} takes at least {how.at_least} --{how.vectors} inputs (mergekit's models besides "
                          f"the base model), got {n}")
     if count and n != count:
-        raise InputError(f"{at}{kind} takes exactly {count} --{how.vectors} input{'s' if count > 1 else ''} (mergekit's "
-                         f"models besides the base model), got {n}")
+        raise InputError(f"{at}{kind} takes exactly {count} --{how.vectors} input{'s' if count > 1 else ''} "
+                         f"(mergekit's models besides the base model), got {n}")
 
 
 def _one_each(at: str, o: Option, given: list, urls: list[str], key: str) -> list:

@@ -99,8 +99,6 @@ class Karcher(Method):
             wanted.update({NORMS: {"n": k, "w": k, "valid": 0, "scale": 0}, MEAN: {"mn": 0},
                            DOTS: {f"d{it}": k, f"c{it}": k, f"skip{it}": k},
                            TANGENT: {f"tn{it}": 0, f"cos{it}": 0, f"sin{it}": 0}, UNIT: {f"un{it}": 0}}[what])
-            if what == NORMS and f and not f.get("valid"):
-                break
         problem = facts_problem(facts, k, wanted)
         if problem is None and "done" in f and not (isinstance(f["done"], int) and 1 <= f["done"] <= MAX_ITER):
             problem = "vector 1's done: expected an iteration"
