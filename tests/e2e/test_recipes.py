@@ -353,7 +353,8 @@ dtype: float32
 @pytest.mark.parametrize("text,match", [
     ("merge_method: della\nmodels: [{model: a}]\n", "merge_method 'della': raymerge runs mergekit's task_arithmetic, "
                                                      "linear, ties, dare_linear, dare_ties, slerp"),
-    ("merge_method: linear\nslices: []\nmodels: [{model: a}]\n", "slices.*list them under models"),
+    ("merge_method: linear\nslices: []\nmodels: [{model: a}]\n", "give models .* or slices .*, one of them"),
+    ("merge_method: linear\nslices: []\n", r"slices: a list of \{sources: "),
     ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: a}]\n", "tokenizer_source 'union'"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {density: 0.5}}]\n", "density.*takes weight, normalize"),
     ("merge_method: task_arithmetic\nmodels: [{model: a, parameters: {weight: 1}}]\n", "needs a base_model"),
