@@ -59,6 +59,7 @@ def stacked(slices: tuple[LayerSlice, ...], anchor: Checkpoint | None, term_ckpt
     origins, and the layer map: per output layer, (role, input layer) of the base model and each
     source. PlanError where a range lies past a model's layers."""
     _check_ranges(slices, anchor, term_ckpts)
+    _check_one_stack(slices, anchor, term_ckpts)
     out: list[tuple[str, Origin]] = []
     layer_map = []
     first, last = slices[0], slices[-1]
@@ -107,3 +108,15 @@ def _check_ranges(slices: tuple[LayerSlice, ...], anchor: Checkpoint | None, ter
             if f + s.count > have:
                 raise PlanError(f"plan: slices[{k}]: --{ckpt.role} layer_range [{f}, {f + s.count}] lies past its "
                                 f"{have} layers; give a layer_range within [0, {have}]")
+
+
+def _check_one_stack(slices: tuple[LayerSlice, ...], anchor: Checkpoint | None, term_ckpts: list[Checkpoint]) -> None:
+    """A frankenmerge stacks one sequence of numbered layers: a model with two (a vision tower's
+    beside its language model's) would have both renumbered as one, which mergekit refuses too."""
+    for s in slices:
+        ckpt = _reference(s, anchor, term_ckpts)
+        stacks = sorted({m.group(1) + m.group(2) for m in map(_LAYER_NAME.match, ckpt.tensors) if m})
+        if len(stacks) > 1:
+            raise PlanError(f"plan: slices: --{ckpt.role} has {len(stacks)} stacks of numbered layers "
+                            f"({', '.join(x + 'N' for x in stacks[:3])}); raymerge stacks the slices of one: "
+                            "merge such a model whole (models: instead of slices:)")
