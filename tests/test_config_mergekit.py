@@ -180,7 +180,7 @@ def test_slices_map_each_source_to_a_model_with_its_layer_range_and_parameters()
                                                        "parameters": {"weight": 1}}]}]},
      r"slices\[0\].parameters.normalize: one value for the whole merge"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "/m/a", "layer_range": [2, 2]}]}]},
-     r"a layer range is \[FIRST, END\]"),
+     r"^f: slices\[0\].sources\[0\].layer_range: \[2, 2\]; write layer_range: \[FIRST, END\]"),
 ])
 def test_slices_refuse_what_cannot_map_in_one_line(config, match):
     with pytest.raises(InputError, match=match):

@@ -59,22 +59,32 @@ LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # what configs call
 
 
 def with_layers(config: bytes, sources: list[int], where: str) -> bytes:
-    """config.json of a frankenmerge: its layer count the output's (at the top and in sub-configs
-    such as text_config, as mergekit sets it), and a per-layer list (`layer_types`: which attention
-    each layer has) taken from the layers each output layer comes from (`sources`)."""
+    """config.json of a frankenmerge: the language model's layer count (at the top, or in
+    text_config) the output's. Its per-layer list (`layer_types`: which attention each layer has),
+    where it has one, must stay as long: the same type everywhere is kept so; else each output
+    layer takes the type of the layer it comes from (`sources`, layers of this config's model), and
+    a source past the list is refused (ResolveError, at plan time), never written stale."""
     try:
         obj = parse_json(config, max_bytes=AUX_CAP)
     except UntrustedJSON as e:
         raise ResolveError(f"resolve: {urls.redact(where)}: config.json refused ({e}); fix or remove it") from e
     if not isinstance(obj, dict):
         return config
-    for d in (obj, *(v for v in obj.values() if isinstance(v, dict))):
-        key = next((k for k in LAYER_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)), None)
+    for d in (obj, obj.get("text_config")):
+        key = next((k for k in LAYER_KEYS if isinstance(d, dict) and isinstance(d.get(k), int)
+                    and not isinstance(d.get(k), bool)), None)
         if key is None:
             continue
         types = d.get("layer_types")
-        if isinstance(types, list) and len(types) == d[key] and all(0 <= i < len(types) for i in sources):
-            d["layer_types"] = [types[i] for i in sources]
+        if isinstance(types, list) and types:
+            if len(set(map(json.dumps, types))) == 1:
+                d["layer_types"] = [types[0]] * len(sources)
+            elif all(0 <= i < len(types) for i in sources):
+                d["layer_types"] = [types[i] for i in sources]
+            else:
+                raise ResolveError(f"resolve: {urls.redact(where)}: its layer_types name {len(types)} layers, and the "
+                                   "frankenmerge takes layers past them; take layers within them, or give the "
+                                   "output a config whose layer_types cover the slices' layers")
         d[key] = len(sources)
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 

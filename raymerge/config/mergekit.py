@@ -147,15 +147,24 @@ def _slices(value: Any, models: _Models, defaults: dict[str, Any], where: str) -
         sources = s.get("sources")
         if not isinstance(sources, list) or not sources or not all(isinstance(x, dict) for x in sources):
             raise InputError(f"{at}.sources: a list of {{model: REFERENCE, layer_range: [FIRST, END]}}")
-        layers, base = [], None
+        layers, base, seen = [], None, set()
         for k, src in enumerate(sources):
-            _keys(src, ("model", "layer_range", "parameters"), f"{at}.sources[{k}]")
-            if "layer_range" not in src:
-                raise InputError(f"{at}.sources[{k}].layer_range: missing; write layer_range: [FIRST, END]")
-            if models.add(src, own, f"{at}.sources[{k}]"):
-                layers.append(src["layer_range"])
+            where_src = f"{at}.sources[{k}]"
+            _keys(src, ("model", "layer_range", "parameters"), where_src)
+            r = src.get("layer_range")
+            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 for x in r) and 0 <= r[0] < r[1]):
+                raise InputError(f"{where_src}.layer_range: {shown(r, 40)}; write layer_range: [FIRST, END], whole "
+                                 "numbers, FIRST < END")
+            model = _reference(src.get("model"), f"{where_src}.model").rstrip("/")
+            if model in seen:
+                raise InputError(f"{where_src}.model: {shown(model, 60)} is in this slice twice; mergekit takes each "
+                                 "model once per slice")
+            seen.add(model)
+            if models.add(src, own, where_src):
+                layers.append(r)
             else:
-                base = src["layer_range"]
+                base = r
         out.append({"layers": layers, "base": base})
     return out
 

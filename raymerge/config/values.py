@@ -294,7 +294,8 @@ MAX_LAYER = 10**6  # far past any model's layer count
 def slices(value: Any, o: Option) -> tuple[tuple[tuple[tuple[int, int], ...], tuple[int, int] | None], ...]:
     """A frankenmerge's slices (mergekit's `slices`, as a recipe records them): a list of
     {layers: [[FIRST, END] per model of the slice], base: [FIRST, END] or null}, each range as many
-    layers as the others of its slice. The models are the recipe's, the slices' in order."""
+    layers as the others of its slice (no model but the base: its layers as they are). The models
+    are the recipe's, the slices' in order."""
     def layer_range(r: Any, where: str) -> tuple[int, int]:
         if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(
                 isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_LAYER for x in r) and r[0] < r[1]):
@@ -307,9 +308,9 @@ def slices(value: Any, o: Option) -> tuple[tuple[tuple[tuple[int, int], ...], tu
     for i, s in enumerate(value):
         where = f"{o.key}[{i}]"
         if not (isinstance(s, dict) and set(s) <= {"layers", "base"} and isinstance(s.get("layers"), (list, tuple))
-                and s["layers"]):
+                and (s["layers"] or s.get("base") is not None)):
             raise InputError(f"{where}: {shown(s, 60)}: write {{layers: [[FIRST, END] per model], base: [FIRST, END] "
-                             "or null}}")
+                             "or null}")
         layers = tuple(layer_range(r, f"{where}.layers") for r in s["layers"])
         base = layer_range(s["base"], f"{where}.base") if s.get("base") is not None else None
         counts = {b - a for a, b in (*layers, *([base] if base else []))}

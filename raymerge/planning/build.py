@@ -64,7 +64,8 @@ def _slices(recipe: Recipe) -> tuple[LayerSlice, ...]:
     """A frankenmerge's slices over the recipe's terms: each slice the next vectors, in order."""
     out, j = [], 0
     for layers, base in recipe.slices:
-        count = layers[0][1] - layers[0][0]
+        first, end = layers[0] if layers else base
+        count = end - first
         out.append(LayerSlice(tuple(range(j, j + len(layers))), tuple(a for a, _ in layers), count,
                               base[0] if base else None))
         j += len(layers)

@@ -7,7 +7,9 @@ model, each from its own first layer; output layer o of a slice that starts at o
 made from each source's layer first + (o - s). The tensors outside the numbered layers come from
 the first slice's sources (the embedding) or the last one's (the final norm and the head), as
 mergekit's `pre_weights` and `post_weights`. A gradient is spread over each slice's own layers
-(t = i / (count - 1)); the tensors outside the layers sit at t = 0, as in mergekit.
+(t = i / (count - 1); a slice of one layer sits at t = 1); the tensors outside the layers sit at
+t = 0, as in mergekit. A slice may take the base model's layers alone (no other source): they are
+copied as they are.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from raymerge.planning.schedule import NAMED, count_layers, layer_of
 
 # A numbered layer's tensor name: (prefix, layer, suffix), e.g. model.layers. 7 .mlp.up_proj.weight
 _LAYER_NAME = re.compile(r"^(|.*?\.)((?:layers|h|blocks|layer)\.)([0-9]{1,9})(\..*)$")
+# Tensors before the layers by name: Llama's embed_tokens, GPT-2's wte and wpe, OPT's embed_positions,
+# Bloom's word_embeddings and word_embeddings_layernorm.
+_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_positions|wte|wpe|word_embeddings\w*|embeddings?)\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +97,11 @@ def _reference(s: LayerSlice, anchor: Checkpoint | None, term_ckpts: list[Checkp
 
 
 def _outside(ckpt: Checkpoint, pre: bool) -> list[str]:
-    """The tensors outside the numbered layers before them (the embedding: pre) or after them (the rest)."""
+    """The tensors outside the numbered layers before them (pre: the embeddings, of tokens and of
+    positions, and their norm: mergekit's pre_weights) or after them (the rest: the final norm, the head)."""
     names = [n for n in ckpt.tensors if layer_of(n) is None]
-    before = [n for n in names if is_vocab_tensor(n, ckpt.tensors[n].shape, ckpt.config) and not is_head_name(n)]
+    before = [n for n in names if not is_head_name(n) and (
+        _EMBEDDING.search(n) or is_vocab_tensor(n, ckpt.tensors[n].shape, ckpt.config))]
     return before if pre else [n for n in names if n not in before]
 
 

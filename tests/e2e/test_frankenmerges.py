@@ -159,6 +159,9 @@ slices:
         layer_range: [1, 3]
       - model: {models['chat']}
         layer_range: [0, 2]
+  - sources:
+      - model: {models['base']}
+        layer_range: [2, 3]
 parameters: {{weight: 0.5}}
 dtype: float32
 out_dtype: bfloat16
@@ -169,15 +172,16 @@ out_dtype: bfloat16
 
     def rule(name, sources, i, count):
         base, vectors = sources[0], sources[1:]
-        w = weights[0] if len(vectors) == 1 else weights[1]
+        w = weights[0] if len(vectors) == 1 else weights[1] if vectors else []
         acc = base.float()
         for s, v in zip(w, vectors):
             acc = acc + s * (v.float() - base.float())
         return acc.to(torch.bfloat16)
 
-    want = stacked(tensors, [([("base", 0), ("chat", 2)], 1), ([("base", 0), ("cp", 1), ("chat", 0)], 2)], rule)
+    want = stacked(tensors, [([("base", 0), ("chat", 2)], 1), ([("base", 0), ("cp", 1), ("chat", 0)], 2),
+                             ([("base", 2)], 1)], rule)  # the base's layer alone: as it is, as mergekit returns it
     assert_bit_identical(load_folder(out), want)
-    _check_config(out, 3)
+    _check_config(out, 4)
 
 
 @pytest.mark.parametrize("slices,match", [
@@ -185,7 +189,9 @@ out_dtype: bfloat16
      r"slices\[0\]: --model layer_range \[0, 4\] lies past its 3 layers; give a layer_range within \[0, 3\]"),
     ("  - sources:\n      - model: {chat}\n        layer_range: [0, 2]\n      - model: {cp}\n        layer_range: [0, 1]\n",
      r"slices\[0\]: its layer ranges span \[1, 2\] layers"),
-    ("  - sources:\n      - model: {chat}\n", r"slices\[0\].sources\[0\].layer_range: missing"),
+    ("  - sources:\n      - model: {chat}\n", r"slices\[0\].sources\[0\].layer_range: None; write layer_range: "),
+    ("  - sources:\n      - model: {chat}\n        layer_range: [0, 1]\n      - model: {chat}\n        layer_range: [1, 2]\n",
+     r"slices\[0\].sources\[1\].model: .* is in this slice twice"),
 ])
 def test_bad_slices_exit_2_with_one_line(models, tmp_path, cli_main, capsys, slices, match):
     path = _file(tmp_path, "merge_method: passthrough\nslices:\n" + slices.format(**models))
