@@ -186,3 +186,29 @@ def test_slices_refuse_what_cannot_map_in_one_line(config, match):
     with pytest.raises(InputError, match=match):
         kind, values = recipe_values(config, "f")
         build_recipe(kind, {**values, "out": "/o"}, where="f")
+
+
+def test_filters_that_match_no_tensor_fall_back_to_the_lower_scope_as_in_mergekit():
+    """mergekit resolves a parameter scope by scope: where a scope's filters match no tensor's name,
+    the next scope's setting applies (a model's, then its slice's, then the file's)."""
+    kind, values = recipe_values({
+        "merge_method": "task_arithmetic", "base_model": "/m/base", "parameters": {"weight": 0.8},
+        "models": [{"model": "/m/a", "parameters": {"weight": [{"filter": "self_attn", "value": 0.5}]}}]}, "f")
+    recipe, _ = build_recipe(kind, {**values, "out": "/o"})
+    scale = recipe.vectors[0][1]
+    assert scale.at("model.layers.0.self_attn.q_proj.weight", 2) == 0.5
+    assert scale.at("model.layers.0.mlp.up_proj.weight", 2) == 0.8  # the file's, not 1.0
+    config = {"merge_method": "task_arithmetic", "base_model": "/m/base",
+              "parameters": {"weight": [{"filter": "mlp", "value": 0.3}]},
+              "slices": [{"parameters": {"weight": [{"filter": "self_attn", "value": 0.6}, {"value": 0.9}]},
+                          "sources": [{"model": "/m/base", "layer_range": [0, 2]},
+                                      {"model": "/m/a", "layer_range": [0, 2],
+                                       "parameters": {"weight": [{"filter": "q_proj", "value": 0.1}]}}]}]}
+    kind, values = recipe_values(config, "f")
+    scale = build_recipe(kind, {**values, "out": "/o"})[0].vectors[0][1]
+    assert [scale.at(f"model.layers.0.{n}", 2) for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                          "mlp.up_proj.weight")] == [0.1, 0.6, 0.9]
+    with pytest.raises(InputError, match=r"models\[0\].parameters.weight: its filters leave other tensors without a "
+                                         r"weight, which mergekit refuses; end the list with \{value: X\}"):
+        recipe_values({"merge_method": "task_arithmetic", "base_model": "/m/base",
+                       "models": [{"model": "/m/a", "parameters": {"weight": [{"filter": "mlp", "value": 1}]}}]}, "f")

@@ -104,17 +104,23 @@ class _Models:
         """Add one model (a models entry or a slice's source); False for the base model itself
         (mergekit takes no change from it, nor its weight into normalize's sum)."""
         url = _reference(entry.get("model"), f"{at}.model")
-        own = {**defaults, **_parameters(entry.get("parameters"), self.method, f"{at}.parameters")}
+        own = _over(_parameters(entry.get("parameters"), self.method, f"{at}.parameters"), defaults)
         if self.is_base(url):
             return False
         for p in _declared(self.method):
             if p.required and p.mergekit not in own:
                 raise InputError(f"{at}.parameters.{p.mergekit}: missing; mergekit's {self.method} needs a "
                                  f"{p.mergekit} for every model (under the model's parameters, or the file's)")
-        self.urls.append(url)
-        for p in _declared(self.method):
+            setting = own.get(p.mergekit, p.default)
+            if isinstance(setting, dict) and setting["default"] is None:  # filters alone, in every scope
+                if p.required:
+                    raise InputError(f"{at}.parameters.{p.mergekit}: its filters leave other tensors without a "
+                                     f"{p.mergekit}, which mergekit refuses; end the list with {{value: X}} (here or "
+                                     "in the file's parameters)")
+                setting = {**setting, "default": p.default}
             if p.per_vector:
-                self.per_model[p.mergekit].append(own.get(p.mergekit, p.default))
+                self.per_model[p.mergekit].append(setting)
+        self.urls.append(url)
         return True
 
     def values(self) -> dict[str, Any]:
@@ -143,7 +149,7 @@ def _slices(value: Any, models: _Models, defaults: dict[str, Any], where: str) -
             if not p.per_vector and p.mergekit in given:
                 raise InputError(f"{at}.parameters.{p.mergekit}: one value for the whole merge; give it in the "
                                  "file's parameters")
-        own = {**defaults, **given}
+        own = _over(given, defaults)
         sources = s.get("sources")
         if not isinstance(sources, list) or not sources or not all(isinstance(x, dict) for x in sources):
             raise InputError(f"{at}.sources: a list of {{model: REFERENCE, layer_range: [FIRST, END]}}")
@@ -220,12 +226,27 @@ def _parameters(value: Any, method: str, where: str) -> dict[str, Any]:
     return out
 
 
+def _over(high: dict[str, Any], low: dict[str, Any]) -> dict[str, Any]:
+    """A scope's settings over a lower scope's (a model's over its slice's over the file's), as
+    mergekit resolves them: where a setting's filters match no tensor's name (it ends without a
+    condition that has no filter), the lower scope's setting applies."""
+    out = dict(low)
+    for key, setting in high.items():
+        lower = low.get(key)
+        if isinstance(setting, dict) and setting["default"] is None and lower is not None:
+            setting = {"rules": setting["rules"] + lower["rules"], "default": lower["default"]} \
+                if isinstance(lower, dict) else {"rules": setting["rules"], "default": lower}
+        out[key] = setting
+    return out
+
+
 def _schedule(setting: Any, where: str) -> Any:
-    """A mergekit weight or density as a raymerge schedule (its values are checked by the recipe)."""
+    """A mergekit weight or density as a raymerge schedule (its values are checked by the recipe);
+    filters without a last condition that has none: default None, the lower scope's (`_over`)."""
     _no_mapping(setting, where)
     if not isinstance(setting, list) or not any(isinstance(c, dict) for c in setting):
         return setting  # a number, or a gradient
-    rules, default = [], 1.0
+    rules, default = [], None
     for c in setting:
         if not (isinstance(c, dict) and "value" in c and set(c) <= {"filter", "value"}):
             raise InputError(f"{where}: {shown(c, 60)}: write {{filter: SUBSTRING, value: X}}")
