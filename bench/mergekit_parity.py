@@ -60,6 +60,15 @@ models:
     parameters: {{weight: 0.3}}
 parameters: {{normalize: true, lambda: 0.9}}
 """,
+    "task_arithmetic, a model's filters falling back to the file's weight": """merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {cp}
+    parameters: {{weight: [{{filter: mlp, value: 0.8}}]}}
+  - model: {chat}
+    parameters: {{weight: 0.3}}
+parameters: {{weight: 0.6}}
+""",
     "linear (normalized)": """merge_method: linear
 models:
   - model: {cp}
