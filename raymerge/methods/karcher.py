@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (bits, counted, exact_sum, facts_problem, in_torch, past_rows, quiet, replay_nans,
-                                    step, torch_dtype, total, value, widen_rows)
+from raymerge.methods.steps import (apply_chunks, bits, chunks, exact_sum, facts_problem, in_torch, quiet,
+                                    step, torch_dtype, total, value, vector_length, widen_rows)
 
 NORMS, MEAN = "karcher-norms", "karcher-mean"
 DOTS, TANGENT, UNIT = "dots", "tangent", "unit"  # an iteration's passes: karcher-dots-1, ...
@@ -113,10 +113,9 @@ class Karcher(Method):
             return []
         what, it = _parse(pass_name)
         narrow = operands.compute is not None  # every value summed is rounded to it
-        n = _length(operands)
         sums = None
-        for at in range(0, n, scratch.chunk):
-            s = _State(kernel, operands, scratch, f, at, min(scratch.chunk, n - at))
+        for at, m in chunks(vector_length(operands), scratch):
+            s = _State(kernel, operands, scratch, f, at, m)
             if what == NORMS:
                 parts = [exact_sum(kernel, x, scratch, square=True, narrow=narrow) for x in s.x]
             elif what == MEAN:
@@ -151,20 +150,9 @@ class Karcher(Method):
     @quiet
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         f = (operands.facts or [None])[0] or {}
-        n = _length(operands) if operands.vectors else 0
-        sums = past_rows(kernel, out, operands, scratch, n)
-        inputs = [v.a for v in operands.vectors]
         iters = int(self.value(operands, "max_iter"))
-        for at in range(0, n, scratch.chunk):
-            m = min(scratch.chunk, n - at)
-
-            def rule(kern: Any, *xs: Any) -> Any:
-                return _State(kern, operands, scratch, f, at, m, xs).result(iters)
-
-            result = rule(kernel)
-            replay_nans(kernel, result, scratch, inputs, at, lambda kern, xs: rule(kern, *xs))
-            sums = counted(sums, kernel.weighted_sum(out[at:at + m], result, [], scratch))
-        return sums
+        return apply_chunks(kernel, out, operands, scratch, [v.a for v in operands.vectors],
+                            lambda k, at, m, xs: _State(k, operands, scratch, f, at, m, xs).result(iters))
 
 
 class _State:
@@ -261,10 +249,6 @@ class _State:
 def _valid(facts: dict, tol: float) -> list[int]:
     """The models whose norm is above tol (a NaN norm is not)."""
     return [i for i, n in enumerate(facts["n"]) if float(value(n)) > tol]  # compared as doubles, as mergekit
-
-
-def _length(operands: Operands) -> int:
-    return min(len(v.a) for v in operands.vectors)
 
 
 def _scalars(what: str, it: int, sums: list[float], f: dict, count: int, tol: float, compute: str | None) -> dict:

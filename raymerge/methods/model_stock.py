@@ -25,7 +25,7 @@ import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
 from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, quiet,
-                                    row_sums, step, torch_dtype, widen_rows)
+                                    row_sums, step, torch_dtype, vector_length, widen_rows)
 
 SUMS = "model-stock-sums"
 _ROWS = "model-stock-rows"
@@ -59,7 +59,7 @@ class ModelStock(Method):
                         for (i, j), work in zip(pairs, off[k:])]
             return off[:k] + products
 
-        return row_sums(kernel, scratch, operands.begin, _length(operands), _groups(operands.shape, operands.params)[1],
+        return row_sums(kernel, scratch, operands.begin, vector_length(operands), _groups(operands.shape, operands.params)[1],
                         (True,) * k + (False,) * len(pairs), quantities, operands.compute is not None)
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
@@ -77,7 +77,7 @@ class ModelStock(Method):
         if k < 2:  # fewer than mergekit's three inputs: the base, as it is
             return kernel.weighted_sum(out, operands.anchor, [], scratch)
         f = operands.facts[0]
-        n = _length(operands)
+        n = vector_length(operands)
         inputs = [operands.anchor, *(v.a for v in operands.vectors)]
         length = _groups(operands.shape, operands.params)[1]
         rows = (host_rows(f["t"]), host_rows(f["u"]))
@@ -104,10 +104,6 @@ def _offsets(kernel: Any, operands: Operands, scratch: Any, at: int, m: int, spa
     for x in rows[1:1 + len(vecs)]:
         operands.rounded(kernel, step(kernel.subtract, x, rows[0], x))
     return rows[1:]
-
-
-def _length(operands: Operands) -> int:
-    return min(len(v.a) for v in operands.vectors)
 
 
 def _groups(shape: tuple[int, ...], params) -> tuple[int, int]:

@@ -25,8 +25,8 @@ import numpy as np
 
 from raymerge.errors import PlanError
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.steps import (bits, counted, exact_sum, facts_problem, in_torch, past_rows, quiet, replay_nans,
-                                    step, torch_dtype, total, value, widen_rows)
+from raymerge.methods.steps import (apply_chunks, bits, chunks, exact_sum, facts_problem, in_torch, quiet,
+                                    step, torch_dtype, total, value, vector_length, widen_rows)
 
 NORMS, MEAN, DOTS, TANGENT = "multislerp-norms", "multislerp-mean", "multislerp-dots", "multislerp-tangent"
 _ROWS = "multislerp-rows"
@@ -64,8 +64,7 @@ class Multislerp(Method):
             return []
         sums = None
         narrow = operands.compute is not None  # every value summed is rounded to it
-        for at in range(0, _length(operands), scratch.chunk):
-            m = min(scratch.chunk, _length(operands) - at)
+        for at, m in chunks(vector_length(operands), scratch):
             s = _State(kernel, operands, scratch, f, at, m)
             if pass_name == NORMS:
                 parts = [exact_sum(kernel, d, scratch, square=True, narrow=narrow) for d in s.deltas]
@@ -101,19 +100,8 @@ class Multislerp(Method):
     @quiet
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         f = (operands.facts or [None])[0] or {}
-        n = _length(operands) if operands.vectors else 0
-        sums = past_rows(kernel, out, operands, scratch, n)
-        inputs = _inputs(operands)
-        for at in range(0, n, scratch.chunk):
-            m = min(scratch.chunk, n - at)
-
-            def rule(kern: Any, *xs: Any) -> Any:
-                return _State(kern, operands, scratch, f, at, m, xs).result()
-
-            result = rule(kernel)
-            replay_nans(kernel, result, scratch, inputs, at, lambda kern, xs: rule(kern, *xs))
-            sums = counted(sums, kernel.weighted_sum(out[at:at + m], result, [], scratch))
-        return sums
+        return apply_chunks(kernel, out, operands, scratch, _inputs(operands),
+                            lambda k, at, m, xs: _State(k, operands, scratch, f, at, m, xs).result())
 
 
 class _State:
@@ -200,10 +188,6 @@ def _inputs(operands: Operands) -> list:
     """The models, then the base (what each is taken minus) where there is one."""
     vecs = operands.vectors
     return [v.a for v in vecs] + ([vecs[0].b] if vecs and vecs[0].b is not None else [])
-
-
-def _length(operands: Operands) -> int:
-    return min(len(v.a) for v in operands.vectors)
 
 
 def _scalars(pass_name: str, sums: list[float], f: dict, weights: list[float], normalize: bool, eps: float,

@@ -183,6 +183,27 @@ def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Ca
     return sums
 
 
+def vector_length(operands: Operands) -> int:
+    """How many elements of the piece every vector covers (fewer than the piece where the vectors
+    cover the tensor's first rows only: an expanded vocabulary); 0 without vectors."""
+    return min((len(v.a) for v in operands.vectors), default=0)
+
+
+def apply_chunks(kernel: Any, out: Any, operands: Operands, scratch: Any, inputs: list,
+                 rule: Callable[..., Any]) -> Sums:
+    """out[:n] = rule(kernel, at, m, given) chunk by chunk (n: `length`; `given`: () to read the
+    inputs from the operands, or their elements already widened, a NaN replay's), the NaNs given
+    the kernels' rule over `inputs`, rounded once to out; past n, the anchor's rows (`past_rows`).
+    The stats count the whole result as the change."""
+    n = vector_length(operands)
+    sums = past_rows(kernel, out, operands, scratch, n)
+    for at, m in chunks(n, scratch):
+        result = rule(kernel, at, m, ())
+        replay_nans(kernel, result, scratch, inputs, at, lambda k, xs: rule(k, at, m, tuple(xs)))
+        sums = counted(sums, kernel.weighted_sum(out[at:at + m], result, [], scratch))
+    return sums
+
+
 def counted(total: Sums, s: Sums) -> Sums:
     """total plus the Sums of a chunk whose whole result is the change the stats count (as linear's:
     `weighted_sum` of the result as an anchor counts it as the anchor's)."""
