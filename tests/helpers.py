@@ -29,6 +29,13 @@ def chat_vector_reference(base: dict, chat: dict, cp: dict, scale: float) -> dic
     return {k: (cp[k].float() + scale * (chat[k].float() - base[k].float())).to(cp[k].dtype) for k in cp}
 
 
+def mergekit_file(tmp_path, text: str) -> str:
+    """A mergekit configuration written to tmp_path/mergekit.yml: its path."""
+    path = tmp_path / "mergekit.yml"
+    path.write_text(text)
+    return str(path)
+
+
 def assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(want)
     for k in want:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import make_llama_trio
-from tests.helpers import assert_bit_identical, load_folder
+from tests.helpers import assert_bit_identical, load_folder, mergekit_file
 from tests.methods.test_geometric import slerp_reference
 
 LAYER = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
@@ -28,12 +28,6 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tensors(models):
     return {role: load_folder(path) for role, path in models.items()}
-
-
-def _file(tmp_path, text: str) -> str:
-    path = tmp_path / "mergekit.yml"
-    path.write_text(text)
-    return str(path)
 
 
 def stacked(tensors: dict, slices: list[list[tuple[str, int]]], rule) -> dict[str, torch.Tensor]:
@@ -69,7 +63,7 @@ def _check_config(out: str, layers: int) -> None:
 
 
 def test_a_passthrough_frankenmerge_stacks_renamed_layers(ray_local, models, tensors, tmp_path, cli_main, capsys):
-    path = _file(tmp_path, f"""merge_method: passthrough
+    path = mergekit_file(tmp_path, f"""merge_method: passthrough
 slices:
   - sources:
       - model: {models['chat']}
@@ -106,7 +100,7 @@ dtype: bfloat16
 def test_slerp_slices_spread_t_over_each_slice(ray_local, models, tensors, tmp_path, cli_main):
     """The classic SLERP file: slices of two sources with the base among them; a gradient of t runs
     over each slice's own layers (a one-layer slice sits at t = 1, as in mergekit)."""
-    path = _file(tmp_path, f"""merge_method: slerp
+    path = mergekit_file(tmp_path, f"""merge_method: slerp
 base_model: {models['base']}
 slices:
   - sources:
@@ -143,7 +137,7 @@ dtype: bfloat16
 
 def test_task_arithmetic_slices_take_each_vector_from_the_base_layers_of_its_slice(ray_local, models, tensors, tmp_path,
                                                                                    cli_main):
-    path = _file(tmp_path, f"""merge_method: task_arithmetic
+    path = mergekit_file(tmp_path, f"""merge_method: task_arithmetic
 base_model: {models['base']}
 slices:
   - sources:
@@ -194,7 +188,7 @@ out_dtype: bfloat16
      r"slices\[0\].sources\[1\].model: .* is in this slice twice"),
 ])
 def test_bad_slices_exit_2_with_one_line(models, tmp_path, cli_main, capsys, slices, match):
-    path = _file(tmp_path, "merge_method: passthrough\nslices:\n" + slices.format(**models))
+    path = mergekit_file(tmp_path, "merge_method: passthrough\nslices:\n" + slices.format(**models))
     out = str(tmp_path / "out")
     code = cli_main(["run", path, "--out", out])
     err = capsys.readouterr().err

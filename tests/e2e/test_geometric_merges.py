@@ -19,7 +19,7 @@ from raymerge.config import build_recipe
 from raymerge.planning.schedule import Scale
 from tests.conftest import make_llama_trio
 from tests.e2e.test_sparse_merges import _journal
-from tests.helpers import assert_bit_identical, load_folder
+from tests.helpers import assert_bit_identical, load_folder, mergekit_file
 from tests.methods.test_geometric import slerp_reference
 
 BUCKET = "geometric-merges"
@@ -36,14 +36,8 @@ def tensors(models):
     return {role: load_folder(path) for role, path in models.items()}
 
 
-def _file(tmp_path, text: str) -> str:
-    path = tmp_path / "mergekit.yml"
-    path.write_text(text)
-    return str(path)
-
-
 def test_slerp_with_gradients_by_filter(ray_local, models, tensors, tmp_path, cli_main):
-    path = _file(tmp_path, f"""merge_method: slerp
+    path = mergekit_file(tmp_path, f"""merge_method: slerp
 base_model: {models['cp']}
 models:
   - model: {models['cp']}
@@ -95,7 +89,7 @@ def test_slerp_on_s3(ray_local, s3_server, models, tensors):
 def test_nearswap_and_passthrough_files(ray_local, models, tensors, tmp_path, cli_main):
     from tests.methods.test_elementwise import nearswap_reference
 
-    path = _file(tmp_path, f"""merge_method: nearswap
+    path = mergekit_file(tmp_path, f"""merge_method: nearswap
 base_model: {models['base']}
 models:
   - model: {models['base']}
@@ -108,7 +102,7 @@ dtype: bfloat16
     want = {name: nearswap_reference(b, tensors["chat"][name], 0.004) for name, b in tensors["base"].items()}
     assert_bit_identical(load_folder(out), want)
 
-    path = _file(tmp_path, f"""merge_method: passthrough
+    path = mergekit_file(tmp_path, f"""merge_method: passthrough
 models:
   - model: {models['chat2']}
     parameters: {{scale: 0.8}}
@@ -125,7 +119,7 @@ def test_nuslerp_with_and_without_a_base(ray_local, models, tensors, tmp_path, c
     from tests.methods.test_geometric import nuslerp_reference
 
     for base, flatten in ((True, True), (False, False)):
-        path = _file(tmp_path, f"""merge_method: nuslerp
+        path = mergekit_file(tmp_path, f"""merge_method: nuslerp
 {f"base_model: {models['base']}" if base else ""}
 models:
   - model: {models['chat']}
@@ -145,7 +139,7 @@ dtype: bfloat16
 def test_model_stock_file(ray_local, models, tensors, tmp_path, cli_main):
     from tests.methods.test_geometric import model_stock_reference
 
-    path = _file(tmp_path, f"""merge_method: model_stock
+    path = mergekit_file(tmp_path, f"""merge_method: model_stock
 base_model: {models['base']}
 models:
   - model: {models['chat']}
@@ -164,7 +158,7 @@ dtype: bfloat16
 def test_multislerp_file_verifies_with_recomputation(ray_local, models, tensors, tmp_path, cli_main):
     from tests.methods.test_geometric import multislerp_reference
 
-    path = _file(tmp_path, f"""merge_method: multislerp
+    path = mergekit_file(tmp_path, f"""merge_method: multislerp
 base_model: {models['base']}
 models:
   - model: {models['chat']}
@@ -186,7 +180,7 @@ dtype: bfloat16
 def _karcher_file(tmp_path, models, max_iter: int) -> str:
     """mergekit's test's karcher: the base model joins the two models (every one weighs 1/3, the
     weights the file gives change nothing, as in mergekit)."""
-    return _file(tmp_path, f"""merge_method: karcher
+    return mergekit_file(tmp_path, f"""merge_method: karcher
 base_model: {models['base']}
 models:
   - model: {models['chat']}

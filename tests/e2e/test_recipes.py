@@ -15,7 +15,7 @@ import torch
 import raymerge
 from raymerge.errors import PlanError
 from tests.conftest import make_llama_trio
-from tests.helpers import assert_bit_identical, load_folder, weighted_reference
+from tests.helpers import assert_bit_identical, load_folder, mergekit_file, weighted_reference
 
 VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -268,16 +268,10 @@ def test_plan_shows_each_tensors_resolved_scale(models):
     assert "layer   0: 0.5\n" in r.stdout and "layer   1: 0.125\n" in r.stdout and "other    : 0.5\n" in r.stdout
 
 
-def _mergekit_file(tmp_path, text: str) -> str:
-    path = tmp_path / "mergekit.yml"
-    path.write_text(text)
-    return str(path)
-
-
 def test_mergekit_task_arithmetic_runs_in_mergekits_order(ray_local, models, tensors, tmp_path):
     """A mergekit file: the weighted deltas summed first, divided by the weights' sum, times lambda,
     then added to the base; the reference is mergekit's own sequence of torch operations."""
-    path = _mergekit_file(tmp_path, f"""merge_method: task_arithmetic
+    path = mergekit_file(tmp_path, f"""merge_method: task_arithmetic
 base_model: {models['base']}
 models:
   - model: {models['base']}
@@ -327,7 +321,7 @@ tokenizer_source: base
 
 
 def test_mergekit_linear_averages_the_models(ray_local, models, tensors, tmp_path):
-    path = _mergekit_file(tmp_path, f"""merge_method: linear
+    path = mergekit_file(tmp_path, f"""merge_method: linear
 models:
   - model: {models['chat']}
     parameters: {{weight: 0.7}}
@@ -363,7 +357,7 @@ dtype: float32
      "one value for the whole merge"),
 ])
 def test_mergekit_files_it_cannot_map_are_refused_in_one_line(tmp_path, text, match):
-    r = subprocess.run([sys.executable, "-m", "raymerge", "run", _mergekit_file(tmp_path, text), "--out",
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", mergekit_file(tmp_path, text), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert re.search(match, r.stderr), r.stderr
