@@ -72,15 +72,11 @@ def stacked(slices: tuple[LayerSlice, ...], anchor: Checkpoint | None, term_ckpt
             for n in _outside(_reference(first, anchor, term_ckpts), pre=True)]
     o = 0
     for s in slices:
-        ref = _reference(s, anchor, term_ckpts)
+        templates = _templates(_reference(s, anchor, term_ckpts))
         for i in range(s.count):
             source = (s.base if anchor is not None else s.firsts[0]) + i
-            for name in ref.tensors:
-                m = _LAYER_NAME.match(name)
-                if m is None or int(m.group(3)) != source:
-                    continue
-                at = m.group(1) + m.group(2) + "{}" + m.group(4)
-                base = at.format(s.base + i) if s.base is not None else name
+            for at in templates.get(source, ()):
+                base = at.format(s.base + i) if s.base is not None else at.format(source)
                 out.append((at.format(o), Origin(base, tuple((j, at.format(f + i)) for j, f in zip(s.terms, s.firsts)),
                                                  i, s.count)))
             roles = [(anchor.role, s.base + i)] if anchor is not None and s.base is not None else []
@@ -89,6 +85,14 @@ def stacked(slices: tuple[LayerSlice, ...], anchor: Checkpoint | None, term_ckpt
     out += [(n, Origin(n, tuple((j, n) for j in last.terms), None))
             for n in _outside(_reference(last, anchor, term_ckpts), pre=False)]
     return out, tuple(layer_map)
+
+
+def _templates(ckpt: Checkpoint) -> dict[int, list[str]]:
+    """A checkpoint's numbered layers' tensor names, by layer, with "{}" for the layer number."""
+    out: dict[int, list[str]] = {}
+    for m in filter(None, map(_LAYER_NAME.match, ckpt.tensors)):
+        out.setdefault(int(m.group(3)), []).append(m.group(1) + m.group(2) + "{}" + m.group(4))
+    return out
 
 
 def _reference(s: LayerSlice, anchor: Checkpoint | None, term_ckpts: list[Checkpoint]) -> Checkpoint:
