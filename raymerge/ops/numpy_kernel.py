@@ -16,6 +16,7 @@ arithmetic, for the few elements whose NaNs a method replays (`kernel`: NaN bits
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,19 +130,40 @@ class NumpyKernel:
         return sparse.magnitude_bits(x, out, nans_equal)
 
     def round_to(self, x: np.ndarray, dtype: str) -> None:
+        # In place, unmasked: a NaN keeps its float32 bits, restored afterwards in the rare chunk that
+        # holds one (a masked copy of every element cost as much as the rounding).
         nan = np.isnan(x)
-        if dtype == "F16":  # numpy's conversion rounds half to even, subnormals and overflow included
-            with np.errstate(all="ignore"):
-                np.copyto(x, x.astype(np.float16), where=~nan)
-            return
-        if dtype != "BF16":
-            raise ValueError(f"round_to: no rounding to {dtype}")
-        bits = x.view(np.uint32)  # add 0x7FFF, plus one when the kept half is odd, then clear the low half
-        tmp = (bits >> 16) & 1
-        tmp += bits
-        tmp += 0x7FFF
-        tmp &= 0xFFFF0000
-        np.copyto(bits, tmp, where=~nan)
+        kept = x[nan] if nan.any() else None
+        with np.errstate(all="ignore"):
+            if dtype == "F16":  # numpy's conversion rounds half to even, subnormals and overflow included
+                np.copyto(x, x.astype(np.float16))
+            elif dtype == "BF16":  # add 0x7FFF, plus one when the kept half is odd, then clear the low half
+                bits = x.view(np.uint32)
+                odd = _bits_scratch(x.size)
+                np.right_shift(bits, _SIXTEEN, out=odd)
+                np.bitwise_and(odd, _ONE, out=odd)
+                odd += _HALF_BELOW
+                bits += odd  # a finite value overflows into the infinity's bits, as it should
+                bits &= _HIGH_HALF
+            else:
+                raise ValueError(f"round_to: no rounding to {dtype}")
+        if kept is not None:
+            x[nan] = kept
+
+
+_SIXTEEN, _ONE, _HALF_BELOW, _HIGH_HALF = (np.uint32(v) for v in (16, 1, 0x7FFF, 0xFFFF0000))
+_THREAD = threading.local()
+
+
+def _bits_scratch(n: int) -> np.ndarray:
+    """A uint32 buffer of n elements: up to a chunk, one reused per thread (round_to is called on
+    every chunk); a larger one is not kept."""
+    if n > CHUNK:
+        return np.empty(n, np.uint32)
+    buf = getattr(_THREAD, "bits", None)
+    if buf is None:
+        buf = _THREAD.bits = np.empty(CHUNK, np.uint32)
+    return buf[:n]
 
 
 NUMPY = NumpyKernel()

@@ -84,7 +84,10 @@ def test_round_to_is_torchs_conversion_on_both_kernels(compute):
         x = (rng.standard_normal(50_000) * np.exp(rng.uniform(-110, 110, 50_000))).astype(np.float32)
     halfway = (rng.integers(0, 2**31, 5_000, dtype=np.uint32) | 0x8000).astype(np.uint32) & 0xFFFF8000
     x = np.concatenate([x, halfway.view(np.float32), np.float32([np.inf, -np.inf, 0.0, -0.0, 3.39e38, 65520.0,
-                                                                  65519.0, 1e-45, -6e-8, np.nan])])
+                                                                  65519.0, 1e-45, -6e-8, np.nan]),
+                        # NaNs whose payload lies in the low half (rounding it would make an infinity) or
+                        # fills it (rounding would carry out of the sign bit)
+                        np.uint32([0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F80FFFF]).view(np.float32)])
     want = torch.from_numpy(x.copy()).to(DTYPES[compute]).float().numpy()
     for kernel, arr in ((NUMPY, x.copy()), (TorchKernel("cpu"), torch.from_numpy(x.copy()))):
         kernel.round_to(arr, compute)
