@@ -15,6 +15,8 @@ raymerge keeps the lowest flat indices first, mergekit whatever its torch.argsor
 The columns `tied` (elements tied at the threshold of a tensor whose ties straddle the cut,
 summed over vectors) and `@tie` (differing elements at such a position) say whether every
 difference is such a tie. With float32 inputs ties are rare; with bf16 inputs they are common.
+breadcrumbs, breadcrumbs_ties: the same, at both of their thresholds (the top t + target, and the
+top t that go as outliers).
 dare_*: mergekit's mask is torch.bernoulli, unseeded, so no bits can match: the table gives the
 fraction of elements each tool's output changed from the base (`kept`) instead, and does not
 count these rows as failures.
@@ -122,6 +124,24 @@ models:
   - model: {cp}
     parameters: {{weight: 0.5, density: 0.6}}
 parameters: {{rescale: true, normalize: false}}
+""",
+    # Breadcrumbs: TIES's drop of the smallest, and of each vector's gamma largest (outliers) too.
+    "breadcrumbs d0.3/0.6 gamma 0.05/default": """merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{weight: 0.7, density: 0.3, gamma: 0.05}}
+  - model: {cp}
+    parameters: {{weight: 0.5, density: 0.6}}
+""",
+    "breadcrumbs_ties gamma gradient, rescale, normalize": """merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{weight: 0.7, density: 0.5, gamma: [0.0, 0.1]}}
+  - model: {cp}
+    parameters: {{weight: 0.5, density: 0.8, gamma: 0.3}}
+parameters: {{rescale: true, normalize: true}}
 """,
     # DARE: no bits can match (mergekit's mask is torch.bernoulli); one vector so that `kept` is its mask's.
     "dare_linear d0.3 (one vector; kept fraction only)": """merge_method: dare_linear
@@ -266,6 +286,27 @@ models:
   - model: {chat}
     parameters: {{scale: 0.8}}
 """,
+    "ram (defaults)": """merge_method: ram
+base_model: {base}
+models:
+  - model: {chat}
+  - model: {cp}
+""",
+    # an epsilon near the changes' size: elements where none, one or both count
+    "ram epsilon 0.004": """merge_method: ram
+base_model: {base}
+models:
+  - model: {chat}
+  - model: {cp}
+parameters: {{epsilon: 0.004}}
+""",
+    "ramplus_tl epsilon 0.004, r 0.5, alpha 0.9": """merge_method: ramplus_tl
+base_model: {base}
+models:
+  - model: {chat}
+  - model: {cp}
+parameters: {{epsilon: 0.004, r: 0.5, alpha: 0.9}}
+""",
 }
 OUT_DTYPES = ("bfloat16", "float32")
 
@@ -351,13 +392,15 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     sliced = bool(cfg and "slices" in cfg)
     if sliced and method != "slerp":
         method = None  # a frankenmerge of another method: its elements are compared, their causes not sought
-    if method in ("ties", "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
+    if method in (*SELECTING, "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
         base = role_of[cfg.get("base_model", "").rstrip("/")] if cfg.get("base_model") else None
         vectors = [(role_of[m["model"].rstrip("/")], (m.get("parameters") or cfg.get("parameters") or {}).get(
             "t" if method == "slerp" else "density", 1.0))
                    for m in cfg.get("models", []) if m["model"].rstrip("/") != (cfg.get("base_model") or "").rstrip("/")]
+        gammas = {role_of[m["model"].rstrip("/")]: (m.get("parameters") or {}).get("gamma", 0.01)
+                  for m in cfg.get("models", [])}
         layers = LlamaShape.of_size(1).config()["num_hidden_layers"]  # of_size: 16 layers whatever the size
     total = differ = tied = at_tie = at_sum = 0
     changed = [0, 0]
@@ -366,7 +409,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
         d = _bits(t) != _bits(theirs[k])
         differ += int(d.sum())
         total += t.numel()
-        if method == "ties":
+        if method in SELECTING:
             ties = torch.zeros(t.numel(), dtype=torch.bool)
             summed = False  # whether a rescale factor torch's own sum gives differs from the exact one's
             for role, density in vectors:
@@ -376,15 +419,19 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
                     continue
                 at = getattr(torch, cfg.get("dtype", "float32"))  # mergekit's delta, in its compute dtype
                 mag = (inputs[role][k].to(at) - inputs[base][k].to(at)).abs().float().reshape(-1)
-                keep = max(1, int(density * n))
-                threshold = torch.topk(mag, keep, sorted=False).values.min()
-                above = int((mag > threshold).sum())
-                eq = mag == threshold
-                if int(eq.sum()) > keep - above:  # the ties straddle the cut: a choice is made among them
-                    tied += int(eq.sum())
-                    ties |= eq
+                ranks = _selections(method, density, _setting(gammas.get(role, 0.01), k, layers), n)
+                for keep in ranks:
+                    if keep == 0:
+                        continue
+                    threshold = torch.topk(mag, keep, sorted=False).values.min()
+                    above = int((mag > threshold).sum())
+                    eq = mag == threshold
+                    if int(eq.sum()) > keep - above:  # the ties straddle the cut: a choice is made among them
+                        tied += int(eq.sum())
+                        ties |= eq
                 if (cfg.get("parameters") or {}).get("rescale"):
-                    summed |= _factors_differ((inputs[role][k].to(at) - inputs[base][k].to(at)).reshape(-1), keep)
+                    summed |= _factors_differ((inputs[role][k].to(at) - inputs[base][k].to(at)).reshape(-1), method,
+                                              *ranks)
             if summed:
                 at_sum += int(d.sum())
             else:
@@ -434,13 +481,26 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
             for j, out in enumerate((t, theirs[k])):
                 changed[j] += int((_bits(out) != _bits(ref)).sum())
     r = {"elements": total, "differ": differ}
-    if method == "ties":
+    if method in SELECTING:
         r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
     elif method in ("slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
         r.update(differ_at_sum=at_sum)
     elif method in ("dare_linear", "dare_ties"):
         r["kept"] = [c / total for c in changed]
     return r
+
+
+SELECTING = ("ties", "breadcrumbs", "breadcrumbs_ties")  # methods that keep magnitudes by rank
+
+
+def _selections(method: str, density: float, gamma: float, n: int) -> tuple[int, ...]:
+    """How many of the largest magnitudes each selection takes: TIES its top k; breadcrumbs the top
+    t + target, less the top t (mergekit's magnitude_outliers)."""
+    if method == "ties":
+        return (max(1, int(density * n)),)
+    target = int(density * n)
+    top = min(int(gamma * n), n - target)
+    return top + target, top
 
 
 def _setting(setting, name: str, layers: int, layer: int | None = NAMED) -> float:
@@ -633,13 +693,19 @@ def _karcher_sums_differ(tensors: list[torch.Tensor], max_iter: int, tol: float)
     return False
 
 
-def _factors_differ(delta: torch.Tensor, k: int) -> bool:
-    """Whether TIES's L1 rescale factor, sum|delta| / sum|kept| in the compute dtype (delta's), is another
-    number when torch sums as mergekit does (its float reduction: its order and partial sums depend on
-    the tensor's size and the CPU) than when the sums are exact, each rounded once to float32 and then
-    to the dtype (raymerge's). The sums of what is kept are the same whichever ties are kept."""
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    mask[torch.argsort(delta.abs().float(), descending=True)[:k]] = 1
+def _factors_differ(delta: torch.Tensor, method: str, k: int, top: int = 0) -> bool:
+    """Whether the L1 rescale factor of what is kept (the top k magnitudes, less the top `top`),
+    sum|delta| / sum|kept| in the compute dtype (delta's), is another number when torch sums as
+    mergekit does (its float reduction: its order and partial sums depend on the tensor's size, the
+    CPU and where the kept elements lie) than when the sums are exact, each rounded once to float32
+    and then to the dtype (raymerge's). The kept elements are those mergekit's own sort picks (the
+    same call on the same tensor: the same ties), so that torch sums what mergekit sums."""
+    n = delta.numel()
+    mask = torch.zeros(n, dtype=delta.dtype)
+    if method == "ties":
+        mask[torch.argsort(delta.abs().float(), descending=True)[:k]] = 1
+    else:  # magnitude_outliers: its ascending sort, ranks n - k .. n - top - 1
+        mask[torch.sort(delta.abs().float(), descending=False).indices[n - k:n - top]] = 1
     kept = delta * mask
     theirs = delta.abs().sum() / kept.abs().sum()
 

@@ -206,6 +206,9 @@ class Method(ABC):
     combining: ClassVar[bool] = False  # merge and apply may combine their vectors with it (--method)
     mergekit_ignores: ClassVar[tuple[str, ...]] = ()  # mergekit parameters that change nothing in the result
     torch_scalars: ClassVar[bool] = False  # its `reduce` computes with torch, out of the driver (steps.in_torch)
+    # mergekit's result is float32 whatever its compute dtype (a float32 tensor promotes it): the
+    # worker casts the method's float32 result to the output dtype, with no rounding to the compute dtype.
+    result_float32: ClassVar[bool] = False
 
     def refuses(self, params: dict[str, Any]) -> str | None:
         """Why this method cannot run with these global parameters (a recipe's), or None."""

@@ -1,14 +1,17 @@
-"""TIES and DARE: mergekit's generalized task arithmetic with sparsified deltas, in mergekit's order.
+"""TIES, DARE and breadcrumbs: mergekit's generalized task arithmetic with sparsified deltas, in
+mergekit's order.
 
 For each vector i (delta_i = a_i - b_i in float32, or a stored vector a_i):
     sparsify: keep the `density` fraction of delta_i: TIES its largest magnitudes, DARE a random
-              draw; the rest become delta_i * 0. With `rescale`, multiply what is kept by
+              draw, breadcrumbs the magnitudes ranked just below its `gamma` fraction of largest
+              ones (mergekit's magnitude_outliers); the rest become delta_i * 0. With `rescale`,
+              multiply what is kept by
               sum|delta_i| / sum|kept| (mergekit's L1 rescale; skipped where either is below 1e-7).
     weigh:    wd_i = delta_i * weight_i
-combine (ties, dare_ties: sign consensus by sum):
+combine (ties, dare_ties, breadcrumbs_ties: sign consensus by sum):
     majority = +1 where sum_i wd_i >= 0, else -1;  mask_i = sign(wd_i) == majority
     mixed = sum_i wd_i * mask_i;  divisor = sum_i weight_i * mask_i (0 -> 1)
-combine (dare_linear):  mixed = sum_i wd_i;  divisor = sum_i weight_i (|.| < 1e-8 -> 1)
+combine (dare_linear, breadcrumbs):  mixed = sum_i wd_i;  divisor = sum_i weight_i (|.| < 1e-8 -> 1)
     mixed /= divisor when normalizing;  mixed *= lambda;  out = round(anchor + mixed)
 Sums over i run in the vectors' order, each operation rounded to float32, as mergekit 0.1.5
 (`generalized_task_arithmetic.py`, `sparsify.py`) computes them.
@@ -18,6 +21,9 @@ Whole-tensor facts come from statistics passes (docs/ARCHITECTURE.md: passes), e
     max(1, int(density * n)) (ops.sparse). Magnitudes equal to that threshold are kept lowest flat
     index first, up to k in all: per-piece tie counts from the second pass say how many ties each
     piece keeps (mergekit keeps the ties its unstable argsort happens to put first).
+    Breadcrumbs selects twice from the same histograms: it keeps the top t + target minus the top
+    t (facts `top_*`), target = int(density * n), t = min(int(gamma * n), n - target), as mergekit
+    keeps its ascending sort's ranks n - t - target .. n - t - 1 (ties ranked as TIES ranks them).
   - l1-norm: exact sums of |delta| before and after the drop, each rounded once to float32.
 DARE's mask: ops.sparse.keep_mask, keyed by (seed, tensor name) and indexed by element.
 
@@ -47,17 +53,25 @@ _EPS = np.float32(1e-7)  # mergekit's: below it, a norm is not rescaled
 # The kernel tables a thread's scratch keeps: deltas (row 0: a b, then a row per vector), keep masks (a row
 # per vector), the combination's work rows, magnitude bits.
 _DELTAS, _KEEPS, _WORK, _BITS = "sparse-deltas", "sparse-keeps", "sparse-work", "sparse-bits"
+_TOPS = "sparse-tops"  # breadcrumbs: the top_k mask taken from a keep mask
 
 
 class Sparse(Method):
     """One of mergekit's sparsifying task arithmetics; the subclasses are data."""
 
-    sparsify: ClassVar[str | None]  # "magnitude" (TIES), "random" (DARE), None (task arithmetic)
+    sparsify: ClassVar[str | None]  # "magnitude" (TIES), "random" (DARE), "outliers" (breadcrumbs), None
     consensus: ClassVar[bool]  # elect a sign per element, by the sum of the weighted deltas
+    # The magnitude selections of a term, by the prefix of their facts: TIES keeps its top k;
+    # breadcrumbs its top k but the top top_k.
+    selections: ClassVar[tuple[str, ...]] = ("",)
+
+    def _ranks(self, term: Any, n: int) -> tuple[int, ...]:
+        """How many of a term's n magnitudes each selection takes (module doc)."""
+        return (max(1, int(term.density * n)),)
 
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
         sparse_terms = self.sparsify is not None and any(0 < t.density < 1 for t in tensor.terms)
-        passes = [HIGH, LOW] if sparse_terms and self.sparsify == "magnitude" else []
+        passes = [HIGH, LOW] if sparse_terms and self.sparsify in ("magnitude", "outliers") else []
         if sparse_terms and self._rescale(tensor.params):
             passes.append(L1)
         return (*passes, ELEMENTWISE)
@@ -73,15 +87,18 @@ class Sparse(Method):
 
     def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
         """One piece's result, per term: HIGH a sparse histogram of the high 16 bits of |delta|
-        ([bins], [counts]); LOW one of the low 16 bits inside the threshold's high bin; L1 the
-        exact sums of |delta| before and after the drop (AbsSum.to_json). The kernel that made
-        the scratch computes the deltas and their magnitude bits; the counts and sums are the host's."""
+        ([bins], [counts]); LOW one of the low 16 bits inside each selection's high bin ([low
+        bits], [counts], per selection: `selections`); L1 the exact sums of |delta| before and
+        after the drop (AbsSum.to_json). The kernel that made the scratch computes the deltas and
+        their magnitude bits; the counts and sums are the host's."""
         vecs = operands.vectors
         facts = operands.facts or {}
-        wanted = [0 < v.density < 1 and (pass_name != LOW or _fact(facts, v.term, "high") is not None)
+        bins = [[_fact(facts, v.term, f"{s}high") if _fact(facts, v.term, f"{s}k") else None
+                 for s in self.selections] if pass_name == LOW else [] for v in vecs]
+        wanted = [0 < v.density < 1 and (pass_name != LOW or _fact(facts, v.term, "k") is not None)
                   for v in vecs]
         high = [np.zeros(sparse.HIGH_BINS, np.int64) if w and pass_name == HIGH else None for w in wanted]
-        low: list[list] = [[] for _ in vecs]
+        low: list[list] = [[[] for _ in self.selections] for _ in vecs]
         sums = [[sparse.AbsSum(), sparse.AbsSum()] for _ in vecs]
         bits = kernel.table(scratch, _BITS, 1, bits=True)[0]
         keeps = kernel.table(scratch, _KEEPS, len(vecs))
@@ -89,15 +106,17 @@ class Sparse(Method):
         state = _TieState()
         for lo, _, live in _chunks(kernel, operands, scratch):
             for i, v, d in live:
-                if not wanted[i]:
+                if not wanted[i] or (pass_name == LOW and not any(b is not None for b in bins[i])):
                     continue
                 # Only a selection inside NaN's bin tells NaNs apart (ops.sparse): make them equal there.
-                nans_equal = pass_name == LOW and facts[v.term]["high"] == sparse.NAN_BIN
+                nans_equal = pass_name == LOW and sparse.NAN_BIN in bins[i]
                 b = kernel.to_host(kernel.magnitude_bits(d, bits[:len(d)], nans_equal), scratch)
                 if pass_name == HIGH:
                     sparse.high_histogram(b, high[i], work[0][:b.size])
                 elif pass_name == LOW:
-                    low[i].append(b[(b >> 16) == facts[v.term]["high"]] & 0xFFFF)
+                    for s, at in enumerate(bins[i]):
+                        if at is not None:
+                            low[i][s].append(b[(b >> 16) == at] & 0xFFFF)
                 else:  # L1: before and after the drop
                     sums[i][0] += sparse.abs_sum(b, work)
                     self._drop(kernel, v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits,
@@ -112,9 +131,11 @@ class Sparse(Method):
                 nz = np.flatnonzero(high[i])
                 out[v.term] = [nz.tolist(), high[i][nz].tolist()]
             elif pass_name == LOW:
-                values, counts = np.unique(np.concatenate(low[i]) if low[i] else np.empty(0, np.uint32),
-                                           return_counts=True)
-                out[v.term] = [values.tolist(), counts.tolist()]
+                out[v.term] = []
+                for parts in low[i]:
+                    values, counts = np.unique(np.concatenate(parts) if parts else np.empty(0, np.uint32),
+                                               return_counts=True)
+                    out[v.term] += [values.tolist(), counts.tolist()]
             else:
                 out[v.term] = [sums[i][0].to_json(), sums[i][1].to_json()]
         return out
@@ -127,11 +148,15 @@ class Sparse(Method):
                 continue
             if pass_name == HIGH:
                 n = term.limit if term.limit is not None else math.prod(tensor.shape)
-                k = max(1, int(term.density * n))
-                high, above = sparse.select(_total(got), k)
-                facts[j].update(k=k, high=high, above=above)
+                counts = _total(got)
+                for s, k in zip(self.selections, self._ranks(term, n)):
+                    high, above = sparse.select(counts, k) if k else (0, 0)  # k = 0: an empty selection
+                    facts[j].update({f"{s}k": k, f"{s}high": high, f"{s}above": above})
             elif pass_name == LOW:
-                facts[j].update(_threshold(facts[j], got))
+                for index, s in enumerate(self.selections):
+                    empty = {f"{s}threshold": 0, f"{s}cut": 0, f"{s}keep": 0}
+                    facts[j].update(_threshold(facts[j], [(b, r[2 * index:2 * index + 2]) for b, r in got], s)
+                                    if facts[j][f"{s}k"] else empty)
             else:
                 # Each sum rounded once to float32, then to the compute dtype (mergekit's abs().sum()).
                 compute = getattr(tensor, "compute", None)
@@ -280,19 +305,32 @@ class Sparse(Method):
             kernel.from_host(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo,
                                                     len(d), sparse.keep_threshold(v.density)))
             return keep
-        f = facts[v.term]
+        self._top(kernel, d, keep, facts[v.term], "", operands.begin, state.seen, v.term, bits, scratch)
+        if "top_" in self.selections:  # breadcrumbs: less its top_k (a subset of its top k: ties rank alike)
+            top = kernel.table(scratch, _TOPS, 1)[0][:len(d)]
+            self._top(kernel, d, top, facts[v.term], "top_", operands.begin, state.seen, v.term, bits, scratch)
+            kernel.subtract(keep, top, keep)
+        return keep
+
+    @staticmethod
+    def _top(kernel: Any, d: Any, mask: Any, f: dict, s: str, begin: int, seen: dict, term: int, bits: Any,
+             scratch: Any) -> None:
+        """mask = 1.0 where d (a piece's chunk from its element begin) is among the top f[s + "k"]
+        magnitudes of the whole tensor, else 0.0 (selection s's facts)."""
+        if not f[f"{s}k"]:
+            kernel.fill(mask, 0)
+            return
         # No magnitude lies above a NaN's: a threshold past it (from damaged facts) compares as this one does.
-        threshold, begin = min(f["threshold"], sparse.NAN_MAGNITUDE + 1), operands.begin
+        threshold = min(f[f"{s}threshold"], sparse.NAN_MAGNITUDE + 1)
         # Below NaN's magnitude, a comparison with the threshold treats every NaN alike whatever its bits.
         b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=threshold >= sparse.NAN_MAGNITUDE)
         # The ties at the threshold: all kept before the piece that holds the last kept one, none after.
-        (kernel.greater_equal if begin < f["cut"] else kernel.greater)(b, threshold, keep)
-        if begin == f["cut"]:
+        (kernel.greater_equal if begin < f[f"{s}cut"] else kernel.greater)(b, threshold, mask)
+        if begin == f[f"{s}cut"]:
             tied = np.flatnonzero(kernel.to_host(b, scratch) == threshold)
-            left = f["keep"] - state.seen.get(v.term, 0)
-            kernel.put(keep, tied[:max(left, 0)], 1.0)
-            state.seen[v.term] = state.seen.get(v.term, 0) + tied.size
-        return keep
+            left = f[f"{s}keep"] - seen.get((term, s), 0)
+            kernel.put(mask, tied[:max(left, 0)], 1.0)
+            seen[(term, s)] = seen.get((term, s), 0) + tied.size
 
     def _drop(self, kernel: Any, v: Any, d: Any, keep: Any) -> None:
         """d (vector v's delta) *= its keep mask (`_keep`), in place."""
@@ -308,27 +346,29 @@ class Sparse(Method):
 
 
 class _TieState:
-    """Ties at the threshold seen so far in a piece, per term: the piece keeps the first ones."""
+    """Ties at the threshold seen so far in a piece, per (term, selection): the piece keeps the first ones."""
 
     def __init__(self) -> None:
-        self.seen: dict[int, int] = {}
+        self.seen: dict[tuple[int, str], int] = {}
 
 
 def _fact(facts: Any, term: int, key: str) -> Any:
     return facts[term].get(key) if facts and term < len(facts) and facts[term] else None
 
 
-def _threshold(f: dict, got: list[tuple[int, list]]) -> dict:
-    """The k-th largest magnitude's bits, and which piece (by first element) keeps its last tie,
-    how many ties that piece keeps (the pieces before it keep all of theirs, those after none)."""
-    low, above = sparse.select(_total(got), f["k"] - f["above"])
-    threshold = f["high"] << 16 | low
-    ties = f["k"] - f["above"] - above
+def _threshold(f: dict, got: list[tuple[int, list]], s: str = "") -> dict:
+    """Selection s's k-th largest magnitude's bits, and which piece (by first element) keeps its
+    last tie, how many ties that piece keeps (the pieces before it keep all of theirs, those after
+    none)."""
+    k, above_bin = f[f"{s}k"], f[f"{s}above"]
+    low, above = sparse.select(_total(got), k - above_bin)
+    threshold = f[f"{s}high"] << 16 | low
+    ties = k - above_bin - above
     before = 0
     for begin, (values, counts) in got:
         here = dict(zip(values, counts)).get(low, 0)
         if before + here >= ties:
-            return {"threshold": threshold, "cut": begin, "keep": ties - before}
+            return {f"{s}threshold": threshold, f"{s}cut": begin, f"{s}keep": ties - before}
         before += here
     raise ValueError("magnitude-low: fewer ties than counted")  # the counts are the same elements'
 
@@ -386,8 +426,11 @@ def _chunks(kernel: Any, operands: Operands, scratch: Any, n: int | None = None)
 
 
 # The statistics passes (docs/ARCHITECTURE.md: passes) and the facts each records per sparsified term.
-_HIGH = Pass(HIGH, 10, records=("k", "high", "above"), bits=("high",))
-_LOW = Pass(LOW, 20, records=("threshold", "cut", "keep"), bits=("threshold",))
+# Breadcrumbs' second selection records top_* facts too (a TIES tensor has none: `Breadcrumbs.facts_problem`).
+_TOP_HIGH, _TOP_LOW = ("top_k", "top_high", "top_above"), ("top_threshold", "top_cut", "top_keep")
+_HIGH = Pass(HIGH, 10, records=("k", "high", "above", *_TOP_HIGH), optional=_TOP_HIGH, bits=("high", "top_high"))
+_LOW = Pass(LOW, 20, records=("threshold", "cut", "keep", *_TOP_LOW), optional=_TOP_LOW,
+            bits=("threshold", "top_threshold"))
 _L1 = Pass(L1, 30, optional=("factor",), bits=("factor",))  # no factor where the norms are too small to rescale
 
 _DENSITY = Parameter("density", "the fraction of each vector's elements kept", "fraction", 1.0, per_vector=True,
@@ -427,3 +470,44 @@ class DareLinear(_Dare):
     name = "dare_linear"
     consensus = False
     recipes = (mergekit_kind("dare_linear"),)
+
+
+_GAMMA = Parameter("gamma", "the fraction of each vector's largest magnitudes dropped as outliers (breadcrumbs)",
+                   "fraction", 0.01, per_vector=True, schedulable=True, mergekit="gamma")
+
+
+class Breadcrumbs(Sparse):
+    """Model Breadcrumbs: each vector keeps `density` of its magnitudes, those ranked just below its
+    largest `gamma` fraction (mergekit's magnitude_outliers)."""
+
+    name = "breadcrumbs"
+    sparsify, consensus = "outliers", False
+    selections = ("", "top_")
+    statistics = (_HIGH, _LOW, _L1)
+    parameters = (SCALE, _DENSITY, _GAMMA, NORMALIZE, _RESCALE, LAMBDA)
+    recipes = (mergekit_kind("breadcrumbs"),)
+    combining = True
+    mergekit_ignores = ("int8_mask",)
+
+    def _ranks(self, term: Any, n: int) -> tuple[int, ...]:
+        # mergekit: target = int(density n), n_top = int(gamma n), n_bot = max(0, n - target - n_top);
+        # it keeps the ascending ranks n_bot .. n_bot + target - 1, so drops the top n - n_bot - target.
+        target = int(term.density * n)
+        top = min(int(term.param("gamma", self.default("gamma")) * n), n - target)
+        return top + target, top
+
+    def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
+        problem = super().facts_problem(tensor, facts, passes)
+        if problem is None:
+            needed = (_TOP_HIGH if HIGH in passes else ()) + (_TOP_LOW if LOW in passes else ())
+            for j, (term, f) in enumerate(zip(tensor.terms, facts)):
+                missing = [k for k in needed if self.works_on(term) and k not in (f or {})]
+                if missing:
+                    return f"vector {j + 1} has no {', '.join(missing)}"
+        return problem
+
+
+class BreadcrumbsTies(Breadcrumbs):
+    name = "breadcrumbs_ties"
+    consensus = True
+    recipes = (mergekit_kind("breadcrumbs_ties"),)

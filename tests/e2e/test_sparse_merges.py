@@ -1,4 +1,4 @@
-"""TIES and DARE end to end on the session's local Ray: tensors cut into many 4 KiB items, two
+"""TIES, DARE and breadcrumbs end to end on the session's local Ray: tensors cut into many 4 KiB items, two
 independent chat vectors whose signs disagree, bit for bit against the whole-tensor torch
 reference in mergekit's order (tests.methods.test_sparse_methods.sparse_reference); through the
 API, the command line, a mergekit file, S3, verify's recomputation and a resumed run."""
@@ -41,16 +41,17 @@ def tensors(models):
     return {role: load_folder(path) for role, path in models.items()}
 
 
-def reference(tensors, method, densities, scales=SCALES, anchor="cp", **kw):
+def reference(tensors, method, densities, scales=SCALES, anchor="cp", gammas=None, **kw):
     """Every tensor's whole-tensor reference: anchor + the two vectors chat_i - base. A density or
-    scale may be a function of the tensor name (a mergekit filter)."""
+    scale may be a function of the tensor name (a mergekit filter); `gammas`: breadcrumbs'."""
     def at(v, name):
         return v(name) if callable(v) else v
 
     want = {}
     for name, a in tensors[anchor].items():
-        vectors = [(at(s, name), tensors[chat][name], tensors["base"][name], at(d, name))
-                   for s, chat, d in zip(scales, ("chat", "chat2"), densities)]
+        vectors = [(at(s, name), tensors[chat][name], tensors["base"][name],
+                    at(d, name) if gammas is None else {"density": at(d, name), "gamma": gammas[i]})
+                   for i, (s, chat, d) in enumerate(zip(scales, ("chat", "chat2"), densities))]
         want[name] = sparse_reference(name, a, vectors, method, **kw)
     return want
 
@@ -74,6 +75,7 @@ def test_inputs_exercise_the_sign_election_and_ties(tensors):
     ("ties", [0.3, 0.6], {}),
     ("dare_ties", [0.5, 0.4], {"seed": 3}),
     ("dare_linear", [0.3, 0.7], {"normalize": True, "lambda": 0.9}),
+    ("breadcrumbs_ties", [0.3, 0.6], {"gamma": [0.05, 0.2], "rescale": True}),
 ])
 def test_sparse_merge_is_bit_exact_against_the_whole_tensor_reference(ray_local, models, tensors, tmp_path, method,
                                                                       densities, options):
@@ -83,7 +85,7 @@ def test_sparse_merge_is_bit_exact_against_the_whole_tensor_reference(ray_local,
                             **options)
     got = load_folder(out)
     want = reference(tensors, method, densities, seed=options.get("seed", 0), normalize=options.get("normalize"),
-                     lam=options.get("lambda", 1.0))
+                     lam=options.get("lambda", 1.0), gammas=options.get("gamma"), rescale=options.get("rescale"))
     assert_bit_identical(got, want)
     assert result.items > 40  # tensors cut into many items
     assert any(not torch.equal(want[k], tensors["cp"][k]) for k in want)
@@ -189,16 +191,19 @@ def test_ties_and_dare_merges_on_s3(ray_local, s3_server, models, tensors, tmp_p
         for name in os.listdir(models[role]):
             s3.upload_file(os.path.join(models[role], name), BUCKET, f"{role}/{name}")
     url = {role: f"s3://{BUCKET}/{role}" for role in ("base", "chat", "chat2", "cp")}
-    for method in ("ties", "dare_linear", "dare_ties"):  # dare_*: their l1-norm pass too (rescale is on)
+    gammas = [0.02, 0.1]
+    for method in ("ties", "dare_linear", "dare_ties", "breadcrumbs"):  # dare_*: their l1-norm pass too (rescale is on)
+        options = {"gamma": gammas} if method == "breadcrumbs" else {}
         raymerge.merge(url["base"], [url["chat"], url["chat2"]], url["cp"], f"s3://{BUCKET}/{method}", scale=SCALES,
-                       method=method, density=[0.3, 0.6], workers=2, shard_size="100KB")
+                       method=method, density=[0.3, 0.6], workers=2, shard_size="100KB", **options)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{method}/")["Contents"]]
         dest = tmp_path / method
         dest.mkdir()
         for key in keys:
             s3.download_file(BUCKET, key, str(dest / key.rsplit("/", 1)[1]))
         assert "raymerge_manifest.json" in os.listdir(dest)
-        assert_bit_identical(load_folder(str(dest)), reference(tensors, method, [0.3, 0.6]))
+        assert_bit_identical(load_folder(str(dest)), reference(tensors, method, [0.3, 0.6],
+                                                               gammas=gammas if method == "breadcrumbs" else None))
     assert not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
 
 

@@ -57,6 +57,19 @@ def ties_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep
 
 
+def breadcrumbs_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's magnitude_outliers: of the ascending sort of |delta|, ranks n_bot .. n_bot + target - 1
+    (ties ranked as in ties_keep: in descending order, lowest index first)."""
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices  # ascending rank r is position n - 1 - r
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[n - n_bot - target:n - n_bot]] = True
+    return keep
+
+
 def sparse_reference(name: str, anchor: torch.Tensor, vectors: list, method: str, *, normalize: bool | None = None,
                      rescale: bool | None = None, lam: float = 1.0, seed: int = 0) -> torch.Tensor:
     """mergekit 0.1.5's generalized task arithmetic on whole tensors in float32, rounded once to the
@@ -74,17 +87,19 @@ def gta_reference(name: str, anchor: torch.Tensor, vectors: list, method: str, *
     in the anchor's dtype, each operation a torch operation on tensors of that dtype (its compute
     dtype), in its order, with raymerge's documented masks (TIES: ties kept lowest index first; DARE:
     its Philox draw) and exact L1 sums rounded to float32, then to the dtype. vectors: (weight, a, b
-    or None, density)."""
+    or None, density or {"density": .., "gamma": ..} (breadcrumbs))."""
     dtype = anchor.dtype
-    consensus = method in ("ties", "dare_ties")
+    consensus = method in ("ties", "dare_ties", "breadcrumbs_ties")
     deltas = []
-    for weight, a, b, density in vectors:
+    for weight, a, b, values in vectors:
+        density, gamma = (values["density"], values.get("gamma", 0.01)) if isinstance(values, dict) else (values, 0.01)
         delta = (a - b if b is not None else a).reshape(-1)
         if method != "task_arithmetic" and density < 1:
             if density <= 0:
                 delta = torch.zeros_like(delta) if method == "ties" else delta * 0
             else:
                 keep = ties_keep(delta.float(), density) if method == "ties" else \
+                    breadcrumbs_keep(delta.float(), density, gamma) if method.startswith("breadcrumbs") else \
                     dare_keep(seed, name, delta.numel(), density)
                 masked = delta * keep.to(dtype)
                 if rescale:
@@ -136,7 +151,8 @@ def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts
     m = METHODS[method]
     n = anchor.numel()
     limits = [a.numel() if a.numel() < n else None for _, a, _, _ in vectors]
-    values = [d if isinstance(d, tuple) else (("density", d),) for _, _, _, d in vectors]
+    values = [tuple(d.items()) if isinstance(d, dict) else d if isinstance(d, tuple) else (("density", d),)
+              for _, _, _, d in vectors]
     tensor = SimpleNamespace(name=name, shape=tuple(anchor.shape), params=tuple(params), method=method, compute=compute,
                              terms=tuple(Term(w, None, None, limit, vals)
                                          for (w, _, _, _), limit, vals in zip(vectors, limits, values)))
@@ -182,17 +198,6 @@ CUTS = {  # first elements of the pieces after the first
     "4097": list(range(4097, N, 4097)),
     "ragged": [1, 2, 3, 1001, 1002, 7777, 7778, 15_000, N - 1],
 }
-
-
-@pytest.fixture(scope="module")
-def bf16_trio():
-    """A bf16 base, anchor and three chat models, each its own noise on the base: independent deltas
-    whose signs disagree, with many equal magnitudes (differences of nearby bf16 values)."""
-    g = torch.Generator().manual_seed(11)
-    base = (0.02 * torch.randn(N, generator=g)).to(torch.bfloat16)
-    chats = [(base.float() + 0.01 * torch.randn(N, generator=g)).to(torch.bfloat16) for _ in range(3)]
-    anchor = (base.float() + 0.01 * torch.randn(N, generator=g)).to(torch.bfloat16)
-    return base.reshape(100, 200), [c.reshape(100, 200) for c in chats], anchor.reshape(100, 200)
 
 
 def _straddling_ties(base, chat, density) -> bool:
