@@ -286,6 +286,19 @@ models:
   - model: {chat}
     parameters: {{scale: 0.8}}
 """,
+    "sce (defaults: no selection)": """merge_method: sce
+base_model: {base}
+models:
+  - model: {chat}
+  - model: {cp}
+""",
+    "sce select_topk 0.3": """merge_method: sce
+base_model: {base}
+models:
+  - model: {chat}
+  - model: {cp}
+parameters: {{select_topk: 0.3}}
+""",
     "ram (defaults)": """merge_method: ram
 base_model: {base}
 models:
@@ -392,7 +405,8 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     sliced = bool(cfg and "slices" in cfg)
     if sliced and method != "slerp":
         method = None  # a frankenmerge of another method: its elements are compared, their causes not sought
-    if method in (*SELECTING, "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
+    if method in (*SELECTING, "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp", "karcher",
+                  "sce"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
         base = role_of[cfg.get("base_model", "").rstrip("/")] if cfg.get("base_model") else None
@@ -476,12 +490,22 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
             if _karcher_sums_differ([inputs[role][k].to(at) for role in group], params.get("max_iter", 10),
                                     params.get("tol", 1e-5)):
                 at_sum += int(d.sum())
+        elif method == "sce":
+            at = getattr(torch, cfg.get("dtype", "float32"))
+            changes = torch.stack([inputs[role][k].to(at) - inputs[base][k].to(at) for role, _ in vectors])
+            ties, summed = _sce_causes(changes.reshape(len(vectors), -1),
+                                       (cfg.get("parameters") or {}).get("select_topk", 1.0))
+            if summed:
+                at_sum += int(d.sum())
+            else:
+                tied += int(ties.sum())
+                at_tie += int((d.reshape(-1) & ties).sum())
         elif method in ("dare_linear", "dare_ties"):
             ref = inputs[base][k].to(t.dtype)
             for j, out in enumerate((t, theirs[k])):
                 changed[j] += int((_bits(out) != _bits(ref)).sum())
     r = {"elements": total, "differ": differ}
-    if method in SELECTING:
+    if method in (*SELECTING, "sce"):
         r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
     elif method in ("slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
         r.update(differ_at_sum=at_sum)
@@ -501,6 +525,41 @@ def _selections(method: str, density: float, gamma: float, n: int) -> tuple[int,
     target = int(density * n)
     top = min(int(gamma * n), n - target)
     return top + target, top
+
+
+def _sce_causes(changes: torch.Tensor, topk: float) -> tuple[torch.Tensor, bool]:
+    """SCE's causes of difference in one tensor: (the elements a tie can change, whether the weights
+    differ by mergekit's float sums). Variances tied with the k-th largest straddle the cut:
+    mergekit's topk keeps an unspecified subset of them, raymerge the lowest indices; this changes
+    those elements, and where the subsets' squares differ, the weights (means of the kept squares)
+    and so the whole tensor. Otherwise a weight can differ because torch sums the squares in float32
+    (every element of the tensor then counts as `@sum`)."""
+    n = changes.shape[1]
+    ties = torch.zeros(n, dtype=torch.bool)
+    ours = theirs = changes
+    if 0 < topk < 1:
+        var = torch.var(changes, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var) * topk)
+        if k:
+            flat = var.float()
+            kth = torch.topk(flat, k, sorted=False).values.min()
+            eq = flat == kth
+            if int(eq.sum()) > k - int((flat > kth).sum()):
+                ties = eq
+        masks = [torch.zeros(n, dtype=changes.dtype) for _ in range(2)]
+        masks[0][torch.sort(var.float(), descending=True, stable=True).indices[:k]] = 1  # raymerge's
+        masks[1][torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1  # mergekit's own call
+        ours, theirs = changes * masks[0], changes * masks[1]
+
+    def exact(x: torch.Tensor) -> torch.Tensor:
+        squares = x.square()
+        return torch.tensor([float(np.float32(float(s.double().sum())) / np.float32(n)) for s in squares]).to(x.dtype)
+
+    if not torch.equal(theirs.square().mean(dim=1), exact(theirs)):
+        return ties, True
+    if not torch.equal(exact(ours), exact(theirs)):
+        return torch.ones(n, dtype=torch.bool), False  # the tie choice changed a weight
+    return ties, False
 
 
 def _setting(setting, name: str, layers: int, layer: int | None = NAMED) -> float:

@@ -17,6 +17,7 @@ from raymerge.methods.model_stock import ModelStock
 from raymerge.methods.multislerp import Multislerp
 from raymerge.methods.nuslerp import Nuslerp
 from raymerge.methods.ram import Ram, RamplusTl
+from raymerge.methods.sce import Sce
 from raymerge.methods.slerp import Slerp
 from raymerge.methods.sparse import Breadcrumbs, BreadcrumbsTies, DareLinear, DareTies, Ties
 from raymerge.methods.sum import Sum
@@ -24,7 +25,7 @@ from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 
 _ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies(), Slerp(), Nuslerp(),
                             Multislerp(), Karcher(), ModelStock(), Nearswap(), Passthrough(), Breadcrumbs(),
-                            BreadcrumbsTies(), Ram(), RamplusTl())
+                            BreadcrumbsTies(), Ram(), RamplusTl(), Sce())
 
 
 def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:

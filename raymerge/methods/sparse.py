@@ -148,14 +148,14 @@ class Sparse(Method):
                 continue
             if pass_name == HIGH:
                 n = term.limit if term.limit is not None else math.prod(tensor.shape)
-                counts = _total(got)
+                counts = merged_counts(got)
                 for s, k in zip(self.selections, self._ranks(term, n)):
                     high, above = sparse.select(counts, k) if k else (0, 0)  # k = 0: an empty selection
                     facts[j].update({f"{s}k": k, f"{s}high": high, f"{s}above": above})
             elif pass_name == LOW:
                 for index, s in enumerate(self.selections):
                     empty = {f"{s}threshold": 0, f"{s}cut": 0, f"{s}keep": 0}
-                    facts[j].update(_threshold(facts[j], [(b, r[2 * index:2 * index + 2]) for b, r in got], s)
+                    facts[j].update(threshold_facts(facts[j], [(b, r[2 * index:2 * index + 2]) for b, r in got], s)
                                     if facts[j][f"{s}k"] else empty)
             else:
                 # Each sum rounded once to float32, then to the compute dtype (mergekit's abs().sum()).
@@ -305,32 +305,12 @@ class Sparse(Method):
             kernel.from_host(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo,
                                                     len(d), sparse.keep_threshold(v.density)))
             return keep
-        self._top(kernel, d, keep, facts[v.term], "", operands.begin, state.seen, v.term, bits, scratch)
+        top_mask(kernel, d, keep, facts[v.term], "", operands.begin, state.seen, v.term, bits, scratch)
         if "top_" in self.selections:  # breadcrumbs: less its top_k (a subset of its top k: ties rank alike)
             top = kernel.table(scratch, _TOPS, 1)[0][:len(d)]
-            self._top(kernel, d, top, facts[v.term], "top_", operands.begin, state.seen, v.term, bits, scratch)
+            top_mask(kernel, d, top, facts[v.term], "top_", operands.begin, state.seen, v.term, bits, scratch)
             kernel.subtract(keep, top, keep)
         return keep
-
-    @staticmethod
-    def _top(kernel: Any, d: Any, mask: Any, f: dict, s: str, begin: int, seen: dict, term: int, bits: Any,
-             scratch: Any) -> None:
-        """mask = 1.0 where d (a piece's chunk from its element begin) is among the top f[s + "k"]
-        magnitudes of the whole tensor, else 0.0 (selection s's facts)."""
-        if not f[f"{s}k"]:
-            kernel.fill(mask, 0)
-            return
-        # No magnitude lies above a NaN's: a threshold past it (from damaged facts) compares as this one does.
-        threshold = min(f[f"{s}threshold"], sparse.NAN_MAGNITUDE + 1)
-        # Below NaN's magnitude, a comparison with the threshold treats every NaN alike whatever its bits.
-        b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=threshold >= sparse.NAN_MAGNITUDE)
-        # The ties at the threshold: all kept before the piece that holds the last kept one, none after.
-        (kernel.greater_equal if begin < f[f"{s}cut"] else kernel.greater)(b, threshold, mask)
-        if begin == f[f"{s}cut"]:
-            tied = np.flatnonzero(kernel.to_host(b, scratch) == threshold)
-            left = f[f"{s}keep"] - seen.get((term, s), 0)
-            kernel.put(mask, tied[:max(left, 0)], 1.0)
-            seen[(term, s)] = seen.get((term, s), 0) + tied.size
 
     def _drop(self, kernel: Any, v: Any, d: Any, keep: Any) -> None:
         """d (vector v's delta) *= its keep mask (`_keep`), in place."""
@@ -345,6 +325,26 @@ class Sparse(Method):
         kernel.multiply(d, keep, d)
 
 
+def top_mask(kernel: Any, d: Any, mask: Any, f: dict, s: str, begin: int, seen: dict, term: int, bits: Any,
+             scratch: Any) -> None:
+    """mask = 1.0 where d (a piece's chunk from its element begin) is among the top f[s + "k"]
+    magnitudes of the whole tensor, else 0.0 (selection s's facts)."""
+    if not f[f"{s}k"]:
+        kernel.fill(mask, 0)
+        return
+    # No magnitude lies above a NaN's: a threshold past it (from damaged facts) compares as this one does.
+    threshold = min(f[f"{s}threshold"], sparse.NAN_MAGNITUDE + 1)
+    # Below NaN's magnitude, a comparison with the threshold treats every NaN alike whatever its bits.
+    b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=threshold >= sparse.NAN_MAGNITUDE)
+    # The ties at the threshold: all kept before the piece that holds the last kept one, none after.
+    (kernel.greater_equal if begin < f[f"{s}cut"] else kernel.greater)(b, threshold, mask)
+    if begin == f[f"{s}cut"]:
+        tied = np.flatnonzero(kernel.to_host(b, scratch) == threshold)
+        left = f[f"{s}keep"] - seen.get((term, s), 0)
+        kernel.put(mask, tied[:max(left, 0)], 1.0)
+        seen[(term, s)] = seen.get((term, s), 0) + tied.size
+
+
 class _TieState:
     """Ties at the threshold seen so far in a piece, per (term, selection): the piece keeps the first ones."""
 
@@ -356,12 +356,12 @@ def _fact(facts: Any, term: int, key: str) -> Any:
     return facts[term].get(key) if facts and term < len(facts) and facts[term] else None
 
 
-def _threshold(f: dict, got: list[tuple[int, list]], s: str = "") -> dict:
+def threshold_facts(f: dict, got: list[tuple[int, list]], s: str = "") -> dict:
     """Selection s's k-th largest magnitude's bits, and which piece (by first element) keeps its
     last tie, how many ties that piece keeps (the pieces before it keep all of theirs, those after
     none)."""
     k, above_bin = f[f"{s}k"], f[f"{s}above"]
-    low, above = sparse.select(_total(got), k - above_bin)
+    low, above = sparse.select(merged_counts(got), k - above_bin)
     threshold = f[f"{s}high"] << 16 | low
     ties = k - above_bin - above
     before = 0
@@ -373,7 +373,7 @@ def _threshold(f: dict, got: list[tuple[int, list]], s: str = "") -> dict:
     raise ValueError("magnitude-low: fewer ties than counted")  # the counts are the same elements'
 
 
-def _total(got: list[tuple[int, list]]) -> dict[int, int]:
+def merged_counts(got: list[tuple[int, list]]) -> dict[int, int]:
     total: dict[int, int] = {}
     for _, (values, counts) in got:
         for b, c in zip(values, counts):

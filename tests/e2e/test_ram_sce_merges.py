@@ -1,5 +1,6 @@
-"""ram and ramplus_tl end to end on the session's local Ray: a mergekit file cut into many 4 KiB
-items and an S3 run, bit for bit against the whole-tensor reference of tests.methods.test_ram."""
+"""ram, ramplus_tl and sce end to end on the session's local Ray: mergekit files cut into many 4 KiB
+items and S3 runs, bit for bit against the whole-tensor references of tests.methods.test_ram and
+tests.methods.test_sce."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from raymerge.config import build_recipe
 from tests.conftest import make_llama_trio
 from tests.helpers import assert_bit_identical, load_folder, mergekit_file
 from tests.methods.test_ram import ram_reference
+from tests.methods.test_sce import sce_reference
 
 BUCKET = "ram-merges"
 
@@ -61,23 +63,54 @@ out_dtype: float32
     assert cli_main(["verify", out, "--recompute", "4"]) == 0
 
 
-def test_ram_on_s3(ray_local, s3_server, models, tensors, epsilon):
+def test_sce_file_with_a_selection(ray_local, models, tensors, tmp_path, cli_main):
+    path = mergekit_file(tmp_path, f"""merge_method: sce
+base_model: {models['base']}
+models:
+  - model: {models['chat']}
+  - model: {models['chat2']}
+parameters: {{select_topk: 0.3}}
+dtype: bfloat16
+""")
+    out = str(tmp_path / "sce")
+    assert cli_main(["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2"]) == 0
+    want = {name: sce_reference(b, [tensors["chat"][name], tensors["chat2"][name]], 0.3)
+            for name, b in tensors["base"].items()}
+    assert_bit_identical(load_folder(out), want)
+    manifest = json.load(open(os.path.join(out, "raymerge_manifest.json")))
+    assert set(manifest["facts"]["model.layers.0.mlp.up_proj.weight"][0]) >= {"k", "threshold", "w"}
+    assert cli_main(["verify", out, "--recompute", "4"]) == 0
+
+
+@pytest.fixture(scope="module")
+def on_s3(s3_server, models):
+    """The three checkpoints uploaded to a bucket of moto's."""
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=BUCKET)
     for role in ("base", "chat", "chat2"):
         for name in os.listdir(models[role]):
             s3.upload_file(os.path.join(models[role], name), BUCKET, f"{role}/{name}")
-    recipe, options = build_recipe("ram", {"base": f"s3://{BUCKET}/base",
-                                           "model": [f"s3://{BUCKET}/chat", f"s3://{BUCKET}/chat2"],
-                                           "ram_epsilon": epsilon, "out": f"s3://{BUCKET}/ram", "workers": 2,
-                                           "item_size": "5MiB", "shard_size": "100KB"})
+    return s3
+
+
+@pytest.mark.parametrize("method", ["ram", "sce"])
+def test_on_s3(ray_local, on_s3, tensors, epsilon, method):
+    s3 = on_s3
+    values = {"ram_epsilon": epsilon} if method == "ram" else {"select_topk": 0.6}
+    recipe, options = build_recipe(method, {"base": f"s3://{BUCKET}/base",
+                                            "model": [f"s3://{BUCKET}/chat", f"s3://{BUCKET}/chat2"],
+                                            "out": f"s3://{BUCKET}/{method}", "workers": 2, "item_size": "5MiB",
+                                            "shard_size": "100KB", **values})
     run(recipe, options)
     got = {}
-    for key in (o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ram/")["Contents"]):
+    for key in (o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{method}/")["Contents"]):
         if key.endswith(".safetensors"):
             from safetensors.torch import load
 
             got.update(load(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))
-    want = {name: ram_reference(b.float(), [tensors["chat"][name].float(), tensors["chat2"][name].float()],
-                                epsilon).to(b.dtype) for name, b in tensors["base"].items()}
+    # raymerge's own recipes compute in float32, rounded once
+    models32 = {name: ([tensors["chat"][name].float(), tensors["chat2"][name].float()], b)
+                for name, b in tensors["base"].items()}
+    want = {name: (ram_reference(b.float(), ms, epsilon) if method == "ram" else sce_reference(b.float(), ms, 0.6))
+            .to(b.dtype) for name, (ms, b) in models32.items()}
     assert_bit_identical(got, want)
