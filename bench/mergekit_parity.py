@@ -17,7 +17,7 @@ summed over vectors) and `@tie` (differing elements at such a position) say whet
 difference is such a tie. With float32 inputs ties are rare; with bf16 inputs they are common.
 breadcrumbs, breadcrumbs_ties: the same, at both of their thresholds (the top t + target, and the
 top t that go as outliers).
-dare_*: mergekit's mask is torch.bernoulli, unseeded, so no bits can match: the table gives the
+dare_*, della*: mergekit's mask is torch.bernoulli, unseeded, so no bits can match: the table gives the
 fraction of elements each tool's output changed from the base (`kept`) instead, and does not
 count these rows as failures.
 """
@@ -156,6 +156,21 @@ base_model: {base}
 models:
   - model: {chat}
     parameters: {{weight: 1.0, density: 0.3}}
+parameters: {{rescale: false}}
+""",
+    # DELLA: mergekit's draws are unseeded torch.bernoulli too; kept fractions only.
+    "della d0.3 epsilon 0.15 (one vector; kept fraction only)": """merge_method: della
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{weight: 1.0, density: 0.3, epsilon: 0.15}}
+parameters: {{rescale: false}}
+""",
+    "della_linear d0.6 epsilon 0.3 (one vector; kept fraction only)": """merge_method: della_linear
+base_model: {base}
+models:
+  - model: {chat}
+    parameters: {{weight: 1.0, density: 0.6, epsilon: 0.3}}
 parameters: {{rescale: false}}
 """,
     # SLERP between the base and the chat model: its norms and dot product are whole-tensor sums.
@@ -363,7 +378,7 @@ def main() -> None:
             row = {"config": name, "out_dtype": out_dtype, "mergekit_s": t1 - t0, "raymerge_s": t2 - t1,
                    **analyze(yaml.safe_load(text), trio, ours, theirs)}
             rows.append(row)
-            dare = name.startswith("dare")
+            dare = name.startswith(("dare", "della"))
             failed |= row["differ"] != row.get("differ_at_tie", 0) + row.get("differ_at_sum", 0) and not dare
             kept = f"{row['kept'][1]:.4f}/{row['kept'][0]:.4f}" if dare else "-"
             tied = " ".join(f"{row.get(key, '-'):>{w}}" for key, w in (("tied", 7), ("differ_at_tie", 6),
@@ -405,7 +420,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
     sliced = bool(cfg and "slices" in cfg)
     if sliced and method != "slerp":
         method = None  # a frankenmerge of another method: its elements are compared, their causes not sought
-    if method in (*SELECTING, "dare_linear", "dare_ties", "slerp", "nuslerp", "model_stock", "multislerp", "karcher",
+    if method in (*SELECTING, *RANDOM, "slerp", "nuslerp", "model_stock", "multislerp", "karcher",
                   "sce"):
         inputs = {role: _tensors(trio[role]) for role in ("base", "chat", "cp")}
         role_of = {v.rstrip("/"): k for k, v in trio.items()}
@@ -500,7 +515,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
             else:
                 tied += int(ties.sum())
                 at_tie += int((d.reshape(-1) & ties).sum())
-        elif method in ("dare_linear", "dare_ties"):
+        elif method in RANDOM:
             ref = inputs[base][k].to(t.dtype)
             for j, out in enumerate((t, theirs[k])):
                 changed[j] += int((_bits(out) != _bits(ref)).sum())
@@ -509,12 +524,13 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
         r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
     elif method in ("slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
         r.update(differ_at_sum=at_sum)
-    elif method in ("dare_linear", "dare_ties"):
+    elif method in RANDOM:
         r["kept"] = [c / total for c in changed]
     return r
 
 
 SELECTING = ("ties", "breadcrumbs", "breadcrumbs_ties")  # methods that keep magnitudes by rank
+RANDOM = ("dare_linear", "dare_ties", "della", "della_linear")  # mergekit draws unseeded: compared in meaning
 
 
 def _selections(method: str, density: float, gamma: float, n: int) -> tuple[int, ...]:

@@ -18,7 +18,8 @@
              vectors over base, chat (weight 0.7, density 0.3) and cp (weight 0.5, density 0.6)
   mergekit-ties  mergekit-yaml on the same ties file (dtype float32, out_dtype bfloat16)
   METHOD     with --method METHOD (repeatable: slerp, nuslerp, nuslerp-rows, multislerp, model_stock,
-             model_stock-rows, karcher, nearswap, passthrough, passthrough-slices): `raymerge run` of
+             model_stock-rows, karcher, nearswap, passthrough, passthrough-slices, breadcrumbs,
+             breadcrumbs_ties, ram, ramplus_tl, sce, della, della_linear): `raymerge run` of
              that mergekit file (dtype bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml
              on it; the table gives each one's wall time over merge2's
 
@@ -362,12 +363,20 @@ METHOD_FILES = {
     "karcher": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\nparameters: {{max_iter: 5}}\n",
     "nearswap": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {chat}\nparameters: {{t: 0.004}}\n",
     "passthrough": "models:\n  - model: {chat}\n    parameters: {{scale: 0.8}}\n",
+    "breadcrumbs": "base_model: {base}\nmodels:\n  - model: {chat}\n    parameters: {{weight: 0.7, density: 0.3, gamma: 0.05}}\n"
+                   "  - model: {cp}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
+    "ram": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\nparameters: {{epsilon: 0.004}}\n",
+    "sce": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\nparameters: {{select_topk: 0.3}}\n",
 }
 # a frankenmerge: 20 layers stacked from chat's first 10 and cp's last 10 (of 16)
 METHOD_FILES["passthrough-slices"] = ("slices:\n  - sources: [{{model: {chat}, layer_range: [0, 10]}}]\n"
                                       "  - sources: [{{model: {cp}, layer_range: [6, 16]}}]\n")
 METHOD_FILES["nuslerp-rows"] = METHOD_FILES["nuslerp"] + "parameters: {{nuslerp_flatten: false}}\n"
 METHOD_FILES["model_stock-rows"] = METHOD_FILES["model_stock"] + "parameters: {{filter_wise: true}}\n"
+METHOD_FILES["breadcrumbs_ties"] = METHOD_FILES["breadcrumbs"] + "parameters: {{rescale: true}}\n"
+METHOD_FILES["ramplus_tl"] = METHOD_FILES["ram"]
+METHOD_FILES["della"] = METHOD_FILES["breadcrumbs"].replace("gamma: 0.05", "epsilon: 0.15")
+METHOD_FILES["della_linear"] = METHOD_FILES["della"]
 
 
 def method_config(method: str, trio: dict, work: str) -> str:

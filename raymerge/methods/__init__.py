@@ -19,13 +19,14 @@ from raymerge.methods.nuslerp import Nuslerp
 from raymerge.methods.ram import Ram, RamplusTl
 from raymerge.methods.sce import Sce
 from raymerge.methods.slerp import Slerp
-from raymerge.methods.sparse import Breadcrumbs, BreadcrumbsTies, DareLinear, DareTies, Ties
+from raymerge.methods.sparse import Breadcrumbs, BreadcrumbsTies, DareLinear, DareTies, Della, DellaLinear, Ties
 from raymerge.methods.sum import Sum
 from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 
 _ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies(), Slerp(), Nuslerp(),
                             Multislerp(), Karcher(), ModelStock(), Nearswap(), Passthrough(), Breadcrumbs(),
-                            BreadcrumbsTies(), Ram(), RamplusTl(), Sce())
+                            BreadcrumbsTies(), Ram(), RamplusTl(), Sce(), Della(),
+                            DellaLinear())
 
 
 def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:

@@ -209,9 +209,16 @@ class Method(ABC):
     # mergekit's result is float32 whatever its compute dtype (a float32 tensor promotes it): the
     # worker casts the method's float32 result to the output dtype, with no rounding to the compute dtype.
     result_float32: ClassVar[bool] = False
+    # its pieces hold whole rows of each tensor (the planner cuts items at row boundaries there)
+    whole_rows: ClassVar[bool] = False
 
     def refuses(self, params: dict[str, Any]) -> str | None:
         """Why this method cannot run with these global parameters (a recipe's), or None."""
+        return None
+
+    def check(self, tensor: Any) -> str | None:
+        """Why this method cannot compute one tensor of a plan (a TensorPlan with terms, its
+        parameters resolved), or None: the planner refuses the plan with it."""
         return None
 
     def default(self, name: str) -> Any:

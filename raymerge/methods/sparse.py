@@ -69,6 +69,10 @@ class Sparse(Method):
         """How many of a term's n magnitudes each selection takes (module doc)."""
         return (max(1, int(term.density * n)),)
 
+    def work(self, compute: str | None) -> str | None:
+        """The dtype mergekit sparsifies in: the compute dtype's."""
+        return compute
+
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
         sparse_terms = self.sparsify is not None and any(0 < t.density < 1 for t in tensor.terms)
         passes = [HIGH, LOW] if sparse_terms and self.sparsify in ("magnitude", "outliers") else []
@@ -158,8 +162,8 @@ class Sparse(Method):
                     facts[j].update(threshold_facts(facts[j], [(b, r[2 * index:2 * index + 2]) for b, r in got], s)
                                     if facts[j][f"{s}k"] else empty)
             else:
-                # Each sum rounded once to float32, then to the compute dtype (mergekit's abs().sum()).
-                compute = getattr(tensor, "compute", None)
+                # Each sum rounded once to float32, then to the dtype mergekit sums in (its abs().sum()).
+                compute = self.work(getattr(tensor, "compute", None))
                 before = round_scalar(_abs_total(r[0] for _, r in got).to_float32(), compute)
                 after = round_scalar(_abs_total(r[1] for _, r in got).to_float32(), compute)
                 if not (before < _EPS or after < _EPS):
@@ -300,6 +304,8 @@ class Sparse(Method):
         if self.sparsify is None or not 0 < v.density < 1:
             return None
         keep = keep[:len(d)]
+        if self.sparsify == "della":
+            return self._della_keep(kernel, v, d, keep, operands, lo)
         if self.sparsify == "random":
             seed = int(self.value(operands, "seed"))
             kernel.from_host(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo,
@@ -317,7 +323,7 @@ class Sparse(Method):
         if self.sparsify is None or v.density >= 1:
             return
         if v.density <= 0:
-            if self.sparsify == "magnitude":
+            if self.sparsify in ("magnitude", "della"):
                 kernel.fill(d, 0)  # mergekit: zeros_like
             else:
                 kernel.multiply(d, 0, d)
@@ -511,3 +517,93 @@ class BreadcrumbsTies(Breadcrumbs):
     name = "breadcrumbs_ties"
     consensus = True
     recipes = (mergekit_kind("breadcrumbs_ties"),)
+
+
+_EPSILON = Parameter("epsilon", "how far della's keep probabilities spread around the density, by magnitude rank "
+                     "in each row", "fraction", 0.15, per_vector=True, schedulable=True, mergekit="epsilon")
+
+
+class Della(Sparse):
+    """DELLA: each vector keeps each element at random, with a probability from density - epsilon
+    (the smallest magnitude of its row) to density + epsilon (the largest), rescaled by default."""
+
+    name = "della"
+    sparsify, consensus = "della", True
+    statistics = (_L1,)
+    parameters = (SCALE, _DENSITY, _EPSILON, NORMALIZE.default_to(True), _RESCALE.default_to(True), LAMBDA, _SEED)
+    recipes = (mergekit_kind("della"),)
+    combining = True
+    mergekit_ignores = ("int8_mask",)
+    whole_rows = True  # a magnitude's rank is in its row: a piece holds whole rows
+
+    def work(self, compute: str | None) -> str | None:
+        # mergekit's della_magprune works in bf16 for a bf16 tensor (on the CPU), else in float32
+        return compute if compute == "BF16" else None
+
+    def check(self, tensor: Any) -> str | None:
+        if len(tensor.shape) > 2:
+            return (f"{self.name} ranks magnitudes along each row of a tensor of one or two dimensions; this one has "
+                    f"{len(tensor.shape)} (skip it, or use another method)")
+        for j, term in enumerate(tensor.terms):
+            density, epsilon = term.density, term.param("epsilon", self.default("epsilon"))
+            if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                return (f"vector {j + 1}: density {density:g} +/- epsilon {epsilon:g} must lie inside (0, 1), as "
+                        f"mergekit requires; give an epsilon below {min(density, 1 - density):g}")
+        return None
+
+    def _della_keep(self, kernel: Any, v: Any, d: Any, keep: Any, operands: Operands, lo: int) -> Any:
+        """Vector v's keep mask at the piece's elements lo .. lo + len(d): each element's random bits
+        (keyed by seed and tensor name, indexed by element) below its probability (`della_probabilities`)
+        of the rows that hold them, which the piece holds whole (`whole_rows`)."""
+        n, shape = len(d), operands.shape
+        row = shape[-1] if len(shape) > 1 else math.prod(shape)
+        start = operands.begin + lo  # the tensor's element at d[0]
+        first, last = start - start % row, -(-(start + n) // row) * row
+        if first < operands.begin or last - operands.begin > len(v.a):
+            raise ValueError(f"{self.name}: a piece holds part of a row of {operands.name}; its items must be cut at "
+                             "row boundaries")
+        at = np.arange(first - operands.begin, last - operands.begin)
+        x = kernel.gather(v.a, at)
+        if v.b is not None:
+            with np.errstate(all="ignore"):
+                x = x - kernel.gather(v.b, at)
+            if operands.compute is not None:
+                EXACT.round_to(x, operands.compute)  # mergekit's delta, in its compute dtype
+        p = della_probabilities(x.reshape(-1, row), v.density, v.param("epsilon", self.default("epsilon")),
+                                self.work(operands.compute)).reshape(-1)[start - first:start - first + n]
+        words = sparse.random_words(sparse.philox_key(int(self.value(operands, "seed")), operands.name, "della"),
+                                    start, n)
+        kernel.from_host(keep, words < np.floor(p.astype(np.float64) * 2.0**32))
+        return keep
+
+
+class DellaLinear(Della):
+    name = "della_linear"
+    consensus = False
+    parameters = (SCALE, _DENSITY, _EPSILON, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
+    recipes = (mergekit_kind("della_linear"),)
+
+
+def della_probabilities(rows: np.ndarray, density: float, epsilon: float, work: str | None) -> np.ndarray:
+    """Each element's keep probability (float32) from its magnitude's rank in its row (ascending;
+    equal magnitudes ranked lowest index first, NaNs above every number), each operation rounded to
+    the work dtype as mergekit's della_magprune rounds it: ranks r + 1, norm = (r - min) / (max -
+    min) clamped to [0, 1], p = (density - epsilon) + norm * 2 * epsilon (torch rounds the number it
+    adds to the tensor's dtype first, and multiplies by one in float32)."""
+    def rnd(x: np.ndarray) -> np.ndarray:
+        if work is not None:
+            EXACT.round_to(x, work)
+        return x
+
+    bits = sparse.magnitude_bits(rows.reshape(-1), np.empty(rows.size, np.uint32), nans_equal=True).reshape(rows.shape)
+    order = np.argsort(bits, axis=1, kind="stable")
+    ranks = np.empty(rows.shape, np.float32)
+    np.put_along_axis(ranks, order, np.arange(rows.shape[1], dtype=np.float32)[None, :], axis=1)
+    with np.errstate(all="ignore"):  # a one-element row: 0 / 0, as in mergekit
+        ranks = rnd(rnd(ranks) + np.float32(1))
+        low, high = ranks.min(axis=1, keepdims=True), ranks.max(axis=1, keepdims=True)
+        norm = rnd(rnd(ranks - low) / rnd(high - low))
+        norm = np.where(np.isnan(norm), norm, np.clip(norm, np.float32(0), np.float32(1)))
+        p = rnd(rnd(norm * np.float32(2)) * np.float32(epsilon))  # torch multiplies by epsilon as float32
+        # but adds a number in the tensor's dtype: (density - epsilon) rounded to bf16 first
+        return rnd(round_scalar(density - epsilon, work) + p)

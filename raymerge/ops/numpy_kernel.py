@@ -139,7 +139,7 @@ class NumpyKernel:
                 np.copyto(x, x.astype(np.float16))
             elif dtype == "BF16":  # add 0x7FFF, plus one when the kept half is odd, then clear the low half
                 bits = x.view(np.uint32)
-                odd = _bits_scratch(x.size)
+                odd = _bits_scratch(x.size).reshape(x.shape)
                 np.right_shift(bits, _SIXTEEN, out=odd)
                 np.bitwise_and(odd, _ONE, out=odd)
                 odd += _HALF_BELOW

@@ -69,9 +69,9 @@ def select(counts: dict[int, int], k: int) -> tuple[int, int]:
     raise ValueError(f"select: {k} asked of {above} elements")
 
 
-def philox_key(seed: int, name: str) -> np.ndarray:
-    """The Philox key of a tensor's mask: a digest of (seed, tensor name)."""
-    digest = hashlib.sha256(f"raymerge-dare\0{seed}\0{name}".encode()).digest()
+def philox_key(seed: int, name: str, kind: str = "dare") -> np.ndarray:
+    """The Philox key of a tensor's mask: a digest of (method kind, seed, tensor name)."""
+    digest = hashlib.sha256(f"raymerge-{kind}\0{seed}\0{name}".encode()).digest()
     return np.frombuffer(digest[:16], dtype=np.uint64).copy()
 
 
@@ -81,15 +81,21 @@ def keep_threshold(density: float) -> int:
 
 
 def keep_mask(key: np.ndarray, begin: int, n: int, threshold: int) -> np.ndarray:
-    """Whether elements [begin, begin + n) of a tensor are kept (bool). Element i takes the low 32
-    bits of 64-bit output i // 2 of the stream when i is even, the high 32 bits when it is odd;
-    output j is word j % 4 of Philox block j // 4."""
+    """Whether elements [begin, begin + n) of a tensor are kept (bool): their `random_words` are
+    below the threshold."""
+    return random_words(key, begin, n) < threshold
+
+
+def random_words(key: np.ndarray, begin: int, n: int) -> np.ndarray:
+    """32 random bits for each of elements [begin, begin + n) of a tensor (uint32). Element i takes
+    the low 32 bits of 64-bit output i // 2 of the stream when i is even, the high 32 bits when it
+    is odd; output j is word j % 4 of Philox block j // 4."""
     first, last = begin // 2, (begin + n + 1) // 2  # the 64-bit outputs covering the elements
     block = first // 4
     raw = np.random.Philox(key=key, counter=block).random_raw(last - block * 4)[first - block * 4:]
     halves = raw.view(np.uint32)  # little-endian: element 2j is the low half of output j
     lo = begin - 2 * first
-    return halves[lo:lo + n] < threshold
+    return halves[lo:lo + n]
 
 
 @dataclass(frozen=True)

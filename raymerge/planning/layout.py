@@ -15,11 +15,18 @@ from raymerge.safetensors.index import shard_name
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """A tensor placed in a shard: absolute byte range [start, start + nbytes) and element size."""
+    """A tensor placed in a shard: absolute byte range [start, start + nbytes) and element size.
+    `unit`: the bytes an item boundary inside it is a multiple of (from its start): an element's by
+    default, a row's for a method that needs whole rows in a piece (`Method.whole_rows`)."""
 
     start: int
     nbytes: int
     itemsize: int
+    unit: int = 0
+
+    @property
+    def step(self) -> int:
+        return self.unit or self.itemsize
 
 
 def split_into_shards(sizes: list[int], max_shard_size: int) -> list[list[int]]:
@@ -68,7 +75,8 @@ def layout_shard(tensors: list[tuple[str, str, tuple[int, ...], int]]) -> tuple[
 
 
 def cut_points(size: int, header_len: int, slots: list[Slot], item_size: int) -> list[int]:
-    """Item boundaries in [0, size]: every `item_size` bytes, moved up to the next element boundary.
+    """Item boundaries in [0, size]: every `item_size` bytes, moved up to the next element (or row:
+    `Slot.unit`) boundary.
 
     Rounding up (never down) keeps every item but the last at least `item_size` bytes, which is
     what S3 asks of multipart parts.
@@ -80,7 +88,7 @@ def cut_points(size: int, header_len: int, slots: list[Slot], item_size: int) ->
         if c >= header_len:
             j = bisect.bisect_right(starts, c) - 1
             s = slots[j]
-            c = s.start + -(-(c - s.start) // s.itemsize) * s.itemsize
+            c = min(s.start + -(-(c - s.start) // s.step) * s.step, s.start + s.nbytes)
         if c >= size:
             break
         cuts.append(c)

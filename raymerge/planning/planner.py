@@ -11,6 +11,7 @@ import posixpath
 from dataclasses import dataclass
 
 from raymerge.errors import PlanError
+from raymerge.methods import METHODS
 from raymerge.ops.kernel import COMPUTE_DTYPES
 from raymerge.ops.rules import compile_patterns, is_head_name, is_vocab_tensor, tied_embedding
 from raymerge.planning.inputs import Checkpoint, TensorRef
@@ -290,8 +291,11 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
             r = rules[i]
             tensors.append(TensorPlan(r.name, r.dtype, r.shape, s, start, sizes[i], r.anchor, r.terms, r.overrides,
                                       r.rule, spec.method, spec.params, _compute(spec.compute, r)))
+            problem = METHODS[spec.method].check(tensors[-1]) if r.terms else None
+            if problem:
+                raise PlanError(f"{spec.method}: tensor {r.name}: {problem}")
         size = len(header) + sum(sizes[i] for i in group)
-        slots = [Slot(t.start, t.nbytes, ITEMSIZE[t.dtype]) for t in tensors[first:]]
+        slots = [Slot(t.start, t.nbytes, ITEMSIZE[t.dtype], _row_bytes(t)) for t in tensors[first:]]
         item_size = _item_size(size, options)
         cuts = cut_points(size, len(header), slots, item_size)
         shard_items = []
@@ -301,6 +305,14 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
         shards.append(ShardPlan(name, size, header, tuple(range(first, len(tensors))), tuple(shard_items)))
     digest = _hash(files, tensors, shards, items)
     return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest, layer_map)
+
+
+def _row_bytes(t: TensorPlan) -> int:
+    """A tensor's row in bytes where its method computes with whole rows in each piece (0: none
+    needed): the last dimension's, or the whole tensor's for one dimension."""
+    if not t.terms or not METHODS[t.method].whole_rows:
+        return 0
+    return ITEMSIZE[t.dtype] * (t.shape[-1] if len(t.shape) > 1 else numel(t.shape))
 
 
 def _compute(compute: str, r: _Rule) -> str | None:

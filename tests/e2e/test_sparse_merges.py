@@ -41,16 +41,18 @@ def tensors(models):
     return {role: load_folder(path) for role, path in models.items()}
 
 
-def reference(tensors, method, densities, scales=SCALES, anchor="cp", gammas=None, **kw):
+def reference(tensors, method, densities, scales=SCALES, anchor="cp", per_vector=None, **kw):
     """Every tensor's whole-tensor reference: anchor + the two vectors chat_i - base. A density or
-    scale may be a function of the tensor name (a mergekit filter); `gammas`: breadcrumbs'."""
+    scale may be a function of the tensor name (a mergekit filter); `per_vector`: other per-vector
+    parameters by name (breadcrumbs' gamma, della's epsilon)."""
     def at(v, name):
         return v(name) if callable(v) else v
 
     want = {}
     for name, a in tensors[anchor].items():
         vectors = [(at(s, name), tensors[chat][name], tensors["base"][name],
-                    at(d, name) if gammas is None else {"density": at(d, name), "gamma": gammas[i]})
+                    {"density": at(d, name), **{k: v[i] for k, v in per_vector.items()}} if per_vector
+                    else at(d, name))
                    for i, (s, chat, d) in enumerate(zip(scales, ("chat", "chat2"), densities))]
         want[name] = sparse_reference(name, a, vectors, method, **kw)
     return want
@@ -76,6 +78,7 @@ def test_inputs_exercise_the_sign_election_and_ties(tensors):
     ("dare_ties", [0.5, 0.4], {"seed": 3}),
     ("dare_linear", [0.3, 0.7], {"normalize": True, "lambda": 0.9}),
     ("breadcrumbs_ties", [0.3, 0.6], {"gamma": [0.05, 0.2], "rescale": True}),
+    ("della", [0.3, 0.6], {"epsilon": [0.15, 0.1], "seed": 4}),
 ])
 def test_sparse_merge_is_bit_exact_against_the_whole_tensor_reference(ray_local, models, tensors, tmp_path, method,
                                                                       densities, options):
@@ -85,7 +88,8 @@ def test_sparse_merge_is_bit_exact_against_the_whole_tensor_reference(ray_local,
                             **options)
     got = load_folder(out)
     want = reference(tensors, method, densities, seed=options.get("seed", 0), normalize=options.get("normalize"),
-                     lam=options.get("lambda", 1.0), gammas=options.get("gamma"), rescale=options.get("rescale"))
+                     lam=options.get("lambda", 1.0), rescale=options.get("rescale"),
+                     per_vector={k: options[k] for k in ("gamma", "epsilon") if k in options})
     assert_bit_identical(got, want)
     assert result.items > 40  # tensors cut into many items
     assert any(not torch.equal(want[k], tensors["cp"][k]) for k in want)
@@ -192,8 +196,9 @@ def test_ties_and_dare_merges_on_s3(ray_local, s3_server, models, tensors, tmp_p
             s3.upload_file(os.path.join(models[role], name), BUCKET, f"{role}/{name}")
     url = {role: f"s3://{BUCKET}/{role}" for role in ("base", "chat", "chat2", "cp")}
     gammas = [0.02, 0.1]
-    for method in ("ties", "dare_linear", "dare_ties", "breadcrumbs"):  # dare_*: their l1-norm pass too (rescale is on)
-        options = {"gamma": gammas} if method == "breadcrumbs" else {}
+    for method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "della_linear"):  # rescaled: an l1-norm pass
+        options = {"gamma": gammas} if method == "breadcrumbs" else {"epsilon": [0.1, 0.1]} if method == "della_linear" \
+            else {}
         raymerge.merge(url["base"], [url["chat"], url["chat2"]], url["cp"], f"s3://{BUCKET}/{method}", scale=SCALES,
                        method=method, density=[0.3, 0.6], workers=2, shard_size="100KB", **options)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{method}/")["Contents"]]
@@ -202,8 +207,7 @@ def test_ties_and_dare_merges_on_s3(ray_local, s3_server, models, tensors, tmp_p
         for key in keys:
             s3.download_file(BUCKET, key, str(dest / key.rsplit("/", 1)[1]))
         assert "raymerge_manifest.json" in os.listdir(dest)
-        assert_bit_identical(load_folder(str(dest)), reference(tensors, method, [0.3, 0.6],
-                                                               gammas=gammas if method == "breadcrumbs" else None))
+        assert_bit_identical(load_folder(str(dest)), reference(tensors, method, [0.3, 0.6], per_vector=options))
     assert not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
 
 
@@ -274,6 +278,7 @@ def test_ties_resumed_after_the_driver_is_killed_between_passes(ray_local, model
     (["--method", "ties", "--density", "-0.1"], "from 0 to 1"),
     (["--method", "ties", "--density", "0.5", "--density", "0.5"], "2 --density values for 1 --chat inputs"),
     (["--method", "dare_ties", "--seed", "-1"], "--seed -1: must be an integer >= 0"),
+    (["--method", "della", "--density", "0.3", "--epsilon", "0.3"], "give an epsilon below 0.3"),
 ])
 def test_bad_sparse_options_exit_2_with_one_line(models, tmp_path, cli_main, capsys, extra, match):
     out = str(tmp_path / "out")

@@ -33,6 +33,8 @@ SPECIAL = {  # NaNs (quiet, signalling, payloads, both signs), infinities, subno
             0x8000000000000000],  # 0x36A0...: a float32 subnormal
 }
 CUTS = ([], [1, 700, 701, 1999], [1250])  # the first elements of the pieces after the first
+ROWS = (25, 100)  # the shape of a method's tensors whose pieces hold whole rows (Method.whole_rows)
+ROW_CUTS = ([], [100, 700, 800, 2000], [1200])
 
 
 def raw_values(dtype: str, n: int, rng: np.random.Generator, special: float) -> np.ndarray:
@@ -51,8 +53,10 @@ def raw_values(dtype: str, n: int, rng: np.random.Generator, special: float) -> 
 
 def tensor_plan(method: str, dtype: str, anchor: bool, terms: list, params: tuple, n: int = N,
                 compute: str | None = None) -> TensorPlan:
-    """The plan of one tensor of n elements: terms as (scale, has b, density, limit)."""
-    return TensorPlan("model.layers.3.mlp.up_proj.weight", dtype, (n,), 0, 0, 0, None if not anchor else "cp",
+    """The plan of one tensor of n elements (ROWS for a method that needs whole rows): terms as
+    (scale, has b, density, limit)."""
+    shape = ROWS if METHODS[method].whole_rows and n == N else (n,)
+    return TensorPlan("model.layers.3.mlp.up_proj.weight", dtype, shape, 0, 0, 0, None if not anchor else "cp",
                       tuple(Term(s, None, None, limit, (("density", d),)) for s, _, d, limit in terms),
                       method=method, params=params, compute=compute)
 
@@ -61,7 +65,7 @@ def run(kernel, t: TensorPlan, raw: dict, cuts: list[int], chunk: int | None):
     """(output bytes, summed Sums, every statistics pass's results and facts) of tensor t computed
     piece by piece with `kernel`; `raw` holds the inputs' bytes, `cuts` where pieces begin."""
     m = METHODS[t.method]
-    n = t.shape[0]
+    n = math.prod(t.shape)
     bounds = [0, *cuts, n]
     size = ITEMSIZE[t.dtype]
     out = bytearray(n * size)
@@ -134,7 +138,7 @@ def test_the_torch_kernel_gives_the_numpy_kernels_bits(method):
                 raw["anchor"] = raw_values(dtype, N, rng, special)
             raw = {k: bytes(v.tobytes()) for k, v in raw.items()}
             whole = run(NUMPY, t, raw, [], None)[0]
-            for cuts, chunk in zip(CUTS, (None, 256, 333)):
+            for cuts, chunk in zip(ROW_CUTS if METHODS[name].whole_rows else CUTS, (None, 256, 333)):
                 want, ws, wstats = run(NUMPY, t, raw, cuts, chunk)
                 got, gs, gstats = run(TORCH, t, raw, cuts, chunk)
                 what = f"{name} {dtype} at {compute} anchor={anchor} {len(terms)} terms {params} special={special} " \

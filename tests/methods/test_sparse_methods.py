@@ -57,6 +57,23 @@ def ties_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep
 
 
+def della_keep(delta: torch.Tensor, density: float, epsilon: float, seed: int, name: str) -> torch.Tensor:
+    """The documented della mask: each row's magnitudes ranked ascending (equal ones lowest index
+    first), keep probabilities (density - epsilon) + norm * 2 * epsilon with torch's operations in
+    delta's dtype (mergekit's), and element i kept where its 32 random bits of the Philox stream keyed
+    by (seed, name) fall below p * 2**32. delta: of one or two dimensions."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    order = torch.sort(rows.abs().float(), dim=1, stable=True).indices
+    ranks = order.argsort(dim=1).to(delta.dtype) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    probs = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
+    digest = hashlib.sha256(f"raymerge-della\0{seed}\0{name}".encode()).digest()
+    key = np.frombuffer(digest[:16], dtype="<u8").copy()
+    n = rows.numel()
+    words = np.random.Philox(key=key, counter=0).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return torch.from_numpy(words < np.floor(probs.reshape(-1).double().numpy() * 2.0**32))
+
+
 def breadcrumbs_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """mergekit's magnitude_outliers: of the ascending sort of |delta|, ranks n_bot .. n_bot + target - 1
     (ties ranked as in ties_keep: in descending order, lowest index first)."""
@@ -74,8 +91,8 @@ def sparse_reference(name: str, anchor: torch.Tensor, vectors: list, method: str
                      rescale: bool | None = None, lam: float = 1.0, seed: int = 0) -> torch.Tensor:
     """mergekit 0.1.5's generalized task arithmetic on whole tensors in float32, rounded once to the
     anchor's dtype, with raymerge's documented masks. vectors: (weight, a, b or None, density)."""
-    normalize = (method == "ties") if normalize is None else normalize
-    rescale = method.startswith("dare") if rescale is None else rescale
+    normalize = (method in ("ties", "della")) if normalize is None else normalize
+    rescale = method.startswith(("dare", "della")) if rescale is None else rescale
     f32 = [(w, a.float(), b.float() if b is not None else None, d) for w, a, b, d in vectors]
     return gta_reference(name, anchor.float(), f32, method, normalize=normalize, rescale=rescale, lam=lam,
                          seed=seed).to(anchor.dtype)
@@ -89,14 +106,24 @@ def gta_reference(name: str, anchor: torch.Tensor, vectors: list, method: str, *
     its Philox draw) and exact L1 sums rounded to float32, then to the dtype. vectors: (weight, a, b
     or None, density or {"density": .., "gamma": ..} (breadcrumbs))."""
     dtype = anchor.dtype
-    consensus = method in ("ties", "dare_ties", "breadcrumbs_ties")
+    consensus = method in ("ties", "dare_ties", "breadcrumbs_ties", "della")
     deltas = []
     for weight, a, b, values in vectors:
         density, gamma = (values["density"], values.get("gamma", 0.01)) if isinstance(values, dict) else (values, 0.01)
         delta = (a - b if b is not None else a).reshape(-1)
-        if method != "task_arithmetic" and density < 1:
+        if method.startswith("della") and 0 < density < 1:  # in bf16 for bf16, else in float32 (mergekit's)
+            work = dtype if dtype == torch.bfloat16 else torch.float32
+            d = (a - b if b is not None else a).to(work)
+            keep = della_keep(d, density, values.get("epsilon", 0.15), seed, name).reshape(-1)
+            masked = d.reshape(-1) * keep.to(work)
+            if rescale:
+                before, after = (torch.tensor(l1(x.float())).to(work) for x in (d, masked))
+                if not (float(before) < np.float32(1e-7) or float(after) < np.float32(1e-7)):
+                    masked = masked * (before / after)
+            delta = masked.to(dtype)
+        elif method != "task_arithmetic" and density < 1:
             if density <= 0:
-                delta = torch.zeros_like(delta) if method == "ties" else delta * 0
+                delta = torch.zeros_like(delta) if method in ("ties", "della", "della_linear") else delta * 0
             else:
                 keep = ties_keep(delta.float(), density) if method == "ties" else \
                     breadcrumbs_keep(delta.float(), density, gamma) if method.startswith("breadcrumbs") else \

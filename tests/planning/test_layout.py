@@ -44,6 +44,37 @@ def test_cuts_round_up_to_element_boundaries():
     assert cut_points(70, 16, slots, 23) == [0, 24, 48, 70]
 
 
+def test_cuts_round_up_to_row_boundaries_where_a_slot_has_rows():
+    # the F32 tensor as 2 rows of 5 elements (20 bytes each): a cut inside it moves to the next row
+    slots = [Slot(16, 40, 4, unit=20), Slot(56, 14, 2)]
+    assert cut_points(70, 16, slots, 10) == [0, 10, 36, 56, 66, 70]
+    assert all((c - 16) % 20 == 0 for c in cut_points(70, 16, slots, 10) if 16 < c < 56)
+    # a one-row tensor (a unit of its whole size) is never cut
+    assert cut_points(70, 16, [Slot(16, 40, 4, unit=40), Slot(56, 14, 2)], 5) == [0, 5, 10, 15, 56, 62, 68, 70]
+
+
+def test_della_plans_items_of_whole_rows(tmp_path):
+    """The planner gives della's tensors items that hold whole rows, however small the items."""
+    from raymerge.config import build_recipe
+    from raymerge.planning.build import make_plan
+    from tests.conftest import make_llama_trio
+
+    models = make_llama_trio(str(tmp_path), roles=("base", "chat", "chat2"))
+    values = {"base": models["base"], "model": [models["chat"], models["chat2"]], "out": str(tmp_path / "out"),
+              "item_size": "4KiB", "density": [0.3, 0.5]}
+    for method, whole in (("della", True), ("ties", False)):
+        recipe, options = build_recipe(f"{method}", {**values, "epsilon": [0.1, 0.1]} if method == "della" else values)
+        plan = make_plan(recipe, options)
+        splits = 0
+        for item in plan.items:
+            for piece in item.pieces:
+                if piece.tensor >= 0 and plan.tensors[piece.tensor].terms:
+                    shape = plan.tensors[piece.tensor].shape
+                    row = shape[-1] if len(shape) > 1 else shape[0]
+                    splits += piece.begin % row != 0 or piece.end % row != 0
+        assert (splits == 0) == whole, method
+
+
 def test_pieces_cover_header_and_element_ranges():
     slots = [Slot(16, 40, 4), Slot(56, 14, 2)]
     assert pieces_of(0, 24, 16, slots, first=5) == (Piece(HEADER, 0, 16), Piece(5, 0, 2))
