@@ -17,6 +17,8 @@ summed over vectors) and `@tie` (differing elements at such a position) say whet
 difference is such a tie. With float32 inputs ties are rare; with bf16 inputs they are common.
 breadcrumbs, breadcrumbs_ties: the same, at both of their thresholds (the top t + target, and the
 top t that go as outliers).
+arcee_fusion: where a tensor has more than 1M elements, mergekit's quartiles come from a random
+sample of 1M of them (unseeded), raymerge's from all: its differences there are counted `@sample`.
 dare_*, della*: mergekit's mask is torch.bernoulli, unseeded, so no bits can match: the table gives the
 fraction of elements each tool's output changed from the base (`kept`) instead, and does not
 count these rows as failures.
@@ -314,6 +316,12 @@ models:
   - model: {cp}
 parameters: {{select_topk: 0.3}}
 """,
+    "arcee_fusion": """merge_method: arcee_fusion
+base_model: {base}
+models:
+  - model: {base}
+  - model: {chat}
+""",
     "ram (defaults)": """merge_method: ram
 base_model: {base}
 models:
@@ -379,12 +387,14 @@ def main() -> None:
                    **analyze(yaml.safe_load(text), trio, ours, theirs)}
             rows.append(row)
             dare = name.startswith(("dare", "della"))
-            failed |= row["differ"] != row.get("differ_at_tie", 0) + row.get("differ_at_sum", 0) and not dare
+            explained = sum(row.get(k, 0) for k in ("differ_at_tie", "differ_at_sum", "differ_at_sample"))
+            failed |= row["differ"] != explained and not dare
             kept = f"{row['kept'][1]:.4f}/{row['kept'][0]:.4f}" if dare else "-"
             tied = " ".join(f"{row.get(key, '-'):>{w}}" for key, w in (("tied", 7), ("differ_at_tie", 6),
                                                                           ("differ_at_sum", 7)))
+            sampled = f"  ({row['differ_at_sample']} @sample)" if "differ_at_sample" in row else ""
             print(f"{name:50s} {out_dtype:9s} {row['elements']:10d} {row['differ']:7d} {tied} {kept:>13s} "
-                  f"{t1 - t0:10.1f} {t2 - t1:10.1f}", flush=True)
+                  f"{t1 - t0:10.1f} {t2 - t1:10.1f}{sampled}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dtype": args.dtype, "merge_dtype": args.merge_dtype, "params": args.params, "rows": rows}, f, indent=1)
@@ -431,7 +441,7 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
         gammas = {role_of[m["model"].rstrip("/")]: (m.get("parameters") or {}).get("gamma", 0.01)
                   for m in cfg.get("models", [])}
         layers = LlamaShape.of_size(1).config()["num_hidden_layers"]  # of_size: 16 layers whatever the size
-    total = differ = tied = at_tie = at_sum = 0
+    total = differ = tied = at_tie = at_sum = at_sample = 0
     changed = [0, 0]
     for k, t in ours.items():
         assert t.dtype == theirs[k].dtype, k
@@ -515,6 +525,9 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
             else:
                 tied += int(ties.sum())
                 at_tie += int((d.reshape(-1) & ties).sum())
+        elif method == "arcee_fusion":
+            if t.numel() > 1_000_000:  # mergekit's quartiles come from a random sample of 1M elements
+                at_sample += int(d.sum())
         elif method in RANDOM:
             ref = inputs[base][k].to(t.dtype)
             for j, out in enumerate((t, theirs[k])):
@@ -524,6 +537,8 @@ def analyze(cfg: dict | None, trio: dict | None, a: str, b: str) -> dict:
         r.update(tied=tied, differ_at_tie=at_tie, differ_at_sum=at_sum)
     elif method in ("slerp", "nuslerp", "model_stock", "multislerp", "karcher"):
         r.update(differ_at_sum=at_sum)
+    elif method == "arcee_fusion":
+        r.update(differ_at_sample=at_sample)
     elif method in RANDOM:
         r["kept"] = [c / total for c in changed]
     return r

@@ -9,6 +9,7 @@ commands, the order of the passes and the mapping of mergekit files are all made
 
 from __future__ import annotations
 
+from raymerge.methods.arcee_fusion import ArceeFusion
 from raymerge.methods.base import (ELEMENTWISE, SCALE, Method, Operands, Parameter, Pass, RecipeKind, Vector,
                                    mergekit_kind)
 from raymerge.methods.elementwise import Nearswap, Passthrough
@@ -26,7 +27,7 @@ from raymerge.methods.task_arithmetic import Linear, TaskArithmetic
 _ALL: tuple[Method, ...] = (Sum(), TaskArithmetic(), Linear(), Ties(), DareLinear(), DareTies(), Slerp(), Nuslerp(),
                             Multislerp(), Karcher(), ModelStock(), Nearswap(), Passthrough(), Breadcrumbs(),
                             BreadcrumbsTies(), Ram(), RamplusTl(), Sce(), Della(),
-                            DellaLinear())
+                            DellaLinear(), ArceeFusion())
 
 
 def check_registry(methods: tuple[Method, ...]) -> dict[str, Method]:

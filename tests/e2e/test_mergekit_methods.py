@@ -1,6 +1,6 @@
-"""ram, ramplus_tl and sce end to end on the session's local Ray: mergekit files cut into many 4 KiB
-items and S3 runs, bit for bit against the whole-tensor references of tests.methods.test_ram and
-tests.methods.test_sce."""
+"""ram, ramplus_tl, sce and arcee_fusion end to end on the session's local Ray: mergekit files cut
+into many 4 KiB items and S3 runs, bit for bit against the whole-tensor references of
+tests.methods.test_ram, test_sce and test_arcee_fusion."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from raymerge.api import run
 from raymerge.config import build_recipe
 from tests.conftest import make_llama_trio
 from tests.helpers import assert_bit_identical, load_folder, mergekit_file
+from tests.methods.test_arcee_fusion import fusion_reference
 from tests.methods.test_ram import ram_reference
 from tests.methods.test_sce import sce_reference
 
@@ -82,6 +83,23 @@ dtype: bfloat16
     assert cli_main(["verify", out, "--recompute", "4"]) == 0
 
 
+def test_arcee_fusion_file(ray_local, models, tensors, tmp_path, cli_main):
+    """Rows whole in every item (the planner cuts there); the mask is float32: one rounding to bf16."""
+    path = mergekit_file(tmp_path, f"""merge_method: arcee_fusion
+base_model: {models['base']}
+models:
+  - model: {models['base']}
+  - model: {models['chat']}
+dtype: bfloat16
+""")
+    out = str(tmp_path / "fusion")
+    assert cli_main(["run", path, "--out", out, "--item-size", "4KiB", "--workers", "2"]) == 0
+    want = {name: fusion_reference(b, tensors["chat"][name]).to(b.dtype) for name, b in tensors["base"].items()}
+    assert any(not torch.equal(w, tensors["base"][n]) for n, w in want.items())
+    assert_bit_identical(load_folder(out), want)
+    assert cli_main(["verify", out, "--recompute", "4"]) == 0
+
+
 @pytest.fixture(scope="module")
 def on_s3(s3_server, models):
     """The three checkpoints uploaded to a bucket of moto's."""
@@ -93,12 +111,13 @@ def on_s3(s3_server, models):
     return s3
 
 
-@pytest.mark.parametrize("method", ["ram", "sce"])
+@pytest.mark.parametrize("method", ["ram", "sce", "arcee_fusion"])
 def test_on_s3(ray_local, on_s3, tensors, epsilon, method):
     s3 = on_s3
-    values = {"ram_epsilon": epsilon} if method == "ram" else {"select_topk": 0.6}
+    values = {"ram": {"ram_epsilon": epsilon}, "sce": {"select_topk": 0.6}, "arcee_fusion": {}}[method]
+    models = ["chat"] if method == "arcee_fusion" else ["chat", "chat2"]
     recipe, options = build_recipe(method, {"base": f"s3://{BUCKET}/base",
-                                            "model": [f"s3://{BUCKET}/chat", f"s3://{BUCKET}/chat2"],
+                                            "model": [f"s3://{BUCKET}/{m}" for m in models],
                                             "out": f"s3://{BUCKET}/{method}", "workers": 2, "item_size": "5MiB",
                                             "shard_size": "100KB", **values})
     run(recipe, options)
@@ -108,9 +127,12 @@ def test_on_s3(ray_local, on_s3, tensors, epsilon, method):
             from safetensors.torch import load
 
             got.update(load(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))
-    # raymerge's own recipes compute in float32, rounded once
-    models32 = {name: ([tensors["chat"][name].float(), tensors["chat2"][name].float()], b)
-                for name, b in tensors["base"].items()}
-    want = {name: (ram_reference(b.float(), ms, epsilon) if method == "ram" else sce_reference(b.float(), ms, 0.6))
-            .to(b.dtype) for name, (ms, b) in models32.items()}
+
+    def reference(base: torch.Tensor, ms: list) -> torch.Tensor:  # raymerge's own recipes compute in float32
+        if method == "ram":
+            return ram_reference(base, ms, epsilon)
+        return sce_reference(base, ms, 0.6) if method == "sce" else fusion_reference(base, ms[0])
+
+    want = {name: reference(b.float(), [tensors[m][name].float() for m in models]).to(b.dtype)
+            for name, b in tensors["base"].items()}
     assert_bit_identical(got, want)
