@@ -223,16 +223,19 @@ def _journal(out: str) -> dict[str, set[int]]:
     return done
 
 
-def test_ties_resumed_after_the_driver_is_killed_between_passes(ray_local, models, tensors, tmp_path, cli_main,
-                                                                 capsys):
+@pytest.mark.parametrize("method,gammas", [("ties", None), ("breadcrumbs_ties", [0.05, 0.1])])
+def test_resumed_after_the_driver_is_killed_between_passes(ray_local, models, tensors, tmp_path, cli_main, capsys,
+                                                           method, gammas):
+    """Breadcrumbs' two selections journal their facts (top_k ...) as TIES's one does."""
     out = str(tmp_path / "out")
+    extra = [a for g in gammas for a in ("--gamma", str(g))] if gammas else []
     args = ["merge", "--base", models["base"], "--chat", models["chat"], "--chat", models["chat2"], "--cp",
-            models["cp"], "--out", out, "--method", "ties", "--density", "0.3", "--density", "0.6", "--scale", "0.7",
+            models["cp"], "--out", out, "--method", method, "--density", "0.3", "--density", "0.6", "--scale", "0.7",
             "--scale", "0.5", "--rescale", "--lambda", "0.9", "--item-size", "4KiB", "--shard-size", "100KB",
-            "--workers", "2", "-v"]
+            "--workers", "2", "-v", *extra]
     plan = raymerge.plan(models["base"], [models["chat"], models["chat2"]], models["cp"], out=out, scale=SCALES,
-                         method="ties", density=[0.3, 0.6], rescale=True, item_size="4KiB", shard_size="100KB",
-                         **{"lambda": 0.9})
+                         method=method, density=[0.3, 0.6], rescale=True, item_size="4KiB", shard_size="100KB",
+                         **{"lambda": 0.9}, **({"gamma": gammas} if gammas else {}))
     total = {name: set(pass_items(plan, name)) for name in ("magnitude-high", "magnitude-low", "l1-norm")}
     # A driver of its own joins the session's Ray; its workers are slowed so that it can be killed
     # once the first pass is journaled whole.
@@ -266,7 +269,8 @@ def test_ties_resumed_after_the_driver_is_killed_between_passes(ray_local, model
         else:
             assert f"{name}:" not in log, log
     assert f"execute: 2 workers, {len(plan.items)} items to do" in log, log
-    want = reference(tensors, "ties", [0.3, 0.6], rescale=True, lam=0.9)
+    want = reference(tensors, method, [0.3, 0.6], rescale=True, lam=0.9, normalize=method == "ties",
+                     per_vector={"gamma": gammas} if gammas else None)
     assert_bit_identical(load_folder(out), want)
     assert not os.path.exists(os.path.join(out, STAGING))
 
