@@ -19,7 +19,7 @@
   mergekit-ties  mergekit-yaml on the same ties file (dtype float32, out_dtype bfloat16)
   METHOD     with --method METHOD (repeatable: slerp, nuslerp, nuslerp-rows, multislerp, model_stock,
              model_stock-rows, karcher, nearswap, passthrough, passthrough-slices, breadcrumbs,
-             breadcrumbs_ties, ram, ramplus_tl, sce, della, della_linear): `raymerge run` of
+             breadcrumbs_ties, ram, ramplus_tl, sce, della, della_linear, arcee_fusion): `raymerge run` of
              that mergekit file (dtype bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml
              on it; the table gives each one's wall time over merge2's
 
@@ -377,6 +377,7 @@ METHOD_FILES["breadcrumbs_ties"] = METHOD_FILES["breadcrumbs"] + "parameters: {{
 METHOD_FILES["ramplus_tl"] = METHOD_FILES["ram"]
 METHOD_FILES["della"] = METHOD_FILES["breadcrumbs"].replace("gamma: 0.05", "epsilon: 0.15")
 METHOD_FILES["della_linear"] = METHOD_FILES["della"]
+METHOD_FILES["arcee_fusion"] = "base_model: {base}\nmodels:\n  - model: {chat}\n"
 
 
 def method_config(method: str, trio: dict, work: str) -> str:

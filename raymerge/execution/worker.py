@@ -311,13 +311,14 @@ def _at_compute(k, raw: memoryview, dtype: str, compute: str | None, scratch: Sc
 
 def _apply(method, k, dest: memoryview, t: TensorPlan, operands: Operands, scratch: Scratch) -> Sums:
     """method.apply into dest (bytes of t.dtype). With a compute dtype other than t.dtype, the method
-    writes a buffer of the compute dtype (float32: `Method.result_float32`), cast to t.dtype after
-    (mergekit's `.to(out_dtype)`); the non-finite outputs are then the cast's, those the cast makes
-    counted as made by the arithmetic."""
-    result = "F32" if method.result_float32 and t.compute is not None else t.compute
-    if result is None or result == t.dtype:
+    writes a buffer of the compute dtype, cast to t.dtype after (mergekit's `.to(out_dtype)`); the
+    non-finite outputs are then the cast's, those the cast makes counted as made by the arithmetic.
+    A method whose result is float32 whatever the compute dtype (`Method.result_float32`) writes
+    dest itself: its one rounding is the cast's."""
+    if t.compute is None or t.compute == t.dtype or method.result_float32:
+        # a float32 result rounds once to t.dtype as its cast would: no buffer between
         return method.apply(k, k.view(dest, t.dtype), operands, scratch)
-    mid = k.view(memoryview(bytearray(len(dest) // ITEMSIZE[t.dtype] * ITEMSIZE[result])), result)
+    mid = k.view(memoryview(bytearray(len(dest) // ITEMSIZE[t.dtype] * ITEMSIZE[t.compute])), t.compute)
     s = method.apply(k, mid, operands, scratch)
     cast = k.weighted_sum(k.view(dest, t.dtype), mid, [], scratch)
     return s._replace(nonfinite=cast.nonfinite, new_nonfinite=s.new_nonfinite + cast.new_nonfinite)

@@ -172,6 +172,8 @@ def importance(other: np.ndarray, base: np.ndarray, row: int, compute: str | Non
 
     from raymerge.methods.steps import torch_dtype
 
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # a worker's items compute in threads of their own; torch's pool per core costs memory
     dtype = torch_dtype(compute)
     o, b = (torch.from_numpy(x).reshape(-1, row).to(dtype) for x in (other, base))
     p = F.softmax(o, dim=-1) + 1e-8
