@@ -57,7 +57,7 @@ def test_what_the_sparse_methods_cannot_map_is_refused_in_one_line():
     from raymerge.errors import InputError
 
     base = {"base_model": "/m/base", "models": [{"model": "/m/chat", "parameters": {"weight": 1.0}}]}
-    for bad, words in (({"merge_method": "della"}, "della"),
+    for bad, words in (({"merge_method": "model_soup"}, "model_soup"),
                        ({"merge_method": "ties", "parameters": {"normalize": [0.1]}}, "one value"),
                        ({"merge_method": "ties", "parameters": {"gamma": 0.1}}, "gamma"),
                        ({"merge_method": "ties", "parameters": {"density": 1.5}}, "from 0 to 1")):

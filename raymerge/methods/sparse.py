@@ -1,4 +1,4 @@
-"""TIES, DARE and breadcrumbs: mergekit's generalized task arithmetic with sparsified deltas, in
+"""TIES, DARE, breadcrumbs and DELLA: mergekit's generalized task arithmetic with sparsified deltas, in
 mergekit's order.
 
 For each vector i (delta_i = a_i - b_i in float32, or a stored vector a_i):

@@ -345,8 +345,8 @@ dtype: float32
 
 
 @pytest.mark.parametrize("text,match", [
-    ("merge_method: della\nmodels: [{model: a}]\n", "merge_method 'della': raymerge runs mergekit's task_arithmetic, "
-                                                     "linear, ties, dare_linear, dare_ties, slerp"),
+    ("merge_method: model_soup\nmodels: [{model: a}]\n", "merge_method 'model_soup': raymerge runs mergekit's "
+                                                          "task_arithmetic, linear, ties, dare_linear, dare_ties, slerp"),
     ("merge_method: linear\nslices: []\nmodels: [{model: a}]\n", "give models .* or slices .*, one of them"),
     ("merge_method: linear\nslices: []\n", r"slices: a list of \{sources: "),
     ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: a}]\n", "tokenizer_source 'union'"),

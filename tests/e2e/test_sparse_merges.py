@@ -128,20 +128,21 @@ def test_ties_output_verifies_with_recomputation(ray_local, models, tmp_path, cl
     assert "differ from the bytes computed again from the inputs" in capsys.readouterr().out
 
 
-def test_dare_bits_depend_on_the_seed_alone(ray_local, models, tensors, tmp_path):
+@pytest.mark.parametrize("method,options", [("dare_ties", {}), ("della", {"epsilon": [0.15, 0.1]})])
+def test_random_bits_depend_on_the_seed_alone(ray_local, models, tensors, tmp_path, method, options):
     """The same seed on 1 or 2 workers, with 4 KiB or 16 KiB items: the same bytes; another seed: others."""
     outs = {}
     for workers, item_size, seed in ((1, "4KiB", 11), (2, "4KiB", 11), (2, "16KiB", 11), (2, "4KiB", 12)):
         out = str(tmp_path / f"w{workers}-{item_size}-{seed}")
         raymerge.merge(models["base"], [models["chat"], models["chat2"]], models["cp"], out, scale=SCALES,
-                       method="dare_ties", density=[0.4, 0.6], seed=seed, workers=workers, item_size=item_size,
-                       shard_size="100KB")
+                       method=method, density=[0.4, 0.6], seed=seed, workers=workers, item_size=item_size,
+                       shard_size="100KB", **options)
         outs[(workers, item_size, seed)] = shard_bytes(out)
     first = outs[(1, "4KiB", 11)]
     assert outs[(2, "4KiB", 11)] == first and outs[(2, "16KiB", 11)] == first
     other = outs[(2, "4KiB", 12)]
     assert other.keys() == first.keys() and all(other[n] != first[n] for n in first if n.endswith(".safetensors"))
-    want = reference(tensors, "dare_ties", [0.4, 0.6], seed=11)
+    want = reference(tensors, method, [0.4, 0.6], seed=11, per_vector=options or None)
     assert_bit_identical(load_folder(str(tmp_path / "w1-4KiB-11")), want)
 
 

@@ -195,7 +195,8 @@ mk_settings = st.one_of(
 mk_parameters = mostly(
     st.fixed_dictionaries({"weight": mk_settings}, optional={"density": mk_settings}),
     st.one_of(st.dictionaries(st.sampled_from(["weight", "density", "normalize", "rescale", "lambda", "int8_mask",
-                                               "epsilon", "t"]), mk_settings, max_size=4), hostile_values), odds=2)
+                                               "epsilon", "t", "gamma", "select_topk", "r"]), mk_settings, max_size=4),
+              hostile_values), odds=2)
 mk_models = mostly(st.fixed_dictionaries({"model": refs, "parameters": mk_parameters}),
                    st.one_of(st.fixed_dictionaries({"model": refs}), st.dictionaries(keys, hostile_values, max_size=2)))
 MK_OPTIONAL = {"parameters": mk_parameters,
@@ -209,7 +210,7 @@ def mergekit_configs(draw: st.DrawFn) -> dict:
     """A near-valid mergekit configuration: a supported method, a base model, models with weights
     and densities that are numbers, gradients or filters, each part now and then hostile."""
     data = {"merge_method": draw(mostly(st.sampled_from(MERGEKIT), st.one_of(st.sampled_from(
-                ["slerp", "della", "breadcrumbs", "TIES", "passthrough"]), hostile_values))),
+                ["slerp", "model_soup", "della_ties", "TIES", "passthrough"]), hostile_values))),
             "models": draw(mostly(st.lists(mk_models, min_size=1, max_size=3), hostile_values))}
     if not rarely(draw, 6):
         data["base_model"] = draw(refs)
