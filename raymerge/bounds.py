@@ -87,7 +87,9 @@ def load_yaml(raw: bytes, where: str) -> Any:
         return yaml.load(raw, Loader=loader)
     except yaml.YAMLError as e:
         raise InputError(f"{where}: not valid YAML ({_yaml_reason(e)}); fix the file's syntax") from e
-    except (ValueError, OverflowError) as e:  # a value the constructor cannot build, e.g. the date 2001-13-45
+    # A value the constructor cannot build: the date 2001-13-45 (ValueError), `!!timestamp nope`
+    # and `!!bool maybe` (PyYAML's constructor fails on them with AttributeError, KeyError).
+    except (ValueError, OverflowError, AttributeError, TypeError, KeyError, IndexError) as e:
         raise InputError(f"{where}: a value YAML cannot build ({_yaml_reason(e)}); quote it if it is text") from e
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymerge.commit.aux import aux_contents
+from raymerge.commit.card import card_files
 from raymerge.commit.committer import commit
 from raymerge.commit.guard import OldCheckpoint, check_not_input, check_space, old_checkpoint
 from raymerge.commit.manifest import output_files
@@ -80,6 +81,8 @@ def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
     check_not_input(recipe.out, [*input_roles(recipe), *(f.url for f in the_plan.files),
                                  *(a.source for a in the_plan.aux_files)])
     aux = aux_contents(the_plan, run_options.storage_options)  # read and checked now: never after the work
+    if the_plan.card:
+        aux.update(card_files(recipe, the_plan, input_roles(recipe)))
     output = open_output(recipe.out, run_options.storage_options)
     output.protect(local_inputs(the_plan))
     lease = Lease.acquire(output, takeover=run_options.resume or run_options.overwrite,
@@ -166,7 +169,7 @@ class _Run:
     def _decide(self, state: JournalState | None) -> _Start:
         """Fresh, resumed, replacing or refused, from what the output holds and the options."""
         o, shown = self.options, urls.redact(self.output.url)
-        old = old_checkpoint(self.output)
+        old = old_checkpoint(self.output, self.plan.card)
         if state is not None and state.head is None:
             if o.overwrite:
                 return _Start(_replaced(old, state), clear=state)
@@ -188,6 +191,10 @@ class _Run:
         if o.resume:
             log.warning("resume: no unfinished run at %s; starting a fresh one", shown)
         if old.present and not o.overwrite:
+            if set(old.present) <= set(self.plan.card):  # a user's README.md, say: never written over unasked
+                raise OutputError(f"--out {shown}: already holds {', '.join(old.present)}, which the model card "
+                                  "would replace; choose another location, pass --no-card to leave the card out, "
+                                  "or --overwrite to replace them")
             raise OutputError(f"--out {shown}: already holds a checkpoint ({', '.join(old.present[:3])}); "
                               "choose another location or pass --overwrite")
         if o.overwrite and old.strays:

@@ -97,6 +97,8 @@ def test_deep_nesting_is_refused_before_the_recursive_composer(doc):
     (b"a: 1\n---\nb: 2\n", r"not valid YAML \(expected a single document in the stream, but found another"),
     (b"a: !!python/name:os.system x\n", r"not valid YAML \(could not determine a constructor"),
     (b"models: 2001-13-45\n", r"a value YAML cannot build \(month must be in 1..12\); quote it if it is text"),
+    (b"cp: !!timestamp nope\n", r"a value YAML cannot build \(.*\); quote it if it is text"),
+    (b"cp: !!bool maybe\n", r"a value YAML cannot build \(.*\); quote it if it is text"),
 ])
 def test_bad_yaml_is_one_input_error_line(doc, reason):
     with pytest.raises(InputError, match=rf"^recipe r.yaml: {reason}") as e:

@@ -52,8 +52,8 @@ def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemR
         # again by --resume.
         _small(output.files.delete, [n for n in (MANIFEST_NAME, INDEX_NAME) if n in replaces])
         output.finalize(shards)
-        for aux_file in plan.aux_files:
-            _small(output.files.put, aux_file.name, aux[aux_file.name])
+        for name in [*(a.name for a in plan.aux_files), *plan.card]:
+            _small(output.files.put, name, aux[name])
         _small(output.files.put, STATS_NAME, parquet_bytes(stats))
         _small(output.files.delete, [n for n in replaces if n not in output_files(plan)])
         if len(plan.shards) > 1:

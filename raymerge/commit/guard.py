@@ -77,14 +77,15 @@ class OldCheckpoint:
     strays: tuple[str, ...]  # checkpoint-like files nothing names: left where they are
 
 
-def old_checkpoint(output: Output) -> OldCheckpoint:
-    """The checkpoint at `output`, if any, and the files --overwrite would replace.
+def old_checkpoint(output: Output, writes: tuple[str, ...] = ()) -> OldCheckpoint:
+    """The checkpoint at `output`, if any, and the files --overwrite would replace. `writes`: other
+    names the new checkpoint writes (its card): a user's file of that name needs --overwrite too.
 
     Removable: the raymerge manifest and every file it names, the Hugging Face index and every
     shard it names, and `model.safetensors` (a single-file checkpoint is its own index). Nothing
     else is ever removed: a user's other files stay, even ones that look like a checkpoint's."""
     listing = _listing(output)
-    present = tuple(n for n in listing if _is_checkpoint_file(n))
+    present = tuple(n for n in listing if _is_checkpoint_file(n) or n in writes)
     named: set[str] = set()
     if MANIFEST_NAME in listing:
         named |= {MANIFEST_NAME, *_manifest_names(output)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from raymerge.bounds import MAX_YAML_BYTES, load_yaml, read_regular_file
@@ -16,12 +17,15 @@ def load_recipe_file(path: str, flags: dict[str, Any] | None = None) -> tuple[Re
     """A YAML recipe: `kind` plus the same keys as the command's flags (`-` or `_`). `flags`: keys
     given on the command line, which win over the file's. The file is read as untrusted: a regular
     file only (a FIFO would block), bounded in size, nesting and alias expansion (raymerge.bounds)."""
-    data = load_yaml(read_regular_file(path, MAX_YAML_BYTES + 1, "recipe"), f"recipe {path}")
+    raw = read_regular_file(path, MAX_YAML_BYTES + 1, "recipe")
+    data = load_yaml(raw, f"recipe {path}")
     if not isinstance(data, dict):
         raise InputError(f"recipe {path}: must be a mapping of keys like kind, base, chat, cp, out")
     if mergekit.is_mergekit(data):
         kind, values = mergekit.recipe_values(data, f"recipe {path}")
-        return build_recipe(kind, {**values, **(flags or {})}, where=f"recipe {path}")
+        recipe, options = build_recipe(kind, {**values, **(flags or {})}, where=f"recipe {path}")
+        text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+        return replace(recipe, mergekit_text=text), options
     kind = data.pop("kind", None)
     if kind is None:
         kinds = [f"'kind: {k}'" for k in RECIPES]

@@ -172,6 +172,8 @@ OPTIONS: tuple[Option, ...] = (
            plans=False, cli={"action": "store_true"}),
     Option("resume", "continue the unfinished run at --out: only items not yet done are done", v.flag, run=True,
            plans=False, cli={"action": "store_true"}),
+    Option("card", "write a model card (README.md) and the recipe beside the checkpoint (the default); "
+           "--no-card leaves both out", v.flag, run=True, cli={"flag": "--no-card", "action": "store_false"}),
     Option("allow_nonfinite", "commit even when finite inputs give inf/NaN output (F16 overflow); counts are in "
            "the stats and the report", v.flag, run=True, plans=False, cli={"action": "store_true"}),
 )
@@ -195,6 +197,7 @@ class RunOptions:
     gpus_per_worker: float = 0.0
     worker_resource: str | None = None
     allow_nonfinite: bool = False  # commit even when finite inputs give inf/NaN output
+    card: bool = True  # write README.md and the recipe copy (commit.card)
 
     @classmethod
     def parse(cls, **values: Any) -> RunOptions:

@@ -38,6 +38,7 @@ class Recipe:
     # A frankenmerge's slices (mergekit's `slices`): per slice, (the layer range of each of its vectors,
     # the vectors in order slice after slice; the base model's range or None). (): whole models.
     slices: tuple[tuple[tuple[tuple[int, int], ...], tuple[int, int] | None], ...] = ()
+    mergekit_text: str | None = None  # a mergekit file's text, as given: the card's copy (commit.card)
 
     @property
     def how(self) -> RecipeKind:

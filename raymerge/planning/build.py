@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from raymerge.commit.card import card_names
 from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
 from raymerge.planning.inputs import resolve
 from raymerge.planning.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
@@ -31,6 +33,8 @@ def make_plan(recipe: Recipe, run_options: RunOptions) -> Plan:
                           min_part=rules.min_part, max_parts=rules.max_parts)
     started = time.perf_counter()
     result = build_plan(spec, options)
+    if run_options.card:
+        result = replace(result, card=card_names(recipe))
     log.info("plan: %d tensors, %d shards, %d items, %.2f GB out, in %.2fs (hash %s)", len(result.tensors),
              len(result.shards), len(result.items), result.output_bytes / 1e9, time.perf_counter() - started,
              result.hash[:12])
@@ -115,6 +119,7 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "items": [{"id": i.id, "shard": the_plan.shards[i.shard].name, "part": i.part, "start": i.start,
                    "end": i.end, "pieces": len(i.pieces)} for i in the_plan.items],
         "aux_files": [a.name for a in the_plan.aux_files],
+        "card": list(the_plan.card),
         "layers": [{"layer": o, "from": [{"role": role, "layer": i} for role, i in sources]}
                    for o, sources in enumerate(the_plan.layers)],
         "passes": [{"name": name, "items": len(pass_items(the_plan, name)),

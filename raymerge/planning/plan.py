@@ -165,6 +165,7 @@ class Plan:
     # A frankenmerge's layers (planning.slices): per output layer, (role, input layer) of each input
     # it is made from; (): a whole-model merge, every layer from the same layer of every input.
     layers: tuple[tuple[tuple[str, int], ...], ...] = ()
+    card: tuple[str, ...] = ()  # the model card and recipe copy the commit writes (commit.card); (): --no-card
 
     @property
     def output_bytes(self) -> int:

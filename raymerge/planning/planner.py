@@ -181,9 +181,13 @@ def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, op
     vocab = is_vocab_tensor(name, ref.shape, reference.config)
     overrides = _overrides(name, ref, spec, file_ids, problems) if vocab else ()
     if vocab and spec.vocab == "skip":
+        if anchor is None:  # nothing to keep the rows of
+            problems.other.append(f"{name}: --vocab skip keeps the anchor's rows, and this recipe has no anchor "
+                                  "(a base or cp model); pass --vocab overlap")
         return _Rule(name, dtype, ref.shape, anchor, overrides=overrides, rule="vocab-skip")
     found: list[list[TensorRef | None]] = []
     rows = ref.shape[0] if ref.shape else 0
+    fewest = reference.role  # the input with the fewest rows (an anchorless recipe's output must be its)
     terms_in = [spec.terms[j] for j, _ in origin.terms]
     for term, (_, a_name) in zip(terms_in, origin.terms):
         pair: list[TensorRef | None] = []
@@ -198,7 +202,8 @@ def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, op
                 problems.other.append(f"{name}: {other.dtype} in --{ckpt.role} but {ref.dtype} in --{reference.role}")
             elif other.shape != ref.shape:
                 if vocab and other.shape[1:] == ref.shape[1:] and spec.vocab != "error":
-                    rows = min(rows, other.shape[0])
+                    if other.shape[0] < rows:
+                        rows, fewest = other.shape[0], ckpt.role
                 elif vocab and other.shape[1:] == ref.shape[1:]:
                     problems.other.append(
                         f"{name}: {ref.shape[0]} rows in --{reference.role} but {other.shape[0]} in --{ckpt.role} "
@@ -210,10 +215,15 @@ def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, op
     if any(r is None for pair, t in zip(found, terms_in) for r, c in zip(pair, (t.a, t.b)) if c is not None):
         return _Rule(name, dtype, ref.shape, anchor, overrides=overrides)  # a missing input: reported above
     limit = None if not ref.shape or rows >= ref.shape[0] else rows * numel(ref.shape[1:])
+    if limit is not None and anchor is None:  # rows past `rows` would come from no input
+        problems.other.append(f"{name}: {ref.shape[0]} rows in --{reference.role} but {rows} in --{fewest}, and no "
+                              f"anchor (a base or cp model) to keep the rest from; list --{fewest}'s model first "
+                              "(the output then takes its rows: the ones every input has)")
     terms = []
     for term, (ra, rb) in zip(terms_in, found):
-        srcs = [_source(c, r, file_ids, nbytes=None if limit is None else limit * ITEMSIZE[r.dtype])
-                if r is not None else None for c, r in ((term.a, ra), (term.b, rb))]
+        # Each input's first `rows` rows: the shared ones (a larger vocabulary's extra rows are not read).
+        srcs = [_source(c, r, file_ids, nbytes=None if r.shape[0] == rows else rows * numel(r.shape[1:])
+                        * ITEMSIZE[r.dtype]) if r is not None else None for c, r in ((term.a, ra), (term.b, rb))]
         values = tuple((k, _at(v, name, layers, origin)) for k, v in term.values)
         terms.append(Term(_at(term.scale, name, layers, origin), srcs[0], srcs[1], limit, values))
     return _Rule(name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum")

@@ -77,6 +77,11 @@ def test_merge_from_hub_with_token_only_in_driver(ray_local, hub, driver_env, tm
         sha = hub.shas[entry["role"]]
         assert entry["url"].startswith(f"hf://org/{entry['role']}@{sha}/"), entry
         assert f"version={sha};" in entry["fingerprint"], entry
+    # The card names the inputs by repo id at their pinned commits, never by the endpoint's URL.
+    card = open(os.path.join(out, "README.md")).read()
+    assert card.split("---\n")[1].startswith("base_model:\n- org/cp\n- org/base\n- org/chat\nbase_model_relation: merge\n")
+    assert all(f"| {role} | org/{role} | {hub.shas[role]} |" in card for role in ROLES)
+    assert os.environ["HF_ENDPOINT"] not in card + open(os.path.join(out, "raymerge_recipe.yaml")).read()
     # The token is in no output file and in no log line (the driver's, and the local Ray's).
     for path in glob.glob(os.path.join(out, "**"), recursive=True):
         if os.path.isfile(path):

@@ -89,6 +89,37 @@ def test_expanded_vocabulary_overlap(ray_local, models, tensors, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def test_larger_vocabulary_in_the_chat_model_reads_the_shared_rows(ray_local, models, tensors, tmp_path):
+    """cp has fewer rows than the chat model: the output is cp's shape, and the vector is taken
+    over the rows they share (the chat model's extra rows are not read)."""
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], models["cpx"], models["cp"], out, scale=0.5)
+    rows = tensors["cp"][VOCAB[0]].shape[0]
+    chat = {n: t[:rows] if n in VOCAB else t for n, t in tensors["cpx"].items()}
+    assert_bit_identical(load_folder(out), weighted_reference(tensors["cp"], [(0.5, chat, tensors["base"])]))
+
+
+def test_anchorless_vocabulary_mismatch_names_the_order_that_runs(ray_local, models, tensors, tmp_path):
+    """linear has no anchor to keep a larger first model's extra rows: refused in one line naming
+    the model to list first; in that order it runs over the shared rows."""
+    def linear(first: str, second: str) -> str:
+        return mergekit_file(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models[first]}\n    parameters: "
+                                       f"{{weight: 0.7}}\n  - model: {models[second]}\n    parameters: {{weight: 0.6}}\n"
+                                       "dtype: float32\n")
+    out = str(tmp_path / "linear")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", linear("cpx", "chat"), "--out", out, "--vocab",
+                        "overlap"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "528 rows in --model but 512 in --model[2]" in r.stderr and "list --model[2]'s model first" in r.stderr
+    assert not os.path.exists(out)
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", linear("chat", "cpx"), "--out", out, "--vocab",
+                        "overlap"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = tensors["chat"][VOCAB[0]].shape[0]
+    shared = {n: t[:rows] if n in VOCAB else t for n, t in tensors["cpx"].items()}
+    assert_bit_identical(load_folder(out), _mergekit_linear(tensors["chat"], shared, 0.7, 0.6))
+
+
 def test_expanded_vocabulary_skip(ray_local, models, tensors, tmp_path):
     out = str(tmp_path / "out")
     raymerge.merge(models["base"], models["chat"], models["cpx"], out, scale=0.5, vocab="skip")
@@ -333,15 +364,20 @@ dtype: float32
     r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
+    assert_bit_identical(load_folder(out), _mergekit_linear(tensors["chat"], tensors["chat2"], 0.7, 0.6))
+
+
+def _mergekit_linear(firsts: dict, seconds: dict, w1: float, w2: float) -> dict:
+    """mergekit's linear of two models at dtype float32 (float32 out), as its torch operations run."""
     want = {}
-    for name, first in tensors["chat"].items():
-        weight = torch.tensor([[0.7, 0.6]], dtype=torch.float32)  # mergekit's: a batch of one
+    for name, first in firsts.items():
+        weight = torch.tensor([[w1, w2]], dtype=torch.float32)  # mergekit's: a batch of one
         result = torch.zeros_like(first, dtype=torch.float32)
-        for t, c in zip((first.float(), tensors["chat2"][name].float()), weight.unbind(1)):
+        for t, c in zip((first.float(), seconds[name].float()), weight.unbind(1)):
             result.addcmul_(t, c.reshape(()))  # a fused multiply-add on the CPU
         result.div_(weight.sum(dim=1).reshape(()))
-        want[name] = result.to(torch.float32)  # dtype float32 and no out_dtype: float32 out
-    assert_bit_identical(load_folder(out), want)
+        want[name] = result
+    return want
 
 
 @pytest.mark.parametrize("text,match", [
