@@ -81,6 +81,7 @@ def run(recipe: Recipe, run_options: RunOptions) -> Outcome:
     check_not_input(recipe.out, [*input_roles(recipe), *(f.url for f in the_plan.files),
                                  *(a.source for a in the_plan.aux_files)])
     aux = aux_contents(the_plan, run_options.storage_options)  # read and checked now: never after the work
+    aux.update(the_plan.tokenizer)
     if the_plan.card:
         aux.update(card_files(recipe, the_plan, input_roles(recipe)))
     output = open_output(recipe.out, run_options.storage_options)

@@ -52,7 +52,29 @@ def aux_contents(plan: Plan, storage_options: dict[str, Any]) -> dict[str, bytes
             out[aux.name] = with_dtype(out[aux.name], output_dtype(plan), aux.source)
             if plan.layers:
                 out[aux.name] = with_layers(out[aux.name], [sources[0][1] for sources in plan.layers], aux.source)
+            if plan.vocab_size is not None:
+                out[aux.name] = with_vocab_size(out[aux.name], plan.vocab_size, aux.source)
     return out
+
+
+def with_vocab_size(config: bytes, size: int, where: str) -> bytes:
+    """config.json of a merge with a tokenizer source: the output vocabulary's size where the config
+    declares one (at the top, or in text_config), as mergekit sets it."""
+    obj = _config(config, where)
+    if not isinstance(obj, dict):
+        return config
+    for d in (obj, obj.get("text_config")):
+        if isinstance(d, dict) and "vocab_size" in d:
+            d["vocab_size"] = size
+            break
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _config(config: bytes, where: str) -> Any:
+    try:
+        return parse_json(config, max_bytes=AUX_CAP)
+    except UntrustedJSON as e:
+        raise ResolveError(f"resolve: {urls.redact(where)}: config.json refused ({e}); fix or remove it") from e
 
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # what configs call their layer count
@@ -64,10 +86,7 @@ def with_layers(config: bytes, sources: list[int], where: str) -> bytes:
     where it has one, must stay as long: the same type everywhere is kept so; else each output
     layer takes the type of the layer it comes from (`sources`, layers of this config's model), and
     a source past the list is refused (ResolveError, at plan time), never written stale."""
-    try:
-        obj = parse_json(config, max_bytes=AUX_CAP)
-    except UntrustedJSON as e:
-        raise ResolveError(f"resolve: {urls.redact(where)}: config.json refused ({e}); fix or remove it") from e
+    obj = _config(config, where)
     if not isinstance(obj, dict):
         return config
     for d in (obj, obj.get("text_config")):

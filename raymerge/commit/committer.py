@@ -52,7 +52,7 @@ def commit(plan: Plan, output: Output, handles: list[str], done: dict[int, ItemR
         # again by --resume.
         _small(output.files.delete, [n for n in (MANIFEST_NAME, INDEX_NAME) if n in replaces])
         output.finalize(shards)
-        for name in [*(a.name for a in plan.aux_files), *plan.card]:
+        for name in [*(a.name for a in plan.aux_files), *(n for n, _ in plan.tokenizer), *plan.card]:
             _small(output.files.put, name, aux[name])
         _small(output.files.put, STATS_NAME, parquet_bytes(stats))
         _small(output.files.delete, [n for n in replaces if n not in output_files(plan)])

@@ -177,7 +177,8 @@ class Manifest:
 def output_files(plan: Plan) -> list[str]:
     """Every file a commit writes, the manifest last: what a later --overwrite may remove."""
     index = [INDEX_NAME] if len(plan.shards) > 1 else []
-    return [a.name for a in plan.aux_files] + list(plan.card) + [STATS_NAME] + [s.name for s in plan.shards] + index + [MANIFEST_NAME]
+    return ([a.name for a in plan.aux_files] + [n for n, _ in plan.tokenizer] + list(plan.card) + [STATS_NAME]
+            + [s.name for s in plan.shards] + index + [MANIFEST_NAME])
 
 
 class _Damaged(Exception):

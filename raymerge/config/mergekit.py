@@ -25,12 +25,13 @@ from raymerge.config.values import parse_compute_dtype
 from raymerge.errors import InputError
 from raymerge.methods import MERGEKIT, METHODS, RECIPES, Parameter
 from raymerge.planning.schedule import CONTAINS
+from raymerge.planning.vocabulary import parse_spec
 from raymerge.untrusted import shown
 
 log = logging.getLogger("raymerge")
 
 _KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-         "name")
+         "tokenizer", "name")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
@@ -48,9 +49,7 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
         if key not in _KEYS:
             raise InputError(f"{where}: {shown(key, 40)}: not a key raymerge can map; raymerge reads "
                              f"{', '.join(_KEYS)}")
-    if data.get("tokenizer_source") not in (None, "base"):
-        raise InputError(f"{where}: tokenizer_source {shown(data['tokenizer_source'], 40)}: raymerge takes the base "
-                         "model's tokenizer (tokenizer_source: base) or none")
+    tokenizer = _tokenizer(data, where)
     if ("models" in data) == ("slices" in data):
         raise InputError(f"{where}: give models (whole models) or slices (layer ranges), one of them")
     defaults = _parameters(data.get("parameters"), method, f"{where}: parameters")
@@ -77,6 +76,11 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
             values[p.name] = defaults[p.mergekit]
     if base is not None:
         values["base"] = base
+    if tokenizer is not None:
+        if "slices" in data:
+            raise InputError(f"{where}: a tokenizer source with slices: raymerge maps vocabularies of whole-model "
+                             "merges only so far; leave tokenizer_source and tokenizer out, or use models")
+        values["tokenizer"] = tokenizer
     dtype = data.get("dtype")
     values["compute_dtype"] = _compute_dtype(dtype, where)
     if data.get("out_dtype", dtype) is not None:
@@ -173,6 +177,21 @@ def _slices(value: Any, models: _Models, defaults: dict[str, Any], where: str) -
                 base = r
         out.append({"layers": layers, "base": base})
     return out
+
+
+def _tokenizer(data: dict[str, Any], where: str) -> Any:
+    """mergekit's tokenizer source (the `tokenizer:` section's over `tokenizer_source`), or None."""
+    section = data.get("tokenizer")
+    if section is None:
+        source = data.get("tokenizer_source")
+        return None if source is None else parse_spec(source, None, f"{where}: tokenizer_source", _reference)
+    if not isinstance(section, dict):
+        raise InputError(f"{where}: tokenizer: a mapping of source, tokens, pad_to_multiple_of")
+    _keys(section, ("source", "tokens", "pad_to_multiple_of"), f"{where}: tokenizer")
+    if section.get("pad_to_multiple_of") is not None:
+        raise InputError(f"{where}: tokenizer.pad_to_multiple_of: raymerge does not pad vocabularies yet (their mean "
+                         "row is a whole-tensor statistic it does not compute); leave it out")
+    return parse_spec(section.get("source", "union"), section.get("tokens"), f"{where}: tokenizer", _reference)
 
 
 def _keys(entry: dict, allowed: tuple[str, ...], at: str) -> None:

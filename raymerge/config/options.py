@@ -13,6 +13,7 @@ from raymerge.config import values as v
 from raymerge.errors import InputError
 from raymerge.methods import COMBINING, RECIPES, Parameter, RecipeKind, kind_methods, parameters_named
 from raymerge.ops.rules import VOCAB_MODES
+from raymerge.planning.vocabulary import TokenizerSpec, parse_spec
 from raymerge.untrusted import shown
 
 
@@ -70,6 +71,15 @@ def recipe_from_flags(values: dict[str, Any]) -> dict[str, Any]:
             values["scale"] = [{"rules": [{"pattern": p, "scale": s} for i, p, s in rules if i == k], "default": v}
                                if any(i == k for i, _, _ in rules) else v for k, v in enumerate(scales)]
     return values
+
+
+def _tokenizer(value: Any, option: Option) -> TokenizerSpec:
+    """A tokenizer source as config.mergekit made it, or as a recipe (the manifest's) writes it."""
+    if isinstance(value, TokenizerSpec):
+        return value
+    if not isinstance(value, dict) or set(value) - {"source", "tokens"}:
+        raise InputError(f"{option.flag}: a mapping {{source: base | union | MODEL, tokens: {{...}}}}")
+    return parse_spec(value.get("source"), value.get("tokens"), option.key, lambda ref, where: v.url(ref, option))
 
 
 def _kinds(test: Callable[[RecipeKind], bool]) -> tuple[str, ...]:
@@ -133,7 +143,8 @@ OPTIONS: tuple[Option, ...] = (
            "given last before it (repeatable; the first match wins; the others take its --scale)", v.weights,
            _kinds(lambda k: k.methods), cli={"action": ScaleRuleAction, "metavar": "REGEX=VALUE"}, flag_only=True),
     Option("vocab", "embedding/head rows when cp's vocabulary is larger: overlap (default: shared rows get the "
-           "vector, cp's extra rows stay), skip (no vector), error (the default for mergekit files)",
+           "vector, cp's extra rows stay), skip (no vector), error (the default for mergekit files), union (the "
+           "tokenizers differ: cp's plus the others' tokens, every row mapped by token)",
            v.choice(*VOCAB_MODES), _kinds(lambda k: k.tunable), cli={"choices": VOCAB_MODES}),
     Option("skip", "tensors copied from cp unchanged (repeatable)", v.patterns, ("merge", "apply"),
            cli={"action": "append", "metavar": "REGEX"}),
@@ -151,6 +162,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("slices", "a frankenmerge (mergekit's slices): per slice, the layer range of each of its models (the "
            "models in order, slice after slice) and of the base model; the output stacks the slices' layers",
            v.slices, _kinds(lambda k: k.mergekit)),
+    Option("tokenizer", "mergekit's tokenizer source: {source: base | union | MODEL, tokens: {TOKEN: {source: ..., "
+           "force: BOOL}}}: the output's vocabulary, every model's embedding and head rows mapped to it by token",
+           _tokenizer, _kinds(lambda k: k.mergekit)),
     Option("shard_size", "max output shard size, decimal units like HF (default 5GB)",
            lambda x, o: v.parse_size(x, o.flag), run=True),
     Option("item_size", "bytes per work item (default 32MiB; S3 parts >= 5MiB)", v.item_size, run=True),

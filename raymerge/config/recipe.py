@@ -11,6 +11,7 @@ from raymerge.config.options import OPTION, OPTIONS, Option, RunOptions
 from raymerge.errors import InputError
 from raymerge.methods import COMBINING, METHODS, RECIPES, RecipeKind, parameters_named
 from raymerge.planning.schedule import Scale
+from raymerge.planning.vocabulary import TokenizerSpec
 from raymerge.untrusted import shown
 
 
@@ -39,6 +40,7 @@ class Recipe:
     # the vectors in order slice after slice; the base model's range or None). (): whole models.
     slices: tuple[tuple[tuple[tuple[int, int], ...], tuple[int, int] | None], ...] = ()
     mergekit_text: str | None = None  # a mergekit file's text, as given: the card's copy (commit.card)
+    tokenizer: TokenizerSpec | None = None  # mergekit's tokenizer source (planning.vocabulary)
 
     @property
     def how(self) -> RecipeKind:
@@ -75,6 +77,8 @@ class Recipe:
         if self.slices:
             m["slices"] = [{"layers": [list(r) for r in layers], "base": list(base) if base else None}
                            for layers, base in self.slices]
+        if self.tokenizer is not None:
+            m["tokenizer"] = self.tokenizer.to_json()
         m["out"] = self.out
         return m
 
@@ -129,7 +133,7 @@ def build_recipe(kind: str, values: dict[str, Any], where: str = "") -> tuple[Re
                     dtype=got.get("dtype"),
                     params=tuple((o.key, got[o.key]) for o in OPTIONS if o.param and o.key in got),
                     method=got.get("method"), per_vector=per_vector, compute_dtype=got.get("compute_dtype", "F32"),
-                    slices=got.get("slices", ()))
+                    slices=got.get("slices", ()), tokenizer=got.get("tokenizer"))
     run = _at(at, RunOptions.parse, **{k: v for k, v in values.items() if OPTION[k].run})
     return recipe, run
 

@@ -28,6 +28,7 @@ from typing import Any
 from raymerge.execution.nodes import NodeView, check_view, local_inputs
 from raymerge.execution.passes import Row
 from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
+from raymerge.ops import gather
 from raymerge.ops.kernel import Kernel, Scratch, Sums, check_device, kernel_for
 from raymerge.planning.passes import tensor_passes
 from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan
@@ -211,7 +212,8 @@ class MergeWorker:
             for key, src, begin, end in wanted:
                 if src is not None and begin < end:
                     size = ITEMSIZE[src.dtype]
-                    yield p, key, src, (src.start + begin * size, src.start + end * size)
+                    # a gathered source (a tokenizer's rows): its element range, assembled after the reads
+                    yield p, key, src, (begin, end) if src.rows else (src.start + begin * size, src.start + end * size)
 
     def _read_inputs(self, item: Item, st: _ThreadState, pass_name: str,
                      facts: dict[int, Any] | None = None) -> tuple[dict[tuple[int, str, int], memoryview], int]:
@@ -219,16 +221,25 @@ class MergeWorker:
         run, and each range once however many operands name it (a mergekit recipe's base is its
         anchor and every vector's b)."""
         by_file: dict[int, dict[tuple[int, int], list]] = {}
+        gathered = []
         for p, key, src, rng in self._sources(item, pass_name, facts):
+            if src.rows:
+                gathered.append(((p, *key), src, rng))
+                for file, r in gather.reads(src, *rng):
+                    by_file.setdefault(file, {}).setdefault(r, [])
+                continue
             by_file.setdefault(src.file, {}).setdefault(rng, []).append((p, *key))
         while len(st.inputs) < len(by_file):
             st.inputs.append(Buffer())
-        views, total = {}, 0
+        views, raw, total = {}, {}, 0
         for buf, (file, wanted) in zip(st.inputs, by_file.items()):
             got = st.reader.read(self._plan.files[file].url, list(wanted), buf, version=self._plan.files[file].version)
             for ((lo, hi), keys), mem in zip(wanted.items(), got):
                 views.update((key, mem) for key in keys)
+                raw[(file, lo, hi)] = mem
                 total += hi - lo
+        for key, src, (begin, end) in gathered:
+            views[key] = gather.assemble(src, begin, end, lambda file, r: raw[(file, *r)])
         return views, total
 
     def _compute(self, item: Item, inputs: dict[tuple[int, str, int], memoryview], out: memoryview,

@@ -18,7 +18,7 @@ from raymerge.bounds import parse_int
 from raymerge.errors import InputError
 from raymerge.untrusted import shown
 
-VOCAB_MODES = ("overlap", "skip", "error")
+VOCAB_MODES = ("overlap", "skip", "error", "union")
 MAX_PATTERNS = 256  # per --skip list or schedule: each is tried on every tensor name
 MAX_PATTERN_CHARS = 1000
 MAX_TOKEN_ID = 2**31 - 1  # token ids index embedding rows: int32 in every tokenizer

@@ -17,6 +17,8 @@ from raymerge.planning.plan import Plan
 from raymerge.planning.planner import PlanOptions, RecipeSpec, TermSpec, build_plan
 from raymerge.planning.schedule import layer_of
 from raymerge.planning.slices import LayerSlice
+from raymerge.planning.vocabulary import TokenizerSpec, Vocabulary, has_tokenizer
+from raymerge.planning.vocabulary import build as build_vocabulary
 from raymerge.storage import urls
 from raymerge.storage.writers import part_rules
 
@@ -56,12 +58,36 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
     terms = tuple(TermSpec(scale, found[url], minus, tuple((name, given[i]) for name, given in recipe.per_vector))
                   for i, (url, scale) in enumerate(recipe.vectors))
     first = checkpoint[how.vectors]
+    anchor = checkpoint[how.anchor] if how.anchor else None
+    vocabulary, vocab_models = _vocabulary(recipe, terms, anchor, checkpoint["base"] if how.mergekit else anchor,
+                                           storage_options)
     return RecipeSpec(anchor=checkpoint[how.anchor] if how.anchor else None, terms=terms, vocab=recipe.vocab,
                       skip=recipe.skip, special_tokens=recipe.special_tokens,
                       special_from=first if how.minus else None,
                       template_from=first if recipe.chat_template and how.template else None,
                       aux_from=checkpoint[how.aux] or first, method=recipe.method_name, params=recipe.params,
-                      compute=recipe.compute_dtype, slices=_slices(recipe))
+                      compute=recipe.compute_dtype, slices=_slices(recipe), vocabulary=vocabulary,
+                      vocab_models=vocab_models)
+
+
+def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options) -> tuple[Vocabulary | None, tuple]:
+    """A tokenizer source's vocabulary over the merge's models: the vectors' in the file's order,
+    then the anchor and what they are taken minus (the base model), where not among them.
+    `--vocab union` is the union source over cp's tokenizer (`base`: the anchor), so cp keeps its ids."""
+    spec = recipe.tokenizer or (TokenizerSpec("union") if recipe.vocab == "union" else None)
+    if spec is None:
+        return None, ()
+    models: list = []
+    for ckpt in [*(t.a for t in terms), anchor, *(t.b for t in terms)]:
+        if ckpt is not None and all(c.url != ckpt.url for c in models):
+            models.append(ckpt)
+    if spec.source == "base" and not spec.tokens and not any(has_tokenizer(c) for c in models):
+        return None, ()  # no tokenizer anywhere: the base model's files as they are (raymerge's reading before)
+    started = time.perf_counter()
+    vocabulary = build_vocabulary(spec, models, base, storage_options)
+    log.info("tokenizer: %s source, %d tokens, in %.2fs", spec.source if spec.source in ("base", "union") else
+             "a model's", vocabulary.size, time.perf_counter() - started)
+    return vocabulary, tuple(models)
 
 
 def _slices(recipe: Recipe) -> tuple[LayerSlice, ...]:

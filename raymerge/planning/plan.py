@@ -26,6 +26,17 @@ class InputFile:
 
 
 @dataclass(frozen=True, slots=True)
+class RowMap:
+    """A vocabulary tensor's rows in the output's vocabulary, gathered from inputs' rows
+    (planning.vocabulary): each run (row, count, parts) covers output rows [row, row + count):
+    parts () zeros; one part (file, byte start, dtype) the rows from there on, in order; several
+    (count 1) the mean of those rows, added in turn in the Source's dtype, then divided."""
+
+    row_elements: int
+    runs: tuple[tuple[int, int, tuple[tuple[int, int, str], ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Source:
     """Where one input tensor's bytes lie."""
 
@@ -33,6 +44,7 @@ class Source:
     dtype: str  # safetensors dtype name
     start: int  # absolute byte offset in the file
     nbytes: int  # the bytes used: the whole tensor, or the prefix a limited Term reads
+    rows: RowMap | None = None  # gathered by row (a tokenizer's vocabulary): its bytes are assembled, `start` unused
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +178,10 @@ class Plan:
     # it is made from; (): a whole-model merge, every layer from the same layer of every input.
     layers: tuple[tuple[tuple[str, int], ...], ...] = ()
     card: tuple[str, ...] = ()  # the model card and recipe copy the commit writes (commit.card); (): --no-card
+    # The output tokenizer's files (a mergekit tokenizer source: planning.vocabulary), written at
+    # commit in place of the anchor's, and the vocabulary size config.json then declares.
+    tokenizer: tuple[tuple[str, bytes], ...] = ()
+    vocab_size: int | None = None
 
     @property
     def output_bytes(self) -> int:

@@ -17,7 +17,9 @@ from raymerge.ops.rules import compile_patterns, is_head_name, is_vocab_tensor, 
 from raymerge.planning.inputs import Checkpoint, TensorRef
 from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, shard_names, split_into_shards
 from raymerge.text import listed
-from raymerge.planning.plan import AuxFile, InputFile, Item, Plan, RowOverride, ShardPlan, Source, TensorPlan, Term
+from raymerge.planning.plan import (AuxFile, InputFile, Item, Plan, RowMap, RowOverride, ShardPlan, Source, TensorPlan,
+                                    Term)
+from raymerge.planning.vocabulary import TOKENIZER_FILES, Vocabulary
 from raymerge.planning.schedule import NAMED, Scale, count_layers
 from raymerge.planning.slices import LayerSlice, Origin, stacked, whole_model
 from raymerge.safetensors.dtypes import ITEMSIZE, is_float, nbytes, numel
@@ -65,6 +67,9 @@ class RecipeSpec:
     # INPUTS (each tensor at its inputs' dtype when they share one: mergekit's without `dtype`).
     compute: str = "F32"
     slices: tuple[LayerSlice, ...] = ()  # a frankenmerge's (planning.slices); (): every tensor of every input
+    # A mergekit tokenizer source's vocabulary (planning.vocabulary) and the models its runs index.
+    vocabulary: Vocabulary | None = None
+    vocab_models: tuple[Checkpoint, ...] = ()
 
 
 INPUTS = "inputs"
@@ -180,6 +185,8 @@ def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, op
         return _Rule(name, dtype, ref.shape, anchor, rule="skip")
     vocab = is_vocab_tensor(name, ref.shape, reference.config)
     overrides = _overrides(name, ref, spec, file_ids, problems) if vocab else ()
+    if vocab and spec.vocabulary is not None:
+        return _tokenizer_rule(name, ref, dtype, spec, file_ids, problems, layers, origin, overrides)
     if vocab and spec.vocab == "skip":
         if anchor is None:  # nothing to keep the rows of
             problems.other.append(f"{name}: --vocab skip keeps the anchor's rows, and this recipe has no anchor "
@@ -227,6 +234,44 @@ def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, op
         values = tuple((k, _at(v, name, layers, origin)) for k, v in term.values)
         terms.append(Term(_at(term.scale, name, layers, origin), srcs[0], srcs[1], limit, values))
     return _Rule(name, dtype, ref.shape, anchor, tuple(terms), overrides, "vocab-overlap" if limit else "sum")
+
+
+def _tokenizer_rule(name: str, ref: TensorRef, dtype: str, spec: RecipeSpec, file_ids, problems: _Problems,
+                    layers: int, origin: Origin, overrides: tuple) -> _Rule:
+    """A vocabulary tensor in the output tokenizer's vocabulary: every input's rows gathered by
+    token (planning.vocabulary), in the compute dtype (or the inputs' one dtype)."""
+    vocab = spec.vocabulary
+    rows = numel(ref.shape[1:])
+    found = {c.url: _lookup(name, c) for c in spec.vocab_models}
+    if any(r is None or r.shape[1:] != ref.shape[1:] or not is_float(r.dtype) for r in found.values()):
+        problems.other.append(f"{name}: not a float tensor of rows of {list(ref.shape[1:])} in every model, which "
+                              "a tokenizer source needs")
+        return _Rule(name, dtype, ref.shape, None)
+    dtypes = {r.dtype for r in found.values()}
+    gather = spec.compute if spec.compute != INPUTS else dtypes.pop() if len(dtypes) == 1 else None
+    if gather is None:
+        problems.other.append(f"{name}: the models hold it in {', '.join(sorted(dtypes))}; give the file a dtype "
+                              "(the rows of a tokenizer source are gathered in one)")
+        return _Rule(name, dtype, ref.shape, None)
+
+    def gathered(ckpt: Checkpoint | None) -> Source | None:
+        if ckpt is None:
+            return None
+        runs = []
+        for run in vocab.runs[[c.url for c in spec.vocab_models].index(ckpt.url)]:
+            parts = []
+            for m, in_row in run.parts:
+                r = found[spec.vocab_models[m].url]
+                parts.append((file_ids[(spec.vocab_models[m].url, r.file)], r.start + in_row * rows * ITEMSIZE[r.dtype],
+                              r.dtype))
+            runs.append((run.row, run.count, tuple(parts)))
+        first = found[ckpt.url]
+        return Source(file_ids[(ckpt.url, first.file)], gather, 0, vocab.size * rows * ITEMSIZE[gather],
+                      RowMap(rows, tuple(runs)))
+
+    terms = tuple(Term(_at(t.scale, name, layers, origin), gathered(t.a), gathered(t.b), None,
+                       tuple((k, _at(v, name, layers, origin)) for k, v in t.values)) for t in spec.terms)
+    return _Rule(name, dtype, (vocab.size, *ref.shape[1:]), gathered(spec.anchor), terms, overrides, "vocab-tokenizer")
 
 
 def _at(value: float | Scale, name: str, layers: int, origin: Origin) -> float:
@@ -277,6 +322,8 @@ def _aux_plan(spec: RecipeSpec, reference: Checkpoint) -> tuple[AuxFile, ...]:
     theirs = {posixpath.basename(u): u for u in spec.template_from.aux_files} if spec.template_from else {}
     aux = []
     for name, url in ours.items():
+        if spec.vocabulary is not None and name in TOKENIZER_FILES:
+            continue  # the output tokenizer's files replace them (Plan.tokenizer)
         if name == "chat_template.jinja" and theirs:
             continue  # the chat model's template replaces it (or its tokenizer_config's does)
         aux.append(AuxFile(name, url, theirs.get(name) if name in PATCHED else None))
@@ -314,7 +361,9 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
             items.append(Item(len(items), s, part, lo, hi, pieces_of(lo, hi, len(header), slots, first)))
         shards.append(ShardPlan(name, size, header, tuple(range(first, len(tensors))), tuple(shard_items)))
     digest = _hash(files, tensors, shards, items)
-    return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest, layer_map)
+    vocab = spec.vocabulary
+    return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest, layer_map,
+                tokenizer=vocab.files if vocab else (), vocab_size=vocab.size if vocab else None)
 
 
 def _row_bytes(t: TensorPlan) -> int:

@@ -385,7 +385,14 @@ def _mergekit_linear(firsts: dict, seconds: dict, w1: float, w2: float) -> dict:
                                                           "task_arithmetic, linear, ties, dare_linear, dare_ties, slerp"),
     ("merge_method: linear\nslices: []\nmodels: [{model: a}]\n", "give models .* or slices .*, one of them"),
     ("merge_method: linear\nslices: []\n", r"slices: a list of \{sources: "),
-    ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: a}]\n", "tokenizer_source 'union'"),
+    ("merge_method: linear\ntokenizer: {source: union, pad_to_multiple_of: 64}\nmodels: [{model: a, parameters: "
+     "{weight: 1}}]\n", "tokenizer.pad_to_multiple_of: raymerge does not pad vocabularies yet"),
+    ("merge_method: linear\ntokenizer: {source: union, tokens: {x: {source: {kind: one}}}}\nmodels: [{model: a, "
+     "parameters: {weight: 1}}]\n", r"tokenizer.tokens.\"x\".source: a model, \{kind: zero\}"),
+    ("merge_method: linear\ntokenizer_source: 7\nmodels: [{model: a, parameters: {weight: 1}}]\n",
+     "tokenizer_source: source: base, union or a model reference"),
+    ("merge_method: passthrough\ntokenizer_source: union\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n",
+     "a tokenizer source with slices"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {density: 0.5}}]\n", "density.*takes weight, normalize"),
     ("merge_method: task_arithmetic\nmodels: [{model: a, parameters: {weight: 1}}]\n", "needs a base_model"),
     ("merge_method: linear\nmodels: [{model: a}]\n", r"models\[0\].parameters.weight: missing"),

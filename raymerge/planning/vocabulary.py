@@ -1,0 +1,287 @@
+"""mergekit's tokenizer sources (`tokenizer_source`, the `tokenizer:` section): the output tokenizer,
+and for every input model where each row of its embedding and head comes from in the output's
+vocabulary, as mergekit 0.1.5 builds them (`tokenizer/build.py`, `tokenizer/embed.py`).
+
+The driver builds the tokenizer with `transformers` from the inputs' tokenizer files (read into a
+temporary folder) and turns mergekit's per-token choices into row runs (`RowRun`); the planner
+makes them gathered sources (planning.plan.RowMap) and workers read the rows by byte range, so no
+process holds a whole embedding. For each input model and output token t (row r):
+    the model has t (and t is not forced): the model's own row of t
+    else t's default: the mean of the rows of t in every model that has it, added in turn in the
+        compute dtype then divided by their count (tokens two or more models have, the base model
+        not among them), or one model's row (t in one model alone; the base model's where it has
+        t; a `tokens` entry's `source`), or zeros (t in no model; `source: {kind: zero}`)
+The output vocabulary: `base` (the base model's tokenizer, else the first model's), `union` (the
+base's, plus every other model's tokens it lacks, model by model in the file's order, their added
+tokens last), or one model's; plus the `tokens` entries it lacks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from raymerge.errors import InputError, ResolveError
+from raymerge.ops.rules import vocab_size
+from raymerge.storage import urls
+
+# The files a tokenizer may need to load; what save_pretrained writes replaces the anchor's.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+ZERO = "zero"
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """One `tokens` entry: where token `token`'s rows come from when a model lacks it (or always,
+    with `force`). kind: "model" (that model's row of the token), "model_token" (that model's
+    row of `source_token` or of id `token_id`), ZERO, or "" (mergekit's choice)."""
+
+    token: str
+    kind: str = ""
+    model: str | None = None  # URL
+    source_token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        source: Any = None
+        if self.kind == ZERO:
+            source = {"kind": ZERO}
+        elif self.kind == "model":
+            source = self.model
+        elif self.kind == "model_token":
+            source = {"kind": "model_token", "model": self.model,
+                      **({"token": self.source_token} if self.source_token is not None else {"token_id": self.token_id})}
+        return {"source": source, "force": self.force}
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Where the output's vocabulary comes from: "base", "union" or a model's URL; `tokens`."""
+
+    source: str
+    tokens: tuple[TokenSource, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "tokens": {t.token: t.to_json() for t in self.tokens}}
+
+
+@dataclass(frozen=True)
+class RowRun:
+    """Output rows [row, row + count) of one model's vocabulary tensor: `parts` () zeros; one part
+    (model, in_row): that model's rows in_row.. in order; several (count 1): their mean."""
+
+    row: int
+    count: int
+    parts: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The output's tokenizer files and size, and per model (in `models` order) its row runs."""
+
+    size: int
+    files: tuple[tuple[str, bytes], ...]
+    runs: tuple[tuple[RowRun, ...], ...]
+
+
+def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_options: dict[str, Any]) -> Vocabulary:
+    """`models`: the merge's input checkpoints (planning.inputs.Checkpoint), in the file's order,
+    the base model among them where it is an input; `base`: the base model (None: the first)."""
+    if importlib.util.find_spec("transformers") is None:  # the tokenizer libraries: an extra of raymerge
+        raise InputError("tokenizer_source needs the tokenizer libraries: pip install 'raymerge[tokenizers]'")
+    base = base if base is not None else models[0]
+    named = [u for u in (spec.source, *(t.model for t in spec.tokens)) if u and u not in ("base", "union")]
+    for url in named:
+        if all(c.url != urls.normalize(url) for c in models):
+            raise InputError(f"tokenizer: {urls.redact(url)} is not one of the merge's models; name one of them "
+                             "(or base, or union)")
+    with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
+        toks: dict[str, Any] = {}
+        sizes: dict[str, int] = {}
+        for i, c in enumerate([base, *models]):
+            if c.url not in toks:
+                toks[c.url], sizes[c.url] = _load(c, os.path.join(tmp, str(i)), storage_options)
+        out = _output_tokenizer(spec, base, models, toks, sizes, os.path.join(tmp, "union"))
+        existing = set(out.get_vocab())
+        for t in spec.tokens:
+            if t.token not in existing:
+                out.add_tokens(t.token)
+                existing.add(t.token)
+        vocab = out.get_vocab()
+        saved = os.path.join(tmp, "out")
+        out.save_pretrained(saved)
+        files = tuple((n, open(os.path.join(saved, n), "rb").read()) for n in sorted(os.listdir(saved)))
+    runs = _runs(spec, vocab, models, base, {c.url: toks[c.url].get_vocab() for c in models}, sizes)
+    return Vocabulary(len(vocab), files, runs)
+
+
+def has_tokenizer(ckpt: Any) -> bool:
+    return any(posixpath.basename(u) in ("tokenizer.json", "tokenizer.model", "vocab.json") for u in ckpt.aux_files)
+
+
+def _load(ckpt: Any, folder: str, storage_options: dict[str, Any]):
+    """(the checkpoint's fast tokenizer, its vocabulary size: the config's, else the tokenizer's)."""
+    import transformers
+
+    os.makedirs(folder)
+    shown = f"--{ckpt.role} {urls.redact(ckpt.url)}"
+    names = [u for u in ckpt.aux_files if posixpath.basename(u) in TOKENIZER_FILES + ("config.json",)]
+    if not has_tokenizer(ckpt):
+        raise InputError(f"{shown}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json) beside the "
+                         "weights, which tokenizer_source needs; add them or leave tokenizer_source out")
+    for url in names:
+        fs, path = urls.filesystem(url, storage_options)
+        with open(os.path.join(folder, posixpath.basename(url)), "wb") as f:
+            f.write(fs.cat_file(path))
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+    except Exception as e:  # noqa: BLE001  (any library failure: a file it cannot read)
+        raise ResolveError(f"{shown}: its tokenizer does not load ({type(e).__name__}: {e}); fix its tokenizer "
+                           "files or leave tokenizer_source out") from e
+    size = vocab_size(ckpt.config) or len(tok.get_vocab())
+    unused = [t for t, i in tok.get_vocab().items() if i >= size]
+    if unused:
+        raise InputError(f"{shown}: its tokenizer has {len(unused)} tokens past the config's vocab_size {size}, which "
+                         "raymerge does not strip yet; leave tokenizer_source out")
+    return tok, size
+
+
+def _output_tokenizer(spec: TokenizerSpec, base: Any, models: list[Any], toks: dict, sizes: dict, folder: str):
+    import transformers
+
+    if spec.source == "base":
+        return toks[base.url]
+    if spec.source != "union":
+        return toks[urls.normalize(spec.source)]
+    # union: the base model's tokenizer (a fresh copy), then each model's tokens it lacks, in order
+    # of the models (the base first), their added tokens after every plain one.
+    plain: dict[str, None] = {}
+    added: dict[str, Any] = {}
+    for ckpt in [base, *[m for m in models if m.url != base.url]]:
+        tok, size = toks[ckpt.url], sizes[ckpt.url]
+        decoder = tok.added_tokens_decoder
+        added_ids = {info.content for info in decoder.values()}
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):  # id order: the library's is a hash's
+            if i < size and t not in added_ids:
+                plain.setdefault(t)
+        for i, info in sorted(decoder.items()):
+            if i < size:
+                added.setdefault(info.content, info)
+    toks[base.url].save_pretrained(folder)
+    out = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+    have = toks[base.url].get_vocab()
+    for t in plain:
+        if t not in added and t not in have:
+            out.add_tokens(t)
+    for info in added.values():
+        out.add_tokens(info)
+    return out
+
+
+def _runs(spec: TokenizerSpec, vocab: dict[str, int], models: list[Any], base: Any, vocabs: dict,
+          sizes: dict) -> tuple[tuple[RowRun, ...], ...]:
+    """Per model, its output rows as runs (see the module's docstring)."""
+    index = {c.url: i for i, c in enumerate(models)}
+    have = [{t: i for t, i in vocabs[c.url].items() if i < sizes[c.url]} for c in models]
+    chosen = {t.token: t for t in spec.tokens}
+    defaults: dict[str, tuple[tuple[int, int], ...]] = {}
+    for token, row in vocab.items():
+        present = [(m, h[token]) for m, h in enumerate(have) if token in h]
+        t = chosen.get(token)
+        if len(present) == len(models) and not (t and t.force):
+            continue
+        defaults[token] = _default(token, t, present, index.get(base.url), index, vocabs, models)
+    out = []
+    for m, h in enumerate(have):
+        rows: list[tuple[tuple[int, int], ...]] = [()] * len(vocab)
+        for token, row in vocab.items():
+            t = chosen.get(token)
+            rows[row] = ((m, h[token]),) if token in h and not (t and t.force) else defaults.get(token, ())
+        out.append(_as_runs(rows))
+    return tuple(out)
+
+
+def _default(token: str, t: TokenSource | None, present: list[tuple[int, int]], base: int | None,
+             index: dict[str, int], vocabs: dict, models: list[Any]) -> tuple[tuple[int, int], ...]:
+    """The parts of token's default row: mergekit's choice where the file gives none."""
+    if t is None or not t.kind:
+        if len(present) == 1:
+            return tuple(present)
+        if not present:
+            return ()
+        if base is not None and any(m == base for m, _ in present):
+            return tuple(p for p in present if p[0] == base)
+        return tuple(present)  # the mean of every model's row
+    if t.kind == ZERO:
+        return ()
+    m = index[urls.normalize(t.model or "")]  # build() checked it is one of the models
+    if t.kind == "model":
+        row = vocabs[models[m].url].get(token)
+        if row is None:
+            raise InputError(f"tokenizer.tokens.{token!r}: {urls.redact(models[m].url)} has no token {token!r}; "
+                             "name a model that has it, or give source: {kind: model_token, ...}")
+        return ((m, row),)
+    row = t.token_id if t.source_token is None else vocabs[models[m].url].get(t.source_token)
+    if row is None or not 0 <= row < (vocab_size(models[m].config) or 0):
+        raise InputError(f"tokenizer.tokens.{token!r}: the source token is not in {urls.redact(models[m].url)}'s "
+                         "vocabulary; name a token or token_id it has")
+    return ((m, row),)
+
+
+def _as_runs(rows: list[tuple[tuple[int, int], ...]]) -> tuple[RowRun, ...]:
+    """Consecutive rows copied from consecutive rows of one model merge into one run."""
+    runs: list[RowRun] = []
+    for r, parts in enumerate(rows):
+        last = runs[-1] if runs else None
+        if (last and len(parts) == 1 and len(last.parts) == 1 and last.parts[0][0] == parts[0][0]
+                and last.parts[0][1] + last.count == parts[0][1] and last.row + last.count == r):
+            runs[-1] = RowRun(last.row, last.count + 1, last.parts)
+        elif last and not parts and not last.parts and last.row + last.count == r:
+            runs[-1] = RowRun(last.row, last.count + 1, ())
+        else:
+            runs.append(RowRun(r, 1, parts))
+    return tuple(runs)
+
+
+def parse_spec(source: Any, tokens: Any, where: str, reference) -> TokenizerSpec:
+    """A TokenizerSpec from a file's `tokenizer_source` / `tokenizer.source` and `tokenizer.tokens`;
+    `reference`: a model reference as a URL (config.mergekit's)."""
+    if not isinstance(source, str) or not source:
+        raise InputError(f"{where}: source: base, union or a model reference, got {source!r}")
+    src = source if source in ("base", "union") else reference(source, f"{where}.source")
+    if tokens is None:
+        tokens = {}
+    if not isinstance(tokens, dict):
+        raise InputError(f"{where}.tokens: a mapping of token -> {{source: ..., force: true|false}}")
+    out = []
+    for token, entry in tokens.items():
+        at = f"{where}.tokens.{json.dumps(token)}"
+        entry = entry or {}
+        if not isinstance(token, str) or not isinstance(entry, dict) or set(entry) - {"source", "force"}:
+            raise InputError(f"{at}: give {{source: MODEL | {{kind: zero}} | {{kind: model_token, model: MODEL, "
+                             "token: T | token_id: N}}, force: true|false}}")
+        force, s = entry.get("force", False), entry.get("source")
+        if not isinstance(force, bool):
+            raise InputError(f"{at}.force: true or false")
+        if s is None:
+            out.append(TokenSource(token, force=force))
+        elif isinstance(s, str):
+            out.append(TokenSource(token, "model", reference(s, f"{at}.source"), force=force))
+        elif isinstance(s, dict) and s.get("kind") == ZERO and set(s) == {"kind"}:
+            out.append(TokenSource(token, ZERO, force=force))
+        elif (isinstance(s, dict) and s.get("kind") == "model_token" and set(s) - {"kind", "model", "token", "token_id"}
+              == set() and ("token" in s) != ("token_id" in s)
+              and (isinstance(s.get("token"), str) or (isinstance(s.get("token_id"), int) and s["token_id"] >= 0))):
+            out.append(TokenSource(token, "model_token", reference(s.get("model"), f"{at}.source.model"),
+                                   s.get("token"), s.get("token_id"), force))
+        else:
+            raise InputError(f"{at}.source: a model, {{kind: zero}}, or {{kind: model_token, model: MODEL, token: T}} "
+                             "(or token_id: N, one of the two)")
+    return TokenizerSpec(src, tuple(out))

@@ -1,0 +1,208 @@
+"""mergekit's tokenizer sources end to end: a base model, a chat model with chat tokens added and a
+cp model with new-language tokens; the output tokenizer and every embedding and head row checked
+against a reference built in the test from the token strings (mergekit 0.1.5's rules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import make_llama_trio
+from tests.helpers import assert_bit_identical, load_folder, mergekit_file
+
+VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+SPECIALS = ["<unk>", "<s>", "</s>"]
+WORDS = [f"w{i}" for i in range(61)]
+NEW = [f"한{i}" for i in range(7)]  # cp's new-language tokens
+CHAT_ADDED = ["<|im_start|>", "<|im_end|>"]
+
+
+def _tokenizer(folder: str, plain: list[str], added: list[str]) -> None:
+    """A word-level fast tokenizer over `plain` (ids in order), `added` special tokens after."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(plain)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.add_special_tokens({"additional_special_tokens": added} if added else {})
+    os.remove(os.path.join(folder, "tokenizer_config.json"))
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """base: 64 tokens; chat: base's, `both`, two chat tokens (67 rows); cp: base's, seven new
+    tokens, `both` (72 rows)."""
+    root = str(tmp_path_factory.mktemp("toksrc"))
+    out = make_llama_trio(root, roles=("base",), vocab=64, seed=9)
+    for role, extra in (("chat", 3), ("cp", 8)):
+        made = make_llama_trio(os.path.join(root, role + "-x"), roles=("cp",), vocab=64, seed=9, cp_extra_rows=extra)
+        out[role] = os.path.join(root, role)
+        shutil.move(made["cp"], out[role])
+    base_vocab = SPECIALS + WORDS
+    _tokenizer(out["base"], base_vocab, [])
+    _tokenizer(out["chat"], base_vocab + ["both"], CHAT_ADDED)
+    _tokenizer(out["cp"], base_vocab + NEW + ["both"], [])
+    return out
+
+
+def _vocab(folder: str) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).get_vocab()
+
+
+def _rows(tensors: dict, name: str, vocab_out: dict[str, int], models: dict[str, dict], vocabs: dict,
+          base: str | None, forced: dict[str, tuple[str, str]] = {}) -> dict[str, torch.Tensor]:
+    """Each model's tensor in the output's vocabulary, by token (mergekit's PermutedVocabulary)."""
+    out = {}
+    tensors = {role: {name: t[name].float()} for role, t in tensors.items()}  # the file's dtype: float32
+    for role in models:
+        rows = torch.zeros(len(vocab_out), tensors[role][name].shape[1], dtype=torch.float32)
+        for token, r in vocab_out.items():
+            if token in vocabs[role] and token not in forced:
+                rows[r] = tensors[role][name][vocabs[role][token]]
+                continue
+            if token in forced:
+                kind, src = forced[token]
+                if kind == "zero":
+                    continue
+                rows[r] = tensors[src][name][vocabs[src][token]]
+                continue
+            having = [m for m in models if token in vocabs[m]]
+            if len(having) == 1 or (base in having):
+                donor = having[0] if len(having) == 1 else base
+                rows[r] = tensors[donor][name][vocabs[donor][token]]
+            elif having:
+                acc = torch.zeros_like(rows[r])
+                for m in having:
+                    acc = acc + tensors[m][name][vocabs[m][token]]
+                acc /= len(having)
+                rows[r] = acc
+        out[role] = rows
+    return out
+
+
+def _run(path: str, out: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_union_maps_every_row_by_token(ray_local, models, tmp_path):
+    """linear over chat and cp with the base's tokenizer made the union of all three: cp's new
+    tokens and `both` (in chat and cp: their mean) and chat's tokens each get rows in every model."""
+    path = mergekit_file(tmp_path, f"""merge_method: linear
+base_model: {models['base']}
+models:
+  - model: {models['chat']}
+    parameters: {{weight: 0.4}}
+  - model: {models['cp']}
+    parameters: {{weight: 0.6}}
+dtype: float32
+tokenizer_source: union
+""")
+    out = str(tmp_path / "out")
+    _run(path, out)
+    vocab_out = _vocab(out)
+    base_vocab = SPECIALS + WORDS
+    assert [t for t, _ in sorted(vocab_out.items(), key=lambda kv: kv[1])] == \
+        base_vocab + ["both"] + NEW + CHAT_ADDED
+    assert json.load(open(os.path.join(out, "config.json")))["vocab_size"] == len(vocab_out) == 74
+    tensors = {role: load_folder(folder) for role, folder in models.items()}
+    vocabs = {role: _vocab(folder) for role, folder in models.items()}
+    got = load_folder(out)
+    for name in VOCAB:
+        rows = _rows(tensors, name, vocab_out, {"chat": 1, "cp": 1}, vocabs, None)
+        weight = torch.tensor([[0.4, 0.6]], dtype=torch.float32)  # mergekit's linear: a batch of one
+        want = torch.zeros_like(rows["chat"])
+        for t, c in zip((rows["chat"], rows["cp"]), weight.unbind(1)):
+            want.addcmul_(t, c.reshape(()))
+        want.div_(weight.sum(dim=1).reshape(()))
+        assert_bit_identical({name: got[name]}, {name: want})
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "w3 한2 both <|im_start|>"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    _, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_base_tokenizer_with_forced_and_zero_tokens(ray_local, models, tmp_path):
+    """task_arithmetic with the base's vocabulary and a `tokens` section: `</s>` forced from the
+    chat model in every model, and a new token `<pad>`, zeros; cp's and chat's own tokens are
+    not in the output."""
+    path = mergekit_file(tmp_path, f"""merge_method: task_arithmetic
+base_model: {models['base']}
+models:
+  - model: {models['chat']}
+    parameters: {{weight: 0.5}}
+  - model: {models['cp']}
+    parameters: {{weight: 1.0}}
+parameters: {{normalize: false}}
+dtype: float32
+tokenizer:
+  source: base
+  tokens:
+    "</s>": {{source: {models['chat']}, force: true}}
+    "<pad>": {{source: {{kind: zero}}}}
+""")
+    out = str(tmp_path / "out")
+    _run(path, out)
+    vocab_out = _vocab(out)
+    assert len(vocab_out) == 65 and vocab_out["<pad>"] == 64
+    tensors = {role: load_folder(folder) for role, folder in models.items()}
+    vocabs = {role: _vocab(folder) for role, folder in models.items()}
+    got = load_folder(out)
+    forced = {"</s>": ("model", "chat"), "<pad>": ("zero", "")}
+    for name in VOCAB:
+        rows = _rows(tensors, name, vocab_out, {"chat": 1, "cp": 1, "base": 1}, vocabs, "base", forced)
+        b = rows["base"]
+        deltas = torch.stack([rows["chat"] - b, rows["cp"] - b])
+        deltas.mul_(torch.tensor([0.5, 1.0], dtype=torch.float32).reshape(2, 1, 1))
+        want = b + deltas.sum(dim=0)
+        assert_bit_identical({name: got[name]}, {name: want})
+
+
+def test_vocab_union_chat_vector_keeps_cps_ids(ray_local, models, tmp_path):
+    """raymerge's own merge with --vocab union: cp's tokenizer plus the chat model's tokens, cp's
+    ids kept; every row mapped by token (a token cp alone has keeps cp's row, the chat tokens get
+    the chat model's), then cp + 0.5 * (chat - base) in float32, rounded once to cp's bfloat16."""
+    import raymerge
+
+    out = str(tmp_path / "out")
+    raymerge.merge(models["base"], models["chat"], models["cp"], out, scale=0.5, vocab="union")
+    vocab_out = _vocab(out)
+    vocabs = {role: _vocab(folder) for role, folder in models.items()}
+    assert {t: vocab_out[t] for t in vocabs["cp"]} == vocabs["cp"] and len(vocab_out) == 74
+    tensors = {role: load_folder(folder) for role, folder in models.items()}
+    got = load_folder(out)
+    for name in VOCAB:
+        rows = _rows(tensors, name, vocab_out, {"chat": 1, "cp": 1, "base": 1}, vocabs, "cp")
+        want = (rows["cp"] + 0.5 * (rows["chat"] - rows["base"])).to(torch.bfloat16)
+        assert_bit_identical({name: got[name]}, {name: want})
+    assert torch.equal(got[VOCAB[0]][vocab_out["한3"]], tensors["cp"][VOCAB[0]][vocabs["cp"]["한3"]])
+    assert torch.equal(got[VOCAB[0]][vocab_out["<|im_end|>"]], tensors["chat"][VOCAB[0]][vocabs["chat"]["<|im_end|>"]])
+    manifest = json.load(open(os.path.join(out, "raymerge_manifest.json")))
+    assert manifest["recipe"]["vocab"] == "union"
+
+
+def test_tokenizer_source_refusals_are_one_line(models, tmp_path):
+    def plan(text: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "raymerge", "plan", "--recipe", mergekit_file(tmp_path, text)],
+                              capture_output=True, text=True, timeout=120)
+
+    head = f"merge_method: linear\nmodels:\n  - model: {models['chat']}\n    parameters: {{weight: 1}}\n"
+    r = plan(head + f"tokenizer_source: {models['base']}\n")
+    assert r.returncode == 2 and "is not one of the merge's models" in r.stderr, r.stderr
+    bare = make_llama_trio(str(tmp_path / "bare"), roles=("base",), vocab=64, seed=9)["base"]
+    r = plan(head + f"  - model: {bare}\n    parameters: {{weight: 1}}\ntokenizer_source: union\n")
+    assert r.returncode == 2 and "no tokenizer files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
