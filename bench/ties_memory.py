@@ -14,7 +14,9 @@ and the workers): its RSS every `--interval` seconds and its kernel high-water m
 and whether any is above `--limit` (the claim: none above 1 GiB; a whole float32 copy of one
 embedding is 1.05 GB). Deletes the trio and the output afterwards unless --keep. `--method`: one
 of bench/run.py's method files instead (dtype bfloat16; `-rows`: per-row statistics, 128k rows of
-facts for the embedding).
+facts for the embedding), or `union`: word-level tokenizers whose last 1000 tokens differ (the
+base's, chat-only ones, cp-only ones) and a linear file with `tokenizer_source: union`, so every
+model's embedding and head are gathered by token into `--vocab` + 2000 rows.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def main() -> None:
           f"({4 * args.vocab * args.hidden / 2**30:.2f} GiB in float32); made in {time.perf_counter() - started:.0f}s",
           flush=True)
     cfg = os.path.join(args.root, "ties.yml")
-    if args.method != "ties":
+    if args.method == "union":
+        cfg = _union(trio, args.vocab, args.root)
+    elif args.method != "ties":
         from run import method_config
 
         cfg = method_config(args.method, trio, args.root)
@@ -104,6 +108,32 @@ out_dtype: bfloat16
     finally:
         if not args.keep:
             shutil.rmtree(args.root, ignore_errors=True)
+
+
+def _union(trio: dict[str, str], vocab: int, root: str) -> str:
+    """Tokenizers for the trio (the base's words; chat and cp each with their own last 1000) and
+    a linear file over chat and cp with the union of the three as the output's vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    shared = [f"w{i}" for i in range(vocab - 1000)]
+    for role, tail in (("base", "w"), ("chat", "c"), ("cp", "k")):
+        words = shared + [f"{tail}{i}" for i in range(vocab - 1000, vocab)]
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(trio[role])
+    cfg = os.path.join(root, "union.yml")
+    with open(cfg, "w") as f:
+        f.write(f"""merge_method: linear
+base_model: {trio['base']}
+models:
+  - model: {trio['chat']}
+    parameters: {{weight: 0.5}}
+  - model: {trio['cp']}
+    parameters: {{weight: 0.5}}
+dtype: bfloat16
+tokenizer_source: union
+""")
+    return cfg
 
 
 if __name__ == "__main__":

@@ -19,19 +19,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import replace
 from typing import Any
 
 from raymerge.config.values import parse_compute_dtype
 from raymerge.errors import InputError
 from raymerge.methods import MERGEKIT, METHODS, RECIPES, Parameter
 from raymerge.planning.schedule import CONTAINS
-from raymerge.planning.vocabulary import parse_spec
+from raymerge.planning.vocabulary import TokenizerSpec, check_template, parse_spec
 from raymerge.untrusted import shown
 
 log = logging.getLogger("raymerge")
 
 _KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-         "tokenizer", "name")
+         "tokenizer", "chat_template", "name")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
@@ -180,7 +181,16 @@ def _slices(value: Any, models: _Models, defaults: dict[str, Any], where: str) -
 
 
 def _tokenizer(data: dict[str, Any], where: str) -> Any:
-    """mergekit's tokenizer source (the `tokenizer:` section's over `tokenizer_source`), or None."""
+    """mergekit's tokenizer source (the `tokenizer:` section's over `tokenizer_source`), with its
+    `chat_template`; or None. A chat template alone: the donor's tokenizer as it is, with it."""
+    spec = _source(data, where)
+    template = data.get("chat_template")
+    if template is None:
+        return spec
+    return replace(spec or TokenizerSpec(""), chat_template=check_template(template, f"{where}: chat_template"))
+
+
+def _source(data: dict[str, Any], where: str) -> Any:
     section = data.get("tokenizer")
     if section is None:
         source = data.get("tokenizer_source")

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from raymerge.config import values as v
 from raymerge.errors import InputError
 from raymerge.methods import COMBINING, RECIPES, Parameter, RecipeKind, kind_methods, parameters_named
 from raymerge.ops.rules import VOCAB_MODES
-from raymerge.planning.vocabulary import TokenizerSpec, parse_spec
+from raymerge.planning.vocabulary import TokenizerSpec, check_template, parse_spec
 from raymerge.untrusted import shown
 
 
@@ -77,9 +77,12 @@ def _tokenizer(value: Any, option: Option) -> TokenizerSpec:
     """A tokenizer source as config.mergekit made it, or as a recipe (the manifest's) writes it."""
     if isinstance(value, TokenizerSpec):
         return value
-    if not isinstance(value, dict) or set(value) - {"source", "tokens"}:
-        raise InputError(f"{option.flag}: a mapping {{source: base | union | MODEL, tokens: {{...}}}}")
-    return parse_spec(value.get("source"), value.get("tokens"), option.key, lambda ref, where: v.url(ref, option))
+    if not isinstance(value, dict) or set(value) - {"source", "tokens", "chat_template"}:
+        raise InputError(f"{option.flag}: a mapping {{source: base | union | MODEL, tokens: {{...}}, chat_template: T}}")
+    spec = (parse_spec(value.get("source"), value.get("tokens"), option.key, lambda ref, where: v.url(ref, option))
+            if value.get("source") != "" else TokenizerSpec(""))
+    template = value.get("chat_template")
+    return spec if template is None else replace(spec, chat_template=check_template(template, option.flag))
 
 
 def _kinds(test: Callable[[RecipeKind], bool]) -> tuple[str, ...]:

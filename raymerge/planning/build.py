@@ -81,12 +81,14 @@ def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options) -> tuple[V
     for ckpt in [*(t.a for t in terms), anchor, *(t.b for t in terms)]:
         if ckpt is not None and all(c.url != ckpt.url for c in models):
             models.append(ckpt)
-    if spec.source == "base" and not spec.tokens and not any(has_tokenizer(c) for c in models):
+    if spec.source == "base" and not spec.tokens and spec.chat_template is None and \
+            not any(has_tokenizer(c) for c in models):
         return None, ()  # no tokenizer anywhere: the base model's files as they are (raymerge's reading before)
     started = time.perf_counter()
     vocabulary = build_vocabulary(spec, models, base, storage_options)
-    log.info("tokenizer: %s source, %d tokens, in %.2fs", spec.source if spec.source in ("base", "union") else
-             "a model's", vocabulary.size, time.perf_counter() - started)
+    log.info("tokenizer: %s, %s tokens, in %.2fs", spec.source if spec.source in ("base", "union") else
+             "a model's" if spec.source else "a chat template", vocabulary.size or "the donor's",
+             time.perf_counter() - started)
     return vocabulary, tuple(models)
 
 

@@ -185,7 +185,7 @@ def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, op
         return _Rule(name, dtype, ref.shape, anchor, rule="skip")
     vocab = is_vocab_tensor(name, ref.shape, reference.config)
     overrides = _overrides(name, ref, spec, file_ids, problems) if vocab else ()
-    if vocab and spec.vocabulary is not None:
+    if vocab and spec.vocabulary is not None and spec.vocabulary.size is not None:
         return _tokenizer_rule(name, ref, dtype, spec, file_ids, problems, layers, origin, overrides)
     if vocab and spec.vocab == "skip":
         if anchor is None:  # nothing to keep the rows of

@@ -63,13 +63,30 @@ class TokenSource:
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """Where the output's vocabulary comes from: "base", "union" or a model's URL; `tokens`."""
+    """Where the output's vocabulary comes from: "base", "union" or a model's URL; `tokens`;
+    "" (a chat template alone): the donor's tokenizer as it is, its rows untouched. `chat_template`:
+    the output tokenizer's ("auto": the one most inputs have)."""
 
     source: str
     tokens: tuple[TokenSource, ...] = ()
+    chat_template: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "tokens": {t.token: t.to_json() for t in self.tokens}}
+        return {"source": self.source, "tokens": {t.token: t.to_json() for t in self.tokens},
+                **({"chat_template": self.chat_template} if self.chat_template is not None else {})}
+
+
+def check_template(value: Any, where: str) -> str:
+    """A chat template as mergekit takes it: "auto", or Jinja (20 characters or more, with a `{`)."""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: auto, or the template's Jinja text")
+    if value == "auto" or (len(value) >= 20 and "{" in value):
+        return value
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        raise InputError(f"{where} {value!r}: raymerge does not ship mergekit's named templates; paste the "
+                         "template's Jinja text, or write auto (the template most inputs have)")
+    raise InputError(f"{where}: not a chat template (Jinja of 20 characters or more, with a {{); write the "
+                     "template's Jinja text, or auto")
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,7 @@ class RowRun:
 class Vocabulary:
     """The output's tokenizer files and size, and per model (in `models` order) its row runs."""
 
-    size: int
+    size: int | None  # None: the vocabulary as it is (a chat template alone)
     files: tuple[tuple[str, bytes], ...]
     runs: tuple[tuple[RowRun, ...], ...]
 
@@ -97,6 +114,8 @@ def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_opti
     if importlib.util.find_spec("transformers") is None:  # the tokenizer libraries: an extra of raymerge
         raise InputError("tokenizer_source needs the tokenizer libraries: pip install 'raymerge[tokenizers]'")
     base = base if base is not None else models[0]
+    if not spec.source:
+        return _with_template(spec, base, models, storage_options)
     named = [u for u in (spec.source, *(t.model for t in spec.tokens)) if u and u not in ("base", "union")]
     for url in named:
         if all(c.url != urls.normalize(url) for c in models):
@@ -115,11 +134,49 @@ def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_opti
                 out.add_tokens(t.token)
                 existing.add(t.token)
         vocab = out.get_vocab()
-        saved = os.path.join(tmp, "out")
-        out.save_pretrained(saved)
-        files = tuple((n, open(os.path.join(saved, n), "rb").read()) for n in sorted(os.listdir(saved)))
+        files = _saved(out, _template(spec, toks.values()), os.path.join(tmp, "out"))
     runs = _runs(spec, vocab, models, base, {c.url: toks[c.url].get_vocab() for c in models}, sizes)
     return Vocabulary(len(vocab), files, runs)
+
+
+def _with_template(spec: TokenizerSpec, donor: Any, models: list[Any], storage_options: dict[str, Any]) -> Vocabulary:
+    """A chat template without a tokenizer source: the donor's tokenizer saved again with it
+    (mergekit's), the vocabulary and every row as they are (size None, no runs)."""
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
+        folder = os.path.join(tmp, "donor")
+        _fetch(donor, folder, storage_options)
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        others = []
+        if spec.chat_template == "auto":
+            for i, c in enumerate(m for m in models if m.url != donor.url):
+                if has_tokenizer(c):
+                    _fetch(c, os.path.join(tmp, str(i)), storage_options)
+                    others.append(transformers.AutoTokenizer.from_pretrained(os.path.join(tmp, str(i))))
+        return Vocabulary(None, _saved(tok, _template(spec, [tok, *others]), os.path.join(tmp, "out")), ())
+
+
+def _template(spec: TokenizerSpec, tokenizers) -> str | None:
+    """The chat template to save: the spec's, or for "auto" the one most tokenizers have (the
+    first such in the models' order), or None (keep the tokenizer's)."""
+    if spec.chat_template != "auto":
+        return spec.chat_template
+    found = []
+    for tok in tokenizers:
+        t = tok.chat_template
+        t = t.get("default") if isinstance(t, dict) else t
+        if t:
+            found.append(t.strip())
+    return max(found, key=found.count) if found else None
+
+
+def _saved(tok: Any, template: str | None, folder: str) -> tuple[tuple[str, bytes], ...]:
+    """The files save_pretrained writes for `tok`, with `template` as its chat template if given."""
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(folder)
+    return tuple((n, open(os.path.join(folder, n), "rb").read()) for n in sorted(os.listdir(folder)))
 
 
 def has_tokenizer(ckpt: Any) -> bool:
@@ -130,16 +187,8 @@ def _load(ckpt: Any, folder: str, storage_options: dict[str, Any]):
     """(the checkpoint's fast tokenizer, its vocabulary size: the config's, else the tokenizer's)."""
     import transformers
 
-    os.makedirs(folder)
     shown = f"--{ckpt.role} {urls.redact(ckpt.url)}"
-    names = [u for u in ckpt.aux_files if posixpath.basename(u) in TOKENIZER_FILES + ("config.json",)]
-    if not has_tokenizer(ckpt):
-        raise InputError(f"{shown}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json) beside the "
-                         "weights, which tokenizer_source needs; add them or leave tokenizer_source out")
-    for url in names:
-        fs, path = urls.filesystem(url, storage_options)
-        with open(os.path.join(folder, posixpath.basename(url)), "wb") as f:
-            f.write(fs.cat_file(path))
+    _fetch(ckpt, folder, storage_options)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
     except Exception as e:  # noqa: BLE001  (any library failure: a file it cannot read)
@@ -151,6 +200,20 @@ def _load(ckpt: Any, folder: str, storage_options: dict[str, Any]):
         raise InputError(f"{shown}: its tokenizer has {len(unused)} tokens past the config's vocab_size {size}, which "
                          "raymerge does not strip yet; leave tokenizer_source out")
     return tok, size
+
+
+def _fetch(ckpt: Any, folder: str, storage_options: dict[str, Any]) -> None:
+    """The checkpoint's tokenizer files and config.json, copied into `folder`."""
+    if not has_tokenizer(ckpt):
+        raise InputError(f"--{ckpt.role} {urls.redact(ckpt.url)}: no tokenizer files (tokenizer.json, tokenizer.model "
+                         "or vocab.json) beside the weights, which a tokenizer source or chat_template needs; add them "
+                         "or leave those keys out")
+    os.makedirs(folder)
+    for url in ckpt.aux_files:
+        if posixpath.basename(url) in TOKENIZER_FILES + ("config.json",):
+            fs, path = urls.filesystem(url, storage_options)
+            with open(os.path.join(folder, posixpath.basename(url)), "wb") as f:
+                f.write(fs.cat_file(path))
 
 
 def _output_tokenizer(spec: TokenizerSpec, base: Any, models: list[Any], toks: dict, sizes: dict, folder: str):

@@ -21,9 +21,10 @@ SPECIALS = ["<unk>", "<s>", "</s>"]
 WORDS = [f"w{i}" for i in range(61)]
 NEW = [f"한{i}" for i in range(7)]  # cp's new-language tokens
 CHAT_ADDED = ["<|im_start|>", "<|im_end|>"]
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
 
-def _tokenizer(folder: str, plain: list[str], added: list[str]) -> None:
+def _tokenizer(folder: str, plain: list[str], added: list[str], template: str | None = None) -> None:
     """A word-level fast tokenizer over `plain` (ids in order), `added` special tokens after."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -32,6 +33,7 @@ def _tokenizer(folder: str, plain: list[str], added: list[str]) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.add_special_tokens({"additional_special_tokens": added} if added else {})
+    fast.chat_template = template
     os.remove(os.path.join(folder, "tokenizer_config.json"))
     fast.save_pretrained(folder)
 
@@ -48,7 +50,7 @@ def models(tmp_path_factory):
         shutil.move(made["cp"], out[role])
     base_vocab = SPECIALS + WORDS
     _tokenizer(out["base"], base_vocab, [])
-    _tokenizer(out["chat"], base_vocab + ["both"], CHAT_ADDED)
+    _tokenizer(out["chat"], base_vocab + ["both"], CHAT_ADDED, TEMPLATE)
     _tokenizer(out["cp"], base_vocab + NEW + ["both"], [])
     return out
 
@@ -206,3 +208,58 @@ def test_tokenizer_source_refusals_are_one_line(models, tmp_path):
     bare = make_llama_trio(str(tmp_path / "bare"), roles=("base",), vocab=64, seed=9)["base"]
     r = plan(head + f"  - model: {bare}\n    parameters: {{weight: 1}}\ntokenizer_source: union\n")
     assert r.returncode == 2 and "no tokenizer files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("source,template", [("tokenizer_source: base\n", "{{ 'literal: ' + messages[0].content }}"),
+                                             ("", "auto")])
+def test_chat_template_literal_or_the_one_most_inputs_have(ray_local, models, tmp_path, source, template):
+    """A literal template on the base's tokenizer; `auto` alone: the donor's (the base model's)
+    tokenizer with the template most inputs have (the chat model's alone has one), rows untouched."""
+    from transformers import AutoTokenizer
+
+    path = mergekit_file(tmp_path, f"""merge_method: task_arithmetic
+base_model: {models['base']}
+models:
+  - model: {models['chat']}
+    parameters: {{weight: 0.5}}
+  - model: {models['cp']}
+    parameters: {{weight: 0.5}}
+dtype: float32
+{source}chat_template: {json.dumps(template)}
+""")
+    out = str(tmp_path / "out")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out, "--vocab", "overlap"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == (TEMPLATE if template == "auto" else template)
+    assert tok.get_vocab() == _vocab(models["base"])
+    assert load_folder(out)[VOCAB[0]].shape[0] == 64
+
+
+def test_named_chat_template_is_refused_in_one_line(models, tmp_path):
+    text = f"merge_method: linear\nmodels:\n  - model: {models['chat']}\n    parameters: {{weight: 1}}\nchat_template: chatml\n"
+    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--recipe", mergekit_file(tmp_path, text)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not ship mergekit's named templates" in r.stderr, r.stderr
+
+
+def test_union_from_s3_gives_the_local_bytes(ray_local, s3_server, models, tmp_path):
+    """The tokenizer files are read through S3 (moto) like the weights; the output is the local
+    run's, byte for byte."""
+    import boto3
+
+    import raymerge
+    from tests.e2e.test_sparse_merges import shard_bytes
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="toks")
+    for role, folder in models.items():
+        for name in os.listdir(folder):
+            s3.upload_file(os.path.join(folder, name), "toks", f"{role}/{name}")
+    local, remote = str(tmp_path / "local"), str(tmp_path / "remote")
+    raymerge.merge(models["base"], models["chat"], models["cp"], local, scale=0.5, vocab="union")
+    raymerge.merge("s3://toks/base", "s3://toks/chat", "s3://toks/cp", remote, scale=0.5, vocab="union")
+    assert shard_bytes(remote) == shard_bytes(local)
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert open(os.path.join(remote, name), "rb").read() == open(os.path.join(local, name), "rb").read()
