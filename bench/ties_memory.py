@@ -120,6 +120,9 @@ def _union(trio: dict[str, str], vocab: int, root: str) -> str:
     for role, tail in (("base", "w"), ("chat", "c"), ("cp", "k")):
         words = shared + [f"{tail}{i}" for i in range(vocab - 1000, vocab)]
         tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # synth's: special tokens of its own
+            if os.path.exists(os.path.join(trio[role], name)):
+                os.remove(os.path.join(trio[role], name))
         PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(trio[role])
     cfg = os.path.join(root, "union.yml")
     with open(cfg, "w") as f:

@@ -42,7 +42,7 @@ def aux_contents(plan: Plan, storage_options: dict[str, Any]) -> dict[str, bytes
 
     def read(url: str) -> bytes:
         if url not in cache:
-            cache[url] = _read(url, storage_options)
+            cache[url] = read_aux(url, storage_options)
         return cache[url]
 
     out = {}
@@ -54,6 +54,11 @@ def aux_contents(plan: Plan, storage_options: dict[str, Any]) -> dict[str, bytes
                 out[aux.name] = with_layers(out[aux.name], [sources[0][1] for sources in plan.layers], aux.source)
             if plan.vocab_size is not None:
                 out[aux.name] = with_vocab_size(out[aux.name], plan.vocab_size, aux.source)
+        if aux.name == "generation_config.json" and plan.eos_ids is not None:
+            obj = _config(out[aux.name], aux.source)
+            if isinstance(obj, dict):
+                obj["eos_token_id"] = plan.eos_ids[0] if len(plan.eos_ids) == 1 else list(plan.eos_ids)
+                out[aux.name] = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
     return out
 
 
@@ -127,7 +132,8 @@ def _contents(plan: Plan, aux: AuxFile, read) -> bytes:
     return merged
 
 
-def _read(url: str, storage_options: dict[str, Any]) -> bytes:
+def read_aux(url: str, storage_options: dict[str, Any]) -> bytes:
+    """An auxiliary file's bytes: a regular file, at most AUX_CAP (ResolveError, exit 2, else)."""
     fs, path = urls.filesystem(url, storage_options)
     try:
         data = fs.cat_file(path, start=0, end=AUX_CAP + 1)

@@ -79,8 +79,8 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
         values["base"] = base
     if tokenizer is not None:
         if "slices" in data:
-            raise InputError(f"{where}: a tokenizer source with slices: raymerge maps vocabularies of whole-model "
-                             "merges only so far; leave tokenizer_source and tokenizer out, or use models")
+            raise InputError(f"{where}: tokenizer_source, tokenizer or chat_template with slices: raymerge maps "
+                             "tokenizers of whole-model merges only so far; leave those keys out, or use models")
         values["tokenizer"] = tokenizer
     dtype = data.get("dtype")
     values["compute_dtype"] = _compute_dtype(dtype, where)

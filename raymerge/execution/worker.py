@@ -221,19 +221,21 @@ class MergeWorker:
         run, and each range once however many operands name it (a mergekit recipe's base is its
         anchor and every vector's b)."""
         by_file: dict[int, dict[tuple[int, int], list]] = {}
-        gathered = []
+        gathered, scattered = [], set()
         for p, key, src, rng in self._sources(item, pass_name, facts):
             if src.rows:
                 gathered.append(((p, *key), src, rng))
                 for file, r in gather.reads(src, *rng):
                     by_file.setdefault(file, {}).setdefault(r, [])
+                    scattered.add(file)
                 continue
             by_file.setdefault(src.file, {}).setdefault(rng, []).append((p, *key))
         while len(st.inputs) < len(by_file):
             st.inputs.append(Buffer())
         views, raw, total = {}, {}, 0
         for buf, (file, wanted) in zip(st.inputs, by_file.items()):
-            got = st.reader.read(self._plan.files[file].url, list(wanted), buf, version=self._plan.files[file].version)
+            got = st.reader.read(self._plan.files[file].url, list(wanted), buf, version=self._plan.files[file].version,
+                                 scattered=file in scattered)
             for ((lo, hi), keys), mem in zip(wanted.items(), got):
                 views.update((key, mem) for key in keys)
                 raw[(file, lo, hi)] = mem

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from raymerge.commit.card import card_names
+from raymerge.errors import InputError, ResolveError
 from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
 from raymerge.planning.inputs import resolve
 from raymerge.planning.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
@@ -59,8 +62,9 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
                   for i, (url, scale) in enumerate(recipe.vectors))
     first = checkpoint[how.vectors]
     anchor = checkpoint[how.anchor] if how.anchor else None
+    template_from = first if recipe.chat_template and how.template else None
     vocabulary, vocab_models = _vocabulary(recipe, terms, anchor, checkpoint["base"] if how.mergekit else anchor,
-                                           storage_options)
+                                           storage_options, template_from)
     return RecipeSpec(anchor=checkpoint[how.anchor] if how.anchor else None, terms=terms, vocab=recipe.vocab,
                       skip=recipe.skip, special_tokens=recipe.special_tokens,
                       special_from=first if how.minus else None,
@@ -70,13 +74,17 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
                       vocab_models=vocab_models)
 
 
-def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options) -> tuple[Vocabulary | None, tuple]:
+def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options, template_from) -> tuple[Vocabulary | None, tuple]:
     """A tokenizer source's vocabulary over the merge's models: the vectors' in the file's order,
     then the anchor and what they are taken minus (the base model), where not among them.
     `--vocab union` is the union source over cp's tokenizer (`base`: the anchor), so cp keeps its ids."""
     spec = recipe.tokenizer or (TokenizerSpec("union") if recipe.vocab == "union" else None)
     if spec is None:
         return None, ()
+    if recipe.tokenizer is None and not recipe.how.minus:
+        raise InputError(f"--vocab union maps the rows of models by token, and a stored --{recipe.how.vectors} holds "
+                         "differences, whose missing rows no model gives; run raymerge merge with the chat and base "
+                         "models and --vocab union instead")
     models: list = []
     for ckpt in [*(t.a for t in terms), anchor, *(t.b for t in terms)]:
         if ckpt is not None and all(c.url != ckpt.url for c in models):
@@ -85,7 +93,13 @@ def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options) -> tuple[V
             not any(has_tokenizer(c) for c in models):
         return None, ()  # no tokenizer anywhere: the base model's files as they are (raymerge's reading before)
     started = time.perf_counter()
-    vocabulary = build_vocabulary(spec, models, base, storage_options)
+    # In a process of its own: transformers brings torch (600 MB resident) that the driver never needs.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            vocabulary = pool.submit(build_vocabulary, spec, models, base, storage_options, template_from).result()
+        except BrokenProcessPool as e:
+            raise ResolveError(f"tokenizer: the process building it was killed ({e}), perhaps out of memory; free "
+                               "memory and run the command again") from e
     log.info("tokenizer: %s, %s tokens, in %.2fs", spec.source if spec.source in ("base", "union") else
              "a model's" if spec.source else "a chat template", vocabulary.size or "the donor's",
              time.perf_counter() - started)

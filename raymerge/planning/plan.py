@@ -182,6 +182,7 @@ class Plan:
     # commit in place of the anchor's, and the vocabulary size config.json then declares.
     tokenizer: tuple[tuple[str, bytes], ...] = ()
     vocab_size: int | None = None
+    eos_ids: tuple[int, ...] | None = None  # generation_config's eos_token_id then (the chat model's EOS tokens)
 
     @property
     def output_bytes(self) -> int:

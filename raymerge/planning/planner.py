@@ -181,11 +181,15 @@ def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, op
             problems.other.append(f"{name}: is {ref.dtype}, which has no difference to extract")
         return _Rule(name, ref.dtype, ref.shape, anchor, rule="copy")
     dtype = options.dtype or (ref.dtype if anchor is not None else "F32")
-    if anchor is not None and any(p.search(name) for p in skip):
-        return _Rule(name, dtype, ref.shape, anchor, rule="skip")
     vocab = is_vocab_tensor(name, ref.shape, reference.config)
+    new_vocabulary = vocab and spec.vocabulary is not None and spec.vocabulary.size is not None
+    if anchor is not None and any(p.search(name) for p in skip):
+        if new_vocabulary:
+            problems.other.append(f"{name}: --skip keeps the anchor's rows, and the tokenizer source gives the output "
+                                  f"{spec.vocabulary.size}; leave the embedding and head out of --skip")
+        return _Rule(name, dtype, ref.shape, anchor, rule="skip")
     overrides = _overrides(name, ref, spec, file_ids, problems) if vocab else ()
-    if vocab and spec.vocabulary is not None and spec.vocabulary.size is not None:
+    if new_vocabulary:
         return _tokenizer_rule(name, ref, dtype, spec, file_ids, problems, layers, origin, overrides)
     if vocab and spec.vocab == "skip":
         if anchor is None:  # nothing to keep the rows of
@@ -249,6 +253,10 @@ def _tokenizer_rule(name: str, ref: TensorRef, dtype: str, spec: RecipeSpec, fil
         return _Rule(name, dtype, ref.shape, None)
     dtypes = {r.dtype for r in found.values()}
     gather = spec.compute if spec.compute != INPUTS else dtypes.pop() if len(dtypes) == 1 else None
+    if gather not in (None, "F32", "BF16", "F16"):
+        problems.other.append(f"{name}: the models hold it in {gather}, in which raymerge does not gather rows; give "
+                              "the file a dtype (bfloat16, float16 or float32)")
+        return _Rule(name, dtype, ref.shape, None)
     if gather is None:
         problems.other.append(f"{name}: the models hold it in {', '.join(sorted(dtypes))}; give the file a dtype "
                               "(the rows of a tokenizer source are gathered in one)")
@@ -262,6 +270,11 @@ def _tokenizer_rule(name: str, ref: TensorRef, dtype: str, spec: RecipeSpec, fil
             parts = []
             for m, in_row in run.parts:
                 r = found[spec.vocab_models[m].url]
+                if in_row + (run.count if len(run.parts) == 1 else 1) > r.shape[0]:
+                    problems.other.append(f"{name}: --{spec.vocab_models[m].role}'s tokenizer has ids up to "
+                                          f"{in_row + run.count - 1}, past the tensor's {r.shape[0]} rows; fix its "
+                                          "config's vocab_size or its tokenizer")
+                    return None
                 parts.append((file_ids[(spec.vocab_models[m].url, r.file)], r.start + in_row * rows * ITEMSIZE[r.dtype],
                               r.dtype))
             runs.append((run.row, run.count, tuple(parts)))
@@ -320,10 +333,12 @@ def _aux_plan(spec: RecipeSpec, reference: Checkpoint) -> tuple[AuxFile, ...]:
     source = spec.aux_from or spec.anchor or reference
     ours = {posixpath.basename(u): u for u in source.aux_files}
     theirs = {posixpath.basename(u): u for u in spec.template_from.aux_files} if spec.template_from else {}
+    if spec.vocabulary is not None:
+        # The output tokenizer's files replace the tokenizer's (Plan.tokenizer), the chat model's
+        # template and EOS in them; generation_config's EOS ids are those tokens' new ids (Plan.eos_ids).
+        return tuple(AuxFile(name, url) for name, url in ours.items() if name not in TOKENIZER_FILES)
     aux = []
     for name, url in ours.items():
-        if spec.vocabulary is not None and name in TOKENIZER_FILES:
-            continue  # the output tokenizer's files replace them (Plan.tokenizer)
         if name == "chat_template.jinja" and theirs:
             continue  # the chat model's template replaces it (or its tokenizer_config's does)
         aux.append(AuxFile(name, url, theirs.get(name) if name in PATCHED else None))
@@ -363,7 +378,8 @@ def _layout(files: list[InputFile], rules: list[_Rule], aux: tuple[AuxFile, ...]
     digest = _hash(files, tensors, shards, items)
     vocab = spec.vocabulary
     return Plan(tuple(files), tuple(tensors), tuple(shards), tuple(items), aux, digest, layer_map,
-                tokenizer=vocab.files if vocab else (), vocab_size=vocab.size if vocab else None)
+                tokenizer=vocab.files if vocab else (), vocab_size=vocab.size if vocab else None,
+                eos_ids=vocab.eos_ids if vocab else None)
 
 
 def _row_bytes(t: TensorPlan) -> int:

@@ -106,11 +106,15 @@ class Vocabulary:
     size: int | None  # None: the vocabulary as it is (a chat template alone)
     files: tuple[tuple[str, bytes], ...]
     runs: tuple[tuple[RowRun, ...], ...]
+    eos_ids: tuple[int, ...] | None = None  # the chat model's EOS tokens' ids in the output (--vocab union)
 
 
-def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_options: dict[str, Any]) -> Vocabulary:
+def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_options: dict[str, Any],
+          template_from: Any | None = None) -> Vocabulary:
     """`models`: the merge's input checkpoints (planning.inputs.Checkpoint), in the file's order,
-    the base model among them where it is an input; `base`: the base model (None: the first)."""
+    the base model among them where it is an input; `base`: the base model (None: the first).
+    `template_from` (raymerge's merge, --vocab union): the model whose chat template and EOS the
+    output tokenizer takes, by token, with generation_config's EOS ids mapped to the new ids."""
     if importlib.util.find_spec("transformers") is None:  # the tokenizer libraries: an extra of raymerge
         raise InputError("tokenizer_source needs the tokenizer libraries: pip install 'raymerge[tokenizers]'")
     base = base if base is not None else models[0]
@@ -119,41 +123,64 @@ def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_opti
     named = [u for u in (spec.source, *(t.model for t in spec.tokens)) if u and u not in ("base", "union")]
     for url in named:
         if all(c.url != urls.normalize(url) for c in models):
-            raise InputError(f"tokenizer: {urls.redact(url)} is not one of the merge's models; name one of them "
-                             "(or base, or union)")
+            raise InputError(f"tokenizer: {urls.redact(url)} is not one of the merge's models; name one of them")
     with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
         toks: dict[str, Any] = {}
         sizes: dict[str, int] = {}
+        folders: dict[str, str] = {}
         for i, c in enumerate([base, *models]):
             if c.url not in toks:
-                toks[c.url], sizes[c.url] = _load(c, os.path.join(tmp, str(i)), storage_options)
+                folders[c.url] = os.path.join(tmp, str(i))
+                toks[c.url], sizes[c.url] = _load(c, folders[c.url], storage_options)
         out = _output_tokenizer(spec, base, models, toks, sizes, os.path.join(tmp, "union"))
         existing = set(out.get_vocab())
         for t in spec.tokens:
             if t.token not in existing:
                 out.add_tokens(t.token)
                 existing.add(t.token)
+        eos_ids = None
+        template = _template(spec, toks.values())
+        if template_from is not None:
+            chat = toks[template_from.url]
+            template = chat.chat_template if isinstance(chat.chat_template, str) else template
+            if chat.eos_token:
+                out.eos_token = chat.eos_token
+            eos_ids = _eos_ids(chat, out, folders[template_from.url])
         vocab = out.get_vocab()
-        files = _saved(out, _template(spec, toks.values()), os.path.join(tmp, "out"))
+        files = _saved(out, template, os.path.join(tmp, "out"))
     runs = _runs(spec, vocab, models, base, {c.url: toks[c.url].get_vocab() for c in models}, sizes)
-    return Vocabulary(len(vocab), files, runs)
+    return Vocabulary(len(vocab), files, runs, eos_ids)
+
+
+def _eos_ids(chat: Any, out: Any, folder: str) -> tuple[int, ...] | None:
+    """The chat model's generation_config eos_token_id(s), as tokens, in the output's ids (None:
+    it has none, or one the output lacks: cp's stay)."""
+    path = os.path.join(folder, "generation_config.json")
+    try:
+        ids = json.load(open(path)).get("eos_token_id") if os.path.exists(path) else None
+    except (ValueError, AttributeError):
+        return None
+    ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return None
+    vocab = out.get_vocab()
+    tokens = [chat.convert_ids_to_tokens(i) for i in ids]
+    return tuple(vocab[t] for t in tokens) if all(t in vocab for t in tokens) else None
 
 
 def _with_template(spec: TokenizerSpec, donor: Any, models: list[Any], storage_options: dict[str, Any]) -> Vocabulary:
     """A chat template without a tokenizer source: the donor's tokenizer saved again with it
     (mergekit's), the vocabulary and every row as they are (size None, no runs)."""
-    import transformers
-
     with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
         folder = os.path.join(tmp, "donor")
         _fetch(donor, folder, storage_options)
-        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        tok = _tokenizer(folder, f"--{donor.role} {urls.redact(donor.url)}")
         others = []
         if spec.chat_template == "auto":
             for i, c in enumerate(m for m in models if m.url != donor.url):
                 if has_tokenizer(c):
                     _fetch(c, os.path.join(tmp, str(i)), storage_options)
-                    others.append(transformers.AutoTokenizer.from_pretrained(os.path.join(tmp, str(i))))
+                    others.append(_tokenizer(os.path.join(tmp, str(i)), f"--{c.role} {urls.redact(c.url)}"))
         return Vocabulary(None, _saved(tok, _template(spec, [tok, *others]), os.path.join(tmp, "out")), ())
 
 
@@ -185,44 +212,50 @@ def has_tokenizer(ckpt: Any) -> bool:
 
 def _load(ckpt: Any, folder: str, storage_options: dict[str, Any]):
     """(the checkpoint's fast tokenizer, its vocabulary size: the config's, else the tokenizer's)."""
-    import transformers
-
     shown = f"--{ckpt.role} {urls.redact(ckpt.url)}"
     _fetch(ckpt, folder, storage_options)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
-    except Exception as e:  # noqa: BLE001  (any library failure: a file it cannot read)
-        raise ResolveError(f"{shown}: its tokenizer does not load ({type(e).__name__}: {e}); fix its tokenizer "
-                           "files or leave tokenizer_source out") from e
+    tok = _tokenizer(folder, shown)
     size = vocab_size(ckpt.config) or len(tok.get_vocab())
     unused = [t for t, i in tok.get_vocab().items() if i >= size]
     if unused:
         raise InputError(f"{shown}: its tokenizer has {len(unused)} tokens past the config's vocab_size {size}, which "
-                         "raymerge does not strip yet; leave tokenizer_source out")
+                         "raymerge does not strip yet; remove them from its tokenizer, or merge without a tokenizer "
+                         "source or --vocab union")
     return tok, size
+
+
+def _tokenizer(folder: str, shown: str) -> Any:
+    """The fast tokenizer saved in `folder` (ResolveError, naming `shown`, if the library fails on it)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+    except Exception as e:  # noqa: BLE001  (any library failure: files it cannot read)
+        raise ResolveError(f"{shown or 'the output tokenizer'}: the tokenizer does not load ({type(e).__name__}: "
+                           f"{e}); fix its tokenizer files") from e
 
 
 def _fetch(ckpt: Any, folder: str, storage_options: dict[str, Any]) -> None:
     """The checkpoint's tokenizer files and config.json, copied into `folder`."""
     if not has_tokenizer(ckpt):
         raise InputError(f"--{ckpt.role} {urls.redact(ckpt.url)}: no tokenizer files (tokenizer.json, tokenizer.model "
-                         "or vocab.json) beside the weights, which a tokenizer source or chat_template needs; add them "
-                         "or leave those keys out")
+                         "or vocab.json) beside the weights, which a tokenizer source, --vocab union or a chat_template "
+                         "needs; add them, or use the recipe without those")
+    from raymerge.commit.aux import read_aux  # the commit's reader of these files (commit imports planning)
+
     os.makedirs(folder)
     for url in ckpt.aux_files:
-        if posixpath.basename(url) in TOKENIZER_FILES + ("config.json",):
-            fs, path = urls.filesystem(url, storage_options)
+        if posixpath.basename(url) in TOKENIZER_FILES + ("config.json", "generation_config.json"):
+            data = read_aux(url, storage_options)  # a regular file, bounded (one-line errors)
             with open(os.path.join(folder, posixpath.basename(url)), "wb") as f:
-                f.write(fs.cat_file(path))
+                f.write(data)
 
 
 def _output_tokenizer(spec: TokenizerSpec, base: Any, models: list[Any], toks: dict, sizes: dict, folder: str):
-    import transformers
-
     if spec.source == "base":
-        return toks[base.url]
+        return toks[base.url]  # mergekit's own: tokens added to it are the base model's vocabulary then
     if spec.source != "union":
-        return toks[urls.normalize(spec.source)]
+        return _tokenizer(toks[urls.normalize(spec.source)].name_or_path, "")  # a fresh copy, as mergekit loads
     # union: the base model's tokenizer (a fresh copy), then each model's tokens it lacks, in order
     # of the models (the base first), their added tokens after every plain one.
     plain: dict[str, None] = {}
@@ -238,7 +271,7 @@ def _output_tokenizer(spec: TokenizerSpec, base: Any, models: list[Any], toks: d
             if i < size:
                 added.setdefault(info.content, info)
     toks[base.url].save_pretrained(folder)
-    out = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+    out = _tokenizer(folder, "")
     have = toks[base.url].get_vocab()
     for t in plain:
         if t not in added and t not in have:

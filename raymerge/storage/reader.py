@@ -71,12 +71,14 @@ class RangeReader:
         self._files: dict[str, object] = {}  # open remote file objects, for backends read through them
 
     def read(self, url: str, ranges: list[tuple[int, int]], buf: Buffer,
-             version: str | None = None) -> list[memoryview]:
+             version: str | None = None, scattered: bool = False) -> list[memoryview]:
         """The bytes of each range, in the order given. Views are valid until `buf` is reused
         (local files: as long as a view of them is held). `version` (the plan's InputFile.version)
-        pins remote reads: an S3 object whose ETag differs fails with InputChanged."""
+        pins remote reads: an S3 object whose ETag differs fails with InputChanged. `scattered`:
+        rows gathered by token, which may lie anywhere in a tensor: joined only across small gaps,
+        so a read never spans the whole tensor between them."""
         local = urls.protocol(url) == "file"
-        runs, where = coalesce(ranges, LOCAL_GAP if local else REMOTE_GAP)
+        runs, where = coalesce(ranges, LOCAL_GAP if local or scattered else REMOTE_GAP)
         if local:
             mems = self._map_local(url, runs)
         else:

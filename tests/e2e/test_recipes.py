@@ -392,7 +392,7 @@ def _mergekit_linear(firsts: dict, seconds: dict, w1: float, w2: float) -> dict:
     ("merge_method: linear\ntokenizer_source: 7\nmodels: [{model: a, parameters: {weight: 1}}]\n",
      "tokenizer_source: source: base, union or a model reference"),
     ("merge_method: passthrough\ntokenizer_source: union\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n",
-     "a tokenizer source with slices"),
+     "tokenizer_source, tokenizer or chat_template with slices"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {density: 0.5}}]\n", "density.*takes weight, normalize"),
     ("merge_method: task_arithmetic\nmodels: [{model: a, parameters: {weight: 1}}]\n", "needs a base_model"),
     ("merge_method: linear\nmodels: [{model: a}]\n", r"models\[0\].parameters.weight: missing"),

@@ -24,15 +24,19 @@ CHAT_ADDED = ["<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
 
-def _tokenizer(folder: str, plain: list[str], added: list[str], template: str | None = None) -> None:
+def _tokenizer(folder: str, plain: list[str], added: list[str], template: str | None = None,
+               eos: str = "</s>") -> None:
     """A word-level fast tokenizer over `plain` (ids in order), `added` special tokens after."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(plain)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
     fast.add_special_tokens({"additional_special_tokens": added} if added else {})
+    fast.eos_token = eos
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": fast.convert_tokens_to_ids(eos)}, f)
     fast.chat_template = template
     os.remove(os.path.join(folder, "tokenizer_config.json"))
     fast.save_pretrained(folder)
@@ -50,7 +54,7 @@ def models(tmp_path_factory):
         shutil.move(made["cp"], out[role])
     base_vocab = SPECIALS + WORDS
     _tokenizer(out["base"], base_vocab, [])
-    _tokenizer(out["chat"], base_vocab + ["both"], CHAT_ADDED, TEMPLATE)
+    _tokenizer(out["chat"], base_vocab + ["both"], CHAT_ADDED, TEMPLATE, eos="<|im_end|>")
     _tokenizer(out["cp"], base_vocab + NEW + ["both"], [])
     return out
 
@@ -195,6 +199,13 @@ def test_vocab_union_chat_vector_keeps_cps_ids(ray_local, models, tmp_path):
     assert torch.equal(got[VOCAB[0]][vocab_out["<|im_end|>"]], tensors["chat"][VOCAB[0]][vocabs["chat"]["<|im_end|>"]])
     manifest = json.load(open(os.path.join(out, "raymerge_manifest.json")))
     assert manifest["recipe"]["vocab"] == "union"
+    # The chat model's template and EOS, by token: its <|im_end|> (id 66 there) is 73 here.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == TEMPLATE and tok.eos_token == "<|im_end|>"
+    assert vocabs["chat"]["<|im_end|>"] == 66 and vocab_out["<|im_end|>"] == 73
+    assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == 73
 
 
 def test_tokenizer_source_refusals_are_one_line(models, tmp_path):
@@ -263,3 +274,12 @@ def test_union_from_s3_gives_the_local_bytes(ray_local, s3_server, models, tmp_p
     assert shard_bytes(remote) == shard_bytes(local)
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         assert open(os.path.join(remote, name), "rb").read() == open(os.path.join(local, name), "rb").read()
+
+
+def test_apply_with_vocab_union_is_refused(models, tmp_path):
+    """A stored vector holds differences: no model's row can stand in for its missing rows."""
+    recipe = tmp_path / "apply.yaml"
+    recipe.write_text(f"kind: apply\ncp: {models['cp']}\nvector: [{models['chat']}]\nvocab: union\n")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--recipe", str(recipe)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "a stored --vector holds differences" in r.stderr, r.stderr
