@@ -117,3 +117,27 @@ def _write_aux(folder: str, shape: LlamaShape, role: str) -> None:
     for name, obj in files.items():
         with open(os.path.join(folder, name), "w") as f:
             json.dump(obj, f, indent=1)
+
+
+def word_tokenizer(folder: str, plain: list[str], added: list[str] = (), template: str | None = None,
+                   eos: str = "</s>") -> None:
+    """Save into `folder` a word-level fast tokenizer over `plain` (ids in order, `<unk>` among
+    them), `added` special tokens after, a chat template and an EOS token: the small tokenizers the
+    tokenizer-source tests and bench/tokenizer_parity.py give synthetic checkpoints. Replaces the
+    folder's tokenizer_config.json and special_tokens_map.json; writes generation_config.json with
+    the EOS id. Needs the tokenizer libraries (raymerge[tokenizers])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(plain)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    fast.add_special_tokens({"additional_special_tokens": list(added)} if added else {})
+    fast.eos_token = eos
+    fast.chat_template = template
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    fast.save_pretrained(folder)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": fast.convert_tokens_to_ids(eos)}, f)

@@ -77,6 +77,8 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
             values[p.name] = defaults[p.mergekit]
     if base is not None:
         values["base"] = base
+    if tokenizer == TokenizerSpec("base") and "slices" in data:
+        tokenizer = None  # a frankenmerge's usual `tokenizer_source: base`: the base model's files, as they are
     if tokenizer is not None:
         if "slices" in data:
             raise InputError(f"{where}: tokenizer_source, tokenizer or chat_template with slices: raymerge maps "

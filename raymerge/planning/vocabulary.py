@@ -131,7 +131,7 @@ def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_opti
         for i, c in enumerate([base, *models]):
             if c.url not in toks:
                 folders[c.url] = os.path.join(tmp, str(i))
-                toks[c.url], sizes[c.url] = _load(c, folders[c.url], storage_options)
+                toks[c.url], sizes[c.url] = _load(c, folders[c.url], storage_options, strip=i == 0)
         out = _output_tokenizer(spec, base, models, toks, sizes, os.path.join(tmp, "union"))
         existing = set(out.get_vocab())
         for t in spec.tokens:
@@ -210,18 +210,46 @@ def has_tokenizer(ckpt: Any) -> bool:
     return any(posixpath.basename(u) in ("tokenizer.json", "tokenizer.model", "vocab.json") for u in ckpt.aux_files)
 
 
-def _load(ckpt: Any, folder: str, storage_options: dict[str, Any]):
-    """(the checkpoint's fast tokenizer, its vocabulary size: the config's, else the tokenizer's)."""
+def _load(ckpt: Any, folder: str, storage_options: dict[str, Any], strip: bool = False):
+    """(the checkpoint's fast tokenizer, its vocabulary size: the config's, else the tokenizer's).
+    `strip` (the base model's, as mergekit's): without the tokens whose ids are past that size.
+    Another model's such tokens stay in its tokenizer and count as tokens it lacks."""
     shown = f"--{ckpt.role} {urls.redact(ckpt.url)}"
     _fetch(ckpt, folder, storage_options)
     tok = _tokenizer(folder, shown)
     size = vocab_size(ckpt.config) or len(tok.get_vocab())
-    unused = [t for t, i in tok.get_vocab().items() if i >= size]
-    if unused:
-        raise InputError(f"{shown}: its tokenizer has {len(unused)} tokens past the config's vocab_size {size}, which "
-                         "raymerge does not strip yet; remove them from its tokenizer, or merge without a tokenizer "
-                         "source or --vocab union")
+    unused = {t for t, i in tok.get_vocab().items() if i >= size}
+    if unused and strip:
+        _strip(tok, unused, size, shown)
     return tok, size
+
+
+def _strip(tok: Any, unused: set[str], size: int, shown: str) -> None:
+    """Remove `unused` from a BPE fast tokenizer: its vocabulary, its added tokens past `size`, and
+    every merge that makes or uses one of them."""
+    import tokenizers
+
+    state = json.loads(tok.backend_tokenizer.to_str())
+    if state.get("model", {}).get("type") != "BPE":
+        raise InputError(f"{shown}: its tokenizer has {len(unused)} tokens past the config's vocab_size {size}, and "
+                         f"only a BPE tokenizer can be stripped of them (this one is "
+                         f"{state.get('model', {}).get('type')}), as mergekit does; fix its config's vocab_size")
+    state["added_tokens"] = [e for e in state.get("added_tokens", []) if e.get("id", size) < size]
+    vocab = state["model"]["vocab"]
+    for t in unused:
+        vocab.pop(t, None)
+
+    prefix = state["model"].get("continuing_subword_prefix") or ""
+
+    def kept(merge: Any) -> bool:
+        """A merge neither of whose parts nor whose result is removed (mergekit checks the parts
+        alone, and then fails to load a tokenizer whose merge makes a removed token)."""
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        made = parts[0] + parts[-1][len(prefix):] if prefix and parts[-1].startswith(prefix) else "".join(parts)
+        return not any(p in unused for p in parts) and made not in unused
+
+    state["model"]["merges"] = [m for m in state["model"].get("merges", []) if kept(m)]
+    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(state))
 
 
 def _tokenizer(folder: str, shown: str) -> Any:

@@ -76,7 +76,8 @@ slices:
         layer_range: [1, 2]
         parameters: {{scale: 0.5}}
 dtype: bfloat16
-""")
+tokenizer_source: base
+""")  # tokenizer_source: base, as community frankenmerge files say: the base model's files as they are
     assert cli_main(["plan", "--recipe", path, "--out", str(tmp_path / "planned")]) == 0
     shown = capsys.readouterr().out
     for line in ("layers 0-2 <- model 0-2", "layers 3-4 <- model[2] 1-2", "layers 5 <- model 1"):

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from raymerge.synth import word_tokenizer
 from tests.conftest import make_llama_trio
 from tests.helpers import assert_bit_identical, load_folder, mergekit_file
 
@@ -22,24 +23,6 @@ WORDS = [f"w{i}" for i in range(61)]
 NEW = [f"한{i}" for i in range(7)]  # cp's new-language tokens
 CHAT_ADDED = ["<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-
-
-def _tokenizer(folder: str, plain: list[str], added: list[str], template: str | None = None,
-               eos: str = "</s>") -> None:
-    """A word-level fast tokenizer over `plain` (ids in order), `added` special tokens after."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(plain)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
-    fast.add_special_tokens({"additional_special_tokens": added} if added else {})
-    fast.eos_token = eos
-    with open(os.path.join(folder, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": 1, "eos_token_id": fast.convert_tokens_to_ids(eos)}, f)
-    fast.chat_template = template
-    os.remove(os.path.join(folder, "tokenizer_config.json"))
-    fast.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +36,9 @@ def models(tmp_path_factory):
         out[role] = os.path.join(root, role)
         shutil.move(made["cp"], out[role])
     base_vocab = SPECIALS + WORDS
-    _tokenizer(out["base"], base_vocab, [])
-    _tokenizer(out["chat"], base_vocab + ["both"], CHAT_ADDED, TEMPLATE, eos="<|im_end|>")
-    _tokenizer(out["cp"], base_vocab + NEW + ["both"], [])
+    word_tokenizer(out["base"], base_vocab, [])
+    word_tokenizer(out["chat"], base_vocab + ["both"], CHAT_ADDED, TEMPLATE, eos="<|im_end|>")
+    word_tokenizer(out["cp"], base_vocab + NEW + ["both"], [])
     return out
 
 
