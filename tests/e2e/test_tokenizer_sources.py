@@ -79,13 +79,15 @@ def _rows(tensors: dict, name: str, vocab_out: dict[str, int], models: dict[str,
     return out
 
 
-def _run(path: str, out: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
+@pytest.fixture
+def run(cli_main, capsys):
+    """`raymerge run FILE --out OUT ...` in this process, on the session's Ray."""
+    def go(path: str, out: str, *flags: str) -> None:
+        assert cli_main(["run", path, "--out", out, *flags]) == 0, capsys.readouterr().err
+    return go
 
 
-def test_union_maps_every_row_by_token(ray_local, models, tmp_path):
+def test_union_maps_every_row_by_token(ray_local, models, tmp_path, run):
     """linear over chat and cp with the base's tokenizer made the union of all three: cp's new
     tokens and `both` (in chat and cp: their mean) and chat's tokens each get rows in every model."""
     path = mergekit_file(tmp_path, f"""merge_method: linear
@@ -99,7 +101,7 @@ dtype: float32
 tokenizer_source: union
 """)
     out = str(tmp_path / "out")
-    _run(path, out)
+    run(path, out)
     vocab_out = _vocab(out)
     base_vocab = SPECIALS + WORDS
     assert [t for t, _ in sorted(vocab_out.items(), key=lambda kv: kv[1])] == \
@@ -125,7 +127,7 @@ tokenizer_source: union
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_base_tokenizer_with_forced_and_zero_tokens(ray_local, models, tmp_path):
+def test_base_tokenizer_with_forced_and_zero_tokens(ray_local, models, tmp_path, run):
     """task_arithmetic with the base's vocabulary and a `tokens` section: `</s>` forced from the
     chat model in every model, and a new token `<pad>`, zeros; cp's and chat's own tokens are
     not in the output."""
@@ -145,7 +147,7 @@ tokenizer:
     "<pad>": {{source: {{kind: zero}}}}
 """)
     out = str(tmp_path / "out")
-    _run(path, out)
+    run(path, out)
     vocab_out = _vocab(out)
     assert len(vocab_out) == 65 and vocab_out["<pad>"] == 64
     tensors = {role: load_folder(folder) for role, folder in models.items()}
@@ -206,7 +208,7 @@ def test_tokenizer_source_refusals_are_one_line(models, tmp_path):
 
 @pytest.mark.parametrize("source,template", [("tokenizer_source: base\n", "{{ 'literal: ' + messages[0].content }}"),
                                              ("", "auto")])
-def test_chat_template_literal_or_the_one_most_inputs_have(ray_local, models, tmp_path, source, template):
+def test_chat_template_literal_or_the_one_most_inputs_have(ray_local, models, tmp_path, run, source, template):
     """A literal template on the base's tokenizer; `auto` alone: the donor's (the base model's)
     tokenizer with the template most inputs have (the chat model's alone has one), rows untouched."""
     from transformers import AutoTokenizer
@@ -222,9 +224,7 @@ dtype: float32
 {source}chat_template: {json.dumps(template)}
 """)
     out = str(tmp_path / "out")
-    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out, "--vocab", "overlap"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    run(path, out, "--vocab", "overlap")
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == (TEMPLATE if template == "auto" else template)
     assert tok.get_vocab() == _vocab(models["base"])
