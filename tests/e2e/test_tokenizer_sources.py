@@ -266,3 +266,12 @@ def test_apply_with_vocab_union_is_refused(models, tmp_path):
     r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--recipe", str(recipe)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "a stored --vector holds differences" in r.stderr, r.stderr
+
+
+def test_skip_of_the_embedding_with_a_new_vocabulary_is_refused(models):
+    """--skip would keep cp's 72 rows under the union's vocab_size of 74: refused in one line."""
+    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--base", models["base"], "--chat", models["chat"],
+                        "--cp", models["cp"], "--vocab", "union", "--skip", "embed_tokens"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "leave the embedding and head out of --skip" in r.stderr
