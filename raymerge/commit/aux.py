@@ -55,10 +55,7 @@ def aux_contents(plan: Plan, storage_options: dict[str, Any]) -> dict[str, bytes
             if plan.vocab_size is not None:
                 out[aux.name] = with_vocab_size(out[aux.name], plan.vocab_size, aux.source)
         if aux.name == "generation_config.json" and plan.eos_ids is not None:
-            obj = _config(out[aux.name], aux.source)
-            if isinstance(obj, dict):
-                obj["eos_token_id"] = plan.eos_ids[0] if len(plan.eos_ids) == 1 else list(plan.eos_ids)
-                out[aux.name] = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+            out[aux.name] = with_eos_ids(out[aux.name], plan.eos_ids, aux.source)
     return out
 
 
@@ -72,6 +69,20 @@ def with_vocab_size(config: bytes, size: int, where: str) -> bytes:
         if isinstance(d, dict) and "vocab_size" in d:
             d["vocab_size"] = size
             break
+    return _json(obj)
+
+
+def with_eos_ids(config: bytes, ids: tuple[int, ...], where: str) -> bytes:
+    """generation_config.json with `ids` (the chat model's EOS tokens' ids in a new vocabulary)."""
+    obj = _config(config, where)
+    if not isinstance(obj, dict):
+        return config
+    obj["eos_token_id"] = ids[0] if len(ids) == 1 else list(ids)
+    return _json(obj)
+
+
+def _json(obj: Any) -> bytes:
+    """A JSON file as the aux files are written: indented, text as it is, a final newline."""
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
 
@@ -110,7 +121,7 @@ def with_layers(config: bytes, sources: list[int], where: str) -> bytes:
                                    "frankenmerge takes layers past them; take layers within them, or give the "
                                    "output a config whose layer_types cover the slices' layers")
         d[key] = len(sources)
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+    return _json(obj)
 
 
 def _contents(plan: Plan, aux: AuxFile, read) -> bytes:
@@ -128,7 +139,7 @@ def _contents(plan: Plan, aux: AuxFile, read) -> bytes:
             a.name == "chat_template.jinja" and a.source.rsplit("/", 1)[0] == folder for a in plan.aux_files):
         obj = json.loads(merged)
         obj.pop("chat_template", None)
-        merged = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+        merged = _json(obj)
     return merged
 
 
@@ -165,7 +176,7 @@ def patched(name: str, ours: bytes, theirs: bytes) -> bytes:
             changed = True
     if not changed:
         return ours  # byte for byte cp's file when the chat model changes nothing in it
-    return (json.dumps(mine, indent=2, ensure_ascii=False) + "\n").encode()
+    return _json(mine)
 
 
 def output_dtype(plan: Plan) -> str | None:
@@ -194,4 +205,4 @@ def with_dtype(config: bytes, dtype: str | None, where: str) -> bytes:
             if isinstance(d.get(key), str) and d[key] != name:
                 d[key] = name
                 changed = True
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode() if changed else config
+    return _json(obj) if changed else config

@@ -24,8 +24,7 @@ def load_recipe_file(path: str, flags: dict[str, Any] | None = None) -> tuple[Re
     if mergekit.is_mergekit(data):
         kind, values = mergekit.recipe_values(data, f"recipe {path}")
         recipe, options = build_recipe(kind, {**values, **(flags or {})}, where=f"recipe {path}")
-        text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-        return replace(recipe, mergekit_text=text), options
+        return replace(recipe, mergekit_text=raw.decode("utf-8", errors="replace")), options
     kind = data.pop("kind", None)
     if kind is None:
         kinds = [f"'kind: {k}'" for k in RECIPES]

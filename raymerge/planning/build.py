@@ -65,10 +65,9 @@ def resolve_recipe(recipe: Recipe, storage_options: dict[str, Any]) -> RecipeSpe
     template_from = first if recipe.chat_template and how.template else None
     vocabulary, vocab_models = _vocabulary(recipe, terms, anchor, checkpoint["base"] if how.mergekit else anchor,
                                            storage_options, template_from)
-    return RecipeSpec(anchor=checkpoint[how.anchor] if how.anchor else None, terms=terms, vocab=recipe.vocab,
+    return RecipeSpec(anchor=anchor, terms=terms, vocab=recipe.vocab,
                       skip=recipe.skip, special_tokens=recipe.special_tokens,
-                      special_from=first if how.minus else None,
-                      template_from=first if recipe.chat_template and how.template else None,
+                      special_from=first if how.minus else None, template_from=template_from,
                       aux_from=checkpoint[how.aux] or first, method=recipe.method_name, params=recipe.params,
                       compute=recipe.compute_dtype, slices=_slices(recipe), vocabulary=vocabulary,
                       vocab_models=vocab_models)

@@ -262,25 +262,29 @@ def _tokenizer_rule(name: str, ref: TensorRef, dtype: str, spec: RecipeSpec, fil
                               "(the rows of a tokenizer source are gathered in one)")
         return _Rule(name, dtype, ref.shape, None)
 
-    def gathered(ckpt: Checkpoint | None) -> Source | None:
-        if ckpt is None:
-            return None
+    def source(m: int, ckpt: Checkpoint) -> Source | None:
         runs = []
-        for run in vocab.runs[[c.url for c in spec.vocab_models].index(ckpt.url)]:
+        for run in vocab.runs[m]:
             parts = []
-            for m, in_row in run.parts:
-                r = found[spec.vocab_models[m].url]
+            for k, in_row in run.parts:  # model k's rows
+                donor = spec.vocab_models[k]
+                r = found[donor.url]
                 if in_row + (run.count if len(run.parts) == 1 else 1) > r.shape[0]:
-                    problems.other.append(f"{name}: --{spec.vocab_models[m].role}'s tokenizer has ids up to "
+                    problems.other.append(f"{name}: --{donor.role}'s tokenizer has ids up to "
                                           f"{in_row + run.count - 1}, past the tensor's {r.shape[0]} rows; fix its "
                                           "config's vocab_size or its tokenizer")
                     return None
-                parts.append((file_ids[(spec.vocab_models[m].url, r.file)], r.start + in_row * rows * ITEMSIZE[r.dtype],
-                              r.dtype))
+                parts.append((file_ids[(donor.url, r.file)], r.start + in_row * rows * ITEMSIZE[r.dtype], r.dtype))
             runs.append((run.row, run.count, tuple(parts)))
         first = found[ckpt.url]
         return Source(file_ids[(ckpt.url, first.file)], gather, 0, vocab.size * rows * ITEMSIZE[gather],
                       RowMap(rows, tuple(runs)))
+
+    # Each model's once: the base model is the anchor and every vector's b.
+    sources = {c.url: source(m, c) for m, c in enumerate(spec.vocab_models)}
+
+    def gathered(ckpt: Checkpoint | None) -> Source | None:
+        return None if ckpt is None else sources[ckpt.url]
 
     terms = tuple(Term(_at(t.scale, name, layers, origin), gathered(t.a), gathered(t.b), None,
                        tuple((k, _at(v, name, layers, origin)) for k, v in t.values)) for t in spec.terms)
