@@ -59,7 +59,7 @@ def test_what_the_sparse_methods_cannot_map_is_refused_in_one_line():
     base = {"base_model": "/m/base", "models": [{"model": "/m/chat", "parameters": {"weight": 1.0}}]}
     for bad, words in (({"merge_method": "model_soup"}, "model_soup"),
                        ({"merge_method": "ties", "parameters": {"normalize": [0.1]}}, "one value"),
-                       ({"merge_method": "ties", "parameters": {"gamma": 0.1}}, "gamma"),
+                       ({"merge_method": "ties", "parameters": {"gama": 0.1}}, "gama"),
                        ({"merge_method": "ties", "parameters": {"density": 1.5}}, "from 0 to 1")):
         with pytest.raises(InputError, match=words) as e:
             kind, values = recipe_values({**base, **bad}, "mk.yml")
@@ -134,6 +134,20 @@ def test_a_file_without_dtype_computes_at_its_inputs_dtype_and_float64_in_float3
     assert recipe_values(base, "f")[1]["compute_dtype"] == "inputs"
     assert recipe_values({**base, "dtype": "bfloat16"}, "f")[1]["compute_dtype"] == "BF16"
     assert recipe_values({**base, "dtype": "float64"}, "f")[1]["compute_dtype"] == "F32"
+
+
+def test_another_methods_parameter_is_ignored_with_a_warning_as_mergekit_ignores_it(caplog):
+    """mergekit's tokenizer tests give every model a weight, slerp too: mergekit runs without it, and
+    so does raymerge, warning; a name no method takes (a typo) is still refused."""
+    config = {"merge_method": "slerp", "base_model": "/a", "parameters": {"t": 0.5},
+              "models": [{"model": "/a", "parameters": {"weight": 1.0}}, {"model": "/b", "parameters": {"weight": 1.0}}]}
+    with caplog.at_level("WARNING", logger="raymerge"):
+        _, values = recipe_values(config, "f")
+    assert "models[0].parameters.weight: slerp takes no weight; ignored, as mergekit ignores it" in caplog.text
+    assert values["model"] == ["/b"] and "weight" not in values and "scale" not in values
+    config["models"][1]["parameters"] = {"wieght": 1.0}
+    with pytest.raises(InputError, match="wieght': not a slerp parameter raymerge can map; it takes t"):
+        recipe_values(config, "f")
 
 
 def test_karchers_base_model_is_one_of_its_models_and_weights_change_nothing():

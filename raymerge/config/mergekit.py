@@ -80,9 +80,6 @@ def recipe_values(data: dict[str, Any], where: str) -> tuple[str, dict[str, Any]
     if tokenizer == TokenizerSpec("base") and "slices" in data:
         tokenizer = None  # a frankenmerge's usual `tokenizer_source: base`: the base model's files, as they are
     if tokenizer is not None:
-        if "slices" in data:
-            raise InputError(f"{where}: tokenizer_source, tokenizer or chat_template with slices: raymerge maps "
-                             "tokenizers of whole-model merges only so far; leave those keys out, or use models")
         values["tokenizer"] = tokenizer
     dtype = data.get("dtype")
     values["compute_dtype"] = _compute_dtype(dtype, where)
@@ -200,10 +197,8 @@ def _source(data: dict[str, Any], where: str) -> Any:
     if not isinstance(section, dict):
         raise InputError(f"{where}: tokenizer: a mapping of source, tokens, pad_to_multiple_of")
     _keys(section, ("source", "tokens", "pad_to_multiple_of"), f"{where}: tokenizer")
-    if section.get("pad_to_multiple_of") is not None:
-        raise InputError(f"{where}: tokenizer.pad_to_multiple_of: raymerge does not pad vocabularies yet (their mean "
-                         "row is a whole-tensor statistic it does not compute); leave it out")
-    return parse_spec(section.get("source", "union"), section.get("tokens"), f"{where}: tokenizer", _reference)
+    return parse_spec(section.get("source", "union"), section.get("tokens"), f"{where}: tokenizer", _reference,
+                      section.get("pad_to_multiple_of"))
 
 
 def _keys(entry: dict, allowed: tuple[str, ...], at: str) -> None:
@@ -233,6 +228,9 @@ def _declared(method: str) -> list[Parameter]:
     return [p for p in METHODS[RECIPES[method].method].parameters if p.mergekit]
 
 
+_ANY_METHODS = {p.mergekit for m in METHODS.values() for p in m.parameters if p.mergekit}
+
+
 def _parameters(value: Any, method: str, where: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -242,6 +240,11 @@ def _parameters(value: Any, method: str, where: str) -> dict[str, Any]:
     ignored = METHODS[RECIPES[method].method].mergekit_ignores
     out = {}
     for key, setting in value.items():
+        if key not in declared and key not in ignored and key in _ANY_METHODS:
+            # Another method's parameter (mergekit's tests give slerp models a weight): mergekit runs
+            # without it; so does raymerge, saying so. A name no method takes is refused (a typo).
+            log.warning("%s.%s: %s takes no %s; ignored, as mergekit ignores it", where, key, method, key)
+            continue
         if key not in declared and key not in ignored:
             raise InputError(f"{where}.{shown(key, 40)}: not a {method} parameter raymerge can map; it takes "
                              f"{', '.join([*declared, *ignored])}")

@@ -77,10 +77,11 @@ def _tokenizer(value: Any, option: Option) -> TokenizerSpec:
     """A tokenizer source as config.mergekit made it, or as a recipe (the manifest's) writes it."""
     if isinstance(value, TokenizerSpec):
         return value
-    if not isinstance(value, dict) or set(value) - {"source", "tokens", "chat_template"}:
-        raise InputError(f"{option.flag}: a mapping {{source: base | union | MODEL, tokens: {{...}}, chat_template: T}}")
-    spec = (parse_spec(value.get("source"), value.get("tokens"), option.key, lambda ref, where: v.url(ref, option))
-            if value.get("source") != "" else TokenizerSpec(""))
+    if not isinstance(value, dict) or set(value) - {"source", "tokens", "chat_template", "pad_to_multiple_of"}:
+        raise InputError(f"{option.flag}: a mapping {{source: base | union | MODEL, tokens: {{...}}, chat_template: T, "
+                         "pad_to_multiple_of: N}}")
+    spec = (parse_spec(value.get("source"), value.get("tokens"), option.key, lambda ref, where: v.url(ref, option),
+                       value.get("pad_to_multiple_of")) if value.get("source") != "" else TokenizerSpec(""))
     template = value.get("chat_template")
     return spec if template is None else replace(spec, chat_template=check_template(template, option.flag))
 

@@ -39,6 +39,8 @@ from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.storage.writers import BLOCK, Span, Target, open_output
 
 
+MEAN_CHUNK = 16 << 20  # bytes of float32 rows a column mean takes at once
+
 # The names of a piece's operands (with an index: which term or override row): see _sources.
 ANCHOR, A, B, ROW = "anchor", "a", "b", "row"
 
@@ -98,6 +100,7 @@ class MergeWorker:
         self._kernels = [kernel_for(device, t.dtypes, self._threads) for t in plan.tensors]
         self._passes = [tensor_passes(t) for t in plan.tensors]
         self._facts = facts or {}  # verify's: the facts a manifest recorded
+        self._means: dict[Source, Any] = {}  # gathered sources' mean rows (pad_to_multiple_of), once computed
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
         if self._out is not None:
             self._out.protect(local_inputs(plan))  # as this node sees them: no write may reach an input
@@ -241,8 +244,41 @@ class MergeWorker:
                 raw[(file, lo, hi)] = mem
                 total += hi - lo
         for key, src, (begin, end) in gathered:
-            views[key] = gather.assemble(src, begin, end, lambda file, r: raw[(file, *r)])
+            mean = None
+            if gather.pads(src, end):
+                if src not in self._means:  # the base model's is the anchor's and every b's
+                    self._means[src], read = self._column_mean(src, st)
+                    total += read
+                mean = self._means[src]
+            views[key] = gather.assemble(src, begin, end, lambda file, r: raw[(file, *r)], mean)
         return views, total
+
+    def _column_mean(self, src: Source, st: _ThreadState) -> tuple[Any, int]:
+        """(the mean row of a gathered source's rows before its mean rows, bytes read): read and
+        assembled in order, MEAN_CHUNK bytes at a time, so no worker holds the whole tensor. The
+        item holding the mean rows does this once per source (an embedding's last item or two);
+        it does not depend on items, so any worker computing it gets the same bits."""
+        rows, width = src.rows.mean_of, src.rows.row_elements
+        mean = gather.ColumnMean(rows, width)
+        step = max(1, MEAN_CHUNK // (width * 4) // mean.step) * mean.step
+        bufs: dict[int, Buffer] = {}
+        total = 0
+        for first in range(0, rows, step):
+            lo, hi = first * width, min(rows, first + step) * width
+            by_file: dict[int, list[tuple[int, int]]] = {}
+            for file, r in gather.reads(src, lo, hi):
+                by_file.setdefault(file, []).append(r)
+            raw = {}
+            for file, ranges in by_file.items():  # a chunk's rows lie in few files (a model's, a donor's)
+                f = self._plan.files[file]
+                ranges = list(dict.fromkeys(ranges))
+                got = st.reader.read(f.url, ranges, bufs.setdefault(file, Buffer()), version=f.version,
+                                     scattered=True)
+                raw.update(((file, *r), m) for r, m in zip(ranges, got))
+                total += sum(e - s for s, e in ranges)
+            part = gather.assemble(src, lo, hi, lambda file, r: raw[(file, *r)])
+            mean.add(gather.as_float32(part, src.dtype).reshape(-1, width))
+        return mean.result(src.dtype), total
 
     def _compute(self, item: Item, inputs: dict[tuple[int, str, int], memoryview], out: memoryview,
                  st: _ThreadState, facts: dict[int, Any]) -> list[TensorSums]:

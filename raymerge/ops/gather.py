@@ -4,6 +4,11 @@ ranges an element range needs, and the bytes assembled from them in the Source's
 A copied row is cast to that dtype as torch's `.to()` casts (half to even); a mean row is
 mergekit's `embed = zeros; embed = embed + row_i ...; embed /= count` in that dtype: each
 operation in float32, rounded to it (torch's CPU arithmetic on bfloat16 and float16).
+
+Rows past a map's `mean_of` (mergekit's pad_to_multiple_of) are `torch.mean(rows[:mean_of], dim=0)`:
+`ColumnMean`, fed every earlier row in order by the one worker that needs it (so it does not
+depend on items), sums each column in torch's CPU order (a cascade of float32 partial sums) and
+divides in float32, rounded once to the dtype.
 """
 
 from __future__ import annotations
@@ -46,10 +51,19 @@ def reads(src: Source, begin: int, end: int) -> list[tuple[int, tuple[int, int]]
     return [_range(part, at, lo, hi) for lo, hi, at, parts in _overlaps(src, begin, end) for part in parts]
 
 
-def assemble(src: Source, begin: int, end: int, fetch: Callable[[int, tuple[int, int]], memoryview]) -> memoryview:
+def pads(src: Source, end: int) -> bool:
+    """Whether elements before `end` of a gathered source reach its mean rows."""
+    return src.rows.mean_of is not None and end > src.rows.mean_of * src.rows.row_elements
+
+
+def assemble(src: Source, begin: int, end: int, fetch: Callable[[int, tuple[int, int]], memoryview],
+             mean: np.ndarray | None = None) -> memoryview:
     """Elements [begin, end) of a gathered source as bytes of its dtype; `fetch(file, range)`:
-    the bytes `reads` named."""
+    the bytes `reads` named; `mean`: the mean row (of the dtype) where they reach it (`pads`)."""
     out = np.zeros(end - begin, NUMPY_DTYPES[src.dtype])
+    if pads(src, end):  # every column's mean, from element lo's column on, repeated
+        lo = max(begin, src.rows.mean_of * src.rows.row_elements)
+        out[lo - begin:] = np.resize(np.roll(mean, -(lo % src.rows.row_elements)), end - lo)
     for lo, hi, at, parts in _overlaps(src, begin, end):
         dst = out[lo - begin:hi - begin]
         if len(parts) == 1:
@@ -66,6 +80,12 @@ def assemble(src: Source, begin: int, end: int, fetch: Callable[[int, tuple[int,
             _round(acc, src.dtype)
             _cast(dst, acc, src.dtype, arithmetic=True)
     return memoryview(out.view(np.uint8))
+
+
+def as_float32(mem: memoryview, dtype: str) -> np.ndarray:
+    """Assembled bytes of `dtype` as float32 values (exact: every gather dtype widens exactly)."""
+    x = _K.view(mem, dtype)
+    return x if dtype == "F32" else widened(x)
 
 
 def _round(x: np.ndarray, dtype: str) -> None:
@@ -92,3 +112,53 @@ def _cast(dst: np.ndarray, src: np.ndarray, dtype: str, arithmetic: bool = False
     if nan.any():
         bits = dst.view(f"u{dst.itemsize}")
         bits[nan] = 0x7FC0 if arithmetic and dtype == "BF16" else nan_bits(wide[nan], dtype)
+
+
+class ColumnMean:
+    """`torch.mean(x, dim=0)` of a (rows, width) tensor on the CPU, fed x's rows in order.
+
+    torch sums each column in float32 in four levels: rows are added one by one into level 0 in
+    blocks of 2**power (power = max(4, ceil(log2(rows)) // 4)); after a block, level 0 is added
+    into level 1, and that into the next while the count of rows so far is a multiple of the
+    level's span; the rows past the last whole block go into level 0; the levels are added up
+    last, and the sum divided by `rows`. (Checked bit for bit against torch 2.x on AVX2 and
+    AVX-512 for widths that are multiples of the vector width; other widths' remainder columns
+    are summed in another order: tests/ops/test_gather.py.)"""
+
+    LEVELS = 4
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.rows, self.seen = rows, 0
+        self.power = max(4, (rows - 1).bit_length() // self.LEVELS)
+        self.step = 1 << self.power
+        self.acc = np.zeros((self.LEVELS, width), np.float32)
+
+    def add(self, x: np.ndarray) -> None:
+        """The next rows (float32, (k, width)); every call but the last a whole number of blocks."""
+        if self.seen % self.step:
+            raise ValueError("ColumnMean: rows fed past a partial block")
+        whole = x.shape[0] // self.step * self.step
+        for at in range(0, whole, self.step):
+            self.acc[0] += np.add.reduce(x[at:at + self.step], axis=0)  # row after row, as torch's level 0
+            self.seen += self.step
+            for j in range(1, self.LEVELS):
+                self.acc[j] += self.acc[j - 1]
+                self.acc[j - 1] = 0
+                if self.seen & ((self.step - 1) << (j * self.power)):
+                    break
+        if whole < x.shape[0]:
+            self.acc[0] += np.add.reduce(x[whole:], axis=0)
+            self.seen += x.shape[0] - whole
+
+    def result(self, dtype: str) -> np.ndarray:
+        """The mean row, of `dtype`: the levels added, divided in float32, rounded once."""
+        if self.seen != self.rows:
+            raise ValueError(f"ColumnMean: {self.seen} rows fed of {self.rows}")
+        total = self.acc[0].copy()
+        for j in range(1, self.LEVELS):
+            total += self.acc[j]
+        with np.errstate(invalid="ignore", over="ignore"):
+            total /= np.float32(self.rows)
+        out = np.empty(total.size, NUMPY_DTYPES[dtype])
+        _cast(out, total, dtype)  # a float32 sum converted: a NaN gets the conversion's bits
+        return out

@@ -9,6 +9,7 @@ Meta's `tok_embeddings`/`output`), never from one architecture's names alone.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -49,13 +50,22 @@ def is_embed_name(name: str) -> bool:
     return bool(_EMBED.search(name))
 
 
-def is_vocab_tensor(name: str, shape: tuple[int, ...], config: dict[str, Any] | None) -> bool:
-    """A 2-D tensor named like an embedding or head, or whose rows match the config's vocab size."""
+def is_vocab_tensor(name: str, shape: tuple[int, ...], config: dict[str, Any] | None,
+                    names: tuple[str, ...] = ()) -> bool:
+    """A 2-D tensor named like an embedding or head; in a checkpoint with none so named (`names`:
+    its tensors' names), one whose rows match the config's vocab size. (Where an embedding is named,
+    rows alone would take a layer's weight whose rows happen to equal the vocabulary's.)"""
     if len(shape) != 2:
         return False
     if is_embed_name(name) or is_head_name(name):
         return True
-    return shape[0] == vocab_size(config)
+    return shape[0] == vocab_size(config) and not _names_vocab(names)
+
+
+@functools.lru_cache(maxsize=16)
+def _names_vocab(names: tuple[str, ...]) -> bool:
+    """Whether any of a checkpoint's tensor names is an embedding's or a head's."""
+    return any(is_embed_name(n) or is_head_name(n) for n in names)
 
 
 def is_tied(config: dict[str, Any] | None) -> bool:

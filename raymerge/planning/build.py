@@ -88,6 +88,7 @@ def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options, template_f
     for ckpt in [*(t.a for t in terms), anchor, *(t.b for t in terms)]:
         if ckpt is not None and all(c.url != ckpt.url for c in models):
             models.append(ckpt)
+    groups = _groups(recipe, terms, anchor, models)
     if spec.source == "base" and not spec.tokens and spec.chat_template is None and \
             not any(has_tokenizer(c) for c in models):
         return None, ()  # no tokenizer anywhere: the base model's files as they are (raymerge's reading before)
@@ -95,7 +96,8 @@ def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options, template_f
     # In a process of its own: transformers brings torch (600 MB resident) that the driver never needs.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            vocabulary = pool.submit(build_vocabulary, spec, models, base, storage_options, template_from).result()
+            vocabulary = pool.submit(build_vocabulary, spec, models, base, storage_options, template_from,
+                                     groups).result()
         except BrokenProcessPool as e:
             raise ResolveError(f"tokenizer: the process building it was killed ({e}), perhaps out of memory; free "
                                "memory and run the command again") from e
@@ -103,6 +105,22 @@ def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options, template_f
              "a model's" if spec.source else "a chat template", vocabulary.size or "the donor's",
              time.perf_counter() - started)
     return vocabulary, tuple(models)
+
+
+def _groups(recipe: Recipe, terms, anchor, models: list) -> tuple[tuple[int, ...], ...]:
+    """The sets of models (indices into `models`) the embedding and head are merged from: every
+    model; a frankenmerge's first slice's for the embedding and last slice's for the head (with the
+    anchor, where the recipe has one), as planning.slices stacks them."""
+    index = {c.url: i for i, c in enumerate(models)}
+
+    def group(js) -> tuple[int, ...]:
+        used = {c.url for j in js for c in (terms[j].a, terms[j].b, anchor) if c is not None}
+        return tuple(sorted(index[u] for u in used))
+
+    if not recipe.slices:
+        return (group(range(len(terms))),)
+    slices = _slices(recipe)
+    return tuple(dict.fromkeys((group(slices[0].terms), group(slices[-1].terms))))
 
 
 def _slices(recipe: Recipe) -> tuple[LayerSlice, ...]:

@@ -30,10 +30,13 @@ class RowMap:
     """A vocabulary tensor's rows in the output's vocabulary, gathered from inputs' rows
     (planning.vocabulary): each run (row, count, parts) covers output rows [row, row + count):
     parts () zeros; one part (file, byte start, dtype) the rows from there on, in order; several
-    (count 1) the mean of those rows, added in turn in the Source's dtype, then divided."""
+    (count 1) the mean of those rows, added in turn in the Source's dtype, then divided.
+    With `mean_of` (mergekit's pad_to_multiple_of), the runs cover rows [0, mean_of) and every
+    row from there on is their mean over each column (ops.gather.ColumnMean)."""
 
     row_elements: int
     runs: tuple[tuple[int, int, tuple[tuple[int, int, str], ...]], ...]
+    mean_of: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

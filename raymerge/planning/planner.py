@@ -19,7 +19,7 @@ from raymerge.planning.layout import Slot, cut_points, layout_shard, pieces_of, 
 from raymerge.text import listed
 from raymerge.planning.plan import (AuxFile, InputFile, Item, Plan, RowMap, RowOverride, ShardPlan, Source, TensorPlan,
                                     Term)
-from raymerge.planning.vocabulary import TOKENIZER_FILES, Vocabulary
+from raymerge.planning.vocabulary import TOKENIZER_FILES, RowRun, Vocabulary
 from raymerge.planning.schedule import NAMED, Scale, count_layers
 from raymerge.planning.slices import LayerSlice, Origin, stacked, whole_model
 from raymerge.safetensors.dtypes import ITEMSIZE, is_float, nbytes, numel
@@ -181,7 +181,7 @@ def _tensor_rule(name: str, origin: Origin, spec: RecipeSpec, skip, file_ids, op
             problems.other.append(f"{name}: is {ref.dtype}, which has no difference to extract")
         return _Rule(name, ref.dtype, ref.shape, anchor, rule="copy")
     dtype = options.dtype or (ref.dtype if anchor is not None else "F32")
-    vocab = is_vocab_tensor(name, ref.shape, reference.config)
+    vocab = is_vocab_tensor(name, ref.shape, reference.config, tuple(reference.tensors))
     new_vocabulary = vocab and spec.vocabulary is not None and spec.vocabulary.size is not None
     if anchor is not None and any(p.search(name) for p in skip):
         if new_vocabulary:
@@ -246,7 +246,12 @@ def _tokenizer_rule(name: str, ref: TensorRef, dtype: str, spec: RecipeSpec, fil
     token (planning.vocabulary), in the compute dtype (or the inputs' one dtype)."""
     vocab = spec.vocabulary
     rows = numel(ref.shape[1:])
-    found = {c.url: _lookup(name, c) for c in spec.vocab_models}
+    term_specs = [spec.terms[j] for j, _ in origin.terms]  # a frankenmerge's: its first or last slice's
+    used = {c.url for t in term_specs for c in (t.a, t.b, spec.anchor) if c is not None}
+    group = tuple(m for m, c in enumerate(spec.vocab_models) if c.url in used)
+    if group not in vocab.runs:
+        raise AssertionError(f"{name}: no vocabulary runs for models {group}")  # build.py names every group
+    found = {spec.vocab_models[m].url: _lookup(name, spec.vocab_models[m]) for m in group}
     if any(r is None or r.shape[1:] != ref.shape[1:] or not is_float(r.dtype) for r in found.values()):
         problems.other.append(f"{name}: not a float tensor of rows of {list(ref.shape[1:])} in every model, which "
                               "a tokenizer source needs")
@@ -262,9 +267,9 @@ def _tokenizer_rule(name: str, ref: TensorRef, dtype: str, spec: RecipeSpec, fil
                               "(the rows of a tokenizer source are gathered in one)")
         return _Rule(name, dtype, ref.shape, None)
 
-    def source(m: int, ckpt: Checkpoint) -> Source | None:
+    def source(member: tuple[RowRun, ...], ckpt: Checkpoint) -> Source | None:
         runs = []
-        for run in vocab.runs[m]:
+        for run in member:
             parts = []
             for k, in_row in run.parts:  # model k's rows
                 donor = spec.vocab_models[k]
@@ -278,16 +283,17 @@ def _tokenizer_rule(name: str, ref: TensorRef, dtype: str, spec: RecipeSpec, fil
             runs.append((run.row, run.count, tuple(parts)))
         first = found[ckpt.url]
         return Source(file_ids[(ckpt.url, first.file)], gather, 0, vocab.size * rows * ITEMSIZE[gather],
-                      RowMap(rows, tuple(runs)))
+                      RowMap(rows, tuple(runs), vocab.tokens))
 
     # Each model's once: the base model is the anchor and every vector's b.
-    sources = {c.url: source(m, c) for m, c in enumerate(spec.vocab_models)}
+    sources = {spec.vocab_models[m].url: source(member, spec.vocab_models[m])
+               for m, member in zip(group, vocab.runs[group])}
 
     def gathered(ckpt: Checkpoint | None) -> Source | None:
         return None if ckpt is None else sources[ckpt.url]
 
     terms = tuple(Term(_at(t.scale, name, layers, origin), gathered(t.a), gathered(t.b), None,
-                       tuple((k, _at(v, name, layers, origin)) for k, v in t.values)) for t in spec.terms)
+                       tuple((k, _at(v, name, layers, origin)) for k, v in t.values)) for t in term_specs)
     return _Rule(name, dtype, (vocab.size, *ref.shape[1:]), gathered(spec.anchor), terms, overrides, "vocab-tokenizer")
 
 

@@ -105,7 +105,7 @@ def _outside(ckpt: Checkpoint, pre: bool) -> list[str]:
     positions, and their norm: mergekit's pre_weights) or after them (the rest: the final norm, the head)."""
     names = [n for n in ckpt.tensors if layer_of(n) is None]
     before = [n for n in names if not is_head_name(n) and (
-        _EMBEDDING.search(n) or is_vocab_tensor(n, ckpt.tensors[n].shape, ckpt.config))]
+        _EMBEDDING.search(n) or is_vocab_tensor(n, ckpt.tensors[n].shape, ckpt.config, tuple(ckpt.tensors)))]
     return before if pre else [n for n in names if n not in before]
 
 

@@ -5,12 +5,15 @@ vocabulary, as mergekit 0.1.5 builds them (`tokenizer/build.py`, `tokenizer/embe
 The driver builds the tokenizer with `transformers` from the inputs' tokenizer files (read into a
 temporary folder) and turns mergekit's per-token choices into row runs (`RowRun`); the planner
 makes them gathered sources (planning.plan.RowMap) and workers read the rows by byte range, so no
-process holds a whole embedding. For each input model and output token t (row r):
+process holds a whole embedding. The choices are made among the models a tensor is merged from
+(its group: every model in a whole-model merge; a frankenmerge's first slice's for the embedding,
+its last slice's for the head). For each model of a group and output token t (row r):
     the model has t (and t is not forced): the model's own row of t
-    else t's default: the mean of the rows of t in every model that has it, added in turn in the
-        compute dtype then divided by their count (tokens two or more models have, the base model
-        not among them), or one model's row (t in one model alone; the base model's where it has
-        t; a `tokens` entry's `source`), or zeros (t in no model; `source: {kind: zero}`)
+    else t's default: the mean of the rows of t in every model of the group that has it, added in
+        turn in the compute dtype then divided by their count (tokens two or more have, the base
+        model not among them), or one model's row (t in one model alone; the base model's where it
+        is in the group and has t; a `tokens` entry's `source`), or zeros (t in no model of the
+        group; `source: {kind: zero}`)
 The output vocabulary: `base` (the base model's tokenizer, else the first model's), `union` (the
 base's, plus every other model's tokens it lacks, model by model in the file's order, their added
 tokens last), or one model's; plus the `tokens` entries it lacks.
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymerge.errors import InputError, ResolveError
+from raymerge.planning.chat_templates import NAMED
 from raymerge.ops.rules import vocab_size
 from raymerge.storage import urls
 
@@ -65,28 +69,33 @@ class TokenSource:
 class TokenizerSpec:
     """Where the output's vocabulary comes from: "base", "union" or a model's URL; `tokens`;
     "" (a chat template alone): the donor's tokenizer as it is, its rows untouched. `chat_template`:
-    the output tokenizer's ("auto": the one most inputs have)."""
+    the output tokenizer's ("auto": the one most inputs have). `pad_to`: mergekit's
+    pad_to_multiple_of (the rows past the tokens: each model's mean row)."""
 
     source: str
     tokens: tuple[TokenSource, ...] = ()
     chat_template: str | None = None
+    pad_to: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "tokens": {t.token: t.to_json() for t in self.tokens},
-                **({"chat_template": self.chat_template} if self.chat_template is not None else {})}
+                **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
+                **({"pad_to_multiple_of": self.pad_to} if self.pad_to else {})}
 
 
 def check_template(value: Any, where: str) -> str:
-    """A chat template as mergekit takes it: "auto", or Jinja (20 characters or more, with a `{`)."""
+    """A chat template as mergekit takes it: "auto", a name (planning.chat_templates), or Jinja
+    (20 characters or more, with a `{`)."""
+    names = ", ".join(NAMED)
     if not isinstance(value, str):
-        raise InputError(f"{where}: auto, or the template's Jinja text")
-    if value == "auto" or (len(value) >= 20 and "{" in value):
+        raise InputError(f"{where}: auto, a template's name ({names}) or its Jinja text")
+    if value == "auto" or value in NAMED or (len(value) >= 20 and "{" in value):
         return value
     if len(value) < 256 and "\n" not in value and "{" not in value:
-        raise InputError(f"{where} {value!r}: raymerge does not ship mergekit's named templates; paste the "
+        raise InputError(f"{where} {value!r}: no template of that name; name one of {names}, paste the "
                          "template's Jinja text, or write auto (the template most inputs have)")
     raise InputError(f"{where}: not a chat template (Jinja of 20 characters or more, with a {{); write the "
-                     "template's Jinja text, or auto")
+                     f"template's Jinja text, a name ({names}), or auto")
 
 
 @dataclass(frozen=True)
@@ -101,18 +110,21 @@ class RowRun:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """The output's tokenizer files and size, and per model (in `models` order) its row runs."""
+    """The output's tokenizer files and size, and per group of models (indices into `models`, in
+    order) each member's row runs (RowRun parts name models by those indices too)."""
 
-    size: int | None  # None: the vocabulary as it is (a chat template alone)
+    size: int | None  # the rows (config's vocab_size); None: the vocabulary as it is (a chat template alone)
     files: tuple[tuple[str, bytes], ...]
-    runs: tuple[tuple[RowRun, ...], ...]
+    runs: dict[tuple[int, ...], tuple[tuple[RowRun, ...], ...]]  # over the tokens' rows
     eos_ids: tuple[int, ...] | None = None  # the chat model's EOS tokens' ids in the output (--vocab union)
+    tokens: int | None = None  # rows with a token, where fewer than `size` (pad_to): the rest are the mean row
 
 
 def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_options: dict[str, Any],
-          template_from: Any | None = None) -> Vocabulary:
+          template_from: Any | None = None, groups: tuple[tuple[int, ...], ...] | None = None) -> Vocabulary:
     """`models`: the merge's input checkpoints (planning.inputs.Checkpoint), in the file's order,
-    the base model among them where it is an input; `base`: the base model (None: the first).
+    the base model among them where it is an input; `base`: the base model (None: the first);
+    `groups`: the sets of models (indices into `models`) tensors are merged from (None: all).
     `template_from` (raymerge's merge, --vocab union): the model whose chat template and EOS the
     output tokenizer takes, by token, with generation_config's EOS ids mapped to the new ids."""
     if importlib.util.find_spec("transformers") is None:  # the tokenizer libraries: an extra of raymerge
@@ -148,8 +160,11 @@ def build(spec: TokenizerSpec, models: list[Any], base: Any | None, storage_opti
             eos_ids = _eos_ids(chat, out, folders[template_from.url])
         vocab = out.get_vocab()
         files = _saved(out, template, os.path.join(tmp, "out"))
-    runs = _runs(spec, vocab, models, base, {c.url: toks[c.url].get_vocab() for c in models}, sizes)
-    return Vocabulary(len(vocab), files, runs, eos_ids)
+    vocabs = {c.url: toks[c.url].get_vocab() for c in models}
+    runs = {g: _runs(spec, vocab, models, base, vocabs, sizes, g)
+            for g in (groups or (tuple(range(len(models))),))}
+    rows = -(-len(vocab) // spec.pad_to) * spec.pad_to if spec.pad_to else len(vocab)
+    return Vocabulary(rows, files, runs, eos_ids, len(vocab) if rows > len(vocab) else None)
 
 
 def _eos_ids(chat: Any, out: Any, folder: str) -> tuple[int, ...] | None:
@@ -181,14 +196,14 @@ def _with_template(spec: TokenizerSpec, donor: Any, models: list[Any], storage_o
                 if has_tokenizer(c):
                     _fetch(c, os.path.join(tmp, str(i)), storage_options)
                     others.append(_tokenizer(os.path.join(tmp, str(i)), f"--{c.role} {urls.redact(c.url)}"))
-        return Vocabulary(None, _saved(tok, _template(spec, [tok, *others]), os.path.join(tmp, "out")), ())
+        return Vocabulary(None, _saved(tok, _template(spec, [tok, *others]), os.path.join(tmp, "out")), {})
 
 
 def _template(spec: TokenizerSpec, tokenizers) -> str | None:
     """The chat template to save: the spec's, or for "auto" the one most tokenizers have (the
     first such in the models' order), or None (keep the tokenizer's)."""
     if spec.chat_template != "auto":
-        return spec.chat_template
+        return NAMED.get(spec.chat_template, spec.chat_template)
     found = []
     for tok in tokenizers:
         t = tok.chat_template
@@ -310,20 +325,20 @@ def _output_tokenizer(spec: TokenizerSpec, base: Any, models: list[Any], toks: d
 
 
 def _runs(spec: TokenizerSpec, vocab: dict[str, int], models: list[Any], base: Any, vocabs: dict,
-          sizes: dict) -> tuple[tuple[RowRun, ...], ...]:
-    """Per model, its output rows as runs (see the module's docstring)."""
-    index = {c.url: i for i, c in enumerate(models)}
-    have = [{t: i for t, i in vocabs[c.url].items() if i < sizes[c.url]} for c in models]
+          sizes: dict, group: tuple[int, ...]) -> tuple[tuple[RowRun, ...], ...]:
+    """Per model of `group`, its output rows as runs (see the module's docstring)."""
+    index = {models[m].url: m for m in group}
+    have = {m: {t: i for t, i in vocabs[models[m].url].items() if i < sizes[models[m].url]} for m in group}
     chosen = {t.token: t for t in spec.tokens}
     defaults: dict[str, tuple[tuple[int, int], ...]] = {}
     for token, row in vocab.items():
-        present = [(m, h[token]) for m, h in enumerate(have) if token in h]
+        present = [(m, h[token]) for m, h in have.items() if token in h]
         t = chosen.get(token)
-        if len(present) == len(models) and not (t and t.force):
+        if len(present) == len(group) and not (t and t.force):
             continue
         defaults[token] = _default(token, t, present, index.get(base.url), index, vocabs, models)
     out = []
-    for m, h in enumerate(have):
+    for m, h in have.items():
         rows: list[tuple[tuple[int, int], ...]] = [()] * len(vocab)
         for token, row in vocab.items():
             t = chosen.get(token)
@@ -345,7 +360,11 @@ def _default(token: str, t: TokenSource | None, present: list[tuple[int, int]], 
         return tuple(present)  # the mean of every model's row
     if t.kind == ZERO:
         return ()
-    m = index[urls.normalize(t.model or "")]  # build() checked it is one of the models
+    m = index.get(urls.normalize(t.model or ""))  # build() checked it is one of the models
+    if m is None:
+        raise InputError(f"tokenizer.tokens.{token!r}: {urls.redact(t.model or '')} is not merged into the embedding "
+                         "and head (a frankenmerge takes them from its first and last slices' models); name one of "
+                         "those models")
     if t.kind == "model":
         row = vocabs[models[m].url].get(token)
         if row is None:
@@ -374,9 +393,11 @@ def _as_runs(rows: list[tuple[tuple[int, int], ...]]) -> tuple[RowRun, ...]:
     return tuple(runs)
 
 
-def parse_spec(source: Any, tokens: Any, where: str, reference) -> TokenizerSpec:
-    """A TokenizerSpec from a file's `tokenizer_source` / `tokenizer.source` and `tokenizer.tokens`;
-    `reference`: a model reference as a URL (config.mergekit's)."""
+def parse_spec(source: Any, tokens: Any, where: str, reference, pad_to: Any = None) -> TokenizerSpec:
+    """A TokenizerSpec from a file's `tokenizer_source` / `tokenizer.source`, `tokenizer.tokens` and
+    `tokenizer.pad_to_multiple_of`; `reference`: a model reference as a URL (config.mergekit's)."""
+    if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or not 0 <= pad_to <= 1 << 20):
+        raise InputError(f"{where}.pad_to_multiple_of: a whole number of rows (64, say), got {pad_to!r}")
     if not isinstance(source, str) or not source:
         raise InputError(f"{where}: source: base, union or a model reference, got {source!r}")
     src = source if source in ("base", "union") else reference(source, f"{where}.source")
@@ -408,4 +429,4 @@ def parse_spec(source: Any, tokens: Any, where: str, reference) -> TokenizerSpec
         else:
             raise InputError(f"{at}.source: a model, {{kind: zero}}, or {{kind: model_token, model: MODEL, token: T}} "
                              "(or token_id: N, one of the two)")
-    return TokenizerSpec(src, tuple(out))
+    return TokenizerSpec(src, tuple(out), pad_to=pad_to or None)

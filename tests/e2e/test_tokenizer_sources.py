@@ -127,6 +127,69 @@ tokenizer_source: union
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def test_pad_to_multiple_of_rows_are_each_models_mean_row(ray_local, models, tmp_path, run):
+    """tokenizer.pad_to_multiple_of 32: the union's 74 tokens padded to 96 rows (config.json too);
+    each model's rows 74.. are torch.mean of its 74 mapped rows, then merged like any row. The
+    same bytes with 4 KiB items on two workers (the mean rows' worker streams every earlier row)."""
+    path = mergekit_file(tmp_path, f"""merge_method: linear
+base_model: {models['base']}
+models:
+  - model: {models['chat']}
+    parameters: {{weight: 0.4}}
+  - model: {models['cp']}
+    parameters: {{weight: 0.6}}
+dtype: float32
+tokenizer:
+  source: union
+  pad_to_multiple_of: 32
+""")
+    out, cut = str(tmp_path / "out"), str(tmp_path / "cut")
+    run(path, out)
+    run(path, cut, "--item-size", "4KiB", "--workers", "2")
+    vocab_out = _vocab(out)
+    assert len(vocab_out) == 74 and json.load(open(os.path.join(out, "config.json")))["vocab_size"] == 96
+    tensors = {role: load_folder(folder) for role, folder in models.items()}
+    vocabs = {role: _vocab(folder) for role, folder in models.items()}
+    got, got_cut = load_folder(out), load_folder(cut)
+    for name in VOCAB:
+        rows = _rows(tensors, name, vocab_out, {"chat": 1, "cp": 1}, vocabs, None)
+        padded = {role: torch.cat([r, torch.mean(r, dim=0).expand(96 - 74, -1)]) for role, r in rows.items()}
+        want = torch.zeros_like(padded["chat"])  # mergekit's linear, as in the union test above
+        for t, c in ((padded["chat"], 0.4), (padded["cp"], 0.6)):
+            want.addcmul_(t, torch.tensor(c, dtype=torch.float32))
+        want.div_(torch.tensor(0.4, dtype=torch.float32) + torch.tensor(0.6, dtype=torch.float32))
+        assert_bit_identical({name: got[name]}, {name: want})
+        assert torch.equal(got_cut[name].view(torch.int32), got[name].view(torch.int32))
+    assert json.load(open(os.path.join(out, "raymerge_manifest.json")))["recipe"]["tokenizer"][
+        "pad_to_multiple_of"] == 32
+
+
+def test_frankenmerge_union_maps_rows_among_the_first_and_last_slices_models(ray_local, models, tmp_path, run):
+    """passthrough slices (chat's layer 0, then cp's layer 1) with tokenizer_source union: the
+    embedding is the chat model's rows by token and the head cp's, each model choosing among its
+    own slice's models alone as mergekit does: tokens chat lacks get zeros in the embedding
+    (cp's new tokens), tokens cp lacks zeros in the head (the chat tokens)."""
+    path = mergekit_file(tmp_path, f"""merge_method: passthrough
+slices:
+  - sources: [{{model: {models['chat']}, layer_range: [0, 1]}}]
+  - sources: [{{model: {models['cp']}, layer_range: [1, 2]}}]
+dtype: float32
+tokenizer_source: union
+""")
+    out = str(tmp_path / "out")
+    run(path, out)
+    vocab_out = _vocab(out)
+    assert len(vocab_out) == 74
+    tensors = {role: load_folder(folder) for role, folder in models.items()}
+    vocabs = {role: _vocab(folder) for role, folder in models.items()}
+    got = load_folder(out)
+    embed = _rows(tensors, VOCAB[0], vocab_out, {"chat": 1}, vocabs, None)["chat"]
+    head = _rows(tensors, VOCAB[1], vocab_out, {"cp": 1}, vocabs, None)["cp"]
+    assert_bit_identical({n: got[n] for n in VOCAB}, {VOCAB[0]: embed, VOCAB[1]: head})
+    assert not embed[vocab_out["한3"]].any() and not head[vocab_out["<|im_end|>"]].any()
+    assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], tensors["cp"]["model.layers.1.mlp.up_proj.weight"])
+
+
 def test_base_tokenizer_with_forced_and_zero_tokens(ray_local, models, tmp_path, run):
     """task_arithmetic with the base's vocabulary and a `tokens` section: `</s>` forced from the
     chat model in every model, and a new token `<pad>`, zeros; cp's and chat's own tokens are
@@ -204,6 +267,12 @@ def test_tokenizer_source_refusals_are_one_line(models, tmp_path):
     bare = make_llama_trio(str(tmp_path / "bare"), roles=("base",), vocab=64, seed=9)["base"]
     r = plan(head + f"  - model: {bare}\n    parameters: {{weight: 1}}\ntokenizer_source: union\n")
     assert r.returncode == 2 and "no tokenizer files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    franken = (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {models['chat']}, layer_range: [0, 2]}}]\n"
+               f"  - sources: [{{model: {models['cp']}, layer_range: [0, 1]}}]\ntokenizer:\n  source: union\n"
+               f"  tokens:\n    한3: {{source: {models['cp']}}}\n")
+    r = plan(franken)
+    assert r.returncode == 2 and "is not merged into the embedding and head" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("source,template", [("tokenizer_source: base\n", "{{ 'literal: ' + messages[0].content }}"),
@@ -231,11 +300,24 @@ dtype: float32
     assert load_folder(out)[VOCAB[0]].shape[0] == 64
 
 
-def test_named_chat_template_is_refused_in_one_line(models, tmp_path):
-    text = f"merge_method: linear\nmodels:\n  - model: {models['chat']}\n    parameters: {{weight: 1}}\nchat_template: chatml\n"
-    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--recipe", mergekit_file(tmp_path, text)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "does not ship mergekit's named templates" in r.stderr, r.stderr
+def test_named_chat_template_is_set_and_an_unknown_name_refused(ray_local, models, tmp_path, run):
+    """mergekit's test file: linear in bfloat16 with `chat_template: chatml` (raymerge's own text
+    of the name): the output renders ChatML; a name raymerge has no template for is refused."""
+    from transformers import AutoTokenizer
+
+    text = (f"merge_method: linear\nbase_model: {models['base']}\nmodels:\n  - model: {models['base']}\n    "
+            f"parameters: {{weight: 0.5}}\n  - model: {models['chat']}\n    parameters: {{weight: 0.5}}\n"
+            "dtype: bfloat16\nchat_template: NAME\n")
+    out = str(tmp_path / "out")
+    run(mergekit_file(tmp_path, text.replace("NAME", "chatml")), out, "--vocab", "overlap")
+    tok = AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=False) == \
+        "<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\nw3<|im_end|>\n"
+    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--recipe",
+                        mergekit_file(tmp_path, text.replace("NAME", "vicuna"))], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "'vicuna': no template of that name; name one of alpaca, chatml" in r.stderr, r.stderr
 
 
 def test_union_from_s3_gives_the_local_bytes(ray_local, s3_server, models, tmp_path):

@@ -54,3 +54,42 @@ def test_gathered_rows_match_torch(into, stored):
         got = gather.assemble(src, begin, end, lambda f, r: fetch(f, r) if (f, r) in reads else None)
         flat = want.reshape(-1)[begin:end]
         assert bytes(got) == flat.contiguous().view(torch.uint8).numpy().tobytes(), (begin, end)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 300, 4097, 70001])
+def test_column_mean_is_torch_mean_fed_in_any_chunks(dtype, rows):
+    """ColumnMean gives torch.mean(x, dim=0)'s bits (its float32 cascade, then one rounding), for
+    any whole blocks fed at a time; NaN, inf and -0 columns included."""
+    import random
+
+    width = 64  # a multiple of the CPU's vector width, as hidden sizes are
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, width, generator=g) * torch.logspace(-4, 3, width)).to(DTYPES[dtype])
+    x[rows // 2, :3] = torch.tensor([float("nan"), float("inf"), -0.0]).to(DTYPES[dtype])
+    x[:, 3] = -0.0
+    want = torch.mean(x, dim=0)
+    xs = x.float().numpy()
+    rng = random.Random(rows)
+    for _ in range(3):
+        mean, at = gather.ColumnMean(rows, width), 0
+        while at < rows:
+            k = mean.step * rng.randint(1, 40)
+            mean.add(xs[at:at + k])
+            at += k
+        assert mean.result(dtype).tobytes() == want.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_assembled_mean_rows_repeat_the_mean_row_from_any_element():
+    """Rows from a map's mean_of on are the mean row, whatever element a range starts at."""
+    cols = 5
+    rows = torch.arange(3 * cols, dtype=torch.float32).reshape(3, cols)
+    data = rows.numpy().tobytes()
+    src = Source(0, "F32", 0, 7 * cols * 4, RowMap(cols, ((0, 3, ((0, 0, "F32"),)),), mean_of=3))
+    mean = torch.mean(rows, dim=0).numpy()
+    want = torch.cat([rows, torch.from_numpy(mean).expand(4, cols)]).reshape(-1)
+    for begin, end in ((0, 7 * cols), (3 * cols + 2, 6 * cols + 1), (2 * cols + 4, 3 * cols + 3), (5 * cols, 7 * cols)):
+        assert gather.pads(src, end)
+        got = gather.assemble(src, begin, end, lambda f, r: memoryview(data)[r[0]:r[1]], mean)
+        assert bytes(got) == want[begin:end].numpy().tobytes(), (begin, end)
+    assert not gather.pads(src, 3 * cols)

@@ -33,4 +33,4 @@ def test_base_tokenizer_is_stripped_of_tokens_past_vocab_size(tmp_path):
     state = json.loads(dict(built.files)["tokenizer.json"])
     assert "ab" not in state["model"]["vocab"] and "abc" not in state["model"]["vocab"]
     assert state["model"]["merges"] in ([["t1", "t2"]], ["t1 t2"])  # the merges making ab and abc are gone
-    assert built.runs == ((vocabulary.RowRun(0, 64, ((0, 0),)),),)  # every row its own
+    assert built.runs == {(0,): ((vocabulary.RowRun(0, 64, ((0, 0),)),),)}  # every row its own
