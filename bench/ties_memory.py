@@ -16,7 +16,8 @@ embedding is 1.05 GB). Deletes the trio and the output afterwards unless --keep.
 of bench/run.py's method files instead (dtype bfloat16; `-rows`: per-row statistics, 128k rows of
 facts for the embedding), or `union`: word-level tokenizers whose last 1000 tokens differ (the
 base's, chat-only ones, cp-only ones) and a linear file with `tokenizer_source: union`, so every
-model's embedding and head are gathered by token into `--vocab` + 2000 rows.
+model's embedding and head are gathered by token into `--vocab` + 2000 rows; `union-pad`: the same,
+padded to a multiple of 64 rows (each model's padding rows its mean row: a worker streams the rows).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def main() -> None:
     p.add_argument("--limit", type=float, default=1.0, help="GiB no process may exceed")
     p.add_argument("--keep", action="store_true", help="keep the trio and the output")
     p.add_argument("--json", help="also write the figures to this file")
-    p.add_argument("--method", default="ties", help="ties, or a method file of bench/run.py (--method there)")
+    p.add_argument("--method", default="ties", help="ties, union, union-pad, or a method file of bench/run.py "
+                                                    "(--method there)")
     args = p.parse_args()
     shape = LlamaShape(hidden=args.hidden, layers=1, vocab=args.vocab, intermediate=256, heads=16, kv_heads=8)
     params = sum(numel(s) for _, s in shape.tensors())
@@ -63,8 +65,8 @@ def main() -> None:
           f"({4 * args.vocab * args.hidden / 2**30:.2f} GiB in float32); made in {time.perf_counter() - started:.0f}s",
           flush=True)
     cfg = os.path.join(args.root, "ties.yml")
-    if args.method == "union":
-        cfg = _union(trio, args.vocab, args.root)
+    if args.method in ("union", "union-pad"):
+        cfg = _union(trio, args.vocab, args.root, pad=args.method == "union-pad")
     elif args.method != "ties":
         from run import method_config
 
@@ -110,9 +112,10 @@ out_dtype: bfloat16
             shutil.rmtree(args.root, ignore_errors=True)
 
 
-def _union(trio: dict[str, str], vocab: int, root: str) -> str:
+def _union(trio: dict[str, str], vocab: int, root: str, pad: bool = False) -> str:
     """Tokenizers for the trio (the base's words; chat and cp each with their own last 1000) and
-    a linear file over chat and cp with the union of the three as the output's vocabulary."""
+    a linear file over chat and cp with the union of the three as the output's vocabulary (`pad`:
+    padded to a multiple of 64 rows, each model's padding rows its mean row)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -134,8 +137,7 @@ models:
   - model: {trio['cp']}
     parameters: {{weight: 0.5}}
 dtype: bfloat16
-tokenizer_source: union
-""")
+""" + ("tokenizer: {source: union, pad_to_multiple_of: 64}\n" if pad else "tokenizer_source: union\n"))
     return cfg
 
 

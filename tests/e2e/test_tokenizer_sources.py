@@ -229,11 +229,12 @@ tokenizer:
 def test_vocab_union_chat_vector_keeps_cps_ids(ray_local, models, tmp_path):
     """raymerge's own merge with --vocab union: cp's tokenizer plus the chat model's tokens, cp's
     ids kept; every row mapped by token (a token cp alone has keeps cp's row, the chat tokens get
-    the chat model's), then cp + 0.5 * (chat - base) in float32, rounded once to cp's bfloat16."""
+    the chat model's), then cp + 0.5 * (chat - base) in float32, rounded once to cp's bfloat16;
+    the paper's --special-tokens still puts the chat model's row over cp's (cp's ids are the output's)."""
     import raymerge
 
     out = str(tmp_path / "out")
-    raymerge.merge(models["base"], models["chat"], models["cp"], out, scale=0.5, vocab="union")
+    raymerge.merge(models["base"], models["chat"], models["cp"], out, scale=0.5, vocab="union", special_tokens="2:2")
     vocab_out = _vocab(out)
     vocabs = {role: _vocab(folder) for role, folder in models.items()}
     assert {t: vocab_out[t] for t in vocabs["cp"]} == vocabs["cp"] and len(vocab_out) == 74
@@ -242,6 +243,7 @@ def test_vocab_union_chat_vector_keeps_cps_ids(ray_local, models, tmp_path):
     for name in VOCAB:
         rows = _rows(tensors, name, vocab_out, {"chat": 1, "cp": 1, "base": 1}, vocabs, "cp")
         want = (rows["cp"] + 0.5 * (rows["chat"] - rows["base"])).to(torch.bfloat16)
+        want[2] = tensors["chat"][name][2].to(torch.bfloat16)  # --special-tokens 2:2: </s> is the chat model's row
         assert_bit_identical({name: got[name]}, {name: want})
     assert torch.equal(got[VOCAB[0]][vocab_out["한3"]], tensors["cp"][VOCAB[0]][vocabs["cp"]["한3"]])
     assert torch.equal(got[VOCAB[0]][vocab_out["<|im_end|>"]], tensors["chat"][VOCAB[0]][vocabs["chat"]["<|im_end|>"]])
