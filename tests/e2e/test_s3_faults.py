@@ -39,7 +39,9 @@ def test_s3_server_lost_mid_run_then_resume(ray_local, own_server, tmp_path, mon
     for role, folder in local.items():
         for name in os.listdir(folder):
             s3.upload_file(os.path.join(folder, name), "faults", f"{role}/{name}")
-    options = {"client_kwargs": {"endpoint_url": own_server["endpoint"]}, "key": "testing", "secret": SECRET}
+    # botocore's own retries of a refused connection (5, backing off) only make the test wait
+    options = {"client_kwargs": {"endpoint_url": own_server["endpoint"]}, "key": "testing", "secret": SECRET,
+               "config_kwargs": {"retries": {"max_attempts": 1}}}
     args = ("s3://faults/base", "s3://faults/chat", "s3://faults/cp", "s3://faults/out")
     kw = dict(scale=0.5, item_size="5MiB", shard_size="12MB", workers=2, in_flight=1, storage_options=options)
     # Slow enough that the first journal batch (flushed after 2 s) comes while items are still to do:
