@@ -7,6 +7,7 @@ most 24 bits), each part is a multiple of its own binade's ulp below 2**24 ulps:
 of them in one binade sum exactly in float64. So `dot_sum` makes one weighted count per float64
 exponent and part (numpy's bincount), and adds those up as Python integers: a count of 2**-298.
 Sums of any pieces then add up exactly (`ExactSum.__add__`), and `to_float32` rounds once.
+The conversion to a Python integer waits until the sum is needed whole (a piece's result).
 
 Infinities and NaNs are counted instead (a NaN product, or +inf with -inf, makes the sum NaN).
 """
@@ -14,8 +15,6 @@ Infinities and NaNs are counted instead (a NaN product, or +inf with -inf, makes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 
 UNIT = 298  # a sum is a count of 2**-UNIT: the smallest product of two float32 subnormals
@@ -24,19 +23,47 @@ _EXPONENTS = 2048  # float64 exponent values; 2047: infinities and NaNs
 MAX_ELEMENTS = 1 << 29
 
 
-@dataclass(frozen=True, slots=True)
 class ExactSum:
     """A sum of products, exactly: the finite part as a count of 2**-UNIT, and the infinities and
-    NaNs met (which make the sum infinite or NaN, as any float sum would)."""
+    NaNs met (which make the sum infinite or NaN, as any float sum would).
 
-    units: int = 0
-    pinf: int = 0
-    ninf: int = 0
-    nan: int = 0
+    `dot_sum`'s result keeps its per-exponent float64 sums (`buckets`) instead of the count, and
+    adding two such adds the arrays: a bucket's parts are multiples of its binade's ulp / 2**23
+    and fewer than 2**29 of them (MAX_ELEMENTS, counted in `parts`) add up exactly in float64. The
+    count is made when it is first needed (`units`), once per piece instead of once per chunk."""
+
+    __slots__ = ("_units", "_buckets", "_parts", "pinf", "ninf", "nan")
+
+    def __init__(self, units: int = 0, pinf: int = 0, ninf: int = 0, nan: int = 0,
+                 buckets: np.ndarray | None = None, parts: int = 0) -> None:
+        self._units, self._buckets, self._parts = units, buckets, parts
+        self.pinf, self.ninf, self.nan = pinf, ninf, nan
+
+    @property
+    def units(self) -> int:
+        """The finite part, a count of 2**-UNIT (the buckets made into it now, once)."""
+        if self._buckets is not None:
+            b = self._buckets
+            self._units += sum(int(math.ldexp(v, UNIT)) for v in b[np.flatnonzero(b)].tolist())
+            self._buckets, self._parts = None, 0
+        return self._units
 
     def __add__(self, other: ExactSum) -> ExactSum:
-        return ExactSum(self.units + other.units, self.pinf + other.pinf, self.ninf + other.ninf,
-                        self.nan + other.nan)
+        specials = (self.pinf + other.pinf, self.ninf + other.ninf, self.nan + other.nan)
+        mine, theirs = self._buckets, other._buckets
+        if mine is None or theirs is None:  # keep the one array (never written to once made)
+            return ExactSum(self._units + other._units, *specials, theirs if mine is None else mine,
+                            self._parts + other._parts)
+        if self._parts + other._parts < MAX_ELEMENTS:
+            return ExactSum(self._units + other._units, *specials, mine + theirs, self._parts + other._parts)
+        return ExactSum(self.units + other.units, *specials)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExactSum) and (self.units, self.pinf, self.ninf, self.nan) == \
+            (other.units, other.pinf, other.ninf, other.nan)
+
+    def __repr__(self) -> str:
+        return f"ExactSum({self.units}, {self.pinf}, {self.ninf}, {self.nan})"
 
     def special(self) -> float | None:
         """The sum's value when an infinity or a NaN decides it, else None."""
@@ -102,16 +129,17 @@ def dot_sum(x: np.ndarray, y: np.ndarray, work: tuple[np.ndarray, np.ndarray, np
         if not narrow:
             np.bitwise_and(product.view(np.uint64), ~_LOW_BITS, out=high.view(np.uint64))
             np.subtract(product, high, out=product)  # the low part, exact (NaN where the product is not finite)
-    units, special = 0, False
-    for part in (product,) if narrow else (high, product):
+    buckets = None
+    for part in (product,) if narrow else (high, product):  # a high part and a low part share buckets
         np.right_shift(part.view(np.uint64), 52, out=exponent.view(np.uint64))
         np.bitwise_and(exponent, 0x7FF, out=exponent)
         sums = np.bincount(exponent, weights=part, minlength=_EXPONENTS)
-        special |= sums[-1] != 0  # NaN too
-        units += sum(int(math.ldexp(v, UNIT)) for v in sums[:-1][np.flatnonzero(sums[:-1])].tolist())
-    if not special:
-        return ExactSum(units)
+        buckets = sums if buckets is None else np.add(buckets, sums, out=buckets)
+    parts = n if narrow else 2 * n
+    if buckets[-1] == 0:  # no infinity or NaN (a NaN's sum is NaN, not 0)
+        return ExactSum(buckets=buckets, parts=parts)
+    buckets[-1] = 0
     with np.errstate(invalid="ignore", over="ignore"):
         p = x.astype(np.float64) * y
     pinf, ninf = int(np.count_nonzero(p == np.inf)), int(np.count_nonzero(p == -np.inf))
-    return ExactSum(units, pinf, ninf, int(np.count_nonzero(np.isnan(p))))
+    return ExactSum(0, pinf, ninf, int(np.count_nonzero(np.isnan(p))), buckets, parts)

@@ -82,7 +82,9 @@ def test_a_disk_too_small_is_refused_before_any_work(llama_trio, small_disk):
 
 
 @needs_root
-def test_a_disk_that_fills_mid_run_then_resume(llama_trio, small_disk):
+def test_a_disk_that_fills_mid_run_then_resume(llama_trio, small_disk, ray_local, cli_main, capsys):
+    """A run (a process of its own) fails in one line when the disk fills; once there is room,
+    `--resume` (here, in this process on the session's Ray) finishes it bit for bit."""
     out = str(small_disk / "out")
     proc = _start(_args(llama_trio, out), **SLOW)
     try:
@@ -96,8 +98,7 @@ def test_a_disk_that_fills_mid_run_then_resume(llama_trio, small_disk):
     assert proc.returncode == 1 and lines[-1].startswith("raymerge: error:"), lines[-5:]
     assert "the disk is full" in lines[-1] and "free at least" in lines[-1] and "then run the same command with --resume" in lines[-1]
     os.remove(small_disk / "filler")
-    r = _run(_args(llama_trio, out, "--resume"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert cli_main(_args(llama_trio, out, "--resume")) == 0, capsys.readouterr().err[-3000:]
     assert_bit_identical(load_folder(out), _reference(llama_trio))
 
 
@@ -119,7 +120,11 @@ def test_the_private_local_ray_refuses_other_users_without_its_token(tmp_path):
     try:
         address, token = proc.stdout.readline().split()
         join = f"import ray; ray.init(address='{address}'); print('JOINED', flush=True)"
-        intruder = subprocess.run([sys.executable, "-c", join], capture_output=True, text=True, env=env, timeout=120)
+        # The intruder asks the cluster's GCS directly (ray.init without the token retries for 20 s
+        # before it gives up the same way).
+        ask = (f"from ray._raylet import GcsClient; GcsClient(address='{address}').internal_kv_keys(b'', None, "
+               "timeout=10); print('JOINED', flush=True)")
+        intruder = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True, env=env, timeout=120)
         assert intruder.returncode != 0 and "JOINED" not in intruder.stdout
         assert "InvalidAuthToken" in intruder.stderr or "uthentication" in intruder.stderr, intruder.stderr[-2000:]
         friend = subprocess.run([sys.executable, "-c", join], capture_output=True, text=True, timeout=120,

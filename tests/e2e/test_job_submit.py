@@ -46,7 +46,7 @@ def head():
     yield url, env
     os.killpg(proc.pid, signal.SIGTERM)  # the head's whole process tree, by its group: never `ray stop`
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=5)  # `ray start --block` lingers on SIGTERM (30 s here): a test head needs no more
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)

@@ -385,8 +385,8 @@ def _mergekit_linear(firsts: dict, seconds: dict, w1: float, w2: float) -> dict:
                                                           "task_arithmetic, linear, ties, dare_linear, dare_ties, slerp"),
     ("merge_method: linear\nslices: []\nmodels: [{model: a}]\n", "give models .* or slices .*, one of them"),
     ("merge_method: linear\nslices: []\n", r"slices: a list of \{sources: "),
-    ("merge_method: linear\ntokenizer: {source: union, pad_to_multiple_of: 64}\nmodels: [{model: a, parameters: "
-     "{weight: 1}}]\n", "tokenizer.pad_to_multiple_of: raymerge does not pad vocabularies yet"),
+    ("merge_method: linear\ntokenizer: {source: union, pad_to_multiple_of: -64}\nmodels: [{model: a, parameters: "
+     "{weight: 1}}]\n", "tokenizer.pad_to_multiple_of: a whole number of rows"),
     ("merge_method: linear\ntokenizer: {source: union, tokens: {x: {source: {kind: one}}}}\nmodels: [{model: a, "
      "parameters: {weight: 1}}]\n", r"tokenizer.tokens.\"x\".source: a model, \{kind: zero\}"),
     ("merge_method: linear\ntokenizer_source: 7\nmodels: [{model: a, parameters: {weight: 1}}]\n",

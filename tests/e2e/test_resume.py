@@ -47,7 +47,9 @@ def _finished_names(out: str) -> list[str]:
     return [n for n in os.listdir(out) if n.endswith(".safetensors") or n.endswith(".json")]
 
 
-def test_driver_sigkill_then_resume(llama_trio, tmp_path):
+def test_driver_sigkill_then_resume(llama_trio, tmp_path, ray_local, cli_main, capsys):
+    """A driver killed mid-run with its own Ray (a subprocess); then, in this process on the
+    session's Ray, the same command without --resume is refused and with it finishes the rest."""
     out = str(tmp_path / "out")
     args = ["merge", "--base", llama_trio["base"], "--chat", llama_trio["chat"], "--cp", llama_trio["cp"],
             "--out", out, "--scale", "0.5", "--item-size", "4KiB", "--shard-size", "100KB", "--workers", "2"]
@@ -66,16 +68,16 @@ def test_driver_sigkill_then_resume(llama_trio, tmp_path):
     assert _finished_names(out) == [], os.listdir(out)
 
     # Without --resume, the unfinished run is not silently thrown away.
-    r = subprocess.run([sys.executable, "-m", "raymerge", *args], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "--resume" in r.stderr
+    capsys.readouterr()
+    assert cli_main(args) == 2 and "--resume" in capsys.readouterr().err
 
-    r = subprocess.run([sys.executable, "-m", "raymerge", *args, "--resume"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert cli_main([*args, "--resume"]) == 0
+    err = capsys.readouterr().err
     total = json.load(open(os.path.join(out, "raymerge_manifest.json")))["items"]
-    done_line = next(line for line in r.stderr.splitlines() if "resume:" in line)
+    done_line = next(line for line in err.splitlines() if "resume:" in line)
     already = int(done_line.split("resume: ")[1].split(" of ")[0])
     assert 0 < done_before <= already + 2 and already < len(total)  # less work than a fresh run
-    assert f"{len(total) - already} items to do" in r.stderr
+    assert f"{len(total) - already} items to do" in err
     inputs = {role: load_folder(p) for role, p in llama_trio.items()}
     assert_bit_identical(load_folder(out), chat_vector_reference(inputs["base"], inputs["chat"], inputs["cp"], 0.5))
     assert not os.path.exists(os.path.join(out, STAGING))

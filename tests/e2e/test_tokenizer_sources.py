@@ -343,6 +343,49 @@ def test_union_from_s3_gives_the_local_bytes(ray_local, s3_server, models, tmp_p
         assert open(os.path.join(remote, name), "rb").read() == open(os.path.join(local, name), "rb").read()
 
 
+def test_a_models_tokenizer_as_the_source_is_not_changed_by_added_tokens(ray_local, models, tmp_path, run):
+    """tokenizer source cp with a token cp lacks: the output is cp's tokenizer plus `<pad>`, whose
+    rows are zeros in every model (none has it), cp's own rows by their ids; cp's tokenizer itself
+    does not take the token (it would claim a row id past its tensors)."""
+    path = mergekit_file(tmp_path, f"""merge_method: linear
+base_model: {models['base']}
+models:
+  - model: {models['cp']}
+    parameters: {{weight: 0.5}}
+  - model: {models['base']}
+    parameters: {{weight: 0.5}}
+dtype: float32
+tokenizer:
+  source: {models['cp']}
+  tokens:
+    "<pad>": {{source: {{kind: zero}}}}
+""")
+    out = str(tmp_path / "out")
+    run(path, out)
+    vocab_out, cp_vocab = _vocab(out), _vocab(models["cp"])
+    assert {t: vocab_out[t] for t in cp_vocab} == cp_vocab and vocab_out["<pad>"] == 72 and len(vocab_out) == 73
+    got = load_folder(out)
+    assert not got[VOCAB[0]][72].any() and not got[VOCAB[1]][72].any()
+
+
+def test_token_ids_past_a_models_rows_are_refused_at_plan_time(models, tmp_path):
+    """A chat model whose config says 80 rows and whose tokenizer has ids up to 69, with only 67
+    rows in its tensors: its rows for ids 67-69 do not exist; refused in one line naming it."""
+    chat = str(tmp_path / "chat")
+    shutil.copytree(models["chat"], chat)
+    config = json.load(open(os.path.join(chat, "config.json")))
+    json.dump({**config, "vocab_size": 80}, open(os.path.join(chat, "config.json"), "w"))
+    word_tokenizer(chat, SPECIALS + WORDS + ["both", "x1", "x2", "x3"], CHAT_ADDED, TEMPLATE, eos="<|im_end|>")
+    text = (f"merge_method: linear\nbase_model: {models['base']}\nmodels:\n  - model: {chat}\n    parameters: "
+            f"{{weight: 0.5}}\n  - model: {models['base']}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+            "tokenizer_source: union\n")
+    r = subprocess.run([sys.executable, "-m", "raymerge", "plan", "--recipe", mergekit_file(tmp_path, text)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "tokenizer has ids up to" in r.stderr and "past the tensor's 67 rows" in r.stderr, \
+        r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_apply_with_vocab_union_is_refused(models, tmp_path):
     """A stored vector holds differences: no model's row can stand in for its missing rows."""
     recipe = tmp_path / "apply.yaml"

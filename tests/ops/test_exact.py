@@ -66,3 +66,19 @@ def test_round_float32_rounds_half_to_even_and_overflows():
     assert round_float32(-(2**24 + 3), 0) == np.float32(-(2**24 + 4))
     assert round_float32(1, 200) == np.inf
     assert round_float32(1, -149) == np.float32(1e-45)
+
+
+def test_chunk_sums_kept_as_buckets_add_up_exactly_and_flush_before_they_could_round(monkeypatch):
+    """dot_sum's results keep per-exponent float64 sums and adding them adds the arrays; where the
+    parts added would reach MAX_ELEMENTS, the sum is made an integer first (a bucket would round)."""
+    import raymerge.ops.exact as exact
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(40) * np.exp(rng.uniform(-30, 30, 40))).astype(np.float32)
+    want = fraction_sum(x, x) * 2**UNIT
+    monkeypatch.setattr(exact, "MAX_ELEMENTS", 12)  # a chunk of 5 makes 10 parts (a high and a low each)
+    total = ExactSum()
+    for lo in range(0, 40, 5):
+        total = total + dot_sum(x[lo:lo + 5], x[lo:lo + 5])
+    assert total.units == want
+    assert ExactSum(7) + ExactSum(buckets=np.zeros(2048), parts=1) == ExactSum(7)

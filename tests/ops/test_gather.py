@@ -57,17 +57,18 @@ def test_gathered_rows_match_torch(into, stored):
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
-@pytest.mark.parametrize("rows", [1, 15, 16, 17, 300, 4097, 70001])
-def test_column_mean_is_torch_mean_fed_in_any_chunks(dtype, rows):
-    """ColumnMean gives torch.mean(x, dim=0)'s bits (its float32 cascade, then one rounding), for
-    any whole blocks fed at a time; NaN, inf and -0 columns included."""
+@pytest.mark.parametrize("rows,width", [(1, 64), (3, 40), (15, 64), (16, 8), (17, 72), (300, 64), (4097, 200),
+                                        (70001, 64), (3001, 48), (2049, 4), (1001, 1000)])
+def test_column_mean_is_torch_mean_fed_in_any_chunks(dtype, rows, width):
+    """ColumnMean gives torch.mean(x, dim=0)'s bits (torch's order of float32 sums, then one
+    rounding), for widths that are and are not multiples of 32, fed any whole steps at a time;
+    NaN, inf and -0 columns included."""
     import random
 
-    width = 64  # a multiple of the CPU's vector width, as hidden sizes are
     g = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, width, generator=g) * torch.logspace(-4, 3, width)).to(DTYPES[dtype])
     x[rows // 2, :3] = torch.tensor([float("nan"), float("inf"), -0.0]).to(DTYPES[dtype])
-    x[:, 3] = -0.0
+    x[:, width - 1] = -0.0
     want = torch.mean(x, dim=0)
     xs = x.float().numpy()
     rng = random.Random(rows)
