@@ -15,6 +15,7 @@ Infinities and NaNs are counted instead (a NaN product, or +inf with -inf, makes
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 UNIT = 298  # a sum is a count of 2**-UNIT: the smallest product of two float32 subnormals
@@ -28,9 +29,10 @@ class ExactSum:
     NaNs met (which make the sum infinite or NaN, as any float sum would).
 
     `dot_sum`'s result keeps its per-exponent float64 sums (`buckets`) instead of the count, and
-    adding two such adds the arrays: a bucket's parts are multiples of its binade's ulp / 2**23
-    and fewer than 2**29 of them (MAX_ELEMENTS, counted in `parts`) add up exactly in float64. The
-    count is made when it is first needed (`units`), once per piece instead of once per chunk."""
+    adding two such adds the arrays: a part in binade [2**e, 2**(e+1)) has at most 24 significant
+    bits, so it is a multiple of 2**(e-23), and fewer than 2**29 of them (MAX_ELEMENTS, counted in
+    `parts`) add up exactly in float64's 53 bits. The count is made when it is first needed
+    (`units`): once per piece instead of once per chunk."""
 
     __slots__ = ("_units", "_buckets", "_parts", "pinf", "ninf", "nan")
 
