@@ -99,7 +99,8 @@ def test_larger_vocabulary_in_the_chat_model_reads_the_shared_rows(ray_local, mo
     assert_bit_identical(load_folder(out), weighted_reference(tensors["cp"], [(0.5, chat, tensors["base"])]))
 
 
-def test_anchorless_vocabulary_mismatch_names_the_order_that_runs(ray_local, models, tensors, tmp_path):
+def test_anchorless_vocabulary_mismatch_names_the_order_that_runs(ray_local, models, tensors, tmp_path, cli_main,
+                                                                   capsys):
     """linear has no anchor to keep a larger first model's extra rows: refused in one line naming
     the model to list first; in that order it runs over the shared rows."""
     def linear(first: str, second: str) -> str:
@@ -107,14 +108,12 @@ def test_anchorless_vocabulary_mismatch_names_the_order_that_runs(ray_local, mod
                                        f"{{weight: 0.7}}\n  - model: {models[second]}\n    parameters: {{weight: 0.6}}\n"
                                        "dtype: float32\n")
     out = str(tmp_path / "linear")
-    r = subprocess.run([sys.executable, "-m", "raymerge", "run", linear("cpx", "chat"), "--out", out, "--vocab",
-                        "overlap"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "528 rows in --model but 512 in --model[2]" in r.stderr and "list --model[2]'s model first" in r.stderr
+    rc, err = _cli(cli_main, capsys, "run", linear("cpx", "chat"), "--out", out, "--vocab", "overlap")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "528 rows in --model but 512 in --model[2]" in err and "list --model[2]'s model first" in err
     assert not os.path.exists(out)
-    r = subprocess.run([sys.executable, "-m", "raymerge", "run", linear("chat", "cpx"), "--out", out, "--vocab",
-                        "overlap"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    rc, err = _cli(cli_main, capsys, "run", linear("chat", "cpx"), "--out", out, "--vocab", "overlap")
+    assert rc == 0, err
     rows = tensors["chat"][VOCAB[0]].shape[0]
     shared = {n: t[:rows] if n in VOCAB else t for n, t in tensors["cpx"].items()}
     assert_bit_identical(load_folder(out), _mergekit_linear(tensors["chat"], shared, 0.7, 0.6))
@@ -191,7 +190,7 @@ def test_chat_template_jinja_file_is_carried(ray_local, models, tmp_path):
     assert "chat_template" not in json.load(open(os.path.join(out, "tokenizer_config.json")))
 
 
-def test_recipe_file_equals_its_flags(ray_local, models, tmp_path):
+def test_recipe_file_equals_its_flags(ray_local, models, tmp_path, cli_main, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""kind: merge
 base: {models['base']}
@@ -204,9 +203,8 @@ skip: ['norm\\.weight$']
 special_tokens: "520:2"
 shard_size: 200KB
 """)
-    r = subprocess.run([sys.executable, "-m", "raymerge", "run", str(recipe)], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
+    rc, err = _cli(cli_main, capsys, "run", str(recipe))
+    assert rc == 0, err
     raymerge.merge(models["base"], [models["chat"], models["chat2"]], models["cpx"], str(tmp_path / "from_api"),
                    scale=[0.7, 0.3], skip=[r"norm\.weight$"], special_tokens="520:2", shard_size="200KB")
     a = json.load(open(tmp_path / "from_file" / "raymerge_manifest.json"))
@@ -299,7 +297,7 @@ def test_plan_shows_each_tensors_resolved_scale(models):
     assert "layer   0: 0.5\n" in r.stdout and "layer   1: 0.125\n" in r.stdout and "other    : 0.5\n" in r.stdout
 
 
-def test_mergekit_task_arithmetic_runs_in_mergekits_order(ray_local, models, tensors, tmp_path):
+def test_mergekit_task_arithmetic_runs_in_mergekits_order(ray_local, models, tensors, tmp_path, cli_main, capsys):
     """A mergekit file: the weighted deltas summed first, divided by the weights' sum, times lambda,
     then added to the base; the reference is mergekit's own sequence of torch operations."""
     path = mergekit_file(tmp_path, f"""merge_method: task_arithmetic
@@ -317,9 +315,8 @@ out_dtype: bfloat16
 tokenizer_source: base
 """)
     out = str(tmp_path / "ta")
-    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
+    rc, err = _cli(cli_main, capsys, "run", path, "--out", out)
+    assert rc == 0, err
     base, chat, chat2 = (tensors[k] for k in ("base", "chat", "chat2"))
     want = {}
     for name in base:
@@ -351,7 +348,7 @@ tokenizer_source: base
     assert all(t["scales"] == [0.7, 0.2 if "mlp" in t["name"] else 0.3] for t in shown["tensors"])
 
 
-def test_mergekit_linear_averages_the_models(ray_local, models, tensors, tmp_path):
+def test_mergekit_linear_averages_the_models(ray_local, models, tensors, tmp_path, cli_main, capsys):
     path = mergekit_file(tmp_path, f"""merge_method: linear
 models:
   - model: {models['chat']}
@@ -361,10 +358,16 @@ models:
 dtype: float32
 """)
     out = str(tmp_path / "linear")
-    r = subprocess.run([sys.executable, "-m", "raymerge", "run", path, "--out", out], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
+    rc, err = _cli(cli_main, capsys, "run", path, "--out", out)
+    assert rc == 0, err
     assert_bit_identical(load_folder(out), _mergekit_linear(tensors["chat"], tensors["chat2"], 0.7, 0.6))
+
+
+def _cli(cli_main, capsys, *args: str) -> tuple[int, str]:
+    """`raymerge ARGS` in this process, on the session's Ray: (exit status, what it wrote to stderr)."""
+    capsys.readouterr()
+    rc = cli_main(list(args))
+    return rc, capsys.readouterr().err
 
 
 def _mergekit_linear(firsts: dict, seconds: dict, w1: float, w2: float) -> dict:
