@@ -20,7 +20,7 @@ import numpy as np
 
 UNIT = 298  # a sum is a count of 2**-UNIT: the smallest product of two float32 subnormals
 _LOW_BITS = np.uint64((1 << 29) - 1)  # the float64 mantissa bits below a product's first 24
-_EXPONENTS = 2048  # float64 exponent values; 2047: infinities and NaNs
+_EXPONENTS = 2048  # float64 exponent values; 2047: infinities and NaNs (a bucket per sign and exponent)
 MAX_ELEMENTS = 1 << 29
 
 
@@ -133,14 +133,15 @@ def dot_sum(x: np.ndarray, y: np.ndarray, work: tuple[np.ndarray, np.ndarray, np
             np.subtract(product, high, out=product)  # the low part, exact (NaN where the product is not finite)
     buckets = None
     for part in (product,) if narrow else (high, product):  # a high part and a low part share buckets
+        # sign and exponent: negative parts have buckets of their own (no mask to pay for)
         np.right_shift(part.view(np.uint64), 52, out=exponent.view(np.uint64))
-        np.bitwise_and(exponent, 0x7FF, out=exponent)
-        sums = np.bincount(exponent, weights=part, minlength=_EXPONENTS)
+        sums = np.bincount(exponent, weights=part, minlength=2 * _EXPONENTS)
         buckets = sums if buckets is None else np.add(buckets, sums, out=buckets)
     parts = n if narrow else 2 * n
-    if buckets[-1] == 0:  # no infinity or NaN (a NaN's sum is NaN, not 0)
+    special = buckets[_EXPONENTS - 1::_EXPONENTS]  # the all-ones exponent, of either sign
+    if not special.any():  # no infinity or NaN (a NaN is not 0 either)
         return ExactSum(buckets=buckets, parts=parts)
-    buckets[-1] = 0
+    special[:] = 0
     with np.errstate(invalid="ignore", over="ignore"):
         p = x.astype(np.float64) * y
     pinf, ninf = int(np.count_nonzero(p == np.inf)), int(np.count_nonzero(p == -np.inf))
