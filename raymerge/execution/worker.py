@@ -235,14 +235,8 @@ class MergeWorker:
             by_file.setdefault(src.file, {}).setdefault(rng, []).append((p, *key))
         while len(st.inputs) < len(by_file):
             st.inputs.append(Buffer())
-        views, raw, total = {}, {}, 0
-        for buf, (file, wanted) in zip(st.inputs, by_file.items()):
-            got = st.reader.read(self._plan.files[file].url, list(wanted), buf, version=self._plan.files[file].version,
-                                 scattered=file in scattered)
-            for ((lo, hi), keys), mem in zip(wanted.items(), got):
-                views.update((key, mem) for key in keys)
-                raw[(file, lo, hi)] = mem
-                total += hi - lo
+        raw, total = self._read(st, {file: list(wanted) for file, wanted in by_file.items()}, st.inputs, scattered)
+        views = {key: raw[(file, *r)] for file, wanted in by_file.items() for r, keys in wanted.items() for key in keys}
         for key, src, (begin, end) in gathered:
             mean = None
             if gather.pads(src, end):
@@ -261,24 +255,33 @@ class MergeWorker:
         rows, width = src.rows.mean_of, src.rows.row_elements
         mean = gather.ColumnMean(rows, width)
         step = max(1, MEAN_CHUNK // (width * 4) // mean.step) * mean.step
-        bufs: dict[int, Buffer] = {}
+        bufs: list[Buffer] = []
         total = 0
         for first in range(0, rows, step):
             lo, hi = first * width, min(rows, first + step) * width
-            by_file: dict[int, list[tuple[int, int]]] = {}
+            by_file: dict[int, dict[tuple[int, int], None]] = {}
             for file, r in gather.reads(src, lo, hi):
-                by_file.setdefault(file, []).append(r)
-            raw = {}
-            for file, ranges in by_file.items():  # a chunk's rows lie in few files (a model's, a donor's)
-                f = self._plan.files[file]
-                ranges = list(dict.fromkeys(ranges))
-                got = st.reader.read(f.url, ranges, bufs.setdefault(file, Buffer()), version=f.version,
-                                     scattered=True)
-                raw.update(((file, *r), m) for r, m in zip(ranges, got))
-                total += sum(e - s for s, e in ranges)
+                by_file.setdefault(file, {})[r] = None
+            while len(bufs) < len(by_file):  # a chunk's rows lie in few files (a model's, a donor's)
+                bufs.append(Buffer())
+            raw, read = self._read(st, {file: list(ranges) for file, ranges in by_file.items()}, bufs, set(by_file))
+            total += read
             part = gather.assemble(src, lo, hi, lambda file, r: raw[(file, *r)])
             mean.add(gather.as_float32(part, src.dtype).reshape(-1, width))
         return mean.result(src.dtype), total
+
+    def _read(self, st: _ThreadState, by_file: dict[int, list[tuple[int, int]]], bufs: list[Buffer],
+              scattered: set[int]) -> tuple[dict[tuple[int, int, int], memoryview], int]:
+        """(each range's bytes by (file, start, end), bytes read): one read per file, into the
+        file's buffer of `bufs` (in order); a file in `scattered` holds rows gathered by token."""
+        raw, total = {}, 0
+        for buf, (file, ranges) in zip(bufs, by_file.items()):
+            f = self._plan.files[file]
+            got = st.reader.read(f.url, ranges, buf, version=f.version, scattered=file in scattered)
+            for (lo, hi), mem in zip(ranges, got):
+                raw[(file, lo, hi)] = mem
+                total += hi - lo
+        return raw, total
 
     def _compute(self, item: Item, inputs: dict[tuple[int, str, int], memoryview], out: memoryview,
                  st: _ThreadState, facts: dict[int, Any]) -> list[TensorSums]:
