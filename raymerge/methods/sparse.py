@@ -107,7 +107,7 @@ class Sparse(Method):
         sums = [[sparse.AbsSum(), sparse.AbsSum()] for _ in vecs]
         bits = kernel.table(scratch, _BITS, 1, bits=True)[0]
         keeps = kernel.table(scratch, _KEEPS, len(vecs))
-        work = _host_buffers(scratch)
+        work = _host_buffer(scratch)
         state = _TieState()
         for lo, _, live in _chunks(kernel, operands, scratch):
             for i, v, d in live:
@@ -117,17 +117,16 @@ class Sparse(Method):
                 nans_equal = pass_name == LOW and sparse.NAN_BIN in bins[i]
                 b = kernel.to_host(kernel.magnitude_bits(d, bits[:len(d)], nans_equal), scratch)
                 if pass_name == HIGH:
-                    sparse.high_histogram(b, high[i], work[0][:b.size])
+                    sparse.high_histogram(b, high[i], work[:b.size])
                 elif pass_name == LOW:
                     for s, at in enumerate(bins[i]):
                         if at is not None:
                             low[i][s].append(b[(b >> 16) == at] & 0xFFFF)
                 else:  # L1: before and after the drop
-                    sums[i][0] += sparse.abs_sum(b, work)
+                    sums[i][0] += sparse.abs_sum(b)
                     self._drop(kernel, v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits,
                                                         scratch))
-                    sums[i][1] += sparse.abs_sum(kernel.to_host(kernel.magnitude_bits(d, bits[:len(d)]), scratch),
-                                                 work)
+                    sums[i][1] += sparse.abs_sum(kernel.to_host(kernel.magnitude_bits(d, bits[:len(d)]), scratch))
         out: list = [None] * (1 + max((v.term for v in vecs), default=-1))  # by term: some may be absent here
         for i, v in enumerate(vecs):
             if not wanted[i]:
@@ -395,12 +394,12 @@ def _abs_total(rows) -> sparse.AbsSum:
     return total
 
 
-def _host_buffers(scratch: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The host's work buffers of the histograms and abs_sum, int64 and float64, a chunk long, kept
-    per thread (fresh pages are slow to touch)."""
+def _host_buffer(scratch: Any) -> np.ndarray:
+    """The host's work buffer of the histograms, int64, a chunk long, kept per thread (fresh pages
+    are slow to touch)."""
     key = ("sparse-host", scratch.chunk)
     if key not in scratch.staging:
-        scratch.staging[key] = (np.empty(scratch.chunk, np.int64), np.empty(scratch.chunk, np.float64))
+        scratch.staging[key] = np.empty(scratch.chunk, np.int64)
     return scratch.staging[key]
 
 
@@ -563,7 +562,7 @@ class Della(Sparse):
         if first < operands.begin or last - operands.begin > len(v.a):
             raise ValueError(f"{self.name}: a piece holds part of a row of {operands.name}; its items must be cut at "
                              "row boundaries")
-        at = np.arange(first - operands.begin, last - operands.begin)
+        at = slice(first - operands.begin, last - operands.begin)  # the whole rows: a slice, not indices
         x = kernel.gather(v.a, at)
         if v.b is not None:
             with np.errstate(all="ignore"):

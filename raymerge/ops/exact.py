@@ -10,18 +10,30 @@ Sums of any pieces then add up exactly (`ExactSum.__add__`), and `to_float32` ro
 The conversion to a Python integer waits until the sum is needed whole (a piece's result).
 
 Infinities and NaNs are counted instead (a NaN product, or +inf with -inf, makes the sum NaN).
+
+The bucket sums are made by the compiled loop of raymerge/ops/_native.c where it was built (the
+same sums: each is exact, so the order of its additions does not matter), else by numpy.
 """
 
 from __future__ import annotations
 
 import math
 
+import threading
+
 import numpy as np
+
+try:
+    from raymerge.ops import _native
+except ImportError:  # built without a C compiler: numpy's loops, the same sums
+    _native = None
 
 UNIT = 298  # a sum is a count of 2**-UNIT: the smallest product of two float32 subnormals
 _LOW_BITS = np.uint64((1 << 29) - 1)  # the float64 mantissa bits below a product's first 24
 _EXPONENTS = 2048  # float64 exponent values; 2047: infinities and NaNs (a bucket per sign and exponent)
 MAX_ELEMENTS = 1 << 29
+_LANES = 4  # the compiled loop's bucket sets (raymerge/ops/_native.c)
+_THREAD = threading.local()
 
 
 class ExactSum:
@@ -124,6 +136,39 @@ def dot_sum(x: np.ndarray, y: np.ndarray, work: tuple[np.ndarray, np.ndarray, np
     n = x.size
     if n >= MAX_ELEMENTS:
         raise ValueError(f"dot_sum: at most {MAX_ELEMENTS} elements at once")
+    buckets = _native_buckets(x, y, narrow)
+    if buckets is None:
+        buckets = _numpy_buckets(x, y, work, narrow)
+    parts = n if narrow else 2 * n
+    special = buckets[_EXPONENTS - 1::_EXPONENTS]  # the all-ones exponent, of either sign
+    if not special.any():  # no infinity or NaN (a NaN is not 0 either)
+        return ExactSum(buckets=buckets, parts=parts)
+    special[:] = 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = x.astype(np.float64) * y
+    pinf, ninf = int(np.count_nonzero(p == np.inf)), int(np.count_nonzero(p == -np.inf))
+    return ExactSum(0, pinf, ninf, int(np.count_nonzero(np.isnan(p))), buckets, parts)
+
+
+def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> np.ndarray | None:
+    """dot_sum's bucket sums by the compiled loop, or None where it is not built or does not take
+    these operands (float32, contiguous; y an array of x's length, or the number 1)."""
+    ones = np.ndim(y) == 0 and y == 1
+    if _native is None or x.dtype != np.float32 or not x.flags.c_contiguous or not (
+            ones or (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.flags.c_contiguous)):
+        return None
+    lanes = getattr(_THREAD, "lanes", None)
+    if lanes is None:
+        lanes = _THREAD.lanes = np.zeros((_LANES, 2 * _EXPONENTS))
+    _native.dot_buckets(x, None if ones else y, lanes, narrow)
+    buckets = lanes.sum(axis=0)  # exact: fewer than 2**29 parts in all
+    lanes.fill(0)
+    return buckets
+
+
+def _numpy_buckets(x: np.ndarray, y: np.ndarray | np.float32, work: tuple | None, narrow: bool) -> np.ndarray:
+    """dot_sum's bucket sums by numpy: products, split unless narrow, counted by bincount."""
+    n = x.size
     product, high, exponent = work or (np.empty(n, np.float64), np.empty(n, np.float64), np.empty(n, np.int64))
     product, high, exponent = product[:n], high[:n], exponent[:n]
     with np.errstate(invalid="ignore", over="ignore"):
@@ -137,12 +182,4 @@ def dot_sum(x: np.ndarray, y: np.ndarray, work: tuple[np.ndarray, np.ndarray, np
         np.right_shift(part.view(np.uint64), 52, out=exponent.view(np.uint64))
         sums = np.bincount(exponent, weights=part, minlength=2 * _EXPONENTS)
         buckets = sums if buckets is None else np.add(buckets, sums, out=buckets)
-    parts = n if narrow else 2 * n
-    special = buckets[_EXPONENTS - 1::_EXPONENTS]  # the all-ones exponent, of either sign
-    if not special.any():  # no infinity or NaN (a NaN is not 0 either)
-        return ExactSum(buckets=buckets, parts=parts)
-    special[:] = 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = x.astype(np.float64) * y
-    pinf, ninf = int(np.count_nonzero(p == np.inf)), int(np.count_nonzero(p == -np.inf))
-    return ExactSum(0, pinf, ninf, int(np.count_nonzero(np.isnan(p))), buckets, parts)
+    return buckets

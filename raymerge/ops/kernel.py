@@ -145,9 +145,10 @@ class Kernel(Protocol):
         """dst (float32, as long as src) = an input's elements (`view`), widened exactly."""
         ...
 
-    def gather(self, src: Any, at: np.ndarray) -> np.ndarray:
-        """The float32 values of elements `at` of an input (`view`) or a float32 array, on the host,
-        widened exactly (NaNs keep their bits): for the few elements a NaN rule replays."""
+    def gather(self, src: Any, at: np.ndarray | slice) -> np.ndarray:
+        """The float32 values of elements `at` (indices, or a slice) of an input (`view`) or a float32
+        array, on the host, widened exactly (NaNs keep their bits): for the few elements a NaN rule
+        replays, and the whole rows della ranks."""
         ...
 
     def from_host(self, dst: Any, src: np.ndarray) -> None:

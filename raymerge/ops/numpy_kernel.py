@@ -25,6 +25,11 @@ from raymerge.ops import sparse
 from raymerge.ops.kernel import (DEFAULT_NAN, NUMPY_DTYPES, QUIET_BIT, Scratch, Sums, exact_op, f16_to_f32, nan_bits,
                                  nan_rule)
 
+try:
+    from raymerge.ops import _native  # BF16 rounding compiled (raymerge/ops/_native.c); optional
+except ImportError:
+    _native = None
+
 CHUNK = 1 << 16  # elements: the float32 chunks stay in a core's L2 cache
 F32_MAX = float(np.finfo(np.float32).max)
 # The largest finite value of each output type; a float32 no larger in magnitude rounds to a finite one.
@@ -97,7 +102,7 @@ class NumpyKernel:
     def widen(self, dst: np.ndarray, src: np.ndarray, scratch: Scratch) -> None:
         _widen(dst, src)
 
-    def gather(self, src: np.ndarray, at: np.ndarray) -> np.ndarray:
+    def gather(self, src: np.ndarray, at: np.ndarray | slice) -> np.ndarray:
         return widened(src[at])
 
     def from_host(self, dst: np.ndarray, src: np.ndarray) -> None:
@@ -130,6 +135,9 @@ class NumpyKernel:
         return sparse.magnitude_bits(x, out, nans_equal)
 
     def round_to(self, x: np.ndarray, dtype: str) -> None:
+        if dtype == "BF16" and _native is not None and x.dtype == np.float32 and x.flags.c_contiguous:
+            _native.round_bf16(x)  # the loop below, compiled (raymerge/ops/_native.c): one pass
+            return
         # In place, unmasked: a NaN keeps its float32 bits, restored afterwards in the rare chunk that
         # holds one (a masked copy of every element cost as much as the rounding).
         nan = np.isnan(x)

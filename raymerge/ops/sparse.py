@@ -21,10 +21,11 @@ independent of how a tensor is cut into pieces.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from raymerge.ops.exact import UNIT, dot_sum
 
 ABS = np.uint32(0x7FFFFFFF)
 HIGH_BINS = 1 << 15  # the high 16 bits of a magnitude (the sign bit is 0)
@@ -121,26 +122,14 @@ class AbsSum:
         return [str(self.units), self.inf, self.nan]
 
 
-def abs_sum(bits: np.ndarray, work: tuple[np.ndarray, np.ndarray] | None = None) -> AbsSum:
-    """The exact sum of magnitudes given as bits (`magnitude_bits`), fewer than 2**29 of them. The
-    magnitudes of one float32 exponent are multiples of that binade's ulp below 2**24 ulps, so they
-    sum exactly in float64 (53 bits): one weighted count per exponent, then Python integers.
-    `work`: int64 and float64 buffers as long as `bits` (reused: fresh pages are slow to touch)."""
+def abs_sum(bits: np.ndarray) -> AbsSum:
+    """The exact sum of magnitudes given as bits (`magnitude_bits`), fewer than 2**29 of them:
+    exact.dot_sum of the values (a magnitude has at most 24 significant bits: summed whole), whose
+    finite part, a sum of multiples of 2**-149, is then counted in those units."""
     if bits.size >= 1 << 29:
         raise ValueError("abs_sum: at most 2**29 elements at once")
-    exponent, weights = work or (np.empty(bits.size, np.int64), np.empty(bits.size, np.float64))
-    exponent, weights = exponent[:bits.size], weights[:bits.size]
-    np.right_shift(bits, 23, out=exponent)
-    with np.errstate(invalid="ignore"):
-        np.copyto(weights, bits.view(np.float32))
-    sums = np.bincount(exponent, weights=weights, minlength=256)
-    inf = nan = 0
-    if sums[255] != 0:  # an infinity or a NaN: count them (rare)
-        special = bits[exponent == 255]
-        nan = int(np.count_nonzero(special > EXP_MASK))
-        inf = special.size - nan
-    units = sum(int(math.ldexp(v, 149)) for v in sums[:255].tolist() if v)  # exact: a power-of-two scaling
-    return AbsSum(units, inf, nan)
+    s = dot_sum(bits.view(np.float32), np.float32(1), narrow=True)
+    return AbsSum(s.units >> (UNIT - 149), s.pinf, s.nan)
 
 
 def to_float32(units: int) -> np.float32:

@@ -129,7 +129,7 @@ class TorchKernel:
     def widen(self, dst: torch.Tensor, src: torch.Tensor, scratch: Scratch) -> None:
         _widen(dst, _to_device(src, "widen", scratch), scratch)
 
-    def gather(self, src: torch.Tensor, at: np.ndarray) -> np.ndarray:
+    def gather(self, src: torch.Tensor, at: np.ndarray | slice) -> np.ndarray:
         return _host_widened(src, at)
 
     def from_host(self, dst: torch.Tensor, src: np.ndarray) -> None:
@@ -335,19 +335,19 @@ def _fix_nans(out: torch.Tensor, nans: np.ndarray, anchor: torch.Tensor | None, 
     bits[nans] = nan_bits(acc, NAMES[out.dtype])
 
 
-def _host_widened(t: torch.Tensor, at: np.ndarray | None = None) -> np.ndarray:
+def _host_widened(t: torch.Tensor, at: np.ndarray | slice | None = None) -> np.ndarray:
     """The float32 values of a host tensor's elements (all, or those `at`), widened exactly as the
     device widens them (F16 NaNs keep their bits: torch's own conversion would not, at a tail).
     A tensor on a GPU (a float32 array of the kernel's) sends those elements over first."""
     if t.device.type != "cpu":
-        t = (t if at is None else t[torch.from_numpy(at).to(t.device)]).cpu()
+        t = (t if at is None else t[at if isinstance(at, slice) else torch.from_numpy(at).to(t.device)]).cpu()
         at = None
     name = NAMES[t.dtype]
     if name in NUMPY_DTYPES:
         bits = t.view(BITS[t.element_size()]).numpy().view(NUMPY_DTYPES[name])
         with np.errstate(all="ignore"):  # an F64 NaN, or a value past float32's range, narrows as it should
             return widened(bits if at is None else bits[at])
-    return (t if at is None else t[torch.from_numpy(at)]).float().numpy()  # FP8: exact
+    return (t if at is None else t[at if isinstance(at, slice) else torch.from_numpy(at)]).float().numpy()  # FP8: exact
 
 
 def _count_nonfinite(out: torch.Tensor, anchor: torch.Tensor | None, live: list) -> tuple[int, int]:

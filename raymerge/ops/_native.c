@@ -1,0 +1,129 @@
+/* The two element loops that statistics passes spend most of their time in, compiled: rounding
+ * float32 values to BF16 in place (`round_bf16`) and the per-exponent float64 sums of exact products
+ * (`dot_buckets`). Each gives the very bits of its numpy form in raymerge/ops/numpy_kernel.py and
+ * raymerge/ops/exact.py, which run wherever this module was not built (it is an optional extension:
+ * a node without a C compiler installs raymerge all the same). See docs/ARCHITECTURE.md, "Native
+ * loops". Buffers come in through the buffer protocol: C-contiguous, checked for type and length. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define EXPONENTS 2048           /* float64 exponent values; a bucket per sign and exponent */
+#define LANES 4                  /* independent bucket sets: consecutive products in one binade do not wait on each other */
+#define LOW_BITS ((UINT64_C(1) << 29) - 1) /* the float64 mantissa bits below a product's first 24 */
+
+/* A C-contiguous buffer of `itemsize`-byte elements of kind `kind` ('f', 'd'), or -1 with a TypeError. */
+static int get_buffer(PyObject *o, Py_buffer *b, int writable, char kind, const char *what)
+{
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    const char *f = b->format ? b->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    if (f[0] != kind || f[1] != '\0') {
+        PyBuffer_Release(b);
+        PyErr_Format(PyExc_TypeError, "%s: expected a contiguous buffer of '%c', got '%s'", what, kind,
+                     b->format ? b->format : "B");
+        return -1;
+    }
+    return 0;
+}
+
+/* round_bf16(x): each float32 of x rounded to BF16, half to even, in place; a NaN keeps its bits. */
+static PyObject *round_bf16(PyObject *self, PyObject *arg)
+{
+    Py_buffer b;
+    if (get_buffer(arg, &b, 1, 'f', "round_bf16") < 0)
+        return NULL;
+    uint32_t *p = (uint32_t *)b.buf;
+    Py_ssize_t n = b.len / 4;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t v = p[i];
+        /* add 0x7FFF, plus one when the kept half is odd, then clear the low half: a finite value
+         * overflows into the infinity's bits, as it should */
+        uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) & 0xFFFF0000u;
+        p[i] = (v & 0x7FFFFFFFu) > 0x7F800000u ? v : r;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
+static inline void add_part(double *acc, double part)
+{
+    uint64_t bits;
+    memcpy(&bits, &part, 8);
+    acc[bits >> 52] += part; /* sign and exponent: the part's bucket */
+}
+
+/* dot_buckets(x, y, lanes, narrow): adds each product x[i] * y[i] (float32 values, exact in float64;
+ * y None: 1.0) into lanes, a float64 buffer of LANES * 2 * EXPONENTS sums, at the bucket of its sign
+ * and exponent; unless narrow, a product is split first into its first 24 bits and the rest, each
+ * added at its own bucket. Each bucket's sum is exact below 2**29 parts, so its value does not
+ * depend on the order of the additions: the lanes' sums are those of exact.dot_sum's bincount. */
+static PyObject *dot_buckets(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *yo, *lo;
+    int narrow;
+    if (!PyArg_ParseTuple(args, "OOOp", &xo, &yo, &lo, &narrow))
+        return NULL;
+    Py_buffer x, y, lanes;
+    int has_y = yo != Py_None;
+    if (get_buffer(xo, &x, 0, 'f', "dot_buckets x") < 0)
+        return NULL;
+    if (has_y && get_buffer(yo, &y, 0, 'f', "dot_buckets y") < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    if (get_buffer(lo, &lanes, 1, 'd', "dot_buckets lanes") < 0) {
+        PyBuffer_Release(&x);
+        if (has_y)
+            PyBuffer_Release(&y);
+        return NULL;
+    }
+    if ((has_y && y.len != x.len) || lanes.len != LANES * 2 * EXPONENTS * 8) {
+        PyErr_SetString(PyExc_ValueError, "dot_buckets: x and y differ in length, or lanes is not 4 * 4096 float64");
+        PyBuffer_Release(&x);
+        if (has_y)
+            PyBuffer_Release(&y);
+        PyBuffer_Release(&lanes);
+        return NULL;
+    }
+    const float *xs = (const float *)x.buf, *ys = has_y ? (const float *)y.buf : NULL;
+    double *acc = (double *)lanes.buf;
+    Py_ssize_t n = x.len / 4;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double *lane = acc + (i % LANES) * 2 * EXPONENTS;
+        double p = ys ? (double)xs[i] * (double)ys[i] : (double)xs[i];
+        if (narrow) {
+            add_part(lane, p);
+        } else {
+            uint64_t bits;
+            double high;
+            memcpy(&bits, &p, 8);
+            bits &= ~LOW_BITS;
+            memcpy(&high, &bits, 8);
+            add_part(lane, high);
+            add_part(lane, p - high); /* the low part, exact (NaN where the product is not finite) */
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&x);
+    if (has_y)
+        PyBuffer_Release(&y);
+    PyBuffer_Release(&lanes);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"round_bf16", round_bf16, METH_O, "Round float32 values to BF16 in place, half to even; NaNs kept."},
+    {"dot_buckets", dot_buckets, METH_VARARGS, "Add exact products into per-sign-and-exponent float64 buckets."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
