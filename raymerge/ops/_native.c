@@ -13,18 +13,20 @@
 #define LANES 4                  /* independent bucket sets: consecutive products in one binade do not wait on each other */
 #define LOW_BITS ((UINT64_C(1) << 29) - 1) /* the float64 mantissa bits below a product's first 24 */
 
-/* A C-contiguous buffer of `itemsize`-byte elements of kind `kind` ('f', 'd'), or -1 with a TypeError. */
-static int get_buffer(PyObject *o, Py_buffer *b, int writable, char kind, const char *what)
+/* A C-contiguous buffer of `itemsize`-byte elements whose struct format is one of `kinds` ("f",
+ * "lq": numpy names int64 'l' on some platforms and 'q' on others), or -1 with a TypeError. */
+static int get_buffer(PyObject *o, Py_buffer *b, int writable, const char *kinds, Py_ssize_t itemsize,
+                      const char *what)
 {
     if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
         return -1;
     const char *f = b->format ? b->format : "B";
     if (*f == '<' || *f == '=' || *f == '@')
         f++;
-    if (f[0] != kind || f[1] != '\0') {
+    if (f[0] == '\0' || f[1] != '\0' || !strchr(kinds, f[0]) || b->itemsize != itemsize) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a contiguous buffer of '%s' (%zd bytes each), got '%s'", what,
+                     kinds, itemsize, b->format ? b->format : "B");
         PyBuffer_Release(b);
-        PyErr_Format(PyExc_TypeError, "%s: expected a contiguous buffer of '%c', got '%s'", what, kind,
-                     b->format ? b->format : "B");
         return -1;
     }
     return 0;
@@ -34,7 +36,7 @@ static int get_buffer(PyObject *o, Py_buffer *b, int writable, char kind, const 
 static PyObject *round_bf16(PyObject *self, PyObject *arg)
 {
     Py_buffer b;
-    if (get_buffer(arg, &b, 1, 'f', "round_bf16") < 0)
+    if (get_buffer(arg, &b, 1, "f", 4, "round_bf16") < 0)
         return NULL;
     uint32_t *p = (uint32_t *)b.buf;
     Py_ssize_t n = b.len / 4;
@@ -71,13 +73,13 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
         return NULL;
     Py_buffer x, y, lanes;
     int has_y = yo != Py_None;
-    if (get_buffer(xo, &x, 0, 'f', "dot_buckets x") < 0)
+    if (get_buffer(xo, &x, 0, "f", 4, "dot_buckets x") < 0)
         return NULL;
-    if (has_y && get_buffer(yo, &y, 0, 'f', "dot_buckets y") < 0) {
+    if (has_y && get_buffer(yo, &y, 0, "f", 4, "dot_buckets y") < 0) {
         PyBuffer_Release(&x);
         return NULL;
     }
-    if (get_buffer(lo, &lanes, 1, 'd', "dot_buckets lanes") < 0) {
+    if (get_buffer(lo, &lanes, 1, "d", 8, "dot_buckets lanes") < 0) {
         PyBuffer_Release(&x);
         if (has_y)
             PyBuffer_Release(&y);
@@ -118,9 +120,50 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* high_counts(bits, counts): counts[b >> 16] += 1 for each uint32 b of bits (magnitudes: the sign
+ * bit is clear, so the index is below 1 << 15); counts is int64, 1 << 15 long. */
+static PyObject *high_counts(PyObject *self, PyObject *args)
+{
+    PyObject *bo, *co;
+    if (!PyArg_ParseTuple(args, "OO", &bo, &co))
+        return NULL;
+    Py_buffer b, c;
+    if (get_buffer(bo, &b, 0, "I", 4, "high_counts bits") < 0)
+        return NULL;
+    if (get_buffer(co, &c, 1, "lq", 8, "high_counts counts") < 0) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    if (c.len != (1 << 15) * 8) {
+        PyErr_SetString(PyExc_ValueError, "high_counts: counts must be 1 << 15 int64");
+        PyBuffer_Release(&b);
+        PyBuffer_Release(&c);
+        return NULL;
+    }
+    const uint32_t *bits = (const uint32_t *)b.buf;
+    int64_t *counts = (int64_t *)c.buf;
+    Py_ssize_t n = b.len / 4;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t v = bits[i];
+        bad |= v >> 31;
+        counts[(v >> 16) & 0x7FFF] += 1;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&c);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "high_counts: a bit pattern with the sign bit set is no magnitude");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"round_bf16", round_bf16, METH_O, "Round float32 values to BF16 in place, half to even; NaNs kept."},
     {"dot_buckets", dot_buckets, METH_VARARGS, "Add exact products into per-sign-and-exponent float64 buckets."},
+    {"high_counts", high_counts, METH_VARARGS, "Count magnitudes' bit patterns by their high 16 bits."},
     {NULL, NULL, 0, NULL},
 };
 

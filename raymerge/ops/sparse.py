@@ -21,11 +21,15 @@ independent of how a tensor is cut into pieces.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 
-from raymerge.ops.exact import UNIT, dot_sum
+from raymerge.ops.exact import UNIT, ExactSum, dot_sum
+
+try:
+    from raymerge.ops import _native
+except ImportError:  # built without a C compiler: numpy's loops, the same counts
+    _native = None
 
 ABS = np.uint32(0x7FFFFFFF)
 HIGH_BINS = 1 << 15  # the high 16 bits of a magnitude (the sign bit is 0)
@@ -47,8 +51,11 @@ def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray) -> No
     """counts (int64, HIGH_BINS) += how many magnitudes fall in each high-16-bit bin, every NaN in
     NAN_BIN; `work`: an int64 buffer as long as `bits` (bincount counts intp: a fresh one per call
     is slow to touch)."""
-    np.right_shift(bits, 16, out=work)
-    counts += np.bincount(work, minlength=HIGH_BINS)
+    if _native is not None and bits.dtype == np.uint32 and bits.flags.c_contiguous and counts.dtype == np.int64:
+        _native.high_counts(bits, counts)  # the same counts, in one compiled pass (raymerge/ops/_native.c)
+    else:
+        np.right_shift(bits, 16, out=work)
+        counts += np.bincount(work, minlength=HIGH_BINS)
     counts[NAN_BIN] += counts[NAN_BIN + 1:].sum()  # NaNs of other payloads
     counts[NAN_BIN + 1:] = 0
 
@@ -99,17 +106,37 @@ def random_words(key: np.ndarray, begin: int, n: int) -> np.ndarray:
     return halves[lo:lo + n]
 
 
-@dataclass(frozen=True)
 class AbsSum:
-    """sum |x| of some elements, exactly: the finite part as a count of 2**-149, and how many
-    infinities and NaNs (which make the sum infinite or NaN, as a float32 sum would)."""
+    """sum |x| of some elements, exactly: the finite part as a count of 2**-149 (`units`), and how
+    many infinities and NaNs (which make the sum infinite or NaN, as a float32 sum would). Held as
+    the exact.ExactSum of the magnitudes, so that chunk sums add as arrays (its buckets) and the
+    count is made once, when it is needed."""
 
-    units: int = 0
-    inf: int = 0
-    nan: int = 0
+    __slots__ = ("_sum",)
+
+    def __init__(self, units: int = 0, inf: int = 0, nan: int = 0, exact: ExactSum | None = None) -> None:
+        self._sum = exact if exact is not None else ExactSum(units << (UNIT - 149), inf, 0, nan)
+
+    @property
+    def units(self) -> int:
+        return self._sum.units >> (UNIT - 149)  # exact: a magnitude is a multiple of 2**-149
+
+    @property
+    def inf(self) -> int:
+        return self._sum.pinf
+
+    @property
+    def nan(self) -> int:
+        return self._sum.nan
 
     def __add__(self, other: AbsSum) -> AbsSum:
-        return AbsSum(self.units + other.units, self.inf + other.inf, self.nan + other.nan)
+        return AbsSum(exact=self._sum + other._sum)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AbsSum) and (self.units, self.inf, self.nan) == (other.units, other.inf, other.nan)
+
+    def __repr__(self) -> str:
+        return f"AbsSum({self.units}, {self.inf}, {self.nan})"
 
     def to_float32(self) -> np.float32:
         if self.nan:
@@ -124,12 +151,10 @@ class AbsSum:
 
 def abs_sum(bits: np.ndarray) -> AbsSum:
     """The exact sum of magnitudes given as bits (`magnitude_bits`), fewer than 2**29 of them:
-    exact.dot_sum of the values (a magnitude has at most 24 significant bits: summed whole), whose
-    finite part, a sum of multiples of 2**-149, is then counted in those units."""
+    exact.dot_sum of the values (a magnitude has at most 24 significant bits: summed whole)."""
     if bits.size >= 1 << 29:
         raise ValueError("abs_sum: at most 2**29 elements at once")
-    s = dot_sum(bits.view(np.float32), np.float32(1), narrow=True)
-    return AbsSum(s.units >> (UNIT - 149), s.pinf, s.nan)
+    return AbsSum(exact=dot_sum(bits.view(np.float32), np.float32(1), narrow=True))
 
 
 def to_float32(units: int) -> np.float32:

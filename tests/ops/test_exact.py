@@ -8,18 +8,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-import raymerge.ops.exact as exact_module
 from raymerge.ops.exact import UNIT, ExactSum, dot_sum, round_float32
 
-
-@pytest.fixture(autouse=True, params=["native", "numpy"])
-def loops(request, monkeypatch):
-    """Every test twice: with the compiled bucket loop (raymerge/ops/_native.c) and with numpy's."""
-    if request.param == "numpy":
-        monkeypatch.setattr(exact_module, "_native", None)
-    elif exact_module._native is None:
-        pytest.skip("raymerge.ops._native was not built here (no C compiler at install)")
-    return request.param
+pytestmark = pytest.mark.usefixtures("both_loops")
 
 
 def fraction_sum(x: np.ndarray, y: np.ndarray) -> Fraction:

@@ -77,6 +77,20 @@ def test_dot_buckets_equal_numpy_bincounts(narrow):
     assert np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
 
 
+def test_high_counts_equal_numpy_bincounts_and_refuse_a_sign_bit():
+    bits = _hard_float32(50000, 5).view(np.uint32) & 0x7FFFFFFF
+    counts = np.zeros(1 << 15, np.int64)
+    counts[7] = 3  # added to
+    native.high_counts(bits, counts)
+    want = np.bincount(bits >> 16, minlength=1 << 15)
+    want[7] += 3
+    assert np.array_equal(counts, want)
+    with pytest.raises(ValueError, match="no magnitude"):
+        native.high_counts(np.uint32([0x80000000]), counts)
+    with pytest.raises(ValueError, match="1 << 15"):
+        native.high_counts(bits, np.zeros(10, np.int64))
+
+
 def test_dot_buckets_refuses_what_it_cannot_read():
     lanes = np.zeros((4, 4096))
     with pytest.raises(TypeError, match="dot_buckets x"):

@@ -11,6 +11,8 @@ import pytest
 
 from raymerge.ops import sparse
 
+pytestmark = pytest.mark.usefixtures("both_loops")  # tests/ops/conftest.py: compiled and numpy loops
+
 F32_MAX = Fraction(float(np.finfo(np.float32).max))
 UNIT = Fraction(1, 2 ** 149)  # the smallest float32 subnormal
 
