@@ -67,10 +67,10 @@ class ArceeFusion(Method):
         for at, m in chunks(vector_length(operands), scratch):
             keys = order_keys(_importance(kernel, operands, at, m))
             if pass_name == HIGH:
-                histogram += np.bincount(keys >> 16, minlength=_BINS)
+                sparse.count_highs(keys, histogram)
             else:
                 for j, high in enumerate(f["high"]):
-                    low[j].append(keys[(keys >> 16) == high] & 0xFFFF)
+                    low[j].append(sparse.low_halves(keys, high))
         if pass_name == HIGH:
             bins = np.flatnonzero(histogram)
             return [[bins.tolist(), histogram[bins].tolist()]]
@@ -159,7 +159,7 @@ def _importance(kernel: Any, operands: Operands, at: int, m: int) -> np.ndarray:
     if first < operands.begin or last - operands.begin > len(v.a):
         raise ValueError(f"arcee_fusion: a piece holds part of a row of {operands.name}; its items must be cut at "
                          "row boundaries")
-    where = np.arange(first - operands.begin, last - operands.begin)
+    where = slice(first - operands.begin, last - operands.begin)  # the whole rows
     scores = importance(kernel.gather(v.a, where), kernel.gather(v.b, where), row, operands.compute)
     return scores[start - first:start - first + m]
 

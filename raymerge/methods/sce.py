@@ -26,7 +26,7 @@ from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_ki
 from raymerge.methods.sparse import merged_counts, threshold_facts, top_mask
 from raymerge.methods.steps import (bits, chunks, counted, exact_sum, facts_problem, past_rows, quiet, replay_nans,
                                     step, total, value, vector_length, widen_rows)
-from raymerge.ops import sparse
+from raymerge.ops import native, sparse
 from raymerge.ops.kernel import round_scalar
 
 HIGH, LOW, WEIGHTS = "sce-variance-high", "sce-variance-low", "sce-weights"
@@ -163,10 +163,16 @@ class _Chunk:
 
     def variance(self) -> Any:
         """torch.var over the models (population): Welford's steps in float64, then float32, then
-        the compute dtype; in `other`."""
+        the compute dtype; in `other`. Compiled where raymerge/ops/_native.c was built (the same
+        float64 operations, element by element), else numpy's."""
+        hosts = [self.k.to_host(d, self.scratch) for d in self.deltas]
+        if native.loops is not None and isinstance(self.other, np.ndarray) and all(  # host arrays (numpy's kernel)
+                h.dtype == np.float32 and h.flags.c_contiguous for h in hosts):
+            native.loops.welford_variance(hosts, self.other)
+            return self.o.rounded(self.k, self.other)
         mean = m2 = np.zeros(len(self.base), np.float64)
-        for n, d in enumerate(self.deltas, start=1):
-            x = self.k.to_host(d, self.scratch).astype(np.float64)
+        for n, h in enumerate(hosts, start=1):
+            x = h.astype(np.float64)
             delta = x - mean
             mean = mean + delta / np.float64(n)
             m2 = m2 + delta * (x - mean)

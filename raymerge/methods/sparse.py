@@ -121,7 +121,7 @@ class Sparse(Method):
                 elif pass_name == LOW:
                     for s, at in enumerate(bins[i]):
                         if at is not None:
-                            low[i][s].append(b[(b >> 16) == at] & 0xFFFF)
+                            low[i][s].append(sparse.low_halves(b, at))
                 else:  # L1: before and after the drop
                     sums[i][0] += sparse.abs_sum(b)
                     self._drop(kernel, v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits,
@@ -569,11 +569,11 @@ class Della(Sparse):
                 x = x - kernel.gather(v.b, at)
             if operands.compute is not None:
                 EXACT.round_to(x, operands.compute)  # mergekit's delta, in its compute dtype
-        p = della_probabilities(x.reshape(-1, row), v.density, v.param("epsilon", self.default("epsilon")),
-                                self.work(operands.compute)).reshape(-1)[start - first:start - first + n]
+        ranks = della_ranks(x.reshape(-1, row)).reshape(-1)[start - first:start - first + n]
+        below = rank_thresholds(row, v.density, v.param("epsilon", self.default("epsilon")), self.work(operands.compute))
         words = sparse.random_words(sparse.philox_key(int(self.value(operands, "seed")), operands.name, "della"),
                                     start, n)
-        kernel.from_host(keep, words < np.floor(p.astype(np.float64) * 2.0**32))
+        kernel.from_host(keep, words < below[ranks])  # below its rank's probability
         return keep
 
 
@@ -584,19 +584,28 @@ class DellaLinear(Della):
     recipes = (mergekit_kind("della_linear"),)
 
 
-def della_probabilities(rows: np.ndarray, density: float, epsilon: float, work: str | None) -> np.ndarray:
-    """Each element's keep probability (float32) from its magnitude's rank in its row (ascending;
-    equal magnitudes ranked lowest index first, NaNs above every number): `rank_probabilities` of
-    its rank."""
+def della_ranks(rows: np.ndarray) -> np.ndarray:
+    """Each element's rank in its row by magnitude (ascending; equal magnitudes ranked lowest index
+    first, NaNs above every number), int32."""
     bits = sparse.magnitude_bits(rows.reshape(-1), np.empty(rows.size, np.uint32), nans_equal=True).reshape(rows.shape)
-    if not (bits & 0xFFFF).any():  # bf16 values (and no NaN: its magnitude has a low bit): numpy sorts
-        bits = (bits >> 16).astype(np.uint16)  # uint16 by radix, several times faster, in the same order
-    count, n = rows.shape
-    order = np.argsort(bits, axis=1, kind="stable")  # order[i, r]: row i's element of rank r
-    order += (np.arange(count) * n)[:, None]
-    p = np.empty(rows.size, np.float32)
-    p[order] = rank_probabilities(n, density, epsilon, work)  # each row's rank r takes the table's r-th
-    return p.reshape(rows.shape)
+    if not (bits & 0xFFFF).any():  # bf16 values (and no NaN: its magnitude has a low bit)
+        bits = (bits >> 16).astype(np.uint16)  # half the bytes to sort, in the same order
+    return sparse.row_ranks(bits)
+
+
+def della_probabilities(rows: np.ndarray, density: float, epsilon: float, work: str | None) -> np.ndarray:
+    """Each element's keep probability (float32) from its magnitude's rank in its row
+    (`della_ranks`): `rank_probabilities` of its rank."""
+    return rank_probabilities(rows.shape[1], density, epsilon, work)[della_ranks(rows)]
+
+
+@functools.lru_cache(maxsize=64)
+def rank_thresholds(n: int, density: float, epsilon: float, work: str | None) -> np.ndarray:
+    """Per rank, the count of 32-bit words that keep it: floor(p * 2**32) of `rank_probabilities`
+    (exact: a float32 times a power of two), as uint64; a word below it keeps the element."""
+    t = np.floor(rank_probabilities(n, density, epsilon, work).astype(np.float64) * 2.0**32).astype(np.uint64)
+    t.setflags(write=False)
+    return t
 
 
 @functools.lru_cache(maxsize=64)

@@ -14,7 +14,8 @@
 #define LOW_BITS ((UINT64_C(1) << 29) - 1) /* the float64 mantissa bits below a product's first 24 */
 
 /* A C-contiguous buffer of `itemsize`-byte elements whose struct format is one of `kinds` ("f",
- * "lq": numpy names int64 'l' on some platforms and 'q' on others), or -1 with a TypeError. */
+ * "lq": numpy names int64 'l' on some platforms and 'q' on others; itemsize 0: any), or -1 with a
+ * TypeError. */
 static int get_buffer(PyObject *o, Py_buffer *b, int writable, const char *kinds, Py_ssize_t itemsize,
                       const char *what)
 {
@@ -23,7 +24,7 @@ static int get_buffer(PyObject *o, Py_buffer *b, int writable, const char *kinds
     const char *f = b->format ? b->format : "B";
     if (*f == '<' || *f == '=' || *f == '@')
         f++;
-    if (f[0] == '\0' || f[1] != '\0' || !strchr(kinds, f[0]) || b->itemsize != itemsize) {
+    if (f[0] == '\0' || f[1] != '\0' || !strchr(kinds, f[0]) || (itemsize && b->itemsize != itemsize)) {
         PyErr_Format(PyExc_TypeError, "%s: expected a contiguous buffer of '%s' (%zd bytes each), got '%s'", what,
                      kinds, itemsize, b->format ? b->format : "B");
         PyBuffer_Release(b);
@@ -120,8 +121,9 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* high_counts(bits, counts): counts[b >> 16] += 1 for each uint32 b of bits (magnitudes: the sign
- * bit is clear, so the index is below 1 << 15); counts is int64, 1 << 15 long. */
+/* high_counts(bits, counts): counts[b >> 16] += 1 for each uint32 b of bits; counts is int64, as
+ * long as the high halves may reach (1 << 15 for magnitudes, whose sign bit is clear; 1 << 16 for
+ * order keys). A high half past its end is a ValueError (the counts are then not to be used). */
 static PyObject *high_counts(PyObject *self, PyObject *args)
 {
     PyObject *bo, *co;
@@ -134,36 +136,160 @@ static PyObject *high_counts(PyObject *self, PyObject *args)
         PyBuffer_Release(&b);
         return NULL;
     }
-    if (c.len != (1 << 15) * 8) {
-        PyErr_SetString(PyExc_ValueError, "high_counts: counts must be 1 << 15 int64");
-        PyBuffer_Release(&b);
-        PyBuffer_Release(&c);
-        return NULL;
-    }
     const uint32_t *bits = (const uint32_t *)b.buf;
     int64_t *counts = (int64_t *)c.buf;
-    Py_ssize_t n = b.len / 4;
-    int bad = 0;
+    Py_ssize_t n = b.len / 4, bins = c.len / 8;
+    uint32_t past = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t v = bits[i];
-        bad |= v >> 31;
-        counts[(v >> 16) & 0x7FFF] += 1;
+        uint32_t high = bits[i] >> 16;
+        if (high < (uint32_t)bins)
+            counts[high] += 1;
+        else
+            past = 1;
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&b);
     PyBuffer_Release(&c);
-    if (bad) {
-        PyErr_SetString(PyExc_ValueError, "high_counts: a bit pattern with the sign bit set is no magnitude");
+    if (past) {
+        PyErr_Format(PyExc_ValueError, "high_counts: a high half past the %zd counts", bins);
         return NULL;
     }
+    Py_RETURN_NONE;
+}
+
+/* row_ranks(keys, n, ranks): ranks[i] = the rank of keys[i] in its row (the n keys from
+ * i - i % n), ascending, equal keys ranked in index order: the inverse of a stable argsort of each
+ * row. keys: uint16 or uint32; ranks: int32. An LSD radix sort by bytes, a byte that every key of
+ * the row shares skipped. */
+static PyObject *row_ranks(PyObject *self, PyObject *args)
+{
+    PyObject *ko, *ro;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OnO", &ko, &n, &ro))
+        return NULL;
+    Py_buffer k, r;
+    if (get_buffer(ko, &k, 0, "HI", 0, "row_ranks keys") < 0)
+        return NULL;
+    if (get_buffer(ro, &r, 1, "i", 4, "row_ranks ranks") < 0) {
+        PyBuffer_Release(&k);
+        return NULL;
+    }
+    Py_ssize_t width = k.itemsize, count = k.len / width;
+    if (n <= 0 || n > INT32_MAX || count % n != 0 || r.len / 4 != count) {
+        PyErr_SetString(PyExc_ValueError, "row_ranks: keys must be whole rows of n, and ranks as long");
+        PyBuffer_Release(&k);
+        PyBuffer_Release(&r);
+        return NULL;
+    }
+    int32_t *order = PyMem_RawMalloc(2 * (size_t)n * sizeof(int32_t));
+    if (order == NULL) {
+        PyBuffer_Release(&k);
+        PyBuffer_Release(&r);
+        return PyErr_NoMemory();
+    }
+    const unsigned char *keys = (const unsigned char *)k.buf;
+    int32_t *ranks = (int32_t *)r.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t row = 0; row < count; row += n) {
+        int32_t *a = order, *b = order + n;
+        for (Py_ssize_t i = 0; i < n; i++)
+            a[i] = (int32_t)i;
+        for (Py_ssize_t byte = 0; byte < width; byte++) {
+            Py_ssize_t at[256] = {0};
+            /* the byte of significance `byte` of key j is keys[(row + j) * width + byte] on a little-endian machine */
+            const unsigned char *digits = keys + row * width + (PY_LITTLE_ENDIAN ? byte : width - 1 - byte);
+            for (Py_ssize_t i = 0; i < n; i++)
+                at[digits[i * width]]++;
+            if (at[digits[0]] == n)
+                continue; /* one digit for the whole row: the order stands */
+            Py_ssize_t sum = 0;
+            for (int d = 0; d < 256; d++) {
+                Py_ssize_t c = at[d];
+                at[d] = sum;
+                sum += c;
+            }
+            for (Py_ssize_t i = 0; i < n; i++)
+                b[at[digits[(Py_ssize_t)a[i] * width]]++] = a[i];
+            int32_t *t = a;
+            a = b;
+            b = t;
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            ranks[row + a[i]] = (int32_t)i;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(order);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&r);
+    Py_RETURN_NONE;
+}
+
+/* welford_variance(xs, out): for each element i, the population variance of xs[0][i] .. xs[k-1][i]
+ * (float32 arrays) by Welford's steps in float64, as torch.var computes it on the CPU and as the
+ * numpy form in raymerge/methods/sce.py does (each operation rounded alike: no fused multiply-add,
+ * see the extension's compile flags), into out (float32): mean += (x - mean) / n, m2 += (x -
+ * mean_before) * (x - mean_after), then m2 / k rounded to float32. */
+static PyObject *welford_variance(PyObject *self, PyObject *args)
+{
+    PyObject *seq, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &seq, &oo))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "welford_variance: xs must be a sequence of arrays");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(fast), got = 0;
+    Py_buffer out, *xs = PyMem_Calloc(k ? k : 1, sizeof(Py_buffer));
+    if (xs == NULL) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    int have_out = get_buffer(oo, &out, 1, "f", 4, "welford_variance out") == 0, ok = have_out;
+    for (; ok && got < k; got++) {
+        if (get_buffer(PySequence_Fast_GET_ITEM(fast, got), &xs[got], 0, "f", 4, "welford_variance xs") < 0) {
+            ok = 0;
+            break;
+        }
+        if (xs[got].len != out.len) {
+            PyErr_SetString(PyExc_ValueError, "welford_variance: every array must be as long as out");
+            PyBuffer_Release(&xs[got]);
+            ok = 0;
+            break;
+        }
+    }
+    if (ok) {
+        float *o = (float *)out.buf;
+        Py_ssize_t m = out.len / 4;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < m; i++) {
+            double mean = 0.0, m2 = 0.0;
+            for (Py_ssize_t j = 0; j < k; j++) {
+                double x = (double)((const float *)xs[j].buf)[i];
+                double delta = x - mean;
+                mean = mean + delta / (double)(j + 1);
+                m2 = m2 + delta * (x - mean);
+            }
+            o[i] = (float)(m2 / (double)k);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t j = 0; j < got; j++)
+        PyBuffer_Release(&xs[j]);
+    if (have_out)
+        PyBuffer_Release(&out);
+    PyMem_Free(xs);
+    Py_DECREF(fast);
+    if (!ok)
+        return NULL;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"round_bf16", round_bf16, METH_O, "Round float32 values to BF16 in place, half to even; NaNs kept."},
     {"dot_buckets", dot_buckets, METH_VARARGS, "Add exact products into per-sign-and-exponent float64 buckets."},
-    {"high_counts", high_counts, METH_VARARGS, "Count magnitudes' bit patterns by their high 16 bits."},
+    {"high_counts", high_counts, METH_VARARGS, "Count uint32 bit patterns by their high 16 bits."},
+    {"row_ranks", row_ranks, METH_VARARGS, "Each key's rank in its row of n (a stable ascending sort's inverse)."},
+    {"welford_variance", welford_variance, METH_VARARGS, "Population variance across float32 arrays, Welford in float64."},
     {NULL, NULL, 0, NULL},
 };
 

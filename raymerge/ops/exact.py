@@ -23,10 +23,8 @@ import threading
 
 import numpy as np
 
-try:
-    from raymerge.ops import _native
-except ImportError:  # built without a C compiler: numpy's loops, the same sums
-    _native = None
+from raymerge.ops import native
+
 
 UNIT = 298  # a sum is a count of 2**-UNIT: the smallest product of two float32 subnormals
 _LOW_BITS = np.uint64((1 << 29) - 1)  # the float64 mantissa bits below a product's first 24
@@ -154,13 +152,13 @@ def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> 
     """dot_sum's bucket sums by the compiled loop, or None where it is not built or does not take
     these operands (float32, contiguous; y an array of x's length, or the number 1)."""
     ones = np.ndim(y) == 0 and y == 1
-    if _native is None or x.dtype != np.float32 or not x.flags.c_contiguous or not (
+    if native.loops is None or x.dtype != np.float32 or not x.flags.c_contiguous or not (
             ones or (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.flags.c_contiguous)):
         return None
     lanes = getattr(_THREAD, "lanes", None)
     if lanes is None:
         lanes = _THREAD.lanes = np.zeros((_LANES, 2 * _EXPONENTS))
-    _native.dot_buckets(x, None if ones else y, lanes, narrow)
+    native.loops.dot_buckets(x, None if ones else y, lanes, narrow)
     buckets = lanes.sum(axis=0)  # exact: fewer than 2**29 parts in all
     lanes.fill(0)
     return buckets

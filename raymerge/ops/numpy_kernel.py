@@ -21,14 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raymerge.ops import sparse
+from raymerge.ops import native, sparse
 from raymerge.ops.kernel import (DEFAULT_NAN, NUMPY_DTYPES, QUIET_BIT, Scratch, Sums, exact_op, f16_to_f32, nan_bits,
                                  nan_rule)
 
-try:
-    from raymerge.ops import _native  # BF16 rounding compiled (raymerge/ops/_native.c); optional
-except ImportError:
-    _native = None
 
 CHUNK = 1 << 16  # elements: the float32 chunks stay in a core's L2 cache
 F32_MAX = float(np.finfo(np.float32).max)
@@ -135,8 +131,8 @@ class NumpyKernel:
         return sparse.magnitude_bits(x, out, nans_equal)
 
     def round_to(self, x: np.ndarray, dtype: str) -> None:
-        if dtype == "BF16" and _native is not None and x.dtype == np.float32 and x.flags.c_contiguous:
-            _native.round_bf16(x)  # the loop below, compiled (raymerge/ops/_native.c): one pass
+        if dtype == "BF16" and native.loops is not None and x.dtype == np.float32 and x.flags.c_contiguous:
+            native.loops.round_bf16(x)  # the loop below, compiled (raymerge/ops/_native.c): one pass
             return
         # In place, unmasked: a NaN keeps its float32 bits, restored afterwards in the rare chunk that
         # holds one (a masked copy of every element cost as much as the rounding).

@@ -24,12 +24,10 @@ import hashlib
 
 import numpy as np
 
+from raymerge.ops import native
+
 from raymerge.ops.exact import UNIT, ExactSum, dot_sum
 
-try:
-    from raymerge.ops import _native
-except ImportError:  # built without a C compiler: numpy's loops, the same counts
-    _native = None
 
 ABS = np.uint32(0x7FFFFFFF)
 HIGH_BINS = 1 << 15  # the high 16 bits of a magnitude (the sign bit is 0)
@@ -47,23 +45,35 @@ def magnitude_bits(x: np.ndarray, out: np.ndarray, nans_equal: bool = False) -> 
     return out
 
 
-def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray) -> None:
+def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray | None = None) -> None:
     """counts (int64, HIGH_BINS) += how many magnitudes fall in each high-16-bit bin, every NaN in
-    NAN_BIN; `work`: an int64 buffer as long as `bits` (bincount counts intp: a fresh one per call
-    is slow to touch)."""
-    if _native is not None and bits.dtype == np.uint32 and bits.flags.c_contiguous and counts.dtype == np.int64:
-        _native.high_counts(bits, counts)  # the same counts, in one compiled pass (raymerge/ops/_native.c)
-    else:
-        np.right_shift(bits, 16, out=work)
-        counts += np.bincount(work, minlength=HIGH_BINS)
+    NAN_BIN (`count_highs`)."""
+    count_highs(bits, counts, work)
     counts[NAN_BIN] += counts[NAN_BIN + 1:].sum()  # NaNs of other payloads
     counts[NAN_BIN + 1:] = 0
 
 
+def count_highs(bits: np.ndarray, counts: np.ndarray, work: np.ndarray | None = None) -> None:
+    """counts[b >> 16] += 1 for each uint32 b of bits (counts: int64, as long as the high halves
+    reach). Compiled where raymerge/ops/_native.c was built; else numpy's bincount, `work` an int64
+    buffer as long as `bits` (bincount counts intp: a fresh one per call is slow to touch)."""
+    if native.loops is not None and bits.dtype == np.uint32 and bits.flags.c_contiguous and counts.dtype == np.int64 \
+            and counts.flags.c_contiguous:
+        native.loops.high_counts(bits, counts)
+        return
+    shifted = np.right_shift(bits, 16, out=work if work is not None else np.empty(bits.size, np.int64))
+    counts += np.bincount(shifted, minlength=counts.size)
+
+
+def low_halves(bits: np.ndarray, high: int) -> np.ndarray:
+    """The low 16 bits (uint32) of the uint32 bit patterns whose high 16 bits are `high`, in order
+    (numpy's vector loops: a compiled loop with a branch per element was slower)."""
+    return bits[(bits >> 16) == high] & np.uint32(0xFFFF)
+
+
 def low_histogram(bits: np.ndarray, high: int) -> tuple[np.ndarray, np.ndarray]:
     """(low 16 bits, count) of the magnitudes whose high 16 bits are `high`, sorted."""
-    inside = bits[(bits >> 16) == high]
-    return np.unique((inside & 0xFFFF).astype(np.uint16), return_counts=True)
+    return np.unique(low_halves(bits, high).astype(np.uint16), return_counts=True)
 
 
 def select(counts: dict[int, int], k: int) -> tuple[int, int]:
@@ -92,6 +102,19 @@ def keep_mask(key: np.ndarray, begin: int, n: int, threshold: int) -> np.ndarray
     """Whether elements [begin, begin + n) of a tensor are kept (bool): their `random_words` are
     below the threshold."""
     return random_words(key, begin, n) < threshold
+
+
+def row_ranks(keys: np.ndarray) -> np.ndarray:
+    """Each key's rank in its row (keys: uint16 or uint32, shape (rows, n)), ascending, equal keys
+    ranked in index order: the inverse of a stable argsort of each row, as int32. Compiled where
+    raymerge/ops/_native.c was built (a radix sort by bytes), else numpy's argsort."""
+    ranks = np.empty(keys.shape, np.int32)
+    if native.loops is not None and keys.size:
+        native.loops.row_ranks(np.ascontiguousarray(keys), keys.shape[1], ranks)
+        return ranks
+    order = np.argsort(keys, axis=1, kind="stable")
+    np.put_along_axis(ranks, order, np.arange(keys.shape[1], dtype=np.int32)[None, :], axis=1)
+    return ranks
 
 
 def random_words(key: np.ndarray, begin: int, n: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import raymerge.ops.exact as exact
-import raymerge.ops.numpy_kernel as numpy_kernel
+from raymerge.ops import native as native_module
 from raymerge.ops.numpy_kernel import NUMPY
 
 native = pytest.importorskip("raymerge.ops._native", reason="not built here (no C compiler at install)")
@@ -53,7 +53,7 @@ def test_round_to_gives_the_numpy_loops_bits(monkeypatch):
     x = _hard_float32(70000, 7)  # more than a chunk: the numpy loop's scratch is not kept
     fast = x.copy()
     NUMPY.round_to(fast, "BF16")
-    monkeypatch.setattr(numpy_kernel, "_native", None)
+    monkeypatch.setattr(native_module, "loops", None)
     slow = x.copy()
     NUMPY.round_to(slow, "BF16")
     assert np.array_equal(fast.view(np.uint32), slow.view(np.uint32))
@@ -77,18 +77,47 @@ def test_dot_buckets_equal_numpy_bincounts(narrow):
     assert np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
 
 
-def test_high_counts_equal_numpy_bincounts_and_refuse_a_sign_bit():
-    bits = _hard_float32(50000, 5).view(np.uint32) & 0x7FFFFFFF
-    counts = np.zeros(1 << 15, np.int64)
-    counts[7] = 3  # added to
-    native.high_counts(bits, counts)
-    want = np.bincount(bits >> 16, minlength=1 << 15)
-    want[7] += 3
-    assert np.array_equal(counts, want)
-    with pytest.raises(ValueError, match="no magnitude"):
-        native.high_counts(np.uint32([0x80000000]), counts)
-    with pytest.raises(ValueError, match="1 << 15"):
-        native.high_counts(bits, np.zeros(10, np.int64))
+def test_high_counts_equal_numpy_bincounts_and_refuse_a_high_half_past_the_counts():
+    bits = _hard_float32(50000, 5).view(np.uint32)
+    for size, x in ((1 << 15, bits & 0x7FFFFFFF), (1 << 16, bits)):  # magnitudes; order keys
+        counts = np.zeros(size, np.int64)
+        counts[7] = 3  # added to
+        native.high_counts(x, counts)
+        want = np.bincount(x >> 16, minlength=size)
+        want[7] += 3
+        assert np.array_equal(counts, want)
+    with pytest.raises(ValueError, match="past the 32768 counts"):
+        native.high_counts(np.uint32([0x80000000]), np.zeros(1 << 15, np.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (5, 700), (2, 5000)])
+def test_row_ranks_invert_a_stable_argsort_of_each_row(dtype, shape):
+    rng = np.random.default_rng(shape[1])
+    keys = rng.integers(0, 40, shape).astype(dtype)  # many ties
+    keys[0, ::3] = np.iinfo(dtype).max  # and digits in every byte
+    if shape[0] > 2:
+        keys[2] = 7  # a row of one key: every byte skipped
+    ranks = np.empty(keys.size, np.int32)
+    native.row_ranks(keys, shape[1], ranks)
+    order = np.argsort(keys, axis=1, kind="stable")
+    for r in range(shape[0]):
+        assert np.array_equal(ranks.reshape(shape)[r][order[r]], np.arange(shape[1]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_welford_variance_is_torch_var_in_float64_then_float32(k):
+    rng = np.random.default_rng(k)
+    xs = [(rng.standard_normal(3000) * np.exp(rng.uniform(-20, 20, 3000))).astype(np.float32) for _ in range(k)]
+    xs[0][:4] = [np.inf, -np.inf, np.nan, 3.4e38]
+    out = np.empty(3000, np.float32)
+    native.welford_variance(xs, out)
+    want = torch.var(torch.from_numpy(np.stack(xs)).double(), dim=0, unbiased=False).float().numpy()
+    finite = np.isfinite(want)
+    assert np.array_equal(out[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.array_equal(np.isnan(out), np.isnan(want))
+    with pytest.raises(ValueError, match="as long as out"):
+        native.welford_variance([xs[0][:10]], out)
 
 
 def test_dot_buckets_refuses_what_it_cannot_read():
@@ -101,3 +130,7 @@ def test_dot_buckets_refuses_what_it_cannot_read():
         native.dot_buckets(np.zeros(4, np.float32)[::2], None, lanes, True)  # not contiguous
     with pytest.raises(TypeError, match="round_bf16"):
         native.round_bf16(np.zeros(4, np.float64))
+    with pytest.raises(ValueError, match="whole rows"):
+        native.row_ranks(np.zeros(10, np.uint16), 3, np.empty(10, np.int32))
+    with pytest.raises(TypeError, match="row_ranks ranks"):
+        native.row_ranks(np.zeros(10, np.uint16), 5, np.empty(10, np.int64))

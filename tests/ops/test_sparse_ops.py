@@ -241,3 +241,17 @@ def test_to_float32_large_sums_and_overflow():
     assert sparse.to_float32(1 << 400) == np.inf
     for units in ((1 << 100) + (1 << 76), (3 << 200) + (1 << 176) + 1, (5 << 120) + (1 << 97) + (1 << 98)):
         assert sparse.to_float32(units).view(np.uint32) == round_to_float32(Fraction(units) * UNIT).view(np.uint32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_row_ranks_rank_each_row_ascending_ties_in_index_order(dtype):
+    rng = np.random.default_rng(4)
+    keys = rng.integers(0, 9, (6, 333)).astype(dtype) << (8 * np.dtype(dtype).itemsize - 8)  # high byte only
+    keys[1] += np.arange(333, dtype=dtype)  # low byte too
+    ranks = sparse.row_ranks(keys)
+    assert ranks.dtype == np.int32 and ranks.shape == keys.shape
+    for row, rank in zip(keys, ranks):
+        # rank r goes to the r-th element of the order (key, index): written out, not by argsort
+        want = sorted(range(row.size), key=lambda i: (int(row[i]), i))
+        assert [int(rank[i]) for i in want] == list(range(row.size))
+    assert sparse.row_ranks(np.zeros((2, 0), dtype)).shape == (2, 0)
