@@ -17,6 +17,7 @@ Protocol:
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import socket
@@ -28,7 +29,7 @@ from typing import Any
 from raymerge.execution.nodes import NodeView, check_view, local_inputs
 from raymerge.execution.passes import Row
 from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
-from raymerge.ops import gather
+from raymerge.ops import gather, native
 from raymerge.ops.kernel import Kernel, Scratch, Sums, check_device, kernel_for
 from raymerge.planning.passes import tensor_passes
 from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan
@@ -37,6 +38,8 @@ from raymerge.safetensors.dtypes import ITEMSIZE
 from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.storage.writers import BLOCK, Span, Target, open_output
+
+log = logging.getLogger("raymerge")
 
 
 MEAN_CHUNK = 16 << 20  # bytes of float32 rows a column mean takes at once
@@ -113,6 +116,12 @@ class MergeWorker:
         """Check this node's view of local paths (raises NodeViewError), then report in."""
         if self._view is not None:
             check_view(self._view)
+        if native.loops is None:  # Ray shows a worker's warnings in the driver's output
+            log.warning("%s: raymerge's compiled loops (raymerge/ops/_native.c) were not built on this node, so "
+                        "its statistics passes run numpy's loops (the same bits, 2 to 4 times slower); to build "
+                        "them, install a C compiler there and reinstall raymerge without pip's cache (pip "
+                        "install --no-cache-dir --force-reinstall --no-deps raymerge, or pip install -e . in a "
+                        "checkout)", self._name)
         return self._name
 
     def _state(self) -> _ThreadState:

@@ -19,3 +19,21 @@ def test_a_gpu_worker_without_cuda_fails_when_it_starts(llama_trio):
     with pytest.raises(InputError, match="sees no CUDA GPU"):
         MergeWorker(plan, None, {}, {}, device="cuda")
     MergeWorker(plan, None, {}, {}, device="cpu").close()  # the same plan on the CPU starts
+
+
+def test_a_worker_without_the_compiled_loops_says_so_and_how_to_build_them(llama_trio, monkeypatch, caplog):
+    from raymerge.ops import native
+
+    plan = make_plan(*build_recipe("merge", dict(base=llama_trio["base"], chat=llama_trio["chat"],
+                                                 cp=llama_trio["cp"], scale=0.5)))
+    worker = MergeWorker(plan, None, {}, {})
+    if native.loops is not None:  # built: nothing to say
+        with caplog.at_level("WARNING", logger="raymerge"):
+            worker.ready()
+        assert not [r for r in caplog.records if "compiled loops" in r.getMessage()]
+    monkeypatch.setattr(native, "loops", None)
+    with caplog.at_level("WARNING", logger="raymerge"):
+        worker.ready()
+    warned = [r.getMessage() for r in caplog.records if "compiled loops" in r.getMessage()]
+    assert len(warned) == 1 and "pip install --no-cache-dir --force-reinstall --no-deps raymerge" in warned[0]
+    worker.close()
