@@ -18,13 +18,11 @@ same sums: each is exact, so the order of its additions does not matter), else b
 from __future__ import annotations
 
 import math
-
 import threading
 
 import numpy as np
 
 from raymerge.ops import native
-
 
 UNIT = 298  # a sum is a count of 2**-UNIT: the smallest product of two float32 subnormals
 _LOW_BITS = np.uint64((1 << 29) - 1)  # the float64 mantissa bits below a product's first 24

@@ -25,13 +25,10 @@ import hashlib
 import numpy as np
 
 from raymerge.ops import native
-
 from raymerge.ops.exact import UNIT, ExactSum, dot_sum
-
 
 ABS = np.uint32(0x7FFFFFFF)
 HIGH_BINS = 1 << 15  # the high 16 bits of a magnitude (the sign bit is 0)
-EXP_MASK = np.uint32(0x7F800000)
 NAN_MAGNITUDE = 0x7F800001  # every NaN's magnitude, as the selection ranks it
 NAN_BIN = NAN_MAGNITUDE >> 16  # its high bin, +inf's too
 
