@@ -136,6 +136,8 @@ class _Run:
         """The worker pool, every worker up and checked; killed when the run ends."""
         from raymerge.execution.dispatch import PoolOptions, WorkerPool
 
+        if any(METHODS[t.method].torch_scalars for t in self.plan.tensors):
+            warm_torch()  # the process the methods' reduce computes in: torch imported while the workers start
         o = self.options
         env = urls.worker_env([f.url for f in self.plan.files], self.output.url)
         pool = WorkerPool(self.plan, self.output.url, o.storage_options, env, PoolOptions.of(o), view)
@@ -244,8 +246,6 @@ class _Run:
         each result journaled as it comes."""
         from raymerge.execution.progress import Progress
 
-        if any(METHODS[t.method].torch_scalars for t in self.plan.tensors):
-            warm_torch()  # the process the methods' reduce computes in, torch imported while the first pass runs
         for name in statistics_passes(self.plan):
             self._statistics(pool, name, journal)
         self.done_before = len(self.done)
