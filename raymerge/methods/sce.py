@@ -164,15 +164,15 @@ class _Chunk:
     def variance(self) -> Any:
         """torch.var over the models (population): Welford's steps in float64, then float32, then
         the compute dtype; in `other`. Compiled where raymerge/ops/_native.c was built (the same
-        float64 operations, element by element), else numpy's."""
-        hosts = [self.k.to_host(d, self.scratch) for d in self.deltas]
-        if native.loops is not None and isinstance(self.other, np.ndarray) and all(  # host arrays (numpy's kernel)
-                h.dtype == np.float32 and h.flags.c_contiguous for h in hosts):
-            native.loops.welford_variance(hosts, self.other)
+        float64 operations, element by element: the same values, a NaN's payload aside, which the
+        selection does not tell apart), else numpy's."""
+        if native.loops is not None and isinstance(self.other, np.ndarray) and all(  # numpy's kernel: host arrays
+                isinstance(d, np.ndarray) and d.dtype == np.float32 and d.flags.c_contiguous for d in self.deltas):
+            native.loops.welford_variance(self.deltas, self.other)
             return self.o.rounded(self.k, self.other)
         mean = m2 = np.zeros(len(self.base), np.float64)
-        for n, h in enumerate(hosts, start=1):
-            x = h.astype(np.float64)
+        for n, d in enumerate(self.deltas, start=1):
+            x = self.k.to_host(d, self.scratch).astype(np.float64)  # a copy: to_host's buffer is reused
             delta = x - mean
             mean = mean + delta / np.float64(n)
             m2 = m2 + delta * (x - mean)

@@ -602,8 +602,10 @@ def della_probabilities(rows: np.ndarray, density: float, epsilon: float, work: 
 @functools.lru_cache(maxsize=64)
 def rank_thresholds(n: int, density: float, epsilon: float, work: str | None) -> np.ndarray:
     """Per rank, the count of 32-bit words that keep it: floor(p * 2**32) of `rank_probabilities`
-    (exact: a float32 times a power of two), as uint64; a word below it keeps the element."""
-    t = np.floor(rank_probabilities(n, density, epsilon, work).astype(np.float64) * 2.0**32).astype(np.uint64)
+    (exact: a float32 times a power of two), as uint64; a word below it keeps the element. A NaN
+    probability (a one-element row's 0 / 0) keeps nothing, as a comparison with NaN is false."""
+    p = rank_probabilities(n, density, epsilon, work).astype(np.float64)
+    t = np.floor(np.where(p > 0, p, 0.0) * 2.0**32).astype(np.uint64)  # NaN, or below 0: never kept
     t.setflags(write=False)
     return t
 

@@ -13,20 +13,21 @@
 #define LANES 4                  /* independent bucket sets: consecutive products in one binade do not wait on each other */
 #define LOW_BITS ((UINT64_C(1) << 29) - 1) /* the float64 mantissa bits below a product's first 24 */
 
-/* A C-contiguous buffer of `itemsize`-byte elements whose struct format is one of `kinds` ("f",
- * "lq": numpy names int64 'l' on some platforms and 'q' on others; itemsize 0: any), or -1 with a
- * TypeError. */
+/* A C-contiguous, aligned buffer in native byte order of `itemsize`-byte elements whose struct
+ * format is one of `kinds` ("f", "lq": numpy names int64 'l' on some platforms and 'q' on others;
+ * itemsize 0: any), or -1 with a TypeError. */
 static int get_buffer(PyObject *o, Py_buffer *b, int writable, const char *kinds, Py_ssize_t itemsize,
                       const char *what)
 {
     if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
         return -1;
     const char *f = b->format ? b->format : "B";
-    if (*f == '<' || *f == '=' || *f == '@')
-        f++;
-    if (f[0] == '\0' || f[1] != '\0' || !strchr(kinds, f[0]) || (itemsize && b->itemsize != itemsize)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a contiguous buffer of '%s' (%zd bytes each), got '%s'", what,
-                     kinds, itemsize, b->format ? b->format : "B");
+    if (*f == '@' || *f == '=' || *f == (PY_LITTLE_ENDIAN ? '<' : '>') || (!PY_LITTLE_ENDIAN && *f == '!'))
+        f++; /* native byte order; another order keeps its prefix and is refused below */
+    if (f[0] == '\0' || f[1] != '\0' || !strchr(kinds, f[0]) || (itemsize && b->itemsize != itemsize) ||
+        (uintptr_t)b->buf % (uintptr_t)b->itemsize != 0) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a contiguous, aligned buffer of '%s' in native byte order "
+                     "(%zd bytes each), got '%s'", what, kinds, itemsize, b->format ? b->format : "B");
         PyBuffer_Release(b);
         return -1;
     }

@@ -149,17 +149,17 @@ def dot_sum(x: np.ndarray, y: np.ndarray, work: tuple[np.ndarray, np.ndarray, np
 def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> np.ndarray | None:
     """dot_sum's bucket sums by the compiled loop, or None where it is not built or does not take
     these operands (float32, contiguous; y an array of x's length, or the number 1)."""
-    ones = np.ndim(y) == 0 and y == 1
-    if native.loops is None or x.dtype != np.float32 or not x.flags.c_contiguous or not (
-            ones or (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.flags.c_contiguous)):
+    ones = not isinstance(y, np.ndarray) and np.ndim(y) == 0 and y == 1
+    if native.loops is None or x.dtype != np.float32 or not (x.flags.c_contiguous and x.flags.aligned) or not (
+            ones or (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == x.shape
+                     and y.flags.c_contiguous and y.flags.aligned)):
         return None
     lanes = getattr(_THREAD, "lanes", None)
     if lanes is None:
-        lanes = _THREAD.lanes = np.zeros((_LANES, 2 * _EXPONENTS))
+        lanes = _THREAD.lanes = np.empty((_LANES, 2 * _EXPONENTS))
+    lanes.fill(0)  # before, not after: an interrupted call leaves nothing behind for the next
     native.loops.dot_buckets(x, None if ones else y, lanes, narrow)
-    buckets = lanes.sum(axis=0)  # exact: fewer than 2**29 parts in all
-    lanes.fill(0)
-    return buckets
+    return lanes.sum(axis=0)  # exact: fewer than 2**29 parts in all
 
 
 def _numpy_buckets(x: np.ndarray, y: np.ndarray | np.float32, work: tuple | None, narrow: bool) -> np.ndarray:

@@ -54,8 +54,8 @@ def count_highs(bits: np.ndarray, counts: np.ndarray, work: np.ndarray | None = 
     """counts[b >> 16] += 1 for each uint32 b of bits (counts: int64, as long as the high halves
     reach). Compiled where raymerge/ops/_native.c was built; else numpy's bincount, `work` an int64
     buffer as long as `bits` (bincount counts intp: a fresh one per call is slow to touch)."""
-    if native.loops is not None and bits.dtype == np.uint32 and bits.flags.c_contiguous and counts.dtype == np.int64 \
-            and counts.flags.c_contiguous:
+    if native.loops is not None and bits.dtype == np.uint32 and bits.flags.c_contiguous and bits.flags.aligned \
+            and counts.dtype == np.int64 and counts.flags.c_contiguous and counts.flags.aligned:
         native.loops.high_counts(bits, counts)
         return
     shifted = np.right_shift(bits, 16, out=work if work is not None else np.empty(bits.size, np.int64))
@@ -106,7 +106,7 @@ def row_ranks(keys: np.ndarray) -> np.ndarray:
     ranked in index order: the inverse of a stable argsort of each row, as int32. Compiled where
     raymerge/ops/_native.c was built (a radix sort by bytes), else numpy's argsort."""
     ranks = np.empty(keys.shape, np.int32)
-    if native.loops is not None and keys.size:
+    if native.loops is not None and keys.size and keys.dtype in (np.uint16, np.uint32):
         native.loops.row_ranks(np.ascontiguousarray(keys), keys.shape[1], ranks)
         return ranks
     order = np.argsort(keys, axis=1, kind="stable")

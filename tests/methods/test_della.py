@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raymerge.methods import ELEMENTWISE, METHODS
-from raymerge.methods.sparse import della_probabilities
+from raymerge.methods.sparse import della_probabilities, rank_thresholds
 from tests.methods.test_sparse_methods import N, assert_same_bits, gta_reference, run_pieces, sparse_reference
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -107,3 +107,13 @@ def test_epsilon_validation_and_passes():
     assert "3" in m.check(tensor(0.3, 0.1, (2, 3, 4)))
     assert m.passes_for(tensor(0.3, 0.1)) == ("l1-norm", ELEMENTWISE)
     assert METHODS["della_linear"].default("normalize") is False and m.default("normalize") is True
+
+
+def test_a_one_element_rows_nan_probability_keeps_nothing():
+    """mergekit's norm of a one-element row is 0 / 0: its probability NaN, which no draw is below
+    (a comparison with NaN is false), so the element is dropped; the threshold per rank says so."""
+    assert np.isnan(della_probabilities(np.float32([[0.5], [-2.0]]), 0.5, 0.1, None)).all()
+    assert rank_thresholds(1, 0.5, 0.1, None).tolist() == [0]
+    assert rank_thresholds(1, 0.5, 0.1, "BF16").tolist() == [0]
+    p = della_probabilities(np.float32([[0.3, -0.1, 0.2]]), 0.5, 0.1, None)[0]  # ranks 2, 0, 1
+    assert rank_thresholds(3, 0.5, 0.1, None).tolist() == [int(np.floor(np.float64(x) * 2**32)) for x in sorted(p)]

@@ -130,6 +130,10 @@ def test_dot_buckets_refuses_what_it_cannot_read():
         native.dot_buckets(np.zeros(4, np.float32)[::2], None, lanes, True)  # not contiguous
     with pytest.raises(TypeError, match="round_bf16"):
         native.round_bf16(np.zeros(4, np.float64))
+    with pytest.raises(TypeError, match="native byte order"):
+        native.round_bf16(np.zeros(4, ">f4"))
+    with pytest.raises(TypeError, match="aligned"):
+        native.round_bf16(np.zeros(9, np.float32).view(np.uint8)[2:34].view(np.float32))
     with pytest.raises(ValueError, match="whole rows"):
         native.row_ranks(np.zeros(10, np.uint16), 3, np.empty(10, np.int32))
     with pytest.raises(TypeError, match="row_ranks ranks"):
