@@ -166,8 +166,7 @@ class _Chunk:
         the compute dtype; in `other`. Compiled where raymerge/ops/_native.c was built (the same
         float64 operations, element by element: the same values, a NaN's payload aside, which the
         selection does not tell apart), else numpy's."""
-        if native.loops is not None and isinstance(self.other, np.ndarray) and all(  # numpy's kernel: host arrays
-                isinstance(d, np.ndarray) and d.dtype == np.float32 and d.flags.c_contiguous for d in self.deltas):
+        if all(native.takes(x, np.float32) for x in (self.other, *self.deltas)):  # numpy's kernel: host arrays
             native.loops.welford_variance(self.deltas, self.other)
             return self.o.rounded(self.k, self.other)
         mean = m2 = np.zeros(len(self.base), np.float64)

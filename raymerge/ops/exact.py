@@ -150,9 +150,7 @@ def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> 
     """dot_sum's bucket sums by the compiled loop, or None where it is not built or does not take
     these operands (float32, contiguous; y an array of x's length, or the number 1)."""
     ones = not isinstance(y, np.ndarray) and np.ndim(y) == 0 and y == 1
-    if native.loops is None or x.dtype != np.float32 or not (x.flags.c_contiguous and x.flags.aligned) or not (
-            ones or (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == x.shape
-                     and y.flags.c_contiguous and y.flags.aligned)):
+    if not native.takes(x, np.float32) or not (ones or (native.takes(y, np.float32) and y.shape == x.shape)):
         return None
     lanes = getattr(_THREAD, "lanes", None)
     if lanes is None:

@@ -6,9 +6,19 @@ so that a test can run either form."""
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
+
+import numpy as np
 
 loops: ModuleType | None
 try:
     from raymerge.ops import _native as loops
 except ImportError:
     loops = None
+
+
+def takes(x: Any, dtype: type) -> bool:
+    """Whether the compiled loops are built and can read x as they read every buffer: a numpy
+    array of `dtype`, C-contiguous and aligned (else the caller runs its numpy form)."""
+    return loops is not None and isinstance(x, np.ndarray) and x.dtype == dtype and x.flags.c_contiguous \
+        and x.flags.aligned

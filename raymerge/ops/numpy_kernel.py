@@ -131,8 +131,7 @@ class NumpyKernel:
         return sparse.magnitude_bits(x, out, nans_equal)
 
     def round_to(self, x: np.ndarray, dtype: str) -> None:
-        if dtype == "BF16" and native.loops is not None and x.dtype == np.float32 and x.flags.c_contiguous \
-                and x.flags.aligned:
+        if dtype == "BF16" and native.takes(x, np.float32):
             native.loops.round_bf16(x)  # the loop below, compiled (raymerge/ops/_native.c): one pass
             return
         # In place, unmasked: a NaN keeps its float32 bits, restored afterwards in the rare chunk that

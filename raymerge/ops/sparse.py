@@ -54,8 +54,7 @@ def count_highs(bits: np.ndarray, counts: np.ndarray, work: np.ndarray | None = 
     """counts[b >> 16] += 1 for each uint32 b of bits (counts: int64, as long as the high halves
     reach). Compiled where raymerge/ops/_native.c was built; else numpy's bincount, `work` an int64
     buffer as long as `bits` (bincount counts intp: a fresh one per call is slow to touch)."""
-    if native.loops is not None and bits.dtype == np.uint32 and bits.flags.c_contiguous and bits.flags.aligned \
-            and counts.dtype == np.int64 and counts.flags.c_contiguous and counts.flags.aligned:
+    if native.takes(bits, np.uint32) and native.takes(counts, np.int64):
         native.loops.high_counts(bits, counts)
         return
     shifted = np.right_shift(bits, 16, out=work if work is not None else np.empty(bits.size, np.int64))
