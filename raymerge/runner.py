@@ -244,16 +244,19 @@ class _Run:
     def execute(self, pool, handles: list[str], journal: Journal) -> None:
         """The statistics passes, then the elementwise one: every item not done yet, on the pool;
         each result journaled as it comes."""
+        from raymerge.execution.kept import KeptValues
         from raymerge.execution.progress import Progress
 
+        kept = KeptValues(self.plan)
         for name in statistics_passes(self.plan):
-            self._statistics(pool, name, journal)
+            self._statistics(pool, name, journal, kept)
         self.done_before = len(self.done)
         self.progress = Progress(self.plan.output_bytes, len(self.plan.items), done_bytes=self._bytes_done(),
                                  done_items=self.done_before)
         todo = [i.id for i in self.plan.items if i.id not in self.done]
 
         def finished(result) -> None:
+            kept.written(result.item)
             self.done[result.item] = result.record
             self.results.append(result)
             journal.record(result.record)
@@ -264,12 +267,12 @@ class _Run:
             self.progress.start(pool.size, pool.busy)
             progress_log.info("execute: %d workers, %d items to do", pool.size, len(todo))
             shard = [i.shard for i in self.plan.items]
-            self.retried += pool.drive(todo, lambda actor, i: actor.run.remote(i, handles[shard[i]],
-                                                                               self.facts.for_item(i)), finished)
+            self.retried += pool.drive(todo, lambda actor, i: kept.run(actor, i, handles[shard[i]],
+                                                                       self.facts.for_item(i)), finished, kept.lost)
             self.progress.stop()
         journal.flush(strict=True)
 
-    def _statistics(self, pool, name: str, journal: Journal) -> None:
+    def _statistics(self, pool, name: str, journal: Journal, kept) -> None:
         """One statistics pass: its items not done yet; the facts reduced as tensors complete."""
         self.facts.settle(name)
         todo = [i for i in pass_items(self.plan, name)
@@ -279,13 +282,14 @@ class _Run:
             progress_log.info("%s: %d workers, %d items to do", name, pool.size, len(todo))
 
             def finished(result) -> None:  # a StatsResult
+                kept.finished(result.item)
                 self.stats_results.append(result)
                 self.facts.add(name, result.rows)
                 self.stats_done.add((name, result.item))
                 journal.record_stats(StatsRecord(name, result.item, tuple(result.rows)))
 
-            self.retried += pool.drive(todo, lambda actor, i: actor.stats.remote(i, name, self.facts.for_item(i)),
-                                       finished)
+            self.retried += pool.drive(todo, lambda actor, i: kept.stats(actor, i, name, self.facts.for_item(i)),
+                                       finished, kept.lost)
             self.pass_seconds[name] = time.perf_counter() - started
             progress_log.info("%s: done in %.1fs", name, self.pass_seconds[name])
         if not self.facts.complete(name):

@@ -10,8 +10,10 @@ Protocol (driver side):
      local paths and reported ready. A worker that dies while starting (node preempted, out of
      memory while importing) is replaced, as a busy one is; the pool gives up only when no worker
      can start at all, after a bounded number of attempts, with the workers' own error.
-  2. `drive(todo, submit, on_result)` runs the items (`submit(actor, item_id)` calls the actor's
-     `run` or `stats` and returns the reference), once per pass; a replacement worker joins once ready.
+  2. `drive(todo, submit, on_result, on_lost)` runs the items (`submit(actor, item_id)` calls the
+     actor's `run` or `stats` and returns the reference), once per pass; a replacement worker joins
+     once ready. An item whose argument object was lost (what an earlier pass kept, on a node that
+     died) goes back to the queue after `on_lost(item_id)`, which drops that argument.
   3. `kill()` when done.
 """
 
@@ -23,10 +25,10 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayError, RayTaskError
 
 from raymerge.errors import ExecutionError, RaymergeError
 from raymerge.execution.nodes import NodeView
@@ -142,9 +144,10 @@ class WorkerPool:
             self.actors[i] = self._new_actor()
             self.starting[self.actors[i].ready.remote()] = (i, self.generation[i])
 
-    def drive(self, todo: list[int], submit: Callable[[Any, int], Any], on_result: Callable[[Any], None]) -> int:
+    def drive(self, todo: list[int], submit: Callable[[Any, int], Any], on_result: Callable[[Any], None],
+              on_lost: Callable[[int], None] | None = None) -> int:
         """Run items `todo`, calling `on_result` as each finishes (in the driver, in completion order).
-        Returns how many items were run again because their worker died."""
+        Returns how many items were run again because their worker died or an argument was lost."""
         queue = collections.deque(todo)
         attempts: collections.Counter[int] = collections.Counter()
         pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, generation, item id)
@@ -167,7 +170,7 @@ class WorkerPool:
                 if ref in self.starting:
                     self._started(ref)
                 else:
-                    self._finished(ref, pending.pop(ref), queue, attempts, on_result)
+                    self._finished(ref, pending.pop(ref), queue, attempts, on_result, on_lost)
         return sum(attempts.values())
 
     def _started(self, ref) -> None:
@@ -193,16 +196,22 @@ class WorkerPool:
             log.warning("execute: a worker died while starting (%s); starting another", why)
             self.replace(i)
 
-    def _finished(self, ref, where: tuple[int, int, int], queue, attempts, on_result) -> None:
+    def _finished(self, ref, where: tuple[int, int, int], queue, attempts, on_result, on_lost) -> None:
         i, gen, item_id = where
         if gen == self.generation[i]:
             self.load[i] -= 1
         try:
             result = ray.get(ref)
-        except RayTaskError as e:
-            if isinstance(e.cause, RaymergeError):
-                raise e.cause from None
-            raise ExecutionError(f"execute: item {item_id} failed on a worker: {e.cause!r}") from e
+        except (ObjectLostError, RayTaskError) as e:
+            lost = e if isinstance(e, ObjectLostError) else e.cause
+            if on_lost is None or not isinstance(lost, ObjectLostError) or attempts[item_id] >= self._options.max_attempts:
+                _raise_failure(item_id, e)
+            attempts[item_id] += 1
+            log.warning("execute: item %d lost what an earlier pass kept (%s); it runs again, computing it anew",
+                        item_id, type(lost).__name__)
+            on_lost(item_id)
+            queue.appendleft(item_id)
+            return
         except RayActorError as e:
             attempts[item_id] += 1
             if attempts[item_id] >= self._options.max_attempts:
@@ -215,13 +224,23 @@ class WorkerPool:
                             type(e).__name__)
                 self.replace(i)
             return
-        except RayError as e:  # object lost, and the like: Ray's own failures, with their reason
-            raise ExecutionError(f"execute: item {item_id} failed in Ray: {e}") from e
+        except RayError as e:  # Ray's own failures, with their reason
+            _raise_failure(item_id, e)
         on_result(result)
 
     def kill(self) -> None:
         for a in self.actors:
             ray.kill(a)
+
+
+def _raise_failure(item_id: int, e: RayError) -> NoReturn:
+    """Raise the run's error for an item that failed: a worker's own (a RaymergeError raised in
+    it), or the exception it raised, or Ray's failure with its reason."""
+    if isinstance(e, RayTaskError):
+        if isinstance(e.cause, RaymergeError):
+            raise e.cause from None
+        raise ExecutionError(f"execute: item {item_id} failed on a worker: {e.cause!r}") from e
+    raise ExecutionError(f"execute: item {item_id} failed in Ray: {e}") from e
 
 
 def start_error(e: RayActorError) -> str:

@@ -23,6 +23,7 @@ import resource
 import socket
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ from raymerge.safetensors.dtypes import ITEMSIZE
 from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.storage.writers import BLOCK, Span, Target, open_output
+
+Kept = dict[tuple[int, int], dict[str, Any]]  # (tensor, piece's first element) -> what a pass kept of it
 
 log = logging.getLogger("raymerge")
 
@@ -137,10 +140,11 @@ class MergeWorker:
             st.reader.close()
         self._states.clear()
 
-    def produce(self, item_id: int, clock: list[float] | None = None,
-                facts: dict[int, Any] | None = None) -> tuple[memoryview, int, list[TensorSums]]:
+    def produce(self, item_id: int, clock: list[float] | None = None, facts: dict[int, Any] | None = None,
+                carried: Kept | None = None) -> tuple[memoryview, int, list[TensorSums]]:
         """The item's output bytes (valid until this thread's next item), bytes read, per-tensor sums.
-        `clock` gets the seconds spent reading and computing appended."""
+        `clock` gets the seconds spent reading and computing appended; `carried`: what the item's
+        statistics passes kept (`stats_kept`)."""
         item = self._plan.items[item_id]
         st = self._state()
         t0 = time.perf_counter()
@@ -149,18 +153,19 @@ class MergeWorker:
         # Place the bytes so that file blocks fall on memory pages: direct I/O can write them as they are.
         lead = item.start % BLOCK
         out = st.out.view(lead + item.nbytes)[lead:]
-        sums = self._compute(item, inputs, out, st, self._facts if facts is None else facts)
+        sums = self._compute(item, inputs, out, st, self._facts if facts is None else facts, carried or {})
         if clock is not None:
             clock += [t1 - t0, time.perf_counter() - t1]
         return out, read_bytes, sums
 
-    def run(self, item_id: int, handle: str, facts: dict[int, Any] | None = None) -> ItemResult:
+    def run(self, item_id: int, handle: str, facts: dict[int, Any] | None = None,
+            carried: Kept | None = None) -> ItemResult:
         t0 = time.perf_counter()
         if self._test_delay:  # fault-injection tests need runs slow enough to be interrupted
             time.sleep(self._test_delay)
         item = self._plan.items[item_id]
         clock: list[float] = []
-        out, read_bytes, sums = self.produce(item_id, clock, facts)
+        out, read_bytes, sums = self.produce(item_id, clock, facts, carried)
         t1 = time.perf_counter()
         shard = self._plan.shards[item.shard]
         etag = self._out.write(Target(shard.name, handle, shard.size), Span(item.part, item.start, item.end), out)
@@ -173,6 +178,13 @@ class MergeWorker:
 
     def stats(self, item_id: int, pass_name: str, facts: dict[int, Any]) -> StatsResult:
         """Statistics pass `pass_name` over the item's pieces of tensors that need it."""
+        return self.stats_kept(item_id, pass_name, facts, None, keep=False)[0]
+
+    def stats_kept(self, item_id: int, pass_name: str, facts: dict[int, Any], carried: Kept | None,
+                   keep: bool = True) -> tuple[StatsResult, Kept | None]:
+        """`stats`, given what the item's earlier passes kept (`carried`), and what this pass keeps
+        for the next ones: `carried` with this pass's values in place of its pieces' (Method.keeps;
+        docs/ARCHITECTURE.md: values kept between passes), or None where nothing is kept."""
         t0 = time.perf_counter()
         if self._test_delay:
             time.sleep(self._test_delay)
@@ -180,17 +192,23 @@ class MergeWorker:
         st = self._state()
         inputs, read_bytes = self._read_inputs(item, st, pass_name, facts)
         rows: list[Row] = []
+        kept = dict(carried or {})
         for p, piece in enumerate(item.pieces):
             if not self._needs(piece, pass_name, facts):
                 continue
             t = self._plan.tensors[piece.tensor]
             k = self._kernels[piece.tensor]
             scratch = st.scratch_for(k)
-            operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch)
+            new: dict[str, Any] | None = {} if keep and METHODS[t.method].keeps(t) else None
+            operands = dataclasses.replace(_operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch),
+                                           carried=kept.pop((piece.tensor, piece.begin), None), keep=new)
             result = METHODS[t.method].statistic(k, pass_name, operands, scratch)
             rows.append((piece.tensor, piece.begin, result))
+            if new:
+                kept[(piece.tensor, piece.begin)] = new
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak)
+        return (StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak),
+                kept or None)
 
     def _needs(self, piece: Piece, pass_name: str, facts: dict[int, Any] | None) -> bool:
         """Whether the piece's tensor needs the pass, given its facts so far (`facts`: a statistics
@@ -293,7 +311,7 @@ class MergeWorker:
         return raw, total
 
     def _compute(self, item: Item, inputs: dict[tuple[int, str, int], memoryview], out: memoryview,
-                 st: _ThreadState, facts: dict[int, Any]) -> list[TensorSums]:
+                 st: _ThreadState, facts: dict[int, Any], carried: Kept) -> list[TensorSums]:
         sums = []
         for p, piece in enumerate(item.pieces):
             if piece.tensor == HEADER:
@@ -310,7 +328,8 @@ class MergeWorker:
             k = self._kernels[piece.tensor]
             scratch = st.scratch_for(k)
             method = METHODS[t.method]
-            operands = _operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch)
+            operands = dataclasses.replace(_operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch),
+                                           carried=carried.get((piece.tensor, piece.begin)))
             s = _apply(method, k, dest, t, operands, scratch)
             nonfinite, new = s.nonfinite, s.new_nonfinite
             if t.overrides:

@@ -76,6 +76,10 @@ class Operands:
     # each operation to it (kernel.round_to) where mergekit computes in it. None: float32.
     compute: str | None = None
     shape: tuple[int, ...] = ()  # the whole tensor's (a method that works row by row needs its rows)
+    # What the item's earlier passes kept of this piece (Method.keeps; docs/ARCHITECTURE.md: values
+    # kept between passes): name -> array over the piece's elements, or a label; None: nothing kept.
+    carried: Any = None
+    keep: dict[str, Any] | None = None  # where this pass puts what it keeps; None: it keeps nothing
 
     def param(self, name: str, default: float) -> float:
         return param(self.params, name, default)
@@ -87,7 +91,7 @@ class Operands:
         return x
 
     def rows(self, lo: int, hi: int) -> Operands:
-        """The operands of elements [lo, hi) of the piece."""
+        """The operands of elements [lo, hi) of the piece (with nothing carried or kept)."""
         return Operands(self.anchor[lo:hi] if self.anchor is not None else None,
                         tuple(Vector(v.scale, v.a[lo:hi], v.b[lo:hi] if v.b is not None else None, v.term, v.values)
                               for v in self.vectors),
@@ -238,6 +242,13 @@ class Method(ABC):
         (one of `passes_for`'s): by default, yes. An iterative method says no past convergence, and
         the driver skips the tensor's pieces in that pass."""
         return True
+
+    def keeps(self, tensor: Any) -> int:
+        """Bytes per element of the values this method keeps from one pass of a tensor to the next
+        (Operands.keep, Operands.carried), at most: 0, nothing kept. A method that keeps values
+        computes them again wherever none were carried (docs/ARCHITECTURE.md: values kept between
+        passes): keeping saves time, never changes a bit."""
+        return 0
 
     def works_on(self, term: Any) -> bool:
         """Whether the statistics passes record facts for this term of a tensor (Term): by default

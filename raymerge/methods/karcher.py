@@ -13,9 +13,11 @@ computes on tensors of the compute dtype (every model weighs 1/N, the base model
 
 Every whole-tensor reduction is a statistics pass, exact and rounded once (to float32, then the
 compute dtype where mergekit's is in it): `karcher-norms`, `karcher-mean`, then per iteration k
-`karcher-dots-k`, `karcher-tangent-k` and `karcher-unit-k`. A pass computes the mean of the
-iterations before it again from the inputs and the facts (a worker keeps no tensor), so a resumed
-run goes on from the last finished pass. A tensor that has converged (tn < tol), or has no valid
+`karcher-dots-k`, `karcher-tangent-k` and `karcher-unit-k`. Each pass keeps its piece's mean (and
+the tangent) for the next (steps.keep: the labels below say which state they hold); where none was
+kept (a resumed run, a lost node, the driver's budget) the pass computes the mean of the iterations
+before it again from the inputs and the facts, to the same bits, so a resumed run goes on from the
+last finished pass. A tensor that has converged (tn < tol), or has no valid
 model, needs none of the passes after (`Method.needs`): the driver skips its pieces. The driver
 makes the scalars with torch on 0-dim tensors of mergekit's dtypes (steps.in_torch), and rounds a
 float32 scalar to the compute dtype where torch does: as the first operand of a product.
@@ -28,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (apply_chunks, bits, chunks, exact_sum, facts_problem, in_torch, quiet,
-                                    step, torch_dtype, total, value, vector_length, widen_rows)
+from raymerge.methods.steps import (apply_chunks, bits, carried, chunks, exact_sum, facts_problem, in_torch, keep,
+                                    quiet, step, torch_dtype, total, value, vector_length, widen_rows)
 
 NORMS, MEAN = "karcher-norms", "karcher-mean"
 DOTS, TANGENT, UNIT = "dots", "tangent", "unit"  # an iteration's passes: karcher-dots-1, ...
@@ -77,6 +79,10 @@ class Karcher(Method):
         return (NORMS, MEAN, *(iteration_pass(k, what) for k in range(1, iters + 1) for what in _STEPS),
                 "elementwise")
 
+    def keeps(self, tensor: Any) -> int:
+        """The mean and the tangent, each of the compute dtype (kept as float32 without one)."""
+        return 0 if len(tensor.terms) < 2 else 2 * (2 if tensor.compute == "BF16" else 4)
+
     def needs(self, pass_name: str, facts: Any) -> bool:
         """Past the norms, nothing where no model is valid; past convergence, no iteration's pass."""
         f = (facts or [None])[0] or {}
@@ -114,22 +120,29 @@ class Karcher(Method):
         what, it = _parse(pass_name)
         narrow = operands.compute is not None  # every value summed is rounded to it
         sums = None
-        for at, m in chunks(vector_length(operands), scratch):
+        n = vector_length(operands)
+        for at, m in chunks(n, scratch):
             s = _State(kernel, operands, scratch, f, at, m)
             if what == NORMS:
                 parts = [exact_sum(kernel, x, scratch, square=True, narrow=narrow) for x in s.x]
             elif what == MEAN:
-                parts = [exact_sum(kernel, s.first_mean(), scratch, square=True, narrow=narrow)]
+                parts = [exact_sum(kernel, s.keep(s.first_mean(), "first", n), scratch, square=True, narrow=narrow)]
+            elif what == UNIT:
+                s.mean_after(it - 1)
+                s.tangent(it)
+                parts = [exact_sum(kernel, s.keep(s.step_along(it), f"u{it}", n), scratch, square=True, narrow=narrow)]
             else:
-                mean = s.mean_after(it - 1)
+                mean = s.keep(s.mean_after(it - 1), f"m{it - 1}", n)
                 if what == DOTS:
+                    s.units()
                     parts = [exact_sum(kernel, s.x[i], scratch, narrow=narrow, times=mean) for i in s.valid]
-                elif what == TANGENT:
-                    parts = [exact_sum(kernel, s.tangent(it), scratch, square=True, narrow=narrow)]
                 else:
-                    s.tangent(it)
-                    parts = [exact_sum(kernel, s.step_along(it), scratch, square=True, narrow=narrow)]
+                    tangent = s.tangent(it)
+                    keep(kernel, operands, scratch, "tangent", tangent, at, n)
+                    parts = [exact_sum(kernel, tangent, scratch, square=True, narrow=narrow)]
             sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
+        if operands.keep and "tangent" in operands.keep:
+            operands.keep["tangent-of"] = it
         return [[x.to_json() for x in sums]] if sums is not None else []
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
@@ -158,11 +171,17 @@ class Karcher(Method):
 class _State:
     """One chunk's elements of the quantities the passes reduce, each operation rounded to the
     compute dtype as mergekit's: the inputs, turned into units in place, the mean, the tangent.
-    `given`: the inputs already widened (a NaN replay's, on the host), else read from the operands."""
+    `given`: the inputs already widened (a NaN replay's, on the host), else read from the operands,
+    with what the piece's earlier passes kept.
+
+    What a pass keeps (steps.keep), labelled by the state it holds: "mean" is the first mean before
+    it is normalized ("first"), the mean after n iterations ("m<n>"), or iteration n's step before
+    it is normalized ("u<n>"); "tangent" is iteration "tangent-of"'s."""
 
     def __init__(self, kernel: Any, operands: Operands, scratch: Any, facts: dict, at: int, m: int,
                  given: tuple = ()) -> None:
-        self.k, self.o, self.f = kernel, operands, facts
+        self.k, self.o, self.f, self.s, self.at, self.m = kernel, operands, facts, scratch, at, m
+        self.carried = None if given else operands.carried or None
         count = len(operands.vectors)
         if given:
             rows = list(given) + [np.empty(len(given[0]), np.float32) for _ in range(3)]
@@ -193,27 +212,56 @@ class _State:
                           self.mean))
         return self.mean
 
+    def keep(self, x: Any, label: str, n: int) -> Any:
+        """x, kept as the piece's "mean" in state `label` for the next pass (steps.keep)."""
+        keep(self.k, self.o, self.s, "mean", x, self.at, n)
+        if self.o.keep is not None:
+            self.o.keep["at"] = label
+        return x
+
     def mean_after(self, iterations: int) -> Any:
-        """The mean once `iterations` iterations are done (0: the normalized first mean)."""
+        """The mean once `iterations` iterations are done (0: the normalized first mean); an
+        iteration that found a step below tol (`done`) leaves the mean as it was."""
+        done = self.f.get("done")
+        if done is not None and done <= iterations:
+            iterations = done - 1
+        label = (self.carried or {}).get("at")
+        if label in (f"m{iterations}", f"u{iterations}", "first" if iterations == 0 else "") and \
+                carried(self.k, self.o, "mean", self.mean, self.at, self.m):
+            if label != f"m{iterations}":
+                self._normalize(iterations)
+            return self.mean
         self.first_mean()
-        mn = value(self.f["mn"])
-        if float(mn) < self.tol:
-            self.k.copy(self.mean, self.x[self.valid[0]])
-        else:
-            self.rnd(step(self.k.divide, self.mean, mn, self.mean))
+        self._normalize(0)
         for it in range(1, iterations + 1):
-            if self.f.get("done") == it:
-                break
             self.tangent(it)
             self.step_along(it)
-            un = value(self.f[f"un{it}"])
-            if float(un) > self.tol:
-                self.rnd(step(self.k.divide, self.mean, un, self.mean))
+            self._normalize(it)
         return self.mean
 
+    def _normalize(self, it: int) -> None:
+        """The mean after iteration `it`'s step (0: the first mean) divided by its norm; the first
+        valid unit for a first mean of norm below tol, and a step of norm below tol unchanged."""
+        if it == 0:
+            mn = value(self.f["mn"])
+            if float(mn) < self.tol:
+                self.units()
+                self.k.copy(self.mean, self.x[self.valid[0]])
+            else:
+                self.rnd(step(self.k.divide, self.mean, mn, self.mean))
+            return
+        un = value(self.f[f"un{it}"])
+        if float(un) > self.tol:
+            self.rnd(step(self.k.divide, self.mean, un, self.mean))
+
     def tangent(self, it: int) -> Any:
-        """sum_i c_i (u_i - d_i m) over the models iteration `it` does not skip, added in turn."""
+        """sum_i c_i (u_i - d_i m) over the models iteration `it` does not skip, added in turn (or
+        as the piece's pass of that iteration kept it)."""
         k, f = self.k, self.f
+        if self.carried and self.carried.get("tangent-of") == it and \
+                carried(k, self.o, "tangent", self.tan, self.at, self.m):
+            return self.tan
+        self.units()
         k.fill(self.tan, 0)
         for i in self.valid:
             if f[f"skip{it}"][i]:

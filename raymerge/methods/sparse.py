@@ -45,7 +45,7 @@ import numpy as np
 
 from raymerge.methods.base import (ELEMENTWISE, LAMBDA, NORMALIZE, SCALE, Method, Operands, Parameter, Pass,
                                    mergekit_kind, param)
-from raymerge.ops import sparse
+from raymerge.ops import native, sparse
 from raymerge.ops.kernel import Sums, round_scalar
 from raymerge.ops.numpy_kernel import EXACT
 
@@ -88,6 +88,10 @@ class Sparse(Method):
     def _rescale(self, params) -> bool:
         return bool(param(params, "rescale", self.default("rescale")))
 
+    def _step(self, operands: Operands, scratch: Any) -> int:
+        """The elements of each chunk of a piece."""
+        return scratch.chunk
+
     # --- statistics -------------------------------------------------------------------------
 
     def statistic(self, kernel: Any, pass_name: str, operands: Operands, scratch: Any) -> list:
@@ -109,7 +113,7 @@ class Sparse(Method):
         keeps = kernel.table(scratch, _KEEPS, len(vecs))
         work = _host_buffer(scratch)
         state = _TieState()
-        for lo, _, live in _chunks(kernel, operands, scratch):
+        for lo, _, live in _chunks(kernel, operands, scratch, step=self._step(operands, scratch)):
             for i, v, d in live:
                 if not wanted[i] or (pass_name == LOW and not any(b is not None for b in bins[i])):
                     continue
@@ -183,7 +187,7 @@ class Sparse(Method):
         rows = kernel.table(scratch, _WORK, len(vecs) + 4)
         state = _TieState()
         total = Sums(0.0, 0.0, 0, 0)
-        for lo, m, live in _chunks(kernel, operands, scratch, len(out)):
+        for lo, m, live in _chunks(kernel, operands, scratch, len(out), self._step(operands, scratch)):
             q = max((len(d) for _, _, d in live), default=0)
             parts = [(v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits, scratch))
                      for i, v, d in live]
@@ -305,7 +309,7 @@ class Sparse(Method):
             return None
         keep = keep[:len(d)]
         if self.sparsify == "della":
-            return self._della_keep(kernel, v, d, keep, operands, lo)
+            return self._della_keep(kernel, v, d, keep, operands, lo, scratch)
         if self.sparsify == "random":
             seed = int(self.value(operands, "seed"))
             kernel.from_host(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo,
@@ -403,14 +407,14 @@ def _host_buffer(scratch: Any) -> np.ndarray:
     return scratch.staging[key]
 
 
-def _chunks(kernel: Any, operands: Operands, scratch: Any, n: int | None = None):
+def _chunks(kernel: Any, operands: Operands, scratch: Any, n: int | None = None, step: int | None = None):
     """(lo, m, [(vector index, vector, its float32 delta at elements lo .. lo + m of the piece, as
-    far as it reaches)]) for each chunk of the piece: the deltas are rows of the kernel's table
-    _DELTAS, valid until the next chunk."""
+    far as it reaches)]) for each chunk of the piece, `step` elements each (at most the scratch's
+    chunk, its default): the deltas are rows of the kernel's table _DELTAS, valid until the next chunk."""
     vecs = operands.vectors
     if n is None:
         n = len(operands.anchor) if operands.anchor is not None else max((len(v.a) for v in vecs), default=0)
-    c = scratch.chunk
+    c = step or scratch.chunk
     rows = kernel.table(scratch, _DELTAS, len(vecs) + 1)
     with np.errstate(all="ignore"):  # numpy's warnings: overflows and NaNs are data here
         for lo in range(0, n, c):
@@ -551,30 +555,50 @@ class Della(Sparse):
                         f"mergekit requires; give an epsilon below {min(density, 1 - density):g}")
         return None
 
-    def _della_keep(self, kernel: Any, v: Any, d: Any, keep: Any, operands: Operands, lo: int) -> Any:
+    def keeps(self, tensor: Any) -> int:
+        """Each sparsified vector's keep mask, a bit an element (the L1 pass's, for the output)."""
+        return 1 if self._rescale(tensor.params) else 0
+
+    def _step(self, operands: Operands, scratch: Any) -> int:
+        """Whole rows, where a chunk holds one: each chunk's deltas are then its rows' (`_della_mask`)."""
+        row = _row(operands.shape)
+        return scratch.chunk // row * row or scratch.chunk
+
+    def _della_keep(self, kernel: Any, v: Any, d: Any, keep: Any, operands: Operands, lo: int, scratch: Any) -> Any:
         """Vector v's keep mask at the piece's elements lo .. lo + len(d): each element's random bits
         (keyed by seed and tensor name, indexed by element) below its probability (`della_probabilities`)
-        of the rows that hold them, which the piece holds whole (`whole_rows`)."""
-        n, shape = len(d), operands.shape
-        row = shape[-1] if len(shape) > 1 else math.prod(shape)
+        of the rows that hold them, which the piece holds whole (`whole_rows`); or the mask the
+        piece's L1 pass kept (`kept_bits`)."""
+        name = f"keep-{v.term}"
+        if kept_bits(kernel, operands, name, keep, lo):
+            return keep
+        mask = self._della_mask(kernel, v, d, operands, lo, scratch)
+        kernel.from_host(keep, mask)
+        keep_bits(operands, name, mask, lo)
+        return keep
+
+    def _della_mask(self, kernel: Any, v: Any, d: Any, operands: Operands, lo: int, scratch: Any) -> np.ndarray:
+        """Vector v's keep mask (bool) of the elements of its delta d (the piece's from element lo), drawn."""
+        n, row = len(d), _row(operands.shape)
         start = operands.begin + lo  # the tensor's element at d[0]
         first, last = start - start % row, -(-(start + n) // row) * row
         if first < operands.begin or last - operands.begin > len(v.a):
             raise ValueError(f"{self.name}: a piece holds part of a row of {operands.name}; its items must be cut at "
                              "row boundaries")
-        at = slice(first - operands.begin, last - operands.begin)  # the whole rows: a slice, not indices
-        x = kernel.gather(v.a, at)
-        if v.b is not None:
-            with np.errstate(all="ignore"):
-                x = x - kernel.gather(v.b, at)
-            if operands.compute is not None:
-                EXACT.round_to(x, operands.compute)  # mergekit's delta, in its compute dtype
-        ranks = della_ranks(x.reshape(-1, row)).reshape(-1)[start - first:start - first + n]
+        if first == start and last == start + n:  # d holds whole rows (`_step`)
+            x = kernel.to_host(d, scratch)
+        else:  # the rows that hold d's elements, read again: a slice, not indices
+            at = slice(first - operands.begin, last - operands.begin)
+            x = kernel.gather(v.a, at)
+            if v.b is not None:
+                with np.errstate(all="ignore"):
+                    x = x - kernel.gather(v.b, at)
+                if operands.compute is not None:
+                    EXACT.round_to(x, operands.compute)  # mergekit's delta, in its compute dtype
         below = rank_thresholds(row, v.density, v.param("epsilon", self.default("epsilon")), self.work(operands.compute))
         words = sparse.random_words(sparse.philox_key(int(self.value(operands, "seed")), operands.name, "della"),
-                                    start, n)
-        kernel.from_host(keep, words < below[ranks])  # below its rank's probability
-        return keep
+                                    first, last - first)
+        return della_mask(x.reshape(-1, row), below, words)[start - first:start - first + n]
 
 
 class DellaLinear(Della):
@@ -582,6 +606,39 @@ class DellaLinear(Della):
     consensus = False
     parameters = (SCALE, _DENSITY, _EPSILON, NORMALIZE, _RESCALE.default_to(True), LAMBDA, _SEED)
     recipes = (mergekit_kind("della_linear"),)
+
+
+def keep_bits(operands: Operands, name: str, mask: np.ndarray, lo: int) -> None:
+    """Keep a chunk's mask (bool, from the piece's element lo) for the item's next pass, a bit an
+    element, by chunk (docs/ARCHITECTURE.md: values kept between passes)."""
+    if operands.keep is not None:
+        operands.keep.setdefault(name, {})[lo] = (mask.size, np.packbits(mask))
+
+
+def kept_bits(kernel: Any, operands: Operands, name: str, out: Any, lo: int) -> bool:
+    """out = the mask an earlier pass kept (`keep_bits`) of the chunk at element lo, as 1.0 and 0.0;
+    False, out untouched, where none was carried for a chunk of that size there."""
+    m, packed = ((operands.carried or {}).get(name) or {}).get(lo, (None, None))
+    if m != len(out):
+        return False
+    kernel.from_host(out, np.unpackbits(packed, count=m).view(np.bool_))
+    return True
+
+
+def _row(shape: tuple[int, ...]) -> int:
+    """The elements of a row, along which della ranks (a 1-D tensor is one row)."""
+    return shape[-1] if len(shape) > 1 else math.prod(shape)
+
+
+def della_mask(rows: np.ndarray, below: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """words < below[r] for each element of rows (float32, 2-D; words: uint32, one each), r its
+    rank in its row (`della_ranks`): compiled in one loop where raymerge/ops/_native.c was built."""
+    flat = rows.reshape(-1)
+    if native.takes(flat, np.float32) and native.takes(below, np.uint64) and native.takes(words, np.uint32):
+        out = np.empty(flat.size, np.bool_)
+        native.loops.della_keep(flat, rows.shape[1], below, words, out)
+        return out
+    return words < below[della_ranks(rows).reshape(-1)]
 
 
 def della_ranks(rows: np.ndarray) -> np.ndarray:

@@ -154,6 +154,54 @@ def value(fact: int) -> np.float32:
     return np.uint32(fact).view(np.float32)
 
 
+def keep(kernel: Any, operands: Operands, scratch: Any, name: str, x: Any, at: int, n: int) -> None:
+    """Keep chunk x (float32, elements at.. of the n a pass works on) for the item's next pass, as
+    `name` (docs/ARCHITECTURE.md: values kept between passes); nothing where the pass keeps nothing.
+    Values of BF16 are kept as their high halves, 2 bytes each, until a chunk holds another value
+    (a NaN's payload): from then on, the whole array as float32."""
+    if operands.keep is None:
+        return
+    host = kernel.to_host(x, scratch)  # a GPU's is a reused buffer: copied at once
+    store = operands.keep.get(name)
+    if store is None:
+        store = operands.keep[name] = np.empty(n, np.uint16 if operands.compute == "BF16" else np.float32)
+    if store.dtype == np.uint16:
+        halves = host.view(np.uint16)
+        if not halves[_LOW::2].any():
+            store[at:at + len(host)] = halves[_HIGH::2]
+            return
+        store = operands.keep[name] = _widened_halves(store, np.empty(n, np.float32))
+    store[at:at + len(host)] = host
+
+
+def carried(kernel: Any, operands: Operands, name: str, out: Any, at: int, m: int) -> bool:
+    """out = the values an earlier pass kept as `name` (`keep`), elements at .. at + m; False, out
+    untouched, where none were carried."""
+    store = (operands.carried or {}).get(name)
+    if store is None:
+        return False
+    chunk = store[at:at + m]
+    if chunk.dtype == np.uint16:
+        if isinstance(out, np.ndarray):
+            _widened_halves(chunk, out)
+            return True
+        chunk = _widened_halves(chunk, np.empty(m, np.float32))
+    kernel.from_host(out, chunk if chunk.flags.writeable else chunk.copy())  # torch takes no read-only array
+    return True
+
+
+def _widened_halves(halves: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (float32) = the BF16 values whose high halves are `halves`."""
+    words = out.view(np.uint16)
+    words[_LOW::2] = 0
+    words[_HIGH::2] = halves
+    return out
+
+
+# where a float32's halves lie among its two uint16s
+_LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)
+
+
 def replay_nans(kernel: Any, result: Any, scratch: Any, inputs: list, lo: int,
                 rule: Callable[..., Any], indexed: bool = False) -> None:
     """Give the NaNs of `result` (float32, the chunk at element lo of the inputs) the bits the

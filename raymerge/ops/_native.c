@@ -226,6 +226,93 @@ static PyObject *row_ranks(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* della_keep(x, n, below, words, out): della's draw over whole rows of n float32 values x: out[i]
+ * = words[i] < below[r], r the rank of |x[i]| in its row (ascending, equal magnitudes in index
+ * order, every NaN's magnitude as 0x7F800001: above every number, NaNs alike), as row_ranks ranks
+ * the magnitude bits that raymerge/methods/sparse.py's della_ranks makes. below: n uint64; words:
+ * uint32, out: bool, each as long as x. */
+static PyObject *della_keep(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *bo, *wo, *oo;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OnOOO", &xo, &n, &bo, &wo, &oo))
+        return NULL;
+    Py_buffer x, below, words, out;
+    if (get_buffer(xo, &x, 0, "f", 4, "della_keep x") < 0)
+        return NULL;
+    if (get_buffer(bo, &below, 0, "LQ", 8, "della_keep below") < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    if (get_buffer(wo, &words, 0, "I", 4, "della_keep words") < 0) {
+        PyBuffer_Release(&x);
+        PyBuffer_Release(&below);
+        return NULL;
+    }
+    if (get_buffer(oo, &out, 1, "?", 1, "della_keep out") < 0) {
+        PyBuffer_Release(&x);
+        PyBuffer_Release(&below);
+        PyBuffer_Release(&words);
+        return NULL;
+    }
+    Py_ssize_t count = x.len / 4;
+    int32_t *order = NULL;
+    uint32_t *keys = NULL;
+    if (n <= 0 || n > INT32_MAX || count % n != 0 || below.len / 8 != n || words.len / 4 != count || out.len != count)
+        PyErr_SetString(PyExc_ValueError, "della_keep: x must be whole rows of n, below n long, words and out as x");
+    else if ((order = PyMem_RawMalloc(2 * (size_t)n * sizeof(int32_t))) == NULL ||
+             (keys = PyMem_RawMalloc((size_t)n * sizeof(uint32_t))) == NULL)
+        PyErr_NoMemory();
+    else {
+        const uint32_t *bits = (const uint32_t *)x.buf, *w = (const uint32_t *)words.buf;
+        const uint64_t *b = (const uint64_t *)below.buf;
+        unsigned char *o = (unsigned char *)out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t row = 0; row < count; row += n) {
+            Py_ssize_t hist[4][256] = {{0}}; /* each byte's digits, counted in one pass over the keys */
+            for (Py_ssize_t i = 0; i < n; i++) {
+                uint32_t m = bits[row + i] & 0x7FFFFFFFu;
+                keys[i] = m = m < 0x7F800001u ? m : 0x7F800001u;
+                hist[0][m & 0xFF]++;
+                hist[1][(m >> 8) & 0xFF]++;
+                hist[2][(m >> 16) & 0xFF]++;
+                hist[3][m >> 24]++;
+            }
+            int32_t *a = order, *t = order + n;
+            for (Py_ssize_t i = 0; i < n; i++)
+                a[i] = (int32_t)i;
+            for (int byte = 0, shift = 0; byte < 4; byte++, shift += 8) {
+                Py_ssize_t *at = hist[byte];
+                if (at[(keys[0] >> shift) & 0xFF] == n)
+                    continue; /* one digit for the whole row: the order stands */
+                Py_ssize_t sum = 0;
+                for (int d = 0; d < 256; d++) {
+                    Py_ssize_t c = at[d];
+                    at[d] = sum;
+                    sum += c;
+                }
+                for (Py_ssize_t i = 0; i < n; i++)
+                    t[at[(keys[a[i]] >> shift) & 0xFF]++] = a[i];
+                int32_t *swap = a;
+                a = t;
+                t = swap;
+            }
+            for (Py_ssize_t r = 0; r < n; r++) /* a[r]: the element of rank r */
+                o[row + a[r]] = (uint64_t)w[row + a[r]] < b[r];
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_RawFree(order);
+    PyMem_RawFree(keys);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&below);
+    PyBuffer_Release(&words);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* welford_variance(xs, out): for each element i, the population variance of xs[0][i] .. xs[k-1][i]
  * (float32 arrays) by Welford's steps in float64, as torch.var computes it on the CPU and as the
  * numpy form in raymerge/methods/sce.py does (each operation rounded alike: no fused multiply-add,
@@ -290,6 +377,7 @@ static PyMethodDef methods[] = {
     {"dot_buckets", dot_buckets, METH_VARARGS, "Add exact products into per-sign-and-exponent float64 buckets."},
     {"high_counts", high_counts, METH_VARARGS, "Count uint32 bit patterns by their high 16 bits."},
     {"row_ranks", row_ranks, METH_VARARGS, "Each key's rank in its row of n (a stable ascending sort's inverse)."},
+    {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
     {"welford_variance", welford_variance, METH_VARARGS, "Population variance across float32 arrays, Welford in float64."},
     {NULL, NULL, 0, NULL},
 };

@@ -209,6 +209,49 @@ def test_karcher_file_verifies_with_recomputation(ray_local, models, tensors, tm
     assert cli_main(["verify", out, "--recompute", "4"]) == 0
 
 
+def test_karcher_kept_means_lost_between_passes_are_computed_again(ray_local, models, tensors, tmp_path, cli_main,
+                                                                  monkeypatch, capsys):
+    """What each pass keeps rides in Ray's object store from one pass of an item to its next: here
+    what the first passes kept is swapped for objects whose owner has died (as a lost node loses
+    them), so the items of the next passes fail to get them and run again, computing the mean anew;
+    the bits are the reference's. Another run keeps nothing at all (no room in the object store):
+    the same bits."""
+    from raymerge.execution import kept
+
+    @ray_local.remote(num_cpus=0)
+    class Owner:
+        def put(self) -> list:
+            return [ray_local.put({})]
+
+    owner = Owner.remote()
+    [dead] = ray_local.get(owner.put.remote())
+    ray_local.kill(owner)
+    lost = []
+    finished = kept.KeptValues.finished
+
+    def finish_and_lose(self, item):
+        finished(self, item)
+        if len(lost) < 30 and item in self._refs:
+            lost.append(item)
+            self._refs[item] = dead
+
+    monkeypatch.setattr(kept.KeptValues, "finished", finish_and_lose)
+    out = str(tmp_path / "lost")
+    args = ["run", _karcher_file(tmp_path, models, 3), "--item-size", "4KiB", "--workers", "2"]
+    capsys.readouterr()
+    assert cli_main([*args, "--out", out, "-v"]) == 0
+    log = capsys.readouterr().err
+    assert lost and "lost what an earlier pass kept (RayTaskError(OwnerDiedError))" in log, log
+    assert "Unhandled error" not in log  # each failed pass's kept object was looked at
+    want = _karcher_want(tensors, 3)
+    assert_bit_identical(load_folder(out), want)
+    monkeypatch.setattr(kept.KeptValues, "finished", finished)
+    monkeypatch.setattr(kept, "BUDGET_SHARE", 0.0)
+    assert cli_main([*args, "--out", str(tmp_path / "recomputed"), "-v"]) == 0
+    assert "each pass computes them again" in capsys.readouterr().err
+    assert_bit_identical(load_folder(str(tmp_path / "recomputed")), want)
+
+
 def test_karcher_resumed_after_the_driver_is_killed_between_iterations(ray_local, models, tensors, tmp_path,
                                                                        cli_main, capsys):
     """Killed once the first iteration's dots are journaled: the resumed run does not run the

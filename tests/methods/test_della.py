@@ -31,9 +31,10 @@ def _vectors(base, chats, terms):
     return [(w, chats[i], base, {"density": d, "epsilon": e}) for i, (w, d, e) in enumerate(terms)]
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["drawn-again", "kept"])  # the L1 pass's masks carried to the output
 @pytest.mark.parametrize("compute", [None, "BF16"])
 @pytest.mark.parametrize("method,terms,params", CASES)
-def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, terms, params, compute):
+def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, terms, params, compute, keep):
     base, chats, anchor = bf16_trio
     vectors = _vectors(base, chats, terms)
     p = dict(params)
@@ -43,9 +44,11 @@ def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, term
         sparse_reference(NAME, anchor, vectors, method, **kw)
     assert not torch.equal(want, anchor)
     for cut, starts in CUTS.items():
-        for chunk in (None, 333):  # chunks that split rows: each takes its rows' ranks
+        # chunks of whole rows (333: one row, the rest of the chunk unused), and chunks shorter than a
+        # row (150), each of which reads its rows again to rank them
+        for chunk in (None, 333, 150):
             got, _ = run_pieces(method, NAME, anchor, vectors, starts, params, chunk=chunk, shuffle=len(starts),
-                                compute=compute)
+                                compute=compute, keep=keep)
             assert_same_bits(got, want, f"{method} {compute} cut {cut} chunk {chunk}")
 
 
@@ -117,3 +120,37 @@ def test_a_one_element_rows_nan_probability_keeps_nothing():
     assert rank_thresholds(1, 0.5, 0.1, "BF16").tolist() == [0]
     p = della_probabilities(np.float32([[0.3, -0.1, 0.2]]), 0.5, 0.1, None)[0]  # ranks 2, 0, 1
     assert rank_thresholds(3, 0.5, 0.1, None).tolist() == [int(np.floor(np.float64(x) * 2**32)) for x in sorted(p)]
+
+
+def test_the_output_takes_the_masks_the_l1_pass_kept(bf16_trio, monkeypatch):
+    """With what the L1 pass keeps, each mask is drawn once (in that pass), not again for the output."""
+    from raymerge.methods.sparse import Della
+
+    base, chats, anchor = bf16_trio
+    drawn = []
+    mask = Della._della_mask
+    monkeypatch.setattr(Della, "_della_mask", lambda self, *a: drawn.append(1) or mask(self, *a))
+    vectors = _vectors(base, chats, [(0.7, 0.3, 0.15), (0.5, 0.6, 0.1)])
+    want = sparse_reference(NAME, anchor, vectors, "della", normalize=True, rescale=True, lam=1.0, seed=0)
+    counts = []
+    for keep in (False, True):
+        drawn.clear()
+        got, _ = run_pieces("della", NAME, anchor, vectors, [20 * ROW], chunk=333, keep=keep)
+        assert_same_bits(got, want, f"keep={keep}")
+        counts.append(len(drawn))
+    assert counts[1] * 2 == counts[0] > 0  # drawn in both passes, or in the first alone
+
+
+@pytest.mark.parametrize("method,terms,params", CASES[:2])
+def test_numpys_loops_draw_the_same_masks(bf16_trio, method, terms, params, monkeypatch):
+    """Without the compiled loops (raymerge/ops/_native.c), della's ranks and draws are numpy's:
+    the same bits."""
+    from raymerge.ops import native
+
+    base, chats, anchor = bf16_trio
+    vectors = _vectors(base, chats, terms)
+    compiled, _ = run_pieces(method, NAME, anchor, vectors, [20 * ROW], params, compute="BF16")
+    monkeypatch.setattr(native, "loops", None)
+    got, _ = run_pieces(method, NAME, anchor, vectors, [20 * ROW], params, compute="BF16")
+    assert_same_bits(got, compiled, method)
+    assert not torch.equal(got, anchor)

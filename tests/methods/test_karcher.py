@@ -62,33 +62,40 @@ def models():
 
 
 def karcher_pieces(tensors: list[torch.Tensor], cuts: list[int], max_iter: int = 10, tol: float = 1e-5,
-                   compute: str | None = None):
+                   compute: str | None = None, keep: bool = False):
     return run_pieces("karcher", "m", tensors[0], [(1.0, t, None, ()) for t in tensors], cuts,
-                      (("max_iter", max_iter), ("tol", tol)), chunk=64, compute=compute, anchored=False)
+                      (("max_iter", max_iter), ("tol", tol)), chunk=64, compute=compute, anchored=False, keep=keep)
+
+
+# keep: each pass keeps the piece's mean and tangent for the next (the worker's way when the
+# driver's budget allows), or computes every earlier iteration again (a resumed run's way)
+KEEP = pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
 
 
 CUTS = ([], [1, 99, 100, 101, 2500, 5999], list(range(250, 6000, 250)))
 
 
+@KEEP
 @pytest.mark.parametrize("dtype", list(COMPUTE))
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_karcher_gives_the_reference_bits_for_every_cut(models, dtype, k):
+def test_karcher_gives_the_reference_bits_for_every_cut(models, dtype, k, keep):
     tensors = [m.to(dtype) for m in models[:k]]
     want = karcher_reference(tensors, 5)
     assert not torch.equal(want, (sum(t.float() for t in tensors) / k).to(dtype))  # not a plain average
     for starts in CUTS:
-        got, facts = karcher_pieces(tensors, starts, 5, compute=COMPUTE[dtype])
+        got, facts = karcher_pieces(tensors, starts, 5, compute=COMPUTE[dtype], keep=keep)
         assert_same_bits(got, want, f"karcher {dtype} k={k} {len(starts)} cuts")
     iterations = facts[0].get("done", 5)
     assert all(f"un{i}" in facts[0] for i in range(1, iterations)) and "d6" not in facts[0]
 
 
-def test_a_converged_tensor_needs_no_more_passes(models):
+@KEEP
+def test_a_converged_tensor_needs_no_more_passes(models, keep):
     """Float32 models near one another converge in a few iterations: the passes after are skipped
     (Method.needs), and the result is the reference's at max_iter 50."""
     tensors = [models[0], models[0] + 1e-4 * models[1], models[0] - 1e-4 * models[2]]
     want = karcher_reference(tensors, 50)
-    got, facts = karcher_pieces(tensors, [1000, 3001], 50)
+    got, facts = karcher_pieces(tensors, [1000, 3001], 50, keep=keep)
     assert_same_bits(got, want, "converged")
     done = facts[0]["done"]
     assert 1 <= done < 10 and f"d{done}" in facts[0] and f"un{done}" not in facts[0] and f"d{done + 1}" not in facts[0]
@@ -97,15 +104,16 @@ def test_a_converged_tensor_needs_no_more_passes(models):
     assert not karcher.needs(f"karcher-dots-{done + 1}", facts)
 
 
-def test_models_of_norm_below_tol_are_left_out_and_all_of_them_give_zeros(models):
+@KEEP
+def test_models_of_norm_below_tol_are_left_out_and_all_of_them_give_zeros(models, keep):
     tiny = (1e-9 * models[2]).to(torch.bfloat16)
     tensors = [models[0].to(torch.bfloat16), tiny, models[1].to(torch.bfloat16)]
     want = karcher_reference(tensors, 3)
-    got, _ = karcher_pieces(tensors, [77, 3000], 3, compute="BF16")
+    got, _ = karcher_pieces(tensors, [77, 3000], 3, compute="BF16", keep=keep)
     assert_same_bits(got, want, "one model left out")
     tensors = [tiny, (-1e-9 * models[3]).to(torch.bfloat16)]
     want = karcher_reference(tensors, 3)
-    got, facts = karcher_pieces(tensors, [77], 3, compute="BF16")
+    got, facts = karcher_pieces(tensors, [77], 3, compute="BF16", keep=keep)
     assert_same_bits(got, want, "none valid")
     assert facts[0]["valid"] == 0 and "mn" not in facts[0] and not got.float().any()
 
@@ -115,3 +123,22 @@ def test_one_model_is_that_model(models):
     got, facts = karcher_pieces([one], [10], 3, compute="BF16")
     assert_same_bits(got, one, "one model")
     assert facts is None
+
+
+def test_kept_means_spare_the_passes_every_earlier_iteration(models, monkeypatch):
+    """With what each pass keeps, the first mean is computed once, in its own pass (one call per
+    chunk), and never again; without, every later pass and the output compute it from the inputs."""
+    from raymerge.methods import karcher
+
+    calls = []
+    first_mean = karcher._State.first_mean
+    monkeypatch.setattr(karcher._State, "first_mean", lambda self: calls.append(1) or first_mean(self))
+    tensors = [m.to(torch.bfloat16) for m in models[:3]]
+    want = karcher_reference(tensors, 4)
+    chunks = 6000 // 64 + 1  # of the one piece, 64 elements each
+    # recomputed: the mean pass, the 3 passes of each of 4 iterations, the output
+    for keep, wanted in ((True, chunks), (False, (1 + 3 * 4 + 1) * chunks)):
+        calls.clear()
+        got, facts = karcher_pieces(tensors, [], 4, compute="BF16", keep=keep)
+        assert_same_bits(got, want, f"keep={keep}")
+        assert "done" not in facts[0] and len(calls) == wanted, (keep, len(calls))

@@ -167,14 +167,17 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts: list[int], params=(),
-               chunk: int | None = None, shuffle: int = 0, compute: str | None = None, anchored: bool = True):
+               chunk: int | None = None, shuffle: int = 0, compute: str | None = None, anchored: bool = True,
+               keep: bool = False):
     """The tensor computed piece by piece: `cuts` are the first elements of its pieces after the
     first; a vector's last item is its density, or its per-vector values as (name, value) pairs. Every
     statistics pass's results go to reduce (in a shuffled order, as they may arrive),
     then apply writes each piece. Vectors shorter than the anchor cover its first elements (an
     expanded vocabulary's shared rows): a piece past them has no operands of them, as in the worker.
     `compute`: mergekit's compute dtype (the inputs' own, as the worker casts them). Without
-    `anchored`, the anchor only gives the output's shape and dtype (a recipe without one). Returns (output as a torch tensor, the tensor's facts)."""
+    `anchored`, the anchor only gives the output's shape and dtype (a recipe without one). `keep`:
+    what each pass keeps of a piece is carried to its next passes, as the worker carries it.
+    Returns (output as a torch tensor, the tensor's facts)."""
     m = METHODS[method]
     n = anchor.numel()
     limits = [a.numel() if a.numel() < n else None for _, a, _, _ in vectors]
@@ -190,18 +193,28 @@ def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts
     scratch = NUMPY.scratch(chunk)
     facts = None
 
-    def operands(lo: int, hi: int, with_anchor: bool) -> Operands:
+    kept: dict[int, dict] = {}  # piece's first element -> what its last pass kept
+
+    def operands(lo: int, hi: int, with_anchor: bool, new: dict | None = None) -> Operands:
         vecs = tuple(Vector(w, a[lo:hi], b[lo:hi] if b is not None else None, term=j, values=vals)
                      for j, (w, a, b, vals) in enumerate(arrays) if lo < len(a))
         return Operands(anchor_np[lo:hi] if with_anchor and anchored else None, vecs, tuple(params), name, lo, facts, compute,
-                        tuple(anchor.shape))
+                        tuple(anchor.shape), carried=kept.pop(lo, None) if new is not None or with_anchor else None,
+                        keep=new)
+
+    def statistic(p: str, lo: int, hi: int) -> list:
+        new: dict | None = {} if keep else None
+        result = m.statistic(NUMPY, p, operands(lo, hi, False, new), scratch)
+        if new:
+            kept[lo] = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in new.items()}
+        return result
 
     passes = m.passes_for(tensor)
     assert passes[-1] == ELEMENTWISE
     for p in passes[:-1]:
         if not m.needs(p, facts):
             continue  # as the driver skips it (an iterative method's, converged)
-        results = [(lo, m.statistic(NUMPY, p, operands(lo, hi, False), scratch)) for lo, hi in pieces]
+        results = [(lo, statistic(p, lo, hi)) for lo, hi in pieces]
         random.Random(shuffle).shuffle(results)
         facts = m.reduce(p, tensor, results, facts)
     out = np.empty(n, anchor_np.dtype)

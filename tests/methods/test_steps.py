@@ -42,3 +42,32 @@ def test_row_sums_are_exact_sums_rounded_once(cuts, chunk):
     assert [float(v) for v in got[0]] == [float(v) for v in exact_rows(x, length, False)]
     assert [float(v) for v in got[1]] == [float(v) for v in exact_rows(x, length, True)]
     assert got[0][0] == np.float32(1 + 2.0**-23)  # not the midpoint's even neighbour: the exact sum's rounding
+
+
+@pytest.mark.parametrize("compute", ["BF16", None])
+def test_kept_values_come_back_bit_for_bit_nan_payloads_included(compute):
+    """steps.keep stores BF16 values in 2 bytes each until a chunk holds a NaN whose payload lies in
+    the low half; from then on the whole array as float32. `carried` gives every chunk back exactly."""
+    from raymerge.methods.base import Operands
+    from raymerge.methods.steps import carried, keep
+
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal(3000).astype(np.float32)
+    NUMPY.round_to(values, "BF16")
+    values.view(np.uint32)[[7, 2100]] = [0x7FC00000, 0xFFC00000]  # NaNs with an empty low half
+    values.view(np.uint32)[2500] = 0x7F800123  # a signalling NaN's payload in the low half
+    store: dict = {}
+    operands = Operands(None, (), compute=compute, keep=store)
+    scratch = NUMPY.scratch(1000)
+    for at in range(0, 3000, 1000):
+        keep(NUMPY, operands, scratch, "mean", values[at:at + 1000], at, 3000)
+        if compute == "BF16" and at < 2000:
+            assert store["mean"].dtype == np.uint16  # 2 bytes an element, while every value is a BF16's
+    assert store["mean"].dtype == np.float32
+    back = Operands(None, (), compute=compute, carried=store)
+    got = np.empty(3000, np.float32)
+    for at in range(0, 3000, 700):
+        m = min(700, 3000 - at)
+        assert carried(NUMPY, back, "mean", got[at:at + m], at, m)
+    assert (got.view(np.uint32) == values.view(np.uint32)).all()
+    assert not carried(NUMPY, back, "tangent", got, 0, 10) and not carried(NUMPY, Operands(None, ()), "mean", got, 0, 10)

@@ -105,6 +105,30 @@ def test_row_ranks_invert_a_stable_argsort_of_each_row(dtype, shape):
         assert np.array_equal(ranks.reshape(shape)[r][order[r]], np.arange(shape[1]))
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (4, 3), (6, 700), (2, 5000)])
+def test_della_keep_draws_as_the_ranks_and_thresholds_of_its_numpy_form(shape):
+    """words < below[rank of |x| in its row], ranks by magnitude bits (NaNs all alike, above
+    infinity), ties by index: written out with a stable argsort of each row here."""
+    from raymerge.methods.sparse import della_ranks
+
+    rng = np.random.default_rng(shape[1])
+    x = _hard_float32(max(shape[0] * shape[1], 14), shape[1])[:shape[0] * shape[1]].reshape(shape).copy()
+    x[0, ::2] = np.float32(0.5)  # ties
+    x[-1, :(shape[1] + 1) // 2] = -np.float32(0.5)  # ties across signs
+    below = np.sort(rng.integers(0, 2**32 + 1, shape[1], dtype=np.uint64))  # 2**32: every word keeps
+    words = rng.integers(0, 2**32, x.size, dtype=np.uint64).astype(np.uint32)
+    out = np.empty(x.size, np.bool_)
+    native.della_keep(x.reshape(-1), shape[1], below, words, out)
+    magnitudes = np.minimum(x.view(np.uint32) & 0x7FFFFFFF, 0x7F800001)
+    ranks = np.argsort(np.argsort(magnitudes, axis=1, kind="stable"), axis=1, kind="stable").reshape(-1)
+    assert np.array_equal(out, words < below[ranks])
+    assert np.array_equal(ranks, della_ranks(x).reshape(-1))  # the numpy form ranks alike
+    with pytest.raises(ValueError, match="whole rows"):
+        native.della_keep(x.reshape(-1), shape[1] + 1, below, words, out)
+    with pytest.raises(TypeError):
+        native.della_keep(x.reshape(-1), shape[1], below.astype(np.uint32), words, out)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_welford_variance_is_torch_var_in_float64_then_float32(k):
     rng = np.random.default_rng(k)

@@ -1,0 +1,80 @@
+"""Values kept between passes, the driver's side (docs/ARCHITECTURE.md: values kept between passes).
+
+A method may keep per-element values of a piece from one statistics pass to the next (karcher's
+mean, so that iteration k does not compute iterations 1 .. k-1 again). The worker returns them as a
+second object that the driver never fetches: Ray's object store holds it on the worker's node, the
+driver holds its reference per item and hands it to the item's next pass and to its elementwise
+pass, and drops it once the item is written. Kept values only save time: where none arrive (the
+budget below exceeded, an object lost with its node, a resumed run, `raymerge verify`) the worker
+computes them again, to the same bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+
+from raymerge.methods import METHODS
+from raymerge.planning.plan import Plan
+
+log = logging.getLogger("raymerge")
+
+BUDGET_SHARE = 0.5  # of the cluster's object store the values of one pass may take (the rest: its next)
+
+
+def kept_bytes(plan: Plan) -> int:
+    """The most bytes the plan's methods keep after one pass (Method.keeps)."""
+    return sum(t.nbytes // max(1, _itemsize(t)) * METHODS[t.method].keeps(t) for t in plan.tensors if t.terms)
+
+
+def _itemsize(t: Any) -> int:
+    from raymerge.safetensors.dtypes import ITEMSIZE
+
+    return ITEMSIZE[t.dtype]
+
+
+class KeptValues:
+    """Per item, the reference to what its last pass kept; the calls that hand it on."""
+
+    def __init__(self, plan: Plan) -> None:
+        need = kept_bytes(plan)
+        store = ray.cluster_resources().get("object_store_memory", 0)
+        self.on = 0 < need <= BUDGET_SHARE * store
+        if need and not self.on:
+            log.info("execute: the values passes keep (%.2f GiB) exceed %.0f%% of the object store (%.2f GiB): "
+                     "each pass computes them again", need / 2**30, 100 * BUDGET_SHARE, store / 2**30)
+        self._refs: dict[int, Any] = {}  # item -> what its last finished pass kept
+        self._next: dict[int, Any] = {}  # item -> what its running pass will keep
+
+    def stats(self, actor: Any, item: int, name: str, facts: dict) -> Any:
+        """Statistics pass `name` of an item on actor; the reference to its StatsResult."""
+        if not self.on:
+            return actor.stats.remote(item, name, facts)
+        result, self._next[item] = actor.stats_kept.options(num_returns=2).remote(item, name, facts,
+                                                                                  self._refs.get(item))
+        return result
+
+    def run(self, actor: Any, item: int, handle: str, facts: dict) -> Any:
+        """The item's elementwise pass on actor, with what its statistics passes kept."""
+        return actor.run.remote(item, handle, facts, self._refs.get(item))
+
+    def finished(self, item: int) -> None:
+        """The item's pass is done: what it kept is what the next one gets."""
+        if item in self._next:
+            self._refs[item] = self._next.pop(item)
+
+    def written(self, item: int) -> None:
+        """The item's output is written: what its passes kept is freed."""
+        self._refs.pop(item, None)
+
+    def lost(self, item: int) -> None:
+        """What the item's passes kept was lost (its node died): the next try computes it again."""
+        self._refs.pop(item, None)
+        failed = self._next.pop(item, None)
+        if failed is not None:  # the failed pass's own: its error read here, or Ray logs it as unhandled
+            with contextlib.suppress(RayError):
+                ray.get(failed, timeout=0)
