@@ -12,6 +12,7 @@
 #define EXPONENTS 2048           /* float64 exponent values; a bucket per sign and exponent */
 #define LANES 4                  /* independent bucket sets: consecutive products in one binade do not wait on each other */
 #define LOW_BITS ((UINT64_C(1) << 29) - 1) /* the float64 mantissa bits below a product's first 24 */
+#define HIGH_KEYS 0x7F80         /* the largest high half of a magnitude that has no low half (infinity's) */
 
 /* A C-contiguous, aligned buffer in native byte order of `itemsize`-byte elements whose struct
  * format is one of `kinds` ("f", "lq": numpy names int64 'l' on some platforms and 'q' on others;
@@ -230,7 +231,8 @@ static PyObject *row_ranks(PyObject *self, PyObject *args)
  * = words[i] < below[r], r the rank of |x[i]| in its row (ascending, equal magnitudes in index
  * order, every NaN's magnitude as 0x7F800001: above every number, NaNs alike), as row_ranks ranks
  * the magnitude bits that raymerge/methods/sparse.py's della_ranks makes. below: n uint64; words:
- * uint32, out: bool, each as long as x. */
+ * uint32, out: bool, each as long as x. A row of BF16 magnitudes is ranked by counting its high
+ * halves, any other by an LSD radix sort of its magnitudes (row_ranks's). */
 static PyObject *della_keep(PyObject *self, PyObject *args)
 {
     PyObject *xo, *bo, *wo, *oo;
@@ -256,12 +258,13 @@ static PyObject *della_keep(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_ssize_t count = x.len / 4;
-    int32_t *order = NULL;
+    int32_t *order = NULL, *counts = NULL;
     uint32_t *keys = NULL;
     if (n <= 0 || n > INT32_MAX || count % n != 0 || below.len / 8 != n || words.len / 4 != count || out.len != count)
         PyErr_SetString(PyExc_ValueError, "della_keep: x must be whole rows of n, below n long, words and out as x");
     else if ((order = PyMem_RawMalloc(2 * (size_t)n * sizeof(int32_t))) == NULL ||
-             (keys = PyMem_RawMalloc((size_t)n * sizeof(uint32_t))) == NULL)
+             (keys = PyMem_RawMalloc((size_t)n * sizeof(uint32_t))) == NULL ||
+             (counts = PyMem_RawMalloc(((size_t)HIGH_KEYS + 1) * sizeof(int32_t))) == NULL)
         PyErr_NoMemory();
     else {
         const uint32_t *bits = (const uint32_t *)x.buf, *w = (const uint32_t *)words.buf;
@@ -269,10 +272,42 @@ static PyObject *della_keep(PyObject *self, PyObject *args)
         unsigned char *o = (unsigned char *)out.buf;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t row = 0; row < count; row += n) {
-            Py_ssize_t hist[4][256] = {{0}}; /* each byte's digits, counted in one pass over the keys */
+            uint32_t low = 0, least = UINT32_MAX, most = 0; /* least: of the keys but zeros */
             for (Py_ssize_t i = 0; i < n; i++) {
                 uint32_t m = bits[row + i] & 0x7FFFFFFFu;
                 keys[i] = m = m < 0x7F800001u ? m : 0x7F800001u;
+                low |= m & 0xFFFFu;
+                uint32_t nonzero = m ? m : UINT32_MAX;
+                least = nonzero < least ? nonzero : least;
+                most = m > most ? m : most;
+            }
+            least = least == UINT32_MAX ? 1 : least >> 16;
+            most >>= 16;
+            if (low == 0 && most + 1 - least < (uint32_t)(4 * n + 256)) {
+                /* BF16 magnitudes (a NaN's has a low half) in a short span but zeros (a delta's
+                 * many): a counting sort of the high halves, element by element in index order, so
+                 * equal keys rank by index; the zeros counted just below the least other key */
+                uint32_t zero = least - 1;
+                memset(counts + zero, 0, (most - zero + 1) * sizeof(int32_t));
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    uint32_t k = keys[i] >> 16;
+                    counts[k ? k : zero]++;
+                }
+                int32_t sum = 0;
+                for (uint32_t k = zero; k <= most; k++) {
+                    int32_t c = counts[k];
+                    counts[k] = sum;
+                    sum += c;
+                }
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    uint32_t k = keys[i] >> 16;
+                    o[row + i] = (uint64_t)w[row + i] < b[counts[k ? k : zero]++];
+                }
+                continue;
+            }
+            Py_ssize_t hist[4][256] = {{0}}; /* each byte's digits */
+            for (Py_ssize_t i = 0; i < n; i++) {
+                uint32_t m = keys[i];
                 hist[0][m & 0xFF]++;
                 hist[1][(m >> 8) & 0xFF]++;
                 hist[2][(m >> 16) & 0xFF]++;
@@ -302,6 +337,7 @@ static PyObject *della_keep(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
+    PyMem_RawFree(counts);
     PyMem_RawFree(order);
     PyMem_RawFree(keys);
     PyBuffer_Release(&x);

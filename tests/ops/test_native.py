@@ -105,14 +105,27 @@ def test_row_ranks_invert_a_stable_argsort_of_each_row(dtype, shape):
         assert np.array_equal(ranks.reshape(shape)[r][order[r]], np.arange(shape[1]))
 
 
+@pytest.mark.parametrize("kind", ["any", "bf16", "bf16-spread"])
 @pytest.mark.parametrize("shape", [(1, 1), (4, 3), (6, 700), (2, 5000)])
-def test_della_keep_draws_as_the_ranks_and_thresholds_of_its_numpy_form(shape):
+def test_della_keep_draws_as_the_ranks_and_thresholds_of_its_numpy_form(shape, kind):
     """words < below[rank of |x| in its row], ranks by magnitude bits (NaNs all alike, above
-    infinity), ties by index: written out with a stable argsort of each row here."""
+    infinity), ties by index: written out with a stable argsort of each row here. Rows of any
+    float32 (a radix sort), of BF16 values near one another (counted), and of BF16 values from
+    the smallest subnormal to infinity (too spread to count: the radix sort again)."""
     from raymerge.methods.sparse import della_ranks
 
     rng = np.random.default_rng(shape[1])
-    x = _hard_float32(max(shape[0] * shape[1], 14), shape[1])[:shape[0] * shape[1]].reshape(shape).copy()
+    if kind == "any":
+        x = _hard_float32(max(shape[0] * shape[1], 14), shape[1])[:shape[0] * shape[1]].reshape(shape).copy()
+    else:
+        x = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        x.view(np.uint32)[...] &= 0xFFFF0000  # BF16 values (zeros of both signs among them, below)
+        x[:, ::7] = 0.0  # zeros are ranked apart from the counted span (a delta holds many)
+        x[:, 1::11] = -0.0
+        x[:, 3::13] = np.uint32(0x2F800000).view(np.float32)  # a span almost as wide as the counts take
+        if kind == "bf16-spread":
+            x[:, ::5] = np.float32(np.inf)
+            x[:, 2::5] = np.uint32(0x00010000).view(np.float32)
     x[0, ::2] = np.float32(0.5)  # ties
     x[-1, :(shape[1] + 1) // 2] = -np.float32(0.5)  # ties across signs
     below = np.sort(rng.integers(0, 2**32 + 1, shape[1], dtype=np.uint64))  # 2**32: every word keeps
