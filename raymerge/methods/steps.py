@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from raymerge.ops import native
 from raymerge.ops.exact import ExactSum, dot_sum
 from raymerge.ops.kernel import Sums
 from raymerge.ops.numpy_kernel import EXACT
@@ -166,9 +167,7 @@ def keep(kernel: Any, operands: Operands, scratch: Any, name: str, x: Any, at: i
     if store is None:
         store = operands.keep[name] = np.empty(n, np.uint16 if operands.compute == "BF16" else np.float32)
     if store.dtype == np.uint16:
-        halves = host.view(np.uint16)
-        if not halves[_LOW::2].any():
-            store[at:at + len(host)] = halves[_HIGH::2]
+        if _halves(host, store[at:at + len(host)]):
             return
         store = operands.keep[name] = _widened_halves(store, np.empty(n, np.float32))
     store[at:at + len(host)] = host
@@ -190,8 +189,23 @@ def carried(kernel: Any, operands: Operands, name: str, out: Any, at: int, m: in
     return True
 
 
+def _halves(x: np.ndarray, out: np.ndarray) -> bool:
+    """out (uint16) = the high halves of float32 x; whether x holds BF16 values alone (every low
+    half 0: out then holds them whole). Compiled where raymerge/ops/_native.c was built."""
+    if native.takes(x, np.float32) and native.takes(out, np.uint16):
+        return native.loops.bf16_halves(x, out)
+    halves = x.view(np.uint16)
+    if halves[_LOW::2].any():
+        return False
+    out[:] = halves[_HIGH::2]
+    return True
+
+
 def _widened_halves(halves: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (float32) = the BF16 values whose high halves are `halves`."""
+    if native.takes(halves, np.uint16) and native.takes(out, np.float32):
+        native.loops.bf16_widen(halves, out)
+        return out
     words = out.view(np.uint16)
     words[_LOW::2] = 0
     words[_HIGH::2] = halves

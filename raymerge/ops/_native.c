@@ -227,6 +227,74 @@ static PyObject *row_ranks(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* bf16_halves(x, out): out[i] = the high half of float32 x[i]'s bits (uint16); whether every low
+ * half is 0 (x holds BF16 values alone: out then holds them whole). */
+static PyObject *bf16_halves(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &xo, &oo))
+        return NULL;
+    Py_buffer x, out;
+    if (get_buffer(xo, &x, 0, "f", 4, "bf16_halves x") < 0)
+        return NULL;
+    if (get_buffer(oo, &out, 1, "H", 2, "bf16_halves out") < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    uint32_t low = 0;
+    int ok = out.len * 2 == x.len;
+    if (ok) {
+        const uint32_t *p = (const uint32_t *)x.buf;
+        uint16_t *o = (uint16_t *)out.buf;
+        Py_ssize_t n = x.len / 4;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            low |= p[i] & 0xFFFFu;
+            o[i] = (uint16_t)(p[i] >> 16);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "bf16_halves: out must have one element for each of x's");
+        return NULL;
+    }
+    return PyBool_FromLong(low == 0);
+}
+
+/* bf16_widen(halves, out): out[i] = the float32 whose high half is halves[i] and low half 0. */
+static PyObject *bf16_widen(PyObject *self, PyObject *args)
+{
+    PyObject *ho, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &ho, &oo))
+        return NULL;
+    Py_buffer h, out;
+    if (get_buffer(ho, &h, 0, "H", 2, "bf16_widen halves") < 0)
+        return NULL;
+    if (get_buffer(oo, &out, 1, "f", 4, "bf16_widen out") < 0) {
+        PyBuffer_Release(&h);
+        return NULL;
+    }
+    int ok = h.len * 2 == out.len;
+    if (ok) {
+        const uint16_t *p = (const uint16_t *)h.buf;
+        uint32_t *o = (uint32_t *)out.buf;
+        Py_ssize_t n = h.len / 2;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++)
+            o[i] = (uint32_t)p[i] << 16;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&out);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "bf16_widen: out must have one element for each half");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* della_keep(x, n, below, words, out): della's draw over whole rows of n float32 values x: out[i]
  * = words[i] < below[r], r the rank of |x[i]| in its row (ascending, equal magnitudes in index
  * order, every NaN's magnitude as 0x7F800001: above every number, NaNs alike), as row_ranks ranks
@@ -413,6 +481,8 @@ static PyMethodDef methods[] = {
     {"dot_buckets", dot_buckets, METH_VARARGS, "Add exact products into per-sign-and-exponent float64 buckets."},
     {"high_counts", high_counts, METH_VARARGS, "Count uint32 bit patterns by their high 16 bits."},
     {"row_ranks", row_ranks, METH_VARARGS, "Each key's rank in its row of n (a stable ascending sort's inverse)."},
+    {"bf16_halves", bf16_halves, METH_VARARGS, "The high halves of float32 values; whether every low half is 0."},
+    {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
     {"welford_variance", welford_variance, METH_VARARGS, "Population variance across float32 arrays, Welford in float64."},
     {NULL, NULL, 0, NULL},

@@ -44,12 +44,19 @@ def test_row_sums_are_exact_sums_rounded_once(cuts, chunk):
     assert got[0][0] == np.float32(1 + 2.0**-23)  # not the midpoint's even neighbour: the exact sum's rounding
 
 
+@pytest.mark.parametrize("loops", ["native", "numpy"])
 @pytest.mark.parametrize("compute", ["BF16", None])
-def test_kept_values_come_back_bit_for_bit_nan_payloads_included(compute):
+def test_kept_values_come_back_bit_for_bit_nan_payloads_included(compute, loops, monkeypatch):
     """steps.keep stores BF16 values in 2 bytes each until a chunk holds a NaN whose payload lies in
     the low half; from then on the whole array as float32. `carried` gives every chunk back exactly."""
     from raymerge.methods.base import Operands
     from raymerge.methods.steps import carried, keep
+    from raymerge.ops import native
+
+    if loops == "numpy":
+        monkeypatch.setattr(native, "loops", None)
+    elif native.loops is None:
+        pytest.skip("raymerge.ops._native was not built here")
 
     rng = np.random.default_rng(5)
     values = rng.standard_normal(3000).astype(np.float32)

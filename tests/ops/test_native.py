@@ -175,3 +175,21 @@ def test_dot_buckets_refuses_what_it_cannot_read():
         native.row_ranks(np.zeros(10, np.uint16), 3, np.empty(10, np.int32))
     with pytest.raises(TypeError, match="row_ranks ranks"):
         native.row_ranks(np.zeros(10, np.uint16), 5, np.empty(10, np.int64))
+
+
+def test_bf16_halves_and_widen_round_trip_and_say_when_a_low_half_is_set():
+    x = _hard_float32(4096, 9)
+    halves = np.empty(x.size, np.uint16)
+    assert native.bf16_halves(x, halves) is False  # random bit patterns: low halves set
+    assert np.array_equal(halves, (x.view(np.uint32) >> 16).astype(np.uint16))
+    NUMPY.round_to(x, "BF16")
+    x = x[~np.isnan(x)]  # a NaN keeps its low half
+    halves = np.empty(x.size, np.uint16)
+    assert native.bf16_halves(x, halves) is True
+    back = np.empty(x.size, np.float32)
+    native.bf16_widen(halves, back)
+    assert np.array_equal(back.view(np.uint32), x.view(np.uint32))
+    with pytest.raises(ValueError, match="one element"):
+        native.bf16_halves(x, halves[:-1])
+    with pytest.raises(ValueError, match="one element"):
+        native.bf16_widen(halves, back[:-1])
