@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.sparse import merged_counts, threshold_facts, top_mask
+from raymerge.methods.sparse import keep_bits, kept_bits, merged_counts, threshold_facts, top_mask
 from raymerge.methods.steps import (bits, chunks, counted, exact_sum, facts_problem, past_rows, quiet, replay_nans,
                                     step, total, value, vector_length, widen_rows)
 from raymerge.ops import native, sparse
@@ -49,8 +49,11 @@ class Sce(Method):
     def passes_for(self, tensor: Any) -> tuple[str, ...]:
         if not tensor.terms:
             return ("elementwise",)
-        selects = 0 < dict(tensor.params).get("select_topk", 1.0) < 1
-        return (*((HIGH, LOW) if selects else ()), WEIGHTS, "elementwise")
+        return (*((HIGH, LOW) if _selects(tensor.params) else ()), WEIGHTS, "elementwise")
+
+    def keeps(self, tensor: Any) -> int:
+        """The selection's mask, a bit an element (the weights pass's, for the output)."""
+        return 1 if tensor.terms and _selects(tensor.params) else 0
 
     def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
         if not passes:
@@ -186,9 +189,10 @@ class _Chunk:
             return None
         if topk <= 0:
             self.k.fill(self.mask, 0)
-        else:
+        elif not kept_bits(self.k, self.o, "select", self.mask, self.at):  # the weights pass's, else drawn here
             top_mask(self.k, self.variance(), self.mask, f, "", self.o.begin, seen, 0, self.bits,
                      self.scratch)
+            keep_bits(self.o, "select", self.k.to_host(self.mask, self.scratch) != 0, self.at)
         self.masked(self.mask)
         return self.k.to_host(self.mask, self.scratch).copy()
 
@@ -222,6 +226,11 @@ class _Chunk:
         k.maximum(divisor, round_scalar(_FLOOR, self.o.compute), divisor)  # clamp(min=1e-6)
         rnd(k, step(k.divide, merged, divisor, merged))
         return step(k.add, merged, self.base, merged)
+
+
+def _selects(params: Any) -> bool:
+    """Whether a tensor's parameters select the largest variances (0 < select_topk < 1)."""
+    return 0 < dict(params).get("select_topk", 1.0) < 1
 
 
 def _weights(sums: list, n: int, compute: str | None) -> list[int]:

@@ -226,6 +226,10 @@ def test_karcher_kept_means_lost_between_passes_are_computed_again(ray_local, mo
     owner = Owner.remote()
     [dead] = ray_local.get(owner.put.remote())
     ray_local.kill(owner)
+    with pytest.raises(ray_local.exceptions.RayActorError):  # the kill is asynchronous: wait for it
+        for _ in range(200):
+            ray_local.get(owner.put.remote())
+            time.sleep(0.05)
     lost = []
     finished = kept.KeptValues.finished
 

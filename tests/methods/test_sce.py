@@ -37,9 +37,10 @@ def sce_reference(base: torch.Tensor, models: list[torch.Tensor], topk: float) -
     return base + merged.reshape(base.shape)
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["selected-again", "kept"])  # the weights pass's mask
 @pytest.mark.parametrize("compute", [None, "BF16"])
 @pytest.mark.parametrize("topk,count", [(0.3, 2), (0.7, 3), (1.0, 3), (0.0, 2), (0.05, 3)])
-def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, compute, topk, count):
+def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, compute, topk, count, keep):
     base, chats, _ = bf16_trio
     models = chats[:count]
     want = sce_reference(base, models, topk) if compute else \
@@ -49,7 +50,7 @@ def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, compute, top
     for cut, starts in CUTS.items():
         for chunk in (None, 1000):
             got, _ = run_pieces("sce", "t", base, vectors, starts, (("select_topk", topk),), chunk=chunk,
-                                shuffle=len(starts), compute=compute)
+                                shuffle=len(starts), compute=compute, keep=keep)
             assert_same_bits(got, want, f"topk {topk} {compute} cut {cut} chunk {chunk}")
 
 
@@ -80,3 +81,23 @@ def test_passes_and_facts():
     good = [{"nonzero": 9, "k": 4, "high": 1, "above": 0, "threshold": 5, "cut": 0, "keep": 1, "w": [1, 2]}, None]
     assert METHODS["sce"].facts_problem(t, good, ["sce-variance-high", "sce-variance-low", "sce-weights"]) is None
     assert "nonzero" in METHODS["sce"].facts_problem(t, [{"w": [1, 2]}, None], ["sce-variance-high", "sce-weights"])
+
+
+def test_the_output_takes_the_mask_the_weights_pass_kept(bf16_trio, monkeypatch):
+    """With what the weights pass keeps, the variance is computed by the passes that select
+    (high, low, weights), not again for the output."""
+    from raymerge.methods import sce
+
+    calls = []
+    variance = sce._Chunk.variance
+    monkeypatch.setattr(sce._Chunk, "variance", lambda self: calls.append(1) or variance(self))
+    base, chats, _ = bf16_trio
+    vectors = [(1.0, m, base, ()) for m in chats[:3]]
+    want = sce_reference(base, chats[:3], 0.3)
+    counts = []
+    for keep in (False, True):
+        calls.clear()
+        got, _ = run_pieces("sce", "t", base, vectors, [7777], (("select_topk", 0.3),), compute="BF16", keep=keep)
+        assert_same_bits(got, want, f"keep={keep}")
+        counts.append(len(calls))
+    assert counts[0] * 3 == counts[1] * 4 > 0  # four passes compute it, or three
