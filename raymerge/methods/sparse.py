@@ -300,27 +300,43 @@ class Sparse(Method):
         kernel.put(mixed, at, self._mix(EXACT, again, facts, normalize, lam, rows, at.size, compute))
         return True
 
+    def keeps(self, tensor: Any) -> int:
+        """Each sparsified vector's keep mask, a bit an element: the L1 pass's, for the output."""
+        return 1 if L1 in self.passes_for(tensor) else 0
+
     def _keep(self, kernel: Any, v: Any, d: Any, keep: Any, operands: Operands, lo: int, facts: Any,
               state: _TieState, bits: Any, scratch: Any) -> Any:
         """Vector v's keep mask at the piece's elements lo .., 1.0 or 0.0 (the product is mergekit's
         `delta * mask`), in `keep`, a row of its own (a NaN replay reads it again); None where the
-        density keeps everything or nothing (`_drop`), or nothing is dropped (task arithmetic)."""
+        density keeps everything or nothing (`_drop`), or nothing is dropped (task arithmetic). The
+        mask the piece's L1 pass kept where one arrived (`kept_bits`), else made here and kept."""
         if self.sparsify is None or not 0 < v.density < 1:
             return None
         keep = keep[:len(d)]
+        name = f"keep-{v.term}"
+        if kept_bits(kernel, operands, name, keep, lo):
+            return keep
+        self._mask(kernel, v, d, keep, operands, lo, facts, state, bits, scratch)
+        if operands.keep is not None:
+            keep_bits(operands, name, kernel.to_host(keep, scratch) != 0, lo)
+        return keep
+
+    def _mask(self, kernel: Any, v: Any, d: Any, keep: Any, operands: Operands, lo: int, facts: Any,
+              state: _TieState, bits: Any, scratch: Any) -> None:
+        """`_keep`'s mask, made: drawn (DARE, della) or selected (TIES, breadcrumbs)."""
         if self.sparsify == "della":
-            return self._della_keep(kernel, v, d, keep, operands, lo, scratch)
+            kernel.from_host(keep, self._della_mask(kernel, v, d, operands, lo, scratch))
+            return
         if self.sparsify == "random":
             seed = int(self.value(operands, "seed"))
             kernel.from_host(keep, sparse.keep_mask(sparse.philox_key(seed, operands.name), operands.begin + lo,
                                                     len(d), sparse.keep_threshold(v.density)))
-            return keep
+            return
         top_mask(kernel, d, keep, facts[v.term], "", operands.begin, state.seen, v.term, bits, scratch)
         if "top_" in self.selections:  # breadcrumbs: less its top_k (a subset of its top k: ties rank alike)
             top = kernel.table(scratch, _TOPS, 1)[0][:len(d)]
             top_mask(kernel, d, top, facts[v.term], "top_", operands.begin, state.seen, v.term, bits, scratch)
             kernel.subtract(keep, top, keep)
-        return keep
 
     def _drop(self, kernel: Any, v: Any, d: Any, keep: Any) -> None:
         """d (vector v's delta) *= its keep mask (`_keep`), in place."""
@@ -555,27 +571,10 @@ class Della(Sparse):
                         f"mergekit requires; give an epsilon below {min(density, 1 - density):g}")
         return None
 
-    def keeps(self, tensor: Any) -> int:
-        """Each sparsified vector's keep mask, a bit an element (the L1 pass's, for the output)."""
-        return 1 if self._rescale(tensor.params) else 0
-
     def _step(self, operands: Operands, scratch: Any) -> int:
         """Whole rows, where a chunk holds one: each chunk's deltas are then its rows' (`_della_mask`)."""
         row = _row(operands.shape)
         return scratch.chunk // row * row or scratch.chunk
-
-    def _della_keep(self, kernel: Any, v: Any, d: Any, keep: Any, operands: Operands, lo: int, scratch: Any) -> Any:
-        """Vector v's keep mask at the piece's elements lo .. lo + len(d): each element's random bits
-        (keyed by seed and tensor name, indexed by element) below its probability (`della_probabilities`)
-        of the rows that hold them, which the piece holds whole (`whole_rows`); or the mask the
-        piece's L1 pass kept (`kept_bits`)."""
-        name = f"keep-{v.term}"
-        if kept_bits(kernel, operands, name, keep, lo):
-            return keep
-        mask = self._della_mask(kernel, v, d, operands, lo, scratch)
-        kernel.from_host(keep, mask)
-        keep_bits(operands, name, mask, lo)
-        return keep
 
     def _della_mask(self, kernel: Any, v: Any, d: Any, operands: Operands, lo: int, scratch: Any) -> np.ndarray:
         """Vector v's keep mask (bool) of the elements of its delta d (the piece's from element lo), drawn."""

@@ -29,9 +29,10 @@ def _vectors(base, chats, terms):
     return [(w, chats[i], base, {"density": d, "gamma": g}) for i, (w, d, g) in enumerate(terms)]
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["selected-again", "kept"])  # the L1 pass's masks, if it runs
 @pytest.mark.parametrize("compute", [None, "BF16"])
 @pytest.mark.parametrize("method,terms,params", CASES)
-def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, terms, params, compute):
+def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, terms, params, compute, keep):
     base, chats, anchor = bf16_trio
     vectors = _vectors(base, chats, terms)
     p = dict(params)
@@ -43,7 +44,7 @@ def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, term
     for cut, starts in CUTS.items():
         for chunk in (None, 1000):  # the default chunk, and chunks that split the pieces
             got, _ = run_pieces(method, NAME, anchor, vectors, starts, params, chunk=chunk, shuffle=len(starts),
-                                compute=compute)
+                                compute=compute, keep=keep)
             assert_same_bits(got, want, f"{method} {compute} cut {cut} chunk {chunk}")
 
 
@@ -52,9 +53,10 @@ def test_one_element_per_piece(bf16_trio):
                            for x in bf16_trio)
     vectors = _vectors(base, chats, [(0.7, 0.3, 0.1), (0.5, 0.6, 0.05)])
     want = gta_reference("t", anchor, vectors, "breadcrumbs_ties", normalize=False, rescale=True)
-    got, _ = run_pieces("breadcrumbs_ties", "t", anchor, vectors, list(range(1, 300)), (("rescale", True),),
-                        compute="BF16")
-    assert_same_bits(got, want, "one element per piece")
+    for keep in (False, True):
+        got, _ = run_pieces("breadcrumbs_ties", "t", anchor, vectors, list(range(1, 300)), (("rescale", True),),
+                            compute="BF16", keep=keep)
+        assert_same_bits(got, want, f"one element per piece, keep={keep}")
 
 
 def test_the_outliers_dropped_are_the_largest(bf16_trio):
@@ -93,3 +95,23 @@ def test_passes_and_damaged_facts():
     assert m.facts_problem(t, [whole], ["magnitude-high"]) is None
     assert "top_k" in m.facts_problem(t, [{"k": 10, "high": 1, "above": 0}], ["magnitude-high"])
     assert METHODS["ties"].facts_problem(t, [{"k": 10, "high": 1, "above": 0}], ["magnitude-high"]) is None
+
+
+def test_the_output_takes_the_masks_the_l1_pass_kept(bf16_trio, monkeypatch):
+    """With what the L1 pass keeps, each selection is made once (in that pass), not again for the output."""
+    from raymerge.methods.sparse import Sparse
+
+    made = []
+    mask = Sparse._mask
+    monkeypatch.setattr(Sparse, "_mask", lambda self, *a: made.append(1) or mask(self, *a))
+    base, chats, anchor = bf16_trio
+    vectors = _vectors(base, chats, [(0.7, 0.3, 0.01), (0.5, 0.6, 0.05)])
+    want = sparse_reference(NAME, anchor, vectors, "breadcrumbs_ties", normalize=False, rescale=True)
+    counts = []
+    for keep in (False, True):
+        made.clear()
+        got, _ = run_pieces("breadcrumbs_ties", NAME, anchor, vectors, [7777], (("rescale", True),), chunk=1000,
+                            keep=keep)
+        assert_same_bits(got, want, f"keep={keep}")
+        counts.append(len(made))
+    assert counts[1] * 2 == counts[0] > 0  # made in both passes, or in the first alone

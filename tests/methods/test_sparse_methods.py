@@ -261,8 +261,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["made-again", "kept"])  # the L1 pass's masks, if it runs
 @pytest.mark.parametrize("method,terms,params", CASES)
-def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, terms, params):
+def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, terms, params, keep):
     base, chats, anchor = bf16_trio
     vectors = [(w, chats[i], base, d) for i, (w, d) in enumerate(terms)]
     if method == "ties" and min(d for _, d in terms) >= 0.1:  # the k-th largest |delta| is tied across kept and dropped
@@ -275,7 +276,7 @@ def test_every_cut_gives_the_whole_tensor_reference_bits(bf16_trio, method, term
     for cut, starts in CUTS.items():
         for chunk in (None, 1000):  # the default chunk, and chunks that split the pieces
             got, _ = run_pieces(method, "model.layers.0.mlp.up_proj.weight", anchor, vectors, starts, params,
-                                chunk=chunk, shuffle=len(starts))
+                                chunk=chunk, shuffle=len(starts), keep=keep)
             assert_same_bits(got, want, f"{method} cut {cut} chunk {chunk}")
 
 
@@ -326,8 +327,9 @@ def test_float32_ties_with_many_equal_magnitudes_and_both_signs():
         p = dict(params)
         want = sparse_reference("f", anchor, vectors, method, rescale=p.get("rescale"))
         for starts in ([], list(range(333, n, 333)), [1, 4096, 4097, 9000]):
-            got, _ = run_pieces(method, "f", anchor, vectors, starts, params, chunk=500)
-            assert_same_bits(got, want, f"{method} {params} {len(starts)} cuts")
+            for keep in (False, True):  # the ties each chunk keeps: from the L1 pass, or selected again
+                got, _ = run_pieces(method, "f", anchor, vectors, starts, params, chunk=500, keep=keep)
+                assert_same_bits(got, want, f"{method} {params} {len(starts)} cuts keep={keep}")
 
 
 def test_stored_vectors_without_b():
