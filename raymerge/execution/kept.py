@@ -20,6 +20,7 @@ from ray.exceptions import RayError
 
 from raymerge.methods import METHODS
 from raymerge.planning.plan import Plan
+from raymerge.safetensors.dtypes import ITEMSIZE
 
 log = logging.getLogger("raymerge")
 
@@ -27,14 +28,8 @@ BUDGET_SHARE = 0.5  # of the cluster's object store the values of one pass may t
 
 
 def kept_bytes(plan: Plan) -> int:
-    """The most bytes the plan's methods keep after one pass (Method.keeps)."""
-    return sum(t.nbytes // max(1, _itemsize(t)) * METHODS[t.method].keeps(t) for t in plan.tensors if t.terms)
-
-
-def _itemsize(t: Any) -> int:
-    from raymerge.safetensors.dtypes import ITEMSIZE
-
-    return ITEMSIZE[t.dtype]
+    """The most bytes the plan's methods keep after one pass (Method.keeps: per element)."""
+    return sum(t.nbytes // ITEMSIZE[t.dtype] * METHODS[t.method].keeps(t) for t in plan.tensors if t.terms)
 
 
 class KeptValues:

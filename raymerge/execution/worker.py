@@ -17,13 +17,13 @@ Protocol:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
 import socket
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
