@@ -35,6 +35,67 @@ static int get_buffer(PyObject *o, Py_buffer *b, int writable, const char *kinds
     return 0;
 }
 
+/* One buffer a function takes: get_buffer's arguments. */
+typedef struct {
+    PyObject *obj;
+    int writable;
+    const char *kinds;
+    Py_ssize_t itemsize;
+    const char *what;
+} Want;
+
+static void release_buffers(Py_buffer *b, int count)
+{
+    while (count > 0)
+        PyBuffer_Release(&b[--count]);
+}
+
+/* Every buffer of `want` into b, in order (get_buffer); on a failure, those got are released: -1. */
+static int get_buffers(const Want *want, Py_buffer *b, int count)
+{
+    for (int i = 0; i < count; i++)
+        if (get_buffer(want[i].obj, &b[i], want[i].writable, want[i].kinds, want[i].itemsize, want[i].what) < 0) {
+            release_buffers(b, i);
+            return -1;
+        }
+    return 0;
+}
+
+/* The order of the n uint32 keys of a row, ascending, equal keys in index order: an LSD radix sort
+ * by bytes, a byte that every key of the row shares skipped. order: 2n int32 of room; returns the
+ * half of it that holds the indices, the element of rank r at r. */
+static const int32_t *radix_order(const uint32_t *keys, Py_ssize_t n, int32_t *order)
+{
+    Py_ssize_t hist[4][256] = {{0}}; /* each byte's digits, counted in one pass over the keys */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t m = keys[i];
+        hist[0][m & 0xFF]++;
+        hist[1][(m >> 8) & 0xFF]++;
+        hist[2][(m >> 16) & 0xFF]++;
+        hist[3][m >> 24]++;
+    }
+    int32_t *a = order, *t = order + n;
+    for (Py_ssize_t i = 0; i < n; i++)
+        a[i] = (int32_t)i;
+    for (int byte = 0, shift = 0; byte < 4; byte++, shift += 8) {
+        Py_ssize_t *at = hist[byte];
+        if (at[(keys[0] >> shift) & 0xFF] == n)
+            continue; /* one digit for the whole row: the order stands */
+        Py_ssize_t sum = 0;
+        for (int d = 0; d < 256; d++) {
+            Py_ssize_t c = at[d];
+            at[d] = sum;
+            sum += c;
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            t[at[(keys[a[i]] >> shift) & 0xFF]++] = a[i];
+        int32_t *swap = a;
+        a = t;
+        t = swap;
+    }
+    return a;
+}
+
 /* round_bf16(x): each float32 of x rounded to BF16, half to even, in place; a NaN keeps its bits. */
 static PyObject *round_bf16(PyObject *self, PyObject *arg)
 {
@@ -131,16 +192,13 @@ static PyObject *high_counts(PyObject *self, PyObject *args)
     PyObject *bo, *co;
     if (!PyArg_ParseTuple(args, "OO", &bo, &co))
         return NULL;
-    Py_buffer b, c;
-    if (get_buffer(bo, &b, 0, "I", 4, "high_counts bits") < 0)
+    Py_buffer buf[2];
+    const Want want[2] = {{bo, 0, "I", 4, "high_counts bits"}, {co, 1, "lq", 8, "high_counts counts"}};
+    if (get_buffers(want, buf, 2) < 0)
         return NULL;
-    if (get_buffer(co, &c, 1, "lq", 8, "high_counts counts") < 0) {
-        PyBuffer_Release(&b);
-        return NULL;
-    }
-    const uint32_t *bits = (const uint32_t *)b.buf;
-    int64_t *counts = (int64_t *)c.buf;
-    Py_ssize_t n = b.len / 4, bins = c.len / 8;
+    const uint32_t *bits = (const uint32_t *)buf[0].buf;
+    int64_t *counts = (int64_t *)buf[1].buf;
+    Py_ssize_t n = buf[0].len / 4, bins = buf[1].len / 8;
     uint32_t past = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -151,8 +209,7 @@ static PyObject *high_counts(PyObject *self, PyObject *args)
             past = 1;
     }
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&b);
-    PyBuffer_Release(&c);
+    release_buffers(buf, 2);
     if (past) {
         PyErr_Format(PyExc_ValueError, "high_counts: a high half past the %zd counts", bins);
         return NULL;
@@ -170,60 +227,39 @@ static PyObject *row_ranks(PyObject *self, PyObject *args)
     Py_ssize_t n;
     if (!PyArg_ParseTuple(args, "OnO", &ko, &n, &ro))
         return NULL;
-    Py_buffer k, r;
-    if (get_buffer(ko, &k, 0, "HI", 0, "row_ranks keys") < 0)
+    Py_buffer buf[2];
+    const Want want[2] = {{ko, 0, "HI", 0, "row_ranks keys"}, {ro, 1, "i", 4, "row_ranks ranks"}};
+    if (get_buffers(want, buf, 2) < 0)
         return NULL;
-    if (get_buffer(ro, &r, 1, "i", 4, "row_ranks ranks") < 0) {
-        PyBuffer_Release(&k);
-        return NULL;
-    }
-    Py_ssize_t width = k.itemsize, count = k.len / width;
-    if (n <= 0 || n > INT32_MAX || count % n != 0 || r.len / 4 != count) {
+    Py_ssize_t width = buf[0].itemsize, count = buf[0].len / width;
+    int32_t *order = NULL;
+    uint32_t *wide = NULL;
+    if (n <= 0 || n > INT32_MAX || count % n != 0 || buf[1].len / 4 != count)
         PyErr_SetString(PyExc_ValueError, "row_ranks: keys must be whole rows of n, and ranks as long");
-        PyBuffer_Release(&k);
-        PyBuffer_Release(&r);
-        return NULL;
-    }
-    int32_t *order = PyMem_RawMalloc(2 * (size_t)n * sizeof(int32_t));
-    if (order == NULL) {
-        PyBuffer_Release(&k);
-        PyBuffer_Release(&r);
-        return PyErr_NoMemory();
-    }
-    const unsigned char *keys = (const unsigned char *)k.buf;
-    int32_t *ranks = (int32_t *)r.buf;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t row = 0; row < count; row += n) {
-        int32_t *a = order, *b = order + n;
-        for (Py_ssize_t i = 0; i < n; i++)
-            a[i] = (int32_t)i;
-        for (Py_ssize_t byte = 0; byte < width; byte++) {
-            Py_ssize_t at[256] = {0};
-            /* the byte of significance `byte` of key j is keys[(row + j) * width + byte] on a little-endian machine */
-            const unsigned char *digits = keys + row * width + (PY_LITTLE_ENDIAN ? byte : width - 1 - byte);
-            for (Py_ssize_t i = 0; i < n; i++)
-                at[digits[i * width]]++;
-            if (at[digits[0]] == n)
-                continue; /* one digit for the whole row: the order stands */
-            Py_ssize_t sum = 0;
-            for (int d = 0; d < 256; d++) {
-                Py_ssize_t c = at[d];
-                at[d] = sum;
-                sum += c;
+    else if ((order = PyMem_RawMalloc(2 * (size_t)n * sizeof(int32_t))) == NULL ||
+             (wide = PyMem_RawMalloc((size_t)n * sizeof(uint32_t))) == NULL)
+        PyErr_NoMemory();
+    else {
+        int32_t *ranks = (int32_t *)buf[1].buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t row = 0; row < count; row += n) {
+            const uint32_t *keys = (const uint32_t *)buf[0].buf + row;
+            if (width == 2) { /* uint16 keys, widened: the same order */
+                for (Py_ssize_t i = 0; i < n; i++)
+                    wide[i] = ((const uint16_t *)buf[0].buf)[row + i];
+                keys = wide;
             }
+            const int32_t *a = radix_order(keys, n, order);
             for (Py_ssize_t i = 0; i < n; i++)
-                b[at[digits[(Py_ssize_t)a[i] * width]]++] = a[i];
-            int32_t *t = a;
-            a = b;
-            b = t;
+                ranks[row + a[i]] = (int32_t)i;
         }
-        for (Py_ssize_t i = 0; i < n; i++)
-            ranks[row + a[i]] = (int32_t)i;
+        Py_END_ALLOW_THREADS
     }
-    Py_END_ALLOW_THREADS
     PyMem_RawFree(order);
-    PyBuffer_Release(&k);
-    PyBuffer_Release(&r);
+    PyMem_RawFree(wide);
+    release_buffers(buf, 2);
+    if (PyErr_Occurred())
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -234,19 +270,16 @@ static PyObject *bf16_halves(PyObject *self, PyObject *args)
     PyObject *xo, *oo;
     if (!PyArg_ParseTuple(args, "OO", &xo, &oo))
         return NULL;
-    Py_buffer x, out;
-    if (get_buffer(xo, &x, 0, "f", 4, "bf16_halves x") < 0)
+    Py_buffer buf[2];
+    const Want want[2] = {{xo, 0, "f", 4, "bf16_halves x"}, {oo, 1, "H", 2, "bf16_halves out"}};
+    if (get_buffers(want, buf, 2) < 0)
         return NULL;
-    if (get_buffer(oo, &out, 1, "H", 2, "bf16_halves out") < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
     uint32_t low = 0;
-    int ok = out.len * 2 == x.len;
+    int ok = buf[1].len * 2 == buf[0].len;
     if (ok) {
-        const uint32_t *p = (const uint32_t *)x.buf;
-        uint16_t *o = (uint16_t *)out.buf;
-        Py_ssize_t n = x.len / 4;
+        const uint32_t *p = (const uint32_t *)buf[0].buf;
+        uint16_t *o = (uint16_t *)buf[1].buf;
+        Py_ssize_t n = buf[0].len / 4;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t i = 0; i < n; i++) {
             low |= p[i] & 0xFFFFu;
@@ -254,8 +287,7 @@ static PyObject *bf16_halves(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&out);
+    release_buffers(buf, 2);
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "bf16_halves: out must have one element for each of x's");
         return NULL;
@@ -269,25 +301,21 @@ static PyObject *bf16_widen(PyObject *self, PyObject *args)
     PyObject *ho, *oo;
     if (!PyArg_ParseTuple(args, "OO", &ho, &oo))
         return NULL;
-    Py_buffer h, out;
-    if (get_buffer(ho, &h, 0, "H", 2, "bf16_widen halves") < 0)
+    Py_buffer buf[2];
+    const Want want[2] = {{ho, 0, "H", 2, "bf16_widen halves"}, {oo, 1, "f", 4, "bf16_widen out"}};
+    if (get_buffers(want, buf, 2) < 0)
         return NULL;
-    if (get_buffer(oo, &out, 1, "f", 4, "bf16_widen out") < 0) {
-        PyBuffer_Release(&h);
-        return NULL;
-    }
-    int ok = h.len * 2 == out.len;
+    int ok = buf[0].len * 2 == buf[1].len;
     if (ok) {
-        const uint16_t *p = (const uint16_t *)h.buf;
-        uint32_t *o = (uint32_t *)out.buf;
-        Py_ssize_t n = h.len / 2;
+        const uint16_t *p = (const uint16_t *)buf[0].buf;
+        uint32_t *o = (uint32_t *)buf[1].buf;
+        Py_ssize_t n = buf[0].len / 2;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t i = 0; i < n; i++)
             o[i] = (uint32_t)p[i] << 16;
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&h);
-    PyBuffer_Release(&out);
+    release_buffers(buf, 2);
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "bf16_widen: out must have one element for each half");
         return NULL;
@@ -300,31 +328,19 @@ static PyObject *bf16_widen(PyObject *self, PyObject *args)
  * order, every NaN's magnitude as 0x7F800001: above every number, NaNs alike), as row_ranks ranks
  * the magnitude bits that raymerge/methods/sparse.py's della_ranks makes. below: n uint64; words:
  * uint32, out: bool, each as long as x. A row of BF16 magnitudes is ranked by counting its high
- * halves, any other by an LSD radix sort of its magnitudes (row_ranks's). */
+ * halves, any other by radix_order (row_ranks's sort). */
 static PyObject *della_keep(PyObject *self, PyObject *args)
 {
     PyObject *xo, *bo, *wo, *oo;
     Py_ssize_t n;
     if (!PyArg_ParseTuple(args, "OnOOO", &xo, &n, &bo, &wo, &oo))
         return NULL;
-    Py_buffer x, below, words, out;
-    if (get_buffer(xo, &x, 0, "f", 4, "della_keep x") < 0)
+    Py_buffer buf[4];
+    const Want want[4] = {{xo, 0, "f", 4, "della_keep x"}, {bo, 0, "LQ", 8, "della_keep below"},
+                          {wo, 0, "I", 4, "della_keep words"}, {oo, 1, "?", 1, "della_keep out"}};
+    if (get_buffers(want, buf, 4) < 0)
         return NULL;
-    if (get_buffer(bo, &below, 0, "LQ", 8, "della_keep below") < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    if (get_buffer(wo, &words, 0, "I", 4, "della_keep words") < 0) {
-        PyBuffer_Release(&x);
-        PyBuffer_Release(&below);
-        return NULL;
-    }
-    if (get_buffer(oo, &out, 1, "?", 1, "della_keep out") < 0) {
-        PyBuffer_Release(&x);
-        PyBuffer_Release(&below);
-        PyBuffer_Release(&words);
-        return NULL;
-    }
+    const Py_buffer x = buf[0], below = buf[1], words = buf[2], out = buf[3];
     Py_ssize_t count = x.len / 4;
     int32_t *order = NULL, *counts = NULL;
     uint32_t *keys = NULL;
@@ -373,33 +389,7 @@ static PyObject *della_keep(PyObject *self, PyObject *args)
                 }
                 continue;
             }
-            Py_ssize_t hist[4][256] = {{0}}; /* each byte's digits */
-            for (Py_ssize_t i = 0; i < n; i++) {
-                uint32_t m = keys[i];
-                hist[0][m & 0xFF]++;
-                hist[1][(m >> 8) & 0xFF]++;
-                hist[2][(m >> 16) & 0xFF]++;
-                hist[3][m >> 24]++;
-            }
-            int32_t *a = order, *t = order + n;
-            for (Py_ssize_t i = 0; i < n; i++)
-                a[i] = (int32_t)i;
-            for (int byte = 0, shift = 0; byte < 4; byte++, shift += 8) {
-                Py_ssize_t *at = hist[byte];
-                if (at[(keys[0] >> shift) & 0xFF] == n)
-                    continue; /* one digit for the whole row: the order stands */
-                Py_ssize_t sum = 0;
-                for (int d = 0; d < 256; d++) {
-                    Py_ssize_t c = at[d];
-                    at[d] = sum;
-                    sum += c;
-                }
-                for (Py_ssize_t i = 0; i < n; i++)
-                    t[at[(keys[a[i]] >> shift) & 0xFF]++] = a[i];
-                int32_t *swap = a;
-                a = t;
-                t = swap;
-            }
+            const int32_t *a = radix_order(keys, n, order);
             for (Py_ssize_t r = 0; r < n; r++) /* a[r]: the element of rank r */
                 o[row + a[r]] = (uint64_t)w[row + a[r]] < b[r];
         }
@@ -408,10 +398,7 @@ static PyObject *della_keep(PyObject *self, PyObject *args)
     PyMem_RawFree(counts);
     PyMem_RawFree(order);
     PyMem_RawFree(keys);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&below);
-    PyBuffer_Release(&words);
-    PyBuffer_Release(&out);
+    release_buffers(buf, 4);
     if (PyErr_Occurred())
         return NULL;
     Py_RETURN_NONE;
