@@ -2,9 +2,12 @@
 
 A method may keep per-element values of a piece from one statistics pass to the next (karcher's
 mean, so that iteration k does not compute iterations 1 .. k-1 again). The worker returns them as a
-second object that the driver never fetches: Ray's object store holds it on the worker's node, the
-driver holds its reference per item and hands it to the item's next pass and to its elementwise
-pass, and drops it once the item is written. Kept values only save time: where none arrive (the
+second object that the driver never fetches: Ray's object store holds it on the worker's node. The
+object holds only the values that pass made; the driver holds, per item, the references to every
+object whose values no later pass has replaced (by name: the StatsResult lists the names a pass
+kept), hands them all to the item's next pass and to its elementwise pass, and drops them as they
+are replaced or once the item is written. So a value kept once (karcher's tangent) is not copied
+into the object store again by each pass that only reads it. Kept values only save time: where none arrive (the
 budget below exceeded, an object lost with its node, a resumed run, `raymerge verify`) the worker
 computes them again, to the same bits.
 """
@@ -33,7 +36,8 @@ def kept_bytes(plan: Plan) -> int:
 
 
 class KeptValues:
-    """Per item, the reference to what its last pass kept; the calls that hand it on."""
+    """Per item, the references to what its passes kept that a later pass may still read, with the
+    names each still holds; the calls that hand them on."""
 
     def __init__(self, plan: Plan) -> None:
         need = kept_bytes(plan)
@@ -42,25 +46,37 @@ class KeptValues:
         if need and not self.on:
             log.info("execute: the values passes keep (%.2f GiB) exceed %.0f%% of the object store (%.2f GiB): "
                      "each pass computes them again", need / 2**30, 100 * BUDGET_SHARE, store / 2**30)
-        self._refs: dict[int, Any] = {}  # item -> what its last finished pass kept
+        # item -> [(reference, the names no later pass of the item kept again)], oldest first
+        self._refs: dict[int, list[tuple[Any, frozenset[str]]]] = {}
         self._next: dict[int, Any] = {}  # item -> what its running pass will keep
+
+    def _given(self, item: int) -> tuple[list[Any], dict[str, Any]]:
+        """The references an item's next pass gets, and the `live` names of each (worker.merged)."""
+        chain = self._refs.get(item, [])
+        return [ref for ref, _ in chain], {"live": [sorted(names) for _, names in chain]} if chain else {}
 
     def stats(self, actor: Any, item: int, name: str, facts: dict) -> Any:
         """Statistics pass `name` of an item on actor; the reference to its StatsResult."""
         if not self.on:
             return actor.stats.remote(item, name, facts)
-        result, self._next[item] = actor.stats_kept.options(num_returns=2).remote(item, name, facts,
-                                                                                  self._refs.get(item))
+        refs, live = self._given(item)
+        result, self._next[item] = actor.stats_kept.options(num_returns=2).remote(item, name, facts, *refs, **live)
         return result
 
     def run(self, actor: Any, item: int, handle: str, facts: dict) -> Any:
         """The item's elementwise pass on actor, with what its statistics passes kept."""
-        return actor.run.remote(item, handle, facts, self._refs.get(item))
+        refs, live = self._given(item)
+        return actor.run.remote(item, handle, facts, *refs, **live)
 
-    def finished(self, item: int) -> None:
-        """The item's pass is done: what it kept is what the next one gets."""
-        if item in self._next:
-            self._refs[item] = self._next.pop(item)
+    def finished(self, item: int, names: tuple[str, ...] = ()) -> None:
+        """The item's pass is done, having kept values under `names` (none: its object is dropped):
+        those are what the next passes read under those names; an earlier object that holds no
+        other name still read is freed."""
+        ref = self._next.pop(item, None)
+        if ref is None or not names:
+            return
+        chain = [(r, live - set(names)) for r, live in self._refs.get(item, [])]
+        self._refs[item] = [(r, live) for r, live in chain if live] + [(ref, frozenset(names))]
 
     def written(self, item: int) -> None:
         """The item's output is written: what its passes kept is freed."""

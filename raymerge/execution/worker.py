@@ -74,6 +74,21 @@ class StatsResult:
     seconds: float
     worker: str
     peak_rss: int
+    kept: tuple[str, ...] = ()  # the names of the values this pass kept, of any piece (stats_kept)
+
+
+def merged(carried: tuple[Kept | None, ...], live: list[list[str]] | None) -> Kept:
+    """What an item's earlier passes kept, per piece: the values of each object in `carried` (oldest
+    first) under the names `live` lists for it (all its names where `live` is None), a later
+    object's value of a name in place of an earlier one's. Each pass's object holds only what that
+    pass made, so a value kept once is not copied again by the passes after it."""
+    out: Kept = {}
+    for i, kept in enumerate(carried):
+        names = set(live[i]) if live is not None else None
+        for key, values in (kept or {}).items():
+            out.setdefault(key, {}).update(values if names is None else
+                                           {n: v for n, v in values.items() if n in names})
+    return out
 
 
 class _ThreadState:
@@ -144,7 +159,7 @@ class MergeWorker:
                 carried: Kept | None = None) -> tuple[memoryview, int, list[TensorSums]]:
         """The item's output bytes (valid until this thread's next item), bytes read, per-tensor sums.
         `clock` gets the seconds spent reading and computing appended; `carried`: what the item's
-        statistics passes kept (`stats_kept`)."""
+        statistics passes kept (`merged`)."""
         item = self._plan.items[item_id]
         st = self._state()
         t0 = time.perf_counter()
@@ -158,14 +173,15 @@ class MergeWorker:
             clock += [t1 - t0, time.perf_counter() - t1]
         return out, read_bytes, sums
 
-    def run(self, item_id: int, handle: str, facts: dict[int, Any] | None = None,
-            carried: Kept | None = None) -> ItemResult:
+    def run(self, item_id: int, handle: str, facts: dict[int, Any] | None = None, *carried: Kept | None,
+            live: list[list[str]] | None = None) -> ItemResult:
+        """Compute and write the item; `carried`, `live`: what its statistics passes kept (`merged`)."""
         t0 = time.perf_counter()
         if self._test_delay:  # fault-injection tests need runs slow enough to be interrupted
             time.sleep(self._test_delay)
         item = self._plan.items[item_id]
         clock: list[float] = []
-        out, read_bytes, sums = self.produce(item_id, clock, facts, carried)
+        out, read_bytes, sums = self.produce(item_id, clock, facts, merged(carried, live))
         t1 = time.perf_counter()
         shard = self._plan.shards[item.shard]
         etag = self._out.write(Target(shard.name, handle, shard.size), Span(item.part, item.start, item.end), out)
@@ -178,13 +194,13 @@ class MergeWorker:
 
     def stats(self, item_id: int, pass_name: str, facts: dict[int, Any]) -> StatsResult:
         """Statistics pass `pass_name` over the item's pieces of tensors that need it."""
-        return self.stats_kept(item_id, pass_name, facts, None, keep=False)[0]
+        return self.stats_kept(item_id, pass_name, facts, keep=False)[0]
 
-    def stats_kept(self, item_id: int, pass_name: str, facts: dict[int, Any], carried: Kept | None,
-                   keep: bool = True) -> tuple[StatsResult, Kept | None]:
-        """`stats`, given what the item's earlier passes kept (`carried`), and what this pass keeps
-        for the next ones: `carried` with this pass's values in place of its pieces' (Method.keeps;
-        docs/ARCHITECTURE.md: values kept between passes), or None where nothing is kept."""
+    def stats_kept(self, item_id: int, pass_name: str, facts: dict[int, Any], *carried: Kept | None,
+                   live: list[list[str]] | None = None, keep: bool = True) -> tuple[StatsResult, Kept | None]:
+        """`stats`, given what the item's earlier passes kept (`carried`, `live`: see `merged`), and
+        what this pass keeps for the next ones (Method.keeps; docs/ARCHITECTURE.md: values kept
+        between passes): its own values alone, or None; their names are in the StatsResult."""
         t0 = time.perf_counter()
         if self._test_delay:
             time.sleep(self._test_delay)
@@ -192,7 +208,7 @@ class MergeWorker:
         st = self._state()
         inputs, read_bytes = self._read_inputs(item, st, pass_name, facts)
         rows: list[Row] = []
-        kept = dict(carried or {})
+        given, kept = merged(carried, live), {}
         for p, piece in enumerate(item.pieces):
             if not self._needs(piece, pass_name, facts):
                 continue
@@ -201,13 +217,14 @@ class MergeWorker:
             scratch = st.scratch_for(k)
             new: dict[str, Any] | None = {} if keep and METHODS[t.method].keeps(t) else None
             operands = dataclasses.replace(_operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch),
-                                           carried=kept.pop((piece.tensor, piece.begin), None), keep=new)
+                                           carried=given.get((piece.tensor, piece.begin)), keep=new)
             result = METHODS[t.method].statistic(k, pass_name, operands, scratch)
             rows.append((piece.tensor, piece.begin, result))
             if new:
                 kept[(piece.tensor, piece.begin)] = new
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return (StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak),
+        names = tuple(sorted({name for values in kept.values() for name in values}))
+        return (StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak, names),
                 kept or None)
 
     def _needs(self, piece: Piece, pass_name: str, facts: dict[int, Any] | None) -> bool:

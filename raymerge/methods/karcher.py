@@ -13,13 +13,15 @@ computes on tensors of the compute dtype (every model weighs 1/N, the base model
 
 Every whole-tensor reduction is a statistics pass, exact and rounded once (to float32, then the
 compute dtype where mergekit's is in it): `karcher-norms`, `karcher-mean`, then per iteration k
-`karcher-dots-k`, `karcher-tangent-k` and `karcher-unit-k`. Each pass keeps its piece's mean (and
-the tangent) for the next (steps.keep: the labels below say which state they hold); where none was
-kept (a resumed run, a lost node, the driver's budget) the pass computes the mean of the iterations
-before it again from the inputs and the facts, to the same bits, so a resumed run goes on from the
-last finished pass. A tensor that has converged (tn < tol), or has no valid
-model, needs none of the passes after (`Method.needs`): the driver skips its pieces. The driver
-makes the scalars with torch on 0-dim tensors of mergekit's dtypes (steps.in_torch), and rounds a
+`karcher-dots-k`, `karcher-tangent-k` and `karcher-unit-k`. `karcher-mean` and each unit pass keep
+the piece's mean before its normalization, each tangent pass its tangent, for the passes after
+(steps.keep: the labels below say which state they hold; a pass that only reads a value does not
+keep it again, and divides the mean by its norm itself: one step); where none was kept (a resumed
+run, a lost node, the driver's budget) the pass computes the mean of the iterations before it again
+from the inputs and the facts, to the same bits, so a resumed run goes on from the last finished
+pass. A pass given all it needs reads no input (a unit pass: the mean and the tangent). A tensor
+that has converged (tn < tol), or has no valid model, needs none of the passes after
+(`Method.needs`): the driver skips its pieces. The driver makes the scalars with torch on 0-dim tensors of mergekit's dtypes (steps.in_torch), and rounds a
 float32 scalar to the compute dtype where torch does: as the first operand of a product.
 """
 
@@ -32,6 +34,7 @@ import numpy as np
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
 from raymerge.methods.steps import (apply_chunks, bits, carried, chunks, exact_sum, facts_problem, in_torch, keep,
                                     quiet, step, torch_dtype, total, value, vector_length, widen_rows)
+from raymerge.ops.fused import fused
 
 NORMS, MEAN = "karcher-norms", "karcher-mean"
 DOTS, TANGENT, UNIT = "dots", "tangent", "unit"  # an iteration's passes: karcher-dots-1, ...
@@ -122,24 +125,25 @@ class Karcher(Method):
         sums = None
         n = vector_length(operands)
         for at, m in chunks(n, scratch):
-            s = _State(kernel, operands, scratch, f, at, m)
-            if what == NORMS:
-                parts = [exact_sum(kernel, x, scratch, square=True, narrow=narrow) for x in s.x]
-            elif what == MEAN:
-                parts = [exact_sum(kernel, s.keep(s.first_mean(), "first", n), scratch, square=True, narrow=narrow)]
-            elif what == UNIT:
-                s.mean_after(it - 1)
-                s.tangent(it)
-                parts = [exact_sum(kernel, s.keep(s.step_along(it), f"u{it}", n), scratch, square=True, narrow=narrow)]
-            else:
-                mean = s.keep(s.mean_after(it - 1), f"m{it - 1}", n)
-                if what == DOTS:
-                    s.units()
-                    parts = [exact_sum(kernel, s.x[i], scratch, narrow=narrow, times=mean) for i in s.valid]
+            with fused(kernel) as k:  # the steps between two sums, one compiled loop where they can be
+                s = _State(k, operands, scratch, f, at, m)
+                if what == NORMS:
+                    parts = [exact_sum(k, x, scratch, square=True, narrow=narrow) for x in s.x]
+                elif what == MEAN:
+                    parts = [exact_sum(k, s.keep(s.first_mean(), "first", n), scratch, square=True, narrow=narrow)]
+                elif what == UNIT:
+                    s.mean_after(it - 1)
+                    s.tangent(it)
+                    parts = [exact_sum(k, s.keep(s.step_along(it), f"u{it}", n), scratch, square=True, narrow=narrow)]
                 else:
-                    tangent = s.tangent(it)
-                    keep(kernel, operands, scratch, "tangent", tangent, at, n)
-                    parts = [exact_sum(kernel, tangent, scratch, square=True, narrow=narrow)]
+                    mean = s.mean_after(it - 1)  # normalized from the kept step: not kept again
+                    if what == DOTS:
+                        s.units()
+                        parts = [exact_sum(k, s.x[i], scratch, narrow=narrow, times=mean) for i in s.valid]
+                    else:
+                        tangent = s.tangent(it)
+                        keep(k, operands, scratch, "tangent", tangent, at, n)
+                        parts = [exact_sum(k, tangent, scratch, square=True, narrow=narrow)]
             sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
         if operands.keep and "tangent" in operands.keep:
             operands.keep["tangent-of"] = it
@@ -185,12 +189,22 @@ class _State:
         count = len(operands.vectors)
         if given:
             rows = list(given) + [np.empty(len(given[0]), np.float32) for _ in range(3)]
-        else:
-            rows = widen_rows(kernel, scratch, _ROWS, [v.a for v in operands.vectors], at, m, spare=3)
-        self.x, (self.mean, self.tan, self.work) = rows[:count], rows[count:]
+        else:  # the inputs are widened where a step reads them (`x`): a pass given what it needs reads none
+            rows = widen_rows(kernel, scratch, _ROWS, [], at, m, spare=count + 3)
+        self._x, (self.mean, self.tan, self.work) = rows[:count], rows[count:]
+        self._widened = bool(given)
         self.tol = float(operands.param("tol", _TOL.default))
         self.valid = _valid(facts, self.tol) if "n" in facts else []
         self._units = False
+
+    @property
+    def x(self) -> list:
+        """The inputs' elements, widened (first read here)."""
+        if not self._widened:
+            for row, v in zip(self._x, self.o.vectors):
+                self.k.widen(row, v.a[self.at:self.at + self.m], self.s)
+            self._widened = True
+        return self._x
 
     def rnd(self, x: Any) -> Any:
         return self.o.rounded(self.k, x)

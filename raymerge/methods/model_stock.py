@@ -26,6 +26,7 @@ import numpy as np
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
 from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, quiet,
                                     row_sums, step, torch_dtype, vector_length, widen_rows)
+from raymerge.ops.fused import fused
 
 SUMS = "model-stock-sums"
 _ROWS = "model-stock-rows"
@@ -54,9 +55,10 @@ class ModelStock(Method):
         pairs = list(itertools.combinations(range(k), 2))
 
         def quantities(at: int, m: int) -> list:
-            off = _offsets(kernel, operands, scratch, at, m, len(pairs))
-            products = [operands.rounded(kernel, step(kernel.multiply, off[i], off[j], work))
-                        for (i, j), work in zip(pairs, off[k:])]
+            with fused(kernel) as fk:  # one compiled loop where the steps can be
+                off = _offsets(fk, operands, scratch, at, m, len(pairs))
+                products = [operands.rounded(fk, step(fk.multiply, off[i], off[j], work))
+                            for (i, j), work in zip(pairs, off[k:])]
             return off[:k] + products
 
         return row_sums(kernel, scratch, operands.begin, vector_length(operands), _groups(operands.shape, operands.params)[1],

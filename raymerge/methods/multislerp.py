@@ -27,6 +27,7 @@ from raymerge.errors import PlanError
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind
 from raymerge.methods.steps import (apply_chunks, bits, chunks, exact_sum, facts_problem, in_torch, quiet,
                                     step, torch_dtype, total, value, vector_length, widen_rows)
+from raymerge.ops.fused import fused
 
 NORMS, MEAN, DOTS, TANGENT = "multislerp-norms", "multislerp-mean", "multislerp-dots", "multislerp-tangent"
 _ROWS = "multislerp-rows"
@@ -65,17 +66,18 @@ class Multislerp(Method):
         sums = None
         narrow = operands.compute is not None  # every value summed is rounded to it
         for at, m in chunks(vector_length(operands), scratch):
-            s = _State(kernel, operands, scratch, f, at, m)
-            if pass_name == NORMS:
-                parts = [exact_sum(kernel, d, scratch, square=True, narrow=narrow) for d in s.deltas]
-            elif pass_name == MEAN:
-                parts = [exact_sum(kernel, s.mean(), scratch, square=True, narrow=narrow)]
-            elif pass_name == DOTS:
-                mean = s.mean()
-                parts = [exact_sum(kernel, operands.rounded(kernel, step(kernel.multiply, u, mean, s.work)), scratch,
-                                   narrow=narrow) for u in s.units()]
-            else:
-                parts = [exact_sum(kernel, s.tangent(), scratch, square=True, narrow=narrow)]
+            with fused(kernel) as k:  # the steps between two sums, one compiled loop where they can be
+                s = _State(k, operands, scratch, f, at, m)
+                if pass_name == NORMS:
+                    parts = [exact_sum(k, d, scratch, square=True, narrow=narrow) for d in s.deltas]
+                elif pass_name == MEAN:
+                    parts = [exact_sum(k, s.mean(), scratch, square=True, narrow=narrow)]
+                elif pass_name == DOTS:
+                    mean = s.mean()
+                    parts = [exact_sum(k, operands.rounded(k, step(k.multiply, u, mean, s.work)), scratch,
+                                       narrow=narrow) for u in s.units()]
+                else:
+                    parts = [exact_sum(k, s.tangent(), scratch, square=True, narrow=narrow)]
             sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
         return [[x.to_json() for x in sums]] if sums is not None else []
 

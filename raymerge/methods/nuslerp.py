@@ -29,6 +29,7 @@ import numpy as np
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
 from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, per_row,
                                     quiet, row_sums, step, torch_dtype, value, widen_rows)
+from raymerge.ops.fused import fused
 
 NORMS, COS = "nuslerp-norms", "nuslerp-cos"
 _ROWS = "nuslerp-rows"
@@ -72,17 +73,20 @@ class Nuslerp(Method):
         length = _groups(operands.shape, operands.params)[1]
         if pass_name == NORMS:
             def quantities(at: int, m: int) -> list:
-                return _deltas(kernel, operands, scratch, at, m)
+                with fused(kernel) as k:
+                    return _deltas(k, operands, scratch, at, m)
         else:
             f = operands.facts[0]
             norms = [host_rows(f["n0"]), host_rows(f["n1"])]
 
             def quantities(at: int, m: int) -> list:
-                units = _deltas(kernel, operands, scratch, at, m)
-                for i, v in enumerate(units):  # v / n: the row's norm
-                    n = per_row(kernel, scratch, f"nuslerp-n{i}", operands.begin + at, m, length, norms[i])
-                    operands.rounded(kernel, step(kernel.divide, v, n, v))
-                return [operands.rounded(kernel, step(kernel.multiply, units[0], units[1], units[0]))]
+                n = [per_row(kernel, scratch, f"nuslerp-n{i}", operands.begin + at, m, length, norms[i])
+                     for i in range(2)]  # each row's norm
+                with fused(kernel) as k:
+                    units = _deltas(k, operands, scratch, at, m)
+                    for v, norm in zip(units, n):
+                        operands.rounded(k, step(k.divide, v, norm, v))
+                    return [operands.rounded(k, step(k.multiply, units[0], units[1], units[0]))]
         return row_sums(kernel, scratch, operands.begin, _length(operands), length,
                         (True, True) if pass_name == NORMS else (False,), quantities, operands.compute is not None)
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from raymerge.ops import native
 from raymerge.ops.exact import ExactSum, dot_sum
+from raymerge.ops.fused import Program, fused
 from raymerge.ops.kernel import Sums
 from raymerge.ops.numpy_kernel import EXACT
 
@@ -180,6 +181,8 @@ def carried(kernel: Any, operands: Operands, name: str, out: Any, at: int, m: in
     if store is None:
         return False
     chunk = store[at:at + m]
+    if isinstance(kernel, Program):
+        kernel.flush()  # out is written below, not through the kernel: what was recorded runs first
     if chunk.dtype == np.uint16:
         if isinstance(out, np.ndarray):
             _widened_halves(chunk, out)
@@ -238,7 +241,8 @@ def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Ca
     n = min(len(v.a), len(out)) if v is not None else 0
     sums = past_rows(kernel, out, operands, scratch, n)
     for lo, m in chunks(n, scratch):
-        result = rule(kernel, *widen_rows(kernel, scratch, _ROWS, arrays, lo, m, spare=1))
+        with fused(kernel) as k:
+            result = rule(k, *widen_rows(k, scratch, _ROWS, arrays, lo, m, spare=1))
         replay_nans(kernel, result, scratch, arrays, lo,
                     lambda k, xs: rule(k, *xs, np.empty(len(xs[0]), np.float32)))
         sums = counted(sums, kernel.weighted_sum(out[lo:lo + m], result, [], scratch))  # rounded once to out
@@ -260,7 +264,8 @@ def apply_chunks(kernel: Any, out: Any, operands: Operands, scratch: Any, inputs
     n = vector_length(operands)
     sums = past_rows(kernel, out, operands, scratch, n)
     for at, m in chunks(n, scratch):
-        result = rule(kernel, at, m, ())
+        with fused(kernel) as k:
+            result = rule(k, at, m, ())
         replay_nans(kernel, result, scratch, inputs, at, lambda k, xs: rule(k, at, m, tuple(xs)))
         sums = counted(sums, kernel.weighted_sum(out[at:at + m], result, [], scratch))
     return sums
@@ -290,7 +295,8 @@ def apply_rows(kernel: Any, out: Any, operands: Operands, scratch: Any, inputs: 
     for at, m in chunks(n, scratch):
         begin = operands.begin + at
         coef = tuple(per_row(kernel, scratch, f"{key}-{i}", begin, m, length, r) for i, r in enumerate(rows))
-        result = rule(kernel, *widen_rows(kernel, scratch, key, inputs, at, m), coef=coef)
+        with fused(kernel) as k:  # the rule's steps, one compiled loop where they can be
+            result = rule(k, *widen_rows(k, scratch, key, inputs, at, m), coef=coef)
         replay_nans(kernel, result, scratch, inputs, at, lambda k, xs, idx: rule(
             k, *xs, coef=tuple(r[(begin + idx) // length] for r in rows)), indexed=True)
         total = counted(total, kernel.weighted_sum(out[at:at + m], result, [], scratch))
@@ -347,13 +353,13 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
         starts = np.unique(np.concatenate([[0], np.arange(-(-lo // length) * length, lo + m, length) - lo]))
         rows = (lo + starts) // length
         ends = np.append(starts[1:], m)
+        inside = (rows >= whole0) & (rows < whole1)
         for i, (x, square) in enumerate(zip(quantities(at, m), roots)):
             h = kernel.to_host(x, scratch)
-            p = np.multiply(h, h, dtype=np.float64) if square else h.astype(np.float64)
-            inside = (rows >= whole0) & (rows < whole1)
-            if inside.any():
-                np.add.at(sums[i], rows[inside] - whole0, np.add.reduceat(p, starts)[inside])
-                np.add.at(mags[i], rows[inside] - whole0, np.add.reduceat(np.abs(p), starts)[inside])
+            if inside.any():  # rows the piece holds whole: float64 sums (the rest are exact below)
+                got_sums, got_mags = _segment_sums(h, starts, square)
+                np.add.at(sums[i], rows[inside] - whole0, got_sums[inside])
+                np.add.at(mags[i], rows[inside] - whole0, got_mags[inside])
             for r, s, e in zip(rows[~inside], starts[~inside], ends[~inside]):
                 got = dot_sum(h[s:e], h[s:e] if square else np.float32(1), _host_work(scratch), narrow)
                 partial.setdefault(int(r), [ExactSum()] * k)[i] += got
@@ -369,6 +375,18 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
         whole[:, j] = [float(s.sqrt_float32() if root else s.to_float32()) for s, root in zip(exact, roots)]
     values = [[bits(whole[i, j]) for i in range(k)] for j in range(count)]
     return [[whole0 if count else None, values, [[g, [s.to_json() for s in v]] for g, v in sorted(partial.items())]]]
+
+
+def _segment_sums(h: np.ndarray, starts: np.ndarray, square: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 sums of h's values (squares: `square`) and of their magnitudes, per segment from
+    each of `starts` to the next. Compiled where raymerge/ops/_native.c was built; in any order
+    (`_certain` bounds the error of every order)."""
+    if native.takes(h, np.float32) and native.takes(starts, np.int64):
+        out = np.empty((2, starts.size))
+        native.loops.segment_sums(h, starts, square, out[0], out[1])
+        return out[0], out[1]
+    p = np.multiply(h, h, dtype=np.float64) if square else h.astype(np.float64)
+    return np.add.reduceat(p, starts), np.add.reduceat(np.abs(p), starts)
 
 
 def _certain(sums: np.ndarray, mags: np.ndarray, length: int, roots: tuple[bool, ...]) -> np.ndarray:

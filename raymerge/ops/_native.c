@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 #define EXPONENTS 2048           /* float64 exponent values; a bucket per sign and exponent */
 #define LANES 4                  /* independent bucket sets: consecutive products in one binade do not wait on each other */
@@ -463,6 +464,220 @@ static PyObject *welford_variance(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* run_program's instructions: four int32 each, (op, dst, x, y); an operand x or y >= 0 is an array
+ * of the program's, -1 - k its k-th scalar. */
+enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OPS };
+#define MAX_ARRAYS 32
+#define BLOCK 512 /* elements a block: a program's arrays' blocks stay in a core's L1 cache */
+
+static inline uint32_t bf16_rounded(uint32_t v)
+{
+    /* round_bf16's rounding: half to even, a finite value overflowing into the infinity's bits,
+     * a NaN kept as it is */
+    uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) & 0xFFFF0000u;
+    return (v & 0x7FFFFFFFu) > 0x7F800000u ? v : r;
+}
+
+/* One arithmetic instruction over elements lo .. hi: out = x op y, each a float32 array or scalar.
+ * Plain float operations, rounded once each as numpy's ufuncs (no contraction: the compile flags). */
+#define ARITH(OPER)                                                                   \
+    do {                                                                              \
+        if (xs && ys)                                                                 \
+            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xs[i] OPER ys[i];           \
+        else if (xs)                                                                  \
+            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xs[i] OPER yv;              \
+        else if (ys)                                                                  \
+            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER ys[i];              \
+        else                                                                          \
+            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER yv;                 \
+    } while (0)
+
+/* run_program's loop: every step over a block, block by block. Compiled for the wider vector units
+ * too, the one the CPU has chosen at load time (each lane rounds as a scalar operation would). */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, const float *sv, Py_ssize_t n)
+{
+    for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
+        Py_ssize_t hi = lo + BLOCK < n ? lo + BLOCK : n;
+        for (Py_ssize_t s = 0; s < steps; s++) {
+            int32_t op = ins[4 * s], x = ins[4 * s + 2], y = ins[4 * s + 3];
+            float *out = (float *)arr[ins[4 * s + 1]];
+            const float *xs = x >= 0 ? (const float *)arr[x] : NULL;
+            const float *ys = y >= 0 ? (const float *)arr[y] : NULL;
+            float xv = x < 0 ? sv[-1 - x] : 0.0f, yv = y < 0 ? sv[-1 - y] : 0.0f;
+            switch (op) {
+            case OP_WIDEN_BF16: {
+                const uint16_t *h = (const uint16_t *)arr[x];
+                uint32_t *o = (uint32_t *)out;
+                for (Py_ssize_t i = lo; i < hi; i++)
+                    o[i] = (uint32_t)h[i] << 16;
+                break;
+            }
+            case OP_COPY:
+                for (Py_ssize_t i = lo; i < hi; i++)
+                    out[i] = xs ? xs[i] : xv;
+                break;
+            case OP_ADD: ARITH(+); break;
+            case OP_SUB: ARITH(-); break;
+            case OP_MUL: ARITH(*); break;
+            case OP_DIV: ARITH(/); break;
+            case OP_ROUND_BF16: {
+                uint32_t *o = (uint32_t *)out;
+                for (Py_ssize_t i = lo; i < hi; i++)
+                    o[i] = bf16_rounded(o[i]);
+                break;
+            }
+            }
+        }
+    }
+}
+
+/* run_program(code, arrays, scalars): a chain of elementwise steps over arrays of one length,
+ * block by block (each step over a block, then the next step), so the values stay in L1 between
+ * steps and no step is a pass over memory: kernel primitives a method records (raymerge/ops/fused.py)
+ * give the bits they give one at a time, as every step is elementwise. arrays: float32 (written
+ * where an instruction's dst) or uint16 (BF16 bits, read by OP_WIDEN_BF16 alone); scalars: float32.
+ * Returns whether it ran: False where two arrays overlap in part (nothing is written then). */
+static PyObject *run_program(PyObject *self, PyObject *args)
+{
+    PyObject *co, *seq, *so;
+    if (!PyArg_ParseTuple(args, "OOO", &co, &seq, &so))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "run_program: arrays must be a sequence");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast), got = 0, n = -1;
+    Py_buffer code, scalars, arr[MAX_ARRAYS];
+    const Want want[2] = {{co, 0, "i", 4, "run_program code"}, {so, 0, "f", 4, "run_program scalars"}};
+    Py_buffer two[2];
+    if (count > MAX_ARRAYS) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "run_program: too many arrays");
+        return NULL;
+    }
+    if (get_buffers(want, two, 2) < 0) {
+        Py_DECREF(fast);
+        return NULL;
+    }
+    code = two[0];
+    scalars = two[1];
+    const int32_t *ins = (const int32_t *)code.buf;
+    Py_ssize_t steps = code.len / 16, nscalars = scalars.len / 4;
+    int written[MAX_ARRAYS] = {0}, wide[MAX_ARRAYS] = {0}, ok = code.len % 16 == 0;
+    for (Py_ssize_t s = 0; ok && s < steps; s++) {
+        int32_t op = ins[4 * s], d = ins[4 * s + 1];
+        ok = op >= 0 && op < OPS && d >= 0 && d < count;
+        for (int j = 2; ok && j < 4; j++)
+            ok = ins[4 * s + j] < count && ins[4 * s + j] >= -nscalars;
+        if (ok)
+            written[d] = 1;
+    }
+    if (!ok)
+        PyErr_SetString(PyExc_ValueError, "run_program: an instruction out of range");
+    for (; ok && got < count; got++) {
+        PyObject *a = PySequence_Fast_GET_ITEM(fast, got);
+        if (get_buffer(a, &arr[got], written[got], written[got] ? "f" : "fH", 0, "run_program array") < 0) {
+            ok = 0;
+            break;
+        }
+        wide[got] = arr[got].itemsize == 4;
+        Py_ssize_t len = arr[got].len / arr[got].itemsize;
+        if (n >= 0 && len != n) {
+            PyErr_SetString(PyExc_ValueError, "run_program: arrays differ in length");
+            PyBuffer_Release(&arr[got]);
+            ok = 0;
+            break;
+        }
+        n = len;
+    }
+    for (Py_ssize_t s = 0; ok && s < steps; s++) { /* operand types: BF16 bits only where widened */
+        int32_t op = ins[4 * s], x = ins[4 * s + 2], y = ins[4 * s + 3];
+        if (op == OP_WIDEN_BF16)
+            ok = x >= 0 && !wide[x];
+        else
+            ok = (x < 0 || wide[x]) && (op == OP_COPY || op == OP_ROUND_BF16 || y < 0 || wide[y]);
+        if (!ok)
+            PyErr_SetString(PyExc_ValueError, "run_program: an operand of the wrong type");
+    }
+    /* Two arrays over the same memory are one array to the steps; over parts of each other's, the
+     * blocks' order would change what a step reads: then nothing runs (False), the caller runs the
+     * steps one at a time. */
+    int apart = 1;
+    for (Py_ssize_t i = 0; ok && apart && i < count; i++)
+        for (Py_ssize_t j = i + 1; apart && j < count; j++) {
+            const char *a = arr[i].buf, *b = arr[j].buf;
+            int same = a == b && arr[i].len == arr[j].len && arr[i].itemsize == arr[j].itemsize;
+            apart = same || a + arr[i].len <= b || b + arr[j].len <= a;
+        }
+    if (ok && apart && n > 0) {
+        void *bufs[MAX_ARRAYS];
+        for (Py_ssize_t j = 0; j < count; j++)
+            bufs[j] = arr[j].buf;
+        Py_BEGIN_ALLOW_THREADS
+        run_steps(ins, steps, bufs, (const float *)scalars.buf, n);
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t j = 0; j < got; j++)
+        PyBuffer_Release(&arr[j]);
+    release_buffers(two, 2);
+    Py_DECREF(fast);
+    if (!ok)
+        return NULL;
+    return PyBool_FromLong(apart);
+}
+
+/* segment_sums(x, starts, square, sums, mags): for each segment j of float32 x (from starts[j] to
+ * the next start, or x's end), sums[j] = the float64 sum of its values (their squares: square) and
+ * mags[j] = that of their magnitudes, in some order: steps.row_sums bounds the error of any order
+ * by the sum of magnitudes. starts: int64, ascending from 0; sums, mags: float64 as long. */
+static PyObject *segment_sums(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *so, *sumo, *mago;
+    int square;
+    if (!PyArg_ParseTuple(args, "OOpOO", &xo, &so, &square, &sumo, &mago))
+        return NULL;
+    Py_buffer buf[4];
+    const Want want[4] = {{xo, 0, "f", 4, "segment_sums x"}, {so, 0, "lq", 8, "segment_sums starts"},
+                          {sumo, 1, "d", 8, "segment_sums sums"}, {mago, 1, "d", 8, "segment_sums mags"}};
+    if (get_buffers(want, buf, 4) < 0)
+        return NULL;
+    const float *x = (const float *)buf[0].buf;
+    const int64_t *starts = (const int64_t *)buf[1].buf;
+    double *sums = (double *)buf[2].buf, *mags = (double *)buf[3].buf;
+    Py_ssize_t n = buf[0].len / 4, count = buf[1].len / 8;
+    int ok = buf[2].len / 8 == count && buf[3].len / 8 == count && (count == 0 || starts[0] == 0);
+    for (Py_ssize_t j = 1; ok && j < count; j++)
+        ok = starts[j] >= starts[j - 1] && starts[j] <= n;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < count; j++) {
+            Py_ssize_t lo = (Py_ssize_t)starts[j], hi = j + 1 < count ? (Py_ssize_t)starts[j + 1] : n;
+            double s[4] = {0, 0, 0, 0}, a[4] = {0, 0, 0, 0}; /* four chains: the adds do not wait */
+            Py_ssize_t i = lo;
+            for (; i + 4 <= hi; i += 4)
+                for (int l = 0; l < 4; l++) {
+                    double p = square ? (double)x[i + l] * (double)x[i + l] : (double)x[i + l];
+                    s[l] += p;
+                    a[l] += fabs(p); /* no branch: signs are random */
+                }
+            for (; i < hi; i++) {
+                double p = square ? (double)x[i] * (double)x[i] : (double)x[i];
+                s[0] += p;
+                a[0] += fabs(p);
+            }
+            sums[j] = (s[0] + s[1]) + (s[2] + s[3]);
+            mags[j] = (a[0] + a[1]) + (a[2] + a[3]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    release_buffers(buf, 4);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "segment_sums: starts must ascend from 0 within x, sums and mags as long");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"round_bf16", round_bf16, METH_O, "Round float32 values to BF16 in place, half to even; NaNs kept."},
     {"dot_buckets", dot_buckets, METH_VARARGS, "Add exact products into per-sign-and-exponent float64 buckets."},
@@ -472,6 +687,8 @@ static PyMethodDef methods[] = {
     {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
     {"welford_variance", welford_variance, METH_VARARGS, "Population variance across float32 arrays, Welford in float64."},
+    {"segment_sums", segment_sums, METH_VARARGS, "float64 sums (of squares) and of magnitudes per segment of float32 values."},
+    {"run_program", run_program, METH_VARARGS, "A chain of elementwise float32 steps, block by block."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -233,11 +233,11 @@ def test_karcher_kept_means_lost_between_passes_are_computed_again(ray_local, mo
     lost = []
     finished = kept.KeptValues.finished
 
-    def finish_and_lose(self, item):
-        finished(self, item)
-        if len(lost) < 20 and item in self._refs:
+    def finish_and_lose(self, item, names=()):
+        finished(self, item, names)
+        if len(lost) < 20 and self._refs.get(item):
             lost.append(item)
-            self._refs[item] = dead
+            self._refs[item] = [(dead, live) for _, live in self._refs[item]]
 
     monkeypatch.setattr(kept.KeptValues, "finished", finish_and_lose)
     out = str(tmp_path / "lost")

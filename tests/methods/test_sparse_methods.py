@@ -193,20 +193,20 @@ def run_pieces(method: str, name: str, anchor: torch.Tensor, vectors: list, cuts
     scratch = NUMPY.scratch(chunk)
     facts = None
 
-    kept: dict[int, dict] = {}  # piece's first element -> what its last pass kept
+    kept: dict[int, dict] = {}  # piece's first element -> what its passes kept
 
     def operands(lo: int, hi: int, with_anchor: bool, new: dict | None = None) -> Operands:
         vecs = tuple(Vector(w, a[lo:hi], b[lo:hi] if b is not None else None, term=j, values=vals)
                      for j, (w, a, b, vals) in enumerate(arrays) if lo < len(a))
         return Operands(anchor_np[lo:hi] if with_anchor and anchored else None, vecs, tuple(params), name, lo, facts, compute,
-                        tuple(anchor.shape), carried=kept.pop(lo, None) if new is not None or with_anchor else None,
-                        keep=new)
+                        tuple(anchor.shape), keep=new,
+                        carried=dict(kept[lo]) if lo in kept and (new is not None or with_anchor) else None)
 
     def statistic(p: str, lo: int, hi: int) -> list:
         new: dict | None = {} if keep else None
         result = m.statistic(NUMPY, p, operands(lo, hi, False, new), scratch)
-        if new:
-            kept[lo] = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in new.items()}
+        if new:  # a later pass's value of a name replaces an earlier one's (the worker's `merged`)
+            kept.setdefault(lo, {}).update({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in new.items()})
         return result
 
     passes = m.passes_for(tensor)

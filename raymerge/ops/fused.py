@@ -1,0 +1,173 @@
+"""Chains of elementwise steps run as one compiled loop (docs/ARCHITECTURE.md: native loops).
+
+A method's rule is a chain of kernel primitives over a chunk's rows (widen, subtract, round to the
+compute dtype, divide, ...), each a pass of numpy over the chunk (256K elements). `fused(kernel)`
+hands out a kernel that records those steps instead and runs them at the end of the `with` block
+(or before any other primitive is called) as one program of `run_program` (raymerge/ops/_native.c):
+every step over a block of 512 elements, then the next block, so the values stay in a core's L1
+cache between steps. Each step is elementwise and rounds as numpy's ufunc does, so the order of blocks and steps
+changes no bit. A step it cannot record (another type, a float64 scalar, no compiled loops) runs at
+once as the kernel's own, after the steps recorded before it; a program whose arrays overlap in
+part (which the blocks' order would change) runs one step at a time.
+
+Inside the block, arrays are read and written through the kernel only: `to_host` (and every other
+primitive) runs what was recorded first, but a value read straight from an array's memory between
+two recorded steps would be stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from raymerge.ops import native
+from raymerge.ops.numpy_kernel import NumpyKernel
+
+# run_program's operations (raymerge/ops/_native.c)
+_WIDEN_BF16, _COPY, _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE, _ROUND_BF16 = range(7)
+_NAMES = {_ADD: "add", _SUBTRACT: "subtract", _MULTIPLY: "multiply", _DIVIDE: "divide"}
+_MAX_ARRAYS, _MAX_STEPS = 32, 256
+
+
+@contextlib.contextmanager
+def fused(kernel: Any) -> Iterator[Any]:
+    """A kernel whose elementwise steps inside the block run as one compiled loop at its end (the
+    kernel itself where that loop was not built, or for any kernel but numpy's)."""
+    if native.loops is None or not isinstance(kernel, NumpyKernel):
+        yield kernel
+        return
+    program = Program(kernel)
+    yield program
+    program.flush()
+
+
+def _binary(op: int, name: str):
+    """Program's `name(x, y, out)`: recorded, or the kernel's own at once."""
+    def step(self: Program, x: Any, y: Any, out: np.ndarray) -> None:
+        if not self._record(op, out, x, y):
+            self.flush()
+            getattr(self.kernel, name)(x, y, out)
+    step.__name__ = name
+    return step
+
+
+class Program:
+    """The recording kernel `fused` hands out: the steps it can run compiled, recorded; any other
+    attribute is the kernel's own, reached after the recorded steps have run."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self._runs = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._code: list[tuple[int, int, int, int]] = []
+        self._arrays: list[np.ndarray] = []
+        self._at: dict[int, int] = {}  # id of an array object recorded -> its index
+        self._scalars: list[np.float32] = []
+        self._length = -1
+        self._runs += 1  # a new program: the operand indices taken before are void
+
+    def flush(self) -> None:
+        """Run the recorded steps, in order."""
+        if self._code:
+            code, arrays, scalars = self._code, self._arrays, self._scalars
+            self._reset()
+            if not native.loops.run_program(np.array(code, np.int32), arrays, np.array(scalars, np.float32)):
+                self._one_at_a_time(code, arrays, scalars)  # arrays overlapping in part: nothing ran
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self.flush()
+        return getattr(self.kernel, name)
+
+    def table(self, scratch: Any, key: str, rows: int, bits: bool = False) -> np.ndarray:
+        return self.kernel.table(scratch, key, rows, bits)  # buffers, nothing read
+
+    def widen(self, dst: np.ndarray, src: np.ndarray, scratch: Any) -> None:
+        if src.dtype == np.uint16 and self._record(_WIDEN_BF16, dst, src, 0, src=np.uint16):
+            return
+        if src.dtype == np.float32 and self._record(_COPY, dst, src, 0):
+            return
+        self.flush()
+        self.kernel.widen(dst, src, scratch)
+
+    def copy(self, out: np.ndarray, x: np.ndarray) -> None:
+        if not self._record(_COPY, out, x, 0):
+            self.flush()
+            self.kernel.copy(out, x)
+
+    def fill(self, out: np.ndarray, value: float) -> None:
+        if not self._record(_COPY, out, value, 0):  # a scalar copied to every element
+            self.flush()
+            self.kernel.fill(out, value)
+
+    def round_to(self, x: np.ndarray, dtype: str) -> None:
+        if not (dtype == "BF16" and self._record(_ROUND_BF16, x, x, 0)):
+            self.flush()
+            self.kernel.round_to(x, dtype)
+
+    add, subtract = _binary(_ADD, "add"), _binary(_SUBTRACT, "subtract")
+    multiply, divide = _binary(_MULTIPLY, "multiply"), _binary(_DIVIDE, "divide")
+
+    def _record(self, op: int, out: np.ndarray, x: Any, y: Any, src: type = np.float32) -> bool:
+        """Whether the step was recorded (else nothing was: the caller runs it at once). Where taking
+        an operand ran the program so far (`flush`), the operands are taken again in the new one."""
+        if len(self._code) >= _MAX_STEPS:
+            self.flush()
+        for _ in range(2):
+            runs = self._runs
+            d = self._operand(out, np.float32, write=True)
+            a = self._operand(x, src)
+            b = self._operand(y, np.float32) if op not in (_WIDEN_BF16, _COPY, _ROUND_BF16) else 0
+            if d is None or a is None or b is None:
+                return False
+            if runs == self._runs:
+                self._code.append((op, d, a, b))
+                return True
+        return False
+
+    def _operand(self, x: Any, dtype: type, write: bool = False) -> int | None:
+        """x's operand index: an array's (>= 0) or a scalar's (-1 - k); None where x cannot be one
+        (the steps recorded so far then run, so that x's step runs after them)."""
+        if isinstance(x, np.ndarray):
+            return self._array(x, dtype, write)
+        if type(x) in (np.float32, float, int) and not write and dtype is np.float32:
+            # numpy takes a Python number as float32 beside a float32 array (NEP 50): the same value
+            self._scalars.append(np.float32(x))
+            return -len(self._scalars)
+        self.flush()
+        return None
+
+    def _array(self, x: np.ndarray, dtype: type, write: bool) -> int | None:
+        got = self._at.get(id(x))
+        if got is not None and self._arrays[got] is x:
+            return got
+        if x.dtype != dtype or x.ndim != 1 or not (x.flags.c_contiguous and x.flags.aligned) or \
+                (write and not x.flags.writeable):
+            self.flush()
+            return None
+        if self._length not in (-1, x.size) or len(self._arrays) >= _MAX_ARRAYS:
+            self.flush()
+        self._length = x.size
+        self._at[id(x)] = len(self._arrays)
+        self._arrays.append(x)
+        return len(self._arrays) - 1
+
+    def _one_at_a_time(self, code: list, arrays: list, scalars: list) -> None:
+        """The recorded steps, each as the kernel's own primitive, in order."""
+        k = self.kernel
+        for op, d, a, b in code:
+            out = arrays[d]
+            x, y = (arrays[i] if i >= 0 else scalars[-1 - i] for i in (a, b))
+            if op == _WIDEN_BF16:
+                k.widen(out, x, None)
+            elif op == _COPY:
+                k.copy(out, x) if a >= 0 else k.fill(out, x)
+            elif op == _ROUND_BF16:
+                k.round_to(out, "BF16")
+            else:
+                getattr(k, _NAMES[op])(x, y, out)

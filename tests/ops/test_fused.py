@@ -1,0 +1,112 @@
+"""raymerge/ops/fused.py: a chain of steps recorded and run as one compiled loop gives the bits of the
+same steps run one at a time by the numpy kernel, including steps it cannot record (run at once,
+in order) and arrays that overlap in part."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raymerge.ops import fused as fused_module
+from raymerge.ops import native
+from raymerge.ops.fused import Program, fused
+from raymerge.ops.numpy_kernel import NUMPY
+
+pytest.importorskip("raymerge.ops._native", reason="not built here (no C compiler at install)")
+
+N = 3000  # elements: several of the loop's blocks of 512, the last one short
+
+
+def _values(rng: np.random.Generator, n: int) -> np.ndarray:
+    """float32 values of every kind: random bit patterns (NaNs, infinities, subnormals) among
+    ordinary ones, ties of a BF16 rounding, zeros."""
+    x = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    bits = x.view(np.uint32)
+    bits[::7] = rng.integers(0, 2**32, bits[::7].size, dtype=np.uint64).astype(np.uint32)
+    bits[3::11] = (bits[3::11] & 0xFFFF0000) | 0x8000
+    x[5::13] = 0
+    return x
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal bits, a NaN's payload aside (which NaN operand the hardware passes on is its own choice,
+    in a compiled loop as in numpy's; methods replay NaNs with the kernels' rule)."""
+    nan = np.isnan(a)
+    return bool(np.array_equal(nan, np.isnan(b)) and np.array_equal(a.view(np.uint32)[~nan], b.view(np.uint32)[~nan]))
+
+
+def _chain(k, rng_seed: int, rows: np.ndarray, sources: list) -> None:
+    """A random chain of the steps a method's rule makes (rows: a table of float32 rows)."""
+    rng = np.random.default_rng(rng_seed)
+    for i, s in enumerate(sources):
+        k.widen(rows[i], s, None)
+    ops = [k.add, k.subtract, k.multiply, k.divide]
+    scalars = [np.float32(0.37), 1.5, 3, np.float32(-0.0), np.float32(np.inf), np.float64(0.1)]
+    for _ in range(40):
+        r = rng.integers(0, 6)
+        out = rows[rng.integers(0, len(rows))]
+        x = rows[rng.integers(0, len(rows))]
+        if r < 4:
+            y = rows[rng.integers(0, len(rows))] if rng.random() < 0.6 else scalars[rng.integers(0, len(scalars))]
+            if rng.random() < 0.2:
+                x, y = y, x  # a scalar first, too
+            ops[r](x, y, out)
+        elif r == 4:
+            k.round_to(out, "BF16" if rng.random() < 0.8 else "F16")
+        else:
+            k.copy(out, x)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_recorded_chain_gives_the_bits_of_its_steps_one_at_a_time(seed):
+    rng = np.random.default_rng(seed)
+    with np.errstate(over="ignore"):
+        sources = [(_values(rng, N).view(np.uint32) >> 16).astype(np.uint16),  # BF16 bits
+                   _values(rng, N).astype(np.float16), _values(rng, N)]
+    expected = np.zeros((5, N), np.float32)
+    got = np.zeros((5, N), np.float32)
+    with np.errstate(all="ignore"):
+        _chain(NUMPY, seed, expected, sources)
+        with fused(NUMPY) as k:
+            assert isinstance(k, Program)
+            _chain(k, seed, got, sources)
+    assert all(_same(a, b) for a, b in zip(expected, got))
+
+
+def test_steps_it_cannot_record_run_in_order_with_the_recorded_ones():
+    """A float64 scalar, a float16 source, arrays overlapping in part and a step of another length
+    run as the kernel's own, after the steps recorded before them: the same result."""
+    rng = np.random.default_rng(7)
+    a = _values(rng, N)
+    with np.errstate(over="ignore"):
+        half = _values(rng, N).astype(np.float16)
+
+    def steps(k, buf: np.ndarray) -> None:
+        k.widen(buf[:N], half, None)
+        k.multiply(buf[:N], np.float64(0.1), buf[:N])  # float64: numpy computes it in float64
+        k.add(buf[:N], a, buf[:N])
+        k.multiply(buf[1:N + 1], np.float32(3), buf[1:N + 1])  # overlaps buf[:N] in part: after the add
+        k.round_to(buf[:N], "BF16")
+        k.divide(buf[:10], buf[N:N + 10], buf[N:N + 10])  # another length
+
+    expected, got = np.zeros(N + 10, np.float32), np.zeros(N + 10, np.float32)
+    with np.errstate(all="ignore"):
+        steps(NUMPY, expected)
+        with fused(NUMPY) as k:
+            steps(k, got)
+    assert _same(expected, got)
+
+
+def test_any_other_primitive_runs_what_was_recorded_first():
+    x = np.arange(N, dtype=np.float32)
+    with fused(NUMPY) as k:
+        k.multiply(x, np.float32(2), x)
+        assert k.to_host(x, None)[3] == 6  # to_host: the recorded step has run
+        k.add(x, np.float32(1), x)
+    assert x[3] == 7
+
+
+def test_without_the_compiled_loops_it_is_the_kernel_itself(monkeypatch):
+    monkeypatch.setattr(native, "loops", None)
+    with fused_module.fused(NUMPY) as k:
+        assert k is NUMPY
