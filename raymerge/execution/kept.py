@@ -4,19 +4,19 @@ A method may keep per-element values of a piece from one statistics pass to the 
 mean, so that iteration k does not compute iterations 1 .. k-1 again). The worker returns them as a
 second object that the driver never fetches: Ray's object store holds it on the worker's node. The
 object holds only the values that pass made; the driver holds, per item, the references to every
-object whose values no later pass has replaced (by name: the StatsResult lists the names a pass
-kept), hands them all to the item's next pass and to its elementwise pass, and drops them as they
-are replaced or once the item is written. So a value kept once (karcher's tangent) is not copied
-into the object store again by each pass that only reads it. Kept values only save time: where none arrive (the
-budget below exceeded, an object lost with its node, a resumed run, `raymerge verify`) the worker
-computes them again, to the same bits.
+object holding a value no later pass replaced (a piece's value of a name: the StatsResult lists
+what a pass kept), hands them all to the item's next pass and to its elementwise pass, and drops
+each once later passes replaced all it holds, and all once the item is written. So a value kept
+once (karcher's tangent) is not copied into the object store again by each pass that only reads
+it. Kept values only save time: where none arrive (the budget below exceeded, an object lost with
+its node, a resumed run, `raymerge verify`) the worker computes them again, to the same bits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import RayError
@@ -24,6 +24,9 @@ from ray.exceptions import RayError
 from raymerge.methods import METHODS
 from raymerge.planning.plan import Plan
 from raymerge.safetensors.dtypes import ITEMSIZE
+
+if TYPE_CHECKING:
+    from raymerge.execution.worker import KeptName
 
 log = logging.getLogger("raymerge")
 
@@ -37,7 +40,7 @@ def kept_bytes(plan: Plan) -> int:
 
 class KeptValues:
     """Per item, the references to what its passes kept that a later pass may still read, with the
-    names each still holds; the calls that hand them on."""
+    values (worker.KeptName) each still holds; the calls that hand them on."""
 
     def __init__(self, plan: Plan) -> None:
         need = kept_bytes(plan)
@@ -46,12 +49,12 @@ class KeptValues:
         if need and not self.on:
             log.info("execute: the values passes keep (%.2f GiB) exceed %.0f%% of the object store (%.2f GiB): "
                      "each pass computes them again", need / 2**30, 100 * BUDGET_SHARE, store / 2**30)
-        # item -> [(reference, the names no later pass of the item kept again)], oldest first
-        self._refs: dict[int, list[tuple[Any, frozenset[str]]]] = {}
+        # item -> [(reference, the values in it no later pass of the item kept again)], oldest first
+        self._refs: dict[int, list[tuple[Any, frozenset[KeptName]]]] = {}
         self._next: dict[int, Any] = {}  # item -> what its running pass will keep
 
     def _given(self, item: int) -> tuple[list[Any], dict[str, Any]]:
-        """The references an item's next pass gets, and the `live` names of each (worker.merged)."""
+        """The references an item's next pass gets, and the `live` values of each (worker.merged)."""
         chain = self._refs.get(item, [])
         return [ref for ref, _ in chain], {"live": [sorted(names) for _, names in chain]} if chain else {}
 
@@ -68,10 +71,10 @@ class KeptValues:
         refs, live = self._given(item)
         return actor.run.remote(item, handle, facts, *refs, **live)
 
-    def finished(self, item: int, names: tuple[str, ...] = ()) -> None:
-        """The item's pass is done, having kept values under `names` (none: its object is dropped):
-        those are what the next passes read under those names; an earlier object that holds no
-        other name still read is freed."""
+    def finished(self, item: int, names: tuple[KeptName, ...] = ()) -> None:
+        """The item's pass is done, having kept `names` (none: its object is dropped): those are
+        what the next passes read of them; an earlier object that holds nothing else still read is
+        freed."""
         ref = self._next.pop(item, None)
         if ref is None or not names:
             return

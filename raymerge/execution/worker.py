@@ -74,20 +74,23 @@ class StatsResult:
     seconds: float
     worker: str
     peak_rss: int
-    kept: tuple[str, ...] = ()  # the names of the values this pass kept, of any piece (stats_kept)
+    kept: tuple[KeptName, ...] = ()  # what this pass kept: (tensor, piece's first element, name) each
 
 
-def merged(carried: tuple[Kept | None, ...], live: list[list[str]] | None) -> Kept:
+KeptName = tuple[int, int, str]  # a value a pass kept: its piece (tensor, first element) and its name
+
+
+def merged(carried: tuple[Kept | None, ...], live: list[list[KeptName]] | None) -> Kept:
     """What an item's earlier passes kept, per piece: the values of each object in `carried` (oldest
-    first) under the names `live` lists for it (all its names where `live` is None), a later
-    object's value of a name in place of an earlier one's. Each pass's object holds only what that
-    pass made, so a value kept once is not copied again by the passes after it."""
+    first) that `live` lists for it (all of them where `live` is None), a later object's value of a
+    piece's name in place of an earlier one's. Each pass's object holds only what that pass made,
+    so a value kept once is not copied again by the passes after it."""
     out: Kept = {}
     for i, kept in enumerate(carried):
-        names = set(live[i]) if live is not None else None
-        for key, values in (kept or {}).items():
-            out.setdefault(key, {}).update(values if names is None else
-                                           {n: v for n, v in values.items() if n in names})
+        names = {tuple(x) for x in live[i]} if live is not None else None
+        for (tensor, begin), values in (kept or {}).items():
+            out.setdefault((tensor, begin), {}).update(
+                values if names is None else {n: v for n, v in values.items() if (tensor, begin, n) in names})
     return out
 
 
@@ -174,7 +177,7 @@ class MergeWorker:
         return out, read_bytes, sums
 
     def run(self, item_id: int, handle: str, facts: dict[int, Any] | None = None, *carried: Kept | None,
-            live: list[list[str]] | None = None) -> ItemResult:
+            live: list[list[KeptName]] | None = None) -> ItemResult:
         """Compute and write the item; `carried`, `live`: what its statistics passes kept (`merged`)."""
         t0 = time.perf_counter()
         if self._test_delay:  # fault-injection tests need runs slow enough to be interrupted
@@ -197,10 +200,10 @@ class MergeWorker:
         return self.stats_kept(item_id, pass_name, facts, keep=False)[0]
 
     def stats_kept(self, item_id: int, pass_name: str, facts: dict[int, Any], *carried: Kept | None,
-                   live: list[list[str]] | None = None, keep: bool = True) -> tuple[StatsResult, Kept | None]:
+                   live: list[list[KeptName]] | None = None, keep: bool = True) -> tuple[StatsResult, Kept | None]:
         """`stats`, given what the item's earlier passes kept (`carried`, `live`: see `merged`), and
         what this pass keeps for the next ones (Method.keeps; docs/ARCHITECTURE.md: values kept
-        between passes): its own values alone, or None; their names are in the StatsResult."""
+        between passes): its own values alone, or None; what they are is in the StatsResult."""
         t0 = time.perf_counter()
         if self._test_delay:
             time.sleep(self._test_delay)
@@ -223,7 +226,7 @@ class MergeWorker:
             if new:
                 kept[(piece.tensor, piece.begin)] = new
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        names = tuple(sorted({name for values in kept.values() for name in values}))
+        names = tuple(sorted((tensor, begin, name) for (tensor, begin), values in kept.items() for name in values))
         return (StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak, names),
                 kept or None)
 

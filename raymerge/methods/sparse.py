@@ -46,6 +46,7 @@ import numpy as np
 from raymerge.methods.base import (ELEMENTWISE, LAMBDA, NORMALIZE, SCALE, Method, Operands, Parameter, Pass,
                                    mergekit_kind, param)
 from raymerge.ops import native, sparse
+from raymerge.ops.fused import fused
 from raymerge.ops.kernel import Sums, round_scalar
 from raymerge.ops.numpy_kernel import EXACT
 
@@ -191,8 +192,9 @@ class Sparse(Method):
             q = max((len(d) for _, _, d in live), default=0)
             parts = [(v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits, scratch))
                      for i, v, d in live]
-            terms = [(1.0, self._mix(kernel, parts, facts, normalize, lam, rows, q, operands.compute), None)] \
-                if q else []
+            with fused(kernel) as k:  # the mix's steps, one compiled loop where they can be
+                terms = [(1.0, self._mix(k, parts, facts, normalize, lam, rows, q, operands.compute), None)] \
+                    if q else []
             piece = (out[lo:lo + m], operands.anchor[lo:lo + m], terms, scratch)
             s = kernel.weighted_sum(*piece)
             # A change that holds a NaN has a sum of squares that is not finite: only then look for NaNs.
@@ -436,18 +438,19 @@ def _chunks(kernel: Any, operands: Operands, scratch: Any, n: int | None = None,
         for lo in range(0, n, c):
             m = min(c, n - lo)
             live = []
-            for i, v in enumerate(vecs):
-                p = min(m, len(v.a) - lo)
-                if p <= 0:
-                    continue
-                d = rows[i + 1, :p]
-                kernel.widen(d, v.a[lo:lo + p], scratch)
-                if v.b is not None:
-                    y = rows[0, :p]
-                    kernel.widen(y, v.b[lo:lo + p], scratch)
-                    kernel.subtract(d, y, d)
-                    operands.rounded(kernel, d)  # mergekit's delta, in its compute dtype
-                live.append((i, v, d))
+            with fused(kernel) as k:  # the deltas' steps, one compiled loop where they can be
+                for i, v in enumerate(vecs):
+                    p = min(m, len(v.a) - lo)
+                    if p <= 0:
+                        continue
+                    d = rows[i + 1, :p]
+                    k.widen(d, v.a[lo:lo + p], scratch)
+                    if v.b is not None:
+                        y = rows[0, :p]
+                        k.widen(y, v.b[lo:lo + p], scratch)
+                        k.subtract(d, y, d)
+                        operands.rounded(k, d)  # mergekit's delta, in its compute dtype
+                    live.append((i, v, d))
             yield lo, m, live
 
 

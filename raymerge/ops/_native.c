@@ -11,7 +11,9 @@
 #include <math.h>
 
 #define EXPONENTS 2048           /* float64 exponent values; a bucket per sign and exponent */
-#define LANES 4                  /* independent bucket sets: consecutive products in one binade do not wait on each other */
+#define LANES 8                  /* independent bucket sets: consecutive products in one binade do not wait on each other */
+#define LANE_PAD 24              /* float64s between two lanes' buckets: one bucket of each lane in one cache set no more */
+#define LANE_SIZE (2 * EXPONENTS + LANE_PAD)
 #define LOW_BITS ((UINT64_C(1) << 29) - 1) /* the float64 mantissa bits below a product's first 24 */
 #define HIGH_KEYS 0x7F80         /* the largest high half of a magnitude that has no low half (infinity's) */
 
@@ -126,7 +128,7 @@ static inline void add_part(double *acc, double part)
 }
 
 /* dot_buckets(x, y, lanes, narrow): adds each product x[i] * y[i] (float32 values, exact in float64;
- * y None: 1.0) into lanes, a float64 buffer of LANES * 2 * EXPONENTS sums, at the bucket of its sign
+ * y None: 1.0) into lanes, a float64 buffer of LANES * LANE_SIZE sums, at the bucket of its sign
  * and exponent; unless narrow, a product is split first into its first 24 bits and the rest, each
  * added at its own bucket. Each bucket's sum is exact below 2**29 parts, so its value does not
  * depend on the order of the additions: the lanes' sums are those of exact.dot_sum's bincount. */
@@ -150,8 +152,8 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
             PyBuffer_Release(&y);
         return NULL;
     }
-    if ((has_y && y.len != x.len) || lanes.len != LANES * 2 * EXPONENTS * 8) {
-        PyErr_SetString(PyExc_ValueError, "dot_buckets: x and y differ in length, or lanes is not 4 * 4096 float64");
+    if ((has_y && y.len != x.len) || lanes.len != LANES * LANE_SIZE * 8) {
+        PyErr_SetString(PyExc_ValueError, "dot_buckets: x and y differ in length, or lanes is not 8 * 4120 float64");
         PyBuffer_Release(&x);
         if (has_y)
             PyBuffer_Release(&y);
@@ -163,7 +165,7 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
     Py_ssize_t n = x.len / 4;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        double *lane = acc + (i % LANES) * 2 * EXPONENTS;
+        double *lane = acc + (i % LANES) * LANE_SIZE;
         double p = ys ? (double)xs[i] * (double)ys[i] : (double)xs[i];
         if (narrow) {
             add_part(lane, p);
@@ -466,7 +468,7 @@ static PyObject *welford_variance(PyObject *self, PyObject *args)
 
 /* run_program's instructions: four int32 each, (op, dst, x, y); an operand x or y >= 0 is an array
  * of the program's, -1 - k its k-th scalar. */
-enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OPS };
+enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP_GT, OP_GE, OP_EQ, OPS };
 #define MAX_ARRAYS 32
 #define BLOCK 512 /* elements a block: a program's arrays' blocks stay in a core's L1 cache */
 
@@ -490,6 +492,19 @@ static inline uint32_t bf16_rounded(uint32_t v)
             for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER ys[i];              \
         else                                                                          \
             for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER yv;                 \
+    } while (0)
+
+/* A comparison over elements lo .. hi: out = 1.0 where x op y holds, else 0.0. */
+#define COMPARE(OPER)                                                                 \
+    do {                                                                              \
+        if (xs && ys)                                                                 \
+            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xs[i] OPER ys[i] ? 1.0f : 0.0f; \
+        else if (xs)                                                                  \
+            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xs[i] OPER yv ? 1.0f : 0.0f; \
+        else if (ys)                                                                  \
+            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER ys[i] ? 1.0f : 0.0f; \
+        else                                                                          \
+            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER yv ? 1.0f : 0.0f;   \
     } while (0)
 
 /* run_program's loop: every step over a block, block by block. Compiled for the wider vector units
@@ -521,6 +536,9 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
             case OP_SUB: ARITH(-); break;
             case OP_MUL: ARITH(*); break;
             case OP_DIV: ARITH(/); break;
+            case OP_GT: COMPARE(>); break; /* numpy's bool, cast to float32: 1.0 or 0.0 (a NaN: 0.0) */
+            case OP_GE: COMPARE(>=); break;
+            case OP_EQ: COMPARE(==); break;
             case OP_ROUND_BF16: {
                 uint32_t *o = (uint32_t *)out;
                 for (Py_ssize_t i = lo; i < hi; i++)

@@ -28,7 +28,7 @@ UNIT = 298  # a sum is a count of 2**-UNIT: the smallest product of two float32 
 _LOW_BITS = np.uint64((1 << 29) - 1)  # the float64 mantissa bits below a product's first 24
 _EXPONENTS = 2048  # float64 exponent values; 2047: infinities and NaNs (a bucket per sign and exponent)
 MAX_ELEMENTS = 1 << 29
-_LANES = 4  # the compiled loop's bucket sets (raymerge/ops/_native.c)
+_LANES, _LANE_PAD = 8, 24  # the compiled loop's bucket sets, and float64s between two (raymerge/ops/_native.c)
 _THREAD = threading.local()
 
 
@@ -154,10 +154,10 @@ def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> 
         return None
     lanes = getattr(_THREAD, "lanes", None)
     if lanes is None:
-        lanes = _THREAD.lanes = np.empty((_LANES, 2 * _EXPONENTS))
+        lanes = _THREAD.lanes = np.empty((_LANES, 2 * _EXPONENTS + _LANE_PAD))
     lanes.fill(0)  # before, not after: an interrupted call leaves nothing behind for the next
     native.loops.dot_buckets(x, None if ones else y, lanes, narrow)
-    return lanes.sum(axis=0)  # exact: fewer than 2**29 parts in all
+    return lanes[:, :2 * _EXPONENTS].sum(axis=0)  # exact: fewer than 2**29 parts in all
 
 
 def _numpy_buckets(x: np.ndarray, y: np.ndarray | np.float32, work: tuple | None, narrow: bool) -> np.ndarray:

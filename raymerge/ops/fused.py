@@ -26,8 +26,9 @@ from raymerge.ops import native
 from raymerge.ops.numpy_kernel import NumpyKernel
 
 # run_program's operations (raymerge/ops/_native.c)
-_WIDEN_BF16, _COPY, _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE, _ROUND_BF16 = range(7)
-_NAMES = {_ADD: "add", _SUBTRACT: "subtract", _MULTIPLY: "multiply", _DIVIDE: "divide"}
+_WIDEN_BF16, _COPY, _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE, _ROUND_BF16, _GREATER, _GREATER_EQUAL, _EQUAL = range(10)
+_NAMES = {_ADD: "add", _SUBTRACT: "subtract", _MULTIPLY: "multiply", _DIVIDE: "divide", _GREATER: "greater",
+          _GREATER_EQUAL: "greater_equal", _EQUAL: "equal"}
 _MAX_ARRAYS, _MAX_STEPS = 32, 256
 
 
@@ -110,12 +111,14 @@ class Program:
             self.flush()
             self.kernel.round_to(x, dtype)
 
-    add, subtract = _binary(_ADD, "add"), _binary(_SUBTRACT, "subtract")
-    multiply, divide = _binary(_MULTIPLY, "multiply"), _binary(_DIVIDE, "divide")
+    add, subtract, multiply, divide = (_binary(op, _NAMES[op]) for op in (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE))
+    greater, greater_equal, equal = (_binary(op, _NAMES[op]) for op in (_GREATER, _GREATER_EQUAL, _EQUAL))
 
     def _record(self, op: int, out: np.ndarray, x: Any, y: Any, src: type = np.float32) -> bool:
         """Whether the step was recorded (else nothing was: the caller runs it at once). Where taking
         an operand ran the program so far (`flush`), the operands are taken again in the new one."""
+        if isinstance(out, np.ndarray) and out.size == 0:
+            return True  # a step over no element does nothing
         if len(self._code) >= _MAX_STEPS:
             self.flush()
         for _ in range(2):

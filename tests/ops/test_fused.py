@@ -40,24 +40,26 @@ def _chain(k, rng_seed: int, rows: np.ndarray, sources: list) -> None:
     rng = np.random.default_rng(rng_seed)
     for i, s in enumerate(sources):
         k.widen(rows[i], s, None)
-    ops = [k.add, k.subtract, k.multiply, k.divide]
+    ops = [k.add, k.subtract, k.multiply, k.divide, k.greater, k.greater_equal, k.equal]
     scalars = [np.float32(0.37), 1.5, 3, np.float32(-0.0), np.float32(np.inf), np.float64(0.1)]
     for _ in range(40):
-        r = rng.integers(0, 6)
+        r = rng.integers(0, 10)
         out = rows[rng.integers(0, len(rows))]
         x = rows[rng.integers(0, len(rows))]
-        if r < 4:
+        if r < 7:
             y = rows[rng.integers(0, len(rows))] if rng.random() < 0.6 else scalars[rng.integers(0, len(scalars))]
             if rng.random() < 0.2:
                 x, y = y, x  # a scalar first, too
             ops[r](x, y, out)
-        elif r == 4:
+        elif r == 7:
             k.round_to(out, "BF16" if rng.random() < 0.8 else "F16")
-        else:
+        elif r == 8:
             k.copy(out, x)
+        else:
+            k.fill(out, scalars[rng.integers(0, 3)])
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(20))
 def test_a_recorded_chain_gives_the_bits_of_its_steps_one_at_a_time(seed):
     rng = np.random.default_rng(seed)
     with np.errstate(over="ignore"):

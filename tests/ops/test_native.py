@@ -68,11 +68,12 @@ def test_dot_buckets_equal_numpy_bincounts(narrow):
         x = (x.view(np.uint32) & 0xFFF80000).view(np.float32)
         y = (y.view(np.uint32) & 0xFFF80000).view(np.float32)
     x[rng.integers(0, x.size, 50)] = 0.5
-    lanes = np.zeros((4, 4096))
+    lanes = np.zeros((exact._LANES, 4096 + exact._LANE_PAD))
     native.dot_buckets(x, y, lanes, narrow)
     with np.errstate(all="ignore"):
         want = exact._numpy_buckets(x, y, None, narrow)
-    got = lanes.sum(axis=0)
+    assert not lanes[:, 4096:].any()  # the padding between lanes
+    got = lanes[:, :4096].sum(axis=0)
     assert np.array_equal(np.isnan(got), np.isnan(want))
     assert np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
 
