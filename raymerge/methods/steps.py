@@ -347,6 +347,7 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
     whole1 = (begin + n) // length  # one past the last row that ends inside it
     count = max(whole1 - whole0, 0)
     sums, mags = np.zeros((k, count)), np.zeros((k, count))
+    settled: dict[tuple[int, int], float] = {}  # (sum, row - whole0) -> rounded exactly, where the bound cannot
     partial: dict[int, list[ExactSum]] = {}
     for at, m in chunks(n, scratch):
         lo = begin + at
@@ -360,10 +361,20 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
                 got_sums, got_mags = _segment_sums(h, starts, square)
                 np.add.at(sums[i], rows[inside] - whole0, got_sums[inside])
                 np.add.at(mags[i], rows[inside] - whole0, got_mags[inside])
+                # A row that begins and ends in this chunk is complete: where its bound cannot say,
+                # it is summed exactly now, from h, not computed again after the piece.
+                complete = inside & (ends - starts == length)
+                if complete.any():
+                    sure = _certain(got_sums[complete][None], got_mags[complete][None], length, (square,))[0]
+                    for s, e, r in zip(*(a[complete][np.isnan(sure)] for a in (starts, ends, rows))):
+                        got = dot_sum(h[s:e], h[s:e] if square else np.float32(1), _host_work(scratch), narrow)
+                        settled[(i, int(r) - whole0)] = float(got.sqrt_float32() if square else got.to_float32())
             for r, s, e in zip(rows[~inside], starts[~inside], ends[~inside]):
                 got = dot_sum(h[s:e], h[s:e] if square else np.float32(1), _host_work(scratch), narrow)
                 partial.setdefault(int(r), [ExactSum()] * k)[i] += got
     whole = _certain(sums, mags, length, roots)
+    for (i, j), v in settled.items():
+        whole[i, j] = v
     for j in np.flatnonzero(np.isnan(whole).any(axis=0)):
         g = whole0 + int(j)  # uncertain: the row again, exactly
         exact = [ExactSum()] * k
@@ -373,7 +384,7 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
                 h = kernel.to_host(x, scratch)
                 exact[i] += dot_sum(h, h if square else np.float32(1), _host_work(scratch), narrow)
         whole[:, j] = [float(s.sqrt_float32() if root else s.to_float32()) for s, root in zip(exact, roots)]
-    values = [[bits(whole[i, j]) for i in range(k)] for j in range(count)]
+    values = whole.astype(np.float32).view(np.uint32).T.tolist()  # per row, each sum's bits (`bits`)
     return [[whole0 if count else None, values, [[g, [s.to_json() for s in v]] for g, v in sorted(partial.items())]]]
 
 
@@ -407,25 +418,24 @@ def _certain(sums: np.ndarray, mags: np.ndarray, length: int, roots: tuple[bool,
 
 
 def grouped_values(results: list[tuple[int, list]], count: int, k: int,
-                   finish: Callable[[int, ExactSum], np.float32]) -> list[list[np.float32]]:
-    """The k rounded sums of each of a tensor's `count` vectors, from every piece's
-    `row_sums`: a vector is whole in one piece, or split among several (added here)."""
+                   finish: Callable[[int, ExactSum], np.float32]) -> np.ndarray:
+    """The k rounded sums of each of a tensor's `count` vectors (float32, k rows of `count`), from
+    every piece's `row_sums`: a vector is whole in one piece, or split among several (added here)."""
     # A row no piece reports lies past the vectors' limit (an expanded vocabulary): no piece applies
     # it (the anchor's rows are kept there), so any value serves: 0.
-    values: list[list] = [[np.float32(0)] * count for _ in range(k)]
+    values = np.zeros((k, count), np.float32)
     partial: dict[int, list[ExactSum]] = {}
     for _, r in results:
         if not r or r[0] is None:
             continue
         first, whole, parts = r[0]
-        for g, got in enumerate(whole, start=first or 0):
-            for i in range(k):
-                values[i][g] = value(got[i])
+        if whole:
+            values[:, first:first + len(whole)] = np.asarray(whole, np.uint32).reshape(len(whole), k).view(np.float32).T
         for g, sums in parts:
             partial[g] = [a + ExactSum.from_json(b) for a, b in zip(partial.get(g, [ExactSum()] * k), sums)]
     for g, sums in partial.items():
         for i, s in enumerate(sums):
-            values[i][g] = finish(i, s)
+            values[i, g] = finish(i, s)
     return values
 
 

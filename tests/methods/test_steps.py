@@ -53,6 +53,33 @@ def test_row_sums_are_exact_sums_rounded_once(cuts, chunk, loops, monkeypatch):
 
 
 @pytest.mark.parametrize("loops", ["native", "numpy"])
+def test_row_sums_near_float32_midpoints_round_as_the_exact_sums(loops, monkeypatch):
+    """Rows whose exact sum lies a hair above or below a float32 midpoint, hidden among values that
+    cancel (a float64 sum of them loses the hair): each row's rounding is the exact sum's, by the
+    error bound or the exact path."""
+    from raymerge.ops import native
+
+    if loops == "numpy":
+        monkeypatch.setattr(native, "loops", None)
+    elif native.loops is None:
+        pytest.skip("raymerge.ops._native was not built here")
+    rng = np.random.default_rng(9)
+    length, count = 24, 400
+    rows = np.zeros((count, length), np.float32)
+    for r in rows:
+        base = np.float32(rng.uniform(1, 2)) * np.float32(2.0 ** rng.integers(-10, 10))
+        half_ulp = np.spacing(base) / 2
+        big = np.float32(2.0 ** rng.integers(20, 40))
+        hair = np.float32(np.spacing(half_ulp) * 2.0 ** -rng.integers(10, 40)) * rng.choice([-1, 1])
+        parts = [base, np.float32(half_ulp), big, -big, np.float32(big / 3), -np.float32(big / 3), hair]
+        r[:len(parts)] = parts
+        rng.shuffle(r)
+    x = rows.reshape(-1)
+    got = pieces(x, length, [length * 100 + 5], 1000, (False,))
+    assert [float(v) for v in got[0]] == [float(v) for v in exact_rows(x, length, False)]
+
+
+@pytest.mark.parametrize("loops", ["native", "numpy"])
 @pytest.mark.parametrize("compute", ["BF16", None])
 def test_kept_values_come_back_bit_for_bit_nan_payloads_included(compute, loops, monkeypatch):
     """steps.keep stores BF16 values in 2 bytes each until a chunk holds a NaN whose payload lies in
