@@ -1,9 +1,11 @@
-/* The two element loops that statistics passes spend most of their time in, compiled: rounding
- * float32 values to BF16 in place (`round_bf16`) and the per-exponent float64 sums of exact products
- * (`dot_buckets`). Each gives the very bits of its numpy form in raymerge/ops/numpy_kernel.py and
- * raymerge/ops/exact.py, which run wherever this module was not built (it is an optional extension:
- * a node without a C compiler installs raymerge all the same). See docs/ARCHITECTURE.md, "Native
- * loops". Buffers come in through the buffer protocol: C-contiguous, checked for type and length. */
+/* The element loops that the passes spend most of their time in, compiled: rounding float32 values
+ * to BF16 in place (`round_bf16`), the per-exponent float64 sums of exact products (`dot_buckets`),
+ * per-row float64 sums (`segment_sums`), a method's chain of elementwise steps (`run_program`), and
+ * the sparsifying methods' counts, ranks, draws and variances. Each gives the very bits of its
+ * numpy form (raymerge/ops/numpy_kernel.py, exact.py, fused.py, methods/), which runs wherever this
+ * module was not built (it is an optional extension: a node without a C compiler installs raymerge
+ * all the same). See docs/ARCHITECTURE.md, "Native loops". Buffers come in through the buffer
+ * protocol: C-contiguous, checked for type and length. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -471,6 +473,11 @@ static PyObject *welford_variance(PyObject *self, PyObject *args)
 enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP_GT, OP_GE, OP_EQ, OPS };
 #define MAX_ARRAYS 32
 #define BLOCK 512 /* elements a block: a program's arrays' blocks stay in a core's L1 cache */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define WIDE_VECTORS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define WIDE_VECTORS /* one build for the CPU the compiler targets */
+#endif
 
 static inline uint32_t bf16_rounded(uint32_t v)
 {
@@ -509,7 +516,7 @@ static inline uint32_t bf16_rounded(uint32_t v)
 
 /* run_program's loop: every step over a block, block by block. Compiled for the wider vector units
  * too, the one the CPU has chosen at load time (each lane rounds as a scalar operation would). */
-__attribute__((target_clones("avx512f", "avx2", "default")))
+WIDE_VECTORS
 static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, const float *sv, Py_ssize_t n)
 {
     for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
