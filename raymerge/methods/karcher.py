@@ -297,7 +297,7 @@ class _State:
     def result(self, iterations: int) -> Any:
         """The output before its last rounding."""
         k = self.k
-        if len(self.x) == 1:  # mergekit returns the one model as it is
+        if len(self._x) == 1:  # mergekit returns the one model as it is
             return self.x[0]
         if not self.valid:  # no model's norm above tol: mergekit's sum of each model times 0
             k.fill(self.mean, 0)

@@ -36,7 +36,7 @@ _MAX_ARRAYS, _MAX_STEPS = 32, 256
 def fused(kernel: Any) -> Iterator[Any]:
     """A kernel whose elementwise steps inside the block run as one compiled loop at its end (the
     kernel itself where that loop was not built, or for any kernel but numpy's)."""
-    if native.loops is None or not isinstance(kernel, NumpyKernel):
+    if native.loops is None or type(kernel) is not NumpyKernel:  # EXACT's NaN rule is its own
         yield kernel
         return
     program = Program(kernel)
@@ -72,12 +72,13 @@ class Program:
         self._runs += 1  # a new program: the operand indices taken before are void
 
     def flush(self) -> None:
-        """Run the recorded steps, in order."""
-        if self._code:
-            code, arrays, scalars = self._code, self._arrays, self._scalars
+        """Run the recorded steps, in order; a new program from here (operands taken for a step
+        that was not recorded are dropped with it)."""
+        code, arrays, scalars = self._code, self._arrays, self._scalars
+        if code or arrays or scalars:
             self._reset()
-            if not native.loops.run_program(np.array(code, np.int32), arrays, np.array(scalars, np.float32)):
-                self._one_at_a_time(code, arrays, scalars)  # arrays overlapping in part: nothing ran
+        if code and not native.loops.run_program(np.array(code, np.int32), arrays, np.array(scalars, np.float32)):
+            self._one_at_a_time(code, arrays, scalars)  # arrays overlapping in part: nothing ran
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -119,13 +120,17 @@ class Program:
         an operand ran the program so far (`flush`), the operands are taken again in the new one."""
         if isinstance(out, np.ndarray) and out.size == 0:
             return True  # a step over no element does nothing
+        binary = op not in (_WIDEN_BF16, _COPY, _ROUND_BF16)
+        if binary and not (isinstance(x, np.ndarray) or isinstance(y, np.ndarray)):
+            self.flush()  # two numbers: numpy computes them in float64 (or int64), then rounds once
+            return False
         if len(self._code) >= _MAX_STEPS:
             self.flush()
         for _ in range(2):
             runs = self._runs
             d = self._operand(out, np.float32, write=True)
             a = self._operand(x, src)
-            b = self._operand(y, np.float32) if op not in (_WIDEN_BF16, _COPY, _ROUND_BF16) else 0
+            b = self._operand(y, np.float32) if binary else 0
             if d is None or a is None or b is None:
                 return False
             if runs == self._runs:

@@ -10,11 +10,15 @@ from typing import Any
 
 import numpy as np
 
+VERSION = 30  # _native.c's: a build of another source is not used (its functions or buffers differ)
+
 loops: ModuleType | None
 try:
     from raymerge.ops import _native as loops
 except ImportError:
     loops = None
+if loops is not None and getattr(loops, "VERSION", None) != VERSION:
+    loops = None  # built from an older _native.c and not built again since: numpy's loops
 
 
 def takes(x: Any, dtype: type) -> bool:

@@ -99,6 +99,19 @@ def test_steps_it_cannot_record_run_in_order_with_the_recorded_ones():
     assert _same(expected, got)
 
 
+def test_a_step_not_recorded_leaves_nothing_behind_for_the_next_program():
+    """A step given up on after its first operand was taken (a float64 scalar), then steps of
+    another length: each as numpy gives it. Two numbers: numpy's float64 sum, rounded once."""
+    a, b = np.ones(4, np.float32), np.ones(8, np.float32)
+    with fused(NUMPY) as k:
+        k.multiply(a, np.float64(2), a)
+        k.multiply(b, np.float32(3), b)
+        for _ in range(40):  # more arrays than one program takes, each given up on
+            k.add(np.ones(4, np.float32), np.float64(1), np.empty(4, np.float32))
+        k.add(1.0, 2.0**-24 + 2.0**-50, a)
+    assert (a == np.float32(1.0000001)).all() and (b == 3).all()
+
+
 def test_any_other_primitive_runs_what_was_recorded_first():
     x = np.arange(N, dtype=np.float32)
     with fused(NUMPY) as k:

@@ -23,6 +23,7 @@ def test_the_loops_are_built_wherever_a_c_compiler_is():
     if shutil.which(compiler) is None:
         pytest.skip(f"no {compiler} here")
     assert native.__file__.endswith(sysconfig.get_config_var("EXT_SUFFIX"))
+    assert native_module.loops is native  # built from this very source (its VERSION), so taken
 
 
 def _hard_float32(n: int, seed: int) -> np.ndarray:
