@@ -21,8 +21,9 @@ run, a lost node, the driver's budget) the pass computes the mean of the iterati
 from the inputs and the facts, to the same bits, so a resumed run goes on from the last finished
 pass. A pass given all it needs reads no input (a unit pass: the mean and the tangent). A tensor
 that has converged (tn < tol), or has no valid model, needs none of the passes after
-(`Method.needs`): the driver skips its pieces. The driver makes the scalars with torch on 0-dim tensors of mergekit's dtypes (steps.in_torch), and rounds a
-float32 scalar to the compute dtype where torch does: as the first operand of a product.
+(`Method.needs`): the driver skips its pieces. The driver makes the scalars with torch on 0-dim
+tensors of mergekit's dtypes (steps.in_torch), and rounds a float32 scalar to the compute dtype
+where torch does: as the first operand of a product.
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ class _State:
     with what the piece's earlier passes kept.
 
     What a pass keeps (steps.keep), labelled by the state it holds: "mean" is the first mean before
-    it is normalized ("first"), the mean after n iterations ("m<n>"), or iteration n's step before
-    it is normalized ("u<n>"); "tangent" is iteration "tangent-of"'s."""
+    it is normalized ("first") or iteration n's step before it is normalized ("u<n>"); "tangent" is
+    iteration "tangent-of"'s."""
 
     def __init__(self, kernel: Any, operands: Operands, scratch: Any, facts: dict, at: int, m: int,
                  given: tuple = ()) -> None:
@@ -200,9 +201,8 @@ class _State:
     @property
     def x(self) -> list:
         """The inputs' elements, widened (first read here)."""
-        if not self._widened:
-            for row, v in zip(self._x, self.o.vectors):
-                self.k.widen(row, v.a[self.at:self.at + self.m], self.s)
+        if not self._widened:  # into the same rows of the table (steps.widen_rows)
+            widen_rows(self.k, self.s, _ROWS, [v.a for v in self.o.vectors], self.at, self.m)
             self._widened = True
         return self._x
 
@@ -240,10 +240,9 @@ class _State:
         if done is not None and done <= iterations:
             iterations = done - 1
         label = (self.carried or {}).get("at")
-        if label in (f"m{iterations}", f"u{iterations}", "first" if iterations == 0 else "") and \
+        if label == (f"u{iterations}" if iterations else "first") and \
                 carried(self.k, self.o, "mean", self.mean, self.at, self.m):
-            if label != f"m{iterations}":
-                self._normalize(iterations)
+            self._normalize(iterations)  # what was kept is the mean before it
             return self.mean
         self.first_mean()
         self._normalize(0)

@@ -367,10 +367,9 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
                 if complete.any():
                     sure = _certain(got_sums[complete][None], got_mags[complete][None], length, (square,))[0]
                     for s, e, r in zip(*(a[complete][np.isnan(sure)] for a in (starts, ends, rows))):
-                        got = dot_sum(h[s:e], h[s:e] if square else np.float32(1), _host_work(scratch), narrow)
-                        settled[(i, int(r) - whole0)] = float(got.sqrt_float32() if square else got.to_float32())
+                        settled[(i, int(r) - whole0)] = _rounded(_host_sum(h[s:e], square, scratch, narrow), square)
             for r, s, e in zip(rows[~inside], starts[~inside], ends[~inside]):
-                got = dot_sum(h[s:e], h[s:e] if square else np.float32(1), _host_work(scratch), narrow)
+                got = _host_sum(h[s:e], square, scratch, narrow)
                 partial.setdefault(int(r), [ExactSum()] * k)[i] += got
     whole = _certain(sums, mags, length, roots)
     for (i, j), v in settled.items():
@@ -382,10 +381,20 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
             m = min(scratch.chunk, (g + 1) * length - begin - at)
             for i, (x, square) in enumerate(zip(quantities(at, m), roots)):
                 h = kernel.to_host(x, scratch)
-                exact[i] += dot_sum(h, h if square else np.float32(1), _host_work(scratch), narrow)
-        whole[:, j] = [float(s.sqrt_float32() if root else s.to_float32()) for s, root in zip(exact, roots)]
+                exact[i] += _host_sum(h, square, scratch, narrow)
+        whole[:, j] = [_rounded(s, root) for s, root in zip(exact, roots)]
     values = whole.astype(np.float32).view(np.uint32).T.tolist()  # per row, each sum's bits (`bits`)
     return [[whole0 if count else None, values, [[g, [s.to_json() for s in v]] for g, v in sorted(partial.items())]]]
+
+
+def _host_sum(h: np.ndarray, square: bool, scratch: Any, narrow: bool) -> ExactSum:
+    """The exact sum of host values h (of their squares: `square`)."""
+    return dot_sum(h, h if square else np.float32(1), _host_work(scratch), narrow)
+
+
+def _rounded(s: ExactSum, root: bool) -> float:
+    """An exact sum rounded once to float32 (its square root, where `root`: a norm)."""
+    return float(s.sqrt_float32() if root else s.to_float32())
 
 
 def _segment_sums(h: np.ndarray, starts: np.ndarray, square: bool) -> tuple[np.ndarray, np.ndarray]:
