@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -16,11 +17,16 @@ from hypothesis import strategies as st
 MAX_MESSAGE = 600  # characters: one line of a terminal or a log, not a dump of the input
 
 
+# The share of each property's `examples` a run generates: half by default (the suite's time on
+# CI); RAYMERGE_FUZZ_DEPTH=1 (or more) for every document, or a deeper search.
+DEPTH = float(os.environ.get("RAYMERGE_FUZZ_DEPTH", "0.5"))
+
+
 def fuzz(examples: int, deadline_s: float = 2.0) -> settings:
-    """`examples` generated documents, the same ones on every run (CI is reproducible), each
-    parsed within `deadline_s` seconds: the time bound of an untrusted parser."""
-    return settings(max_examples=examples, derandomize=True, database=None, deadline=timedelta(seconds=deadline_s),
-                    print_blob=False)
+    """`examples` generated documents (times DEPTH), the same ones on every run (CI is
+    reproducible), each parsed within `deadline_s` seconds: the time bound of an untrusted parser."""
+    return settings(max_examples=max(1, round(examples * DEPTH)), derandomize=True, database=None,
+                    deadline=timedelta(seconds=deadline_s), print_blob=False)
 
 
 def check_message(e: BaseException) -> None:
