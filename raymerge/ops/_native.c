@@ -18,6 +18,12 @@
 #define LANE_SIZE (2 * EXPONENTS + LANE_PAD)
 #define LOW_BITS ((UINT64_C(1) << 29) - 1) /* the float64 mantissa bits below a product's first 24 */
 #define HIGH_KEYS 0x7F80         /* the largest high half of a magnitude that has no low half (infinity's) */
+/* A loop worth vectorizing is compiled for wide vectors too, the CPU's best chosen at load time. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define WIDE_VECTORS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define WIDE_VECTORS /* one build for the CPU the compiler targets */
+#endif
 
 /* A C-contiguous, aligned buffer in native byte order of `itemsize`-byte elements whose struct
  * format is one of `kinds` ("f", "lq": numpy names int64 'l' on some platforms and 'q' on others;
@@ -328,12 +334,44 @@ static PyObject *bf16_widen(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A row's magnitude keys (della_keep): keys[i] = |bits[i]| with every NaN's as 0x7F800001 (above
+ * every number, NaNs alike); *low: the OR of their low halves (0: BF16 magnitudes, no NaN), *least:
+ * the least key but zeros less one (UINT32_MAX: all zero), *most: the largest. One vector loop. */
+WIDE_VECTORS
+static void magnitude_keys(const uint32_t *restrict bits, Py_ssize_t n, uint32_t *restrict keys, uint32_t *low,
+                           uint32_t *least, uint32_t *most)
+{
+    uint32_t l = 0, lo = UINT32_MAX, hi = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t m = bits[i] & 0x7FFFFFFFu;
+        m = m < 0x7F800001u ? m : 0x7F800001u;
+        keys[i] = m;
+        l |= m;
+        uint32_t less = m - 1u; /* a zero wraps to the largest */
+        lo = less < lo ? less : lo;
+        hi = m > hi ? m : hi;
+    }
+    *low = l & 0xFFFFu, *least = lo, *most = hi;
+}
+
+/* keys[i] = the high half of keys[i], a zero's as `zero` (just below the least other's). */
+WIDE_VECTORS
+static void high_keys(uint32_t *restrict keys, Py_ssize_t n, uint32_t zero)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t k = keys[i] >> 16;
+        keys[i] = k ? k : zero;
+    }
+}
+
 /* della_keep(x, n, below, words, out): della's draw over whole rows of n float32 values x: out[i]
  * = words[i] < below[r], r the rank of |x[i]| in its row (ascending, equal magnitudes in index
  * order, every NaN's magnitude as 0x7F800001: above every number, NaNs alike), as row_ranks ranks
  * the magnitude bits that raymerge/methods/sparse.py's della_ranks makes. below: n uint64; words:
  * uint32, out: bool, each as long as x. A row of BF16 magnitudes is ranked by counting its high
- * halves, any other by radix_order (row_ranks's sort). */
+ * halves, any other by radix_order (row_ranks's sort). The count runs over the row's two halves
+ * side by side, each with counts of its own (offset by the first half's for the second: index
+ * order kept), so that a run of equal keys is two chains of increments, not one. */
 static PyObject *della_keep(PyObject *self, PyObject *args)
 {
     PyObject *xo, *bo, *wo, *oo;
@@ -353,50 +391,55 @@ static PyObject *della_keep(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "della_keep: x must be whole rows of n, below n long, words and out as x");
     else if ((order = PyMem_RawMalloc(2 * (size_t)n * sizeof(int32_t))) == NULL ||
              (keys = PyMem_RawMalloc((size_t)n * sizeof(uint32_t))) == NULL ||
-             (counts = PyMem_RawMalloc(((size_t)HIGH_KEYS + 1) * sizeof(int32_t))) == NULL)
+             (counts = PyMem_RawMalloc(2 * ((size_t)HIGH_KEYS + 1) * sizeof(int32_t))) == NULL)
         PyErr_NoMemory();
     else {
         const uint32_t *bits = (const uint32_t *)x.buf, *w = (const uint32_t *)words.buf;
         const uint64_t *b = (const uint64_t *)below.buf;
         unsigned char *o = (unsigned char *)out.buf;
+        int32_t *first = counts, *second = counts + HIGH_KEYS + 1;
+        Py_ssize_t h = n / 2; /* the first half: [0, h); the second: [h, n) */
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t row = 0; row < count; row += n) {
-            uint32_t low = 0, least = UINT32_MAX, most = 0; /* least: of the keys but zeros */
-            for (Py_ssize_t i = 0; i < n; i++) {
-                uint32_t m = bits[row + i] & 0x7FFFFFFFu;
-                keys[i] = m = m < 0x7F800001u ? m : 0x7F800001u;
-                low |= m & 0xFFFFu;
-                uint32_t nonzero = m ? m : UINT32_MAX;
-                least = nonzero < least ? nonzero : least;
-                most = m > most ? m : most;
-            }
-            least = least == UINT32_MAX ? 1 : least >> 16;
+            uint32_t low, least, most;
+            magnitude_keys(bits + row, n, keys, &low, &least, &most);
+            least = least == UINT32_MAX ? 1 : (least + 1) >> 16;
             most >>= 16;
+            const uint32_t *wr = w + row;
+            unsigned char *orow = o + row;
             if (low == 0 && most + 1 - least < (uint32_t)(4 * n + 256)) {
                 /* BF16 magnitudes (a NaN's has a low half) in a short span but zeros (a delta's
-                 * many): a counting sort of the high halves, element by element in index order, so
-                 * equal keys rank by index; the zeros counted just below the least other key */
+                 * many): a counting sort of the high halves, the zeros counted just below the
+                 * least other key */
                 uint32_t zero = least - 1;
-                memset(counts + zero, 0, (most - zero + 1) * sizeof(int32_t));
-                for (Py_ssize_t i = 0; i < n; i++) {
-                    uint32_t k = keys[i] >> 16;
-                    counts[k ? k : zero]++;
+                high_keys(keys, n, zero);
+                size_t span = (most - zero + 1) * sizeof(int32_t);
+                memset(first + zero, 0, span);
+                memset(second + zero, 0, span);
+                for (Py_ssize_t i = 0; i < h; i++) {
+                    first[keys[i]]++;
+                    second[keys[h + i]]++;
                 }
+                if (n % 2)
+                    second[keys[n - 1]]++;
                 int32_t sum = 0;
                 for (uint32_t k = zero; k <= most; k++) {
-                    int32_t c = counts[k];
-                    counts[k] = sum;
-                    sum += c;
+                    int32_t c = first[k], d = second[k];
+                    first[k] = sum;
+                    second[k] = sum + c;
+                    sum += c + d;
                 }
-                for (Py_ssize_t i = 0; i < n; i++) {
-                    uint32_t k = keys[i] >> 16;
-                    o[row + i] = (uint64_t)w[row + i] < b[counts[k ? k : zero]++];
+                for (Py_ssize_t i = 0; i < h; i++) {
+                    orow[i] = (uint64_t)wr[i] < b[first[keys[i]]++];
+                    orow[h + i] = (uint64_t)wr[h + i] < b[second[keys[h + i]]++];
                 }
+                if (n % 2)
+                    orow[n - 1] = (uint64_t)wr[n - 1] < b[second[keys[n - 1]]++];
                 continue;
             }
             const int32_t *a = radix_order(keys, n, order);
             for (Py_ssize_t r = 0; r < n; r++) /* a[r]: the element of rank r */
-                o[row + a[r]] = (uint64_t)w[row + a[r]] < b[r];
+                orow[a[r]] = (uint64_t)wr[a[r]] < b[r];
         }
         Py_END_ALLOW_THREADS
     }
@@ -473,11 +516,6 @@ static PyObject *welford_variance(PyObject *self, PyObject *args)
 enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP_GT, OP_GE, OP_EQ, OPS };
 #define MAX_ARRAYS 32
 #define BLOCK 512 /* elements a block: a program's arrays' blocks stay in a core's L1 cache */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define WIDE_VECTORS __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define WIDE_VECTORS /* one build for the CPU the compiler targets */
-#endif
 
 static inline uint32_t bf16_rounded(uint32_t v)
 {
@@ -721,7 +759,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 30
+#define VERSION 31
 
 PyMODINIT_FUNC PyInit__native(void)
 {
