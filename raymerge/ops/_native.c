@@ -452,6 +452,75 @@ static PyObject *della_keep(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#ifdef __SIZEOF_INT128__ /* a 64 x 64 -> 128-bit product (GCC, Clang); elsewhere numpy draws the words */
+/* One block of Philox4x64-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3"), as
+ * numpy's np.random.Philox computes it: counter (c, 0, 0, 0), key k; out: its four 64-bit words.
+ * (One block at a time: several side by side, or in vector lanes, measured slower on x86-64.) */
+static inline void philox_block(uint64_t c, uint64_t k0, uint64_t k1, uint64_t out[4])
+{
+    uint64_t x0 = c, x1 = 0, x2 = 0, x3 = 0;
+    for (int round = 0; round < 10; round++) {
+        if (round) {
+            k0 += UINT64_C(0x9E3779B97F4A7C15);
+            k1 += UINT64_C(0xBB67AE8584CAA73B);
+        }
+        unsigned __int128 p0 = (unsigned __int128)UINT64_C(0xD2E7470EE14C6C93) * x0;
+        unsigned __int128 p1 = (unsigned __int128)UINT64_C(0xCA5A826395121157) * x2;
+        x0 = (uint64_t)(p1 >> 64) ^ x1 ^ k0;
+        x1 = (uint64_t)p1;
+        x2 = (uint64_t)(p0 >> 64) ^ x3 ^ k1;
+        x3 = (uint64_t)p0;
+    }
+    out[0] = x0, out[1] = x1, out[2] = x2, out[3] = x3;
+}
+
+/* philox_words(key, begin, out): out[i] = the 32 random bits of element begin + i of a tensor
+ * (raymerge/ops/sparse.py's random_words): element e is half e % 2 (the low one first) of 64-bit
+ * word (e % 8) / 2 of the Philox block of counter e / 8 + 1 under the key (two uint64s): the words
+ * numpy's Philox(key=key, counter=0).random_raw() gives in turn (it counts up before each block). */
+static PyObject *philox_words(PyObject *self, PyObject *args)
+{
+    PyObject *ko, *oo;
+    unsigned long long begin;
+    if (!PyArg_ParseTuple(args, "OKO", &ko, &begin, &oo))
+        return NULL;
+    Py_buffer buf[2];
+    const Want want[2] = {{ko, 0, "LQ", 8, "philox_words key"}, {oo, 1, "I", 4, "philox_words out"}};
+    if (get_buffers(want, buf, 2) < 0)
+        return NULL;
+    int ok = buf[0].len == 16;
+    if (ok) {
+        const uint64_t k0 = ((const uint64_t *)buf[0].buf)[0], k1 = ((const uint64_t *)buf[0].buf)[1];
+        uint32_t *o = (uint32_t *)buf[1].buf;
+        uint64_t n = (uint64_t)(buf[1].len / 4), e = begin, end = begin + n;
+        Py_BEGIN_ALLOW_THREADS
+        uint64_t words[4]; /* in memory order, a block's halves are its elements' (numpy views them so) */
+        uint32_t halves[8];
+        if (e % 8 && e < end) { /* a first block begun before `begin` */
+            philox_block(e / 8 + 1, k0, k1, words);
+            memcpy(halves, words, sizeof(words));
+            for (; e % 8 && e < end; e++)
+                *o++ = halves[e % 8];
+        }
+        for (; end - e >= 8; e += 8, o += 8) { /* whole blocks */
+            philox_block(e / 8 + 1, k0, k1, words);
+            memcpy(o, words, sizeof(words));
+        }
+        if (e < end) { /* a last block ended after the elements */
+            philox_block(e / 8 + 1, k0, k1, words);
+            memcpy(o, words, (size_t)(end - e) * 4);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    release_buffers(buf, 2);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "philox_words: the key is two uint64s");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+#endif
+
 /* welford_variance(xs, out): for each element i, the population variance of xs[0][i] .. xs[k-1][i]
  * (float32 arrays) by Welford's steps in float64, as torch.var computes it on the CPU and as the
  * numpy form in raymerge/methods/sce.py does (each operation rounded alike: no fused multiply-add,
@@ -749,6 +818,9 @@ static PyMethodDef methods[] = {
     {"bf16_halves", bf16_halves, METH_VARARGS, "The high halves of float32 values; whether every low half is 0."},
     {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
+#ifdef __SIZEOF_INT128__
+    {"philox_words", philox_words, METH_VARARGS, "32 random bits an element of a tensor, from numpy's Philox4x64-10."},
+#endif
     {"welford_variance", welford_variance, METH_VARARGS, "Population variance across float32 arrays, Welford in float64."},
     {"segment_sums", segment_sums, METH_VARARGS, "float64 sums (of squares) and of magnitudes per segment of float32 values."},
     {"run_program", run_program, METH_VARARGS, "A chain of elementwise float32 steps, block by block."},
@@ -759,7 +831,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 31
+#define VERSION 32
 
 PyMODINIT_FUNC PyInit__native(void)
 {

@@ -116,7 +116,12 @@ def row_ranks(keys: np.ndarray) -> np.ndarray:
 def random_words(key: np.ndarray, begin: int, n: int) -> np.ndarray:
     """32 random bits for each of elements [begin, begin + n) of a tensor (uint32). Element i takes
     the low 32 bits of 64-bit output i // 2 of the stream when i is even, the high 32 bits when it
-    is odd; output j is word j % 4 of Philox block j // 4."""
+    is odd; output j is word j % 4 of Philox block j // 4. Compiled where raymerge/ops/_native.c
+    was built (`philox_words`: the same words, without numpy's call per output)."""
+    if getattr(native.loops, "philox_words", None) is not None:
+        out = np.empty(n, np.uint32)
+        native.loops.philox_words(key, begin, out)
+        return out
     first, last = begin // 2, (begin + n + 1) // 2  # the 64-bit outputs covering the elements
     block = first // 4
     raw = np.random.Philox(key=key, counter=block).random_raw(last - block * 4)[first - block * 4:]

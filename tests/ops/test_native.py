@@ -144,6 +144,28 @@ def test_della_keep_draws_as_the_ranks_and_thresholds_of_its_numpy_form(shape, k
         native.della_keep(x.reshape(-1), shape[1], below.astype(np.uint32), words, out)
 
 
+def test_philox_words_are_numpys_philox_stream_from_any_element():
+    """Element e's word is half e % 2 of output e // 2 of numpy's Philox(key, counter=0) stream,
+    written out with numpy here: blocks begun before `begin`, ended after the last element, whole
+    ones, none; offsets past 2**40 (the counter's upper bits); the numpy form in sparse.py alike."""
+    from raymerge.ops import sparse
+
+    rng = np.random.default_rng(7)
+    for case in range(60):
+        key = rng.integers(0, 2**64, 2, dtype=np.uint64)
+        begin = int(rng.integers(0, 40)) if case % 3 == 0 else int(rng.integers(0, 2**41))
+        n = int(rng.integers(0, 20)) if case % 2 else int(rng.integers(0, 3000))
+        first = begin // 2
+        raw = np.random.Philox(key=key, counter=first // 4).random_raw((begin + n + 1) // 2 - first // 4 * 4)
+        want = raw[first % 4:].view(np.uint32)[begin % 2:begin % 2 + n]
+        out = np.empty(n, np.uint32)
+        native.philox_words(key, begin, out)
+        assert np.array_equal(out, want), (begin, n)
+        assert np.array_equal(sparse.random_words(key, begin, n), want)
+    with pytest.raises(ValueError, match="two uint64s"):
+        native.philox_words(np.zeros(3, np.uint64), 0, np.empty(4, np.uint32))
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_welford_variance_is_torch_var_in_float64_then_float32(k):
     rng = np.random.default_rng(k)
