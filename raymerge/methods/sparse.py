@@ -120,6 +120,10 @@ class Sparse(Method):
                     continue
                 # Only a selection inside NaN's bin tells NaNs apart (ops.sparse): make them equal there.
                 nans_equal = pass_name == LOW and sparse.NAN_BIN in bins[i]
+                if pass_name == L1:  # the keep mask first: making it may use `bits` and the host buffer
+                    keep = self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits, scratch)
+                    mask = kernel.to_host(keep, scratch)
+                    mask = mask if mask is keep else mask.copy()  # a device's: b's to_host reuses its buffer
                 b = kernel.to_host(kernel.magnitude_bits(d, bits[:len(d)], nans_equal), scratch)
                 if pass_name == HIGH:
                     sparse.high_histogram(b, high[i], work[:b.size])
@@ -127,11 +131,10 @@ class Sparse(Method):
                     for s, at in enumerate(bins[i]):
                         if at is not None:
                             low[i][s].append(sparse.low_halves(b, at))
-                else:  # L1: before and after the drop
-                    sums[i][0] += sparse.abs_sum(b)
-                    self._drop(kernel, v, d, self._keep(kernel, v, d, keeps[i], operands, lo, facts, state, bits,
-                                                        scratch))
-                    sums[i][1] += sparse.abs_sum(kernel.to_host(kernel.magnitude_bits(d, bits[:len(d)]), scratch))
+                else:  # L1: before and after the drop (d * keep, which `_drop` makes), in one loop
+                    before, after = sparse.abs_sums(b, mask)
+                    sums[i][0] += before
+                    sums[i][1] += after
         out: list = [None] * (1 + max((v.term for v in vecs), default=-1))  # by term: some may be absent here
         for i, v in enumerate(vecs):
             if not wanted[i]:

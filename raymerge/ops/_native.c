@@ -195,6 +195,41 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* dot_buckets_pair(x, y, a, b): dot_buckets(x, None, a, narrow) and dot_buckets(x, y, b, narrow) in
+ * one loop (a sum and the sum of what a mask y of 1.0 and 0.0 keeps of it: the sparsifying methods'
+ * L1 norms before and after the drop); x and y narrow (a product of at most 24 significant bits). */
+static PyObject *dot_buckets_pair(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *yo, *ao, *bo;
+    if (!PyArg_ParseTuple(args, "OOOO", &xo, &yo, &ao, &bo))
+        return NULL;
+    Py_buffer buf[4];
+    const Want want[4] = {{xo, 0, "f", 4, "dot_buckets_pair x"}, {yo, 0, "f", 4, "dot_buckets_pair y"},
+                          {ao, 1, "d", 8, "dot_buckets_pair a"}, {bo, 1, "d", 8, "dot_buckets_pair b"}};
+    if (get_buffers(want, buf, 4) < 0)
+        return NULL;
+    int ok = buf[1].len == buf[0].len && buf[2].len == LANES * LANE_SIZE * 8 && buf[3].len == buf[2].len;
+    if (ok) {
+        const float *xs = (const float *)buf[0].buf, *ys = (const float *)buf[1].buf;
+        double *a = (double *)buf[2].buf, *b = (double *)buf[3].buf;
+        Py_ssize_t n = buf[0].len / 4;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t lane = (i % LANES) * LANE_SIZE;
+            double p = (double)xs[i];
+            add_part(a + lane, p);
+            add_part(b + lane, p * (double)ys[i]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    release_buffers(buf, 4);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "dot_buckets_pair: x and y differ in length, or a or b is not 8 * 4120 float64");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* high_counts(bits, counts): counts[b >> 16] += 1 for each uint32 b of bits; counts is int64, as
  * long as the high halves may reach (1 << 15 for magnitudes, whose sign bit is clear; 1 << 16 for
  * order keys). A high half past its end is a ValueError (the counts are then not to be used). */
@@ -818,6 +853,7 @@ static PyMethodDef methods[] = {
     {"bf16_halves", bf16_halves, METH_VARARGS, "The high halves of float32 values; whether every low half is 0."},
     {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
+    {"dot_buckets_pair", dot_buckets_pair, METH_VARARGS, "dot_buckets of x and of x * y in one loop (narrow)."},
 #ifdef __SIZEOF_INT128__
     {"philox_words", philox_words, METH_VARARGS, "32 random bits an element of a tensor, from numpy's Philox4x64-10."},
 #endif
@@ -831,7 +867,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 32
+#define VERSION 33
 
 PyMODINIT_FUNC PyInit__native(void)
 {

@@ -135,7 +135,28 @@ def dot_sum(x: np.ndarray, y: np.ndarray, work: tuple[np.ndarray, np.ndarray, np
     buckets = _native_buckets(x, y, narrow)
     if buckets is None:
         buckets = _numpy_buckets(x, y, work, narrow)
-    parts = n if narrow else 2 * n
+    return _summed(buckets, x, y, n if narrow else 2 * n)
+
+
+def dot_sum_pair(x: np.ndarray, y: np.ndarray) -> tuple[ExactSum, ExactSum]:
+    """(dot_sum(x, 1, narrow=True), dot_sum(x, y, narrow=True)) in one compiled loop where it was
+    built: a sum and what a mask y (1.0 and 0.0) keeps of it, x's values of at most 24 significant
+    bits (magnitudes of float32 values)."""
+    if x.size >= MAX_ELEMENTS:
+        raise ValueError(f"dot_sum_pair: at most {MAX_ELEMENTS} elements at once")
+    pair = getattr(native.loops, "dot_buckets_pair", None)
+    if pair is None or not (native.takes(x, np.float32) and native.takes(y, np.float32) and y.shape == x.shape):
+        return dot_sum(x, np.float32(1), narrow=True), dot_sum(x, y, narrow=True)
+    lanes = _lanes(2)
+    pair(x, y, lanes[0], lanes[1])
+    ones = np.float32(1)
+    return (_summed(lanes[0, :, :2 * _EXPONENTS].sum(axis=0), x, ones, x.size),
+            _summed(lanes[1, :, :2 * _EXPONENTS].sum(axis=0), x, y, x.size))
+
+
+def _summed(buckets: np.ndarray, x: np.ndarray, y: np.ndarray | np.float32, parts: int) -> ExactSum:
+    """The ExactSum of x * y from its bucket sums: the infinities and NaNs among the products
+    counted apart, where the all-ones exponent's buckets say there are any."""
     special = buckets[_EXPONENTS - 1::_EXPONENTS]  # the all-ones exponent, of either sign
     if not special.any():  # no infinity or NaN (a NaN is not 0 either)
         return ExactSum(buckets=buckets, parts=parts)
@@ -152,12 +173,19 @@ def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> 
     ones = not isinstance(y, np.ndarray) and np.ndim(y) == 0 and y == 1
     if not native.takes(x, np.float32) or not (ones or (native.takes(y, np.float32) and y.shape == x.shape)):
         return None
-    lanes = getattr(_THREAD, "lanes", None)
-    if lanes is None:
-        lanes = _THREAD.lanes = np.empty((_LANES, 2 * _EXPONENTS + _LANE_PAD))
-    lanes.fill(0)  # before, not after: an interrupted call leaves nothing behind for the next
+    lanes = _lanes(1)[0]
     native.loops.dot_buckets(x, None if ones else y, lanes, narrow)
     return lanes[:, :2 * _EXPONENTS].sum(axis=0)  # exact: fewer than 2**29 parts in all
+
+
+def _lanes(k: int) -> np.ndarray:
+    """k sets of the compiled loop's bucket lanes, zeros (this thread's, reused)."""
+    lanes = getattr(_THREAD, "lanes", None)
+    if lanes is None or len(lanes) < k:
+        lanes = _THREAD.lanes = np.empty((k, _LANES, 2 * _EXPONENTS + _LANE_PAD))
+    lanes = lanes[:k]
+    lanes.fill(0)  # before, not after: an interrupted call leaves nothing behind for the next
+    return lanes
 
 
 def _numpy_buckets(x: np.ndarray, y: np.ndarray | np.float32, work: tuple | None, narrow: bool) -> np.ndarray:

@@ -25,7 +25,7 @@ import hashlib
 import numpy as np
 
 from raymerge.ops import native
-from raymerge.ops.exact import UNIT, ExactSum, dot_sum
+from raymerge.ops.exact import UNIT, ExactSum, dot_sum, dot_sum_pair
 
 ABS = np.uint32(0x7FFFFFFF)
 HIGH_BINS = 1 << 15  # the high 16 bits of a magnitude (the sign bit is 0)
@@ -179,6 +179,16 @@ def abs_sum(bits: np.ndarray) -> AbsSum:
     if bits.size >= 1 << 29:
         raise ValueError("abs_sum: at most 2**29 elements at once")
     return AbsSum(exact=dot_sum(bits.view(np.float32), np.float32(1), narrow=True))
+
+
+def abs_sums(bits: np.ndarray, keep: np.ndarray) -> tuple[AbsSum, AbsSum]:
+    """(abs_sum(bits), the abs_sum of the magnitudes times keep), keep a mask of 1.0 and 0.0 (float32)
+    as long: the sum of |x * keep| (an infinity or NaN dropped is a NaN there, as x * 0 is), in one
+    loop (exact.dot_sum_pair)."""
+    if bits.size >= 1 << 29:
+        raise ValueError("abs_sums: at most 2**29 elements at once")
+    before, after = dot_sum_pair(bits.view(np.float32), keep)
+    return AbsSum(exact=before), AbsSum(exact=after)
 
 
 def to_float32(units: int) -> np.float32:

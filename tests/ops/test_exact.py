@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from raymerge.ops.exact import UNIT, ExactSum, dot_sum, round_float32
+from raymerge.ops.exact import UNIT, ExactSum, dot_sum, dot_sum_pair, round_float32
 
 pytestmark = pytest.mark.usefixtures("both_loops")
 
@@ -51,6 +51,24 @@ def test_narrow_values_sum_exactly_without_the_split():
     bf16 = ((rng.standard_normal(5000) * 0.02).astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
     assert dot_sum(bf16, bf16, narrow=True).units == dot_sum(bf16, bf16).units == fraction_sum(bf16, bf16) * 2**UNIT
     assert dot_sum(bf16, np.float32(1), narrow=True) == dot_sum(bf16, np.float32(1))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_sum_and_what_a_mask_keeps_of_it_in_one_loop(seed):
+    """dot_sum_pair(x, mask): the sum of x and of x * mask, exactly (Fractions), and an infinity or
+    NaN the mask drops is a NaN of the second sum (inf * 0), as the product of the drop is."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5000))
+    x = np.abs((rng.standard_normal(n) * np.exp(rng.uniform(-30, 30, n))).astype(np.float32))
+    mask = (rng.random(n) < 0.4).astype(np.float32)
+    before, after = dot_sum_pair(x, mask)
+    assert Fraction(before.units, 2**UNIT) == fraction_sum(x, np.ones(n, np.float32))
+    assert Fraction(after.units, 2**UNIT) == fraction_sum(x, mask)
+    x[:3] = np.float32([np.inf, np.nan, np.inf])
+    mask[:3] = np.float32([1, 1, 0])
+    before, after = dot_sum_pair(x, mask)
+    assert (before.pinf, before.nan, after.pinf, after.nan) == (2, 1, 1, 2)
+    assert (before, after) == (dot_sum(x, np.float32(1), narrow=True), dot_sum(x, mask, narrow=True))
 
 
 def test_infinities_and_nans_decide_the_sum():
