@@ -366,9 +366,13 @@ def top_mask(kernel: Any, d: Any, mask: Any, f: dict, s: str, begin: int, seen: 
     # No magnitude lies above a NaN's: a threshold past it (from damaged facts) compares as this one does.
     threshold = min(f[f"{s}threshold"], sparse.NAN_MAGNITUDE + 1)
     # Below NaN's magnitude, a comparison with the threshold treats every NaN alike whatever its bits.
-    b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=threshold >= sparse.NAN_MAGNITUDE)
+    nans_equal = threshold >= sparse.NAN_MAGNITUDE
     # The ties at the threshold: all kept before the piece that holds the last kept one, none after.
-    (kernel.greater_equal if begin < f[f"{s}cut"] else kernel.greater)(b, threshold, mask)
+    inclusive = begin < f[f"{s}cut"]
+    if begin != f[f"{s}cut"] and sparse.magnitude_above(d, threshold, inclusive, nans_equal, mask):
+        return  # the steps below in one compiled loop (host arrays)
+    b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=nans_equal)
+    (kernel.greater_equal if inclusive else kernel.greater)(b, threshold, mask)
     if begin == f[f"{s}cut"]:
         tied = np.flatnonzero(kernel.to_host(b, scratch) == threshold)
         left = f[f"{s}keep"] - seen.get((term, s), 0)

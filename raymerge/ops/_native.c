@@ -230,6 +230,53 @@ static PyObject *dot_buckets_pair(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* out[i] = 1.0 where min(|x[i]|'s bits, cap) >= t (inclusive) or > t, else 0.0. */
+WIDE_VECTORS
+static void above_loop(const uint32_t *restrict bits, Py_ssize_t n, uint32_t t, int inclusive, uint32_t cap,
+                       float *restrict out)
+{
+    if (inclusive)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t m = bits[i] & 0x7FFFFFFFu;
+            out[i] = (m < cap ? m : cap) >= t ? 1.0f : 0.0f;
+        }
+    else
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t m = bits[i] & 0x7FFFFFFFu;
+            out[i] = (m < cap ? m : cap) > t ? 1.0f : 0.0f;
+        }
+}
+
+/* magnitude_above(x, threshold, inclusive, cap, out): a TIES or breadcrumbs selection's mask in
+ * one loop (raymerge/methods/sparse.py's top_mask): out (float32) = 1.0 where the magnitude bits of
+ * float32 x[i] (its bits but the sign), made no larger than cap (every NaN's alike), are >=
+ * threshold (inclusive) or > threshold, else 0.0. x and out may not overlap. */
+static PyObject *magnitude_above(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *oo;
+    unsigned long threshold, cap;
+    int inclusive;
+    if (!PyArg_ParseTuple(args, "OkpkO", &xo, &threshold, &inclusive, &cap, &oo))
+        return NULL;
+    Py_buffer buf[2];
+    const Want want[2] = {{xo, 0, "f", 4, "magnitude_above x"}, {oo, 1, "f", 4, "magnitude_above out"}};
+    if (get_buffers(want, buf, 2) < 0)
+        return NULL;
+    int ok = buf[1].len == buf[0].len && threshold <= UINT32_MAX && cap <= UINT32_MAX;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        above_loop((const uint32_t *)buf[0].buf, buf[0].len / 4, (uint32_t)threshold, inclusive, (uint32_t)cap,
+                   (float *)buf[1].buf);
+        Py_END_ALLOW_THREADS
+    }
+    release_buffers(buf, 2);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "magnitude_above: out must be as long as x, threshold and cap 32-bit");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* high_counts(bits, counts): counts[b >> 16] += 1 for each uint32 b of bits; counts is int64, as
  * long as the high halves may reach (1 << 15 for magnitudes, whose sign bit is clear; 1 << 16 for
  * order keys). A high half past its end is a ValueError (the counts are then not to be used). */
@@ -853,6 +900,7 @@ static PyMethodDef methods[] = {
     {"bf16_halves", bf16_halves, METH_VARARGS, "The high halves of float32 values; whether every low half is 0."},
     {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
+    {"magnitude_above", magnitude_above, METH_VARARGS, "1.0 where a float32's magnitude bits reach a threshold, else 0.0."},
     {"dot_buckets_pair", dot_buckets_pair, METH_VARARGS, "dot_buckets of x and of x * y in one loop (narrow)."},
 #ifdef __SIZEOF_INT128__
     {"philox_words", philox_words, METH_VARARGS, "32 random bits an element of a tensor, from numpy's Philox4x64-10."},
@@ -867,7 +915,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 33
+#define VERSION 34
 
 PyMODINIT_FUNC PyInit__native(void)
 {

@@ -42,6 +42,17 @@ def magnitude_bits(x: np.ndarray, out: np.ndarray, nans_equal: bool = False) -> 
     return out
 
 
+def magnitude_above(x: np.ndarray, threshold: int, inclusive: bool, nans_equal: bool, out: np.ndarray) -> bool:
+    """out = 1.0 where x's `magnitude_bits` (with nans_equal) are >= threshold (inclusive) or >
+    threshold, else 0.0, in one compiled loop: whether it ran (the loops built, x and out float32
+    arrays that do not share memory); else nothing is written and the caller takes its steps."""
+    if not (native.takes(x, np.float32) and native.takes(out, np.float32) and x.shape == out.shape) or \
+            np.may_share_memory(x, out) or not 0 <= threshold <= 0xFFFFFFFF:
+        return False
+    native.loops.magnitude_above(x, threshold, inclusive, NAN_MAGNITUDE if nans_equal else 0xFFFFFFFF, out)
+    return True
+
+
 def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray | None = None) -> None:
     """counts (int64, HIGH_BINS) += how many magnitudes fall in each high-16-bit bin, every NaN in
     NAN_BIN (`count_highs`)."""
