@@ -368,16 +368,21 @@ def top_mask(kernel: Any, d: Any, mask: Any, f: dict, s: str, begin: int, seen: 
     # Below NaN's magnitude, a comparison with the threshold treats every NaN alike whatever its bits.
     nans_equal = threshold >= sparse.NAN_MAGNITUDE
     # The ties at the threshold: all kept before the piece that holds the last kept one, none after.
-    inclusive = begin < f[f"{s}cut"]
-    if begin != f[f"{s}cut"] and sparse.magnitude_above(d, threshold, inclusive, nans_equal, mask):
-        return  # the steps below in one compiled loop (host arrays)
-    b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=nans_equal)
-    (kernel.greater_equal if inclusive else kernel.greater)(b, threshold, mask)
-    if begin == f[f"{s}cut"]:
+    inclusive, cut = begin < f[f"{s}cut"], begin == f[f"{s}cut"]
+    ties = sparse.magnitude_above(d, threshold, inclusive, nans_equal, mask)  # one compiled loop, on the host
+    if ties is None:
+        b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=nans_equal)
+        (kernel.greater_equal if inclusive else kernel.greater)(b, threshold, mask)
+    if not cut:
+        return
+    left = f[f"{s}keep"] - seen.get((term, s), 0)
+    if ties is None or (ties and left > 0):  # where the ties are, to keep the first `left` of them
+        if ties is not None:
+            b = kernel.magnitude_bits(d, bits[:len(d)], nans_equal=nans_equal)
         tied = np.flatnonzero(kernel.to_host(b, scratch) == threshold)
-        left = f[f"{s}keep"] - seen.get((term, s), 0)
         kernel.put(mask, tied[:max(left, 0)], 1.0)
-        seen[(term, s)] = seen.get((term, s), 0) + tied.size
+        ties = tied.size
+    seen[(term, s)] = seen.get((term, s), 0) + ties
 
 
 class _TieState:

@@ -230,27 +230,34 @@ static PyObject *dot_buckets_pair(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* out[i] = 1.0 where min(|x[i]|'s bits, cap) >= t (inclusive) or > t, else 0.0. */
+/* out[i] = 1.0 where min(|x[i]|'s bits, cap) >= t (inclusive) or > t, else 0.0; how many equal t. */
 WIDE_VECTORS
-static void above_loop(const uint32_t *restrict bits, Py_ssize_t n, uint32_t t, int inclusive, uint32_t cap,
-                       float *restrict out)
+static Py_ssize_t above_loop(const uint32_t *restrict bits, Py_ssize_t n, uint32_t t, int inclusive, uint32_t cap,
+                             float *restrict out)
 {
+    Py_ssize_t ties = 0;
     if (inclusive)
         for (Py_ssize_t i = 0; i < n; i++) {
             uint32_t m = bits[i] & 0x7FFFFFFFu;
-            out[i] = (m < cap ? m : cap) >= t ? 1.0f : 0.0f;
+            m = m < cap ? m : cap;
+            out[i] = m >= t ? 1.0f : 0.0f;
+            ties += m == t;
         }
     else
         for (Py_ssize_t i = 0; i < n; i++) {
             uint32_t m = bits[i] & 0x7FFFFFFFu;
-            out[i] = (m < cap ? m : cap) > t ? 1.0f : 0.0f;
+            m = m < cap ? m : cap;
+            out[i] = m > t ? 1.0f : 0.0f;
+            ties += m == t;
         }
+    return ties;
 }
 
 /* magnitude_above(x, threshold, inclusive, cap, out): a TIES or breadcrumbs selection's mask in
  * one loop (raymerge/methods/sparse.py's top_mask): out (float32) = 1.0 where the magnitude bits of
  * float32 x[i] (its bits but the sign), made no larger than cap (every NaN's alike), are >=
- * threshold (inclusive) or > threshold, else 0.0. x and out may not overlap. */
+ * threshold (inclusive) or > threshold, else 0.0; returns how many equal the threshold (the ties a
+ * selection places by index). x and out may not overlap. */
 static PyObject *magnitude_above(PyObject *self, PyObject *args)
 {
     PyObject *xo, *oo;
@@ -263,10 +270,11 @@ static PyObject *magnitude_above(PyObject *self, PyObject *args)
     if (get_buffers(want, buf, 2) < 0)
         return NULL;
     int ok = buf[1].len == buf[0].len && threshold <= UINT32_MAX && cap <= UINT32_MAX;
+    Py_ssize_t ties = 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
-        above_loop((const uint32_t *)buf[0].buf, buf[0].len / 4, (uint32_t)threshold, inclusive, (uint32_t)cap,
-                   (float *)buf[1].buf);
+        ties = above_loop((const uint32_t *)buf[0].buf, buf[0].len / 4, (uint32_t)threshold, inclusive,
+                          (uint32_t)cap, (float *)buf[1].buf);
         Py_END_ALLOW_THREADS
     }
     release_buffers(buf, 2);
@@ -274,7 +282,7 @@ static PyObject *magnitude_above(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "magnitude_above: out must be as long as x, threshold and cap 32-bit");
         return NULL;
     }
-    Py_RETURN_NONE;
+    return PyLong_FromSsize_t(ties);
 }
 
 /* high_counts(bits, counts): counts[b >> 16] += 1 for each uint32 b of bits; counts is int64, as

@@ -42,15 +42,15 @@ def magnitude_bits(x: np.ndarray, out: np.ndarray, nans_equal: bool = False) -> 
     return out
 
 
-def magnitude_above(x: np.ndarray, threshold: int, inclusive: bool, nans_equal: bool, out: np.ndarray) -> bool:
+def magnitude_above(x: np.ndarray, threshold: int, inclusive: bool, nans_equal: bool, out: np.ndarray) -> int | None:
     """out = 1.0 where x's `magnitude_bits` (with nans_equal) are >= threshold (inclusive) or >
-    threshold, else 0.0, in one compiled loop: whether it ran (the loops built, x and out float32
-    arrays that do not share memory); else nothing is written and the caller takes its steps."""
+    threshold, else 0.0, in one compiled loop, and how many of them equal the threshold; None where
+    it cannot run (loops not built; x or out not float32 host arrays, or sharing memory): nothing is
+    written then, and the caller takes its own steps."""
     if not (native.takes(x, np.float32) and native.takes(out, np.float32) and x.shape == out.shape) or \
             np.may_share_memory(x, out) or not 0 <= threshold <= 0xFFFFFFFF:
-        return False
-    native.loops.magnitude_above(x, threshold, inclusive, NAN_MAGNITUDE if nans_equal else 0xFFFFFFFF, out)
-    return True
+        return None
+    return native.loops.magnitude_above(x, threshold, inclusive, NAN_MAGNITUDE if nans_equal else 0xFFFFFFFF, out)
 
 
 def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray | None = None) -> None:

@@ -147,8 +147,8 @@ def test_della_keep_draws_as_the_ranks_and_thresholds_of_its_numpy_form(shape, k
 @pytest.mark.parametrize("inclusive", [False, True])
 def test_magnitude_above_is_the_magnitude_bits_compared(inclusive):
     """sparse.magnitude_above: 1.0 where the magnitude bits (NaNs capped at NAN_MAGNITUDE with
-    nans_equal, their own bits otherwise) reach the threshold, as the numpy steps of top_mask;
-    nothing written (False) where out shares x's memory."""
+    nans_equal, their own bits otherwise) reach the threshold, as the numpy steps of top_mask, and
+    the count of those equal to it; nothing written (None) where out shares x's memory."""
     from raymerge.ops import sparse
 
     x = _hard_float32(5000, 3)
@@ -157,11 +157,11 @@ def test_magnitude_above_is_the_magnitude_bits_compared(inclusive):
             b = sparse.magnitude_bits(x, np.empty(x.size, np.uint32), nans_equal)
             want = ((b >= threshold) if inclusive else (b > threshold)).astype(np.float32)
             out = np.full(x.size, 7, np.float32)
-            assert sparse.magnitude_above(x, threshold, inclusive, nans_equal, out)
+            assert sparse.magnitude_above(x, threshold, inclusive, nans_equal, out) == np.count_nonzero(b == threshold)
             assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), (threshold, nans_equal)
     y = x.copy()
-    assert not sparse.magnitude_above(y, 0, inclusive, False, y) and np.array_equal(y.view(np.uint32),
-                                                                                     x.view(np.uint32))
+    assert sparse.magnitude_above(y, 0, inclusive, False, y) is None
+    assert np.array_equal(y.view(np.uint32), x.view(np.uint32))
 
 
 def test_philox_words_are_numpys_philox_stream_from_any_element():
