@@ -63,22 +63,18 @@ class ArceeFusion(Method):
             return []
         f = (operands.facts or [None])[0] or {}
         histogram = np.zeros(_BINS, np.int64)
-        low: list[list] = [[], [], []]
+        low = [np.zeros(sparse.LOW_BINS, np.int64) for _ in range(3)] if pass_name != HIGH else []
         for at, m in chunks(vector_length(operands), scratch):
             keys = order_keys(_importance(kernel, operands, at, m))
             if pass_name == HIGH:
                 sparse.count_highs(keys, histogram)
             else:
                 for j, high in enumerate(f["high"]):
-                    low[j].append(sparse.low_halves(keys, high))
+                    sparse.count_lows(keys, high, low[j])
         if pass_name == HIGH:
             bins = np.flatnonzero(histogram)
             return [[bins.tolist(), histogram[bins].tolist()]]
-        out = []
-        for parts in low:
-            values, counts = np.unique(np.concatenate(parts) if parts else np.empty(0, np.uint32), return_counts=True)
-            out.append([values.tolist(), counts.tolist()])
-        return [out]
+        return [[sparse.counted(counts) for counts in low]]
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]

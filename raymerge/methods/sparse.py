@@ -108,7 +108,7 @@ class Sparse(Method):
         wanted = [0 < v.density < 1 and (pass_name != LOW or _fact(facts, v.term, "k") is not None)
                   for v in vecs]
         high = [np.zeros(sparse.HIGH_BINS, np.int64) if w and pass_name == HIGH else None for w in wanted]
-        low: list[list] = [[[] for _ in self.selections] for _ in vecs]
+        low: list[list] = [[None for _ in self.selections] for _ in vecs]  # LOW: counts of low halves
         sums = [[sparse.AbsSum(), sparse.AbsSum()] for _ in vecs]
         bits = kernel.table(scratch, _BITS, 1, bits=True)[0]
         keeps = kernel.table(scratch, _KEEPS, len(vecs))
@@ -130,7 +130,9 @@ class Sparse(Method):
                 elif pass_name == LOW:
                     for s, at in enumerate(bins[i]):
                         if at is not None:
-                            low[i][s].append(sparse.low_halves(b, at))
+                            if low[i][s] is None:
+                                low[i][s] = np.zeros(sparse.LOW_BINS, np.int64)
+                            sparse.count_lows(b, at, low[i][s])
                 else:  # L1: before and after the drop (d * keep, which `_drop` makes), in one loop
                     before, after = sparse.abs_sums(b, mask)
                     sums[i][0] += before
@@ -143,11 +145,7 @@ class Sparse(Method):
                 nz = np.flatnonzero(high[i])
                 out[v.term] = [nz.tolist(), high[i][nz].tolist()]
             elif pass_name == LOW:
-                out[v.term] = []
-                for parts in low[i]:
-                    values, counts = np.unique(np.concatenate(parts) if parts else np.empty(0, np.uint32),
-                                               return_counts=True)
-                    out[v.term] += [values.tolist(), counts.tolist()]
+                out[v.term] = [part for counts in low[i] for part in sparse.counted(counts)]
             else:
                 out[v.term] = [sums[i][0].to_json(), sums[i][1].to_json()]
         return out

@@ -285,6 +285,37 @@ static PyObject *magnitude_above(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(ties);
 }
 
+/* low_counts(bits, high, counts): counts[b & 0xFFFF] += 1 for each uint32 b of bits whose high half
+ * is `high` (counts: int64, 1 << 16 of them): a radix selection's second digit, in one pass. */
+static PyObject *low_counts(PyObject *self, PyObject *args)
+{
+    PyObject *bo, *co;
+    unsigned long high;
+    if (!PyArg_ParseTuple(args, "OkO", &bo, &high, &co))
+        return NULL;
+    Py_buffer buf[2];
+    const Want want[2] = {{bo, 0, "I", 4, "low_counts bits"}, {co, 1, "lq", 8, "low_counts counts"}};
+    if (get_buffers(want, buf, 2) < 0)
+        return NULL;
+    int ok = buf[1].len == (Py_ssize_t)8 << 16;
+    if (ok) {
+        const uint32_t *bits = (const uint32_t *)buf[0].buf;
+        int64_t *counts = (int64_t *)buf[1].buf;
+        Py_ssize_t n = buf[0].len / 4;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (bits[i] >> 16 == high)
+                counts[bits[i] & 0xFFFFu]++;
+        Py_END_ALLOW_THREADS
+    }
+    release_buffers(buf, 2);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "low_counts: counts must be 1 << 16 int64");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* high_counts(bits, counts): counts[b >> 16] += 1 for each uint32 b of bits; counts is int64, as
  * long as the high halves may reach (1 << 15 for magnitudes, whose sign bit is clear; 1 << 16 for
  * order keys). A high half past its end is a ValueError (the counts are then not to be used). */
@@ -908,6 +939,7 @@ static PyMethodDef methods[] = {
     {"bf16_halves", bf16_halves, METH_VARARGS, "The high halves of float32 values; whether every low half is 0."},
     {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
+    {"low_counts", low_counts, METH_VARARGS, "Counts of the low halves of the uint32s in one high half."},
     {"magnitude_above", magnitude_above, METH_VARARGS, "1.0 where a float32's magnitude bits reach a threshold, else 0.0."},
     {"dot_buckets_pair", dot_buckets_pair, METH_VARARGS, "dot_buckets of x and of x * y in one loop (narrow)."},
 #ifdef __SIZEOF_INT128__
@@ -923,7 +955,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 34
+#define VERSION 35
 
 PyMODINIT_FUNC PyInit__native(void)
 {

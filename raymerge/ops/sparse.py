@@ -78,6 +78,27 @@ def low_halves(bits: np.ndarray, high: int) -> np.ndarray:
     return bits[(bits >> 16) == high] & np.uint32(0xFFFF)
 
 
+LOW_BINS = 1 << 16
+
+
+def count_lows(bits: np.ndarray, high: int, counts: np.ndarray) -> None:
+    """counts (int64, LOW_BINS) += how many of bits (uint32) have the high half `high`, by their low
+    half. Compiled where raymerge/ops/_native.c was built (one pass); else numpy's bincount of
+    `low_halves`."""
+    if native.takes(bits, np.uint32) and native.takes(counts, np.int64) and counts.size == LOW_BINS:
+        native.loops.low_counts(bits, high, counts)
+        return
+    counts += np.bincount(low_halves(bits, high), minlength=LOW_BINS)
+
+
+def counted(counts: np.ndarray | None) -> list:
+    """[values, counts] of the bins a count array holds (none: two empty lists), as JSON lists."""
+    if counts is None:
+        return [[], []]
+    at = np.flatnonzero(counts)
+    return [at.tolist(), counts[at].tolist()]
+
+
 def low_histogram(bits: np.ndarray, high: int) -> tuple[np.ndarray, np.ndarray]:
     """(low 16 bits, count) of the magnitudes whose high 16 bits are `high`, sorted."""
     return np.unique(low_halves(bits, high).astype(np.uint16), return_counts=True)

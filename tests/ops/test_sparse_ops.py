@@ -73,6 +73,20 @@ def test_histograms_locate_the_kth_largest_magnitude():
         assert above + above_low == np.count_nonzero(np.abs(x) > threshold), k
 
 
+def test_low_counts_are_the_low_halves_of_one_high_bin_counted():
+    """count_lows adds, by low half, the values whose high half is the bin (a key in another bin or
+    past the magnitudes' counts adds nothing); `counted` lists the bins it holds, ascending."""
+    rng = np.random.default_rng(4)
+    bits = (rng.integers(0x3C00, 0x3C03, 20000, dtype=np.uint32) << 16) | rng.integers(0, 7, 20000, dtype=np.uint32)
+    bits[::97] = 0xFFFF0003  # a high half past every magnitude's
+    counts = np.zeros(sparse.LOW_BINS, np.int64)
+    for lo in range(0, bits.size, 7000):  # chunk by chunk: the counts add up
+        sparse.count_lows(bits[lo:lo + 7000], 0x3C01, counts)
+    values, n = np.unique(bits[(bits >> 16) == 0x3C01] & 0xFFFF, return_counts=True)
+    assert sparse.counted(counts) == [values.tolist(), n.tolist()] and len(values) == 7
+    assert sparse.counted(None) == [[], []]
+
+
 def test_every_nan_ranks_as_one_magnitude_above_infinity():
     """Whatever payload the hardware gave a NaN, the selection ranks it as NAN_MAGNITUDE."""
     nans = np.array([0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FFFFFFF], np.uint32).view(np.float32)
