@@ -285,6 +285,26 @@ static PyObject *magnitude_above(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(ties);
 }
 
+/* low_counts' loop: a block of 32 keys looked at in vector registers, counted one by one only where
+ * one of them lies in the bin (most blocks hold none: the bin is a sliver of the values). */
+WIDE_VECTORS
+static void count_low_halves(const uint32_t *restrict bits, Py_ssize_t n, uint32_t high, int64_t *restrict counts)
+{
+    Py_ssize_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        uint32_t hit = 0;
+        for (int j = 0; j < 32; j++)
+            hit |= (bits[i + j] >> 16) == high;
+        if (hit)
+            for (int j = 0; j < 32; j++)
+                if (bits[i + j] >> 16 == high)
+                    counts[bits[i + j] & 0xFFFFu]++;
+    }
+    for (; i < n; i++)
+        if (bits[i] >> 16 == high)
+            counts[bits[i] & 0xFFFFu]++;
+}
+
 /* low_counts(bits, high, counts): counts[b & 0xFFFF] += 1 for each uint32 b of bits whose high half
  * is `high` (counts: int64, 1 << 16 of them): a radix selection's second digit, in one pass. */
 static PyObject *low_counts(PyObject *self, PyObject *args)
@@ -303,9 +323,8 @@ static PyObject *low_counts(PyObject *self, PyObject *args)
         int64_t *counts = (int64_t *)buf[1].buf;
         Py_ssize_t n = buf[0].len / 4;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++)
-            if (bits[i] >> 16 == high)
-                counts[bits[i] & 0xFFFFu]++;
+        if (high <= 0xFFFFu) /* else no key's high half is it */
+            count_low_halves(bits, n, (uint32_t)high, counts);
         Py_END_ALLOW_THREADS
     }
     release_buffers(buf, 2);
