@@ -93,14 +93,15 @@ class Sce(Method):
                 sparse.high_histogram(b, histogram, np.empty(b.size, np.int64))
                 nonzero += int(np.count_nonzero(b))  # a NaN's bits are not 0: torch counts it too
             else:
-                low.append(b[(b >> 16) == f["high"]] & 0xFFFF)
+                if not low:
+                    low.append(np.zeros(sparse.LOW_BINS, np.int64))
+                sparse.count_lows(b, f["high"], low[0])
         if pass_name == WEIGHTS:
             return [[s.to_json() for s in sums]] if sums[0] is not None else []  # no elements: nothing
         if pass_name == HIGH:
             bins = np.flatnonzero(histogram)
             return [[bins.tolist(), histogram[bins].tolist(), nonzero]]
-        values, counts = np.unique(np.concatenate(low) if low else np.empty(0, np.uint32), return_counts=True)
-        return [[values.tolist(), counts.tolist()]]
+        return [sparse.counted(low[0] if low else None)]
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         n = len(tensor.terms)
