@@ -50,7 +50,8 @@ def magnitude_above(x: np.ndarray, threshold: int, inclusive: bool, nans_equal: 
     if not (native.takes(x, np.float32) and native.takes(out, np.float32) and x.shape == out.shape) or \
             np.may_share_memory(x, out) or not 0 <= threshold <= 0xFFFFFFFF:
         return None
-    return native.loops.magnitude_above(x, threshold, inclusive, NAN_MAGNITUDE if nans_equal else 0xFFFFFFFF, out)
+    return native.loops.magnitude_above(x, int(threshold), inclusive, NAN_MAGNITUDE if nans_equal else 0xFFFFFFFF,
+                                        out)
 
 
 def high_histogram(bits: np.ndarray, counts: np.ndarray, work: np.ndarray | None = None) -> None:
@@ -85,8 +86,9 @@ def count_lows(bits: np.ndarray, high: int, counts: np.ndarray) -> None:
     """counts (int64, LOW_BINS) += how many of bits (uint32) have the high half `high`, by their low
     half. Compiled where raymerge/ops/_native.c was built (one pass); else numpy's bincount of
     `low_halves`."""
-    if native.takes(bits, np.uint32) and native.takes(counts, np.int64) and counts.size == LOW_BINS:
-        native.loops.low_counts(bits, high, counts)
+    if native.takes(bits, np.uint32) and native.takes(counts, np.int64) and counts.size == LOW_BINS and \
+            0 <= high < LOW_BINS:
+        native.loops.low_counts(bits, int(high), counts)
         return
     counts += np.bincount(low_halves(bits, high), minlength=LOW_BINS)
 
@@ -150,7 +152,7 @@ def random_words(key: np.ndarray, begin: int, n: int) -> np.ndarray:
     the low 32 bits of 64-bit output i // 2 of the stream when i is even, the high 32 bits when it
     is odd; output j is word j % 4 of Philox block j // 4. Compiled where raymerge/ops/_native.c
     was built (`philox_words`: the same words, without numpy's call per output)."""
-    if getattr(native.loops, "philox_words", None) is not None:
+    if getattr(native.loops, "philox_words", None) is not None and 0 <= begin and begin + n < 1 << 63:
         out = np.empty(n, np.uint32)
         native.loops.philox_words(key, begin, out)
         return out
