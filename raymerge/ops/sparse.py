@@ -14,8 +14,9 @@ independent of how a tensor is cut into pieces.
 - Random masks (`keep_mask`): element i of a tensor is kept when 32 bits of a Philox4x64-10 stream,
   keyed by (seed, tensor name) and indexed by i, fall below density * 2**32; any piece draws its
   part alone (numpy's Philox takes a counter) and gets the bits of any other cut.
-- Exact sums of magnitudes (`abs_sum`): as an integer count of 2**-149 (the smallest float32
-  subnormal), so partial sums from any pieces add up exactly; `to_float32` rounds once.
+- Exact sums of magnitudes (`abs_sum`; `abs_sums`: also of what a keep mask keeps, in one loop): as
+  an integer count of 2**-149 (the smallest float32 subnormal), so partial sums from any pieces add
+  up exactly; `to_float32` rounds once.
 """
 
 from __future__ import annotations
