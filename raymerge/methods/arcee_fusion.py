@@ -72,9 +72,8 @@ class ArceeFusion(Method):
                 for j, high in enumerate(f["high"]):
                     sparse.count_lows(keys, high, low[j])
         if pass_name == HIGH:
-            bins = np.flatnonzero(histogram)
-            return [[bins.tolist(), histogram[bins].tolist()]]
-        return [[sparse.counted(counts) for counts in low]]
+            return [sparse.nonzero_bins(histogram)]
+        return [[sparse.nonzero_bins(counts) for counts in low]]
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]

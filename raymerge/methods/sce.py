@@ -76,7 +76,8 @@ class Sce(Method):
         if not k:  # past the models' rows: nothing to count
             return []
         seen: dict = {}
-        histogram, low, nonzero = np.zeros(sparse.HIGH_BINS, np.int64), [], 0
+        histogram, nonzero = np.zeros(sparse.HIGH_BINS, np.int64), 0
+        low = np.zeros(sparse.LOW_BINS, np.int64) if pass_name == LOW else None  # the bin's low halves, counted
         sums = [None] * k
         for at, m in chunks(vector_length(operands), scratch):
             c = _Chunk(kernel, operands, scratch, at, m, ())
@@ -93,15 +94,12 @@ class Sce(Method):
                 sparse.high_histogram(b, histogram, np.empty(b.size, np.int64))
                 nonzero += int(np.count_nonzero(b))  # a NaN's bits are not 0: torch counts it too
             else:
-                if not low:
-                    low.append(np.zeros(sparse.LOW_BINS, np.int64))
-                sparse.count_lows(b, f["high"], low[0])
+                sparse.count_lows(b, f["high"], low)
         if pass_name == WEIGHTS:
             return [[s.to_json() for s in sums]] if sums[0] is not None else []  # no elements: nothing
         if pass_name == HIGH:
-            bins = np.flatnonzero(histogram)
-            return [[bins.tolist(), histogram[bins].tolist(), nonzero]]
-        return [sparse.counted(low[0] if low else None)]
+            return [[*sparse.nonzero_bins(histogram), nonzero]]
+        return [sparse.nonzero_bins(low)]
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         n = len(tensor.terms)

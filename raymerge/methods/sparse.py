@@ -108,7 +108,8 @@ class Sparse(Method):
         wanted = [0 < v.density < 1 and (pass_name != LOW or _fact(facts, v.term, "k") is not None)
                   for v in vecs]
         high = [np.zeros(sparse.HIGH_BINS, np.int64) if w and pass_name == HIGH else None for w in wanted]
-        low: list[list] = [[None for _ in self.selections] for _ in vecs]  # LOW: counts of low halves
+        # LOW: each selection's low halves in its bin, counted (None: no bin to look in)
+        low = [[None if at is None else np.zeros(sparse.LOW_BINS, np.int64) for at in b] for b in bins]
         sums = [[sparse.AbsSum(), sparse.AbsSum()] for _ in vecs]
         bits = kernel.table(scratch, _BITS, 1, bits=True)[0]
         keeps = kernel.table(scratch, _KEEPS, len(vecs))
@@ -130,8 +131,6 @@ class Sparse(Method):
                 elif pass_name == LOW:
                     for s, at in enumerate(bins[i]):
                         if at is not None:
-                            if low[i][s] is None:
-                                low[i][s] = np.zeros(sparse.LOW_BINS, np.int64)
                             sparse.count_lows(b, at, low[i][s])
                 else:  # L1: before and after the drop (d * keep, which `_drop` makes), in one loop
                     before, after = sparse.abs_sums(b, mask)
@@ -142,10 +141,9 @@ class Sparse(Method):
             if not wanted[i]:
                 continue
             if pass_name == HIGH:
-                nz = np.flatnonzero(high[i])
-                out[v.term] = [nz.tolist(), high[i][nz].tolist()]
+                out[v.term] = sparse.nonzero_bins(high[i])
             elif pass_name == LOW:
-                out[v.term] = [part for counts in low[i] for part in sparse.counted(counts)]
+                out[v.term] = [part for counts in low[i] for part in sparse.nonzero_bins(counts)]
             else:
                 out[v.term] = [sums[i][0].to_json(), sums[i][1].to_json()]
         return out

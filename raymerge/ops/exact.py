@@ -150,8 +150,7 @@ def dot_sum_pair(x: np.ndarray, y: np.ndarray) -> tuple[ExactSum, ExactSum]:
     lanes = _lanes(2)
     pair(x, y, lanes[0], lanes[1])
     ones = np.float32(1)
-    return (_summed(lanes[0, :, :2 * _EXPONENTS].sum(axis=0), x, ones, x.size),
-            _summed(lanes[1, :, :2 * _EXPONENTS].sum(axis=0), x, y, x.size))
+    return _summed(_collapsed(lanes[0]), x, ones, x.size), _summed(_collapsed(lanes[1]), x, y, x.size)
 
 
 def _summed(buckets: np.ndarray, x: np.ndarray, y: np.ndarray | np.float32, parts: int) -> ExactSum:
@@ -175,7 +174,13 @@ def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> 
         return None
     lanes = _lanes(1)[0]
     native.loops.dot_buckets(x, None if ones else y, lanes, narrow)
-    return lanes[:, :2 * _EXPONENTS].sum(axis=0)  # exact: fewer than 2**29 parts in all
+    return _collapsed(lanes)
+
+
+def _collapsed(lanes: np.ndarray) -> np.ndarray:
+    """One set of bucket sums from the compiled loop's lanes (their padding left out); exact: fewer
+    than 2**29 parts in all."""
+    return lanes[:, :2 * _EXPONENTS].sum(axis=0)
 
 
 def _lanes(k: int) -> np.ndarray:

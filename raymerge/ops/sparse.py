@@ -94,7 +94,7 @@ def count_lows(bits: np.ndarray, high: int, counts: np.ndarray) -> None:
     counts += np.bincount(low_halves(bits, high), minlength=LOW_BINS)
 
 
-def counted(counts: np.ndarray | None) -> list:
+def nonzero_bins(counts: np.ndarray | None) -> list:
     """[values, counts] of the bins a count array holds (none: two empty lists), as JSON lists."""
     if counts is None:
         return [[], []]
@@ -219,9 +219,7 @@ def abs_sum(bits: np.ndarray) -> AbsSum:
 def abs_sums(bits: np.ndarray, keep: np.ndarray) -> tuple[AbsSum, AbsSum]:
     """(abs_sum(bits), the abs_sum of the magnitudes times keep), keep a mask of 1.0 and 0.0 (float32)
     as long: the sum of |x * keep| (an infinity or NaN dropped is a NaN there, as x * 0 is), in one
-    loop (exact.dot_sum_pair)."""
-    if bits.size >= 1 << 29:
-        raise ValueError("abs_sums: at most 2**29 elements at once")
+    loop (exact.dot_sum_pair, which takes fewer than 2**29 of them)."""
     before, after = dot_sum_pair(bits.view(np.float32), keep)
     return AbsSum(exact=before), AbsSum(exact=after)
 

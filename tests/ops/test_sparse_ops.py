@@ -75,7 +75,7 @@ def test_histograms_locate_the_kth_largest_magnitude():
 
 def test_low_counts_are_the_low_halves_of_one_high_bin_counted():
     """count_lows adds, by low half, the values whose high half is the bin (a key in another bin or
-    past the magnitudes' counts adds nothing); `counted` lists the bins it holds, ascending."""
+    past the magnitudes' counts adds nothing); `nonzero_bins` lists the bins it holds, ascending."""
     rng = np.random.default_rng(4)
     bits = (rng.integers(0x3C00, 0x3C02, 20000, dtype=np.uint32) << 16) | rng.integers(0, 7, 20000, dtype=np.uint32)
     bits[rng.random(bits.size) < 0.01] += 0x20000  # the bin: about one key in a hundred (most blocks of 32: none)
@@ -84,11 +84,11 @@ def test_low_counts_are_the_low_halves_of_one_high_bin_counted():
     for lo in range(0, bits.size, 7000):  # chunk by chunk: the counts add up
         sparse.count_lows(bits[lo:lo + 7000], 0x3C02, counts)
     values, n = np.unique(bits[(bits >> 16) == 0x3C02] & 0xFFFF, return_counts=True)
-    assert sparse.counted(counts) == [values.tolist(), n.tolist()] and len(values) == 7
+    assert sparse.nonzero_bins(counts) == [values.tolist(), n.tolist()] and len(values) == 7
     sparse.count_lows(bits, 0x10000 | 0x3C02, counts)  # past every high half: nothing
     sparse.count_lows(bits, -1, counts)
-    assert sparse.counted(counts) == [values.tolist(), n.tolist()]
-    assert sparse.counted(None) == [[], []]
+    assert sparse.nonzero_bins(counts) == [values.tolist(), n.tolist()]
+    assert sparse.nonzero_bins(None) == [[], []]
 
 
 def test_every_nan_ranks_as_one_magnitude_above_infinity():
