@@ -61,6 +61,17 @@ static void release_buffers(Py_buffer *b, int count)
         PyBuffer_Release(&b[--count]);
 }
 
+/* A function's end: its count buffers released, then `error` (its check failed) raised as a
+ * ValueError: 0; else 1. */
+static int released(Py_buffer *b, int count, const char *error)
+{
+    release_buffers(b, count);
+    if (error == NULL)
+        return 1;
+    PyErr_SetString(PyExc_ValueError, error);
+    return 0;
+}
+
 /* Every buffer of `want` into b, in order (get_buffer); on a failure, those got are released: -1. */
 static int get_buffers(const Want *want, Py_buffer *b, int count)
 {
@@ -222,11 +233,9 @@ static PyObject *dot_buckets_pair(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    release_buffers(buf, 4);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "dot_buckets_pair: x and y differ in length, or a or b is not 8 * 4120 float64");
+    if (!released(buf, 4, ok ? NULL :
+                  "dot_buckets_pair: x and y differ in length, or a or b is not 8 * 4120 float64"))
         return NULL;
-    }
     Py_RETURN_NONE;
 }
 
@@ -277,11 +286,8 @@ static PyObject *magnitude_above(PyObject *self, PyObject *args)
                           (uint32_t)cap, (float *)buf[1].buf);
         Py_END_ALLOW_THREADS
     }
-    release_buffers(buf, 2);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "magnitude_above: out must be as long as x, threshold and cap 32-bit");
+    if (!released(buf, 2, ok ? NULL : "magnitude_above: out must be as long as x, threshold and cap 32-bit"))
         return NULL;
-    }
     return PyLong_FromSsize_t(ties);
 }
 
@@ -327,11 +333,8 @@ static PyObject *low_counts(PyObject *self, PyObject *args)
             count_low_halves(bits, n, (uint32_t)high, counts);
         Py_END_ALLOW_THREADS
     }
-    release_buffers(buf, 2);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "low_counts: counts must be 1 << 16 int64");
+    if (!released(buf, 2, ok ? NULL : "low_counts: counts must be 1 << 16 int64"))
         return NULL;
-    }
     Py_RETURN_NONE;
 }
 
@@ -438,11 +441,8 @@ static PyObject *bf16_halves(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    release_buffers(buf, 2);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "bf16_halves: out must have one element for each of x's");
+    if (!released(buf, 2, ok ? NULL : "bf16_halves: out must have one element for each of x's"))
         return NULL;
-    }
     return PyBool_FromLong(low == 0);
 }
 
@@ -466,11 +466,8 @@ static PyObject *bf16_widen(PyObject *self, PyObject *args)
             o[i] = (uint32_t)p[i] << 16;
         Py_END_ALLOW_THREADS
     }
-    release_buffers(buf, 2);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "bf16_widen: out must have one element for each half");
+    if (!released(buf, 2, ok ? NULL : "bf16_widen: out must have one element for each half"))
         return NULL;
-    }
     Py_RETURN_NONE;
 }
 
@@ -652,11 +649,8 @@ static PyObject *philox_words(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    release_buffers(buf, 2);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "philox_words: the key is two uint64s");
+    if (!released(buf, 2, ok ? NULL : "philox_words: the key is two uint64s"))
         return NULL;
-    }
     Py_RETURN_NONE;
 }
 #endif
@@ -942,11 +936,9 @@ static PyObject *segment_sums(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    release_buffers(buf, 4);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "segment_sums: starts must ascend from 0 within x, sums and mags as long");
+    if (!released(buf, 4, ok ? NULL :
+                  "segment_sums: starts must ascend from 0 within x, sums and mags as long"))
         return NULL;
-    }
     Py_RETURN_NONE;
 }
 
