@@ -231,7 +231,8 @@ def _plan(args: argparse.Namespace) -> int:
     for line in scale_summary(info["tensors"]):
         print("  " + line)
     for p in info["passes"]:
-        print(f"  pass {p['name']}: {p['items']} items, reads {p['read_bytes']:,} bytes")
+        only = f" (only {p['only']})" if p.get("only") else ""
+        print(f"  pass {p['name']}: {p['items']} items, reads {p['read_bytes']:,} bytes{only}")
     for name, m in info["methods"].items():
         given = ", ".join(f"{k}={v}" for k, v in m["given"].items())
         print(f"  method {name}: {', '.join(m['passes'])}" + (f" ({given})" if given else ""))

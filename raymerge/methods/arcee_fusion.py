@@ -10,7 +10,8 @@ Each row's softmax and KL are torch's own operations on the row in the compute d
 give mergekit's bits): the planner cuts the method's items at row boundaries (`whole_rows`), and a
 chunk computes the rows it touches. The quartiles are exact order statistics of the whole tensor,
 `sorted[int(q * (n - 1))]`, found by a radix selection over keys ordered as the values are
-(`fusion-high`, `fusion-low`); mergekit sorts a random sample of 1M elements instead where a tensor
+(`fusion-high`, `fusion-low`; in BF16 a key's high half tells its low half, so the high pass
+alone gives them); mergekit sorts a random sample of 1M elements instead where a tensor
 is larger (unseeded), so only smaller tensors can match it bit for bit. The mask is float32 in
 mergekit, which makes the result float32 (`result_float32`).
 """
@@ -35,7 +36,8 @@ _BINS = 1 << 16  # the high 16 bits of a key
 
 class ArceeFusion(Method):
     name = "arcee_fusion"
-    statistics = (Pass(HIGH, 98, records=("ranks", "high", "above")), Pass(LOW, 99, records=("quartiles", "threshold")))
+    statistics = (Pass(HIGH, 98, records=("ranks", "high", "above")),
+                  Pass(LOW, 99, records=("quartiles", "threshold"), only="where the keys are wider than BF16's"))
     recipes = (mergekit_kind("arcee_fusion", single=True),)
     torch_scalars = True
     whole_rows = True
@@ -75,6 +77,10 @@ class ArceeFusion(Method):
             return [sparse.nonzero_bins(histogram)]
         return [[sparse.nonzero_bins(counts) for counts in low]]
 
+    def needs(self, pass_name: str, facts: Any) -> bool:
+        """LOW only where HIGH left the quartiles open (wider keys than BF16's)."""
+        return pass_name != LOW or not facts or "threshold" not in (facts[0] or {})
+
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]
         f = facts[0]
@@ -89,6 +95,9 @@ class ArceeFusion(Method):
             ranks = [int(np.float32(q) * np.float32(n - 1)) for q in QUANTILES]
             picks = [sparse.select(counts, n - r) for r in ranks]  # the (n - r)-th largest is the r-th smallest
             f.update(ranks=ranks, high=[h for h, _ in picks], above=[a for _, a in picks], n=n)
+            if tensor.compute == "BF16":  # each key's high half tells its low half: no LOW pass (`needs`)
+                f["quartiles"] = [h << 16 | bf16_low(h) for h in f["high"]]
+                f["threshold"] = in_torch(_threshold, [key_value(k) for k in f["quartiles"]], tensor.compute)
         else:
             keys = []
             for j in range(3):
@@ -136,6 +145,13 @@ def order_keys(x: np.ndarray) -> np.ndarray:
     keys = np.where(b >> 31 != 0, ~b, b | np.uint32(0x80000000)).astype(np.uint32)
     keys[np.isnan(x)] = 0xFFFFFFFF
     return keys
+
+
+def bf16_low(high: int) -> int:
+    """The low half of the order key (`order_keys`) of a BF16 value whose key's high half is `high`:
+    a BF16 value's float32 bits have a low half of 0, which a negative value's key inverts; every
+    NaN's key is all ones (no number's key has the high half 0xFFFF: those bits are a NaN's)."""
+    return 0xFFFF if high < 0x8000 or high == 0xFFFF else 0
 
 
 def key_value(key: int) -> float:

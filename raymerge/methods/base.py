@@ -33,6 +33,7 @@ class Pass:
     records: tuple[str, ...] = ()  # the facts its `reduce` records per term it works on
     optional: tuple[str, ...] = ()  # facts it may leave out (checked only where present)
     bits: tuple[str, ...] = ()  # facts that are float32 bits (or their high half): below 2**32
+    only: str = ""  # where it runs for a tensor that lists it, if not always (Method.needs): the plan says so
 
 
 def param(params: tuple[tuple[str, Any], ...], name: str, default: Any) -> Any:

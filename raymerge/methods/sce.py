@@ -12,7 +12,8 @@ of that dtype is:
 The variance is torch's: Welford's algorithm in float64 over the models, then rounded to float32
 and to the compute dtype (it gives torch.var's bits). Its k largest are a radix selection as
 TIES's threshold is (`sce-variance-high`, `sce-variance-low`; equal variances kept lowest flat
-index first, where mergekit's torch.topk keeps an unspecified subset), and `sce-weights` sums
+index first, where mergekit's torch.topk keeps an unspecified subset; in BF16 the high pass alone
+settles it, as sparse.bin_facts says), and `sce-weights` sums
 each model's squares of what is kept exactly (mergekit sums in float32: its last bit can differ).
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.sparse import keep_bits, kept_bits, merged_counts, threshold_facts, top_mask
+from raymerge.methods.sparse import LOW_ONLY, bin_facts, keep_bits, kept_bits, merged_counts, threshold_facts, top_mask
 from raymerge.methods.steps import (bits, chunks, counted, exact_sum, facts_problem, past_rows, quiet, replay_nans,
                                     step, total, value, vector_length, widen_rows)
 from raymerge.ops import native, sparse
@@ -41,7 +42,7 @@ class Sce(Method):
     name = "sce"
     parameters = (_SELECT_TOPK,)
     statistics = (Pass(HIGH, 93, records=("nonzero", "k", "high", "above")),
-                  Pass(LOW, 94, records=("threshold", "cut", "keep")),
+                  Pass(LOW, 94, records=("threshold", "cut", "keep"), only=LOW_ONLY),
                   Pass(WEIGHTS, 95, records=("w",)))
     recipes = (mergekit_kind("sce"),)
     mergekit_ignores = ("int8_mask",)
@@ -101,6 +102,10 @@ class Sce(Method):
             return [[*sparse.nonzero_bins(histogram), nonzero]]
         return [sparse.nonzero_bins(low)]
 
+    def needs(self, pass_name: str, facts: Any) -> bool:
+        """LOW only where HIGH left the threshold open (sparse.bin_facts)."""
+        return pass_name != LOW or not facts or "threshold" not in (facts[0] or {})
+
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         n = len(tensor.terms)
         facts = [dict(f) if f else {} for f in (facts or [{}] * n)]
@@ -112,6 +117,8 @@ class Sce(Method):
             k = int(np.float32(nonzero) * np.float32(params.get("select_topk", 1.0)))  # torch: float32
             high, above = sparse.select(merged_counts([(b, r[:2]) for b, r in got]), k) if k else (0, 0)
             f.update(nonzero=nonzero, k=k, high=high, above=above)
+            if tensor.compute == "BF16":  # 16-bit variances: the bin may settle the threshold (LOW's facts)
+                f.update(bin_facts(f, [(b, r[:2]) for b, r in got]))
         elif pass_name == LOW:
             f.update(threshold_facts(f, got) if f["k"] else {"threshold": 0, "cut": 0, "keep": 0})
         else:

@@ -51,6 +51,7 @@ from raymerge.ops.kernel import Sums, round_scalar
 from raymerge.ops.numpy_kernel import EXACT
 
 HIGH, LOW, L1 = "magnitude-high", "magnitude-low", "l1-norm"
+LOW_ONLY = "where the high pass leaves a threshold open: keys wider than BF16's, or one in NaN's bin"  # `bin_facts`
 _EPS = np.float32(1e-7)  # mergekit's: below it, a norm is not rescaled
 # The kernel tables a thread's scratch keeps: deltas (row 0: a b, then a row per vector), keep masks (a row
 # per vector), the combination's work rows, magnitude bits.
@@ -148,6 +149,11 @@ class Sparse(Method):
                 out[v.term] = [sums[i][0].to_json(), sums[i][1].to_json()]
         return out
 
+    def needs(self, pass_name: str, facts: Any) -> bool:
+        """LOW only where HIGH left a selection's threshold open (`bin_facts`)."""
+        return pass_name != LOW or facts is None or any(
+            f and f.get(f"{s}k") is not None and f"{s}threshold" not in f for f in facts for s in self.selections)
+
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]
         for j, term in enumerate(tensor.terms):
@@ -160,6 +166,8 @@ class Sparse(Method):
                 for s, k in zip(self.selections, self._ranks(term, n)):
                     high, above = sparse.select(counts, k) if k else (0, 0)  # k = 0: an empty selection
                     facts[j].update({f"{s}k": k, f"{s}high": high, f"{s}above": above})
+                    if self.work(getattr(tensor, "compute", None)) == "BF16":  # 16-bit magnitudes
+                        facts[j].update(bin_facts(facts[j], got, s))
             elif pass_name == LOW:
                 for index, s in enumerate(self.selections):
                     empty = {f"{s}threshold": 0, f"{s}cut": 0, f"{s}keep": 0}
@@ -395,14 +403,30 @@ def _fact(facts: Any, term: int, key: str) -> Any:
 def threshold_facts(f: dict, got: list[tuple[int, list]], s: str = "") -> dict:
     """Selection s's k-th largest magnitude's bits, and which piece (by first element) keeps its
     last tie, how many ties that piece keeps (the pieces before it keep all of theirs, those after
-    none)."""
+    none), from the LOW pass's histograms of the low halves in its HIGH bin."""
     k, above_bin = f[f"{s}k"], f[f"{s}above"]
     low, above = sparse.select(merged_counts(got), k - above_bin)
-    threshold = f[f"{s}high"] << 16 | low
-    ties = k - above_bin - above
+    return _ties_kept(s, f[f"{s}high"] << 16 | low, k - above_bin - above, got, low)
+
+
+def bin_facts(f: dict, got: list[tuple[int, list]], s: str = "") -> dict:
+    """`threshold_facts` from the HIGH pass's histograms alone, where the magnitudes are 16-bit keys
+    (BF16 values: every low half 0), so the selection's bin holds one magnitude, unless it is NaN's
+    bin (+inf's too, which the LOW pass tells apart): then nothing, and the LOW pass runs."""
+    if not f[f"{s}k"]:
+        return {f"{s}threshold": 0, f"{s}cut": 0, f"{s}keep": 0}
+    high = f[f"{s}high"]
+    if high == sparse.NAN_BIN:
+        return {}
+    return _ties_kept(s, high << 16, f[f"{s}k"] - f[f"{s}above"], got, high)
+
+
+def _ties_kept(s: str, threshold: int, ties: int, got: list[tuple[int, list]], key: int) -> dict:
+    """Selection s's facts: where its `ties` kept magnitudes equal to the threshold end, the pieces'
+    histograms (`got`, by first element) counting them in bin `key`."""
     before = 0
     for begin, (values, counts) in got:
-        here = dict(zip(values, counts)).get(low, 0)
+        here = counts[values.index(key)] if key in values else 0
         if before + here >= ties:
             return {f"{s}threshold": threshold, f"{s}cut": begin, f"{s}keep": ties - before}
         before += here
@@ -467,7 +491,7 @@ def _chunks(kernel: Any, operands: Operands, scratch: Any, n: int | None = None,
 _TOP_HIGH, _TOP_LOW = ("top_k", "top_high", "top_above"), ("top_threshold", "top_cut", "top_keep")
 _HIGH = Pass(HIGH, 10, records=("k", "high", "above", *_TOP_HIGH), optional=_TOP_HIGH, bits=("high", "top_high"))
 _LOW = Pass(LOW, 20, records=("threshold", "cut", "keep", *_TOP_LOW), optional=_TOP_LOW,
-            bits=("threshold", "top_threshold"))
+            bits=("threshold", "top_threshold"), only=LOW_ONLY)
 _L1 = Pass(L1, 30, optional=("factor",), bits=("factor",))  # no factor where the norms are too small to rescale
 
 _DENSITY = Parameter("density", "the fraction of each vector's elements kept", "fraction", 1.0, per_vector=True,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from raymerge.commit.card import card_names
 from raymerge.errors import InputError, ResolveError
-from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER
+from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER, pass_named
 from raymerge.planning.inputs import resolve
 from raymerge.planning.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
 from raymerge.planning.plan import Plan
@@ -182,7 +182,8 @@ def describe(the_plan: Plan) -> dict[str, Any]:
         "layers": [{"layer": o, "from": [{"role": role, "layer": i} for role, i in sources]}
                    for o, sources in enumerate(the_plan.layers)],
         "passes": [{"name": name, "items": len(pass_items(the_plan, name)),
-                    "read_bytes": pass_read_bytes(the_plan, name)} for name in statistics_passes(the_plan)]
+                    "read_bytes": pass_read_bytes(the_plan, name), "only": pass_named(name).only}
+                   for name in statistics_passes(the_plan)]
         + [{"name": ELEMENTWISE, "items": len(the_plan.items), "read_bytes": the_plan.read_bytes}],
         "methods": {m.name: {"passes": _method_passes(the_plan, m.name),
                              "parameters": [p.name for p in m.parameters],

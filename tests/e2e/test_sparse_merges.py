@@ -184,6 +184,7 @@ def test_plan_shows_the_passes_and_densities(models, cli_main, capsys):
     high, low, elementwise = shown["passes"]
     assert high["items"] == low["items"] == elementwise["items"]  # every tensor is sparsified
     assert high["read_bytes"] == low["read_bytes"] < elementwise["read_bytes"]  # the vectors, not the anchor
+    assert "BF16" in low["only"] and not high["only"]  # in BF16 the high pass settles the threshold
     assert all(t["vector_parameters"] == [{"density": 0.3}, {"density": 0.6}]
                and t["passes"] == ["magnitude-high", "magnitude-low", "elementwise"]
                for t in shown["tensors"])

@@ -85,7 +85,8 @@ def test_passes_and_facts():
 
 def test_the_output_takes_the_mask_the_weights_pass_kept(bf16_trio, monkeypatch):
     """With what the weights pass keeps, the variance is computed by the passes that select
-    (high, low, weights), not again for the output."""
+    (high, weights: in BF16 the high pass settles the threshold, and no low pass runs), not again
+    for the output."""
     from raymerge.methods import sce
 
     calls = []
@@ -100,4 +101,4 @@ def test_the_output_takes_the_mask_the_weights_pass_kept(bf16_trio, monkeypatch)
         got, _ = run_pieces("sce", "t", base, vectors, [7777], (("select_topk", 0.3),), compute="BF16", keep=keep)
         assert_same_bits(got, want, f"keep={keep}")
         counts.append(len(calls))
-    assert counts[0] * 3 == counts[1] * 4 > 0  # four passes compute it, or three
+    assert counts[0] * 2 == counts[1] * 3 > 0  # three passes compute it, or two
