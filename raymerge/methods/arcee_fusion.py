@@ -26,9 +26,11 @@ import numpy as np
 from raymerge.methods.base import Method, Operands, Pass, mergekit_kind
 from raymerge.methods.steps import (bits, chunks, counted, in_torch, past_rows, quiet, replay_nans, step, value,
                                     vector_length, widen_rows)
-from raymerge.ops import sparse
+from raymerge.ops import native, sparse
+from raymerge.ops.numpy_kernel import EXACT
 
 HIGH, LOW = "fusion-high", "fusion-low"
+_KL = "kl"  # what a pass keeps for the next: its rows' divergences (`_divergences`)
 QUANTILES = (0.25, 0.5, 0.75)
 _ROWS = "fusion-rows"
 _BINS = 1 << 16  # the high 16 bits of a key
@@ -76,6 +78,10 @@ class ArceeFusion(Method):
         if pass_name == HIGH:
             return [sparse.nonzero_bins(histogram)]
         return [[sparse.nonzero_bins(counts) for counts in low]]
+
+    def keeps(self, tensor: Any) -> float:
+        """Each row's divergence, a float32 (`_divergences`)."""
+        return 4 / (tensor.shape[-1] if len(tensor.shape) > 1 else max(math.prod(tensor.shape), 1))
 
     def needs(self, pass_name: str, facts: Any) -> bool:
         """LOW only where HIGH left the quartiles open (wider keys than BF16's)."""
@@ -139,7 +145,11 @@ class ArceeFusion(Method):
 
 def order_keys(x: np.ndarray) -> np.ndarray:
     """uint32 keys ordered as the float32 values x are, as torch sorts them: -0.0 equal to +0.0,
-    every NaN above everything (one key)."""
+    every NaN above everything (one key). Compiled where raymerge/ops/_native.c was built."""
+    if native.takes(x, np.float32):
+        keys = np.empty(x.size, np.uint32)
+        native.loops.order_keys(x, keys)
+        return keys
     x = x + np.float32(0)  # -0.0 + 0.0 is +0.0
     b = x.view(np.uint32)
     keys = np.where(b >> 31 != 0, ~b, b | np.uint32(0x80000000)).astype(np.uint32)
@@ -161,8 +171,8 @@ def key_value(key: int) -> float:
 
 
 def _importance(kernel: Any, operands: Operands, at: int, m: int) -> np.ndarray:
-    """The importance of the piece's elements at .. at + m (float32, on the host): torch computes
-    the rows that hold them, whole (the piece holds whole rows: `whole_rows`)."""
+    """The importance of the piece's elements at .. at + m (float32, on the host): the rows that
+    hold them, whole (the piece holds whole rows: `whole_rows`), with their divergences."""
     v, shape = operands.vectors[0], operands.shape
     row = shape[-1] if len(shape) > 1 else math.prod(shape)
     start = operands.begin + at
@@ -171,13 +181,31 @@ def _importance(kernel: Any, operands: Operands, at: int, m: int) -> np.ndarray:
         raise ValueError(f"arcee_fusion: a piece holds part of a row of {operands.name}; its items must be cut at "
                          "row boundaries")
     where = slice(first - operands.begin, last - operands.begin)  # the whole rows
-    scores = importance(kernel.gather(v.a, where), kernel.gather(v.b, where), row, operands.compute)
-    return scores[start - first:start - first + m]
+    other, base = kernel.gather(v.a, where), kernel.gather(v.b, where)
+    kl = _divergences(operands, other, base, row, slice(where.start // row, where.stop // row))
+    return importance(other, base, kl, row, operands.compute)[start - first:start - first + m]
 
 
-def importance(other: np.ndarray, base: np.ndarray, row: int, compute: str | None) -> np.ndarray:
-    """mergekit's importance of whole rows (float32 arrays holding values of the compute dtype), with
-    torch's operations on tensors of that dtype; float32 on the host."""
+def _divergences(operands: Operands, other: np.ndarray, base: np.ndarray, row: int, rows: slice) -> np.ndarray:
+    """The KL divergences of the piece's `rows` (`divergences`): those an earlier pass kept, else
+    computed, and kept for the next passes (docs/ARCHITECTURE.md: values kept between passes), so
+    that only the first pass pays for torch's softmax; 4 bytes a row."""
+    kept = (operands.carried or {}).get(_KL)
+    if kept is not None and rows.stop <= len(kept):  # a pass keeps every row of the piece it reads
+        return kept[rows]
+    kl = divergences(other, base, row, operands.compute)
+    if operands.keep is not None:
+        store = operands.keep.get(_KL)
+        if store is None:
+            store = operands.keep[_KL] = np.empty(vector_length(operands) // row, np.float32)
+        store[rows] = kl
+    return kl
+
+
+def divergences(other: np.ndarray, base: np.ndarray, row: int, compute: str | None) -> np.ndarray:
+    """mergekit's KL(softmax(other) + 1e-8 || softmax(base) + 1e-8) of each of the whole rows
+    (float32 arrays holding values of the compute dtype), with torch's operations on tensors of
+    that dtype; float32 on the host, a value per row."""
     import torch
     import torch.nn.functional as F
 
@@ -189,8 +217,22 @@ def importance(other: np.ndarray, base: np.ndarray, row: int, compute: str | Non
     o, b = (torch.from_numpy(x).reshape(-1, row).to(dtype) for x in (other, base))
     p = F.softmax(o, dim=-1) + 1e-8
     q = F.softmax(b, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return ((o - b).abs() * kl).float().reshape(-1).numpy()
+    return torch.sum(p * torch.log(p / q), dim=-1).float().numpy()
+
+
+def importance(other: np.ndarray, base: np.ndarray, kl: np.ndarray, row: int, compute: str | None) -> np.ndarray:
+    """mergekit's |other - base| * kl of whole rows (float32 arrays of compute-dtype values, kl one
+    per row), each operation rounded to the compute dtype as torch's on tensors of it is (a
+    product of two BF16 or F16 values is exact in float32: rounded once); float32."""
+    with np.errstate(all="ignore"):  # overflows and NaNs are data here
+        x = np.subtract(other, base)
+        if compute is not None:
+            EXACT.round_to(x, compute)
+        np.abs(x, out=x)
+        np.multiply(x.reshape(-1, row), kl[:, None], out=x.reshape(-1, row))
+    if compute is not None:
+        EXACT.round_to(x, compute)
+    return x
 
 
 def _threshold(quartiles: list[float], compute: str | None) -> int:

@@ -244,9 +244,10 @@ class Method(ABC):
         the driver skips the tensor's pieces in that pass."""
         return True
 
-    def keeps(self, tensor: Any) -> int:
+    def keeps(self, tensor: Any) -> float:
         """Bytes per element of the values this method keeps from one pass of a tensor to the next
-        (Operands.keep, Operands.carried), at most: 0, nothing kept. A method that keeps values
+        (Operands.keep, Operands.carried), at most (a fraction where it keeps a value per row): 0,
+        nothing kept. A method that keeps values
         computes them again wherever none were carried (docs/ARCHITECTURE.md: values kept between
         passes): keeping saves time, never changes a bit."""
         return 0

@@ -446,6 +446,41 @@ static PyObject *bf16_halves(PyObject *self, PyObject *args)
     return PyBool_FromLong(low == 0);
 }
 
+/* order_keys(x, keys): keys[i] = a uint32 ordered as float32 x[i] is, as torch sorts: -0.0 the key
+ * of +0.0, every NaN all ones (above +inf's). A number's bits with the sign bit set (the negatives,
+ * whose order their bits reverse) inverted, the others' sign bit set. */
+WIDE_VECTORS
+static void order_loop(const float *restrict x, Py_ssize_t n, uint32_t *restrict keys)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float v = x[i] + 0.0f; /* -0.0 + 0.0 is +0.0 */
+        uint32_t b;
+        memcpy(&b, &v, 4);
+        uint32_t key = b ^ ((uint32_t)((int32_t)b >> 31) | 0x80000000u);
+        keys[i] = v != v ? 0xFFFFFFFFu : key;
+    }
+}
+
+static PyObject *order_keys(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *ko;
+    if (!PyArg_ParseTuple(args, "OO", &xo, &ko))
+        return NULL;
+    Py_buffer buf[2];
+    const Want want[2] = {{xo, 0, "f", 4, "order_keys x"}, {ko, 1, "I", 4, "order_keys keys"}};
+    if (get_buffers(want, buf, 2) < 0)
+        return NULL;
+    int ok = buf[1].len == buf[0].len;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        order_loop((const float *)buf[0].buf, buf[0].len / 4, (uint32_t *)buf[1].buf);
+        Py_END_ALLOW_THREADS
+    }
+    if (!released(buf, 2, ok ? NULL : "order_keys: keys must have one element for each of x's"))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* bf16_widen(halves, out): out[i] = the float32 whose high half is halves[i] and low half 0. */
 static PyObject *bf16_widen(PyObject *self, PyObject *args)
 {
@@ -948,6 +983,7 @@ static PyMethodDef methods[] = {
     {"high_counts", high_counts, METH_VARARGS, "Count uint32 bit patterns by their high 16 bits."},
     {"row_ranks", row_ranks, METH_VARARGS, "Each key's rank in its row of n (a stable ascending sort's inverse)."},
     {"bf16_halves", bf16_halves, METH_VARARGS, "The high halves of float32 values; whether every low half is 0."},
+    {"order_keys", order_keys, METH_VARARGS, "uint32 keys ordered as float32 values are, as torch sorts them."},
     {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
     {"low_counts", low_counts, METH_VARARGS, "Counts of the low halves of the uint32s in one high half."},
@@ -966,7 +1002,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 35
+#define VERSION 36
 
 PyMODINIT_FUNC PyInit__native(void)
 {

@@ -39,8 +39,9 @@ def pair():
     return base, other
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["computed-again", "kept"])  # the rows' divergences
 @pytest.mark.parametrize("dtype,compute", [(torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, None)])
-def test_every_cut_gives_the_whole_tensor_reference_bits(pair, dtype, compute):
+def test_every_cut_gives_the_whole_tensor_reference_bits(pair, dtype, compute, keep):
     base, other = (x.to(dtype) for x in pair)
     want = fusion_reference(base, other)
     assert want.dtype == torch.float32
@@ -50,7 +51,7 @@ def test_every_cut_gives_the_whole_tensor_reference_bits(pair, dtype, compute):
     for cut, starts in CUTS.items():
         for chunk in (None, 1000):  # chunks that split rows: each computes the rows it touches
             got, facts = run_pieces("arcee_fusion", "t", base, [(1.0, other, base, ())], starts, chunk=chunk,
-                                    shuffle=len(starts), compute=compute)
+                                    shuffle=len(starts), compute=compute, keep=keep)
             assert_same_bits(got, want, f"{dtype} cut {cut} chunk {chunk}")
 
 
@@ -71,3 +72,22 @@ def test_order_keys_sort_as_torch_sorts():
     want = torch.sort(torch.from_numpy(x), stable=True).values.numpy()
     assert np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)]) and np.isnan(got[-1])
     assert all(key_value(int(k)) == float(v) or np.isnan(v) for k, v in zip(keys, x + np.float32(0)))
+
+
+@pytest.mark.parametrize("compute,passes", [("BF16", 2), (None, 3)])  # fusion-low runs where keys are wider
+def test_only_the_first_pass_computes_the_divergences_where_they_are_kept(pair, monkeypatch, compute, passes):
+    from raymerge.methods import arcee_fusion
+
+    calls = []
+    divergences = arcee_fusion.divergences
+    monkeypatch.setattr(arcee_fusion, "divergences", lambda *a: calls.append(1) or divergences(*a))
+    dtype = torch.bfloat16 if compute else torch.float32
+    base, other = (x.to(dtype) for x in pair)
+    counts = []
+    for keep in (False, True):
+        calls.clear()
+        got, _ = run_pieces("arcee_fusion", "t", base, [(1.0, other, base, ())], CUTS["rows"], chunk=1000,
+                            compute=compute, keep=keep)
+        assert_same_bits(got, fusion_reference(base, other).to(dtype), f"keep={keep}")
+        counts.append(len(calls))
+    assert counts[0] == passes * counts[1] > 0  # each pass computes them, or the first alone

@@ -260,3 +260,15 @@ def test_bf16_halves_and_widen_round_trip_and_say_when_a_low_half_is_set():
         native.bf16_halves(x, halves[:-1])
     with pytest.raises(ValueError, match="one element"):
         native.bf16_widen(halves, back[:-1])
+
+
+def test_order_keys_are_the_numpy_forms_keys(monkeypatch):
+    from raymerge.methods.arcee_fusion import order_keys
+
+    x = _hard_float32(20011, 4)  # every sign, both zeros, infinities, NaNs of both signs, subnormals
+    fast = order_keys(x)
+    monkeypatch.setattr(native_module, "loops", None)
+    assert np.array_equal(fast, order_keys(x))
+    assert fast[np.isnan(x)].min() == 0xFFFFFFFF and fast[x == 0].max() == fast[x == 0].min() == 0x80000000
+    with pytest.raises(ValueError, match="one element"):
+        native.order_keys(x, np.empty(x.size - 1, np.uint32))
