@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Pass, mergekit_kind
-from raymerge.methods.steps import (bits, chunks, counted, in_torch, past_rows, quiet, replay_nans, step, value,
+from raymerge.methods.steps import (bits, chunks, counted, past_rows, quiet, replay_nans, step, value,
                                     vector_length, widen_rows)
 from raymerge.ops import native, sparse
+from raymerge.ops.kernel import round_scalar
 from raymerge.ops.numpy_kernel import EXACT
 
 HIGH, LOW = "fusion-high", "fusion-low"
@@ -41,7 +42,6 @@ class ArceeFusion(Method):
     statistics = (Pass(HIGH, 98, records=("ranks", "high", "above")),
                   Pass(LOW, 99, records=("quartiles", "threshold"), only="where the keys are wider than BF16's"))
     recipes = (mergekit_kind("arcee_fusion", single=True),)
-    torch_scalars = True
     whole_rows = True
     result_float32 = True
 
@@ -103,7 +103,7 @@ class ArceeFusion(Method):
             f.update(ranks=ranks, high=[h for h, _ in picks], above=[a for _, a in picks], n=n)
             if tensor.compute == "BF16":  # each key's high half tells its low half: no LOW pass (`needs`)
                 f["quartiles"] = [h << 16 | bf16_low(h) for h in f["high"]]
-                f["threshold"] = in_torch(_threshold, [key_value(k) for k in f["quartiles"]], tensor.compute)
+                f["threshold"] = _threshold([key_value(k) for k in f["quartiles"]], tensor.compute)
         else:
             keys = []
             for j in range(3):
@@ -114,7 +114,7 @@ class ArceeFusion(Method):
                 low, _ = sparse.select(counts, f["n"] - f["ranks"][j] - f["above"][j])
                 keys.append(f["high"][j] << 16 | low)
             f["quartiles"] = keys
-            f["threshold"] = in_torch(_threshold, [key_value(k) for k in keys], tensor.compute)
+            f["threshold"] = _threshold([key_value(k) for k in keys], tensor.compute)
         return facts
 
     # --- the elementwise rule ------------------------------------------------------------------
@@ -236,10 +236,10 @@ def importance(other: np.ndarray, base: np.ndarray, kl: np.ndarray, row: int, co
 
 
 def _threshold(quartiles: list[float], compute: str | None) -> int:
-    """median + 1.5 * (q3 - q1) on tensors of the compute dtype, as mergekit computes it; its bits."""
-    import torch
-
-    from raymerge.methods.steps import torch_dtype
-
-    q1, median, q3 = torch.tensor(quartiles, dtype=torch.float32).to(torch_dtype(compute))
-    return bits(float(median + 1.5 * (q3 - q1)))
+    """median + 1.5 * (q3 - q1) as mergekit computes it on tensors of the compute dtype: torch
+    computes each operation in float32 and rounds it to that dtype (the product by 1.5 of a BF16 or
+    F16 value is exact in float32); its bits."""
+    q1, median, q3 = (round_scalar(q, compute) for q in quartiles)
+    with np.errstate(all="ignore"):
+        spread = round_scalar(np.float32(1.5) * round_scalar(q3 - q1, compute), compute)
+        return bits(float(round_scalar(median + spread, compute)))

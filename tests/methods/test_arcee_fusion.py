@@ -91,3 +91,21 @@ def test_only_the_first_pass_computes_the_divergences_where_they_are_kept(pair, 
         assert_same_bits(got, fusion_reference(base, other).to(dtype), f"keep={keep}")
         counts.append(len(calls))
     assert counts[0] == passes * counts[1] > 0  # each pass computes them, or the first alone
+
+
+@pytest.mark.parametrize("dtype,compute", [(torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, None)])
+def test_the_threshold_is_torchs_on_tensors_of_the_compute_dtype(dtype, compute):
+    """The driver computes median + 1.5 * (q3 - q1) without torch: the same bits as torch's."""
+    from raymerge.methods.arcee_fusion import _threshold
+
+    g = torch.Generator().manual_seed(8)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, 65504.0, 3e38, 1e-8, -7.5])
+    cases = [torch.randn(3, generator=g) * 10.0 ** float(torch.randint(-30, 30, (1,), generator=g))
+             for _ in range(3000)] + [special[torch.randint(0, len(special), (3,), generator=g)] for _ in range(500)]
+    for q in cases:
+        q = q.to(dtype)
+        q1, median, q3 = q
+        want = (median + 1.5 * (q3 - q1)).float()
+        got = _threshold([float(x) for x in q.float()], compute)
+        assert got == int(want.view(torch.int32)) & 0xFFFFFFFF or (np.isnan(np.uint32(got).view(np.float32))
+                                                                 and want.isnan()), (q, got, want)
