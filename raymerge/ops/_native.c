@@ -690,6 +690,30 @@ static PyObject *philox_words(PyObject *self, PyObject *args)
 }
 #endif
 
+#define WELFORD_BLOCK 512 /* elements whose float64 mean and m2 stay in L1 while each array is added */
+
+/* welford_variance's elements at .. at + n: the arrays one after another over the block (a loop
+ * over elements the compiler vectorizes), each element's operations in the same order as one
+ * element at a time. */
+WIDE_VECTORS
+static void welford_block(const Py_buffer *xs, Py_ssize_t k, Py_ssize_t at, Py_ssize_t n, float *restrict o)
+{
+    double mean[WELFORD_BLOCK], m2[WELFORD_BLOCK];
+    for (Py_ssize_t i = 0; i < n; i++)
+        mean[i] = m2[i] = 0.0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const float *restrict x = (const float *)xs[j].buf + at;
+        const double count = (double)(j + 1);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double v = (double)x[i], delta = v - mean[i];
+            mean[i] = mean[i] + delta / count;
+            m2[i] = m2[i] + delta * (v - mean[i]);
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        o[at + i] = (float)(m2[i] / (double)k);
+}
+
 /* welford_variance(xs, out): for each element i, the population variance of xs[0][i] .. xs[k-1][i]
  * (float32 arrays) by Welford's steps in float64, as torch.var computes it on the CPU and as the
  * numpy form in raymerge/methods/sce.py does (each operation rounded alike: no fused multiply-add,
@@ -726,16 +750,8 @@ static PyObject *welford_variance(PyObject *self, PyObject *args)
         float *o = (float *)out.buf;
         Py_ssize_t m = out.len / 4;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < m; i++) {
-            double mean = 0.0, m2 = 0.0;
-            for (Py_ssize_t j = 0; j < k; j++) {
-                double x = (double)((const float *)xs[j].buf)[i];
-                double delta = x - mean;
-                mean = mean + delta / (double)(j + 1);
-                m2 = m2 + delta * (x - mean);
-            }
-            o[i] = (float)(m2 / (double)k);
-        }
+        for (Py_ssize_t at = 0; at < m; at += WELFORD_BLOCK)
+            welford_block(xs, k, at, m - at < WELFORD_BLOCK ? m - at : WELFORD_BLOCK, o);
         Py_END_ALLOW_THREADS
     }
     for (Py_ssize_t j = 0; j < got; j++)
@@ -1002,7 +1018,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 36
+#define VERSION 37
 
 PyMODINIT_FUNC PyInit__native(void)
 {
