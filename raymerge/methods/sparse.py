@@ -46,7 +46,7 @@ import numpy as np
 from raymerge.methods.base import (ELEMENTWISE, LAMBDA, NORMALIZE, SCALE, Method, Operands, Parameter, Pass,
                                    mergekit_kind, param)
 from raymerge.ops import native, sparse
-from raymerge.ops.fused import fused
+from raymerge.ops.fused import discard, fused
 from raymerge.ops.kernel import Sums, round_scalar
 from raymerge.ops.numpy_kernel import EXACT
 
@@ -202,6 +202,8 @@ class Sparse(Method):
             with fused(kernel) as k:  # the mix's steps, one compiled loop where they can be
                 terms = [(1.0, self._mix(k, parts, facts, normalize, lam, rows, q, operands.compute), None)] \
                     if q else []
+                # read after it: the change alone (a NaN replay reads the keep masks and the deltas' lengths)
+                discard(k, rows, *(d for _, d, _ in parts), keep=tuple(t[1] for t in terms))
             piece = (out[lo:lo + m], operands.anchor[lo:lo + m], terms, scratch)
             s = kernel.weighted_sum(*piece)
             # A change that holds a NaN has a sum of squares that is not finite: only then look for NaNs.
@@ -483,6 +485,7 @@ def _chunks(kernel: Any, operands: Operands, scratch: Any, n: int | None = None,
                         k.subtract(d, y, d)
                         operands.rounded(k, d)  # mergekit's delta, in its compute dtype
                     live.append((i, v, d))
+                discard(k, rows[0])  # b widened: read by the deltas' steps alone
             yield lo, m, live
 
 

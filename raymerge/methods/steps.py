@@ -18,7 +18,7 @@ import numpy as np
 
 from raymerge.ops import native
 from raymerge.ops.exact import ExactSum, dot_sum
-from raymerge.ops.fused import Program, fused
+from raymerge.ops.fused import Program, discard, fused
 from raymerge.ops.kernel import Sums
 from raymerge.ops.numpy_kernel import EXACT
 
@@ -242,7 +242,9 @@ def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Ca
     sums = past_rows(kernel, out, operands, scratch, n)
     for lo, m in chunks(n, scratch):
         with fused(kernel) as k:
-            result = rule(k, *widen_rows(k, scratch, _ROWS, arrays, lo, m, spare=1))
+            widened = widen_rows(k, scratch, _ROWS, arrays, lo, m, spare=1)
+            result = rule(k, *widened)
+            discard(k, *widened, keep=(result,))  # read after it: the result alone (a NaN replay widens again)
         replay_nans(kernel, result, scratch, arrays, lo,
                     lambda k, xs: rule(k, *xs, np.empty(len(xs[0]), np.float32)))
         sums = counted(sums, kernel.weighted_sum(out[lo:lo + m], result, [], scratch))  # rounded once to out
@@ -296,7 +298,9 @@ def apply_rows(kernel: Any, out: Any, operands: Operands, scratch: Any, inputs: 
         begin = operands.begin + at
         coef = tuple(per_row(kernel, scratch, f"{key}-{i}", begin, m, length, r) for i, r in enumerate(rows))
         with fused(kernel) as k:  # the rule's steps, one compiled loop where they can be
-            result = rule(k, *widen_rows(k, scratch, key, inputs, at, m), coef=coef)
+            widened = widen_rows(k, scratch, key, inputs, at, m)
+            result = rule(k, *widened, coef=coef)
+            discard(k, *widened, keep=(result,))  # read after it: the result alone (a NaN replay widens again)
         replay_nans(kernel, result, scratch, inputs, at, lambda k, xs, idx: rule(
             k, *xs, coef=tuple(r[(begin + idx) // length] for r in rows)), indexed=True)
         total = counted(total, kernel.weighted_sum(out[at:at + m], result, [], scratch))

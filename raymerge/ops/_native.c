@@ -779,56 +779,61 @@ static inline uint32_t bf16_rounded(uint32_t v)
     return (v & 0x7FFFFFFFu) > 0x7F800000u ? v : r;
 }
 
-/* One arithmetic instruction over elements lo .. hi: out = x op y, each a float32 array or scalar.
+/* One arithmetic instruction over a block's m elements: out = x op y, each a float32 array or scalar.
  * Plain float operations, rounded once each as numpy's ufuncs (no contraction: the compile flags). */
 #define ARITH(OPER)                                                                   \
     do {                                                                              \
         if (xs && ys)                                                                 \
-            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xs[i] OPER ys[i];           \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = xs[i] OPER ys[i];             \
         else if (xs)                                                                  \
-            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xs[i] OPER yv;              \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = xs[i] OPER yv;                \
         else if (ys)                                                                  \
-            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER ys[i];              \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = xv OPER ys[i];                \
         else                                                                          \
-            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER yv;                 \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = xv OPER yv;                   \
     } while (0)
 
-/* A comparison over elements lo .. hi: out = 1.0 where x op y holds, else 0.0. */
+/* A comparison over a block's m elements: out = 1.0 where x op y holds, else 0.0. */
 #define COMPARE(OPER)                                                                 \
     do {                                                                              \
         if (xs && ys)                                                                 \
-            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xs[i] OPER ys[i] ? 1.0f : 0.0f; \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = xs[i] OPER ys[i] ? 1.0f : 0.0f; \
         else if (xs)                                                                  \
-            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xs[i] OPER yv ? 1.0f : 0.0f; \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = xs[i] OPER yv ? 1.0f : 0.0f;  \
         else if (ys)                                                                  \
-            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER ys[i] ? 1.0f : 0.0f; \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = xv OPER ys[i] ? 1.0f : 0.0f;  \
         else                                                                          \
-            for (Py_ssize_t i = lo; i < hi; i++) out[i] = xv OPER yv ? 1.0f : 0.0f;   \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = xv OPER yv ? 1.0f : 0.0f;     \
     } while (0)
 
 /* run_program's loop: every step over a block, block by block. Compiled for the wider vector units
- * too, the one the CPU has chosen at load time (each lane rounds as a scalar operation would). */
+ * too, the one the CPU has chosen at load time (each lane rounds as a scalar operation would).
+ * inner[3 s + j]: whether operand j (out, x, y) of step s is the block's row in `rows` (an array
+ * the caller does not read after the program, written earlier in the block) instead of the array:
+ * such an array is not written back to memory, so its block stays in L1. */
 WIDE_VECTORS
-static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, const float *sv, Py_ssize_t n)
+static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, const float *sv, Py_ssize_t n,
+                      const unsigned char *inner, float *rows)
 {
     for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
-        Py_ssize_t hi = lo + BLOCK < n ? lo + BLOCK : n;
+        Py_ssize_t m = lo + BLOCK < n ? BLOCK : n - lo;
         for (Py_ssize_t s = 0; s < steps; s++) {
-            int32_t op = ins[4 * s], x = ins[4 * s + 2], y = ins[4 * s + 3];
-            float *out = (float *)arr[ins[4 * s + 1]];
-            const float *xs = x >= 0 ? (const float *)arr[x] : NULL;
-            const float *ys = y >= 0 ? (const float *)arr[y] : NULL;
+            int32_t op = ins[4 * s], d = ins[4 * s + 1], x = ins[4 * s + 2], y = ins[4 * s + 3];
+            const unsigned char *at = inner + 3 * s;
+            float *out = at[0] ? rows + (Py_ssize_t)d * BLOCK : (float *)arr[d] + lo;
+            const float *xs = x < 0 ? NULL : at[1] ? rows + (Py_ssize_t)x * BLOCK : (const float *)arr[x] + lo;
+            const float *ys = y < 0 ? NULL : at[2] ? rows + (Py_ssize_t)y * BLOCK : (const float *)arr[y] + lo;
             float xv = x < 0 ? sv[-1 - x] : 0.0f, yv = y < 0 ? sv[-1 - y] : 0.0f;
             switch (op) {
             case OP_WIDEN_BF16: {
-                const uint16_t *h = (const uint16_t *)arr[x];
+                const uint16_t *h = (const uint16_t *)arr[x] + lo;
                 uint32_t *o = (uint32_t *)out;
-                for (Py_ssize_t i = lo; i < hi; i++)
+                for (Py_ssize_t i = 0; i < m; i++)
                     o[i] = (uint32_t)h[i] << 16;
                 break;
             }
             case OP_COPY:
-                for (Py_ssize_t i = lo; i < hi; i++)
+                for (Py_ssize_t i = 0; i < m; i++)
                     out[i] = xs ? xs[i] : xv;
                 break;
             case OP_ADD: ARITH(+); break;
@@ -838,10 +843,11 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
             case OP_GT: COMPARE(>); break; /* numpy's bool, cast to float32: 1.0 or 0.0 (a NaN: 0.0) */
             case OP_GE: COMPARE(>=); break;
             case OP_EQ: COMPARE(==); break;
-            case OP_ROUND_BF16: {
+            case OP_ROUND_BF16: { /* in place: x is out's array (read from where its block lies) */
+                const uint32_t *v = (const uint32_t *)xs;
                 uint32_t *o = (uint32_t *)out;
-                for (Py_ssize_t i = lo; i < hi; i++)
-                    o[i] = bf16_rounded(o[i]);
+                for (Py_ssize_t i = 0; i < m; i++)
+                    o[i] = bf16_rounded(v[i]);
                 break;
             }
             }
@@ -849,16 +855,32 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
     }
 }
 
-/* run_program(code, arrays, scalars): a chain of elementwise steps over arrays of one length,
- * block by block (each step over a block, then the next step), so the values stay in L1 between
- * steps and no step is a pass over memory: kernel primitives a method records (raymerge/ops/fused.py)
- * give the bits they give one at a time, as every step is elementwise. arrays: float32 (written
- * where an instruction's dst) or uint16 (BF16 bits, read by OP_WIDEN_BF16 alone); scalars: float32.
- * Returns whether it ran: False where two arrays overlap in part (nothing is written then). */
+/* Where each step's operands lie (run_steps' `inner`): an array the caller marked `dead` lies in
+ * the block's row from the step that first writes it in the program on, in the array before. */
+static void place_operands(const int32_t *ins, Py_ssize_t steps, const unsigned char *dead, unsigned char *inner)
+{
+    unsigned char moved[MAX_ARRAYS] = {0};
+    for (Py_ssize_t s = 0; s < steps; s++) {
+        int32_t d = ins[4 * s + 1], x = ins[4 * s + 2], y = ins[4 * s + 3];
+        inner[3 * s + 1] = x >= 0 && moved[x];
+        inner[3 * s + 2] = y >= 0 && moved[y];
+        inner[3 * s] = moved[d] = moved[d] || (dead != NULL && dead[d]);
+    }
+}
+
+/* run_program(code, arrays, scalars, dead=None): a chain of elementwise steps over arrays of one
+ * length, block by block (each step over a block, then the next step), so the values stay in L1
+ * between steps and no step is a pass over memory: kernel primitives a method records
+ * (raymerge/ops/fused.py) give the bits they give one at a time, as every step is elementwise.
+ * arrays: float32 (written where an instruction's dst) or uint16 (BF16 bits, read by OP_WIDEN_BF16
+ * alone); scalars: float32; dead: bytes, a flag per array whose values the caller does not read
+ * after the program (what the steps write there is kept in the block's rows only: the array keeps
+ * whatever it held). Returns whether it ran: False where two arrays overlap in part (nothing is
+ * written then). */
 static PyObject *run_program(PyObject *self, PyObject *args)
 {
-    PyObject *co, *seq, *so;
-    if (!PyArg_ParseTuple(args, "OOO", &co, &seq, &so))
+    PyObject *co, *seq, *so, *deado = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO|O", &co, &seq, &so, &deado))
         return NULL;
     PyObject *fast = PySequence_Fast(seq, "run_program: arrays must be a sequence");
     if (fast == NULL)
@@ -881,6 +903,20 @@ static PyObject *run_program(PyObject *self, PyObject *args)
     const int32_t *ins = (const int32_t *)code.buf;
     Py_ssize_t steps = code.len / 16, nscalars = scalars.len / 4;
     int written[MAX_ARRAYS] = {0}, wide[MAX_ARRAYS] = {0}, ok = code.len % 16 == 0;
+    unsigned char dead[MAX_ARRAYS] = {0};
+    if (deado != Py_None) { /* bytes, a flag per array: its values are not read after the program */
+        char *flags;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(deado, &flags, &len) < 0 || len != count) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "run_program: dead must hold a flag for each array");
+            release_buffers(two, 2);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < count; j++)
+            dead[j] = flags[j] != 0;
+    }
     for (Py_ssize_t s = 0; ok && s < steps; s++) {
         int32_t op = ins[4 * s], d = ins[4 * s + 1];
         ok = op >= 0 && op < OPS && d >= 0 && d < count;
@@ -911,6 +947,8 @@ static PyObject *run_program(PyObject *self, PyObject *args)
         int32_t op = ins[4 * s], x = ins[4 * s + 2], y = ins[4 * s + 3];
         if (op == OP_WIDEN_BF16)
             ok = x >= 0 && !wide[x];
+        else if (op == OP_ROUND_BF16)
+            ok = x == ins[4 * s + 1]; /* in place */
         else
             ok = (x < 0 || wide[x]) && (op == OP_COPY || op == OP_ROUND_BF16 || y < 0 || wide[y]);
         if (!ok)
@@ -925,15 +963,26 @@ static PyObject *run_program(PyObject *self, PyObject *args)
             const char *a = arr[i].buf, *b = arr[j].buf;
             int same = a == b && arr[i].len == arr[j].len && arr[i].itemsize == arr[j].itemsize;
             apart = same || a + arr[i].len <= b || b + arr[j].len <= a;
+            if (same)
+                dead[i] = dead[j] = 0; /* one memory under two indices: each must see the other's writes */
         }
+    unsigned char *inner = ok && apart && n > 0 ? PyMem_Malloc(3 * (size_t)steps + 1) : NULL;
+    float *rows = inner != NULL ? PyMem_Malloc(sizeof(float) * BLOCK * (size_t)count) : NULL;
+    if (ok && apart && n > 0 && rows == NULL) {
+        PyErr_NoMemory();
+        ok = 0;
+    }
     if (ok && apart && n > 0) {
         void *bufs[MAX_ARRAYS];
         for (Py_ssize_t j = 0; j < count; j++)
             bufs[j] = arr[j].buf;
+        place_operands(ins, steps, dead, inner);
         Py_BEGIN_ALLOW_THREADS
-        run_steps(ins, steps, bufs, (const float *)scalars.buf, n);
+        run_steps(ins, steps, bufs, (const float *)scalars.buf, n, inner, rows);
         Py_END_ALLOW_THREADS
     }
+    PyMem_Free(rows);
+    PyMem_Free(inner);
     for (Py_ssize_t j = 0; j < got; j++)
         PyBuffer_Release(&arr[j]);
     release_buffers(two, 2);
@@ -1018,7 +1067,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 37
+#define VERSION 38
 
 PyMODINIT_FUNC PyInit__native(void)
 {

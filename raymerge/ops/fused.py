@@ -41,7 +41,7 @@ def fused(kernel: Any) -> Iterator[Any]:
         return
     program = Program(kernel)
     yield program
-    program.flush()
+    program.flush(last=True)
 
 
 def _binary(op: int, name: str):
@@ -61,23 +61,42 @@ class Program:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self._runs = 0
+        self._discarded: list[tuple[int, int]] = []  # memory spans (`discard`)
+        self._kept: list[tuple[int, int]] = []
         self._reset()
+
+    def discard(self, *tables: np.ndarray, keep: tuple[np.ndarray, ...] = ()) -> None:
+        """The values the block's steps write into `tables` (arrays, each a region of memory) are
+        not read after the block, but for those in `keep`: the program's last run keeps them in
+        a core's cache, block by block, and writes them nowhere (the tables hold stale values)."""
+        self._discarded += [_span(t) for t in tables if t.flags.c_contiguous]  # else: not spanned, kept
+        self._kept += [_span(t) for t in keep]
+
+    def _dead(self) -> bytes:
+        """run_program's flags: the arrays inside a discarded table that overlap no kept array."""
+        spans = [_span(x) for x in self._arrays]
+        return bytes(any(t[0] <= s[0] and s[1] <= t[1] for t in self._discarded)
+                     and not any(s[0] < k[1] and k[0] < s[1] for k in self._kept) for s in spans)
 
     def _reset(self) -> None:
         self._code: list[tuple[int, int, int, int]] = []
         self._arrays: list[np.ndarray] = []
-        self._at: dict[int, int] = {}  # id of an array object recorded -> its index
+        self._at: dict = {}  # id of an array object recorded, and its memory span and type -> its index
+        self._views: list[np.ndarray] = []  # other objects over an array's memory, by id in `_at`
         self._scalars: list[np.float32] = []
         self._length = -1
         self._runs += 1  # a new program: the operand indices taken before are void
 
-    def flush(self) -> None:
+    def flush(self, last: bool = False) -> None:
         """Run the recorded steps, in order; a new program from here (operands taken for a step
-        that was not recorded are dropped with it)."""
+        that was not recorded are dropped with it). `last`: the block's end, after which what was
+        discarded is read no more (before it, a later step of the block may read it)."""
         code, arrays, scalars = self._code, self._arrays, self._scalars
+        dead = self._dead() if last and self._discarded and code else None
         if code or arrays or scalars:
             self._reset()
-        if code and not native.loops.run_program(np.array(code, np.int32), arrays, np.array(scalars, np.float32)):
+        if code and not native.loops.run_program(np.array(code, np.int32), arrays, np.array(scalars, np.float32),
+                                                 dead):
             self._one_at_a_time(code, arrays, scalars)  # arrays overlapping in part: nothing ran
 
     def __getattr__(self, name: str) -> Any:
@@ -158,10 +177,16 @@ class Program:
                 (write and not x.flags.writeable):
             self.flush()
             return None
+        where = (_span(x), x.dtype.char)  # another view of an array taken already is that array
+        got = self._at.get(where)
+        if got is not None:
+            self._at[id(x)] = got
+            self._views.append(x)  # alive while its id is a key
+            return got
         if self._length not in (-1, x.size) or len(self._arrays) >= _MAX_ARRAYS:
             self.flush()
         self._length = x.size
-        self._at[id(x)] = len(self._arrays)
+        self._at[id(x)] = self._at[where] = len(self._arrays)
         self._arrays.append(x)
         return len(self._arrays) - 1
 
@@ -179,3 +204,20 @@ class Program:
                 k.round_to(out, "BF16")
             else:
                 getattr(k, _NAMES[op])(x, y, out)
+
+
+def _span(x: np.ndarray) -> tuple[int, int]:
+    """The memory an array lies in, [its first byte, past its last): a C-contiguous one's exactly,
+    any other's at most (a kept array's span may be wider than its elements, never narrower)."""
+    lo = x.__array_interface__["data"][0]
+    if x.flags.c_contiguous:
+        return lo, lo + x.nbytes
+    ends = [lo + (n - 1) * st for n, st in zip(x.shape, x.strides) if n]
+    return min([lo, *ends]), max([lo, *ends]) + x.itemsize
+
+
+def discard(kernel: Any, *tables: np.ndarray, keep: tuple[np.ndarray, ...] = ()) -> None:
+    """`Program.discard` where kernel is `fused`'s recording kernel; nothing for any other kernel
+    (whose steps have written their values already)."""
+    if isinstance(kernel, Program):
+        kernel.discard(*tables, keep=keep)

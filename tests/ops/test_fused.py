@@ -125,3 +125,45 @@ def test_without_the_compiled_loops_it_is_the_kernel_itself(monkeypatch):
     monkeypatch.setattr(native, "loops", None)
     with fused_module.fused(NUMPY) as k:
         assert k is NUMPY
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_discarded_table_is_not_written_and_what_is_kept_keeps_its_bits(seed):
+    """The random chain again, its table discarded but for row 0: row 0 is the chain's own, its
+    bits whatever the other rows held in the cache only (a step it cannot record runs the steps
+    before it, which write through: only the block's last run keeps rows in the cache)."""
+    rng = np.random.default_rng(seed)
+    with np.errstate(over="ignore"):
+        sources = [(_values(rng, N).view(np.uint32) >> 16).astype(np.uint16), _values(rng, N)]
+    expected = np.zeros((5, N), np.float32)
+    got = np.zeros((5, N), np.float32)
+    with np.errstate(all="ignore"):
+        _chain(NUMPY, seed, expected, sources)
+        with fused(NUMPY) as k:
+            _chain(k, seed, got, sources)
+            fused_module.discard(k, got, keep=(got[0],))
+    assert _same(expected[0], got[0])
+
+
+def test_a_discarded_row_read_inside_the_block_holds_its_value():
+    """Only the block's last run keeps discarded rows in the cache: a value read before it (here
+    by to_host, which runs the steps so far) was written."""
+    x = np.arange(N, dtype=np.float32)
+    rows = np.zeros((2, N), np.float32)
+    with fused(NUMPY) as k:
+        fused_module.discard(k, rows, keep=(rows[1],))
+        k.multiply(x, np.float32(2), rows[0])
+        assert k.to_host(rows[0], None)[3] == 6
+        k.add(rows[0], np.float32(1), rows[0])  # the last run: rows[0] written in the cache only
+        k.add(rows[0], np.float32(1), rows[1])
+    assert rows[0][3] == 6 and rows[1][3] == 8
+
+
+def test_one_memory_under_two_indices_is_never_discarded():
+    """Two array objects over the same row: a step that writes one is read through the other."""
+    row = np.zeros(N, np.float32)
+    a, b = row[:], row.view()
+    x = np.arange(N, dtype=np.float32)
+    assert native.loops.run_program(np.array([(2, 0, 2, -1), (2, 1, 1, -1)], np.int32), [a, b, x],
+                                    np.array([1.0], np.float32), bytes([1, 0, 0]))
+    assert row[3] == 5  # (x + 1) + 1, each step through its own object: the first step's write was seen
