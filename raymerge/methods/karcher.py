@@ -34,7 +34,7 @@ import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
 from raymerge.methods.steps import (apply_chunks, bits, carried, chunks, exact_sum, facts_problem, in_torch, keep,
-                                    quiet, step, torch_dtype, total, value, vector_length, widen_rows)
+                                    quiet, step, tensor_bits, torch_dtype, total, value, vector_length, widen_rows)
 from raymerge.ops.fused import fused
 
 NORMS, MEAN = "karcher-norms", "karcher-mean"
@@ -361,4 +361,4 @@ def _weights(count: int, valid: list[int]) -> list[float]:
 
 
 def _bits(t: Any) -> list[int]:
-    return [bits(x) for x in t.float().reshape(-1).tolist()]
+    return tensor_bits(t)

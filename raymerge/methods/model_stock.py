@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, quiet,
-                                    row_sums, step, torch_dtype, vector_length, widen_rows)
+from raymerge.methods.steps import (apply_rows, facts_problem, grouped_values, host_rows, in_torch, quiet,
+                                    row_sums, step, tensor_bits, torch_dtype, vector_length, widen_rows)
 from raymerge.ops.fused import fused
 
 SUMS = "model-stock-sums"
@@ -69,7 +69,7 @@ class ModelStock(Method):
         count = _groups(tensor.shape, tensor.params)[0]
         values = grouped_values(results, count, k + k * (k - 1) // 2, _finish(k))
         facts = [dict(f) if f else {} for f in (facts or [{}] * len(tensor.terms))]
-        facts[0].update(in_torch(_coefficients, [[float(x) for x in v] for v in values], k,
+        facts[0].update(in_torch(_coefficients, [v.tolist() for v in values], k,
                                  getattr(tensor, "compute", None), _shape(tensor)))
         return facts
 
@@ -146,5 +146,4 @@ def _coefficients(values: list, k: int, compute: str | None, shape: tuple[int, .
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(c), (k * c) / safe)
-    return {"t": [bits(x) for x in t.float().reshape(-1).tolist()],
-            "u": [bits(x) for x in (1 - t).float().reshape(-1).tolist()]}
+    return {"t": tensor_bits(t), "u": tensor_bits(1 - t)}

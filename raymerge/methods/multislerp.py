@@ -25,8 +25,8 @@ import numpy as np
 
 from raymerge.errors import PlanError
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.steps import (apply_chunks, bits, chunks, exact_sum, facts_problem, in_torch, quiet,
-                                    step, torch_dtype, total, value, vector_length, widen_rows)
+from raymerge.methods.steps import (apply_chunks, chunks, exact_sum, facts_problem, in_torch, quiet,
+                                    step, tensor_bits, torch_dtype, total, value, vector_length, widen_rows)
 from raymerge.ops.fused import fused
 
 NORMS, MEAN, DOTS, TANGENT = "multislerp-norms", "multislerp-mean", "multislerp-dots", "multislerp-tangent"
@@ -216,4 +216,4 @@ def _scalars(pass_name: str, sums: list[float], f: dict, weights: list[float], n
 
 
 def _bits(t: Any) -> list[int]:
-    return [bits(x) for x in t.float().reshape(-1).tolist()]
+    return tensor_bits(t)

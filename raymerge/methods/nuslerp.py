@@ -28,7 +28,7 @@ import numpy as np
 
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
 from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, per_row,
-                                    quiet, row_sums, step, torch_dtype, value, widen_rows)
+                                    quiet, row_sums, step, tensor_bits, torch_dtype, value, widen_rows)
 from raymerge.ops.fused import fused
 
 NORMS, COS = "nuslerp-norms", "nuslerp-cos"
@@ -97,9 +97,9 @@ class Nuslerp(Method):
         compute = getattr(tensor, "compute", None)
         if pass_name == NORMS:
             for i, name in enumerate(("n0", "n1")):
-                facts[0][name] = in_torch(_norms, [float(x) for x in values[i]], compute)
+                facts[0][name] = in_torch(_norms, values[i].tolist(), compute)
         else:
-            facts[0].update(in_torch(_coefficients, [float(x) for x in values[0]], _t(tensor), compute,
+            facts[0].update(in_torch(_coefficients, values[0].tolist(), _t(tensor), compute,
                                      _shape(tensor, count)))
         return facts
 
@@ -182,7 +182,7 @@ def _norms(values: list[float], compute: str | None) -> list[int]:
     import torch
 
     n = torch.tensor(values, dtype=torch.float32).to(torch_dtype(compute))
-    return [bits(x) for x in n.clamp(min=float(_NORM_FLOOR)).float().tolist()]
+    return tensor_bits(n.clamp(min=float(_NORM_FLOOR)))
 
 
 def _coefficients(cos: list, t: float, compute: str | None, shape: tuple[int, ...]) -> dict:
@@ -196,7 +196,7 @@ def _coefficients(cos: list, t: float, compute: str | None, shape: tuple[int, ..
     colinear = (1 - c.square()) <= 1e-8 ** 2
     theta = torch.acos(torch.where(colinear, 0, c))
     out = {"sa": torch.sin((1 - t) * theta), "sb": torch.sin(t * theta), "st": torch.sin(theta)}
-    facts = {k: [bits(x) for x in v.float().reshape(-1).tolist()] for k, v in out.items()}
+    facts = {k: tensor_bits(v) for k, v in out.items()}
     facts["colinear"] = [int(x) for x in colinear.reshape(-1).tolist()]
     facts["ta"], facts["tb"] = bits(np.float32(1 - t)), bits(np.float32(t))
     return facts
