@@ -446,66 +446,6 @@ static PyObject *bf16_halves(PyObject *self, PyObject *args)
     return PyBool_FromLong(low == 0);
 }
 
-/* bf16_abs_sums(bits, keep, sums): the sums of magnitudes whose float32 bits (`bits`, uint32) are
- * BF16 values' (every low half 0), before and after a keep mask (float32, 1.0 or 0.0), by exponent:
- * sums (int64, 2 x BF16_SLOTS) += the 8-bit significands of each exponent (e 0: subnormal, no
- * implicit bit), then at BF16_INF and BF16_NAN the counts of infinities and NaNs; in the second row
- * a dropped infinity or NaN counts as a NaN (x * 0). Whether every low half was 0: if not, sums is
- * left as it was (the caller sums the values another way). At most 2**29 elements a call: a bin's
- * sum stays below 2**37. */
-#define BF16_SLOTS 258
-#define BF16_INF 256
-#define BF16_NAN 257
-#define SUM_LANES 4 /* consecutive elements of one exponent add into different counters */
-static PyObject *bf16_abs_sums(PyObject *self, PyObject *args)
-{
-    PyObject *bo, *ko, *so;
-    if (!PyArg_ParseTuple(args, "OOO", &bo, &ko, &so))
-        return NULL;
-    Py_buffer buf[3];
-    const Want want[3] = {{bo, 0, "I", 4, "bf16_abs_sums bits"}, {ko, 0, "f", 4, "bf16_abs_sums keep"},
-                          {so, 1, "lq", 8, "bf16_abs_sums sums"}};
-    if (get_buffers(want, buf, 3) < 0)
-        return NULL;
-    Py_ssize_t n = buf[0].len / 4;
-    int ok = buf[1].len == buf[0].len && buf[2].len == 2 * BF16_SLOTS * 8 && n < ((Py_ssize_t)1 << 29);
-    int64_t *lanes = ok ? PyMem_Calloc(SUM_LANES * 2 * BF16_SLOTS, sizeof(int64_t)) : NULL;
-    uint32_t low = 0;
-    if (lanes != NULL) {
-        const uint32_t *bits = (const uint32_t *)buf[0].buf;
-        const float *keep = (const float *)buf[1].buf;
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint32_t b = bits[i], h = b >> 16, e = (h >> 7) & 0xFF, m = h & 0x7F;
-            int64_t *l = lanes + (i % SUM_LANES) * 2 * BF16_SLOTS;
-            int64_t kept = keep[i] != 0.0f;
-            low |= b & 0xFFFFu;
-            if (e == 0xFF) {
-                int slot = m ? BF16_NAN : BF16_INF;
-                l[slot] += 1;
-                l[BF16_SLOTS + (kept ? slot : BF16_NAN)] += 1;
-            } else {
-                int64_t v = e ? (int64_t)(m | 0x80) : (int64_t)m;
-                l[e] += v;
-                l[BF16_SLOTS + e] += v & -kept;
-            }
-        }
-        Py_END_ALLOW_THREADS
-        if (low == 0) {
-            int64_t *sums = (int64_t *)buf[2].buf;
-            for (Py_ssize_t j = 0; j < SUM_LANES * 2 * BF16_SLOTS; j++)
-                sums[j % (2 * BF16_SLOTS)] += lanes[j];
-        }
-        PyMem_Free(lanes);
-    }
-    if (!released(buf, 3, ok ? NULL : "bf16_abs_sums: keep and bits differ in length, sums is not 2 x 258, "
-                                      "or more than 2**29 elements"))
-        return NULL;
-    if (lanes == NULL)
-        return PyErr_NoMemory();
-    return PyBool_FromLong(low == 0);
-}
-
 /* order_keys(x, keys): keys[i] = a uint32 ordered as float32 x[i] is, as torch sorts: -0.0 the key
  * of +0.0, every NaN all ones (above +inf's). A number's bits with the sign bit set (the negatives,
  * whose order their bits reverse) inverted, the others' sign bit set. */
@@ -1108,7 +1048,6 @@ static PyMethodDef methods[] = {
     {"high_counts", high_counts, METH_VARARGS, "Count uint32 bit patterns by their high 16 bits."},
     {"row_ranks", row_ranks, METH_VARARGS, "Each key's rank in its row of n (a stable ascending sort's inverse)."},
     {"bf16_halves", bf16_halves, METH_VARARGS, "The high halves of float32 values; whether every low half is 0."},
-    {"bf16_abs_sums", bf16_abs_sums, METH_VARARGS, "Exact sums of BF16 magnitudes by exponent, before and after a mask."},
     {"order_keys", order_keys, METH_VARARGS, "uint32 keys ordered as float32 values are, as torch sorts them."},
     {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
@@ -1128,7 +1067,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 39
+#define VERSION 38
 
 PyMODINIT_FUNC PyInit__native(void)
 {

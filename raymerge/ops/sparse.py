@@ -219,24 +219,9 @@ def abs_sum(bits: np.ndarray) -> AbsSum:
 def abs_sums(bits: np.ndarray, keep: np.ndarray) -> tuple[AbsSum, AbsSum]:
     """(abs_sum(bits), the abs_sum of the magnitudes times keep), keep a mask of 1.0 and 0.0 (float32)
     as long: the sum of |x * keep| (an infinity or NaN dropped is a NaN there, as x * 0 is), in one
-    loop (exact.dot_sum_pair, which takes fewer than 2**29 of them); BF16 magnitudes (every low half
-    0) summed as integers by exponent where raymerge/ops/_native.c was built (`bf16_abs_sums`)."""
-    if native.takes(bits, np.uint32) and native.takes(keep, np.float32) and keep.size == bits.size:
-        sums = np.zeros((2, _BF16_SLOTS), np.int64)
-        if native.loops.bf16_abs_sums(bits, keep, sums):
-            return _bf16_total(sums[0]), _bf16_total(sums[1])
+    loop (exact.dot_sum_pair, which takes fewer than 2**29 of them)."""
     before, after = dot_sum_pair(bits.view(np.float32), keep)
     return AbsSum(exact=before), AbsSum(exact=after)
-
-
-_BF16_SLOTS = 258  # bf16_abs_sums' sums per row: 256 exponents, then the infinities and the NaNs
-
-
-def _bf16_total(sums: np.ndarray) -> AbsSum:
-    """An AbsSum from bf16_abs_sums' row: exponent e's significands are worth 2**(e - 134) each
-    (2**-133 for the subnormals, e 0), so 2**(e + 15) units of 2**-149."""
-    units = sum(int(sums[e]) << (e + 15 if e else 16) for e in np.flatnonzero(sums[:255]).tolist())
-    return AbsSum(units, int(sums[256]), int(sums[257]))
 
 
 def to_float32(units: int) -> np.float32:

@@ -273,33 +273,3 @@ def test_row_ranks_rank_each_row_ascending_ties_in_index_order(dtype):
         want = sorted(range(row.size), key=lambda i: (int(row[i]), i))
         assert [int(rank[i]) for i in want] == list(range(row.size))
     assert sparse.row_ranks(np.zeros((2, 0), dtype)).shape == (2, 0)
-
-
-def test_bf16_magnitudes_sum_by_exponent_as_the_exact_sums_do(monkeypatch):
-    """abs_sums of BF16 magnitudes (the compiled integer sums by exponent) against the exact float
-    sums of the numpy form: subnormals, the largest finite, infinities and NaNs kept and dropped;
-    a magnitude with a low half takes the exact sums instead."""
-    from raymerge.ops import native
-
-    rng = np.random.default_rng(12)
-    halves = rng.integers(0, 0x7F80, 40_000, dtype=np.uint32)
-    halves[:12] = [0, 1, 0x7F, 0x80, 0x7F7F, 0x7F80, 0x7F80, 0x7FC0, 0x7F81, 0x7F80, 0x7FC0, 0x3F80]
-    bits = halves << 16
-    keep = (rng.random(bits.size) < 0.4).astype(np.float32)
-    keep[5], keep[6], keep[7], keep[8] = 1, 0, 1, 0  # an infinity kept and dropped, a NaN kept and dropped
-    if getattr(native.loops, "bf16_abs_sums", None) is not None:
-        sums = np.zeros((2, 258), np.int64)
-        assert native.loops.bf16_abs_sums(bits, keep, sums)
-        wider = bits.copy()
-        wider[100] |= 1
-        assert not native.loops.bf16_abs_sums(wider, keep, sums)  # a low half: told, sums untouched
-    got = sparse.abs_sums(bits, keep)
-    finite = got[0].units, got[1].units
-    monkeypatch.setattr(native, "loops", None)
-    want = sparse.abs_sums(bits, keep)
-    inf, nan = halves == 0x7F80, halves > 0x7F80
-    kept = keep != 0
-    counts = (inf.sum(), nan.sum(), (inf & kept).sum(), nan.sum() + (inf & ~kept).sum())
-    assert got == want and (got[0].inf, got[0].nan, got[1].inf, got[1].nan) == counts and all(finite)
-    assert sparse.abs_sums(bits[12:], keep[12:]) == tuple(sparse.abs_sum(b) for b in (bits[12:], (
-        bits[12:].view(np.float32) * keep[12:]).view(np.uint32)))
