@@ -29,7 +29,7 @@ import numpy as np
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind, param
 from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, per_row,
                                     quiet, row_sums, step, tensor_bits, torch_dtype, value, widen_rows)
-from raymerge.ops.fused import fused
+from raymerge.ops.fused import discard, fused
 
 NORMS, COS = "nuslerp-norms", "nuslerp-cos"
 _ROWS = "nuslerp-rows"
@@ -86,6 +86,7 @@ class Nuslerp(Method):
                     units = _deltas(k, operands, scratch, at, m)
                     for v, norm in zip(units, n):
                         operands.rounded(k, step(k.divide, v, norm, v))
+                    discard(k, units[1])  # the product alone is summed
                     return [operands.rounded(k, step(k.multiply, units[0], units[1], units[0]))]
         return row_sums(kernel, scratch, operands.begin, _length(operands), length,
                         (True, True) if pass_name == NORMS else (False,), quantities, operands.compute is not None)
@@ -144,6 +145,7 @@ def _deltas(kernel: Any, operands: Operands, scratch: Any, at: int, m: int) -> l
         for v in rows[:2]:
             kernel.subtract(v, rows[2], v)
             operands.rounded(kernel, v)
+        discard(kernel, rows[2])  # read by the subtractions alone
     return rows[:2]
 
 
