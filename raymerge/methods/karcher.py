@@ -35,7 +35,7 @@ import numpy as np
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
 from raymerge.methods.steps import (apply_chunks, bits, carried, chunks, exact_sum, facts_problem, in_torch, keep,
                                     quiet, step, tensor_bits, torch_dtype, total, value, vector_length, widen_rows)
-from raymerge.ops.fused import fused
+from raymerge.ops.fused import discard, fused
 
 NORMS, MEAN = "karcher-norms", "karcher-mean"
 DOTS, TANGENT, UNIT = "dots", "tangent", "unit"  # an iteration's passes: karcher-dots-1, ...
@@ -126,25 +126,33 @@ class Karcher(Method):
         sums = None
         n = vector_length(operands)
         for at, m in chunks(n, scratch):
-            with fused(kernel) as k:  # the steps between two sums, one compiled loop where they can be
+            times, kept = None, None  # what multiplies each summed array (else: squared); what is kept, as what
+            with fused(kernel) as k:  # the steps before the sums, one compiled loop where they can be
                 s = _State(k, operands, scratch, f, at, m)
                 if what == NORMS:
-                    parts = [exact_sum(k, x, scratch, square=True, narrow=narrow) for x in s.x]
+                    summed = s.x
                 elif what == MEAN:
-                    parts = [exact_sum(k, s.keep(s.first_mean(), "first", n), scratch, square=True, narrow=narrow)]
+                    summed = [s.first_mean()]
+                    kept = "first"
                 elif what == UNIT:
                     s.mean_after(it - 1)
                     s.tangent(it)
-                    parts = [exact_sum(k, s.keep(s.step_along(it), f"u{it}", n), scratch, square=True, narrow=narrow)]
+                    summed = [s.step_along(it)]
+                    kept = f"u{it}"
                 else:
                     mean = s.mean_after(it - 1)  # normalized from the kept step: not kept again
                     if what == DOTS:
                         s.units()
-                        parts = [exact_sum(k, s.x[i], scratch, narrow=narrow, times=mean) for i in s.valid]
+                        summed, times = [s.x[i] for i in s.valid], mean
                     else:
-                        tangent = s.tangent(it)
-                        keep(k, operands, scratch, "tangent", tangent, at, n)
-                        parts = [exact_sum(k, tangent, scratch, square=True, narrow=narrow)]
+                        summed = [s.tangent(it)]
+                        kept = "tangent"
+                discard(k, *s.rows, keep=(*summed, *(() if times is None else (times,))))  # read after it
+            if kept == "tangent":
+                keep(kernel, operands, scratch, "tangent", summed[0], at, n)
+            elif kept is not None:
+                s.keep(summed[0], kept, n)
+            parts = [exact_sum(kernel, x, scratch, square=times is None, narrow=narrow, times=times) for x in summed]
             sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
         if operands.keep and "tangent" in operands.keep:
             operands.keep["tangent-of"] = it
@@ -192,7 +200,7 @@ class _State:
             rows = list(given) + [np.empty(len(given[0]), np.float32) for _ in range(3)]
         else:  # the inputs are widened where a step reads them (`x`): a pass given what it needs reads none
             rows = widen_rows(kernel, scratch, _ROWS, [], at, m, spare=count + 3)
-        self._x, (self.mean, self.tan, self.work) = rows[:count], rows[count:]
+        self.rows, self._x, (self.mean, self.tan, self.work) = rows, rows[:count], rows[count:]
         self._widened = bool(given)
         self.tol = float(operands.param("tol", _TOL.default))
         self.valid = _valid(facts, self.tol) if "n" in facts else []

@@ -27,7 +27,7 @@ from raymerge.errors import PlanError
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind
 from raymerge.methods.steps import (apply_chunks, chunks, exact_sum, facts_problem, in_torch, quiet,
                                     step, tensor_bits, torch_dtype, total, value, vector_length, widen_rows)
-from raymerge.ops.fused import fused
+from raymerge.ops.fused import discard, fused
 
 NORMS, MEAN, DOTS, TANGENT = "multislerp-norms", "multislerp-mean", "multislerp-dots", "multislerp-tangent"
 _ROWS = "multislerp-rows"
@@ -66,18 +66,19 @@ class Multislerp(Method):
         sums = None
         narrow = operands.compute is not None  # every value summed is rounded to it
         for at, m in chunks(vector_length(operands), scratch):
-            with fused(kernel) as k:  # the steps between two sums, one compiled loop where they can be
+            with fused(kernel) as k:  # the steps before the sums, one compiled loop where they can be
                 s = _State(k, operands, scratch, f, at, m)
                 if pass_name == NORMS:
-                    parts = [exact_sum(k, d, scratch, square=True, narrow=narrow) for d in s.deltas]
+                    summed = s.deltas
                 elif pass_name == MEAN:
-                    parts = [exact_sum(k, s.mean(), scratch, square=True, narrow=narrow)]
+                    summed = [s.mean()]
                 elif pass_name == DOTS:
                     mean = s.mean()
-                    parts = [exact_sum(k, operands.rounded(k, step(k.multiply, u, mean, s.work)), scratch,
-                                       narrow=narrow) for u in s.units()]
+                    summed = [operands.rounded(k, step(k.multiply, u, mean, u)) for u in s.units()]
                 else:
-                    parts = [exact_sum(k, s.tangent(), scratch, square=True, narrow=narrow)]
+                    summed = [s.tangent()]
+                discard(k, *s.rows, keep=tuple(summed))  # read after the block: what is summed alone
+            parts = [exact_sum(kernel, x, scratch, square=pass_name != DOTS, narrow=narrow) for x in summed]
             sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
         return [[x.to_json() for x in sums]] if sums is not None else []
 
@@ -102,8 +103,13 @@ class Multislerp(Method):
     @quiet
     def apply(self, kernel: Any, out: Any, operands: Operands, scratch: Any) -> Any:
         f = (operands.facts or [None])[0] or {}
-        return apply_chunks(kernel, out, operands, scratch, _inputs(operands),
-                            lambda k, at, m, xs: _State(k, operands, scratch, f, at, m, xs).result())
+        def rule(k: Any, at: int, m: int, xs: tuple) -> Any:
+            s = _State(k, operands, scratch, f, at, m, xs)
+            result = s.result()
+            discard(k, *s.rows, keep=(result,))  # read after the block: the result alone
+            return result
+
+        return apply_chunks(kernel, out, operands, scratch, _inputs(operands), rule)
 
 
 class _State:
@@ -119,7 +125,7 @@ class _State:
             rows = list(given) + [np.empty(len(given[0]), np.float32) for _ in range(count + 2)]
         else:
             rows = widen_rows(kernel, scratch, _ROWS, _inputs(operands), at, m, spare=count + 2)
-        self.deltas = rows[:count]
+        self.rows, self.deltas = rows, rows[:count]
         base = rows[count] if operands.vectors[0].b is not None else None
         extra = rows[count + (base is not None):]
         self.units_rows, self.acc, self.work = extra[:count], extra[count], extra[count + 1]
