@@ -81,7 +81,8 @@ class ArceeFusion(Method):
 
     def keeps(self, tensor: Any) -> float:
         """Each row's divergence, a float32 (`_divergences`)."""
-        return 4 / (tensor.shape[-1] if len(tensor.shape) > 1 else max(math.prod(tensor.shape), 1))
+        row = tensor.shape[-1] if len(tensor.shape) > 1 else math.prod(tensor.shape)
+        return 4 / row if row else 0  # no element: nothing kept
 
     def needs(self, pass_name: str, facts: Any) -> bool:
         """LOW only where HIGH left the quartiles open (wider keys than BF16's)."""

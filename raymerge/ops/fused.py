@@ -180,6 +180,9 @@ class Program:
         where = (_span(x), x.dtype.char)  # another view of an array taken already is that array
         got = self._at.get(where)
         if got is not None:
+            if write and not self._arrays[got].flags.writeable:
+                self._views.append(self._arrays[got])
+                self._arrays[got] = x  # the program writes it: through this (writable) view
             self._at[id(x)] = got
             self._views.append(x)  # alive while its id is a key
             return got

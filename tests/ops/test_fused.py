@@ -167,3 +167,15 @@ def test_one_memory_under_two_indices_is_never_discarded():
     assert native.loops.run_program(np.array([(2, 0, 2, -1), (2, 1, 1, -1)], np.int32), [a, b, x],
                                     np.array([1.0], np.float32), bytes([1, 0, 0]))
     assert row[3] == 5  # (x + 1) + 1, each step through its own object: the first step's write was seen
+
+
+def test_a_write_through_a_view_of_an_array_read_through_a_read_only_one():
+    """Two objects over one memory, the first read-only: a step that writes the second writes it."""
+    buf = np.arange(N, dtype=np.float32)
+    ro = buf.view()
+    ro.flags.writeable = False
+    out = np.empty(N, np.float32)
+    with fused(NUMPY) as k:
+        k.add(ro, np.float32(1), out)
+        k.multiply(out, np.float32(2), buf)
+    assert buf[3] == 8 and out[3] == 4
