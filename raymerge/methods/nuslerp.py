@@ -30,6 +30,8 @@ from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, merg
 from raymerge.methods.steps import (apply_rows, bits, facts_problem, grouped_values, host_rows, in_torch, per_row,
                                     quiet, row_sums, step, tensor_bits, torch_dtype, value, widen_rows)
 from raymerge.ops.fused import discard, fused
+from raymerge.ops.kernel import round_scalar
+from raymerge.ops.numpy_kernel import NUMPY
 
 NORMS, COS = "nuslerp-norms", "nuslerp-cos"
 _ROWS = "nuslerp-rows"
@@ -98,7 +100,7 @@ class Nuslerp(Method):
         compute = getattr(tensor, "compute", None)
         if pass_name == NORMS:
             for i, name in enumerate(("n0", "n1")):
-                facts[0][name] = in_torch(_norms, values[i].tolist(), compute)
+                facts[0][name] = _norms(values[i], compute)
         else:
             facts[0].update(in_torch(_coefficients, values[0].tolist(), _t(tensor), compute,
                                      _shape(tensor, count)))
@@ -179,8 +181,22 @@ def _t(tensor: Any) -> float:
     return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
 
 
-def _norms(values: list[float], compute: str | None) -> list[int]:
-    """Norms (rounded once to float32) in the compute dtype, then clamped to at least 1e-7 there: bits."""
+def _norms(values: np.ndarray, compute: str | None) -> list[int]:
+    """Norms (rounded once to float32) in the compute dtype, then clamped to at least 1e-7 there
+    (mergekit's torch clamp: the floor rounded to the dtype): bits. Without torch, so that the
+    driver does not wait for the torch actor (tests/methods/test_geometric.py), but where a norm is
+    a NaN, whose bits torch's clamp makes its own."""
+    x = np.array(values, np.float32)
+    if np.isnan(x).any():
+        return in_torch(_torch_norms, x.tolist(), compute)
+    if compute is not None:
+        NUMPY.round_to(x, compute)
+    floor = round_scalar(_NORM_FLOOR, compute)
+    return np.where(x < floor, floor, x).view(np.uint32).tolist()
+
+
+def _torch_norms(values: list[float], compute: str | None) -> list[int]:
+    """`_norms` with torch's own steps."""
     import torch
 
     n = torch.tensor(values, dtype=torch.float32).to(torch_dtype(compute))

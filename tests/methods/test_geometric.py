@@ -153,6 +153,24 @@ def test_nuslerp_gives_the_reference_bits_for_every_cut(trio, dtype, flatten, wi
     assert len(facts[0]["sa"]) == (1 if flatten else 60)
 
 
+@pytest.mark.parametrize("dtype,compute", [(torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, None)])
+def test_nuslerp_norms_are_torchs_clamp_in_the_compute_dtype(dtype, compute):
+    """The driver rounds and clamps the norms without torch: the bits of mergekit's torch steps
+    (float32 norms to the dtype, clamp(min=1e-7)), about the floor, zeros, infinities and NaNs."""
+    from raymerge.methods.nuslerp import _norms
+
+    g = torch.Generator().manual_seed(4)
+    floor = np.float32(1e-7)
+    near = np.float32([floor * (1 + d) for d in (-0.01, -0.004, -0.001, 0, 0.001, 0.004, 0.01)])
+    special = np.float32([0, -0.0, np.inf, 1e-45, 1e-38, 65504, 7e4, 3e38, 1e-8, 1.0])
+    values = np.concatenate([near, special, (torch.rand(3000, generator=g).numpy() *
+                                             10.0 ** torch.randint(-12, 4, (3000,), generator=g).numpy())
+                             .astype(np.float32)])
+    for v in (values, np.append(values, np.nan)):  # a NaN: torch's steps (its clamp makes its own NaN)
+        want = torch.tensor(v, dtype=torch.float32).to(dtype).clamp(min=float(floor)).float()
+        assert _norms(v, compute) == want.numpy().view(np.uint32).tolist()
+
+
 def test_nuslerp_colinear_vectors_and_weights_summing_to_zero(trio):
     base, m0, _ = (x.to(torch.bfloat16) for x in trio)
     m1 = (base.float() + 2 * (m0.float() - base.float())).to(torch.bfloat16)  # a multiple: colinear (in bf16, nearly)
