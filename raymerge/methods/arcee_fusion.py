@@ -18,13 +18,12 @@ mergekit, which makes the result float32 (`result_float32`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Pass, mergekit_kind
-from raymerge.methods.steps import (bits, chunks, counted, past_rows, quiet, replay_nans, step, value,
+from raymerge.methods.steps import (bits, chunks, counted, past_rows, quiet, replay_nans, row_length, step, value,
                                     vector_length, widen_rows)
 from raymerge.ops import native, sparse
 from raymerge.ops.kernel import round_scalar
@@ -81,7 +80,7 @@ class ArceeFusion(Method):
 
     def keeps(self, tensor: Any) -> float:
         """Each row's divergence, a float32 (`_divergences`)."""
-        row = tensor.shape[-1] if len(tensor.shape) > 1 else math.prod(tensor.shape)
+        row = row_length(tensor.shape)
         return 4 / row if row else 0  # no element: nothing kept
 
     def needs(self, pass_name: str, facts: Any) -> bool:
@@ -175,7 +174,7 @@ def _importance(kernel: Any, operands: Operands, at: int, m: int) -> np.ndarray:
     """The importance of the piece's elements at .. at + m (float32, on the host): the rows that
     hold them, whole (the piece holds whole rows: `whole_rows`), with their divergences."""
     v, shape = operands.vectors[0], operands.shape
-    row = shape[-1] if len(shape) > 1 else math.prod(shape)
+    row = row_length(shape)
     start = operands.begin + at
     first, last = start - start % row, -(-(start + m) // row) * row
     if first < operands.begin or last - operands.begin > len(v.a):

@@ -334,10 +334,10 @@ def _scalars(what: str, it: int, sums: list[float], f: dict, count: int, tol: fl
         valid = [i for i, n in enumerate(got.tolist()) if n > tol]
         weights = _weights(count, valid)
         scale = sum(1.0 / count * n for n in got)  # a python sum of float32 0-dim tensors, from int 0
-        return {"n": _bits(got), "w": [bits(np.float32(w)) for w in weights], "valid": int(bool(valid)),
-                "scale": _bits(scale.to(dtype))[0]}
+        return {"n": tensor_bits(got), "w": [bits(np.float32(w)) for w in weights], "valid": int(bool(valid)),
+                "scale": tensor_bits(scale.to(dtype))[0]}
     if what == MEAN:
-        return {"mn": _bits(got)[0]}
+        return {"mn": tensor_bits(got)[0]}
     if what == DOTS:
         valid = _valid(f, tol)
         weights = _weights(count, valid)
@@ -345,20 +345,20 @@ def _scalars(what: str, it: int, sums: list[float], f: dict, count: int, tol: fl
         for i, s in zip(valid, got):
             dot = torch.clamp(s.to(dtype), -1.0, 1.0)
             theta = torch.arccos(dot)
-            dots[i] = _bits(dot)[0]
+            dots[i] = tensor_bits(dot)[0]
             if theta.item() < tol:
                 continue
-            coefs[i] = _bits(weights[i] * (theta / torch.sin(theta)))[0]
+            coefs[i] = tensor_bits(weights[i] * (theta / torch.sin(theta)))[0]
             skips[i] = 0
         return {f"d{it}": dots, f"c{it}": coefs, f"skip{it}": skips}
     if what == TANGENT:
         tn = got[0]
-        out = {f"tn{it}": _bits(tn)[0], f"cos{it}": _bits(torch.cos(tn).to(dtype))[0],
-               f"sin{it}": _bits(torch.sin(tn).to(dtype))[0]}
+        out = {f"tn{it}": tensor_bits(tn)[0], f"cos{it}": tensor_bits(torch.cos(tn).to(dtype))[0],
+               f"sin{it}": tensor_bits(torch.sin(tn).to(dtype))[0]}
         if tn.item() < tol:
             out["done"] = it
         return out
-    return {f"un{it}": _bits(got)[0]}
+    return {f"un{it}": tensor_bits(got)[0]}
 
 
 def _weights(count: int, valid: list[int]) -> list[float]:
@@ -366,7 +366,3 @@ def _weights(count: int, valid: list[int]) -> list[float]:
     alpha = 1.0 / count
     total_ = sum([alpha] * len(valid))
     return [alpha / total_ if i in valid else 0.0 for i in range(count)]
-
-
-def _bits(t: Any) -> list[int]:
-    return tensor_bits(t)

@@ -211,15 +211,12 @@ def _scalars(pass_name: str, sums: list[float], f: dict, weights: list[float], n
         w = torch.tensor(weights, dtype=dtype)
         if normalize:
             w = w / w.sum()
-        return {"n": _bits(got), "w": _bits(w), "s": _bits(got + eps)}
+        return {"n": tensor_bits(got), "w": tensor_bits(w), "s": tensor_bits(got + eps)}
     if pass_name == MEAN:
-        return {"mn": _bits(got)[0], "fallback": int(bool(got[0] < eps))}
+        return {"mn": tensor_bits(got)[0], "fallback": int(bool(got[0] < eps))}
     if pass_name == DOTS:
-        return {"dots": _bits(got)}
+        return {"dots": tensor_bits(got)}
     tn = got[0] + eps
     norms, w = (torch.tensor([float(value(x)) for x in f[k]]).to(dtype) for k in ("n", "w"))
-    return {"c": _bits(torch.cos(tn))[0], "sn": _bits(torch.sin(tn) / tn)[0], "avg": _bits((norms * w).sum())[0]}
-
-
-def _bits(t: Any) -> list[int]:
-    return tensor_bits(t)
+    return {"c": tensor_bits(torch.cos(tn))[0], "sn": tensor_bits(torch.sin(tn) / tn)[0],
+            "avg": tensor_bits((norms * w).sum())[0]}

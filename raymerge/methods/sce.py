@@ -115,10 +115,11 @@ class Sce(Method):
         if pass_name == HIGH:
             nonzero = sum(r[2] for _, r in got)
             k = int(np.float32(nonzero) * np.float32(params.get("select_topk", 1.0)))  # torch: float32
-            high, above = sparse.select(merged_counts([(b, r[:2]) for b, r in got]), k) if k else (0, 0)
+            histograms = [(b, r[:2]) for b, r in got]
+            high, above = sparse.select(merged_counts(histograms), k) if k else (0, 0)
             f.update(nonzero=nonzero, k=k, high=high, above=above)
             if tensor.compute == "BF16":  # 16-bit variances: the bin may settle the threshold (LOW's facts)
-                f.update(bin_facts(f, [(b, r[:2]) for b, r in got]))
+                f.update(bin_facts(f, histograms))
         elif pass_name == LOW:
             f.update(threshold_facts(f, got) if f["k"] else {"threshold": 0, "cut": 0, "keep": 0})
         else:

@@ -45,6 +45,7 @@ import numpy as np
 
 from raymerge.methods.base import (ELEMENTWISE, LAMBDA, NORMALIZE, SCALE, Method, Operands, Parameter, Pass,
                                    mergekit_kind, param)
+from raymerge.methods.steps import row_length
 from raymerge.ops import native, sparse
 from raymerge.ops.fused import discard, fused
 from raymerge.ops.kernel import Sums, round_scalar
@@ -611,12 +612,12 @@ class Della(Sparse):
 
     def _step(self, operands: Operands, scratch: Any) -> int:
         """Whole rows, where a chunk holds one: each chunk's deltas are then its rows' (`_della_mask`)."""
-        row = _row(operands.shape)
+        row = row_length(operands.shape)
         return scratch.chunk // row * row or scratch.chunk
 
     def _della_mask(self, kernel: Any, v: Any, d: Any, operands: Operands, lo: int, scratch: Any) -> np.ndarray:
         """Vector v's keep mask (bool) of the elements of its delta d (the piece's from element lo), drawn."""
-        n, row = len(d), _row(operands.shape)
+        n, row = len(d), row_length(operands.shape)
         start = operands.begin + lo  # the tensor's element at d[0]
         first, last = start - start % row, -(-(start + n) // row) * row
         if first < operands.begin or last - operands.begin > len(v.a):
@@ -660,11 +661,6 @@ def kept_bits(kernel: Any, operands: Operands, name: str, out: Any, lo: int) -> 
         return False
     kernel.from_host(out, np.unpackbits(packed, count=m).view(np.bool_))
     return True
-
-
-def _row(shape: tuple[int, ...]) -> int:
-    """The elements of a row, along which della ranks (a 1-D tensor is one row)."""
-    return shape[-1] if len(shape) > 1 else math.prod(shape)
 
 
 def della_mask(rows: np.ndarray, below: np.ndarray, words: np.ndarray) -> np.ndarray:

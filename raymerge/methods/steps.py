@@ -11,6 +11,7 @@ tensor is cut, and a worker holds one chunk of each operand at a time.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -255,6 +256,11 @@ def each_chunk(kernel: Any, out: Any, operands: Operands, scratch: Any, rule: Ca
                     lambda k, xs: rule(k, *xs, np.empty(len(xs[0]), np.float32)))
         sums = counted(sums, kernel.weighted_sum(out[lo:lo + m], result, [], scratch))  # rounded once to out
     return sums
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """The elements of a tensor's row: its last dimension (a 1-D tensor is one row)."""
+    return shape[-1] if len(shape) > 1 else math.prod(shape)
 
 
 def vector_length(operands: Operands) -> int:
