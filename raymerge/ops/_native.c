@@ -146,11 +146,124 @@ static inline void add_part(double *acc, double part)
     acc[bits >> 52] += part; /* sign and exponent: the part's bucket */
 }
 
+/* A part of at most 24 significant bits (a narrow product) in binade [2**e, 2**(e+1)) is a multiple
+ * of 2**(e-23). SUM_BLOCK of them whose binades are at most SUM_WINDOW below the largest's add up
+ * exactly in float64, in any order: their sum is below 2**(top+1+6) and a multiple of
+ * 2**(top-SUM_WINDOW-23), 53 bits apart. So a block is summed first, in vector lanes, and only its
+ * sum (split into parts of 24 bits: split_part) and the parts far below its largest (rare) go to the
+ * buckets: their total, the only thing read of them, is the same exact value. */
+#define SUM_BLOCK 64
+#define SUM_WINDOW 23
+#define MAGNITUDE UINT64_C(0x7FFFFFFFFFFFFFFF)
+#define INFINITE UINT64_C(0x7FF0000000000000) /* a float64's bits from which on it is not finite */
+#if defined(__GNUC__) || defined(__clang__)
+#define IN_LOOP static inline __attribute__((always_inline)) /* compiled into each WIDE_VECTORS clone */
+typedef double Sums __attribute__((vector_size(64))); /* eight float64 sums, one vector add each step */
+#else
+#define IN_LOOP static inline
+#endif
+
+static inline uint64_t magnitude(double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, 8);
+    return bits & MAGNITUDE;
+}
+
+/* v (an exact sum of narrow parts: at most 53 significant bits) added to a lane's buckets in parts
+ * of at most 24 significant bits, each exact: its first 24 bits, the next 24, the rest. */
+static inline void split_part(double *acc, double v)
+{
+    while (v != 0) {
+        uint64_t bits;
+        double high;
+        memcpy(&bits, &v, 8);
+        bits &= ~LOW_BITS;
+        memcpy(&high, &bits, 8);
+        add_part(acc, high);
+        v -= high; /* exact: the bits below the first 24 */
+    }
+}
+
+/* The sum of p[0..SUM_BLOCK), in eight lanes (exact where add_block calls it: the order is free). */
+IN_LOOP double block_sum(const double *restrict p)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    Sums s = {0};
+    for (int k = 0; k < SUM_BLOCK; k += 8) {
+        Sums v;
+        memcpy(&v, p + k, sizeof v);
+        s += v;
+    }
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+#else
+    double s = 0;
+    for (int i = 0; i < SUM_BLOCK; i++)
+        s += p[i];
+    return s;
+#endif
+}
+
+/* The narrow parts p[0..SUM_BLOCK) added to acc's lanes: summed whole where every nonzero part is
+ * within SUM_WINDOW binades of the largest, at lane `lane`; else the parts that are, and each other
+ * at its own bucket; a block with an infinity or a NaN part by part (their bucket: exact._summed).
+ * At most 66 parts for 64 products (63 far ones and a split sum): fewer than two each. */
+IN_LOOP void add_block(const double *restrict p, double *acc, Py_ssize_t lane)
+{
+    uint64_t top = 0, bottom = MAGNITUDE;
+    for (int i = 0; i < SUM_BLOCK; i++) {
+        uint64_t m = magnitude(p[i]);
+        top = m > top ? m : top;
+        m -= 1; /* a zero's: the largest */
+        bottom = m < bottom ? m : bottom;
+    }
+    if (top >= INFINITE) {
+        for (int i = 0; i < SUM_BLOCK; i++)
+            add_part(acc + (i % LANES) * LANE_SIZE, p[i]);
+        return;
+    }
+    uint64_t low = (top & INFINITE) - ((uint64_t)SUM_WINDOW << 52); /* top's binade is above 2**-299 */
+    if (bottom >= low - 1) {
+        split_part(acc + lane * LANE_SIZE, block_sum(p));
+        return;
+    }
+    double s = 0;
+    for (int i = 0; i < SUM_BLOCK; i++) {
+        uint64_t m = magnitude(p[i]);
+        if (m >= low)
+            s += p[i];
+        else if (m != 0)
+            add_part(acc + (i % LANES) * LANE_SIZE, p[i]);
+    }
+    split_part(acc + lane * LANE_SIZE, s);
+}
+
+/* The products x[i] * y[i] (y NULL: x[i] alone) of n narrow values, exact in float64, into acc's
+ * lanes a block at a time (add_block); the last partial block part by part. */
+WIDE_VECTORS
+static void narrow_sums(const float *restrict xs, const float *restrict ys, Py_ssize_t n, double *acc)
+{
+    double p[SUM_BLOCK];
+    Py_ssize_t whole = n - n % SUM_BLOCK;
+    for (Py_ssize_t at = 0; at < whole; at += SUM_BLOCK) {
+        if (ys)
+            for (int i = 0; i < SUM_BLOCK; i++)
+                p[i] = (double)xs[at + i] * (double)ys[at + i];
+        else
+            for (int i = 0; i < SUM_BLOCK; i++)
+                p[i] = (double)xs[at + i];
+        add_block(p, acc, (at / SUM_BLOCK) % LANES);
+    }
+    for (Py_ssize_t i = whole; i < n; i++)
+        add_part(acc + (i % LANES) * LANE_SIZE, ys ? (double)xs[i] * (double)ys[i] : (double)xs[i]);
+}
+
 /* dot_buckets(x, y, lanes, narrow): adds each product x[i] * y[i] (float32 values, exact in float64;
  * y None: 1.0) into lanes, a float64 buffer of LANES * LANE_SIZE sums, at the bucket of its sign
  * and exponent; unless narrow, a product is split first into its first 24 bits and the rest, each
- * added at its own bucket. Each bucket's sum is exact below 2**29 parts, so its value does not
- * depend on the order of the additions: the lanes' sums are those of exact.dot_sum's bincount. */
+ * added at its own bucket; narrow, a block of products is summed first (narrow_sums). Each bucket's
+ * sum is exact below 2**29 parts, so its value does not depend on the order of the additions: the
+ * lanes' total is that of exact.dot_sum's bincount. */
 static PyObject *dot_buckets(PyObject *self, PyObject *args)
 {
     PyObject *xo, *yo, *lo;
@@ -183,12 +296,12 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
     double *acc = (double *)lanes.buf;
     Py_ssize_t n = x.len / 4;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        double *lane = acc + (i % LANES) * LANE_SIZE;
-        double p = ys ? (double)xs[i] * (double)ys[i] : (double)xs[i];
-        if (narrow) {
-            add_part(lane, p);
-        } else {
+    if (narrow)
+        narrow_sums(xs, ys, n, acc);
+    else
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double *lane = acc + (i % LANES) * LANE_SIZE;
+            double p = ys ? (double)xs[i] * (double)ys[i] : (double)xs[i];
             uint64_t bits;
             double high;
             memcpy(&bits, &p, 8);
@@ -197,7 +310,6 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
             add_part(lane, high);
             add_part(lane, p - high); /* the low part, exact (NaN where the product is not finite) */
         }
-    }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&x);
     if (has_y)
@@ -207,7 +319,7 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
 }
 
 /* dot_buckets_pair(x, y, a, b): dot_buckets(x, None, a, narrow) and dot_buckets(x, y, b, narrow) in
- * one loop (a sum and the sum of what a mask y of 1.0 and 0.0 keeps of it: the sparsifying methods'
+ * one call (a sum and the sum of what a mask y of 1.0 and 0.0 keeps of it: the sparsifying methods'
  * L1 norms before and after the drop); x and y narrow (a product of at most 24 significant bits). */
 static PyObject *dot_buckets_pair(PyObject *self, PyObject *args)
 {
@@ -222,15 +334,10 @@ static PyObject *dot_buckets_pair(PyObject *self, PyObject *args)
     int ok = buf[1].len == buf[0].len && buf[2].len == LANES * LANE_SIZE * 8 && buf[3].len == buf[2].len;
     if (ok) {
         const float *xs = (const float *)buf[0].buf, *ys = (const float *)buf[1].buf;
-        double *a = (double *)buf[2].buf, *b = (double *)buf[3].buf;
         Py_ssize_t n = buf[0].len / 4;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) {
-            Py_ssize_t lane = (i % LANES) * LANE_SIZE;
-            double p = (double)xs[i];
-            add_part(a + lane, p);
-            add_part(b + lane, p * (double)ys[i]);
-        }
+        narrow_sums(xs, NULL, n, (double *)buf[2].buf);
+        narrow_sums(xs, ys, n, (double *)buf[3].buf);
         Py_END_ALLOW_THREADS
     }
     if (!released(buf, 4, ok ? NULL :
@@ -1067,7 +1174,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 38
+#define VERSION 39
 
 PyMODINIT_FUNC PyInit__native(void)
 {

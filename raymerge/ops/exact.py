@@ -11,8 +11,10 @@ The conversion to a Python integer waits until the sum is needed whole (a piece'
 
 Infinities and NaNs are counted instead (a NaN product, or +inf with -inf, makes the sum NaN).
 
-The bucket sums are made by the compiled loop of raymerge/ops/_native.c where it was built (the
-same sums: each is exact, so the order of its additions does not matter), else by numpy.
+The bucket sums are made by the compiled loop of raymerge/ops/_native.c where it was built, else by
+numpy. The loop adds narrow products a block at a time, each block's sum exact in float64 and split
+into parts of 24 bits: other buckets, the same total (all a sum reads of them), and at most two
+parts a product, as numpy's split makes.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def dot_sum(x: np.ndarray, y: np.ndarray, work: tuple[np.ndarray, np.ndarray, np
     buckets = _native_buckets(x, y, narrow)
     if buckets is None:
         buckets = _numpy_buckets(x, y, work, narrow)
-    return _summed(buckets, x, y, n if narrow else 2 * n)
+    return _summed(buckets, x, y, 2 * n)  # parts: two a product at most (split, or a block's)
 
 
 def dot_sum_pair(x: np.ndarray, y: np.ndarray) -> tuple[ExactSum, ExactSum]:
@@ -150,7 +152,7 @@ def dot_sum_pair(x: np.ndarray, y: np.ndarray) -> tuple[ExactSum, ExactSum]:
     lanes = _lanes(2)
     pair(x, y, lanes[0], lanes[1])
     ones = np.float32(1)
-    return _summed(_collapsed(lanes[0]), x, ones, x.size), _summed(_collapsed(lanes[1]), x, y, x.size)
+    return _summed(_collapsed(lanes[0]), x, ones, 2 * x.size), _summed(_collapsed(lanes[1]), x, y, 2 * x.size)
 
 
 def _summed(buckets: np.ndarray, x: np.ndarray, y: np.ndarray | np.float32, parts: int) -> ExactSum:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from fractions import Fraction
 import sysconfig
 
 import numpy as np
@@ -62,6 +63,8 @@ def test_round_to_gives_the_numpy_loops_bits(monkeypatch):
 
 @pytest.mark.parametrize("narrow", [False, True])
 def test_dot_buckets_equal_numpy_bincounts(narrow):
+    """Split products land in numpy's very buckets; narrow ones are summed a block at a time
+    first, so only the buckets' total (all a sum reads of them) is numpy's."""
     rng = np.random.default_rng(11)
     x = _hard_float32(9001, 3)
     y = _hard_float32(9001, 4)
@@ -75,8 +78,77 @@ def test_dot_buckets_equal_numpy_bincounts(narrow):
         want = exact._numpy_buckets(x, y, None, narrow)
     assert not lanes[:, 4096:].any()  # the padding between lanes
     got = lanes[:, :4096].sum(axis=0)
+    if narrow:
+        with np.errstate(all="ignore"):
+            assert exact._summed(got, x, y, x.size) == exact._summed(want, x, y, x.size)
+        return
     assert np.array_equal(np.isnan(got), np.isnan(want))
     assert np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
+
+
+def _narrow_blocks(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """BF16 and F16 values in blocks of 64 (the compiled loop's) made to stress its block sums:
+    parts exactly 23 and 24 binades below a block's largest, zeros, subnormal and huge products,
+    sums that cancel, a lone infinity or NaN, and a partial block at the end."""
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for kind in range(12):
+        b = (rng.standard_normal((2, 64)) * np.exp2(rng.integers(-4, 4, (2, 64)))).astype(np.float32)
+        odd = 1 + 2.0**-7  # BF16's: a product of two has its lowest bit 14 binades down
+        if kind in (1, 2):
+            b *= np.float32(2.0**-6)  # the largest product is the one set below
+        if kind == 1:  # products at the window's edge, 23 binades below the largest (1.0), and one past it
+            b[:, 0] = 1.0
+            b[:, 1] = b[:, 2] = odd * 2.0**-11, odd * 2.0**-12
+            b[0, 3], b[1, 3] = odd * 2.0**-12, odd * 2.0**-12
+        elif kind == 2:  # a product 39 binades below the largest: in float64 beside it, its low bits lost
+            b[:, 0] = 1.5
+            b[:, 9] = odd * 2.0**-19
+        elif kind == 3:
+            b[:, ::3] = 0.0
+        elif kind == 4:
+            b[:, :] = np.float32(2.0**-133)  # subnormal float32, normal products in float64
+        elif kind == 5:
+            b[:, :] = np.float32(1.5e38)
+        elif kind == 6:  # exact cancellation
+            b[1, 32:] = -b[1, :32]
+            b[0, 32:] = b[0, :32]
+        elif kind == 7:
+            b[0, 11] = np.inf
+        elif kind == 8:
+            b[1, 40] = np.nan
+        elif kind == 9:
+            b[:, :] = 0.0
+        elif kind == 10:  # F16 values
+            b = b.astype(np.float16).astype(np.float32)
+        blocks.append(b)
+    x, y = np.concatenate(blocks + [blocks[0][:, :37]], axis=1)
+    narrow = (x.view(np.uint32) & 0xFFFF0000).view(np.float32), (y.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    return narrow[0].copy(), narrow[1].copy()
+
+
+def _lane_sum(x: np.ndarray, y: np.ndarray | None) -> exact.ExactSum:
+    lanes = np.zeros((exact._LANES, 4096 + exact._LANE_PAD))
+    native.dot_buckets(x, y, lanes, True)
+    with np.errstate(all="ignore"):
+        return exact._summed(lanes[:, :4096].sum(axis=0), x, np.float32(1) if y is None else y, x.size)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_narrow_block_sums_are_exact(seed):
+    """The block sums against Fractions where every product is finite, and against numpy's
+    bincounts (infinities and NaNs counted) where some is not."""
+    x, y = _narrow_blocks(seed)
+    for yy in (y, None):
+        ones = np.ones_like(x) if yy is None else yy
+        with np.errstate(all="ignore"):
+            want = exact._summed(exact._numpy_buckets(x, ones, None, True), x, ones, x.size)
+        assert _lane_sum(x, yy) == want and (want.pinf, want.nan) != (0, 0)
+    finite = [np.where(np.isfinite(a), a, np.float32(0.75)) for a in (x, y)]
+    for a, b in (finite, (finite[0], None)):
+        ones = np.ones_like(a) if b is None else b
+        truth = sum((Fraction(float(p)) * Fraction(float(q)) for p, q in zip(a, ones)), Fraction(0))
+        assert Fraction(_lane_sum(a, b).units, 2**exact.UNIT) == truth
 
 
 def test_high_counts_equal_numpy_bincounts_and_refuse_a_high_half_past_the_counts():
