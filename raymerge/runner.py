@@ -282,7 +282,7 @@ class _Run:
             progress_log.info("%s: %d workers, %d items to do", name, pool.size, len(todo))
 
             def finished(result) -> None:  # a StatsResult
-                kept.finished(result.item, result.kept)
+                kept.finished(result.item, result.kept, result.spent)
                 self.stats_results.append(result)
                 self.facts.add(name, result.rows)
                 self.stats_done.add((name, result.item))

@@ -71,15 +71,20 @@ class KeptValues:
         refs, live = self._given(item)
         return actor.run.remote(item, handle, facts, *refs, **live)
 
-    def finished(self, item: int, names: tuple[KeptName, ...] = ()) -> None:
+    def finished(self, item: int, names: tuple[KeptName, ...] = (), spent: tuple[KeptName, ...] = ()) -> None:
         """The item's pass is done, having kept `names` (none: its object is dropped): those are
-        what the next passes read of them; an earlier object that holds nothing else still read is
-        freed."""
+        what the next passes read of them; the earlier values it `spent` (Method.spends) are read no
+        more. An earlier object that holds nothing still read is freed."""
         ref = self._next.pop(item, None)
-        if ref is None or not names:
-            return
-        chain = [(r, live - set(names)) for r, live in self._refs.get(item, [])]
-        self._refs[item] = [(r, live) for r, live in chain if live] + [(ref, frozenset(names))]
+        gone = set(names) | set(spent)
+        chain = [(r, live - gone) for r, live in self._refs.get(item, [])]
+        chain = [(r, live) for r, live in chain if live]
+        if ref is not None and names:
+            chain.append((ref, frozenset(names)))
+        if chain:
+            self._refs[item] = chain
+        else:
+            self._refs.pop(item, None)
 
     def written(self, item: int) -> None:
         """The item's output is written: what its passes kept is freed."""

@@ -75,6 +75,7 @@ class StatsResult:
     worker: str
     peak_rss: int
     kept: tuple[KeptName, ...] = ()  # what this pass kept: (tensor, piece's first element, name) each
+    spent: tuple[KeptName, ...] = ()  # what earlier passes kept that no pass after this one reads
 
 
 KeptName = tuple[int, int, str]  # a value a pass kept: its piece (tensor, first element) and its name
@@ -211,7 +212,7 @@ class MergeWorker:
         st = self._state()
         inputs, read_bytes = self._read_inputs(item, st, pass_name, facts)
         rows: list[Row] = []
-        given, kept = merged(carried, live), {}
+        given, kept, spent = merged(carried, live), {}, []
         for p, piece in enumerate(item.pieces):
             if not self._needs(piece, pass_name, facts):
                 continue
@@ -223,12 +224,13 @@ class MergeWorker:
                                            carried=given.get((piece.tensor, piece.begin)), keep=new)
             result = METHODS[t.method].statistic(k, pass_name, operands, scratch)
             rows.append((piece.tensor, piece.begin, result))
+            spent += [(piece.tensor, piece.begin, name) for name in METHODS[t.method].spends(pass_name)]
             if new:
                 kept[(piece.tensor, piece.begin)] = new
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         names = tuple(sorted((tensor, begin, name) for (tensor, begin), values in kept.items() for name in values))
-        return (StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak, names),
-                kept or None)
+        return (StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak, names,
+                            tuple(spent)), kept or None)
 
     def _needs(self, piece: Piece, pass_name: str, facts: dict[int, Any] | None) -> bool:
         """Whether the piece's tensor needs the pass, given its facts so far (`facts`: a statistics

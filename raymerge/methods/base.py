@@ -252,6 +252,11 @@ class Method(ABC):
         passes): keeping saves time, never changes a bit."""
         return 0
 
+    def spends(self, pass_name: str) -> tuple[str, ...]:
+        """The names of the values kept by earlier passes that pass `pass_name` reads for the last
+        time: the driver lets them go once it has run (their memory is the object store's)."""
+        return ()
+
     def works_on(self, term: Any) -> bool:
         """Whether the statistics passes record facts for this term of a tensor (Term): by default
         every term that any piece reads."""

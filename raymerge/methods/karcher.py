@@ -98,6 +98,10 @@ class Karcher(Method):
         done = f.get("done")
         return done is None or k < done or (k == done and what != UNIT)
 
+    def spends(self, pass_name: str) -> tuple[str, ...]:
+        """A unit pass reads the tangent last: the next iteration's tangent pass makes its own."""
+        return ("tangent", "tangent-of") if _parse(pass_name)[0] == UNIT else ()
+
     def facts_problem(self, tensor: Any, facts: Any, passes: list[str]) -> str | None:
         k = len(tensor.terms)
         f = facts[0] if isinstance(facts, list) and facts and isinstance(facts[0], dict) else {}

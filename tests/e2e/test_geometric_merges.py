@@ -233,8 +233,8 @@ def test_karcher_kept_means_lost_between_passes_are_computed_again(ray_local, mo
     lost = []
     finished = kept.KeptValues.finished
 
-    def finish_and_lose(self, item, names=()):
-        finished(self, item, names)
+    def finish_and_lose(self, item, names=(), spent=()):
+        finished(self, item, names, spent)
         if len(lost) < 20 and self._refs.get(item):
             lost.append(item)
             self._refs[item] = [(dead, live) for _, live in self._refs[item]]

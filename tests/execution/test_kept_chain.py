@@ -32,9 +32,9 @@ def _kept() -> KeptValues:
     return kept
 
 
-def _pass(kept: KeptValues, ref: str, *names: tuple) -> None:
+def _pass(kept: KeptValues, ref: str, *names: tuple, spent: tuple = ()) -> None:
     kept._next[7] = ref
-    kept.finished(7, names)
+    kept.finished(7, names, spent)
 
 
 def test_the_driver_frees_an_object_once_later_passes_kept_everything_it_holds():
@@ -51,3 +51,23 @@ def test_the_driver_frees_an_object_once_later_passes_kept_everything_it_holds()
     assert kept._given(7)[0] == ["unit-pass", "unit-b"]
     kept.written(7)
     assert kept._given(7) == ([], {})
+
+
+def test_a_value_its_method_spends_is_freed_after_the_pass_that_read_it_last():
+    """karcher's unit pass reads the tangent last (Method.spends): the tangent pass's object goes
+    with it, before the next tangent pass replaces it."""
+    kept = _kept()
+    _pass(kept, "mean-pass", (*A, "at"), (*A, "mean"))
+    _pass(kept, "tangent-pass", (*A, "tangent"), (*A, "tangent-of"))
+    _pass(kept, "unit-pass", (*A, "at"), (*A, "mean"), spent=((*A, "tangent"), (*A, "tangent-of")))
+    assert kept._given(7) == (["unit-pass"], {"live": [[(*A, "at"), (*A, "mean")]]})
+    _pass(kept, "dots-pass", spent=((*A, "at"), (*A, "mean")))  # kept nothing, spent everything
+    assert kept._given(7) == ([], {}) and 7 not in kept._refs
+
+
+def test_karcher_spends_the_tangent_in_its_unit_passes_alone():
+    from raymerge.methods.karcher import Karcher, iteration_pass
+
+    assert Karcher().spends(iteration_pass(3, "unit")) == ("tangent", "tangent-of")
+    assert not any(Karcher().spends(p) for p in ("karcher-norms", "karcher-mean", iteration_pass(3, "dots"),
+                                                  iteration_pass(3, "tangent")))
