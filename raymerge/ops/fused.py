@@ -212,6 +212,11 @@ class Program:
 def _span(x: np.ndarray) -> tuple[int, int]:
     """The memory an array lies in, [its first byte, past its last): a C-contiguous one's exactly,
     any other's at most (a kept array's span may be wider than its elements, never narrower)."""
+    if native.loops is not None:
+        try:
+            return native.loops.span(x)  # a C-contiguous array's, compiled
+        except ValueError:
+            pass
     lo = x.__array_interface__["data"][0]
     if x.flags.c_contiguous:
         return lo, lo + x.nbytes

@@ -344,3 +344,12 @@ def test_order_keys_are_the_numpy_forms_keys(monkeypatch):
     assert fast[np.isnan(x)].min() == 0xFFFFFFFF and fast[x == 0].max() == fast[x == 0].min() == 0x80000000
     with pytest.raises(ValueError, match="one element"):
         native.order_keys(x, np.empty(x.size - 1, np.uint32))
+
+
+def test_span_is_the_memory_the_array_interface_gives():
+    table = np.zeros((4, 1000), np.float32)
+    for x in (table, table[1, 10:500], table[3, :0], np.frombuffer(b"\0" * 64, np.float32)):
+        lo = x.__array_interface__["data"][0]
+        assert native.span(x) == (lo, lo + x.nbytes)
+    with pytest.raises(ValueError):
+        native.span(table[:, 2])  # not C-contiguous: fused._span bounds it itself
