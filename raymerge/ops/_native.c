@@ -873,8 +873,11 @@ static PyObject *welford_variance(PyObject *self, PyObject *args)
 }
 
 /* run_program's instructions: four int32 each, (op, dst, x, y); an operand x or y >= 0 is an array
- * of the program's, -1 - k its k-th scalar. */
+ * of the program's, -1 - k its k-th scalar. An arithmetic op may carry OP_ROUNDED: its result is
+ * rounded to BF16 in the same loop (an OP_ROUND_BF16 of dst after it, without a pass of its own). */
 enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP_GT, OP_GE, OP_EQ, OPS };
+#define OP_ROUNDED 0x100
+#define IS_ARITH(op) ((op) >= OP_ADD && (op) <= OP_DIV)
 #define MAX_ARRAYS 32
 #define BLOCK 512 /* elements a block: a program's arrays' blocks stay in a core's L1 cache */
 
@@ -886,18 +889,37 @@ static inline uint32_t bf16_rounded(uint32_t v)
     return (v & 0x7FFFFFFFu) > 0x7F800000u ? v : r;
 }
 
+/* f rounded to BF16 as bf16_rounded rounds its bits. */
+static inline float bf16_round_value(float f)
+{
+    uint32_t v;
+    memcpy(&v, &f, 4);
+    v = bf16_rounded(v);
+    memcpy(&f, &v, 4);
+    return f;
+}
+
 /* One arithmetic instruction over a block's m elements: out = x op y, each a float32 array or scalar.
- * Plain float operations, rounded once each as numpy's ufuncs (no contraction: the compile flags). */
-#define ARITH(OPER)                                                                   \
+ * Plain float operations, rounded once each as numpy's ufuncs (no contraction: the compile flags);
+ * ROUND: the result rounded to BF16 after, in the same loop. */
+#define ARITH_LOOPS(OPER, ROUND)                                                      \
     do {                                                                              \
         if (xs && ys)                                                                 \
-            for (Py_ssize_t i = 0; i < m; i++) out[i] = xs[i] OPER ys[i];             \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = ROUND(xs[i] OPER ys[i]);      \
         else if (xs)                                                                  \
-            for (Py_ssize_t i = 0; i < m; i++) out[i] = xs[i] OPER yv;                \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = ROUND(xs[i] OPER yv);         \
         else if (ys)                                                                  \
-            for (Py_ssize_t i = 0; i < m; i++) out[i] = xv OPER ys[i];                \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = ROUND(xv OPER ys[i]);         \
         else                                                                          \
-            for (Py_ssize_t i = 0; i < m; i++) out[i] = xv OPER yv;                   \
+            for (Py_ssize_t i = 0; i < m; i++) out[i] = ROUND(xv OPER yv);            \
+    } while (0)
+#define AS_IS(v) (v)
+#define ARITH(OPER)                                                                   \
+    do {                                                                              \
+        if (rounded)                                                                  \
+            ARITH_LOOPS(OPER, bf16_round_value);                                      \
+        else                                                                          \
+            ARITH_LOOPS(OPER, AS_IS);                                                 \
     } while (0)
 
 /* A comparison over a block's m elements: out = 1.0 where x op y holds, else 0.0. */
@@ -925,7 +947,8 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
     for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
         Py_ssize_t m = lo + BLOCK < n ? BLOCK : n - lo;
         for (Py_ssize_t s = 0; s < steps; s++) {
-            int32_t op = ins[4 * s], d = ins[4 * s + 1], x = ins[4 * s + 2], y = ins[4 * s + 3];
+            int32_t op = ins[4 * s] & ~OP_ROUNDED, d = ins[4 * s + 1], x = ins[4 * s + 2], y = ins[4 * s + 3];
+            int rounded = (ins[4 * s] & OP_ROUNDED) != 0;
             const unsigned char *at = inner + 3 * s;
             float *out = at[0] ? rows + (Py_ssize_t)d * BLOCK : (float *)arr[d] + lo;
             const float *xs = x < 0 ? NULL : at[1] ? rows + (Py_ssize_t)x * BLOCK : (const float *)arr[x] + lo;
@@ -1025,8 +1048,8 @@ static PyObject *run_program(PyObject *self, PyObject *args)
             dead[j] = flags[j] != 0;
     }
     for (Py_ssize_t s = 0; ok && s < steps; s++) {
-        int32_t op = ins[4 * s], d = ins[4 * s + 1];
-        ok = op >= 0 && op < OPS && d >= 0 && d < count;
+        int32_t op = ins[4 * s] & ~OP_ROUNDED, d = ins[4 * s + 1];
+        ok = op >= 0 && op < OPS && d >= 0 && d < count && (op == ins[4 * s] || IS_ARITH(op));
         for (int j = 2; ok && j < 4; j++)
             ok = ins[4 * s + j] < count && ins[4 * s + j] >= -nscalars;
         if (ok)
@@ -1051,7 +1074,7 @@ static PyObject *run_program(PyObject *self, PyObject *args)
         n = len;
     }
     for (Py_ssize_t s = 0; ok && s < steps; s++) { /* operand types: BF16 bits only where widened */
-        int32_t op = ins[4 * s], x = ins[4 * s + 2], y = ins[4 * s + 3];
+        int32_t op = ins[4 * s] & ~OP_ROUNDED, x = ins[4 * s + 2], y = ins[4 * s + 3];
         if (op == OP_WIDEN_BF16)
             ok = x >= 0 && !wide[x];
         else if (op == OP_ROUND_BF16)
@@ -1189,7 +1212,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 40
+#define VERSION 41
 
 PyMODINIT_FUNC PyInit__native(void)
 {

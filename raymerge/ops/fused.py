@@ -29,6 +29,8 @@ from raymerge.ops.numpy_kernel import NumpyKernel
 _WIDEN_BF16, _COPY, _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE, _ROUND_BF16, _GREATER, _GREATER_EQUAL, _EQUAL = range(10)
 _NAMES = {_ADD: "add", _SUBTRACT: "subtract", _MULTIPLY: "multiply", _DIVIDE: "divide", _GREATER: "greater",
           _GREATER_EQUAL: "greater_equal", _EQUAL: "equal"}
+_ARITHMETIC = (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE)
+_ROUNDED = 0x100  # on an arithmetic step: its result rounded to BF16 in the same loop (a round_to folded in)
 _MAX_ARRAYS, _MAX_STEPS = 32, 256
 
 
@@ -127,9 +129,25 @@ class Program:
             self.kernel.fill(out, value)
 
     def round_to(self, x: np.ndarray, dtype: str) -> None:
+        if dtype == "BF16" and self._fold_round(x):
+            return
         if not (dtype == "BF16" and self._record(_ROUND_BF16, x, x, 0)):
             self.flush()
             self.kernel.round_to(x, dtype)
+
+    def _fold_round(self, x: Any) -> bool:
+        """Whether rounding x to BF16 is folded into the last step recorded: an arithmetic step
+        whose result is x (the very next step: nothing read x between them)."""
+        if not self._code or not isinstance(x, np.ndarray):
+            return False
+        op, d, a, b = self._code[-1]
+        if op & ~_ROUNDED not in _ARITHMETIC:
+            return False
+        out = self._arrays[d]
+        if out is not x and (x.dtype != np.float32 or _span(x) != _span(out)):
+            return False
+        self._code[-1] = (op | _ROUNDED, d, a, b)
+        return True
 
     add, subtract, multiply, divide = (_binary(op, _NAMES[op]) for op in (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE))
     greater, greater_equal, equal = (_binary(op, _NAMES[op]) for op in (_GREATER, _GREATER_EQUAL, _EQUAL))
@@ -196,8 +214,8 @@ class Program:
     def _one_at_a_time(self, code: list, arrays: list, scalars: list) -> None:
         """The recorded steps, each as the kernel's own primitive, in order."""
         k = self.kernel
-        for op, d, a, b in code:
-            out = arrays[d]
+        for code_op, d, a, b in code:
+            op, out = code_op & ~_ROUNDED, arrays[d]
             x, y = (arrays[i] if i >= 0 else scalars[-1 - i] for i in (a, b))
             if op == _WIDEN_BF16:
                 k.widen(out, x, None)
@@ -207,6 +225,8 @@ class Program:
                 k.round_to(out, "BF16")
             else:
                 getattr(k, _NAMES[op])(x, y, out)
+            if code_op & _ROUNDED:
+                k.round_to(out, "BF16")
 
 
 def _span(x: np.ndarray) -> tuple[int, int]:

@@ -179,3 +179,55 @@ def test_a_write_through_a_view_of_an_array_read_through_a_read_only_one():
         k.add(ro, np.float32(1), out)
         k.multiply(out, np.float32(2), buf)
     assert buf[3] == 8 and out[3] == 4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_rounding_after_the_step_that_wrote_its_array_is_folded_into_that_step(seed):
+    """A method's `rnd(step(...))`: the step carries the rounding (one loop, no step of its own),
+    compiled and one at a time, with the bits of the two primitives run in turn; a rounding of
+    another array, or after a comparison, stays a step."""
+    rng = np.random.default_rng(seed)
+    a, b = _values(rng, N), _values(rng, N)
+    want = np.zeros((3, N), np.float32)
+    got = np.zeros((3, N), np.float32)
+
+    def chain(k, rows):
+        for i, op in enumerate((k.add, k.subtract, k.multiply, k.divide)):
+            op(a if i % 2 else rows[0], b, rows[i % 3])
+            k.round_to(rows[i % 3], "BF16")
+            k.multiply(rows[i % 3], np.float32(1.7), rows[(i + 1) % 3])
+            k.round_to(rows[i % 3], "BF16")  # not the last step's array: a step of its own
+        k.greater(rows[0], rows[1], rows[2])
+        k.round_to(rows[2], "BF16")
+
+    with np.errstate(all="ignore"):
+        chain(NUMPY, want)
+        with fused(NUMPY) as k:
+            chain(k, got)
+            code = list(k._code)
+            folded = [op for op, *_ in code if op & fused_module._ROUNDED]
+            assert len(folded) == 4 and sum(op == fused_module._ROUND_BF16 for op, *_ in code) == 5
+    assert all(_same(x, y) for x, y in zip(want, got))
+
+
+def test_the_folded_rounding_one_step_at_a_time():
+    rng = np.random.default_rng(3)
+    a, b = _values(rng, N), _values(rng, N)
+    out, want = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    with np.errstate(all="ignore"):
+        NUMPY.multiply(a, b, want)
+        NUMPY.round_to(want, "BF16")
+        program = Program(NUMPY)
+        program.multiply(a, b, out)
+        program.round_to(out, "BF16")
+        [(op, d, x, y)] = program._code
+        assert op == fused_module._MULTIPLY | fused_module._ROUNDED
+        program._one_at_a_time(program._code, program._arrays, program._scalars)
+    assert _same(out, want)
+
+
+def test_run_program_refuses_the_rounding_flag_on_a_step_that_is_not_arithmetic():
+    x = np.ones(8, np.float32)
+    code = np.array([[fused_module._COPY | fused_module._ROUNDED, 0, 1, 0]], np.int32)
+    with pytest.raises(ValueError, match="out of range"):
+        native.loops.run_program(code, [x, x.copy()], np.zeros(0, np.float32))
