@@ -308,3 +308,12 @@ def test_rows_past_the_models_limit_keep_the_base(trio, method, params):
     for starts in ([], [100, 4999, 5000, 5001], list(range(700, 6000, 700))):
         got, _ = run_pieces(method, "r", base, vectors, starts, params, compute="BF16")
         assert_same_bits(got, want, f"{method} past the limit, {len(starts)} cuts")
+
+
+@pytest.mark.parametrize("bad", [[1, True], [1, -1], [1, 2**32], [1, 2.0], [1, "2"], [1, None], [1]])
+def test_a_facts_list_holds_float32_bit_patterns_alone(bad):
+    from raymerge.methods.steps import facts_problem
+
+    assert facts_problem([{"cos": [0, 2**32 - 1]}], 1, {"cos": 2}) is None
+    assert facts_problem([{"cos": []}], 1, {"cos": 0}) is not None and facts_problem([{"cos": []}], 1, {"cos": 1})
+    assert "cos" in facts_problem([{"cos": bad}], 1, {"cos": 2})
