@@ -356,16 +356,16 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
     [[first whole row, [[bits per sum] per whole row], [[row, [exact sums]] per partial row]]], small
     whatever the rows, with at most two exact sums per piece (`grouped_values` adds them up).
 
-    A row the piece holds whole is summed in float64, with the sum of magnitudes: the float64 sum
-    is within 2 * count * 2**-53 of that of the exact one, so where both ends of that interval
-    round to one float32 (through a square root, if a norm), that is the exact sum's rounding;
-    only where they do not (rarely) is the row summed again exactly. A row split at the piece's
+    A row the piece holds whole is summed in float64, with a bound on that sum's error
+    (`_segment_sums`), so where both ends of the interval round to one float32 (through a square
+    root, if a norm), that is the exact sum's rounding; only where they do not (rarely) is the row
+    summed again exactly. A row split at the piece's
     ends is summed exactly (ops.exact). So a piece of many rows costs a few passes of numpy."""
     k = len(roots)
     whole0 = -(-begin // length)  # the first row that starts inside the piece
     whole1 = (begin + n) // length  # one past the last row that ends inside it
     count = max(whole1 - whole0, 0)
-    sums, mags = np.zeros((k, count)), np.zeros((k, count))
+    sums, bounds = np.zeros((k, count)), np.zeros((k, count))
     settled: dict[tuple[int, int], float] = {}  # (sum, row - whole0) -> rounded exactly, where the bound cannot
     partial: dict[int, list[ExactSum]] = {}
     for at, m in chunks(n, scratch):
@@ -377,20 +377,23 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
         for i, (x, square) in enumerate(zip(quantities(at, m), roots)):
             h = kernel.to_host(x, scratch)
             if inside.any():  # rows the piece holds whole: float64 sums (the rest are exact below)
-                got_sums, got_mags = _segment_sums(h, starts, square)
-                np.add.at(sums[i], rows[inside] - whole0, got_sums[inside])
-                np.add.at(mags[i], rows[inside] - whole0, got_mags[inside])
+                got_sums, got_bounds = _segment_sums(h, starts, square, length)
+                at_rows = rows[inside] - whole0  # each once: a chunk holds one segment of a row
+                before, got = sums[i][at_rows], got_sums[inside]
+                sums[i][at_rows] = after = before + got
+                added = after - before  # TwoSum: this addition's rounding error, exactly (0 where the row began here)
+                bounds[i][at_rows] += got_bounds[inside] + np.abs((before - (after - added)) + (got - added))
                 # A row that begins and ends in this chunk is complete: where its bound cannot say,
                 # it is summed exactly now, from h, not computed again after the piece.
                 complete = inside & (ends - starts == length)
                 if complete.any():
-                    sure = _certain(got_sums[complete][None], got_mags[complete][None], length, (square,))[0]
+                    sure = _certain(got_sums[complete][None], got_bounds[complete][None], (square,))[0]
                     for s, e, r in zip(*(a[complete][np.isnan(sure)] for a in (starts, ends, rows))):
                         settled[(i, int(r) - whole0)] = _rounded(_host_sum(h[s:e], square, scratch, narrow), square)
             for r, s, e in zip(rows[~inside], starts[~inside], ends[~inside]):
                 got = _host_sum(h[s:e], square, scratch, narrow)
                 partial.setdefault(int(r), [ExactSum()] * k)[i] += got
-    whole = _certain(sums, mags, length, roots)
+    whole = _certain(sums, bounds, roots)
     for (i, j), v in settled.items():
         whole[i, j] = v
     for j in np.flatnonzero(np.isnan(whole).any(axis=0)):
@@ -416,22 +419,26 @@ def _rounded(s: ExactSum, root: bool) -> float:
     return float(s.sqrt_float32() if root else s.to_float32())
 
 
-def _segment_sums(h: np.ndarray, starts: np.ndarray, square: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The float64 sums of h's values (squares: `square`) and of their magnitudes, per segment from
-    each of `starts` to the next. Compiled where raymerge/ops/_native.c was built; in any order
-    (`_certain` bounds the error of every order)."""
+def _segment_sums(h: np.ndarray, starts: np.ndarray, square: bool, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 sums of h's values (squares: `square`, exact in float64) per segment from each of
+    `starts` to the next (of at most `length` values), and a bound on each sum's error. Compiled
+    where raymerge/ops/_native.c was built: the sum of every addition's exact rounding error, which
+    the loop adds up (widened for that sum's own roundings; 0 where every addition was exact);
+    numpy's, in its own order: 2 * length * 2**-53 of the sum of the magnitudes, whatever the order."""
     if native.takes(h, np.float32) and native.takes(starts, np.int64):
         out = np.empty((2, starts.size))
         native.loops.segment_sums(h, starts, square, out[0], out[1])
-        return out[0], out[1]
+        return out[0], out[1] * (1 + 4 * (length + 4) * 2.0**-53)
     p = np.multiply(h, h, dtype=np.float64) if square else h.astype(np.float64)
-    return np.add.reduceat(p, starts), np.add.reduceat(np.abs(p), starts)
+    return np.add.reduceat(p, starts), np.add.reduceat(np.abs(p), starts) * (2.0 * length * 2.0**-53)
 
 
-def _certain(sums: np.ndarray, mags: np.ndarray, length: int, roots: tuple[bool, ...]) -> np.ndarray:
+def _certain(sums: np.ndarray, bounds: np.ndarray, roots: tuple[bool, ...]) -> np.ndarray:
     """Each row's sum rounded to float32 (a root, where `roots`), where the float64 sum's error bound
-    proves the rounding; NaN where it does not (or where the sum is NaN: the exact path says which)."""
-    bound = mags * (2.0 * length * 2.0**-53)
+    proves the rounding; NaN where it does not (or where the sum is NaN: the exact path says which).
+    The bound is widened for its own roundings and those of the interval's ends; a bound of 0 says
+    the float64 sum is exact: its rounding is the exact sum's."""
+    bound = np.where(bounds > 0, bounds * (1 + 2.0**-20) + np.abs(sums) * 2.0**-51, 0.0)
     lo, hi, center = sums - bound, sums + bound, sums.copy()
     with np.errstate(all="ignore"):
         for i, root in enumerate(roots):

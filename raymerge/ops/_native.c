@@ -1122,24 +1122,35 @@ static PyObject *run_program(PyObject *self, PyObject *args)
     return PyBool_FromLong(apart);
 }
 
-/* segment_sums(x, starts, square, sums, mags): for each segment j of float32 x (from starts[j] to
- * the next start, or x's end), sums[j] = the float64 sum of its values (their squares: square) and
- * mags[j] = that of their magnitudes, in some order: steps.row_sums bounds the error of any order
- * by the sum of magnitudes. starts: int64, ascending from 0; sums, mags: float64 as long. */
+/* a + b, and in *err the magnitude of its rounding error, exactly (Knuth's TwoSum: round to
+ * nearest, no contraction). */
+static inline double two_sum(double a, double b, double *err)
+{
+    double s = a + b, bb = s - a;
+    *err = fabs((a - (s - bb)) + (b - bb));
+    return s;
+}
+
+/* segment_sums(x, starts, square, sums, errs): for each segment j of float32 x (from starts[j] to
+ * the next start, or x's end), sums[j] = the float64 sum of its values (their squares: square), each
+ * exact in float64, and errs[j] = the sum of every addition's rounding error's magnitude (two_sum),
+ * so sums[j] is within errs[j] of the exact sum, errs' own roundings aside (steps.row_sums widens
+ * it): 0 where every addition was exact, as sums of narrow values often are. starts: int64,
+ * ascending from 0; sums, errs: float64 as long. */
 static PyObject *segment_sums(PyObject *self, PyObject *args)
 {
-    PyObject *xo, *so, *sumo, *mago;
+    PyObject *xo, *so, *sumo, *erro;
     int square;
-    if (!PyArg_ParseTuple(args, "OOpOO", &xo, &so, &square, &sumo, &mago))
+    if (!PyArg_ParseTuple(args, "OOpOO", &xo, &so, &square, &sumo, &erro))
         return NULL;
     Py_buffer buf[4];
     const Want want[4] = {{xo, 0, "f", 4, "segment_sums x"}, {so, 0, "lq", 8, "segment_sums starts"},
-                          {sumo, 1, "d", 8, "segment_sums sums"}, {mago, 1, "d", 8, "segment_sums mags"}};
+                          {sumo, 1, "d", 8, "segment_sums sums"}, {erro, 1, "d", 8, "segment_sums errs"}};
     if (get_buffers(want, buf, 4) < 0)
         return NULL;
     const float *x = (const float *)buf[0].buf;
     const int64_t *starts = (const int64_t *)buf[1].buf;
-    double *sums = (double *)buf[2].buf, *mags = (double *)buf[3].buf;
+    double *sums = (double *)buf[2].buf, *errs = (double *)buf[3].buf;
     Py_ssize_t n = buf[0].len / 4, count = buf[1].len / 8;
     int ok = buf[2].len / 8 == count && buf[3].len / 8 == count && (count == 0 || starts[0] == 0);
     for (Py_ssize_t j = 1; ok && j < count; j++)
@@ -1152,22 +1163,24 @@ static PyObject *segment_sums(PyObject *self, PyObject *args)
             Py_ssize_t i = lo;
             for (; i + 4 <= hi; i += 4)
                 for (int l = 0; l < 4; l++) {
-                    double p = square ? (double)x[i + l] * (double)x[i + l] : (double)x[i + l];
-                    s[l] += p;
-                    a[l] += fabs(p); /* no branch: signs are random */
+                    double p = square ? (double)x[i + l] * (double)x[i + l] : (double)x[i + l], e;
+                    s[l] = two_sum(s[l], p, &e);
+                    a[l] += e;
                 }
             for (; i < hi; i++) {
-                double p = square ? (double)x[i] * (double)x[i] : (double)x[i];
-                s[0] += p;
-                a[0] += fabs(p);
+                double p = square ? (double)x[i] * (double)x[i] : (double)x[i], e;
+                s[0] = two_sum(s[0], p, &e);
+                a[0] += e;
             }
-            sums[j] = (s[0] + s[1]) + (s[2] + s[3]);
-            mags[j] = (a[0] + a[1]) + (a[2] + a[3]);
+            double e0, e1, e2;
+            double left = two_sum(s[0], s[1], &e0), right = two_sum(s[2], s[3], &e1);
+            sums[j] = two_sum(left, right, &e2);
+            errs[j] = ((a[0] + a[1]) + (a[2] + a[3])) + (e0 + e1 + e2);
         }
         Py_END_ALLOW_THREADS
     }
     if (!released(buf, 4, ok ? NULL :
-                  "segment_sums: starts must ascend from 0 within x, sums and mags as long"))
+                  "segment_sums: starts must ascend from 0 within x, sums and errs as long"))
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1212,7 +1225,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 41
+#define VERSION 42
 
 PyMODINIT_FUNC PyInit__native(void)
 {

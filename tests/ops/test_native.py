@@ -353,3 +353,30 @@ def test_span_is_the_memory_the_array_interface_gives():
         assert native.span(x) == (lo, lo + x.nbytes)
     with pytest.raises(ValueError):
         native.span(table[:, 2])  # not C-contiguous: fused._span bounds it itself
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_segment_sums_bound_their_error_by_their_additions(square):
+    """Each segment's float64 sum lies within errs (every addition's rounding error, exactly) of the
+    exact sum (Fractions), 0 where it is exact; that bound is far below the one of any order
+    (2 * length * 2**-53 of the magnitudes)."""
+    rng = np.random.default_rng(4)
+    wide = (rng.standard_normal(4000) * np.exp(rng.uniform(-12, 12, 4000))).astype(np.float32)
+    wide[:6] = np.float32([1.0, 2.0**-30, -1.0, 3.0, 2.0**-60, -3.0])  # cancellation
+    normal = rng.standard_normal(3000).astype(np.float32)
+    for x, starts in ((wide, [0, 3, 6, 7, 50, 1000, 1003, 4000]), (normal, [0, 1000, 2000])):
+        starts = np.array(starts, np.int64)  # wide's last segment is empty
+        sums, errs = np.empty(starts.size), np.empty(starts.size)
+        native.segment_sums(x, starts, square, sums, errs)
+        ratios = []
+        for s, e, got, err in zip(starts, [*starts[1:], x.size], sums, errs):
+            parts = [Fraction(float(v)) ** 2 if square else Fraction(float(v)) for v in x[s:e]]
+            error = abs(Fraction(got) - sum(parts, Fraction(0)))
+            assert error <= Fraction(err) * (1 + Fraction(2) ** -40) and (err > 0 or error == 0)
+            if err:
+                ratios.append(float(sum(abs(p) for p in parts)) * 2 * (e - s) * 2.0**-53 / err)
+    assert all(r > (1.5 if square else 20) for r in ratios), ratios
+    bf16 = (normal.view(np.uint32) & 0xFFFF0000).view(np.float32)[:2000]  # narrow: their sums exact
+    native.segment_sums(bf16, np.array([0, 1000], np.int64), square, sums[:2], errs[:2])
+    assert not errs[:2].any() and [Fraction(v) for v in sums[:2]] == [
+        sum((Fraction(float(v)) ** (2 if square else 1) for v in part), Fraction(0)) for part in (bf16[:1000], bf16[1000:])]
