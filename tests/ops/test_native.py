@@ -378,5 +378,6 @@ def test_segment_sums_bound_their_error_by_their_additions(square):
     assert all(r > (1.5 if square else 20) for r in ratios), ratios
     bf16 = (normal.view(np.uint32) & 0xFFFF0000).view(np.float32)[:2000]  # narrow: their sums exact
     native.segment_sums(bf16, np.array([0, 1000], np.int64), square, sums[:2], errs[:2])
-    assert not errs[:2].any() and [Fraction(v) for v in sums[:2]] == [
-        sum((Fraction(float(v)) ** (2 if square else 1) for v in part), Fraction(0)) for part in (bf16[:1000], bf16[1000:])]
+    exact = [sum((Fraction(float(v)) ** (2 if square else 1) for v in part), Fraction(0))
+             for part in (bf16[:1000], bf16[1000:])]
+    assert not errs[:2].any() and [Fraction(v) for v in sums[:2]] == exact
