@@ -6,7 +6,8 @@ second object that the driver never fetches: Ray's object store holds it on the 
 object holds only the values that pass made; the driver holds, per item, the references to every
 object holding a value no later pass replaced (a piece's value of a name: the StatsResult lists
 what a pass kept), hands them all to the item's next pass and to its elementwise pass, and drops
-each once later passes replaced all it holds, and all once the item is written. So a value kept
+each once later passes replaced all it holds or read it for the last time (`Method.spends`), and
+all once the item is written. So a value kept
 once (karcher's tangent) is not copied into the object store again by each pass that only reads
 it. Kept values only save time: where none arrive (the budget below exceeded, an object lost with
 its node, a resumed run, `raymerge verify`) the worker computes them again, to the same bits.

@@ -207,7 +207,7 @@ IN_LOOP double block_sum(const double *restrict p)
 /* The narrow parts p[0..SUM_BLOCK) added to acc's lanes: summed whole where every nonzero part is
  * within SUM_WINDOW binades of the largest, at lane `lane`; else the parts that are, and each other
  * at its own bucket; a block with an infinity or a NaN part by part (their bucket: exact._summed).
- * At most 66 parts for 64 products (63 far ones and a split sum): fewer than two each. */
+ * A bucket gets at most one part a product (a block's far parts, or its sum's parts at most 3). */
 IN_LOOP void add_block(const double *restrict p, double *acc, Py_ssize_t lane)
 {
     uint64_t top = 0, bottom = MAGNITUDE;
@@ -217,6 +217,8 @@ IN_LOOP void add_block(const double *restrict p, double *acc, Py_ssize_t lane)
         m -= 1; /* a zero's: the largest */
         bottom = m < bottom ? m : bottom;
     }
+    if (top == 0) /* zeros alone (a mask's dropped block): nothing to add */
+        return;
     if (top >= INFINITE) {
         for (int i = 0; i < SUM_BLOCK; i++)
             add_part(acc + (i % LANES) * LANE_SIZE, p[i]);
@@ -240,6 +242,26 @@ IN_LOOP void add_block(const double *restrict p, double *acc, Py_ssize_t lane)
 
 /* The products x[i] * y[i] (y NULL: x[i] alone) of n narrow values, exact in float64, into acc's
  * lanes a block at a time (add_block); the last partial block part by part. */
+/* dot_buckets_pair's: x[i] into a's lanes and x[i] * y[i] into b's, a block of each at a time. */
+WIDE_VECTORS
+static void narrow_pair_sums(const float *restrict xs, const float *restrict ys, Py_ssize_t n, double *a, double *b)
+{
+    double p[SUM_BLOCK], q[SUM_BLOCK];
+    Py_ssize_t whole = n - n % SUM_BLOCK;
+    for (Py_ssize_t at = 0; at < whole; at += SUM_BLOCK) {
+        for (int i = 0; i < SUM_BLOCK; i++) {
+            p[i] = (double)xs[at + i];
+            q[i] = p[i] * (double)ys[at + i];
+        }
+        add_block(p, a, (at / SUM_BLOCK) % LANES);
+        add_block(q, b, (at / SUM_BLOCK) % LANES);
+    }
+    for (Py_ssize_t i = whole; i < n; i++) {
+        add_part(a + (i % LANES) * LANE_SIZE, (double)xs[i]);
+        add_part(b + (i % LANES) * LANE_SIZE, (double)xs[i] * (double)ys[i]);
+    }
+}
+
 WIDE_VECTORS
 static void narrow_sums(const float *restrict xs, const float *restrict ys, Py_ssize_t n, double *acc)
 {
@@ -319,7 +341,7 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
 }
 
 /* dot_buckets_pair(x, y, a, b): dot_buckets(x, None, a, narrow) and dot_buckets(x, y, b, narrow) in
- * one call (a sum and the sum of what a mask y of 1.0 and 0.0 keeps of it: the sparsifying methods'
+ * one loop (a sum and the sum of what a mask y of 1.0 and 0.0 keeps of it: the sparsifying methods'
  * L1 norms before and after the drop); x and y narrow (a product of at most 24 significant bits). */
 static PyObject *dot_buckets_pair(PyObject *self, PyObject *args)
 {
@@ -336,8 +358,7 @@ static PyObject *dot_buckets_pair(PyObject *self, PyObject *args)
         const float *xs = (const float *)buf[0].buf, *ys = (const float *)buf[1].buf;
         Py_ssize_t n = buf[0].len / 4;
         Py_BEGIN_ALLOW_THREADS
-        narrow_sums(xs, NULL, n, (double *)buf[2].buf);
-        narrow_sums(xs, ys, n, (double *)buf[3].buf);
+        narrow_pair_sums(xs, ys, n, (double *)buf[2].buf, (double *)buf[3].buf);
         Py_END_ALLOW_THREADS
     }
     if (!released(buf, 4, ok ? NULL :
@@ -1215,7 +1236,7 @@ static PyMethodDef methods[] = {
     {"philox_words", philox_words, METH_VARARGS, "32 random bits an element of a tensor, from numpy's Philox4x64-10."},
 #endif
     {"welford_variance", welford_variance, METH_VARARGS, "Population variance across float32 arrays, Welford in float64."},
-    {"segment_sums", segment_sums, METH_VARARGS, "float64 sums (of squares) and of magnitudes per segment of float32 values."},
+    {"segment_sums", segment_sums, METH_VARARGS, "float64 sums (of squares) per segment, and their rounding errors."},
     {"run_program", run_program, METH_VARARGS, "A chain of elementwise float32 steps, block by block."},
     {"span", span, METH_O, "A C-contiguous buffer's memory: (first byte's address, past the last's)."},
     {NULL, NULL, 0, NULL},

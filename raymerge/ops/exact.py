@@ -180,8 +180,8 @@ def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> 
 
 
 def _collapsed(lanes: np.ndarray) -> np.ndarray:
-    """One set of bucket sums from the compiled loop's lanes (their padding left out); exact: fewer
-    than 2**29 parts in all."""
+    """One set of bucket sums from the compiled loop's lanes (their padding left out); exact: each
+    bucket holds at most one part a product, fewer than 2**29 in all (MAX_ELEMENTS)."""
     return lanes[:, :2 * _EXPONENTS].sum(axis=0)
 
 

@@ -144,8 +144,9 @@ class Program:
         if op & ~_ROUNDED not in _ARITHMETIC:
             return False
         out = self._arrays[d]
-        if out is not x and (x.dtype != np.float32 or _span(x) != _span(out)):
-            return False
+        if out is not x and not (x.dtype == np.float32 and x.ndim == 1 and x.flags.c_contiguous and
+                                 x.flags.writeable and _span(x) == _span(out)):
+            return False  # another array: recorded (or refused) as a step of its own
         self._code[-1] = (op | _ROUNDED, d, a, b)
         return True
 

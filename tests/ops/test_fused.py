@@ -231,3 +231,18 @@ def test_run_program_refuses_the_rounding_flag_on_a_step_that_is_not_arithmetic(
     code = np.array([[fused_module._COPY | fused_module._ROUNDED, 0, 1, 0]], np.int32)
     with pytest.raises(ValueError, match="out of range"):
         native.loops.run_program(code, [x, x.copy()], np.zeros(0, np.float32))
+
+
+def test_a_rounding_of_a_strided_view_of_the_step_s_array_is_not_folded():
+    """out[::2] spans out's memory but is half its elements: rounded alone, as numpy rounds it."""
+    rng = np.random.default_rng(8)
+    a, b = _values(rng, N), _values(rng, N)
+    got, want = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    with np.errstate(all="ignore"):
+        NUMPY.multiply(a, b, want)
+        NUMPY.round_to(want[::2], "BF16")
+        with fused(NUMPY) as k:
+            k.multiply(a, b, got)
+            k.round_to(got[::2], "BF16")
+            assert not any(op & fused_module._ROUNDED for op, *_ in k._code)
+    assert _same(got, want)

@@ -381,3 +381,19 @@ def test_segment_sums_bound_their_error_by_their_additions(square):
     exact = [sum((Fraction(float(v)) ** (2 if square else 1) for v in part), Fraction(0))
              for part in (bf16[:1000], bf16[1000:])]
     assert not errs[:2].any() and [Fraction(v) for v in sums[:2]] == exact
+
+
+@pytest.mark.parametrize("edge", [-23, -24])
+def test_a_block_of_24_bit_parts_sums_exactly_at_and_past_the_window_edge(edge):
+    """63 parts of 24 significant bits at the top of binade 0 and one 24-bit part 23 binades down
+    (summed with them: 53 bits) or 24 down (past the window: a bucket of its own; summed with them
+    it would lose its last bit), as float32 magnitudes (an L1 sum's)."""
+    x = np.full(64, np.float32(2 - 2.0**-23), np.float32)
+    x[17] = np.float32((1 + 2.0**-23) * 2.0**edge)
+    truth = sum((Fraction(float(v)) for v in x), Fraction(0))
+    assert Fraction(_lane_sum(x, None).units, 2**exact.UNIT) == truth
+    a, b = (np.zeros((exact._LANES, 4096 + exact._LANE_PAD)) for _ in range(2))
+    native.dot_buckets_pair(x, np.ones_like(x), a, b)
+    with np.errstate(all="ignore"):
+        pair = [exact._summed(s[:, :4096].sum(axis=0), x, np.float32(1), x.size) for s in (a, b)]
+    assert [Fraction(s.units, 2**exact.UNIT) for s in pair] == [truth, truth]
