@@ -170,18 +170,24 @@ static inline uint64_t magnitude(double v)
     return bits & MAGNITUDE;
 }
 
+/* v's first 24 significant bits (its mantissa's bits below them cleared); v minus them is exact. */
+static inline double first_24(double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, 8);
+    bits &= ~LOW_BITS;
+    memcpy(&v, &bits, 8);
+    return v;
+}
+
 /* v (an exact sum of narrow parts: at most 53 significant bits) added to a lane's buckets in parts
  * of at most 24 significant bits, each exact: its first 24 bits, the next 24, the rest. */
 static inline void split_part(double *acc, double v)
 {
     while (v != 0) {
-        uint64_t bits;
-        double high;
-        memcpy(&bits, &v, 8);
-        bits &= ~LOW_BITS;
-        memcpy(&high, &bits, 8);
+        double high = first_24(v);
         add_part(acc, high);
-        v -= high; /* exact: the bits below the first 24 */
+        v -= high;
     }
 }
 
@@ -323,12 +329,7 @@ static PyObject *dot_buckets(PyObject *self, PyObject *args)
     else
         for (Py_ssize_t i = 0; i < n; i++) {
             double *lane = acc + (i % LANES) * LANE_SIZE;
-            double p = ys ? (double)xs[i] * (double)ys[i] : (double)xs[i];
-            uint64_t bits;
-            double high;
-            memcpy(&bits, &p, 8);
-            bits &= ~LOW_BITS;
-            memcpy(&high, &bits, 8);
+            double p = ys ? (double)xs[i] * (double)ys[i] : (double)xs[i], high = first_24(p);
             add_part(lane, high);
             add_part(lane, p - high); /* the low part, exact (NaN where the product is not finite) */
         }
