@@ -212,9 +212,10 @@ class MergeWorker:
         st = self._state()
         inputs, read_bytes = self._read_inputs(item, st, pass_name, facts)
         rows: list[Row] = []
-        given, kept, spent = merged(carried, live), {}, []
+        given, kept, spent, skipped = merged(carried, live), {}, [], []
         for p, piece in enumerate(item.pieces):
             if not self._needs(piece, pass_name, facts):
+                skipped.append(piece)
                 continue
             t = self._plan.tensors[piece.tensor]
             k = self._kernels[piece.tensor]
@@ -227,10 +228,29 @@ class MergeWorker:
             spent += [(piece.tensor, piece.begin, name) for name in METHODS[t.method].spends(pass_name)]
             if new:
                 kept[(piece.tensor, piece.begin)] = new
+        if kept:  # this pass makes an object: the pieces it skips move what they still hold into it
+            spent += self._carry(pass_name, skipped, given, kept)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         names = tuple(sorted((tensor, begin, name) for (tensor, begin), values in kept.items() for name in values))
         return (StatsResult(item_id, pass_name, rows, read_bytes, time.perf_counter() - t0, self._name, peak, names,
                             tuple(spent)), kept or None)
+
+    def _carry(self, pass_name: str, skipped: list[Piece], given: Kept, kept: Kept) -> list[KeptName]:
+        """Put what the `skipped` pieces were given into `kept`, but for the values the pass would
+        have read last (Method.spends): those are spent, and returned. An object is freed only once
+        no piece holds a value in it (kept.KeptValues), so a piece that needs no more passes (a
+        karcher tensor that converged) would otherwise hold its item's whole objects to the end."""
+        spent = []
+        for piece in skipped:
+            values = given.get((piece.tensor, piece.begin))
+            if not values:
+                continue
+            spends = METHODS[self._plan.tensors[piece.tensor].method].spends(pass_name)
+            spent += [(piece.tensor, piece.begin, name) for name in spends if name in values]
+            rest = {name: v for name, v in values.items() if name not in spends}
+            if rest:
+                kept[(piece.tensor, piece.begin)] = rest
+        return spent
 
     def _needs(self, piece: Piece, pass_name: str, facts: dict[int, Any] | None) -> bool:
         """Whether the piece's tensor needs the pass, given its facts so far (`facts`: a statistics

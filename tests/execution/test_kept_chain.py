@@ -5,6 +5,8 @@ freeing the rest."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from raymerge.execution.kept import KeptValues
@@ -71,3 +73,49 @@ def test_karcher_spends_the_tangent_in_its_unit_passes_alone():
     assert Karcher().spends(iteration_pass(3, "unit")) == ("tangent", "tangent-of")
     assert not any(Karcher().spends(p) for p in ("karcher-norms", "karcher-mean", iteration_pass(3, "dots"),
                                                   iteration_pass(3, "tangent")))
+
+
+def test_a_converged_tensors_values_move_into_the_next_object_its_item_keeps(tmp_path):
+    """karcher tensors that converge (the norm weights here: the same in both models) skip the
+    passes after; what they still hold moves into the next object their item's passes keep (less
+    the tangent, which the skipped unit pass would have read last), so no earlier object stays
+    alive for them: an item holds at most a mean's object and a tangent's, and its output is the
+    bits computed again from the inputs."""
+    from safetensors.torch import load_file, save_file
+
+    from raymerge.config.files import load_recipe_file
+    from raymerge.execution.passes import Facts
+    from raymerge.execution.worker import MergeWorker
+    from raymerge.planning.build import make_plan
+    from raymerge.planning.passes import pass_items, statistics_passes
+    from tests.conftest import make_llama_trio
+    from tests.helpers import mergekit_file
+
+    folders = make_llama_trio(str(tmp_path), roles=("base", "chat"), max_shard_size="10MB", seed=5)
+    base, chat = (os.path.join(folders[r], "model.safetensors") for r in ("base", "chat"))
+    same = {k: v for k, v in load_file(base).items() if k.endswith("norm.weight")}
+    save_file({**load_file(chat), **same}, chat, metadata={"format": "pt"})
+    path = mergekit_file(tmp_path, f"merge_method: karcher\nmodels:\n  - model: {folders['base']}\n"
+                                   f"  - model: {folders['chat']}\nparameters: {{max_iter: 3}}\ndtype: bfloat16\n")
+    plan = make_plan(*load_recipe_file(path, {"out": str(tmp_path / "out")}))
+    worker, facts, kept, objects = MergeWorker(plan, None, {}, {}), Facts(plan), _kept(), {}
+    for name in statistics_passes(plan):
+        facts.settle(name)
+        for i in pass_items(plan, name):
+            if facts.wanted(name, i):
+                refs, live = kept._given(i)
+                result, objects[(name, i)] = worker.stats_kept(i, name, facts.for_item(i),
+                                                               *(objects[r] for r in refs), **live)
+                kept._next[i] = (name, i)
+                kept.finished(i, result.kept, result.spent)
+                facts.add(name, result.rows)
+                assert len(kept._given(i)[0]) <= 2, (name, kept._given(i))
+    done = {plan.tensors[t].name: f[0].get("done") for t, f in facts.by_tensor.items()}
+    assert {d for n, d in done.items() if n.endswith("norm.weight")} == {1}
+    assert {d for n, d in done.items() if not n.endswith("norm.weight")} == {None}  # three iterations
+    for item in plan.items:
+        refs, live = kept._given(item.id)
+        out, _, _ = worker.produce(item.id, None, facts.for_item(item.id),
+                                   merged(tuple(objects[r] for r in refs), live.get("live")))
+        got = bytes(out)
+        assert got == bytes(worker.produce(item.id, None, facts.for_item(item.id))[0])
