@@ -245,7 +245,8 @@ class MergeWorker:
             values = given.get((piece.tensor, piece.begin))
             if not values:
                 continue
-            spends = METHODS[self._plan.tensors[piece.tensor].method].spends(pass_name)
+            method = METHODS[self._plan.tensors[piece.tensor].method]
+            spends = method.spends(pass_name) if pass_name in self._passes[piece.tensor] else ()  # its own passes'
             spent += [(piece.tensor, piece.begin, name) for name in spends if name in values]
             rest = {name: v for name, v in values.items() if name not in spends}
             if rest:

@@ -113,6 +113,14 @@ def test_a_converged_tensors_values_move_into_the_next_object_its_item_keeps(tmp
     done = {plan.tensors[t].name: f[0].get("done") for t, f in facts.by_tensor.items()}
     assert {d for n, d in done.items() if n.endswith("norm.weight")} == {1}
     assert {d for n, d in done.items() if not n.endswith("norm.weight")} == {None}  # three iterations
+    # a pass of another method (a plan mixing methods): its values move whole, none spent
+    piece = next(p for p in plan.items[0].pieces if p.tensor >= 0)
+    into: dict = {}
+    values = {"mean": np.zeros(2), "tangent": np.ones(2), "tangent-of": 1}
+    assert worker._carry("della-l1", [piece], {(piece.tensor, piece.begin): values}, into) == []
+    assert into == {(piece.tensor, piece.begin): values}
+    assert worker._carry("karcher-unit-2", [piece], {(piece.tensor, piece.begin): values}, into) == \
+        [(piece.tensor, piece.begin, "tangent"), (piece.tensor, piece.begin, "tangent-of")]
     for item in plan.items:
         refs, live = kept._given(item.id)
         out, _, _ = worker.produce(item.id, None, facts.for_item(item.id),
