@@ -274,7 +274,7 @@ class _Run:
 
     def _statistics(self, pool, name: str, journal: Journal, kept) -> None:
         """One statistics pass: its items not done yet; the facts reduced as tensors complete."""
-        self.facts.settle(name)
+        kept.skipped(name, self.facts.settle(name))
         todo = [i for i in pass_items(self.plan, name)
                 if (name, i) not in self.stats_done and self.facts.wanted(name, i)]
         if todo:

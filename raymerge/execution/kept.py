@@ -44,6 +44,7 @@ class KeptValues:
     values (worker.KeptName) each still holds; the calls that hand them on."""
 
     def __init__(self, plan: Plan) -> None:
+        self._plan = plan
         need = kept_bytes(plan)
         store = ray.cluster_resources().get("object_store_memory", 0)
         self.on = 0 < need <= BUDGET_SHARE * store
@@ -86,6 +87,23 @@ class KeptValues:
             self._refs[item] = chain
         else:
             self._refs.pop(item, None)
+
+    def skipped(self, name: str, tensors: list[int]) -> None:
+        """Pass `name` will not run for `tensors` (their facts say they need it no more: a karcher
+        tensor that converged): what it would have read last of their pieces (Method.spends) is read
+        no more. An item all of whose pieces skip it runs no pass that could take in their values
+        (worker.MergeWorker._carry), so its object holding only those is freed here."""
+        spends = {t: set(METHODS[self._plan.tensors[t].method].spends(name)) for t in tensors}
+        spends = {t: names for t, names in spends.items() if names}
+        if not spends:
+            return
+        for item, chain in list(self._refs.items()):
+            chain = [(r, frozenset(n for n in live if n[2] not in spends.get(n[0], ()))) for r, live in chain]
+            chain = [(r, live) for r, live in chain if live]
+            if chain:
+                self._refs[item] = chain
+            else:
+                del self._refs[item]
 
     def written(self, item: int) -> None:
         """The item's output is written: what its passes kept is freed."""

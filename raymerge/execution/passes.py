@@ -80,14 +80,18 @@ class Facts:
         self.by_tensor[tensor] = facts
         self._done.add((name, tensor))
 
-    def settle(self, name: str) -> None:
+    def settle(self, name: str) -> list[int]:
         """Before pass `name` runs: a tensor whose facts say it needs the pass no more (an iterative
-        method's, converged: Method.needs) is done with it, and its pieces are skipped."""
+        method's, converged: Method.needs) is done with it, and its pieces are skipped. Returns
+        those tensors."""
+        skipped = []
         for key in [k for k in self._pieces if k[0] == name and k not in self._done]:
             t = self._plan.tensors[key[1]]
             if not METHODS[t.method].needs(name, self.by_tensor.get(key[1])):
                 self._done.add(key)
                 self._open.pop(key, None)
+                skipped.append(key[1])
+        return skipped
 
     def wanted(self, name: str, item_id: int) -> bool:
         """Whether the item holds a piece of a tensor still open in pass `name`."""

@@ -67,6 +67,25 @@ def test_a_value_its_method_spends_is_freed_after_the_pass_that_read_it_last():
     assert kept._given(7) == ([], {}) and 7 not in kept._refs
 
 
+def test_a_pass_skipped_for_converged_tensors_frees_what_it_would_have_read_last():
+    """Tensors whose facts say they need a pass no more (karcher's, converged) skip it: what it
+    would have spent of their pieces goes at once, and an object holding nothing else with it;
+    no later pass of the item would run to carry them (an item whose every piece converged)."""
+    from types import SimpleNamespace
+
+    kept = _kept()
+    kept._plan = SimpleNamespace(tensors=[SimpleNamespace(method="karcher")] * 2)
+    _pass(kept, "mean-pass", (*A, "at"), (*A, "mean"), (*B, "at"), (*B, "mean"))
+    _pass(kept, "tangent-pass", (*A, "tangent"), (*A, "tangent-of"), (*B, "tangent"), (*B, "tangent-of"))
+    kept.skipped("karcher-dots-2", [0, 1])  # spends nothing
+    kept.skipped("karcher-unit-1", [0])  # A converged: B's tangent stays
+    assert kept._given(7) == (["mean-pass", "tangent-pass"],
+                              {"live": [[(*A, "at"), (*A, "mean"), (*B, "at"), (*B, "mean")],
+                                        [(*B, "tangent"), (*B, "tangent-of")]]})
+    kept.skipped("karcher-unit-1", [1])
+    assert kept._given(7)[0] == ["mean-pass"]
+
+
 def test_karcher_spends_the_tangent_in_its_unit_passes_alone():
     from raymerge.methods.karcher import Karcher, iteration_pass
 
@@ -99,8 +118,9 @@ def test_a_converged_tensors_values_move_into_the_next_object_its_item_keeps(tmp
                                    f"  - model: {folders['chat']}\nparameters: {{max_iter: 3}}\ndtype: bfloat16\n")
     plan = make_plan(*load_recipe_file(path, {"out": str(tmp_path / "out")}))
     worker, facts, kept, objects = MergeWorker(plan, None, {}, {}), Facts(plan), _kept(), {}
+    kept._plan = plan
     for name in statistics_passes(plan):
-        facts.settle(name)
+        kept.skipped(name, facts.settle(name))
         for i in pass_items(plan, name):
             if facts.wanted(name, i):
                 refs, live = kept._given(i)
