@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -79,14 +80,10 @@ class KeptValues:
         more. An earlier object that holds nothing still read is freed."""
         ref = self._next.pop(item, None)
         gone = set(names) | set(spent)
-        chain = [(r, live - gone) for r, live in self._refs.get(item, [])]
-        chain = [(r, live) for r, live in chain if live]
+        chain = self._without(item, gone.__contains__)
         if ref is not None and names:
             chain.append((ref, frozenset(names)))
-        if chain:
-            self._refs[item] = chain
-        else:
-            self._refs.pop(item, None)
+        self._set(item, chain)
 
     def skipped(self, name: str, tensors: list[int]) -> None:
         """Pass `name` will not run for `tensors` (their facts say they need it no more: a karcher
@@ -95,15 +92,21 @@ class KeptValues:
         (worker.MergeWorker._carry), so its object holding only those is freed here."""
         spends = {t: set(METHODS[self._plan.tensors[t].method].spends(name)) for t in tensors}
         spends = {t: names for t, names in spends.items() if names}
-        if not spends:
-            return
-        for item, chain in list(self._refs.items()):
-            chain = [(r, frozenset(n for n in live if n[2] not in spends.get(n[0], ()))) for r, live in chain]
-            chain = [(r, live) for r, live in chain if live]
-            if chain:
-                self._refs[item] = chain
-            else:
-                del self._refs[item]
+        if spends:
+            for item in list(self._refs):
+                self._set(item, self._without(item, lambda n: n[2] in spends.get(n[0], ())))
+
+    def _without(self, item: int, gone: Callable[[KeptName], bool]) -> list[tuple[Any, frozenset[KeptName]]]:
+        """The item's chain less the values `gone` says are read no more, and less the objects
+        left holding none."""
+        chain = [(r, frozenset(n for n in live if not gone(n))) for r, live in self._refs.get(item, [])]
+        return [(r, live) for r, live in chain if live]
+
+    def _set(self, item: int, chain: list[tuple[Any, frozenset[KeptName]]]) -> None:
+        if chain:
+            self._refs[item] = chain
+        else:
+            self._refs.pop(item, None)
 
     def written(self, item: int) -> None:
         """The item's output is written: what its passes kept is freed."""
