@@ -268,12 +268,65 @@ static void narrow_pair_sums(const float *restrict xs, const float *restrict ys,
     }
 }
 
+/* A float32's magnitude bits, and the bits from which on a float32 is not finite. */
+#define MAGNITUDE_F32 UINT32_C(0x7FFFFFFF)
+#define INFINITE_F32 UINT32_C(0x7F800000)
+
+/* The block's SUM_BLOCK parts x[i] * y[i] (y NULL: x[i]) made in float32 and added to a lane's
+ * buckets, where that is add_block's sum: the common block, in twice the lanes of float64's. A
+ * product of two narrow values has at most 24 significant bits, so float32 holds it exactly
+ * unless it overflows or falls below float32's normal range: a block is taken here only where
+ * every part is finite and lies within SUM_WINDOW binades of the largest (so none is zero: a
+ * product may be zero having lost a tiny exact value), whose binade is above 2**-102 (so every
+ * part is at least 2**-125, a normal float32: no part was rounded). Then the
+ * parts are add_block's, and so is their sum in float64: exact, in any order. Returns 0 for any
+ * other block (add_block takes it, its parts made in float64). */
+IN_LOOP int narrow_block(const float *restrict x, const float *restrict y, double *lane)
+{
+    float q[SUM_BLOCK];
+    uint32_t top = 0, bottom = UINT32_MAX;
+    if (y)
+        for (int i = 0; i < SUM_BLOCK; i++)
+            q[i] = x[i] * y[i];
+    else
+        for (int i = 0; i < SUM_BLOCK; i++)
+            q[i] = x[i];
+    for (int i = 0; i < SUM_BLOCK; i++) {
+        uint32_t m;
+        memcpy(&m, &q[i], 4);
+        m &= MAGNITUDE_F32;
+        top = m > top ? m : top;
+        bottom = m < bottom ? m : bottom; /* a zero's too: a block with one is not taken */
+    }
+    if (top >= INFINITE_F32 || (top & INFINITE_F32) < ((uint32_t)(SUM_WINDOW + 1 + 1) << 23) ||
+        bottom < (top & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23))
+        return 0;
+#if defined(__GNUC__) || defined(__clang__)
+    Sums s = {0};
+    for (int k = 0; k < SUM_BLOCK; k += 8) {
+        Sums v;
+        for (int j = 0; j < 8; j++)
+            v[j] = (double)q[k + j];
+        s += v;
+    }
+    split_part(lane, ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+#else
+    double s = 0;
+    for (int i = 0; i < SUM_BLOCK; i++)
+        s += (double)q[i];
+    split_part(lane, s);
+#endif
+    return 1;
+}
+
 WIDE_VECTORS
 static void narrow_sums(const float *restrict xs, const float *restrict ys, Py_ssize_t n, double *acc)
 {
     double p[SUM_BLOCK];
     Py_ssize_t whole = n - n % SUM_BLOCK;
     for (Py_ssize_t at = 0; at < whole; at += SUM_BLOCK) {
+        if (narrow_block(xs + at, ys ? ys + at : NULL, acc + (at / SUM_BLOCK) % LANES * LANE_SIZE))
+            continue;
         if (ys)
             for (int i = 0; i < SUM_BLOCK; i++)
                 p[i] = (double)xs[at + i] * (double)ys[at + i];
@@ -1285,7 +1338,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 43
+#define VERSION 44
 
 PyMODINIT_FUNC PyInit__native(void)
 {

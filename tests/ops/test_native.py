@@ -397,3 +397,25 @@ def test_a_block_of_24_bit_parts_sums_exactly_at_and_past_the_window_edge(edge):
     with np.errstate(all="ignore"):
         pair = [exact._summed(s[:, :4096].sum(axis=0), x, np.float32(1), x.size) for s in (a, b)]
     assert [Fraction(s.units, 2**exact.UNIT) for s in pair] == [truth, truth]
+
+
+@pytest.mark.parametrize("top", [-102, -103, -104, -126, 128])
+def test_narrow_products_made_in_float32_lose_nothing_at_its_range_edges(top):
+    """A block's products are made in float32 where that is exact: BF16 products whose exact value
+    falls below float32's normal range (rounded there, or to zero) or above it (an infinity) must
+    not be taken so. Products of 16 significant bits, the largest in binade `top`, the others down
+    to 23 binades below it, against Fractions."""
+    rng = np.random.default_rng(top & 0xFF)
+    odd = np.float32(1 + 2.0**-7)  # BF16's last bit: the product of two has 15 bits below its first
+    exps = rng.integers(-23, 1, 192)
+    exps[::64] = 0  # each block's largest
+    x = (odd * np.exp2(exps // 2 + top // 2).astype(np.float32) * rng.choice([-1, 1], 192)).astype(np.float32)
+    y = (odd * np.exp2(exps - exps // 2 + top - top // 2).astype(np.float32)).astype(np.float32)
+    x[70] = np.float32(2.0**-90) * odd  # a product whose last bits fall below float32's least subnormal
+    x[130] = np.float32(2.0**-100)  # a product below it whole but at 128 (zero in float32)
+    assert not np.isinf(x).any() and not np.isinf(y).any() and np.all((x.view(np.uint32) & 0xFFFF) == 0)
+    truth = sum((Fraction(float(p)) * Fraction(float(q)) for p, q in zip(x, y)), Fraction(0))
+    got = _lane_sum(x, y)
+    if top == 128:  # products past float32's range: finite in float64, and summed so
+        assert (got.pinf, got.ninf, got.nan) == (0, 0, 0)
+    assert Fraction(got.units, 2**exact.UNIT) == truth
