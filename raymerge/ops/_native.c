@@ -1243,12 +1243,58 @@ IN_LOOP void lanes_sum(const float *restrict x, Py_ssize_t *at, Py_ssize_t hi, i
 }
 #endif
 
-/* segment_sums' work for one segment, x[lo..hi): its sum into *sum, the error magnitudes into *err. */
+/* The exact sum of a block's SUM_BLOCK values x[i] (their squares: square) into *sum, where float32
+ * holds each (a value; a square of a value of at most 12 significant bits, its mantissa's last 12
+ * bits clear) and float64 their sum: narrow_block's test (every part finite, within SUM_WINDOW
+ * binades of the largest, above 2**-125). Returns 0, summing nothing, for any other block. */
+#if defined(__GNUC__) || defined(__clang__)
+IN_LOOP int exact_block(const float *restrict x, int square, double *sum)
+{
+    float q[SUM_BLOCK];
+    uint32_t top = 0, bottom = UINT32_MAX, low = 0;
+    for (int i = 0; i < SUM_BLOCK; i++) {
+        uint32_t m;
+        q[i] = square ? x[i] * x[i] : x[i];
+        memcpy(&m, &x[i], 4);
+        low |= m;
+        memcpy(&m, &q[i], 4);
+        m &= MAGNITUDE_F32;
+        top = m > top ? m : top;
+        bottom = m < bottom ? m : bottom;
+    }
+    if ((square && (low & 0xFFFu)) || top >= INFINITE_F32 ||
+        (top & INFINITE_F32) < ((uint32_t)(SUM_WINDOW + 1 + 1) << 23) ||
+        bottom < (top & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23))
+        return 0;
+    Sums s = {0};
+    for (int k = 0; k < SUM_BLOCK; k += 8) {
+        Sums v;
+        for (int j = 0; j < 8; j++)
+            v[j] = (double)q[k + j];
+        s += v;
+    }
+    *sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    return 1;
+}
+#endif
+
+/* segment_sums' work for one segment, x[lo..hi): its sum into *sum, the error magnitudes into *err.
+ * A block whose sum is exact (exact_block: narrow values, as most rows are) is one addition. */
 WIDE_VECTORS static void segment_sum(const float *restrict x, Py_ssize_t lo, Py_ssize_t hi, int square,
                                      double *sum, double *err)
 {
     double s = 0, a = 0;
 #if defined(__GNUC__) || defined(__clang__)
+    while (hi - lo >= SUM_BLOCK) {
+        double b, e;
+        if (exact_block(x + lo, square, &b)) {
+            s = two_sum(s, b, &e);
+            a += e;
+            lo += SUM_BLOCK;
+        } else {
+            lanes_sum(x, &lo, lo + SUM_BLOCK, square, &s, &a);
+        }
+    }
     if (hi - lo >= 32) /* else joining the lanes costs more than they save */
         lanes_sum(x, &lo, hi, square, &s, &a);
 #endif
@@ -1338,7 +1384,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 44
+#define VERSION 45
 
 PyMODINIT_FUNC PyInit__native(void)
 {

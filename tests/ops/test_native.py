@@ -419,3 +419,25 @@ def test_narrow_products_made_in_float32_lose_nothing_at_its_range_edges(top):
     if top == 128:  # products past float32's range: finite in float64, and summed so
         assert (got.pinf, got.ninf, got.nan) == (0, 0, 0)
     assert Fraction(got.units, 2**exact.UNIT) == truth
+
+
+@pytest.mark.parametrize("top", [-102, -103, -104, -126, 128])
+def test_segment_sums_take_a_block_whole_only_where_float32_holds_its_parts(top):
+    """A segment's block of 64 is summed as one exact addition where float32 holds each value and
+    square: squares of BF16 values (the largest in binade `top`, one far below float32's least
+    subnormal) and of values of 13 significant bits (too many for float32's square), against
+    Fractions: the bound holds, and is 0 only where the sum is exact."""
+    rng = np.random.default_rng(top & 0xFF)
+    odd = np.float32(1 + 2.0**-7)
+    half = np.exp2(np.concatenate([[0], rng.integers(-11, 1, 127)]) + top / 2).astype(np.float32)
+    bf16 = (odd * half * rng.choice([-1, 1], 128)).astype(np.float32)
+    bf16[70] = np.float32(2.0**-71) * odd  # its square: bits below float32's least subnormal
+    wide = np.float32(1 + 2.0**-12) * np.ones(64, np.float32) * rng.choice([-1, 1], 64).astype(np.float32)
+    for x, square in ((bf16, True), (bf16, False), (wide, True)):
+        assert np.isfinite(x).all()
+        sums, errs = np.empty(2), np.empty(2)
+        native.segment_sums(x, np.array([0, 64], np.int64), square, sums, errs)
+        for got, err, part in zip(sums, errs, (x[:64], x[64:])):
+            exact = sum((Fraction(float(v)) ** (2 if square else 1) for v in part), Fraction(0))
+            error = abs(Fraction(got) - exact)
+            assert error <= Fraction(err) * (1 + Fraction(2) ** -40) and (err > 0 or error == 0), (square, got, err)
