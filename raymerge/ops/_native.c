@@ -272,25 +272,17 @@ static void narrow_pair_sums(const float *restrict xs, const float *restrict ys,
 #define MAGNITUDE_F32 UINT32_C(0x7FFFFFFF)
 #define INFINITE_F32 UINT32_C(0x7F800000)
 
-/* The block's SUM_BLOCK parts x[i] * y[i] (y NULL: x[i]) made in float32 and added to a lane's
- * buckets, where that is add_block's sum: the common block, in twice the lanes of float64's. A
- * product of two narrow values has at most 24 significant bits, so float32 holds it exactly
- * unless it overflows or falls below float32's normal range: a block is taken here only where
- * every part is finite and lies within SUM_WINDOW binades of the largest (so none is zero: a
- * product may be zero having lost a tiny exact value), whose binade is above 2**-102 (so every
- * part is at least 2**-125, a normal float32: no part was rounded). Then the
- * parts are add_block's, and so is their sum in float64: exact, in any order. Returns 0 for any
- * other block (add_block takes it, its parts made in float64). */
-IN_LOOP int narrow_block(const float *restrict x, const float *restrict y, double *lane)
+#if defined(__GNUC__) || defined(__clang__)
+/* The sum of a block's SUM_BLOCK parts q, made in float32 (narrow products: at most 24 significant
+ * bits, which float32 holds unless they overflow or fall below its normal range), into *sum, where
+ * it is add_block's exact sum of the exact parts: every part finite and within SUM_WINDOW binades
+ * of the largest (so none is zero: a product may be zero having lost a tiny exact value), whose
+ * binade is above 2**-102 (so every part is at least 2**-125, a normal float32: none was rounded).
+ * Returns 0, summing nothing, for any other block. The bounds in 32-bit lanes: twice as many to a
+ * register as float64's, with native unsigned minimum and maximum. */
+IN_LOOP int float32_block_sum(const float *restrict q, double *sum)
 {
-    float q[SUM_BLOCK];
     uint32_t top = 0, bottom = UINT32_MAX;
-    if (y)
-        for (int i = 0; i < SUM_BLOCK; i++)
-            q[i] = x[i] * y[i];
-    else
-        for (int i = 0; i < SUM_BLOCK; i++)
-            q[i] = x[i];
     for (int i = 0; i < SUM_BLOCK; i++) {
         uint32_t m;
         memcpy(&m, &q[i], 4);
@@ -298,10 +290,9 @@ IN_LOOP int narrow_block(const float *restrict x, const float *restrict y, doubl
         top = m > top ? m : top;
         bottom = m < bottom ? m : bottom; /* a zero's too: a block with one is not taken */
     }
-    if (top >= INFINITE_F32 || (top & INFINITE_F32) < ((uint32_t)(SUM_WINDOW + 1 + 1) << 23) ||
+    if (top >= INFINITE_F32 || (top & INFINITE_F32) < ((uint32_t)(SUM_WINDOW + 2) << 23) ||
         bottom < (top & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23))
         return 0;
-#if defined(__GNUC__) || defined(__clang__)
     Sums s = {0};
     for (int k = 0; k < SUM_BLOCK; k += 8) {
         Sums v;
@@ -309,15 +300,10 @@ IN_LOOP int narrow_block(const float *restrict x, const float *restrict y, doubl
             v[j] = (double)q[k + j];
         s += v;
     }
-    split_part(lane, ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
-#else
-    double s = 0;
-    for (int i = 0; i < SUM_BLOCK; i++)
-        s += (double)q[i];
-    split_part(lane, s);
-#endif
+    *sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
     return 1;
 }
+#endif
 
 WIDE_VECTORS
 static void narrow_sums(const float *restrict xs, const float *restrict ys, Py_ssize_t n, double *acc)
@@ -325,8 +311,16 @@ static void narrow_sums(const float *restrict xs, const float *restrict ys, Py_s
     double p[SUM_BLOCK];
     Py_ssize_t whole = n - n % SUM_BLOCK;
     for (Py_ssize_t at = 0; at < whole; at += SUM_BLOCK) {
-        if (narrow_block(xs + at, ys ? ys + at : NULL, acc + (at / SUM_BLOCK) % LANES * LANE_SIZE))
+#if defined(__GNUC__) || defined(__clang__)
+        float q[SUM_BLOCK];
+        double sum;
+        for (int i = 0; i < SUM_BLOCK; i++)
+            q[i] = ys ? xs[at + i] * ys[at + i] : xs[at + i];
+        if (float32_block_sum(q, &sum)) {
+            split_part(acc + (at / SUM_BLOCK) % LANES * LANE_SIZE, sum);
             continue;
+        }
+#endif
         if (ys)
             for (int i = 0; i < SUM_BLOCK; i++)
                 p[i] = (double)xs[at + i] * (double)ys[at + i];
@@ -1243,38 +1237,21 @@ IN_LOOP void lanes_sum(const float *restrict x, Py_ssize_t *at, Py_ssize_t hi, i
 }
 #endif
 
-/* The exact sum of a block's SUM_BLOCK values x[i] (their squares: square) into *sum, where float32
- * holds each (a value; a square of a value of at most 12 significant bits, its mantissa's last 12
- * bits clear) and float64 their sum: narrow_block's test (every part finite, within SUM_WINDOW
- * binades of the largest, above 2**-125). Returns 0, summing nothing, for any other block. */
 #if defined(__GNUC__) || defined(__clang__)
+/* The exact sum of a block's SUM_BLOCK values x[i] (their squares: square, of values of at most
+ * 12 significant bits, their mantissa's last 12 bits clear, so that float32 holds each) into *sum
+ * (float32_block_sum). Returns 0, summing nothing, for any other block. */
 IN_LOOP int exact_block(const float *restrict x, int square, double *sum)
 {
     float q[SUM_BLOCK];
-    uint32_t top = 0, bottom = UINT32_MAX, low = 0;
+    uint32_t low = 0;
     for (int i = 0; i < SUM_BLOCK; i++) {
         uint32_t m;
-        q[i] = square ? x[i] * x[i] : x[i];
         memcpy(&m, &x[i], 4);
         low |= m;
-        memcpy(&m, &q[i], 4);
-        m &= MAGNITUDE_F32;
-        top = m > top ? m : top;
-        bottom = m < bottom ? m : bottom;
+        q[i] = square ? x[i] * x[i] : x[i];
     }
-    if ((square && (low & 0xFFFu)) || top >= INFINITE_F32 ||
-        (top & INFINITE_F32) < ((uint32_t)(SUM_WINDOW + 1 + 1) << 23) ||
-        bottom < (top & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23))
-        return 0;
-    Sums s = {0};
-    for (int k = 0; k < SUM_BLOCK; k += 8) {
-        Sums v;
-        for (int j = 0; j < 8; j++)
-            v[j] = (double)q[k + j];
-        s += v;
-    }
-    *sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    return 1;
+    return !(square && (low & 0xFFFu)) && float32_block_sum(q, sum);
 }
 #endif
 
