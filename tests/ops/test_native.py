@@ -412,7 +412,7 @@ def test_narrow_products_made_in_float32_lose_nothing_at_its_range_edges(top):
     x = (odd * np.exp2(exps // 2 + top // 2).astype(np.float32) * rng.choice([-1, 1], 192)).astype(np.float32)
     y = (odd * np.exp2(exps - exps // 2 + top - top // 2).astype(np.float32)).astype(np.float32)
     x[70] = np.float32(2.0**-90) * odd  # a product whose last bits fall below float32's least subnormal
-    x[130] = np.float32(2.0**-100)  # a product below it whole but at 128 (zero in float32)
+    x[130] = np.float32(2.0**-100)  # a product below float32's range whole (zero there), but at 128
     assert not np.isinf(x).any() and not np.isinf(y).any() and np.all((x.view(np.uint32) & 0xFFFF) == 0)
     truth = sum((Fraction(float(p)) * Fraction(float(q)) for p, q in zip(x, y)), Fraction(0))
     got = _lane_sum(x, y)
