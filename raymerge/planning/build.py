@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from raymerge.commit.card import card_names
-from raymerge.errors import InputError, ResolveError
+from raymerge.errors import InputError
 from raymerge.methods import ELEMENTWISE, METHODS, PASS_ORDER, pass_named
+from raymerge.planning import tokenizer_process
 from raymerge.planning.inputs import resolve
 from raymerge.planning.passes import pass_items, pass_read_bytes, statistics_passes, tensor_passes
 from raymerge.planning.plan import Plan
@@ -94,13 +93,7 @@ def _vocabulary(recipe: Recipe, terms, anchor, base, storage_options, template_f
         return None, ()  # no tokenizer anywhere: the base model's files as they are (raymerge's reading before)
     started = time.perf_counter()
     # In a process of its own: transformers brings torch (600 MB resident) that the driver never needs.
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            vocabulary = pool.submit(build_vocabulary, spec, models, base, storage_options, template_from,
-                                     groups).result()
-        except BrokenProcessPool as e:
-            raise ResolveError(f"tokenizer: the process building it was killed ({e}), perhaps out of memory; free "
-                               "memory and run the command again") from e
+    vocabulary = tokenizer_process.run(build_vocabulary, spec, models, base, storage_options, template_from, groups)
     log.info("tokenizer: %s, %s tokens, in %.2fs", spec.source if spec.source in ("base", "union") else
              "a model's" if spec.source else "a chat template", vocabulary.size or "the donor's",
              time.perf_counter() - started)
