@@ -65,6 +65,21 @@ def weighted_reference(anchor: dict | None, terms: list[tuple[float, dict, dict 
     return out
 
 
+def own_processes(title: str) -> list:
+    """This test process's descendants whose command line holds `title` (e.g. "ray::MergeWorker"):
+    the session's own Ray workers, never those of another test session on the machine."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if title in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
 def race(attempt: Callable[[int], object], n: int, lost: type[BaseException]) -> tuple[list, list[int]]:
     """Run attempt(0) .. attempt(n - 1) in n threads at once: (what the winners returned, the
     indices of those that raised `lost`)."""

@@ -16,7 +16,7 @@ import pytest
 
 import raymerge
 from raymerge.errors import OutputError
-from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder
+from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, own_processes
 
 STAGING = ".raymerge-staging"
 
@@ -101,7 +101,7 @@ def _partial_run(ray_local, llama_trio, out, monkeypatch, **kw):
 
 
 def _merge_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "ray::MergeWorker" in " ".join(p.info["cmdline"] or [])]
+    return own_processes("ray::MergeWorker")
 
 
 def test_busy_worker_killed_mid_run_completes_bit_exact(ray_local, llama_trio, tmp_path, monkeypatch):

@@ -21,10 +21,13 @@ from safetensors.torch import save_file
 
 import raymerge
 from tests.e2e.test_resume import _wait_for
-from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, weighted_reference
+from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, own_processes, weighted_reference
 
 STAGING = ".raymerge-staging"
 SLOW = {"RAYMERGE_TEST_ITEM_DELAY": "0.25"}
+# A run that lasts (71 items, two workers: about 21 s) while other drivers start beside it, each
+# taking seconds to reach the lease on a loaded machine (the suite runs in two processes).
+LASTING = {"RAYMERGE_TEST_ITEM_DELAY": "0.6"}
 
 
 def _env(**extra) -> dict:
@@ -186,7 +189,7 @@ def test_overflow_fails_the_run_until_allowed(ray_local, tmp_path):
 
 def test_two_drivers_started_together_one_runs_one_is_refused(llama_trio, tmp_path):
     out = str(tmp_path / "out")
-    procs = [_start(_args(llama_trio, out), **SLOW) for _ in range(2)]
+    procs = [_start(_args(llama_trio, out), **LASTING) for _ in range(2)]
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
@@ -200,7 +203,7 @@ def test_two_drivers_started_together_one_runs_one_is_refused(llama_trio, tmp_pa
 
 def test_a_second_driver_mid_run_is_refused_with_any_flag(llama_trio, tmp_path):
     out = str(tmp_path / "out")
-    first = _start(_args(llama_trio, out), **SLOW)
+    first = _start(_args(llama_trio, out), **LASTING)
     try:
         assert _wait_for(lambda: _journaled(out) >= 2 or first.poll() is not None)
         assert first.poll() is None
@@ -258,8 +261,7 @@ def test_a_damaged_journal_is_refused_for_resume_and_overwrite_starts_over(ray_l
 # -- workers that cannot start ----------------------------------------------------------------------
 
 def _starting_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if "ray::MergeWorker.__init__" in " ".join(p.info["cmdline"] or [])]
+    return own_processes("ray::MergeWorker.__init__")
 
 
 def test_a_worker_killed_while_starting_is_replaced(ray_local, llama_trio, tmp_path, monkeypatch, caplog):

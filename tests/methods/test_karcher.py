@@ -72,7 +72,7 @@ def karcher_pieces(tensors: list[torch.Tensor], cuts: list[int], max_iter: int =
 KEEP = pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
 
 
-CUTS = ([], [1, 99, 100, 101, 2500, 5999], list(range(250, 6000, 250)))
+CUTS = ([], [1, 99, 100, 101, 2500, 5999], list(range(750, 6000, 750)))  # whole, ragged, pieces of 7.5 rows
 
 
 @KEEP
