@@ -70,6 +70,8 @@ def _call(env: dict[str, str], cwd: str, fn: Callable[..., Any], *args: Any) -> 
 
 
 def _arm_locked() -> None:
+    if _kept["pool"] is None:  # ended: a killed process, nothing to wait for
+        return
     generation = _kept["generation"]
     timer = threading.Timer(IDLE, _end_idle, args=(generation,))
     timer.daemon = True  # never holds the driver's exit
