@@ -65,6 +65,18 @@ def weighted_reference(anchor: dict | None, terms: list[tuple[float, dict, dict 
     return out
 
 
+def wait_for(cond: Callable[[], object], timeout: float = 120.0) -> bool:
+    """Whether cond() came true within `timeout` seconds (asked every 0.1 s)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def own_processes(title: str) -> list:
     """This test process's descendants whose command line holds `title` (e.g. "ray::MergeWorker"):
     the session's own Ray workers, never those of another test session on the machine."""

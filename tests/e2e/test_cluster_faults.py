@@ -12,8 +12,8 @@ import tempfile
 
 import pytest
 
-from tests.e2e.test_safety import SLOW, _args, _env, _journaled, _one_error_line, _reference, _run, _start, _wait_for
-from tests.helpers import assert_bit_identical, load_folder
+from tests.e2e.test_safety import SLOW, _args, _env, _journaled, _one_error_line, _reference, _run, _start
+from tests.helpers import assert_bit_identical, load_folder, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -88,7 +88,7 @@ def test_a_disk_that_fills_mid_run_then_resume(llama_trio, small_disk, ray_local
     out = str(small_disk / "out")
     proc = _start(_args(llama_trio, out), **SLOW)
     try:
-        assert _wait_for(lambda: _journaled(out) >= 2 or proc.poll() is not None)
+        assert wait_for(lambda: _journaled(out) >= 2 or proc.poll() is not None)
         _fill(small_disk / "filler")  # someone else fills the disk
         proc.wait(timeout=300)
     finally:

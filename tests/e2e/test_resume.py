@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 import pytest
 
 import raymerge
 from raymerge.errors import OutputError
-from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, own_processes
+from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, own_processes, wait_for
 
 STAGING = ".raymerge-staging"
 
@@ -34,15 +33,6 @@ def _journaled(out: str) -> int:
                if n.startswith("journal-0"))
 
 
-def _wait_for(cond, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _finished_names(out: str) -> list[str]:
     return [n for n in os.listdir(out) if n.endswith(".safetensors") or n.endswith(".json")]
 
@@ -57,7 +47,7 @@ def test_driver_sigkill_then_resume(llama_trio, tmp_path, ray_local, cli_main, c
     env.pop("RAY_ADDRESS", None)
     proc = _cli(*args, env=env, start_new_session=True)
     try:
-        assert _wait_for(lambda: _journaled(out) >= 4), proc.stderr.read() if proc.poll() is not None else "slow"
+        assert wait_for(lambda: _journaled(out) >= 4), proc.stderr.read() if proc.poll() is not None else "slow"
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, all at once
         proc.wait()
     finally:
@@ -107,7 +97,7 @@ def _merge_workers() -> list[psutil.Process]:
 def test_busy_worker_killed_mid_run_completes_bit_exact(ray_local, llama_trio, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     t, errors = _partial_run(ray_local, llama_trio, out, monkeypatch, scale=0.5)
-    assert _wait_for(lambda: _journaled(out) >= 2 and _merge_workers())
+    assert wait_for(lambda: _journaled(out) >= 2 and _merge_workers())
     victim = _merge_workers()[0]
     victim.send_signal(signal.SIGKILL)
     t.join(timeout=300)

@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import raymerge
-from tests.e2e.test_resume import _wait_for
-from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, own_processes, weighted_reference
+from tests.helpers import assert_bit_identical, chat_vector_reference, load_folder, own_processes, wait_for, weighted_reference
 
 STAGING = ".raymerge-staging"
 SLOW = {"RAYMERGE_TEST_ITEM_DELAY": "0.25"}
@@ -75,7 +74,7 @@ def _journaled(out: str) -> int:
 def _kill_when_journaled(proc, out, items=4) -> None:
     """SIGKILL the driver (and the local Ray it started) once `items` are journaled."""
     try:
-        assert _wait_for(lambda: _journaled(out) >= items or proc.poll() is not None), "too slow"
+        assert wait_for(lambda: _journaled(out) >= items or proc.poll() is not None), "too slow"
         assert proc.poll() is None, proc.stderr.read()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -205,7 +204,7 @@ def test_a_second_driver_mid_run_is_refused_with_any_flag(llama_trio, tmp_path):
     out = str(tmp_path / "out")
     first = _start(_args(llama_trio, out), **LASTING)
     try:
-        assert _wait_for(lambda: _journaled(out) >= 2 or first.poll() is not None)
+        assert wait_for(lambda: _journaled(out) >= 2 or first.poll() is not None)
         assert first.poll() is None
         for flags in ([], ["--resume"], ["--overwrite"]):
             line = _one_error_line(_run(_args(llama_trio, out, *flags)), 2)
@@ -278,7 +277,7 @@ def test_a_worker_killed_while_starting_is_replaced(ray_local, llama_trio, tmp_p
 
     t = threading.Thread(target=go)
     t.start()
-    assert _wait_for(lambda: len(_starting_workers()) >= 1 or not t.is_alive(), timeout=60)
+    assert wait_for(lambda: len(_starting_workers()) >= 1 or not t.is_alive(), timeout=60)
     _starting_workers()[0].send_signal(signal.SIGKILL)
     t.join(timeout=300)
     assert not errors, errors

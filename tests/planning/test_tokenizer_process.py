@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
 
 from raymerge.errors import ResolveError
 from raymerge.planning import tokenizer_process
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -38,13 +38,13 @@ def test_a_variable_libraries_read_once_gets_a_new_process(fresh, monkeypatch, n
     first = tokenizer_process.run(os.getpid)
     monkeypatch.setenv(name, "http://127.0.0.1:9")
     assert tokenizer_process.run(os.getpid) != first
-    assert _wait_gone(first)  # the old one ended
+    assert wait_for(lambda: _gone(first), 30)  # the old one ended
 
 
 def test_an_idle_process_ends(fresh, monkeypatch):
     monkeypatch.setattr(tokenizer_process, "IDLE", 0.2)
     pid = tokenizer_process.run(os.getpid)
-    assert _wait_gone(pid)
+    assert wait_for(lambda: _gone(pid), 30)
     assert tokenizer_process.run(os.getpid) != pid
 
 
@@ -66,7 +66,7 @@ def test_only_the_timer_of_the_last_build_ends_the_process(fresh, monkeypatch):
     timers[0]()  # the first build's: idle no longer
     assert tokenizer_process.run(os.getpid) == pid
     timers[-1]()  # the last build's, with none since
-    assert _wait_gone(pid) and tokenizer_process.run(os.getpid) != pid
+    assert wait_for(lambda: _gone(pid), 30) and tokenizer_process.run(os.getpid) != pid
 
 
 def test_a_killed_process_is_one_line_and_the_next_build_gets_a_new_one(fresh):
@@ -82,13 +82,8 @@ def test_what_the_build_raises_reaches_the_driver(fresh):
     assert tokenizer_process.run(os.getpid) != os.getpid()  # the process goes on
 
 
-def _wait_gone(pid: int, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
