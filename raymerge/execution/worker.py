@@ -102,12 +102,14 @@ class _ThreadState:
         self.reader = RangeReader(storage_options)
         self.inputs: list[Buffer] = []
         self.out = Buffer()
-        self.scratch: dict[Kernel, Any] = {}  # each kernel's scratch, made on first use
+        self.scratch: dict[tuple[Kernel, bool], Any] = {}  # each kernel's scratch, made on first use
 
-    def scratch_for(self, k: Kernel) -> Any:
-        if k not in self.scratch:
-            self.scratch[k] = k.scratch()
-        return self.scratch[k]
+    def scratch_for(self, k: Kernel, method: Any) -> Any:
+        """k's scratch, of the chunks `method` runs in (Method.wide_chunks)."""
+        key = (k, method.wide_chunks)
+        if key not in self.scratch:
+            self.scratch[key] = k.scratch(wide=method.wide_chunks)
+        return self.scratch[key]
 
 
 class MergeWorker:
@@ -219,7 +221,7 @@ class MergeWorker:
                 continue
             t = self._plan.tensors[piece.tensor]
             k = self._kernels[piece.tensor]
-            scratch = st.scratch_for(k)
+            scratch = st.scratch_for(k, METHODS[t.method])
             new: dict[str, Any] | None = {} if keep and METHODS[t.method].keeps(t) else None
             operands = dataclasses.replace(_operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch),
                                            carried=given.get((piece.tensor, piece.begin)), keep=new)
@@ -369,8 +371,8 @@ class MergeWorker:
                 dest[:] = inputs[(p, ANCHOR, 0)]
                 continue
             k = self._kernels[piece.tensor]
-            scratch = st.scratch_for(k)
             method = METHODS[t.method]
+            scratch = st.scratch_for(k, method)
             operands = dataclasses.replace(_operands(p, t, inputs, k, piece.begin, facts.get(piece.tensor), scratch),
                                            carried=carried.get((piece.tensor, piece.begin)))
             s = _apply(method, k, dest, t, operands, scratch)

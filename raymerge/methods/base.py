@@ -216,6 +216,9 @@ class Method(ABC):
     result_float32: ClassVar[bool] = False
     # its pieces hold whole rows of each tensor (the planner cuts items at row boundaries there)
     whole_rows: ClassVar[bool] = False
+    # its chunks cost more in Python (a long fused program, several sums) than in arithmetic: the
+    # kernel's wide chunks (numpy's 4 MiB rows instead of 1 MiB). The bits do not depend on them.
+    wide_chunks: ClassVar[bool] = False
 
     def refuses(self, params: dict[str, Any]) -> str | None:
         """Why this method cannot run with these global parameters (a recipe's), or None."""

@@ -63,6 +63,7 @@ def _parse(pass_name: str) -> tuple[str, int]:
 class Karcher(Method):
     name = "karcher"
     torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
+    wide_chunks = True  # a chunk's fused program and sums cost more in Python than in arithmetic
     parameters = (_MAX_ITER, _TOL)
     statistics = (Pass(NORMS, 100), Pass(MEAN, 101),
                   *(Pass(iteration_pass(k, what), 100 + 3 * k + j)

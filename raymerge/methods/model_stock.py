@@ -37,6 +37,7 @@ _FILTER_WISE = Parameter("filter_wise", "one t per row of each tensor (off: per 
 class ModelStock(Method):
     name = "model_stock"
     torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
+    wide_chunks = True  # a chunk's fused program and sums cost more in Python than in arithmetic
     parameters = (_FILTER_WISE,)
     statistics = (Pass(SUMS, 60, records=("t", "u")),)
     recipes = (mergekit_kind("model_stock", at_least=2),)

@@ -40,6 +40,7 @@ _EPS = Parameter("eps", "added to norms before dividing by them", "number", 1e-8
 class Multislerp(Method):
     name = "multislerp"
     torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
+    wide_chunks = True  # a chunk's fused program and sums cost more in Python than in arithmetic
     parameters = (SCALE, _NORMALIZE_WEIGHTS, _EPS)
     statistics = (Pass(NORMS, 70, records=("n", "w", "s")), Pass(MEAN, 71, records=("mn", "fallback")),
                   Pass(DOTS, 72, records=("dots",)), Pass(TANGENT, 73, records=("c", "sn", "avg")))

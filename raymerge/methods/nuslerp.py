@@ -46,6 +46,7 @@ _FLATTEN = Parameter("nuslerp_flatten", "interpolate each tensor as one vector (
 class Nuslerp(Method):
     name = "nuslerp"
     torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
+    wide_chunks = True  # a chunk's fused program and sums cost more in Python than in arithmetic
     parameters = (SCALE, _ROW_WISE, _FLATTEN)
     statistics = (Pass(NORMS, 50, records=("n0", "n1")), Pass(COS, 51, records=("sa", "sb", "st", "colinear",
                                                                                   "ta", "tb")))

@@ -39,6 +39,7 @@ T = Parameter("t", "where the result lies between the base model (0) and the oth
 class Slerp(Method):
     name = "slerp"
     torch_scalars = True  # reduce computes with torch, as mergekit does (steps.in_torch)
+    wide_chunks = True  # a chunk's fused program and sums cost more in Python than in arithmetic
     parameters = (T,)
     statistics = (Pass(NORMS, 40, records=("na", "nb"), bits=("na", "nb")),
                   Pass(DOT, 41, records=("dot", "ca", "cb"), bits=("dot", "ca", "cb")))

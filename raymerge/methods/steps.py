@@ -192,6 +192,9 @@ def carried(kernel: Any, operands: Operands, name: str, out: Any, at: int, m: in
         return False
     chunk = store[at:at + m]
     if isinstance(kernel, Program):
+        if chunk.dtype == np.uint16:
+            kernel.widen(out, chunk, None)  # a step of the program: widened block by block, in L1
+            return True
         kernel.flush()  # out is written below, not through the kernel: what was recorded runs first
     if chunk.dtype == np.uint16:
         if isinstance(out, np.ndarray):

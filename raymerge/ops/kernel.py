@@ -110,7 +110,9 @@ class Kernel(Protocol):
 
     name: str
 
-    def scratch(self, chunk: int | None = None) -> Scratch: ...
+    def scratch(self, chunk: int | None = None, wide: bool = False) -> Scratch:
+        """Buffers of `chunk` elements (None: the kernel's chunk; `wide`: its chunk for a method
+        whose chunks cost more in Python than in arithmetic, Method.wide_chunks)."""
 
     def view(self, buf: memoryview, dtype: str) -> Any: ...
 

@@ -73,9 +73,10 @@ class TorchKernel:
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", f"torch:{self.device}")
 
-    def scratch(self, chunk: int | None = None) -> Scratch:
+    def scratch(self, chunk: int | None = None, wide: bool = False) -> Scratch:
         """Float32 buffers on the device, and `staging`: raw host and device buffers per input slot
-        (made on first use), the F16 table and, on a GPU, this thread's stream."""
+        (made on first use), the F16 table and, on a GPU, this thread's stream. `wide` changes
+        nothing: torch's chunks are L2's on a CPU and already large on a GPU."""
         device = torch.device(self.device)
         if device.type == "cpu":
             torch.set_num_threads(self.threads)

@@ -37,3 +37,16 @@ def test_a_worker_without_the_compiled_loops_says_so_and_how_to_build_them(llama
     warned = [r.getMessage() for r in caplog.records if "compiled loops" in r.getMessage()]
     assert len(warned) == 1 and "pip install --no-cache-dir --force-reinstall --no-deps raymerge" in warned[0]
     worker.close()
+
+
+def test_a_method_with_long_fused_programs_runs_in_wide_chunks():
+    """Method.wide_chunks: the thread's scratch for karcher holds the kernel's wide chunk, for a
+    linear merge its usual one, each made once and kept for the next item."""
+    from raymerge.execution.worker import _ThreadState
+    from raymerge.methods import METHODS
+    from raymerge.ops.numpy_kernel import CHUNK, NUMPY, WIDE_CHUNK
+
+    st = _ThreadState({})
+    wide, usual = st.scratch_for(NUMPY, METHODS["karcher"]), st.scratch_for(NUMPY, METHODS["linear"])
+    assert (wide.chunk, usual.chunk) == (WIDE_CHUNK, CHUNK) and WIDE_CHUNK > CHUNK
+    assert st.scratch_for(NUMPY, METHODS["multislerp"]) is wide and st.scratch_for(NUMPY, METHODS["ties"]) is usual
