@@ -958,14 +958,16 @@ static inline uint32_t bf16_rounded(uint32_t v)
     return (v & 0x7FFFFFFFu) > 0x7F800000u ? v : r;
 }
 
-/* f rounded to BF16 as bf16_rounded rounds its bits. */
+/* f rounded to BF16 as bf16_rounded rounds its bits; a NaN told by a float comparison (one
+ * vector instruction, where the bits' unsigned comparison takes two in AVX2). */
 static inline float bf16_round_value(float f)
 {
     uint32_t v;
     memcpy(&v, &f, 4);
-    v = bf16_rounded(v);
-    memcpy(&f, &v, 4);
-    return f;
+    uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) & 0xFFFF0000u;
+    float g;
+    memcpy(&g, &r, 4);
+    return f != f ? f : g;
 }
 
 /* One arithmetic instruction over a block's m elements: out = x op y, each a float32 array or scalar.
@@ -1361,7 +1363,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 45
+#define VERSION 46
 
 PyMODINIT_FUNC PyInit__native(void)
 {

@@ -246,3 +246,20 @@ def test_a_rounding_of_a_strided_view_of_the_step_s_array_is_not_folded():
             k.round_to(got[::2], "BF16")
             assert not any(op & fused_module._ROUNDED for op, *_ in k._code)
     assert _same(got, want)
+
+
+def test_a_folded_rounding_keeps_a_nan_as_it_is():
+    """The folded rounding keeps a NaN whole, its low half included, as BF16 rounding does
+    everywhere: also one whose rounding increment would carry out of its payload (0x7FFFFFFF would
+    become -0.0), told apart from the numbers by a float comparison in the compiled loop."""
+    nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF8000, 0x7FC0FFFF, 0xFFC12345] * 300, np.uint32).view(np.float32)
+    out, want = np.empty_like(nans), np.empty_like(nans)
+    with np.errstate(all="ignore"):
+        NUMPY.multiply(nans, np.float32(1), want)
+        NUMPY.round_to(want, "BF16")
+        with fused(NUMPY) as k:
+            k.multiply(nans, np.float32(1), out)
+            k.round_to(out, "BF16")
+            assert [op for op, *_ in k._code] == [fused_module._MULTIPLY | fused_module._ROUNDED]
+    assert np.array_equal(want.view(np.uint32), nans.view(np.uint32))
+    assert np.array_equal(out.view(np.uint32), nans.view(np.uint32))
