@@ -118,6 +118,20 @@ static const int32_t *radix_order(const uint32_t *keys, Py_ssize_t n, int32_t *o
     return a;
 }
 
+/* The bits of a number (not a NaN) rounded to BF16, half to even: add 0x7FFF, plus one when the
+ * kept half is odd, then clear the low half; a finite value overflows into the infinity's bits, as
+ * it should. */
+static inline uint32_t bf16_number_rounded(uint32_t v)
+{
+    return (v + 0x7FFFu + ((v >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+/* Any float32's bits rounded to BF16: a number as above, a NaN kept as it is. */
+static inline uint32_t bf16_rounded(uint32_t v)
+{
+    return (v & 0x7FFFFFFFu) > 0x7F800000u ? v : bf16_number_rounded(v);
+}
+
 /* round_bf16(x): each float32 of x rounded to BF16, half to even, in place; a NaN keeps its bits. */
 static PyObject *round_bf16(PyObject *self, PyObject *arg)
 {
@@ -127,13 +141,8 @@ static PyObject *round_bf16(PyObject *self, PyObject *arg)
     uint32_t *p = (uint32_t *)b.buf;
     Py_ssize_t n = b.len / 4;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t v = p[i];
-        /* add 0x7FFF, plus one when the kept half is odd, then clear the low half: a finite value
-         * overflows into the infinity's bits, as it should */
-        uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) & 0xFFFF0000u;
-        p[i] = (v & 0x7FFFFFFFu) > 0x7F800000u ? v : r;
-    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        p[i] = bf16_rounded(p[i]);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&b);
     Py_RETURN_NONE;
@@ -950,21 +959,13 @@ enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP
 #define MAX_ARRAYS 32
 #define BLOCK 512 /* elements a block: a program's arrays' blocks stay in a core's L1 cache */
 
-static inline uint32_t bf16_rounded(uint32_t v)
-{
-    /* round_bf16's rounding: half to even, a finite value overflowing into the infinity's bits,
-     * a NaN kept as it is */
-    uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) & 0xFFFF0000u;
-    return (v & 0x7FFFFFFFu) > 0x7F800000u ? v : r;
-}
-
 /* f rounded to BF16 as bf16_rounded rounds its bits; a NaN told by a float comparison (one
  * vector instruction, where the bits' unsigned comparison takes two in AVX2). */
 static inline float bf16_round_value(float f)
 {
     uint32_t v;
     memcpy(&v, &f, 4);
-    uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) & 0xFFFF0000u;
+    uint32_t r = bf16_number_rounded(v);
     float g;
     memcpy(&g, &r, 4);
     return f != f ? f : g;
