@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from raymerge.methods.base import Method, Operands, Parameter, Pass, mergekit_kind, param
-from raymerge.methods.steps import (apply_chunks, bits, carried, chunks, exact_sum, facts_problem, in_torch, keep,
+from raymerge.methods.steps import (add_sum, apply_chunks, bits, carried, chunks, facts_problem, in_torch, keep,
                                     quiet, step, tensor_bits, torch_dtype, total, value, vector_length, widen_rows)
+from raymerge.ops.exact import Lanes
 from raymerge.ops.fused import discard, fused
 
 NORMS, MEAN = "karcher-norms", "karcher-mean"
@@ -128,7 +129,7 @@ class Karcher(Method):
             return []
         what, it = _parse(pass_name)
         narrow = operands.compute is not None  # every value summed is rounded to it
-        sums = None
+        lanes = None  # the piece's sums
         n = vector_length(operands)
         for at, m in chunks(n, scratch):
             times, kept = None, None  # what multiplies each summed array (else: squared); what is kept, as what
@@ -152,16 +153,17 @@ class Karcher(Method):
                     else:
                         summed = [s.tangent(it)]
                         kept = "tangent"
-                discard(k, *s.rows, keep=(*summed, *(() if times is None else (times,))))  # read after it
+                lanes = lanes or Lanes(len(summed))
+                for j, x in enumerate(summed):
+                    add_sum(k, lanes, j, x, scratch, square=times is None, narrow=narrow, times=times)
+                discard(k, *s.rows, keep=summed[:1] if kept else ())  # what is kept is read after it
             if kept == "tangent":
                 keep(kernel, operands, scratch, "tangent", summed[0], at, n)
             elif kept is not None:
                 s.keep(summed[0], kept, n)
-            parts = [exact_sum(kernel, x, scratch, square=times is None, narrow=narrow, times=times) for x in summed]
-            sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
         if operands.keep and "tangent" in operands.keep:
             operands.keep["tangent-of"] = it
-        return [[x.to_json() for x in sums]] if sums is not None else []
+        return [[x.to_json() for x in lanes.sums()]] if lanes is not None else []
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         k = len(tensor.terms)

@@ -3,8 +3,9 @@ widened into a thread's table rows, exact sums on the host (ops.exact), the fact
 statistics summed over its pieces, and NaNs given the kernels' one rule.
 
 The geometric methods (slerp, nuslerp, multislerp, model_stock) reduce a whole tensor
-(norms, dot products) in statistics passes: each piece sums its products exactly (`exact_sums`),
-the driver adds the pieces' sums (`total`) and rounds once. So the facts do not depend on how a
+(norms, dot products) in statistics passes: each piece sums its products exactly (`exact_sum`, or
+`add_sum` inside a fused program's blocks), the driver adds the pieces' sums (`total`) and
+rounds once. So the facts do not depend on how a
 tensor is cut, and a worker holds one chunk of each operand at a time.
 """
 
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from raymerge.ops import native
-from raymerge.ops.exact import ExactSum, dot_sum
+from raymerge.ops.exact import ExactSum, Lanes, dot_sum
 from raymerge.ops.fused import Program, discard, fused
 from raymerge.ops.kernel import Sums
 from raymerge.ops.numpy_kernel import EXACT
@@ -60,6 +61,17 @@ def exact_sum(kernel: Any, x: Any, scratch: Any, square: bool = False, narrow: b
             other = other.copy()  # a device's host buffer: the next to_host reuses it
     hx = kernel.to_host(x, scratch)
     return dot_sum(hx, hx if square else other, _host_work(scratch), narrow)
+
+
+def add_sum(kernel: Any, lanes: Lanes, j: int, x: Any, scratch: Any, square: bool = False, narrow: bool = False,
+            times: Any = None) -> None:
+    """exact_sum, added to sum j of `lanes` (read once every chunk is in: `Lanes.sums`): where
+    kernel is `fused`'s and the values narrow, by the block's program, block by block, so that x
+    need not be kept for it (`discard`); else now."""
+    if isinstance(kernel, Program) and narrow:
+        kernel.sum(x, x if square else np.float32(1) if times is None else times, lanes, j)
+    else:
+        lanes.add(j, exact_sum(kernel, x, scratch, square, narrow, times))
 
 
 def is_narrow(array: Any) -> bool:

@@ -314,6 +314,57 @@ IN_LOOP int float32_block_sum(const float *restrict q, double *sum)
 }
 #endif
 
+/* A program's sum step (OP_SUM), over one block: the products x[i] * y[i] (y NULL: times yv) of its m
+ * narrow values at elements lo.. of the arrays, into acc's lanes, SUM_BLOCK at a time as narrow_sums
+ * adds them (the lane of a sub-block by its place in the arrays: the same sums in any blocking); the
+ * parts of a sub-block with an infinity or a NaN product are taken one by one, those counted at
+ * SPECIALS instead of added (the rows may not be kept for exact._summed to count them after). */
+#define SPECIALS (2 * EXPONENTS) /* lane 0's counts of +inf, -inf and NaN products, in its padding */
+IN_LOOP void count_or_add(double *acc, Py_ssize_t i, double p)
+{
+    if (magnitude(p) < INFINITE)
+        add_part(acc + (i % LANES) * LANE_SIZE, p);
+    else
+        acc[SPECIALS + (p != p ? 2 : p < 0)] += 1;
+}
+
+IN_LOOP void program_sum(const float *restrict xs, const float *restrict ys, float yv, Py_ssize_t lo,
+                         Py_ssize_t m, double *acc)
+{
+    Py_ssize_t whole = m - m % SUM_BLOCK;
+    for (Py_ssize_t at = 0; at < whole; at += SUM_BLOCK) {
+        Py_ssize_t lane = (lo + at) / SUM_BLOCK % LANES;
+        double p[SUM_BLOCK];
+#if defined(__GNUC__) || defined(__clang__)
+        float q[SUM_BLOCK];
+        double sum;
+        if (ys)
+            for (int i = 0; i < SUM_BLOCK; i++)
+                q[i] = xs[at + i] * ys[at + i];
+        else
+            for (int i = 0; i < SUM_BLOCK; i++)
+                q[i] = xs[at + i] * yv;
+        if (float32_block_sum(q, &sum)) {
+            split_part(acc + lane * LANE_SIZE, sum);
+            continue;
+        }
+#endif
+        uint64_t top = 0;
+        for (int i = 0; i < SUM_BLOCK; i++) {
+            p[i] = (double)xs[at + i] * (double)(ys ? ys[at + i] : yv);
+            uint64_t g = magnitude(p[i]);
+            top = g > top ? g : top;
+        }
+        if (top < INFINITE)
+            add_block(p, acc, lane);
+        else
+            for (int i = 0; i < SUM_BLOCK; i++)
+                count_or_add(acc, lo + at + i, p[i]);
+    }
+    for (Py_ssize_t i = whole; i < m; i++)
+        count_or_add(acc, lo + i, (double)xs[i] * (double)(ys ? ys[i] : yv));
+}
+
 WIDE_VECTORS
 static void narrow_sums(const float *restrict xs, const float *restrict ys, Py_ssize_t n, double *acc)
 {
@@ -952,8 +1003,10 @@ static PyObject *welford_variance(PyObject *self, PyObject *args)
 
 /* run_program's instructions: four int32 each, (op, dst, x, y); an operand x or y >= 0 is an array
  * of the program's, -1 - k its k-th scalar. An arithmetic op may carry OP_ROUNDED: its result is
- * rounded to BF16 in the same loop (an OP_ROUND_BF16 of dst after it, without a pass of its own). */
-enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP_GT, OP_GE, OP_EQ, OPS };
+ * rounded to BF16 in the same loop (an OP_ROUND_BF16 of dst after it, without a pass of its own).
+ * OP_SUM's dst is no array but a set of lanes of the program's `sums`: the exact sum of x * y is
+ * added there (program_sum), x and y narrow. */
+enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP_GT, OP_GE, OP_EQ, OP_SUM, OPS };
 #define OP_ROUNDED 0x100
 #define IS_ARITH(op) ((op) >= OP_ADD && (op) <= OP_DIV)
 #define MAX_ARRAYS 32
@@ -1014,7 +1067,7 @@ static inline float bf16_round_value(float f)
  * such an array is not written back to memory, so its block stays in L1. */
 WIDE_VECTORS
 static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, const float *sv, Py_ssize_t n,
-                      const unsigned char *inner, float *rows)
+                      const unsigned char *inner, float *rows, double *sums)
 {
     for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
         Py_ssize_t m = lo + BLOCK < n ? BLOCK : n - lo;
@@ -1022,7 +1075,7 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
             int32_t op = ins[4 * s] & ~OP_ROUNDED, d = ins[4 * s + 1], x = ins[4 * s + 2], y = ins[4 * s + 3];
             int rounded = (ins[4 * s] & OP_ROUNDED) != 0;
             const unsigned char *at = inner + 3 * s;
-            float *out = at[0] ? rows + (Py_ssize_t)d * BLOCK : (float *)arr[d] + lo;
+            float *out = op == OP_SUM ? NULL : at[0] ? rows + (Py_ssize_t)d * BLOCK : (float *)arr[d] + lo;
             const float *xs = x < 0 ? NULL : at[1] ? rows + (Py_ssize_t)x * BLOCK : (const float *)arr[x] + lo;
             const float *ys = y < 0 ? NULL : at[2] ? rows + (Py_ssize_t)y * BLOCK : (const float *)arr[y] + lo;
             float xv = x < 0 ? sv[-1 - x] : 0.0f, yv = y < 0 ? sv[-1 - y] : 0.0f;
@@ -1045,6 +1098,7 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
             case OP_GT: COMPARE(>); break; /* numpy's bool, cast to float32: 1.0 or 0.0 (a NaN: 0.0) */
             case OP_GE: COMPARE(>=); break;
             case OP_EQ: COMPARE(==); break;
+            case OP_SUM: program_sum(xs, ys, yv, lo, m, sums + (Py_ssize_t)d * LANES * LANE_SIZE); break;
             case OP_ROUND_BF16: { /* in place: x is out's array (read from where its block lies) */
                 const uint32_t *v = (const uint32_t *)xs;
                 uint32_t *o = (uint32_t *)out;
@@ -1066,23 +1120,28 @@ static void place_operands(const int32_t *ins, Py_ssize_t steps, const unsigned 
         int32_t d = ins[4 * s + 1], x = ins[4 * s + 2], y = ins[4 * s + 3];
         inner[3 * s + 1] = x >= 0 && moved[x];
         inner[3 * s + 2] = y >= 0 && moved[y];
+        if ((ins[4 * s] & ~OP_ROUNDED) == OP_SUM) { /* d: a set of sums, no array */
+            inner[3 * s] = 0;
+            continue;
+        }
         inner[3 * s] = moved[d] = moved[d] || (dead != NULL && dead[d]);
     }
 }
 
-/* run_program(code, arrays, scalars, dead=None): a chain of elementwise steps over arrays of one
+/* run_program(code, arrays, scalars, dead=None, sums=None): a chain of elementwise steps over arrays of one
  * length, block by block (each step over a block, then the next step), so the values stay in L1
  * between steps and no step is a pass over memory: kernel primitives a method records
  * (raymerge/ops/fused.py) give the bits they give one at a time, as every step is elementwise.
  * arrays: float32 (written where an instruction's dst) or uint16 (BF16 bits, read by OP_WIDEN_BF16
  * alone); scalars: float32; dead: bytes, a flag per array whose values the caller does not read
  * after the program (what the steps write there is kept in the block's rows only: the array keeps
- * whatever it held). Returns whether it ran: False where two arrays overlap in part (nothing is
- * written then). */
+ * whatever it held); sums: float64, the lanes (LANES * LANE_SIZE each) of every set an OP_SUM
+ * adds to (exact.dot_sum's, zeros or sums of earlier products). Returns whether it ran: False where
+ * two arrays overlap in part (nothing is written then). */
 static PyObject *run_program(PyObject *self, PyObject *args)
 {
-    PyObject *co, *seq, *so, *deado = Py_None;
-    if (!PyArg_ParseTuple(args, "OOO|O", &co, &seq, &so, &deado))
+    PyObject *co, *seq, *so, *deado = Py_None, *sumso = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO|OO", &co, &seq, &so, &deado, &sumso))
         return NULL;
     PyObject *fast = PySequence_Fast(seq, "run_program: arrays must be a sequence");
     if (fast == NULL)
@@ -1119,16 +1178,28 @@ static PyObject *run_program(PyObject *self, PyObject *args)
         for (Py_ssize_t j = 0; j < count; j++)
             dead[j] = flags[j] != 0;
     }
+    Py_buffer sums = {0};
+    Py_ssize_t sets = 0; /* of lanes in sums */
+    if (sumso != Py_None) {
+        if (get_buffer(sumso, &sums, 1, "d", 8, "run_program sums") < 0) {
+            release_buffers(two, 2);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        sets = sums.len / (8 * LANES * LANE_SIZE);
+        ok = ok && sums.len % (8 * LANES * LANE_SIZE) == 0;
+    }
     for (Py_ssize_t s = 0; ok && s < steps; s++) {
         int32_t op = ins[4 * s] & ~OP_ROUNDED, d = ins[4 * s + 1];
-        ok = op >= 0 && op < OPS && d >= 0 && d < count && (op == ins[4 * s] || IS_ARITH(op));
+        ok = op >= 0 && op < OPS && d >= 0 && d < (op == OP_SUM ? sets : count) &&
+             (op == ins[4 * s] || IS_ARITH(op)) && (op != OP_SUM || ins[4 * s + 2] >= 0);
         for (int j = 2; ok && j < 4; j++)
             ok = ins[4 * s + j] < count && ins[4 * s + j] >= -nscalars;
-        if (ok)
+        if (ok && op != OP_SUM)
             written[d] = 1;
     }
     if (!ok)
-        PyErr_SetString(PyExc_ValueError, "run_program: an instruction out of range");
+        PyErr_SetString(PyExc_ValueError, "run_program: an instruction out of range, or sums not whole lanes");
     for (; ok && got < count; got++) {
         PyObject *a = PySequence_Fast_GET_ITEM(fast, got);
         if (get_buffer(a, &arr[got], written[got], written[got] ? "f" : "fH", 0, "run_program array") < 0) {
@@ -1180,13 +1251,15 @@ static PyObject *run_program(PyObject *self, PyObject *args)
             bufs[j] = arr[j].buf;
         place_operands(ins, steps, dead, inner);
         Py_BEGIN_ALLOW_THREADS
-        run_steps(ins, steps, bufs, (const float *)scalars.buf, n, inner, rows);
+        run_steps(ins, steps, bufs, (const float *)scalars.buf, n, inner, rows, (double *)sums.buf);
         Py_END_ALLOW_THREADS
     }
     PyMem_Free(rows);
     PyMem_Free(inner);
     for (Py_ssize_t j = 0; j < got; j++)
         PyBuffer_Release(&arr[j]);
+    if (sumso != Py_None)
+        PyBuffer_Release(&sums);
     release_buffers(two, 2);
     Py_DECREF(fast);
     if (!ok)
@@ -1364,7 +1437,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 46
+#define VERSION 47
 
 PyMODINIT_FUNC PyInit__native(void)
 {

@@ -31,6 +31,7 @@ _LOW_BITS = np.uint64((1 << 29) - 1)  # the float64 mantissa bits below a produc
 _EXPONENTS = 2048  # float64 exponent values; 2047: infinities and NaNs (a bucket per sign and exponent)
 MAX_ELEMENTS = 1 << 29
 _LANES, _LANE_PAD = 8, 24  # the compiled loop's bucket sets, and float64s between two (raymerge/ops/_native.c)
+_SPECIALS = 2 * _EXPONENTS  # in lane 0's padding: a program's counts of +inf, -inf and NaN products
 _THREAD = threading.local()
 
 
@@ -177,6 +178,46 @@ def _native_buckets(x: np.ndarray, y: np.ndarray | np.float32, narrow: bool) -> 
     lanes = _lanes(1)[0]
     native.loops.dot_buckets(x, None if ones else y, lanes, narrow)
     return _collapsed(lanes)
+
+
+class Lanes:
+    """k exact sums that programs add products to block by block (ops.fused.Program.sum), over the
+    chunks of a piece: a set of the compiled loop's bucket lanes each, read once (`sums`). A set
+    takes at most MAX_ELEMENTS // 4 products between two `settle`s, so that each bucket sums
+    exactly (at most three parts of a block of 64 products go to one bucket); the infinite and NaN
+    products are counted in lane 0's padding (_native.c's SPECIALS)."""
+
+    def __init__(self, k: int) -> None:
+        self.lanes = np.zeros((k, _LANES, 2 * _EXPONENTS + _LANE_PAD))
+        self._made = [ExactSum()] * k  # the sums settled, and those made apart (`add`)
+        self._elements = [0] * k  # the products each set took since the last settle
+
+    def takes(self, j: int, n: int) -> bool:
+        """Whether set j takes n more products before the next `settle`."""
+        return self._elements[j] + n <= MAX_ELEMENTS // 4
+
+    def added(self, j: int, n: int) -> None:
+        """A program adds n products to set j."""
+        self._elements[j] += n
+
+    def add(self, j: int, s: ExactSum) -> None:
+        """Sum j plus s (made apart: a step a program did not record)."""
+        self._made[j] += s
+
+    def settle(self) -> None:
+        """What the lanes hold, moved into the sums (no program may be adding to them)."""
+        if any(self._elements):
+            self._made = self.sums()
+            self.lanes.fill(0)
+            self._elements = [0] * len(self._elements)
+
+    def sums(self) -> list[ExactSum]:
+        """The k sums, once every program adding to them has run."""
+        out = []
+        for lanes, made, n in zip(self.lanes, self._made, self._elements):
+            pinf, ninf, nan = (int(c) for c in lanes[0, _SPECIALS:_SPECIALS + 3])
+            out.append(made + ExactSum(0, pinf, ninf, nan, _collapsed(lanes), 2 * n) if n else made)
+        return out
 
 
 def _collapsed(lanes: np.ndarray) -> np.ndarray:

@@ -13,6 +13,10 @@ part (which the blocks' order would change) runs one step at a time.
 Inside the block, arrays are read and written through the kernel only: `to_host` (and every other
 primitive) runs what was recorded first, but a value read straight from an array's memory between
 two recorded steps would be stale.
+
+A program also sums (`Program.sum`): the exact sum of x * y over narrow values (ops.exact.dot_sum),
+block by block as its other steps, into an accumulator (ops.exact.Lanes) that the programs of a
+piece's chunks share: a row that is only summed is never written to memory and read again.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from raymerge.ops import native
+from raymerge.ops import exact, native
 from raymerge.ops.numpy_kernel import NumpyKernel
 
 # run_program's operations (raymerge/ops/_native.c)
-_WIDEN_BF16, _COPY, _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE, _ROUND_BF16, _GREATER, _GREATER_EQUAL, _EQUAL = range(10)
+_WIDEN_BF16, _COPY, _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE, _ROUND_BF16, _GREATER, _GREATER_EQUAL, _EQUAL, _SUM = \
+    range(11)
 _NAMES = {_ADD: "add", _SUBTRACT: "subtract", _MULTIPLY: "multiply", _DIVIDE: "divide", _GREATER: "greater",
           _GREATER_EQUAL: "greater_equal", _EQUAL: "equal"}
 _ARITHMETIC = (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE)
@@ -86,6 +91,7 @@ class Program:
         self._at: dict = {}  # id of an array object recorded, and its memory span and type -> its index
         self._views: list[np.ndarray] = []  # other objects over an array's memory, by id in `_at`
         self._scalars: list[np.float32] = []
+        self._lanes: exact.Lanes | None = None  # what the program's sum steps add to
         self._length = -1
         self._runs += 1  # a new program: the operand indices taken before are void
 
@@ -93,13 +99,13 @@ class Program:
         """Run the recorded steps, in order; a new program from here (operands taken for a step
         that was not recorded are dropped with it). `last`: the block's end, after which what was
         discarded is read no more (before it, a later step of the block may read it)."""
-        code, arrays, scalars = self._code, self._arrays, self._scalars
+        code, arrays, scalars, lanes = self._code, self._arrays, self._scalars, self._lanes
         dead = self._dead() if last and self._discarded and code else None
         if code or arrays or scalars:
             self._reset()
         if code and not native.loops.run_program(np.array(code, np.int32), arrays, np.array(scalars, np.float32),
-                                                 dead):
-            self._one_at_a_time(code, arrays, scalars)  # arrays overlapping in part: nothing ran
+                                                 dead, None if lanes is None else lanes.lanes):
+            self._one_at_a_time(code, arrays, scalars, lanes)  # arrays overlapping in part: nothing ran
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -149,6 +155,30 @@ class Program:
             return False  # another array: recorded (or refused) as a step of its own
         self._code[-1] = (op | _ROUNDED, d, a, b)
         return True
+
+    def sum(self, x: np.ndarray, y: Any, lanes: exact.Lanes, j: int) -> None:
+        """Adds the exact sum of x * y (y: an array, or a number such as 1), both of narrow values (at
+        most 12 significant bits: exact.dot_sum's `narrow`), to sum j of `lanes`: block by block in
+        the program where the step can be recorded, else now."""
+        if x.size == 0:
+            return
+        if len(self._code) >= _MAX_STEPS or (self._lanes is not None and self._lanes is not lanes) or \
+                not lanes.takes(j, x.size):
+            self.flush()  # one accumulator a program, each of its bucket sums exact
+            lanes.settle()
+        for _ in range(2):
+            runs = self._runs
+            a = self._operand(x, np.float32)
+            b = self._operand(y, np.float32)
+            if a is None or b is None or a < 0:
+                break
+            if runs == self._runs:
+                self._code.append((_SUM, j, a, b))
+                self._lanes = lanes
+                lanes.added(j, x.size)
+                return
+        self.flush()
+        lanes.add(j, exact.dot_sum(x, y, narrow=True))
 
     add, subtract, multiply, divide = (_binary(op, _NAMES[op]) for op in (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE))
     greater, greater_equal, equal = (_binary(op, _NAMES[op]) for op in (_GREATER, _GREATER_EQUAL, _EQUAL))
@@ -212,12 +242,16 @@ class Program:
         self._arrays.append(x)
         return len(self._arrays) - 1
 
-    def _one_at_a_time(self, code: list, arrays: list, scalars: list) -> None:
+    def _one_at_a_time(self, code: list, arrays: list, scalars: list, lanes: exact.Lanes | None) -> None:
         """The recorded steps, each as the kernel's own primitive, in order."""
         k = self.kernel
         for code_op, d, a, b in code:
-            op, out = code_op & ~_ROUNDED, arrays[d]
+            op = code_op & ~_ROUNDED
             x, y = (arrays[i] if i >= 0 else scalars[-1 - i] for i in (a, b))
+            if op == _SUM:
+                lanes.add(d, exact.dot_sum(x, y, narrow=True))
+                continue
+            out = arrays[d]
             if op == _WIDEN_BF16:
                 k.widen(out, x, None)
             elif op == _COPY:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from raymerge.ops import fused as fused_module
+from raymerge.ops import exact as exact_module
 from raymerge.ops import native
-from raymerge.ops.fused import Program, fused
+from raymerge.ops.exact import Lanes, dot_sum
+from raymerge.ops.fused import Program, discard, fused
 from raymerge.ops.numpy_kernel import NUMPY
 
 pytest.importorskip("raymerge.ops._native", reason="not built here (no C compiler at install)")
@@ -222,7 +224,7 @@ def test_the_folded_rounding_one_step_at_a_time():
         program.round_to(out, "BF16")
         [(op, d, x, y)] = program._code
         assert op == fused_module._MULTIPLY | fused_module._ROUNDED
-        program._one_at_a_time(program._code, program._arrays, program._scalars)
+        program._one_at_a_time(program._code, program._arrays, program._scalars, None)
     assert _same(out, want)
 
 
@@ -263,3 +265,77 @@ def test_a_folded_rounding_keeps_a_nan_as_it_is():
             assert [op for op, *_ in k._code] == [fused_module._MULTIPLY | fused_module._ROUNDED]
     assert np.array_equal(want.view(np.uint32), nans.view(np.uint32))
     assert np.array_equal(out.view(np.uint32), nans.view(np.uint32))
+
+
+def _narrow(rng: np.random.Generator, n: int, spread: float) -> np.ndarray:
+    """BF16 values of magnitudes over 10**-spread .. 10**spread, with infinities, a NaN, zeros and
+    values whose float32 product overflows."""
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-spread, spread, n)).astype(np.float32)
+    x = (x.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    for v in (np.inf, -np.inf, np.nan, 0.0, 3e38, -3e38):
+        x[rng.integers(0, n)] = v
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 513, N])
+@pytest.mark.parametrize("spread", [0, 30])
+def test_a_program_s_sums_are_dot_sum_s_and_need_no_row_written(n, spread):
+    """Squares, products with an array and with a number, made block by block from the rows of a
+    discarded table: the very ExactSums of exact.dot_sum (infinities and NaNs counted), though the
+    summed row is written nowhere."""
+    rng = np.random.default_rng(n + spread)
+    x, y = _narrow(rng, n, spread), _narrow(rng, n, spread)
+    table = np.full((2, n), 7.0, np.float32)
+    lanes = Lanes(4)
+    with np.errstate(all="ignore"):
+        with fused(NUMPY) as k:
+            k.copy(table[0], x)
+            k.multiply(table[0], np.float32(1), table[1])
+            for j, other in enumerate((table[1], y, np.float32(1), np.float32(-0.5))):
+                k.sum(table[1], other, lanes, j)
+            discard(k, table)
+        want = [dot_sum(x, other, narrow=True) for other in (x, y, np.float32(1), np.float32(-0.5))]
+    assert lanes.sums() == want
+    assert (table == 7.0).all()
+
+
+@pytest.mark.parametrize("limit", [None, 4 * 1024])
+def test_sums_over_many_programs_add_up_in_one_accumulator(monkeypatch, limit):
+    """The chunks' programs add to the same lanes; where a set would take more products than its
+    buckets sum exactly (a small limit here), what it holds is settled first: the same sums."""
+    rng = np.random.default_rng(9)
+    x, y = _narrow(rng, 10 * N, 8), _narrow(rng, 10 * N, 8)
+    lanes = Lanes(2)
+    with np.errstate(all="ignore"):
+        want = [dot_sum(x, x, narrow=True), dot_sum(x, y, narrow=True)]
+        if limit:
+            monkeypatch.setattr(exact_module, "MAX_ELEMENTS", limit)
+        for lo in range(0, x.size, N // 3):
+            with fused(NUMPY) as k:
+                k.sum(x[lo:lo + N // 3], x[lo:lo + N // 3], lanes, 0)
+                k.sum(x[lo:lo + N // 3], y[lo:lo + N // 3], lanes, 1)
+    assert lanes.sums() == want
+
+
+def test_a_program_s_sums_one_step_at_a_time():
+    """Arrays that overlap in part run the steps one at a time: the sums are made there, in order."""
+    rng = np.random.default_rng(5)
+    x = _narrow(rng, N + 1, 3)
+    original = x.copy()
+    lanes = Lanes(2)
+    with np.errstate(all="ignore"):
+        with fused(NUMPY) as k:
+            k.sum(x[1:], x[1:], lanes, 0)
+            k.copy(x[1:], x[:-1])  # overlapping in part
+            k.sum(x[1:], np.float32(1), lanes, 1)
+        assert lanes.sums() == [dot_sum(original[1:], original[1:], narrow=True),
+                                dot_sum(original[:-1], np.float32(1), narrow=True)]
+
+
+def test_run_program_refuses_a_sum_without_its_lanes():
+    x = np.ones(8, np.float32)
+    code = np.array([[fused_module._SUM, 0, 0, 0]], np.int32)
+    with pytest.raises(ValueError, match="out of range"):
+        native.loops.run_program(code, [x], np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="out of range"):
+        native.loops.run_program(code, [x], np.zeros(0, np.float32), None, np.zeros(100))
