@@ -36,6 +36,7 @@ from raymerge.planning.passes import tensor_passes
 from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan
 from raymerge.records import ItemRecord, TensorSums
 from raymerge.safetensors.dtypes import ITEMSIZE
+from raymerge.storage import urls
 from raymerge.storage.checksum import crc32
 from raymerge.storage.reader import Buffer, RangeReader
 from raymerge.storage.writers import BLOCK, Span, Target, open_output
@@ -212,9 +213,9 @@ class MergeWorker:
             time.sleep(self._test_delay)
         item = self._plan.items[item_id]
         st = self._state()
-        inputs, read_bytes = self._read_inputs(item, st, pass_name, facts)
-        rows: list[Row] = []
         given, kept, spent, skipped = merged(carried, live), {}, [], []
+        inputs, read_bytes = self._read_inputs(item, st, pass_name, facts, self._maps_only(item, pass_name, facts, given))
+        rows: list[Row] = []
         for p, piece in enumerate(item.pieces):
             if not self._needs(piece, pass_name, facts):
                 skipped.append(piece)
@@ -290,11 +291,17 @@ class MergeWorker:
                     # a gathered source (a tokenizer's rows): its element range, assembled after the reads
                     yield p, key, src, (begin, end) if src.rows else (src.start + begin * size, src.start + end * size)
 
-    def _read_inputs(self, item: Item, st: _ThreadState, pass_name: str,
-                     facts: dict[int, Any] | None = None) -> tuple[dict[tuple[int, str, int], memoryview], int]:
+    def _maps_only(self, item: Item, pass_name: str, facts: dict[int, Any], given: Kept) -> bool:
+        """Whether no piece of the item reads its inputs in this statistics pass, given what the
+        earlier passes kept (Method.reads_inputs): its local inputs are mapped, not read."""
+        return not any(self._needs(piece, pass_name, facts) and METHODS[self._plan.tensors[piece.tensor].method]
+                       .reads_inputs(pass_name, given.get((piece.tensor, piece.begin))) for piece in item.pieces)
+
+    def _read_inputs(self, item: Item, st: _ThreadState, pass_name: str, facts: dict[int, Any] | None = None,
+                     maps_only: bool = False) -> tuple[dict[tuple[int, str, int], memoryview], int]:
         """Each slice a pass needs as a view, keyed by (piece index, *operand key); one read per file
         run, and each range once however many operands name it (a mergekit recipe's base is its
-        anchor and every vector's b)."""
+        anchor and every vector's b). `maps_only`: local files are mapped, not read (none counted)."""
         by_file: dict[int, dict[tuple[int, int], list]] = {}
         gathered, scattered = [], set()
         for p, key, src, rng in self._sources(item, pass_name, facts):
@@ -307,7 +314,8 @@ class MergeWorker:
             by_file.setdefault(src.file, {}).setdefault(rng, []).append((p, *key))
         while len(st.inputs) < len(by_file):
             st.inputs.append(Buffer())
-        raw, total = self._read(st, {file: list(wanted) for file, wanted in by_file.items()}, st.inputs, scattered)
+        raw, total = self._read(st, {file: list(wanted) for file, wanted in by_file.items()}, st.inputs, scattered,
+                                maps_only)
         views = {key: raw[(file, *r)] for file, wanted in by_file.items() for r, keys in wanted.items() for key in keys}
         for key, src, (begin, end) in gathered:
             mean = None
@@ -343,16 +351,19 @@ class MergeWorker:
         return mean.result(src.dtype), total
 
     def _read(self, st: _ThreadState, by_file: dict[int, list[tuple[int, int]]], bufs: list[Buffer],
-              scattered: set[int]) -> tuple[dict[tuple[int, int, int], memoryview], int]:
+              scattered: set[int], maps_only: bool = False) -> tuple[dict[tuple[int, int, int], memoryview], int]:
         """(each range's bytes by (file, start, end), bytes read): one read per file, into the
-        file's buffer of `bufs` (in order); a file in `scattered` holds rows gathered by token."""
+        file's buffer of `bufs` (in order); a file in `scattered` holds rows gathered by token.
+        `maps_only`: a local file is mapped, its pages read only where touched (not counted)."""
         raw, total = {}, 0
         for buf, (file, ranges) in zip(bufs, by_file.items()):
             f = self._plan.files[file]
-            got = st.reader.read(f.url, ranges, buf, version=f.version, scattered=file in scattered)
+            got = st.reader.read(f.url, ranges, buf, version=f.version, scattered=file in scattered,
+                                 populate=not maps_only)
+            local = urls.protocol(f.url) == "file"
             for (lo, hi), mem in zip(ranges, got):
                 raw[(file, lo, hi)] = mem
-                total += hi - lo
+                total += 0 if maps_only and local else hi - lo
         return raw, total
 
     def _compute(self, item: Item, inputs: dict[tuple[int, str, int], memoryview], out: memoryview,

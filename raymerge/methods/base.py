@@ -255,6 +255,12 @@ class Method(ABC):
         passes): keeping saves time, never changes a bit."""
         return 0
 
+    def reads_inputs(self, pass_name: str, carried: Any) -> bool:
+        """Whether statistics pass `pass_name` reads a piece's inputs, given what the earlier passes
+        kept of it (Operands.carried): one that finds all it needs there does not, and a worker
+        then maps a local input without reading it (a remote one is read all the same)."""
+        return True
+
     def spends(self, pass_name: str) -> tuple[str, ...]:
         """The names of the values kept by earlier passes that pass `pass_name` reads for the last
         time: the driver lets them go once it has run (their memory is the object store's)."""

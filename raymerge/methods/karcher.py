@@ -100,6 +100,13 @@ class Karcher(Method):
         done = f.get("done")
         return done is None or k < done or (k == done and what != UNIT)
 
+    def reads_inputs(self, pass_name: str, carried: Any) -> bool:
+        """A unit pass given the mean it steps from and its iteration's tangent reads no input."""
+        what, it = _parse(pass_name)
+        c = carried or {}
+        return not (what == UNIT and c.get("tangent-of") == it and c.get("at") == (f"u{it - 1}" if it > 1 else "first")
+                    and c.get("mean") is not None and c.get("tangent") is not None)
+
     def spends(self, pass_name: str) -> tuple[str, ...]:
         """A unit pass reads the tangent last: the next iteration's tangent pass makes its own."""
         return ("tangent", "tangent-of") if _parse(pass_name)[0] == UNIT else ()

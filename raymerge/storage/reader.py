@@ -71,21 +71,22 @@ class RangeReader:
         self._files: dict[str, object] = {}  # open remote file objects, for backends read through them
 
     def read(self, url: str, ranges: list[tuple[int, int]], buf: Buffer,
-             version: str | None = None, scattered: bool = False) -> list[memoryview]:
+             version: str | None = None, scattered: bool = False, populate: bool = True) -> list[memoryview]:
         """The bytes of each range, in the order given. Views are valid until `buf` is reused
         (local files: as long as a view of them is held). `version` (the plan's InputFile.version)
         pins remote reads: an S3 object whose ETag differs fails with InputChanged. `scattered`:
         rows gathered by token, which may lie anywhere in a tensor: joined only across small gaps,
-        so a read never spans the whole tensor between them."""
+        so a read never spans the whole tensor between them. `populate=False`: a local file's
+        pages are mapped but read only where touched (for a pass that may not touch them)."""
         local = urls.protocol(url) == "file"
         runs, where = coalesce(ranges, LOCAL_GAP if local or scattered else REMOTE_GAP)
         if local:
-            mems = self._map_local(url, runs)
+            mems = self._map_local(url, runs, populate)
         else:
             mems = self._read_remote(url, runs, buf, version or "")
         return [mems[r][off:off + (e - s)] for (r, off), (s, e) in zip(where, ranges)]
 
-    def _map_local(self, url: str, runs: list[tuple[int, int]]) -> list[memoryview]:
+    def _map_local(self, url: str, runs: list[tuple[int, int]], populate: bool = True) -> list[memoryview]:
         fd = self._fds.get(url)
         if fd is None:
             try:
@@ -100,7 +101,8 @@ class RangeReader:
                                    "the input changed or was truncated during the run", CHANGED)
             lo = start - start % mmap.ALLOCATIONGRANULARITY
             # Unmapped when the last view of it is dropped.
-            mapped = mmap.mmap(fd, end - lo, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ, offset=lo)
+            flags = mmap.MAP_SHARED | (MAP_POPULATE if populate else 0)
+            mapped = mmap.mmap(fd, end - lo, flags=flags, prot=mmap.PROT_READ, offset=lo)
             mems.append(memoryview(mapped)[start - lo:])
         return mems
 

@@ -142,3 +142,30 @@ def test_kept_means_spare_the_passes_every_earlier_iteration(models, monkeypatch
         got, facts = karcher_pieces(tensors, [], 4, compute="BF16", keep=keep)
         assert_same_bits(got, want, f"keep={keep}")
         assert "done" not in facts[0] and len(calls) == wanted, (keep, len(calls))
+
+
+@KEEP
+def test_a_unit_pass_given_its_mean_and_tangent_reads_no_input(models, monkeypatch, keep):
+    """Method.reads_inputs: a unit pass that was handed the mean it steps from and its iteration's
+    tangent says it reads no input (the worker then maps its local inputs without reading them),
+    and indeed touches none; without them (a resumed run) it says it reads them."""
+    from raymerge.methods import karcher
+
+    seen, touched = [], []
+    statistic, x = karcher.Karcher.statistic, karcher._State.x
+    monkeypatch.setattr(karcher._State, "x", property(lambda self: touched.append(1) or x.fget(self)))
+
+    def watched(self, kernel, pass_name, operands, scratch):
+        touched.clear()
+        result = statistic(self, kernel, pass_name, operands, scratch)
+        seen.append((pass_name, self.reads_inputs(pass_name, operands.carried), bool(touched)))
+        return result
+
+    monkeypatch.setattr(karcher.Karcher, "statistic", watched)
+    tensors = [m.to(torch.bfloat16) for m in models[:3]]
+    got, _ = karcher_pieces(tensors, [2500], 3, compute="BF16", keep=keep)
+    assert_same_bits(got, karcher_reference(tensors, 3), f"keep={keep}")
+    units = [(reads, read) for name, reads, read in seen if "-unit-" in name]
+    assert len(units) == 2 * 3  # two pieces, three iterations
+    assert all(reads == (not keep) and read == (not keep) for reads, read in units), units
+    assert all(reads for name, reads, _ in seen if "-unit-" not in name)
