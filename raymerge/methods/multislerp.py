@@ -25,8 +25,9 @@ import numpy as np
 
 from raymerge.errors import PlanError
 from raymerge.methods.base import SCALE, Method, Operands, Parameter, Pass, mergekit_kind
-from raymerge.methods.steps import (apply_chunks, chunks, exact_sum, facts_problem, in_torch, quiet,
-                                    step, tensor_bits, torch_dtype, total, value, vector_length, widen_rows)
+from raymerge.methods.steps import (add_sum, apply_chunks, chunks, facts_problem, in_torch, quiet, step,
+                                    tensor_bits, torch_dtype, total, value, vector_length, widen_rows)
+from raymerge.ops.exact import Lanes
 from raymerge.ops.fused import discard, fused
 
 NORMS, MEAN, DOTS, TANGENT = "multislerp-norms", "multislerp-mean", "multislerp-dots", "multislerp-tangent"
@@ -64,10 +65,10 @@ class Multislerp(Method):
         k = len(operands.vectors)
         if k < 2:  # past the models' rows, or one model: nothing to sum
             return []
-        sums = None
+        lanes = None  # the piece's sums
         narrow = operands.compute is not None  # every value summed is rounded to it
         for at, m in chunks(vector_length(operands), scratch):
-            with fused(kernel) as k:  # the steps before the sums, one compiled loop where they can be
+            with fused(kernel) as k:  # the steps and the sums, one compiled loop where they can be
                 s = _State(k, operands, scratch, f, at, m)
                 if pass_name == NORMS:
                     summed = s.deltas
@@ -78,10 +79,11 @@ class Multislerp(Method):
                     summed = [operands.rounded(k, step(k.multiply, u, mean, u)) for u in s.units()]
                 else:
                     summed = [s.tangent()]
-                discard(k, *s.rows, keep=tuple(summed))  # read after the block: what is summed alone
-            parts = [exact_sum(kernel, x, scratch, square=pass_name != DOTS, narrow=narrow) for x in summed]
-            sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
-        return [[x.to_json() for x in sums]] if sums is not None else []
+                lanes = lanes or Lanes(len(summed))
+                for j, x in enumerate(summed):
+                    add_sum(k, lanes, j, x, scratch, square=pass_name != DOTS, narrow=narrow)
+                discard(k, *s.rows)  # summed in the block: nothing is read after it
+        return [[x.to_json() for x in lanes.sums()]] if lanes is not None else []
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
         k = len(tensor.terms)
