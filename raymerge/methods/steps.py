@@ -350,9 +350,16 @@ def per_row(kernel: Any, scratch: Any, key: str, begin: int, m: int, length: int
     first, last = begin // length, (begin + m - 1) // length
     if first == last:
         return values[first]
+    row = kernel.table(scratch, key, 1)[0, :m]
+    if isinstance(row, np.ndarray):  # the host's table: each row's value broadcast into it, in one pass
+        head = (first + 1) * length - begin  # the first row's elements here
+        whole = (m - head) // length  # the rows after it that lie here whole
+        row[:head] = values[first]
+        row[head:head + whole * length].reshape(whole, length)[:] = values[first + 1:first + 1 + whole, None]
+        row[head + whole * length:] = values[last]  # the last row's first elements (none: an empty slice)
+        return row
     counts = np.minimum(np.arange(first, last + 1) * length + length, begin + m) - \
         np.maximum(np.arange(first, last + 1) * length, begin)
-    row = kernel.table(scratch, key, 1)[0, :m]
     kernel.from_host(row, np.repeat(values[first:last + 1], counts))
     return row
 

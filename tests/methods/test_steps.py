@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raymerge.methods.steps import grouped_values, row_sums
+from raymerge.methods.steps import grouped_values, per_row, row_sums
 from raymerge.ops.exact import dot_sum
 from raymerge.ops.numpy_kernel import NUMPY
 
@@ -113,3 +113,16 @@ def test_kept_values_come_back_bit_for_bit_nan_payloads_included(compute, loops,
         assert carried(NUMPY, back, "mean", got[at:at + m], at, m)
     assert (got.view(np.uint32) == values.view(np.uint32)).all()
     assert not carried(NUMPY, back, "tangent", got, 0, 10) and not carried(NUMPY, Operands(None, ()), "mean", got, 0, 10)
+
+
+@pytest.mark.parametrize("length", [1, 3, 7, 16])
+def test_per_row_gives_each_element_its_rows_value(length):
+    """Every span of elements, starting and ending anywhere in a row: its row's value at each."""
+    values = np.arange(1, 41, dtype=np.float32) * np.float32(1.5)
+    n = values.size * length
+    scratch = NUMPY.scratch(n)
+    for begin in range(0, n):
+        for m in range(1, min(n - begin, 3 * length + 2) + 1):
+            want = values[np.arange(begin, begin + m) // length]
+            got = per_row(NUMPY, scratch, "rows", begin, m, length, values)
+            np.testing.assert_array_equal(np.broadcast_to(got, (m,)), want, err_msg=f"begin {begin}, m {m}")
