@@ -166,19 +166,14 @@ class Program:
                 not lanes.takes(j, x.size):
             self.flush()  # one accumulator a program, each of its bucket sums exact
             lanes.settle()
-        for _ in range(2):
-            runs = self._runs
-            a = self._operand(x, np.float32)
-            b = self._operand(y, np.float32)
-            if a is None or b is None or a < 0:
-                break
-            if runs == self._runs:
-                self._code.append((_SUM, j, a, b))
-                self._lanes = lanes
-                lanes.added(j, x.size)
-                return
-        self.flush()
-        lanes.add(j, exact.dot_sum(x, y, narrow=True))
+        got = self._take((x, np.float32, False), (y, np.float32, False))
+        if got is None or got[0] < 0:  # x no array: summed now
+            self.flush()
+            lanes.add(j, exact.dot_sum(x, y, narrow=True))
+            return
+        self._code.append((_SUM, j, *got))
+        self._lanes = lanes
+        lanes.added(j, x.size)
 
     add, subtract, multiply, divide = (_binary(op, _NAMES[op]) for op in (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE))
     greater, greater_equal, equal = (_binary(op, _NAMES[op]) for op in (_GREATER, _GREATER_EQUAL, _EQUAL))
@@ -194,17 +189,25 @@ class Program:
             return False
         if len(self._code) >= _MAX_STEPS:
             self.flush()
+        got = self._take((out, np.float32, True), (x, src, False), *([(y, np.float32, False)] if binary else []))
+        if got is None:
+            return False
+        d, a, b = got if binary else (*got, 0)
+        self._code.append((op, d, a, b))
+        return True
+
+    def _take(self, *wanted: tuple[Any, type, bool]) -> list[int] | None:
+        """The operand indices of each (x, dtype, write), all in one program: taken again where
+        taking one ran the program so far (`flush`: the indices taken before are void); None where
+        one cannot be an operand."""
         for _ in range(2):
             runs = self._runs
-            d = self._operand(out, np.float32, write=True)
-            a = self._operand(x, src)
-            b = self._operand(y, np.float32) if binary else 0
-            if d is None or a is None or b is None:
-                return False
+            got = [self._operand(x, dtype, write) for x, dtype, write in wanted]
+            if any(i is None for i in got):
+                return None
             if runs == self._runs:
-                self._code.append((op, d, a, b))
-                return True
-        return False
+                return got
+        return None
 
     def _operand(self, x: Any, dtype: type, write: bool = False) -> int | None:
         """x's operand index: an array's (>= 0) or a scalar's (-1 - k); None where x cannot be one
