@@ -104,7 +104,7 @@ class Karcher(Method):
         """A unit pass given the mean it steps from and its iteration's tangent reads no input."""
         what, it = _parse(pass_name)
         c = carried or {}
-        return not (what == UNIT and c.get("tangent-of") == it and c.get("at") == (f"u{it - 1}" if it > 1 else "first")
+        return not (what == UNIT and c.get("tangent-of") == it and c.get("at") == _mean_label(it - 1)
                     and c.get("mean") is not None and c.get("tangent") is not None)
 
     def spends(self, pass_name: str) -> tuple[str, ...]:
@@ -146,12 +146,12 @@ class Karcher(Method):
                     summed = s.x
                 elif what == MEAN:
                     summed = [s.first_mean()]
-                    kept = "first"
+                    kept = _mean_label(0)
                 elif what == UNIT:
                     s.mean_after(it - 1)
                     s.tangent(it)
                     summed = [s.step_along(it)]
-                    kept = f"u{it}"
+                    kept = _mean_label(it)
                 else:
                     mean = s.mean_after(it - 1)  # normalized from the kept step: not kept again
                     if what == DOTS:
@@ -262,7 +262,7 @@ class _State:
         if done is not None and done <= iterations:
             iterations = done - 1
         label = (self.carried or {}).get("at")
-        if label == (f"u{iterations}" if iterations else "first") and \
+        if label == _mean_label(iterations) and \
                 carried(self.k, self.o, "mean", self.mean, self.at, self.m):
             self._normalize(iterations)  # what was kept is the mean before it
             return self.mean
@@ -327,6 +327,12 @@ class _State:
             return self.mean
         mean = self.mean_after(iterations)
         return self.rnd(step(k.multiply, mean, value(self.f["scale"]), mean))
+
+
+def _mean_label(iterations: int) -> str:
+    """The label of the kept mean once `iterations` iterations are done, before its normalization:
+    "first" (the first mean), else "u<n>" (_State)."""
+    return f"u{iterations}" if iterations else "first"
 
 
 def _valid(facts: dict, tol: float) -> list[int]:
