@@ -32,7 +32,7 @@ from raymerge.execution.passes import Row
 from raymerge.methods import ELEMENTWISE, METHODS, Operands, Vector
 from raymerge.ops import gather, native
 from raymerge.ops.kernel import Kernel, Scratch, Sums, check_device, kernel_for
-from raymerge.planning.passes import tensor_passes
+from raymerge.planning.passes import statistics_passes, tensor_passes
 from raymerge.planning.plan import HEADER, Item, Piece, Plan, Source, TensorPlan
 from raymerge.records import ItemRecord, TensorSums
 from raymerge.safetensors.dtypes import ITEMSIZE
@@ -99,8 +99,8 @@ def merged(carried: tuple[Kept | None, ...], live: list[list[KeptName]] | None) 
 class _ThreadState:
     """Per-thread reader, buffers and scratch: reused across items to avoid first-touch faults."""
 
-    def __init__(self, storage_options: dict[str, Any]) -> None:
-        self.reader = RangeReader(storage_options)
+    def __init__(self, storage_options: dict[str, Any], again: bool = False) -> None:
+        self.reader = RangeReader(storage_options, again=again)
         self.inputs: list[Buffer] = []
         self.out = Buffer()
         self.scratch: dict[tuple[Kernel, bool], Any] = {}  # each kernel's scratch, made on first use
@@ -127,6 +127,7 @@ class MergeWorker:
         # numpy does the arithmetic on the CPU (no torch import: a faster start); torch on a GPU and for FP8
         self._kernels = [kernel_for(device, t.dtypes, self._threads) for t in plan.tensors]
         self._passes = [tensor_passes(t) for t in plan.tensors]
+        self._again = bool(statistics_passes(plan))  # the items' inputs are read by more than one pass
         self._facts = facts or {}  # verify's: the facts a manifest recorded
         self._means: dict[Source, Any] = {}  # gathered sources' mean rows (pad_to_multiple_of), once computed
         self._out = open_output(out_url, storage_options) if out_url else None  # None: produce only (verify)
@@ -152,7 +153,7 @@ class MergeWorker:
     def _state(self) -> _ThreadState:
         st = getattr(self._local, "state", None)
         if st is None:
-            st = self._local.state = _ThreadState(self._options)
+            st = self._local.state = _ThreadState(self._options, self._again)
             self._states.append(st)
         return st
 

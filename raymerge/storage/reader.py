@@ -2,8 +2,9 @@
 
 Ranges of one file are sorted and merged when they touch or nearly touch, so a worker issues one
 read per run of neighbouring tensors. Local runs are mapped from the page cache, populated in one
-system call (MAP_POPULATE): no copy at all, four times the throughput of positional reads into a
-buffer here. Other URLs are read by `ranges.fetch`: exactly the runs (no read-ahead),
+system call (MADV_POPULATE_READ): no copy at all, four times the throughput of positional reads
+into a buffer here; where a later pass reads the same runs again, the file stays mapped, so their
+pages are mapped once (a worker's RSS then counts the input pages it has read, as shared memory). Other URLs are read by `ranges.fetch`: exactly the runs (no read-ahead),
 concurrently, pinned to the version the plan recorded (S3 reads send If-Match), into a
 preallocated buffer (first-touch page faults are costly, so buffers are reused across items).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from typing import Any
 
 from raymerge.errors import CHANGED, StorageError
@@ -22,8 +24,32 @@ from raymerge.storage.retry import reason_of, with_retries
 
 ALIGN = 64
 LOCAL_GAP = 4096  # mapping a small gap costs less than a second system call
-MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages are mapped as they are touched
+MADV_POPULATE_READ = 22  # Linux 5.14's madvise: map a range's pages, reading them in
+_POPULATE_READ = sys.platform == "linux"  # until the kernel refuses it
 REMOTE_GAP = 1 << 20  # a second request costs more than a megabyte of transfer
+
+
+class _Mapping:
+    """A local file mapped whole, and the runs of it populated already."""
+
+    def __init__(self, mem: mmap.mmap) -> None:
+        self.mem = mem
+        self.populated: set[tuple[int, int]] = set()
+
+    def populate(self, start: int, end: int) -> None:
+        """Map the run's pages now, reading those not in the page cache, in one system call."""
+        global _POPULATE_READ
+        lo = start - start % mmap.PAGESIZE
+        if _POPULATE_READ:
+            try:
+                self.mem.madvise(MADV_POPULATE_READ, lo, end - lo)
+                self.populated.add((start, end))
+                return
+            except OSError:  # before Linux 5.14: read ahead instead, pages mapped as touched
+                _POPULATE_READ = False
+        if hasattr(mmap, "MADV_WILLNEED"):
+            self.mem.madvise(mmap.MADV_WILLNEED, lo, end - lo)
+        self.populated.add((start, end))
 
 
 class Buffer:
@@ -65,10 +91,12 @@ class RangeReader:
     objects some backends are read through.
     """
 
-    def __init__(self, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, storage_options: dict[str, Any] | None = None, again: bool = False) -> None:
         self._options = storage_options or {}
+        self._again = again  # the same runs will be read again (a later pass): keep their files mapped
         self._fds: dict[str, int] = {}
         self._files: dict[str, object] = {}  # open remote file objects, for backends read through them
+        self._maps: dict[str, _Mapping] = {}  # a local file's whole mapping
 
     def read(self, url: str, ranges: list[tuple[int, int]], buf: Buffer,
              version: str | None = None, scattered: bool = False, populate: bool = True) -> list[memoryview]:
@@ -99,12 +127,25 @@ class RangeReader:
             if end > size:  # checked, since touching a mapped page past the end would kill the worker
                 raise StorageError(f"execute: {url} ended at byte {size} while reading [{start}, {end}); "
                                    "the input changed or was truncated during the run", CHANGED)
-            lo = start - start % mmap.ALLOCATIONGRANULARITY
-            # Unmapped when the last view of it is dropped.
-            flags = mmap.MAP_SHARED | (MAP_POPULATE if populate else 0)
-            mapped = mmap.mmap(fd, end - lo, flags=flags, prot=mmap.PROT_READ, offset=lo)
-            mems.append(memoryview(mapped)[start - lo:])
+            if end == start:
+                mems.append(memoryview(b""))
+                continue
+            mapped = self._mapping(url, fd, size, end)
+            if populate and (start, end) not in mapped.populated:
+                mapped.populate(start, end)
+            mems.append(memoryview(mapped.mem)[start:end])
+        if not self._again:
+            self._maps.pop(url, None)  # unmapped with the last view of it
         return mems
+
+    def _mapping(self, url: str, fd: int, size: int, end: int) -> _Mapping:
+        """The file mapped whole, covering byte `end`. Where the runs are read again (`again`), one
+        mapping serves every read, so a run read by an item's next pass has its pages mapped
+        already (mapping them again cost a tenth of a karcher run's passes)."""
+        mapped = self._maps.get(url)
+        if mapped is None or len(mapped.mem) < end:  # the first read, or the file grew
+            mapped = self._maps[url] = _Mapping(mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
+        return mapped
 
     def _read_remote(self, url: str, runs: list[tuple[int, int]], buf: Buffer, version: str) -> list[memoryview]:
         # Each run starts in the buffer at the same alignment (mod 64) it has in the file, so the
@@ -134,4 +175,5 @@ class RangeReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._maps.clear()  # each unmapped once no view of it is left
         close_files(self._files)

@@ -45,6 +45,33 @@ def test_local_views_stay_valid_while_held(tmp_path):
     assert first.readonly  # inputs are never written
 
 
+def test_a_local_file_is_mapped_once_and_follows_its_size(tmp_path):
+    """Where runs are read again (`again`: a later pass), the file's one mapping serves every read
+    (the pages it mapped stay mapped); a file that grew is mapped again to its new end; one cut
+    short is an error, never a short read. Without `again`, each read maps anew (unmapped with its
+    last view)."""
+    data = os.urandom(5 * 4096 + 17)
+    path = tmp_path / "h.bin"
+    path.write_bytes(data)
+    reader, buf = RangeReader(again=True), Buffer()
+    first = reader.read(str(path), [(4096 + 3, 3 * 4096)], buf)[0]
+    again = reader.read(str(path), [(4096 + 3, 3 * 4096), (0, 0), (17, 18)], buf)
+    assert first.obj is again[0].obj  # the same mapping, populated once
+    assert [bytes(g) for g in again] == [data[4096 + 3:3 * 4096], b"", data[17:18]]
+    more = os.urandom(9000)
+    with open(path, "ab") as f:
+        f.write(more)
+    whole = data + more
+    got = reader.read(str(path), [(len(data) - 5, len(whole)), (2, 40)], buf)
+    assert [bytes(g) for g in got] == [whole[-9005:], whole[2:40]]
+    assert bytes(first) == data[4096 + 3:3 * 4096]  # a view of the first mapping outlives it
+    os.truncate(path, 4096)
+    with pytest.raises(StorageError, match="h.bin ended at byte 4096"):
+        reader.read(str(path), [(4000, 4100)], buf)
+    once = RangeReader()
+    assert once.read(str(path), [(0, 10)], buf)[0].obj is not once.read(str(path), [(0, 10)], buf)[0].obj
+
+
 def test_remote_reads_go_through_fsspec(tmp_path):
     import fsspec
 
