@@ -1063,6 +1063,19 @@ static inline float bf16_round_value(float f)
             for (Py_ssize_t i = 0; i < m; i++) out[i] = xv OPER yv ? 1.0f : 0.0f;     \
     } while (0)
 
+/* An input's BF16 block AHEAD blocks on, asked of memory now: it lies in another page (most
+ * often), where the hardware's prefetcher does not follow a stream, so without this every page's
+ * first lines are read while the loop waits. */
+#define AHEAD 4
+static inline void prefetch_ahead(const uint16_t *h, Py_ssize_t lo, Py_ssize_t n)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    Py_ssize_t from = AHEAD * BLOCK, to = from + BLOCK < n - lo ? from + BLOCK : n - lo;
+    for (Py_ssize_t i = from; i < to; i += 32) /* a 64-byte line: 32 halves */
+        __builtin_prefetch(h + i, 0, 0);
+#endif
+}
+
 /* run_program's loop: every step over a block, block by block. Compiled for the wider vector units
  * too, the one the CPU has chosen at load time (each lane rounds as a scalar operation would).
  * inner[3 s + j]: whether operand j (out, x, y) of step s is the block's row in `rows` (an array
@@ -1086,6 +1099,7 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
             case OP_WIDEN_BF16: {
                 const uint16_t *h = (const uint16_t *)arr[x] + lo;
                 uint32_t *o = (uint32_t *)out;
+                prefetch_ahead(h, lo, n);
                 for (Py_ssize_t i = 0; i < m; i++)
                     o[i] = (uint32_t)h[i] << 16;
                 break;
@@ -1440,7 +1454,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 48
+#define VERSION 49
 
 PyMODINIT_FUNC PyInit__native(void)
 {
