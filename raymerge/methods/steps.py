@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from raymerge.methods import torch_process
 from raymerge.ops import native
 from raymerge.ops.exact import ExactSum, Lanes, dot_sum
 from raymerge.ops.fused import Program, discard, fused
@@ -121,40 +122,18 @@ def facts_problem(facts: Any, terms: int, wanted: dict[str, int]) -> str | None:
 
 def in_torch(fn: Callable, *args: Any) -> Any:
     """fn(*args), a module-level function that computes mergekit's scalars with torch (its acos, sin
-    and cos give mergekit's bits; numpy's can differ): in one Ray actor of its own where this
-    process is a Ray driver, so that the driver never imports torch (470 MiB) and only that actor
-    does; here otherwise (tests)."""
+    and cos give mergekit's bits; numpy's can differ): in the torch process (methods.torch_process)
+    where this process is a Ray driver, so that the driver never imports torch (470 MiB); here
+    otherwise (tests)."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        return ray.get(_torch_actor(ray.get_runtime_context().get_job_id()).call.remote(fn, *args))
+        return torch_process.call(fn, *args)
     return fn(*args)
 
 
 def warm_torch() -> None:
-    """Start `in_torch`'s actor and import torch there while a pass runs: not waited for."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        _torch_actor(ray.get_runtime_context().get_job_id()).call.remote(_import_torch)
-
-
-class TorchScalars:
-    """The actor `in_torch` computes in: one per Ray job, no CPU reserved (a few small tensors)."""
-
-    def call(self, fn: Callable, *args: Any) -> Any:
-        return fn(*args)
-
-
-@functools.cache
-def _torch_actor(job: str) -> Any:
-    import ray
-
-    return ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(TorchScalars).remote()
-
-
-def _import_torch() -> str:
-    import torch
-
-    return torch.__version__
+    """Start `in_torch`'s process, which imports torch while a run's workers start: not waited for."""
+    torch_process.start()
 
 
 def step(op: Callable, x: Any, y: Any, out: Any) -> Any:
