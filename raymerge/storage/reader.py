@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import threading
 from typing import Any
 
 from raymerge.errors import CHANGED, StorageError
@@ -35,21 +36,30 @@ class _Mapping:
     def __init__(self, mem: mmap.mmap) -> None:
         self.mem = mem
         self.populated: set[tuple[int, int]] = set()
+        self.lock = threading.Lock()
 
     def populate(self, start: int, end: int) -> None:
-        """Map the run's pages now, reading those not in the page cache, in one system call."""
+        """Map the run's pages now, reading those not in the page cache, in one system call; once."""
         global _POPULATE_READ
+        with self.lock:
+            if (start, end) in self.populated:
+                return
+            self.populated.add((start, end))
         lo = start - start % mmap.PAGESIZE
         if _POPULATE_READ:
             try:
                 self.mem.madvise(MADV_POPULATE_READ, lo, end - lo)
-                self.populated.add((start, end))
                 return
             except OSError:  # before Linux 5.14: read ahead instead, pages mapped as touched
                 _POPULATE_READ = False
         if hasattr(mmap, "MADV_WILLNEED"):
             self.mem.madvise(mmap.MADV_WILLNEED, lo, end - lo)
-        self.populated.add((start, end))
+
+
+# The files mapped for runs read again, shared by the process's readers (a worker's threads): a
+# page is mapped once in the process, and counted once in its RSS (file pages, shared).
+_maps_lock = threading.Lock()
+_maps: dict[tuple[int, int], _Mapping] = {}  # (device, inode) -> the mapping
 
 
 class Buffer:
@@ -96,7 +106,7 @@ class RangeReader:
         self._again = again  # the same runs will be read again (a later pass): keep their files mapped
         self._fds: dict[str, int] = {}
         self._files: dict[str, object] = {}  # open remote file objects, for backends read through them
-        self._maps: dict[str, _Mapping] = {}  # a local file's whole mapping
+        self._mapped: set[tuple[int, int]] = set()  # the files of `_maps` it read (again: kept)
 
     def read(self, url: str, ranges: list[tuple[int, int]], buf: Buffer,
              version: str | None = None, scattered: bool = False, populate: bool = True) -> list[memoryview]:
@@ -130,21 +140,26 @@ class RangeReader:
             if end == start:
                 mems.append(memoryview(b""))
                 continue
-            mapped = self._mapping(url, fd, size, end)
-            if populate and (start, end) not in mapped.populated:
+            mapped = self._mapping(fd, end)
+            if populate:
                 mapped.populate(start, end)
             mems.append(memoryview(mapped.mem)[start:end])
-        if not self._again:
-            self._maps.pop(url, None)  # unmapped with the last view of it
         return mems
 
-    def _mapping(self, url: str, fd: int, size: int, end: int) -> _Mapping:
+    def _mapping(self, fd: int, end: int) -> _Mapping:
         """The file mapped whole, covering byte `end`. Where the runs are read again (`again`), one
-        mapping serves every read, so a run read by an item's next pass has its pages mapped
-        already (mapping them again cost a tenth of a karcher run's passes)."""
-        mapped = self._maps.get(url)
-        if mapped is None or len(mapped.mem) < end:  # the first read, or the file grew
-            mapped = self._maps[url] = _Mapping(mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
+        mapping serves every read of the process's readers, so a run read by an item's next pass
+        has its pages mapped already (mapping them again cost a tenth of a karcher run's passes);
+        else each read maps anew, unmapped with the last view of it."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with _maps_lock:
+            mapped = _maps.get(key) if self._again else None
+            if mapped is None or len(mapped.mem) < end:  # the first read, or the file grew
+                mapped = _Mapping(mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
+                if self._again:
+                    _maps[key] = mapped
+                    self._mapped.add(key)
         return mapped
 
     def _read_remote(self, url: str, runs: list[tuple[int, int]], buf: Buffer, version: str) -> list[memoryview]:
@@ -175,5 +190,8 @@ class RangeReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._maps.clear()  # each unmapped once no view of it is left
+        with _maps_lock:  # each unmapped once no view of it is left
+            for key in self._mapped:
+                _maps.pop(key, None)
+        self._mapped.clear()
         close_files(self._files)

@@ -57,6 +57,8 @@ def test_a_local_file_is_mapped_once_and_follows_its_size(tmp_path):
     first = reader.read(str(path), [(4096 + 3, 3 * 4096)], buf)[0]
     again = reader.read(str(path), [(4096 + 3, 3 * 4096), (0, 0), (17, 18)], buf)
     assert first.obj is again[0].obj  # the same mapping, populated once
+    other = RangeReader(again=True)  # another thread's: the process maps the file once
+    assert other.read(str(path), [(5, 6)], buf)[0].obj is first.obj
     assert [bytes(g) for g in again] == [data[4096 + 3:3 * 4096], b"", data[17:18]]
     more = os.urandom(9000)
     with open(path, "ab") as f:
@@ -68,6 +70,8 @@ def test_a_local_file_is_mapped_once_and_follows_its_size(tmp_path):
     os.truncate(path, 4096)
     with pytest.raises(StorageError, match="h.bin ended at byte 4096"):
         reader.read(str(path), [(4000, 4100)], buf)
+    reader.close()  # its files' mappings are dropped (unmapped with their last views)
+    assert other.read(str(path), [(0, 10)], buf)[0].obj is not got[0].obj
     once = RangeReader()
     assert once.read(str(path), [(0, 10)], buf)[0].obj is not once.read(str(path), [(0, 10)], buf)[0].obj
 
