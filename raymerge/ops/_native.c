@@ -247,12 +247,20 @@ IN_LOOP void add_block(const double *restrict p, double *acc, Py_ssize_t lane)
         split_part(acc + lane * LANE_SIZE, block_sum(p));
         return;
     }
+#if defined(__GNUC__) || defined(__clang__)
+    Sums near = {0}; /* the parts within the window, in vector lanes (in any order: exact) */
+    for (int k = 0; k < SUM_BLOCK; k += 8)
+        for (int j = 0; j < 8; j++)
+            near[j] += magnitude(p[k + j]) >= low ? p[k + j] : 0.0;
+    double s = ((near[0] + near[1]) + (near[2] + near[3])) + ((near[4] + near[5]) + (near[6] + near[7]));
+#else
     double s = 0;
-    for (int i = 0; i < SUM_BLOCK; i++) {
+    for (int i = 0; i < SUM_BLOCK; i++)
+        s += magnitude(p[i]) >= low ? p[i] : 0.0;
+#endif
+    for (int i = 0; i < SUM_BLOCK; i++) { /* the far ones, each at its bucket */
         uint64_t m = magnitude(p[i]);
-        if (m >= low)
-            s += p[i];
-        else if (m != 0)
+        if (m < low && m != 0)
             add_part(acc + (i % LANES) * LANE_SIZE, p[i]);
     }
     split_part(acc + lane * LANE_SIZE, s);
@@ -331,10 +339,74 @@ IN_LOOP void count_or_add(double *acc, Py_ssize_t i, double p)
         acc[SPECIALS + (p != p ? 2 : p < 0)] += 1;
 }
 
+/* Sub-blocks of products of at most 16 significant bits (BF16 values': their low 8 bits clear)
+ * whose parts all lie within SUM_WINDOW binades of the largest of them are summed together, up
+ * to GROUP of them, in the vector lanes, before one split into the buckets: parts at least
+ * 2**(e-15) apart for the smallest's binade e, at most 64 * GROUP of them below 2**(e+SUM_WINDOW+1)
+ * each, so every partial sum (< 2**(e+SUM_WINDOW+10)) is exact in float64's 53 bits. */
+#if defined(__GNUC__) || defined(__clang__)
+#define GROUP 8
+typedef struct {
+    Sums s;               /* the group's lanes */
+    uint32_t top, bottom; /* the magnitude bits of its largest and smallest part */
+    int blocks;           /* sub-blocks in it (0: none) */
+    Py_ssize_t lane;      /* the lane its sum goes to: its first sub-block's */
+} Group;
+
+IN_LOOP void group_flush(Group *g, double *acc)
+{
+    if (g->blocks)
+        split_part(acc + g->lane * LANE_SIZE,
+                   ((g->s[0] + g->s[1]) + (g->s[2] + g->s[3])) + ((g->s[4] + g->s[5]) + (g->s[6] + g->s[7])));
+    g->blocks = 0;
+}
+
+/* Sub-block q of 16-bit parts into the group where the window allows, else a new one. Returns 0,
+ * taking nothing, where q is not such a sub-block (float32_block_sum sums it alone). */
+IN_LOOP int group_add(Group *g, const float *restrict q, Py_ssize_t lane, double *acc)
+{
+    uint32_t top = 0, bottom = UINT32_MAX, low = 0;
+    for (int i = 0; i < SUM_BLOCK; i++) {
+        uint32_t m;
+        memcpy(&m, &q[i], 4);
+        low |= m;
+        m &= MAGNITUDE_F32;
+        top = m > top ? m : top;
+        bottom = m < bottom ? m : bottom;
+    }
+    if ((low & 0xFFu) || top >= INFINITE_F32 || (top & INFINITE_F32) < ((uint32_t)(SUM_WINDOW + 2) << 23) ||
+        bottom < (top & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23))
+        return 0;
+    if (g->blocks) {
+        uint32_t t = top > g->top ? top : g->top, b = bottom < g->bottom ? bottom : g->bottom;
+        if (g->blocks < GROUP && b >= (t & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23)) {
+            g->top = t, g->bottom = b;
+        } else {
+            group_flush(g, acc);
+        }
+    }
+    if (!g->blocks) {
+        Sums zero = {0};
+        g->s = zero, g->top = top, g->bottom = bottom, g->lane = lane;
+    }
+    for (int k = 0; k < SUM_BLOCK; k += 8) {
+        Sums v;
+        for (int j = 0; j < 8; j++)
+            v[j] = (double)q[k + j];
+        g->s += v;
+    }
+    g->blocks++;
+    return 1;
+}
+#endif
+
 IN_LOOP void program_sum(const float *restrict xs, const float *restrict ys, float yv, Py_ssize_t lo,
                          Py_ssize_t m, double *acc)
 {
     Py_ssize_t whole = m - m % SUM_BLOCK;
+#if defined(__GNUC__) || defined(__clang__)
+    Group g = {.blocks = 0};
+#endif
     for (Py_ssize_t at = 0; at < whole; at += SUM_BLOCK) {
         Py_ssize_t lane = (lo + at) / SUM_BLOCK % LANES;
         double p[SUM_BLOCK];
@@ -347,6 +419,8 @@ IN_LOOP void program_sum(const float *restrict xs, const float *restrict ys, flo
         else
             for (int i = 0; i < SUM_BLOCK; i++)
                 q[i] = xs[at + i] * yv;
+        if (group_add(&g, q, lane, acc))
+            continue;
         if (float32_block_sum(q, &sum)) {
             split_part(acc + lane * LANE_SIZE, sum);
             continue;
@@ -355,8 +429,8 @@ IN_LOOP void program_sum(const float *restrict xs, const float *restrict ys, flo
         uint64_t top = 0;
         for (int i = 0; i < SUM_BLOCK; i++) {
             p[i] = (double)xs[at + i] * (double)(ys ? ys[at + i] : yv);
-            uint64_t g = magnitude(p[i]);
-            top = g > top ? g : top;
+            uint64_t mag = magnitude(p[i]);
+            top = mag > top ? mag : top;
         }
         if (top < INFINITE)
             add_block(p, acc, lane);
@@ -364,6 +438,9 @@ IN_LOOP void program_sum(const float *restrict xs, const float *restrict ys, flo
             for (int i = 0; i < SUM_BLOCK; i++)
                 count_or_add(acc, lo + at + i, p[i]);
     }
+#if defined(__GNUC__) || defined(__clang__)
+    group_flush(&g, acc);
+#endif
     for (Py_ssize_t i = whole; i < m; i++)
         count_or_add(acc, lo + i, (double)xs[i] * (double)(ys ? ys[i] : yv));
 }
@@ -1454,7 +1531,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 49
+#define VERSION 50
 
 PyMODINIT_FUNC PyInit__native(void)
 {

@@ -4,13 +4,15 @@ in order) and arrays that overlap in part."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from raymerge.ops import fused as fused_module
 from raymerge.ops import exact as exact_module
 from raymerge.ops import native
-from raymerge.ops.exact import Lanes, dot_sum
+from raymerge.ops.exact import UNIT, Lanes, dot_sum
 from raymerge.ops.fused import Program, discard, fused
 from raymerge.ops.numpy_kernel import NUMPY
 
@@ -297,6 +299,36 @@ def test_a_program_s_sums_are_dot_sum_s_and_need_no_row_written(n, spread):
         want = [dot_sum(x, other, narrow=True) for other in (x, y, np.float32(1), np.float32(-0.5))]
     assert lanes.sums() == want
     assert (table == 7.0).all()
+
+
+@pytest.mark.parametrize("bits", [8, 11])
+def test_a_program_s_sums_of_blocks_far_apart_in_magnitude(bits):
+    """Products summed block by block where each 64-element block has a magnitude of its own (its
+    neighbours' within float64's window of it or not), some with a far or zero part of their own:
+    of BF16 values (products of 16 bits, summed a group of blocks at a time) and of 11-bit ones
+    (FP16's, a block at a time), the very ExactSums of exact.dot_sum."""
+    rng = np.random.default_rng(bits)
+    n = 64 * 300 + 37
+    keep = np.uint32(0xFF800000 | ((1 << (bits - 1)) - 1) << (24 - bits))  # sign, exponent, `bits` significant bits
+
+    def values() -> np.ndarray:
+        scale = (2.0 ** rng.integers(-30, 30, n // 64 + 1)).repeat(64)[:n]
+        x = (rng.standard_normal(n) * scale).astype(np.float32)
+        x[rng.integers(0, n, 60)] *= np.float32(2.0 ** -40)
+        x[rng.integers(0, n, 5)] = 0
+        return (x.view(np.uint32) & keep).view(np.float32)
+
+    x, y = values(), values()
+    lanes = Lanes(2)
+    with np.errstate(all="ignore"):
+        with fused(NUMPY) as k:
+            k.sum(x, x, lanes, 0)
+            k.sum(x, y, lanes, 1)
+        want = [dot_sum(x, x, narrow=True), dot_sum(x, y, narrow=True)]
+    assert lanes.sums() == want
+    # and the count of 2**-UNIT made here, each product exact in float64 (narrow factors)
+    assert [s.units for s in want] == [sum(int(math.ldexp(float(a) * float(b), UNIT)) for a, b in zip(x, other))
+                                       for other in (x, y)]
 
 
 @pytest.mark.parametrize("limit", [None, 4 * 1024])
