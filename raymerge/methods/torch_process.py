@@ -11,6 +11,7 @@ the driver (its end of the pipe closes). A process that died is spawned again at
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -67,7 +68,9 @@ def _end_locked() -> None:
 
 
 def _serve(pipe: Any) -> None:
-    """In the process: import torch, then answer calls until the driver's end closes."""
+    """In the process: import torch, then answer calls until the driver's end closes (a Ctrl-C at
+    the terminal is the driver's to handle: it ends this process by closing the pipe)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch  # noqa: F401  (imported now: the first call does not wait for it)
 
     while True:

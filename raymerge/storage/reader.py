@@ -4,9 +4,10 @@ Ranges of one file are sorted and merged when they touch or nearly touch, so a w
 read per run of neighbouring tensors. Local runs are mapped from the page cache, populated in one
 system call (MADV_POPULATE_READ): no copy at all, four times the throughput of positional reads
 into a buffer here; where a later pass reads the same runs again, the file stays mapped, so their
-pages are mapped once (a worker's RSS then counts the input pages it has read, as shared memory). Other URLs are read by `ranges.fetch`: exactly the runs (no read-ahead),
-concurrently, pinned to the version the plan recorded (S3 reads send If-Match), into a
-preallocated buffer (first-touch page faults are costly, so buffers are reused across items).
+pages are mapped once (a worker's RSS then counts the input pages it has read, as shared memory).
+Other URLs are read by `ranges.fetch`: exactly the runs (no read-ahead), concurrently, pinned to
+the version the plan recorded (S3 reads send If-Match), into a preallocated buffer (first-touch
+page faults are costly, so buffers are reused across items).
 """
 
 from __future__ import annotations
@@ -132,15 +133,17 @@ class RangeReader:
             except OSError as e:
                 raise StorageError(f"execute: cannot open input {url}: {e.strerror}", reason_of(e)) from e
         size = os.fstat(fd).st_size
-        mems = []
         for start, end in runs:
             if end > size:  # checked, since touching a mapped page past the end would kill the worker
                 raise StorageError(f"execute: {url} ended at byte {size} while reading [{start}, {end}); "
                                    "the input changed or was truncated during the run", CHANGED)
+        last = max((end for start, end in runs if end > start), default=0)
+        mapped = self._mapping(fd, last) if last else None
+        mems = []
+        for start, end in runs:
             if end == start:
                 mems.append(memoryview(b""))
                 continue
-            mapped = self._mapping(fd, end)
             if populate:
                 mapped.populate(start, end)
             mems.append(memoryview(mapped.mem)[start:end])
@@ -150,7 +153,7 @@ class RangeReader:
         """The file mapped whole, covering byte `end`. Where the runs are read again (`again`), one
         mapping serves every read of the process's readers, so a run read by an item's next pass
         has its pages mapped already (mapping them again cost a tenth of a karcher run's passes);
-        else each read maps anew, unmapped with the last view of it."""
+        else each read maps the file anew (once for all its runs), unmapped with the last view of it."""
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         with _maps_lock:
