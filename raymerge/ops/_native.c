@@ -341,9 +341,10 @@ IN_LOOP void count_or_add(double *acc, Py_ssize_t i, double p)
 
 /* Sub-blocks of products of at most 16 significant bits (BF16 values': their low 8 bits clear)
  * whose parts all lie within SUM_WINDOW binades of the largest of them are summed together, up
- * to GROUP of them, in the vector lanes, before one split into the buckets: parts at least
- * 2**(e-15) apart for the smallest's binade e, at most 64 * GROUP of them below 2**(e+SUM_WINDOW+1)
- * each, so every partial sum (< 2**(e+SUM_WINDOW+10)) is exact in float64's 53 bits. */
+ * to GROUP of them, in the vector lanes, before one split into the buckets: for the smallest
+ * part's binade e, every part is a multiple of 2**(e-15), and at most 64 * GROUP of them lie below
+ * 2**(e+SUM_WINDOW+1) each, so every partial sum is a multiple of 2**(e-15) below
+ * 2**(e+SUM_WINDOW+10): 48 bits apart, exact in float64's 53. */
 #if defined(__GNUC__) || defined(__clang__)
 #define GROUP 8
 typedef struct {
