@@ -203,6 +203,14 @@ static inline void split_part(double *acc, double v)
     add_part(acc, v - next);
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+/* The total of eight lanes of sums (exact where the callers use it: the order is free). */
+IN_LOOP double lanes_total(const Sums *s)
+{
+    return (((*s)[0] + (*s)[1]) + ((*s)[2] + (*s)[3])) + (((*s)[4] + (*s)[5]) + ((*s)[6] + (*s)[7]));
+}
+#endif
+
 /* The sum of p[0..SUM_BLOCK), in eight lanes (exact where add_block calls it: the order is free). */
 IN_LOOP double block_sum(const double *restrict p)
 {
@@ -213,7 +221,7 @@ IN_LOOP double block_sum(const double *restrict p)
         memcpy(&v, p + k, sizeof v);
         s += v;
     }
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    return lanes_total(&s);
 #else
     double s = 0;
     for (int i = 0; i < SUM_BLOCK; i++)
@@ -252,7 +260,7 @@ IN_LOOP void add_block(const double *restrict p, double *acc, Py_ssize_t lane)
     for (int k = 0; k < SUM_BLOCK; k += 8)
         for (int j = 0; j < 8; j++)
             near[j] += magnitude(p[k + j]) >= low ? p[k + j] : 0.0;
-    double s = ((near[0] + near[1]) + (near[2] + near[3])) + ((near[4] + near[5]) + (near[6] + near[7]));
+    double s = lanes_total(&near);
 #else
     double s = 0;
     for (int i = 0; i < SUM_BLOCK; i++)
@@ -293,34 +301,59 @@ static void narrow_pair_sums(const float *restrict xs, const float *restrict ys,
 #define INFINITE_F32 UINT32_C(0x7F800000)
 
 #if defined(__GNUC__) || defined(__clang__)
-/* The sum of a block's SUM_BLOCK parts q, made in float32 (narrow products: at most 24 significant
- * bits, which float32 holds unless they overflow or fall below its normal range), into *sum, where
- * it is add_block's exact sum of the exact parts: every part finite and within SUM_WINDOW binades
- * of the largest (so none is zero: a product may be zero having lost a tiny exact value), whose
- * binade is above 2**-102 (so every part is at least 2**-125, a normal float32: none was rounded).
- * Returns 0, summing nothing, for any other block. The bounds in 32-bit lanes: twice as many to a
- * register as float64's, with native unsigned minimum and maximum. */
-IN_LOOP int float32_block_sum(const float *restrict q, double *sum)
+/* A block's SUM_BLOCK float32 parts q: the magnitude bits of its largest (*top) and smallest
+ * (*bottom: a zero's too) part; returns all their bits or'ed (low bits clear in every part). The
+ * bounds in 32-bit lanes: twice as many to a register as float64's, with native unsigned minimum
+ * and maximum. */
+IN_LOOP uint32_t block_bounds(const float *restrict q, uint32_t *top, uint32_t *bottom)
 {
-    uint32_t top = 0, bottom = UINT32_MAX;
+    uint32_t t = 0, b = UINT32_MAX, any = 0;
     for (int i = 0; i < SUM_BLOCK; i++) {
         uint32_t m;
         memcpy(&m, &q[i], 4);
+        any |= m;
         m &= MAGNITUDE_F32;
-        top = m > top ? m : top;
-        bottom = m < bottom ? m : bottom; /* a zero's too: a block with one is not taken */
+        t = m > t ? m : t;
+        b = m < b ? m : b;
     }
-    if (top >= INFINITE_F32 || (top & INFINITE_F32) < ((uint32_t)(SUM_WINDOW + 2) << 23) ||
-        bottom < (top & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23))
-        return 0;
-    Sums s = {0};
+    *top = t, *bottom = b;
+    return any;
+}
+
+/* Whether parts of these bounds (block_bounds) are all exact float32s within SUM_WINDOW binades of
+ * the largest: every part finite and within the window (so none is zero: a product may be zero
+ * having lost a tiny exact value), the largest's binade above 2**-102 (so every part is at least
+ * 2**-125, a normal float32: none was rounded). */
+IN_LOOP int in_window(uint32_t top, uint32_t bottom)
+{
+    return top < INFINITE_F32 && (top & INFINITE_F32) >= ((uint32_t)(SUM_WINDOW + 2) << 23) &&
+           bottom >= (top & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23);
+}
+
+/* The parts q widened to float64 and added to the eight lanes s. */
+IN_LOOP void add_lanes(const float *restrict q, Sums *s)
+{
     for (int k = 0; k < SUM_BLOCK; k += 8) {
         Sums v;
         for (int j = 0; j < 8; j++)
             v[j] = (double)q[k + j];
-        s += v;
+        *s += v;
     }
-    *sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* The sum of a block's SUM_BLOCK parts q, made in float32 (narrow products: at most 24 significant
+ * bits, which float32 holds unless they overflow or fall below its normal range), into *sum, where
+ * it is add_block's exact sum of the exact parts: every part in the window (in_window). Returns 0,
+ * summing nothing, for any other block. */
+IN_LOOP int float32_block_sum(const float *restrict q, double *sum)
+{
+    uint32_t top, bottom;
+    block_bounds(q, &top, &bottom);
+    if (!in_window(top, bottom))
+        return 0;
+    Sums s = {0};
+    add_lanes(q, &s);
+    *sum = lanes_total(&s);
     return 1;
 }
 #endif
@@ -357,27 +390,15 @@ typedef struct {
 IN_LOOP void group_flush(Group *g, double *acc)
 {
     if (g->blocks)
-        split_part(acc + g->lane * LANE_SIZE,
-                   ((g->s[0] + g->s[1]) + (g->s[2] + g->s[3])) + ((g->s[4] + g->s[5]) + (g->s[6] + g->s[7])));
+        split_part(acc + g->lane * LANE_SIZE, lanes_total(&g->s));
     g->blocks = 0;
 }
 
-/* Sub-block q of 16-bit parts into the group where the window allows, else a new one. Returns 0,
- * taking nothing, where q is not such a sub-block (float32_block_sum sums it alone). */
-IN_LOOP int group_add(Group *g, const float *restrict q, Py_ssize_t lane, double *acc)
+/* Sub-block q of 16-bit parts in the window (block_bounds: top, bottom; in_window) into the group
+ * where the window of the two allows, else into a new one. */
+IN_LOOP void group_add(Group *g, const float *restrict q, uint32_t top, uint32_t bottom, Py_ssize_t lane,
+                       double *acc)
 {
-    uint32_t top = 0, bottom = UINT32_MAX, low = 0;
-    for (int i = 0; i < SUM_BLOCK; i++) {
-        uint32_t m;
-        memcpy(&m, &q[i], 4);
-        low |= m;
-        m &= MAGNITUDE_F32;
-        top = m > top ? m : top;
-        bottom = m < bottom ? m : bottom;
-    }
-    if ((low & 0xFFu) || top >= INFINITE_F32 || (top & INFINITE_F32) < ((uint32_t)(SUM_WINDOW + 2) << 23) ||
-        bottom < (top & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23))
-        return 0;
     if (g->blocks) {
         uint32_t t = top > g->top ? top : g->top, b = bottom < g->bottom ? bottom : g->bottom;
         if (g->blocks < GROUP && b >= (t & INFINITE_F32) - ((uint32_t)SUM_WINDOW << 23)) {
@@ -390,14 +411,8 @@ IN_LOOP int group_add(Group *g, const float *restrict q, Py_ssize_t lane, double
         Sums zero = {0};
         g->s = zero, g->top = top, g->bottom = bottom, g->lane = lane;
     }
-    for (int k = 0; k < SUM_BLOCK; k += 8) {
-        Sums v;
-        for (int j = 0; j < 8; j++)
-            v[j] = (double)q[k + j];
-        g->s += v;
-    }
+    add_lanes(q, &g->s);
     g->blocks++;
-    return 1;
 }
 #endif
 
@@ -413,17 +428,22 @@ IN_LOOP void program_sum(const float *restrict xs, const float *restrict ys, flo
         double p[SUM_BLOCK];
 #if defined(__GNUC__) || defined(__clang__)
         float q[SUM_BLOCK];
-        double sum;
+        uint32_t high, low;
         if (ys)
             for (int i = 0; i < SUM_BLOCK; i++)
                 q[i] = xs[at + i] * ys[at + i];
         else
             for (int i = 0; i < SUM_BLOCK; i++)
                 q[i] = xs[at + i] * yv;
-        if (group_add(&g, q, lane, acc))
-            continue;
-        if (float32_block_sum(q, &sum)) {
-            split_part(acc + lane * LANE_SIZE, sum);
+        uint32_t bits = block_bounds(q, &high, &low);
+        if (in_window(high, low)) {
+            if (bits & 0xFFu) { /* a part of more than 16 significant bits: the block alone */
+                Sums s = {0};
+                add_lanes(q, &s);
+                split_part(acc + lane * LANE_SIZE, lanes_total(&s));
+            } else {
+                group_add(&g, q, high, low, lane, acc);
+            }
             continue;
         }
 #endif
