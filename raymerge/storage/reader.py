@@ -132,13 +132,14 @@ class RangeReader:
                 fd = self._fds[url] = open_regular(urls.local_path(url))
             except OSError as e:
                 raise StorageError(f"execute: cannot open input {url}: {e.strerror}", reason_of(e)) from e
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         for start, end in runs:
             if end > size:  # checked, since touching a mapped page past the end would kill the worker
                 raise StorageError(f"execute: {url} ended at byte {size} while reading [{start}, {end}); "
                                    "the input changed or was truncated during the run", CHANGED)
         last = max((end for start, end in runs if end > start), default=0)
-        mapped = self._mapping(fd, last) if last else None
+        mapped = self._mapping(fd, st, last) if last else None
         mems = []
         for start, end in runs:
             if end == start:
@@ -149,12 +150,12 @@ class RangeReader:
             mems.append(memoryview(mapped.mem)[start:end])
         return mems
 
-    def _mapping(self, fd: int, end: int) -> _Mapping:
+    def _mapping(self, fd: int, st: os.stat_result, end: int) -> _Mapping:
         """The file mapped whole, covering byte `end`. Where the runs are read again (`again`), one
         mapping serves every read of the process's readers, so a run read by an item's next pass
         has its pages mapped already (mapping them again cost a tenth of a karcher run's passes);
-        else each read maps the file anew (once for all its runs), unmapped with the last view of it."""
-        st = os.fstat(fd)
+        else each read maps the file anew (once for all its runs), unmapped with the last view of it.
+        `st`: the file's stat, as the read checked its runs against it."""
         key = (st.st_dev, st.st_ino)
         with _maps_lock:
             mapped = _maps.get(key) if self._again else None
