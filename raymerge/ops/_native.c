@@ -132,6 +132,42 @@ static inline uint32_t bf16_rounded(uint32_t v)
     return (v & 0x7FFFFFFFu) > 0x7F800000u ? v : bf16_number_rounded(v);
 }
 
+/* The loops of round_bf16, bf16_halves, bf16_narrow and bf16_widen, compiled for the wider vector
+ * units too (the default build's SSE2 has no packing of 32-bit lanes to 16 that fits them). */
+WIDE_VECTORS
+static void round_loop(uint32_t *restrict p, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        p[i] = bf16_rounded(p[i]);
+}
+
+/* o = the high halves of p; returns the OR of the low halves (0: p held BF16 values alone). */
+WIDE_VECTORS
+static uint32_t halves_loop(const uint32_t *restrict p, Py_ssize_t n, uint16_t *restrict o)
+{
+    uint32_t low = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        low |= p[i] & 0xFFFFu;
+        o[i] = (uint16_t)(p[i] >> 16);
+    }
+    return low;
+}
+
+/* o = p rounded to BF16 as a number is (a NaN's bits go the same way: the caller mends NaNs). */
+WIDE_VECTORS
+static void narrow_loop(const uint32_t *restrict p, Py_ssize_t n, uint16_t *restrict o)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        o[i] = (uint16_t)(bf16_number_rounded(p[i]) >> 16);
+}
+
+WIDE_VECTORS
+static void widen_loop(const uint16_t *restrict p, Py_ssize_t n, uint32_t *restrict o)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        o[i] = (uint32_t)p[i] << 16;
+}
+
 /* round_bf16(x): each float32 of x rounded to BF16, half to even, in place; a NaN keeps its bits. */
 static PyObject *round_bf16(PyObject *self, PyObject *arg)
 {
@@ -141,8 +177,7 @@ static PyObject *round_bf16(PyObject *self, PyObject *arg)
     uint32_t *p = (uint32_t *)b.buf;
     Py_ssize_t n = b.len / 4;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        p[i] = bf16_rounded(p[i]);
+    round_loop(p, n);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&b);
     Py_RETURN_NONE;
@@ -768,19 +803,35 @@ static PyObject *bf16_halves(PyObject *self, PyObject *args)
     uint32_t low = 0;
     int ok = buf[1].len * 2 == buf[0].len;
     if (ok) {
-        const uint32_t *p = (const uint32_t *)buf[0].buf;
-        uint16_t *o = (uint16_t *)buf[1].buf;
-        Py_ssize_t n = buf[0].len / 4;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) {
-            low |= p[i] & 0xFFFFu;
-            o[i] = (uint16_t)(p[i] >> 16);
-        }
+        low = halves_loop((const uint32_t *)buf[0].buf, buf[0].len / 4, (uint16_t *)buf[1].buf);
         Py_END_ALLOW_THREADS
     }
     if (!released(buf, 2, ok ? NULL : "bf16_halves: out must have one element for each of x's"))
         return NULL;
     return PyBool_FromLong(low == 0);
+}
+
+/* bf16_narrow(x, out): out[i] = float32 x[i] rounded half to even to BF16, as its high half
+ * (uint16); a NaN's bits are rounded as a number's (the caller gives NaNs their own). */
+static PyObject *bf16_narrow(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &xo, &oo))
+        return NULL;
+    Py_buffer buf[2];
+    const Want want[2] = {{xo, 0, "f", 4, "bf16_narrow x"}, {oo, 1, "H", 2, "bf16_narrow out"}};
+    if (get_buffers(want, buf, 2) < 0)
+        return NULL;
+    int ok = buf[1].len * 2 == buf[0].len;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        narrow_loop((const uint32_t *)buf[0].buf, buf[0].len / 4, (uint16_t *)buf[1].buf);
+        Py_END_ALLOW_THREADS
+    }
+    if (!released(buf, 2, ok ? NULL : "bf16_narrow: out must have one element for each of x's"))
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 /* order_keys(x, keys): keys[i] = a uint32 ordered as float32 x[i] is, as torch sorts: -0.0 the key
@@ -830,12 +881,8 @@ static PyObject *bf16_widen(PyObject *self, PyObject *args)
         return NULL;
     int ok = buf[0].len * 2 == buf[1].len;
     if (ok) {
-        const uint16_t *p = (const uint16_t *)buf[0].buf;
-        uint32_t *o = (uint32_t *)buf[1].buf;
-        Py_ssize_t n = buf[0].len / 2;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++)
-            o[i] = (uint32_t)p[i] << 16;
+        widen_loop((const uint16_t *)buf[0].buf, buf[0].len / 2, (uint32_t *)buf[1].buf);
         Py_END_ALLOW_THREADS
     }
     if (!released(buf, 2, ok ? NULL : "bf16_widen: out must have one element for each half"))
@@ -1533,6 +1580,7 @@ static PyMethodDef methods[] = {
     {"row_ranks", row_ranks, METH_VARARGS, "Each key's rank in its row of n (a stable ascending sort's inverse)."},
     {"bf16_halves", bf16_halves, METH_VARARGS, "The high halves of float32 values; whether every low half is 0."},
     {"order_keys", order_keys, METH_VARARGS, "uint32 keys ordered as float32 values are, as torch sorts them."},
+    {"bf16_narrow", bf16_narrow, METH_VARARGS, "float32 values rounded to BF16, as their high halves."},
     {"bf16_widen", bf16_widen, METH_VARARGS, "float32 values of BF16 high halves."},
     {"della_keep", della_keep, METH_VARARGS, "della's keep mask over whole rows: random words below their rank's threshold."},
     {"low_counts", low_counts, METH_VARARGS, "Counts of the low halves of the uint32s in one high half."},
@@ -1552,7 +1600,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 50
+#define VERSION 51
 
 PyMODINIT_FUNC PyInit__native(void)
 {

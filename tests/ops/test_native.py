@@ -334,6 +334,25 @@ def test_bf16_halves_and_widen_round_trip_and_say_when_a_low_half_is_set():
         native.bf16_widen(halves, back[:-1])
 
 
+def test_bf16_narrow_rounds_as_torch_and_gives_the_numpy_forms_bits(monkeypatch):
+    """The final narrowing of a weighted sum (numpy_kernel._narrow): numbers rounded as torch
+    rounds them, every bit pattern (NaNs too, mended by the caller) as the numpy form's."""
+    import raymerge.ops.numpy_kernel as numpy_kernel
+
+    x = _hard_float32(20011, 5)  # odd length: the vector loops' tails
+    got = np.empty(x.size, np.uint16)
+    native.bf16_narrow(x, got)
+    number = ~np.isnan(x)
+    want = torch.from_numpy(x[number].copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(got[number], want)
+    monkeypatch.setattr(native_module, "loops", None)
+    slow = np.empty(x.size, np.uint16)
+    numpy_kernel._narrow(slow, x.copy(), np.empty(x.size, np.float32))
+    assert np.array_equal(got, slow)
+    with pytest.raises(ValueError, match="one element"):
+        native.bf16_narrow(x, got[:-1])
+
+
 def test_order_keys_are_the_numpy_forms_keys(monkeypatch):
     from raymerge.methods.arcee_fusion import order_keys
 
