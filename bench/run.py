@@ -23,6 +23,9 @@
              that mergekit file (dtype bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml
              on it; the table gives each one's wall time over merge2's
 
+Every contender (and the floor) starts after a sync, with the trio's files read into the page cache
+once more: what one contender held in memory does not decide whether the next reads the disk.
+
 Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor), the peak RSS of
 every process of the raymerge rows (driver, each worker), the ratio ties / merge2, checks that
 raymerge (and the mergekit file run by raymerge) and mergekit agree bit for bit (ties: all but the
@@ -89,7 +92,7 @@ def main() -> None:
         runs.setdefault("floor: read 3 + write 1", []).append({"wall_s": floor_io})
         runs.setdefault("floor: float32 kernel", []).append({"wall_s": kernel_floor(out_bytes // 2)})
         for name in names:
-            _settle()
+            _settle(trio)
             out = os.path.join(args.work, name)
             shutil.rmtree(out, ignore_errors=True)
             runs.setdefault(name, []).append(RUNNERS[name](trio, out, args))
@@ -121,14 +124,27 @@ def _median(done: list[dict]) -> dict:
     return {**middle, "runs_wall_s": [r["wall_s"] for r in done]}
 
 
-def _settle() -> None:
-    """Let the previous contender's dirty pages and discards drain: they slow the next one down."""
+def _settle(trio: dict | None = None) -> None:
+    """Let the previous contender's dirty pages and discards drain: they slow the next one down.
+    Given the trio, read its files once more, so that every contender starts with the inputs in
+    the page cache, as the floor does (a contender that held gigabytes, mergekit's loads, can push
+    them out, and the next one would read the disk while the others read memory)."""
     subprocess.run(["sync"])
+    if trio is not None:
+        buf = bytearray(32 << 20)
+        for f in _input_files(trio):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
     time.sleep(3)
 
 
+def _input_files(trio: dict) -> list[str]:
+    return [f for r in ("base", "chat", "cp") for f in sorted(glob.glob(os.path.join(trio[r], "*.safetensors")))]
+
+
 def io_floor(trio: dict, out: str) -> float:
-    files = [f for r in ("base", "chat", "cp") for f in sorted(glob.glob(os.path.join(trio[r], "*.safetensors")))]
+    files = _input_files(trio)
     size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(trio["cp"], "*.safetensors")))
     block = 32 << 20
     flags = os.O_CREAT | os.O_WRONLY | getattr(os, "O_DIRECT", 0)
@@ -152,7 +168,7 @@ def io_floor(trio: dict, out: str) -> float:
             n = min(block, (size - off) // 4096 * 4096)
             os.pwrite(fd_out, memoryview(buf)[:n], off)
 
-    _settle()
+    _settle(trio)
     started = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
     for t in threads:
