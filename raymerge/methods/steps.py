@@ -354,8 +354,10 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
     by chunk: `quantities(at, m)` gives the float32 arrays to sum (or square and sum: `roots[i]`, a
     norm) over the piece's elements at .. at + m. The rows the piece holds whole are complete, so
     they are rounded here and sent as float32 bits; the partial ones at its ends as exact sums:
-    [[first whole row, [[bits per sum] per whole row], [[row, [exact sums]] per partial row]]], small
-    whatever the rows, with at most two exact sums per piece (`grouped_values` adds them up).
+    [[first whole row, [bits of each sum, row after row], [[row, [exact sums]] per partial row]]],
+    small whatever the rows, with at most two exact sums per piece (`grouped_values` adds them up).
+    The bits are one flat list: a list per row made the driver's unpickling of a 2.1M-row trio's
+    results 10x slower (a list object each).
 
     A row the piece holds whole is summed in float64, with a bound on that sum's error
     (`_segment_sums`), so where both ends of the interval round to one float32 (through a square
@@ -406,7 +408,7 @@ def row_sums(kernel: Any, scratch: Any, begin: int, n: int, length: int, roots: 
                 h = kernel.to_host(x, scratch)
                 exact[i] += _host_sum(h, square, scratch, narrow)
         whole[:, j] = [_rounded(s, root) for s, root in zip(exact, roots)]
-    values = whole.astype(np.float32).view(np.uint32).T.tolist()  # per row, each sum's bits (`bits`)
+    values = whole.astype(np.float32).view(np.uint32).T.reshape(-1).tolist()  # row after row, each sum's bits
     return [[whole0 if count else None, values, [[g, [s.to_json() for s in v]] for g, v in sorted(partial.items())]]]
 
 
@@ -465,8 +467,9 @@ def grouped_values(results: list[tuple[int, list]], count: int, k: int,
         if not r or r[0] is None:
             continue
         first, whole, parts = r[0]
-        if whole:
-            values[:, first:first + len(whole)] = np.asarray(whole, np.uint32).reshape(len(whole), k).view(np.float32).T
+        if whole:  # k bits a row, row after row (a list per row, as journals of earlier versions hold, reads alike)
+            rows = np.asarray(whole, np.uint32).reshape(-1, k)
+            values[:, first:first + len(rows)] = rows.view(np.float32).T
         for g, sums in parts:
             partial[g] = [a + ExactSum.from_json(b) for a, b in zip(partial.get(g, [ExactSum()] * k), sums)]
     for g, sums in partial.items():

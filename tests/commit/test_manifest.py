@@ -59,6 +59,19 @@ def test_what_manifest_of_writes_parses(tmp_path):
     assert [i.crc32 for i in parsed.items] == [i.id * 7919 for i in plan.items]
 
 
+def test_facts_are_one_line_per_tensor_and_the_rest_as_indented_json_writes_it():
+    """A row-wise method's facts are millions of numbers: one line per tensor, not one per number."""
+    obj = {**good(), "facts": {"a.weight": [{"n0": list(range(1000)), "t": 7}, {}], "b": [{"s": [1, 2]}]}}
+    raw = Manifest.from_json(_bytes(obj), WHERE).to_json()
+    assert json.loads(raw) == obj
+    lines = raw.decode().splitlines()
+    assert ' "facts": {' in lines
+    assert '  "a.weight": [{"n0":[' + ",".join(map(str, range(1000))) + '],"t":7},{}],' in lines
+    assert '  "b": [{"s":[1,2]}]' in lines
+    rest = {k: v for k, v in obj.items() if k != "facts"}
+    assert Manifest.from_json(_bytes(rest), WHERE).to_json() == (json.dumps(rest, indent=1) + "\n").encode()
+
+
 def _set(path: str, value):
     def change(m):
         *parents, last = path.split(".")
