@@ -23,8 +23,10 @@
              that mergekit file (dtype bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml
              on it; the table gives each one's wall time over merge2's
 
-Every contender (and the floor) starts after a sync, with the trio's files read into the page cache
-once more: what one contender held in memory does not decide whether the next reads the disk.
+With --warm-head, every row run on a head is measured on one that has run the same command once
+already (unmeasured); else on a fresh one. Every contender (and the floor) starts after a sync,
+with the trio's files read into the page cache once more: what one contender held in memory does
+not decide whether the next reads the disk.
 
 Prints a table (wall, GB/s, peak RSS of the largest process, ratio to the floor), the peak RSS of
 every process of the raymerge rows (driver, each worker), the ratio ties / merge2, checks that
@@ -70,6 +72,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/raymerge-bench", help="scratch folder for outputs")
     p.add_argument("--skip", action="append", default=[], help="skip a contender (paper, embedded, ...)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every contender; the table shows medians")
+    p.add_argument("--warm-head", action="store_true",
+                   help="each head-run row (merge2, ties, recipe, METHOD) is measured on a head that has run "
+                        "the same command once before (a fresh head otherwise)")
     p.add_argument("--method", action="append", default=[], choices=list(METHOD_FILES),
                    help="add a mergekit method's file, run by raymerge and by mergekit (repeatable)")
     args = p.parse_args()
@@ -79,7 +84,7 @@ def main() -> None:
     os.makedirs(args.results, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
-    trio = {r: os.path.join(args.trio, r) for r in ("base", "chat", "cp")}
+    trio = args.trio_roles = {r: os.path.join(args.trio, r) for r in ("base", "chat", "cp")}
     out_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(trio["cp"], "*.safetensors")))
     unknown = set(args.skip) - set(RUNNERS)
     if unknown:
@@ -106,7 +111,7 @@ def main() -> None:
             return compare(os.path.join(args.work, ours), os.path.join(args.work, theirs))
         return None
 
-    result = {"trio": args.trio, "output_bytes": out_bytes, "floor_s": floor, "rows": rows,
+    result = {"trio": args.trio, "output_bytes": out_bytes, "floor_s": floor, "warm_head": args.warm_head, "rows": rows,
               "methods": {m: agreement(m, f"mergekit-{m}") for m in args.method},
               "raymerge_equals_mergekit": agreement("raymerge", "mergekit"),
               "recipe_equals_mergekit": agreement("recipe", "mergekit"),
@@ -339,10 +344,21 @@ def run_mergekit_ties(trio: dict, out: str, args) -> dict:
 
 def _run_on_head(recipe: str, out: str, args, name: str) -> dict:
     """`raymerge run FILE --address` on a running head."""
+    return _head_run([sys.executable, "-m", "raymerge", "run", recipe, "--out", out], out, args, name)
+
+
+def _head_run(cmd: list[str], out: str, args, name: str) -> dict:
+    """cmd on a head of its own, measured. With --warm-head the head first runs it once, unmeasured:
+    a head that has served a job, whose object store's pages were touched then (on a fresh head the
+    first passes that keep values touch them: karcher's mean and first iteration 2.5 to 3 s slower)."""
     report = os.path.join(args.work, f"report-{name}.json")
     with ray_head(os.cpu_count()) as address:
-        m = watch([sys.executable, "-m", "raymerge", "run", recipe, "--out", out, "--address", address,
-                   "--report", report])
+        if args.warm_head:
+            subprocess.run(cmd + ["--address", address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           check=True)
+            shutil.rmtree(out)
+            _settle(args.trio_roles)
+        m = watch(cmd + ["--address", address, "--report", report])
     return _head_row(m, report)
 
 
@@ -358,13 +374,10 @@ def run_raymerge_ties(trio: dict, out: str, args) -> dict:
 
 def run_raymerge_merge2(trio: dict, out: str, args) -> dict:
     """The plain two-vector merge of the trio on a running head: base + 0.7 (chat - base) + 0.5 (cp - base)."""
-    report = os.path.join(args.work, "report-merge2.json")
     cmd = [sys.executable, "-m", "raymerge", "merge", "--base", trio["base"], "--cp", trio["base"], "--out", out]
     for role, w, _ in TIES:
         cmd += ["--chat", trio[role], "--scale", str(w)]
-    with ray_head(os.cpu_count()) as address:
-        m = watch(cmd + ["--address", address, "--report", report])
-    return _head_row(m, report)
+    return _head_run(cmd, out, args, "merge2")
 
 
 # The mergekit files of --method: the trio's roles in {braces}; every one computes in bfloat16.
