@@ -161,6 +161,7 @@ static void narrow_loop(const uint32_t *restrict p, Py_ssize_t n, uint16_t *rest
         o[i] = (uint16_t)(bf16_number_rounded(p[i]) >> 16);
 }
 
+/* o = the float32s whose high halves are p (low halves 0). */
 WIDE_VECTORS
 static void widen_loop(const uint16_t *restrict p, Py_ssize_t n, uint32_t *restrict o)
 {
