@@ -143,8 +143,10 @@ static void round_loop(uint32_t *restrict p, Py_ssize_t n)
 
 /* o = the high halves of p; returns the OR of the low halves (0: p held BF16 values alone). */
 WIDE_VECTORS
-static uint32_t halves_loop(const uint32_t *restrict p, Py_ssize_t n, uint16_t *restrict o)
+static uint32_t halves_loop(const void *restrict x, Py_ssize_t n, void *restrict out)
 {
+    const uint32_t *p = x;
+    uint16_t *o = out;
     uint32_t low = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         low |= p[i] & 0xFFFFu;
@@ -155,18 +157,49 @@ static uint32_t halves_loop(const uint32_t *restrict p, Py_ssize_t n, uint16_t *
 
 /* o = p rounded to BF16 as a number is (a NaN's bits go the same way: the caller mends NaNs). */
 WIDE_VECTORS
-static void narrow_loop(const uint32_t *restrict p, Py_ssize_t n, uint16_t *restrict o)
+static uint32_t narrow_loop(const void *restrict x, Py_ssize_t n, void *restrict out)
 {
+    const uint32_t *p = x;
+    uint16_t *o = out;
     for (Py_ssize_t i = 0; i < n; i++)
         o[i] = (uint16_t)(bf16_number_rounded(p[i]) >> 16);
+    return 0;
 }
 
 /* o = the float32s whose high halves are p (low halves 0). */
 WIDE_VECTORS
-static void widen_loop(const uint16_t *restrict p, Py_ssize_t n, uint32_t *restrict o)
+static uint32_t widen_loop(const void *restrict x, Py_ssize_t n, void *restrict out)
 {
+    const uint16_t *p = x;
+    uint32_t *o = out;
     for (Py_ssize_t i = 0; i < n; i++)
         o[i] = (uint32_t)p[i] << 16;
+    return 0;
+}
+
+/* An elementwise conversion's loop: out's n elements from x's n (their types the loop's own);
+ * returns a word of what it saw (halves_loop's low halves; 0 for the others). */
+typedef uint32_t (*Conversion)(const void *restrict x, Py_ssize_t n, void *restrict out);
+
+/* The body of name(x, out) for a Conversion: the two buffers as x and out describe them (their
+ * objects taken from args), one element of out for each of x's, else ValueError `mismatch`.
+ * *word: the loop's. Returns -1 with an exception set, else 0. */
+static int convert(PyObject *args, Want x, Want out, const char *mismatch, Conversion loop, uint32_t *word)
+{
+    if (!PyArg_ParseTuple(args, "OO", &x.obj, &out.obj))
+        return -1;
+    const Want want[2] = {x, out};
+    Py_buffer buf[2];
+    if (get_buffers(want, buf, 2) < 0)
+        return -1;
+    Py_ssize_t n = buf[0].len / x.itemsize;
+    int ok = buf[1].len / out.itemsize == n;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        *word = loop(buf[0].buf, n, buf[1].buf);
+        Py_END_ALLOW_THREADS
+    }
+    return released(buf, 2, ok ? NULL : mismatch) ? 0 : -1;
 }
 
 /* round_bf16(x): each float32 of x rounded to BF16, half to even, in place; a NaN keeps its bits. */
@@ -794,21 +827,9 @@ static PyObject *row_ranks(PyObject *self, PyObject *args)
  * half is 0 (x holds BF16 values alone: out then holds them whole). */
 static PyObject *bf16_halves(PyObject *self, PyObject *args)
 {
-    PyObject *xo, *oo;
-    if (!PyArg_ParseTuple(args, "OO", &xo, &oo))
-        return NULL;
-    Py_buffer buf[2];
-    const Want want[2] = {{xo, 0, "f", 4, "bf16_halves x"}, {oo, 1, "H", 2, "bf16_halves out"}};
-    if (get_buffers(want, buf, 2) < 0)
-        return NULL;
-    uint32_t low = 0;
-    int ok = buf[1].len * 2 == buf[0].len;
-    if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        low = halves_loop((const uint32_t *)buf[0].buf, buf[0].len / 4, (uint16_t *)buf[1].buf);
-        Py_END_ALLOW_THREADS
-    }
-    if (!released(buf, 2, ok ? NULL : "bf16_halves: out must have one element for each of x's"))
+    uint32_t low;
+    if (convert(args, (Want){NULL, 0, "f", 4, "bf16_halves x"}, (Want){NULL, 1, "H", 2, "bf16_halves out"},
+                "bf16_halves: out must have one element for each of x's", halves_loop, &low) < 0)
         return NULL;
     return PyBool_FromLong(low == 0);
 }
@@ -817,20 +838,9 @@ static PyObject *bf16_halves(PyObject *self, PyObject *args)
  * (uint16); a NaN's bits are rounded as a number's (the caller gives NaNs their own). */
 static PyObject *bf16_narrow(PyObject *self, PyObject *args)
 {
-    PyObject *xo, *oo;
-    if (!PyArg_ParseTuple(args, "OO", &xo, &oo))
-        return NULL;
-    Py_buffer buf[2];
-    const Want want[2] = {{xo, 0, "f", 4, "bf16_narrow x"}, {oo, 1, "H", 2, "bf16_narrow out"}};
-    if (get_buffers(want, buf, 2) < 0)
-        return NULL;
-    int ok = buf[1].len * 2 == buf[0].len;
-    if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        narrow_loop((const uint32_t *)buf[0].buf, buf[0].len / 4, (uint16_t *)buf[1].buf);
-        Py_END_ALLOW_THREADS
-    }
-    if (!released(buf, 2, ok ? NULL : "bf16_narrow: out must have one element for each of x's"))
+    uint32_t none;
+    if (convert(args, (Want){NULL, 0, "f", 4, "bf16_narrow x"}, (Want){NULL, 1, "H", 2, "bf16_narrow out"},
+                "bf16_narrow: out must have one element for each of x's", narrow_loop, &none) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -839,8 +849,10 @@ static PyObject *bf16_narrow(PyObject *self, PyObject *args)
  * of +0.0, every NaN all ones (above +inf's). A number's bits with the sign bit set (the negatives,
  * whose order their bits reverse) inverted, the others' sign bit set. */
 WIDE_VECTORS
-static void order_loop(const float *restrict x, Py_ssize_t n, uint32_t *restrict keys)
+static uint32_t order_loop(const void *restrict values, Py_ssize_t n, void *restrict out)
 {
+    const float *x = values;
+    uint32_t *keys = out;
     for (Py_ssize_t i = 0; i < n; i++) {
         float v = x[i] + 0.0f; /* -0.0 + 0.0 is +0.0 */
         uint32_t b;
@@ -848,24 +860,14 @@ static void order_loop(const float *restrict x, Py_ssize_t n, uint32_t *restrict
         uint32_t key = b ^ ((uint32_t)((int32_t)b >> 31) | 0x80000000u);
         keys[i] = v != v ? 0xFFFFFFFFu : key;
     }
+    return 0;
 }
 
 static PyObject *order_keys(PyObject *self, PyObject *args)
 {
-    PyObject *xo, *ko;
-    if (!PyArg_ParseTuple(args, "OO", &xo, &ko))
-        return NULL;
-    Py_buffer buf[2];
-    const Want want[2] = {{xo, 0, "f", 4, "order_keys x"}, {ko, 1, "I", 4, "order_keys keys"}};
-    if (get_buffers(want, buf, 2) < 0)
-        return NULL;
-    int ok = buf[1].len == buf[0].len;
-    if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        order_loop((const float *)buf[0].buf, buf[0].len / 4, (uint32_t *)buf[1].buf);
-        Py_END_ALLOW_THREADS
-    }
-    if (!released(buf, 2, ok ? NULL : "order_keys: keys must have one element for each of x's"))
+    uint32_t none;
+    if (convert(args, (Want){NULL, 0, "f", 4, "order_keys x"}, (Want){NULL, 1, "I", 4, "order_keys keys"},
+                "order_keys: keys must have one element for each of x's", order_loop, &none) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -873,20 +875,9 @@ static PyObject *order_keys(PyObject *self, PyObject *args)
 /* bf16_widen(halves, out): out[i] = the float32 whose high half is halves[i] and low half 0. */
 static PyObject *bf16_widen(PyObject *self, PyObject *args)
 {
-    PyObject *ho, *oo;
-    if (!PyArg_ParseTuple(args, "OO", &ho, &oo))
-        return NULL;
-    Py_buffer buf[2];
-    const Want want[2] = {{ho, 0, "H", 2, "bf16_widen halves"}, {oo, 1, "f", 4, "bf16_widen out"}};
-    if (get_buffers(want, buf, 2) < 0)
-        return NULL;
-    int ok = buf[0].len * 2 == buf[1].len;
-    if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        widen_loop((const uint16_t *)buf[0].buf, buf[0].len / 2, (uint32_t *)buf[1].buf);
-        Py_END_ALLOW_THREADS
-    }
-    if (!released(buf, 2, ok ? NULL : "bf16_widen: out must have one element for each half"))
+    uint32_t none;
+    if (convert(args, (Want){NULL, 0, "H", 2, "bf16_widen halves"}, (Want){NULL, 1, "f", 4, "bf16_widen out"},
+                "bf16_widen: out must have one element for each half", widen_loop, &none) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
