@@ -84,7 +84,7 @@ def main() -> None:
     os.makedirs(args.results, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
-    trio = args.trio_roles = {r: os.path.join(args.trio, r) for r in ("base", "chat", "cp")}
+    trio = {r: os.path.join(args.trio, r) for r in ("base", "chat", "cp")}
     out_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(trio["cp"], "*.safetensors")))
     unknown = set(args.skip) - set(RUNNERS)
     if unknown:
@@ -342,12 +342,12 @@ def run_mergekit_ties(trio: dict, out: str, args) -> dict:
     return _mergekit(ties_config(trio, args.work), out, args, "mergekit-ties.log")
 
 
-def _run_on_head(recipe: str, out: str, args, name: str) -> dict:
+def _run_on_head(recipe: str, trio: dict, out: str, args, name: str) -> dict:
     """`raymerge run FILE --address` on a running head."""
-    return _head_run([sys.executable, "-m", "raymerge", "run", recipe, "--out", out], out, args, name)
+    return _head_run([sys.executable, "-m", "raymerge", "run", recipe, "--out", out], trio, out, args, name)
 
 
-def _head_run(cmd: list[str], out: str, args, name: str) -> dict:
+def _head_run(cmd: list[str], trio: dict, out: str, args, name: str) -> dict:
     """cmd on a head of its own, measured. With --warm-head the head first runs it once, unmeasured:
     a head that has served a job, whose object store's pages were touched then (on a fresh head the
     first passes that keep values touch them: karcher's mean and first iteration 2.5 to 3 s slower)."""
@@ -357,19 +357,19 @@ def _head_run(cmd: list[str], out: str, args, name: str) -> dict:
             subprocess.run(cmd + ["--address", address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            check=True)
             shutil.rmtree(out)
-            _settle(args.trio_roles)
+            _settle(trio)
         m = watch(cmd + ["--address", address, "--report", report])
     return _head_row(m, report)
 
 
 def run_raymerge_recipe(trio: dict, out: str, args) -> dict:
     """`raymerge run mergekit.yml --address`: mergekit's own file, in mergekit's order, on a running head."""
-    return _run_on_head(mergekit_config(trio, args.work), out, args, "recipe")
+    return _run_on_head(mergekit_config(trio, args.work), trio, out, args, "recipe")
 
 
 def run_raymerge_ties(trio: dict, out: str, args) -> dict:
     """`raymerge run ties.yml --address`: mergekit's ties file on a running head."""
-    return _run_on_head(ties_config(trio, args.work), out, args, "ties")
+    return _run_on_head(ties_config(trio, args.work), trio, out, args, "ties")
 
 
 def run_raymerge_merge2(trio: dict, out: str, args) -> dict:
@@ -377,7 +377,7 @@ def run_raymerge_merge2(trio: dict, out: str, args) -> dict:
     cmd = [sys.executable, "-m", "raymerge", "merge", "--base", trio["base"], "--cp", trio["base"], "--out", out]
     for role, w, _ in TIES:
         cmd += ["--chat", trio[role], "--scale", str(w)]
-    return _head_run(cmd, out, args, "merge2")
+    return _head_run(cmd, trio, out, args, "merge2")
 
 
 # The mergekit files of --method: the trio's roles in {braces}; every one computes in bfloat16.
@@ -420,7 +420,7 @@ def _method_runner(method: str, raymerge: bool):
     def run(trio: dict, out: str, args) -> dict:
         cfg = method_config(method, trio, args.work)
         if raymerge:
-            return _run_on_head(cfg, out, args, method)
+            return _run_on_head(cfg, trio, out, args, method)
         return _mergekit(cfg, out, args, f"mergekit-{method}.log")
     return run
 
