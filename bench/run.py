@@ -18,10 +18,11 @@
              vectors over base, chat (weight 0.7, density 0.3) and cp (weight 0.5, density 0.6)
   mergekit-ties  mergekit-yaml on the same ties file (dtype float32, out_dtype bfloat16)
   METHOD     with --method METHOD (repeatable: slerp, nuslerp, nuslerp-rows, multislerp, model_stock,
-             model_stock-rows, karcher, nearswap, passthrough, passthrough-slices, breadcrumbs,
-             breadcrumbs_ties, ram, ramplus_tl, sce, della, della_linear, arcee_fusion): `raymerge run` of
+             model_stock-rows, karcher, karcher-default, nearswap, passthrough, passthrough-slices,
+             breadcrumbs, breadcrumbs_ties, ram, ramplus_tl, sce, della, della_linear, arcee_fusion): `raymerge run` of
              that mergekit file (dtype bfloat16) on the same head, and `mergekit-METHOD`, mergekit-yaml
-             on it; the table gives each one's wall time over merge2's
+             on it; the table gives each one's wall time over merge2's, as the median of the rounds'
+             ratios (each round runs both: a drift of the machine's speed between rounds cancels)
 
 With --warm-head, every row run on a head is measured on one that has run the same command once
 already (unmeasured); else on a fresh one. Every contender (and the floor) starts after a sync,
@@ -48,6 +49,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,6 +104,9 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             runs.setdefault(name, []).append(RUNNERS[name](trio, out, args))
     rows = [{"name": name, **_median(done)} for name, done in runs.items()]
+    if "merge2" in runs:  # each contender's ratio to merge2 in every round
+        for row in (r for r in rows if r["name"] in names):
+            row["x_merge2_runs"] = [r["wall_s"] / m["wall_s"] for r, m in zip(runs[row["name"]], runs["merge2"])]
     floor = max(rows[0]["wall_s"], rows[1]["wall_s"])
     for row in rows:
         row["gbps"] = out_bytes / row["wall_s"] / 1e9
@@ -390,6 +395,8 @@ METHOD_FILES = {
     "model_stock": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\n",
     # mergekit's test's karcher: the base joins the two models; 5 iterations, 17 statistics passes
     "karcher": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\nparameters: {{max_iter: 5}}\n",
+    # mergekit's defaults (max_iter 10): 32 statistics passes
+    "karcher-default": "base_model: {base}\nmodels:\n  - model: {chat}\n  - model: {cp}\n",
     "nearswap": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {chat}\nparameters: {{t: 0.004}}\n",
     "passthrough": "models:\n  - model: {chat}\n    parameters: {{scale: 0.8}}\n",
     "breadcrumbs": "base_model: {base}\nmodels:\n  - model: {chat}\n    parameters: {{weight: 0.7, density: 0.3, gamma: 0.05}}\n"
@@ -476,13 +483,17 @@ def print_table(result: dict) -> None:
             c = result[key]
             print(f"{what}: {c['differing']} of {c['elements']} elements differ")
     walls = {r["name"]: r["wall_s"] for r in result["rows"]}
+    rows_by_name = {r["name"]: r for r in result["rows"]}
     for name in ("raymerge", "embedded"):
         if name in walls and "mergekit" in walls:
             print(f"{name}: {walls['mergekit'] / walls[name]:.1f}x faster than mergekit, end to end")
     if "ties" in walls and "mergekit-ties" in walls:
         print(f"ties: {walls['mergekit-ties'] / walls['ties']:.1f}x faster than mergekit ties, end to end")
     for method, c in (result.get("methods") or {}).items():
-        ratio = f"{walls[method] / walls['merge2']:.2f}x merge2" if "merge2" in walls else ""
+        paired = rows_by_name[method].get("x_merge2_runs")
+        ratio = f"{statistics.median(paired):.2f}x merge2" if paired else ""
+        if paired and len(paired) > 1:
+            ratio += " (rounds: " + ", ".join(f"{x:.2f}" for x in paired) + ")"
         mk = f", {walls[f'mergekit-{method}'] / walls[method]:.1f}x faster than mergekit" \
             if f"mergekit-{method}" in walls else ""
         agree = f"; {c['differing']} of {c['elements']} elements differ from mergekit's" if c else ""
