@@ -483,14 +483,14 @@ def print_table(result: dict) -> None:
             c = result[key]
             print(f"{what}: {c['differing']} of {c['elements']} elements differ")
     walls = {r["name"]: r["wall_s"] for r in result["rows"]}
-    rows_by_name = {r["name"]: r for r in result["rows"]}
+    rows = {r["name"]: r for r in result["rows"]}
     for name in ("raymerge", "embedded"):
         if name in walls and "mergekit" in walls:
             print(f"{name}: {walls['mergekit'] / walls[name]:.1f}x faster than mergekit, end to end")
     if "ties" in walls and "mergekit-ties" in walls:
         print(f"ties: {walls['mergekit-ties'] / walls['ties']:.1f}x faster than mergekit ties, end to end")
     for method, c in (result.get("methods") or {}).items():
-        paired = rows_by_name[method].get("x_merge2_runs")
+        paired = rows[method].get("x_merge2_runs")
         ratio = f"{statistics.median(paired):.2f}x merge2" if paired else ""
         if paired and len(paired) > 1:
             ratio += " (rounds: " + ", ".join(f"{x:.2f}" for x in paired) + ")"
@@ -498,7 +498,6 @@ def print_table(result: dict) -> None:
             if f"mergekit-{method}" in walls else ""
         agree = f"; {c['differing']} of {c['elements']} elements differ from mergekit's" if c else ""
         print(f"{method}: {ratio}{mk}{agree}")
-    rows = {r["name"]: r for r in result["rows"]}
     if "ties" in rows and "merge2" in rows:
         t, m = rows["ties"], rows["merge2"]
         passes = sum(t["report"].get("statistics_pass_seconds", {}).values())
