@@ -412,7 +412,7 @@ def widened(src: np.ndarray) -> np.ndarray:
 
 def _narrow(out: np.ndarray, acc: np.ndarray, work: np.ndarray) -> None:
     """out = acc rounded half to even to out's type; `acc` may be changed. NaNs are `_fix_nans`'s."""
-    if out.dtype == np.uint16 and native.takes(acc, np.float32) and native.takes(out, np.uint16):
+    if native.takes(acc, np.float32) and native.takes(out, np.uint16):
         native.loops.bf16_narrow(acc, out)  # the loop below, compiled (raymerge/ops/_native.c): one pass
         return
     bits = acc.view(np.uint32)
