@@ -296,7 +296,8 @@ class MergeWorker:
         """Whether no piece of the item reads its inputs in this statistics pass, given what the
         earlier passes kept (Method.reads_inputs): its local inputs are mapped, not read."""
         return not any(self._needs(piece, pass_name, facts) and METHODS[self._plan.tensors[piece.tensor].method]
-                       .reads_inputs(pass_name, given.get((piece.tensor, piece.begin))) for piece in item.pieces)
+                       .reads_inputs(pass_name, given.get((piece.tensor, piece.begin)), facts.get(piece.tensor))
+                       for piece in item.pieces)
 
     def _read_inputs(self, item: Item, st: _ThreadState, pass_name: str, facts: dict[int, Any] | None = None,
                      maps_only: bool = False) -> tuple[dict[tuple[int, str, int], memoryview], int]:

@@ -255,10 +255,11 @@ class Method(ABC):
         passes): keeping saves time, never changes a bit."""
         return 0
 
-    def reads_inputs(self, pass_name: str, carried: Any) -> bool:
+    def reads_inputs(self, pass_name: str, carried: Any, facts: Any = None) -> bool:
         """Whether statistics pass `pass_name` reads a piece's inputs, given what the earlier passes
-        kept of it (Operands.carried): one that finds all it needs there does not, and a worker
-        then maps a local input without reading it (a remote one is read all the same)."""
+        kept of it (Operands.carried) and its tensor's facts: one that finds all it needs there does
+        not, and a worker then maps a local input without reading it (a remote one is read all the
+        same)."""
         return True
 
     def spends(self, pass_name: str) -> tuple[str, ...]:

@@ -13,8 +13,11 @@ computes on tensors of the compute dtype (every model weighs 1/N, the base model
 
 Every whole-tensor reduction is a statistics pass, exact and rounded once (to float32, then the
 compute dtype where mergekit's is in it): `karcher-norms`, `karcher-mean`, then per iteration k
-`karcher-dots-k`, `karcher-tangent-k` and `karcher-unit-k`. `karcher-mean` and each unit pass keep
-the piece's mean before its normalization, each tangent pass its tangent, for the passes after
+`karcher-dots-k`, `karcher-tangent-k` and `karcher-unit-k`. In a compute dtype a dots pass from
+iteration 2 on also makes the iteration's tangent, betting that the dots, rounded to a few bits,
+repeat the iteration before's (`_speculates`); where they do, the tangent pass does not run (where
+every model is skipped, neither: the tangent is zeros). `karcher-mean` and each unit pass keep
+the piece's mean before its normalization, the pass that makes a tangent the tangent, for the passes after
 (steps.keep: the labels below say which state they hold; a pass that only reads a value does not
 keep it again, and divides the mean by its norm itself: one step); where none was kept (a resumed
 run, a lost node, the driver's budget) the pass computes the mean of the iterations before it again
@@ -43,6 +46,7 @@ DOTS, TANGENT, UNIT = "dots", "tangent", "unit"  # an iteration's passes: karche
 _STEPS = (DOTS, TANGENT, UNIT)
 MAX_ITER = 100  # the iterations raymerge declares passes for
 _ROWS = "karcher-rows"
+_ONLY = "where its dots pass did not make the tangent: in float32, or where the dots moved since the iteration before"
 
 _MAX_ITER = Parameter("max_iter", "the most iterations of the Karcher mean", "number", 10, mergekit="max_iter")
 _TOL = Parameter("tol", "the tolerance: a norm, angle or step below it counts as zero", "number", 1e-5,
@@ -67,7 +71,7 @@ class Karcher(Method):
     wide_chunks = True  # a chunk's fused program and sums cost more in Python than in arithmetic
     parameters = (_MAX_ITER, _TOL)
     statistics = (Pass(NORMS, 100), Pass(MEAN, 101),
-                  *(Pass(iteration_pass(k, what), 100 + 3 * k + j)
+                  *(Pass(iteration_pass(k, what), 100 + 3 * k + j, only=_ONLY if what == TANGENT and k > 1 else "")
                     for k in range(1, MAX_ITER + 1) for j, what in enumerate(_STEPS)))
     recipes = (mergekit_kind("karcher", anchor=None, minus=None, base_joins=True, at_least=1),)
     mergekit_ignores = ("weight",)  # mergekit weighs every model 1/N, whatever weights the file gives
@@ -97,15 +101,18 @@ class Karcher(Method):
             return True
         if not f.get("valid"):
             return False
+        if what == TANGENT and f"tn{k}" in f:  # the dots pass made the tangent (_speculates)
+            return False
         done = f.get("done")
         return done is None or k < done or (k == done and what != UNIT)
 
-    def reads_inputs(self, pass_name: str, carried: Any) -> bool:
+    def reads_inputs(self, pass_name: str, carried: Any, facts: Any = None) -> bool:
         """A unit pass given the mean it steps from and its iteration's tangent reads no input."""
         what, it = _parse(pass_name)
-        c = carried or {}
-        return not (what == UNIT and c.get("tangent-of") == it and c.get("at") == _mean_label(it - 1)
-                    and c.get("mean") is not None and c.get("tangent") is not None)
+        c, f = carried or {}, (facts or [None])[0] or {}
+        return not (what == UNIT and f"d{it}" in f and c.get("tangent-of") == _tangent_label(f, it, it)
+                    and c.get("at") == _mean_label(it - 1) and c.get("mean") is not None
+                    and c.get("tangent") is not None)
 
     def spends(self, pass_name: str) -> tuple[str, ...]:
         """A unit pass reads the tangent last: the next iteration's tangent pass makes its own."""
@@ -116,9 +123,9 @@ class Karcher(Method):
         f = facts[0] if isinstance(facts, list) and facts and isinstance(facts[0], dict) else {}
         wanted: dict[str, int] = {}
         for p in passes:
-            if not self.needs(p, [f]):
-                break
             what, it = _parse(p)
+            if not (self.needs(p, [f]) or what == TANGENT and f"tn{it}" in f):  # (or its dots pass made it)
+                break
             wanted.update({NORMS: {"n": k, "w": k, "valid": 0, "scale": 0}, MEAN: {"mn": 0},
                            DOTS: {f"d{it}": k, f"c{it}": k, f"skip{it}": k},
                            TANGENT: {f"tn{it}": 0, f"cos{it}": 0, f"sin{it}": 0}, UNIT: {f"un{it}": 0}}[what])
@@ -138,38 +145,42 @@ class Karcher(Method):
         narrow = operands.compute is not None  # every value summed is rounded to it
         lanes = None  # the piece's sums
         n = vector_length(operands)
+        # the iteration whose coefficients a tangent made here takes: a dots pass's, the one before's
+        basis = it if what == TANGENT else it - 1 if what == DOTS and _speculates(f, it, operands.compute) else None
         for at, m in chunks(n, scratch):
-            times, kept = None, None  # what multiplies each summed array (else: squared); what is kept, as what
+            kept = None  # what the chunk's last summed value is kept as
             with fused(kernel) as k:  # the steps before the sums, one compiled loop where they can be
                 s = _State(k, operands, scratch, f, at, m)
+                summed: list = []  # (x, y): x * y summed (y None: x squared)
                 if what == NORMS:
-                    summed = s.x
+                    summed = [(x, None) for x in s.x]
                 elif what == MEAN:
-                    summed = [s.first_mean()]
+                    summed = [(s.first_mean(), None)]
                     kept = _mean_label(0)
                 elif what == UNIT:
                     s.mean_after(it - 1)
                     s.tangent(it)
-                    summed = [s.step_along(it)]
+                    summed = [(s.step_along(it), None)]
                     kept = _mean_label(it)
                 else:
                     mean = s.mean_after(it - 1)  # normalized from the kept step: not kept again
                     if what == DOTS:
                         s.units()
-                        summed, times = [s.x[i] for i in s.valid], mean
-                    else:
-                        summed = [s.tangent(it)]
+                        summed = [(s.x[i], mean) for i in s.valid]
+                    if basis is not None:
+                        summed.append((s.tangent(it, basis), None))
                         kept = "tangent"
                 lanes = lanes or Lanes(len(summed))
-                for j, x in enumerate(summed):
-                    add_sum(k, lanes, j, x, scratch, square=times is None, narrow=narrow, times=times)
-                discard(k, *s.rows, keep=summed[:1] if kept else ())  # what is kept is read after it
+                for j, (x, y) in enumerate(summed):
+                    add_sum(k, lanes, j, x, scratch, square=y is None, narrow=narrow, times=y)
+                last = summed[-1][0]
+                discard(k, *s.rows, keep=(last,) if kept else ())  # what is kept is read after it
             if kept == "tangent":
-                keep(kernel, operands, scratch, "tangent", summed[0], at, n)
+                keep(kernel, operands, scratch, "tangent", last, at, n)
             elif kept is not None:
-                s.keep(summed[0], kept, n)
+                s.keep(last, kept, n)
         if operands.keep and "tangent" in operands.keep:
-            operands.keep["tangent-of"] = it
+            operands.keep["tangent-of"] = _tangent_label(f, it, basis)
         return [[x.to_json() for x in lanes.sums()]] if lanes is not None else []
 
     def reduce(self, pass_name: str, tensor: Any, results: list[tuple[int, list]], facts: Any) -> Any:
@@ -178,11 +189,19 @@ class Karcher(Method):
         params = dict(tensor.params)
         tol = float(params.get("tol", _TOL.default))
         what, it = _parse(pass_name)
+        compute = getattr(tensor, "compute", None)
         count = k if what == NORMS else len(_valid(facts[0], tol)) if what == DOTS else 1
-        root = what != DOTS
-        sums = [float(s.sqrt_float32() if root else s.to_float32()) for s in (total(results, 0, i)
-                                                                            for i in range(count))]
-        facts[0].update(in_torch(_scalars, what, it, sums, facts[0], k, tol, getattr(tensor, "compute", None)))
+        made = what == DOTS and _speculates(facts[0], it, compute)  # its last sum: the tangent's
+        totals = [total(results, 0, i) for i in range(count + int(made))]  # a dot as it is, a norm's root
+        sums = [float(t.to_float32() if what == DOTS and i < count else t.sqrt_float32()) for i, t in enumerate(totals)]
+        f = facts[0]
+        f.update(in_torch(_scalars, what, it, sums[:count], f, k, tol, compute))
+        if what != DOTS:
+            return facts
+        if all(f[f"skip{it}"]):  # no model adds a term: the tangent is zeros, its norm 0 (no tangent pass)
+            f.update(in_torch(_scalars, TANGENT, it, [0.0], f, k, tol, compute))
+        elif made and all(f[f"{x}{it}"] == f[f"{x}{it - 1}"] for x in _COEFFICIENTS):  # the bet won
+            f.update(in_torch(_scalars, TANGENT, it, sums[count:], f, k, tol, compute))
         return facts
 
     # --- the elementwise rule ------------------------------------------------------------------
@@ -203,7 +222,7 @@ class _State:
 
     What a pass keeps (steps.keep), labelled by the state it holds: "mean" is the first mean before
     it is normalized ("first") or iteration n's step before it is normalized ("u<n>"); "tangent" is
-    iteration "tangent-of"'s."""
+    the one "tangent-of" names: an iteration and the coefficients it was made with (_tangent_label)."""
 
     def __init__(self, kernel: Any, operands: Operands, scratch: Any, facts: dict, at: int, m: int,
                  given: tuple = ()) -> None:
@@ -289,21 +308,22 @@ class _State:
         if float(un) > self.tol:
             self.rnd(step(self.k.divide, self.mean, un, self.mean))
 
-    def tangent(self, it: int) -> Any:
+    def tangent(self, it: int, basis: int | None = None) -> Any:
         """sum_i c_i (u_i - d_i m) over the models iteration `it` does not skip, added in turn (or
-        as the piece's pass of that iteration kept it)."""
-        k, f = self.k, self.f
-        if self.carried and self.carried.get("tangent-of") == it and \
+        as a pass of the piece kept it): with iteration `basis`'s coefficients (d_i, c_i and the
+        models skipped), its own where None; a dots pass's, the iteration before's (_speculates)."""
+        k, f, b = self.k, self.f, it if basis is None else basis
+        if self.carried and self.carried.get("tangent-of") == _tangent_label(f, it, b) and \
                 carried(k, self.o, "tangent", self.tan, self.at, self.m):
             return self.tan
         self.units()
         k.fill(self.tan, 0)
         for i in self.valid:
-            if f[f"skip{it}"][i]:
+            if f[f"skip{b}"][i]:
                 continue
-            self.rnd(step(k.multiply, self.mean, value(f[f"d{it}"][i]), self.work))
+            self.rnd(step(k.multiply, self.mean, value(f[f"d{b}"][i]), self.work))
             self.rnd(step(k.subtract, self.x[i], self.work, self.work))
-            self.rnd(step(k.multiply, self.work, value(f[f"c{it}"][i]), self.work))
+            self.rnd(step(k.multiply, self.work, value(f[f"c{b}"][i]), self.work))
             self.rnd(step(k.add, self.tan, self.work, self.tan))
         return self.tan
 
@@ -333,6 +353,27 @@ def _mean_label(iterations: int) -> str:
     """The label of the kept mean once `iterations` iterations are done, before its normalization:
     "first" (the first mean), else "u<n>" (_State)."""
     return f"u{iterations}" if iterations else "first"
+
+
+_COEFFICIENTS = ("d", "c", "skip")  # an iteration's facts its tangent is made with
+
+
+def _speculates(facts: dict, it: int, compute: str | None) -> bool:
+    """Whether dots pass `it` also makes the iteration's tangent, with the coefficients of the
+    iteration before, on the bet that its dots, rounded to the compute dtype, come out the same:
+    where they do (reduce compares), the tangent is the one its own would make, bit for bit, and
+    the tangent pass does not run (`needs`); where they do not, it runs. Bet where a dot's few
+    bits (8 in BF16) moved not at all in the iteration before (iteration 2: in a compute dtype);
+    in float32 they move every iteration."""
+    if it < 2 or compute is None:
+        return False
+    return it == 2 or all(facts.get(f"{x}{it - 1}") == facts.get(f"{x}{it - 2}") for x in _COEFFICIENTS)
+
+
+def _tangent_label(facts: dict, it: int, basis: int | None) -> tuple:
+    """What a kept tangent of iteration `it` is known by: the iteration and the coefficients it was
+    made with (iteration `basis`'s), so that a bet lost is never read as the tangent."""
+    return (it, *(tuple(facts.get(f"{x}{basis}") or ()) for x in _COEFFICIENTS))
 
 
 def _valid(facts: dict, tol: float) -> list[int]:

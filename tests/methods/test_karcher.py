@@ -100,8 +100,10 @@ def test_a_converged_tensor_needs_no_more_passes(models, keep):
     done = facts[0]["done"]
     assert 1 <= done < 10 and f"d{done}" in facts[0] and f"un{done}" not in facts[0] and f"d{done + 1}" not in facts[0]
     karcher = METHODS["karcher"]
-    assert karcher.needs(f"karcher-tangent-{done}", facts) and not karcher.needs(f"karcher-unit-{done}", facts)
-    assert not karcher.needs(f"karcher-dots-{done + 1}", facts)
+    before = [{k: v for k, v in facts[0].items() if k not in (f"tn{done}", f"cos{done}", f"sin{done}", "done")}]
+    assert karcher.needs(f"karcher-tangent-{done}", before)  # the pass that found the step below tol
+    assert not karcher.needs(f"karcher-tangent-{done}", facts)  # ... and once it has, no more
+    assert not karcher.needs(f"karcher-unit-{done}", facts) and not karcher.needs(f"karcher-dots-{done + 1}", facts)
 
 
 @KEEP
@@ -116,6 +118,51 @@ def test_models_of_norm_below_tol_are_left_out_and_all_of_them_give_zeros(models
     got, facts = karcher_pieces(tensors, [77], 3, compute="BF16", keep=keep)
     assert_same_bits(got, want, "none valid")
     assert facts[0]["valid"] == 0 and "mn" not in facts[0] and not got.float().any()
+
+
+def _passes_run(monkeypatch) -> list[str]:
+    """The statistics passes karcher runs from here on, in order, once per piece."""
+    from raymerge.methods import karcher
+
+    ran, statistic = [], karcher.Karcher.statistic
+    monkeypatch.setattr(karcher.Karcher, "statistic",
+                        lambda self, kernel, p, operands, scratch: ran.append(p) or statistic(self, kernel, p, operands,
+                                                                                              scratch))
+    return ran
+
+
+@KEEP
+@pytest.mark.parametrize("k", [2, 3], ids=["dots-repeat", "dots-move"])
+def test_a_dots_pass_makes_the_tangent_where_its_dots_repeat(models, monkeypatch, keep, k):
+    """In a compute dtype, dots pass K >= 2 also makes iteration K's tangent, with the coefficients
+    of iteration K - 1 (karcher._speculates): where its dots, rounded, come out as they were (two
+    models here, every iteration), that is the tangent and no tangent pass runs after the first;
+    where they moved (three models), the tangent pass runs and makes its own, and the one the dots
+    pass kept is not read as it. The bits are the reference's either way."""
+    ran = _passes_run(monkeypatch)
+    tensors = [m.to(torch.bfloat16) for m in models[:k]]
+    got, facts = karcher_pieces(tensors, [2500], 5, compute="BF16", keep=keep)
+    assert_same_bits(got, karcher_reference(tensors, 5), f"k={k}")
+    tangents = sorted({p for p in ran if "-tangent-" in p})
+    assert {p for p in ran if "-dots-" in p} == {f"karcher-dots-{i}" for i in range(1, 6)}
+    f = facts[0]
+    if k == 2:
+        assert all(f[f"d{i}"] == f["d1"] for i in range(2, 6)) and tangents == ["karcher-tangent-1"]
+    else:
+        assert f["d2"] != f["d1"] and tangents == [f"karcher-tangent-{i}" for i in range(1, 6)]
+    assert all(f"tn{i}" in f for i in range(1, 6))
+
+
+def test_an_iteration_whose_every_model_is_skipped_needs_no_tangent_pass(models, monkeypatch):
+    """Models so near one another that every dot rounds to 1 in BF16: each angle is 0, below tol,
+    so every model is skipped, the tangent is zeros, its norm 0, and the iteration stops there.
+    The dots pass's reduce records that (mergekit's break): the tangent pass does not run."""
+    ran = _passes_run(monkeypatch)
+    tensors = [(models[0] + e * models[1]).to(torch.bfloat16) for e in (0, 1e-3, -1e-3)]
+    got, facts = karcher_pieces(tensors, [2500], 5, compute="BF16")
+    assert_same_bits(got, karcher_reference(tensors, 5), "every model skipped")
+    assert facts[0]["done"] == 1 and facts[0]["tn1"] == 0 and all(facts[0]["skip1"])
+    assert sorted(set(ran)) == ["karcher-dots-1", "karcher-mean", "karcher-norms"]
 
 
 def test_one_model_is_that_model(models):
@@ -158,7 +205,7 @@ def test_a_unit_pass_given_its_mean_and_tangent_reads_no_input(models, monkeypat
     def watched(self, kernel, pass_name, operands, scratch):
         touched.clear()
         result = statistic(self, kernel, pass_name, operands, scratch)
-        seen.append((pass_name, self.reads_inputs(pass_name, operands.carried), bool(touched)))
+        seen.append((pass_name, self.reads_inputs(pass_name, operands.carried, operands.facts), bool(touched)))
         return result
 
     monkeypatch.setattr(karcher.Karcher, "statistic", watched)
