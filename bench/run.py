@@ -25,10 +25,7 @@
              ratios (each round runs both: a drift of the machine's speed between rounds cancels)
 
 With --warm-head, every row run on a head is measured on one that has run the same command once
-already (unmeasured); else on a fresh one. With --preallocate-store, every head populates its
-object store's memory as it starts (Ray's RAY_preallocate_plasma_memory=1), before the command
-runs: the pages a run's kept values land in are then resident already, as on a head that has run
-before. Every contender (and the floor) starts after a sync,
+already (unmeasured); else on a fresh one. Every contender (and the floor) starts after a sync,
 with the trio's files read into the page cache once more: what one contender held in memory does
 not decide whether the next reads the disk.
 
@@ -80,8 +77,6 @@ def main() -> None:
     p.add_argument("--warm-head", action="store_true",
                    help="each head-run row (merge2, ties, recipe, METHOD) is measured on a head that has run "
                         "the same command once before (a fresh head otherwise)")
-    p.add_argument("--preallocate-store", action="store_true",
-                   help="each head populates its object store's memory as it starts (RAY_preallocate_plasma_memory=1)")
     p.add_argument("--method", action="append", default=[], choices=list(METHOD_FILES),
                    help="add a mergekit method's file, run by raymerge and by mergekit (repeatable)")
     args = p.parse_args()
@@ -121,8 +116,7 @@ def main() -> None:
             return compare(os.path.join(args.work, ours), os.path.join(args.work, theirs))
         return None
 
-    result = {"trio": args.trio, "output_bytes": out_bytes, "floor_s": floor, "warm_head": args.warm_head,
-              "preallocate_store": args.preallocate_store, "rows": rows,
+    result = {"trio": args.trio, "output_bytes": out_bytes, "floor_s": floor, "warm_head": args.warm_head, "rows": rows,
               "methods": {m: agreement(m, f"mergekit-{m}") for m in args.method},
               "raymerge_equals_mergekit": agreement("raymerge", "mergekit"),
               "recipe_equals_mergekit": agreement("recipe", "mergekit"),
@@ -235,32 +229,21 @@ def _cli(trio: dict, out: str, extra: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int, port: str = "6399", preallocate: bool = False) -> Iterator[str]:
-    """A running Ray cluster on this machine (`ray start --head`), as users run raymerge; its address.
-    `preallocate`: its object store's memory populated as it starts, waited for."""
+def ray_head(num_cpus: int, port: str = "6399") -> Iterator[str]:
+    """A running Ray cluster on this machine (`ray start --head`), as users run raymerge; its address."""
     temp = tempfile.mkdtemp(prefix="rmb-", dir="/tmp")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           **({"RAY_preallocate_plasma_memory": "1"} if preallocate else {})}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
                              "--port", port, "--num-cpus", str(num_cpus), "--temp-dir", temp,
                              "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         time.sleep(8)
-        while preallocate and _shared_memory() != _shared_memory(wait=1.0):
-            pass  # the store is populated once the machine's shared memory stops growing
         yield f"127.0.0.1:{port}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # the head's whole process group, never `ray stop`
         head.wait()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _shared_memory(wait: float = 0.0) -> int:
-    """The machine's shared memory in kB (/proc/meminfo Shmem), after `wait` seconds."""
-    time.sleep(wait)
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Shmem:"))
 
 
 def merge_on(address: str, trio: dict, out: str, work: str, extra: list[str] = ()) -> dict:
@@ -284,7 +267,7 @@ def _head_row(m: dict, report: str) -> dict:
 
 
 def run_raymerge_cluster(trio: dict, out: str, args) -> dict:
-    with ray_head(os.cpu_count(), preallocate=args.preallocate_store) as address:
+    with ray_head(os.cpu_count()) as address:
         return merge_on(address, trio, out, args.work)
 
 
@@ -373,9 +356,9 @@ def _head_run(cmd: list[str], trio: dict, out: str, args, name: str) -> dict:
     """cmd on a head of its own, measured. With --warm-head the head first runs it once, unmeasured:
     a head that has served a job, whose object store's pages were touched then (on a fresh head the
     first passes that keep values touch them: karcher's mean and first iterations, seconds slower;
-    README, Performance); --preallocate-store populates them as the head starts."""
+    README, Performance)."""
     report = os.path.join(args.work, f"report-{name}.json")
-    with ray_head(os.cpu_count(), preallocate=args.preallocate_store) as address:
+    with ray_head(os.cpu_count()) as address:
         if args.warm_head:
             subprocess.run(cmd + ["--address", address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            check=True)

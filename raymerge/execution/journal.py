@@ -41,7 +41,7 @@ log = logging.getLogger("raymerge")
 
 HEAD = "journal-head.json"
 BATCH = re.compile(r"journal-([0-9]{6,9})\.json")  # [0-9]: \d also matches other scripts' digits
-VERSION = 4  # 4: the staged files' identities
+VERSION = 5  # 4: the staged files' identities; 5: a karcher dots pass's rows may sum its tangent too
 MAX_COUNT = 2**62  # ids, tensor indexes, elements and counts: far past any real plan, safe in int64 sums
 
 

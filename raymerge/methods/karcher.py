@@ -46,7 +46,8 @@ DOTS, TANGENT, UNIT = "dots", "tangent", "unit"  # an iteration's passes: karche
 _STEPS = (DOTS, TANGENT, UNIT)
 MAX_ITER = 100  # the iterations raymerge declares passes for
 _ROWS = "karcher-rows"
-_ONLY = "where its dots pass did not make the tangent: in float32, or where the dots moved since the iteration before"
+_ONLY = ("where its dots pass did not settle the tangent (zeros where every model is left out; from iteration 2, "
+         "in a compute dtype, the dots pass's own where the dots are the iteration before's)")
 
 _MAX_ITER = Parameter("max_iter", "the most iterations of the Karcher mean", "number", 10, mergekit="max_iter")
 _TOL = Parameter("tol", "the tolerance: a norm, angle or step below it counts as zero", "number", 1e-5,
@@ -71,7 +72,7 @@ class Karcher(Method):
     wide_chunks = True  # a chunk's fused program and sums cost more in Python than in arithmetic
     parameters = (_MAX_ITER, _TOL)
     statistics = (Pass(NORMS, 100), Pass(MEAN, 101),
-                  *(Pass(iteration_pass(k, what), 100 + 3 * k + j, only=_ONLY if what == TANGENT and k > 1 else "")
+                  *(Pass(iteration_pass(k, what), 100 + 3 * k + j, only=_ONLY if what == TANGENT else "")
                     for k in range(1, MAX_ITER + 1) for j, what in enumerate(_STEPS)))
     recipes = (mergekit_kind("karcher", anchor=None, minus=None, base_joins=True, at_least=1),)
     mergekit_ignores = ("weight",)  # mergekit weighs every model 1/N, whatever weights the file gives

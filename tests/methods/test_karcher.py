@@ -192,10 +192,12 @@ def test_kept_means_spare_the_passes_every_earlier_iteration(models, monkeypatch
 
 
 @KEEP
-def test_a_unit_pass_given_its_mean_and_tangent_reads_no_input(models, monkeypatch, keep):
+@pytest.mark.parametrize("k", [2, 3], ids=["tangent-of-the-dots-pass", "tangent-of-the-tangent-pass"])
+def test_a_unit_pass_given_its_mean_and_tangent_reads_no_input(models, monkeypatch, keep, k):
     """Method.reads_inputs: a unit pass that was handed the mean it steps from and its iteration's
-    tangent says it reads no input (the worker then maps its local inputs without reading them),
-    and indeed touches none; without them (a resumed run) it says it reads them."""
+    tangent (made by the tangent pass, or by the dots pass where its bet won: two models here) says
+    it reads no input (the worker then maps its local inputs without reading them), and indeed
+    touches none; without them (a resumed run) it says it reads them."""
     from raymerge.methods import karcher
 
     seen, touched = [], []
@@ -209,9 +211,10 @@ def test_a_unit_pass_given_its_mean_and_tangent_reads_no_input(models, monkeypat
         return result
 
     monkeypatch.setattr(karcher.Karcher, "statistic", watched)
-    tensors = [m.to(torch.bfloat16) for m in models[:3]]
+    tensors = [m.to(torch.bfloat16) for m in models[:k]]
     got, _ = karcher_pieces(tensors, [2500], 3, compute="BF16", keep=keep)
     assert_same_bits(got, karcher_reference(tensors, 3), f"keep={keep}")
+    assert ("karcher-tangent-2" in {name for name, _, _ in seen}) == (k == 3)
     units = [(reads, read) for name, reads, read in seen if "-unit-" in name]
     assert len(units) == 2 * 3  # two pieces, three iterations
     assert all(reads == (not keep) and read == (not keep) for reads, read in units), units
