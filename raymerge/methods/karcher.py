@@ -111,7 +111,7 @@ class Karcher(Method):
         """A unit pass given the mean it steps from and its iteration's tangent reads no input."""
         what, it = _parse(pass_name)
         c, f = carried or {}, (facts or [None])[0] or {}
-        return not (what == UNIT and f"d{it}" in f and c.get("tangent-of") == _tangent_label(f, it, it)
+        return not (what == UNIT and c.get("tangent-of") == _tangent_label(f, it, it)
                     and c.get("at") == _mean_label(it - 1) and c.get("mean") is not None
                     and c.get("tangent") is not None)
 
