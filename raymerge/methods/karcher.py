@@ -175,11 +175,11 @@ class Karcher(Method):
                 for j, (x, y) in enumerate(summed):
                     add_sum(k, lanes, j, x, scratch, square=y is None, narrow=narrow, times=y)
                 last = summed[-1][0]
-                discard(k, *s.rows, keep=(last,) if kept else ())  # what is kept is read after it
-            if kept == "tangent":
-                keep(kernel, operands, scratch, "tangent", last, at, n)
-            elif kept is not None:
-                s.keep(last, kept, n)
+                if kept == "tangent":  # its halves a step of the program: no row is read after it
+                    keep(k, operands, scratch, "tangent", last, at, n)
+                elif kept is not None:
+                    s.keep(last, kept, n)
+                discard(k, *s.rows)
         if operands.keep and "tangent" in operands.keep:
             operands.keep["tangent-of"] = _tangent_label(f, it, basis)
         return [[x.to_json() for x in lanes.sums()]] if lanes is not None else []

@@ -161,13 +161,20 @@ def keep(kernel: Any, operands: Operands, scratch: Any, name: str, x: Any, at: i
     """Keep chunk x (float32, elements at.. of the n a pass works on) for the item's next pass, as
     `name` (docs/ARCHITECTURE.md: values kept between passes); nothing where the pass keeps nothing.
     Values of BF16 are kept as their high halves, 2 bytes each, until a chunk holds another value
-    (a NaN's payload): from then on, the whole array as float32."""
+    (a NaN's payload): from then on, the whole array as float32. Given a `fused` kernel, the halves
+    are a step of its program (x need not be written to memory: see `discard`), and a chunk with
+    another value makes the piece keep nothing of `name` (None: the next passes compute it again)."""
     if operands.keep is None:
         return
-    host = kernel.to_host(x, scratch)  # a GPU's is a reused buffer: copied at once
+    if name in operands.keep and operands.keep[name] is None:  # given up (a fused chunk's value no BF16 holds)
+        return
     store = operands.keep.get(name)
     if store is None:
         store = operands.keep[name] = np.empty(n, np.uint16 if operands.compute == "BF16" else np.float32)
+    if isinstance(kernel, Program) and store.dtype == np.uint16 and \
+            kernel.halves(store[at:at + len(x)], x, lambda: operands.keep.__setitem__(name, None)):
+        return
+    host = kernel.to_host(x, scratch)  # a GPU's is a reused buffer: copied at once
     if store.dtype == np.uint16:
         if _halves(host, store[at:at + len(host)]):
             return

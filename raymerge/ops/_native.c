@@ -1145,8 +1145,11 @@ static PyObject *welford_variance(PyObject *self, PyObject *args)
  * of the program's, -1 - k its k-th scalar. An arithmetic op may carry OP_ROUNDED: its result is
  * rounded to BF16 in the same loop (an OP_ROUND_BF16 of dst after it, without a pass of its own).
  * OP_SUM's dst is no array but a set of lanes of the program's `sums`: the exact sum of x * y is
- * added there (program_sum), x and y narrow. */
-enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP_GT, OP_GE, OP_EQ, OP_SUM, OPS };
+ * added there (program_sum), x and y narrow. OP_HALVES writes the high halves of x's float32s
+ * into dst, an array of uint16 (a BF16 value kept in 2 bytes, as bf16_halves), noting whether a
+ * low half was set (a value no BF16 holds). */
+enum { OP_WIDEN_BF16, OP_COPY, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_ROUND_BF16, OP_GT, OP_GE, OP_EQ, OP_SUM, OP_HALVES,
+       OPS };
 #define OP_ROUNDED 0x100
 #define IS_ARITH(op) ((op) >= OP_ADD && (op) <= OP_DIV)
 #define MAX_ARRAYS 32
@@ -1219,16 +1222,17 @@ static inline void prefetch_ahead(const uint16_t *h, Py_ssize_t lo, Py_ssize_t n
  * the caller does not read after the program, written earlier in the block) instead of the array:
  * such an array is not written back to memory, so its block stays in L1. */
 WIDE_VECTORS
-static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, const float *sv, Py_ssize_t n,
-                      const unsigned char *inner, float *rows, double *sums)
+static uint32_t run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, const float *sv, Py_ssize_t n,
+                          const unsigned char *inner, float *rows, double *sums)
 {
+    uint32_t low = 0; /* the low halves OP_HALVES met, or'ed */
     for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
         Py_ssize_t m = lo + BLOCK < n ? BLOCK : n - lo;
         for (Py_ssize_t s = 0; s < steps; s++) {
             int32_t op = ins[4 * s] & ~OP_ROUNDED, d = ins[4 * s + 1], x = ins[4 * s + 2], y = ins[4 * s + 3];
             int rounded = (ins[4 * s] & OP_ROUNDED) != 0;
             const unsigned char *at = inner + 3 * s;
-            float *out = op == OP_SUM ? NULL : at[0] ? rows + (Py_ssize_t)d * BLOCK : (float *)arr[d] + lo;
+            float *out = op == OP_SUM || op == OP_HALVES ? NULL : at[0] ? rows + (Py_ssize_t)d * BLOCK : (float *)arr[d] + lo;
             const float *xs = x < 0 ? NULL : at[1] ? rows + (Py_ssize_t)x * BLOCK : (const float *)arr[x] + lo;
             const float *ys = y < 0 ? NULL : at[2] ? rows + (Py_ssize_t)y * BLOCK : (const float *)arr[y] + lo;
             float xv = x < 0 ? sv[-1 - x] : 0.0f, yv = y < 0 ? sv[-1 - y] : 0.0f;
@@ -1253,6 +1257,15 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
             case OP_GE: COMPARE(>=); break;
             case OP_EQ: COMPARE(==); break;
             case OP_SUM: program_sum(xs, ys, yv, lo, m, sums + (Py_ssize_t)d * LANES * LANE_SIZE); break;
+            case OP_HALVES: {
+                const uint32_t *v = (const uint32_t *)xs;
+                uint16_t *o = (uint16_t *)arr[d] + lo;
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    o[i] = (uint16_t)(v[i] >> 16);
+                    low |= v[i] & 0xFFFFu;
+                }
+                break;
+            }
             case OP_ROUND_BF16: { /* in place: x is out's array (read from where its block lies) */
                 const uint32_t *v = (const uint32_t *)xs;
                 uint32_t *o = (uint32_t *)out;
@@ -1263,6 +1276,7 @@ static void run_steps(const int32_t *ins, Py_ssize_t steps, void *const *arr, co
             }
         }
     }
+    return low;
 }
 
 /* Where each step's operands lie (run_steps' `inner`): an array the caller marked `dead` lies in
@@ -1274,7 +1288,8 @@ static void place_operands(const int32_t *ins, Py_ssize_t steps, const unsigned 
         int32_t d = ins[4 * s + 1], x = ins[4 * s + 2], y = ins[4 * s + 3];
         inner[3 * s + 1] = x >= 0 && moved[x];
         inner[3 * s + 2] = y >= 0 && moved[y];
-        if ((ins[4 * s] & ~OP_ROUNDED) == OP_SUM) { /* d: a set of sums, no array */
+        int32_t op = ins[4 * s] & ~OP_ROUNDED;
+        if (op == OP_SUM || op == OP_HALVES) { /* d: a set of sums, or halves written to memory */
             inner[3 * s] = 0;
             continue;
         }
@@ -1290,8 +1305,9 @@ static void place_operands(const int32_t *ins, Py_ssize_t steps, const unsigned 
  * alone); scalars: float32; dead: bytes, a flag per array whose values the caller does not read
  * after the program (what the steps write there is kept in the block's rows only: the array keeps
  * whatever it held); sums: float64, the lanes (LANES * LANE_SIZE each) of every set an OP_SUM
- * adds to (exact.dot_sum's, zeros or sums of earlier products). Returns whether it ran: False where
- * two arrays overlap in part (nothing is written then). */
+ * adds to (exact.dot_sum's, zeros or sums of earlier products); an array an OP_HALVES step writes:
+ * uint16. Returns whether it ran: 0 where two arrays overlap in part (nothing is written then),
+ * else 1, or 2 where an OP_HALVES step met a float32 with a low half set (its halves lose it). */
 static PyObject *run_program(PyObject *self, PyObject *args)
 {
     PyObject *co, *seq, *so, *deado = Py_None, *sumso = Py_None;
@@ -1350,13 +1366,16 @@ static PyObject *run_program(PyObject *self, PyObject *args)
         for (int j = 2; ok && j < 4; j++)
             ok = ins[4 * s + j] < count && ins[4 * s + j] >= -nscalars;
         if (ok && op != OP_SUM)
-            written[d] = 1;
+            written[d] |= op == OP_HALVES ? 2 : 1;
+        ok = ok && (op == OP_SUM || written[d] != 3); /* an array written as float32 and as halves */
     }
     if (!ok)
-        PyErr_SetString(PyExc_ValueError, "run_program: an instruction out of range, or sums not whole lanes");
+        PyErr_SetString(PyExc_ValueError, "run_program: an instruction out of range, an array written both as "
+                                          "float32 and as halves, or sums not whole lanes");
     for (; ok && got < count; got++) {
         PyObject *a = PySequence_Fast_GET_ITEM(fast, got);
-        if (get_buffer(a, &arr[got], written[got], written[got] ? "f" : "fH", 0, "run_program array") < 0) {
+        const char *kinds = written[got] == 2 ? "H" : written[got] ? "f" : "fH"; /* 3: refused above */
+        if (get_buffer(a, &arr[got], written[got] != 0, kinds, 0, "run_program array") < 0) {
             ok = 0;
             break;
         }
@@ -1374,6 +1393,8 @@ static PyObject *run_program(PyObject *self, PyObject *args)
         int32_t op = ins[4 * s] & ~OP_ROUNDED, x = ins[4 * s + 2], y = ins[4 * s + 3];
         if (op == OP_WIDEN_BF16)
             ok = x >= 0 && !wide[x];
+        else if (op == OP_HALVES)
+            ok = x >= 0 && wide[x] && !wide[ins[4 * s + 1]];
         else if (op == OP_ROUND_BF16)
             ok = x == ins[4 * s + 1]; /* in place */
         else
@@ -1399,13 +1420,14 @@ static PyObject *run_program(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         ok = 0;
     }
+    uint32_t low = 0;
     if (ok && apart && n > 0) {
         void *bufs[MAX_ARRAYS];
         for (Py_ssize_t j = 0; j < count; j++)
             bufs[j] = arr[j].buf;
         place_operands(ins, steps, dead, inner);
         Py_BEGIN_ALLOW_THREADS
-        run_steps(ins, steps, bufs, (const float *)scalars.buf, n, inner, rows, (double *)sums.buf);
+        low = run_steps(ins, steps, bufs, (const float *)scalars.buf, n, inner, rows, (double *)sums.buf);
         Py_END_ALLOW_THREADS
     }
     PyMem_Free(rows);
@@ -1418,7 +1440,7 @@ static PyObject *run_program(PyObject *self, PyObject *args)
     Py_DECREF(fast);
     if (!ok)
         return NULL;
-    return PyBool_FromLong(apart);
+    return PyLong_FromLong(apart ? 1 + (low != 0) : 0);
 }
 
 /* a + b, and in *err the magnitude of its rounding error, exactly (Knuth's TwoSum: round to
@@ -1592,7 +1614,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* VERSION: raymerge/ops/native.py takes these loops only from a build of this very source (an
  * install not built again after an update would hold other functions, or other buffer sizes). */
-#define VERSION 51
+#define VERSION 52
 
 PyMODINIT_FUNC PyInit__native(void)
 {

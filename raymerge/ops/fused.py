@@ -16,13 +16,15 @@ two recorded steps would be stale.
 
 A program also sums (`Program.sum`): the exact sum of x * y over narrow values (ops.exact.dot_sum),
 block by block as its other steps, into an accumulator (ops.exact.Lanes) that the programs of a
-piece's chunks share: a row that is only summed is never written to memory and read again.
+piece's chunks share: a row that is only summed is never written to memory and read again. And it
+writes the BF16 halves of a value a pass keeps (`Program.halves`, for steps.keep): the value's float32
+row need not be written to memory either.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,12 +32,13 @@ from raymerge.ops import exact, native
 from raymerge.ops.numpy_kernel import NumpyKernel
 
 # run_program's operations (raymerge/ops/_native.c)
-_WIDEN_BF16, _COPY, _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE, _ROUND_BF16, _GREATER, _GREATER_EQUAL, _EQUAL, _SUM = \
-    range(11)
+_WIDEN_BF16, _COPY, _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE, _ROUND_BF16, _GREATER, _GREATER_EQUAL, _EQUAL, _SUM, \
+    _HALVES = range(12)
 _NAMES = {_ADD: "add", _SUBTRACT: "subtract", _MULTIPLY: "multiply", _DIVIDE: "divide", _GREATER: "greater",
           _GREATER_EQUAL: "greater_equal", _EQUAL: "equal"}
 _ARITHMETIC = (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE)
 _ROUNDED = 0x100  # on an arithmetic step: its result rounded to BF16 in the same loop (a round_to folded in)
+_RAN, _RAN_LOW_SET = 1, 2  # run_program's results: it ran; it ran, and a halves step met a low half set
 _MAX_ARRAYS, _MAX_STEPS = 32, 256
 
 
@@ -49,6 +52,7 @@ def fused(kernel: Any) -> Iterator[Any]:
     program = Program(kernel)
     yield program
     program.flush(last=True)
+    program.closed = True  # a step recorded now would never run: `halves` refuses
 
 
 def _binary(op: int, name: str):
@@ -67,6 +71,7 @@ class Program:
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
+        self.closed = False
         self._runs = 0
         self._discarded: list[tuple[int, int]] = []  # memory spans (`discard`)
         self._kept: list[tuple[int, int]] = []
@@ -92,6 +97,7 @@ class Program:
         self._views: list[np.ndarray] = []  # other objects over an array's memory, by id in `_at`
         self._scalars: list[np.float32] = []
         self._lanes: exact.Lanes | None = None  # what the program's sum steps add to
+        self._on_low: list[Callable[[], None]] = []  # `halves`' calls for a value no BF16 holds
         self._length = -1
         self._runs += 1  # a new program: the operand indices taken before are void
 
@@ -99,13 +105,19 @@ class Program:
         """Run the recorded steps, in order; a new program from here (operands taken for a step
         that was not recorded are dropped with it). `last`: the block's end, after which what was
         discarded is read no more (before it, a later step of the block may read it)."""
-        code, arrays, scalars, lanes = self._code, self._arrays, self._scalars, self._lanes
+        code, arrays, scalars, lanes, on_low = self._code, self._arrays, self._scalars, self._lanes, self._on_low
         dead = self._dead() if last and self._discarded and code else None
         if code or arrays or scalars:
             self._reset()
-        if code and not native.loops.run_program(np.array(code, np.int32), arrays, np.array(scalars, np.float32),
-                                                 dead, None if lanes is None else lanes.lanes):
-            self._one_at_a_time(code, arrays, scalars, lanes)  # arrays overlapping in part: nothing ran
+        if not code:
+            return
+        ran = native.loops.run_program(np.array(code, np.int32), arrays, np.array(scalars, np.float32), dead,
+                                       None if lanes is None else lanes.lanes)
+        if not ran:  # arrays overlapping in part: nothing ran
+            ran = self._one_at_a_time(code, arrays, scalars, lanes)
+        if ran == _RAN_LOW_SET:
+            for call in on_low:
+                call()
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -156,6 +168,16 @@ class Program:
         self._code[-1] = (op | _ROUNDED, d, a, b)
         return True
 
+    def halves(self, out: np.ndarray, x: np.ndarray, on_low: Callable[[], None]) -> bool:
+        """Records out (uint16) = the high halves of x's float32s (BF16 values kept in 2 bytes each,
+        as steps.keep keeps them), to run with the program; `on_low()` is called once it has run
+        if a value of x had a low half set (no BF16 holds it: out lost it). False where it cannot
+        be recorded (nothing is then)."""
+        if self.closed or out.size and not self._record(_HALVES, out, x, 0, dst=np.uint16):
+            return False
+        self._on_low.append(on_low)
+        return True
+
     def sum(self, x: np.ndarray, y: Any, lanes: exact.Lanes, j: int) -> None:
         """Adds the exact sum of x * y (y: an array, or a number such as 1), both of narrow values (at
         most 12 significant bits: exact.dot_sum's `narrow`), to sum j of `lanes`: block by block in
@@ -178,18 +200,19 @@ class Program:
     add, subtract, multiply, divide = (_binary(op, _NAMES[op]) for op in (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE))
     greater, greater_equal, equal = (_binary(op, _NAMES[op]) for op in (_GREATER, _GREATER_EQUAL, _EQUAL))
 
-    def _record(self, op: int, out: np.ndarray, x: Any, y: Any, src: type = np.float32) -> bool:
+    def _record(self, op: int, out: np.ndarray, x: Any, y: Any, src: type = np.float32,
+                dst: type = np.float32) -> bool:
         """Whether the step was recorded (else nothing was: the caller runs it at once). Where taking
         an operand ran the program so far (`flush`), the operands are taken again in the new one."""
         if isinstance(out, np.ndarray) and out.size == 0:
             return True  # a step over no element does nothing
-        binary = op not in (_WIDEN_BF16, _COPY, _ROUND_BF16)
+        binary = op not in (_WIDEN_BF16, _COPY, _ROUND_BF16, _HALVES)
         if binary and not (isinstance(x, np.ndarray) or isinstance(y, np.ndarray)):
             self.flush()  # two numbers: numpy computes them in float64 (or int64), then rounds once
             return False
         if len(self._code) >= _MAX_STEPS:
             self.flush()
-        got = self._take((out, np.float32, True), (x, src, False), *([(y, np.float32, False)] if binary else []))
+        got = self._take((out, dst, True), (x, src, False), *([(y, np.float32, False)] if binary else []))
         if got is None:
             return False
         d, a, b = got if binary else (*got, 0)
@@ -245,9 +268,9 @@ class Program:
         self._arrays.append(x)
         return len(self._arrays) - 1
 
-    def _one_at_a_time(self, code: list, arrays: list, scalars: list, lanes: exact.Lanes | None) -> None:
-        """The recorded steps, each as the kernel's own primitive, in order."""
-        k = self.kernel
+    def _one_at_a_time(self, code: list, arrays: list, scalars: list, lanes: exact.Lanes | None) -> int:
+        """The recorded steps, each as the kernel's own primitive, in order; run_program's result."""
+        k, ran = self.kernel, _RAN
         for code_op, d, a, b in code:
             op = code_op & ~_ROUNDED
             x, y = (arrays[i] if i >= 0 else scalars[-1 - i] for i in (a, b))
@@ -255,6 +278,11 @@ class Program:
                 lanes.add(d, exact.dot_sum(x, y, narrow=True))
                 continue
             out = arrays[d]
+            if op == _HALVES:
+                words = x.view(np.uint32)
+                out[:] = words >> 16
+                ran = _RAN_LOW_SET if ran == _RAN_LOW_SET or (words & 0xFFFF).any() else _RAN
+                continue
             if op == _WIDEN_BF16:
                 k.widen(out, x, None)
             elif op == _COPY:
@@ -265,6 +293,7 @@ class Program:
                 getattr(k, _NAMES[op])(x, y, out)
             if code_op & _ROUNDED:
                 k.round_to(out, "BF16")
+        return ran
 
 
 def _span(x: np.ndarray) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-VERSION = 51  # _native.c's: a build of another source is not used (its functions or buffers differ)
+VERSION = 52  # _native.c's: a build of another source is not used (its functions or buffers differ)
 
 loops: ModuleType | None
 try:

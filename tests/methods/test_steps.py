@@ -126,3 +126,40 @@ def test_per_row_gives_each_element_its_rows_value(length):
             want = values[np.arange(begin, begin + m) // length]
             got = per_row(NUMPY, scratch, "rows", begin, m, length, values)
             np.testing.assert_array_equal(np.broadcast_to(got, (m,)), want, err_msg=f"begin {begin}, m {m}")
+
+
+def test_a_fused_keep_writes_the_halves_in_its_program_and_gives_up_on_a_value_no_bf16_holds():
+    """Given a `fused` kernel, steps.keep makes the halves a step of the program (the kept row need
+    not be written to memory); a chunk holding a value no BF16 holds (a NaN's payload in the low
+    half) makes the piece keep nothing of the name, None, so that the next pass computes it again
+    (`carried` says so), and the chunks after it keep nothing either."""
+    from raymerge.methods.base import Operands
+    from raymerge.methods.steps import carried, keep
+    from raymerge.ops import native
+    from raymerge.ops import fused as fused_module
+    from raymerge.ops.fused import discard, fused
+
+    if native.loops is None:
+        pytest.skip("raymerge.ops._native was not built here")
+    rng = np.random.default_rng(6)
+    values = rng.standard_normal(3000).astype(np.float32)
+    NUMPY.round_to(values, "BF16")
+    for spoiled in (False, True):
+        if spoiled:
+            values.view(np.uint32)[1500] = 0x7F800123  # in the second of three chunks
+        store: dict = {}
+        operands = Operands(None, (), compute="BF16", keep=store)
+        scratch = NUMPY.scratch(1000)
+        row = np.zeros(1000, np.float32)
+        for at in range(0, 3000, 1000):
+            with fused(NUMPY) as k:
+                k.copy(row, values[at:at + 1000])
+                keep(k, operands, scratch, "mean", row, at, 3000)
+                assert (k._code[-1][0] == fused_module._HALVES) is not (spoiled and at > 1000)  # the halves: a step
+                discard(k, row)
+            assert not row.any()  # its values in the cache only
+            assert (store["mean"] is None) is (spoiled and at >= 1000)
+        back = Operands(None, (), compute="BF16", carried=store)
+        got = np.empty(3000, np.float32)
+        assert carried(NUMPY, back, "mean", got, 0, 3000) is not spoiled
+        assert spoiled or (got.view(np.uint32) == values.view(np.uint32)).all()

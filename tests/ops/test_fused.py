@@ -371,3 +371,51 @@ def test_run_program_refuses_a_sum_without_its_lanes():
         native.loops.run_program(code, [x], np.zeros(0, np.float32))
     with pytest.raises(ValueError, match="out of range"):
         native.loops.run_program(code, [x], np.zeros(0, np.float32), None, np.zeros(100))
+
+
+@pytest.mark.parametrize("apart", [True, False])
+def test_a_halves_step_keeps_what_bf16_halves_keeps_and_says_when_a_low_half_is_lost(apart):
+    """`Program.halves` writes the high halves of a value the program made (its row discarded, in
+    the cache only) as bf16_halves would; `on_low` is called once the program has run where a value
+    had a low half set, and only then. The same where the program runs one step at a time (arrays
+    overlapping in part)."""
+    rng = np.random.default_rng(12)
+    a, b = (rng.standard_normal(N).astype(np.float32) for _ in range(2))  # numbers: no NaN keeps a low half
+    a[5::13] = 0
+    for low_set in (False, True):
+        if low_set:
+            a.view(np.uint32)[N - 3] = 0x7F800123  # a NaN whose payload lies in the low half: the product's keeps it
+        want = np.empty(N, np.float32)
+        with np.errstate(all="ignore"):
+            NUMPY.multiply(a, b, want)
+            NUMPY.round_to(want, "BF16")
+        rows = np.zeros((2, N), np.float32)
+        halves, calls = np.zeros(N, np.uint16), []
+        with np.errstate(all="ignore"), fused(NUMPY) as k:
+            k.multiply(a, b, rows[0])
+            k.round_to(rows[0], "BF16")
+            if not apart:
+                k.copy(rows[1][1:], rows[1][:-1])  # arrays overlapping in part: one step at a time
+            assert k.halves(halves, rows[0], lambda: calls.append(1))
+            discard(k, rows)
+            assert calls == []  # not run yet
+        assert calls == ([1] if low_set else [])
+        assert not k.halves(halves, rows[0], lambda: None)  # the block is over: nothing would run it
+        expected = np.empty(N, np.uint16)
+        assert native.loops.bf16_halves(want, expected) is (not low_set)
+        assert np.array_equal(halves, expected)
+        assert apart or rows[0][5] == want[5]  # one step at a time: written to memory as it went
+        assert not apart or not rows[0].any()  # a discarded row: written in the cache only
+
+
+def test_run_program_refuses_an_array_written_both_as_float32_and_as_halves():
+    x, h = np.ones(8, np.float32), np.zeros(8, np.uint16)
+    halves = [fused_module._HALVES, 1, 0, 0]
+    assert native.loops.run_program(np.array([halves], np.int32), [x, h], np.zeros(0, np.float32)) == 1
+    assert h[0] == 0x3F80
+    with pytest.raises(ValueError, match="written both"):
+        native.loops.run_program(np.array([halves, [fused_module._COPY, 1, 0, 0]], np.int32), [x, h],
+                                 np.zeros(0, np.float32))
+    with pytest.raises(TypeError):  # halves into float32s
+        native.loops.run_program(np.array([[fused_module._HALVES, 1, 0, 0]], np.int32), [x, x.copy()],
+                                 np.zeros(0, np.float32))
