@@ -136,7 +136,7 @@ class _Run:
         """The worker pool, every worker up and checked; killed when the run ends."""
         from raymerge.execution.dispatch import PoolOptions, WorkerPool
 
-        if any(METHODS[t.method].torch_scalars for t in self.plan.tensors):
+        if any(METHODS[t.method].needs_torch(t) for t in self.plan.tensors):
             warm_torch()  # the process the methods' reduce computes in: torch imported while the workers start
         o = self.options
         env = urls.worker_env([f.url for f in self.plan.files], self.output.url)

@@ -255,6 +255,11 @@ class Method(ABC):
         passes): keeping saves time, never changes a bit."""
         return 0
 
+    def needs_torch(self, tensor: Any) -> bool:
+        """Whether `reduce` computes tensor's scalars with torch (`torch_scalars`): the run then
+        starts torch's process while its workers start (steps.warm_torch)."""
+        return self.torch_scalars
+
     def reads_inputs(self, pass_name: str, carried: Any, facts: Any = None) -> bool:
         """Whether statistics pass `pass_name` reads a piece's inputs, given what the earlier passes
         kept of it (Operands.carried) and its tensor's facts: one that finds all it needs there does

@@ -25,12 +25,14 @@ from the inputs and the facts, to the same bits, so a resumed run goes on from t
 pass. A pass given all it needs reads no input (a unit pass: the mean and the tangent). A tensor
 that has converged (tn < tol), or has no valid model, needs none of the passes after
 (`Method.needs`): the driver skips its pieces. The driver makes the scalars with torch on 0-dim
-tensors of mergekit's dtypes (steps.in_torch), and rounds a float32 scalar to the compute dtype
-where torch does: as the first operand of a product.
+tensors of mergekit's dtypes (steps.in_torch), or in BF16 without it where they are surely torch's
+(`_scalars_bf16`), and rounds a float32 scalar to the compute dtype where torch does: as the first
+operand of a product.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -196,14 +198,18 @@ class Karcher(Method):
         totals = [total(results, 0, i) for i in range(count + int(made))]  # a dot as it is, a norm's root
         sums = [float(t.to_float32() if what == DOTS and i < count else t.sqrt_float32()) for i, t in enumerate(totals)]
         f = facts[0]
-        f.update(in_torch(_scalars, what, it, sums[:count], f, k, tol, compute))
+        f.update(_facts(what, it, sums[:count], f, k, tol, compute))
         if what != DOTS:
             return facts
         if all(f[f"skip{it}"]):  # no model adds a term: the tangent is zeros, its norm 0 (no tangent pass)
-            f.update(in_torch(_scalars, TANGENT, it, [0.0], f, k, tol, compute))
+            f.update(_facts(TANGENT, it, [0.0], f, k, tol, compute))
         elif made and all(f[f"{x}{it}"] == f[f"{x}{it - 1}"] for x in _COEFFICIENTS):  # the bet won
-            f.update(in_torch(_scalars, TANGENT, it, sums[count:], f, k, tol, compute))
+            f.update(_facts(TANGENT, it, sums[count:], f, k, tol, compute))
         return facts
+
+    def needs_torch(self, tensor: Any) -> bool:
+        """In BF16 the driver makes the scalars without torch but in rare cases (`_facts`)."""
+        return getattr(tensor, "compute", None) != "BF16"
 
     # --- the elementwise rule ------------------------------------------------------------------
 
@@ -421,6 +427,83 @@ def _scalars(what: str, it: int, sums: list[float], f: dict, count: int, tol: fl
             out["done"] = it
         return out
     return {f"un{it}": tensor_bits(got)[0]}
+
+
+def _facts(what: str, it: int, sums: list[float], f: dict, count: int, tol: float, compute: str | None) -> dict:
+    """The facts `_scalars` records: in BF16 made here (`_scalars_bf16`) where they are surely
+    torch's, else by `_scalars` in torch."""
+    got = _scalars_bf16(what, it, sums, f, count, tol) if compute == "BF16" else None
+    return got if got is not None else in_torch(_scalars, what, it, sums, f, count, tol, compute)
+
+
+def _scalars_bf16(what: str, it: int, sums: list[float], f: dict, count: int, tol: float) -> dict | None:
+    """`_scalars` in BF16 without torch: the same facts, or None where one could differ from torch's.
+    torch's arithmetic on float32 and BF16 0-dim tensors is IEEE float32's, a BF16 result rounded to
+    nearest even (a Python number times a BF16 tensor: the number as a float32); its acos, sin and cos
+    are its float32 kernels', each within an ulp of the exact value (SLEEF's u10), which the exact
+    value (float64) decides where every float32 within _ULPS ulps of it rounds to one BF16 (all but
+    about one argument in 10,000: `_bf16_of`). Non-finite sums go to torch too."""
+    s = np.array(sums, np.float32)
+    if not np.isfinite(s).all():
+        return None
+    if what == NORMS:
+        valid = [i for i, n in enumerate(s.tolist()) if n > tol]
+        scale = np.float32(0)
+        for n in s:  # mergekit's python sum of 1/count * n, from 0
+            scale = np.float32(scale + np.float32(np.float32(1.0 / count) * n))
+        return {"n": [bits(n) for n in s], "w": [bits(np.float32(w)) for w in _weights(count, valid)],
+                "valid": int(bool(valid)), "scale": bits(_bf16(scale))}
+    if what == MEAN:
+        return {"mn": bits(s[0])}
+    if what == UNIT:
+        return {f"un{it}": bits(s[0])}
+    if what == TANGENT:
+        tn = s[0]
+        cos, sin = _bf16_of(math.cos, tn), _bf16_of(math.sin, tn)
+        if cos is None or sin is None:
+            return None
+        return {f"tn{it}": bits(tn), f"cos{it}": bits(cos), f"sin{it}": bits(sin),
+                **({"done": it} if float(tn) < tol else {})}
+    valid = _valid(f, tol)
+    weights = _weights(count, valid)
+    dots, coefs, skips = [0] * count, [0] * count, [1] * count
+    for i, x in zip(valid, s):
+        dot = min(max(_bf16(x), np.float32(-1.0)), np.float32(1.0))
+        theta = _bf16_of(math.acos, dot)
+        if theta is None:
+            return None
+        dots[i] = bits(dot)
+        if float(theta) < tol:
+            continue
+        sin = _bf16_of(math.sin, theta)
+        if sin is None:
+            return None
+        coefs[i] = bits(_bf16(np.float32(weights[i]) * _bf16(theta / sin)))
+        skips[i] = 0
+    return {f"d{it}": dots, f"c{it}": coefs, f"skip{it}": skips}
+
+
+_ULPS = 2  # torch's float32 acos, sin and cos are within one ulp of the exact value: twice that, to spare
+
+
+def _bf16_of(fn: Any, x: np.float32) -> np.float32 | None:
+    """fn(x) as torch makes it in float32 and rounds to BF16: the one BF16 that every float32
+    within _ULPS ulps of the exact value rounds to; None where two do (it lies near a midpoint), or
+    it is not a normal float32. An exact zero (acos(1), sin(0)) is every kernel's."""
+    exact = fn(float(x))
+    if exact == 0.0:
+        return np.float32(exact)
+    if not 2.0 ** -125 <= abs(exact) <= 2.0 ** 127:
+        return None
+    ulp = float(np.spacing(np.float32(abs(exact))))
+    low, high = _bf16(np.float32(exact - _ULPS * ulp)), _bf16(np.float32(exact + _ULPS * ulp))
+    return low if low == high else None
+
+
+def _bf16(x: np.float32) -> np.float32:
+    """A finite float32 rounded to BF16, to nearest even (torch's .to(torch.bfloat16))."""
+    b = int(np.float32(x).view(np.uint32))
+    return np.uint32((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).view(np.float32)
 
 
 def _weights(count: int, valid: list[int]) -> list[float]:

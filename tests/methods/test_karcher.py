@@ -219,3 +219,44 @@ def test_a_unit_pass_given_its_mean_and_tangent_reads_no_input(models, monkeypat
     assert len(units) == 2 * 3  # two pieces, three iterations
     assert all(reads == (not keep) and read == (not keep) for reads, read in units), units
     assert all(reads for name, reads, _ in seen if "-unit-" not in name)
+
+
+def test_bf16_scalars_made_without_torch_are_torch_s_wherever_they_are_made():
+    """`_scalars_bf16` gives `_scalars`' facts (torch on 0-dim tensors) for every pass, or None: the
+    dots for BF16 values over [-1.02, 1.02] on and off the grid (two and three models, one of them
+    below tol), the tangent's cos and sin for norms over [0, 3.2] and tiny ones, the norms, the mean's
+    and the unit's; and None for almost none of them (so a run seldom starts torch's process)."""
+    import numpy as np
+
+    from raymerge.methods import karcher
+
+    rng = np.random.default_rng(3)
+    grid = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+    grid = grid[np.isfinite(grid) & (np.abs(grid) <= 1.02)][::5]
+    made = asked = 0
+    for count, norms in ((2, [1.0, 2.0]), (3, [1.0, 0.5, 3.0]), (3, [1.0, 2.0, 0.0])):
+        f = {"n": [karcher.bits(np.float32(n)) for n in norms]}
+        valid = len(karcher._valid(f, 1e-5))
+        for j in range(0, grid.size - valid, valid):
+            sums = [float(np.float32(x * (1 + rng.uniform(-1e-3, 1e-3)) if rng.random() < 0.5 else x))
+                    for x in grid[j:j + valid]]
+            got, asked = karcher._scalars_bf16(karcher.DOTS, 2, sums, f, count, 1e-5), asked + 1
+            if got is not None:
+                made += 1
+                assert got == karcher._scalars(karcher.DOTS, 2, sums, f, count, 1e-5, "BF16"), sums
+    norms = np.concatenate([rng.uniform(0, 3.2, 4000), 10.0 ** rng.uniform(-9, 0, 4000), [0.0, 1e-5, np.pi]])
+    for tn in norms.astype(np.float32).tolist():
+        got, asked = karcher._scalars_bf16(karcher.TANGENT, 3, [tn], {}, 3, 1e-5), asked + 1
+        if got is not None:
+            made += 1
+            assert got == karcher._scalars(karcher.TANGENT, 3, [tn], {}, 3, 1e-5, "BF16"), tn
+    assert made > 0.999 * asked
+    for _ in range(500):
+        count = int(rng.integers(2, 5))
+        sums = (rng.choice([0, 1e-6, 1e-5, 3.0, 1e5], count) * rng.uniform(0.5, 2, count)).astype(np.float32).tolist()
+        for what, it in ((karcher.NORMS, 0), (karcher.MEAN, 0), (karcher.UNIT, 4)):
+            want = karcher._scalars(what, it, sums[:count if what == karcher.NORMS else 1], {}, count, 1e-5, "BF16")
+            assert karcher._scalars_bf16(what, it, sums[:count if what == karcher.NORMS else 1], {}, count, 1e-5) == want
+    assert karcher._scalars_bf16(karcher.NORMS, 0, [float("inf"), 1.0], {}, 2, 1e-5) is None  # torch's, as before
+    assert METHODS["karcher"].needs_torch(type("T", (), {"compute": "BF16"})()) is False
+    assert METHODS["karcher"].needs_torch(type("T", (), {"compute": None})()) is True
