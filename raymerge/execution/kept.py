@@ -10,7 +10,8 @@ each once later passes replaced all it holds or read it for the last time (`Meth
 all once the item is written. So a value kept
 once (karcher's tangent) is not copied into the object store again by each pass that only reads
 it. Kept values only save time: where none arrive (the budget below exceeded, an object lost with
-its node, a resumed run, `raymerge verify`) the worker computes them again, to the same bits.
+its node, a resumed run, `raymerge verify`, a value no BF16 holds: steps.keep) the worker computes
+them again, to the same bits.
 """
 
 from __future__ import annotations

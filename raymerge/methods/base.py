@@ -78,7 +78,8 @@ class Operands:
     compute: str | None = None
     shape: tuple[int, ...] = ()  # the whole tensor's (a method that works row by row needs its rows)
     # What the item's earlier passes kept of this piece (Method.keeps; docs/ARCHITECTURE.md: values
-    # kept between passes): name -> array over the piece's elements, or a label; None: nothing kept.
+    # kept between passes): name -> array over the piece's elements (None: given up, steps.keep), or
+    # a label; None: nothing kept.
     carried: Any = None
     keep: dict[str, Any] | None = None  # where this pass puts what it keeps; None: it keeps nothing
 

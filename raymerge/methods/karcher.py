@@ -20,7 +20,7 @@ every model is skipped, neither: the tangent is zeros). `karcher-mean` and each 
 the piece's mean before its normalization, the pass that makes a tangent the tangent, for the passes after
 (steps.keep: the labels below say which state they hold; a pass that only reads a value does not
 keep it again, and divides the mean by its norm itself: one step); where none was kept (a resumed
-run, a lost node, the driver's budget) the pass computes the mean of the iterations before it again
+run, a lost node, the driver's budget, a value no BF16 holds) the pass computes the mean of the iterations before it again
 from the inputs and the facts, to the same bits, so a resumed run goes on from the last finished
 pass. A pass given all it needs reads no input (a unit pass: the mean and the tangent). A tensor
 that has converged (tn < tol), or has no valid model, needs none of the passes after

@@ -171,8 +171,9 @@ class Program:
     def halves(self, out: np.ndarray, x: np.ndarray, on_low: Callable[[], None]) -> bool:
         """Records out (uint16) = the high halves of x's float32s (BF16 values kept in 2 bytes each,
         as steps.keep keeps them), to run with the program; `on_low()` is called once it has run
-        if a value of x had a low half set (no BF16 holds it: out lost it). False where it cannot
-        be recorded (nothing is then)."""
+        if a value a halves step of the program wrote had a low half set (no BF16 holds it: it was
+        lost; run_program tells no more than that). False where it cannot be recorded (nothing is
+        then)."""
         if self.closed or out.size and not self._record(_HALVES, out, x, 0, dst=np.uint16):
             return False
         self._on_low.append(on_low)
