@@ -42,6 +42,7 @@ from raymerge.methods.steps import (add_sum, apply_chunks, bits, carried, chunks
                                     quiet, step, tensor_bits, torch_dtype, total, value, vector_length, widen_rows)
 from raymerge.ops.exact import Lanes
 from raymerge.ops.fused import discard, fused
+from raymerge.ops.kernel import round_scalar
 
 NORMS, MEAN = "karcher-norms", "karcher-mean"
 DOTS, TANGENT, UNIT = "dots", "tangent", "unit"  # an iteration's passes: karcher-dots-1, ...
@@ -486,6 +487,11 @@ def _scalars_bf16(what: str, it: int, sums: list[float], f: dict, count: int, to
 _ULPS = 2  # torch's float32 acos, sin and cos are within one ulp of the exact value: twice that, to spare
 
 
+def _bf16(x: float) -> np.float32:
+    """A finite number as float32, rounded to BF16 as torch's .to(torch.bfloat16) (round_scalar)."""
+    return round_scalar(x, "BF16")
+
+
 def _bf16_of(fn: Any, x: np.float32) -> np.float32 | None:
     """fn(x) as torch makes it in float32 and rounds to BF16: the one BF16 that every float32
     within _ULPS ulps of the exact value rounds to; None where two do (it lies near a midpoint), or
@@ -496,14 +502,8 @@ def _bf16_of(fn: Any, x: np.float32) -> np.float32 | None:
     if not 2.0 ** -125 <= abs(exact) <= 2.0 ** 127:
         return None
     ulp = float(np.spacing(np.float32(abs(exact))))
-    low, high = _bf16(np.float32(exact - _ULPS * ulp)), _bf16(np.float32(exact + _ULPS * ulp))
+    low, high = _bf16(exact - _ULPS * ulp), _bf16(exact + _ULPS * ulp)
     return low if low == high else None
-
-
-def _bf16(x: np.float32) -> np.float32:
-    """A finite float32 rounded to BF16, to nearest even (torch's .to(torch.bfloat16))."""
-    b = int(np.float32(x).view(np.uint32))
-    return np.uint32((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).view(np.float32)
 
 
 def _weights(count: int, valid: list[int]) -> list[float]:

@@ -279,10 +279,8 @@ class Program:
                 lanes.add(d, exact.dot_sum(x, y, narrow=True))
                 continue
             out = arrays[d]
-            if op == _HALVES:
-                words = x.view(np.uint32)
-                out[:] = words >> 16
-                ran = _RAN_LOW_SET if ran == _RAN_LOW_SET or (words & 0xFFFF).any() else _RAN
+            if op == _HALVES:  # the compiled bf16_halves: False where a low half was set
+                ran = _RAN if native.loops.bf16_halves(x, out) and ran == _RAN else _RAN_LOW_SET
                 continue
             if op == _WIDEN_BF16:
                 k.widen(out, x, None)
